@@ -1,0 +1,4 @@
+//! Reconcilers. The decisions live here as plain functions over the API
+//! types, so the cluster agent, standalone mode and their tests share them.
+
+pub mod run_strategy;

@@ -1,0 +1,115 @@
+//! What a node reconciler does with a Domain, given its `runStrategy`, its
+//! `lifecycle` and the state the driver reports.
+
+use vireo_crds::{DomainReason, DomainState, Lifecycle, LifecycleAction, RunStrategy};
+
+/// The one step a reconciler takes on a domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Leave it as it is.
+    Nothing,
+    /// Start the (inactive) domain.
+    Start,
+    /// Stop the domain gracefully (shutdown, then destroy after a timeout).
+    Stop,
+}
+
+/// What the reconciler remembers of a domain between passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct History {
+    /// The domain was started at least once under this spec generation.
+    pub started_once: bool,
+}
+
+/// Decides the next step.
+///
+/// * `Always`: keep it running; start it whenever it is off.
+/// * `RerunOnFailure`: start it the first time, then again only after a crash.
+/// * `Once`: start it the first time; never again.
+/// * `Manual`: never act.
+/// * `Halted`: stop it whenever it runs.
+///
+/// A domain that stopped is also subject to its `lifecycle`: `onCrash:
+/// restart` restarts a crashed guest whatever the strategy (but `Halted`
+/// and `Manual`). A guest in state `crashed` was preserved on purpose
+/// (`onCrash: preserve`) and is still active: it is left for inspection.
+pub fn decide(
+    strategy: RunStrategy,
+    lifecycle: &Lifecycle,
+    state: DomainState,
+    reason: DomainReason,
+    history: History,
+) -> Action {
+    let active = state.is_active();
+    let crashed = state == DomainState::Crashed
+        || (state == DomainState::Shutoff && reason == DomainReason::Crashed);
+    match strategy {
+        RunStrategy::Halted if active => Action::Stop,
+        RunStrategy::Halted | RunStrategy::Manual => Action::Nothing,
+        _ if active => Action::Nothing,
+        // Unknown: the host is not reporting; nothing may be started elsewhere.
+        _ if state == DomainState::Unknown => Action::Nothing,
+        RunStrategy::Always => Action::Start,
+        _ if !history.started_once => Action::Start,
+        RunStrategy::RerunOnFailure if crashed => Action::Start,
+        _ if crashed && lifecycle.on_crash == LifecycleAction::Restart => Action::Start,
+        RunStrategy::RerunOnFailure | RunStrategy::Once => Action::Nothing,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use DomainReason as R;
+    use DomainState as S;
+
+    const STARTED: History = History { started_once: true };
+
+    fn d(s: RunStrategy, state: S, reason: R, h: History) -> Action {
+        decide(s, &Lifecycle::default(), state, reason, h)
+    }
+
+    #[test]
+    fn always_restarts_whatever_stopped_it() {
+        for reason in [R::Shutdown, R::Destroyed, R::Crashed] {
+            assert_eq!(d(RunStrategy::Always, S::Shutoff, reason, STARTED), Action::Start);
+        }
+        assert_eq!(d(RunStrategy::Always, S::Running, R::Booted, STARTED), Action::Nothing);
+    }
+
+    #[test]
+    fn rerun_on_failure_restarts_only_after_a_crash() {
+        assert_eq!(d(RunStrategy::RerunOnFailure, S::Shutoff, R::Unknown, History::default()), Action::Start);
+        assert_eq!(d(RunStrategy::RerunOnFailure, S::Shutoff, R::Crashed, STARTED), Action::Start);
+        // A crashed guest kept for inspection (onCrash: preserve) is still active: left alone.
+        assert_eq!(d(RunStrategy::RerunOnFailure, S::Crashed, R::Panicked, STARTED), Action::Nothing);
+        assert_eq!(d(RunStrategy::RerunOnFailure, S::Shutoff, R::Shutdown, STARTED), Action::Nothing);
+    }
+
+    #[test]
+    fn once_never_restarts() {
+        assert_eq!(d(RunStrategy::Once, S::Shutoff, R::Unknown, History::default()), Action::Start);
+        assert_eq!(d(RunStrategy::Once, S::Shutoff, R::Crashed, STARTED), Action::Nothing);
+    }
+
+    #[test]
+    fn halted_stops_and_manual_leaves_alone() {
+        assert_eq!(d(RunStrategy::Halted, S::Running, R::Booted, STARTED), Action::Stop);
+        assert_eq!(d(RunStrategy::Halted, S::Paused, R::User, STARTED), Action::Stop);
+        assert_eq!(d(RunStrategy::Halted, S::Shutoff, R::Shutdown, STARTED), Action::Nothing);
+        assert_eq!(d(RunStrategy::Manual, S::Shutoff, R::Crashed, History::default()), Action::Nothing);
+        assert_eq!(d(RunStrategy::Manual, S::Running, R::Booted, STARTED), Action::Nothing);
+    }
+
+    #[test]
+    fn unknown_host_starts_nothing() {
+        assert_eq!(d(RunStrategy::Always, S::Unknown, R::Unknown, STARTED), Action::Nothing);
+    }
+
+    #[test]
+    fn on_crash_restart_applies_to_once() {
+        let lc = Lifecycle { on_crash: LifecycleAction::Restart, ..Lifecycle::default() };
+        assert_eq!(decide(RunStrategy::Once, &lc, S::Shutoff, R::Crashed, STARTED), Action::Start);
+        assert_eq!(decide(RunStrategy::Once, &lc, S::Shutoff, R::Shutdown, STARTED), Action::Nothing);
+    }
+}

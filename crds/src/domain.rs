@@ -1,0 +1,388 @@
+//! `Domain`: a virtual machine (libvirt's `virDomainPtr`).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::{Condition, is_false};
+
+/// A virtual machine. `kubectl apply` of a Domain *defines* it; whether it
+/// should run is [`DomainSpec::run_strategy`]; what runs is [`DomainStatus`],
+/// written by the agent of the node it is bound to.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "vireo.dev",
+    version = "v1alpha1",
+    kind = "Domain",
+    namespaced,
+    status = "DomainStatus",
+    shortname = "dom",
+    shortname = "vm",
+    category = "vireo"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct DomainSpec {
+    /// The hypervisor driver that runs this domain, like `<domain type='kvm'>`:
+    /// `kvm` (vireo-vmm on /dev/kvm), `qemu` (QEMU with software emulation) or
+    /// `test` (libvirt's in-memory test driver).
+    #[serde(rename = "type")]
+    pub domain_type: DomainType,
+
+    /// RFC 4122 UUID. Defaulted when absent; never changes afterwards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+
+    /// Maximum memory of the guest (libvirt's `<memory>`), e.g. `512Mi`.
+    pub memory: Quantity,
+
+    /// Memory the guest has now (libvirt's `<currentMemory>`); at most
+    /// `memory`, which it defaults to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_memory: Option<Quantity>,
+
+    /// Number of virtual CPUs the guest boots with.
+    pub vcpus: u32,
+
+    /// Upper bound for `setvcpus` while the guest runs; defaults to `vcpus`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_vcpus: Option<u32>,
+
+    /// How the guest boots: direct kernel boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os: Option<OsSpec>,
+
+    /// Disks, network interfaces and the serial console.
+    #[serde(default)]
+    pub devices: DomainDevices,
+
+    /// Whether the domain should be active, and what to do when it stops.
+    #[serde(default)]
+    pub run_strategy: RunStrategy,
+
+    /// What happens when the guest powers off, reboots or crashes
+    /// (libvirt's `<on_poweroff>`, `<on_reboot>`, `<on_crash>`).
+    #[serde(default)]
+    pub lifecycle: Lifecycle,
+
+    /// Labels a Host must carry for this domain to be placed on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+}
+
+/// The hypervisor driver of a domain.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DomainType {
+    /// vireo-vmm, our micro-VMM on /dev/kvm.
+    Kvm,
+    /// QEMU with software emulation (TCG), or KVM when asked and available.
+    Qemu,
+    /// libvirt's in-memory test driver: no guest runs.
+    Test,
+}
+
+impl DomainType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Kvm => "kvm",
+            Self::Qemu => "qemu",
+            Self::Test => "test",
+        }
+    }
+}
+
+impl fmt::Display for DomainType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Direct kernel boot, libvirt's `<os>` with `<kernel>`, `<initrd>`, `<cmdline>`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OsSpec {
+    /// Machine type for drivers that have several (`microvm`, `q35`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<String>,
+    /// Kernel image (bzImage, ELF vmlinux or PVH ELF).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    /// Initial ramdisk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    /// Kernel command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+}
+
+/// The devices of a domain.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DomainDevices {
+    /// Virtio disks, each backed by a StorageVol of the Domain's namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<Disk>,
+    /// Virtio network interfaces, each on a Network.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interfaces: Vec<Interface>,
+    /// The serial console (present unless disabled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<SerialSpec>,
+}
+
+/// A disk backed by a StorageVol.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Disk {
+    /// Guest device name, as libvirt's `<target dev>`: `vda`, `vdb`, ...
+    pub name: String,
+    /// Name of a StorageVol in the Domain's namespace.
+    pub volume: String,
+    /// Attach the disk read-only.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub read_only: bool,
+}
+
+/// A network interface on a Network.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Interface {
+    /// Interface name, unique within the domain (`net0`).
+    pub name: String,
+    /// Name of the Network the interface joins.
+    pub network: String,
+    /// MAC address; derived from the Domain's UUID when absent, so it is
+    /// stable across restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+/// The serial console.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SerialSpec {
+    /// Whether the guest has a serial port at all.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Whether a domain should be active (KubeVirt's run strategies).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum RunStrategy {
+    /// Keep it running: start it, and start it again whenever it stops.
+    #[default]
+    Always,
+    /// Start it, and start it again only after a crash.
+    RerunOnFailure,
+    /// Start it once; whatever way it stops, leave it stopped.
+    Once,
+    /// Do nothing on our own: the user starts and stops it.
+    Manual,
+    /// Keep it stopped.
+    Halted,
+}
+
+/// libvirt's lifecycle events and actions.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Lifecycle {
+    /// When the guest powers off (default `destroy`).
+    #[serde(default = "LifecycleAction::destroy")]
+    pub on_poweroff: LifecycleAction,
+    /// When the guest reboots (default `restart`).
+    #[serde(default = "LifecycleAction::restart")]
+    pub on_reboot: LifecycleAction,
+    /// When the guest crashes (default `destroy`).
+    #[serde(default = "LifecycleAction::destroy")]
+    pub on_crash: LifecycleAction,
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Self {
+            on_poweroff: LifecycleAction::Destroy,
+            on_reboot: LifecycleAction::Restart,
+            on_crash: LifecycleAction::Destroy,
+        }
+    }
+}
+
+/// What to do on a lifecycle event (libvirt's `destroy`, `restart`, `preserve`, `rename-restart`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum LifecycleAction {
+    /// Stop the domain: it becomes shutoff.
+    Destroy,
+    /// Start the domain again.
+    Restart,
+    /// Keep the domain's resources for inspection (crashed, or paused).
+    Preserve,
+}
+
+impl LifecycleAction {
+    fn destroy() -> Self {
+        Self::Destroy
+    }
+    fn restart() -> Self {
+        Self::Restart
+    }
+}
+
+/// What the node observed, written only by the agent that runs the domain.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DomainStatus {
+    /// Runtime ID of the current activation; absent while inactive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u32>,
+    /// The Host the domain is bound to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    /// The UUID the domain runs with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    /// libvirt's GetInfo.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<DomainInfo>,
+    /// The spec generation this status reflects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Scheduled`, `VolumesReady`, `NetworksReady`, `Ready`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// libvirt's `virDomainInfo` with the state reason.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DomainInfo {
+    pub state: DomainState,
+    pub reason: DomainReason,
+    /// Maximum memory.
+    pub max_memory: Quantity,
+    /// Memory the guest has now.
+    pub memory: Quantity,
+    /// Virtual CPUs now.
+    pub vcpus: u32,
+    /// CPU time used, in nanoseconds.
+    pub cpu_time_ns: u64,
+}
+
+/// libvirt's `virDomainState`, plus `unknown` for a domain whose host is not reporting.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DomainState {
+    NoState,
+    Running,
+    Blocked,
+    Paused,
+    Shutdown,
+    Shutoff,
+    Crashed,
+    PmSuspended,
+    /// The host that runs it is not reporting (Vireo only).
+    Unknown,
+}
+
+impl DomainState {
+    /// Whether a domain in this state is active (has an ID, uses resources).
+    pub fn is_active(self) -> bool {
+        !matches!(self, Self::Shutoff | Self::NoState)
+    }
+
+    /// virsh's words: `running`, `idle`, `paused`, `in shutdown`, `shut off`, ...
+    pub fn virsh_name(self) -> &'static str {
+        match self {
+            Self::NoState => "no state",
+            Self::Running => "running",
+            Self::Blocked => "idle",
+            Self::Paused => "paused",
+            Self::Shutdown => "in shutdown",
+            Self::Shutoff => "shut off",
+            Self::Crashed => "crashed",
+            Self::PmSuspended => "pmsuspended",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+impl fmt::Display for DomainState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.virsh_name())
+    }
+}
+
+/// Why a domain is in its state (libvirt's `virDomain*Reason` enums, merged).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum DomainReason {
+    Unknown,
+    /// running: normal startup.
+    Booted,
+    /// running: resumed after a pause.
+    Unpaused,
+    /// running: restored from a saved state.
+    Restored,
+    /// running: woken from power management suspend.
+    Wakeup,
+    /// paused: paused by the user.
+    User,
+    /// paused: an I/O error stopped it.
+    IoError,
+    /// paused: a watchdog fired.
+    Watchdog,
+    /// paused: paused while shutting down.
+    ShuttingDown,
+    /// paused: starting, not yet running.
+    StartingUp,
+    /// shutoff: the guest shut down.
+    Shutdown,
+    /// shutoff: forced off.
+    Destroyed,
+    /// shutoff or crashed: the guest or its process crashed.
+    Crashed,
+    /// shutoff: failed to start.
+    Failed,
+    /// shutoff: saved to a file.
+    Saved,
+    /// crashed: the guest kernel panicked.
+    Panicked,
+}
+
+impl DomainReason {
+    /// virsh's words for `domstate --reason`.
+    pub fn virsh_name(self) -> &'static str {
+        match self {
+            Self::Unknown => "unknown",
+            Self::Booted => "booted",
+            Self::Unpaused => "unpaused",
+            Self::Restored => "restored",
+            Self::Wakeup => "event wakeup",
+            Self::User => "user",
+            Self::IoError => "I/O error",
+            Self::Watchdog => "watchdog",
+            Self::ShuttingDown => "shutting down",
+            Self::StartingUp => "starting up",
+            Self::Shutdown => "shutdown",
+            Self::Destroyed => "destroyed",
+            Self::Crashed => "crashed",
+            Self::Failed => "failed",
+            Self::Saved => "saved",
+            Self::Panicked => "panicked",
+        }
+    }
+}
+
+impl fmt::Display for DomainReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.virsh_name())
+    }
+}

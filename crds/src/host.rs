@@ -1,0 +1,70 @@
+//! `Host`: one per node agent (libvirt's `virNodeGetInfo` and capabilities).
+
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::{Condition, is_false};
+
+/// A node as its agent reports it.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "vireo.dev",
+    version = "v1alpha1",
+    kind = "Host",
+    status = "HostStatus",
+    shortname = "hv",
+    category = "vireo"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct HostSpec {
+    /// Keep new Domains off this host (like `kubectl cordon`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub unschedulable: bool,
+}
+
+/// libvirt's `virNodeInfo`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeInfo {
+    /// CPU model (`x86_64`, or the model name).
+    pub cpu_model: String,
+    /// Logical CPUs.
+    pub cpus: u32,
+    /// CPU frequency in MHz.
+    pub mhz: u32,
+    /// NUMA cells.
+    pub numa_nodes: u32,
+    /// Sockets per NUMA cell.
+    pub sockets: u32,
+    /// Cores per socket.
+    pub cores: u32,
+    /// Threads per core.
+    pub threads: u32,
+    /// Memory in bytes.
+    pub memory_bytes: u64,
+}
+
+/// What the agent reports about its node.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HostStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_info: Option<NodeInfo>,
+    /// Hypervisor drivers the agent embeds (`test`, `kvm`, `qemu`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drivers: Vec<String>,
+    /// Memory left for guests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocatable_memory: Option<Quantity>,
+    /// vCPUs left for guests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocatable_vcpus: Option<u32>,
+    /// Last time the agent reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}

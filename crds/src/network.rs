@@ -1,0 +1,141 @@
+//! `Network`: a virtual network (libvirt's `virNetworkPtr`), realized on every
+//! node its `nodeSelector` matches.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::{Condition, is_false};
+
+/// A virtual network: a bridge per node, with optional NAT and DHCP.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "vireo.dev",
+    version = "v1alpha1",
+    kind = "Network",
+    status = "NetworkStatus",
+    shortname = "net",
+    category = "vireo"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkSpec {
+    /// RFC 4122 UUID. Defaulted when absent; never changes afterwards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    /// How traffic leaves the network (libvirt's `<forward mode>`).
+    #[serde(default)]
+    pub forward_mode: ForwardMode,
+    /// Bridge device name (`virbr0`). For `bridge` mode, an existing bridge
+    /// to attach to; otherwise the bridge Vireo creates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+    /// The host side address, the subnet and DHCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<IpSpec>,
+    /// Start the network when its node starts (libvirt's autostart).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub autostart: bool,
+    /// Whether the network should be active on its nodes (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active: Option<bool>,
+    /// Labels a Host must carry for the network to be realized on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+}
+
+/// libvirt's forward modes.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardMode {
+    /// Masquerade to the outside.
+    #[default]
+    Nat,
+    /// Routed without NAT.
+    Route,
+    /// No forwarding: guests reach each other and the host only.
+    Isolated,
+    /// Attach guests to an existing host bridge.
+    Bridge,
+}
+
+impl fmt::Display for ForwardMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Nat => "nat",
+            Self::Route => "route",
+            Self::Isolated => "isolated",
+            Self::Bridge => "bridge",
+        })
+    }
+}
+
+/// The host's address on the network and the subnet it implies.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IpSpec {
+    /// IPv4 address of the bridge (`192.168.122.1`).
+    pub address: String,
+    /// Prefix length of the subnet (`24`).
+    pub prefix: u8,
+    /// DHCP service on the network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhcp: Option<DhcpSpec>,
+}
+
+/// DHCP ranges and static hosts.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DhcpSpec {
+    /// Address ranges handed out dynamically.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ranges: Vec<DhcpRange>,
+    /// Fixed addresses by MAC.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<DhcpHost>,
+}
+
+/// An inclusive range of addresses.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DhcpRange {
+    pub start: String,
+    pub end: String,
+}
+
+/// A static DHCP lease.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DhcpHost {
+    pub mac: String,
+    pub ip: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// Per-node state of a network.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkStatus {
+    /// One entry per node the network is realized on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<NetworkNodeStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// The network as one node sees it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkNodeStatus {
+    pub node_name: String,
+    pub active: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}

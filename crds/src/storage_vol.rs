@@ -1,0 +1,135 @@
+//! `StorageVol`: a volume in a pool on one node (libvirt's `virStorageVolPtr`).
+
+use std::fmt;
+
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::Condition;
+
+/// A volume: a file in a StoragePool on one node, a disk for Domains of its namespace.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "vireo.dev",
+    version = "v1alpha1",
+    kind = "StorageVol",
+    namespaced,
+    status = "StorageVolStatus",
+    shortname = "vol",
+    category = "vireo"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageVolSpec {
+    /// Name of the StoragePool that holds the volume.
+    pub pool: String,
+    /// Size the guest sees.
+    pub capacity: Quantity,
+    /// Space to allocate up front (default: the whole capacity for raw
+    /// volumes created by the test driver, sparse on real pools).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocation: Option<Quantity>,
+    /// On-disk format.
+    #[serde(default)]
+    pub format: VolFormat,
+    /// Where the content comes from; blank when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<VolumeSource>,
+    /// Node that holds the volume; when absent, the node of the first Domain
+    /// that uses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+}
+
+/// Volume formats.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum VolFormat {
+    #[default]
+    Raw,
+    Qcow2,
+}
+
+impl fmt::Display for VolFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Raw => "raw",
+            Self::Qcow2 => "qcow2",
+        })
+    }
+}
+
+/// Where a volume's content comes from: exactly one member is set.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeSource {
+    /// A blank (zeroed) volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blank: Option<BlankSource>,
+    /// A copy of another volume of the same pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone: Option<CloneSource>,
+    /// Content uploaded by a client (`vireo vol-upload`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload: Option<UploadSource>,
+    /// Content fetched from an HTTP(S) URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<UrlSource>,
+}
+
+/// A blank volume.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct BlankSource {}
+
+/// A clone of another volume.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CloneSource {
+    /// Name of the source volume, in the same pool.
+    pub volume: String,
+    /// Make a qcow2 overlay backed by the source instead of a full copy.
+    #[serde(default, skip_serializing_if = "crate::common::is_false")]
+    pub overlay: bool,
+}
+
+/// Content from a client upload.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct UploadSource {}
+
+/// Content from a URL.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UrlSource {
+    pub url: String,
+}
+
+/// What the node holding the volume reports.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageVolStatus {
+    /// `Pending`, `Creating`, `Ready`, `Failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    /// Path of the volume on its node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// libvirt's volume key (unique on the node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<VolFormat>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<Quantity>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocation: Option<Quantity>,
+    /// Percentage of a long copy done (0-100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}

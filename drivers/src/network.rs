@@ -1,0 +1,44 @@
+//! The network driver (libvirt's `virNetwork*` calls).
+
+use vireo_crds::Network;
+
+use crate::{ListFilter, Lookup, Result};
+
+/// The identity of a network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkRef {
+    pub name: String,
+    pub uuid: String,
+}
+
+/// `net-info`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkInfo {
+    pub name: String,
+    pub uuid: String,
+    pub active: bool,
+    pub persistent: bool,
+    pub autostart: bool,
+    pub bridge: Option<String>,
+}
+
+/// A network driver. Same defined/active/transient rules as domains.
+pub trait NetworkDriver: Send + Sync {
+    fn list_networks(&self, filter: ListFilter) -> Result<Vec<NetworkRef>>;
+    fn count_networks(&self, filter: ListFilter) -> Result<usize> {
+        Ok(self.list_networks(filter)?.len())
+    }
+    fn lookup_network(&self, key: Lookup<'_>) -> Result<NetworkRef>;
+    fn network_definition(&self, name: &str, inactive: bool) -> Result<Network>;
+    fn network_info(&self, name: &str) -> Result<NetworkInfo>;
+    /// Defines (or redefines) a persistent, inactive network.
+    fn define_network(&self, network: &Network) -> Result<NetworkRef>;
+    /// Creates and starts a transient network.
+    fn create_network(&self, network: &Network) -> Result<NetworkRef>;
+    /// Removes the persistent definition; an active network becomes transient.
+    fn undefine_network(&self, name: &str) -> Result<()>;
+    fn start_network(&self, name: &str) -> Result<()>;
+    /// Tears the network down; a transient network disappears.
+    fn destroy_network(&self, name: &str) -> Result<()>;
+    fn set_network_autostart(&self, name: &str, autostart: bool) -> Result<()>;
+}

@@ -1,0 +1,127 @@
+//! The storage driver: pools and volumes (libvirt's `virStoragePool*` and
+//! `virStorageVol*` calls).
+
+use std::fmt;
+
+use vireo_crds::{StoragePool, StorageVol, VolFormat};
+
+use crate::{ListFilter, Lookup, Result};
+
+/// The identity of a pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolRef {
+    pub name: String,
+    pub uuid: String,
+}
+
+/// libvirt's `virStoragePoolState`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolState {
+    Inactive,
+    Building,
+    Running,
+    Degraded,
+    Inaccessible,
+}
+
+impl fmt::Display for PoolState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Inactive => "inactive",
+            Self::Building => "building",
+            Self::Running => "running",
+            Self::Degraded => "degraded",
+            Self::Inaccessible => "inaccessible",
+        })
+    }
+}
+
+/// `pool-info`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolInfo {
+    pub name: String,
+    pub uuid: String,
+    pub state: PoolState,
+    pub persistent: bool,
+    pub autostart: bool,
+    pub capacity: u64,
+    pub allocation: u64,
+    pub available: u64,
+}
+
+/// The identity of a volume: its pool and name, its key (unique on the
+/// node) and its path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolRef {
+    pub pool: String,
+    pub name: String,
+    pub key: String,
+    pub path: String,
+}
+
+/// `vol-info`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolInfo {
+    pub name: String,
+    pub pool: String,
+    pub path: String,
+    pub key: String,
+    pub format: VolFormat,
+    pub capacity: u64,
+    pub allocation: u64,
+}
+
+/// `vol-resize` flags (libvirt's `VIR_STORAGE_VOL_RESIZE_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ResizeFlags {
+    /// Allocate the new space now.
+    pub allocate: bool,
+    /// The size is added to the current capacity.
+    pub delta: bool,
+    /// Allow the capacity to go down.
+    pub shrink: bool,
+}
+
+/// A storage driver. Pools follow libvirt's rules: built and deleted only
+/// while inactive, undefined only while inactive; volumes need an active pool.
+pub trait StorageDriver: Send + Sync {
+    fn list_pools(&self, filter: ListFilter) -> Result<Vec<PoolRef>>;
+    fn count_pools(&self, filter: ListFilter) -> Result<usize> {
+        Ok(self.list_pools(filter)?.len())
+    }
+    fn lookup_pool(&self, key: Lookup<'_>) -> Result<PoolRef>;
+    fn pool_definition(&self, name: &str) -> Result<StoragePool>;
+    fn pool_info(&self, name: &str) -> Result<PoolInfo>;
+    /// Defines (or redefines) a persistent, inactive pool.
+    fn define_pool(&self, pool: &StoragePool) -> Result<PoolRef>;
+    /// Creates and starts a transient pool.
+    fn create_pool(&self, pool: &StoragePool) -> Result<PoolRef>;
+    /// Makes the pool's storage (for `dir`, the directory). Inactive pools only.
+    fn build_pool(&self, name: &str) -> Result<()>;
+    fn start_pool(&self, name: &str) -> Result<()>;
+    /// Deactivates the pool; its volumes stay, unlisted until it starts again.
+    fn destroy_pool(&self, name: &str) -> Result<()>;
+    /// Removes the pool's storage. Inactive pools only.
+    fn delete_pool(&self, name: &str) -> Result<()>;
+    /// Removes the definition. Inactive pools only.
+    fn undefine_pool(&self, name: &str) -> Result<()>;
+    /// Rescans the pool's volumes and sizes.
+    fn refresh_pool(&self, name: &str) -> Result<()>;
+    fn set_pool_autostart(&self, name: &str, autostart: bool) -> Result<()>;
+
+    fn list_volumes(&self, pool: &str) -> Result<Vec<VolRef>>;
+    fn count_volumes(&self, pool: &str) -> Result<usize> {
+        Ok(self.list_volumes(pool)?.len())
+    }
+    fn lookup_volume(&self, pool: &str, name: &str) -> Result<VolRef>;
+    fn lookup_volume_by_key(&self, key: &str) -> Result<VolRef>;
+    fn lookup_volume_by_path(&self, path: &str) -> Result<VolRef>;
+    fn volume_info(&self, pool: &str, name: &str) -> Result<VolInfo>;
+    /// Creates a volume in `spec.pool` from its source (blank or a clone).
+    fn create_volume(&self, volume: &StorageVol) -> Result<VolRef>;
+    /// Changes the capacity; refused past the pool's free space.
+    fn resize_volume(&self, pool: &str, name: &str, capacity: u64, flags: ResizeFlags) -> Result<()>;
+    /// Overwrites the content with zeros.
+    fn wipe_volume(&self, pool: &str, name: &str) -> Result<()>;
+    fn delete_volume(&self, pool: &str, name: &str) -> Result<()>;
+}

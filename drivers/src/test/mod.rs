@@ -1,0 +1,176 @@
+//! libvirt's test driver: an in-memory node with libvirt's semantics and no
+//! guests. `test:///default` is the node libvirt's test driver starts with;
+//! `test:///PATH` loads a node file.
+//!
+//! A node file is a YAML stream of ordinary Vireo manifests. Every object is
+//! loaded persistent and active, as libvirt's test driver loads its custom
+//! files, unless an annotation says otherwise:
+//!
+//! * `test.vireo.dev/state`: `running` (default), `paused` or `shutoff` for a
+//!   Domain; `active` (default) or `inactive` for a Network or StoragePool;
+//! * `test.vireo.dev/capacity`: a StoragePool's size (default `100Gi`);
+//! * a `Host` document's `status.nodeInfo` replaces the default NodeInfo.
+
+mod domains;
+mod networks;
+mod node_file;
+mod storage;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
+
+use vireo_crds::{Domain, DomainReason, DomainState, Network, NodeInfo, StoragePool, VolFormat};
+
+/// The driver. Cheap to clone a reference to; all state is behind one lock.
+pub struct TestDriver {
+    state: Mutex<State>,
+}
+
+/// libvirt's test driver node: i686, 16 CPUs at 1400 MHz, 2 NUMA cells of
+/// 2 sockets x 2 cores x 2 threads, 3 GiB.
+pub fn default_node_info() -> NodeInfo {
+    NodeInfo {
+        cpu_model: "i686".into(),
+        cpus: 16,
+        mhz: 1400,
+        numa_nodes: 2,
+        sockets: 2,
+        cores: 2,
+        threads: 2,
+        memory_bytes: 3 << 30,
+    }
+}
+
+#[derive(Default)]
+struct State {
+    node: NodeInfo,
+    next_domain_id: u32,
+    next_bridge: u32,
+    domains: BTreeMap<String, DomainObj>,
+    networks: BTreeMap<String, NetworkObj>,
+    pools: BTreeMap<String, PoolObj>,
+}
+
+/// A domain as libvirt's `virDomainObj` holds it.
+struct DomainObj {
+    /// The running definition while active; the persistent one while inactive.
+    def: Domain,
+    /// A persistent definition that takes effect at the next start.
+    new_def: Option<Domain>,
+    uuid: String,
+    persistent: bool,
+    autostart: bool,
+    state: DomainState,
+    reason: DomainReason,
+    id: Option<u32>,
+    max_memory: u64,
+    memory: u64,
+    vcpus: u32,
+    cpu_time_ns: u64,
+    running_since: Option<Instant>,
+}
+
+struct NetworkObj {
+    def: Network,
+    new_def: Option<Network>,
+    uuid: String,
+    persistent: bool,
+    autostart: bool,
+    active: bool,
+}
+
+struct PoolObj {
+    def: StoragePool,
+    uuid: String,
+    persistent: bool,
+    autostart: bool,
+    active: bool,
+    capacity: u64,
+    volumes: BTreeMap<String, VolObj>,
+}
+
+struct VolObj {
+    format: VolFormat,
+    capacity: u64,
+    allocation: u64,
+}
+
+impl PoolObj {
+    fn allocation(&self) -> u64 {
+        self.volumes.values().map(|v| v.allocation).sum()
+    }
+    fn available(&self) -> u64 {
+        self.capacity.saturating_sub(self.allocation())
+    }
+    fn vol_path(&self, vol: &str) -> String {
+        format!("{}/{}", self.def.spec.path.trim_end_matches('/'), vol)
+    }
+}
+
+impl TestDriver {
+    fn empty(node: NodeInfo) -> Self {
+        Self {
+            state: Mutex::new(State {
+                node,
+                next_domain_id: 1,
+                ..State::default()
+            }),
+        }
+    }
+
+    /// The node of `test:///default`.
+    pub fn default_node() -> Self {
+        let driver = Self::empty(default_node_info());
+        // The embedded file is part of the build and loads in a unit test.
+        if let Err(e) = driver.load(include_str!("default-node.yaml")) {
+            unreachable!("the embedded default node does not load: {e}");
+        }
+        driver
+    }
+
+    /// A node loaded from a node file.
+    pub fn from_file(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read node file {}: {e}", path.display()))?;
+        let driver = Self::empty(default_node_info());
+        driver
+            .load(&text)
+            .map_err(|e| format!("node file {}: {e}", path.display()))?;
+        Ok(driver)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while the lock was held cannot leave the maps half-edited
+        // in a way later calls would misread (each operation checks before it
+        // writes), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{HypervisorDriver, ListFilter, Lookup, NetworkDriver, StorageDriver};
+
+    #[test]
+    fn default_node_matches_libvirt() {
+        let d = TestDriver::default_node();
+        let dom = d.lookup_domain(Lookup::Name("test")).expect("test exists");
+        assert_eq!(dom.id, Some(1));
+        assert_eq!(dom.uuid, "6695eb01-f6a4-8304-79aa-97f2502e193f");
+        let info = d.domain_info("test").expect("info");
+        assert_eq!((info.state, info.vcpus), (DomainState::Running, 2));
+        assert_eq!(info.max_memory.0, "8Gi");
+        assert_eq!(info.memory.0, "2Gi");
+        let net = d.network_info("default").expect("net");
+        assert!(net.active && net.persistent && !net.autostart);
+        assert_eq!(net.bridge.as_deref(), Some("virbr0"));
+        let pool = d.pool_info("default-pool").expect("pool");
+        assert_eq!(pool.capacity, 100 << 30);
+        assert_eq!(pool.available, 100 << 30);
+        assert_eq!(d.count_domains(ListFilter::All).ok(), Some(1));
+        assert_eq!(d.node_info().expect("node").cpus, 16);
+    }
+}

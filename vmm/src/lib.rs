@@ -1,0 +1,3 @@
+//! vireo-vmm's library part.
+
+pub mod probe;
