@@ -1,1 +1,194 @@
-fn main() {}
+//! `vireo`: a virsh-like command line for Vireo.
+//!
+//! One command per invocation (`vireo -c test:///default list --all`), or a
+//! shell that reads commands from standard input, one a line, all in one
+//! connection (`vireo` with no command).
+
+mod commands;
+mod output;
+mod size;
+
+use std::io::{self, BufRead, BufWriter, IsTerminal, Write};
+use std::process::ExitCode;
+
+use clap::{CommandFactory, FromArgMatches, Parser};
+
+use commands::Command;
+use output::Format;
+
+/// The connection used when neither `-c` nor `VIREO_DEFAULT_URI` names one.
+const DEFAULT_URI: &str = "test:///default";
+
+#[derive(Parser)]
+#[command(
+    name = "vireo",
+    version,
+    about = "Manage Vireo virtual machines, networks and storage, the way virsh does",
+    long_about = "Manage Vireo virtual machines, networks and storage, the way virsh does.\n\n\
+        Vireo keeps libvirt's object model: domains, networks, storage pools and volumes are \
+        defined (they exist) or active (they run). Every virsh command you know has an equivalent \
+        here, with the same name.\n\n\
+        With no command, vireo reads commands from standard input, one a line, and runs them in \
+        one connection (a shell, like virsh's).",
+    after_help = "Examples:\n  vireo list --all\n  vireo -c test:///default dominfo test\n  \
+        vireo define -f examples/test-domain.yaml && vireo start demo\n  \
+        printf 'list --all\\ndominfo test\\n' | vireo"
+)]
+struct Cli {
+    /// Connection URI: test:///default, test:///PATH/node.yaml (later kvm:///system,
+    /// qemu:///system, vireo+unix:///PATH).
+    #[arg(short = 'c', long = "connect", env = "VIREO_DEFAULT_URI", default_value = DEFAULT_URI, global = true)]
+    uri: String,
+
+    /// Output format: virsh-like tables, or YAML/JSON for scripts.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table, global = true)]
+    output: Format,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+/// One line of shell mode: a command, with an optional `-o`.
+#[derive(Parser)]
+#[command(name = "vireo", no_binary_name = true, disable_version_flag = true)]
+struct ShellLine {
+    #[arg(short = 'o', long = "output", value_enum, global = true)]
+    output: Option<Format>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let conn = match vireo_drivers::open(&cli.uri) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Some(command) => {
+            let stdout = io::stdout();
+            let mut out = stdout.lock();
+            if run_one(&conn, &command, cli.output, &mut out) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        None => shell(&conn, cli.output),
+    }
+}
+
+/// Runs one command, prints its output or its error; true on success.
+fn run_one(
+    conn: &vireo_drivers::Connection,
+    command: &Command,
+    format: Format,
+    out: &mut dyn Write,
+) -> bool {
+    match commands::run(conn, command) {
+        Ok(output) => {
+            if let Err(e) = output.print(format, out) {
+                // A closed pipe (`vireo list | head`) is not worth a message.
+                if e.kind() != io::ErrorKind::BrokenPipe {
+                    eprintln!("error: cannot write output: {e}");
+                }
+                return false;
+            }
+            true
+        }
+        Err(e) => {
+            let _ = out.flush();
+            eprintln!("error: {e:#}");
+            false
+        }
+    }
+}
+
+/// Shell mode: commands from standard input in one connection.
+fn shell(conn: &vireo_drivers::Connection, default_format: Format) -> ExitCode {
+    let interactive = io::stdin().is_terminal();
+    let stdin = io::stdin();
+    let stdout = io::stdout();
+    let mut out = BufWriter::with_capacity(64 * 1024, stdout.lock());
+    // Built once: building clap's command tree costs more than running a command.
+    let mut parser = ShellLine::command();
+    let mut failed = false;
+    let mut line = String::new();
+    let mut input = stdin.lock();
+    loop {
+        if interactive {
+            let _ = write!(out, "vireo # ");
+            let _ = out.flush();
+        }
+        line.clear();
+        match input.read_line(&mut line) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("error: cannot read standard input: {e}");
+                failed = true;
+                break;
+            }
+        }
+        let text = line.trim();
+        if text.is_empty() || text.starts_with('#') {
+            continue;
+        }
+        if text == "quit" || text == "exit" {
+            break;
+        }
+        let words = match shell_words::split(text) {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = out.flush();
+                eprintln!("error: cannot split '{text}': {e}");
+                failed = true;
+                continue;
+            }
+        };
+        let parsed = parser
+            .try_get_matches_from_mut(words)
+            .and_then(|m| ShellLine::from_arg_matches(&m));
+        match parsed {
+            Ok(l) => {
+                let format = l.output.unwrap_or(default_format);
+                if !run_one(conn, &l.command, format, &mut out) {
+                    failed = true;
+                }
+            }
+            Err(e) => {
+                let _ = out.flush();
+                match e.kind() {
+                    clap::error::ErrorKind::DisplayHelp
+                    | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                        let _ = write!(out, "{}", e.render());
+                    }
+                    _ => {
+                        // clap's message, on one line.
+                        let msg = e.render().to_string();
+                        let first = msg
+                            .lines()
+                            .next()
+                            .unwrap_or("invalid command")
+                            .trim_start_matches("error: ");
+                        eprintln!("error: {first}");
+                        failed = true;
+                    }
+                }
+            }
+        }
+        if interactive {
+            let _ = out.flush();
+        }
+    }
+    let _ = out.flush();
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}

@@ -1,0 +1,196 @@
+//! Domain commands: list, dominfo, domstate, define, start, shutdown, ...
+
+use anyhow::{Result, bail};
+use serde_json::json;
+use vireo_crds::Manifest;
+use vireo_crds::quantity::parse_quantity;
+use vireo_drivers::{Connection, Lookup};
+
+use super::{Command, read_manifests, to_data, yes_no};
+use crate::output::{Output, Table};
+
+/// Resolves a name, ID or UUID to the domain's name.
+fn resolve(conn: &Connection, text: &str) -> Result<vireo_drivers::DomainRef> {
+    Ok(conn.hypervisor().lookup_domain(Lookup::domain(text))?)
+}
+
+fn id_text(id: Option<u32>) -> String {
+    id.map_or_else(|| "-".to_string(), |i| i.to_string())
+}
+
+pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
+    let hv = conn.hypervisor();
+    Ok(match command {
+        Command::List(args) => {
+            let mut table = Table::new(&["Id", "Name", "State"]);
+            let mut data = Vec::new();
+            for d in hv.list_domains(args.filter())? {
+                let (state, reason) = hv.domain_state(&d.name)?;
+                data.push(json!({"id": d.id, "name": d.name, "uuid": d.uuid, "state": state, "reason": reason}));
+                table.row(vec![id_text(d.id), d.name, state.to_string()]);
+            }
+            Output::Table {
+                table,
+                data: data.into(),
+            }
+        }
+        Command::Dominfo(a) => {
+            let d = resolve(conn, &a.domain)?;
+            let info = hv.domain_info(&d.name)?;
+            let persistent = hv.domain_is_persistent(&d.name)?;
+            let autostart = hv.domain_autostart(&d.name)?;
+            let max_kib = parse_quantity(&info.max_memory).unwrap_or(0) / 1024;
+            let used_kib = parse_quantity(&info.memory).unwrap_or(0) / 1024;
+            let cpu_s = info.cpu_time_ns as f64 / 1e9;
+            let mut rows = vec![
+                ("Id", id_text(d.id)),
+                ("Name", d.name.clone()),
+                ("UUID", d.uuid.clone()),
+                ("OS Type", "hvm".to_string()),
+                ("State", info.state.to_string()),
+                ("CPU(s)", info.vcpus.to_string()),
+            ];
+            if info.cpu_time_ns > 0 {
+                rows.push(("CPU time", format!("{cpu_s:.1}s")));
+            }
+            rows.extend([
+                ("Max memory", format!("{max_kib} KiB")),
+                ("Used memory", format!("{used_kib} KiB")),
+                ("Persistent", yes_no(persistent).to_string()),
+                (
+                    "Autostart",
+                    if autostart { "enable" } else { "disable" }.to_string(),
+                ),
+            ]);
+            Output::Fields {
+                width: 15,
+                rows,
+                data: json!({
+                    "id": d.id, "name": d.name, "uuid": d.uuid,
+                    "info": info, "persistent": persistent, "autostart": autostart,
+                }),
+            }
+        }
+        Command::Domstate(a) => {
+            let d = resolve(conn, &a.domain)?;
+            let (state, reason) = hv.domain_state(&d.name)?;
+            let text = if a.reason {
+                format!("{state} ({reason})")
+            } else {
+                state.to_string()
+            };
+            Output::Text {
+                text,
+                data: json!({"state": state, "reason": reason}),
+            }
+        }
+        Command::Domid(a) => {
+            let d = resolve(conn, &a.domain)?;
+            Output::Text {
+                text: id_text(d.id),
+                data: json!({"id": d.id}),
+            }
+        }
+        Command::Domuuid(a) => {
+            let d = resolve(conn, &a.domain)?;
+            Output::Text {
+                data: json!({"uuid": d.uuid}),
+                text: d.uuid,
+            }
+        }
+        Command::Domname(a) => {
+            let d = resolve(conn, &a.domain)?;
+            Output::Text {
+                data: json!({"name": d.name}),
+                text: d.name,
+            }
+        }
+        Command::Dumpspec(a) => {
+            let d = resolve(conn, &a.domain)?;
+            let def = hv.domain_definition(&d.name, a.inactive)?;
+            let data = to_data(&def)?;
+            Output::Text {
+                text: serde_yaml_ng::to_string(&def)?.trim_end().to_string(),
+                data,
+            }
+        }
+        Command::Define(f) | Command::Create(f) => {
+            let transient = matches!(command, Command::Create(_));
+            let manifests = read_manifests(
+                &f.file,
+                "Domain",
+                "net-define, pool-define or vol-create for other kinds",
+            )?;
+            let mut lines = Vec::new();
+            for m in manifests {
+                let Manifest::Domain(d) = m else { continue };
+                let r = if transient {
+                    hv.create_domain(&d)?
+                } else {
+                    hv.define_domain(&d)?
+                };
+                let verb = if transient { "created" } else { "defined" };
+                lines.push(format!("Domain '{}' {verb} from {}", r.name, f.file.display()));
+            }
+            Output::Message(lines.join("\n"))
+        }
+        Command::Undefine(a) => {
+            let d = resolve(conn, &a.domain)?;
+            hv.undefine_domain(&d.name)?;
+            Output::Message(format!("Domain '{}' has been undefined", d.name))
+        }
+        Command::Start(a) => {
+            let d = resolve(conn, &a.domain)?;
+            hv.start_domain(&d.name)?;
+            Output::Message(format!("Domain '{}' started", d.name))
+        }
+        Command::Shutdown(a) => {
+            let d = resolve(conn, &a.domain)?;
+            hv.shutdown_domain(&d.name)?;
+            Output::Message(format!("Domain '{}' is being shutdown", d.name))
+        }
+        Command::Reboot(a) => {
+            let d = resolve(conn, &a.domain)?;
+            hv.reboot_domain(&d.name)?;
+            Output::Message(format!("Domain '{}' is being rebooted", d.name))
+        }
+        Command::Reset(a) => {
+            let d = resolve(conn, &a.domain)?;
+            hv.reset_domain(&d.name)?;
+            Output::Message(format!("Domain '{}' was reset", d.name))
+        }
+        Command::Suspend(a) => {
+            let d = resolve(conn, &a.domain)?;
+            hv.suspend_domain(&d.name)?;
+            Output::Message(format!("Domain '{}' suspended", d.name))
+        }
+        Command::Resume(a) => {
+            let d = resolve(conn, &a.domain)?;
+            hv.resume_domain(&d.name)?;
+            Output::Message(format!("Domain '{}' resumed", d.name))
+        }
+        Command::Destroy(a) => {
+            let d = resolve(conn, &a.domain)?;
+            hv.destroy_domain(&d.name)?;
+            Output::Message(format!("Domain '{}' destroyed", d.name))
+        }
+        Command::Autostart(a) => {
+            let d = resolve(conn, &a.domain)?;
+            hv.set_domain_autostart(&d.name, !a.disable)?;
+            let verb = if a.disable { "unmarked" } else { "marked" };
+            Output::Message(format!("Domain '{}' {verb} as autostarted", d.name))
+        }
+        Command::Setmem(a) => {
+            let d = resolve(conn, &a.domain)?;
+            let bytes = crate::size::parse(&a.size, 1024).map_err(anyhow::Error::msg)?;
+            hv.set_domain_memory(&d.name, bytes)?;
+            Output::Empty
+        }
+        Command::Setvcpus(a) => {
+            let d = resolve(conn, &a.domain)?;
+            hv.set_domain_vcpus(&d.name, a.count)?;
+            Output::Empty
+        }
+        _ => bail!("not a domain command"),
+    })
+}

@@ -1,0 +1,405 @@
+//! The commands, named as virsh names them.
+
+mod domain;
+mod host;
+mod network;
+mod pool;
+mod volume;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use vireo_crds::Manifest;
+use vireo_drivers::Connection;
+
+use crate::output::Output;
+
+/// Every command. Names, arguments and messages follow virsh.
+#[derive(Subcommand)]
+pub enum Command {
+    // -- connection and host --
+    /// Print the connection URI.
+    Uri,
+    /// Print Vireo's and the hypervisor's versions.
+    Version,
+    /// Print the node's CPUs and memory (libvirt's NodeGetInfo).
+    Nodeinfo,
+    /// Print the node's host name.
+    Hostname,
+
+    // -- domains --
+    /// List domains: running ones, or all with --all, or inactive ones with --inactive.
+    List(ListArgs),
+    /// Show a domain's ID, UUID, state, CPUs and memory.
+    Dominfo(DomainArg),
+    /// Show a domain's state, and with --reason why it is in it.
+    Domstate(DomstateArgs),
+    /// Print a domain's ID ('-' when inactive).
+    Domid(DomainArg),
+    /// Print a domain's UUID.
+    Domuuid(DomainArg),
+    /// Print a domain's name.
+    Domname(DomainArg),
+    /// Print a domain's manifest (live, or the next-start definition with --inactive).
+    #[command(alias = "dumpxml")]
+    Dumpspec(DumpArgs),
+    /// Define (or redefine) persistent, inactive domains from a manifest file.
+    Define(FileArg),
+    /// Create and start transient domains from a manifest file.
+    Create(FileArg),
+    /// Remove a domain's definition; an active domain becomes transient and keeps running.
+    Undefine(DomainArg),
+    /// Start an inactive domain.
+    Start(DomainArg),
+    /// Ask the guest to shut down (it ends 'shut off (shutdown)').
+    Shutdown(DomainArg),
+    /// Ask the guest to reboot (the domain's lifecycle.onReboot applies).
+    Reboot(DomainArg),
+    /// Reset the guest at once, like the reset button.
+    Reset(DomainArg),
+    /// Pause a running domain.
+    Suspend(DomainArg),
+    /// Resume a paused domain.
+    Resume(DomainArg),
+    /// Stop a domain at once (it ends 'shut off (destroyed)').
+    Destroy(DomainArg),
+    /// Mark a domain to start with its node, or unmark it with --disable.
+    Autostart(AutostartArgs),
+    /// Set a domain's current memory (a bare number is KiB; units: K, M, G, KiB, GB, ...).
+    Setmem(SetmemArgs),
+    /// Set a domain's vCPU count (at most spec.maxVcpus).
+    Setvcpus(SetvcpusArgs),
+
+    // -- networks --
+    /// List networks: active ones, or all with --all, or inactive ones with --inactive.
+    NetList(ListArgs),
+    /// Show a network's UUID, state and bridge.
+    NetInfo(NameArg),
+    /// Print a network's manifest.
+    #[command(alias = "net-dumpxml")]
+    NetDumpspec(NameArg),
+    /// Define (or redefine) persistent, inactive networks from a manifest file.
+    NetDefine(FileArg),
+    /// Create and start transient networks from a manifest file.
+    NetCreate(FileArg),
+    /// Start an inactive network.
+    NetStart(NameArg),
+    /// Stop an active network (a transient network goes away).
+    NetDestroy(NameArg),
+    /// Remove a network's definition; an active network becomes transient.
+    NetUndefine(NameArg),
+    /// Mark a network to start with its node, or unmark it with --disable.
+    NetAutostart(NamedAutostartArgs),
+
+    // -- storage pools --
+    /// List pools; --details adds persistence and sizes.
+    PoolList(PoolListArgs),
+    /// Show a pool's state and sizes.
+    PoolInfo(NameArg),
+    /// Print a pool's manifest.
+    #[command(alias = "pool-dumpxml")]
+    PoolDumpspec(NameArg),
+    /// Define (or redefine) persistent, inactive pools from a manifest file.
+    PoolDefine(FileArg),
+    /// Create and start transient pools from a manifest file.
+    PoolCreate(FileArg),
+    /// Make an inactive pool's storage (a dir pool's directory).
+    PoolBuild(NameArg),
+    /// Start an inactive pool.
+    PoolStart(NameArg),
+    /// Stop an active pool; its volumes stay.
+    PoolDestroy(NameArg),
+    /// Remove an inactive pool's storage.
+    PoolDelete(NameArg),
+    /// Remove an inactive pool's definition.
+    PoolUndefine(NameArg),
+    /// Rescan a pool's volumes and sizes.
+    PoolRefresh(NameArg),
+    /// Mark a pool to start with its node, or unmark it with --disable.
+    PoolAutostart(NamedAutostartArgs),
+
+    // -- storage volumes --
+    /// List a pool's volumes; --details adds type and sizes.
+    VolList(VolListArgs),
+    /// Show a volume's type and sizes.
+    VolInfo(VolArgs),
+    /// Print a volume's path.
+    VolPath(VolArgs),
+    /// Print a volume's key.
+    VolKey(VolArgs),
+    /// Create volumes from a StorageVol manifest file.
+    VolCreate(FileArg),
+    /// Create a volume from arguments (sizes: a bare number is bytes; units K, M, G, GB, ...).
+    VolCreateAs(VolCreateAsArgs),
+    /// Copy a volume into a new one in the same pool.
+    VolClone(VolCloneArgs),
+    /// Change a volume's capacity (refused past the pool's free space).
+    VolResize(VolResizeArgs),
+    /// Overwrite a volume's content with zeros.
+    VolWipe(VolArgs),
+    /// Delete a volume.
+    VolDelete(VolArgs),
+}
+
+#[derive(Args)]
+pub struct ListArgs {
+    /// Active and inactive objects.
+    #[arg(long, conflicts_with = "inactive")]
+    pub all: bool,
+    /// Inactive objects only.
+    #[arg(long)]
+    pub inactive: bool,
+}
+
+impl ListArgs {
+    pub fn filter(&self) -> vireo_drivers::ListFilter {
+        match (self.all, self.inactive) {
+            (true, _) => vireo_drivers::ListFilter::All,
+            (_, true) => vireo_drivers::ListFilter::Inactive,
+            _ => vireo_drivers::ListFilter::Active,
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct DomainArg {
+    /// Domain name, ID or UUID.
+    pub domain: String,
+}
+
+#[derive(Args)]
+pub struct DomstateArgs {
+    /// Domain name, ID or UUID.
+    pub domain: String,
+    /// Also say why the domain is in its state.
+    #[arg(long)]
+    pub reason: bool,
+}
+
+#[derive(Args)]
+pub struct DumpArgs {
+    /// Domain name, ID or UUID.
+    pub domain: String,
+    /// The persistent definition the next start uses, not the live one.
+    #[arg(long)]
+    pub inactive: bool,
+}
+
+#[derive(Args)]
+pub struct FileArg {
+    /// Manifest file (YAML; several documents separated by '---'); '-' reads standard input.
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: PathBuf,
+}
+
+#[derive(Args)]
+pub struct AutostartArgs {
+    /// Domain name, ID or UUID.
+    pub domain: String,
+    /// Turn autostart off.
+    #[arg(long)]
+    pub disable: bool,
+}
+
+#[derive(Args)]
+pub struct NamedAutostartArgs {
+    /// Name or UUID.
+    pub name: String,
+    /// Turn autostart off.
+    #[arg(long)]
+    pub disable: bool,
+}
+
+#[derive(Args)]
+pub struct SetmemArgs {
+    /// Domain name, ID or UUID.
+    pub domain: String,
+    /// New current memory: a bare number is KiB, or give a unit (512M, 2G, 2GiB).
+    pub size: String,
+}
+
+#[derive(Args)]
+pub struct SetvcpusArgs {
+    /// Domain name, ID or UUID.
+    pub domain: String,
+    /// New vCPU count.
+    pub count: u32,
+}
+
+#[derive(Args)]
+pub struct NameArg {
+    /// Name or UUID.
+    pub name: String,
+}
+
+#[derive(Args)]
+pub struct PoolListArgs {
+    #[command(flatten)]
+    pub list: ListArgs,
+    /// Add persistence, capacity, allocation and available space.
+    #[arg(long)]
+    pub details: bool,
+}
+
+#[derive(Args)]
+pub struct VolListArgs {
+    /// Pool name or UUID.
+    #[arg(required_unless_present = "pool_opt")]
+    pub pool: Option<String>,
+    /// Pool name or UUID (virsh's --pool form).
+    #[arg(long = "pool", id = "pool_opt", value_name = "POOL")]
+    pub pool_opt: Option<String>,
+    /// Add type, capacity and allocation.
+    #[arg(long)]
+    pub details: bool,
+}
+
+#[derive(Args)]
+pub struct VolArgs {
+    /// Volume name (with --pool), or its key or path.
+    pub vol: String,
+    /// Pool that holds the volume.
+    #[arg(long)]
+    pub pool: Option<String>,
+}
+
+#[derive(Args)]
+pub struct VolCreateAsArgs {
+    /// Pool name or UUID.
+    pub pool: String,
+    /// Name of the new volume.
+    pub name: String,
+    /// Capacity: a bare number is bytes, or give a unit (10G, 512M, 1GB).
+    pub capacity: String,
+    /// Space to allocate now (default: all of it).
+    #[arg(long)]
+    pub allocation: Option<String>,
+    /// Format: raw or qcow2.
+    #[arg(long, default_value = "raw")]
+    pub format: String,
+}
+
+#[derive(Args)]
+pub struct VolCloneArgs {
+    /// Source volume name (with --pool), or its key or path.
+    pub vol: String,
+    /// Name of the new volume.
+    pub newname: String,
+    /// Pool that holds the source volume.
+    #[arg(long)]
+    pub pool: Option<String>,
+}
+
+#[derive(Args)]
+pub struct VolResizeArgs {
+    /// Volume name (with --pool), or its key or path.
+    pub vol: String,
+    /// New capacity (with --delta, the amount to add): a bare number is bytes; units K, M, G, GB, ...
+    pub capacity: String,
+    /// Pool that holds the volume.
+    #[arg(long)]
+    pub pool: Option<String>,
+    /// Allocate the new space now.
+    #[arg(long)]
+    pub allocate: bool,
+    /// Add the capacity to the current one.
+    #[arg(long)]
+    pub delta: bool,
+    /// Allow the capacity to go down.
+    #[arg(long)]
+    pub shrink: bool,
+}
+
+/// Runs a command on a connection.
+pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
+    use Command as C;
+    match command {
+        C::Uri | C::Version | C::Nodeinfo | C::Hostname => host::run(conn, command),
+        C::List(_)
+        | C::Dominfo(_)
+        | C::Domstate(_)
+        | C::Domid(_)
+        | C::Domuuid(_)
+        | C::Domname(_)
+        | C::Dumpspec(_)
+        | C::Define(_)
+        | C::Create(_)
+        | C::Undefine(_)
+        | C::Start(_)
+        | C::Shutdown(_)
+        | C::Reboot(_)
+        | C::Reset(_)
+        | C::Suspend(_)
+        | C::Resume(_)
+        | C::Destroy(_)
+        | C::Autostart(_)
+        | C::Setmem(_)
+        | C::Setvcpus(_) => domain::run(conn, command),
+        C::NetList(_)
+        | C::NetInfo(_)
+        | C::NetDumpspec(_)
+        | C::NetDefine(_)
+        | C::NetCreate(_)
+        | C::NetStart(_)
+        | C::NetDestroy(_)
+        | C::NetUndefine(_)
+        | C::NetAutostart(_) => network::run(conn, command),
+        C::PoolList(_)
+        | C::PoolInfo(_)
+        | C::PoolDumpspec(_)
+        | C::PoolDefine(_)
+        | C::PoolCreate(_)
+        | C::PoolBuild(_)
+        | C::PoolStart(_)
+        | C::PoolDestroy(_)
+        | C::PoolDelete(_)
+        | C::PoolUndefine(_)
+        | C::PoolRefresh(_)
+        | C::PoolAutostart(_) => pool::run(conn, command),
+        C::VolList(_)
+        | C::VolInfo(_)
+        | C::VolPath(_)
+        | C::VolKey(_)
+        | C::VolCreate(_)
+        | C::VolCreateAs(_)
+        | C::VolClone(_)
+        | C::VolResize(_)
+        | C::VolWipe(_)
+        | C::VolDelete(_) => volume::run(conn, command),
+    }
+}
+
+/// Reads a manifest file and keeps the documents of one kind, refusing others.
+pub fn read_manifests(path: &Path, want: &'static str, hint: &str) -> Result<Vec<Manifest>> {
+    let text = if path == Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).context("cannot read standard input")?
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?
+    };
+    let all = Manifest::parse_all(&text).with_context(|| path.display().to_string())?;
+    if all.is_empty() {
+        bail!("{}: no {want} in the file", path.display());
+    }
+    for (i, m) in all.iter().enumerate() {
+        if m.kind() != want {
+            bail!(
+                "{}: document {} is a {}, not a {want}; use {hint}",
+                path.display(),
+                i + 1,
+                m.kind()
+            );
+        }
+    }
+    Ok(all)
+}
+
+/// virsh's yes/no.
+pub fn yes_no(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+/// Serializes a value to JSON for `-o json|yaml`.
+pub fn to_data<T: serde::Serialize>(v: &T) -> Result<serde_json::Value> {
+    serde_json::to_value(v).context("cannot serialize")
+}

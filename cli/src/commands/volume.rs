@@ -1,0 +1,176 @@
+//! Storage volume commands: vol-list, vol-info, vol-create-as, vol-clone, ...
+
+use anyhow::{Result, bail};
+use serde_json::json;
+use vireo_crds::quantity::{format_bytes, human_bytes};
+use vireo_crds::storage_vol::CloneSource;
+use vireo_crds::{Manifest, StorageVol, StorageVolSpec, VolFormat, VolumeSource};
+use vireo_drivers::{Connection, Lookup, ResizeFlags, VolRef};
+
+use super::{Command, read_manifests};
+use crate::output::{Output, Table};
+
+/// Finds a volume: by name in `--pool`, else by key, else by path (as virsh does).
+fn resolve(conn: &Connection, vol: &str, pool: Option<&str>) -> Result<VolRef> {
+    let st = conn.storage();
+    Ok(match pool {
+        Some(p) => {
+            let p = st.lookup_pool(Lookup::object(p))?;
+            st.lookup_volume(&p.name, vol)?
+        }
+        None => match st.lookup_volume_by_key(vol) {
+            Ok(v) => v,
+            Err(_) => st.lookup_volume_by_path(vol).map_err(|_| {
+                anyhow::anyhow!("storage volume '{vol}' not found (give --pool POOL, or the volume's key or path)")
+            })?,
+        },
+    })
+}
+
+fn format_of(text: &str) -> Result<VolFormat> {
+    match text {
+        "raw" => Ok(VolFormat::Raw),
+        "qcow2" => Ok(VolFormat::Qcow2),
+        other => bail!("format '{other}' is not one of raw, qcow2"),
+    }
+}
+
+fn size(text: &str) -> Result<u64> {
+    crate::size::parse(text, 1).map_err(anyhow::Error::msg)
+}
+
+pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
+    let st = conn.storage();
+    Ok(match command {
+        Command::VolList(a) => {
+            let pool_text = a.pool_opt.as_deref().or(a.pool.as_deref()).unwrap_or_default();
+            let pool = st.lookup_pool(Lookup::object(pool_text))?;
+            let mut table = if a.details {
+                Table::new(&["Name", "Path", "Type", "Capacity", "Allocation"])
+            } else {
+                Table::new(&["Name", "Path"])
+            };
+            let mut data = Vec::new();
+            for v in st.list_volumes(&pool.name)? {
+                let i = st.volume_info(&pool.name, &v.name)?;
+                data.push(json!({"name": i.name, "pool": i.pool, "path": i.path, "key": i.key,
+                    "format": i.format, "capacity": i.capacity, "allocation": i.allocation}));
+                let mut row = vec![i.name, i.path];
+                if a.details {
+                    row.extend(["file".into(), human_bytes(i.capacity), human_bytes(i.allocation)]);
+                }
+                table.row(row);
+            }
+            Output::Table {
+                table,
+                data: data.into(),
+            }
+        }
+        Command::VolInfo(a) => {
+            let v = resolve(conn, &a.vol, a.pool.as_deref())?;
+            let i = st.volume_info(&v.pool, &v.name)?;
+            Output::Fields {
+                width: 15,
+                data: json!({"name": i.name, "pool": i.pool, "path": i.path, "key": i.key,
+                    "format": i.format, "capacity": i.capacity, "allocation": i.allocation}),
+                rows: vec![
+                    ("Name", i.name),
+                    ("Type", "file".into()),
+                    ("Format", i.format.to_string()),
+                    ("Capacity", human_bytes(i.capacity)),
+                    ("Allocation", human_bytes(i.allocation)),
+                    ("Path", i.path),
+                ],
+            }
+        }
+        Command::VolPath(a) => {
+            let v = resolve(conn, &a.vol, a.pool.as_deref())?;
+            Output::Text {
+                data: json!({"path": v.path}),
+                text: v.path,
+            }
+        }
+        Command::VolKey(a) => {
+            let v = resolve(conn, &a.vol, a.pool.as_deref())?;
+            Output::Text {
+                data: json!({"key": v.key}),
+                text: v.key,
+            }
+        }
+        Command::VolCreate(f) => {
+            let manifests = read_manifests(&f.file, "StorageVol", "define, net-define or pool-define for other kinds")?;
+            let mut lines = Vec::new();
+            for m in manifests {
+                let Manifest::StorageVol(v) = m else { continue };
+                let r = st.create_volume(&v)?;
+                lines.push(format!("Vol {} created from {}", r.name, f.file.display()));
+            }
+            Output::Message(lines.join("\n"))
+        }
+        Command::VolCreateAs(a) => {
+            let pool = st.lookup_pool(Lookup::object(&a.pool))?;
+            let capacity = size(&a.capacity)?;
+            let allocation = a.allocation.as_deref().map(size).transpose()?;
+            let vol = StorageVol::new(
+                &a.name,
+                StorageVolSpec {
+                    pool: pool.name,
+                    capacity: format_bytes(capacity),
+                    allocation: allocation.map(format_bytes),
+                    format: format_of(&a.format)?,
+                    source: None,
+                    node_name: None,
+                },
+            );
+            let r = st.create_volume(&vol)?;
+            Output::Message(format!("Vol {} created", r.name))
+        }
+        Command::VolClone(a) => {
+            let src = resolve(conn, &a.vol, a.pool.as_deref())?;
+            let info = st.volume_info(&src.pool, &src.name)?;
+            let vol = StorageVol::new(
+                &a.newname,
+                StorageVolSpec {
+                    pool: src.pool.clone(),
+                    capacity: format_bytes(info.capacity),
+                    allocation: None,
+                    format: info.format,
+                    source: Some(VolumeSource {
+                        clone: Some(CloneSource {
+                            volume: src.name.clone(),
+                            overlay: false,
+                        }),
+                        ..VolumeSource::default()
+                    }),
+                    node_name: None,
+                },
+            );
+            let r = st.create_volume(&vol)?;
+            Output::Message(format!("Vol {} cloned from {}", r.name, src.name))
+        }
+        Command::VolResize(a) => {
+            let v = resolve(conn, &a.vol, a.pool.as_deref())?;
+            let flags = ResizeFlags {
+                allocate: a.allocate,
+                delta: a.delta,
+                shrink: a.shrink,
+            };
+            st.resize_volume(&v.pool, &v.name, size(&a.capacity)?, flags)?;
+            Output::Message(format!(
+                "Size of volume '{}' successfully changed to {}",
+                v.name, a.capacity
+            ))
+        }
+        Command::VolWipe(a) => {
+            let v = resolve(conn, &a.vol, a.pool.as_deref())?;
+            st.wipe_volume(&v.pool, &v.name)?;
+            Output::Message(format!("Vol {} wiped", v.name))
+        }
+        Command::VolDelete(a) => {
+            let v = resolve(conn, &a.vol, a.pool.as_deref())?;
+            st.delete_volume(&v.pool, &v.name)?;
+            Output::Message(format!("Vol {} deleted", v.name))
+        }
+        _ => bail!("not a volume command"),
+    })
+}
