@@ -19,7 +19,12 @@ fn env_or(name: &str, default: usize) -> usize {
 }
 
 /// Runs one session; returns its wall time, or why it could not run.
-fn session(program: &str, args: &[&str], input: &[u8], expect_lines: usize) -> Result<Duration, String> {
+fn session(
+    program: &str,
+    args: &[&str],
+    input: &[u8],
+    expect_lines: usize,
+) -> Result<Duration, String> {
     let start = Instant::now();
     let mut child = Command::new(program)
         .args(args)

@@ -11,7 +11,11 @@ pub fn parse(text: &str, default_unit: u64) -> Result<u64, String> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, suffix) = t.split_at(split);
-    let bad = || format!("'{text}' is not a size (a whole number with an optional unit such as K, M, G, T, KiB, GB)");
+    let bad = || {
+        format!(
+            "'{text}' is not a size (a whole number with an optional unit such as K, M, G, T, KiB, GB)"
+        )
+    };
     if num.is_empty() {
         return Err(bad());
     }
@@ -31,7 +35,8 @@ pub fn parse(text: &str, default_unit: u64) -> Result<u64, String> {
         "PB" => 1_000_000_000_000_000,
         _ => return Err(bad()),
     };
-    n.checked_mul(unit).ok_or_else(|| format!("'{text}' is too large"))
+    n.checked_mul(unit)
+        .ok_or_else(|| format!("'{text}' is too large"))
 }
 
 #[cfg(test)]

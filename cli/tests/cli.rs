@@ -71,7 +71,10 @@ fn bad_manifest_names_the_field() {
     let out = vireo(&["define", "-f", f.to_str().expect("utf8")], None);
     assert!(!out.status.success());
     let err = text(&out.stderr);
-    assert!(err.contains("domain 'bad'") && err.contains("spec.currentMemory"), "{err}");
+    assert!(
+        err.contains("domain 'bad'") && err.contains("spec.currentMemory"),
+        "{err}"
+    );
     assert_eq!(err.lines().count(), 1, "{err}");
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -102,7 +105,10 @@ fn shell_mode_keeps_one_connection() {
     ];
     assert_eq!(stdout.lines().collect::<Vec<_>>(), expected, "{stdout}");
     assert_eq!(text(&out.stderr), "error: domain 'demo' is not paused\n");
-    assert!(!out.status.success(), "a failed line makes the session fail");
+    assert!(
+        !out.status.success(),
+        "a failed line makes the session fail"
+    );
 }
 
 #[test]
@@ -146,13 +152,24 @@ fn networks_pools_and_volumes() {
     let stderr = text(&out.stderr);
     assert!(stdout.contains("Network lab started"), "{stdout}");
     assert!(stdout.contains("Bridge:         vireo-lab0"), "{stdout}");
-    assert!(stderr.contains("error: network 'lab' is not active"), "{stderr}");
+    assert!(
+        stderr.contains("error: network 'lab' is not active"),
+        "{stderr}"
+    );
     assert!(stdout.contains("Pool images built") && stdout.contains("Pool images started"));
-    assert!(stderr.contains("error: storage volume 'big': not enough free space"), "{stderr}");
+    assert!(
+        stderr.contains("error: storage volume 'big': not enough free space"),
+        "{stderr}"
+    );
     assert!(stdout.contains("Vol copy cloned from scratch"));
-    assert!(stdout.contains(" copy      /var/lib/vireo/images/copy      file   4.00 GiB   4.00 GiB"), "{stdout}");
+    assert!(
+        stdout.contains(" copy      /var/lib/vireo/images/copy      file   4.00 GiB   4.00 GiB"),
+        "{stdout}"
+    );
     assert!(stdout.contains("Vol scratch deleted"));
-    assert!(stdout.contains("Pool images deleted") && stdout.contains("Pool images has been undefined"));
+    assert!(
+        stdout.contains("Pool images deleted") && stdout.contains("Pool images has been undefined")
+    );
     assert_eq!(stderr.lines().count(), 2, "{stderr}");
 }
 
@@ -172,7 +189,9 @@ fn same_session_as_virsh() {
             std::env::var_os("CI").is_none(),
             "virsh (libvirt-clients) is missing, and CI installs it: .ci/run is broken"
         );
-        eprintln!("SKIP same_session_as_virsh: virsh is not installed (apt-get install libvirt-clients)");
+        eprintln!(
+            "SKIP same_session_as_virsh: virsh is not installed (apt-get install libvirt-clients)"
+        );
         return;
     }
     let dir = std::env::temp_dir().join(format!("vireo-virsh-{}", std::process::id()));
@@ -222,7 +241,13 @@ fn same_session_as_virsh() {
             c.wait_with_output()
         })
         .expect("virsh runs");
-    let ours = vireo(&[], Some(&session(format!("define -f {}", example("test-domain.yaml")))));
+    let ours = vireo(
+        &[],
+        Some(&session(format!(
+            "define -f {}",
+            example("test-domain.yaml")
+        ))),
+    );
     let states = |out: &str| -> Vec<String> {
         out.lines()
             .map(str::trim)
@@ -233,13 +258,28 @@ fn same_session_as_virsh() {
     let virsh_states = states(&text(&virsh.stdout));
     let our_states = states(&text(&ours.stdout));
     // The last state query fails in both: the undefined domain is gone.
-    assert_eq!(virsh_states.len(), steps.len() - 1, "virsh: {}", text(&virsh.stdout));
+    assert_eq!(
+        virsh_states.len(),
+        steps.len() - 1,
+        "virsh: {}",
+        text(&virsh.stdout)
+    );
     assert_eq!(our_states, virsh_states, "state and reason after each step");
     // The same steps fail: virsh prints two lines per failure, we print one.
     let virsh_failures = text(&virsh.stderr).matches("error: Failed to").count()
-        + text(&virsh.stderr).matches("error: Domain is already active").count()
-        + text(&virsh.stderr).matches("error: failed to get domain").count();
+        + text(&virsh.stderr)
+            .matches("error: Domain is already active")
+            .count()
+        + text(&virsh.stderr)
+            .matches("error: failed to get domain")
+            .count();
     let our_failures = text(&ours.stderr).lines().count();
-    assert_eq!(our_failures, virsh_failures, "virsh: {}\nours: {}", text(&virsh.stderr), text(&ours.stderr));
+    assert_eq!(
+        our_failures,
+        virsh_failures,
+        "virsh: {}\nours: {}",
+        text(&virsh.stderr),
+        text(&ours.stderr)
+    );
     let _ = std::fs::remove_dir_all(dir);
 }

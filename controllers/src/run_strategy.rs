@@ -72,44 +72,120 @@ mod tests {
     #[test]
     fn always_restarts_whatever_stopped_it() {
         for reason in [R::Shutdown, R::Destroyed, R::Crashed] {
-            assert_eq!(d(RunStrategy::Always, S::Shutoff, reason, STARTED), Action::Start);
+            assert_eq!(
+                d(RunStrategy::Always, S::Shutoff, reason, STARTED),
+                Action::Start
+            );
         }
-        assert_eq!(d(RunStrategy::Always, S::Running, R::Booted, STARTED), Action::Nothing);
+        assert_eq!(
+            d(RunStrategy::Always, S::Running, R::Booted, STARTED),
+            Action::Nothing
+        );
     }
 
     #[test]
     fn rerun_on_failure_restarts_only_after_a_crash() {
-        assert_eq!(d(RunStrategy::RerunOnFailure, S::Shutoff, R::Unknown, History::default()), Action::Start);
-        assert_eq!(d(RunStrategy::RerunOnFailure, S::Shutoff, R::Crashed, STARTED), Action::Start);
+        assert_eq!(
+            d(
+                RunStrategy::RerunOnFailure,
+                S::Shutoff,
+                R::Unknown,
+                History::default()
+            ),
+            Action::Start
+        );
+        assert_eq!(
+            d(RunStrategy::RerunOnFailure, S::Shutoff, R::Crashed, STARTED),
+            Action::Start
+        );
         // A crashed guest kept for inspection (onCrash: preserve) is still active: left alone.
-        assert_eq!(d(RunStrategy::RerunOnFailure, S::Crashed, R::Panicked, STARTED), Action::Nothing);
-        assert_eq!(d(RunStrategy::RerunOnFailure, S::Shutoff, R::Shutdown, STARTED), Action::Nothing);
+        assert_eq!(
+            d(
+                RunStrategy::RerunOnFailure,
+                S::Crashed,
+                R::Panicked,
+                STARTED
+            ),
+            Action::Nothing
+        );
+        assert_eq!(
+            d(
+                RunStrategy::RerunOnFailure,
+                S::Shutoff,
+                R::Shutdown,
+                STARTED
+            ),
+            Action::Nothing
+        );
     }
 
     #[test]
     fn once_never_restarts() {
-        assert_eq!(d(RunStrategy::Once, S::Shutoff, R::Unknown, History::default()), Action::Start);
-        assert_eq!(d(RunStrategy::Once, S::Shutoff, R::Crashed, STARTED), Action::Nothing);
+        assert_eq!(
+            d(
+                RunStrategy::Once,
+                S::Shutoff,
+                R::Unknown,
+                History::default()
+            ),
+            Action::Start
+        );
+        assert_eq!(
+            d(RunStrategy::Once, S::Shutoff, R::Crashed, STARTED),
+            Action::Nothing
+        );
     }
 
     #[test]
     fn halted_stops_and_manual_leaves_alone() {
-        assert_eq!(d(RunStrategy::Halted, S::Running, R::Booted, STARTED), Action::Stop);
-        assert_eq!(d(RunStrategy::Halted, S::Paused, R::User, STARTED), Action::Stop);
-        assert_eq!(d(RunStrategy::Halted, S::Shutoff, R::Shutdown, STARTED), Action::Nothing);
-        assert_eq!(d(RunStrategy::Manual, S::Shutoff, R::Crashed, History::default()), Action::Nothing);
-        assert_eq!(d(RunStrategy::Manual, S::Running, R::Booted, STARTED), Action::Nothing);
+        assert_eq!(
+            d(RunStrategy::Halted, S::Running, R::Booted, STARTED),
+            Action::Stop
+        );
+        assert_eq!(
+            d(RunStrategy::Halted, S::Paused, R::User, STARTED),
+            Action::Stop
+        );
+        assert_eq!(
+            d(RunStrategy::Halted, S::Shutoff, R::Shutdown, STARTED),
+            Action::Nothing
+        );
+        assert_eq!(
+            d(
+                RunStrategy::Manual,
+                S::Shutoff,
+                R::Crashed,
+                History::default()
+            ),
+            Action::Nothing
+        );
+        assert_eq!(
+            d(RunStrategy::Manual, S::Running, R::Booted, STARTED),
+            Action::Nothing
+        );
     }
 
     #[test]
     fn unknown_host_starts_nothing() {
-        assert_eq!(d(RunStrategy::Always, S::Unknown, R::Unknown, STARTED), Action::Nothing);
+        assert_eq!(
+            d(RunStrategy::Always, S::Unknown, R::Unknown, STARTED),
+            Action::Nothing
+        );
     }
 
     #[test]
     fn on_crash_restart_applies_to_once() {
-        let lc = Lifecycle { on_crash: LifecycleAction::Restart, ..Lifecycle::default() };
-        assert_eq!(decide(RunStrategy::Once, &lc, S::Shutoff, R::Crashed, STARTED), Action::Start);
-        assert_eq!(decide(RunStrategy::Once, &lc, S::Shutoff, R::Shutdown, STARTED), Action::Nothing);
+        let lc = Lifecycle {
+            on_crash: LifecycleAction::Restart,
+            ..Lifecycle::default()
+        };
+        assert_eq!(
+            decide(RunStrategy::Once, &lc, S::Shutoff, R::Crashed, STARTED),
+            Action::Start
+        );
+        assert_eq!(
+            decide(RunStrategy::Once, &lc, S::Shutoff, R::Shutdown, STARTED),
+            Action::Nothing
+        );
     }
 }

@@ -26,7 +26,9 @@ pub enum ManifestError {
     },
     #[error("document {index}: apiVersion is '{found}', expected '{API_VERSION}'")]
     ApiVersion { index: usize, found: String },
-    #[error("document {index}: kind '{found}' is not a Vireo kind (Domain, Network, StoragePool, StorageVol, Host)")]
+    #[error(
+        "document {index}: kind '{found}' is not a Vireo kind (Domain, Network, StoragePool, StorageVol, Host)"
+    )]
     Kind { index: usize, found: String },
     #[error("document {index} ({kind} '{name}'): {source}")]
     Invalid {
@@ -168,8 +170,9 @@ spec: {forwardMode: isolated}
             .expect_err("not ours");
         assert!(err.to_string().contains("apiVersion is 'v1'"), "{err}");
 
-        let err = Manifest::parse_all("apiVersion: vireo.dev/v1alpha1\nkind: Pod\nmetadata: {name: p}\n")
-            .expect_err("not ours");
+        let err =
+            Manifest::parse_all("apiVersion: vireo.dev/v1alpha1\nkind: Pod\nmetadata: {name: p}\n")
+                .expect_err("not ours");
         assert!(err.to_string().contains("kind 'Pod'"), "{err}");
 
         let err = Manifest::parse_all("apiVersion: vireo.dev/v1alpha1\nkind: Domain\nspec: {}\n")

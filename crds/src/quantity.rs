@@ -9,7 +9,9 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 /// Why a quantity could not be read as a byte count.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum QuantityError {
-    #[error("'{0}' is not a quantity (expected a number with an optional suffix such as Ki, Mi, Gi, Ti, k, M, G, T)")]
+    #[error(
+        "'{0}' is not a quantity (expected a number with an optional suffix such as Ki, Mi, Gi, Ti, k, M, G, T)"
+    )]
     Syntax(String),
     #[error("'{0}' is negative; a size must not be")]
     Negative(String),
@@ -117,7 +119,7 @@ pub fn format_bytes(bytes: u64) -> Quantity {
     if bytes != 0 {
         for (suffix, shift) in SUFFIXES {
             let unit = 1u64 << shift;
-            if bytes % unit == 0 {
+            if bytes.is_multiple_of(unit) {
                 return Quantity(format!("{}{}", bytes / unit, suffix));
             }
         }
@@ -160,8 +162,14 @@ mod tests {
         assert!(matches!(parse_str("12XB"), Err(QuantityError::Syntax(_))));
         assert!(matches!(parse_str("1.2.3"), Err(QuantityError::Syntax(_))));
         assert!(matches!(parse_str("-1Gi"), Err(QuantityError::Negative(_))));
-        assert!(matches!(parse_str("1.0000001"), Err(QuantityError::Fraction(_))));
-        assert!(matches!(parse_str("100Ei"), Err(QuantityError::Overflow(_))));
+        assert!(matches!(
+            parse_str("1.0000001"),
+            Err(QuantityError::Fraction(_))
+        ));
+        assert!(matches!(
+            parse_str("100Ei"),
+            Err(QuantityError::Overflow(_))
+        ));
         assert!(matches!(
             parse_str("99999999999999999999999999999999999999999"),
             Err(QuantityError::Overflow(_))

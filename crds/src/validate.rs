@@ -65,9 +65,8 @@ pub fn is_unicast_mac(mac: &str) -> bool {
 
 fn check_uuid(field: &str, uuid: &Option<String>) -> Result<(), ValidationError> {
     if let Some(u) = uuid {
-        uuid::Uuid::parse_str(u).map_err(|_| {
-            ValidationError::new(field, format!("'{u}' is not an RFC 4122 UUID"))
-        })?;
+        uuid::Uuid::parse_str(u)
+            .map_err(|_| ValidationError::new(field, format!("'{u}' is not an RFC 4122 UUID")))?;
     }
     Ok(())
 }
@@ -102,14 +101,13 @@ impl Validate for DomainSpec {
                 format!("must be between 1 and {MAX_VCPUS}"),
             ));
         }
-        if let Some(max) = self.max_vcpus {
-            if max < self.vcpus || max > MAX_VCPUS {
+        if let Some(max) = self.max_vcpus
+            && (max < self.vcpus || max > MAX_VCPUS) {
                 return Err(ValidationError::new(
                     "spec.maxVcpus",
                     format!("must be between spec.vcpus and {MAX_VCPUS}"),
                 ));
             }
-        }
         let mut names = HashSet::new();
         for (i, disk) in self.devices.disks.iter().enumerate() {
             if !is_disk_name(&disk.name) {
@@ -151,14 +149,13 @@ impl Validate for DomainSpec {
                     "must name a Network",
                 ));
             }
-            if let Some(mac) = &nic.mac {
-                if !is_unicast_mac(mac) {
+            if let Some(mac) = &nic.mac
+                && !is_unicast_mac(mac) {
                     return Err(ValidationError::new(
                         format!("spec.devices.interfaces[{i}].mac"),
                         format!("'{mac}' is not a unicast MAC address"),
                     ));
                 }
-            }
         }
         Ok(())
     }
@@ -172,14 +169,15 @@ fn parse_ip(field: &str, s: &str) -> Result<Ipv4Addr, ValidationError> {
 impl Validate for NetworkSpec {
     fn validate(&self) -> Result<(), ValidationError> {
         check_uuid("spec.uuid", &self.uuid)?;
-        if let Some(bridge) = &self.bridge {
-            if !is_device_name(bridge) {
+        if let Some(bridge) = &self.bridge
+            && !is_device_name(bridge) {
                 return Err(ValidationError::new(
                     "spec.bridge",
-                    format!("'{bridge}' is not a valid device name (at most 15 characters, no '/', ':' or spaces)"),
+                    format!(
+                        "'{bridge}' is not a valid device name (at most 15 characters, no '/', ':' or spaces)"
+                    ),
                 ));
             }
-        }
         if self.forward_mode == crate::ForwardMode::Bridge && self.bridge.is_none() {
             return Err(ValidationError::new(
                 "spec.bridge",
@@ -189,7 +187,10 @@ impl Validate for NetworkSpec {
         let Some(ip) = &self.ip else { return Ok(()) };
         let address = parse_ip("spec.ip.address", &ip.address)?;
         if ip.prefix == 0 || ip.prefix > 30 {
-            return Err(ValidationError::new("spec.ip.prefix", "must be between 1 and 30"));
+            return Err(ValidationError::new(
+                "spec.ip.prefix",
+                "must be between 1 and 30",
+            ));
         }
         let mask = u32::MAX << (32 - u32::from(ip.prefix));
         let net = u32::from(address) & mask;
@@ -202,7 +203,11 @@ impl Validate for NetworkSpec {
                 if !inside(a) {
                     return Err(ValidationError::new(
                         format!("spec.ip.dhcp.ranges[{i}].{which}"),
-                        format!("{a} is outside the network {}/{}", Ipv4Addr::from(net), ip.prefix),
+                        format!(
+                            "{a} is outside the network {}/{}",
+                            Ipv4Addr::from(net),
+                            ip.prefix
+                        ),
                     ));
                 }
             }
@@ -218,7 +223,11 @@ impl Validate for NetworkSpec {
             if !inside(a) {
                 return Err(ValidationError::new(
                     format!("spec.ip.dhcp.hosts[{i}].ip"),
-                    format!("{a} is outside the network {}/{}", Ipv4Addr::from(net), ip.prefix),
+                    format!(
+                        "{a} is outside the network {}/{}",
+                        Ipv4Addr::from(net),
+                        ip.prefix
+                    ),
                 ));
             }
             if !is_unicast_mac(&host.mac) {
@@ -325,8 +334,16 @@ mod tests {
         assert_eq!(field_of(d.validate()), "spec.uuid");
         let mut d = domain();
         d.devices.disks = vec![
-            Disk { name: "vda".into(), volume: "a".into(), read_only: false },
-            Disk { name: "sda".into(), volume: "b".into(), read_only: false },
+            Disk {
+                name: "vda".into(),
+                volume: "a".into(),
+                read_only: false,
+            },
+            Disk {
+                name: "sda".into(),
+                volume: "b".into(),
+                read_only: false,
+            },
         ];
         assert_eq!(field_of(d.validate()), "spec.devices.disks[1].name");
     }
@@ -341,7 +358,10 @@ mod tests {
                 address: "10.0.0.1".into(),
                 prefix: 24,
                 dhcp: Some(DhcpSpec {
-                    ranges: vec![DhcpRange { start: "10.0.0.2".into(), end: "10.0.0.254".into() }],
+                    ranges: vec![DhcpRange {
+                        start: "10.0.0.2".into(),
+                        end: "10.0.0.254".into(),
+                    }],
                     hosts: vec![],
                 }),
             }),
@@ -350,11 +370,10 @@ mod tests {
             node_selector: None,
         };
         assert_eq!(n.validate(), Ok(()));
-        if let Some(ip) = n.ip.as_mut() {
-            if let Some(d) = ip.dhcp.as_mut() {
+        if let Some(ip) = n.ip.as_mut()
+            && let Some(d) = ip.dhcp.as_mut() {
                 d.ranges[0].end = "10.0.1.3".into();
             }
-        }
         assert_eq!(field_of(n.validate()), "spec.ip.dhcp.ranges[0].end");
         n.bridge = Some("a-name-that-is-far-too-long".into());
         assert_eq!(field_of(n.validate()), "spec.bridge");
@@ -362,8 +381,21 @@ mod tests {
 
     #[test]
     fn names_and_macs() {
-        assert!(is_disk_name("vda") && is_disk_name("vdaa") && !is_disk_name("vd") && !is_disk_name("hda"));
-        assert!(is_device_name("virbr0") && !is_device_name("a/b") && !is_device_name("0123456789abcdef"));
-        assert!(is_unicast_mac("52:54:00:ab:cd:ef") && !is_unicast_mac("01:00:5e:00:00:01") && !is_unicast_mac("52:54:00"));
+        assert!(
+            is_disk_name("vda")
+                && is_disk_name("vdaa")
+                && !is_disk_name("vd")
+                && !is_disk_name("hda")
+        );
+        assert!(
+            is_device_name("virbr0")
+                && !is_device_name("a/b")
+                && !is_device_name("0123456789abcdef")
+        );
+        assert!(
+            is_unicast_mac("52:54:00:ab:cd:ef")
+                && !is_unicast_mac("01:00:5e:00:00:01")
+                && !is_unicast_mac("52:54:00")
+        );
     }
 }

@@ -82,12 +82,7 @@ pub fn open(uri: &str) -> Result<Connection> {
                 crate::test::TestDriver::from_file(Path::new(&path)).map_err(|e| fail(&e))?
             };
             let driver = Arc::new(driver);
-            Ok(Connection::new(
-                uri,
-                driver.clone(),
-                driver.clone(),
-                driver,
-            ))
+            Ok(Connection::new(uri, driver.clone(), driver.clone(), driver))
         }
         "kvm" | "qemu" | "vireo+unix" => Err(fail(&format!(
             "the {scheme} driver is not part of this build yet"

@@ -65,19 +65,31 @@ impl Error {
     pub fn not_found(kind: ObjectKind, name: impl Into<String>) -> Self {
         Self::NotFound(ObjectName::new(kind, name))
     }
-    pub fn invalid_state(kind: ObjectKind, name: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn invalid_state(
+        kind: ObjectKind,
+        name: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
         Self::InvalidState {
             object: ObjectName::new(kind, name),
             message: message.into(),
         }
     }
-    pub fn invalid_argument(kind: ObjectKind, name: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn invalid_argument(
+        kind: ObjectKind,
+        name: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
         Self::InvalidArgument {
             object: ObjectName::new(kind, name),
             message: message.into(),
         }
     }
-    pub fn already_exists(kind: ObjectKind, name: impl Into<String>, detail: impl Into<String>) -> Self {
+    pub fn already_exists(
+        kind: ObjectKind,
+        name: impl Into<String>,
+        detail: impl Into<String>,
+    ) -> Self {
         Self::AlreadyExists {
             object: ObjectName::new(kind, name),
             detail: detail.into(),

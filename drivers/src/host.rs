@@ -79,7 +79,10 @@ mod tests {
                    processor\t: 2\nphysical id\t: 0\ncore id\t\t: 1\n\nprocessor\t: 3\nphysical id\t: 0\ncore id\t\t: 1\n";
         let mem = "MemTotal:       24576000 kB\nMemFree: 1 kB\n";
         let n = parse(cpu, mem);
-        assert_eq!((n.cpus, n.sockets, n.cores, n.threads, n.mhz), (4, 1, 2, 2, 2400));
+        assert_eq!(
+            (n.cpus, n.sockets, n.cores, n.threads, n.mhz),
+            (4, 1, 2, 2, 2400)
+        );
         assert_eq!(n.cpu_model, "Test CPU");
         assert_eq!(n.memory_bytes, 24576000 * 1024);
     }

@@ -120,7 +120,13 @@ pub trait StorageDriver: Send + Sync {
     /// Creates a volume in `spec.pool` from its source (blank or a clone).
     fn create_volume(&self, volume: &StorageVol) -> Result<VolRef>;
     /// Changes the capacity; refused past the pool's free space.
-    fn resize_volume(&self, pool: &str, name: &str, capacity: u64, flags: ResizeFlags) -> Result<()>;
+    fn resize_volume(
+        &self,
+        pool: &str,
+        name: &str,
+        capacity: u64,
+        flags: ResizeFlags,
+    ) -> Result<()>;
     /// Overwrites the content with zeros.
     fn wipe_volume(&self, pool: &str, name: &str) -> Result<()>;
     fn delete_volume(&self, pool: &str, name: &str) -> Result<()>;

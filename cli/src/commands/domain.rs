@@ -130,7 +130,11 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
                     hv.define_domain(&d)?
                 };
                 let verb = if transient { "created" } else { "defined" };
-                lines.push(format!("Domain '{}' {verb} from {}", r.name, f.file.display()));
+                lines.push(format!(
+                    "Domain '{}' {verb} from {}",
+                    r.name,
+                    f.file.display()
+                ));
             }
             Output::Message(lines.join("\n"))
         }

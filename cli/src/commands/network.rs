@@ -59,7 +59,11 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
         }
         Command::NetDefine(f) | Command::NetCreate(f) => {
             let transient = matches!(command, Command::NetCreate(_));
-            let manifests = read_manifests(&f.file, "Network", "define, pool-define or vol-create for other kinds")?;
+            let manifests = read_manifests(
+                &f.file,
+                "Network",
+                "define, pool-define or vol-create for other kinds",
+            )?;
             let mut lines = Vec::new();
             for m in manifests {
                 let Manifest::Network(n) = m else { continue };
@@ -69,7 +73,11 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
                     net.define_network(&n)?
                 };
                 let verb = if transient { "created" } else { "defined" };
-                lines.push(format!("Network {} {verb} from {}", r.name, f.file.display()));
+                lines.push(format!(
+                    "Network {} {verb} from {}",
+                    r.name,
+                    f.file.display()
+                ));
             }
             Output::Message(lines.join("\n"))
         }

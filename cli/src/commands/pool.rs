@@ -83,10 +83,16 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
         }
         Command::PoolDefine(f) | Command::PoolCreate(f) => {
             let transient = matches!(command, Command::PoolCreate(_));
-            let manifests = read_manifests(&f.file, "StoragePool", "define, net-define or vol-create for other kinds")?;
+            let manifests = read_manifests(
+                &f.file,
+                "StoragePool",
+                "define, net-define or vol-create for other kinds",
+            )?;
             let mut lines = Vec::new();
             for m in manifests {
-                let Manifest::StoragePool(p) = m else { continue };
+                let Manifest::StoragePool(p) = m else {
+                    continue;
+                };
                 let r = if transient {
                     st.create_pool(&p)?
                 } else {

@@ -43,7 +43,11 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
     let st = conn.storage();
     Ok(match command {
         Command::VolList(a) => {
-            let pool_text = a.pool_opt.as_deref().or(a.pool.as_deref()).unwrap_or_default();
+            let pool_text = a
+                .pool_opt
+                .as_deref()
+                .or(a.pool.as_deref())
+                .unwrap_or_default();
             let pool = st.lookup_pool(Lookup::object(pool_text))?;
             let mut table = if a.details {
                 Table::new(&["Name", "Path", "Type", "Capacity", "Allocation"])
@@ -53,11 +57,17 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
             let mut data = Vec::new();
             for v in st.list_volumes(&pool.name)? {
                 let i = st.volume_info(&pool.name, &v.name)?;
-                data.push(json!({"name": i.name, "pool": i.pool, "path": i.path, "key": i.key,
-                    "format": i.format, "capacity": i.capacity, "allocation": i.allocation}));
+                data.push(
+                    json!({"name": i.name, "pool": i.pool, "path": i.path, "key": i.key,
+                    "format": i.format, "capacity": i.capacity, "allocation": i.allocation}),
+                );
                 let mut row = vec![i.name, i.path];
                 if a.details {
-                    row.extend(["file".into(), human_bytes(i.capacity), human_bytes(i.allocation)]);
+                    row.extend([
+                        "file".into(),
+                        human_bytes(i.capacity),
+                        human_bytes(i.allocation),
+                    ]);
                 }
                 table.row(row);
             }
@@ -98,7 +108,11 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
             }
         }
         Command::VolCreate(f) => {
-            let manifests = read_manifests(&f.file, "StorageVol", "define, net-define or pool-define for other kinds")?;
+            let manifests = read_manifests(
+                &f.file,
+                "StorageVol",
+                "define, net-define or pool-define for other kinds",
+            )?;
             let mut lines = Vec::new();
             for m in manifests {
                 let Manifest::StorageVol(v) = m else { continue };

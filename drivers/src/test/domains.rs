@@ -343,7 +343,11 @@ impl HypervisorDriver for TestDriver {
         let mut st = self.lock();
         let obj = st.domain_mut(name)?;
         if bytes == 0 {
-            return Err(Error::invalid_argument(KIND, name, "memory must be greater than zero"));
+            return Err(Error::invalid_argument(
+                KIND,
+                name,
+                "memory must be greater than zero",
+            ));
         }
         if bytes > obj.max_memory {
             return Err(Error::invalid_argument(
@@ -416,7 +420,11 @@ impl HypervisorDriver for TestDriver {
         let mut st = self.lock();
         let obj = st.domain_mut(name)?;
         if !obj.persistent {
-            return Err(Error::invalid_state(KIND, name, "is transient: there is no definition to undefine"));
+            return Err(Error::invalid_state(
+                KIND,
+                name,
+                "is transient: there is no definition to undefine",
+            ));
         }
         if obj.is_active() {
             obj.persistent = false;

@@ -48,13 +48,21 @@ impl State {
         let existing = self.networks.get(&name);
         let uuid = match (&network.spec.uuid, existing) {
             (Some(u), Some(obj)) if !u.eq_ignore_ascii_case(&obj.uuid) => {
-                return Err(Error::already_exists(KIND, &name, format!(" with uuid {}", obj.uuid)));
+                return Err(Error::already_exists(
+                    KIND,
+                    &name,
+                    format!(" with uuid {}", obj.uuid),
+                ));
             }
             (Some(u), _) => u.to_ascii_lowercase(),
             (None, Some(obj)) => obj.uuid.clone(),
             (None, None) => uuid::Uuid::new_v4().to_string(),
         };
-        if let Some(other) = self.networks.values().find(|o| o.uuid == uuid && o.name() != name) {
+        if let Some(other) = self
+            .networks
+            .values()
+            .find(|o| o.uuid == uuid && o.name() != name)
+        {
             return Err(Error::already_exists(
                 KIND,
                 other.name(),
@@ -77,7 +85,10 @@ impl State {
             return Err(Error::invalid_argument(
                 KIND,
                 &name,
-                format!("spec.bridge: bridge '{bridge}' is already used by network '{}'", other.name()),
+                format!(
+                    "spec.bridge: bridge '{bridge}' is already used by network '{}'",
+                    other.name()
+                ),
             ));
         }
         def.spec.bridge = Some(bridge);
@@ -212,7 +223,11 @@ impl NetworkDriver for TestDriver {
         let mut st = self.lock();
         let obj = st.network_mut(name)?;
         if !obj.persistent {
-            return Err(Error::invalid_state(KIND, name, "is transient: there is no definition to undefine"));
+            return Err(Error::invalid_state(
+                KIND,
+                name,
+                "is transient: there is no definition to undefine",
+            ));
         }
         if obj.active {
             obj.persistent = false;

@@ -51,7 +51,12 @@ fn load_one(st: &mut State, m: Manifest) -> Result<(), Error> {
                 }
                 "shutoff" => {}
                 other => {
-                    return Err(bad_state(ObjectKind::Domain, &r.name, other, "running, paused, shutoff"));
+                    return Err(bad_state(
+                        ObjectKind::Domain,
+                        &r.name,
+                        other,
+                        "running, paused, shutoff",
+                    ));
                 }
             }
         }
@@ -60,7 +65,14 @@ fn load_one(st: &mut State, m: Manifest) -> Result<(), Error> {
             match annotation(&n.metadata, STATE_ANNOTATION).unwrap_or("active") {
                 "active" => st.start_network(&r.name)?,
                 "inactive" => {}
-                other => return Err(bad_state(ObjectKind::Network, &r.name, other, "active, inactive")),
+                other => {
+                    return Err(bad_state(
+                        ObjectKind::Network,
+                        &r.name,
+                        other,
+                        "active, inactive",
+                    ));
+                }
             }
         }
         Manifest::StoragePool(p) => {
@@ -69,7 +81,12 @@ fn load_one(st: &mut State, m: Manifest) -> Result<(), Error> {
                 "active" => st.start_pool(&r.name)?,
                 "inactive" => {}
                 other => {
-                    return Err(bad_state(ObjectKind::StoragePool, &r.name, other, "active, inactive"));
+                    return Err(bad_state(
+                        ObjectKind::StoragePool,
+                        &r.name,
+                        other,
+                        "active, inactive",
+                    ));
                 }
             }
         }
@@ -149,6 +166,9 @@ spec: {forwardMode: isolated}
         let err = d
             .load("apiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {name: a, annotations: {test.vireo.dev/state: flying}}\nspec: {type: test, memory: 1Gi, vcpus: 1}\n")
             .expect_err("refused");
-        assert!(err.contains("domain 'a'") && err.contains("flying"), "{err}");
+        assert!(
+            err.contains("domain 'a'") && err.contains("flying"),
+            "{err}"
+        );
     }
 }

@@ -39,7 +39,9 @@ impl PoolObj {
 
 impl State {
     fn pool(&self, name: &str) -> Result<&PoolObj> {
-        self.pools.get(name).ok_or_else(|| Error::not_found(POOL, name))
+        self.pools
+            .get(name)
+            .ok_or_else(|| Error::not_found(POOL, name))
     }
 
     fn pool_mut(&mut self, name: &str) -> Result<&mut PoolObj> {
@@ -81,24 +83,39 @@ impl State {
             .and_then(|a| a.get(CAPACITY_ANNOTATION))
         {
             Some(text) => parse_str(text).map_err(|e| {
-                Error::invalid_argument(POOL, &name, format!("annotation {CAPACITY_ANNOTATION}: {e}"))
+                Error::invalid_argument(
+                    POOL,
+                    &name,
+                    format!("annotation {CAPACITY_ANNOTATION}: {e}"),
+                )
             })?,
             None => DEFAULT_CAPACITY,
         };
         let existing = self.pools.get(&name);
         let uuid = match (&pool.spec.uuid, existing) {
             (Some(u), Some(obj)) if !u.eq_ignore_ascii_case(&obj.uuid) => {
-                return Err(Error::already_exists(POOL, &name, format!(" with uuid {}", obj.uuid)));
+                return Err(Error::already_exists(
+                    POOL,
+                    &name,
+                    format!(" with uuid {}", obj.uuid),
+                ));
             }
             (Some(u), _) => u.to_ascii_lowercase(),
             (None, Some(obj)) => obj.uuid.clone(),
             (None, None) => uuid::Uuid::new_v4().to_string(),
         };
-        if let Some(other) = self.pools.values().find(|o| o.name() != name && (o.uuid == uuid || o.def.spec.path == pool.spec.path)) {
+        if let Some(other) = self
+            .pools
+            .values()
+            .find(|o| o.name() != name && (o.uuid == uuid || o.def.spec.path == pool.spec.path))
+        {
             return Err(Error::already_exists(
                 POOL,
                 other.name(),
-                format!(" with uuid {} and path {}; '{name}' cannot take either", other.uuid, other.def.spec.path),
+                format!(
+                    " with uuid {} and path {}; '{name}' cannot take either",
+                    other.uuid, other.def.spec.path
+                ),
             ));
         }
         let mut def = pool.clone();
@@ -148,14 +165,22 @@ impl State {
             .filter(|n| !n.is_empty())
             .ok_or_else(|| Error::invalid_argument(VOL, "", "metadata.name is required"))?;
         if name.contains('/') || name == "." || name == ".." {
-            return Err(Error::invalid_argument(VOL, &name, "metadata.name must be a file name"));
+            return Err(Error::invalid_argument(
+                VOL,
+                &name,
+                "metadata.name must be a file name",
+            ));
         }
         let spec = &volume.spec;
         spec.validate()
             .map_err(|e| Error::invalid_argument(VOL, &name, e.to_string()))?;
         let pool = self.active_pool_mut(&spec.pool)?;
         if pool.volumes.contains_key(&name) {
-            return Err(Error::already_exists(VOL, &name, format!(" in storage pool '{}'", spec.pool)));
+            return Err(Error::already_exists(
+                VOL,
+                &name,
+                format!(" in storage pool '{}'", spec.pool),
+            ));
         }
         let capacity = parse_quantity(&spec.capacity).unwrap_or(0);
         let mut allocation = match &spec.allocation {
@@ -292,10 +317,8 @@ impl StorageDriver for TestDriver {
         }
         let existed = st.pools.contains_key(&name);
         let r = st.define_pool(pool)?;
-        if !existed {
-            if let Some(p) = st.pools.get_mut(&r.name) {
-                p.persistent = false;
-            }
+        if !existed && let Some(p) = st.pools.get_mut(&r.name) {
+            p.persistent = false;
         }
         st.start_pool(&r.name)?;
         Ok(r)
@@ -408,7 +431,10 @@ impl StorageDriver for TestDriver {
     fn volume_info(&self, pool: &str, name: &str) -> Result<VolInfo> {
         let st = self.lock();
         let p = st.active_pool(pool)?;
-        let v = p.volumes.get(name).ok_or_else(|| Error::not_found(VOL, name))?;
+        let v = p
+            .volumes
+            .get(name)
+            .ok_or_else(|| Error::not_found(VOL, name))?;
         let path = p.vol_path(name);
         Ok(VolInfo {
             name: name.to_string(),
@@ -425,11 +451,20 @@ impl StorageDriver for TestDriver {
         self.lock().create_volume(volume)
     }
 
-    fn resize_volume(&self, pool: &str, name: &str, capacity: u64, flags: ResizeFlags) -> Result<()> {
+    fn resize_volume(
+        &self,
+        pool: &str,
+        name: &str,
+        capacity: u64,
+        flags: ResizeFlags,
+    ) -> Result<()> {
         let mut st = self.lock();
         let p = st.active_pool_mut(pool)?;
         let available = p.available();
-        let v = p.volumes.get_mut(name).ok_or_else(|| Error::not_found(VOL, name))?;
+        let v = p
+            .volumes
+            .get_mut(name)
+            .ok_or_else(|| Error::not_found(VOL, name))?;
         let new = if flags.delta {
             v.capacity.checked_add(capacity).ok_or_else(|| {
                 Error::invalid_argument(VOL, name, "the new capacity is too large")
@@ -438,7 +473,11 @@ impl StorageDriver for TestDriver {
             capacity
         };
         if new == 0 {
-            return Err(Error::invalid_argument(VOL, name, "capacity must be greater than zero"));
+            return Err(Error::invalid_argument(
+                VOL,
+                name,
+                "capacity must be greater than zero",
+            ));
         }
         if new < v.capacity && !flags.shrink {
             return Err(Error::invalid_argument(
@@ -455,7 +494,10 @@ impl StorageDriver for TestDriver {
             return Err(Error::invalid_argument(
                 VOL,
                 name,
-                format!("cannot shrink below the allocation of {}", human(v.allocation)),
+                format!(
+                    "cannot shrink below the allocation of {}",
+                    human(v.allocation)
+                ),
             ));
         }
         if new > v.allocation.saturating_add(available) {
@@ -480,7 +522,9 @@ impl StorageDriver for TestDriver {
     fn wipe_volume(&self, pool: &str, name: &str) -> Result<()> {
         let st = self.lock();
         let p = st.active_pool(pool)?;
-        p.volumes.get(name).ok_or_else(|| Error::not_found(VOL, name))?;
+        p.volumes
+            .get(name)
+            .ok_or_else(|| Error::not_found(VOL, name))?;
         Ok(())
     }
 
