@@ -50,7 +50,13 @@ struct Cli {
 
 /// One line of shell mode: a command, with an optional `-o`.
 #[derive(Parser)]
-#[command(name = "vireo", no_binary_name = true, disable_version_flag = true)]
+#[command(
+    name = "vireo",
+    no_binary_name = true,
+    disable_version_flag = true,
+    about = "vireo shell: one command a line, as on the command line without 'vireo'; 'quit' leaves",
+    long_about = None
+)]
 struct ShellLine {
     #[arg(short = 'o', long = "output", value_enum, global = true)]
     output: Option<Format>,
@@ -106,6 +112,18 @@ fn run_one(
             false
         }
     }
+}
+
+/// clap's message without its usage and tip lines, on one line.
+fn one_line(message: &str) -> String {
+    let text = message
+        .lines()
+        .take_while(|l| !l.starts_with("Usage:") && !l.trim_start().starts_with("tip:"))
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    text.trim_start_matches("error: ").to_string()
 }
 
 /// Shell mode: commands from standard input in one connection.
@@ -168,14 +186,7 @@ fn shell(conn: &vireo_drivers::Connection, default_format: Format) -> ExitCode {
                         let _ = write!(out, "{}", e.render());
                     }
                     _ => {
-                        // clap's message, on one line.
-                        let msg = e.render().to_string();
-                        let first = msg
-                            .lines()
-                            .next()
-                            .unwrap_or("invalid command")
-                            .trim_start_matches("error: ");
-                        eprintln!("error: {first}");
+                        eprintln!("error: {}", one_line(&e.render().to_string()));
                         failed = true;
                     }
                 }
