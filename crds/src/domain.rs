@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -13,7 +13,7 @@ use crate::common::{Condition, is_false};
 /// A virtual machine. `kubectl apply` of a Domain *defines* it; whether it
 /// should run is [`DomainSpec::run_strategy`]; what runs is [`DomainStatus`],
 /// written by the agent of the node it is bound to.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "vireo.dev",
     version = "v1alpha1",
@@ -22,8 +22,20 @@ use crate::common::{Condition, is_false};
     status = "DomainStatus",
     shortname = "dom",
     shortname = "vm",
-    category = "vireo"
+    category = "vireo",
+    printcolumn = r#"{"name":"ID","type":"integer","jsonPath":".status.id"}"#,
+    printcolumn = r#"{"name":"State","type":"string","jsonPath":".status.info.state"}"#,
+    printcolumn = r#"{"name":"Node","type":"string","jsonPath":".status.nodeName"}"#,
+    printcolumn = r#"{"name":"VCPUs","type":"integer","jsonPath":".spec.vcpus"}"#,
+    printcolumn = r#"{"name":"Memory","type":"string","jsonPath":".spec.memory"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.info.reason","priority":1}"#,
+    printcolumn = r#"{"name":"UUID","type":"string","jsonPath":".spec.uuid","priority":1}"#
 )]
+#[x_kube(validation = Rule::new("isQuantity(string(self.memory)) && quantity(string(self.memory)).sign() > 0").message("spec.memory must be a size above zero, such as 512Mi").field_path(".memory"))]
+#[x_kube(validation = Rule::new("!has(self.currentMemory) || (isQuantity(string(self.currentMemory)) && quantity(string(self.currentMemory)).sign() > 0)").message("spec.currentMemory must be a size above zero, such as 256Mi").field_path(".currentMemory"))]
+#[x_kube(validation = Rule::new("!has(self.currentMemory) || !isQuantity(string(self.currentMemory)) || !isQuantity(string(self.memory)) || quantity(string(self.currentMemory)).compareTo(quantity(string(self.memory))) <= 0").message("spec.currentMemory must not be greater than spec.memory").field_path(".currentMemory"))]
+#[x_kube(validation = Rule::new("!has(self.maxVcpus) || self.maxVcpus >= self.vcpus").message("spec.maxVcpus must not be less than spec.vcpus").field_path(".maxVcpus"))]
 #[serde(rename_all = "camelCase")]
 pub struct DomainSpec {
     /// The hypervisor driver that runs this domain, like `<domain type='kvm'>`:
@@ -34,6 +46,10 @@ pub struct DomainSpec {
 
     /// RFC 4122 UUID. Defaulted when absent; never changes afterwards.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(
+        pattern = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+    ))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.uuid cannot change once set"))]
     pub uuid: Option<String>,
 
     /// Maximum memory of the guest (libvirt's `<memory>`), e.g. `512Mi`.
@@ -45,10 +61,12 @@ pub struct DomainSpec {
     pub current_memory: Option<Quantity>,
 
     /// Number of virtual CPUs the guest boots with.
+    #[schemars(range(min = 1, max = 255))]
     pub vcpus: u32,
 
     /// Upper bound for `setvcpus` while the guest runs; defaults to `vcpus`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 255))]
     pub max_vcpus: Option<u32>,
 
     /// How the guest boots: direct kernel boot.
@@ -125,9 +143,11 @@ pub struct OsSpec {
 pub struct DomainDevices {
     /// Virtio disks, each backed by a StorageVol of the Domain's namespace.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub disks: Vec<Disk>,
     /// Virtio network interfaces, each on a Network.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub interfaces: Vec<Interface>,
     /// The serial console (present unless disabled).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -139,8 +159,10 @@ pub struct DomainDevices {
 #[serde(rename_all = "camelCase")]
 pub struct Disk {
     /// Guest device name, as libvirt's `<target dev>`: `vda`, `vdb`, ...
+    #[schemars(regex(pattern = r"^vd[a-z]{1,2}$"))]
     pub name: String,
     /// Name of a StorageVol in the Domain's namespace.
+    #[schemars(length(min = 1, max = 253))]
     pub volume: String,
     /// Attach the disk read-only.
     #[serde(default, skip_serializing_if = "is_false")]
@@ -151,13 +173,17 @@ pub struct Disk {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Interface {
-    /// Interface name, unique within the domain (`net0`).
+    /// Interface name, unique within the domain (`net0`): a valid Linux
+    /// device name (at most 15 characters, no '/', ':' or spaces).
+    #[schemars(regex(pattern = r"^[!-.0-9;-~]{1,15}$"))]
     pub name: String,
     /// Name of the Network the interface joins.
+    #[schemars(length(min = 1, max = 253))]
     pub network: String,
     /// MAC address; derived from the Domain's UUID when absent, so it is
     /// stable across restarts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-fA-F][02468aceACE](:[0-9a-fA-F]{2}){5}$"))]
     pub mac: Option<String>,
 }
 

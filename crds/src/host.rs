@@ -16,7 +16,13 @@ use crate::common::{Condition, is_false};
     kind = "Host",
     status = "HostStatus",
     shortname = "hv",
-    category = "vireo"
+    category = "vireo",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"CPUs","type":"integer","jsonPath":".status.nodeInfo.cpus"}"#,
+    printcolumn = r#"{"name":"Memory","type":"integer","description":"Memory in bytes","jsonPath":".status.nodeInfo.memoryBytes"}"#,
+    printcolumn = r#"{"name":"Allocatable","type":"string","jsonPath":".status.allocatableMemory"}"#,
+    printcolumn = r#"{"name":"Drivers","type":"string","jsonPath":".status.driverList"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct HostSpec {
@@ -56,6 +62,9 @@ pub struct HostStatus {
     /// Hypervisor drivers the agent embeds (`test`, `kvm`, `qemu`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub drivers: Vec<String>,
+    /// The same, comma-separated, for `kubectl get hosts`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver_list: Option<String>,
     /// Memory left for guests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allocatable_memory: Option<Quantity>,

@@ -12,6 +12,7 @@
 //! | `virNodeGetInfo`   | [`Host`]        | cluster    |
 
 pub mod common;
+pub mod crd;
 pub mod domain;
 pub mod host;
 pub mod manifest;

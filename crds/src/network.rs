@@ -4,26 +4,37 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::common::{Condition, is_false};
 
 /// A virtual network: a bridge per node, with optional NAT and DHCP.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "vireo.dev",
     version = "v1alpha1",
     kind = "Network",
     status = "NetworkStatus",
     shortname = "net",
-    category = "vireo"
+    category = "vireo",
+    printcolumn = r#"{"name":"Forward","type":"string","jsonPath":".spec.forwardMode"}"#,
+    printcolumn = r#"{"name":"Bridge","type":"string","jsonPath":".spec.bridge"}"#,
+    printcolumn = r#"{"name":"Address","type":"string","jsonPath":".spec.ip.address"}"#,
+    printcolumn = r#"{"name":"Active","type":"integer","description":"Nodes the network is active on","jsonPath":".status.activeNodes"}"#,
+    printcolumn = r#"{"name":"Autostart","type":"boolean","jsonPath":".spec.autostart"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
+#[x_kube(validation = Rule::new("self.forwardMode != 'bridge' || has(self.bridge)").message("spec.bridge is required when spec.forwardMode is bridge").field_path(".bridge"))]
 #[serde(rename_all = "camelCase")]
 pub struct NetworkSpec {
     /// RFC 4122 UUID. Defaulted when absent; never changes afterwards.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(
+        pattern = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+    ))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.uuid cannot change once set"))]
     pub uuid: Option<String>,
     /// How traffic leaves the network (libvirt's `<forward mode>`).
     #[serde(default)]
@@ -73,12 +84,16 @@ impl fmt::Display for ForwardMode {
 }
 
 /// The host's address on the network and the subnet it implies.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("!has(self.dhcp) || !has(self.dhcp.ranges) || !isIP(self.address) || self.dhcp.ranges.all(r, isIP(r.start) && isIP(r.end) && cidr(self.address + '/' + string(self.prefix)).containsIP(r.start) && cidr(self.address + '/' + string(self.prefix)).containsIP(r.end))").message("spec.ip.dhcp.ranges: every range must lie inside the network's subnet (spec.ip.address/spec.ip.prefix)").field_path(".dhcp.ranges"))]
+#[x_kube(validation = Rule::new("!has(self.dhcp) || !has(self.dhcp.hosts) || !isIP(self.address) || self.dhcp.hosts.all(h, isIP(h.ip) && cidr(self.address + '/' + string(self.prefix)).containsIP(h.ip))").message("spec.ip.dhcp.hosts: every static address must lie inside the network's subnet").field_path(".dhcp.hosts"))]
 #[serde(rename_all = "camelCase")]
 pub struct IpSpec {
     /// IPv4 address of the bridge (`192.168.122.1`).
+    #[x_kube(validation = Rule::new("isIP(self) && ip(self).family() == 4").message("spec.ip.address must be an IPv4 address"))]
     pub address: String,
     /// Prefix length of the subnet (`24`).
+    #[schemars(range(min = 1, max = 30))]
     pub prefix: u8,
     /// DHCP service on the network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -91,9 +106,11 @@ pub struct IpSpec {
 pub struct DhcpSpec {
     /// Address ranges handed out dynamically.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
     pub ranges: Vec<DhcpRange>,
     /// Fixed addresses by MAC.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1024))]
     pub hosts: Vec<DhcpHost>,
 }
 
@@ -101,7 +118,11 @@ pub struct DhcpSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DhcpRange {
+    /// First address of the range.
+    #[schemars(length(max = 15))]
     pub start: String,
+    /// Last address of the range.
+    #[schemars(length(max = 15))]
     pub end: String,
 }
 
@@ -109,7 +130,11 @@ pub struct DhcpRange {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DhcpHost {
+    /// The guest's MAC address.
+    #[schemars(regex(pattern = r"^[0-9a-fA-F][02468aceACE](:[0-9a-fA-F]{2}){5}$"))]
     pub mac: String,
+    /// The address it always gets.
+    #[schemars(length(max = 15))]
     pub ip: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
@@ -119,6 +144,9 @@ pub struct DhcpHost {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NetworkStatus {
+    /// How many nodes report the network active.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_nodes: Option<u32>,
     /// One entry per node the network is realized on.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<NetworkNodeStatus>,

@@ -5,31 +5,43 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::common::{Condition, is_false};
 
 /// A storage pool: a directory of volume files on each node it is realized on.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "vireo.dev",
     version = "v1alpha1",
     kind = "StoragePool",
     status = "StoragePoolStatus",
     shortname = "pool",
-    category = "vireo"
+    category = "vireo",
+    printcolumn = r#"{"name":"Type","type":"string","jsonPath":".spec.type"}"#,
+    printcolumn = r#"{"name":"Path","type":"string","jsonPath":".spec.path"}"#,
+    printcolumn = r#"{"name":"Active","type":"integer","description":"Nodes the pool is active on","jsonPath":".status.activeNodes"}"#,
+    printcolumn = r#"{"name":"Autostart","type":"boolean","jsonPath":".spec.autostart"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct StoragePoolSpec {
     /// RFC 4122 UUID. Defaulted when absent; never changes afterwards.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(
+        pattern = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+    ))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.uuid cannot change once set"))]
     pub uuid: Option<String>,
     /// Pool type; `dir` is a directory of files.
     #[serde(rename = "type", default)]
     pub pool_type: PoolType,
-    /// Directory that holds the volumes (libvirt's `<target><path>`).
+    /// Directory that holds the volumes (libvirt's `<target><path>`): an
+    /// absolute path without `..`.
+    #[schemars(length(min = 1, max = 4096))]
+    #[x_kube(validation = Rule::new("self.startsWith('/') && !self.matches('(^|/)[.][.](/|$)')").message("spec.path must be an absolute path without '..'"))]
     pub path: String,
     /// Start the pool when its node starts (libvirt's autostart).
     #[serde(default, skip_serializing_if = "is_false")]
@@ -61,6 +73,9 @@ impl fmt::Display for PoolType {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StoragePoolStatus {
+    /// How many nodes report the pool active.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_nodes: Option<u32>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<PoolNodeStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -3,14 +3,14 @@
 use std::fmt;
 
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::common::Condition;
 
 /// A volume: a file in a StoragePool on one node, a disk for Domains of its namespace.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "vireo.dev",
     version = "v1alpha1",
@@ -18,11 +18,23 @@ use crate::common::Condition;
     namespaced,
     status = "StorageVolStatus",
     shortname = "vol",
-    category = "vireo"
+    category = "vireo",
+    printcolumn = r#"{"name":"Pool","type":"string","jsonPath":".spec.pool"}"#,
+    printcolumn = r#"{"name":"Capacity","type":"string","jsonPath":".spec.capacity"}"#,
+    printcolumn = r#"{"name":"Format","type":"string","jsonPath":".spec.format"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Node","type":"string","jsonPath":".status.nodeName"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
+#[x_kube(validation = Rule::new("isQuantity(string(self.capacity)) && quantity(string(self.capacity)).sign() > 0").message("spec.capacity must be a size above zero, such as 10Gi").field_path(".capacity"))]
+#[x_kube(validation = Rule::new("!has(self.allocation) || (isQuantity(string(self.allocation)) && isQuantity(string(self.capacity)) && quantity(string(self.allocation)).compareTo(quantity(string(self.capacity))) <= 0)").message("spec.allocation must be a size not greater than spec.capacity").field_path(".allocation"))]
+#[x_kube(validation = Rule::new("!has(self.source) || [has(self.source.blank), has(self.source.clone), has(self.source.upload), has(self.source.url)].filter(x, x).size() == 1").message("spec.source must set exactly one of blank, clone, upload, url").field_path(".source"))]
+#[x_kube(validation = Rule::new("!has(oldSelf.nodeName) || (has(self.nodeName) && self.nodeName == oldSelf.nodeName)").message("spec.nodeName cannot change once set").field_path(".nodeName"))]
 #[serde(rename_all = "camelCase")]
 pub struct StorageVolSpec {
     /// Name of the StoragePool that holds the volume.
+    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.pool cannot change"))]
     pub pool: String,
     /// Size the guest sees.
     pub capacity: Quantity,
@@ -32,6 +44,7 @@ pub struct StorageVolSpec {
     pub allocation: Option<Quantity>,
     /// On-disk format.
     #[serde(default)]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.format cannot change"))]
     pub format: VolFormat,
     /// Where the content comes from; blank when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -101,6 +114,8 @@ pub struct UploadSource {}
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct UrlSource {
+    /// http:// or https:// address of the content.
+    #[schemars(regex(pattern = r"^https?://"))]
     pub url: String,
 }
 

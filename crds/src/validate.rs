@@ -102,12 +102,13 @@ impl Validate for DomainSpec {
             ));
         }
         if let Some(max) = self.max_vcpus
-            && (max < self.vcpus || max > MAX_VCPUS) {
-                return Err(ValidationError::new(
-                    "spec.maxVcpus",
-                    format!("must be between spec.vcpus and {MAX_VCPUS}"),
-                ));
-            }
+            && (max < self.vcpus || max > MAX_VCPUS)
+        {
+            return Err(ValidationError::new(
+                "spec.maxVcpus",
+                format!("must be between spec.vcpus and {MAX_VCPUS}"),
+            ));
+        }
         let mut names = HashSet::new();
         for (i, disk) in self.devices.disks.iter().enumerate() {
             if !is_disk_name(&disk.name) {
@@ -150,12 +151,13 @@ impl Validate for DomainSpec {
                 ));
             }
             if let Some(mac) = &nic.mac
-                && !is_unicast_mac(mac) {
-                    return Err(ValidationError::new(
-                        format!("spec.devices.interfaces[{i}].mac"),
-                        format!("'{mac}' is not a unicast MAC address"),
-                    ));
-                }
+                && !is_unicast_mac(mac)
+            {
+                return Err(ValidationError::new(
+                    format!("spec.devices.interfaces[{i}].mac"),
+                    format!("'{mac}' is not a unicast MAC address"),
+                ));
+            }
         }
         Ok(())
     }
@@ -170,14 +172,15 @@ impl Validate for NetworkSpec {
     fn validate(&self) -> Result<(), ValidationError> {
         check_uuid("spec.uuid", &self.uuid)?;
         if let Some(bridge) = &self.bridge
-            && !is_device_name(bridge) {
-                return Err(ValidationError::new(
-                    "spec.bridge",
-                    format!(
-                        "'{bridge}' is not a valid device name (at most 15 characters, no '/', ':' or spaces)"
-                    ),
-                ));
-            }
+            && !is_device_name(bridge)
+        {
+            return Err(ValidationError::new(
+                "spec.bridge",
+                format!(
+                    "'{bridge}' is not a valid device name (at most 15 characters, no '/', ':' or spaces)"
+                ),
+            ));
+        }
         if self.forward_mode == crate::ForwardMode::Bridge && self.bridge.is_none() {
             return Err(ValidationError::new(
                 "spec.bridge",
@@ -371,9 +374,10 @@ mod tests {
         };
         assert_eq!(n.validate(), Ok(()));
         if let Some(ip) = n.ip.as_mut()
-            && let Some(d) = ip.dhcp.as_mut() {
-                d.ranges[0].end = "10.0.1.3".into();
-            }
+            && let Some(d) = ip.dhcp.as_mut()
+        {
+            d.ranges[0].end = "10.0.1.3".into();
+        }
         assert_eq!(field_of(n.validate()), "spec.ip.dhcp.ranges[0].end");
         n.bridge = Some("a-name-that-is-far-too-long".into());
         assert_eq!(field_of(n.validate()), "spec.bridge");

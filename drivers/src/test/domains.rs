@@ -467,11 +467,11 @@ impl HypervisorDriver for TestDriver {
             return Err(not_running(name));
         }
         match obj.def.spec.lifecycle.on_reboot {
+            // A guest reboot keeps its process: live memory and vCPUs stay.
             LifecycleAction::Restart => {
                 obj.state = DomainState::Running;
                 obj.reason = DomainReason::Booted;
                 obj.running_since.get_or_insert_with(Instant::now);
-                obj.load_sizes();
                 Ok(())
             }
             LifecycleAction::Destroy | LifecycleAction::Preserve => {

@@ -16,6 +16,9 @@ mod networks;
 mod node_file;
 mod storage;
 
+pub use node_file::STATE_ANNOTATION;
+pub use storage::CAPACITY_ANNOTATION;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -82,7 +85,10 @@ struct NetworkObj {
 }
 
 struct PoolObj {
+    /// The running definition while active; the persistent one while inactive.
     def: StoragePool,
+    /// A persistent definition (and its size) that takes effect at the next start.
+    new_def: Option<(StoragePool, u64)>,
     uuid: String,
     persistent: bool,
     autostart: bool,

@@ -122,21 +122,20 @@ impl State {
         def.spec.uuid = Some(uuid.clone());
         def.status = None;
         if let Some(obj) = self.pools.get_mut(&name) {
-            if obj.active && obj.def.spec.path != def.spec.path {
-                return Err(Error::invalid_state(
-                    POOL,
-                    &name,
-                    "is active: spec.path can change only while it is stopped",
-                ));
+            // While the pool runs, the new definition waits for its next start.
+            if obj.active {
+                obj.new_def = Some((def, capacity));
+            } else {
+                obj.def = def;
+                obj.capacity = capacity;
             }
-            obj.def = def;
-            obj.capacity = capacity;
             obj.persistent = true;
             return Ok(obj.reference());
         }
         let obj = PoolObj {
             autostart: def.spec.autostart,
             def,
+            new_def: None,
             uuid,
             persistent: true,
             active: false,
@@ -312,16 +311,28 @@ impl StorageDriver for TestDriver {
     fn create_pool(&self, pool: &StoragePool) -> Result<PoolRef> {
         let mut st = self.lock();
         let name = pool.metadata.name.clone().unwrap_or_default();
-        if st.pools.get(&name).is_some_and(|p| p.active) {
-            return Err(Error::invalid_state(POOL, &name, "is already active"));
+        match st.pools.get(&name) {
+            Some(p) if p.active => {
+                return Err(Error::invalid_state(POOL, &name, "is already active"));
+            }
+            // An inactive persistent pool runs this definition once and keeps
+            // its persistent one for its next start.
+            Some(p) => {
+                let kept = (p.def.clone(), p.capacity);
+                st.define_pool(pool)?;
+                if let Some(p) = st.pools.get_mut(&name) {
+                    p.new_def = Some(kept);
+                }
+            }
+            None => {
+                st.define_pool(pool)?;
+                if let Some(p) = st.pools.get_mut(&name) {
+                    p.persistent = false;
+                }
+            }
         }
-        let existed = st.pools.contains_key(&name);
-        let r = st.define_pool(pool)?;
-        if !existed && let Some(p) = st.pools.get_mut(&r.name) {
-            p.persistent = false;
-        }
-        st.start_pool(&r.name)?;
-        Ok(r)
+        st.start_pool(&name)?;
+        Ok(st.pool(&name)?.reference())
     }
 
     fn build_pool(&self, name: &str) -> Result<()> {
@@ -343,6 +354,10 @@ impl StorageDriver for TestDriver {
             return Err(Error::invalid_state(POOL, name, "is not active"));
         }
         pool.active = false;
+        if let Some((def, capacity)) = pool.new_def.take() {
+            pool.def = def;
+            pool.capacity = capacity;
+        }
         if !pool.persistent {
             st.pools.remove(name);
         }
