@@ -4,6 +4,7 @@
 //! |---------------------------|---------------------------------------------|
 //! | `test:///default`         | test driver with libvirt's default node      |
 //! | `test:///path/node.yaml`  | test driver loaded from a node file          |
+//! | `test:///path/dir/`       | a persistent test node saved in a directory  |
 //! | `kvm:///system`           | vireo-vmm (kvm-driver issue)                 |
 //! | `qemu:///system`          | QEMU (qemu-driver issue)                     |
 //! | `vireo+unix:///path`      | a standalone agent's socket (standalone issue)|
@@ -78,6 +79,8 @@ pub fn open(uri: &str) -> Result<Connection> {
         "test" => {
             let driver = if path == "/default" {
                 crate::test::TestDriver::default_node()
+            } else if path.ends_with('/') || Path::new(&path).is_dir() {
+                crate::test::TestDriver::from_dir(Path::new(&path)).map_err(|e| fail(&e))?
             } else {
                 crate::test::TestDriver::from_file(Path::new(&path)).map_err(|e| fail(&e))?
             };

@@ -8,7 +8,7 @@ use vireo_crds::{
     ObjectKind, Validate,
 };
 
-use super::{DomainObj, State, TestDriver};
+use super::{DomainObj, Kind, State, TestDriver, object_name};
 use crate::hypervisor::{DomainRef, HypervisorDriver};
 use crate::{Error, ListFilter, Lookup, Result};
 
@@ -35,7 +35,7 @@ impl DomainObj {
         self.state.is_active()
     }
 
-    fn cpu_time(&self) -> u64 {
+    pub(super) fn cpu_time(&self) -> u64 {
         let running = self
             .running_since
             .map(|t| u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX))
@@ -326,158 +326,169 @@ impl HypervisorDriver for TestDriver {
     }
 
     fn set_domain_autostart(&self, name: &str, autostart: bool) -> Result<()> {
-        let mut st = self.lock();
-        let obj = st.domain_mut(name)?;
-        if !obj.persistent {
-            return Err(Error::invalid_state(
-                KIND,
-                name,
-                "is transient: autostart needs a persistent domain",
-            ));
-        }
-        obj.autostart = autostart;
-        Ok(())
+        self.change(Kind::Domain, name, |st| {
+            let obj = st.domain_mut(name)?;
+            if !obj.persistent {
+                return Err(Error::invalid_state(
+                    KIND,
+                    name,
+                    "is transient: autostart needs a persistent domain",
+                ));
+            }
+            obj.autostart = autostart;
+            Ok(())
+        })
     }
 
     fn set_domain_memory(&self, name: &str, bytes: u64) -> Result<()> {
-        let mut st = self.lock();
-        let obj = st.domain_mut(name)?;
-        if bytes == 0 {
-            return Err(Error::invalid_argument(
-                KIND,
-                name,
-                "memory must be greater than zero",
-            ));
-        }
-        if bytes > obj.max_memory {
-            return Err(Error::invalid_argument(
-                KIND,
-                name,
-                format!(
-                    "cannot set memory to {} KiB, above the maximum of {} KiB",
-                    bytes / 1024,
-                    obj.max_memory / 1024
-                ),
-            ));
-        }
-        if obj.is_active() {
-            obj.memory = bytes;
-        } else {
-            obj.def.spec.current_memory = Some(format_bytes(bytes));
-            obj.memory = bytes;
-        }
-        Ok(())
+        self.change(Kind::Domain, name, |st| {
+            let obj = st.domain_mut(name)?;
+            if bytes == 0 {
+                return Err(Error::invalid_argument(
+                    KIND,
+                    name,
+                    "memory must be greater than zero",
+                ));
+            }
+            if bytes > obj.max_memory {
+                return Err(Error::invalid_argument(
+                    KIND,
+                    name,
+                    format!(
+                        "cannot set memory to {} KiB, above the maximum of {} KiB",
+                        bytes / 1024,
+                        obj.max_memory / 1024
+                    ),
+                ));
+            }
+            if obj.is_active() {
+                obj.memory = bytes;
+            } else {
+                obj.def.spec.current_memory = Some(format_bytes(bytes));
+                obj.memory = bytes;
+            }
+            Ok(())
+        })
     }
 
     fn set_domain_vcpus(&self, name: &str, vcpus: u32) -> Result<()> {
-        let mut st = self.lock();
-        let obj = st.domain_mut(name)?;
-        let max = obj.def.spec.max_vcpus.unwrap_or(obj.def.spec.vcpus);
-        if vcpus == 0 || vcpus > max {
-            return Err(Error::invalid_argument(
-                KIND,
-                name,
-                format!("requested vcpus {vcpus} is outside 1..={max} (spec.maxVcpus)"),
-            ));
-        }
-        if obj.is_active() {
-            obj.vcpus = vcpus;
-        } else {
-            obj.def.spec.vcpus = vcpus;
-            obj.vcpus = vcpus;
-        }
-        Ok(())
+        self.change(Kind::Domain, name, |st| {
+            let obj = st.domain_mut(name)?;
+            let max = obj.def.spec.max_vcpus.unwrap_or(obj.def.spec.vcpus);
+            if vcpus == 0 || vcpus > max {
+                return Err(Error::invalid_argument(
+                    KIND,
+                    name,
+                    format!("requested vcpus {vcpus} is outside 1..={max} (spec.maxVcpus)"),
+                ));
+            }
+            if obj.is_active() {
+                obj.vcpus = vcpus;
+            } else {
+                obj.def.spec.vcpus = vcpus;
+                obj.vcpus = vcpus;
+            }
+            Ok(())
+        })
     }
 
     fn define_domain(&self, domain: &Domain) -> Result<DomainRef> {
-        self.lock().define(domain)
+        self.change(Kind::Domain, &object_name(&domain.metadata), |st| {
+            st.define(domain)
+        })
     }
 
     fn create_domain(&self, domain: &Domain) -> Result<DomainRef> {
-        let mut st = self.lock();
-        let (name, def) = st.prepare(domain)?;
-        match st.domains.get_mut(&name) {
-            Some(obj) if obj.is_active() => {
-                return Err(Error::invalid_state(KIND, &name, "is already active"));
-            }
-            // An inactive persistent domain runs this definition once and
-            // keeps its persistent one for later.
-            Some(obj) => {
-                let persistent = std::mem::replace(&mut obj.def, def);
-                obj.new_def = Some(persistent);
-            }
-            None => {
-                st.define(&def)?;
-                if let Some(obj) = st.domains.get_mut(&name) {
-                    obj.persistent = false;
+        self.change(Kind::Domain, &object_name(&domain.metadata), |st| {
+            let (name, def) = st.prepare(domain)?;
+            match st.domains.get_mut(&name) {
+                Some(obj) if obj.is_active() => {
+                    return Err(Error::invalid_state(KIND, &name, "is already active"));
+                }
+                // An inactive persistent domain runs this definition once and
+                // keeps its persistent one for later.
+                Some(obj) => {
+                    let persistent = std::mem::replace(&mut obj.def, def);
+                    obj.new_def = Some(persistent);
+                }
+                None => {
+                    st.define(&def)?;
+                    if let Some(obj) = st.domains.get_mut(&name) {
+                        obj.persistent = false;
+                    }
                 }
             }
-        }
-        st.activate(&name, DomainReason::Booted)
+            st.activate(&name, DomainReason::Booted)
+        })
     }
 
     fn undefine_domain(&self, name: &str) -> Result<()> {
-        let mut st = self.lock();
-        let obj = st.domain_mut(name)?;
-        if !obj.persistent {
-            return Err(Error::invalid_state(
-                KIND,
-                name,
-                "is transient: there is no definition to undefine",
-            ));
-        }
-        if obj.is_active() {
-            obj.persistent = false;
-            obj.autostart = false;
-            obj.new_def = None;
-        } else {
-            st.domains.remove(name);
-        }
-        Ok(())
+        self.change(Kind::Domain, name, |st| {
+            let obj = st.domain_mut(name)?;
+            if !obj.persistent {
+                return Err(Error::invalid_state(
+                    KIND,
+                    name,
+                    "is transient: there is no definition to undefine",
+                ));
+            }
+            if obj.is_active() {
+                obj.persistent = false;
+                obj.autostart = false;
+                obj.new_def = None;
+            } else {
+                st.domains.remove(name);
+            }
+            Ok(())
+        })
     }
 
     fn start_domain(&self, name: &str) -> Result<DomainRef> {
-        self.lock().start(name, DomainReason::Booted)
+        self.change(Kind::Domain, name, |st| {
+            st.start(name, DomainReason::Booted)
+        })
     }
 
     fn shutdown_domain(&self, name: &str) -> Result<()> {
-        let mut st = self.lock();
-        let obj = st.domain_mut(name)?;
-        if !obj.is_active() {
-            return Err(not_running(name));
-        }
-        // The test guest complies at once; lifecycle.onPoweroff applies.
-        match obj.def.spec.lifecycle.on_poweroff {
-            LifecycleAction::Restart => {
-                obj.state = DomainState::Running;
-                obj.reason = DomainReason::Booted;
-                obj.running_since.get_or_insert_with(Instant::now);
-                Ok(())
+        self.change(Kind::Domain, name, |st| {
+            let obj = st.domain_mut(name)?;
+            if !obj.is_active() {
+                return Err(not_running(name));
             }
-            LifecycleAction::Destroy | LifecycleAction::Preserve => {
-                st.deactivate(name, DomainReason::Shutdown)
+            // The test guest complies at once; lifecycle.onPoweroff applies.
+            match obj.def.spec.lifecycle.on_poweroff {
+                LifecycleAction::Restart => {
+                    obj.state = DomainState::Running;
+                    obj.reason = DomainReason::Booted;
+                    obj.running_since.get_or_insert_with(Instant::now);
+                    Ok(())
+                }
+                LifecycleAction::Destroy | LifecycleAction::Preserve => {
+                    st.deactivate(name, DomainReason::Shutdown)
+                }
             }
-        }
+        })
     }
 
     fn reboot_domain(&self, name: &str) -> Result<()> {
-        let mut st = self.lock();
-        let obj = st.domain_mut(name)?;
-        if !obj.is_active() {
-            return Err(not_running(name));
-        }
-        match obj.def.spec.lifecycle.on_reboot {
-            // A guest reboot keeps its process: live memory and vCPUs stay.
-            LifecycleAction::Restart => {
-                obj.state = DomainState::Running;
-                obj.reason = DomainReason::Booted;
-                obj.running_since.get_or_insert_with(Instant::now);
-                Ok(())
+        self.change(Kind::Domain, name, |st| {
+            let obj = st.domain_mut(name)?;
+            if !obj.is_active() {
+                return Err(not_running(name));
             }
-            LifecycleAction::Destroy | LifecycleAction::Preserve => {
-                st.deactivate(name, DomainReason::Shutdown)
+            match obj.def.spec.lifecycle.on_reboot {
+                // A guest reboot keeps its process: live memory and vCPUs stay.
+                LifecycleAction::Restart => {
+                    obj.state = DomainState::Running;
+                    obj.reason = DomainReason::Booted;
+                    obj.running_since.get_or_insert_with(Instant::now);
+                    Ok(())
+                }
+                LifecycleAction::Destroy | LifecycleAction::Preserve => {
+                    st.deactivate(name, DomainReason::Shutdown)
+                }
             }
-        }
+        })
     }
 
     fn reset_domain(&self, name: &str) -> Result<()> {
@@ -489,26 +500,28 @@ impl HypervisorDriver for TestDriver {
     }
 
     fn suspend_domain(&self, name: &str) -> Result<()> {
-        self.lock().pause(name)
+        self.change(Kind::Domain, name, |st| st.pause(name))
     }
 
     fn resume_domain(&self, name: &str) -> Result<()> {
-        let mut st = self.lock();
-        let obj = st.domain_mut(name)?;
-        if obj.state != DomainState::Paused {
-            return Err(Error::invalid_state(KIND, name, "is not paused"));
-        }
-        obj.state = DomainState::Running;
-        obj.reason = DomainReason::Unpaused;
-        obj.running_since = Some(Instant::now());
-        Ok(())
+        self.change(Kind::Domain, name, |st| {
+            let obj = st.domain_mut(name)?;
+            if obj.state != DomainState::Paused {
+                return Err(Error::invalid_state(KIND, name, "is not paused"));
+            }
+            obj.state = DomainState::Running;
+            obj.reason = DomainReason::Unpaused;
+            obj.running_since = Some(Instant::now());
+            Ok(())
+        })
     }
 
     fn destroy_domain(&self, name: &str) -> Result<()> {
-        let mut st = self.lock();
-        if !st.domain(name)?.is_active() {
-            return Err(not_running(name));
-        }
-        st.deactivate(name, DomainReason::Destroyed)
+        self.change(Kind::Domain, name, |st| {
+            if !st.domain(name)?.is_active() {
+                return Err(not_running(name));
+            }
+            st.deactivate(name, DomainReason::Destroyed)
+        })
     }
 }

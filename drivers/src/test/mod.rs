@@ -10,25 +10,63 @@
 //!   Domain; `active` (default) or `inactive` for a Network or StoragePool;
 //! * `test.vireo.dev/capacity`: a StoragePool's size (default `100Gi`);
 //! * a `Host` document's `status.nodeInfo` replaces the default NodeInfo.
+//!
+//! `test:///DIR/` (a directory) is a persistent node: it starts empty, and
+//! every change is saved under DIR, so a process that opens it again finds
+//! every object as it was, running domains with the same IDs (see [`store`]).
 
 mod domains;
 mod networks;
 mod node_file;
 mod storage;
+mod store;
 
 pub use node_file::STATE_ANNOTATION;
 pub use storage::CAPACITY_ANNOTATION;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::{Deserialize, Serialize};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
-use vireo_crds::{Domain, DomainReason, DomainState, Network, NodeInfo, StoragePool, VolFormat};
+use vireo_crds::{
+    Domain, DomainReason, DomainState, Network, NodeInfo, ObjectKind, StoragePool, VolFormat,
+};
+
+use crate::error::{Error, ObjectName};
 
 /// The driver. Cheap to clone a reference to; all state is behind one lock.
 pub struct TestDriver {
     state: Mutex<State>,
+    /// Where a persistent node saves its objects.
+    store: Option<store::Store>,
+}
+
+/// The kinds of object the store keeps a file for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Domain,
+    Network,
+    Pool,
+}
+
+impl Kind {
+    fn object_kind(self) -> ObjectKind {
+        match self {
+            Self::Domain => ObjectKind::Domain,
+            Self::Network => ObjectKind::Network,
+            Self::Pool => ObjectKind::StoragePool,
+        }
+    }
+}
+
+/// The name of an object, empty when the manifest has none (the
+/// operation then fails on it with a clear error).
+fn object_name(meta: &ObjectMeta) -> String {
+    meta.name.clone().unwrap_or_default()
 }
 
 /// libvirt's test driver node: i686, 16 CPUs at 1400 MHz, 2 NUMA cells of
@@ -57,6 +95,8 @@ struct State {
 }
 
 /// A domain as libvirt's `virDomainObj` holds it.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct DomainObj {
     /// The running definition while active; the persistent one while inactive.
     def: Domain,
@@ -72,9 +112,12 @@ struct DomainObj {
     memory: u64,
     vcpus: u32,
     cpu_time_ns: u64,
+    #[serde(skip)]
     running_since: Option<Instant>,
 }
 
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct NetworkObj {
     def: Network,
     new_def: Option<Network>,
@@ -84,6 +127,8 @@ struct NetworkObj {
     active: bool,
 }
 
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct PoolObj {
     /// The running definition while active; the persistent one while inactive.
     def: StoragePool,
@@ -97,6 +142,8 @@ struct PoolObj {
     volumes: BTreeMap<String, VolObj>,
 }
 
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct VolObj {
     format: VolFormat,
     capacity: u64,
@@ -123,7 +170,41 @@ impl TestDriver {
                 next_domain_id: 1,
                 ..State::default()
             }),
+            store: None,
         }
+    }
+
+    /// A persistent node in a directory (created if needed): empty the first
+    /// time, as it was left every time after.
+    pub fn from_dir(dir: &Path) -> Result<Self, String> {
+        let mut driver = Self::empty(default_node_info());
+        let store = {
+            let mut st = driver.lock();
+            store::Store::open(dir, &mut st)
+                .map_err(|e| format!("cannot open the test node in {}: {e}", dir.display()))?
+        };
+        driver.store = Some(store);
+        Ok(driver)
+    }
+
+    /// Runs a change under the lock, then saves the object it named.
+    fn change<R>(
+        &self,
+        kind: Kind,
+        name: &str,
+        f: impl FnOnce(&mut State) -> crate::Result<R>,
+    ) -> crate::Result<R> {
+        let mut st = self.lock();
+        let r = f(&mut st)?;
+        if let Some(store) = &self.store {
+            store
+                .save(&st, kind, name)
+                .map_err(|e| Error::OperationFailed {
+                    object: ObjectName::new(kind.object_kind(), name),
+                    message: format!("cannot save the test node's state: {e}"),
+                })?;
+        }
+        Ok(r)
     }
 
     /// The node of `test:///default`.

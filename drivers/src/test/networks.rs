@@ -2,7 +2,7 @@
 
 use vireo_crds::{Network, ObjectKind, Validate};
 
-use super::{NetworkObj, State, TestDriver};
+use super::{Kind, NetworkObj, State, TestDriver, object_name};
 use crate::network::{NetworkDriver, NetworkInfo, NetworkRef};
 use crate::{Error, ListFilter, Lookup, Result};
 
@@ -193,83 +193,89 @@ impl NetworkDriver for TestDriver {
     }
 
     fn define_network(&self, network: &Network) -> Result<NetworkRef> {
-        self.lock().define_network(network)
+        self.change(Kind::Network, &object_name(&network.metadata), |st| {
+            st.define_network(network)
+        })
     }
 
     fn create_network(&self, network: &Network) -> Result<NetworkRef> {
-        let mut st = self.lock();
-        let (name, def) = st.prepare_network(network)?;
-        match st.networks.get_mut(&name) {
-            Some(obj) if obj.active => {
-                return Err(Error::invalid_state(KIND, &name, "is already active"));
-            }
-            Some(obj) => {
-                let persistent = std::mem::replace(&mut obj.def, def);
-                obj.new_def = Some(persistent);
-            }
-            None => {
-                st.define_network(&def)?;
-                if let Some(obj) = st.networks.get_mut(&name) {
-                    obj.persistent = false;
+        self.change(Kind::Network, &object_name(&network.metadata), |st| {
+            let (name, def) = st.prepare_network(network)?;
+            match st.networks.get_mut(&name) {
+                Some(obj) if obj.active => {
+                    return Err(Error::invalid_state(KIND, &name, "is already active"));
+                }
+                Some(obj) => {
+                    let persistent = std::mem::replace(&mut obj.def, def);
+                    obj.new_def = Some(persistent);
+                }
+                None => {
+                    st.define_network(&def)?;
+                    if let Some(obj) = st.networks.get_mut(&name) {
+                        obj.persistent = false;
+                    }
                 }
             }
-        }
-        st.start_network(&name)?;
-        let r = st.network(&name)?.reference();
-        Ok(r)
+            st.start_network(&name)?;
+            let r = st.network(&name)?.reference();
+            Ok(r)
+        })
     }
 
     fn undefine_network(&self, name: &str) -> Result<()> {
-        let mut st = self.lock();
-        let obj = st.network_mut(name)?;
-        if !obj.persistent {
-            return Err(Error::invalid_state(
-                KIND,
-                name,
-                "is transient: there is no definition to undefine",
-            ));
-        }
-        if obj.active {
-            obj.persistent = false;
-            obj.autostart = false;
-            obj.new_def = None;
-        } else {
-            st.networks.remove(name);
-        }
-        Ok(())
+        self.change(Kind::Network, name, |st| {
+            let obj = st.network_mut(name)?;
+            if !obj.persistent {
+                return Err(Error::invalid_state(
+                    KIND,
+                    name,
+                    "is transient: there is no definition to undefine",
+                ));
+            }
+            if obj.active {
+                obj.persistent = false;
+                obj.autostart = false;
+                obj.new_def = None;
+            } else {
+                st.networks.remove(name);
+            }
+            Ok(())
+        })
     }
 
     fn start_network(&self, name: &str) -> Result<()> {
-        self.lock().start_network(name)
+        self.change(Kind::Network, name, |st| st.start_network(name))
     }
 
     fn destroy_network(&self, name: &str) -> Result<()> {
-        let mut st = self.lock();
-        let obj = st.network_mut(name)?;
-        if !obj.active {
-            return Err(Error::invalid_state(KIND, name, "is not active"));
-        }
-        obj.active = false;
-        if let Some(next) = obj.new_def.take() {
-            obj.def = next;
-        }
-        if !obj.persistent {
-            st.networks.remove(name);
-        }
-        Ok(())
+        self.change(Kind::Network, name, |st| {
+            let obj = st.network_mut(name)?;
+            if !obj.active {
+                return Err(Error::invalid_state(KIND, name, "is not active"));
+            }
+            obj.active = false;
+            if let Some(next) = obj.new_def.take() {
+                obj.def = next;
+            }
+            if !obj.persistent {
+                st.networks.remove(name);
+            }
+            Ok(())
+        })
     }
 
     fn set_network_autostart(&self, name: &str, autostart: bool) -> Result<()> {
-        let mut st = self.lock();
-        let obj = st.network_mut(name)?;
-        if !obj.persistent {
-            return Err(Error::invalid_state(
-                KIND,
-                name,
-                "is transient: autostart needs a persistent network",
-            ));
-        }
-        obj.autostart = autostart;
-        Ok(())
+        self.change(Kind::Network, name, |st| {
+            let obj = st.network_mut(name)?;
+            if !obj.persistent {
+                return Err(Error::invalid_state(
+                    KIND,
+                    name,
+                    "is transient: autostart needs a persistent network",
+                ));
+            }
+            obj.autostart = autostart;
+            Ok(())
+        })
     }
 }

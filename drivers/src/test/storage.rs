@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use vireo_crds::quantity::{human_bytes as human, parse_quantity, parse_str};
 use vireo_crds::{ObjectKind, StoragePool, StorageVol, Validate, VolFormat};
 
-use super::{PoolObj, State, TestDriver, VolObj};
+use super::{Kind, PoolObj, State, TestDriver, VolObj, object_name};
 use crate::storage::{PoolInfo, PoolRef, PoolState, ResizeFlags, StorageDriver, VolInfo, VolRef};
 use crate::{Error, ListFilter, Lookup, Result};
 
@@ -305,34 +305,37 @@ impl StorageDriver for TestDriver {
     }
 
     fn define_pool(&self, pool: &StoragePool) -> Result<PoolRef> {
-        self.lock().define_pool(pool)
+        self.change(Kind::Pool, &object_name(&pool.metadata), |st| {
+            st.define_pool(pool)
+        })
     }
 
     fn create_pool(&self, pool: &StoragePool) -> Result<PoolRef> {
-        let mut st = self.lock();
-        let name = pool.metadata.name.clone().unwrap_or_default();
-        match st.pools.get(&name) {
-            Some(p) if p.active => {
-                return Err(Error::invalid_state(POOL, &name, "is already active"));
-            }
-            // An inactive persistent pool runs this definition once and keeps
-            // its persistent one for its next start.
-            Some(p) => {
-                let kept = (p.def.clone(), p.capacity);
-                st.define_pool(pool)?;
-                if let Some(p) = st.pools.get_mut(&name) {
-                    p.new_def = Some(kept);
+        self.change(Kind::Pool, &object_name(&pool.metadata), |st| {
+            let name = pool.metadata.name.clone().unwrap_or_default();
+            match st.pools.get(&name) {
+                Some(p) if p.active => {
+                    return Err(Error::invalid_state(POOL, &name, "is already active"));
+                }
+                // An inactive persistent pool runs this definition once and keeps
+                // its persistent one for its next start.
+                Some(p) => {
+                    let kept = (p.def.clone(), p.capacity);
+                    st.define_pool(pool)?;
+                    if let Some(p) = st.pools.get_mut(&name) {
+                        p.new_def = Some(kept);
+                    }
+                }
+                None => {
+                    st.define_pool(pool)?;
+                    if let Some(p) = st.pools.get_mut(&name) {
+                        p.persistent = false;
+                    }
                 }
             }
-            None => {
-                st.define_pool(pool)?;
-                if let Some(p) = st.pools.get_mut(&name) {
-                    p.persistent = false;
-                }
-            }
-        }
-        st.start_pool(&name)?;
-        Ok(st.pool(&name)?.reference())
+            st.start_pool(&name)?;
+            Ok(st.pool(&name)?.reference())
+        })
     }
 
     fn build_pool(&self, name: &str) -> Result<()> {
@@ -344,24 +347,25 @@ impl StorageDriver for TestDriver {
     }
 
     fn start_pool(&self, name: &str) -> Result<()> {
-        self.lock().start_pool(name)
+        self.change(Kind::Pool, name, |st| st.start_pool(name))
     }
 
     fn destroy_pool(&self, name: &str) -> Result<()> {
-        let mut st = self.lock();
-        let pool = st.pool_mut(name)?;
-        if !pool.active {
-            return Err(Error::invalid_state(POOL, name, "is not active"));
-        }
-        pool.active = false;
-        if let Some((def, capacity)) = pool.new_def.take() {
-            pool.def = def;
-            pool.capacity = capacity;
-        }
-        if !pool.persistent {
-            st.pools.remove(name);
-        }
-        Ok(())
+        self.change(Kind::Pool, name, |st| {
+            let pool = st.pool_mut(name)?;
+            if !pool.active {
+                return Err(Error::invalid_state(POOL, name, "is not active"));
+            }
+            pool.active = false;
+            if let Some((def, capacity)) = pool.new_def.take() {
+                pool.def = def;
+                pool.capacity = capacity;
+            }
+            if !pool.persistent {
+                st.pools.remove(name);
+            }
+            Ok(())
+        })
     }
 
     fn delete_pool(&self, name: &str) -> Result<()> {
@@ -384,12 +388,13 @@ impl StorageDriver for TestDriver {
     }
 
     fn undefine_pool(&self, name: &str) -> Result<()> {
-        let mut st = self.lock();
-        if st.pool(name)?.active {
-            return Err(Error::invalid_state(POOL, name, "is active"));
-        }
-        st.pools.remove(name);
-        Ok(())
+        self.change(Kind::Pool, name, |st| {
+            if st.pool(name)?.active {
+                return Err(Error::invalid_state(POOL, name, "is active"));
+            }
+            st.pools.remove(name);
+            Ok(())
+        })
     }
 
     fn refresh_pool(&self, name: &str) -> Result<()> {
@@ -397,17 +402,18 @@ impl StorageDriver for TestDriver {
     }
 
     fn set_pool_autostart(&self, name: &str, autostart: bool) -> Result<()> {
-        let mut st = self.lock();
-        let pool = st.pool_mut(name)?;
-        if !pool.persistent {
-            return Err(Error::invalid_state(
-                POOL,
-                name,
-                "is transient: autostart needs a persistent pool",
-            ));
-        }
-        pool.autostart = autostart;
-        Ok(())
+        self.change(Kind::Pool, name, |st| {
+            let pool = st.pool_mut(name)?;
+            if !pool.persistent {
+                return Err(Error::invalid_state(
+                    POOL,
+                    name,
+                    "is transient: autostart needs a persistent pool",
+                ));
+            }
+            pool.autostart = autostart;
+            Ok(())
+        })
     }
 
     fn list_volumes(&self, pool: &str) -> Result<Vec<VolRef>> {
@@ -463,7 +469,7 @@ impl StorageDriver for TestDriver {
     }
 
     fn create_volume(&self, volume: &StorageVol) -> Result<VolRef> {
-        self.lock().create_volume(volume)
+        self.change(Kind::Pool, &volume.spec.pool, |st| st.create_volume(volume))
     }
 
     fn resize_volume(
@@ -473,7 +479,7 @@ impl StorageDriver for TestDriver {
         capacity: u64,
         flags: ResizeFlags,
     ) -> Result<()> {
-        let mut st = self.lock();
+        self.change(Kind::Pool, pool, |st| {
         let p = st.active_pool_mut(pool)?;
         let available = p.available();
         let v = p
@@ -532,6 +538,7 @@ impl StorageDriver for TestDriver {
             v.allocation = new;
         }
         Ok(())
+        })
     }
 
     fn wipe_volume(&self, pool: &str, name: &str) -> Result<()> {
@@ -544,11 +551,12 @@ impl StorageDriver for TestDriver {
     }
 
     fn delete_volume(&self, pool: &str, name: &str) -> Result<()> {
-        let mut st = self.lock();
-        let p = st.active_pool_mut(pool)?;
-        p.volumes
-            .remove(name)
-            .map(|_| ())
-            .ok_or_else(|| Error::not_found(VOL, name))
+        self.change(Kind::Pool, pool, |st| {
+            let p = st.active_pool_mut(pool)?;
+            p.volumes
+                .remove(name)
+                .map(|_| ())
+                .ok_or_else(|| Error::not_found(VOL, name))
+        })
     }
 }
