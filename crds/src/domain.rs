@@ -24,7 +24,7 @@ use crate::common::{Condition, is_false};
     shortname = "vm",
     category = "vireo",
     printcolumn = r#"{"name":"ID","type":"integer","jsonPath":".status.id"}"#,
-    printcolumn = r#"{"name":"State","type":"string","jsonPath":".status.info.state"}"#,
+    printcolumn = r#"{"name":"State","type":"string","jsonPath":".status.state"}"#,
     printcolumn = r#"{"name":"Node","type":"string","jsonPath":".status.nodeName"}"#,
     printcolumn = r#"{"name":"VCPUs","type":"integer","jsonPath":".spec.vcpus"}"#,
     printcolumn = r#"{"name":"Memory","type":"string","jsonPath":".spec.memory"}"#,
@@ -266,6 +266,13 @@ impl LifecycleAction {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DomainStatus {
+    /// The state `kubectl get` shows: the agent's observed state, or
+    /// `pending` before placement and `unknown` while the host is not reporting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<DomainState>,
+    /// How many times an agent started the domain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_count: Option<u32>,
     /// Runtime ID of the current activation; absent while inactive.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<u32>,
@@ -283,6 +290,7 @@ pub struct DomainStatus {
     pub observed_generation: Option<i64>,
     /// `Scheduled`, `VolumesReady`, `NetworksReady`, `Ready`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }
 
@@ -316,12 +324,14 @@ pub enum DomainState {
     PmSuspended,
     /// The host that runs it is not reporting (Vireo only).
     Unknown,
+    /// Not placed on a host yet (Vireo only).
+    Pending,
 }
 
 impl DomainState {
     /// Whether a domain in this state is active (has an ID, uses resources).
     pub fn is_active(self) -> bool {
-        !matches!(self, Self::Shutoff | Self::NoState)
+        !matches!(self, Self::Shutoff | Self::NoState | Self::Pending)
     }
 
     /// virsh's words: `running`, `idle`, `paused`, `in shutdown`, `shut off`, ...
@@ -336,6 +346,7 @@ impl DomainState {
             Self::Crashed => "crashed",
             Self::PmSuspended => "pmsuspended",
             Self::Unknown => "unknown",
+            Self::Pending => "pending",
         }
     }
 }

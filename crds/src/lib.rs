@@ -15,6 +15,7 @@ pub mod common;
 pub mod crd;
 pub mod domain;
 pub mod host;
+pub mod labels;
 pub mod manifest;
 pub mod network;
 pub mod quantity;

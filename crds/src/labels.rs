@@ -1,0 +1,52 @@
+//! Labels, finalizers, annotations and field managers shared by the
+//! operator and the agents: the only contract between them besides the types.
+
+/// Label the operator puts on a Domain or StorageVol it binds to a Host; the
+/// agent of that Host watches objects with its name here.
+pub const NODE: &str = "vireo.dev/node";
+
+/// Finalizer of the agent that realized a namespaced object on its node:
+/// removed once the object is torn down there.
+pub const NODE_CLEANUP_FINALIZER: &str = "vireo.dev/node-cleanup";
+
+/// Finalizer of the operator on a StorageVol: held while a Domain uses it.
+pub const IN_USE_FINALIZER: &str = "vireo.dev/in-use-protection";
+
+/// Prefix of the per-node finalizers on cluster-scoped Networks and
+/// StoragePools: `node.vireo.dev/<node>` while realized on that node.
+pub const NODE_FINALIZER_PREFIX: &str = "node.vireo.dev/";
+
+/// Field manager of the operator.
+pub const OPERATOR_MANAGER: &str = "vireo-operator";
+
+/// Field manager of the agent on a node: `vireo-agent/<node>`.
+pub fn agent_manager(node: &str) -> String {
+    format!("vireo-agent/{node}")
+}
+
+/// Namespace of the agents' heartbeat Leases and of the operator's leader Lease.
+pub const SYSTEM_NAMESPACE: &str = "vireo-system";
+
+/// Name of the operator's leader-election Lease.
+pub const OPERATOR_LEASE: &str = "vireo-operator";
+
+/// The per-node finalizer name for a cluster-scoped object.
+pub fn node_finalizer(node: &str) -> String {
+    format!("{NODE_FINALIZER_PREFIX}{node}")
+}
+
+/// Whether a node name can be used as a label value (at most 63
+/// characters of `[A-Za-z0-9._-]`, starting and ending alphanumeric).
+pub fn is_label_value(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 63
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && v.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && v.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
+}
+
+/// The key a Domain or StorageVol has in a node's drivers: `namespace/name`.
+pub fn node_key(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
