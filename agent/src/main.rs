@@ -1,29 +1,142 @@
-//! `vireo-agent`: one per node. The reconcilers arrive with the Kubernetes
-//! and standalone issues; today the binary reports what it would register as
-//! its Host.
+//! `vireo-agent`: one per node. Registers its Host, heartbeats a Lease, and
+//! realizes the Domains, StorageVols, Networks and StoragePools of its node
+//! through the drivers it embeds. Guests outlive it: stopping or restarting
+//! the agent leaves them running, and a restarted agent re-adopts them.
 
-use anyhow::Result;
-use clap::{Parser, Subcommand};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use vireo_controllers::agent::AgentConfig;
+use vireo_controllers::metrics::Metrics;
 
 #[derive(Parser)]
-#[command(version, about = "Vireo's node agent", long_about = None)]
+#[command(
+    version,
+    about = "Vireo's node agent",
+    long_about = "Vireo's node agent. Run one per node: it registers the node as a Host, renews a \
+        heartbeat Lease in vireo-system, and runs the Domains, StorageVols, Networks and \
+        StoragePools bound to or selecting its node. The cluster comes from KUBECONFIG (or the \
+        in-cluster service account)."
+)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print this node's NodeInfo (CPUs, memory, CPU model) as the Host status will carry it.
+    /// Print this node's NodeInfo (CPUs, memory, CPU model) as the Host status carries it.
     HostInfo,
 }
 
+#[derive(Args)]
+struct RunArgs {
+    /// This node's name (the Host's name and the `vireo.dev/node` label value).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Where the agent keeps its drivers' state; guests' records outlive the agent here.
+    #[arg(long, env = "VIREO_STATE_DIR", default_value = "/var/lib/vireo")]
+    state_dir: PathBuf,
+    /// Host labels, `key=value`, repeatable (matched by nodeSelectors).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+    /// CPUs to offer instead of this machine's (to simulate a bigger node).
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// Memory to offer instead of this machine's, in bytes or with a unit (64Gi).
+    #[arg(long)]
+    memory: Option<String>,
+    /// vCPUs offered per CPU (KubeVirt's default ratio is 10).
+    #[arg(long, default_value_t = 10)]
+    cpu_overcommit: u32,
+    /// Seconds between heartbeat Lease renewals.
+    #[arg(long, default_value_t = 10)]
+    heartbeat_seconds: u64,
+    /// Seconds a heartbeat stays valid.
+    #[arg(long, default_value_t = 40)]
+    lease_seconds: u64,
+    /// Seconds between looks at a healthy object.
+    #[arg(long, default_value_t = 30)]
+    resync_seconds: u64,
+    /// Objects reconciled at once, per kind.
+    #[arg(long, default_value_t = 16)]
+    concurrency: u16,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "127.0.0.1:9101")]
+    metrics_addr: SocketAddr,
+}
+
+fn labels(items: &[String]) -> Result<BTreeMap<String, String>> {
+    items
+        .iter()
+        .map(|l| {
+            l.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("--label '{l}' is not KEY=VALUE"))
+        })
+        .collect()
+}
+
 fn main() -> Result<()> {
-    match Cli::parse().command {
-        Command::HostInfo => {
-            let info = vireo_drivers::host::probe_node_info()?;
-            print!("{}", serde_yaml_ng::to_string(&info)?);
-        }
+    let cli = Cli::parse();
+    if let Some(Command::HostInfo) = cli.command {
+        let info = vireo_drivers::host::probe_node_info()?;
+        print!("{}", serde_yaml_ng::to_string(&info)?);
+        return Ok(());
     }
-    Ok(())
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube=warn,tower=warn,hyper=warn".into()),
+        )
+        .init();
+    let a = cli.run;
+    let node_name = match a.node_name {
+        Some(n) => n,
+        None => std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_string())
+            .context("--node-name is not set and /etc/hostname cannot be read")?,
+    };
+    let memory = a
+        .memory
+        .as_deref()
+        .map(vireo_crds::quantity::parse_str)
+        .transpose()
+        .context("--memory")?;
+    if a.heartbeat_seconds == 0 || a.lease_seconds <= a.heartbeat_seconds {
+        bail!("--lease-seconds must be greater than --heartbeat-seconds (and both above zero)");
+    }
+    let config = AgentConfig {
+        node_name,
+        state_dir: a.state_dir,
+        labels: labels(&a.labels)?,
+        cpus: a.cpus,
+        memory,
+        cpu_overcommit: a.cpu_overcommit.max(1),
+        heartbeat: Duration::from_secs(a.heartbeat_seconds),
+        lease_duration: Duration::from_secs(a.lease_seconds),
+        resync: Duration::from_secs(a.resync_seconds.max(1)),
+        concurrency: a.concurrency.max(1),
+    };
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let metrics = Metrics::new("vireo_agent");
+        let server = metrics.clone();
+        let addr = a.metrics_addr;
+        tokio::spawn(async move {
+            if let Err(e) = vireo_controllers::metrics::serve(addr, server).await {
+                tracing::error!(%addr, error = %e, "metrics endpoint failed");
+            }
+        });
+        tracing::info!(node = %config.node_name, state_dir = %config.state_dir.display(), "vireo-agent starting");
+        vireo_controllers::agent::run(config, metrics)
+            .await
+            .context("vireo-agent")
+    })
 }

@@ -1,5 +1,15 @@
-//! Reconcilers. The decisions live here as plain functions over the API
-//! types, so the cluster agent, standalone mode and their tests share them.
+//! Reconcilers. Pure decisions ([`run_strategy`], [`placement`],
+//! [`conditions`]) are plain functions over the API types, shared by the
+//! operator's cluster controllers ([`operator`]) and the agent's node
+//! reconcilers ([`agent`]), which meet only in the API server.
 
+pub mod agent;
+pub mod conditions;
+pub mod error;
+pub mod k8s;
+pub mod metrics;
+pub mod operator;
 pub mod placement;
 pub mod run_strategy;
+
+pub use error::{Error, Result};

@@ -1,17 +1,50 @@
-//! `vireo-operator`: the cluster controllers. The controllers arrive with the
-//! Kubernetes issue; today the binary prints or writes the CRDs generated
-//! from the `crds` types.
+//! `vireo-operator`: the cluster controllers (placement, UUIDs, dependency
+//! gates, in-use protection, host health). Several replicas can run: one
+//! leads, on the Lease `vireo-system/vireo-operator`; the others wait.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use vireo_controllers::metrics::Metrics;
+use vireo_controllers::operator::OperatorConfig;
+use vireo_crds::labels::{OPERATOR_LEASE, SYSTEM_NAMESPACE};
 
 #[derive(Parser)]
-#[command(version, about = "Vireo's cluster operator", long_about = None)]
+#[command(
+    version,
+    about = "Vireo's cluster operator",
+    long_about = "Vireo's cluster operator. Places Domains on Hosts, defaults UUIDs, gates \
+        Domains on their volumes and networks, protects volumes in use, and marks Hosts that \
+        stop heartbeating NotReady. The cluster comes from KUBECONFIG (or the in-cluster \
+        service account)."
+)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    /// Objects reconciled at once, per controller.
+    #[arg(long, default_value_t = 32)]
+    concurrency: u16,
+    /// Seconds between checks of the Hosts' heartbeat Leases.
+    #[arg(long, default_value_t = 2)]
+    host_check_seconds: u64,
+    /// Seconds past a Lease's duration before its Host is NotReady.
+    #[arg(long, default_value_t = 0)]
+    host_grace_seconds: u64,
+    /// Seconds between placement attempts for a Domain that fits nowhere.
+    #[arg(long, default_value_t = 5)]
+    retry_pending_seconds: u64,
+    /// Run without leader election (a single replica).
+    #[arg(long)]
+    no_leader_election: bool,
+    /// Seconds the leader's Lease lasts without renewal.
+    #[arg(long, default_value_t = 15)]
+    leader_lease_seconds: u64,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "127.0.0.1:9100")]
+    metrics_addr: SocketAddr,
 }
 
 #[derive(Subcommand)]
@@ -25,24 +58,86 @@ enum Command {
     },
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().command {
-        Command::Crds { out_dir } => {
-            for crd in vireo_crds::crd::all() {
-                let yaml = vireo_crds::crd::to_yaml(&crd)?;
-                match &out_dir {
-                    Some(dir) => {
-                        std::fs::create_dir_all(dir)
-                            .with_context(|| format!("cannot create {}", dir.display()))?;
-                        let path = dir.join(vireo_crds::crd::file_name(&crd));
-                        std::fs::write(&path, yaml)
-                            .with_context(|| format!("cannot write {}", path.display()))?;
-                        println!("wrote {}", path.display());
-                    }
-                    None => print!("---\n{yaml}"),
-                }
+fn print_crds(out_dir: Option<PathBuf>) -> Result<()> {
+    for crd in vireo_crds::crd::all() {
+        let yaml = vireo_crds::crd::to_yaml(&crd)?;
+        match &out_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+                let path = dir.join(vireo_crds::crd::file_name(&crd));
+                std::fs::write(&path, yaml)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                println!("wrote {}", path.display());
             }
+            None => print!("---\n{yaml}"),
         }
     }
     Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if let Some(Command::Crds { out_dir }) = cli.command {
+        return print_crds(out_dir);
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube=warn,tower=warn,hyper=warn".into()),
+        )
+        .init();
+    let config = OperatorConfig {
+        concurrency: cli.concurrency.max(1),
+        host_check: Duration::from_secs(cli.host_check_seconds.max(1)),
+        host_grace: Duration::from_secs(cli.host_grace_seconds),
+        retry_pending: Duration::from_secs(cli.retry_pending_seconds.max(1)),
+    };
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let metrics = Metrics::new("vireo_operator");
+        let server = metrics.clone();
+        let addr = cli.metrics_addr;
+        tokio::spawn(async move {
+            if let Err(e) = vireo_controllers::metrics::serve(addr, server).await {
+                tracing::error!(%addr, error = %e, "metrics endpoint failed");
+            }
+        });
+        let client = kube::Client::try_default().await.context("cannot reach the cluster")?;
+        if cli.no_leader_election {
+            tracing::info!("running without leader election");
+            return vireo_controllers::operator::run(client, config, metrics).await.context("vireo-operator");
+        }
+        let lease_seconds = cli.leader_lease_seconds.max(2);
+        let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), OPERATOR_LEASE)
+            .with_namespace(SYSTEM_NAMESPACE)
+            .with_duration(lease_seconds)
+            .with_grace((lease_seconds / 3).max(1))
+            .build()
+            .await
+            .context("cannot set up leader election")?;
+        let (mut leading, _task) = manager.watch().await;
+        tracing::info!("waiting to lead (Lease {SYSTEM_NAMESPACE}/{OPERATOR_LEASE})");
+        while !*leading.borrow_and_update() {
+            tokio::select! {
+                changed = leading.changed() => changed.context("leader election stopped")?,
+                _ = vireo_controllers::agent::shutdown_signal() => return Ok(()),
+            }
+        }
+        tracing::info!("leading");
+        tokio::select! {
+            r = vireo_controllers::operator::run(client, config, metrics) => r.context("vireo-operator"),
+            _ = async {
+                loop {
+                    if leading.changed().await.is_err() || !*leading.borrow() {
+                        break;
+                    }
+                }
+            } => {
+                // Another replica may lead now: stop at once rather than act twice.
+                anyhow::bail!("lost the leader Lease; exiting so a restart can wait its turn")
+            }
+            _ = vireo_controllers::agent::shutdown_signal() => Ok(()),
+        }
+    })
 }

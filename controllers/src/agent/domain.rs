@@ -1,0 +1,271 @@
+//! Domains bound to this node: defined in the driver, started and stopped
+//! as `runStrategy` and `lifecycle` say, observed into status.
+
+use std::sync::Arc;
+
+use kube::api::Api;
+use kube::runtime::controller::{Action, Config, Controller};
+use kube::runtime::events::EventType;
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use vireo_crds::labels::{NODE, NODE_CLEANUP_FINALIZER, node_key};
+use vireo_crds::{Domain, DomainInfo, DomainState, DomainStatus, DomainType};
+use vireo_drivers::{Error as DriverError, Lookup};
+
+use super::{Ctx, drain, error_policy, instrumented};
+use crate::conditions::{condition, find, same};
+use crate::error::{Error, Result};
+use crate::k8s;
+use crate::run_strategy::{Action as Step, History, decide};
+
+pub(crate) async fn run(ctx: Arc<Ctx>) {
+    let api: Api<Domain> = Api::all(ctx.client.clone());
+    let selector = format!("{NODE}={}", ctx.config.node_name);
+    let stream = Controller::new(api, watcher::Config::default().labels(&selector))
+        .with_config(Config::default().concurrency(ctx.config.concurrency))
+        .run(
+            |dom, ctx: Arc<Ctx>| async move {
+                let key = node_key(&dom.namespace().unwrap_or_default(), &dom.name_any());
+                instrumented(&ctx, "agent-domain", key, reconcile(dom, &ctx)).await
+            },
+            |dom, _err, ctx: Arc<Ctx>| {
+                error_policy(
+                    &ctx,
+                    &node_key(&dom.namespace().unwrap_or_default(), &dom.name_any()),
+                )
+            },
+            ctx.clone(),
+        );
+    drain(stream).await;
+}
+
+fn is_not_found(e: &Error) -> bool {
+    matches!(e, Error::Driver(DriverError::NotFound(_)))
+}
+
+async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
+    let ns = dom.namespace().unwrap_or_default();
+    let api: Api<Domain> = Api::namespaced(ctx.client.clone(), &ns);
+    let key = node_key(&ns, &dom.name_any());
+
+    if dom.meta().deletion_timestamp.is_some() {
+        if dom.finalizers().iter().any(|f| f == NODE_CLEANUP_FINALIZER) {
+            teardown(ctx, &key).await?;
+            k8s::event(
+                &ctx.recorder,
+                dom.as_ref(),
+                EventType::Normal,
+                "Destroyed",
+                "Delete",
+                format!("destroyed and undefined on node {}", ctx.config.node_name),
+            )
+            .await;
+            k8s::remove_finalizer(&api, dom.as_ref(), NODE_CLEANUP_FINALIZER).await?;
+        }
+        return Ok(Action::await_change());
+    }
+    if dom.spec.domain_type != DomainType::Test {
+        return Err(Error::Invalid(format!(
+            "domain {key} has type '{}', which this agent does not embed",
+            dom.spec.domain_type
+        )));
+    }
+    // The operator gives every Domain its UUID before binding it.
+    let Some(uuid) = dom.spec.uuid.clone() else {
+        return Ok(Action::await_change());
+    };
+    k8s::add_finalizer(&api, dom.as_ref(), NODE_CLEANUP_FINALIZER).await?;
+
+    // Define, or redefine when the spec changed.
+    let mut def = Domain::new(&key, dom.spec.clone());
+    def.spec.uuid = Some(uuid.to_ascii_lowercase());
+    let k = key.clone();
+    let current = ctx
+        .drive(move |c| c.hypervisor().domain_definition(&k, true))
+        .await;
+    let needs_define = match current {
+        Ok(cur) => cur.spec != def.spec,
+        Err(e) if is_not_found(&e) => true,
+        Err(e) => return Err(e),
+    };
+    if needs_define {
+        let d = def.clone();
+        ctx.drive(move |c| c.hypervisor().define_domain(&d)).await?;
+        tracing::info!(domain = %key, "defined");
+    }
+
+    let status = dom.status.clone().unwrap_or_default();
+    let k = key.clone();
+    let (state, reason) = ctx.drive(move |c| c.hypervisor().domain_state(&k)).await?;
+    let history = History {
+        started_once: status.start_count.unwrap_or(0) > 0,
+    };
+    let mut start_count = status.start_count.unwrap_or(0);
+    // The operator's gates: start only once volumes and networks are ready here.
+    let gates: Vec<&str> = ["VolumesReady", "NetworksReady"]
+        .into_iter()
+        .filter(|g| find(&status.conditions, g).is_none_or(|c| c.status != "True"))
+        .collect();
+    let mut waiting = None;
+    match decide(
+        dom.spec.run_strategy,
+        &dom.spec.lifecycle,
+        state,
+        reason,
+        history,
+    ) {
+        Step::Nothing => {}
+        Step::Start if !gates.is_empty() => {
+            waiting = Some(format!(
+                "waiting for {} before starting",
+                gates.join(" and ")
+            ));
+        }
+        Step::Start => {
+            let k = key.clone();
+            let r = ctx.drive(move |c| c.hypervisor().start_domain(&k)).await?;
+            start_count = start_count.saturating_add(1);
+            let id = r.id.map_or_else(|| "-".into(), |i| i.to_string());
+            tracing::info!(domain = %key, id, "started");
+            k8s::event(
+                &ctx.recorder,
+                dom.as_ref(),
+                EventType::Normal,
+                "Started",
+                "Start",
+                format!("started on node {} with ID {id}", ctx.config.node_name),
+            )
+            .await;
+        }
+        Step::Stop => {
+            let k = key.clone();
+            ctx.drive(move |c| c.hypervisor().shutdown_domain(&k))
+                .await?;
+            let k = key.clone();
+            let (after, _) = ctx.drive(move |c| c.hypervisor().domain_state(&k)).await?;
+            if after.is_active() {
+                // The driver asked the guest; the next pass destroys it if it
+                // is still up after the resync.
+                return Ok(Action::requeue(std::time::Duration::from_secs(5)));
+            }
+            tracing::info!(domain = %key, "stopped");
+            k8s::event(
+                &ctx.recorder,
+                dom.as_ref(),
+                EventType::Normal,
+                "Stopped",
+                "Stop",
+                format!(
+                    "shut down on node {} (runStrategy {:?})",
+                    ctx.config.node_name, dom.spec.run_strategy
+                ),
+            )
+            .await;
+        }
+    }
+
+    let k = key.clone();
+    let (reference, info) = ctx
+        .drive(move |c| {
+            let r = c.hypervisor().lookup_domain(Lookup::Name(&k))?;
+            let i = c.hypervisor().domain_info(&k)?;
+            Ok((r, i))
+        })
+        .await?;
+    let ready = info.state == DomainState::Running;
+    let message = match (&waiting, reference.id) {
+        (Some(w), _) => w.clone(),
+        (None, id) => match id {
+            Some(id) => format!(
+                "{} ({}) with ID {id} on node {}",
+                info.state, info.reason, ctx.config.node_name
+            ),
+            None => format!(
+                "{} ({}) on node {}",
+                info.state, info.reason, ctx.config.node_name
+            ),
+        },
+    };
+    let ready_cond = condition(
+        &status.conditions,
+        "Ready",
+        ready,
+        &camel(info.state.virsh_name()),
+        message,
+        dom.meta().generation,
+    );
+    let wanted = DomainStatus {
+        state: Some(info.state),
+        start_count: Some(start_count),
+        id: reference.id,
+        node_name: None,
+        uuid: Some(reference.uuid),
+        info: Some(info),
+        observed_generation: dom.meta().generation,
+        conditions: vec![ready_cond],
+    };
+    if !status_matches(&status, &wanted) {
+        k8s::apply_status(&api, &dom.name_any(), &ctx.manager, &wanted).await?;
+    }
+    // Gates open with a status change, which wakes this reconcile.
+    Ok(Action::requeue(ctx.config.resync))
+}
+
+/// `shut off` → `ShutOff`, for condition reasons.
+fn camel(words: &str) -> String {
+    words
+        .split(' ')
+        .map(|w| {
+            let mut c = w.chars();
+            c.next()
+                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// Whether the status already says what we would write (CPU time aside:
+/// it is refreshed with the next real change, to spare the API server).
+fn status_matches(have: &DomainStatus, want: &DomainStatus) -> bool {
+    let info_eq = |a: &Option<DomainInfo>, b: &Option<DomainInfo>| match (a, b) {
+        (Some(a), Some(b)) => {
+            a.state == b.state
+                && a.reason == b.reason
+                && a.max_memory == b.max_memory
+                && a.memory == b.memory
+                && a.vcpus == b.vcpus
+        }
+        (None, None) => true,
+        _ => false,
+    };
+    let ready_have: Vec<_> = find(&have.conditions, "Ready")
+        .cloned()
+        .into_iter()
+        .collect();
+    have.state == want.state
+        && have.start_count == want.start_count
+        && have.id == want.id
+        && have.uuid == want.uuid
+        && have.observed_generation == want.observed_generation
+        && info_eq(&have.info, &want.info)
+        && same(&ready_have, &want.conditions)
+}
+
+/// Destroys (if active) and undefines a domain on this node; gone is fine.
+async fn teardown(ctx: &Ctx, key: &str) -> Result<()> {
+    let k = key.to_string();
+    ctx.drive(move |c| {
+        let hv = c.hypervisor();
+        match hv.domain_state(&k) {
+            Ok((s, _)) if s.is_active() => hv.destroy_domain(&k)?,
+            Ok(_) => {}
+            Err(DriverError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        match hv.undefine_domain(&k) {
+            Ok(()) | Err(DriverError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    })
+    .await
+}

@@ -1,0 +1,196 @@
+//! The node agent's reconcilers: it registers its Host, renews a Lease as
+//! its heartbeat, and realizes the objects of its node through the drivers
+//! it embeds, writing what it observes to their status under its own field
+//! manager (`vireo-agent/<node>`).
+//!
+//! It watches only Domains and StorageVols labelled with its node
+//! (`vireo.dev/node`), and the cluster-scoped Networks and StoragePools whose
+//! `nodeSelector` matches its Host's labels.
+
+mod domain;
+mod host;
+mod network;
+mod pool;
+mod volume;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::Client;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Recorder, Reporter};
+use vireo_drivers::Connection;
+
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+
+/// How the agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// This node's name: the Host's name and the value of `vireo.dev/node`.
+    pub node_name: String,
+    /// Where the agent keeps its drivers' state.
+    pub state_dir: PathBuf,
+    /// Labels of the Host (matched by nodeSelectors).
+    pub labels: BTreeMap<String, String>,
+    /// CPUs and memory to offer, instead of this machine's.
+    pub cpus: Option<u32>,
+    pub memory: Option<u64>,
+    /// vCPUs offered per CPU.
+    pub cpu_overcommit: u32,
+    /// How often the heartbeat Lease is renewed.
+    pub heartbeat: Duration,
+    /// How long the Lease stays valid without renewal.
+    pub lease_duration: Duration,
+    /// How often a healthy object is looked at again.
+    pub resync: Duration,
+    /// Objects reconciled at once, per kind.
+    pub concurrency: u16,
+}
+
+/// What every reconcile of the agent shares.
+pub(crate) struct Ctx {
+    pub client: Client,
+    pub conn: Connection,
+    pub config: AgentConfig,
+    pub manager: String,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Ctx {
+    /// Runs a driver call on the blocking pool: drivers are synchronous.
+    pub async fn drive<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> vireo_drivers::Result<T> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        Ok(tokio::task::spawn_blocking(move || f(&conn)).await??)
+    }
+
+    /// Whether a nodeSelector selects this node.
+    pub fn selects_me(&self, selector: Option<&BTreeMap<String, String>>) -> bool {
+        selector.is_none_or(|s| s.iter().all(|(k, v)| self.config.labels.get(k) == Some(v)))
+    }
+
+    /// Requeue delay after a failure: 1 s doubling to 60 s, per object.
+    fn backoff(&self, key: &str) -> Duration {
+        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = f.entry(key.to_string()).or_default();
+        *n = n.saturating_add(1);
+        Duration::from_secs(1u64 << (*n - 1).min(6)).min(Duration::from_secs(60))
+    }
+
+    fn succeeded(&self, key: &str) {
+        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        f.remove(key);
+    }
+}
+
+/// Wraps a reconcile with metrics, logs and the per-object backoff bookkeeping.
+pub(crate) async fn instrumented<F>(
+    ctx: &Ctx,
+    controller: &str,
+    key: String,
+    f: F,
+) -> Result<Action>
+where
+    F: std::future::Future<Output = Result<Action>>,
+{
+    let started = std::time::Instant::now();
+    let result = f.await;
+    match &result {
+        Ok(_) => {
+            ctx.succeeded(&key);
+            ctx.metrics.reconciled(controller, started, None);
+        }
+        Err(e) => {
+            ctx.metrics.reconciled(controller, started, Some(e.label()));
+            tracing::warn!(controller, object = %key, error = %e, "reconcile failed");
+        }
+    }
+    result
+}
+
+pub(crate) fn error_policy(ctx: &Ctx, key: &str) -> Action {
+    Action::requeue(ctx.backoff(key))
+}
+
+/// Runs the agent until SIGTERM or Ctrl-C. Guests keep running after it stops.
+pub async fn run(config: AgentConfig, metrics: Arc<Metrics>) -> Result<()> {
+    if !vireo_crds::labels::is_label_value(&config.node_name) {
+        return Err(Error::Invalid(format!(
+            "node name '{}' cannot be a label value (at most 63 characters of letters, digits, '-', '_', '.')",
+            config.node_name
+        )));
+    }
+    let client = Client::try_default().await?;
+    let uri = format!("test://{}/", config.state_dir.join("test-node").display());
+    let conn = vireo_drivers::open(&uri)?;
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "vireo-agent".into(),
+            instance: Some(config.node_name.clone()),
+        },
+    );
+    let ctx = Arc::new(Ctx {
+        manager: vireo_crds::labels::agent_manager(&config.node_name),
+        client,
+        conn,
+        config,
+        recorder,
+        metrics: metrics.clone(),
+        failures: Mutex::new(HashMap::new()),
+    });
+    host::register(&ctx).await?;
+    tracing::info!(node = %ctx.config.node_name, "registered Host");
+    metrics.set_ready(true);
+    let heartbeat = tokio::spawn(host::heartbeat(ctx.clone()));
+    tokio::select! {
+        _ = domain::run(ctx.clone()) => {}
+        _ = volume::run(ctx.clone()) => {}
+        _ = network::run(ctx.clone()) => {}
+        _ = pool::run(ctx.clone()) => {}
+        _ = shutdown_signal() => tracing::info!("stopping; guests keep running"),
+    }
+    heartbeat.abort();
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// Drains a controller's output stream (the results are already logged).
+pub(crate) async fn drain<S, T, E>(stream: S)
+where
+    S: futures::Stream<Item = std::result::Result<T, E>>,
+{
+    stream.for_each(|_| async {}).await;
+}

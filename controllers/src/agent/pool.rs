@@ -1,0 +1,122 @@
+//! StoragePools whose nodeSelector matches this node: defined, built and
+//! started here; stopped and undefined (their files kept, as libvirt's
+//! pool-undefine keeps them) when deleted or no longer selected.
+
+use std::sync::Arc;
+
+use kube::api::Api;
+use kube::runtime::controller::{Action, Config, Controller};
+use kube::runtime::events::EventType;
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use vireo_crds::StoragePool;
+use vireo_crds::labels::node_finalizer;
+use vireo_crds::quantity::format_bytes;
+use vireo_drivers::{Error as DriverError, PoolState};
+
+use super::{Ctx, drain, error_policy, instrumented};
+use crate::error::Result;
+use crate::k8s;
+
+pub(crate) async fn run(ctx: Arc<Ctx>) {
+    let api: Api<StoragePool> = Api::all(ctx.client.clone());
+    let stream = Controller::new(api, watcher::Config::default())
+        .with_config(Config::default().concurrency(ctx.config.concurrency))
+        .run(
+            |pool, ctx: Arc<Ctx>| async move {
+                let key = format!("pool/{}", pool.name_any());
+                instrumented(&ctx, "agent-pool", key, reconcile(pool, &ctx)).await
+            },
+            |pool, _err, ctx: Arc<Ctx>| error_policy(&ctx, &format!("pool/{}", pool.name_any())),
+            ctx.clone(),
+        );
+    drain(stream).await;
+}
+
+async fn reconcile(pool: Arc<StoragePool>, ctx: &Ctx) -> Result<Action> {
+    let api: Api<StoragePool> = Api::all(ctx.client.clone());
+    let name = pool.name_any();
+    let finalizer = node_finalizer(&ctx.config.node_name);
+    let mine = pool.finalizers().contains(&finalizer);
+    let wanted_here = pool.meta().deletion_timestamp.is_none()
+        && ctx.selects_me(pool.spec.node_selector.as_ref())
+        && pool.spec.active.unwrap_or(true);
+
+    if !wanted_here {
+        if mine {
+            let n = name.clone();
+            ctx.drive(move |c| {
+                let st = c.storage();
+                match st.pool_info(&n) {
+                    Ok(i) if i.state != PoolState::Inactive => st.destroy_pool(&n)?,
+                    Ok(_) => {}
+                    Err(DriverError::NotFound(_)) => return Ok(()),
+                    Err(e) => return Err(e),
+                }
+                match st.undefine_pool(&n) {
+                    Ok(()) | Err(DriverError::NotFound(_)) => Ok(()),
+                    Err(e) => Err(e),
+                }
+            })
+            .await?;
+            k8s::apply_status(&api, &name, &ctx.manager, &json!({})).await?;
+            k8s::event(
+                &ctx.recorder,
+                pool.as_ref(),
+                EventType::Normal,
+                "Stopped",
+                "Destroy",
+                format!("stopped and undefined on node {}", ctx.config.node_name),
+            )
+            .await;
+            k8s::remove_finalizer(&api, pool.as_ref(), &finalizer).await?;
+        }
+        return Ok(Action::await_change());
+    }
+    k8s::add_finalizer(&api, pool.as_ref(), &finalizer).await?;
+    let mut def = StoragePool::new(&name, pool.spec.clone());
+    def.metadata.annotations = pool.metadata.annotations.clone();
+    let n = name.clone();
+    let info = ctx
+        .drive(move |c| {
+            let st = c.storage();
+            let current = match st.pool_definition(&n) {
+                Ok(cur) => Some(cur),
+                Err(DriverError::NotFound(_)) => None,
+                Err(e) => return Err(e),
+            };
+            let mut want = def.clone();
+            if let Some(cur) = &current {
+                want.spec.uuid = want.spec.uuid.or(cur.spec.uuid.clone());
+            }
+            if current.as_ref().is_none_or(|cur| cur.spec != want.spec) {
+                st.define_pool(&want)?;
+            }
+            if st.pool_info(&n)?.state == PoolState::Inactive {
+                st.build_pool(&n)?;
+                st.start_pool(&n)?;
+            }
+            st.pool_info(&n)
+        })
+        .await?;
+    let state = info.state.to_string();
+    let entry = json!({"nodes": [{
+        "nodeName": ctx.config.node_name,
+        "state": state,
+        "capacity": format_bytes(info.capacity),
+        "allocation": format_bytes(info.allocation),
+        "available": format_bytes(info.available),
+    }]});
+    let already = pool.status.as_ref().is_some_and(|s| {
+        s.nodes.iter().any(|e| {
+            e.node_name == ctx.config.node_name
+                && e.state == state
+                && e.allocation == Some(format_bytes(info.allocation))
+        })
+    });
+    if !already {
+        k8s::apply_status(&api, &name, &ctx.manager, &entry).await?;
+    }
+    Ok(Action::requeue(ctx.config.resync))
+}

@@ -1,0 +1,550 @@
+//! Domains, cluster-wide: a UUID for each, a Host for each, and the gates
+//! (`VolumesReady`, `NetworksReady`) the agent waits for before starting it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{Action, Config, Controller};
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use vireo_crds::labels::{NODE, OPERATOR_MANAGER};
+use vireo_crds::quantity::parse_quantity;
+use vireo_crds::{Domain, DomainState, DomainStatus, Host, Network, StorageVol};
+
+use super::Ctx;
+use crate::conditions::{condition, find, same, status_condition};
+use crate::error::Result;
+use crate::k8s;
+use crate::metrics::StateLabels;
+use crate::placement::{HostView, Request, VolumeNeed, place};
+
+struct DomainCtx {
+    ctx: Arc<Ctx>,
+    domains: Store<Domain>,
+}
+
+fn bound_node(d: &Domain) -> Option<&str> {
+    d.labels().get(NODE).map(String::as_str)
+}
+
+fn key(d: &Domain) -> String {
+    format!("{}/{}", d.namespace().unwrap_or_default(), d.name_any())
+}
+
+pub async fn run(ctx: Arc<Ctx>) {
+    let client = ctx.client.clone();
+    let controller = Controller::new(
+        Api::<Domain>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .with_config(Config::default().concurrency(ctx.config.concurrency));
+    let domains = controller.store();
+    // A Host that changes (registers, goes NotReady or Ready) concerns the
+    // Domains bound to it and every Domain still waiting for a Host.
+    let by_host = domains.clone();
+    // A volume or network that changes concerns the Domains that use it.
+    let by_volume = domains.clone();
+    let by_network = domains.clone();
+    tokio::spawn(count_states(ctx.clone(), domains.clone()));
+    let dctx = Arc::new(DomainCtx {
+        ctx: ctx.clone(),
+        domains: domains.clone(),
+    });
+    controller
+        .watches(
+            Api::<Host>::all(client.clone()),
+            watcher::Config::default(),
+            move |host| {
+                let name = host.name_any();
+                by_host
+                    .state()
+                    .into_iter()
+                    .filter(|d| bound_node(d).is_none_or(|n| n == name))
+                    .map(|d| ObjectRef::from_obj(d.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .watches(
+            Api::<StorageVol>::all(client.clone()),
+            watcher::Config::default(),
+            move |vol| {
+                let (ns, name) = (vol.namespace(), vol.name_any());
+                by_volume
+                    .state()
+                    .into_iter()
+                    .filter(|d| {
+                        d.namespace() == ns && d.spec.devices.disks.iter().any(|k| k.volume == name)
+                    })
+                    .map(|d| ObjectRef::from_obj(d.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .watches(
+            Api::<Network>::all(client),
+            watcher::Config::default(),
+            move |net| {
+                let name = net.name_any();
+                by_network
+                    .state()
+                    .into_iter()
+                    .filter(|d| d.spec.devices.interfaces.iter().any(|i| i.network == name))
+                    .map(|d| ObjectRef::from_obj(d.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .run(
+            |dom, dctx: Arc<DomainCtx>| async move {
+                let started = std::time::Instant::now();
+                let result = reconcile(dom.clone(), &dctx).await;
+                let err = result.as_ref().err().map(|e| e.label());
+                dctx.ctx.metrics.reconciled("domain", started, err);
+                if let Err(e) = &result {
+                    tracing::warn!(domain = %key(&dom), error = %e, "reconcile failed");
+                }
+                result
+            },
+            |_dom, _err, _ctx| Action::requeue(Duration::from_secs(2)),
+            dctx,
+        )
+        .for_each(|_| async {})
+        .await;
+}
+
+use futures::StreamExt;
+
+/// Keeps `vireo_objects{kind="Domain",state=...}` current.
+async fn count_states(ctx: Arc<Ctx>, domains: Store<Domain>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let mut seen: BTreeSet<String> = BTreeSet::new();
+    loop {
+        tick.tick().await;
+        let mut counts: BTreeMap<String, i64> = seen.iter().map(|s| (s.clone(), 0)).collect();
+        for d in domains.state() {
+            let state = d
+                .status
+                .as_ref()
+                .and_then(|s| s.state)
+                .map_or("none", |s| s.virsh_name());
+            *counts.entry(state.to_string()).or_default() += 1;
+        }
+        for (state, n) in counts {
+            ctx.metrics
+                .objects
+                .get_or_create(&StateLabels {
+                    kind: "Domain".into(),
+                    state: state.clone(),
+                })
+                .set(n);
+            seen.insert(state);
+        }
+    }
+}
+
+/// Whether a Host's `Ready` condition is True.
+pub(crate) fn host_ready(h: &Host) -> bool {
+    h.status
+        .as_ref()
+        .and_then(|s| find(&s.conditions, "Ready"))
+        .is_some_and(|c| c.status == "True")
+}
+
+/// Whether a Host has been declared NotReady (False or Unknown).
+fn host_lost(h: &Host) -> bool {
+    h.status
+        .as_ref()
+        .and_then(|s| find(&s.conditions, "Ready"))
+        .is_some_and(|c| c.status != "True")
+}
+
+fn request(dom: &Domain, ctx: &Ctx) -> std::result::Result<Request, String> {
+    let ns = dom.namespace().unwrap_or_default();
+    let mut volumes = Vec::new();
+    for disk in &dom.spec.devices.disks {
+        let vol = ctx
+            .volumes
+            .get(&ObjectRef::new(&disk.volume).within(&ns))
+            .ok_or_else(|| {
+                format!(
+                    "StorageVol '{}' not found in namespace '{ns}' (spec.devices.disks[{}])",
+                    disk.volume, disk.name
+                )
+            })?;
+        volumes.push(VolumeNeed {
+            name: disk.volume.clone(),
+            pool: vol.spec.pool.clone(),
+            node: vol
+                .labels()
+                .get(NODE)
+                .cloned()
+                .or_else(|| vol.spec.node_name.clone()),
+        });
+    }
+    Ok(Request {
+        driver: dom.spec.domain_type.as_str().to_string(),
+        memory: parse_quantity(&dom.spec.memory).unwrap_or(u64::MAX),
+        vcpus: u64::from(dom.spec.vcpus),
+        node_selector: dom.spec.node_selector.clone().unwrap_or_default(),
+        networks: dom
+            .spec
+            .devices
+            .interfaces
+            .iter()
+            .map(|i| i.network.clone())
+            .collect(),
+        volumes,
+    })
+}
+
+/// Every Host as placement sees it, with what bound and assumed Domains use.
+fn host_views(
+    ctx: &Ctx,
+    domains: &Store<Domain>,
+    assumed: &mut std::collections::HashMap<String, (String, u64, u64)>,
+) -> Vec<HostView> {
+    let mut views: BTreeMap<String, HostView> = BTreeMap::new();
+    for h in ctx.hosts.state() {
+        let status = h.status.clone().unwrap_or_default();
+        let name = h.name_any();
+        views.insert(
+            name.clone(),
+            HostView {
+                name,
+                labels: h.labels().clone(),
+                ready: host_ready(&h),
+                unschedulable: h.spec.unschedulable,
+                drivers: status.drivers.iter().cloned().collect(),
+                memory: status
+                    .allocatable_memory
+                    .as_ref()
+                    .and_then(|q| parse_quantity(q).ok())
+                    .unwrap_or(0),
+                vcpus: u64::from(status.allocatable_vcpus.unwrap_or(0)),
+                ..HostView::default()
+            },
+        );
+    }
+    for net in ctx.networks.state() {
+        for n in net
+            .status
+            .iter()
+            .flat_map(|s| &s.nodes)
+            .filter(|n| n.active)
+        {
+            if let Some(v) = views.get_mut(&n.node_name) {
+                v.networks.insert(net.name_any());
+            }
+        }
+    }
+    for pool in ctx.pools.state() {
+        for n in pool
+            .status
+            .iter()
+            .flat_map(|s| &s.nodes)
+            .filter(|n| n.state == "running")
+        {
+            if let Some(v) = views.get_mut(&n.node_name) {
+                v.pools.insert(pool.name_any());
+            }
+        }
+    }
+    let mut counted = BTreeSet::new();
+    for d in domains.state() {
+        if let Some(node) = bound_node(&d) {
+            let k = key(&d);
+            assumed.remove(&k);
+            counted.insert(k);
+            if let Some(v) = views.get_mut(node) {
+                v.used_memory += parse_quantity(&d.spec.memory).unwrap_or(0);
+                v.used_vcpus += u64::from(d.spec.vcpus);
+            }
+        }
+    }
+    for (k, (node, mem, vcpus)) in assumed.iter() {
+        if !counted.contains(k)
+            && let Some(v) = views.get_mut(node)
+        {
+            v.used_memory += mem;
+            v.used_vcpus += vcpus;
+        }
+    }
+    views.into_values().collect()
+}
+
+async fn reconcile(dom: Arc<Domain>, dctx: &DomainCtx) -> Result<Action> {
+    let ctx = &dctx.ctx;
+    let ns = dom.namespace().unwrap_or_default();
+    let name = dom.name_any();
+    let api: Api<Domain> = Api::namespaced(ctx.client.clone(), &ns);
+    if dom.meta().deletion_timestamp.is_some() {
+        ctx.assumed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key(&dom));
+        return Ok(Action::await_change());
+    }
+    // A UUID for life: the object's own UID, which is an RFC 4122 UUID.
+    if dom.spec.uuid.is_none() {
+        let uid = dom.uid().unwrap_or_default();
+        api.patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"uuid": uid}})),
+        )
+        .await?;
+        return Ok(Action::await_change());
+    }
+    let status = dom.status.clone().unwrap_or_default();
+    let generation = dom.meta().generation;
+    let prev = &status.conditions;
+
+    let mut node = bound_node(&dom).map(str::to_string);
+    let scheduled = match &node {
+        Some(n) => condition(
+            prev,
+            "Scheduled",
+            true,
+            "Bound",
+            format!("bound to host {n}"),
+            generation,
+        ),
+        None => {
+            let decision = request(&dom, ctx).and_then(|req| {
+                let mut assumed = ctx.assumed.lock().unwrap_or_else(|p| p.into_inner());
+                let views = host_views(ctx, &dctx.domains, &mut assumed);
+                let host = place(&req, &views)?;
+                assumed.insert(key(&dom), (host.clone(), req.memory, req.vcpus));
+                Ok((host, req))
+            });
+            match decision {
+                Ok((host, req)) => {
+                    if let Err(e) = bind(ctx, &dom, &host, &req).await {
+                        ctx.assumed
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&key(&dom));
+                        return Err(e);
+                    }
+                    k8s::event(
+                        &ctx.recorder,
+                        dom.as_ref(),
+                        EventType::Normal,
+                        "Scheduled",
+                        "Bind",
+                        format!("bound to host {host}"),
+                    )
+                    .await;
+                    node = Some(host.clone());
+                    condition(
+                        prev,
+                        "Scheduled",
+                        true,
+                        "Bound",
+                        format!("bound to host {host}"),
+                        generation,
+                    )
+                }
+                Err(why) => {
+                    if find(prev, "Scheduled").is_none_or(|c| c.message != why) {
+                        k8s::event(
+                            &ctx.recorder,
+                            dom.as_ref(),
+                            EventType::Warning,
+                            "FailedScheduling",
+                            "Bind",
+                            why.clone(),
+                        )
+                        .await;
+                    }
+                    condition(prev, "Scheduled", false, "Unschedulable", why, generation)
+                }
+            }
+        }
+    };
+
+    let mut conditions = vec![scheduled];
+    let mut state = None;
+    match &node {
+        None => {
+            state = Some(DomainState::Pending);
+            conditions.push(condition(
+                prev,
+                "VolumesReady",
+                false,
+                "NotScheduled",
+                "waiting for a host",
+                generation,
+            ));
+            conditions.push(condition(
+                prev,
+                "NetworksReady",
+                false,
+                "NotScheduled",
+                "waiting for a host",
+                generation,
+            ));
+        }
+        Some(n) => {
+            let (vol_ok, vol_msg) = volumes_ready(ctx, &dom, n);
+            let (net_ok, net_msg) = networks_ready(ctx, &dom, n);
+            for (type_, ok, msg) in [
+                ("VolumesReady", vol_ok, vol_msg),
+                ("NetworksReady", net_ok, net_msg),
+            ] {
+                let reason = if ok { "Ready" } else { "Waiting" };
+                if find(prev, type_).is_some_and(|c| (c.status == "True") != ok) {
+                    let (t, r) = if ok {
+                        (EventType::Normal, type_.to_string())
+                    } else {
+                        (EventType::Warning, format!("{type_}Lost"))
+                    };
+                    k8s::event(&ctx.recorder, dom.as_ref(), t, &r, "Gate", msg.clone()).await;
+                }
+                conditions.push(condition(prev, type_, ok, reason, msg, generation));
+            }
+            let host = ctx.hosts.get(&ObjectRef::new(n));
+            if host.as_deref().is_none_or(host_lost) {
+                state = Some(DomainState::Unknown);
+                let msg = format!(
+                    "host {n} is not reporting; the domain may still run there and is not started elsewhere"
+                );
+                conditions.push(status_condition(
+                    prev,
+                    "Ready",
+                    "Unknown",
+                    "HostNotReady",
+                    msg.clone(),
+                    generation,
+                ));
+                if status.state != Some(DomainState::Unknown) {
+                    k8s::event(
+                        &ctx.recorder,
+                        dom.as_ref(),
+                        EventType::Warning,
+                        "HostNotReady",
+                        "Observe",
+                        msg,
+                    )
+                    .await;
+                }
+            }
+        }
+    }
+    let wanted = DomainStatus {
+        state,
+        node_name: node.clone(),
+        conditions,
+        ..DomainStatus::default()
+    };
+    let mine: Vec<_> = status
+        .conditions
+        .iter()
+        .filter(|c| wanted.conditions.iter().any(|w| w.type_ == c.type_))
+        .cloned()
+        .collect();
+    let state_ok = wanted.state.is_none() || status.state == wanted.state;
+    if !(state_ok && status.node_name == wanted.node_name && same(&mine, &wanted.conditions)) {
+        k8s::apply_status(&api, &name, OPERATOR_MANAGER, &wanted).await?;
+    }
+    Ok(if node.is_none() {
+        Action::requeue(ctx.config.retry_pending)
+    } else {
+        Action::await_change()
+    })
+}
+
+/// Binds the Domain (and its unplaced volumes) to a Host with the label the
+/// agent selects on.
+async fn bind(ctx: &Ctx, dom: &Domain, host: &str, req: &Request) -> Result<()> {
+    let ns = dom.namespace().unwrap_or_default();
+    let label = json!({"metadata": {"labels": {NODE: host}}});
+    let vols: Api<StorageVol> = Api::namespaced(ctx.client.clone(), &ns);
+    for v in req.volumes.iter().filter(|v| v.node.is_none()) {
+        vols.patch(&v.name, &PatchParams::default(), &Patch::Merge(&label))
+            .await?;
+    }
+    let api: Api<Domain> = Api::namespaced(ctx.client.clone(), &ns);
+    api.patch(
+        &dom.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&label),
+    )
+    .await?;
+    Ok(())
+}
+
+fn volumes_ready(ctx: &Ctx, dom: &Domain, node: &str) -> (bool, String) {
+    let ns = dom.namespace().unwrap_or_default();
+    let mut waiting = Vec::new();
+    for disk in &dom.spec.devices.disks {
+        match ctx.volumes.get(&ObjectRef::new(&disk.volume).within(&ns)) {
+            None => waiting.push(format!("{} (not found)", disk.volume)),
+            Some(v) => {
+                let phase = v
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.phase.clone())
+                    .unwrap_or_else(|| "Pending".into());
+                let on = v.labels().get(NODE).map(String::as_str);
+                if on != Some(node) {
+                    waiting.push(format!(
+                        "{} (on node {})",
+                        disk.volume,
+                        on.unwrap_or("none")
+                    ));
+                } else if phase != "Ready" {
+                    waiting.push(format!("{} ({phase})", disk.volume));
+                }
+            }
+        }
+    }
+    if waiting.is_empty() {
+        (
+            true,
+            format!("{} volume(s) ready on {node}", dom.spec.devices.disks.len()),
+        )
+    } else {
+        (
+            false,
+            format!("waiting for volumes: {}", waiting.join(", ")),
+        )
+    }
+}
+
+fn networks_ready(ctx: &Ctx, dom: &Domain, node: &str) -> (bool, String) {
+    let mut waiting = Vec::new();
+    for nic in &dom.spec.devices.interfaces {
+        let active = ctx
+            .networks
+            .get(&ObjectRef::new(&nic.network))
+            .is_some_and(|n| {
+                n.status
+                    .as_ref()
+                    .is_some_and(|s| s.nodes.iter().any(|e| e.node_name == node && e.active))
+            });
+        if !active {
+            waiting.push(nic.network.clone());
+        }
+    }
+    if waiting.is_empty() {
+        (
+            true,
+            format!(
+                "{} network(s) active on {node}",
+                dom.spec.devices.interfaces.len()
+            ),
+        )
+    } else {
+        (
+            false,
+            format!(
+                "waiting for networks to be active on {node}: {}",
+                waiting.join(", ")
+            ),
+        )
+    }
+}

@@ -1,0 +1,127 @@
+//! The operator's cluster controllers. It never touches a node: it decides
+//! (placement, UUIDs, dependency gates, in-use protection, host health) and
+//! writes its decisions to labels and to its own status fields under the
+//! field manager `vireo-operator`.
+//!
+//! * [`domain`]: UUID defaulting, placement on a Host, `Scheduled`,
+//!   `VolumesReady`, `NetworksReady` conditions, state `pending`/`unknown`.
+//! * [`volume`]: binding volumes with `spec.nodeName`, in-use protection.
+//! * [`host_health`]: Host `Ready` from the agents' heartbeat Leases.
+//! * [`aggregate`]: how many nodes run each Network and StoragePool.
+
+pub mod aggregate;
+pub mod domain;
+pub mod host_health;
+pub mod volume;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::Client;
+use kube::api::Api;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use vireo_crds::labels::SYSTEM_NAMESPACE;
+use vireo_crds::{Host, Network, StoragePool, StorageVol};
+
+use crate::error::Result;
+use crate::metrics::Metrics;
+
+/// How the operator runs.
+#[derive(Debug, Clone)]
+pub struct OperatorConfig {
+    /// Objects reconciled at once, per controller.
+    pub concurrency: u16,
+    /// How often Hosts' Leases are checked.
+    pub host_check: Duration,
+    /// A Host whose Lease is older than its duration plus this is NotReady.
+    pub host_grace: Duration,
+    /// How often a Pending Domain is tried again without any change.
+    pub retry_pending: Duration,
+}
+
+/// What every controller of the operator shares.
+pub struct Ctx {
+    pub client: Client,
+    pub config: OperatorConfig,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub hosts: Store<Host>,
+    pub networks: Store<Network>,
+    pub pools: Store<StoragePool>,
+    pub volumes: Store<StorageVol>,
+    pub leases: Store<Lease>,
+    /// Placements made but maybe not yet seen in the watch: domain key →
+    /// (host, memory, vCPUs). Placement reads it under this lock, so two
+    /// concurrent reconciles never give the same room twice.
+    pub assumed: Mutex<HashMap<String, (String, u64, u64)>>,
+}
+
+/// A reflector for a kind, running until the process ends.
+fn reflect<K>(api: Api<K>) -> Store<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .for_each(|_| async {});
+    tokio::spawn(stream);
+    reader
+}
+
+/// Runs every controller until one ends (they run until the process stops).
+pub async fn run(client: Client, config: OperatorConfig, metrics: Arc<Metrics>) -> Result<()> {
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "vireo-operator".into(),
+            instance: std::env::var("HOSTNAME").ok(),
+        },
+    );
+    let ctx = Arc::new(Ctx {
+        hosts: reflect(Api::<Host>::all(client.clone())),
+        networks: reflect(Api::<Network>::all(client.clone())),
+        pools: reflect(Api::<StoragePool>::all(client.clone())),
+        volumes: reflect(Api::<StorageVol>::all(client.clone())),
+        leases: reflect(Api::<Lease>::namespaced(client.clone(), SYSTEM_NAMESPACE)),
+        client,
+        config,
+        recorder,
+        metrics,
+        assumed: Mutex::new(HashMap::new()),
+    });
+    for (name, ready) in [
+        ("hosts", ctx.hosts.wait_until_ready().await),
+        ("networks", ctx.networks.wait_until_ready().await),
+        ("pools", ctx.pools.wait_until_ready().await),
+        ("volumes", ctx.volumes.wait_until_ready().await),
+        ("leases", ctx.leases.wait_until_ready().await),
+    ] {
+        if let Err(e) = ready {
+            tracing::warn!(store = name, error = %e, "cache did not fill");
+        }
+    }
+    ctx.metrics.set_ready(true);
+    tracing::info!("caches filled; controllers start");
+    tokio::select! {
+        _ = domain::run(ctx.clone()) => {}
+        _ = volume::run(ctx.clone()) => {}
+        _ = host_health::run(ctx.clone()) => {}
+        _ = aggregate::run_networks(ctx.clone()) => {}
+        _ = aggregate::run_pools(ctx.clone()) => {}
+    }
+    Ok(())
+}
