@@ -32,8 +32,8 @@ use crate::common::{Condition, is_false};
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.info.reason","priority":1}"#,
     printcolumn = r#"{"name":"UUID","type":"string","jsonPath":".spec.uuid","priority":1}"#
 )]
-#[x_kube(validation = Rule::new("isQuantity(string(self.memory)) && quantity(string(self.memory)).sign() > 0").message("spec.memory must be a size above zero, such as 512Mi").field_path(".memory"))]
-#[x_kube(validation = Rule::new("!has(self.currentMemory) || (isQuantity(string(self.currentMemory)) && quantity(string(self.currentMemory)).sign() > 0)").message("spec.currentMemory must be a size above zero, such as 256Mi").field_path(".currentMemory"))]
+#[x_kube(validation = Rule::new("isQuantity(string(self.memory)) && quantity(string(self.memory)).isGreaterThan(quantity('0'))").message("spec.memory must be a size above zero, such as 512Mi").field_path(".memory"))]
+#[x_kube(validation = Rule::new("!has(self.currentMemory) || (isQuantity(string(self.currentMemory)) && quantity(string(self.currentMemory)).isGreaterThan(quantity('0')))").message("spec.currentMemory must be a size above zero, such as 256Mi").field_path(".currentMemory"))]
 #[x_kube(validation = Rule::new("!has(self.currentMemory) || !isQuantity(string(self.currentMemory)) || !isQuantity(string(self.memory)) || quantity(string(self.currentMemory)).compareTo(quantity(string(self.memory))) <= 0").message("spec.currentMemory must not be greater than spec.memory").field_path(".currentMemory"))]
 #[x_kube(validation = Rule::new("!has(self.maxVcpus) || self.maxVcpus >= self.vcpus").message("spec.maxVcpus must not be less than spec.vcpus").field_path(".maxVcpus"))]
 #[serde(rename_all = "camelCase")]

@@ -42,6 +42,7 @@ pub struct NetworkSpec {
     /// Bridge device name (`virbr0`). For `bridge` mode, an existing bridge
     /// to attach to; otherwise the bridge Vireo creates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[!-.0-9;-~]{1,15}$"))]
     pub bridge: Option<String>,
     /// The host side address, the subnet and DHCP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -84,12 +85,17 @@ impl fmt::Display for ForwardMode {
 }
 
 /// The host's address on the network and the subnet it implies.
+///
+/// (The CEL rules build the CIDR with a list lookup instead of
+/// `string(self.prefix)`: the API server's cost estimate treats an
+/// int-to-string conversion as unbounded and refuses the CRD.)
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[x_kube(validation = Rule::new("!has(self.dhcp) || !has(self.dhcp.ranges) || !isIP(self.address) || self.dhcp.ranges.all(r, isIP(r.start) && isIP(r.end) && cidr(self.address + '/' + string(self.prefix)).containsIP(r.start) && cidr(self.address + '/' + string(self.prefix)).containsIP(r.end))").message("spec.ip.dhcp.ranges: every range must lie inside the network's subnet (spec.ip.address/spec.ip.prefix)").field_path(".dhcp.ranges"))]
-#[x_kube(validation = Rule::new("!has(self.dhcp) || !has(self.dhcp.hosts) || !isIP(self.address) || self.dhcp.hosts.all(h, isIP(h.ip) && cidr(self.address + '/' + string(self.prefix)).containsIP(h.ip))").message("spec.ip.dhcp.hosts: every static address must lie inside the network's subnet").field_path(".dhcp.hosts"))]
+#[x_kube(validation = Rule::new("!has(self.dhcp) || !has(self.dhcp.ranges) || !isIP(self.address) || self.dhcp.ranges.all(r, isIP(r.start) && isIP(r.end) && cidr(self.address + ['/0', '/1', '/2', '/3', '/4', '/5', '/6', '/7', '/8', '/9', '/10', '/11', '/12', '/13', '/14', '/15', '/16', '/17', '/18', '/19', '/20', '/21', '/22', '/23', '/24', '/25', '/26', '/27', '/28', '/29', '/30'][self.prefix]).containsIP(r.start) && cidr(self.address + ['/0', '/1', '/2', '/3', '/4', '/5', '/6', '/7', '/8', '/9', '/10', '/11', '/12', '/13', '/14', '/15', '/16', '/17', '/18', '/19', '/20', '/21', '/22', '/23', '/24', '/25', '/26', '/27', '/28', '/29', '/30'][self.prefix]).containsIP(r.end))").message("spec.ip.dhcp.ranges: every range must lie inside the network's subnet (spec.ip.address/spec.ip.prefix)").field_path(".dhcp.ranges"))]
+#[x_kube(validation = Rule::new("!has(self.dhcp) || !has(self.dhcp.hosts) || !isIP(self.address) || self.dhcp.hosts.all(h, isIP(h.ip) && cidr(self.address + ['/0', '/1', '/2', '/3', '/4', '/5', '/6', '/7', '/8', '/9', '/10', '/11', '/12', '/13', '/14', '/15', '/16', '/17', '/18', '/19', '/20', '/21', '/22', '/23', '/24', '/25', '/26', '/27', '/28', '/29', '/30'][self.prefix]).containsIP(h.ip))").message("spec.ip.dhcp.hosts: every static address must lie inside the network's subnet").field_path(".dhcp.hosts"))]
 #[serde(rename_all = "camelCase")]
 pub struct IpSpec {
     /// IPv4 address of the bridge (`192.168.122.1`).
+    #[schemars(length(max = 15))]
     #[x_kube(validation = Rule::new("isIP(self) && ip(self).family() == 4").message("spec.ip.address must be an IPv4 address"))]
     pub address: String,
     /// Prefix length of the subnet (`24`).
@@ -110,7 +116,7 @@ pub struct DhcpSpec {
     pub ranges: Vec<DhcpRange>,
     /// Fixed addresses by MAC.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 1024))]
+    #[schemars(length(max = 256))]
     pub hosts: Vec<DhcpHost>,
 }
 
@@ -131,12 +137,16 @@ pub struct DhcpRange {
 #[serde(rename_all = "camelCase")]
 pub struct DhcpHost {
     /// The guest's MAC address.
-    #[schemars(regex(pattern = r"^[0-9a-fA-F][02468aceACE](:[0-9a-fA-F]{2}){5}$"))]
+    #[schemars(
+        length(max = 17),
+        regex(pattern = r"^[0-9a-fA-F][02468aceACE](:[0-9a-fA-F]{2}){5}$")
+    )]
     pub mac: String,
     /// The address it always gets.
     #[schemars(length(max = 15))]
     pub ip: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63))]
     pub name: Option<String>,
 }
 

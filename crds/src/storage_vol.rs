@@ -26,7 +26,7 @@ use crate::common::Condition;
     printcolumn = r#"{"name":"Node","type":"string","jsonPath":".status.nodeName"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
-#[x_kube(validation = Rule::new("isQuantity(string(self.capacity)) && quantity(string(self.capacity)).sign() > 0").message("spec.capacity must be a size above zero, such as 10Gi").field_path(".capacity"))]
+#[x_kube(validation = Rule::new("isQuantity(string(self.capacity)) && quantity(string(self.capacity)).isGreaterThan(quantity('0'))").message("spec.capacity must be a size above zero, such as 10Gi").field_path(".capacity"))]
 #[x_kube(validation = Rule::new("!has(self.allocation) || (isQuantity(string(self.allocation)) && isQuantity(string(self.capacity)) && quantity(string(self.allocation)).compareTo(quantity(string(self.capacity))) <= 0)").message("spec.allocation must be a size not greater than spec.capacity").field_path(".allocation"))]
 #[x_kube(validation = Rule::new("!has(self.source) || [has(self.source.blank), has(self.source.clone), has(self.source.upload), has(self.source.url)].filter(x, x).size() == 1").message("spec.source must set exactly one of blank, clone, upload, url").field_path(".source"))]
 #[x_kube(validation = Rule::new("!has(oldSelf.nodeName) || (has(self.nodeName) && self.nodeName == oldSelf.nodeName)").message("spec.nodeName cannot change once set").field_path(".nodeName"))]

@@ -97,10 +97,12 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
     let status = dom.status.clone().unwrap_or_default();
     let k = key.clone();
     let (state, reason) = ctx.drive(move |c| c.hypervisor().domain_state(&k)).await?;
+    // Per object (UID), so a Domain recreated under the same name starts from zero.
+    let count_key = format!("{key}#{}", dom.uid().unwrap_or_default());
+    let mut start_count = ctx.start_count(&count_key, status.start_count.unwrap_or(0), 0);
     let history = History {
-        started_once: status.start_count.unwrap_or(0) > 0,
+        started_once: start_count > 0,
     };
-    let mut start_count = status.start_count.unwrap_or(0);
     // The operator's gates: start only once volumes and networks are ready here.
     let gates: Vec<&str> = ["VolumesReady", "NetworksReady"]
         .into_iter()
@@ -124,7 +126,7 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
         Step::Start => {
             let k = key.clone();
             let r = ctx.drive(move |c| c.hypervisor().start_domain(&k)).await?;
-            start_count = start_count.saturating_add(1);
+            start_count = ctx.start_count(&count_key, start_count, 1);
             let id = r.id.map_or_else(|| "-".into(), |i| i.to_string());
             tracing::info!(domain = %key, id, "started");
             k8s::event(

@@ -60,6 +60,9 @@ pub(crate) struct Ctx {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     failures: Mutex<HashMap<String, u32>>,
+    /// Starts this agent made, per domain: the watch cache can lag behind
+    /// our own status writes, and a start count must never go down.
+    starts: Mutex<HashMap<String, u32>>,
 }
 
 impl Ctx {
@@ -84,6 +87,15 @@ impl Ctx {
         let n = f.entry(key.to_string()).or_default();
         *n = n.saturating_add(1);
         Duration::from_secs(1u64 << (*n - 1).min(6)).min(Duration::from_secs(60))
+    }
+
+    /// The start count of a domain: the larger of what status says and
+    /// what this agent remembers, plus `started` more.
+    pub fn start_count(&self, key: &str, in_status: u32, started: u32) -> u32 {
+        let mut s = self.starts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = s.entry(key.to_string()).or_default();
+        *n = (*n).max(in_status).saturating_add(started);
+        *n
     }
 
     fn succeeded(&self, key: &str) {
@@ -147,6 +159,7 @@ pub async fn run(config: AgentConfig, metrics: Arc<Metrics>) -> Result<()> {
         recorder,
         metrics: metrics.clone(),
         failures: Mutex::new(HashMap::new()),
+        starts: Mutex::new(HashMap::new()),
     });
     host::register(&ctx).await?;
     tracing::info!(node = %ctx.config.node_name, "registered Host");

@@ -7,12 +7,14 @@ use std::sync::Arc;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Config, Controller};
 use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
-use vireo_crds::StoragePool;
+use vireo_crds::labels::NODE;
 use vireo_crds::labels::node_finalizer;
 use vireo_crds::quantity::format_bytes;
+use vireo_crds::{StoragePool, StorageVol};
 use vireo_drivers::{Error as DriverError, PoolState};
 
 use super::{Ctx, drain, error_policy, instrumented};
@@ -21,7 +23,13 @@ use crate::k8s;
 
 pub(crate) async fn run(ctx: Arc<Ctx>) {
     let api: Api<StoragePool> = Api::all(ctx.client.clone());
+    // A volume created or deleted here changes its pool's allocation here.
+    let vols: Api<StorageVol> = Api::all(ctx.client.clone());
+    let selector = format!("{NODE}={}", ctx.config.node_name);
     let stream = Controller::new(api, watcher::Config::default())
+        .watches(vols, watcher::Config::default().labels(&selector), |vol| {
+            Some(ObjectRef::new(&vol.spec.pool))
+        })
         .with_config(Config::default().concurrency(ctx.config.concurrency))
         .run(
             |pool, ctx: Arc<Ctx>| async move {

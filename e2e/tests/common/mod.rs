@@ -1,0 +1,397 @@
+//! The e2e harness: a real etcd and kube-apiserver on loopback (started by
+//! `e2e/cluster.sh` from the cached Go builds), Vireo's CRDs, and the
+//! operator and agents as processes. Everything stops when dropped.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+/// The repository's root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A Vireo binary from this workspace's target directory, built once per run.
+pub fn vireo_bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        // Tests run from target/<profile>/deps/; the binaries sit one level up.
+        let exe = std::env::current_exe().expect("test executable path");
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>")
+            .to_path_buf();
+        let status = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "--bin",
+                "vireo-operator",
+                "--bin",
+                "vireo-agent",
+                "--bin",
+                "vireo",
+            ])
+            .current_dir(repo())
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "cargo build of the Vireo binaries failed");
+        dir
+    });
+    dir.join(name)
+}
+
+/// Builds (or finds in the cache) kube-apiserver, etcd, kubectl and helm.
+pub fn tools_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let out = Command::new("bash")
+            .arg(repo().join("e2e/build-tools.sh"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("e2e/build-tools.sh runs");
+        assert!(out.status.success(), "e2e/build-tools.sh failed");
+        let text = String::from_utf8_lossy(&out.stdout);
+        PathBuf::from(
+            text.lines()
+                .last()
+                .expect("build-tools.sh prints the bin dir")
+                .trim(),
+        )
+    })
+    .clone()
+}
+
+/// A running etcd + kube-apiserver with Vireo's CRDs installed.
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub kubeconfig: PathBuf,
+    pub env: HashMap<String, String>,
+    bin: PathBuf,
+    procs: Vec<Proc>,
+}
+
+/// A child process whose output goes to a log file; killed when dropped.
+pub struct Proc {
+    pub name: String,
+    pub log: PathBuf,
+    child: Option<Child>,
+    command: Vec<String>,
+    envs: Vec<(String, String)>,
+}
+
+impl Proc {
+    fn spawn(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        envs: &[(String, String)],
+        log: PathBuf,
+    ) -> Proc {
+        let mut p = Proc {
+            name: name.into(),
+            log,
+            child: None,
+            command: std::iter::once(program.display().to_string())
+                .chain(args.iter().cloned())
+                .collect(),
+            envs: envs.to_vec(),
+        };
+        p.start();
+        p
+    }
+
+    /// (Re)starts the process with the same command line, appending to its log.
+    pub fn start(&mut self) {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let err = log.try_clone().expect("log file");
+        let child = Command::new(&self.command[0])
+            .args(&self.command[1..])
+            .envs(self.envs.iter().cloned())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.name));
+        self.child = Some(child);
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl Cluster {
+    /// Starts etcd and kube-apiserver in a fresh directory, creates the
+    /// `vireo-system` namespace and installs the CRDs from charts/vireo/crds.
+    pub fn start(name: &str) -> Cluster {
+        let bin = tools_bin();
+        let dir = std::env::temp_dir().join(format!("vireo-e2e-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("cluster dir");
+        let started = Instant::now();
+        let status = Command::new("bash")
+            .arg(repo().join("e2e/cluster.sh"))
+            .args(["start", &dir.display().to_string()])
+            .env("VIREO_E2E_BIN", &bin)
+            .status()
+            .expect("e2e/cluster.sh runs");
+        assert!(
+            status.success(),
+            "e2e/cluster.sh start failed; logs in {}",
+            dir.display()
+        );
+        let env = std::fs::read_to_string(dir.join("env"))
+            .expect("cluster env")
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let cluster = Cluster {
+            kubeconfig: dir.join("kubeconfig"),
+            dir,
+            env,
+            bin,
+            procs: Vec::new(),
+        };
+        cluster.kubectl_ok(&["create", "namespace", vireo_crds::labels::SYSTEM_NAMESPACE]);
+        cluster.kubectl_ok(&[
+            "apply",
+            "--server-side",
+            "-f",
+            &repo().join("charts/vireo/crds").display().to_string(),
+        ]);
+        cluster.kubectl_ok(&[
+            "wait",
+            "--for=condition=Established",
+            "crd",
+            "--all",
+            "--timeout=60s",
+        ]);
+        eprintln!(
+            "[e2e] cluster {name} up in {:.1}s at {}",
+            started.elapsed().as_secs_f64(),
+            cluster.dir.display()
+        );
+        cluster
+    }
+
+    /// Runs kubectl against the cluster.
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        Command::new(self.bin.join("kubectl"))
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .output()
+            .expect("kubectl runs")
+    }
+
+    /// Runs kubectl with standard input.
+    pub fn kubectl_stdin(&self, args: &[&str], input: &str) -> Output {
+        use std::io::Write;
+        let mut child = Command::new(self.bin.join("kubectl"))
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl runs");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write stdin");
+        child.wait_with_output().expect("kubectl finishes")
+    }
+
+    /// Runs kubectl and insists on success; returns stdout.
+    pub fn kubectl_ok(&self, args: &[&str]) -> String {
+        let out = self.kubectl(args);
+        assert!(
+            out.status.success(),
+            "kubectl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A kube client as the cluster's admin.
+    pub async fn client(&self) -> kube::Client {
+        let kc = Kubeconfig::read_from(&self.kubeconfig).expect("kubeconfig");
+        let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .expect("client config");
+        kube::Client::try_from(config).expect("client")
+    }
+
+    fn kube_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("KUBECONFIG".into(), self.kubeconfig.display().to_string()),
+            (
+                "RUST_LOG".into(),
+                "info,kube=warn,tower=warn,hyper=warn".into(),
+            ),
+        ]
+    }
+
+    /// Starts the operator (no leader election unless `extra` asks for it).
+    pub fn operator(&self, name: &str, extra: &[&str]) -> Proc {
+        let mut args: Vec<String> = vec![
+            "--host-check-seconds".into(),
+            "1".into(),
+            "--retry-pending-seconds".into(),
+            "1".into(),
+            "--metrics-addr".into(),
+            format!("127.0.0.1:{}", free_port()),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Proc::spawn(
+            name,
+            &vireo_bin("vireo-operator"),
+            &args,
+            &self.kube_env(),
+            self.dir.join(format!("{name}.log")),
+        )
+    }
+
+    /// Starts an agent for a simulated node with its own state directory.
+    pub fn agent(&self, node: &str, extra: &[&str]) -> Proc {
+        let mut args: Vec<String> = vec![
+            "--node-name".into(),
+            node.into(),
+            "--state-dir".into(),
+            self.dir.join(format!("state-{node}")).display().to_string(),
+            "--heartbeat-seconds".into(),
+            "1".into(),
+            "--lease-seconds".into(),
+            "3".into(),
+            "--resync-seconds".into(),
+            "5".into(),
+            "--cpus".into(),
+            "8".into(),
+            "--memory".into(),
+            "32Gi".into(),
+            "--metrics-addr".into(),
+            format!("127.0.0.1:{}", free_port()),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Proc::spawn(
+            node,
+            &vireo_bin("vireo-agent"),
+            &args,
+            &self.kube_env(),
+            self.dir.join(format!("agent-{node}.log")),
+        )
+    }
+
+    /// The operator and three agents (`node-1`..`node-3`), kept by the cluster.
+    pub fn with_vireo(mut self) -> Cluster {
+        self.procs
+            .push(self.operator("operator", &["--no-leader-election"]));
+        for n in 1..=3 {
+            self.procs.push(self.agent(&format!("node-{n}"), &[]));
+        }
+        self
+    }
+
+    /// A process the cluster holds (`operator`, `node-1`, ...).
+    pub fn proc(&mut self, name: &str) -> &mut Proc {
+        self.procs
+            .iter_mut()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no process {name}"))
+    }
+
+    /// The logs of every process, for failure messages.
+    pub fn logs(&self) -> String {
+        self.procs
+            .iter()
+            .map(|p| {
+                let text = p.log_text();
+                let tail: Vec<&str> = text.lines().rev().take(30).collect();
+                format!(
+                    "--- {} (last lines) ---\n{}",
+                    p.name,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.procs.clear();
+        let _ = Command::new("bash")
+            .arg(repo().join("e2e/cluster.sh"))
+            .args(["stop", &self.dir.display().to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("[e2e] kept {} for inspection", self.dir.display());
+        }
+    }
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Polls `check` until it returns Some, or panics after `timeout` with `what`.
+pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

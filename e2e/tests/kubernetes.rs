@@ -1,0 +1,621 @@
+//! Vireo on a real kube-apiserver and etcd: the operator and three agents
+//! (three simulated nodes) as processes. Each test starts its own cluster.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use common::{Cluster, repo, wait_for};
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use serde_json::json;
+use vireo_crds::{Domain, DomainState, Host, StorageVol};
+
+const T: Duration = Duration::from_secs(60);
+
+fn state(d: &Domain) -> Option<DomainState> {
+    d.status.as_ref().and_then(|s| s.state)
+}
+
+fn id(d: &Domain) -> Option<u32> {
+    d.status.as_ref().and_then(|s| s.id)
+}
+
+fn reason(d: &Domain) -> Option<String> {
+    d.status
+        .as_ref()
+        .and_then(|s| s.info.as_ref())
+        .map(|i| i.reason.virsh_name().to_string())
+}
+
+async fn running(api: &Api<Domain>, name: &str) -> Domain {
+    wait_for(T, &format!("domain {name} running"), || async {
+        api.get_opt(name)
+            .await
+            .ok()
+            .flatten()
+            .filter(|d| state(d) == Some(DomainState::Running) && id(d).is_some())
+    })
+    .await
+}
+
+fn examples() -> String {
+    repo().join("examples").display().to_string()
+}
+
+/// `kubectl apply -f examples/`: every Domain runs with an ID on some node,
+/// `kubectl get` reads like virsh list, three Hosts, and applying the same
+/// manifests again with server-side apply changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn examples_run_and_reapply_changes_nothing() {
+    let cluster = Cluster::start("examples").with_vireo();
+    let client = cluster.client().await;
+    let hosts: Api<Host> = Api::all(client.clone());
+    wait_for(T, "three Hosts", || async {
+        (hosts.list(&Default::default()).await.ok()?.items.len() == 3).then_some(())
+    })
+    .await;
+
+    cluster.kubectl_ok(&["apply", "--server-side", "-f", &examples()]);
+    let domains: Api<Domain> = Api::namespaced(client.clone(), "default");
+    let mut nodes = BTreeSet::new();
+    for name in ["demo", "web"] {
+        let d = running(&domains, name).await;
+        let node = d
+            .status
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .expect("bound to a node");
+        assert_eq!(d.labels().get(vireo_crds::labels::NODE), Some(&node));
+        assert!(d.spec.uuid.is_some(), "a UUID was defaulted");
+        nodes.insert(node);
+    }
+    let web = domains.get("web").await.expect("web");
+    let conds: BTreeMap<_, _> = web
+        .status
+        .as_ref()
+        .expect("status")
+        .conditions
+        .iter()
+        .map(|c| (c.type_.clone(), c.status.clone()))
+        .collect();
+    for c in ["Scheduled", "VolumesReady", "NetworksReady", "Ready"] {
+        assert_eq!(
+            conds.get(c).map(String::as_str),
+            Some("True"),
+            "{c} on web: {conds:?}"
+        );
+    }
+    let vols: Api<StorageVol> = Api::namespaced(client.clone(), "default");
+    let scratch = vols.get("scratch").await.expect("scratch");
+    assert_eq!(
+        scratch.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Ready")
+    );
+    assert_eq!(
+        scratch.labels().get(vireo_crds::labels::NODE),
+        web.labels().get(vireo_crds::labels::NODE),
+        "the volume landed on the node of its first Domain"
+    );
+
+    let table = cluster.kubectl_ok(&["get", "domains"]);
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .expect("header")
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        ["NAME", "ID", "STATE", "NODE", "VCPUS", "MEMORY", "AGE"],
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("demo") && l.contains("running")),
+        "{table}"
+    );
+    let hosts_table = cluster.kubectl_ok(&["get", "hosts"]);
+    assert_eq!(
+        hosts_table
+            .lines()
+            .filter(|l| l.starts_with("node-"))
+            .count(),
+        3,
+        "{hosts_table}"
+    );
+    assert!(
+        hosts_table
+            .lines()
+            .skip(1)
+            .all(|l| l.split_whitespace().nth(1) == Some("True")),
+        "{hosts_table}"
+    );
+    let nets: Api<vireo_crds::Network> = Api::all(client.clone());
+    wait_for(T, "lab active on 3 nodes", || async {
+        nets.get("lab")
+            .await
+            .ok()
+            .filter(|n| n.status.as_ref().and_then(|s| s.active_nodes) == Some(3))
+    })
+    .await;
+    let table = cluster.kubectl_ok(&["get", "networks"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("lab") && l.split_whitespace().any(|w| w == "3")),
+        "lab is active on 3 nodes:\n{table}"
+    );
+
+    // GitOps: the same manifests again change nothing (no resourceVersion moves).
+    let versions = |out: String| -> BTreeMap<String, String> {
+        let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+        v["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .map(|i| {
+                (
+                    format!("{}/{}", i["kind"], i["metadata"]["name"]),
+                    i["metadata"]["resourceVersion"].to_string(),
+                )
+            })
+            .collect()
+    };
+    let all = "domains,storagevols,networks,storagepools";
+    // Let status settle first: agents and operator finish their writes.
+    let mut before = versions(cluster.kubectl_ok(&["get", all, "-A", "-o", "json"]));
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let now = versions(cluster.kubectl_ok(&["get", all, "-A", "-o", "json"]));
+        if now == before {
+            break;
+        }
+        before = now;
+    }
+    let out = cluster.kubectl_ok(&["apply", "--server-side", "-f", &examples()]);
+    assert!(
+        out.lines().all(|l| l.ends_with("serverside-applied")),
+        "{out}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = versions(cluster.kubectl_ok(&["get", all, "-A", "-o", "json"]));
+    assert_eq!(
+        before, after,
+        "re-applying the same manifests changed objects"
+    );
+    let diff = cluster.kubectl(&["diff", "--server-side", "-f", &examples()]);
+    assert_eq!(
+        diff.status.code(),
+        Some(0),
+        "kubectl diff sees drift: {}",
+        String::from_utf8_lossy(&diff.stdout)
+    );
+}
+
+/// runStrategy Halted stops the guest (shut off, shutdown); Always starts it
+/// again with a new ID; deleting it destroys it on its node, then it goes.
+#[tokio::test(flavor = "multi_thread")]
+async fn run_strategy_and_delete() {
+    let cluster = Cluster::start("runstrategy").with_vireo();
+    let client = cluster.client().await;
+    cluster.kubectl_ok(&[
+        "apply",
+        "-f",
+        &repo()
+            .join("examples/test-domain.yaml")
+            .display()
+            .to_string(),
+    ]);
+    let domains: Api<Domain> = Api::namespaced(client, "default");
+    let first = running(&domains, "demo").await;
+    let first_id = id(&first);
+    let node = first
+        .status
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .expect("node");
+
+    domains
+        .patch(
+            "demo",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"runStrategy": "Halted"}})),
+        )
+        .await
+        .expect("halt");
+    let halted = wait_for(T, "demo shut off", || async {
+        domains
+            .get("demo")
+            .await
+            .ok()
+            .filter(|d| state(d) == Some(DomainState::Shutoff))
+    })
+    .await;
+    assert_eq!(reason(&halted).as_deref(), Some("shutdown"));
+    assert_eq!(id(&halted), None, "an inactive domain has no ID");
+
+    domains
+        .patch(
+            "demo",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"runStrategy": "Always"}})),
+        )
+        .await
+        .expect("always");
+    let again = running(&domains, "demo").await;
+    assert_ne!(id(&again), first_id, "a new activation gets a new ID");
+    assert_eq!(again.status.as_ref().and_then(|s| s.start_count), Some(2));
+
+    let state_file = cluster.dir.join(format!(
+        "state-{node}/test-node/domains/default%2Fdemo.json"
+    ));
+    assert!(
+        state_file.exists(),
+        "the node holds the domain: {}",
+        state_file.display()
+    );
+    domains
+        .delete("demo", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_for(T, "demo gone", || async {
+        domains
+            .get_opt("demo")
+            .await
+            .ok()
+            .flatten()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(
+        !state_file.exists(),
+        "the domain was destroyed and undefined on {node} before it went"
+    );
+}
+
+/// Invalid manifests are refused by the API server, each naming its field.
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_manifests_are_rejected_naming_the_field() {
+    let cluster = Cluster::start("invalid");
+    let dom = |spec: &str| {
+        format!(
+            "apiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {{name: bad}}\nspec: {spec}\n"
+        )
+    };
+    let cases: Vec<(String, &str)> = vec![
+        (dom("{type: test, memory: 1Gi, currentMemory: 2Gi, vcpus: 1}"), "spec.currentMemory"),
+        (dom("{type: test, memory: 0, vcpus: 1}"), "spec.memory"),
+        (dom("{type: test, memory: lots, vcpus: 1}"), "spec.memory"),
+        (dom("{type: test, memory: 1Gi, vcpus: 0}"), "spec.vcpus"),
+        (dom("{type: test, memory: 1Gi, vcpus: 4, maxVcpus: 2}"), "spec.maxVcpus"),
+        (dom("{type: xen, memory: 1Gi, vcpus: 1}"), "spec.type"),
+        (dom("{type: test, memory: 1Gi, vcpus: 1, uuid: not-a-uuid}"), "spec.uuid"),
+        (dom("{type: test, memory: 1Gi, vcpus: 1, devices: {disks: [{name: sda, volume: v}]}}"), "spec.devices.disks[0].name"),
+        (dom("{type: test, memory: 1Gi, vcpus: 1, devices: {interfaces: [{name: 'eth/0', network: n}]}}"), "spec.devices.interfaces[0].name"),
+        (dom("{type: test, memory: 1Gi, vcpus: 1, devices: {interfaces: [{name: net0, network: n, mac: '01:00:5e:00:00:01'}]}}"), "spec.devices.interfaces[0].mac"),
+        (dom("{type: test, memory: 1Gi, vcpus: 1, devices: {disks: [{name: vda, volume: a}, {name: vda, volume: b}]}}"), "spec.devices.disks[1]"),
+        (dom("{type: test, memory: 1Gi, vcpus: 1, runStrategy: Sometimes}"), "spec.runStrategy"),
+        (
+            "apiVersion: vireo.dev/v1alpha1\nkind: Network\nmetadata: {name: bad}\nspec: {ip: {address: 10.0.0.1, prefix: 24, dhcp: {ranges: [{start: 10.0.0.2, end: 10.0.1.9}]}}}\n".into(),
+            "spec.ip.dhcp.ranges",
+        ),
+        (
+            "apiVersion: vireo.dev/v1alpha1\nkind: Network\nmetadata: {name: bad}\nspec: {bridge: this-name-is-too-long-for-linux}\n".into(),
+            "spec.bridge",
+        ),
+        (
+            "apiVersion: vireo.dev/v1alpha1\nkind: Network\nmetadata: {name: bad}\nspec: {ip: {address: 10.0.0.1, prefix: 31}}\n".into(),
+            "spec.ip.prefix",
+        ),
+        (
+            "apiVersion: vireo.dev/v1alpha1\nkind: Network\nmetadata: {name: bad}\nspec: {forwardMode: bridge}\n".into(),
+            "spec.bridge",
+        ),
+        (
+            "apiVersion: vireo.dev/v1alpha1\nkind: StoragePool\nmetadata: {name: bad}\nspec: {path: relative/dir}\n".into(),
+            "spec.path",
+        ),
+        (
+            "apiVersion: vireo.dev/v1alpha1\nkind: StorageVol\nmetadata: {name: bad}\nspec: {pool: p, capacity: 0}\n".into(),
+            "spec.capacity",
+        ),
+        (
+            "apiVersion: vireo.dev/v1alpha1\nkind: StorageVol\nmetadata: {name: bad}\nspec: {pool: p, capacity: 1Gi, allocation: 2Gi}\n".into(),
+            "spec.allocation",
+        ),
+        (
+            "apiVersion: vireo.dev/v1alpha1\nkind: StorageVol\nmetadata: {name: bad}\nspec: {pool: p, capacity: 1Gi, source: {blank: {}, url: {url: 'http://x/y'}}}\n".into(),
+            "spec.source",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (manifest, field) in &cases {
+        let out = cluster.kubectl_stdin(&["apply", "-f", "-"], manifest);
+        let err = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() || !err.contains(field) {
+            failures.push(format!(
+                "expected a rejection naming {field}, got (ok={}): {err}\n{manifest}",
+                out.status.success()
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+
+    // The UUID cannot change once set.
+    cluster.kubectl_stdin(
+        &["apply", "-f", "-"],
+        &dom("{type: test, memory: 1Gi, vcpus: 1, uuid: 6695eb01-f6a4-8304-79aa-97f2502e193f}"),
+    );
+    let out = cluster.kubectl_stdin(
+        &["apply", "-f", "-"],
+        &dom("{type: test, memory: 1Gi, vcpus: 1, uuid: 6695eb01-f6a4-8304-79aa-97f2502e1940}"),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("spec.uuid"), "{err}");
+}
+
+/// A Domain whose memory fits no node stays Pending, saying why.
+#[tokio::test(flavor = "multi_thread")]
+async fn domain_that_fits_nowhere_stays_pending() {
+    let cluster = Cluster::start("pending").with_vireo();
+    let client = cluster.client().await;
+    let hosts: Api<Host> = Api::all(client.clone());
+    wait_for(T, "three ready Hosts", || async {
+        let l = hosts.list(&Default::default()).await.ok()?;
+        (l.items.len() == 3
+            && l.items.iter().all(|h| {
+                h.status.as_ref().is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True")
+                })
+            }))
+        .then_some(())
+    })
+    .await;
+    cluster.kubectl_stdin(&["apply", "-f", "-"], "apiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {name: huge}\nspec: {type: test, memory: 4Ti, vcpus: 1}\n");
+    let domains: Api<Domain> = Api::namespaced(client, "default");
+    let d = wait_for(T, "a Scheduled=False condition", || async {
+        domains.get("huge").await.ok().filter(|d| {
+            d.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Scheduled" && c.status == "False")
+            })
+        })
+    })
+    .await;
+    let cond = d
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Scheduled"))
+        .expect("Scheduled");
+    assert_eq!(cond.reason, "Unschedulable");
+    assert_eq!(cond.message, "0/3 hosts fit: 3 with too little memory left");
+    assert_eq!(state(&d), Some(DomainState::Pending));
+    assert!(d.labels().get(vireo_crds::labels::NODE).is_none());
+    let events = cluster.kubectl_ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=huge",
+        "-o",
+        "jsonpath={.items[*].reason}",
+    ]);
+    assert!(events.contains("FailedScheduling"), "{events}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        state(&domains.get("huge").await.expect("huge")),
+        Some(DomainState::Pending),
+        "still pending"
+    );
+}
+
+/// A volume in use by a Domain is deleted only once the Domain releases it.
+#[tokio::test(flavor = "multi_thread")]
+async fn volume_in_use_waits_for_release() {
+    let cluster = Cluster::start("inuse").with_vireo();
+    let client = cluster.client().await;
+    cluster.kubectl_ok(&["apply", "-f", &examples()]);
+    let domains: Api<Domain> = Api::namespaced(client.clone(), "default");
+    running(&domains, "web").await;
+    let vols: Api<StorageVol> = Api::namespaced(client, "default");
+    vols.delete("scratch", &DeleteParams::default())
+        .await
+        .expect("delete request");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let v = vols
+        .get("scratch")
+        .await
+        .expect("still there while web uses it");
+    assert!(v.metadata.deletion_timestamp.is_some());
+    let events = cluster.kubectl_ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=scratch",
+        "-o",
+        "jsonpath={.items[*].reason}",
+    ]);
+    assert!(events.contains("InUse"), "{events}");
+    domains
+        .delete("web", &DeleteParams::default())
+        .await
+        .expect("delete web");
+    wait_for(T, "scratch gone after web released it", || async {
+        vols.get_opt("scratch")
+            .await
+            .ok()
+            .flatten()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+}
+
+/// SIGKILL an agent: its Host goes NotReady and its Domains Unknown, nothing
+/// moves elsewhere; restart it: same IDs, nothing restarted.
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_agent_host_not_ready_then_readopted() {
+    let mut cluster = Cluster::start("agentkill").with_vireo();
+    let client = cluster.client().await;
+    let mut manifests = String::new();
+    for i in 0..6 {
+        manifests.push_str(&format!("---\napiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {{name: vm{i}}}\nspec: {{type: test, memory: 1Gi, vcpus: 1}}\n"));
+    }
+    cluster.kubectl_stdin(&["apply", "-f", "-"], &manifests);
+    let domains: Api<Domain> = Api::namespaced(client.clone(), "default");
+    let mut before = BTreeMap::new();
+    for i in 0..6 {
+        let d = running(&domains, &format!("vm{i}")).await;
+        before.insert(
+            d.name_any(),
+            (
+                d.status
+                    .as_ref()
+                    .and_then(|s| s.node_name.clone())
+                    .expect("node"),
+                id(&d),
+                d.status.as_ref().and_then(|s| s.start_count),
+            ),
+        );
+    }
+    let victim = before.values().next().expect("a node").0.clone();
+    let on_victim: Vec<String> = before
+        .iter()
+        .filter(|(_, v)| v.0 == victim)
+        .map(|(k, _)| k.clone())
+        .collect();
+    cluster.proc(&victim).kill();
+
+    let hosts: Api<Host> = Api::all(client.clone());
+    wait_for(T, "victim host NotReady", || async {
+        hosts.get(&victim).await.ok().filter(|h| {
+            h.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "False")
+            })
+        })
+    })
+    .await;
+    for name in &on_victim {
+        wait_for(T, &format!("{name} unknown"), || async {
+            domains
+                .get(name)
+                .await
+                .ok()
+                .filter(|d| state(d) == Some(DomainState::Unknown))
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for name in &on_victim {
+        let d = domains.get(name).await.expect("domain");
+        assert_eq!(
+            d.status.as_ref().and_then(|s| s.node_name.as_deref()),
+            Some(victim.as_str()),
+            "{name} was not moved"
+        );
+    }
+
+    cluster.proc(&victim).start();
+    for (name, (node, old_id, starts)) in &before {
+        let d = running(&domains, name).await;
+        assert_eq!(
+            d.status.as_ref().and_then(|s| s.node_name.as_ref()),
+            Some(node)
+        );
+        assert_eq!(id(&d), *old_id, "{name} kept its ID");
+        assert_eq!(
+            d.status.as_ref().and_then(|s| s.start_count),
+            *starts,
+            "{name} was not restarted"
+        );
+    }
+    // The restarted agent logged no start: it adopted what ran.
+    let log = cluster.proc(&victim).log_text();
+    let after_restart: Vec<&str> = log
+        .rsplit("vireo-agent starting")
+        .next()
+        .unwrap_or("")
+        .lines()
+        .collect();
+    assert!(
+        !after_restart
+            .iter()
+            .any(|l| l.contains("agent::domain: started")),
+        "the restarted agent started a domain:\n{}",
+        after_restart.join("\n")
+    );
+    assert!(
+        log.matches("vireo-agent starting").count() >= 2,
+        "the agent did restart"
+    );
+}
+
+/// Kill the operator while 50 Domains are being created: after a restart
+/// all converge, and none runs twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_operator_during_creation_converges_without_duplicates() {
+    let mut cluster = Cluster::start("opkill").with_vireo();
+    let client = cluster.client().await;
+    let hosts: Api<Host> = Api::all(client.clone());
+    wait_for(T, "three Hosts", || async {
+        (hosts.list(&Default::default()).await.ok()?.items.len() == 3).then_some(())
+    })
+    .await;
+    let mut manifests = String::new();
+    for i in 0..50 {
+        manifests.push_str(&format!("---\napiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {{name: d{i:02}}}\nspec: {{type: test, memory: 256Mi, vcpus: 1}}\n"));
+    }
+    let out = cluster.kubectl_stdin(&["apply", "-f", "-"], &manifests);
+    assert!(out.status.success());
+    // Some are placed, most not yet: kill it now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.proc("operator").kill();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster.proc("operator").start();
+
+    let domains: Api<Domain> = Api::namespaced(client.clone(), "default");
+    let all = wait_for(Duration::from_secs(120), "50 domains running", || async {
+        let l = domains.list(&Default::default()).await.ok()?;
+        (l.items.len() == 50
+            && l.items
+                .iter()
+                .all(|d| state(d) == Some(DomainState::Running)))
+        .then_some(l.items)
+    })
+    .await;
+    let mut ids = BTreeSet::new();
+    for d in &all {
+        let s = d.status.as_ref().expect("status");
+        assert_eq!(s.start_count, Some(1), "{} started once", d.name_any());
+        ids.insert((s.node_name.clone(), s.id));
+    }
+    assert_eq!(ids.len(), 50, "every domain has its own (node, ID)");
+    // No domain is defined on two nodes.
+    let mut seen = BTreeMap::new();
+    for n in 1..=3 {
+        let dir = cluster
+            .dir
+            .join(format!("state-node-{n}/test-node/domains"));
+        for f in std::fs::read_dir(&dir).expect("state dir").flatten() {
+            let name = f.file_name().to_string_lossy().into_owned();
+            if let Some(prev) = seen.insert(name.clone(), n) {
+                panic!("{name} is defined on node-{prev} and node-{n}");
+            }
+        }
+    }
+    assert_eq!(seen.len(), 50);
+}
