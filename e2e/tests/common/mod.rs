@@ -29,16 +29,21 @@ pub fn vireo_bin(name: &str) -> PathBuf {
             .and_then(Path::parent)
             .expect("target/<profile>")
             .to_path_buf();
+        // Benchmarks run from target/release: measure release binaries there.
+        let mut args = vec![
+            "build",
+            "--bin",
+            "vireo-operator",
+            "--bin",
+            "vireo-agent",
+            "--bin",
+            "vireo",
+        ];
+        if dir.ends_with("release") {
+            args.push("--release");
+        }
         let status = Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "--bin",
-                "vireo-operator",
-                "--bin",
-                "vireo-agent",
-                "--bin",
-                "vireo",
-            ])
+            .args(&args)
             .current_dir(repo())
             .status()
             .expect("cargo runs");
@@ -82,6 +87,8 @@ pub struct Cluster {
 pub struct Proc {
     pub name: String,
     pub log: PathBuf,
+    /// `host:port` of its /metrics, /healthz, /readyz.
+    pub metrics: String,
     child: Option<Child>,
     command: Vec<String>,
     envs: Vec<(String, String)>,
@@ -95,9 +102,16 @@ impl Proc {
         envs: &[(String, String)],
         log: PathBuf,
     ) -> Proc {
+        let metrics = args
+            .iter()
+            .position(|a| a == "--metrics-addr")
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+            .unwrap_or_default();
         let mut p = Proc {
             name: name.into(),
             log,
+            metrics,
             child: None,
             command: std::iter::once(program.display().to_string())
                 .chain(args.iter().cloned())
@@ -136,6 +150,27 @@ impl Proc {
 
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// GET a path of its metrics endpoint (`/metrics`, `/readyz`): status and body.
+    pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        use std::io::{Read, Write};
+        let mut conn = std::net::TcpStream::connect(&self.metrics).ok()?;
+        conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            conn,
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.metrics
+        )
+        .ok()?;
+        let mut text = String::new();
+        conn.read_to_string(&mut text).ok()?;
+        let status = text.split_whitespace().nth(1)?.parse().ok()?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Some((status, body))
     }
 
     pub fn log_text(&self) -> String {
@@ -332,6 +367,11 @@ impl Cluster {
             .iter_mut()
             .find(|p| p.name == name)
             .unwrap_or_else(|| panic!("no process {name}"))
+    }
+
+    /// Stops the processes the cluster holds.
+    pub fn procs_clear(&mut self) {
+        self.procs.clear();
     }
 
     /// The logs of every process, for failure messages.
