@@ -47,7 +47,8 @@ where
     }
 }
 
-async fn patch_json<K>(api: &Api<K>, name: &str, patch: serde_json::Value) -> Result<()>
+/// Applies a JSON Patch (a list of operations) to an object.
+pub async fn patch_json<K>(api: &Api<K>, name: &str, patch: serde_json::Value) -> Result<()>
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
 {

@@ -81,7 +81,9 @@ fn main() -> Result<()> {
     if let Some(Command::Crds { out_dir }) = cli.command {
         return print_crds(out_dir);
     }
+    // Colours on a terminal only: logs collected to files stay greppable.
     tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,kube=warn,tower=warn,hyper=warn".into()),

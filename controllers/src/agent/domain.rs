@@ -70,7 +70,7 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
             dom.spec.domain_type
         )));
     }
-    // The operator gives every Domain its UUID before binding it.
+    // The operator gives every Domain its UUID (and this finalizer) when it binds it.
     let Some(uuid) = dom.spec.uuid.clone() else {
         return Ok(Action::await_change());
     };

@@ -12,7 +12,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
-use vireo_crds::labels::{NODE, OPERATOR_MANAGER};
+use vireo_crds::labels::{NODE, NODE_CLEANUP_FINALIZER, OPERATOR_MANAGER};
 use vireo_crds::quantity::parse_quantity;
 use vireo_crds::{Domain, DomainState, DomainStatus, Host, Network, StorageVol};
 
@@ -287,17 +287,6 @@ async fn reconcile(dom: Arc<Domain>, dctx: &DomainCtx) -> Result<Action> {
             .remove(&key(&dom));
         return Ok(Action::await_change());
     }
-    // A UUID for life: the object's own UID, which is an RFC 4122 UUID.
-    if dom.spec.uuid.is_none() {
-        let uid = dom.uid().unwrap_or_default();
-        api.patch(
-            &name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"uuid": uid}})),
-        )
-        .await?;
-        return Ok(Action::await_change());
-    }
     let status = dom.status.clone().unwrap_or_default();
     let generation = dom.meta().generation;
     let prev = &status.conditions;
@@ -349,6 +338,16 @@ async fn reconcile(dom: Arc<Domain>, dctx: &DomainCtx) -> Result<Action> {
                     )
                 }
                 Err(why) => {
+                    // A UUID for life even while pending (placement sets it otherwise).
+                    if dom.spec.uuid.is_none() {
+                        let uid = dom.uid().unwrap_or_default();
+                        api.patch(
+                            &name,
+                            &PatchParams::default(),
+                            &Patch::Merge(json!({"spec": {"uuid": uid}})),
+                        )
+                        .await?;
+                    }
                     if find(prev, "Scheduled").is_none_or(|c| c.message != why) {
                         k8s::event(
                             &ctx.recorder,
@@ -458,7 +457,9 @@ async fn reconcile(dom: Arc<Domain>, dctx: &DomainCtx) -> Result<Action> {
 }
 
 /// Binds the Domain (and its unplaced volumes) to a Host with the label the
-/// agent selects on.
+/// agent selects on, in one JSON Patch that also gives the Domain its UUID
+/// (its own UID: an RFC 4122 UUID, for life) and the agent's cleanup
+/// finalizer, and that applies only to the version placement looked at.
 async fn bind(ctx: &Ctx, dom: &Domain, host: &str, req: &Request) -> Result<()> {
     let ns = dom.namespace().unwrap_or_default();
     let label = json!({"metadata": {"labels": {NODE: host}}});
@@ -467,14 +468,30 @@ async fn bind(ctx: &Ctx, dom: &Domain, host: &str, req: &Request) -> Result<()> 
         vols.patch(&v.name, &PatchParams::default(), &Patch::Merge(&label))
             .await?;
     }
+    let mut ops = vec![
+        json!({"op": "test", "path": "/metadata/resourceVersion", "value": dom.resource_version()}),
+    ];
+    if dom.metadata.labels.is_none() {
+        ops.push(json!({"op": "add", "path": "/metadata/labels", "value": {NODE: host}}));
+    } else {
+        ops.push(json!({"op": "add", "path": format!("/metadata/labels/{}", NODE.replace('~', "~0").replace('/', "~1")), "value": host}));
+    }
+    if dom.spec.uuid.is_none() {
+        ops.push(
+            json!({"op": "add", "path": "/spec/uuid", "value": dom.uid().unwrap_or_default()}),
+        );
+    }
+    match &dom.metadata.finalizers {
+        None => ops.push(
+            json!({"op": "add", "path": "/metadata/finalizers", "value": [NODE_CLEANUP_FINALIZER]}),
+        ),
+        Some(f) if !f.iter().any(|x| x == NODE_CLEANUP_FINALIZER) => {
+            ops.push(json!({"op": "add", "path": "/metadata/finalizers/-", "value": NODE_CLEANUP_FINALIZER}));
+        }
+        Some(_) => {}
+    }
     let api: Api<Domain> = Api::namespaced(ctx.client.clone(), &ns);
-    api.patch(
-        &dom.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&label),
-    )
-    .await?;
-    Ok(())
+    k8s::patch_json(&api, &dom.name_any(), serde_json::Value::Array(ops)).await
 }
 
 fn volumes_ready(ctx: &Ctx, dom: &Domain, node: &str) -> (bool, String) {

@@ -321,26 +321,29 @@ impl Cluster {
         )
     }
 
-    /// Starts an agent for a simulated node with its own state directory.
+    /// Starts an agent for a simulated node with its own state directory:
+    /// 8 CPUs and 32 GiB unless `extra` says otherwise, fast heartbeats.
     pub fn agent(&self, node: &str, extra: &[&str]) -> Proc {
         let mut args: Vec<String> = vec![
             "--node-name".into(),
             node.into(),
             "--state-dir".into(),
             self.dir.join(format!("state-{node}")).display().to_string(),
-            "--heartbeat-seconds".into(),
-            "1".into(),
-            "--lease-seconds".into(),
-            "3".into(),
-            "--resync-seconds".into(),
-            "5".into(),
-            "--cpus".into(),
-            "8".into(),
-            "--memory".into(),
-            "32Gi".into(),
             "--metrics-addr".into(),
             format!("127.0.0.1:{}", free_port()),
         ];
+        let defaults = [
+            ("--heartbeat-seconds", "1"),
+            ("--lease-seconds", "3"),
+            ("--resync-seconds", "5"),
+            ("--cpus", "8"),
+            ("--memory", "32Gi"),
+        ];
+        for (flag, value) in defaults {
+            if !extra.contains(&flag) {
+                args.extend([flag.to_string(), value.to_string()]);
+            }
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         Proc::spawn(
             node,
