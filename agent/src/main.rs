@@ -67,6 +67,10 @@ struct RunArgs {
     /// Objects reconciled at once, per kind.
     #[arg(long, default_value_t = 16)]
     concurrency: u16,
+    /// Seconds a guest gets to shut down (runStrategy Halted, deletion aside)
+    /// before it is destroyed.
+    #[arg(long, default_value_t = 60)]
+    stop_timeout_seconds: u64,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, default_value = "127.0.0.1:9101")]
     metrics_addr: SocketAddr,
@@ -125,6 +129,7 @@ fn main() -> Result<()> {
         lease_duration: Duration::from_secs(a.lease_seconds),
         resync: Duration::from_secs(a.resync_seconds.max(1)),
         concurrency: a.concurrency.max(1),
+        stop_timeout: Duration::from_secs(a.stop_timeout_seconds),
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {

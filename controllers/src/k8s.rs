@@ -17,10 +17,14 @@ where
     if obj.finalizers().iter().any(|f| f == finalizer) {
         return Ok(());
     }
+    // Guarded by the resourceVersion: several agents add their finalizers to
+    // one new Network at once, and creating the list must not replace another's.
+    let guard =
+        json!({"op": "test", "path": "/metadata/resourceVersion", "value": obj.resource_version()});
     let patch = if obj.meta().finalizers.is_none() {
-        json!([{"op": "add", "path": "/metadata/finalizers", "value": [finalizer]}])
+        json!([guard, {"op": "add", "path": "/metadata/finalizers", "value": [finalizer]}])
     } else {
-        json!([{"op": "add", "path": "/metadata/finalizers/-", "value": finalizer}])
+        json!([guard, {"op": "add", "path": "/metadata/finalizers/-", "value": finalizer}])
     };
     patch_json(api, &obj.name_any(), patch).await
 }

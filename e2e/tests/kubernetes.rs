@@ -165,10 +165,13 @@ async fn examples_run_and_reapply_changes_nothing() {
             .collect()
     };
     let all = "domains,storagevols,networks,storagepools";
-    // Let status settle first: agents and operator finish their writes.
+    // Let status settle first: agents and operator finish their writes. The
+    // windows are longer than two agent resyncs (5 s), so a status write
+    // repeated every resync would show.
+    let window = Duration::from_secs(11);
     let mut before = versions(cluster.kubectl_ok(&["get", all, "-A", "-o", "json"]));
-    for _ in 0..20 {
-        tokio::time::sleep(Duration::from_secs(2)).await;
+    for _ in 0..10 {
+        tokio::time::sleep(window).await;
         let now = versions(cluster.kubectl_ok(&["get", all, "-A", "-o", "json"]));
         if now == before {
             break;
@@ -180,7 +183,7 @@ async fn examples_run_and_reapply_changes_nothing() {
         out.lines().all(|l| l.ends_with("serverside-applied")),
         "{out}"
     );
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(window).await;
     let after = versions(cluster.kubectl_ok(&["get", all, "-A", "-o", "json"]));
     assert_eq!(
         before, after,
@@ -568,7 +571,8 @@ async fn killed_agent_host_not_ready_then_readopted() {
 /// all converge, and none runs twice.
 #[tokio::test(flavor = "multi_thread")]
 async fn killed_operator_during_creation_converges_without_duplicates() {
-    let mut cluster = Cluster::start("opkill").with_vireo();
+    // One reconcile at a time, so the kill lands while binding is under way.
+    let mut cluster = Cluster::start("opkill").with_vireo_operator_args(&["--concurrency", "1"]);
     let client = cluster.client().await;
     let hosts: Api<Host> = Api::all(client.clone());
     wait_for(T, "three Hosts", || async {
@@ -581,13 +585,23 @@ async fn killed_operator_during_creation_converges_without_duplicates() {
     }
     let out = cluster.kubectl_stdin(&["apply", "-f", "-"], &manifests);
     assert!(out.status.success());
-    // Some are placed, most not yet: kill it now.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Kill it once some are bound and some are not.
+    let domains: Api<Domain> = Api::namespaced(client.clone(), "default");
+    let bound_at_kill = wait_for(T, "some but not all domains bound", || async {
+        let l = domains.list(&Default::default()).await.ok()?;
+        let bound = l
+            .items
+            .iter()
+            .filter(|d| d.labels().contains_key(vireo_crds::labels::NODE))
+            .count();
+        (bound > 0 && bound < 50).then_some(bound)
+    })
+    .await;
     cluster.proc("operator").kill();
+    eprintln!("[e2e] operator killed with {bound_at_kill}/50 domains bound");
     tokio::time::sleep(Duration::from_secs(1)).await;
     cluster.proc("operator").start();
 
-    let domains: Api<Domain> = Api::namespaced(client.clone(), "default");
     let all = wait_for(Duration::from_secs(120), "50 domains running", || async {
         let l = domains.list(&Default::default()).await.ok()?;
         (l.items.len() == 50

@@ -51,6 +51,7 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
     if dom.meta().deletion_timestamp.is_some() {
         if dom.finalizers().iter().any(|f| f == NODE_CLEANUP_FINALIZER) {
             teardown(ctx, &key).await?;
+            ctx.forget(&key);
             k8s::event(
                 &ctx.recorder,
                 dom.as_ref(),
@@ -140,16 +141,23 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
             .await;
         }
         Step::Stop => {
+            // Ask the guest first; destroy it once it has had stop_timeout.
+            let asked = ctx.stop_asked(&key);
             let k = key.clone();
-            ctx.drive(move |c| c.hypervisor().shutdown_domain(&k))
-                .await?;
+            if asked.elapsed() < ctx.config.stop_timeout {
+                ctx.drive(move |c| c.hypervisor().shutdown_domain(&k))
+                    .await?;
+            } else {
+                tracing::warn!(domain = %key, "did not shut down in time; destroying");
+                ctx.drive(move |c| c.hypervisor().destroy_domain(&k))
+                    .await?;
+            }
             let k = key.clone();
             let (after, _) = ctx.drive(move |c| c.hypervisor().domain_state(&k)).await?;
             if after.is_active() {
-                // The driver asked the guest; the next pass destroys it if it
-                // is still up after the resync.
-                return Ok(Action::requeue(std::time::Duration::from_secs(5)));
+                return Ok(Action::requeue(std::time::Duration::from_secs(2)));
             }
+            ctx.forget_stop(&key);
             tracing::info!(domain = %key, "stopped");
             k8s::event(
                 &ctx.recorder,
@@ -158,7 +166,7 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
                 "Stopped",
                 "Stop",
                 format!(
-                    "shut down on node {} (runStrategy {:?})",
+                    "stopped on node {} (runStrategy {:?})",
                     ctx.config.node_name, dom.spec.run_strategy
                 ),
             )

@@ -49,6 +49,8 @@ pub struct AgentConfig {
     pub resync: Duration,
     /// Objects reconciled at once, per kind.
     pub concurrency: u16,
+    /// How long a guest gets to shut down before it is destroyed.
+    pub stop_timeout: Duration,
 }
 
 /// What every reconcile of the agent shares.
@@ -63,6 +65,8 @@ pub(crate) struct Ctx {
     /// Starts this agent made, per domain: the watch cache can lag behind
     /// our own status writes, and a start count must never go down.
     starts: Mutex<HashMap<String, u32>>,
+    /// When a graceful stop was first asked, per domain.
+    stops: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl Ctx {
@@ -78,7 +82,15 @@ impl Ctx {
 
     /// Whether a nodeSelector selects this node.
     pub fn selects_me(&self, selector: Option<&BTreeMap<String, String>>) -> bool {
-        selector.is_none_or(|s| s.iter().all(|(k, v)| self.config.labels.get(k) == Some(v)))
+        // The Host carries its node label too (`vireo.dev/node: <node>`).
+        let label = |k: &str| {
+            if k == vireo_crds::labels::NODE {
+                Some(&self.config.node_name)
+            } else {
+                self.config.labels.get(k)
+            }
+        };
+        selector.is_none_or(|s| s.iter().all(|(k, v)| label(k) == Some(v)))
     }
 
     /// Requeue delay after a failure: 1 s doubling to 60 s, per object.
@@ -96,6 +108,29 @@ impl Ctx {
         let n = s.entry(key.to_string()).or_default();
         *n = (*n).max(in_status).saturating_add(started);
         *n
+    }
+
+    /// When a stop of this domain was first asked, for the destroy timeout.
+    pub fn stop_asked(&self, key: &str) -> std::time::Instant {
+        let mut s = self.stops.lock().unwrap_or_else(|p| p.into_inner());
+        *s.entry(key.to_string())
+            .or_insert_with(std::time::Instant::now)
+    }
+
+    /// The stop finished: the next stop starts its own timeout.
+    pub fn forget_stop(&self, key: &str) {
+        let mut s = self.stops.lock().unwrap_or_else(|p| p.into_inner());
+        s.remove(key);
+    }
+
+    /// Forgets what this agent remembers of an object that left the node.
+    pub fn forget(&self, key: &str) {
+        for map in [&self.failures, &self.starts] {
+            let mut m = map.lock().unwrap_or_else(|p| p.into_inner());
+            m.retain(|k, _| k != key && !k.starts_with(&format!("{key}#")));
+        }
+        let mut s = self.stops.lock().unwrap_or_else(|p| p.into_inner());
+        s.remove(key);
     }
 
     fn succeeded(&self, key: &str) {
@@ -160,6 +195,7 @@ pub async fn run(config: AgentConfig, metrics: Arc<Metrics>) -> Result<()> {
         metrics: metrics.clone(),
         failures: Mutex::new(HashMap::new()),
         starts: Mutex::new(HashMap::new()),
+        stops: Mutex::new(HashMap::new()),
     });
     host::register(&ctx).await?;
     tracing::info!(node = %ctx.config.node_name, "registered Host");

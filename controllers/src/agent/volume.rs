@@ -73,6 +73,7 @@ async fn reconcile(vol: Arc<StorageVol>, ctx: &Ctx) -> Result<Action> {
             )
             .await;
             k8s::remove_finalizer(&api, vol.as_ref(), NODE_CLEANUP_FINALIZER).await?;
+            ctx.forget(&file);
         }
         return Ok(Action::await_change());
     }
@@ -87,6 +88,20 @@ async fn reconcile(vol: Arc<StorageVol>, ctx: &Ctx) -> Result<Action> {
             Some(info),
             format!("in pool {pool} on node {}", ctx.config.node_name),
         ),
+        // It was Ready here before: its file is gone. Never hand a guest a
+        // fresh empty disk in its place; say so.
+        Err(Error::Driver(DriverError::NotFound(_)))
+            if status.phase.as_deref() == Some("Ready") =>
+        {
+            (
+                "Failed",
+                None,
+                format!(
+                    "the volume's file is missing from pool {pool} on node {}",
+                    ctx.config.node_name
+                ),
+            )
+        }
         Err(Error::Driver(DriverError::NotFound(_))) => {
             let mut want = StorageVol::new(&file, vol.spec.clone());
             if let Some(src) = want.spec.source.as_mut().and_then(|s| s.clone.as_mut()) {

@@ -17,7 +17,7 @@ use vireo_crds::quantity::parse_quantity;
 use vireo_crds::{Domain, DomainState, DomainStatus, Host, Network, StorageVol};
 
 use super::Ctx;
-use crate::conditions::{condition, find, same, status_condition};
+use crate::conditions::{condition, find, same};
 use crate::error::Result;
 use crate::k8s;
 use crate::metrics::StateLabels;
@@ -253,14 +253,21 @@ fn host_views(
         }
     }
     let mut counted = BTreeSet::new();
-    for d in domains.state() {
+    let all = domains.state();
+    // Assumptions about Domains that are gone (deleted before the watch
+    // showed them bound) would hold room forever.
+    let present: BTreeSet<String> = all.iter().map(|d| key(d)).collect();
+    assumed.retain(|k, _| present.contains(k));
+    for d in all {
         if let Some(node) = bound_node(&d) {
             let k = key(&d);
             assumed.remove(&k);
             counted.insert(k);
             if let Some(v) = views.get_mut(node) {
-                v.used_memory += parse_quantity(&d.spec.memory).unwrap_or(0);
-                v.used_vcpus += u64::from(d.spec.vcpus);
+                v.used_memory = v
+                    .used_memory
+                    .saturating_add(parse_quantity(&d.spec.memory).unwrap_or(0));
+                v.used_vcpus = v.used_vcpus.saturating_add(u64::from(d.spec.vcpus));
             }
         }
     }
@@ -291,7 +298,31 @@ async fn reconcile(dom: Arc<Domain>, dctx: &DomainCtx) -> Result<Action> {
     let generation = dom.meta().generation;
     let prev = &status.conditions;
 
+    // The binding is the label, or the node already recorded in status: a
+    // Domain whose label was dropped (kubectl replace, edit) gets the same
+    // node back, never a second one.
     let mut node = bound_node(&dom).map(str::to_string);
+    if node.is_none()
+        && let Some(recorded) = status.node_name.clone()
+    {
+        let ops = json!([
+            {"op": "test", "path": "/metadata/resourceVersion", "value": dom.resource_version()},
+            {"op": "add", "path": "/metadata/labels", "value": relabelled(&dom, &recorded)},
+        ]);
+        k8s::patch_json(&api, &name, ops).await?;
+        k8s::event(
+            &ctx.recorder,
+            dom.as_ref(),
+            EventType::Warning,
+            "Rebound",
+            "Bind",
+            format!(
+                "label {NODE} was missing; restored to host {recorded}, where the domain was bound"
+            ),
+        )
+        .await;
+        return Ok(Action::await_change());
+    }
     let scheduled = match &node {
         Some(n) => condition(
             prev,
@@ -405,32 +436,46 @@ async fn reconcile(dom: Arc<Domain>, dctx: &DomainCtx) -> Result<Action> {
                 }
                 conditions.push(condition(prev, type_, ok, reason, msg, generation));
             }
+            // Whether the bound Host is reachable is the operator's own
+            // condition. On the edge into NotReady it also marks the domain
+            // `unknown` with a plain update (not an apply): a live agent may
+            // overwrite it, and nobody re-asserts it, so the two never fight.
             let host = ctx.hosts.get(&ObjectRef::new(n));
-            if host.as_deref().is_none_or(host_lost) {
-                state = Some(DomainState::Unknown);
-                let msg = format!(
+            let lost = host.as_deref().is_none_or(host_lost);
+            let was_lost = find(prev, "HostReachable").is_some_and(|c| c.status != "True");
+            let msg = if lost {
+                format!(
                     "host {n} is not reporting; the domain may still run there and is not started elsewhere"
-                );
-                conditions.push(status_condition(
-                    prev,
-                    "Ready",
-                    "Unknown",
+                )
+            } else {
+                format!("host {n} is reporting")
+            };
+            if lost && !was_lost {
+                api.patch_status(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"status": {"state": DomainState::Unknown}})),
+                )
+                .await?;
+                k8s::event(
+                    &ctx.recorder,
+                    dom.as_ref(),
+                    EventType::Warning,
                     "HostNotReady",
+                    "Observe",
                     msg.clone(),
-                    generation,
-                ));
-                if status.state != Some(DomainState::Unknown) {
-                    k8s::event(
-                        &ctx.recorder,
-                        dom.as_ref(),
-                        EventType::Warning,
-                        "HostNotReady",
-                        "Observe",
-                        msg,
-                    )
-                    .await;
-                }
+                )
+                .await;
             }
+            let reason = if lost { "HostNotReady" } else { "HostReady" };
+            conditions.push(condition(
+                prev,
+                "HostReachable",
+                !lost,
+                reason,
+                msg,
+                generation,
+            ));
         }
     }
     let wanted = DomainStatus {
@@ -456,17 +501,33 @@ async fn reconcile(dom: Arc<Domain>, dctx: &DomainCtx) -> Result<Action> {
     })
 }
 
+/// The Domain's labels with the node label set.
+fn relabelled(dom: &Domain, node: &str) -> serde_json::Value {
+    let mut labels = dom.labels().clone();
+    labels.insert(NODE.to_string(), node.to_string());
+    json!(labels)
+}
+
 /// Binds the Domain (and its unplaced volumes) to a Host with the label the
 /// agent selects on, in one JSON Patch that also gives the Domain its UUID
 /// (its own UID: an RFC 4122 UUID, for life) and the agent's cleanup
 /// finalizer, and that applies only to the version placement looked at.
 async fn bind(ctx: &Ctx, dom: &Domain, host: &str, req: &Request) -> Result<()> {
     let ns = dom.namespace().unwrap_or_default();
-    let label = json!({"metadata": {"labels": {NODE: host}}});
+    // Each unplaced volume is bound only if nobody bound it meanwhile (two
+    // Domains sharing a volume must not pull it to two nodes).
     let vols: Api<StorageVol> = Api::namespaced(ctx.client.clone(), &ns);
     for v in req.volumes.iter().filter(|v| v.node.is_none()) {
-        vols.patch(&v.name, &PatchParams::default(), &Patch::Merge(&label))
-            .await?;
+        let Some(vol) = ctx.volumes.get(&ObjectRef::new(&v.name).within(&ns)) else {
+            continue;
+        };
+        let mut labels = vol.labels().clone();
+        labels.insert(NODE.to_string(), host.to_string());
+        let ops = json!([
+            {"op": "test", "path": "/metadata/resourceVersion", "value": vol.resource_version()},
+            {"op": "add", "path": "/metadata/labels", "value": labels},
+        ]);
+        k8s::patch_json(&vols, &v.name, ops).await?;
     }
     let mut ops = vec![
         json!({"op": "test", "path": "/metadata/resourceVersion", "value": dom.resource_version()}),

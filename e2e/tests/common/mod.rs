@@ -355,9 +355,15 @@ impl Cluster {
     }
 
     /// The operator and three agents (`node-1`..`node-3`), kept by the cluster.
-    pub fn with_vireo(mut self) -> Cluster {
-        self.procs
-            .push(self.operator("operator", &["--no-leader-election"]));
+    pub fn with_vireo(self) -> Cluster {
+        self.with_vireo_operator_args(&[])
+    }
+
+    /// Same, with extra operator flags.
+    pub fn with_vireo_operator_args(mut self, extra: &[&str]) -> Cluster {
+        let mut args = vec!["--no-leader-election"];
+        args.extend_from_slice(extra);
+        self.procs.push(self.operator("operator", &args));
         for n in 1..=3 {
             self.procs.push(self.agent(&format!("node-{n}"), &[]));
         }
