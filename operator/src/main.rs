@@ -118,7 +118,7 @@ fn main() -> Result<()> {
             .build()
             .await
             .context("cannot set up leader election")?;
-        let (mut leading, _task) = manager.watch().await;
+        let (mut leading, task) = manager.watch().await;
         tracing::info!("waiting to lead (Lease {SYSTEM_NAMESPACE}/{OPERATOR_LEASE})");
         while !*leading.borrow_and_update() {
             tokio::select! {
@@ -139,7 +139,22 @@ fn main() -> Result<()> {
                 // Another replica may lead now: stop at once rather than act twice.
                 anyhow::bail!("lost the leader Lease; exiting so a restart can wait its turn")
             }
-            _ = vireo_controllers::agent::shutdown_signal() => Ok(()),
+            _ = vireo_controllers::agent::shutdown_signal() => {
+                // Hand the Lease over now instead of letting it expire.
+                drop(leading);
+                match task.await {
+                    Ok(Ok(manager)) => {
+                        if let Err(e) = manager.release().await {
+                            tracing::warn!(error = %e, "cannot release the leader Lease");
+                        } else {
+                            tracing::info!("released the leader Lease");
+                        }
+                    }
+                    Ok(Err(e)) => tracing::warn!(error = %e, "leader election ended with an error"),
+                    Err(e) => tracing::warn!(error = %e, "leader election task failed"),
+                }
+                Ok(())
+            }
         }
     })
 }
