@@ -94,14 +94,7 @@ fn main() -> Result<()> {
         print!("{}", serde_yaml_ng::to_string(&info)?);
         return Ok(());
     }
-    // Colours on a terminal only: logs collected to files stay greppable.
-    tracing_subscriber::fmt()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,kube=warn,tower=warn,hyper=warn".into()),
-        )
-        .init();
+    vireo_controllers::metrics::init_tracing();
     let a = cli.run;
     let node_name = match a.node_name {
         Some(n) => n,
@@ -134,13 +127,7 @@ fn main() -> Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let metrics = Metrics::new("vireo_agent");
-        let server = metrics.clone();
-        let addr = a.metrics_addr;
-        tokio::spawn(async move {
-            if let Err(e) = vireo_controllers::metrics::serve(addr, server).await {
-                tracing::error!(%addr, error = %e, "metrics endpoint failed");
-            }
-        });
+        vireo_controllers::metrics::spawn_server(a.metrics_addr, metrics.clone());
         tracing::info!(node = %config.node_name, state_dir = %config.state_dir.display(), "vireo-agent starting");
         vireo_controllers::agent::run(config, metrics)
             .await

@@ -150,3 +150,24 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
 async fn metrics_handler(state: State<Arc<Metrics>>) -> impl IntoResponse {
     metrics(state).await
 }
+
+/// Serves the endpoint in the background, logging if it fails.
+pub fn spawn_server(addr: SocketAddr, metrics: Arc<Metrics>) {
+    tokio::spawn(async move {
+        if let Err(e) = serve(addr, metrics).await {
+            tracing::error!(%addr, error = %e, "metrics endpoint failed");
+        }
+    });
+}
+
+/// Logs to stdout with `RUST_LOG` filtering (default: info, quiet kube and
+/// HTTP internals), coloured only on a terminal so files stay greppable.
+pub fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube=warn,tower=warn,hyper=warn".into()),
+        )
+        .init();
+}

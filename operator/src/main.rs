@@ -81,14 +81,7 @@ fn main() -> Result<()> {
     if let Some(Command::Crds { out_dir }) = cli.command {
         return print_crds(out_dir);
     }
-    // Colours on a terminal only: logs collected to files stay greppable.
-    tracing_subscriber::fmt()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,kube=warn,tower=warn,hyper=warn".into()),
-        )
-        .init();
+    vireo_controllers::metrics::init_tracing();
     let config = OperatorConfig {
         concurrency: cli.concurrency.max(1),
         host_check: Duration::from_secs(cli.host_check_seconds.max(1)),
@@ -98,13 +91,7 @@ fn main() -> Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let metrics = Metrics::new("vireo_operator");
-        let server = metrics.clone();
-        let addr = cli.metrics_addr;
-        tokio::spawn(async move {
-            if let Err(e) = vireo_controllers::metrics::serve(addr, server).await {
-                tracing::error!(%addr, error = %e, "metrics endpoint failed");
-            }
-        });
+        vireo_controllers::metrics::spawn_server(cli.metrics_addr, metrics.clone());
         let client = kube::Client::try_default().await.context("cannot reach the cluster")?;
         if cli.no_leader_election {
             tracing::info!("running without leader election");

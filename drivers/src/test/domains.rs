@@ -210,6 +210,32 @@ impl State {
         self.activate(name, reason)
     }
 
+    /// The guest powered off or rebooted: its lifecycle action for that
+    /// event decides. `restart` keeps the activation (a guest reboot keeps
+    /// its process, live memory and vCPUs); `destroy` and `preserve` end it
+    /// shut off (shutdown).
+    fn guest_event(
+        &mut self,
+        name: &str,
+        action: impl Fn(&vireo_crds::Lifecycle) -> LifecycleAction,
+    ) -> Result<()> {
+        let obj = self.domain_mut(name)?;
+        if !obj.is_active() {
+            return Err(not_running(name));
+        }
+        match action(&obj.def.spec.lifecycle) {
+            LifecycleAction::Restart => {
+                obj.state = DomainState::Running;
+                obj.reason = DomainReason::Booted;
+                obj.running_since.get_or_insert_with(Instant::now);
+                Ok(())
+            }
+            LifecycleAction::Destroy | LifecycleAction::Preserve => {
+                self.deactivate(name, DomainReason::Shutdown)
+            }
+        }
+    }
+
     pub(super) fn pause(&mut self, name: &str) -> Result<()> {
         let obj = self.domain_mut(name)?;
         match obj.state {
@@ -450,44 +476,15 @@ impl HypervisorDriver for TestDriver {
     }
 
     fn shutdown_domain(&self, name: &str) -> Result<()> {
+        // The test guest complies at once; lifecycle.onPoweroff applies.
         self.change(Kind::Domain, name, |st| {
-            let obj = st.domain_mut(name)?;
-            if !obj.is_active() {
-                return Err(not_running(name));
-            }
-            // The test guest complies at once; lifecycle.onPoweroff applies.
-            match obj.def.spec.lifecycle.on_poweroff {
-                LifecycleAction::Restart => {
-                    obj.state = DomainState::Running;
-                    obj.reason = DomainReason::Booted;
-                    obj.running_since.get_or_insert_with(Instant::now);
-                    Ok(())
-                }
-                LifecycleAction::Destroy | LifecycleAction::Preserve => {
-                    st.deactivate(name, DomainReason::Shutdown)
-                }
-            }
+            st.guest_event(name, |l| l.on_poweroff)
         })
     }
 
     fn reboot_domain(&self, name: &str) -> Result<()> {
         self.change(Kind::Domain, name, |st| {
-            let obj = st.domain_mut(name)?;
-            if !obj.is_active() {
-                return Err(not_running(name));
-            }
-            match obj.def.spec.lifecycle.on_reboot {
-                // A guest reboot keeps its process: live memory and vCPUs stay.
-                LifecycleAction::Restart => {
-                    obj.state = DomainState::Running;
-                    obj.reason = DomainReason::Booted;
-                    obj.running_since.get_or_insert_with(Instant::now);
-                    Ok(())
-                }
-                LifecycleAction::Destroy | LifecycleAction::Preserve => {
-                    st.deactivate(name, DomainReason::Shutdown)
-                }
-            }
+            st.guest_event(name, |l| l.on_reboot)
         })
     }
 
