@@ -633,3 +633,129 @@ async fn killed_operator_during_creation_converges_without_duplicates() {
     }
     assert_eq!(seen.len(), 50);
 }
+
+/// A deleted Network or StoragePool is torn down on every node before it
+/// goes; a StorageVol with `spec.nodeName` is bound to that node at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_objects_torn_down_on_every_node_and_volume_node_name() {
+    let cluster = Cluster::start("teardown").with_vireo();
+    let client = cluster.client().await;
+    cluster.kubectl_ok(&[
+        "apply",
+        "-f",
+        &repo()
+            .join("examples/test-network.yaml")
+            .display()
+            .to_string(),
+    ]);
+    cluster.kubectl_ok(&[
+        "apply",
+        "-f",
+        &repo().join("examples/test-pool.yaml").display().to_string(),
+    ]);
+    let nets: Api<vireo_crds::Network> = Api::all(client.clone());
+    let pools: Api<vireo_crds::StoragePool> = Api::all(client.clone());
+    wait_for(T, "lab and images active on 3 nodes", || async {
+        let n = nets.get("lab").await.ok()?;
+        let p = pools.get("images").await.ok()?;
+        (n.status.as_ref()?.nodes.iter().filter(|e| e.active).count() == 3
+            && p.status
+                .as_ref()?
+                .nodes
+                .iter()
+                .filter(|e| e.state == "running")
+                .count()
+                == 3)
+            .then_some(())
+    })
+    .await;
+    let net = nets.get("lab").await.expect("lab");
+    let finalizers: BTreeSet<String> = net.finalizers().iter().cloned().collect();
+    let expected: BTreeSet<String> = (1..=3)
+        .map(|n| vireo_crds::labels::node_finalizer(&format!("node-{n}")))
+        .collect();
+    assert_eq!(finalizers, expected, "each node holds its own finalizer");
+    let net_files: Vec<_> = (1..=3)
+        .map(|n| {
+            cluster
+                .dir
+                .join(format!("state-node-{n}/test-node/networks/lab.json"))
+        })
+        .collect();
+    assert!(
+        net_files.iter().all(|f| f.exists()),
+        "lab is defined on every node"
+    );
+
+    // A volume that names its node is bound there at once, before any Domain uses it.
+    cluster.kubectl_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: vireo.dev/v1alpha1\nkind: StorageVol\nmetadata: {name: pinned}\nspec: {pool: images, capacity: 1Gi, nodeName: node-2}\n",
+    );
+    let vols: Api<StorageVol> = Api::namespaced(client.clone(), "default");
+    let v = wait_for(T, "pinned Ready on node-2", || async {
+        vols.get("pinned")
+            .await
+            .ok()
+            .filter(|v| v.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Ready"))
+    })
+    .await;
+    assert_eq!(
+        v.labels().get(vireo_crds::labels::NODE).map(String::as_str),
+        Some("node-2")
+    );
+    assert_eq!(
+        v.status.as_ref().and_then(|s| s.node_name.as_deref()),
+        Some("node-2")
+    );
+
+    nets.delete("lab", &DeleteParams::default())
+        .await
+        .expect("delete lab");
+    wait_for(T, "lab gone", || async {
+        nets.get_opt("lab")
+            .await
+            .ok()
+            .flatten()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(
+        net_files.iter().all(|f| !f.exists()),
+        "lab was destroyed and undefined on every node"
+    );
+
+    vols.delete("pinned", &DeleteParams::default())
+        .await
+        .expect("delete pinned");
+    wait_for(T, "pinned gone", || async {
+        vols.get_opt("pinned")
+            .await
+            .ok()
+            .flatten()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    pools
+        .delete("images", &DeleteParams::default())
+        .await
+        .expect("delete images");
+    wait_for(T, "images gone", || async {
+        pools
+            .get_opt("images")
+            .await
+            .ok()
+            .flatten()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    for n in 1..=3 {
+        let f = cluster
+            .dir
+            .join(format!("state-node-{n}/test-node/pools/images.json"));
+        assert!(!f.exists(), "images was undefined on node-{n}");
+    }
+}
