@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use futures::{StreamExt, TryStreamExt};
 use kube::api::{Api, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
-use vireo_crds::{Domain, DomainSpec, DomainState, DomainType, Host};
+use vireo_crds::{Domain, DomainSpec, DomainState, DomainType};
 
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -68,20 +68,7 @@ async fn main() {
         .map(|i| cluster.agent(&format!("node-{i}"), &big))
         .collect();
     let client = cluster.client().await;
-    let hosts: Api<Host> = Api::all(client.clone());
-    common::wait_for(Duration::from_secs(60), "three ready Hosts", || async {
-        let l = hosts.list(&Default::default()).await.ok()?;
-        (l.items.len() == 3
-            && l.items.iter().all(|h| {
-                h.status.as_ref().is_some_and(|s| {
-                    s.conditions
-                        .iter()
-                        .any(|c| c.type_ == "Ready" && c.status == "True")
-                })
-            }))
-        .then_some(())
-    })
-    .await;
+    common::ready_hosts(&client, 3).await;
 
     let domains: Api<Domain> = Api::namespaced(client.clone(), "default");
     let running_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();

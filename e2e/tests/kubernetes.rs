@@ -6,7 +6,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use common::{Cluster, repo, wait_for};
+use common::{Cluster, ready_hosts, repo, wait_for};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use serde_json::json;
@@ -51,11 +51,7 @@ fn examples() -> String {
 async fn examples_run_and_reapply_changes_nothing() {
     let cluster = Cluster::start("examples").with_vireo();
     let client = cluster.client().await;
-    let hosts: Api<Host> = Api::all(client.clone());
-    wait_for(T, "three Hosts", || async {
-        (hosts.list(&Default::default()).await.ok()?.items.len() == 3).then_some(())
-    })
-    .await;
+    ready_hosts(&client, 3).await;
 
     cluster.kubectl_ok(&["apply", "--server-side", "-f", &examples()]);
     let domains: Api<Domain> = Api::namespaced(client.clone(), "default");
@@ -372,20 +368,7 @@ async fn invalid_manifests_are_rejected_naming_the_field() {
 async fn domain_that_fits_nowhere_stays_pending() {
     let cluster = Cluster::start("pending").with_vireo();
     let client = cluster.client().await;
-    let hosts: Api<Host> = Api::all(client.clone());
-    wait_for(T, "three ready Hosts", || async {
-        let l = hosts.list(&Default::default()).await.ok()?;
-        (l.items.len() == 3
-            && l.items.iter().all(|h| {
-                h.status.as_ref().is_some_and(|s| {
-                    s.conditions
-                        .iter()
-                        .any(|c| c.type_ == "Ready" && c.status == "True")
-                })
-            }))
-        .then_some(())
-    })
-    .await;
+    ready_hosts(&client, 3).await;
     cluster.kubectl_stdin(&["apply", "-f", "-"], "apiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {name: huge}\nspec: {type: test, memory: 4Ti, vcpus: 1}\n");
     let domains: Api<Domain> = Api::namespaced(client, "default");
     let d = wait_for(T, "a Scheduled=False condition", || async {
@@ -574,11 +557,7 @@ async fn killed_operator_during_creation_converges_without_duplicates() {
     // One reconcile at a time, so the kill lands while binding is under way.
     let mut cluster = Cluster::start("opkill").with_vireo_operator_args(&["--concurrency", "1"]);
     let client = cluster.client().await;
-    let hosts: Api<Host> = Api::all(client.clone());
-    wait_for(T, "three Hosts", || async {
-        (hosts.list(&Default::default()).await.ok()?.items.len() == 3).then_some(())
-    })
-    .await;
+    ready_hosts(&client, 3).await;
     let mut manifests = String::new();
     for i in 0..50 {
         manifests.push_str(&format!("---\napiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {{name: d{i:02}}}\nspec: {{type: test, memory: 256Mi, vcpus: 1}}\n"));

@@ -39,10 +39,6 @@ pub(crate) async fn run(ctx: Arc<Ctx>) {
     drain(stream).await;
 }
 
-fn is_not_found(e: &Error) -> bool {
-    matches!(e, Error::Driver(DriverError::NotFound(_)))
-}
-
 async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
     let ns = dom.namespace().unwrap_or_default();
     let api: Api<Domain> = Api::namespaced(ctx.client.clone(), &ns);
@@ -80,24 +76,27 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
     // Define, or redefine when the spec changed.
     let mut def = Domain::new(&key, dom.spec.clone());
     def.spec.uuid = Some(uuid.to_ascii_lowercase());
-    let k = key.clone();
-    let current = ctx
-        .drive(move |c| c.hypervisor().domain_definition(&k, true))
-        .await;
-    let needs_define = match current {
-        Ok(cur) => cur.spec != def.spec,
-        Err(e) if is_not_found(&e) => true,
-        Err(e) => return Err(e),
-    };
-    if needs_define {
-        let d = def.clone();
-        ctx.drive(move |c| c.hypervisor().define_domain(&d)).await?;
+    // One trip to the driver: redefine if the spec changed, then read the state.
+    let (k, d) = (key.clone(), def);
+    let (defined, (state, reason)) = ctx
+        .drive(move |c| {
+            let hv = c.hypervisor();
+            let needs_define = match hv.domain_definition(&k, true) {
+                Ok(cur) => cur.spec != d.spec,
+                Err(DriverError::NotFound(_)) => true,
+                Err(e) => return Err(e),
+            };
+            if needs_define {
+                hv.define_domain(&d)?;
+            }
+            Ok((needs_define, hv.domain_state(&k)?))
+        })
+        .await?;
+    if defined {
         tracing::info!(domain = %key, "defined");
     }
 
     let status = dom.status.clone().unwrap_or_default();
-    let k = key.clone();
-    let (state, reason) = ctx.drive(move |c| c.hypervisor().domain_state(&k)).await?;
     // Per object (UID), so a Domain recreated under the same name starts from zero.
     let count_key = format!("{key}#{}", dom.uid().unwrap_or_default());
     let mut start_count = ctx.start_count(&count_key, status.start_count.unwrap_or(0), 0);

@@ -236,6 +236,48 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Whether a cluster-scoped object (Network, StoragePool) should be realized
+/// on this node: not being deleted, selecting this node, and active.
+pub(crate) fn wanted_here(
+    ctx: &Ctx,
+    meta: &kube::api::ObjectMeta,
+    selector: Option<&BTreeMap<String, String>>,
+    active: Option<bool>,
+) -> bool {
+    meta.deletion_timestamp.is_none() && ctx.selects_me(selector) && active.unwrap_or(true)
+}
+
+/// After a cluster-scoped object was torn down on this node: drop this
+/// node's status entry, say so in an Event, and release this node's finalizer.
+pub(crate) async fn released_here<K>(
+    ctx: &Ctx,
+    api: &kube::Api<K>,
+    obj: &K,
+    reason: &str,
+    note: String,
+) -> Result<()>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let name = kube::ResourceExt::name_any(obj);
+    crate::k8s::apply_status(api, &name, &ctx.manager, &serde_json::json!({})).await?;
+    crate::k8s::event(
+        &ctx.recorder,
+        obj,
+        kube::runtime::events::EventType::Normal,
+        reason,
+        "Destroy",
+        note,
+    )
+    .await;
+    crate::k8s::remove_finalizer(
+        api,
+        obj,
+        &vireo_crds::labels::node_finalizer(&ctx.config.node_name),
+    )
+    .await
+}
+
 /// Drains a controller's output stream (the results are already logged).
 pub(crate) async fn drain<S, T, E>(stream: S)
 where

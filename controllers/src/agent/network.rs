@@ -13,7 +13,7 @@ use vireo_crds::Network;
 use vireo_crds::labels::node_finalizer;
 use vireo_drivers::Error as DriverError;
 
-use super::{Ctx, drain, error_policy, instrumented};
+use super::{Ctx, drain, error_policy, instrumented, released_here, wanted_here};
 use crate::error::Result;
 use crate::k8s;
 
@@ -37,11 +37,12 @@ async fn reconcile(net: Arc<Network>, ctx: &Ctx) -> Result<Action> {
     let name = net.name_any();
     let finalizer = node_finalizer(&ctx.config.node_name);
     let mine = net.finalizers().contains(&finalizer);
-    let wanted_here = net.meta().deletion_timestamp.is_none()
-        && ctx.selects_me(net.spec.node_selector.as_ref())
-        && net.spec.active.unwrap_or(true);
-
-    if !wanted_here {
+    if !wanted_here(
+        ctx,
+        net.meta(),
+        net.spec.node_selector.as_ref(),
+        net.spec.active,
+    ) {
         if mine {
             let n = name.clone();
             ctx.drive(move |c| {
@@ -58,17 +59,8 @@ async fn reconcile(net: Arc<Network>, ctx: &Ctx) -> Result<Action> {
                 }
             })
             .await?;
-            k8s::apply_status(&api, &name, &ctx.manager, &json!({})).await?;
-            k8s::event(
-                &ctx.recorder,
-                net.as_ref(),
-                EventType::Normal,
-                "TornDown",
-                "Destroy",
-                format!("destroyed on node {}", ctx.config.node_name),
-            )
-            .await;
-            k8s::remove_finalizer(&api, net.as_ref(), &finalizer).await?;
+            let note = format!("destroyed on node {}", ctx.config.node_name);
+            released_here(ctx, &api, net.as_ref(), "TornDown", note).await?;
         }
         return Ok(Action::await_change());
     }

@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use kube::api::Api;
 use kube::runtime::controller::{Action, Config, Controller};
-use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
@@ -17,7 +16,7 @@ use vireo_crds::quantity::format_bytes;
 use vireo_crds::{StoragePool, StorageVol};
 use vireo_drivers::{Error as DriverError, PoolState};
 
-use super::{Ctx, drain, error_policy, instrumented};
+use super::{Ctx, drain, error_policy, instrumented, released_here, wanted_here};
 use crate::error::Result;
 use crate::k8s;
 
@@ -47,11 +46,12 @@ async fn reconcile(pool: Arc<StoragePool>, ctx: &Ctx) -> Result<Action> {
     let name = pool.name_any();
     let finalizer = node_finalizer(&ctx.config.node_name);
     let mine = pool.finalizers().contains(&finalizer);
-    let wanted_here = pool.meta().deletion_timestamp.is_none()
-        && ctx.selects_me(pool.spec.node_selector.as_ref())
-        && pool.spec.active.unwrap_or(true);
-
-    if !wanted_here {
+    if !wanted_here(
+        ctx,
+        pool.meta(),
+        pool.spec.node_selector.as_ref(),
+        pool.spec.active,
+    ) {
         if mine {
             let n = name.clone();
             ctx.drive(move |c| {
@@ -68,17 +68,8 @@ async fn reconcile(pool: Arc<StoragePool>, ctx: &Ctx) -> Result<Action> {
                 }
             })
             .await?;
-            k8s::apply_status(&api, &name, &ctx.manager, &json!({})).await?;
-            k8s::event(
-                &ctx.recorder,
-                pool.as_ref(),
-                EventType::Normal,
-                "Stopped",
-                "Destroy",
-                format!("stopped and undefined on node {}", ctx.config.node_name),
-            )
-            .await;
-            k8s::remove_finalizer(&api, pool.as_ref(), &finalizer).await?;
+            let note = format!("stopped and undefined on node {}", ctx.config.node_name);
+            released_here(ctx, &api, pool.as_ref(), "Stopped", note).await?;
         }
         return Ok(Action::await_change());
     }

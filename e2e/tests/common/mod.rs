@@ -444,3 +444,25 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Waits until `n` Hosts are registered and Ready.
+pub async fn ready_hosts(client: &kube::Client, n: usize) {
+    let hosts: kube::Api<vireo_crds::Host> = kube::Api::all(client.clone());
+    wait_for(
+        Duration::from_secs(60),
+        &format!("{n} ready Hosts"),
+        || async {
+            let l = hosts.list(&Default::default()).await.ok()?;
+            (l.items.len() == n
+                && l.items.iter().all(|h| {
+                    h.status.as_ref().is_some_and(|s| {
+                        s.conditions
+                            .iter()
+                            .any(|c| c.type_ == "Ready" && c.status == "True")
+                    })
+                }))
+            .then_some(())
+        },
+    )
+    .await
+}
