@@ -31,6 +31,7 @@ outdir=${1:-}
 want_modules=(
   virtio_mmio virtio_pci          # transports: microvm (virtio-mmio), q35/pc (PCI)
   virtio_blk virtio_net virtio_rng virtio_console
+  virtio_balloon                  # memory given back and taken on `setmem` (balloon)
   crc16 mbcache jbd2 crc32c_generic ext4   # ext4 (also mounts ext2)
   af_packet                       # udhcpc's raw socket (CONFIG_PACKET)
   button evdev                    # ACPI power button -> input event -> acpid

@@ -6,7 +6,8 @@
 //! | `test:///path/node.yaml`  | test driver loaded from a node file          |
 //! | `test:///path/dir/`       | a persistent test node saved in a directory  |
 //! | `kvm:///system`           | vireo-vmm (kvm-driver issue)                 |
-//! | `qemu:///system`          | QEMU (qemu-driver issue)                     |
+//! | `qemu:///system`          | QEMU, state under /var/lib/vireo/qemu        |
+//! | `qemu:///embed?root=/DIR` | QEMU, state under DIR                        |
 //! | `vireo+unix:///path`      | a standalone agent's socket (standalone issue)|
 
 use std::path::Path;
@@ -87,7 +88,8 @@ pub fn open(uri: &str) -> Result<Connection> {
             let driver = Arc::new(driver);
             Ok(Connection::new(uri, driver.clone(), driver.clone(), driver))
         }
-        "kvm" | "qemu" | "vireo+unix" => Err(fail(&format!(
+        "qemu" => crate::qemu::open(uri, &path).map_err(|e| fail(&e)),
+        "kvm" | "vireo+unix" => Err(fail(&format!(
             "the {scheme} driver is not part of this build yet"
         ))),
         other => Err(fail(&format!(

@@ -18,8 +18,10 @@ pub mod host;
 pub mod hypervisor;
 pub mod lookup;
 pub mod network;
+pub mod qemu;
 pub mod storage;
 pub mod test;
+pub mod vm;
 
 pub use connect::{Connection, open};
 pub use error::{Error, Result};

@@ -1,0 +1,329 @@
+//! The `qemu` driver: one `qemu-system-x86_64` process per running Domain,
+//! controlled over QMP on a per-VM unix socket.
+//!
+//! * `qemu:///system` keeps its state under `/var/lib/vireo/qemu`;
+//!   `qemu:///embed?root=/DIR` under DIR (libvirt's embedded-driver URI), so
+//!   tests and the agent each get their own. `&shutdown_timeout=SECONDS`
+//!   sets how long a graceful shutdown waits before destroying (default 300).
+//! * QEMU runs daemonized (`-daemonize`, `-pidfile`), so it outlives the
+//!   driver and the agent; a driver opened again on the same root re-adopts
+//!   every running QEMU over QMP ([`crate::vm`] keeps the records).
+//! * `-no-shutdown`: a guest power-off leaves QEMU stopped in `shutdown`
+//!   until the driver applies `lifecycle.onPoweroff` (reset in place for
+//!   `restart`, or end the process: shutoff, reason shutdown). A QEMU that
+//!   dies by itself (killed, crashed) is shutoff, reason crashed.
+//! * `reboot` presses the ACPI power button and resets the guest when it
+//!   powers off, as libvirt does without a guest agent; guest-initiated
+//!   reboots are QEMU's own in-place resets, or a stop with
+//!   `lifecycle.onReboot: destroy` (`-action reboot=shutdown`).
+//! * The serial console is a unix socket (`vireo console NAME` attaches to
+//!   it) with a log file beside it.
+//! * Networks and pools of this connection are, until the network and
+//!   storage backends land, the test driver's bookkeeping kept under
+//!   ROOT/objects/.
+
+pub mod command;
+pub mod qmp;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use vireo_crds::{Domain, DomainType};
+
+use crate::vm::{self, Backend, Control, ControlError, DiskFile, Live, LiveState, RunPaths};
+use command::{Accel, Machine};
+use qmp::{Qmp, QmpError};
+
+/// Where `qemu:///system` keeps its state.
+pub const SYSTEM_ROOT: &str = "/var/lib/vireo/qemu";
+
+/// The QEMU backend of [`vm::VmDriver`].
+pub struct Qemu {
+    binary: PathBuf,
+    hardware_kvm: bool,
+}
+
+/// The qemu hypervisor driver.
+pub type QemuDriver = vm::VmDriver<Qemu>;
+
+const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Qemu {
+    /// Finds `qemu-system-x86_64` (or `$VIREO_QEMU`).
+    pub fn new() -> Result<Self, String> {
+        let binary = match std::env::var_os("VIREO_QEMU") {
+            Some(p) => PathBuf::from(p),
+            None => find_in_path("qemu-system-x86_64")
+                .ok_or("qemu-system-x86_64 is not installed (Debian package qemu-system-x86)")?,
+        };
+        let hardware_kvm = std::fs::read_to_string("/proc/cpuinfo")
+            .map(|c| {
+                c.lines()
+                    .filter(|l| l.starts_with("flags"))
+                    .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+            })
+            .unwrap_or(false)
+            && !Path::new("/sys/module/kvm_pvm").exists()
+            && Path::new("/dev/kvm").exists();
+        Ok(Self {
+            binary,
+            hardware_kvm,
+        })
+    }
+
+    fn qmp(&self, paths: &RunPaths) -> Result<Qmp, QmpError> {
+        Qmp::connect(&paths.api, QMP_TIMEOUT)
+    }
+}
+
+fn find_in_path(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(program))
+            .find(|p| p.is_file())
+    })
+}
+
+fn failed(e: QmpError) -> ControlError {
+    ControlError::Failed(e.to_string())
+}
+
+impl Backend for Qemu {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn domain_type(&self) -> DomainType {
+        DomainType::Qemu
+    }
+
+    fn version(&self) -> String {
+        let out = Command::new(&self.binary).arg("--version").output();
+        out.ok()
+            .and_then(|o| {
+                let text = String::from_utf8_lossy(&o.stdout).to_string();
+                text.split_whitespace()
+                    .skip_while(|w| *w != "version")
+                    .nth(1)
+                    .map(|v| v.to_string())
+            })
+            .unwrap_or_else(|| "unknown".into())
+    }
+
+    fn check(&self, def: &Domain) -> Result<(), String> {
+        Machine::from_spec(def)?;
+        let accel = command::accel_of(def)?;
+        if accel == Accel::Kvm && !self.hardware_kvm {
+            return Err(format!(
+                "metadata.annotations[{}]: kvm asked for, but this host has no hardware KVM",
+                command::ACCEL_ANNOTATION
+            ));
+        }
+        let os =
+            def.spec.os.as_ref().ok_or(
+                "spec.os.kernel: the qemu driver boots a kernel directly; set spec.os.kernel",
+            )?;
+        if os.kernel.as_deref().is_none_or(str::is_empty) {
+            return Err("spec.os.kernel: the qemu driver boots a kernel directly; set it".into());
+        }
+        Ok(())
+    }
+
+    fn launch(&self, def: &Domain, paths: &RunPaths, disks: &[DiskFile]) -> Result<u32, String> {
+        let accel = command::accel_of(def)?;
+        for file in [
+            def.spec.os.as_ref().and_then(|o| o.kernel.as_deref()),
+            def.spec.os.as_ref().and_then(|o| o.initrd.as_deref()),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if !Path::new(file).is_file() {
+                return Err(format!("{file}: no such file on this node"));
+            }
+        }
+        let args = command::build(def, paths, disks, accel)?;
+        let log = std::fs::File::create(&paths.log)
+            .map_err(|e| format!("{}: {e}", paths.log.display()))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| format!("{}: {e}", paths.log.display()))?;
+        tracing::debug!(binary = %self.binary.display(), ?args, "launching QEMU");
+        // -daemonize: this returns when QEMU is initialised and detached
+        // (its own session, re-parented), or with its error.
+        let status = Command::new(&self.binary)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .status()
+            .map_err(|e| format!("{}: {e}", self.binary.display()))?;
+        let message = || {
+            std::fs::read_to_string(&paths.log)
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        };
+        if !status.success() {
+            return Err(format!(
+                "qemu-system-x86_64 failed ({status}): {}",
+                message()
+            ));
+        }
+        let pid: u32 = std::fs::read_to_string(&paths.pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| format!("QEMU wrote no pid file: {}", message()))?;
+        // Balloon down to currentMemory: the guest's balloon driver gives
+        // the rest back once it loads.
+        let (max, current) = {
+            let max = vireo_crds::quantity::parse_quantity(&def.spec.memory).unwrap_or(0);
+            let cur = def
+                .spec
+                .current_memory
+                .as_ref()
+                .and_then(|q| vireo_crds::quantity::parse_quantity(q).ok())
+                .unwrap_or(max);
+            (max, cur)
+        };
+        if current < max {
+            let mut q = self.qmp(paths).map_err(|e| e.to_string())?;
+            q.execute("balloon", Some(json!({ "value": current })))
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(pid)
+    }
+
+    fn query(&self, paths: &RunPaths) -> Result<Live, String> {
+        let mut q = self.qmp(paths).map_err(|e| e.to_string())?;
+        let status = q.execute("query-status", None).map_err(|e| e.to_string())?;
+        let state = match status.get("status").and_then(|s| s.as_str()) {
+            Some("running") => LiveState::Running,
+            Some("shutdown") => LiveState::GuestStopped,
+            Some("guest-panicked") => LiveState::GuestCrashed,
+            Some(_) => LiveState::Paused,
+            None => return Err(format!("query-status answered {status}")),
+        };
+        let memory = q
+            .execute("query-balloon", None)
+            .ok()
+            .and_then(|b| b.get("actual").and_then(|a| a.as_u64()));
+        let vcpus = q
+            .execute("query-cpus-fast", None)
+            .ok()
+            .and_then(|c| c.as_array().map(|a| a.len() as u32));
+        Ok(Live {
+            state,
+            memory,
+            vcpus,
+        })
+    }
+
+    fn control(&self, paths: &RunPaths, op: Control) -> Result<(), ControlError> {
+        let mut q = self.qmp(paths).map_err(failed)?;
+        match op {
+            Control::Pause => q.execute("stop", None).map(drop).map_err(failed),
+            Control::Resume => q.execute("cont", None).map(drop).map_err(failed),
+            Control::Powerdown => q
+                .execute("system_powerdown", None)
+                .map(drop)
+                .map_err(failed),
+            Control::Reset => {
+                q.execute("system_reset", None).map_err(failed)?;
+                let status = q.execute("query-status", None).map_err(failed)?;
+                if status.get("running").and_then(|r| r.as_bool()) != Some(true) {
+                    q.execute("cont", None).map_err(failed)?;
+                }
+                Ok(())
+            }
+            Control::SetMemory(bytes) => q
+                .execute("balloon", Some(json!({ "value": bytes })))
+                .map(drop)
+                .map_err(failed),
+            Control::SetVcpus { from, to } => {
+                // Only q35 domains have hot-pluggable vCPUs (devices vcpu1..).
+                let cpus = q.execute("query-hotpluggable-cpus", None).map_err(failed)?;
+                let pluggable = cpus.as_array().map(|a| a.len()).unwrap_or(0);
+                if pluggable <= 1 {
+                    return Err(ControlError::Unsupported(
+                        "changing vCPUs of a running microvm domain (use spec.os.machine: q35)",
+                    ));
+                }
+                let model = cpus
+                    .as_array()
+                    .and_then(|a| a.first())
+                    .and_then(|c| c.get("type"))
+                    .and_then(|t| t.as_str())
+                    .unwrap_or("max-x86_64-cpu")
+                    .to_string();
+                if to > from {
+                    for i in from..to {
+                        q.execute(
+                            "device_add",
+                            Some(json!({
+                                "driver": model, "id": format!("vcpu{i}"),
+                                "socket-id": i, "core-id": 0, "thread-id": 0
+                            })),
+                        )
+                        .map_err(failed)?;
+                    }
+                } else {
+                    for i in (to..from).rev() {
+                        q.execute("device_del", Some(json!({ "id": format!("vcpu{i}") })))
+                            .map_err(failed)?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Opens `qemu:///system` or `qemu:///embed?root=DIR`.
+pub fn open(uri: &str, path_and_query: &str) -> Result<crate::Connection, String> {
+    let (root, params) = vm::root_from_uri(path_and_query, Path::new(SYSTEM_ROOT))?;
+    let shutdown_timeout = match params.get("shutdown_timeout") {
+        Some(s) => s
+            .parse::<u64>()
+            .map_err(|_| format!("shutdown_timeout={s}: not a number of seconds"))?,
+        None => 300,
+    };
+    let objects = crate::test::TestDriver::from_dir(&root.join("objects"))?;
+    let objects = Arc::new(objects);
+    let backend = Qemu::new()?;
+    let driver = vm::VmDriver::open(
+        backend,
+        vm::Options {
+            root,
+            shutdown_timeout: Duration::from_secs(shutdown_timeout),
+            poll: Duration::from_millis(500),
+        },
+        objects.clone(),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(crate::Connection::new(
+        uri,
+        Arc::new(driver),
+        objects.clone(),
+        objects,
+    ))
+}
+
+/// Waits for a line containing `needle` in a console log, up to `timeout`.
+/// Returns the log read so far.
+pub fn wait_for_console(log: &Path, needle: &str, timeout: Duration) -> Result<String, String> {
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains(needle) {
+            return Ok(text);
+        }
+        if start.elapsed() >= timeout {
+            return Err(text);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

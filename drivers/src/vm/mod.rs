@@ -1,0 +1,1031 @@
+//! What the `qemu` and `kvm` drivers share: domains whose activations are
+//! processes on this node (one per running domain) that outlive the driver.
+//!
+//! [`VmDriver`] keeps libvirt's bookkeeping (definitions, transient and
+//! persistent domains, IDs, autostart, lifecycle actions) in a [`store`]
+//! under a root directory, and asks a [`Backend`] (QEMU over QMP, or
+//! vireo-vmm over its control socket) to launch, query and control the
+//! process. Nothing is kept only in memory: a driver opened again on the
+//! same root (after an agent restart, or by the CLI next to the agent)
+//! re-adopts the running processes as they are.
+//!
+//! Guest events are found by polling: every operation refreshes the domain
+//! it touches, and a watcher thread refreshes the active ones twice a
+//! second, applying `lifecycle.onPoweroff` / `onReboot` and the graceful
+//! shutdown's timeout.
+
+pub mod process;
+pub mod store;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use vireo_crds::quantity::{format_bytes, parse_quantity};
+use vireo_crds::{
+    Domain, DomainInfo, DomainReason, DomainState, DomainType, LifecycleAction, NodeInfo,
+    ObjectKind, Validate,
+};
+
+use crate::hypervisor::{DomainRef, HypervisorDriver};
+use crate::storage::StorageDriver;
+use crate::{Error, ListFilter, Lookup, Result};
+use store::{Locked, Record, Run, Store};
+
+const KIND: ObjectKind = ObjectKind::Domain;
+
+/// The files of one activation.
+#[derive(Debug, Clone)]
+pub struct RunPaths {
+    pub dir: PathBuf,
+    /// The control socket (QMP or vireo-vmm's API). Its path is also the
+    /// mark that identifies the process in `/proc/PID/cmdline`.
+    pub api: PathBuf,
+    pub console_socket: PathBuf,
+    pub console_log: PathBuf,
+    pub pidfile: PathBuf,
+    /// The process's own messages (stderr).
+    pub log: PathBuf,
+    /// Where vireo-vmm writes why it exited.
+    pub exit_file: PathBuf,
+}
+
+impl RunPaths {
+    fn new(dir: PathBuf) -> Self {
+        Self {
+            api: dir.join("api.sock"),
+            console_socket: dir.join("console.sock"),
+            console_log: dir.join("console.log"),
+            pidfile: dir.join("pid"),
+            log: dir.join("process.log"),
+            exit_file: dir.join("exit.json"),
+            dir,
+        }
+    }
+}
+
+/// A disk resolved to a file on this node.
+#[derive(Debug, Clone)]
+pub struct DiskFile {
+    /// Guest device name (`vda`).
+    pub name: String,
+    pub path: String,
+    pub format: vireo_crds::VolFormat,
+    pub read_only: bool,
+}
+
+/// What a running process reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LiveState {
+    Running,
+    Paused,
+    /// The guest powered off (or rebooted, where the backend turns reboots
+    /// into a stop); the process waits for the driver's decision.
+    GuestStopped,
+    /// The guest crashed (panic device); the process waits.
+    GuestCrashed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Live {
+    pub state: LiveState,
+    /// Memory the guest has now (balloon), if the backend can tell.
+    pub memory: Option<u64>,
+    /// vCPUs present now, if the backend can tell.
+    pub vcpus: Option<u32>,
+}
+
+/// An operation on a running process.
+#[derive(Debug, Clone, Copy)]
+pub enum Control {
+    Pause,
+    Resume,
+    /// ACPI power button (QEMU) or Ctrl-Alt-Del (vireo-vmm).
+    Powerdown,
+    /// Reset in place, and run (also after a guest stop).
+    Reset,
+    SetMemory(u64),
+    /// From the current count to a new one.
+    SetVcpus {
+        from: u32,
+        to: u32,
+    },
+}
+
+/// Why a control operation failed.
+#[derive(Debug, Clone)]
+pub enum ControlError {
+    Unsupported(&'static str),
+    Failed(String),
+}
+
+/// A hypervisor process behind [`VmDriver`].
+pub trait Backend: Send + Sync + 'static {
+    /// Driver name: `qemu`, `kvm`.
+    fn name(&self) -> &'static str;
+    /// The `spec.type` this backend runs.
+    fn domain_type(&self) -> DomainType;
+    fn version(&self) -> String;
+    /// What the backend needs in a definition beyond the generic checks
+    /// (a kernel, a known machine type). The message names the field.
+    fn check(&self, def: &Domain) -> std::result::Result<(), String>;
+    /// Starts the process for `def`, detached from the caller (it must
+    /// outlive the driver), and returns its PID once it accepts control.
+    fn launch(
+        &self,
+        def: &Domain,
+        paths: &RunPaths,
+        disks: &[DiskFile],
+    ) -> std::result::Result<u32, String>;
+    /// Asks the process how the guest is.
+    fn query(&self, paths: &RunPaths) -> std::result::Result<Live, String>;
+    fn control(&self, paths: &RunPaths, op: Control) -> std::result::Result<(), ControlError>;
+    /// Why a process that is gone ended, if it left word (vireo-vmm's exit
+    /// file). `None` means it died without saying: crashed.
+    fn exit_reason(&self, _paths: &RunPaths) -> Option<DomainReason> {
+        None
+    }
+}
+
+/// Settings of a [`VmDriver`].
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Where the driver keeps its state.
+    pub root: PathBuf,
+    /// How long a graceful shutdown waits for the guest before destroying it.
+    pub shutdown_timeout: Duration,
+    /// How often the watcher refreshes active domains.
+    pub poll: Duration,
+}
+
+/// A hypervisor driver over processes; see the module docs.
+pub struct VmDriver<B: Backend> {
+    inner: Arc<Inner<B>>,
+}
+
+struct Inner<B: Backend> {
+    backend: B,
+    store: Store,
+    options: Options,
+    storage: Arc<dyn StorageDriver>,
+    /// Serializes this process's threads (the store's flock is per process).
+    mutex: Mutex<()>,
+    /// When the power button was last pressed, per domain, to press again.
+    last_powerdown: Mutex<HashMap<String, Instant>>,
+}
+
+fn io_failed(name: &str, what: &str, e: impl std::fmt::Display) -> Error {
+    Error::OperationFailed {
+        object: crate::error::ObjectName::new(KIND, name),
+        message: format!("{what}: {e}"),
+    }
+}
+
+fn not_running(name: &str) -> Error {
+    Error::invalid_state(KIND, name, "is not running")
+}
+
+fn sizes(def: &Domain) -> (u64, u64) {
+    let max = parse_quantity(&def.spec.memory).unwrap_or(0);
+    let cur = def
+        .spec
+        .current_memory
+        .as_ref()
+        .and_then(|q| parse_quantity(q).ok())
+        .unwrap_or(max);
+    (max, cur)
+}
+
+impl<B: Backend> VmDriver<B> {
+    /// Opens the driver on its root, and starts the watcher thread.
+    pub fn open(
+        backend: B,
+        options: Options,
+        storage: Arc<dyn StorageDriver>,
+    ) -> std::io::Result<Self> {
+        let store = Store::open(&options.root)?;
+        let inner = Arc::new(Inner {
+            backend,
+            store,
+            options,
+            storage,
+            mutex: Mutex::new(()),
+            last_powerdown: Mutex::new(HashMap::new()),
+        });
+        let weak = Arc::downgrade(&inner);
+        let poll = inner.options.poll;
+        thread::Builder::new()
+            .name(format!("{}-watch", inner.backend.name()))
+            .spawn(move || watch(weak, poll))?;
+        Ok(Self { inner })
+    }
+
+    /// The files of a domain's current (or next) activation, for the
+    /// console and for tests.
+    pub fn run_paths(&self, name: &str) -> Result<RunPaths> {
+        let rec = self.inner.with(name, |_, rec| Ok(rec.clone()))?;
+        Ok(self.inner.paths(&rec.uuid))
+    }
+
+    /// The PID of a running domain's process.
+    pub fn pid(&self, name: &str) -> Result<Option<u32>> {
+        self.inner
+            .with(name, |_, rec| Ok(rec.run.as_ref().map(|r| r.pid)))
+    }
+}
+
+fn watch<B: Backend>(inner: Weak<Inner<B>>, poll: Duration) {
+    loop {
+        thread::sleep(poll);
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        if let Err(e) = inner.refresh_all() {
+            tracing::warn!(driver = inner.backend.name(), error = %e, "refreshing domains failed");
+        }
+    }
+}
+
+impl<B: Backend> Inner<B> {
+    fn paths(&self, uuid: &str) -> RunPaths {
+        RunPaths::new(self.store.run_dir(uuid))
+    }
+
+    /// Runs `f` with the locks held.
+    fn locked<T>(&self, f: impl FnOnce(&Locked<'_>) -> Result<T>) -> Result<T> {
+        let _guard = self.mutex.lock().unwrap_or_else(|p| p.into_inner());
+        let lock = self
+            .store
+            .lock()
+            .map_err(|e| io_failed("", "locking the driver state", e))?;
+        f(&lock)
+    }
+
+    /// Runs `f` on the named domain's record, refreshed first.
+    fn with<T>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&Locked<'_>, &mut Record) -> Result<T>,
+    ) -> Result<T> {
+        self.locked(|l| {
+            let mut rec = l
+                .get(name)
+                .map_err(|e| io_failed(name, "reading the domain record", e))?
+                .ok_or_else(|| Error::not_found(KIND, name))?;
+            self.refresh(l, &mut rec)?;
+            if l.get(name).ok().flatten().is_none() {
+                // A transient domain ended during the refresh.
+                return Err(Error::not_found(KIND, name));
+            }
+            f(l, &mut rec)
+        })
+    }
+
+    fn refresh_all(&self) -> Result<()> {
+        self.locked(|l| {
+            let all = l
+                .all()
+                .map_err(|e| io_failed("", "listing domain records", e))?;
+            for mut rec in all.into_iter().filter(Record::is_active) {
+                if let Err(e) = self.refresh(l, &mut rec) {
+                    tracing::warn!(domain = %rec.name, error = %e, "refresh failed");
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn save(&self, l: &Locked<'_>, rec: &Record) -> Result<()> {
+        l.put(rec)
+            .map_err(|e| io_failed(&rec.name, "saving the domain record", e))
+    }
+
+    /// Ends the activation with `reason`: the process is gone (or is made
+    /// to go), the run directory's sockets are removed, and a transient
+    /// domain disappears.
+    fn end(&self, l: &Locked<'_>, rec: &mut Record, reason: DomainReason) -> Result<()> {
+        if let Some(run) = rec.run.take() {
+            let paths = self.paths(&rec.uuid);
+            if !process::terminate(run.pid, &paths.api, Duration::from_secs(3)) {
+                rec.run = Some(run);
+                return Err(io_failed(
+                    &rec.name,
+                    "stopping the process",
+                    "it is still there after SIGKILL",
+                ));
+            }
+            for p in [&paths.api, &paths.console_socket, &paths.pidfile] {
+                let _ = std::fs::remove_file(p);
+            }
+            tracing::info!(driver = self.backend.name(), domain = %rec.name, id = run.id, reason = %reason.virsh_name(), "domain stopped");
+        }
+        self.last_powerdown
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&rec.name);
+        rec.last_reason = reason;
+        if rec.definition.is_none() {
+            l.remove(&rec.name)
+                .map_err(|e| io_failed(&rec.name, "removing the domain record", e))
+        } else {
+            self.save(l, rec)
+        }
+    }
+
+    /// Brings the record up to date with its process and applies lifecycle
+    /// actions. Query failures leave the record as it is.
+    fn refresh(&self, l: &Locked<'_>, rec: &mut Record) -> Result<()> {
+        let Some(run) = rec.run.clone() else {
+            return Ok(());
+        };
+        let paths = self.paths(&rec.uuid);
+        if !process::alive(run.pid, &paths.api) {
+            let reason = match self.backend.exit_reason(&paths) {
+                Some(DomainReason::Shutdown) if run.fake_reboot => {
+                    // A reboot we asked for ended the process (vireo-vmm
+                    // with onReboot=destroy).
+                    DomainReason::Shutdown
+                }
+                Some(r) => r,
+                None => DomainReason::Crashed,
+            };
+            if reason == DomainReason::Crashed {
+                tracing::warn!(domain = %rec.name, pid = run.pid, "the VM process is gone without a word: crashed");
+            }
+            return self.end(l, rec, reason);
+        }
+        let live = match self.backend.query(&paths) {
+            Ok(live) => live,
+            Err(e) => {
+                tracing::debug!(domain = %rec.name, error = %e, "query failed");
+                return Ok(());
+            }
+        };
+        let lifecycle = run.live.spec.lifecycle.clone();
+        match live.state {
+            LiveState::GuestStopped | LiveState::GuestCrashed => {
+                let action = match live.state {
+                    LiveState::GuestCrashed => lifecycle.on_crash,
+                    _ if run.fake_reboot => lifecycle.on_reboot,
+                    _ => lifecycle.on_poweroff,
+                };
+                match action {
+                    LifecycleAction::Restart => {
+                        self.backend
+                            .control(&paths, Control::Reset)
+                            .map_err(|e| control_error(&rec.name, &self.backend, e))?;
+                        if let Some(r) = rec.run.as_mut() {
+                            r.fake_reboot = false;
+                            r.shutdown_since = None;
+                            r.reason = DomainReason::Booted;
+                        }
+                        self.save(l, rec)?;
+                        tracing::info!(domain = %rec.name, "guest stopped; lifecycle restart: reset in place");
+                    }
+                    LifecycleAction::Preserve if live.state == LiveState::GuestCrashed => {
+                        // Keep the crashed guest for inspection.
+                    }
+                    _ => {
+                        let reason = if live.state == LiveState::GuestCrashed {
+                            DomainReason::Crashed
+                        } else {
+                            DomainReason::Shutdown
+                        };
+                        self.end(l, rec, reason)?;
+                    }
+                }
+            }
+            LiveState::Running | LiveState::Paused => {
+                if let Some(since) = run.shutdown_since {
+                    let waited = process::now_secs().saturating_sub(since);
+                    if waited >= self.options.shutdown_timeout.as_secs() {
+                        tracing::warn!(domain = %rec.name, waited, "the guest ignored the shutdown request: destroying it");
+                        return self.end(l, rec, DomainReason::Destroyed);
+                    }
+                    // Press the power button again now and then: a guest
+                    // still booting may have missed the first press.
+                    let mut presses = self
+                        .last_powerdown
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    let due = presses
+                        .get(&rec.name)
+                        .is_none_or(|t| t.elapsed() >= Duration::from_secs(2));
+                    if due && live.state == LiveState::Running {
+                        presses.insert(rec.name.clone(), Instant::now());
+                        if let Err(e) = self.backend.control(&paths, Control::Powerdown) {
+                            tracing::debug!(domain = %rec.name, error = ?e, "power button");
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks a definition and gives it its UUID (the spec's, the existing
+    /// domain's, or a new one). Refuses a UUID another domain has.
+    fn prepare(&self, l: &Locked<'_>, domain: &Domain) -> Result<(String, Domain)> {
+        let name = domain
+            .metadata
+            .name
+            .clone()
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| Error::invalid_argument(KIND, "", "metadata.name is required"))?;
+        if !store::valid_name(&name) {
+            return Err(Error::invalid_argument(
+                KIND,
+                &name,
+                "metadata.name: only letters, digits, '-', '.' and '_' (not first)",
+            ));
+        }
+        domain
+            .spec
+            .validate()
+            .map_err(|e| Error::invalid_argument(KIND, &name, e.to_string()))?;
+        let wanted = self.backend.domain_type();
+        if domain.spec.domain_type != wanted {
+            return Err(Error::invalid_argument(
+                KIND,
+                &name,
+                format!(
+                    "spec.type: the {} driver runs domains of type '{wanted}', not '{}'",
+                    self.backend.name(),
+                    domain.spec.domain_type
+                ),
+            ));
+        }
+        self.backend
+            .check(domain)
+            .map_err(|e| Error::invalid_argument(KIND, &name, e))?;
+        let all = l
+            .all()
+            .map_err(|e| io_failed(&name, "listing domain records", e))?;
+        let existing = all.iter().find(|r| r.name == name);
+        let uuid = match (&domain.spec.uuid, existing) {
+            (Some(u), Some(rec)) if !u.eq_ignore_ascii_case(&rec.uuid) => {
+                return Err(Error::already_exists(
+                    KIND,
+                    &name,
+                    format!(" with uuid {}", rec.uuid),
+                ));
+            }
+            (Some(u), _) => u.to_ascii_lowercase(),
+            (None, Some(rec)) => rec.uuid.clone(),
+            (None, None) => uuid::Uuid::new_v4().to_string(),
+        };
+        if let Some(other) = all.iter().find(|r| r.uuid == uuid && r.name != name) {
+            return Err(Error::already_exists(
+                KIND,
+                &other.name,
+                format!(" with uuid {uuid}; '{name}' cannot take it"),
+            ));
+        }
+        let mut def = domain.clone();
+        def.spec.uuid = Some(uuid.clone());
+        def.status = None;
+        Ok((name, def))
+    }
+
+    /// Finds each disk's volume in the active pools of this node.
+    fn resolve_disks(&self, name: &str, def: &Domain) -> Result<Vec<DiskFile>> {
+        let mut out = Vec::new();
+        for (i, disk) in def.spec.devices.disks.iter().enumerate() {
+            let field = format!("spec.devices.disks[{i}].volume");
+            let mut found = Vec::new();
+            for pool in self.storage.list_pools(ListFilter::Active)? {
+                if let Ok(info) = self.storage.volume_info(&pool.name, &disk.volume) {
+                    found.push(info);
+                }
+            }
+            let info = match found.len() {
+                0 => {
+                    return Err(Error::invalid_argument(
+                        KIND,
+                        name,
+                        format!(
+                            "{field}: no volume '{}' in an active pool on this node",
+                            disk.volume
+                        ),
+                    ));
+                }
+                1 => found.remove(0),
+                _ => {
+                    return Err(Error::invalid_argument(
+                        KIND,
+                        name,
+                        format!(
+                            "{field}: volume '{}' is in several pools ({})",
+                            disk.volume,
+                            found
+                                .iter()
+                                .map(|v| v.pool.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    ));
+                }
+            };
+            out.push(DiskFile {
+                name: disk.name.clone(),
+                path: info.path,
+                format: info.format,
+                read_only: disk.read_only,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Starts an activation of `rec` running `live`.
+    fn activate(&self, l: &Locked<'_>, rec: &mut Record, live: Domain) -> Result<DomainRef> {
+        let disks = self.resolve_disks(&rec.name, &live)?;
+        let paths = self.paths(&rec.uuid);
+        std::fs::create_dir_all(&paths.dir)
+            .map_err(|e| io_failed(&rec.name, "creating the run directory", e))?;
+        for p in [
+            &paths.api,
+            &paths.console_socket,
+            &paths.pidfile,
+            &paths.exit_file,
+        ] {
+            let _ = std::fs::remove_file(p);
+        }
+        let id = l
+            .next_id()
+            .map_err(|e| io_failed(&rec.name, "allocating an ID", e))?;
+        let started = Instant::now();
+        let pid = self
+            .backend
+            .launch(&live, &paths, &disks)
+            .map_err(|e| io_failed(&rec.name, "starting the VM process", e))?;
+        tracing::info!(driver = self.backend.name(), domain = %rec.name, id, pid, elapsed_ms = started.elapsed().as_millis() as u64, "domain started");
+        rec.run = Some(Run {
+            id,
+            pid,
+            live,
+            reason: DomainReason::Booted,
+            fake_reboot: false,
+            shutdown_since: None,
+            started: process::now_secs(),
+        });
+        self.save(l, rec)?;
+        Ok(reference(rec))
+    }
+
+    fn control(&self, rec: &Record, op: Control) -> Result<()> {
+        let paths = self.paths(&rec.uuid);
+        self.backend
+            .control(&paths, op)
+            .map_err(|e| control_error(&rec.name, &self.backend, e))
+    }
+}
+
+fn control_error<B: Backend>(name: &str, backend: &B, e: ControlError) -> Error {
+    match e {
+        ControlError::Unsupported(operation) => Error::Unsupported {
+            object: crate::error::ObjectName::new(KIND, name),
+            driver: backend.name(),
+            operation,
+        },
+        ControlError::Failed(message) => io_failed(name, "controlling the VM process", message),
+    }
+}
+
+fn reference(rec: &Record) -> DomainRef {
+    DomainRef {
+        name: rec.name.clone(),
+        uuid: rec.uuid.clone(),
+        id: rec.run.as_ref().map(|r| r.id),
+    }
+}
+
+impl<B: Backend> HypervisorDriver for VmDriver<B> {
+    fn name(&self) -> &'static str {
+        self.inner.backend.name()
+    }
+
+    fn hypervisor_version(&self) -> String {
+        self.inner.backend.version()
+    }
+
+    fn node_info(&self) -> Result<NodeInfo> {
+        crate::host::probe_node_info()
+            .map_err(|e| io_failed("", "reading the node's CPUs and memory", e))
+    }
+
+    fn hostname(&self) -> Result<String> {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .map_err(|e| io_failed("", "reading the host name", e))
+    }
+
+    fn list_domains(&self, filter: ListFilter) -> Result<Vec<DomainRef>> {
+        let inner = &self.inner;
+        inner.locked(|l| {
+            let all = l
+                .all()
+                .map_err(|e| io_failed("", "listing domain records", e))?;
+            let mut out = Vec::new();
+            for mut rec in all {
+                inner.refresh(l, &mut rec)?;
+                if l.get(&rec.name).ok().flatten().is_none() {
+                    continue;
+                }
+                if filter.accepts(rec.is_active()) {
+                    out.push(reference(&rec));
+                }
+            }
+            out.sort_by(|a, b| match (a.id, b.id) {
+                (Some(x), Some(y)) => x.cmp(&y),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (None, None) => a.name.cmp(&b.name),
+            });
+            Ok(out)
+        })
+    }
+
+    fn lookup_domain(&self, key: Lookup<'_>) -> Result<DomainRef> {
+        let all = self.list_domains(ListFilter::All)?;
+        let found = match key {
+            Lookup::Name(n) => all.into_iter().find(|d| d.name == n),
+            Lookup::Uuid(u) => {
+                let u = u.to_string();
+                all.into_iter().find(|d| d.uuid.eq_ignore_ascii_case(&u))
+            }
+            Lookup::Id(id) => all.into_iter().find(|d| d.id == Some(id)),
+        };
+        found.ok_or_else(|| Error::not_found(KIND, key.describe()))
+    }
+
+    fn domain_definition(&self, name: &str, inactive: bool) -> Result<Domain> {
+        self.inner.with(name, |_, rec| {
+            let def = if inactive {
+                rec.definition.as_ref().or(rec.current())
+            } else {
+                rec.current()
+            };
+            def.cloned().ok_or_else(|| Error::not_found(KIND, name))
+        })
+    }
+
+    fn domain_info(&self, name: &str) -> Result<DomainInfo> {
+        let inner = &self.inner;
+        inner.with(name, |_, rec| {
+            let def = rec.current().ok_or_else(|| Error::not_found(KIND, name))?;
+            let (max, cur) = sizes(def);
+            let Some(run) = &rec.run else {
+                return Ok(DomainInfo {
+                    state: DomainState::Shutoff,
+                    reason: rec.last_reason,
+                    max_memory: format_bytes(max),
+                    memory: format_bytes(cur),
+                    vcpus: def.spec.vcpus,
+                    cpu_time_ns: 0,
+                });
+            };
+            let paths = inner.paths(&rec.uuid);
+            let live = inner.backend.query(&paths).ok();
+            let (state, reason) = match live.map(|l| l.state) {
+                Some(LiveState::Paused) => (DomainState::Paused, DomainReason::User),
+                Some(LiveState::GuestStopped) => (DomainState::Shutdown, DomainReason::Unknown),
+                Some(LiveState::GuestCrashed) => (DomainState::Crashed, DomainReason::Panicked),
+                _ => (DomainState::Running, run.reason),
+            };
+            Ok(DomainInfo {
+                state,
+                reason,
+                max_memory: format_bytes(max),
+                memory: format_bytes(live.and_then(|l| l.memory).unwrap_or(cur)),
+                vcpus: live.and_then(|l| l.vcpus).unwrap_or(def.spec.vcpus),
+                cpu_time_ns: process::cpu_time_ns(run.pid).unwrap_or(0),
+            })
+        })
+    }
+
+    fn domain_is_persistent(&self, name: &str) -> Result<bool> {
+        self.inner.with(name, |_, rec| Ok(rec.definition.is_some()))
+    }
+
+    fn domain_autostart(&self, name: &str) -> Result<bool> {
+        self.inner.with(name, |_, rec| Ok(rec.autostart))
+    }
+
+    fn set_domain_autostart(&self, name: &str, autostart: bool) -> Result<()> {
+        let inner = &self.inner;
+        inner.with(name, |l, rec| {
+            if rec.definition.is_none() {
+                return Err(Error::invalid_state(
+                    KIND,
+                    name,
+                    "is transient: autostart needs a persistent domain",
+                ));
+            }
+            rec.autostart = autostart;
+            inner.save(l, rec)
+        })
+    }
+
+    fn set_domain_memory(&self, name: &str, bytes: u64) -> Result<()> {
+        let inner = &self.inner;
+        inner.with(name, |l, rec| {
+            let def = rec.current().ok_or_else(|| Error::not_found(KIND, name))?;
+            let (max, _) = sizes(def);
+            if bytes == 0 {
+                return Err(Error::invalid_argument(
+                    KIND,
+                    name,
+                    "memory must be greater than zero",
+                ));
+            }
+            if bytes > max {
+                return Err(Error::invalid_argument(
+                    KIND,
+                    name,
+                    format!(
+                        "cannot set memory to {} KiB, above the maximum of {} KiB",
+                        bytes / 1024,
+                        max / 1024
+                    ),
+                ));
+            }
+            if rec.run.is_some() {
+                inner.control(rec, Control::SetMemory(bytes))?;
+                if let Some(run) = rec.run.as_mut() {
+                    run.live.spec.current_memory = Some(format_bytes(bytes));
+                }
+            } else if let Some(def) = rec.definition.as_mut() {
+                def.spec.current_memory = Some(format_bytes(bytes));
+            }
+            inner.save(l, rec)
+        })
+    }
+
+    fn set_domain_vcpus(&self, name: &str, vcpus: u32) -> Result<()> {
+        let inner = &self.inner;
+        inner.with(name, |l, rec| {
+            let def = rec.current().ok_or_else(|| Error::not_found(KIND, name))?;
+            let max = def.spec.max_vcpus.unwrap_or(def.spec.vcpus);
+            if vcpus == 0 || vcpus > max {
+                return Err(Error::invalid_argument(
+                    KIND,
+                    name,
+                    format!("requested vcpus {vcpus} is outside 1..={max} (spec.maxVcpus)"),
+                ));
+            }
+            if let Some(run) = rec.run.as_mut() {
+                let from = run.live.spec.vcpus;
+                let paths = inner.paths(&rec.uuid);
+                inner
+                    .backend
+                    .control(&paths, Control::SetVcpus { from, to: vcpus })
+                    .map_err(|e| control_error(name, &inner.backend, e))?;
+                run.live.spec.vcpus = vcpus;
+            } else if let Some(def) = rec.definition.as_mut() {
+                def.spec.vcpus = vcpus;
+            }
+            inner.save(l, rec)
+        })
+    }
+
+    fn define_domain(&self, domain: &Domain) -> Result<DomainRef> {
+        let inner = &self.inner;
+        inner.locked(|l| {
+            let (name, def) = inner.prepare(l, domain)?;
+            let mut rec = match l
+                .get(&name)
+                .map_err(|e| io_failed(&name, "reading the domain record", e))?
+            {
+                Some(mut rec) => {
+                    inner.refresh(l, &mut rec)?;
+                    l.get(&name)
+                        .map_err(|e| io_failed(&name, "reading the domain record", e))?
+                        .unwrap_or(Record {
+                            name: name.clone(),
+                            uuid: rec.uuid.clone(),
+                            definition: None,
+                            autostart: false,
+                            last_reason: DomainReason::Unknown,
+                            run: None,
+                        })
+                }
+                None => Record {
+                    name: name.clone(),
+                    uuid: def.spec.uuid.clone().unwrap_or_default(),
+                    definition: None,
+                    autostart: false,
+                    last_reason: DomainReason::Unknown,
+                    run: None,
+                },
+            };
+            rec.definition = Some(def);
+            inner.save(l, &rec)?;
+            Ok(reference(&rec))
+        })
+    }
+
+    fn create_domain(&self, domain: &Domain) -> Result<DomainRef> {
+        let inner = &self.inner;
+        inner.locked(|l| {
+            let (name, def) = inner.prepare(l, domain)?;
+            let mut rec = match l
+                .get(&name)
+                .map_err(|e| io_failed(&name, "reading the domain record", e))?
+            {
+                Some(mut rec) => {
+                    inner.refresh(l, &mut rec)?;
+                    match l
+                        .get(&name)
+                        .map_err(|e| io_failed(&name, "reading the domain record", e))?
+                    {
+                        Some(rec) if rec.is_active() => {
+                            return Err(Error::invalid_state(KIND, &name, "is already active"));
+                        }
+                        Some(rec) => rec,
+                        None => Record {
+                            name: name.clone(),
+                            uuid: rec.uuid.clone(),
+                            definition: None,
+                            autostart: false,
+                            last_reason: DomainReason::Unknown,
+                            run: None,
+                        },
+                    }
+                }
+                None => Record {
+                    name: name.clone(),
+                    uuid: def.spec.uuid.clone().unwrap_or_default(),
+                    definition: None,
+                    autostart: false,
+                    last_reason: DomainReason::Unknown,
+                    run: None,
+                },
+            };
+            inner.activate(l, &mut rec, def)
+        })
+    }
+
+    fn undefine_domain(&self, name: &str) -> Result<()> {
+        let inner = &self.inner;
+        inner.with(name, |l, rec| {
+            if rec.definition.is_none() {
+                return Err(Error::invalid_state(
+                    KIND,
+                    name,
+                    "is transient: there is no definition to undefine",
+                ));
+            }
+            if rec.is_active() {
+                rec.definition = None;
+                rec.autostart = false;
+                inner.save(l, rec)
+            } else {
+                let _ = std::fs::remove_dir_all(inner.paths(&rec.uuid).dir);
+                l.remove(name)
+                    .map_err(|e| io_failed(name, "removing the domain record", e))
+            }
+        })
+    }
+
+    fn start_domain(&self, name: &str) -> Result<DomainRef> {
+        let inner = &self.inner;
+        inner.with(name, |l, rec| {
+            if rec.is_active() {
+                return Err(Error::invalid_state(KIND, name, "is already active"));
+            }
+            let def = rec
+                .definition
+                .clone()
+                .ok_or_else(|| Error::not_found(KIND, name))?;
+            inner.activate(l, rec, def)
+        })
+    }
+
+    fn shutdown_domain(&self, name: &str) -> Result<()> {
+        let inner = &self.inner;
+        inner.with(name, |l, rec| {
+            let Some(run) = rec.run.as_mut() else {
+                return Err(not_running(name));
+            };
+            run.shutdown_since.get_or_insert_with(process::now_secs);
+            inner.save(l, rec)?;
+            inner
+                .last_powerdown
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(name.to_string(), Instant::now());
+            inner.control(rec, Control::Powerdown)
+        })
+    }
+
+    fn reboot_domain(&self, name: &str) -> Result<()> {
+        // As libvirt does for QEMU without a guest agent: ask the guest to
+        // power off, and reset it when it does (or stop it if onReboot says
+        // destroy). The activation and its ID stay.
+        let inner = &self.inner;
+        inner.with(name, |l, rec| {
+            let Some(run) = rec.run.as_mut() else {
+                return Err(not_running(name));
+            };
+            run.fake_reboot = true;
+            run.shutdown_since.get_or_insert_with(process::now_secs);
+            inner.save(l, rec)?;
+            inner
+                .last_powerdown
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(name.to_string(), Instant::now());
+            inner.control(rec, Control::Powerdown)
+        })
+    }
+
+    fn reset_domain(&self, name: &str) -> Result<()> {
+        let inner = &self.inner;
+        inner.with(name, |_, rec| {
+            if !rec.is_active() {
+                return Err(not_running(name));
+            }
+            inner.control(rec, Control::Reset)
+        })
+    }
+
+    fn suspend_domain(&self, name: &str) -> Result<()> {
+        let inner = &self.inner;
+        inner.with(name, |_, rec| {
+            if !rec.is_active() {
+                return Err(not_running(name));
+            }
+            let live = inner
+                .backend
+                .query(&inner.paths(&rec.uuid))
+                .map_err(|e| io_failed(name, "querying the VM process", e))?;
+            if live.state == LiveState::Paused {
+                return Err(Error::invalid_state(KIND, name, "is already paused"));
+            }
+            inner.control(rec, Control::Pause)
+        })
+    }
+
+    fn resume_domain(&self, name: &str) -> Result<()> {
+        let inner = &self.inner;
+        inner.with(name, |l, rec| {
+            if !rec.is_active() {
+                return Err(not_running(name));
+            }
+            let live = inner
+                .backend
+                .query(&inner.paths(&rec.uuid))
+                .map_err(|e| io_failed(name, "querying the VM process", e))?;
+            if live.state != LiveState::Paused {
+                return Err(Error::invalid_state(KIND, name, "is not paused"));
+            }
+            inner.control(rec, Control::Resume)?;
+            if let Some(run) = rec.run.as_mut() {
+                run.reason = DomainReason::Unpaused;
+            }
+            inner.save(l, rec)
+        })
+    }
+
+    fn destroy_domain(&self, name: &str) -> Result<()> {
+        let inner = &self.inner;
+        inner.with(name, |l, rec| {
+            if !rec.is_active() {
+                return Err(not_running(name));
+            }
+            inner.end(l, rec, DomainReason::Destroyed)
+        })
+    }
+}
+
+/// Where a driver URI's state lives: `scheme:///system` → `system_root`,
+/// `scheme:///embed?root=DIR` → DIR (libvirt's embedded driver URI).
+pub fn root_from_uri(
+    path_and_query: &str,
+    system_root: &Path,
+) -> std::result::Result<(PathBuf, HashMap<String, String>), String> {
+    let (path, query) = path_and_query
+        .split_once('?')
+        .unwrap_or((path_and_query, ""));
+    let params: HashMap<String, String> = query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (k.to_string(), v.to_string())
+        })
+        .collect();
+    match path {
+        "/system" => Ok((system_root.to_path_buf(), params)),
+        "/embed" => params
+            .get("root")
+            .filter(|r| r.starts_with('/'))
+            .map(|r| (PathBuf::from(r), params.clone()))
+            .ok_or_else(|| "embed needs ?root=/absolute/dir".to_string()),
+        other => Err(format!(
+            "unknown path '{other}' (use /system, or /embed?root=/absolute/dir)"
+        )),
+    }
+}

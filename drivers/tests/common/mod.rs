@@ -1,0 +1,113 @@
+//! Helpers shared by the driver tests that boot the real Linux guest image.
+
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use vireo_crds::{Domain, DomainDevices, DomainSpec, DomainType, Lifecycle, OsSpec, RunStrategy};
+
+pub const QEMU: &str = "qemu-system-x86_64";
+
+/// A line on stderr, shown even when the test passes (`--nocapture` or not,
+/// the harness keeps stderr of passing tests hidden, so also in failures).
+pub fn say(line: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("drivers/ has a parent")
+        .to_path_buf()
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
+}
+
+/// Whether QEMU is here; when it is not, fails under CI and skips otherwise.
+pub fn qemu_available(test: &str) -> bool {
+    if on_path(QEMU) {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{test}: {QEMU} is missing and CI is set (scripts/setup installs qemu-system-x86)");
+    }
+    say(&format!(
+        "SKIP {test}: {QEMU} not found (apt-get install qemu-system-x86); not run"
+    ));
+    false
+}
+
+/// Runs scripts/guest-image.sh once per test binary; its last stdout line is
+/// the directory holding vmlinuz and initrd.img.
+pub fn guest_image() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = Command::new(repo_root().join("scripts/guest-image.sh"))
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("runs scripts/guest-image.sh");
+        assert!(
+            out.status.success(),
+            "scripts/guest-image.sh failed: {}",
+            out.status
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        PathBuf::from(
+            stdout
+                .lines()
+                .last()
+                .expect("guest-image.sh prints its directory")
+                .trim(),
+        )
+    })
+}
+
+/// A fresh, short state directory (unix socket paths must stay under 108
+/// bytes, so not under a deep target directory).
+pub fn fresh_root(tag: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "vireo-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("creates the state directory");
+    dir
+}
+
+/// A `type: qemu` domain booting the guest image. `cmdline` is appended to
+/// the console settings.
+pub fn linux_domain(name: &str, machine: Option<&str>, cmdline: &str) -> Domain {
+    let image = guest_image();
+    Domain::new(
+        name,
+        DomainSpec {
+            domain_type: DomainType::Qemu,
+            uuid: None,
+            memory: Quantity("256Mi".into()),
+            current_memory: None,
+            vcpus: 1,
+            max_vcpus: None,
+            os: Some(OsSpec {
+                machine: machine.map(str::to_string),
+                kernel: Some(image.join("vmlinuz").display().to_string()),
+                initrd: Some(image.join("initrd.img").display().to_string()),
+                cmdline: Some(format!("console=ttyS0 quiet {cmdline}").trim().to_string()),
+            }),
+            devices: DomainDevices::default(),
+            run_strategy: RunStrategy::Manual,
+            lifecycle: Lifecycle::default(),
+            node_selector: None,
+        },
+    )
+}

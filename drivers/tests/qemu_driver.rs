@@ -1,0 +1,263 @@
+//! The qemu driver with the real Linux guest image under TCG: the lifecycle
+//! a user runs, re-adoption by a new driver, a QEMU killed from outside, and
+//! the serial console socket.
+//!
+//! Without `qemu-system-x86_64` these tests fail when `CI` is set, and
+//! otherwise print a SKIP line and return.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{fresh_root, linux_domain, qemu_available, say};
+use vireo_crds::{DomainReason, DomainState};
+use vireo_drivers::conformance::wait_for_state;
+use vireo_drivers::qemu::wait_for_console;
+use vireo_drivers::{Connection, Lookup};
+
+const MARKER: &str = "VIREO-GUEST-READY";
+const MARKER_TIMEOUT: Duration = Duration::from_secs(30);
+const STATE_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn open(root: &Path) -> Connection {
+    vireo_drivers::open(&format!("qemu:///embed?root={}", root.display()))
+        .expect("opens qemu:///embed")
+}
+
+fn console_log(root: &Path, conn: &Connection, name: &str) -> std::path::PathBuf {
+    let uuid = conn
+        .hypervisor()
+        .lookup_domain(Lookup::Name(name))
+        .expect("lookup")
+        .uuid;
+    root.join("run").join(uuid).join("console.log")
+}
+
+fn console_socket(root: &Path, conn: &Connection, name: &str) -> std::path::PathBuf {
+    console_log(root, conn, name).with_file_name("console.sock")
+}
+
+fn pid_of(root: &Path, conn: &Connection, name: &str) -> u32 {
+    let path = console_log(root, conn, name).with_file_name("pid");
+    std::fs::read_to_string(&path)
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("pid")
+}
+
+fn expect_state(conn: &Connection, name: &str, state: DomainState, reason: DomainReason) {
+    let got = wait_for_state(conn, name, state, STATE_TIMEOUT).unwrap_or_else(|f| panic!("{f}"));
+    assert_eq!(
+        got, reason,
+        "domain '{name}' is {state} but for reason {got}"
+    );
+}
+
+/// Appends to the console log only; each boot's marker count tells boots apart.
+fn markers(log: &Path) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .matches(MARKER)
+        .count()
+}
+
+fn wait_markers(log: &Path, n: usize, timeout: Duration) {
+    let start = Instant::now();
+    while markers(log) < n {
+        assert!(
+            start.elapsed() < timeout,
+            "the guest did not print {MARKER} (boot {n}) within {timeout:?}; console:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn qemu_domain_lifecycle_with_real_guest() {
+    if !qemu_available("qemu_domain_lifecycle_with_real_guest") {
+        return;
+    }
+    let root = fresh_root("qemu-life");
+    let conn = open(&root);
+    let hv = conn.hypervisor();
+    let name = "life";
+    hv.define_domain(&linux_domain(name, None, ""))
+        .expect("define");
+    expect_state(&conn, name, DomainState::Shutoff, DomainReason::Unknown);
+
+    let started = Instant::now();
+    let first = hv.start_domain(name).expect("start");
+    let log = console_log(&root, &conn, name);
+    wait_markers(&log, 1, MARKER_TIMEOUT);
+    say(&format!(
+        "qemu lifecycle: marker {:?} after start",
+        started.elapsed()
+    ));
+    expect_state(&conn, name, DomainState::Running, DomainReason::Booted);
+    assert!(first.id.is_some(), "a started domain has an ID");
+    let info = hv.domain_info(name).expect("info");
+    assert_eq!(info.vcpus, 1);
+    assert!(
+        info.cpu_time_ns > 0,
+        "a booted guest used CPU time: {info:?}"
+    );
+
+    hv.suspend_domain(name).expect("suspend");
+    expect_state(&conn, name, DomainState::Paused, DomainReason::User);
+    // A paused guest uses no CPU.
+    let t0 = hv.domain_info(name).expect("info").cpu_time_ns;
+    std::thread::sleep(Duration::from_millis(500));
+    let t1 = hv.domain_info(name).expect("info").cpu_time_ns;
+    assert!(
+        t1 - t0 < 200_000_000,
+        "a paused guest kept using CPU: {t0} -> {t1} ns"
+    );
+    hv.resume_domain(name).expect("resume");
+    expect_state(&conn, name, DomainState::Running, DomainReason::Unpaused);
+
+    hv.shutdown_domain(name).expect("shutdown");
+    expect_state(&conn, name, DomainState::Shutoff, DomainReason::Shutdown);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains("VIREO-GUEST-POWEROFF"),
+        "the guest powered itself off on the ACPI button; console:\n{text}"
+    );
+
+    let second = hv.start_domain(name).expect("start again");
+    assert!(
+        second.id.is_some() && second.id != first.id,
+        "a new activation gets a new ID: {first:?} then {second:?}"
+    );
+    wait_markers(&log, 2, MARKER_TIMEOUT);
+    hv.destroy_domain(name).expect("destroy");
+    expect_state(&conn, name, DomainState::Shutoff, DomainReason::Destroyed);
+    assert!(
+        hv.lookup_domain(Lookup::Name(name))
+            .expect("lookup")
+            .id
+            .is_none(),
+        "a destroyed domain has no ID"
+    );
+    hv.undefine_domain(name).expect("undefine");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn a_new_driver_readopts_a_running_guest() {
+    if !qemu_available("a_new_driver_readopts_a_running_guest") {
+        return;
+    }
+    let root = fresh_root("qemu-adopt");
+    let name = "adopt";
+    let (id, pid, log) = {
+        let conn = open(&root);
+        let r = conn
+            .hypervisor()
+            .create_domain(&linux_domain(name, None, ""))
+            .expect("create");
+        let log = console_log(&root, &conn, name);
+        wait_markers(&log, 1, MARKER_TIMEOUT);
+        (r.id, pid_of(&root, &conn, name), log)
+        // The driver (and its watcher) goes away here; QEMU must not.
+    };
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(
+        Path::new(&format!("/proc/{pid}")).exists(),
+        "QEMU (pid {pid}) outlives the driver"
+    );
+    let conn = open(&root);
+    let hv = conn.hypervisor();
+    let again = hv
+        .lookup_domain(Lookup::Name(name))
+        .expect("lookup after reopening");
+    assert_eq!(again.id, id, "the re-adopted domain keeps its ID");
+    assert_eq!(pid_of(&root, &conn, name), pid, "the same QEMU process");
+    expect_state(&conn, name, DomainState::Running, DomainReason::Booted);
+    assert_eq!(markers(&log), 1, "the guest was not restarted");
+    hv.destroy_domain(name).expect("destroy");
+    assert!(
+        hv.lookup_domain(Lookup::Name(name)).is_err(),
+        "a destroyed transient domain is gone"
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn a_killed_qemu_is_shutoff_crashed() {
+    if !qemu_available("a_killed_qemu_is_shutoff_crashed") {
+        return;
+    }
+    let root = fresh_root("qemu-kill");
+    let conn = open(&root);
+    let hv = conn.hypervisor();
+    let name = "killed";
+    hv.define_domain(&linux_domain(name, None, ""))
+        .expect("define");
+    hv.start_domain(name).expect("start");
+    let pid = pid_of(&root, &conn, name);
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    expect_state(&conn, name, DomainState::Shutoff, DomainReason::Crashed);
+    assert!(
+        hv.lookup_domain(Lookup::Name(name))
+            .expect("lookup")
+            .id
+            .is_none(),
+        "a crashed domain has no ID"
+    );
+    // It can start again.
+    hv.start_domain(name).expect("start after a crash");
+    expect_state(&conn, name, DomainState::Running, DomainReason::Booted);
+    hv.destroy_domain(name).expect("destroy");
+    hv.undefine_domain(name).expect("undefine");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn the_console_socket_carries_both_ways() {
+    if !qemu_available("the_console_socket_carries_both_ways") {
+        return;
+    }
+    let root = fresh_root("qemu-console");
+    let conn = open(&root);
+    let name = "console";
+    conn.hypervisor()
+        .create_domain(&linux_domain(name, None, "vireo.net=0 vireo.shell=1"))
+        .expect("create");
+    let log = console_log(&root, &conn, name);
+    wait_for_console(&log, "VIREO-GUEST-SETUP-DONE", MARKER_TIMEOUT)
+        .unwrap_or_else(|text| panic!("no set-up marker; console:\n{text}"));
+    let mut sock =
+        UnixStream::connect(console_socket(&root, &conn, name)).expect("connect to the console");
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let token = format!("echo-{}", std::process::id());
+    let start = Instant::now();
+    let mut seen = String::new();
+    let mut last_send = None::<Instant>;
+    while !seen.contains(&format!("OUT:{token}")) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no answer from the guest's shell through the console socket; read:\n{seen}"
+        );
+        if last_send.is_none_or(|t: Instant| t.elapsed() > Duration::from_secs(3)) {
+            sock.write_all(format!("\necho OUT:{token}\n").as_bytes())
+                .expect("write");
+            last_send = Some(Instant::now());
+        }
+        let mut buf = [0u8; 4096];
+        if let Ok(n) = sock.read(&mut buf) {
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    }
+    conn.hypervisor().destroy_domain(name).expect("destroy");
+    let _ = std::fs::remove_dir_all(&root);
+}
