@@ -271,9 +271,29 @@ impl Backend for Qemu {
                         .map_err(failed)?;
                     }
                 } else {
+                    let present: Vec<String> = cpus
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|c| c.get("qom-path").and_then(|p| p.as_str()))
+                        .map(str::to_string)
+                        .collect();
                     for i in (to..from).rev() {
-                        q.execute("device_del", Some(json!({ "id": format!("vcpu{i}") })))
-                            .map_err(failed)?;
+                        let id = format!("vcpu{i}");
+                        if !present.iter().any(|p| p.ends_with(&format!("/{id}"))) {
+                            continue;
+                        }
+                        match q.execute("device_del", Some(json!({ "id": id }))) {
+                            Ok(_) => {}
+                            // Until the guest's ACPI switches QEMU to the
+                            // modern CPU hot-plug interface, unplug is refused.
+                            Err(QmpError::Qemu { desc, .. })
+                                if desc.contains("not supported device type") =>
+                            {
+                                return Err(ControlError::NotYet(desc));
+                            }
+                            Err(e) => return Err(failed(e)),
+                        }
                     }
                 }
                 Ok(())

@@ -119,6 +119,9 @@ pub enum Control {
 pub enum ControlError {
     Unsupported(&'static str),
     Failed(String),
+    /// The guest cannot take this yet (still booting); the driver keeps the
+    /// request and tries again from the watcher.
+    NotYet(String),
 }
 
 /// A hypervisor process behind [`VmDriver`].
@@ -172,8 +175,9 @@ struct Inner<B: Backend> {
     storage: Arc<dyn StorageDriver>,
     /// Serializes this process's threads (the store's flock is per process).
     mutex: Mutex<()>,
-    /// When the power button was last pressed, per domain, to press again.
-    last_powerdown: Mutex<HashMap<String, Instant>>,
+    /// When a repeated request (power button, vCPU unplug) was last sent,
+    /// per domain and kind.
+    last_sent: Mutex<HashMap<(String, &'static str), Instant>>,
 }
 
 fn io_failed(name: &str, what: &str, e: impl std::fmt::Display) -> Error {
@@ -212,7 +216,7 @@ impl<B: Backend> VmDriver<B> {
             options,
             storage,
             mutex: Mutex::new(()),
-            last_powerdown: Mutex::new(HashMap::new()),
+            last_sent: Mutex::new(HashMap::new()),
         });
         let weak = Arc::downgrade(&inner);
         let poll = inner.options.poll;
@@ -297,6 +301,17 @@ impl<B: Backend> Inner<B> {
         })
     }
 
+    /// Whether a repeated request is due (and marks it sent if so).
+    fn due(&self, name: &str, kind: &'static str, every: Duration) -> bool {
+        let mut sent = self.last_sent.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (name.to_string(), kind);
+        if sent.get(&key).is_some_and(|t| t.elapsed() < every) {
+            return false;
+        }
+        sent.insert(key, Instant::now());
+        true
+    }
+
     fn save(&self, l: &Locked<'_>, rec: &Record) -> Result<()> {
         l.put(rec)
             .map_err(|e| io_failed(&rec.name, "saving the domain record", e))
@@ -321,10 +336,10 @@ impl<B: Backend> Inner<B> {
             }
             tracing::info!(driver = self.backend.name(), domain = %rec.name, id = run.id, reason = %reason.virsh_name(), "domain stopped");
         }
-        self.last_powerdown
+        self.last_sent
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&rec.name);
+            .retain(|(n, _), _| n != &rec.name);
         rec.last_reason = reason;
         if rec.definition.is_none() {
             l.remove(&rec.name)
@@ -398,6 +413,30 @@ impl<B: Backend> Inner<B> {
                 }
             }
             LiveState::Running | LiveState::Paused => {
+                if let (Some(to), Some(now)) = (run.pending_vcpus, live.vcpus) {
+                    if now == to {
+                        if let Some(r) = rec.run.as_mut() {
+                            r.pending_vcpus = None;
+                        }
+                        self.save(l, rec)?;
+                    } else if self.due(&rec.name, "vcpus", Duration::from_secs(2)) {
+                        // Ask again: a request the guest got before its
+                        // hot-plug handling was ready is lost.
+                        match self
+                            .backend
+                            .control(&paths, Control::SetVcpus { from: now, to })
+                        {
+                            Ok(()) | Err(ControlError::NotYet(_)) => {}
+                            Err(e) => {
+                                tracing::warn!(domain = %rec.name, error = ?e, "vCPU change failed; dropped");
+                                if let Some(r) = rec.run.as_mut() {
+                                    r.pending_vcpus = None;
+                                }
+                                self.save(l, rec)?;
+                            }
+                        }
+                    }
+                }
                 if let Some(since) = run.shutdown_since {
                     let waited = process::now_secs().saturating_sub(since);
                     if waited >= self.options.shutdown_timeout.as_secs() {
@@ -406,15 +445,9 @@ impl<B: Backend> Inner<B> {
                     }
                     // Press the power button again now and then: a guest
                     // still booting may have missed the first press.
-                    let mut presses = self
-                        .last_powerdown
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner());
-                    let due = presses
-                        .get(&rec.name)
-                        .is_none_or(|t| t.elapsed() >= Duration::from_secs(2));
-                    if due && live.state == LiveState::Running {
-                        presses.insert(rec.name.clone(), Instant::now());
+                    if live.state == LiveState::Running
+                        && self.due(&rec.name, "powerdown", Duration::from_secs(2))
+                    {
                         if let Err(e) = self.backend.control(&paths, Control::Powerdown) {
                             tracing::debug!(domain = %rec.name, error = ?e, "power button");
                         }
@@ -569,6 +602,7 @@ impl<B: Backend> Inner<B> {
             fake_reboot: false,
             shutdown_since: None,
             started: process::now_secs(),
+            pending_vcpus: None,
         });
         self.save(l, rec)?;
         Ok(reference(rec))
@@ -589,7 +623,9 @@ fn control_error<B: Backend>(name: &str, backend: &B, e: ControlError) -> Error 
             driver: backend.name(),
             operation,
         },
-        ControlError::Failed(message) => io_failed(name, "controlling the VM process", message),
+        ControlError::Failed(message) | ControlError::NotYet(message) => {
+            io_failed(name, "controlling the VM process", message)
+        }
     }
 }
 
@@ -778,10 +814,19 @@ impl<B: Backend> HypervisorDriver for VmDriver<B> {
             if let Some(run) = rec.run.as_mut() {
                 let from = run.live.spec.vcpus;
                 let paths = inner.paths(&rec.uuid);
-                inner
+                match inner
                     .backend
                     .control(&paths, Control::SetVcpus { from, to: vcpus })
-                    .map_err(|e| control_error(name, &inner.backend, e))?;
+                {
+                    // Kept until the guest shows the new count (unplug
+                    // needs the guest's cooperation).
+                    Ok(()) => run.pending_vcpus = Some(vcpus),
+                    Err(ControlError::NotYet(why)) => {
+                        tracing::info!(domain = %name, vcpus, %why, "vCPU change waits for the guest");
+                        run.pending_vcpus = Some(vcpus);
+                    }
+                    Err(e) => return Err(control_error(name, &inner.backend, e)),
+                }
                 run.live.spec.vcpus = vcpus;
             } else if let Some(def) = rec.definition.as_mut() {
                 def.spec.vcpus = vcpus;
@@ -911,11 +956,7 @@ impl<B: Backend> HypervisorDriver for VmDriver<B> {
             };
             run.shutdown_since.get_or_insert_with(process::now_secs);
             inner.save(l, rec)?;
-            inner
-                .last_powerdown
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(name.to_string(), Instant::now());
+            inner.due(name, "powerdown", Duration::ZERO);
             inner.control(rec, Control::Powerdown)
         })
     }
@@ -932,11 +973,7 @@ impl<B: Backend> HypervisorDriver for VmDriver<B> {
             run.fake_reboot = true;
             run.shutdown_since.get_or_insert_with(process::now_secs);
             inner.save(l, rec)?;
-            inner
-                .last_powerdown
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(name.to_string(), Instant::now());
+            inner.due(name, "powerdown", Duration::ZERO);
             inner.control(rec, Control::Powerdown)
         })
     }

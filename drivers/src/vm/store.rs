@@ -53,6 +53,10 @@ pub struct Run {
     pub shutdown_since: Option<u64>,
     /// Unix seconds the activation started.
     pub started: u64,
+    /// A vCPU count the guest could not take yet (hot-unplug before its
+    /// ACPI is up); the watcher retries.
+    #[serde(default)]
+    pub pending_vcpus: Option<u32>,
 }
 
 impl Record {
