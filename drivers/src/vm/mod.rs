@@ -378,7 +378,7 @@ impl<B: Backend> Inner<B> {
                 return Ok(());
             }
         };
-        let lifecycle = run.live.spec.lifecycle.clone();
+        let lifecycle = run.live.spec.lifecycle;
         match live.state {
             LiveState::GuestStopped | LiveState::GuestCrashed => {
                 let action = match live.state {
@@ -447,10 +447,9 @@ impl<B: Backend> Inner<B> {
                     // still booting may have missed the first press.
                     if live.state == LiveState::Running
                         && self.due(&rec.name, "powerdown", Duration::from_secs(2))
+                        && let Err(e) = self.backend.control(&paths, Control::Powerdown)
                     {
-                        if let Err(e) = self.backend.control(&paths, Control::Powerdown) {
-                            tracing::debug!(domain = %rec.name, error = ?e, "power button");
-                        }
+                        tracing::debug!(domain = %rec.name, error = ?e, "power button");
                     }
                 }
             }
