@@ -92,7 +92,9 @@ pub struct DomainSpec {
 }
 
 /// The hypervisor driver of a domain.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum DomainType {
     /// vireo-vmm, our micro-VMM on /dev/kvm.

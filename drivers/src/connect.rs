@@ -60,6 +60,14 @@ impl Connection {
     pub fn storage(&self) -> &dyn StorageDriver {
         self.storage.as_ref()
     }
+    /// The network driver, to pair with another hypervisor driver.
+    pub fn network_driver(&self) -> Arc<dyn NetworkDriver> {
+        self.network.clone()
+    }
+    /// The storage driver, to pair with another hypervisor driver.
+    pub fn storage_driver(&self) -> Arc<dyn StorageDriver> {
+        self.storage.clone()
+    }
 }
 
 /// Opens a connection by URI.

@@ -14,7 +14,7 @@ use vireo_drivers::{Error as DriverError, Lookup};
 
 use super::{Ctx, drain, error_policy, instrumented};
 use crate::conditions::{condition, find, same};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::k8s;
 use crate::run_strategy::{Action as Step, History, decide};
 
@@ -46,7 +46,7 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
 
     if dom.meta().deletion_timestamp.is_some() {
         if dom.finalizers().iter().any(|f| f == NODE_CLEANUP_FINALIZER) {
-            teardown(ctx, &key).await?;
+            teardown(ctx, dom.spec.domain_type, &key).await?;
             ctx.forget(&key);
             k8s::event(
                 &ctx.recorder,
@@ -61,12 +61,7 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
         }
         return Ok(Action::await_change());
     }
-    if dom.spec.domain_type != DomainType::Test {
-        return Err(Error::Invalid(format!(
-            "domain {key} has type '{}', which this agent does not embed",
-            dom.spec.domain_type
-        )));
-    }
+    let ty = dom.spec.domain_type;
     // The operator gives every Domain its UUID (and this finalizer) when it binds it.
     let Some(uuid) = dom.spec.uuid.clone() else {
         return Ok(Action::await_change());
@@ -75,14 +70,20 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
 
     // Define, or redefine when the spec changed.
     let mut def = Domain::new(&key, dom.spec.clone());
+    def.metadata.annotations = dom.metadata.annotations.clone();
     def.spec.uuid = Some(uuid.to_ascii_lowercase());
+    // Disks name StorageVols of the Domain's namespace; on the node a
+    // volume's name is `namespace.name`.
+    for disk in &mut def.spec.devices.disks {
+        disk.volume = super::volume::file_name(&ns, &disk.volume);
+    }
     // One trip to the driver: redefine if the spec changed, then read the state.
     let (k, d) = (key.clone(), def);
     let (defined, (state, reason)) = ctx
-        .drive(move |c| {
+        .drive_domain(ty, move |c| {
             let hv = c.hypervisor();
             let needs_define = match hv.domain_definition(&k, true) {
-                Ok(cur) => cur.spec != d.spec,
+                Ok(cur) => cur.spec != d.spec || cur.metadata.annotations != d.metadata.annotations,
                 Err(DriverError::NotFound(_)) => true,
                 Err(e) => return Err(e),
             };
@@ -125,7 +126,9 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
         }
         Step::Start => {
             let k = key.clone();
-            let r = ctx.drive(move |c| c.hypervisor().start_domain(&k)).await?;
+            let r = ctx
+                .drive_domain(ty, move |c| c.hypervisor().start_domain(&k))
+                .await?;
             start_count = ctx.start_count(&count_key, start_count, 1);
             let id = r.id.map_or_else(|| "-".into(), |i| i.to_string());
             tracing::info!(domain = %key, id, "started");
@@ -144,15 +147,17 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
             let asked = ctx.stop_asked(&key);
             let k = key.clone();
             if asked.elapsed() < ctx.config.stop_timeout {
-                ctx.drive(move |c| c.hypervisor().shutdown_domain(&k))
+                ctx.drive_domain(ty, move |c| c.hypervisor().shutdown_domain(&k))
                     .await?;
             } else {
                 tracing::warn!(domain = %key, "did not shut down in time; destroying");
-                ctx.drive(move |c| c.hypervisor().destroy_domain(&k))
+                ctx.drive_domain(ty, move |c| c.hypervisor().destroy_domain(&k))
                     .await?;
             }
             let k = key.clone();
-            let (after, _) = ctx.drive(move |c| c.hypervisor().domain_state(&k)).await?;
+            let (after, _) = ctx
+                .drive_domain(ty, move |c| c.hypervisor().domain_state(&k))
+                .await?;
             if after.is_active() {
                 return Ok(Action::requeue(std::time::Duration::from_secs(2)));
             }
@@ -175,7 +180,7 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
 
     let k = key.clone();
     let (reference, info) = ctx
-        .drive(move |c| {
+        .drive_domain(ty, move |c| {
             let r = c.hypervisor().lookup_domain(Lookup::Name(&k))?;
             let i = c.hypervisor().domain_info(&k)?;
             Ok((r, i))
@@ -261,9 +266,9 @@ fn status_matches(have: &DomainStatus, want: &DomainStatus) -> bool {
 }
 
 /// Destroys (if active) and undefines a domain on this node; gone is fine.
-async fn teardown(ctx: &Ctx, key: &str) -> Result<()> {
+async fn teardown(ctx: &Ctx, ty: DomainType, key: &str) -> Result<()> {
     let k = key.to_string();
-    ctx.drive(move |c| {
+    ctx.drive_domain(ty, move |c| {
         let hv = c.hypervisor();
         match hv.domain_state(&k) {
             Ok((s, _)) if s.is_active() => hv.destroy_domain(&k)?,

@@ -47,7 +47,7 @@ pub(crate) async fn register(ctx: &Ctx) -> Result<()> {
         "spec": {},
     });
     hosts.patch(name, &params, &Patch::Apply(&body)).await?;
-    let drivers = vec!["test".to_string()];
+    let drivers = ctx.driver_names();
     let status = HostStatus {
         allocatable_memory: Some(format_bytes(info.memory_bytes)),
         allocatable_vcpus: Some(info.cpus.saturating_mul(ctx.config.cpu_overcommit)),

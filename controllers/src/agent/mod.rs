@@ -22,6 +22,7 @@ use futures::StreamExt;
 use kube::Client;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Recorder, Reporter};
+use vireo_crds::DomainType;
 use vireo_drivers::Connection;
 
 use crate::error::{Error, Result};
@@ -56,7 +57,12 @@ pub struct AgentConfig {
 /// What every reconcile of the agent shares.
 pub(crate) struct Ctx {
     pub client: Client,
+    /// The node's own connection (test driver): networks, pools, volumes,
+    /// and `type: test` domains.
     pub conn: Connection,
+    /// One connection per domain type this agent embeds (`test`, `qemu`),
+    /// each sharing the node's network and storage drivers.
+    pub hypervisors: BTreeMap<DomainType, Connection>,
     pub config: AgentConfig,
     pub manager: String,
     pub recorder: Recorder,
@@ -70,6 +76,27 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
+    /// The domain types this agent runs, as the Host lists them.
+    pub fn driver_names(&self) -> Vec<String> {
+        self.hypervisors.keys().map(|t| t.to_string()).collect()
+    }
+
+    /// Runs a driver call for a domain of type `ty` on the blocking pool.
+    pub async fn drive_domain<T, F>(&self, ty: DomainType, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> vireo_drivers::Result<T> + Send + 'static,
+    {
+        let conn = self.hypervisors.get(&ty).cloned().ok_or_else(|| {
+            Error::Invalid(format!(
+                "domains of type '{ty}' do not run on node {} (it embeds: {})",
+                self.config.node_name,
+                self.driver_names().join(", ")
+            ))
+        })?;
+        Ok(tokio::task::spawn_blocking(move || f(&conn)).await??)
+    }
+
     /// Runs a driver call on the blocking pool: drivers are synchronous.
     pub async fn drive<T, F>(&self, f: F) -> Result<T>
     where
@@ -179,6 +206,7 @@ pub async fn run(config: AgentConfig, metrics: Arc<Metrics>) -> Result<()> {
     let client = Client::try_default().await?;
     let uri = format!("test://{}/", config.state_dir.join("test-node").display());
     let conn = vireo_drivers::open(&uri)?;
+    let hypervisors = open_hypervisors(&config, &conn);
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -190,6 +218,7 @@ pub async fn run(config: AgentConfig, metrics: Arc<Metrics>) -> Result<()> {
         manager: vireo_crds::labels::agent_manager(&config.node_name),
         client,
         conn,
+        hypervisors,
         config,
         recorder,
         metrics: metrics.clone(),
@@ -210,6 +239,28 @@ pub async fn run(config: AgentConfig, metrics: Arc<Metrics>) -> Result<()> {
     }
     heartbeat.abort();
     Ok(())
+}
+
+/// The hypervisor drivers this agent embeds: `test` always, `qemu` when
+/// `qemu-system-x86_64` is installed (state under STATE/qemu). Each shares
+/// the node's network and storage drivers.
+fn open_hypervisors(config: &AgentConfig, node: &Connection) -> BTreeMap<DomainType, Connection> {
+    let mut out = BTreeMap::new();
+    out.insert(DomainType::Test, node.clone());
+    let root = config.state_dir.join("qemu");
+    let uri = format!("qemu:///embed?root={}", root.display());
+    match vireo_drivers::qemu::open_with(
+        &uri,
+        &format!("/embed?root={}", root.display()),
+        node.network_driver(),
+        node.storage_driver(),
+    ) {
+        Ok(c) => {
+            out.insert(DomainType::Qemu, c);
+        }
+        Err(e) => tracing::warn!(error = %e, "the qemu driver is not available on this node"),
+    }
+    out
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

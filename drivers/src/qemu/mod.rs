@@ -302,8 +302,22 @@ impl Backend for Qemu {
     }
 }
 
-/// Opens `qemu:///system` or `qemu:///embed?root=DIR`.
+/// Opens `qemu:///system` or `qemu:///embed?root=DIR`, with the test
+/// driver's bookkeeping under ROOT/objects for networks and pools.
 pub fn open(uri: &str, path_and_query: &str) -> Result<crate::Connection, String> {
+    let (root, _) = vm::root_from_uri(path_and_query, Path::new(SYSTEM_ROOT))?;
+    let objects = Arc::new(crate::test::TestDriver::from_dir(&root.join("objects"))?);
+    open_with(uri, path_and_query, objects.clone(), objects)
+}
+
+/// Opens the qemu driver paired with the given network and storage drivers
+/// (the agent pairs it with the node's own), which also resolve disks.
+pub fn open_with(
+    uri: &str,
+    path_and_query: &str,
+    network: Arc<dyn crate::NetworkDriver>,
+    storage: Arc<dyn crate::StorageDriver>,
+) -> Result<crate::Connection, String> {
     let (root, params) = vm::root_from_uri(path_and_query, Path::new(SYSTEM_ROOT))?;
     let shutdown_timeout = match params.get("shutdown_timeout") {
         Some(s) => s
@@ -311,8 +325,6 @@ pub fn open(uri: &str, path_and_query: &str) -> Result<crate::Connection, String
             .map_err(|_| format!("shutdown_timeout={s}: not a number of seconds"))?,
         None => 300,
     };
-    let objects = crate::test::TestDriver::from_dir(&root.join("objects"))?;
-    let objects = Arc::new(objects);
     let backend = Qemu::new()?;
     let driver = vm::VmDriver::open(
         backend,
@@ -321,14 +333,14 @@ pub fn open(uri: &str, path_and_query: &str) -> Result<crate::Connection, String
             shutdown_timeout: Duration::from_secs(shutdown_timeout),
             poll: Duration::from_millis(500),
         },
-        objects.clone(),
+        storage.clone(),
     )
     .map_err(|e| e.to_string())?;
     Ok(crate::Connection::new(
         uri,
         Arc::new(driver),
-        objects.clone(),
-        objects,
+        network,
+        storage,
     ))
 }
 

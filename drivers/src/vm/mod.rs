@@ -470,7 +470,7 @@ impl<B: Backend> Inner<B> {
             return Err(Error::invalid_argument(
                 KIND,
                 &name,
-                "metadata.name: only letters, digits, '-', '.' and '_' (not first)",
+                "metadata.name: only letters, digits, '-', '.' and '_' (not first), optionally as namespace/name",
             ));
         }
         domain

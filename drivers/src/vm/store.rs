@@ -126,7 +126,10 @@ impl Store {
 
 impl Locked<'_> {
     fn record_path(&self, name: &str) -> PathBuf {
-        self.store.root.join("domains").join(format!("{name}.json"))
+        self.store
+            .root
+            .join("domains")
+            .join(format!("{}.json", file_stem(name)))
     }
 
     /// Every record, sorted by name. Unreadable files are skipped with a
@@ -199,12 +202,21 @@ impl Locked<'_> {
     }
 }
 
-/// Names the store can keep: Kubernetes object names (no '/', no leading '.').
+/// Names the store can keep: Kubernetes object names, optionally
+/// `namespace/name` (how the agent names a Domain on its node).
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
-        && name.len() <= 253
+        && name.len() <= 317
         && !name.starts_with('.')
+        && name.split('/').count() <= 2
+        && name.split('/').all(|part| !part.is_empty())
         && name
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '/'))
+}
+
+/// A record's file name: the domain name with '/' written as "%2F" (no
+/// valid name has a '%').
+fn file_stem(name: &str) -> String {
+    name.replace('/', "%2F")
 }

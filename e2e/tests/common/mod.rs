@@ -404,6 +404,10 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.procs.clear();
+        // Guests outlive their agent by design; the test's own go with it.
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-f", &format!("{}/state-", self.dir.display())])
+            .status();
         let _ = Command::new("bash")
             .arg(repo().join("e2e/cluster.sh"))
             .args(["stop", &self.dir.display().to_string()])

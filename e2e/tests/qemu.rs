@@ -1,0 +1,204 @@
+//! `type: qemu` Domains on a real kube-apiserver: the agent runs them with
+//! the qemu driver and the real Linux guest image (TCG). A killed agent
+//! leaves the guest running and re-adopts it; a QEMU killed from outside is
+//! shutoff (crashed) and `RerunOnFailure` starts it again.
+//!
+//! Without `qemu-system-x86_64` the test fails when `CI` is set, and
+//! otherwise prints a SKIP line and returns.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{Cluster, ready_hosts, repo, wait_for};
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams};
+use vireo_crds::{Domain, DomainState};
+
+const T: Duration = Duration::from_secs(90);
+
+fn qemu_available() -> bool {
+    let found = std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|d| d.join("qemu-system-x86_64").is_file())
+    });
+    if !found {
+        if std::env::var_os("CI").is_some() {
+            panic!("qemu-system-x86_64 is missing and CI is set (scripts/setup installs it)");
+        }
+        eprintln!("SKIP qemu e2e: qemu-system-x86_64 not found (apt-get install qemu-system-x86)");
+    }
+    found
+}
+
+fn guest_image() -> PathBuf {
+    let out = Command::new(repo().join("scripts/guest-image.sh"))
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("runs scripts/guest-image.sh");
+    assert!(out.status.success(), "scripts/guest-image.sh failed");
+    PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .expect("image dir")
+            .trim(),
+    )
+}
+
+fn status_of(d: &Domain) -> (Option<DomainState>, Option<u32>, Option<u32>, String) {
+    let s = d.status.clone().unwrap_or_default();
+    (
+        s.state,
+        s.id,
+        s.start_count,
+        s.info
+            .map(|i| i.reason.virsh_name().to_string())
+            .unwrap_or_default(),
+    )
+}
+
+/// The guest's console log on the agent's node (the driver's run directory
+/// is named by the Domain's UUID, which is its metadata.uid).
+fn console_log(cluster: &Cluster, node: &str, uuid: &str) -> PathBuf {
+    cluster
+        .dir
+        .join(format!("state-{node}/qemu/run/{uuid}/console.log"))
+}
+
+fn markers(log: &Path) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .matches("VIREO-GUEST-READY")
+        .count()
+}
+
+fn qemu_pid(cluster: &Cluster, node: &str, uuid: &str) -> u32 {
+    std::fs::read_to_string(
+        cluster
+            .dir
+            .join(format!("state-{node}/qemu/run/{uuid}/pid")),
+    )
+    .expect("pid file")
+    .trim()
+    .parse()
+    .expect("pid")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn qemu_domain_survives_agent_restart_and_reruns_after_crash() {
+    if !qemu_available() {
+        return;
+    }
+    let image = guest_image();
+    let cluster = Cluster::start("qemu");
+    let op = cluster.operator("operator", &["--no-leader-election"]);
+    let agent = cluster.agent("node-1", &["--resync-seconds", "2"]);
+    let client = cluster.client().await;
+    ready_hosts(&client, 1).await;
+    let manifest = format!(
+        "apiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {{name: linux}}\nspec:\n  type: qemu\n  memory: 256Mi\n  vcpus: 1\n  runStrategy: RerunOnFailure\n  os:\n    kernel: {}\n    initrd: {}\n    cmdline: console=ttyS0 quiet vireo.net=0\n",
+        image.join("vmlinuz").display(),
+        image.join("initrd.img").display()
+    );
+    cluster.kubectl_stdin(&["apply", "-f", "-"], &manifest);
+    let domains: Api<Domain> = Api::namespaced(client.clone(), "default");
+    let d =
+        wait_for(T, "qemu domain running", || async {
+            domains.get_opt("linux").await.ok().flatten().filter(|d| {
+                status_of(d).0 == Some(DomainState::Running) && status_of(d).1.is_some()
+            })
+        })
+        .await;
+    let uuid = d.uid().expect("uid");
+    let log = console_log(&cluster, "node-1", &uuid);
+    wait_for(
+        Duration::from_secs(30),
+        "the guest's marker on its console",
+        || async { (markers(&log) >= 1).then_some(()) },
+    )
+    .await;
+    let (_, id, starts, _) = status_of(&d);
+    let pid = qemu_pid(&cluster, "node-1", &uuid);
+
+    // Kill the agent: the guest keeps running.
+    let mut agent = agent;
+    agent.kill();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        Path::new(&format!("/proc/{pid}")).exists(),
+        "QEMU (pid {pid}) outlived the agent"
+    );
+    agent.start();
+    // After the restart: same ID, same process, no new start.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let d = domains.get("linux").await.expect("domain");
+    let (state, id2, starts2, _) = status_of(&d);
+    assert_eq!(state, Some(DomainState::Running));
+    assert_eq!(id2, id, "the re-adopted guest keeps its ID");
+    assert_eq!(starts2, starts, "nothing was restarted");
+    assert_eq!(qemu_pid(&cluster, "node-1", &uuid), pid, "the same QEMU");
+    assert_eq!(markers(&log), 1, "the guest did not boot again");
+
+    // SIGKILL QEMU: shutoff (crashed), and RerunOnFailure starts it again.
+    let status = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let d = wait_for(T, "a new activation after the crash", || async {
+        domains.get("linux").await.ok().filter(|d| {
+            let (s, i, n, _) = status_of(d);
+            s == Some(DomainState::Running) && i.is_some() && i != id && n > starts
+        })
+    })
+    .await;
+    assert_ne!(qemu_pid(&cluster, "node-1", &uuid), pid, "a new QEMU");
+    wait_for(
+        Duration::from_secs(30),
+        "the guest booted again",
+        || async { (markers(&log) >= 2).then_some(()) },
+    )
+    .await;
+    let events = cluster.kubectl_ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=linux",
+    ]);
+    assert!(events.contains("Started"), "Started events: {events}");
+    let agent_log = agent.log_text();
+    assert!(
+        agent_log.contains("crashed"),
+        "the agent saw the crash:\n{agent_log}"
+    );
+    let _ = d;
+
+    // Deleting the Domain destroys the guest.
+    domains
+        .delete("linux", &DeleteParams::default())
+        .await
+        .expect("delete");
+    let new_pid = qemu_pid(&cluster, "node-1", &uuid);
+    wait_for(T, "the Domain gone", || async {
+        domains
+            .get_opt("linux")
+            .await
+            .ok()
+            .flatten()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(
+        !Path::new(&format!("/proc/{new_pid}/cmdline")).exists()
+            || std::fs::read_to_string(format!("/proc/{new_pid}/cmdline"))
+                .unwrap_or_default()
+                .is_empty(),
+        "QEMU is gone with its Domain"
+    );
+    drop(op);
+    drop(agent);
+}
