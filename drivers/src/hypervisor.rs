@@ -85,4 +85,15 @@ pub trait HypervisorDriver: Send + Sync {
     fn resume_domain(&self, name: &str) -> Result<()>;
     /// Stops the domain at once: shutoff (destroyed).
     fn destroy_domain(&self, name: &str) -> Result<()>;
+
+    /// The unix socket of a running domain's serial console (`vireo
+    /// console`): bytes written go to the guest's serial port, bytes read
+    /// come from it.
+    fn console_path(&self, name: &str) -> Result<std::path::PathBuf> {
+        Err(crate::Error::Unsupported {
+            object: crate::error::ObjectName::new(vireo_crds::ObjectKind::Domain, name),
+            driver: self.name(),
+            operation: "a serial console (no guest runs)",
+        })
+    }
 }

@@ -1,5 +1,6 @@
 //! The commands, named as virsh names them.
 
+mod console;
 mod domain;
 mod host;
 mod network;
@@ -70,6 +71,8 @@ pub enum Command {
     Setmem(SetmemArgs),
     /// Set a domain's vCPU count (at most spec.maxVcpus).
     Setvcpus(SetvcpusArgs),
+    /// Attach to a running domain's serial console; Ctrl+] leaves it.
+    Console(ConsoleArgs),
 
     // -- networks --
     /// List networks: active ones, or all with --all, or inactive ones with --inactive.
@@ -311,6 +314,16 @@ pub struct VolResizeArgs {
     pub shrink: bool,
 }
 
+#[derive(Args)]
+pub struct ConsoleArgs {
+    /// Domain name, ID or UUID.
+    pub domain: String,
+    /// Print what the console shows for this many seconds, then leave
+    /// (no keyboard input; for scripts and logs).
+    #[arg(long, value_name = "SECONDS")]
+    pub watch: Option<u64>,
+}
+
 /// Runs a command on a connection.
 pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
     use Command as C;
@@ -336,6 +349,7 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
         | C::Autostart(_)
         | C::Setmem(_)
         | C::Setvcpus(_) => domain::run(conn, command),
+        C::Console(a) => console::run(conn, a),
         C::NetList(_)
         | C::NetInfo(_)
         | C::NetDumpspec(_)

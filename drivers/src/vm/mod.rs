@@ -1025,6 +1025,30 @@ impl<B: Backend> HypervisorDriver for VmDriver<B> {
         })
     }
 
+    fn console_path(&self, name: &str) -> Result<PathBuf> {
+        let inner = &self.inner;
+        inner.with(name, |_, rec| {
+            let Some(run) = &rec.run else {
+                return Err(not_running(name));
+            };
+            if run
+                .live
+                .spec
+                .devices
+                .serial
+                .as_ref()
+                .is_some_and(|s| !s.enabled)
+            {
+                return Err(Error::invalid_state(
+                    KIND,
+                    name,
+                    "has no serial console (spec.devices.serial.enabled is false)",
+                ));
+            }
+            Ok(inner.paths(&rec.uuid).console_socket)
+        })
+    }
+
     fn destroy_domain(&self, name: &str) -> Result<()> {
         let inner = &self.inner;
         inner.with(name, |l, rec| {
