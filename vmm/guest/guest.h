@@ -108,7 +108,7 @@ static inline int deadline_passed(struct deadline *d)
 }
 
 /* ---- memory (main.c) ---- */
-void *heap_alloc(size_t size, size_t align);
+void *heap_alloc(size_t size, size_t align, int zero);
 
 /* ---- virtio (virtio.c) ---- */
 int virtio_scan(int echo);

@@ -151,9 +151,9 @@ static const char *vq_setup(uint64_t b, uint16_t index, uint16_t want, struct vq
     q->size = (uint16_t)n;
     q->avail_idx = 0;
     q->last_used = 0;
-    q->desc = heap_alloc(16 * n, 4096);
-    q->avail = heap_alloc(6 + 2 * n, 4096);
-    q->used = heap_alloc(6 + 8 * n, 4096);
+    q->desc = heap_alloc(16 * n, 4096, 1);
+    q->avail = heap_alloc(6 + 2 * n, 4096, 1);
+    q->used = heap_alloc(6 + 8 * n, 4096, 1);
     if (!q->desc || !q->avail || !q->used)
         return "out of memory";
     mmio_write32(b + VM_QUEUE_NUM, n);
@@ -269,11 +269,14 @@ static int blk_request(struct blk_state *s, uint32_t type, uint64_t sector)
     return *s->status;
 }
 
+/* The sector pattern: "VIREO-TEST-SECTOR", then byte i holds i & 0xff
+ * (built eight bytes at a time). */
 static void fill_pattern(uint8_t *p)
 {
     static const char tag[] = "VIREO-TEST-SECTOR";
-    for (int i = 0; i < 512; i++)
-        p[i] = (uint8_t)i; /* counter pattern: byte i holds i & 0xff */
+    uint64_t *q = (uint64_t *)p;
+    for (int k = 0; k < 64; k++)
+        q[k] = 0x0706050403020100ULL + (uint64_t)k * 0x0808080808080808ULL;
     memcpy(p, tag, sizeof(tag) - 1);
 }
 
@@ -293,7 +296,7 @@ static void blk_run(int slot, int n)
         kprintf("VIREO-TEST blk%d: FAIL %s\n", n, err);
         return;
     }
-    uint8_t *page = heap_alloc(4096, 4096);
+    uint8_t *page = heap_alloc(4096, 4096, 0);
     if (!page) {
         dev_fail(b);
         kprintf("VIREO-TEST blk%d: FAIL out of memory\n", n);
@@ -381,7 +384,7 @@ static void rng_run(int slot, int n)
     struct vq q;
     if (!err)
         err = vq_setup(b, 0, 4, &q);
-    uint8_t *buf = heap_alloc(64, 64);
+    uint8_t *buf = heap_alloc(64, 64, 1);
     if (!err && !buf)
         err = "out of memory";
     if (err) {
@@ -465,8 +468,8 @@ static void net_run(int slot, int n, int echo)
         s->nbufs = s->rx.size;
         if (s->nbufs > s->tx.size - 1)
             s->nbufs = s->tx.size - 1;
-        s->bufs = heap_alloc((size_t)s->nbufs * NET_BUF_LEN, 4096);
-        s->txbuf = heap_alloc(NET_BUF_LEN, 64);
+        s->bufs = heap_alloc((size_t)s->nbufs * NET_BUF_LEN, 4096, 0);
+        s->txbuf = heap_alloc(NET_BUF_LEN, 64, 0);
         if (!s->bufs || !s->txbuf)
             err = "out of memory";
     }

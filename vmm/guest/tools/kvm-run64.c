@@ -195,6 +195,7 @@ int main(int argc, char **argv)
         alarm(20); /* give up after 20 s */
     }
 
+    fprintf(stderr, "[harness] first KVM_RUN at %.0f us after harness start\n", now_us() - t_start);
     uint8_t kbd[16];
     int kbd_n = 0, kbd_pos = 0, cad_sent = 0;
     for (;;) {
