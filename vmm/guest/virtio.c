@@ -276,7 +276,7 @@ static void fill_pattern(uint8_t *p)
     static const char tag[] = "VIREO-TEST-SECTOR";
     uint64_t *q = (uint64_t *)p;
     for (int k = 0; k < 64; k++)
-        q[k] = 0x0706050403020100ULL + (uint64_t)k * 0x0808080808080808ULL;
+        q[k] = 0x0706050403020100ULL + (uint64_t)(k & 31) * 0x0808080808080808ULL; /* no carries */
     memcpy(p, tag, sizeof(tag) - 1);
 }
 
