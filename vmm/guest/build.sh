@@ -27,7 +27,7 @@ CFLAGS="-std=gnu11 -O2 -Wall -Wextra -Werror -ffreestanding -fno-builtin \
  -fno-asynchronous-unwind-tables -fno-unwind-tables -fcf-protection=none \
  -fno-omit-frame-pointer"
 LDFLAGS="-Wl,-T,$SRC/link.ld -Wl,--build-id=none -Wl,-z,max-page-size=0x1000 \
- -Wl,-z,noexecstack -Wl,--no-warn-rwx-segments"
+ -Wl,-z,noexecstack"
 
 SOURCES="$SRC/entry.S $SRC/main.c $SRC/console.c $SRC/virtio.c"
 

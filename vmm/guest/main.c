@@ -346,10 +346,12 @@ static void pit_init_100hz(void)
  * set 1 (0x1D, 0x38, [0xE0] 0x53); breaks are 0xF0 xx (set 2) or
  * code|0x80 (set 1). */
 
-static int kb_e0, kb_f0, kb_ctrl, kb_alt;
+static int kb_e0, kb_f0, kb_ctrl, kb_alt, kb_trace;
 
 static void kbd_byte(uint8_t b)
 {
+    if (kb_trace)
+        kprintf("VIREO-TEST kbd: 0x%02x\n", b);
     if (b == 0xE0) {
         kb_e0 = 1;
         return;
@@ -391,6 +393,7 @@ static void kbd_byte(uint8_t b)
 static void idle(void)
 {
     int use_tick = has_option("vireo.tick=1");
+    kb_trace = has_option("vireo.kbdtrace=1");
     if (!use_tick) {
         pic_init(0xff, 0xff); /* 8259 initialised, everything masked */
         lapic_init(0);

@@ -5,7 +5,7 @@
  * guest image.
  *
  *   gcc -O2 -Wall -Wextra -o kvm-run64 kvm-run64.c
- *   ./kvm-run64 GUEST.ELF "CMDLINE" [--ctrl-alt-del SECONDS] [--mem MIB]
+ *   ./kvm-run64 GUEST.ELF "CMDLINE" [--ctrl-alt-del SECONDS] [--set1 1] [--mem MIB]
  *
  * Machine: RAM from 0 (default 32 MiB), in-kernel irqchip (PIC, IOAPIC,
  * LAPIC) and PIT; COM1 output goes to stdout; a minimal i8042 (ports 0x60,
@@ -75,14 +75,16 @@ int main(int argc, char **argv)
 {
     double t_start = now_us();
     if (argc < 3) {
-        fprintf(stderr, "usage: %s GUEST.ELF CMDLINE [--ctrl-alt-del SECONDS] [--mem MIB]\n", argv[0]);
+        fprintf(stderr, "usage: %s GUEST.ELF CMDLINE [--ctrl-alt-del SECONDS] [--set1 1] [--mem MIB]\n", argv[0]);
         return 2;
     }
-    int cad_after = -1;
+    int cad_after = -1, set1 = 0;
     uint64_t mem_size = 32ULL << 20;
     for (int i = 3; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--ctrl-alt-del"))
             cad_after = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--set1"))
+            set1 = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--mem"))
             mem_size = strtoull(argv[i + 1], 0, 0) << 20;
     }
@@ -204,11 +206,12 @@ int main(int argc, char **argv)
             if (alarm_fired && cad_after >= 0 && !cad_sent) {
                 alarm_fired = 0;
                 cad_sent = 1;
-                static const uint8_t seq[] = { 0x14, 0x11, 0xE0, 0x71 }; /* set 2 */
-                memcpy(kbd, seq, sizeof(seq));
-                kbd_n = sizeof(seq);
+                static const uint8_t seq2[] = { 0x14, 0x11, 0xE0, 0x71 }; /* set 2 */
+                static const uint8_t seq1[] = { 0x1D, 0x38, 0xE0, 0x53 }; /* set 1 */
+                memcpy(kbd, set1 ? seq1 : seq2, 4);
+                kbd_n = 4;
                 kbd_pos = 0;
-                fprintf(stderr, "[harness] Ctrl-Alt-Del: set-2 bytes queued, GSI 1 pulsed\n");
+                fprintf(stderr, "[harness] Ctrl-Alt-Del: set-%d bytes queued, GSI 1 pulsed\n", set1 ? 1 : 2);
                 struct kvm_irq_level irq = { .irq = 1, .level = 1 };
                 ioctl(vm, KVM_IRQ_LINE, &irq);
                 irq.level = 0;

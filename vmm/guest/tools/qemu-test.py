@@ -245,6 +245,7 @@ def scenario_kvm_run64(elf, out):
     for cmdline, extra, want in [
         ("vireo.poweroff=1", [], "VIREO-TEST-GUEST-DONE devices=0"),
         ("console=ttyS0", ["--ctrl-alt-del", "1"], "VIREO-TEST ctrl-alt-del: powering off"),
+        ("vireo.kbdtrace=1", ["--ctrl-alt-del", "1", "--set1", "1"], "VIREO-TEST ctrl-alt-del: powering off"),
     ]:
         cmd = [exe, elf, cmdline] + extra
         print("$ " + " ".join("'%s'" % c if " " in c else c for c in cmd), flush=True)
