@@ -1,11 +1,12 @@
 /*
  * kvm-run64: a minimal /dev/kvm harness that boots the Vireo test guest
  * through its 64-bit ELF entry (e_entry, Linux 64-bit boot protocol), the
- * path vireo-vmm uses for an ELF vmlinux. Test tool only; not part of the
- * guest image.
+ * path vireo-vmm uses for an ELF vmlinux, or with --pvh 1 through the PVH
+ * note (32-bit protected mode, paging off, %ebx = hvm_start_info). Test
+ * tool only; not part of the guest image.
  *
  *   gcc -O2 -Wall -Wextra -o kvm-run64 kvm-run64.c
- *   ./kvm-run64 GUEST.ELF "CMDLINE" [--ctrl-alt-del SECONDS] [--set1 1] [--mem MIB]
+ *   ./kvm-run64 GUEST.ELF "CMDLINE" [--ctrl-alt-del SECONDS] [--set1 1] [--pvh 1] [--mem MIB]
  *
  * Machine: RAM from 0 (default 32 MiB), in-kernel irqchip (PIC, IOAPIC,
  * LAPIC) and PIT; COM1 output goes to stdout; a minimal i8042 (ports 0x60,
@@ -29,6 +30,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#define START_INFO 0x6000  /* hvm_start_info (PVH) */
+#define MEMMAP    0x6100   /* its memory map (PVH) */
 #define ZERO_PAGE 0x7000   /* boot_params */
 #define CMDLINE   0x20000  /* command line */
 #define GDT_ADDR  0x500
@@ -75,14 +78,17 @@ int main(int argc, char **argv)
 {
     double t_start = now_us();
     if (argc < 3) {
-        fprintf(stderr, "usage: %s GUEST.ELF CMDLINE [--ctrl-alt-del SECONDS] [--set1 1] [--mem MIB]\n", argv[0]);
+        fprintf(stderr, "usage: %s GUEST.ELF CMDLINE [--ctrl-alt-del SECONDS] [--set1 1] [--pvh 1] [--mem MIB]\n",
+                argv[0]);
         return 2;
     }
-    int cad_after = -1, set1 = 0;
+    int cad_after = -1, set1 = 0, pvh = 0;
     uint64_t mem_size = 32ULL << 20;
     for (int i = 3; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--ctrl-alt-del"))
             cad_after = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--pvh"))
+            pvh = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--set1"))
             set1 = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--mem"))
@@ -126,8 +132,21 @@ int main(int argc, char **argv)
         fprintf(stderr, "not an x86_64 ELF64\n");
         return 2;
     }
+    uint64_t pvh_entry = 0;
     for (int i = 0; i < eh->e_phnum; i++) {
         Elf64_Phdr *ph = (Elf64_Phdr *)(img + eh->e_phoff + i * eh->e_phentsize);
+        if (ph->p_type == PT_NOTE) {
+            /* notes: {namesz, descsz, type, name (4-aligned), desc (4-aligned)} */
+            uint64_t off = ph->p_offset, end = ph->p_offset + ph->p_filesz;
+            while (off + 12 <= end) {
+                uint32_t *n = (uint32_t *)(img + off);
+                uint64_t name = off + 12, desc = name + ((n[0] + 3) & ~3u);
+                if (n[2] == 18 && n[0] == 4 && !memcmp(img + name, "Xen", 4) && n[1] >= 4)
+                    pvh_entry = *(uint32_t *)(img + desc); /* XEN_ELFNOTE_PHYS32_ENTRY */
+                off = desc + ((n[1] + 3) & ~3u);
+            }
+            continue;
+        }
         if (ph->p_type != PT_LOAD)
             continue;
         if (ph->p_paddr + ph->p_memsz > mem_size) {
@@ -149,11 +168,24 @@ int main(int argc, char **argv)
     e[2] = (struct e820){ 0x100000, mem_size - 0x100000, 1 };
     bp[0x1e8] = 3;                             /* e820_entries */
 
+    /* hvm_start_info for the PVH entry: same command line and map. */
+    uint8_t *si = mem + START_INFO;
+    *(uint32_t *)(si + 0) = 0x336ec578;        /* magic */
+    *(uint32_t *)(si + 4) = 1;                 /* version */
+    *(uint64_t *)(si + 24) = CMDLINE;          /* cmdline_paddr */
+    *(uint64_t *)(si + 40) = MEMMAP;           /* memmap_paddr */
+    *(uint32_t *)(si + 48) = 3;                /* memmap_entries */
+    struct hvm_memmap { uint64_t addr, size; uint32_t type, reserved; } *mm = (void *)(mem + MEMMAP);
+    mm[0] = (struct hvm_memmap){ 0, 0x9fc00, 1, 0 };
+    mm[1] = (struct hvm_memmap){ 0x9fc00, 0x100000 - 0x9fc00, 2, 0 };
+    mm[2] = (struct hvm_memmap){ 0x100000, mem_size - 0x100000, 1, 0 };
+
     /* GDT and 1 GiB identity map with 2 MiB pages. */
     uint64_t *gdt = (uint64_t *)(mem + GDT_ADDR);
     gdt[0] = 0;
     gdt[1] = 0x00af9b000000ffffULL; /* 0x08: 64-bit code */
     gdt[2] = 0x00cf93000000ffffULL; /* 0x10: data */
+    gdt[3] = 0x00cf9b000000ffffULL; /* 0x18: 32-bit code (PVH) */
     *(uint64_t *)(mem + PML4) = PDPT | 3;
     *(uint64_t *)(mem + PDPT) = PD | 3;
     for (uint64_t i = 0; i < 512; i++)
@@ -174,17 +206,34 @@ int main(int argc, char **argv)
     if (ioctl(vcpu, KVM_GET_SREGS, &sr) < 0)
         die("KVM_GET_SREGS");
     sr.gdt.base = GDT_ADDR;
-    sr.gdt.limit = 3 * 8 - 1;
-    seg(&sr.cs, 0x08, 11, 1);
+    sr.gdt.limit = 4 * 8 - 1;
     seg(&sr.ds, 0x10, 3, 0);
     sr.es = sr.fs = sr.gs = sr.ss = sr.ds;
-    sr.cr3 = PML4;
-    sr.cr4 = 0x20;                 /* PAE */
-    sr.cr0 = 0x80000011;           /* PG | ET | PE */
-    sr.efer = 0x500;               /* LME | LMA */
+    struct kvm_regs r = { .rsp = STACK, .rflags = 2 };
+    if (pvh) {
+        if (!pvh_entry) {
+            fprintf(stderr, "no XEN_ELFNOTE_PHYS32_ENTRY note\n");
+            return 2;
+        }
+        seg(&sr.cs, 0x18, 11, 0);  /* flat 32-bit code */
+        sr.cr3 = 0;
+        sr.cr4 = 0;
+        sr.cr0 = 0x11;             /* ET | PE: protected mode, no paging */
+        sr.efer = 0;
+        r.rip = pvh_entry;
+        r.rbx = START_INFO;
+        fprintf(stderr, "[harness] PVH entry 0x%llx\n", (unsigned long long)pvh_entry);
+    } else {
+        seg(&sr.cs, 0x08, 11, 1);  /* 64-bit code */
+        sr.cr3 = PML4;
+        sr.cr4 = 0x20;             /* PAE */
+        sr.cr0 = 0x80000011;       /* PG | ET | PE */
+        sr.efer = 0x500;           /* LME | LMA */
+        r.rip = eh->e_entry;
+        r.rsi = ZERO_PAGE;
+    }
     if (ioctl(vcpu, KVM_SET_SREGS, &sr) < 0)
         die("KVM_SET_SREGS");
-    struct kvm_regs r = { .rip = eh->e_entry, .rsi = ZERO_PAGE, .rsp = STACK, .rflags = 2 };
     if (ioctl(vcpu, KVM_SET_REGS, &r) < 0)
         die("KVM_SET_REGS");
 

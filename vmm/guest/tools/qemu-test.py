@@ -246,6 +246,8 @@ def scenario_kvm_run64(elf, out):
         ("vireo.poweroff=1", [], "VIREO-TEST-GUEST-DONE devices=0"),
         ("console=ttyS0", ["--ctrl-alt-del", "1"], "VIREO-TEST ctrl-alt-del: powering off"),
         ("vireo.kbdtrace=1", ["--ctrl-alt-del", "1", "--set1", "1"], "VIREO-TEST ctrl-alt-del: powering off"),
+        ("vireo.poweroff=1", ["--pvh", "1"], "VIREO-TEST-GUEST-DONE devices=0"),
+        ("console=ttyS0", ["--pvh", "1", "--ctrl-alt-del", "1"], "VIREO-TEST ctrl-alt-del: powering off"),
     ]:
         cmd = [exe, elf, cmdline] + extra
         print("$ " + " ".join("'%s'" % c if " " in c else c for c in cmd), flush=True)
@@ -253,8 +255,9 @@ def scenario_kvm_run64(elf, out):
         for l in (r.stdout.decode() + r.stderr.decode()).splitlines():
             if l.strip():
                 print("    | " + l)
-        check("kvm-run64 64-bit entry '%s'" % cmdline,
-              r.returncode == 0 and want in r.stdout.decode() and "entry: linux64" in r.stdout.decode())
+        kind = "pvh" if "--pvh" in extra else "linux64"
+        check("kvm-run64 %s entry '%s'%s" % (kind, cmdline, " (set 1)" if "--set1" in extra else ""),
+              r.returncode == 0 and want in r.stdout.decode() and ("entry: " + kind) in r.stdout.decode())
 
 
 def main():
