@@ -121,8 +121,8 @@ void *memset(void *d, int c, size_t n)
     void *ret = d;
     uint64_t v = (uint8_t)c * 0x0101010101010101ULL;
     size_t q = n / 8, r = n % 8;
-    __asm__ volatile("rep stosq" : "+D"(d), "+c"(q) : "a"(v) : "memory");
-    __asm__ volatile("rep stosb" : "+D"(d), "+c"(r) : "a"(v) : "memory");
+    __asm__ volatile("rep stosq" : "+D"(d), "+c"(q) : "a"(v) : "memory"); /* fill qwords */
+    __asm__ volatile("rep stosb" : "+D"(d), "+c"(r) : "a"(v) : "memory"); /* fill the tail */
     return ret;
 }
 
@@ -130,8 +130,8 @@ void *memcpy(void *d, const void *s, size_t n)
 {
     void *ret = d;
     size_t q = n / 8, r = n % 8;
-    __asm__ volatile("rep movsq" : "+D"(d), "+S"(s), "+c"(q) : : "memory");
-    __asm__ volatile("rep movsb" : "+D"(d), "+S"(s), "+c"(r) : : "memory");
+    __asm__ volatile("rep movsq" : "+D"(d), "+S"(s), "+c"(q) : : "memory"); /* copy qwords */
+    __asm__ volatile("rep movsb" : "+D"(d), "+S"(s), "+c"(r) : : "memory"); /* copy the tail */
     return ret;
 }
 

@@ -25,12 +25,12 @@
 /* ---- port I/O ---- */
 static inline void outb(uint16_t port, uint8_t v)
 {
-    __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port));
+    __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); /* write an I/O port */
 }
 static inline uint8_t inb(uint16_t port)
 {
     uint8_t v;
-    __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
+    __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); /* read an I/O port */
     return v;
 }
 
@@ -39,45 +39,45 @@ static inline uint8_t inb(uint16_t port)
 static inline uint32_t mmio_read32(uint64_t addr)
 {
     uint32_t v;
-    __asm__ volatile("movl (%1), %0" : "=r"(v) : "r"(addr) : "memory");
+    __asm__ volatile("movl (%1), %0" : "=r"(v) : "r"(addr) : "memory"); /* 32-bit MMIO load */
     return v;
 }
 static inline void mmio_write32(uint64_t addr, uint32_t v)
 {
-    __asm__ volatile("movl %0, (%1)" : : "r"(v), "r"(addr) : "memory");
+    __asm__ volatile("movl %0, (%1)" : : "r"(v), "r"(addr) : "memory"); /* 32-bit MMIO store */
 }
 static inline uint8_t mmio_read8(uint64_t addr)
 {
     uint8_t v;
-    __asm__ volatile("movb (%1), %0" : "=q"(v) : "r"(addr) : "memory");
+    __asm__ volatile("movb (%1), %0" : "=q"(v) : "r"(addr) : "memory"); /* 8-bit MMIO load */
     return v;
 }
 static inline void mmio_write8(uint64_t addr, uint8_t v)
 {
-    __asm__ volatile("movb %0, (%1)" : : "q"(v), "r"(addr) : "memory");
+    __asm__ volatile("movb %0, (%1)" : : "q"(v), "r"(addr) : "memory"); /* 8-bit MMIO store */
 }
 
 /* Compiler barrier and full fence (x86 keeps stores in order; the fence
  * orders ring updates against the device's view before a notify). */
 #define barrier() __asm__ volatile("" : : : "memory")
 static inline void mfence(void) { __asm__ volatile("mfence" : : : "memory"); }
-static inline void cpu_relax(void) { __asm__ volatile("pause"); }
+static inline void cpu_relax(void) { __asm__ volatile("pause"); } /* spin-wait hint */
 
 static inline uint64_t rdtsc(void)
 {
     uint32_t lo, hi;
-    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi)); /* time-stamp counter */
     return ((uint64_t)hi << 32) | lo;
 }
 static inline uint64_t rdmsr(uint32_t msr)
 {
     uint32_t lo, hi;
-    __asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));
+    __asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr)); /* read MSR ecx */
     return ((uint64_t)hi << 32) | lo;
 }
 static inline void wrmsr(uint32_t msr, uint64_t v)
 {
-    __asm__ volatile("wrmsr" : : "c"(msr), "a"((uint32_t)v), "d"((uint32_t)(v >> 32)));
+    __asm__ volatile("wrmsr" : : "c"(msr), "a"((uint32_t)v), "d"((uint32_t)(v >> 32))); /* write MSR ecx */
 }
 
 /* ---- libc bits gcc may call even when freestanding ---- */

@@ -255,7 +255,7 @@ void isr_handler(struct frame *f)
         kprintf("VIREO-TEST exception vector=%lu error=0x%lx rip=0x%lx cr2=0x%lx\n", v, f->error,
                 f->rip, cr2);
         for (;;)
-            __asm__ volatile("cli; hlt");
+            __asm__ volatile("cli; hlt"); /* stop here for good */
     }
     if (v == VEC_SPURIOUS)
         return; /* spurious: no EOI */
