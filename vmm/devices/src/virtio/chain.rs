@@ -1,0 +1,176 @@
+//! Walking a split-virtqueue descriptor chain defensively.
+//!
+//! `virtio_queue::Queue` hands out chain heads from the available ring; the
+//! chain itself is walked here, so every malformed shape is an error we can
+//! name (instead of a silently shortened chain): loops and over-long chains,
+//! indices past the table, indirect descriptors (not offered), buffers outside
+//! guest memory, and a readable descriptor after a writable one.
+
+use virtio_queue::desc::split::Descriptor as RawDescriptor;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory as _, Permissions};
+
+use crate::GuestMemory;
+
+const VIRTQ_DESC_F_NEXT: u16 = 1;
+const VIRTQ_DESC_F_WRITE: u16 = 2;
+const VIRTQ_DESC_F_INDIRECT: u16 = 4;
+
+/// Why a descriptor chain was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChainError {
+    #[error("descriptor index {0} is past the table of {1}")]
+    IndexOutOfRange(u16, u16),
+    #[error("chain longer than {0} descriptors (a loop?)")]
+    TooLong(usize),
+    #[error("descriptor table entry at {0:#x} is not in guest memory")]
+    TableOutOfMemory(u64),
+    #[error("buffer {addr:#x}+{len:#x} is not in guest memory")]
+    BufferOutOfMemory { addr: u64, len: u32 },
+    #[error("indirect descriptors were not negotiated")]
+    Indirect,
+    #[error("a device-readable descriptor follows a device-writable one")]
+    ReadableAfterWritable,
+    #[error("request does not fit the device's limits: {0}")]
+    Shape(&'static str),
+}
+
+/// One buffer of a chain, already checked to lie in guest memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Buf {
+    pub addr: GuestAddress,
+    pub len: u32,
+}
+
+/// A chain split into its device-readable part and device-writable part.
+#[derive(Debug, Default)]
+pub struct Chain {
+    pub head: u16,
+    pub readable: Vec<Buf>,
+    pub writable: Vec<Buf>,
+}
+
+impl Chain {
+    pub fn readable_len(&self) -> u64 {
+        self.readable.iter().map(|b| u64::from(b.len)).sum()
+    }
+    pub fn writable_len(&self) -> u64 {
+        self.writable.iter().map(|b| u64::from(b.len)).sum()
+    }
+}
+
+/// Walks the chain starting at `head` in the descriptor table at `table` of
+/// `queue_size` entries, taking at most `max_descs` descriptors.
+pub fn walk(
+    mem: &GuestMemory,
+    table: GuestAddress,
+    queue_size: u16,
+    head: u16,
+    max_descs: usize,
+) -> Result<Chain, ChainError> {
+    let mut chain = Chain {
+        head,
+        ..Chain::default()
+    };
+    let mut index = head;
+    let limit = max_descs.min(usize::from(queue_size));
+    let mut count = 0usize;
+    loop {
+        if index >= queue_size {
+            return Err(ChainError::IndexOutOfRange(index, queue_size));
+        }
+        count += 1;
+        if count > limit {
+            return Err(ChainError::TooLong(limit));
+        }
+        let at = table
+            .checked_add(u64::from(index) * 16)
+            .ok_or(ChainError::TableOutOfMemory(table.raw_value()))?;
+        let desc: RawDescriptor = mem
+            .read_obj(at)
+            .map_err(|_| ChainError::TableOutOfMemory(at.raw_value()))?;
+        let flags = desc.flags();
+        if flags & VIRTQ_DESC_F_INDIRECT != 0 {
+            return Err(ChainError::Indirect);
+        }
+        let buf = Buf {
+            addr: desc.addr(),
+            len: desc.len(),
+        };
+        let write = flags & VIRTQ_DESC_F_WRITE != 0;
+        let access = if write {
+            Permissions::Write
+        } else {
+            Permissions::Read
+        };
+        if buf.len > 0 && !mem.check_range(buf.addr, buf.len as usize, access) {
+            return Err(ChainError::BufferOutOfMemory {
+                addr: buf.addr.raw_value(),
+                len: buf.len,
+            });
+        }
+        if write {
+            chain.writable.push(buf);
+        } else if chain.writable.is_empty() {
+            chain.readable.push(buf);
+        } else {
+            return Err(ChainError::ReadableAfterWritable);
+        }
+        if flags & VIRTQ_DESC_F_NEXT == 0 {
+            return Ok(chain);
+        }
+        index = desc.next();
+    }
+}
+
+/// A window into a list of buffers, addressed as one byte stream.
+pub fn slice_bufs(bufs: &[Buf], mut start: u64, mut len: u64) -> Vec<Buf> {
+    let mut out = Vec::new();
+    for b in bufs {
+        if len == 0 {
+            break;
+        }
+        let blen = u64::from(b.len);
+        if start >= blen {
+            start -= blen;
+            continue;
+        }
+        let take = (blen - start).min(len);
+        // `take` <= b.len, so it fits in u32; the address is in guest memory
+        // (checked by `walk`) so the addition cannot overflow.
+        out.push(Buf {
+            addr: b.addr.unchecked_add(start),
+            len: take as u32,
+        });
+        len -= take;
+        start = 0;
+    }
+    out
+}
+
+/// Reads `out.len()` bytes from the start of the byte stream `bufs`; returns
+/// how many were available.
+pub fn read_bytes(mem: &GuestMemory, bufs: &[Buf], out: &mut [u8]) -> usize {
+    let mut done = 0;
+    for b in slice_bufs(bufs, 0, out.len() as u64) {
+        let n = b.len as usize;
+        if mem.read_slice(&mut out[done..done + n], b.addr).is_err() {
+            break;
+        }
+        done += n;
+    }
+    done
+}
+
+/// Writes `data` to the start of the byte stream `bufs`; returns how many
+/// bytes were written.
+pub fn write_bytes(mem: &GuestMemory, bufs: &[Buf], data: &[u8]) -> usize {
+    let mut done = 0;
+    for b in slice_bufs(bufs, 0, data.len() as u64) {
+        let n = b.len as usize;
+        if mem.write_slice(&data[done..done + n], b.addr).is_err() {
+            break;
+        }
+        done += n;
+    }
+    done
+}
