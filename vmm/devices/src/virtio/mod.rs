@@ -28,6 +28,8 @@ use crate::bus::IrqLine;
 
 pub use block::Block;
 pub use mmio::MmioTransport;
+pub use net::Net;
+pub use rng::Rng;
 
 /// Device types (virtio 1.2, 5 "Device Types").
 pub const TYPE_NET: u32 = 1;
