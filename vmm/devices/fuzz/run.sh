@@ -19,8 +19,13 @@ mkdir -p corpus/virtio_queue_devices artifacts/virtio_queue_devices
 cp -n seeds/* corpus/virtio_queue_devices/ 2>/dev/null || true
 log="$(mktemp)"
 set +e
+parallel=()
+if [ "$jobs" -gt 1 ]; then
+    # Each job logs to fuzz-N.log; libFuzzer copies it to stdout at its end.
+    parallel=(-jobs="$jobs" -workers="$jobs")
+fi
 cargo fuzz run --release virtio_queue_devices corpus/virtio_queue_devices -- \
-    -max_total_time="$secs" -print_final_stats=1 -jobs="$jobs" -workers="$jobs" \
+    -max_total_time="$secs" -print_final_stats=1 "${parallel[@]}" \
     -max_len=16384 -rss_limit_mb=2048 2>&1 | tee "$log" | grep -E '^#[0-9]+.*(pulse|DONE|NEW)' | tail -n 5
 status=${PIPESTATUS[0]}
 set -e
