@@ -321,7 +321,7 @@ fn handle_request(
         written,
     };
     let check_range = |len: u64| -> Option<u64> {
-        if len % SECTOR_SIZE != 0 {
+        if !len.is_multiple_of(SECTOR_SIZE) {
             return None;
         }
         let end = sector.checked_add(len / SECTOR_SIZE)?;
@@ -372,11 +372,9 @@ fn handle_request(
             Ok(ok(0))
         }
         VIRTIO_BLK_T_FLUSH => {
-            if !read_only {
-                if let Err(e) = file.sync_data() {
-                    tracing::warn!(error = %e, "virtio-blk: flush failed");
-                    return Ok(ioerr);
-                }
+            if !read_only && let Err(e) = file.sync_data() {
+                tracing::warn!(error = %e, "virtio-blk: flush failed");
+                return Ok(ioerr);
             }
             Ok(ok(0))
         }

@@ -214,14 +214,14 @@ impl<D: VirtioDevice> MmioTransport<D> {
             reg::QUEUE_NUM => {
                 if self.queue_writable("QueueNum") {
                     let size = u16::try_from(v).unwrap_or(0);
-                    if let Some(q) = self.selected_queue() {
-                        if q.try_set_size(size).is_err() {
-                            guest_warn!(
-                                self.log,
-                                size = v,
-                                "virtio-mmio: invalid queue size refused"
-                            );
-                        }
+                    if let Some(q) = self.selected_queue()
+                        && q.try_set_size(size).is_err()
+                    {
+                        guest_warn!(
+                            self.log,
+                            size = v,
+                            "virtio-mmio: invalid queue size refused"
+                        );
                     }
                 }
             }
@@ -403,7 +403,7 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
             self.device.read_config(offset - reg::CONFIG, data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             guest_warn!(
                 self.log,
                 offset,
@@ -431,7 +431,7 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
             );
             return;
         };
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             guest_warn!(self.log, offset, "virtio-mmio: register write not aligned");
             return;
         }

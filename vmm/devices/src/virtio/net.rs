@@ -301,7 +301,9 @@ impl Net {
                         // put in the header, the host sees a plain frame.
                         self.tx_frame[..VNET_HDR_LEN].fill(0);
                         match (&self.tap).write(&self.tx_frame) {
-                            Ok(_) => self.stats.tx_frames += 1,
+                            // A tap takes a frame whole or not at all.
+                            Ok(n) if n == self.tx_frame.len() => self.stats.tx_frames += 1,
+                            Ok(_) => self.stats.tx_dropped += 1,
                             Err(e) => {
                                 // EAGAIN (tap queue full) or a gone
                                 // interface: the frame is lost, as on a wire.
