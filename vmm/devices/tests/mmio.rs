@@ -104,7 +104,14 @@ fn mmio_queue_setup_is_validated() {
     h.w32(reg::QUEUE_DESC_LOW, (MEM_SIZE - 64) as u32);
     h.w32(reg::QUEUE_READY, 1);
     assert_eq!(h.r32(reg::QUEUE_READY), 0);
-    // Misaligned descriptor table: ignored, keeps the previous value.
+    // Misaligned descriptor table and used ring.
+    h.w32(reg::QUEUE_DESC_LOW, q.desc as u32 + 8);
+    h.w32(reg::QUEUE_READY, 1);
+    assert_eq!(h.r32(reg::QUEUE_READY), 0);
+    h.w32(reg::QUEUE_DESC_LOW, q.desc as u32);
+    h.w32(reg::QUEUE_DEVICE_LOW, q.used as u32 + 2);
+    h.w32(reg::QUEUE_READY, 1);
+    assert_eq!(h.r32(reg::QUEUE_READY), 0);
     h.setup_queue(&q);
     assert_eq!(h.r32(reg::QUEUE_READY), 1);
     // Once ready, the queue's registers are frozen.
@@ -180,4 +187,15 @@ fn mmio_reset_returns_to_power_on() {
     q.add_chain(&h.mem, &[(DATA_BASE, 8, true)]);
     h.notify(0);
     assert_eq!(q.pop_used(&h.mem).map(|e| e.1), Some(8));
+}
+
+#[test]
+fn mmio_head_index_past_the_queue_is_skipped() {
+    let mut h = Harness::new(Rng::new());
+    let mut q = h.bring_up(1, 8).remove(0);
+    q.make_available(&h.mem, 200);
+    let head = q.add_chain(&h.mem, &[(DATA_BASE, 8, true)]);
+    h.notify(0);
+    assert_eq!(q.pop_used(&h.mem), Some((u32::from(head), 8)));
+    assert_eq!(q.pop_used(&h.mem), None);
 }

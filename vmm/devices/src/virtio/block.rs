@@ -8,13 +8,12 @@ use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::Address as _;
 use vm_memory::bitmap::BitmapSlice;
-use vm_memory::{
-    Bytes, GuestAddress, ReadVolatile, VolatileMemoryError, VolatileSlice, WriteVolatile,
-};
+use vm_memory::{Bytes, ReadVolatile, VolatileMemoryError, VolatileSlice, WriteVolatile};
 
-use super::chain::{self, Buf, Chain, ChainError};
+use super::chain::{self, Chain, ChainError};
 use super::{
     Error, Interrupt, LogLimiter, TYPE_BLOCK, VIRTIO_F_VERSION_1, VirtioDevice, guest_warn,
 };
@@ -215,73 +214,66 @@ impl Block {
     }
 
     fn process_queue(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(a) = self.active.as_mut() else {
             return;
         };
         let mut used_any = false;
-        loop {
-            let head = match active.queue.iter(&active.mem) {
-                Ok(mut it) => it.next().map(|c| c.head_index()),
-                Err(e) => {
-                    guest_warn!(self.log, error = %e, "virtio-blk: available ring unusable");
-                    None
-                }
-            };
-            let Some(head) = head else { break };
-            let walked = chain::walk(
-                &active.mem,
-                GuestAddress(active.queue.desc_table()),
-                active.queue.size(),
-                head,
-                SEG_MAX as usize + 2,
-            );
-            let used_len = match walked {
-                Ok(c) => match handle_request(
+        while let Some((head, walked)) = chain::pop(
+            &mut a.queue,
+            &a.mem,
+            SEG_MAX as usize + 2,
+            &mut self.log,
+            "virtio-blk",
+        ) {
+            let used_len = match walked.and_then(|c| {
+                handle_request(
                     &self.file,
                     self.read_only,
                     self.capacity,
                     &self.id,
-                    &active.mem,
+                    &a.mem,
                     &c,
-                ) {
-                    Ok(o) => {
-                        let status_buf = c.writable.last().map(|b| Buf {
-                            addr: b.addr.unchecked_add(u64::from(b.len) - 1),
-                            len: 1,
-                        });
-                        match status_buf {
-                            Some(sb) if active.mem.write_obj(o.status, sb.addr).is_ok() => {
-                                o.written + 1
-                            }
-                            _ => 0,
+                )
+                .map(|o| (c, o))
+            }) {
+                Ok((c, o)) => {
+                    // The status byte is the last byte of the chain, written
+                    // after the data.
+                    let status_at = c
+                        .writable
+                        .last()
+                        .map(|b| b.addr.unchecked_add(u64::from(b.len) - 1));
+                    match status_at {
+                        Some(at) if a.mem.write_obj(o.status, at).is_ok() => {
+                            o.written.saturating_add(1)
                         }
+                        _ => 0,
                     }
-                    Err(e) => {
-                        guest_warn!(self.log, error = %e, head, "virtio-blk: malformed request refused");
-                        0
-                    }
-                },
+                }
                 Err(e) => {
-                    guest_warn!(self.log, error = %e, head, "virtio-blk: malformed descriptor chain refused");
+                    if let ChainError::Shape(_) = e {
+                        guest_warn!(self.log, error = %e, head, "virtio-blk: malformed request refused");
+                    }
                     0
                 }
             };
-            if let Err(e) = active.queue.add_used(&active.mem, head, used_len) {
-                guest_warn!(self.log, error = %e, "virtio-blk: used ring write failed");
+            if !chain::put_used(
+                &mut a.queue,
+                &a.mem,
+                head,
+                used_len,
+                &mut self.log,
+                "virtio-blk",
+            ) {
                 break;
             }
             used_any = true;
         }
         if used_any {
-            match active.queue.needs_notification(&active.mem) {
-                Ok(false) => {}
-                _ => active.interrupt.signal_used_queue(),
-            }
+            chain::notify_used(&mut a.queue, &a.mem, &a.interrupt);
         }
     }
 }
-
-use vm_memory::Address as _;
 
 /// Serves one well-formed chain. `Err` means the chain cannot carry a status
 /// byte (or a header) at all; the caller then returns it with length 0.

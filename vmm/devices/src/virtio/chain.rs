@@ -9,6 +9,9 @@
 use virtio_queue::desc::split::Descriptor as RawDescriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory as _, Permissions};
 
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+
+use super::{Interrupt, LogLimiter, guest_warn};
 use crate::GuestMemory;
 
 const VIRTQ_DESC_F_NEXT: u16 = 1;
@@ -173,4 +176,82 @@ pub fn write_bytes(mem: &GuestMemory, bufs: &[Buf], data: &[u8]) -> usize {
         done += n;
     }
     done
+}
+
+/// Takes the next chain the driver made available on `queue` and walks it.
+/// `None`: nothing (more) to do, or the available ring is unusable (logged).
+pub(crate) fn pop(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    max_descs: usize,
+    log: &mut LogLimiter,
+    device: &'static str,
+) -> Option<(u16, Result<Chain, ChainError>)> {
+    let head = match queue.iter(mem) {
+        Ok(mut it) => it.next().map(|c| c.head_index())?,
+        Err(e) => {
+            guest_warn!(log, device, error = %e, "virtio: available ring unusable");
+            return None;
+        }
+    };
+    let chain = walk(
+        mem,
+        GuestAddress(queue.desc_table()),
+        queue.size(),
+        head,
+        max_descs,
+    );
+    if let Err(e) = &chain {
+        guest_warn!(log, device, head, error = %e, "virtio: malformed descriptor chain refused");
+    }
+    Some((head, chain))
+}
+
+/// Puts `head` in the used ring with `len` bytes written. A head past the
+/// queue cannot be returned and is skipped. `false`: the used ring cannot be
+/// written (stop processing the queue).
+pub(crate) fn put_used(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    head: u16,
+    len: u32,
+    log: &mut LogLimiter,
+    device: &'static str,
+) -> bool {
+    if head >= queue.size() {
+        return true;
+    }
+    match queue.add_used(mem, head, len) {
+        Ok(()) => true,
+        Err(e) => {
+            guest_warn!(log, device, error = %e, "virtio: used ring write failed");
+            false
+        }
+    }
+}
+
+/// Raises the used-buffer interrupt unless the driver suppressed it.
+pub(crate) fn notify_used(queue: &mut Queue, mem: &GuestMemory, interrupt: &Interrupt) {
+    if !matches!(queue.needs_notification(mem), Ok(false)) {
+        interrupt.signal_used_queue();
+    }
+}
+
+/// Checks that a queue's rings lie in guest memory with the access the
+/// device needs, for its current size.
+pub(crate) fn rings_in_memory(queue: &Queue, mem: &GuestMemory) -> bool {
+    let size = usize::from(queue.size());
+    mem.check_range(
+        GuestAddress(queue.desc_table()),
+        16 * size,
+        Permissions::Read,
+    ) && mem.check_range(
+        GuestAddress(queue.avail_ring()),
+        6 + 2 * size,
+        Permissions::Read,
+    ) && mem.check_range(
+        GuestAddress(queue.used_ring()),
+        6 + 8 * size,
+        Permissions::Write,
+    )
 }

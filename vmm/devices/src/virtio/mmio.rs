@@ -4,10 +4,11 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestAddress;
 
 use super::{
     Error, Interrupt, LogLimiter, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER_OK, STATUS_FAILED,
-    STATUS_FEATURES_OK, VIRTIO_F_VERSION_1, VirtioDevice, guest_warn,
+    STATUS_FEATURES_OK, VIRTIO_F_VERSION_1, VirtioDevice, chain, guest_warn,
 };
 use crate::GuestMemory;
 use crate::bus::{BusDevice, IrqLine};
@@ -60,6 +61,9 @@ pub struct MmioTransport<D: VirtioDevice> {
     mem: GuestMemory,
     interrupt: Interrupt,
     queues: Vec<Queue>,
+    /// Descriptor table, driver (avail) and device (used) ring addresses of
+    /// each queue, as the driver wrote them.
+    ring_addrs: Vec<[u64; 3]>,
     queue_sel: u32,
     device_features_sel: u32,
     driver_features_sel: u32,
@@ -83,6 +87,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             device,
             mem,
             interrupt: Interrupt::new(irq),
+            ring_addrs: vec![[0; 3]; queues.len()],
             queues,
             queue_sel: 0,
             device_features_sel: 0,
@@ -234,42 +239,52 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 if !self.queue_writable("queue address") {
                     return;
                 }
-                let Some(q) = self.selected_queue() else {
+                let Some(addrs) = self.ring_addrs.get_mut(self.queue_sel as usize) else {
                     return;
                 };
-                // The setters log (and ignore) misaligned addresses; the
-                // ranges are checked against guest memory on QueueReady.
-                match offset {
-                    reg::QUEUE_DESC_LOW => q.set_desc_table_address(Some(v), None),
-                    reg::QUEUE_DESC_HIGH => q.set_desc_table_address(None, Some(v)),
-                    reg::QUEUE_DRIVER_LOW => q.set_avail_ring_address(Some(v), None),
-                    reg::QUEUE_DRIVER_HIGH => q.set_avail_ring_address(None, Some(v)),
-                    reg::QUEUE_DEVICE_LOW => q.set_used_ring_address(Some(v), None),
-                    _ => q.set_used_ring_address(None, Some(v)),
-                }
+                // Kept as written; alignment and ranges are checked on
+                // QueueReady.
+                let (which, high) = match offset {
+                    reg::QUEUE_DESC_LOW => (0, false),
+                    reg::QUEUE_DESC_HIGH => (0, true),
+                    reg::QUEUE_DRIVER_LOW => (1, false),
+                    reg::QUEUE_DRIVER_HIGH => (1, true),
+                    reg::QUEUE_DEVICE_LOW => (2, false),
+                    _ => (2, true),
+                };
+                let a = &mut addrs[which];
+                *a = if high {
+                    (*a & 0xffff_ffff) | (u64::from(v) << 32)
+                } else {
+                    (*a & !0xffff_ffff) | u64::from(v)
+                };
             }
             reg::QUEUE_READY => {
                 if v == 1 {
                     if !self.queue_writable("QueueReady") {
                         return;
                     }
-                    let mem = &self.mem;
-                    let Some(q) = self.queues.get_mut(self.queue_sel as usize) else {
+                    let sel = self.queue_sel as usize;
+                    let (Some(q), Some(&[desc, avail, used])) =
+                        (self.queues.get_mut(sel), self.ring_addrs.get(sel))
+                    else {
                         return;
                     };
-                    q.set_ready(true);
-                    if !q.is_valid(mem) {
-                        q.set_ready(false);
-                        let (desc, avail, used, size) =
-                            (q.desc_table(), q.avail_ring(), q.used_ring(), q.size());
+                    let aligned = q.try_set_desc_table_address(GuestAddress(desc)).is_ok()
+                        && q.try_set_avail_ring_address(GuestAddress(avail)).is_ok()
+                        && q.try_set_used_ring_address(GuestAddress(used)).is_ok();
+                    if aligned && chain::rings_in_memory(q, &self.mem) {
+                        q.set_ready(true);
+                    } else {
+                        let size = q.size();
                         guest_warn!(
                             self.log,
-                            queue = self.queue_sel,
+                            queue = sel,
                             desc,
                             avail,
                             used,
                             size,
-                            "virtio-mmio: queue not enabled: its rings are not in guest memory"
+                            "virtio-mmio: queue not enabled: rings misaligned or not in guest memory"
                         );
                     }
                 } else if v == 0 && self.status & STATUS_DRIVER_OK == 0 {
@@ -387,6 +402,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         for q in &mut self.queues {
             q.reset();
         }
+        self.ring_addrs.fill([0; 3]);
         self.queue_sel = 0;
         self.device_features_sel = 0;
         self.driver_features_sel = 0;

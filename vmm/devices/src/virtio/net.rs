@@ -17,8 +17,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestAddress;
+use virtio_queue::{Queue, QueueT};
 
 use super::chain::{self, Chain};
 use super::tap::VNET_HDR_LEN;
@@ -167,24 +166,16 @@ impl Net {
         if !a.rx.ready() {
             return Delivery::NoBuffer;
         }
-        let head = match a.rx.iter(&a.mem) {
-            Ok(mut it) => it.next().map(|c| c.head_index()),
-            Err(e) => {
-                guest_warn!(self.log, error = %e, "virtio-net: RX available ring unusable");
-                None
-            }
-        };
-        let Some(head) = head else {
+        let Some((head, walked)) = chain::pop(
+            &mut a.rx,
+            &a.mem,
+            usize::from(QUEUE_SIZE),
+            &mut self.log,
+            "virtio-net rx",
+        ) else {
             return Delivery::NoBuffer;
         };
         let frame = &self.rx_frame[..self.rx_len];
-        let walked = chain::walk(
-            &a.mem,
-            GuestAddress(a.rx.desc_table()),
-            a.rx.size(),
-            head,
-            usize::from(QUEUE_SIZE),
-        );
         let (result, used_len) = match walked {
             Ok(c) if !c.readable.is_empty() => {
                 guest_warn!(
@@ -216,16 +207,20 @@ impl Net {
                     (Delivery::ChainRefused, 0)
                 }
             }
-            Err(e) => {
-                guest_warn!(self.log, error = %e, head, "virtio-net: malformed RX chain refused");
-                (Delivery::ChainRefused, 0)
-            }
+            // Logged by `chain::pop`.
+            Err(_) => (Delivery::ChainRefused, 0),
         };
         if matches!(result, Delivery::ChainRefused) {
             self.stats.malformed += 1;
         }
-        if let Err(e) = a.rx.add_used(&a.mem, head, used_len) {
-            guest_warn!(self.log, error = %e, "virtio-net: RX used ring write failed");
+        if !chain::put_used(
+            &mut a.rx,
+            &a.mem,
+            head,
+            used_len,
+            &mut self.log,
+            "virtio-net rx",
+        ) {
             return Delivery::NoBuffer;
         }
         result
@@ -272,22 +267,13 @@ impl Net {
             return;
         }
         let mut used_any = false;
-        loop {
-            let head = match a.tx.iter(&a.mem) {
-                Ok(mut it) => it.next().map(|c| c.head_index()),
-                Err(e) => {
-                    guest_warn!(self.log, error = %e, "virtio-net: TX available ring unusable");
-                    None
-                }
-            };
-            let Some(head) = head else { break };
-            let walked = chain::walk(
-                &a.mem,
-                GuestAddress(a.tx.desc_table()),
-                a.tx.size(),
-                head,
-                usize::from(QUEUE_SIZE),
-            );
+        while let Some((head, walked)) = chain::pop(
+            &mut a.tx,
+            &a.mem,
+            usize::from(QUEUE_SIZE),
+            &mut self.log,
+            "virtio-net tx",
+        ) {
             match walked
                 .map_err(|e| e.to_string())
                 .and_then(|c| tx_shape(&c).map(|()| c))
@@ -320,8 +306,7 @@ impl Net {
                     self.stats.malformed += 1;
                 }
             }
-            if let Err(e) = a.tx.add_used(&a.mem, head, 0) {
-                guest_warn!(self.log, error = %e, "virtio-net: TX used ring write failed");
+            if !chain::put_used(&mut a.tx, &a.mem, head, 0, &mut self.log, "virtio-net tx") {
                 break;
             }
             used_any = true;
@@ -340,9 +325,7 @@ impl Net {
         } else {
             &mut a.tx
         };
-        if !matches!(q.needs_notification(&a.mem), Ok(false)) {
-            a.interrupt.signal_used_queue();
-        }
+        chain::notify_used(q, &a.mem, &a.interrupt);
     }
 }
 

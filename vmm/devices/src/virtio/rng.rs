@@ -2,8 +2,7 @@
 //! kernel's CSPRNG with getrandom(2), so there is nothing to open before the
 //! seccomp filter (the filter must allow `getrandom`).
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress};
+use virtio_queue::{Queue, QueueT};
 
 use super::chain;
 use super::{Error, Interrupt, LogLimiter, TYPE_RNG, VIRTIO_F_VERSION_1, VirtioDevice, guest_warn};
@@ -62,26 +61,17 @@ impl Rng {
     }
 
     fn process_queue(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(a) = self.active.as_mut() else {
             return;
         };
         let mut used_any = false;
-        loop {
-            let head = match active.queue.iter(&active.mem) {
-                Ok(mut it) => it.next().map(|c| c.head_index()),
-                Err(e) => {
-                    guest_warn!(self.log, error = %e, "virtio-rng: available ring unusable");
-                    None
-                }
-            };
-            let Some(head) = head else { break };
-            let walked = chain::walk(
-                &active.mem,
-                GuestAddress(active.queue.desc_table()),
-                active.queue.size(),
-                head,
-                usize::from(QUEUE_SIZE),
-            );
+        while let Some((head, walked)) = chain::pop(
+            &mut a.queue,
+            &a.mem,
+            usize::from(QUEUE_SIZE),
+            &mut self.log,
+            "virtio-rng",
+        ) {
             let len = match walked {
                 Ok(c) if c.readable.is_empty() => {
                     let want = usize::try_from(c.writable_len())
@@ -89,21 +79,7 @@ impl Rng {
                         .min(MAX_REQUEST);
                     self.buf.resize(want, 0);
                     match getrandom(&mut self.buf) {
-                        Ok(()) => {
-                            let mut written = 0;
-                            for b in chain::slice_bufs(&c.writable, 0, want as u64) {
-                                let n = b.len as usize;
-                                if active
-                                    .mem
-                                    .write_slice(&self.buf[written..written + n], b.addr)
-                                    .is_err()
-                                {
-                                    break;
-                                }
-                                written += n;
-                            }
-                            written as u32
-                        }
+                        Ok(()) => chain::write_bytes(&a.mem, &c.writable, &self.buf) as u32,
                         Err(e) => {
                             tracing::warn!(error = %e, "virtio-rng: getrandom failed");
                             0
@@ -118,19 +94,15 @@ impl Rng {
                     );
                     0
                 }
-                Err(e) => {
-                    guest_warn!(self.log, error = %e, head, "virtio-rng: malformed descriptor chain refused");
-                    0
-                }
+                Err(_) => 0,
             };
-            if let Err(e) = active.queue.add_used(&active.mem, head, len) {
-                guest_warn!(self.log, error = %e, "virtio-rng: used ring write failed");
+            if !chain::put_used(&mut a.queue, &a.mem, head, len, &mut self.log, "virtio-rng") {
                 break;
             }
             used_any = true;
         }
-        if used_any && !matches!(active.queue.needs_notification(&active.mem), Ok(false)) {
-            active.interrupt.signal_used_queue();
+        if used_any {
+            chain::notify_used(&mut a.queue, &a.mem, &a.interrupt);
         }
     }
 }
