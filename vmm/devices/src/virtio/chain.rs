@@ -255,3 +255,156 @@ pub(crate) fn rings_in_memory(queue: &Queue, mem: &GuestMemory) -> bool {
         Permissions::Write,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mem() -> GuestMemory {
+        GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000), (GuestAddress(0x10000), 0x10000)])
+            .expect("memory")
+    }
+
+    fn desc(m: &GuestMemory, table: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let at = GuestAddress(table + u64::from(i) * 16);
+        m.write_obj(RawDescriptor::new(addr, len, flags, next), at)
+            .expect("write descriptor");
+    }
+
+    #[test]
+    fn walk_splits_readable_and_writable() {
+        let m = mem();
+        desc(&m, 0, 0, 0x1000, 16, VIRTQ_DESC_F_NEXT, 3);
+        desc(
+            &m,
+            0,
+            3,
+            0xff00,
+            0x200,
+            VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE,
+            1,
+        );
+        desc(&m, 0, 1, 0x2000, 1, VIRTQ_DESC_F_WRITE, 0);
+        let c = walk(&m, GuestAddress(0), 4, 0, 4).expect("chain");
+        assert_eq!(c.readable.len(), 1);
+        assert_eq!(c.writable.len(), 2);
+        assert_eq!(c.readable_len(), 16);
+        assert_eq!(c.writable_len(), 0x201);
+    }
+
+    #[test]
+    fn walk_refuses_malformed_chains() {
+        let m = mem();
+        // A loop.
+        desc(&m, 0, 0, 0x1000, 16, VIRTQ_DESC_F_NEXT, 1);
+        desc(&m, 0, 1, 0x1000, 16, VIRTQ_DESC_F_NEXT, 0);
+        assert!(matches!(
+            walk(&m, GuestAddress(0), 4, 0, 64),
+            Err(ChainError::TooLong(4))
+        ));
+        // Longer than the device allows.
+        assert!(matches!(
+            walk(&m, GuestAddress(0), 4, 0, 1),
+            Err(ChainError::TooLong(1))
+        ));
+        // Next past the table, head past the table.
+        desc(&m, 0, 1, 0x1000, 16, VIRTQ_DESC_F_NEXT, 9);
+        assert!(matches!(
+            walk(&m, GuestAddress(0), 4, 0, 64),
+            Err(ChainError::IndexOutOfRange(9, 4))
+        ));
+        assert!(matches!(
+            walk(&m, GuestAddress(0), 4, 4, 64),
+            Err(ChainError::IndexOutOfRange(4, 4))
+        ));
+        // Indirect.
+        desc(&m, 0, 0, 0x1000, 32, VIRTQ_DESC_F_INDIRECT, 0);
+        assert!(matches!(
+            walk(&m, GuestAddress(0), 4, 0, 64),
+            Err(ChainError::Indirect)
+        ));
+        // Buffer outside memory, or wrapping the address space.
+        desc(&m, 0, 0, 0x1_fff0, 32, 0, 0);
+        assert!(matches!(
+            walk(&m, GuestAddress(0), 4, 0, 64),
+            Err(ChainError::BufferOutOfMemory { .. })
+        ));
+        desc(&m, 0, 0, u64::MAX - 4, 32, VIRTQ_DESC_F_WRITE, 0);
+        assert!(matches!(
+            walk(&m, GuestAddress(0), 4, 0, 64),
+            Err(ChainError::BufferOutOfMemory { .. })
+        ));
+        // Readable after writable.
+        desc(
+            &m,
+            0,
+            0,
+            0x1000,
+            16,
+            VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT,
+            1,
+        );
+        desc(&m, 0, 1, 0x1000, 16, 0, 0);
+        assert!(matches!(
+            walk(&m, GuestAddress(0), 4, 0, 64),
+            Err(ChainError::ReadableAfterWritable)
+        ));
+        // Descriptor table itself outside memory.
+        assert!(matches!(
+            walk(&m, GuestAddress(0x1_fff0), 4, 1, 64),
+            Err(ChainError::TableOutOfMemory(_))
+        ));
+        assert!(matches!(
+            walk(&m, GuestAddress(u64::MAX - 8), 4, 1, 64),
+            Err(ChainError::TableOutOfMemory(_))
+        ));
+    }
+
+    #[test]
+    fn byte_streams_span_buffers_and_regions() {
+        let m = mem();
+        let bufs = [
+            Buf {
+                addr: GuestAddress(0xfffe),
+                len: 4,
+            },
+            Buf {
+                addr: GuestAddress(0x3000),
+                len: 0,
+            },
+            Buf {
+                addr: GuestAddress(0x4000),
+                len: 4,
+            },
+        ];
+        assert_eq!(write_bytes(&m, &bufs, &[1, 2, 3, 4, 5, 6, 7, 8, 9]), 8);
+        let mut out = [0u8; 8];
+        assert_eq!(read_bytes(&m, &bufs, &mut out), 8);
+        assert_eq!(out, [1, 2, 3, 4, 5, 6, 7, 8]);
+        let s = slice_bufs(&bufs, 3, 3);
+        assert_eq!(
+            s,
+            vec![
+                Buf {
+                    addr: GuestAddress(0x10001),
+                    len: 1
+                },
+                Buf {
+                    addr: GuestAddress(0x4000),
+                    len: 2
+                }
+            ]
+        );
+        assert!(slice_bufs(&bufs, 100, 3).is_empty());
+    }
+
+    #[test]
+    fn config_reads_pad_with_zeros() {
+        let cfg = [1u8, 2, 3];
+        let mut d = [0xffu8; 4];
+        super::super::read_config_bytes(&cfg, 1, &mut d);
+        assert_eq!(d, [2, 3, 0, 0]);
+        super::super::read_config_bytes(&cfg, u64::MAX, &mut d);
+        assert_eq!(d, [0; 4]);
+    }
+}
