@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the virtio fuzz target for SECONDS (default 60) on the stable
 # toolchain (RUSTC_BOOTSTRAP=1 lets cargo-fuzz pass its -Z sanitizer flags),
+# optimised with debug assertions and overflow checks, ASan on,
 # then prints libFuzzer's final statistics: executions, exec/s, coverage
 # (cov = edges, ft = features) and the corpus size. Crashes land in
 # artifacts/virtio_queue_devices/.
@@ -24,7 +25,7 @@ if [ "$jobs" -gt 1 ]; then
     # Each job logs to fuzz-N.log; libFuzzer copies it to stdout at its end.
     parallel=(-jobs="$jobs" -workers="$jobs")
 fi
-cargo fuzz run --release virtio_queue_devices corpus/virtio_queue_devices -- \
+cargo fuzz run --debug-assertions virtio_queue_devices corpus/virtio_queue_devices -- \
     -max_total_time="$secs" -print_final_stats=1 "${parallel[@]}" \
     -max_len=16384 -rss_limit_mb=2048 2>&1 | tee "$log" | grep -E '^#[0-9]+.*(pulse|DONE|NEW)' | tail -n 5
 status=${PIPESTATUS[0]}

@@ -242,7 +242,7 @@ impl Block {
                     let status_at = c
                         .writable
                         .last()
-                        .map(|b| b.addr.unchecked_add(u64::from(b.len) - 1));
+                        .and_then(|b| b.addr.checked_add(u64::from(b.len).checked_sub(1)?));
                     match status_at {
                         Some(at) if a.mem.write_obj(o.status, at).is_ok() => {
                             o.written.saturating_add(1)

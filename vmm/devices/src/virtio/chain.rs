@@ -138,10 +138,12 @@ pub fn slice_bufs(bufs: &[Buf], mut start: u64, mut len: u64) -> Vec<Buf> {
             continue;
         }
         let take = (blen - start).min(len);
-        // `take` <= b.len, so it fits in u32; the address is in guest memory
-        // (checked by `walk`) so the addition cannot overflow.
+        // `take` <= b.len, so it fits in u32.
+        let Some(addr) = b.addr.checked_add(start) else {
+            break;
+        };
         out.push(Buf {
-            addr: b.addr.unchecked_add(start),
+            addr,
             len: take as u32,
         });
         len -= take;
