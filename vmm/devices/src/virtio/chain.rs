@@ -233,8 +233,18 @@ pub(crate) fn put_used(
 }
 
 /// Raises the used-buffer interrupt unless the driver suppressed it.
+///
+/// `VIRTIO_F_EVENT_IDX` is not offered, so the driver's only say is
+/// `VRING_AVAIL_F_NO_INTERRUPT` in the avail ring's flags (which
+/// virtio-queue does not look at).
 pub(crate) fn notify_used(queue: &mut Queue, mem: &GuestMemory, interrupt: &Interrupt) {
-    if !matches!(queue.needs_notification(mem), Ok(false)) {
+    const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    let flags = mem
+        .read_obj::<u16>(GuestAddress(queue.avail_ring()))
+        .map(u16::from_le)
+        .unwrap_or(0);
+    if flags & VRING_AVAIL_F_NO_INTERRUPT == 0 {
         interrupt.signal_used_queue();
     }
 }

@@ -159,6 +159,46 @@ pub trait VirtioDevice: Send {
     fn handle_event(&mut self, _fd: RawFd) {}
 }
 
+/// So the VMM may use `MmioTransport<Box<dyn VirtioDevice>>` for all slots.
+impl<D: VirtioDevice + ?Sized> VirtioDevice for Box<D> {
+    fn device_type(&self) -> u32 {
+        (**self).device_type()
+    }
+    fn features(&self) -> u64 {
+        (**self).features()
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        (**self).queue_max_sizes()
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        (**self).read_config(offset, data)
+    }
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        (**self).write_config(offset, data)
+    }
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        acked_features: u64,
+        queues: Vec<Queue>,
+        interrupt: Interrupt,
+    ) -> Result<(), Error> {
+        (**self).activate(mem, acked_features, queues, interrupt)
+    }
+    fn queue_notify(&mut self, queue: usize) {
+        (**self).queue_notify(queue)
+    }
+    fn reset(&mut self) {
+        (**self).reset()
+    }
+    fn event_fds(&self) -> Vec<RawFd> {
+        (**self).event_fds()
+    }
+    fn handle_event(&mut self, fd: RawFd) {
+        (**self).handle_event(fd)
+    }
+}
+
 /// Copies `config[offset..]` into `data`, zero past the end.
 pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     data.fill(0);
