@@ -5,7 +5,8 @@
 //! | `test:///default`         | test driver with libvirt's default node      |
 //! | `test:///path/node.yaml`  | test driver loaded from a node file          |
 //! | `test:///path/dir/`       | a persistent test node saved in a directory  |
-//! | `kvm:///system`           | vireo-vmm (kvm-driver issue)                 |
+//! | `kvm:///system`           | vireo-vmm, state under /var/lib/vireo/kvm    |
+//! | `kvm:///embed?root=/DIR`  | vireo-vmm, state under DIR                   |
 //! | `qemu:///system`          | QEMU, state under /var/lib/vireo/qemu        |
 //! | `qemu:///embed?root=/DIR` | QEMU, state under DIR                        |
 //! | `vireo+unix:///path`      | a standalone agent's socket (standalone issue)|
@@ -97,7 +98,8 @@ pub fn open(uri: &str) -> Result<Connection> {
             Ok(Connection::new(uri, driver.clone(), driver.clone(), driver))
         }
         "qemu" => crate::qemu::open(uri, &path).map_err(|e| fail(&e)),
-        "kvm" | "vireo+unix" => Err(fail(&format!(
+        "kvm" => crate::kvm::open(uri, &path).map_err(|e| fail(&e)),
+        "vireo+unix" => Err(fail(&format!(
             "the {scheme} driver is not part of this build yet"
         ))),
         other => Err(fail(&format!(

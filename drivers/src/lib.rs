@@ -16,6 +16,7 @@ pub mod connect;
 pub mod error;
 pub mod host;
 pub mod hypervisor;
+pub mod kvm;
 pub mod lookup;
 pub mod network;
 pub mod qemu;

@@ -369,6 +369,31 @@ impl<B: Backend> Inner<B> {
             if reason == DomainReason::Crashed {
                 tracing::warn!(domain = %rec.name, pid = run.pid, "the VM process is gone without a word: crashed");
             }
+            // A VMM that ends with its guest (vireo-vmm) is started again
+            // for a restart lifecycle action, keeping the activation's ID.
+            let action = if run.fake_reboot {
+                run.live.spec.lifecycle.on_reboot
+            } else {
+                run.live.spec.lifecycle.on_poweroff
+            };
+            if reason == DomainReason::Shutdown && action == LifecycleAction::Restart {
+                let disks = self.resolve_disks(&rec.name, &run.live)?;
+                for p in [&paths.exit_file, &paths.api, &paths.console_socket] {
+                    let _ = std::fs::remove_file(p);
+                }
+                let pid = self
+                    .backend
+                    .launch(&run.live, &paths, &disks)
+                    .map_err(|e| io_failed(&rec.name, "starting the VM process again", e))?;
+                if let Some(r) = rec.run.as_mut() {
+                    r.pid = pid;
+                    r.fake_reboot = false;
+                    r.shutdown_since = None;
+                    r.reason = DomainReason::Booted;
+                }
+                tracing::info!(domain = %rec.name, pid, "guest stopped; lifecycle restart: started again");
+                return self.save(l, rec);
+            }
             return self.end(l, rec, reason);
         }
         let live = match self.backend.query(&paths) {

@@ -1,0 +1,365 @@
+//! The `kvm` driver: one `vireo-vmm` process per running Domain (our
+//! micro-VMM on /dev/kvm, see docs/vmm.md), controlled over its per-VM API
+//! socket (JSON lines).
+//!
+//! * `kvm:///system` keeps its state under `/var/lib/vireo/kvm`;
+//!   `kvm:///embed?root=/DIR` under DIR, like the qemu driver.
+//! * vireo-vmm runs in its own session, so it outlives the driver and the
+//!   agent; a driver opened again on the same root re-adopts it
+//!   ([`crate::vm`] keeps the records).
+//! * vireo-vmm exits when the guest powers off (or reboots with
+//!   `lifecycle.onReboot: destroy`) and says why in its exit file; the
+//!   driver maps that to shutoff (shutdown), or starts it again for a
+//!   `restart` lifecycle action. A VMM gone without an exit file crashed.
+//! * Graceful shutdown is Ctrl-Alt-Del through the i8042; the driver
+//!   destroys the guest when it does not comply in time.
+//! * Disks are raw files (virtio-blk); qcow2 needs the qemu driver.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use vireo_crds::quantity::parse_quantity;
+use vireo_crds::{Domain, DomainReason, DomainType, LifecycleAction, VolFormat};
+
+use crate::qemu::command::{derived_mac, tap_name};
+use crate::vm::{self, Backend, Control, ControlError, DiskFile, Live, LiveState, RunPaths};
+
+/// Where `kvm:///system` keeps its state.
+pub const SYSTEM_ROOT: &str = "/var/lib/vireo/kvm";
+
+/// The vireo-vmm backend of [`vm::VmDriver`].
+pub struct Vmm {
+    binary: PathBuf,
+}
+
+/// The kvm hypervisor driver.
+pub type KvmDriver = vm::VmDriver<Vmm>;
+
+const API_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Finds `vireo-vmm`: `$VIREO_VMM`, next to the running program (a build
+/// directory or an install prefix), or on PATH.
+pub fn find_vmm() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("VIREO_VMM") {
+        return Some(PathBuf::from(p));
+    }
+    let beside = std::env::current_exe().ok().and_then(|exe| {
+        let dir = exe.parent()?;
+        // Test binaries live in target/<profile>/deps.
+        [dir.join("vireo-vmm"), dir.join("../vireo-vmm")]
+            .into_iter()
+            .find(|p| p.is_file())
+    });
+    beside.or_else(|| {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join("vireo-vmm"))
+                .find(|p| p.is_file())
+        })
+    })
+}
+
+impl Vmm {
+    pub fn new() -> Result<Self, String> {
+        let binary = find_vmm()
+            .ok_or("vireo-vmm not found (set VIREO_VMM, or install it beside vireo-agent)")?;
+        if std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_err()
+        {
+            return Err("/dev/kvm cannot be opened".into());
+        }
+        Ok(Self { binary })
+    }
+
+    /// One request on the API socket, and its answer.
+    fn call(&self, paths: &RunPaths, request: Value) -> Result<Value, String> {
+        let shown = paths.api.display();
+        let stream = UnixStream::connect(&paths.api).map_err(|e| format!("{shown}: {e}"))?;
+        stream
+            .set_read_timeout(Some(API_TIMEOUT))
+            .and_then(|_| stream.set_write_timeout(Some(API_TIMEOUT)))
+            .map_err(|e| format!("{shown}: {e}"))?;
+        let mut writer = stream.try_clone().map_err(|e| format!("{shown}: {e}"))?;
+        writer
+            .write_all(format!("{request}\n").as_bytes())
+            .map_err(|e| format!("{shown}: {e}"))?;
+        let mut line = String::new();
+        BufReader::new(stream)
+            .read_line(&mut line)
+            .map_err(|e| format!("{shown}: {e}"))?;
+        let answer: Value =
+            serde_json::from_str(&line).map_err(|e| format!("{shown}: not JSON ({e}): {line}"))?;
+        if answer.get("ok").and_then(Value::as_bool) == Some(true) {
+            Ok(answer)
+        } else {
+            Err(answer
+                .get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("refused")
+                .to_string())
+        }
+    }
+
+    fn command(&self, paths: &RunPaths, command: &str) -> Result<(), ControlError> {
+        self.call(paths, json!({ "command": command }))
+            .map(drop)
+            .map_err(ControlError::Failed)
+    }
+}
+
+impl Backend for Vmm {
+    fn name(&self) -> &'static str {
+        "kvm"
+    }
+
+    fn domain_type(&self) -> DomainType {
+        DomainType::Kvm
+    }
+
+    fn version(&self) -> String {
+        Command::new(&self.binary)
+            .arg("--version")
+            .output()
+            .ok()
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .last()
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| "unknown".into())
+    }
+
+    fn check(&self, def: &Domain) -> Result<(), String> {
+        let os = def.spec.os.as_ref().ok_or(
+            "spec.os.kernel: the kvm driver boots a kernel directly; set spec.os.kernel",
+        )?;
+        if os.kernel.as_deref().is_none_or(str::is_empty) {
+            return Err("spec.os.kernel: the kvm driver boots a kernel directly; set it".into());
+        }
+        if let Some(m) = os.machine.as_deref() {
+            return Err(format!(
+                "spec.os.machine: vireo-vmm has one machine type; leave it out (got '{m}')"
+            ));
+        }
+        Ok(())
+    }
+
+    fn launch(&self, def: &Domain, paths: &RunPaths, disks: &[DiskFile]) -> Result<u32, String> {
+        let spec = &def.spec;
+        let os = spec.os.as_ref().ok_or("spec.os.kernel is required")?;
+        let kernel = os.kernel.as_deref().ok_or("spec.os.kernel is required")?;
+        let uuid = spec.uuid.clone().unwrap_or_default();
+        let memory = parse_quantity(&spec.memory).map_err(|e| format!("spec.memory: {e}"))?;
+        let mut args: Vec<String> = vec!["run".into(), "--kernel".into(), kernel.into()];
+        if let Some(initrd) = os.initrd.as_deref() {
+            args.extend(["--initrd".into(), initrd.into()]);
+        }
+        args.extend([
+            "--cmdline".into(),
+            os.cmdline.clone().unwrap_or_default(),
+            "--memory-mib".into(),
+            memory.div_ceil(1 << 20).max(1).to_string(),
+            "--vcpus".into(),
+            spec.vcpus.to_string(),
+            "--rng".into(),
+            "--api-socket".into(),
+            paths.api.display().to_string(),
+            "--console-log".into(),
+            paths.console_log.display().to_string(),
+            "--console-socket".into(),
+            paths.console_socket.display().to_string(),
+            "--exit-file".into(),
+            paths.exit_file.display().to_string(),
+            "--on-reboot".into(),
+            match spec.lifecycle.on_reboot {
+                LifecycleAction::Restart => "restart",
+                _ => "destroy",
+            }
+            .into(),
+            // The driver applies its own shutdown timeout.
+            "--shutdown-timeout-seconds".into(),
+            "86400".into(),
+        ]);
+        for disk in disks {
+            if disk.format != VolFormat::Raw {
+                return Err(format!(
+                    "disk {}: the kvm driver attaches raw volumes only ({} needs the qemu driver)",
+                    disk.name, disk.format
+                ));
+            }
+            let ro = if disk.read_only { ",readonly" } else { "" };
+            args.extend(["--disk".into(), format!("{}{ro}", disk.path)]);
+        }
+        for (i, iface) in spec.devices.interfaces.iter().enumerate() {
+            let mac = iface.mac.clone().unwrap_or_else(|| derived_mac(&uuid, i));
+            args.extend(["--net".into(), format!("{},mac={mac}", tap_name(&uuid, i))]);
+        }
+        let log = std::fs::File::create(&paths.log)
+            .map_err(|e| format!("{}: {e}", paths.log.display()))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| format!("{}: {e}", paths.log.display()))?;
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err);
+        // SAFETY: setsid() is async-signal-safe; between fork and exec it
+        // only detaches the child from our session, so that it outlives us.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("{}: {e}", self.binary.display()))?;
+        let pid = child.id();
+        // Reap it if it ends while this process lives (no zombies); when
+        // this process ends first, init adopts it.
+        let waiter = Arc::new(std::sync::Mutex::new(None));
+        let status_slot = waiter.clone();
+        std::thread::Builder::new()
+            .name(format!("vmm-{pid}"))
+            .spawn(move || {
+                let status = child.wait().ok();
+                if let Ok(mut s) = status_slot.lock() {
+                    *s = status;
+                }
+            })
+            .map_err(|e| format!("a thread to wait for vireo-vmm: {e}"))?;
+        // Ready once the API answers.
+        let start = Instant::now();
+        loop {
+            if self.call(paths, json!({ "command": "info" })).is_ok() {
+                std::fs::write(&paths.pidfile, pid.to_string())
+                    .map_err(|e| format!("{}: {e}", paths.pidfile.display()))?;
+                return Ok(pid);
+            }
+            let exited = waiter.lock().map(|s| *s).unwrap_or(None);
+            if let Some(status) = exited {
+                let log = std::fs::read_to_string(&paths.log).unwrap_or_default();
+                return Err(format!("vireo-vmm exited ({status}): {}", log.trim()));
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                return Err("vireo-vmm did not open its API socket within 10 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn query(&self, paths: &RunPaths) -> Result<Live, String> {
+        let info = self.call(paths, json!({ "command": "info" }))?;
+        let state = match info.get("state").and_then(Value::as_str) {
+            Some("paused") => LiveState::Paused,
+            Some(_) => LiveState::Running,
+            None => return Err(format!("info answered {info}")),
+        };
+        Ok(Live {
+            state,
+            memory: info.get("memory_bytes").and_then(Value::as_u64),
+            vcpus: info
+                .get("vcpus")
+                .and_then(Value::as_u64)
+                .map(|v| v as u32),
+        })
+    }
+
+    fn control(&self, paths: &RunPaths, op: Control) -> Result<(), ControlError> {
+        match op {
+            Control::Pause => self.command(paths, "pause"),
+            Control::Resume => self.command(paths, "resume"),
+            Control::Reset => self.command(paths, "reset"),
+            Control::Powerdown => self
+                .call(
+                    paths,
+                    json!({ "command": "shutdown", "timeout_seconds": 86400 }),
+                )
+                .map(drop)
+                .map_err(ControlError::Failed),
+            Control::SetMemory(_) => Err(ControlError::Unsupported(
+                "changing the memory of a running guest (vireo-vmm has no balloon)",
+            )),
+            Control::SetVcpus { .. } => Err(ControlError::Unsupported(
+                "changing the vCPUs of a running guest (vireo-vmm has no CPU hot-plug)",
+            )),
+        }
+    }
+
+    fn exit_reason(&self, paths: &RunPaths) -> Option<DomainReason> {
+        let text = std::fs::read_to_string(&paths.exit_file).ok()?;
+        let exit: Value = serde_json::from_str(&text).ok()?;
+        match exit.get("reason").and_then(Value::as_str)? {
+            "poweroff" | "reboot" => Some(DomainReason::Shutdown),
+            "destroyed" => Some(DomainReason::Destroyed),
+            _ => Some(DomainReason::Crashed),
+        }
+    }
+}
+
+/// The boot time the guest reported to vireo-vmm's boot timer (µs since
+/// the VMM started), from its API while it runs.
+pub fn boot_time_us(api: &Path) -> Option<u64> {
+    let vmm = Vmm {
+        binary: PathBuf::new(),
+    };
+    let paths = RunPaths {
+        dir: PathBuf::new(),
+        api: api.to_path_buf(),
+        console_socket: PathBuf::new(),
+        console_log: PathBuf::new(),
+        pidfile: PathBuf::new(),
+        log: PathBuf::new(),
+        exit_file: PathBuf::new(),
+    };
+    vmm.call(&paths, json!({ "command": "info" }))
+        .ok()?
+        .get("boot_time_us")
+        .and_then(Value::as_u64)
+}
+
+/// Opens `kvm:///system` or `kvm:///embed?root=DIR`, with the test
+/// driver's bookkeeping under ROOT/objects for networks and pools.
+pub fn open(uri: &str, path_and_query: &str) -> Result<crate::Connection, String> {
+    let (root, _) = vm::root_from_uri(path_and_query, Path::new(SYSTEM_ROOT))?;
+    let objects = Arc::new(crate::test::TestDriver::from_dir(&root.join("objects"))?);
+    open_with(uri, path_and_query, objects.clone(), objects)
+}
+
+/// Opens the kvm driver paired with the given network and storage drivers.
+pub fn open_with(
+    uri: &str,
+    path_and_query: &str,
+    network: Arc<dyn crate::NetworkDriver>,
+    storage: Arc<dyn crate::StorageDriver>,
+) -> Result<crate::Connection, String> {
+    let (root, params) = vm::root_from_uri(path_and_query, Path::new(SYSTEM_ROOT))?;
+    let shutdown_timeout = match params.get("shutdown_timeout") {
+        Some(s) => s
+            .parse::<u64>()
+            .map_err(|_| format!("shutdown_timeout={s}: not a number of seconds"))?,
+        None => 300,
+    };
+    let driver = vm::VmDriver::open(
+        Vmm::new()?,
+        vm::Options {
+            root,
+            shutdown_timeout: Duration::from_secs(shutdown_timeout),
+            poll: Duration::from_millis(500),
+        },
+        storage.clone(),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(crate::Connection::new(uri, Arc::new(driver), network, storage))
+}
