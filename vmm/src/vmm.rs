@@ -93,9 +93,11 @@ impl Vmm {
         }
         drop(tx);
         let mut cpu_clocks = Vec::new();
-        while let Ok(info) = rx.recv_timeout(Duration::from_secs(5)) {
-            if let Some(c) = info.cpu_clock {
-                cpu_clocks.push(c);
+        // Each thread reports once, before it installs its filter and runs.
+        for _ in 0..handles.len() {
+            match rx.recv_timeout(Duration::from_secs(5)) {
+                Ok(info) => cpu_clocks.extend(info.cpu_clock),
+                Err(_) => break,
             }
         }
         if let Some(f) = &filter {
