@@ -71,10 +71,10 @@ fn bind(path: &Path) -> Result<UnixListener, OpenError> {
         path: path.into(),
         source,
     };
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if meta.file_type().is_socket() {
-            std::fs::remove_file(path).map_err(err)?;
-        }
+    if let Ok(meta) = std::fs::symlink_metadata(path)
+        && meta.file_type().is_socket()
+    {
+        std::fs::remove_file(path).map_err(err)?;
     }
     let l = UnixListener::bind(path).map_err(err)?;
     l.set_nonblocking(true).map_err(err)?;

@@ -21,7 +21,7 @@ enum Command {
     Probe,
     /// Run one VM until it powers off, reboots (with --on-reboot destroy),
     /// is destroyed, or crashes.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -166,7 +166,7 @@ fn main() {
             println!("{}", vireo_vmm::probe::probe().describe());
             0
         }
-        Command::Run(args) => run(args, start),
+        Command::Run(args) => run(*args, start),
     };
     std::process::exit(code);
 }

@@ -430,13 +430,13 @@ impl Vmm {
     pub fn run(mut self) -> ExitReport {
         let mut events = vec![EpollEvent::default(); 32];
         let report = loop {
-            if let Some(deadline) = self.shutdown_deadline {
-                if Instant::now() >= deadline {
-                    break self.report(
-                        ExitReason::Destroyed,
-                        "the guest did not power off within the shutdown timeout",
-                    );
-                }
+            if let Some(deadline) = self.shutdown_deadline
+                && Instant::now() >= deadline
+            {
+                break self.report(
+                    ExitReason::Destroyed,
+                    "the guest did not power off within the shutdown timeout",
+                );
             }
             let timeout = self
                 .shutdown_deadline

@@ -214,15 +214,15 @@ impl Vcpu {
             cpu_clock: (rc == 0).then_some(clock),
         });
         KVM_RUN.with(|p| p.set(self.fd.get_kvm_run() as *mut kvm_run));
-        if let Some(f) = filter {
-            if let Err(e) = seccompiler::apply_filter(&f) {
-                self.events.push(MachineEvent::Crash(format!(
-                    "vCPU {}: installing the seccomp filter: {e}",
-                    self.index
-                )));
-                self.finish();
-                return;
-            }
+        if let Some(f) = filter
+            && let Err(e) = seccompiler::apply_filter(&f)
+        {
+            self.events.push(MachineEvent::Crash(format!(
+                "vCPU {}: installing the seccomp filter: {e}",
+                self.index
+            )));
+            self.finish();
+            return;
         }
         self.run_loop();
         self.finish();

@@ -97,10 +97,10 @@ impl I8042 {
     }
 
     fn interrupt(&self) {
-        if self.config & CTR_KBD_INT != 0 {
-            if let Err(e) = self.irq.trigger() {
-                tracing::warn!(error = %e, "i8042: interrupt failed");
-            }
+        if self.config & CTR_KBD_INT != 0
+            && let Err(e) = self.irq.trigger()
+        {
+            tracing::warn!(error = %e, "i8042: interrupt failed");
         }
     }
 
