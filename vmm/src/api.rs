@@ -91,13 +91,7 @@ mod tests {
         );
         assert_eq!(parse(r#"{"command":"reset"}"#), Ok(Request::Reset));
         assert_eq!(parse(r#"{"command":"destroy"}"#), Ok(Request::Destroy));
-        for bad in [
-            "",
-            "{}",
-            "[]",
-            r#"{"command":"explode"}"#,
-            "nonsense",
-        ] {
+        for bad in ["", "{}", "[]", r#"{"command":"explode"}"#, "nonsense"] {
             assert!(parse(bad).is_err(), "{bad}");
         }
         // Extra fields are tolerated (clients may send more than we read).

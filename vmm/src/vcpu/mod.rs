@@ -230,6 +230,14 @@ impl Vcpu {
 
     fn finish(&mut self) {
         KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
+        // Where the guest was: the first thing to know about a stuck guest.
+        if let Ok(r) = self.fd.get_regs() {
+            tracing::info!(
+                vcpu = self.index,
+                rip = format_args!("{:#x}", r.rip),
+                "vCPU stopped"
+            );
+        }
         let mut st = lock(&self.control.state);
         st.exited += 1;
         self.control.cv.notify_all();
