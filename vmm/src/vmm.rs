@@ -56,6 +56,7 @@ pub struct Vmm {
     state: RunState,
     shutdown_deadline: Option<Instant>,
     on_reboot: OnReboot,
+    shutdown_timeout: Duration,
     sockets: Vec<PathBuf>,
 }
 
@@ -122,6 +123,7 @@ impl Vmm {
             state: RunState::Running,
             shutdown_deadline: None,
             on_reboot: cfg.on_reboot,
+            shutdown_timeout: cfg.shutdown_timeout,
             sockets: vec![cfg.api_socket.clone(), cfg.console_socket.clone()],
         })
     }
@@ -217,7 +219,7 @@ impl Vmm {
             Request::Shutdown { timeout_seconds } => {
                 let timeout = timeout_seconds
                     .map(Duration::from_secs)
-                    .unwrap_or(Duration::from_secs(30));
+                    .unwrap_or(self.shutdown_timeout);
                 // A paused guest cannot react: let it run to shut down.
                 if let Ok(v) = self.vcpus() {
                     v.resume();
