@@ -1,0 +1,635 @@
+/* Vireo test guest: virtio-mmio (version 2) drivers for block, net and
+ * entropy devices, all driven by polling split virtqueues. */
+#include "guest.h"
+
+/* virtio-mmio register offsets (virtio 1.x, section 4.2.2) */
+#define VM_MAGIC        0x000  /* "virt" = 0x74726976 */
+#define VM_VERSION      0x004  /* 2 for virtio 1.x */
+#define VM_DEVICE_ID    0x008
+#define VM_DEV_FEAT     0x010
+#define VM_DEV_FEAT_SEL 0x014
+#define VM_DRV_FEAT     0x020
+#define VM_DRV_FEAT_SEL 0x024
+#define VM_QUEUE_SEL    0x030
+#define VM_QUEUE_MAX    0x034
+#define VM_QUEUE_NUM    0x038
+#define VM_QUEUE_READY  0x044
+#define VM_QUEUE_NOTIFY 0x050
+#define VM_INT_STATUS   0x060
+#define VM_INT_ACK      0x064
+#define VM_STATUS       0x070
+#define VM_DESC_LO      0x080
+#define VM_DESC_HI      0x084
+#define VM_DRIVER_LO    0x090  /* available ring */
+#define VM_DRIVER_HI    0x094
+#define VM_DEVICE_LO    0x0a0  /* used ring */
+#define VM_DEVICE_HI    0x0a4
+#define VM_CONFIG_GEN   0x0fc
+#define VM_CONFIG       0x100
+
+#define VIRTIO_MAGIC 0x74726976
+
+/* device status bits */
+#define ST_ACK         1
+#define ST_DRIVER      2
+#define ST_DRIVER_OK   4
+#define ST_FEATURES_OK 8
+#define ST_FAILED      128
+
+/* feature bits */
+#define F_VERSION_1   (1ULL << 32)
+#define BLK_F_RO      (1ULL << 5)
+#define BLK_F_FLUSH   (1ULL << 9)
+#define NET_F_MAC     (1ULL << 5)
+
+/* device ids */
+#define ID_NET 1
+#define ID_BLK 2
+#define ID_RNG 4
+
+/* descriptor flags */
+#define DESC_NEXT  1
+#define DESC_WRITE 2
+
+struct vring_desc {
+    uint64_t addr;
+    uint32_t len;
+    uint16_t flags;
+    uint16_t next;
+};
+struct vring_avail {
+    uint16_t flags;
+    uint16_t idx;
+    uint16_t ring[];
+};
+struct vring_used_elem {
+    uint32_t id;
+    uint32_t len;
+};
+struct vring_used {
+    uint16_t flags;
+    uint16_t idx;
+    struct vring_used_elem ring[];
+};
+
+struct vq {
+    uint64_t base;      /* device registers */
+    uint16_t index;     /* queue index */
+    uint16_t size;      /* number of descriptors */
+    uint16_t avail_idx; /* our next avail index */
+    uint16_t last_used; /* next used index to consume */
+    struct vring_desc *desc;
+    volatile struct vring_avail *avail;
+    volatile struct vring_used *used;
+};
+
+static uint64_t slot_base(int slot)
+{
+    return VIRTIO_MMIO_BASE + (uint64_t)slot * VIRTIO_MMIO_STRIDE;
+}
+
+static void set_status(uint64_t b, uint32_t st) { mmio_write32(b + VM_STATUS, st); }
+
+/* Reset, ACKNOWLEDGE, DRIVER, feature negotiation, FEATURES_OK.
+ * `want` lists the optional features we can use; VERSION_1 is required.
+ * Returns 0 and the negotiated set, or a static reason string. */
+static const char *dev_begin(uint64_t b, uint64_t want, uint64_t *got)
+{
+    set_status(b, 0); /* reset */
+    struct deadline d = deadline_ms(1000);
+    while (mmio_read32(b + VM_STATUS) != 0)
+        if (deadline_passed(&d))
+            return "timeout reset";
+    set_status(b, ST_ACK);
+    set_status(b, ST_ACK | ST_DRIVER);
+    mmio_write32(b + VM_DEV_FEAT_SEL, 0);
+    uint64_t feat = mmio_read32(b + VM_DEV_FEAT);
+    mmio_write32(b + VM_DEV_FEAT_SEL, 1);
+    feat |= (uint64_t)mmio_read32(b + VM_DEV_FEAT) << 32;
+    if (!(feat & F_VERSION_1)) {
+        set_status(b, ST_FAILED);
+        return "no VIRTIO_F_VERSION_1";
+    }
+    uint64_t drv = feat & (want | F_VERSION_1);
+    mmio_write32(b + VM_DRV_FEAT_SEL, 0);
+    mmio_write32(b + VM_DRV_FEAT, (uint32_t)drv);
+    mmio_write32(b + VM_DRV_FEAT_SEL, 1);
+    mmio_write32(b + VM_DRV_FEAT, (uint32_t)(drv >> 32));
+    set_status(b, ST_ACK | ST_DRIVER | ST_FEATURES_OK);
+    if (!(mmio_read32(b + VM_STATUS) & ST_FEATURES_OK)) {
+        set_status(b, ST_FAILED);
+        return "features not accepted";
+    }
+    *got = drv;
+    return 0;
+}
+
+static void dev_ready(uint64_t b)
+{
+    set_status(b, ST_ACK | ST_DRIVER | ST_FEATURES_OK | ST_DRIVER_OK);
+}
+
+static void dev_fail(uint64_t b)
+{
+    set_status(b, ST_FAILED);
+}
+
+/* Set up split virtqueue `index` with at most `want` entries. */
+static const char *vq_setup(uint64_t b, uint16_t index, uint16_t want, struct vq *q)
+{
+    mmio_write32(b + VM_QUEUE_SEL, index);
+    if (mmio_read32(b + VM_QUEUE_READY))
+        return "queue already ready";
+    uint32_t max = mmio_read32(b + VM_QUEUE_MAX);
+    if (max == 0)
+        return "queue missing";
+    uint32_t n = 1;
+    while (n * 2 <= max && n * 2 <= want)
+        n *= 2;
+    q->base = b;
+    q->index = index;
+    q->size = (uint16_t)n;
+    q->avail_idx = 0;
+    q->last_used = 0;
+    q->desc = heap_alloc(16 * n, 4096, 1);
+    q->avail = heap_alloc(6 + 2 * n, 4096, 1);
+    q->used = heap_alloc(6 + 8 * n, 4096, 1);
+    if (!q->desc || !q->avail || !q->used)
+        return "out of memory";
+    mmio_write32(b + VM_QUEUE_NUM, n);
+    uint64_t a = (uint64_t)q->desc;
+    mmio_write32(b + VM_DESC_LO, (uint32_t)a);
+    mmio_write32(b + VM_DESC_HI, (uint32_t)(a >> 32));
+    a = (uint64_t)q->avail;
+    mmio_write32(b + VM_DRIVER_LO, (uint32_t)a);
+    mmio_write32(b + VM_DRIVER_HI, (uint32_t)(a >> 32));
+    a = (uint64_t)q->used;
+    mmio_write32(b + VM_DEVICE_LO, (uint32_t)a);
+    mmio_write32(b + VM_DEVICE_HI, (uint32_t)(a >> 32));
+    mmio_write32(b + VM_QUEUE_READY, 1);
+    return 0;
+}
+
+/* Make descriptor chain `head` available (no notify). */
+static void vq_push(struct vq *q, uint16_t head)
+{
+    q->avail->ring[q->avail_idx % q->size] = head;
+    barrier();
+    q->avail_idx++;
+    q->avail->idx = q->avail_idx;
+}
+
+static void vq_notify(struct vq *q)
+{
+    mfence();
+    mmio_write32(q->base + VM_QUEUE_NOTIFY, q->index);
+}
+
+/* Take one used element if there is one. */
+static int vq_pop(struct vq *q, uint32_t *id, uint32_t *len)
+{
+    if (q->used->idx == q->last_used)
+        return 0;
+    barrier();
+    volatile struct vring_used_elem *e = &q->used->ring[q->last_used % q->size];
+    *id = e->id;
+    *len = e->len;
+    q->last_used++;
+    return 1;
+}
+
+/* Wait (bounded) for one used element. */
+static int vq_wait(struct vq *q, uint32_t *id, uint32_t *len)
+{
+    struct deadline d = deadline_ms(5000);
+    while (!vq_pop(q, id, len)) {
+        if (deadline_passed(&d))
+            return 0;
+        cpu_relax();
+    }
+    return 1;
+}
+
+static uint32_t config_read32(uint64_t b, uint32_t off)
+{
+    return mmio_read32(b + VM_CONFIG + off);
+}
+
+/* ------------------------------------------------------------------ */
+/* block */
+
+#define BLK_T_IN    0
+#define BLK_T_OUT   1
+#define BLK_T_FLUSH 4
+#define BLK_S_OK    0
+
+struct blk_req_hdr {
+    uint32_t type;
+    uint32_t reserved;
+    uint64_t sector;
+};
+
+struct blk_state {
+    struct vq q;
+    struct blk_req_hdr *hdr;
+    uint8_t *data;
+    volatile uint8_t *status;
+};
+
+/* One request: header, optional 512-byte data, status. Returns the status
+ * byte, or -1 on timeout. */
+static int blk_request(struct blk_state *s, uint32_t type, uint64_t sector)
+{
+    struct vq *q = &s->q;
+    s->hdr->type = type;
+    s->hdr->reserved = 0;
+    s->hdr->sector = sector;
+    *s->status = 0xff;
+    q->desc[0].addr = (uint64_t)s->hdr;
+    q->desc[0].len = sizeof(struct blk_req_hdr);
+    q->desc[0].flags = DESC_NEXT;
+    if (type == BLK_T_FLUSH) {
+        q->desc[0].next = 2;
+    } else {
+        q->desc[0].next = 1;
+        q->desc[1].addr = (uint64_t)s->data;
+        q->desc[1].len = 512;
+        q->desc[1].flags = DESC_NEXT | (type == BLK_T_IN ? DESC_WRITE : 0);
+        q->desc[1].next = 2;
+    }
+    q->desc[2].addr = (uint64_t)s->status;
+    q->desc[2].len = 1;
+    q->desc[2].flags = DESC_WRITE;
+    q->desc[2].next = 0;
+    vq_push(q, 0);
+    vq_notify(q);
+    uint32_t id, len;
+    if (!vq_wait(q, &id, &len))
+        return -1;
+    return *s->status;
+}
+
+/* The sector pattern: "VIREO-TEST-SECTOR", then byte i holds i & 0xff
+ * (built eight bytes at a time). */
+static void fill_pattern(uint8_t *p)
+{
+    static const char tag[] = "VIREO-TEST-SECTOR";
+    uint64_t *q = (uint64_t *)p;
+    for (int k = 0; k < 64; k++)
+        q[k] = 0x0706050403020100ULL + (uint64_t)(k & 31) * 0x0808080808080808ULL; /* no carries */
+    memcpy(p, tag, sizeof(tag) - 1);
+}
+
+static void blk_run(int slot, int n)
+{
+    uint64_t b = slot_base(slot);
+    uint64_t feat = 0;
+    const char *err = dev_begin(b, BLK_F_RO | BLK_F_FLUSH, &feat);
+    if (err) {
+        kprintf("VIREO-TEST blk%d: FAIL %s\n", n, err);
+        return;
+    }
+    struct blk_state s;
+    err = vq_setup(b, 0, 8, &s.q);
+    if (err) {
+        dev_fail(b);
+        kprintf("VIREO-TEST blk%d: FAIL %s\n", n, err);
+        return;
+    }
+    uint8_t *page = heap_alloc(4096, 4096, 0);
+    if (!page) {
+        dev_fail(b);
+        kprintf("VIREO-TEST blk%d: FAIL out of memory\n", n);
+        return;
+    }
+    s.hdr = (struct blk_req_hdr *)page;
+    s.status = page + 64;
+    s.data = page + 512;
+    dev_ready(b);
+
+    /* capacity: u64 at config offset 0, read consistently */
+    uint64_t cap;
+    uint32_t gen;
+    int tries = 0;
+    do {
+        gen = mmio_read32(b + VM_CONFIG_GEN);
+        cap = config_read32(b, 0) | ((uint64_t)config_read32(b, 4) << 32);
+    } while (gen != mmio_read32(b + VM_CONFIG_GEN) && ++tries < 10);
+
+    if (feat & BLK_F_RO) {
+        fill_pattern(s.data);
+        int st = blk_request(&s, BLK_T_OUT, 1);
+        if (st < 0) {
+            kprintf("VIREO-TEST blk%d: capacity=%lu readonly FAIL timeout write\n", n, cap);
+            return;
+        }
+        if (st == BLK_S_OK) {
+            kprintf("VIREO-TEST blk%d: capacity=%lu readonly FAIL write not refused\n", n, cap);
+            return;
+        }
+        memset(s.data, 0, 512);
+        st = blk_request(&s, BLK_T_IN, 0);
+        if (st != BLK_S_OK) {
+            kprintf("VIREO-TEST blk%d: capacity=%lu readonly write=refused FAIL read status %d\n",
+                    n, cap, st);
+            return;
+        }
+        kprintf("VIREO-TEST blk%d: capacity=%lu readonly write=refused read=ok\n", n, cap);
+        return;
+    }
+
+    if (cap < 2) {
+        kprintf("VIREO-TEST blk%d: capacity=%lu FAIL disk smaller than 2 sectors\n", n, cap);
+        return;
+    }
+    fill_pattern(s.data);
+    int st = blk_request(&s, BLK_T_OUT, 1);
+    if (st != BLK_S_OK) {
+        kprintf("VIREO-TEST blk%d: capacity=%lu FAIL write status %d\n", n, cap, st);
+        return;
+    }
+    memset(s.data, 0, 512);
+    st = blk_request(&s, BLK_T_IN, 1);
+    if (st != BLK_S_OK) {
+        kprintf("VIREO-TEST blk%d: capacity=%lu write=ok FAIL read status %d\n", n, cap, st);
+        return;
+    }
+    uint8_t expect[512];
+    fill_pattern(expect);
+    if (memcmp(expect, s.data, 512) != 0) {
+        kprintf("VIREO-TEST blk%d: capacity=%lu write=ok read=ok FAIL verify mismatch\n", n, cap);
+        return;
+    }
+    const char *flush = "unsupported";
+    if (feat & BLK_F_FLUSH) {
+        st = blk_request(&s, BLK_T_FLUSH, 0);
+        if (st != BLK_S_OK) {
+            kprintf("VIREO-TEST blk%d: capacity=%lu write=ok read=ok verify=ok FAIL flush status %d\n",
+                    n, cap, st);
+            return;
+        }
+        flush = "ok";
+    }
+    kprintf("VIREO-TEST blk%d: capacity=%lu write=ok read=ok verify=ok flush=%s\n", n, cap, flush);
+}
+
+/* ------------------------------------------------------------------ */
+/* entropy */
+
+static void rng_run(int slot, int n)
+{
+    uint64_t b = slot_base(slot);
+    uint64_t feat = 0;
+    const char *err = dev_begin(b, 0, &feat);
+    struct vq q;
+    if (!err)
+        err = vq_setup(b, 0, 4, &q);
+    uint8_t *buf = heap_alloc(64, 64, 1);
+    if (!err && !buf)
+        err = "out of memory";
+    if (err) {
+        dev_fail(b);
+        kprintf("VIREO-TEST rng%d: FAIL %s\n", n, err);
+        return;
+    }
+    dev_ready(b);
+    uint32_t got = 0;
+    for (int tries = 0; got < 64 && tries < 64; tries++) {
+        q.desc[0].addr = (uint64_t)(buf + got);
+        q.desc[0].len = 64 - got;
+        q.desc[0].flags = DESC_WRITE;
+        q.desc[0].next = 0;
+        vq_push(&q, 0);
+        vq_notify(&q);
+        uint32_t id, len;
+        if (!vq_wait(&q, &id, &len)) {
+            kprintf("VIREO-TEST rng%d: FAIL timeout after %u bytes\n", n, got);
+            return;
+        }
+        got += len > 64 - got ? 64 - got : len;
+    }
+    int nonzero = 0;
+    for (int i = 0; i < 64; i++)
+        nonzero |= buf[i];
+    kprintf("VIREO-TEST rng%d: read=%u nonzero=%s\n", n, got, nonzero ? "yes" : "no");
+}
+
+/* ------------------------------------------------------------------ */
+/* net */
+
+#define NET_HDR_LEN 12      /* struct virtio_net_hdr with num_buffers */
+#define NET_BUF_LEN 2048    /* header + largest untagged/tagged frame */
+#define NET_RX_MAX  64      /* receive buffers per device */
+#define MAX_NET     8
+
+struct net_state {
+    int slot, n, echo;
+    struct vq rx, tx;
+    uint16_t nbufs;          /* rx buffers; tx descriptor i reuses rx buffer i */
+    uint8_t *bufs;           /* nbufs * NET_BUF_LEN */
+    uint8_t *txbuf;          /* the greeting frame, tx descriptor nbufs */
+    uint8_t mac[6];
+    uint32_t rx_count;
+};
+
+static struct net_state nets[MAX_NET];
+static int n_nets;
+
+static void net_post_rx(struct net_state *s, uint16_t i)
+{
+    s->rx.desc[i].addr = (uint64_t)(s->bufs + (uint64_t)i * NET_BUF_LEN);
+    s->rx.desc[i].len = NET_BUF_LEN;
+    s->rx.desc[i].flags = DESC_WRITE;
+    s->rx.desc[i].next = 0;
+    vq_push(&s->rx, i);
+}
+
+static void net_run(int slot, int n, int echo)
+{
+    uint64_t b = slot_base(slot);
+    uint64_t feat = 0;
+    if (n_nets >= MAX_NET) {
+        kprintf("VIREO-TEST net%d: FAIL too many net devices\n", n);
+        return;
+    }
+    struct net_state *s = &nets[n_nets];
+    memset(s, 0, sizeof(*s));
+    s->slot = slot;
+    s->n = n;
+    s->echo = echo;
+    const char *err = dev_begin(b, NET_F_MAC, &feat);
+    if (!err)
+        err = vq_setup(b, 0, NET_RX_MAX, &s->rx);
+    if (!err)
+        err = vq_setup(b, 1, 2 * NET_RX_MAX, &s->tx);
+    if (!err && s->tx.size < 2)
+        err = "transmit queue too small";
+    if (!err) {
+        s->nbufs = s->rx.size;
+        if (s->nbufs > s->tx.size - 1)
+            s->nbufs = s->tx.size - 1;
+        s->bufs = heap_alloc((size_t)s->nbufs * NET_BUF_LEN, 4096, 0);
+        s->txbuf = heap_alloc(NET_BUF_LEN, 64, 0);
+        if (!s->bufs || !s->txbuf)
+            err = "out of memory";
+    }
+    if (err) {
+        dev_fail(b);
+        kprintf("VIREO-TEST net%d: FAIL %s\n", n, err);
+        return;
+    }
+    if (feat & NET_F_MAC) {
+        for (int i = 0; i < 6; i++)
+            s->mac[i] = mmio_read8(b + VM_CONFIG + i);
+    } else {
+        /* no MAC offered: a locally administered one of our own */
+        uint8_t m[6] = { 0x02, 0x56, 0x49, 0x52, 0x45, (uint8_t)n };
+        memcpy(s->mac, m, 6);
+    }
+
+    /* Receive buffers first, so a quick answer is not dropped. */
+    for (uint16_t i = 0; i < s->nbufs; i++)
+        net_post_rx(s, i);
+    dev_ready(b);
+    vq_notify(&s->rx);
+
+    /* One broadcast frame: EtherType 0x88B5 (IEEE local experimental). */
+    uint8_t *f = s->txbuf;
+    memset(f, 0, NET_BUF_LEN);
+    uint8_t *eth = f + NET_HDR_LEN;
+    memset(eth, 0xff, 6);           /* destination: broadcast */
+    memcpy(eth + 6, s->mac, 6);     /* source: our MAC */
+    eth[12] = 0x88;
+    eth[13] = 0xB5;
+    static const char payload[] = "VIREO-TEST-FRAME";
+    memcpy(eth + 14, payload, sizeof(payload) - 1);
+    uint32_t flen = 64;             /* minimum Ethernet frame without FCS is 60 */
+    uint16_t d = s->nbufs;
+    s->tx.desc[d].addr = (uint64_t)f;
+    s->tx.desc[d].len = NET_HDR_LEN + flen;
+    s->tx.desc[d].flags = 0;
+    s->tx.desc[d].next = 0;
+    vq_push(&s->tx, d);
+    vq_notify(&s->tx);
+    uint32_t id, len;
+    n_nets++;
+    if (!vq_wait(&s->tx, &id, &len)) {
+        kprintf("VIREO-TEST net%d: mac=%02x:%02x:%02x:%02x:%02x:%02x FAIL timeout tx\n", n,
+                s->mac[0], s->mac[1], s->mac[2], s->mac[3], s->mac[4], s->mac[5]);
+        return;
+    }
+    kprintf("VIREO-TEST net%d: mac=%02x:%02x:%02x:%02x:%02x:%02x tx=ok\n", n,
+            s->mac[0], s->mac[1], s->mac[2], s->mac[3], s->mac[4], s->mac[5]);
+}
+
+/* Called from the idle loop: handle received frames and finished sends. */
+static void net_poll(struct net_state *s)
+{
+    uint32_t id, len;
+    int rx_notify = 0, tx_notify = 0;
+    /* Finished transmissions: in echo mode descriptor i carried rx buffer i,
+     * which goes back to the receive queue. */
+    while (vq_pop(&s->tx, &id, &len)) {
+        if (id < s->nbufs) {
+            net_post_rx(s, (uint16_t)id);
+            rx_notify = 1;
+        }
+    }
+    while (vq_pop(&s->rx, &id, &len)) {
+        if (id >= s->nbufs)
+            continue; /* not ours; ignore */
+        uint8_t *buf = s->bufs + (uint64_t)id * NET_BUF_LEN;
+        uint8_t *eth = buf + NET_HDR_LEN;
+        uint32_t flen = len > NET_HDR_LEN ? len - NET_HDR_LEN : 0;
+        if (s->rx_count < 8) {
+            uint32_t et = flen >= 14 ? ((uint32_t)eth[12] << 8) | eth[13] : 0;
+            kprintf("VIREO-TEST net%d: rx len=%u ethertype=0x%04x\n", s->n, flen, et);
+        }
+        s->rx_count++;
+        if (s->echo && flen >= 14 && flen <= NET_BUF_LEN - NET_HDR_LEN) {
+            uint8_t tmp[6];
+            memcpy(tmp, eth, 6);       /* swap destination and source MAC */
+            memcpy(eth, eth + 6, 6);
+            memcpy(eth + 6, tmp, 6);
+            memset(buf, 0, NET_HDR_LEN); /* plain frame: no offloads */
+            s->tx.desc[id].addr = (uint64_t)buf;
+            s->tx.desc[id].len = NET_HDR_LEN + flen;
+            s->tx.desc[id].flags = 0;
+            s->tx.desc[id].next = 0;
+            vq_push(&s->tx, (uint16_t)id);
+            tx_notify = 1;
+        } else {
+            net_post_rx(s, (uint16_t)id);
+            rx_notify = 1;
+        }
+    }
+    if (tx_notify)
+        vq_notify(&s->tx);
+    if (rx_notify)
+        vq_notify(&s->rx);
+}
+
+/* ------------------------------------------------------------------ */
+
+static uint8_t present[VIRTIO_SLOTS];
+
+int virtio_slot_present(int slot)
+{
+    return slot >= 0 && slot < VIRTIO_SLOTS && present[slot];
+}
+
+/* Acknowledge a slot's interrupt (called from the interrupt handler). */
+void virtio_ack_slot(int slot)
+{
+    if (!virtio_slot_present(slot))
+        return;
+    uint64_t b = slot_base(slot);
+    uint32_t st = mmio_read32(b + VM_INT_STATUS);
+    if (st)
+        mmio_write32(b + VM_INT_ACK, st);
+}
+
+void virtio_poll_all(void)
+{
+    for (int i = 0; i < n_nets; i++)
+        net_poll(&nets[i]);
+}
+
+/* Scan every slot, drive each device; returns the number of devices found. */
+int virtio_scan(int echo)
+{
+    int count = 0, nblk = 0, nnet = 0, nrng = 0;
+    for (int slot = 0; slot < VIRTIO_SLOTS; slot++) {
+        uint64_t b = slot_base(slot);
+        if (mmio_read32(b + VM_MAGIC) != VIRTIO_MAGIC)
+            continue;
+        uint32_t id = mmio_read32(b + VM_DEVICE_ID);
+        if (id == 0)
+            continue; /* empty slot */
+        count++;
+        present[slot] = 1;
+        uint32_t version = mmio_read32(b + VM_VERSION);
+        if (version != 2) {
+            kprintf("VIREO-TEST slot%d: device id %u ignored (virtio-mmio version %u)\n", slot, id,
+                    version);
+            continue;
+        }
+        switch (id) {
+        case ID_BLK:
+            blk_run(slot, nblk++);
+            break;
+        case ID_NET:
+            net_run(slot, nnet++, echo);
+            break;
+        case ID_RNG:
+            rng_run(slot, nrng++);
+            break;
+        default:
+            kprintf("VIREO-TEST slot%d: device id %u ignored\n", slot, id);
+            break;
+        }
+        /* Drop any interrupt raised while we polled. */
+        virtio_ack_slot(slot);
+    }
+    return count;
+}
