@@ -1,1 +1,239 @@
-//! virtio 1.x devices on the virtio-mmio transport (owned by the virtio work).
+//! virtio 1.x devices on the virtio-mmio transport.
+//!
+//! [`mmio::MmioTransport`] is the [`BusDevice`](crate::bus::BusDevice) the VMM
+//! registers at a virtio-mmio slot; it owns the registers, the feature
+//! negotiation and the queue configuration, and hands the configured queues to
+//! a [`VirtioDevice`] (block, net, entropy) when the driver sets DRIVER_OK.
+//! Devices process their queues synchronously: on a QueueNotify write (the
+//! vCPU thread) and on `handle_event` for their backend fds (the VMM's event
+//! loop). Nothing here knows about KVM; guest memory is a
+//! [`GuestMemory`](crate::GuestMemory) and the interrupt an
+//! [`IrqLine`](crate::bus::IrqLine).
+
+pub mod block;
+pub mod chain;
+pub mod mmio;
+pub mod net;
+pub mod rng;
+pub mod tap;
+
+use std::os::fd::RawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use virtio_queue::Queue;
+
+use crate::GuestMemory;
+use crate::bus::IrqLine;
+
+pub use block::Block;
+pub use mmio::MmioTransport;
+pub use net::Net;
+pub use rng::Rng;
+
+/// Device types (virtio 1.2, 5 "Device Types").
+pub const TYPE_NET: u32 = 1;
+pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_RNG: u32 = 4;
+
+/// Feature bits common to all devices.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Device status bits (virtio 1.2, 2.1).
+pub const STATUS_ACKNOWLEDGE: u32 = 1;
+pub const STATUS_DRIVER: u32 = 2;
+pub const STATUS_DRIVER_OK: u32 = 4;
+pub const STATUS_FEATURES_OK: u32 = 8;
+pub const STATUS_DEVICE_NEEDS_RESET: u32 = 0x40;
+pub const STATUS_FAILED: u32 = 0x80;
+
+/// InterruptStatus bits (virtio 1.2, 4.2.2).
+pub const INT_USED_RING: u32 = 1;
+pub const INT_CONFIG_CHANGE: u32 = 2;
+
+/// Why a device refused to start or a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid maximum queue size {0}")]
+    InvalidQueueSize(u16),
+    #[error("queue {0} is not ready")]
+    QueueNotReady(usize),
+    #[error("device expects {expected} queues, got {got}")]
+    QueueCount { expected: usize, got: usize },
+    #[error("backend I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("guest memory: {0}")]
+    GuestMemory(#[from] vm_memory::GuestMemoryError),
+    #[error("descriptor chain: {0}")]
+    Chain(#[from] chain::ChainError),
+}
+
+/// The interrupt a device raises: sets a bit in the transport's
+/// InterruptStatus register and triggers the slot's line.
+#[derive(Clone)]
+pub struct Interrupt {
+    status: Arc<AtomicU32>,
+    line: Arc<dyn IrqLine>,
+}
+
+impl Interrupt {
+    pub fn new(line: Arc<dyn IrqLine>) -> Self {
+        Interrupt {
+            status: Arc::new(AtomicU32::new(0)),
+            line,
+        }
+    }
+
+    /// The device put buffers in a used ring.
+    pub fn signal_used_queue(&self) {
+        self.signal(INT_USED_RING);
+    }
+
+    /// The device changed its configuration space (or needs a reset).
+    pub fn signal_config_change(&self) {
+        self.signal(INT_CONFIG_CHANGE);
+    }
+
+    fn signal(&self, bit: u32) {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        if let Err(e) = self.line.trigger() {
+            tracing::warn!(error = %e, "virtio: raising the interrupt line failed");
+        }
+    }
+
+    /// Current InterruptStatus.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// InterruptACK: clear the acknowledged bits.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    fn clear(&self) {
+        self.status.store(0, Ordering::SeqCst);
+    }
+}
+
+/// What the mmio transport needs from a device model.
+pub trait VirtioDevice: Send {
+    /// Device ID (e.g. [`TYPE_BLOCK`]).
+    fn device_type(&self) -> u32;
+    /// Features the device offers (including [`VIRTIO_F_VERSION_1`]).
+    fn features(&self) -> u64;
+    /// Maximum size of each queue; the number of queues is its length.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Reads the device-specific configuration space at `offset`; bytes past
+    /// its end read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes to the configuration space (ignored by devices whose config is
+    /// read-only).
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        tracing::debug!(
+            offset,
+            len = data.len(),
+            "virtio: write to read-only config space ignored"
+        );
+    }
+    /// The driver set DRIVER_OK: start using `queues` (validated by the
+    /// transport: sizes and ring addresses are inside guest memory; queues the
+    /// driver did not enable have `ready() == false`).
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        acked_features: u64,
+        queues: Vec<Queue>,
+        interrupt: Interrupt,
+    ) -> Result<(), Error>;
+    /// The driver wrote QueueNotify for `queue` (after activation only).
+    fn queue_notify(&mut self, queue: usize);
+    /// Back to the state before activation (drop queues and memory; keep the
+    /// backend).
+    fn reset(&mut self);
+    /// Backend fds the VMM's event loop should watch.
+    fn event_fds(&self) -> Vec<RawFd> {
+        Vec::new()
+    }
+    /// One of `event_fds` is readable.
+    fn handle_event(&mut self, _fd: RawFd) {}
+}
+
+/// So the VMM may use `MmioTransport<Box<dyn VirtioDevice>>` for all slots.
+impl<D: VirtioDevice + ?Sized> VirtioDevice for Box<D> {
+    fn device_type(&self) -> u32 {
+        (**self).device_type()
+    }
+    fn features(&self) -> u64 {
+        (**self).features()
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        (**self).queue_max_sizes()
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        (**self).read_config(offset, data)
+    }
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        (**self).write_config(offset, data)
+    }
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        acked_features: u64,
+        queues: Vec<Queue>,
+        interrupt: Interrupt,
+    ) -> Result<(), Error> {
+        (**self).activate(mem, acked_features, queues, interrupt)
+    }
+    fn queue_notify(&mut self, queue: usize) {
+        (**self).queue_notify(queue)
+    }
+    fn reset(&mut self) {
+        (**self).reset()
+    }
+    fn event_fds(&self) -> Vec<RawFd> {
+        (**self).event_fds()
+    }
+    fn handle_event(&mut self, fd: RawFd) {
+        (**self).handle_event(fd)
+    }
+}
+
+/// Copies `config[offset..]` into `data`, zero past the end.
+pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if start >= config.len() {
+        return;
+    }
+    let n = data.len().min(config.len() - start);
+    data[..n].copy_from_slice(&config[start..start + n]);
+}
+
+/// A rate limiter for guest-triggered log lines: the first few at `warn`,
+/// then one in every 1024, so a guest cannot flood the VMM's log.
+#[derive(Debug, Default)]
+pub(crate) struct LogLimiter {
+    count: u64,
+}
+
+impl LogLimiter {
+    pub(crate) fn allow(&mut self) -> bool {
+        self.count = self.count.wrapping_add(1);
+        self.count <= 16 || self.count.is_multiple_of(1024)
+    }
+}
+
+/// Logs a guest-caused problem through a [`LogLimiter`].
+macro_rules! guest_warn {
+    ($limiter:expr, $($arg:tt)+) => {
+        if $limiter.allow() {
+            tracing::warn!($($arg)+);
+        } else {
+            tracing::debug!($($arg)+);
+        }
+    };
+}
+pub(crate) use guest_warn;
