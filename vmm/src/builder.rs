@@ -14,13 +14,15 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VmFd};
 use std::fs::File;
+use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use vireo_vmm_devices::bus::IrqLine;
+use vireo_vmm_devices::bus::{BusDevice, IrqLine};
 use vireo_vmm_devices::legacy::boot_timer::{BootTime, BootTimer};
 use vireo_vmm_devices::legacy::i8042::I8042;
 use vireo_vmm_devices::legacy::power::PowerDevice;
 use vireo_vmm_devices::legacy::serial::{SERIAL_REGISTERS, SerialDevice};
+use vireo_vmm_devices::virtio::{Block, MmioTransport, Net, Rng, VirtioDevice};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +48,13 @@ pub enum BuildError {
     EventFd(std::io::Error),
     #[error("zeroing guest memory: {0}")]
     Zero(std::io::Error),
+    #[error("virtio device in slot {slot}: {source}")]
+    Virtio {
+        slot: u32,
+        source: vireo_vmm_devices::virtio::Error,
+    },
+    #[error("{0} virtio devices asked for; there are {max} slots", max = layout::VIRTIO_MMIO_SLOTS)]
+    TooManyDevices(usize),
 }
 
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BuildError {
@@ -90,6 +99,9 @@ pub struct Machine {
     pub boot_time: BootTime,
     pub control: Arc<VcpuControl>,
     pub vcpus: Vec<Vcpu>,
+    /// Descriptors devices want watched (taps), with their device.
+    pub device_fds: Vec<(RawFd, SharedDevice)>,
+    virtio: Vec<acpi::VirtioSlot>,
     kernel: File,
     initrd: Option<File>,
     cmdline: String,
@@ -107,10 +119,11 @@ fn load_guest(
     initrd: Option<&mut File>,
     cmdline: &str,
     vcpus: u32,
+    virtio: &[acpi::VirtioSlot],
 ) -> Result<Entry, BuildError> {
     let loaded = boot::loader::load(mem, memory_bytes, kernel, initrd, cmdline)?;
     regs::write_boot_structures(mem, loaded.entry)?;
-    acpi::write(mem, vcpus, &[])?;
+    acpi::write(mem, vcpus, virtio)?;
     tracing::info!(
         entry = %loaded.entry.describe(),
         kernel = format_args!("{:#x}..{:#x}", loaded.kernel_load, loaded.kernel_end),
@@ -127,6 +140,8 @@ pub fn build(cfg: &VmConfig, files: OpenFiles, start: Instant) -> Result<Machine
         mut kernel,
         mut initrd,
         console_log,
+        disks,
+        taps,
         ..
     } = files;
     let kvm_sys = Kvm::new().map_err(kvm("open /dev/kvm"))?;
@@ -171,6 +186,55 @@ pub fn build(cfg: &VmConfig, files: OpenFiles, start: Instant) -> Result<Machine
     pio.insert("power", u64::from(layout::POWER), 1, power)?;
     let mut mmio = Bus::new("mmio");
     mmio.insert("boot-timer", layout::BOOT_TIMER, 1, timer)?;
+
+    // virtio-mmio: disks, then NICs, then the entropy device, one slot each.
+    let wanted = disks.len() + taps.len() + usize::from(cfg.rng);
+    if wanted > layout::VIRTIO_MMIO_SLOTS as usize {
+        return Err(BuildError::TooManyDevices(wanted));
+    }
+    let mut virtio_devs: Vec<(&'static str, Box<dyn VirtioDevice>)> = Vec::new();
+    for (i, (file, spec)) in disks.into_iter().zip(&cfg.disks).enumerate() {
+        let slot = virtio_devs.len() as u32;
+        let blk = Block::new(file, spec.readonly)
+            .map_err(|source| BuildError::Virtio { slot, source })?
+            .with_id(&format!("disk{i}"));
+        virtio_devs.push(("virtio-blk", Box::new(blk)));
+    }
+    for (i, (tap, spec)) in taps.into_iter().zip(&cfg.nets).enumerate() {
+        let slot = virtio_devs.len() as u32;
+        let mac = spec.mac.unwrap_or([0x02, 0x56, 0x49, 0x52, 0x45, i as u8]);
+        let net = Net::new(tap, mac).map_err(|source| BuildError::Virtio { slot, source })?;
+        virtio_devs.push(("virtio-net", Box::new(net)));
+    }
+    if cfg.rng {
+        virtio_devs.push(("virtio-rng", Box::new(Rng::new())));
+    }
+    let mut virtio = Vec::new();
+    let mut device_fds = Vec::new();
+    for (index, (name, dev)) in virtio_devs.into_iter().enumerate() {
+        let slot = acpi::VirtioSlot {
+            index: index as u32,
+        };
+        let transport =
+            MmioTransport::new(mem.clone(), irqfd(&vm, slot.gsi())?, dev).map_err(|source| {
+                BuildError::Virtio {
+                    slot: slot.index,
+                    source,
+                }
+            })?;
+        let fds = BusDevice::event_fds(&transport);
+        let shared: SharedDevice = Arc::new(Mutex::new(transport));
+        mmio.insert(name, slot.base(), layout::VIRTIO_MMIO_SIZE, shared.clone())?;
+        device_fds.extend(fds.into_iter().map(|fd| (fd, shared.clone())));
+        tracing::info!(
+            device = name,
+            slot = slot.index,
+            base = format_args!("{:#x}", slot.base()),
+            gsi = slot.gsi(),
+            "virtio-mmio device"
+        );
+        virtio.push(slot);
+    }
     let buses = Arc::new(Buses { pio, mmio });
 
     let entry = load_guest(
@@ -180,6 +244,7 @@ pub fn build(cfg: &VmConfig, files: OpenFiles, start: Instant) -> Result<Machine
         initrd.as_mut(),
         &cfg.cmdline,
         cfg.vcpus,
+        &virtio,
     )?;
 
     let base_cpuid = kvm_sys
@@ -226,6 +291,8 @@ pub fn build(cfg: &VmConfig, files: OpenFiles, start: Instant) -> Result<Machine
         boot_time,
         control,
         vcpus,
+        device_fds,
+        virtio,
         kernel,
         initrd,
         cmdline: cfg.cmdline.clone(),
@@ -259,6 +326,7 @@ impl Machine {
             self.initrd.as_mut(),
             &self.cmdline,
             self.vcpu_count,
+            &self.virtio,
         )
     }
 }

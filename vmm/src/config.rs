@@ -31,6 +31,74 @@ pub struct VmConfig {
     pub on_reboot: OnReboot,
     pub shutdown_timeout: Duration,
     pub seccomp: bool,
+    pub disks: Vec<DiskSpec>,
+    pub nets: Vec<NetSpec>,
+    pub rng: bool,
+}
+
+/// `--disk PATH[,readonly]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    pub path: PathBuf,
+    pub readonly: bool,
+}
+
+/// `--net TAP[,mac=MAC]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetSpec {
+    pub tap: String,
+    pub mac: Option<[u8; 6]>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("--disk {0:?}: expected PATH[,readonly]")]
+    Disk(String),
+    #[error("--net {0:?}: expected TAP[,mac=aa:bb:cc:dd:ee:ff]")]
+    Net(String),
+}
+
+impl DiskSpec {
+    pub fn parse(s: &str) -> Result<Self, SpecError> {
+        let mut parts = s.split(',');
+        let path = parts
+            .next()
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| SpecError::Disk(s.into()))?;
+        let mut readonly = false;
+        for opt in parts {
+            match opt {
+                "readonly" | "ro" => readonly = true,
+                _ => return Err(SpecError::Disk(s.into())),
+            }
+        }
+        Ok(Self {
+            path: path.into(),
+            readonly,
+        })
+    }
+}
+
+impl NetSpec {
+    pub fn parse(s: &str) -> Result<Self, SpecError> {
+        let err = || SpecError::Net(s.into());
+        let mut parts = s.split(',');
+        let tap = parts.next().filter(|p| !p.is_empty()).ok_or_else(err)?;
+        let mut mac = None;
+        for opt in parts {
+            let m = opt.strip_prefix("mac=").ok_or_else(err)?;
+            let bytes: Vec<u8> = m
+                .split(':')
+                .map(|h| u8::from_str_radix(h, 16))
+                .collect::<Result<_, _>>()
+                .map_err(|_| err())?;
+            mac = Some(<[u8; 6]>::try_from(bytes.as_slice()).map_err(|_| err())?);
+        }
+        Ok(Self {
+            tap: tap.into(),
+            mac,
+        })
+    }
 }
 
 /// Every file the VMM uses, opened at start.
@@ -40,6 +108,10 @@ pub struct OpenFiles {
     pub console_log: File,
     pub api: UnixListener,
     pub console: UnixListener,
+    /// One per `--disk`, opened read-write or read-only as asked.
+    pub disks: Vec<File>,
+    /// One per `--net`: the tap's queue descriptor.
+    pub taps: Vec<File>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +168,62 @@ impl VmConfig {
                 })?,
             api: bind(&self.api_socket)?,
             console: bind(&self.console_socket)?,
+            disks: self
+                .disks
+                .iter()
+                .map(|d| {
+                    std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(!d.readonly)
+                        .open(&d.path)
+                        .map_err(|source| OpenError::Open {
+                            path: d.path.clone(),
+                            source,
+                        })
+                })
+                .collect::<Result<_, _>>()?,
+            taps: self
+                .nets
+                .iter()
+                .map(|n| {
+                    vireo_vmm_devices::virtio::tap::open_tap(&n.tap).map_err(|source| {
+                        OpenError::Open {
+                            path: PathBuf::from(format!("tap {}", n.tap)),
+                            source,
+                        }
+                    })
+                })
+                .collect::<Result<_, _>>()?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_specs_parse() {
+        assert_eq!(
+            DiskSpec::parse("/d.raw,readonly").unwrap(),
+            DiskSpec {
+                path: "/d.raw".into(),
+                readonly: true
+            }
+        );
+        assert!(!DiskSpec::parse("/d.raw").unwrap().readonly);
+        assert!(DiskSpec::parse("").is_err() && DiskSpec::parse("/d,rw").is_err());
+        let n = NetSpec::parse("tap0,mac=02:00:00:aa:bb:0c").unwrap();
+        assert_eq!(n.tap, "tap0");
+        assert_eq!(n.mac, Some([2, 0, 0, 0xaa, 0xbb, 0x0c]));
+        assert_eq!(NetSpec::parse("tap1").unwrap().mac, None);
+        for bad in [
+            "",
+            "tap0,mac=02:00",
+            "tap0,mac=zz:00:00:00:00:00",
+            "tap0,speed=10",
+        ] {
+            assert!(NetSpec::parse(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -5,7 +5,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use vireo_vmm::config::{OnReboot, VmConfig};
+use vireo_vmm::config::{DiskSpec, NetSpec, OnReboot, VmConfig};
 use vireo_vmm::exit::{ExitFile, ExitReason, ExitReport};
 
 #[derive(Parser)]
@@ -46,13 +46,13 @@ struct RunArgs {
     /// CPUID features to hide, comma-separated (/proc/cpuinfo names).
     #[arg(long, default_value = "")]
     cpuid_hide: String,
-    /// PATH[,readonly] (virtio-blk; not wired into this build yet).
+    /// PATH[,readonly]: a virtio-blk disk (repeatable).
     #[arg(long)]
     disk: Vec<String>,
-    /// TAP[,mac=MAC] (virtio-net; not wired into this build yet).
+    /// TAP[,mac=MAC]: a virtio-net NIC on an existing tap (repeatable).
     #[arg(long)]
     net: Vec<String>,
-    /// virtio-rng (not wired into this build yet).
+    /// A virtio-rng entropy device.
     #[arg(long)]
     rng: bool,
     #[arg(long)]
@@ -75,11 +75,6 @@ struct RunArgs {
 
 impl RunArgs {
     fn config(&self) -> Result<VmConfig> {
-        if !self.disk.is_empty() || !self.net.is_empty() || self.rng {
-            bail!(
-                "--disk, --net and --rng need the virtio-mmio devices, which this build does not have yet"
-            );
-        }
         if self.vcpus == 0 {
             bail!("--vcpus must be at least 1");
         }
@@ -102,6 +97,17 @@ impl RunArgs {
             },
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_seconds),
             seccomp: !self.no_seccomp,
+            disks: self
+                .disk
+                .iter()
+                .map(|d| DiskSpec::parse(d))
+                .collect::<Result<_, _>>()?,
+            nets: self
+                .net
+                .iter()
+                .map(|n| NetSpec::parse(n))
+                .collect::<Result<_, _>>()?,
+            rng: self.rng,
         })
     }
 }

@@ -36,6 +36,7 @@ const TOKEN_CONSOLE: u64 = 2;
 const TOKEN_EVENTS: u64 = 3;
 const TOKEN_API_CLIENT: u64 = 1 << 32;
 const TOKEN_CONSOLE_CLIENT: u64 = 2 << 32;
+const TOKEN_DEVICE: u64 = 3 << 32;
 const TOKEN_KIND: u64 = !0xffff_ffff;
 
 struct ApiClient {
@@ -80,6 +81,20 @@ impl Vmm {
         add(api.as_raw_fd(), TOKEN_API)?;
         add(console.as_raw_fd(), TOKEN_CONSOLE)?;
         add(machine.events.fd(), TOKEN_EVENTS)?;
+        // Device descriptors (taps) edge-triggered: the device reads until
+        // EAGAIN, or holds a frame until the guest posts buffers.
+        for (i, (fd, _)) in machine.device_fds.iter().enumerate() {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    *fd,
+                    EpollEvent::new(
+                        EventSet::IN | EventSet::EDGE_TRIGGERED,
+                        TOKEN_DEVICE | i as u64,
+                    ),
+                )
+                .map_err(VmmError::Epoll)?;
+        }
 
         let filter = if cfg.seccomp {
             Some(Arc::new(seccomp::filter()?))
@@ -468,6 +483,14 @@ impl Vmm {
                     }
                     (0, TOKEN_EVENTS) => self.on_machine_events(),
                     (TOKEN_API_CLIENT, t) => self.on_api_readable((t & 0xffff_ffff) as RawFd),
+                    (TOKEN_DEVICE, t) => {
+                        if let Some((fd, dev)) =
+                            self.machine.device_fds.get((t & 0xffff_ffff) as usize)
+                        {
+                            lock(dev).handle_event(*fd);
+                        }
+                        None
+                    }
                     (TOKEN_CONSOLE_CLIENT, t) => {
                         self.on_console_readable((t & 0xffff_ffff) as RawFd);
                         None

@@ -99,6 +99,7 @@ fn boot(tag: &str, kernel: &Path, initrd: &Path, kind: KvmKind) -> String {
         } else {
             vec![]
         },
+        ..Opts::default()
     };
     let mut vmm = Vmm::start(tag, opts);
     let started = Instant::now();

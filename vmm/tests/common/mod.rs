@@ -252,6 +252,8 @@ pub struct Opts<'a> {
     pub memory_mib: u64,
     pub vcpus: u32,
     pub extra: Vec<&'a str>,
+    /// Run the VMM in a fresh network namespace holding a tap of this name.
+    pub netns_tap: Option<&'a str>,
 }
 
 impl Default for Opts<'_> {
@@ -263,8 +265,20 @@ impl Default for Opts<'_> {
             memory_mib: 128,
             vcpus: 1,
             extra: Vec::new(),
+            netns_tap: None,
         }
     }
+}
+
+/// Whether this process may create network namespaces with a tap in them.
+pub fn can_make_netns_tap() -> bool {
+    Command::new("unshare")
+        .args(["--net", "sh", "-c", "ip tuntap add vtprobe mode tap"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
 }
 
 impl Vmm {
@@ -290,7 +304,23 @@ impl Vmm {
         let console_log = dir.0.join("console.log");
         let exit_file = dir.0.join("exit.json");
         let stderr_log = dir.0.join("vmm.stderr");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vireo-vmm"));
+        let bin = env!("CARGO_BIN_EXE_vireo-vmm");
+        let mut cmd = match opts.netns_tap {
+            None => Command::new(bin),
+            Some(tap) => {
+                let mut c = Command::new("unshare");
+                c.args([
+                    "--net",
+                    "sh",
+                    "-c",
+                    &format!(
+                        "ip tuntap add {tap} mode tap && ip link set {tap} up && exec \"$0\" \"$@\""
+                    ),
+                    bin,
+                ]);
+                c
+            }
+        };
         cmd.arg("run")
             .arg("--kernel")
             .arg(opts.kernel)
