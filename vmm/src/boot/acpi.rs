@@ -291,4 +291,73 @@ mod tests {
         assert_eq!(cpus, 3);
         assert!(write(&mem, 0, &[]).is_err());
     }
+
+    /// ACPICA's disassembler accepts every table (when `iasl` is installed).
+    #[test]
+    fn iasl_disassembles_the_tables() {
+        if std::process::Command::new("iasl")
+            .arg("-v")
+            .output()
+            .is_err()
+        {
+            eprintln!("SKIP iasl_disassembles_the_tables: iasl (acpica-tools) not installed");
+            return;
+        }
+        let mem = crate::memory::create(64 << 20).unwrap();
+        let slots = [VirtioSlot { index: 0 }, VirtioSlot { index: 1 }];
+        let rsdp = write(&mem, 2, &slots).unwrap();
+        let r = read(&mem, rsdp, 36);
+        let xsdt = table(&mem, u64::from_le_bytes(r[24..32].try_into().unwrap()));
+        let mut tables: Vec<Vec<u8>> = xsdt[36..]
+            .chunks(8)
+            .map(|c| table(&mem, u64::from_le_bytes(c.try_into().unwrap())))
+            .collect();
+        let fadt = tables.iter().find(|t| &t[..4] == b"FACP").unwrap().clone();
+        tables.push(table(
+            &mem,
+            u64::from_le_bytes(fadt[140..148].try_into().unwrap()),
+        ));
+        let dir = std::env::temp_dir().join(format!("vireo-acpi-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for t in &tables {
+            let name = String::from_utf8_lossy(&t[..4]).to_lowercase();
+            let path = dir.join(format!("{name}.dat"));
+            std::fs::write(&path, t).unwrap();
+            let out = std::process::Command::new("iasl")
+                .arg("-d")
+                .arg(&path)
+                .current_dir(&dir)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let dsl = std::fs::read_to_string(dir.join(format!("{name}.dsl"))).unwrap();
+            match name.as_str() {
+                "dsdt" => {
+                    for want in [
+                        "Name (_S5, Package",
+                        "LNRO0005",
+                        "PNP0501",
+                        "PNP0303",
+                        "0xFEB00200",
+                        "0x00000006",
+                    ] {
+                        assert!(dsl.contains(want), "{want} missing:\n{dsl}");
+                    }
+                }
+                "facp" => {
+                    assert!(dsl.contains("Hardware Reduced (V5) : 1"), "{dsl}");
+                    assert!(
+                        !dsl.to_lowercase().contains("checksum is incorrect"),
+                        "{dsl}"
+                    );
+                }
+                _ => assert!(!dsl.to_lowercase().contains("incorrect"), "{dsl}"),
+            }
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }
