@@ -4,10 +4,10 @@
 //!
 //! On hardware KVM both must reach the initramfs (`VIREO-GUEST-READY`). On
 //! PVM (the software KVM of these machines, see /work/shared/KVM-HERE.md)
-//! stock Linux runs slowly and stops early: the test requires what PVM can
-//! show — the `Linux version` banner, our command line and the e820 map on
-//! the console — and then says how far the kernel got and why it stopped,
-//! without failing for that.
+//! stock Linux runs far too slowly to get there: the test requires what PVM
+//! can show — the `Linux version` banner, our command line, the e820 map,
+//! our ACPI tables and both vCPUs found through the MADT — and then says how
+//! far the kernel got and why it stopped, without failing for that.
 
 mod common;
 
@@ -243,8 +243,10 @@ fn debian_cloud_kernel_starts_under_vireo_vmm() {
     }
     if kind == KvmKind::Pvm {
         eprintln!(
-            "NOTE: /dev/kvm here is PVM (software KVM): stock Linux stops early, as \
-             /work/shared/KVM-HERE.md records; on hardware KVM this test waits for VIREO-GUEST-READY"
+            "NOTE: /dev/kvm here is PVM (software KVM): stock Linux runs far too slowly to reach \
+             its initramfs within this test's budget (see /work/shared/KVM-HERE.md; it can also \
+             end in KVM_EXIT_INTERNAL_ERROR, reported as `crashed`); on hardware KVM this test \
+             waits for VIREO-GUEST-READY"
         );
     }
 }
