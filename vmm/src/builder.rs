@@ -163,7 +163,7 @@ pub fn build(cfg: &VmConfig, files: OpenFiles, start: Instant) -> Result<Machine
 
     let events = Arc::new(EventQueue::new().map_err(BuildError::EventFd)?);
     let boot_time = BootTime::new();
-    let console_clients = ConsoleClients::default();
+    let console_clients = ConsoleClients::new().map_err(BuildError::EventFd)?;
     let serial = Arc::new(Mutex::new(SerialDevice::new(
         irqfd(&vm, layout::COM1_GSI)?,
         ConsoleOut::new(console_log, console_clients.clone()),

@@ -8,39 +8,103 @@ use std::io::{self, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-/// The clients attached to the console socket (write side).
-#[derive(Clone, Default)]
-pub struct ConsoleClients(Arc<Mutex<Vec<UnixStream>>>);
+/// Output waiting to go to clients, and the clients.
+struct Inner {
+    clients: Vec<UnixStream>,
+    pending: Vec<u8>,
+}
+
+/// The clients attached to the console socket (write side). Output to them
+/// is batched: the serial port hands over one byte per guest `out`, and one
+/// socket write per byte would be slow and would fill a client's socket
+/// buffer (whose accounting is per write, not per byte) after a few hundred
+/// bytes. The writer queues bytes and wakes the event loop, which sends
+/// them out a moment later ([`ConsoleClients::flush`]); a large backlog is
+/// sent at once.
+#[derive(Clone)]
+pub struct ConsoleClients {
+    inner: Arc<Mutex<Inner>>,
+    wake: Arc<EventFd>,
+}
+
+/// Bytes queued before the writer sends them itself.
+const FLUSH_AT: usize = 4096;
 
 impl ConsoleClients {
+    pub fn new() -> io::Result<Self> {
+        Ok(Self {
+            inner: Arc::new(Mutex::new(Inner {
+                clients: Vec::new(),
+                pending: Vec::new(),
+            })),
+            wake: Arc::new(EventFd::new(EFD_NONBLOCK)?),
+        })
+    }
+
+    /// Readable when output is queued.
+    pub fn wake_fd(&self) -> RawFd {
+        self.wake.as_raw_fd()
+    }
+
     pub fn add(&self, stream: UnixStream) {
-        crate::bus::lock(&self.0).push(stream);
+        crate::bus::lock(&self.inner).clients.push(stream);
     }
 
     pub fn remove(&self, fd: RawFd) {
-        crate::bus::lock(&self.0).retain(|s| s.as_raw_fd() != fd);
+        crate::bus::lock(&self.inner)
+            .clients
+            .retain(|s| s.as_raw_fd() != fd);
     }
 
     pub fn len(&self) -> usize {
-        crate::bus::lock(&self.0).len()
+        crate::bus::lock(&self.inner).clients.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    fn broadcast(&self, buf: &[u8]) {
-        let mut clients = crate::bus::lock(&self.0);
+    fn queue(&self, buf: &[u8]) {
+        let mut inner = crate::bus::lock(&self.inner);
+        if inner.clients.is_empty() {
+            return;
+        }
+        let was_empty = inner.pending.is_empty();
+        inner.pending.extend_from_slice(buf);
+        if inner.pending.len() >= FLUSH_AT {
+            Self::send(&mut inner);
+        } else if was_empty {
+            let _ = self.wake.write(1);
+        }
+    }
+
+    /// Clears the wake-up (the caller will flush later).
+    pub fn ack_wake(&self) {
+        let _ = self.wake.read();
+    }
+
+    /// Sends queued output to every client.
+    pub fn flush(&self) {
+        let _ = self.wake.read();
+        Self::send(&mut crate::bus::lock(&self.inner));
+    }
+
+    fn send(inner: &mut Inner) {
+        let Inner { clients, pending } = inner;
+        if pending.is_empty() {
+            return;
+        }
         clients.retain_mut(|c| {
-            match c.write(buf) {
-                Ok(_) => true,
-                // Slow reader: drop this chunk for it, keep the client.
+            match c.write_all(pending) {
+                Ok(()) => true,
+                // Slow reader: it loses (part of) this chunk, stays attached.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => true,
                 Err(_) => false,
             }
         });
+        pending.clear();
     }
 }
 
@@ -58,10 +122,11 @@ impl ConsoleOut {
 
 impl Write for ConsoleOut {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // The log gets every byte at once: it is what survives a crash.
         if let Err(e) = self.log.write_all(buf) {
             tracing::debug!(error = %e, "console log write failed");
         }
-        self.clients.broadcast(buf);
+        self.clients.queue(buf);
         Ok(buf.len())
     }
 
@@ -81,7 +146,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let log_path = dir.join("log");
         let log = File::create(&log_path).unwrap();
-        let clients = ConsoleClients::default();
+        let clients = ConsoleClients::new().unwrap();
         let (a, mut a_peer) = UnixStream::pair().unwrap();
         let (b, b_peer) = UnixStream::pair().unwrap();
         a.set_nonblocking(true).unwrap();
@@ -90,7 +155,9 @@ mod tests {
         clients.add(b);
         drop(b_peer);
         let mut out = ConsoleOut::new(log, clients.clone());
-        out.write_all(b"hello").unwrap();
+        out.write_all(b"hel").unwrap();
+        out.write_all(b"lo").unwrap();
+        clients.flush();
         let mut buf = [0u8; 5];
         a_peer.read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"hello");

@@ -37,7 +37,13 @@ const TOKEN_EVENTS: u64 = 3;
 const TOKEN_API_CLIENT: u64 = 1 << 32;
 const TOKEN_CONSOLE_CLIENT: u64 = 2 << 32;
 const TOKEN_DEVICE: u64 = 3 << 32;
+const TOKEN_CONSOLE_OUT: u64 = 4;
+/// How long console output may gather before it goes to clients.
+const CONSOLE_BATCH: Duration = Duration::from_millis(2);
 const TOKEN_KIND: u64 = !0xffff_ffff;
+/// Console input held while the guest's receive FIFO is full.
+const CONSOLE_PENDING_MAX: usize = 64 * 1024;
+const CONSOLE_RETRY_MS: i32 = 5;
 
 struct ApiClient {
     stream: UnixStream,
@@ -54,6 +60,8 @@ pub struct Vmm {
     console: UnixListener,
     api_clients: HashMap<RawFd, ApiClient>,
     console_inputs: HashMap<RawFd, UnixStream>,
+    console_pending: std::collections::VecDeque<u8>,
+    console_flush_at: Option<Instant>,
     state: RunState,
     shutdown_deadline: Option<Instant>,
     on_reboot: OnReboot,
@@ -81,6 +89,7 @@ impl Vmm {
         add(api.as_raw_fd(), TOKEN_API)?;
         add(console.as_raw_fd(), TOKEN_CONSOLE)?;
         add(machine.events.fd(), TOKEN_EVENTS)?;
+        add(machine.console_clients.wake_fd(), TOKEN_CONSOLE_OUT)?;
         // Device descriptors (taps) edge-triggered: the device reads until
         // EAGAIN, or holds a frame until the guest posts buffers.
         for (i, (fd, _)) in machine.device_fds.iter().enumerate() {
@@ -135,6 +144,8 @@ impl Vmm {
             console,
             api_clients: HashMap::new(),
             console_inputs: HashMap::new(),
+            console_pending: std::collections::VecDeque::new(),
+            console_flush_at: None,
             state: RunState::Running,
             shutdown_deadline: None,
             on_reboot: cfg.on_reboot,
@@ -402,13 +413,14 @@ impl Vmm {
                         break;
                     }
                     Ok(n) => {
-                        let queued = lock(&self.machine.serial).enqueue_input(&chunk[..n]);
-                        if queued < n {
+                        let room = CONSOLE_PENDING_MAX.saturating_sub(self.console_pending.len());
+                        if room < n {
                             tracing::debug!(
-                                dropped = n - queued,
-                                "serial receive FIFO full; input dropped"
+                                dropped = n - room,
+                                "console input backlog full; input dropped"
                             );
                         }
+                        self.console_pending.extend(&chunk[..n.min(room)]);
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -422,6 +434,18 @@ impl Vmm {
         if close {
             self.drop_client(fd);
         }
+        self.feed_console();
+    }
+
+    /// Moves queued console input into the serial receive FIFO as far as it
+    /// has room (the rest waits for the guest to read).
+    fn feed_console(&mut self) {
+        if self.console_pending.is_empty() {
+            return;
+        }
+        let (front, _) = self.console_pending.as_slices();
+        let queued = lock(&self.machine.serial).enqueue_input(front);
+        self.console_pending.drain(..queued);
     }
 
     fn on_machine_events(&mut self) -> Option<ExitReport> {
@@ -455,7 +479,8 @@ impl Vmm {
                     "the guest did not power off within the shutdown timeout",
                 );
             }
-            let timeout = self
+            self.feed_console();
+            let mut timeout = self
                 .shutdown_deadline
                 .map(|d| {
                     d.saturating_duration_since(Instant::now())
@@ -464,6 +489,23 @@ impl Vmm {
                         + 1
                 })
                 .unwrap_or(-1);
+            if let Some(at) = self.console_flush_at {
+                if Instant::now() >= at {
+                    self.machine.console_clients.flush();
+                    self.console_flush_at = None;
+                } else {
+                    let ms = at.saturating_duration_since(Instant::now()).as_millis() as i32 + 1;
+                    timeout = if timeout < 0 { ms } else { timeout.min(ms) };
+                }
+            }
+            if !self.console_pending.is_empty() {
+                // Input is waiting for room in the guest's FIFO: look again soon.
+                timeout = if timeout < 0 {
+                    CONSOLE_RETRY_MS
+                } else {
+                    timeout.min(CONSOLE_RETRY_MS)
+                };
+            }
             let n = match self.epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -482,6 +524,14 @@ impl Vmm {
                         None
                     }
                     (0, TOKEN_EVENTS) => self.on_machine_events(),
+                    (0, TOKEN_CONSOLE_OUT) => {
+                        // Output is queued: send it once a little more has gathered.
+                        self.machine.console_clients.ack_wake();
+                        if self.console_flush_at.is_none() {
+                            self.console_flush_at = Some(Instant::now() + CONSOLE_BATCH);
+                        }
+                        None
+                    }
                     (TOKEN_API_CLIENT, t) => self.on_api_readable((t & 0xffff_ffff) as RawFd),
                     (TOKEN_DEVICE, t) => {
                         if let Some((fd, dev)) =
@@ -509,6 +559,8 @@ impl Vmm {
         if let Some(v) = self.vcpus.take() {
             v.stop();
         }
+        // The guest's last words reach attached clients too.
+        self.machine.console_clients.flush();
         for s in &self.sockets {
             let _ = std::fs::remove_file(s);
         }

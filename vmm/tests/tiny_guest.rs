@@ -183,19 +183,30 @@ fn console_socket_fans_out_and_feeds_the_guest() {
     let mut b = console_client(&vmm.console_socket);
     // Let the VMM register both clients before the guest answers.
     std::thread::sleep(Duration::from_millis(200));
-    a.write_all(b"hello from a").unwrap();
-    let got_a = read_until(&mut a, "hello from a", T);
-    let got_b = read_until(&mut b, "hello from a", T);
-    assert!(got_a.contains("hello from a"), "{got_a:?}");
+    // Far more than the 16550's 64-byte FIFO: the VMM holds the rest until
+    // the guest has read what came before.
+    // Digits only: the guest powers off on 'q'.
+    let long: String = (0..900)
+        .map(|i| char::from(b'0' + (i % 10) as u8))
+        .collect();
+    let text = format!("hello from a {long} END");
+    a.write_all(text.as_bytes()).unwrap();
+    let got_a = read_until(&mut a, "END", T);
+    let got_b = read_until(&mut b, "END", T);
+    assert!(got_a.contains(&text), "{got_a:?}");
     assert!(
-        got_b.contains("hello from a"),
+        got_b.contains(&text),
         "second client sees the echo too: {got_b:?}"
     );
     b.write_all(b"q").unwrap();
     let (status, exit) = vmm.wait_exit(T);
     assert!(status.success());
     assert_eq!(exit["reason"], "poweroff");
-    assert!(vmm.console().contains("hello from aq"), "{}", vmm.console());
+    assert!(
+        vmm.console().contains(&format!("{text}q")),
+        "{}",
+        vmm.console()
+    );
 }
 
 /// Polls the i8042 and powers off when the last byte of Ctrl-Alt-Del
