@@ -102,26 +102,37 @@ pub struct Machine {
     /// Descriptors devices want watched (taps), with their device.
     pub device_fds: Vec<(RawFd, SharedDevice)>,
     virtio: Vec<acpi::VirtioSlot>,
-    kernel: File,
-    initrd: Option<File>,
-    cmdline: String,
+    boot_source: BootSource,
     vcpu_count: u32,
     irqchip: IrqchipSnapshot,
     // Kept last: dropped after the VM fd.
     _kvm: Kvm,
 }
 
+/// What is booted: kept open for the life of the VM, reread on reset.
+struct BootSource {
+    kernel: File,
+    initrd: Option<File>,
+    cmdline: String,
+    elf_entry: boot::loader::ElfEntry,
+}
+
 /// Loads kernel, initrd, command line, boot structures and ACPI tables.
 fn load_guest(
     mem: &GuestMemory,
     memory_bytes: u64,
-    kernel: &mut File,
-    initrd: Option<&mut File>,
-    cmdline: &str,
+    src: &mut BootSource,
     vcpus: u32,
     virtio: &[acpi::VirtioSlot],
 ) -> Result<Entry, BuildError> {
-    let loaded = boot::loader::load(mem, memory_bytes, kernel, initrd, cmdline)?;
+    let loaded = boot::loader::load(
+        mem,
+        memory_bytes,
+        &mut src.kernel,
+        src.initrd.as_mut(),
+        &src.cmdline,
+        src.elf_entry,
+    )?;
     regs::write_boot_structures(mem, loaded.entry)?;
     acpi::write(mem, vcpus, virtio)?;
     tracing::info!(
@@ -137,8 +148,8 @@ fn load_guest(
 /// `start` is when the process started (the boot timer's zero).
 pub fn build(cfg: &VmConfig, files: OpenFiles, start: Instant) -> Result<Machine, BuildError> {
     let OpenFiles {
-        mut kernel,
-        mut initrd,
+        kernel,
+        initrd,
         console_log,
         disks,
         taps,
@@ -237,15 +248,13 @@ pub fn build(cfg: &VmConfig, files: OpenFiles, start: Instant) -> Result<Machine
     }
     let buses = Arc::new(Buses { pio, mmio });
 
-    let entry = load_guest(
-        &mem,
-        cfg.memory_bytes,
-        &mut kernel,
-        initrd.as_mut(),
-        &cfg.cmdline,
-        cfg.vcpus,
-        &virtio,
-    )?;
+    let mut boot_source = BootSource {
+        kernel,
+        initrd,
+        cmdline: cfg.cmdline.clone(),
+        elf_entry: cfg.elf_entry,
+    };
+    let entry = load_guest(&mem, cfg.memory_bytes, &mut boot_source, cfg.vcpus, &virtio)?;
 
     let base_cpuid = kvm_sys
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -293,9 +302,7 @@ pub fn build(cfg: &VmConfig, files: OpenFiles, start: Instant) -> Result<Machine
         vcpus,
         device_fds,
         virtio,
-        kernel,
-        initrd,
-        cmdline: cfg.cmdline.clone(),
+        boot_source,
         vcpu_count: cfg.vcpus,
         irqchip: IrqchipSnapshot { chips, pit },
         _kvm: kvm_sys,
@@ -322,9 +329,7 @@ impl Machine {
         load_guest(
             &self.mem,
             self.memory_bytes,
-            &mut self.kernel,
-            self.initrd.as_mut(),
-            &self.cmdline,
+            &mut self.boot_source,
             self.vcpu_count,
             &self.virtio,
         )

@@ -34,6 +34,7 @@ pub struct VmConfig {
     pub disks: Vec<DiskSpec>,
     pub nets: Vec<NetSpec>,
     pub rng: bool,
+    pub elf_entry: crate::boot::loader::ElfEntry,
 }
 
 /// `--disk PATH[,readonly]`

@@ -5,6 +5,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use vireo_vmm::boot::loader::ElfEntry;
 use vireo_vmm::config::{DiskSpec, NetSpec, OnReboot, VmConfig};
 use vireo_vmm::exit::{ExitFile, ExitReason, ExitReport};
 
@@ -28,6 +29,13 @@ enum Command {
 enum OnRebootArg {
     Restart,
     Destroy,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ElfEntryArg {
+    Auto,
+    Linux64,
+    Pvh,
 }
 
 #[derive(Args)]
@@ -68,6 +76,10 @@ struct RunArgs {
     /// Default timeout of a shutdown request that names none.
     #[arg(long, default_value_t = 30)]
     shutdown_timeout_seconds: u64,
+    /// Which entry of an ELF kernel to use: PVH when it has the note (auto),
+    /// or always one of them.
+    #[arg(long, value_enum, default_value = "auto")]
+    elf_entry: ElfEntryArg,
     /// Do not install the seccomp filter (debugging only).
     #[arg(long)]
     no_seccomp: bool,
@@ -108,6 +120,11 @@ impl RunArgs {
                 .map(|n| NetSpec::parse(n))
                 .collect::<Result<_, _>>()?,
             rng: self.rng,
+            elf_entry: match self.elf_entry {
+                ElfEntryArg::Auto => ElfEntry::Auto,
+                ElfEntryArg::Linux64 => ElfEntry::Linux64,
+                ElfEntryArg::Pvh => ElfEntry::Pvh,
+            },
         })
     }
 }

@@ -201,3 +201,44 @@ fn test_guest_drives_virtio_disks_net_and_rng() {
     assert!((17..512).all(|i| disk[512 + i] == (i & 0xff) as u8));
     assert_eq!(std::fs::read(&ro).unwrap(), ro_content);
 }
+
+#[test]
+fn test_guest_through_its_64_bit_entry() {
+    if !kvm_available("test_guest_through_its_64_bit_entry") {
+        return;
+    }
+    let out = TempDir::new("guest-build4");
+    let Some(guest) = build_guest(&out.0) else {
+        return;
+    };
+    let opts = Opts {
+        kernel: &guest,
+        cmdline: Some("console=ttyS0 vireo.poweroff=1"),
+        memory_mib: 256,
+        extra: vec!["--elf-entry", "linux64"],
+        ..Opts::default()
+    };
+    let mut vmm = Vmm::start("test-guest-linux64", opts);
+    let (status, exit) = vmm.wait_exit(T);
+    let console = vmm.console();
+    assert!(status.success(), "{console}");
+    assert_eq!(exit["reason"], "poweroff");
+    // The zero page's command line and e820 table, as the guest read them.
+    assert!(console.contains("VIREO-TEST entry: linux64\n"), "{console}");
+    assert!(
+        console.contains("VIREO-TEST cmdline: console=ttyS0 vireo.poweroff=1\n"),
+        "{console}"
+    );
+    assert!(
+        console.contains(&format!(
+            "VIREO-TEST memory: {} KiB in 3 e820 entries",
+            usable_kib(256)
+        )),
+        "{console}"
+    );
+    assert!(
+        vmm.stderr().contains("64-bit entry at 0x"),
+        "{}",
+        vmm.stderr()
+    );
+}

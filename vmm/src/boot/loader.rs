@@ -32,6 +32,8 @@ pub enum LoadError {
     InitrdTooBig { size: u64, limit: u64 },
     #[error("writing boot information into guest memory: {0}")]
     Memory(#[from] vm_memory::GuestMemoryError),
+    #[error("--elf-entry pvh: the kernel has no PVH (Xen PHYS32_ENTRY) note")]
+    NoPvhNote,
     #[error("the memory map has {0} entries, more than the boot protocol carries")]
     TooManyE820(usize),
 }
@@ -75,6 +77,18 @@ struct ModlistEntry(hvm_modlist_entry);
 // padding, any bit pattern valid.
 unsafe impl ByteValued for ModlistEntry {}
 
+/// Which entry of an ELF kernel to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ElfEntry {
+    /// PVH if the ELF has the note, else the 64-bit entry.
+    #[default]
+    Auto,
+    /// Always `e_entry` in long mode with a zero page.
+    Linux64,
+    /// The PVH note's entry; an ELF without one is an error.
+    Pvh,
+}
+
 /// Loads `kernel` (ELF, PVH ELF or bzImage), `initrd` and `cmdline` into `mem`
 /// for a guest of `mem_bytes` RAM, and says how to enter it. Files are read
 /// from their start, so the same handles serve a reset.
@@ -84,6 +98,7 @@ pub fn load(
     kernel: &mut File,
     initrd: Option<&mut File>,
     cmdline: &str,
+    elf_entry: ElfEntry,
 ) -> Result<Loaded, LoadError> {
     let mut magic = [0u8; 4];
     kernel.seek(SeekFrom::Start(0))?;
@@ -117,8 +132,15 @@ pub fn load(
     };
     let map = e820::entries(mem_bytes);
 
-    let entry = match (is_elf, result.pvh_boot_cap) {
-        (true, PvhBootCapability::PvhEntryPresent(rip)) => {
+    let pvh = match (is_elf, result.pvh_boot_cap, elf_entry) {
+        (true, PvhBootCapability::PvhEntryPresent(rip), ElfEntry::Auto | ElfEntry::Pvh) => {
+            Some(rip)
+        }
+        (true, _, ElfEntry::Pvh) => return Err(LoadError::NoPvhNote),
+        _ => None,
+    };
+    let entry = match pvh {
+        Some(rip) => {
             write_pvh(mem, &map, initrd)?;
             Entry::Pvh {
                 rip: rip.0,
