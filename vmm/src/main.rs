@@ -184,6 +184,16 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    // A panic anywhere (it would be a VMM bug; guests cannot cause one) must
+    // not leave a half-alive VMM behind, e.g. a vCPU thread gone while the
+    // event loop serves on: log it and abort, which the driver sees as a
+    // VMM killed by a signal, i.e. `crashed`.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        tracing::error!("vireo-vmm panicked: {info}; aborting");
+        std::process::abort();
+    }));
     let code = match cli.command {
         Command::Probe => {
             println!("{}", vireo_vmm::probe::probe().describe());
