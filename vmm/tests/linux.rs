@@ -103,7 +103,7 @@ fn boot(tag: &str, kernel: &Path, initrd: &Path, kind: KvmKind) -> String {
     };
     let mut vmm = Vmm::start(tag, opts);
     let started = Instant::now();
-    let early = if kind == KvmKind::Pvm { 150 } else { 60 };
+    let early = if kind == KvmKind::Pvm { 200 } else { 60 };
     let banner_deadline = started + Duration::from_secs(early);
     // Wait for the banner, command line and e820 map (or the VMM's exit).
     // Whole lines where it matters: the console is written byte by byte.
@@ -139,11 +139,11 @@ fn boot(tag: &str, kernel: &Path, initrd: &Path, kind: KvmKind) -> String {
             Some(_) => std::fs::read_to_string(&vmm.exit_file).unwrap_or_default(),
             None => "still running".into(),
         };
-        if kind == KvmKind::Pvm && console.is_empty() && tag == "linux-bzimage" {
-            // Known on PVM: the bzImage decompressor makes no visible
-            // progress (QEMU -accel kvm on this host behaves the same).
+        if kind == KvmKind::Pvm && exited.is_none() && tag == "linux-bzimage" {
+            // Known on PVM: the bzImage decompressor crawls under PVM's
+            // instruction emulation (~110 s here on a quiet machine).
             return format!(
-                "{tag}: PVM showed nothing on the console in {early} s (the decompressor does not get far on PVM; exit: {why})"
+                "{tag}: no kernel banner within {early} s on PVM (the decompressor is slow there); last line: {last}"
             );
         }
         panic!(
