@@ -190,10 +190,14 @@ fn boot(tag: &str, kernel: &Path, initrd: &Path, kind: KvmKind) -> String {
         .unwrap_or("")
         .to_string();
     let stop = match vmm.child.try_wait() {
-        Ok(Some(_)) => {
-            let exit = std::fs::read_to_string(&vmm.exit_file).unwrap_or_default();
-            format!("VMM exited: {}", exit.trim())
-        }
+        Ok(Some(status)) => match std::fs::read_to_string(&vmm.exit_file) {
+            Ok(exit) => format!("VMM exited ({status}): {}", exit.trim()),
+            Err(e) => {
+                let stderr = vmm.stderr();
+                let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
+                format!("VMM exited ({status}) without an exit file ({e}); stderr ends: {tail:?}")
+            }
+        },
         _ => {
             let mut api = vmm.connect_api();
             let info = api.call(r#"{"command":"info"}"#);
