@@ -1,9 +1,13 @@
-//! `vireo-vmm`: the micro-VMM arrives with the kvm-driver issue. Today it
-//! reports what kind of KVM this host offers, which tests use to decide what
-//! they can boot.
+//! `vireo-vmm`: one process per running VM (see docs/vmm.md), plus `probe`,
+//! which reports what kind of KVM this host offers.
 
-use anyhow::Result;
-use clap::{Parser, Subcommand};
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use vireo_vmm::boot::loader::ElfEntry;
+use vireo_vmm::config::{DiskSpec, NetSpec, OnReboot, VmConfig};
+use vireo_vmm::exit::{ExitFile, ExitReason, ExitReport};
 
 #[derive(Parser)]
 #[command(version, about = "Vireo's micro-VMM on /dev/kvm", long_about = None)]
@@ -16,11 +20,186 @@ struct Cli {
 enum Command {
     /// Say whether /dev/kvm is hardware KVM, software KVM (PVM) or absent.
     Probe,
+    /// Run one VM until it powers off, reboots (with --on-reboot destroy),
+    /// is destroyed, or crashes.
+    Run(Box<RunArgs>),
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().command {
-        Command::Probe => println!("{}", vireo_vmm::probe::probe().describe()),
+#[derive(Clone, Copy, ValueEnum)]
+enum OnRebootArg {
+    Restart,
+    Destroy,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ElfEntryArg {
+    Auto,
+    Linux64,
+    Pvh,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Kernel: bzImage, ELF vmlinux, or an ELF with a PVH entry note.
+    #[arg(long)]
+    kernel: PathBuf,
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    #[arg(long, default_value = "console=ttyS0 panic=1")]
+    cmdline: String,
+    #[arg(long)]
+    memory_mib: u64,
+    #[arg(long)]
+    vcpus: u32,
+    /// CPUID features to hide, comma-separated (/proc/cpuinfo names).
+    #[arg(long, default_value = "")]
+    cpuid_hide: String,
+    /// PATH[,readonly]: a virtio-blk disk (repeatable).
+    #[arg(long)]
+    disk: Vec<String>,
+    /// TAP[,mac=MAC]: a virtio-net NIC on an existing tap (repeatable).
+    #[arg(long)]
+    net: Vec<String>,
+    /// A virtio-rng entropy device.
+    #[arg(long)]
+    rng: bool,
+    #[arg(long)]
+    api_socket: PathBuf,
+    #[arg(long)]
+    console_log: PathBuf,
+    #[arg(long)]
+    console_socket: PathBuf,
+    #[arg(long)]
+    exit_file: PathBuf,
+    #[arg(long, value_enum, default_value = "restart")]
+    on_reboot: OnRebootArg,
+    /// Default timeout of a shutdown request that names none.
+    #[arg(long, default_value_t = 30)]
+    shutdown_timeout_seconds: u64,
+    /// Which entry of an ELF kernel to use: PVH when it has the note (auto),
+    /// or always one of them.
+    #[arg(long, value_enum, default_value = "auto")]
+    elf_entry: ElfEntryArg,
+    /// Do not install the seccomp filter (debugging only).
+    #[arg(long)]
+    no_seccomp: bool,
+}
+
+impl RunArgs {
+    fn config(&self) -> Result<VmConfig> {
+        if self.vcpus == 0 {
+            bail!("--vcpus must be at least 1");
+        }
+        Ok(VmConfig {
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            cmdline: self.cmdline.clone(),
+            memory_bytes: self
+                .memory_mib
+                .checked_mul(1 << 20)
+                .context("--memory-mib too large")?,
+            vcpus: self.vcpus,
+            cpuid_hide: vireo_vmm::vcpu::cpuid::parse_hide(&self.cpuid_hide)?,
+            api_socket: self.api_socket.clone(),
+            console_log: self.console_log.clone(),
+            console_socket: self.console_socket.clone(),
+            on_reboot: match self.on_reboot {
+                OnRebootArg::Restart => OnReboot::Restart,
+                OnRebootArg::Destroy => OnReboot::Destroy,
+            },
+            shutdown_timeout: Duration::from_secs(self.shutdown_timeout_seconds),
+            seccomp: !self.no_seccomp,
+            disks: self
+                .disk
+                .iter()
+                .map(|d| DiskSpec::parse(d))
+                .collect::<Result<_, _>>()?,
+            nets: self
+                .net
+                .iter()
+                .map(|n| NetSpec::parse(n))
+                .collect::<Result<_, _>>()?,
+            rng: self.rng,
+            elf_entry: match self.elf_entry {
+                ElfEntryArg::Auto => ElfEntry::Auto,
+                ElfEntryArg::Linux64 => ElfEntry::Linux64,
+                ElfEntryArg::Pvh => ElfEntry::Pvh,
+            },
+        })
     }
-    Ok(())
+}
+
+fn run(args: RunArgs, start: Instant) -> i32 {
+    // The exit file first, so that even a start error is reported in it.
+    let exit_file = match ExitFile::create(&args.exit_file) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!(
+                "vireo-vmm: creating the exit file {}: {e}",
+                args.exit_file.display()
+            );
+            return 1;
+        }
+    };
+    let result = (|| -> Result<ExitReport> {
+        let cfg = args.config()?;
+        let files = cfg
+            .open_files()
+            .context("opening the files on the command line")?;
+        let vmm = vireo_vmm::vmm::Vmm::start(&cfg, files, start).context("starting the VM")?;
+        tracing::info!(
+            pid = std::process::id(),
+            vcpus = cfg.vcpus,
+            memory_mib = cfg.memory_bytes >> 20,
+            "VM running"
+        );
+        Ok(vmm.run())
+    })();
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vireo-vmm: {e:#}");
+            ExitReport {
+                reason: ExitReason::Crashed,
+                detail: format!("{e:#}"),
+                boot_time_us: None,
+            }
+        }
+    };
+    if let Err(e) = exit_file.write(&report) {
+        eprintln!("vireo-vmm: writing the exit file: {e}");
+    }
+    report.reason.code()
+}
+
+fn main() {
+    // The boot timer's zero: taken before anything else happens.
+    let start = Instant::now();
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VIREO_VMM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    // A panic anywhere (it would be a VMM bug; guests cannot cause one) must
+    // not leave a half-alive VMM behind, e.g. a vCPU thread gone while the
+    // event loop serves on: log it and abort, which the driver sees as a
+    // VMM killed by a signal, i.e. `crashed`.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        tracing::error!("vireo-vmm panicked: {info}; aborting");
+        std::process::abort();
+    }));
+    let code = match cli.command {
+        Command::Probe => {
+            println!("{}", vireo_vmm::probe::probe().describe());
+            0
+        }
+        Command::Run(args) => run(*args, start),
+    };
+    std::process::exit(code);
 }

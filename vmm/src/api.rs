@@ -1,0 +1,103 @@
+//! The control API: one JSON object per line each way on a unix socket
+//! (docs/vmm.md lists the requests). This module parses requests and shapes
+//! answers; the event loop ([`crate::vmm`]) carries them out.
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+/// A request from a client.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case")]
+pub enum Request {
+    Info,
+    Pause,
+    Resume,
+    Shutdown { timeout_seconds: Option<u64> },
+    Reset,
+    Destroy,
+}
+
+/// The machine state `info` reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    Running,
+    Paused,
+    ShuttingDown,
+}
+
+impl RunState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::ShuttingDown => "shutting-down",
+        }
+    }
+}
+
+/// What `info` answers.
+#[derive(Debug, Clone, Copy)]
+pub struct Info {
+    pub state: RunState,
+    pub memory_bytes: u64,
+    pub vcpus: u32,
+    pub cpu_time_ns: u64,
+    pub boot_time_us: Option<u64>,
+    pub pid: u32,
+}
+
+/// Parses one line.
+pub fn parse(line: &str) -> Result<Request, String> {
+    serde_json::from_str(line.trim()).map_err(|e| format!("bad request: {e}"))
+}
+
+pub fn ok() -> Value {
+    json!({"ok": true})
+}
+
+pub fn error(msg: impl Into<String>) -> Value {
+    json!({"ok": false, "error": msg.into()})
+}
+
+pub fn info(i: &Info) -> Value {
+    json!({
+        "ok": true,
+        "state": i.state.as_str(),
+        "memory_bytes": i.memory_bytes,
+        "vcpus": i.vcpus,
+        "cpu_time_ns": i.cpu_time_ns,
+        "boot_time_us": i.boot_time_us,
+        "pid": i.pid,
+    })
+}
+
+/// Longest request line accepted.
+pub const MAX_LINE: usize = 64 * 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_contract_requests() {
+        assert_eq!(parse(r#"{"command": "info"}"#), Ok(Request::Info));
+        assert_eq!(parse(r#"{"command":"pause"}"#), Ok(Request::Pause));
+        assert_eq!(parse(r#"{"command":"resume"}"#), Ok(Request::Resume));
+        assert_eq!(
+            parse(r#"{"command":"shutdown","timeout_seconds":7}"#),
+            Ok(Request::Shutdown {
+                timeout_seconds: Some(7)
+            })
+        );
+        assert_eq!(parse(r#"{"command":"reset"}"#), Ok(Request::Reset));
+        assert_eq!(parse(r#"{"command":"destroy"}"#), Ok(Request::Destroy));
+        for bad in ["", "{}", "[]", r#"{"command":"explode"}"#, "nonsense"] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+        // Extra fields are tolerated (clients may send more than we read).
+        assert_eq!(parse(r#"{"command":"info","x":1}"#), Ok(Request::Info));
+        let e = error("nope");
+        assert_eq!(e["ok"], false);
+        assert_eq!(e["error"], "nope");
+    }
+}

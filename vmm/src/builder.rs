@@ -1,0 +1,337 @@
+//! Builds the machine: a KVM VM with its irqchip and PIT, guest memory, the
+//! legacy devices on their buses, the loaded kernel and boot tables, and
+//! configured vCPUs (not yet running).
+
+use crate::boot::{self, Entry, acpi, layout};
+use crate::bus::{Bus, BusError, Buses, SharedDevice};
+use crate::config::{OpenFiles, VmConfig};
+use crate::console::{ConsoleClients, ConsoleOut};
+use crate::events::EventQueue;
+use crate::memory::{self, GuestMemory};
+use crate::vcpu::{self, Vcpu, VcpuControl, cpuid, regs};
+use kvm_bindings::{
+    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_irqchip, kvm_pit_config, kvm_pit_state2,
+};
+use kvm_ioctls::{Kvm, VmFd};
+use std::fs::File;
+use std::os::fd::RawFd;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use vireo_vmm_devices::bus::{BusDevice, IrqLine};
+use vireo_vmm_devices::legacy::boot_timer::{BootTime, BootTimer};
+use vireo_vmm_devices::legacy::i8042::I8042;
+use vireo_vmm_devices::legacy::power::PowerDevice;
+use vireo_vmm_devices::legacy::serial::{SERIAL_REGISTERS, SerialDevice};
+use vireo_vmm_devices::virtio::{Block, MmioTransport, Net, Rng, VirtioDevice};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("KVM {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    #[error(transparent)]
+    Load(#[from] boot::loader::LoadError),
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    #[error(transparent)]
+    Regs(#[from] regs::RegsError),
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::VcpuError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("creating an eventfd: {0}")]
+    EventFd(std::io::Error),
+    #[error("zeroing guest memory: {0}")]
+    Zero(std::io::Error),
+    #[error("virtio device in slot {slot}: {source}")]
+    Virtio {
+        slot: u32,
+        source: vireo_vmm_devices::virtio::Error,
+    },
+    #[error("{0} virtio devices asked for; there are {max} slots", max = layout::VIRTIO_MMIO_SLOTS)]
+    TooManyDevices(usize),
+}
+
+fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BuildError {
+    move |source| BuildError::Kvm { what, source }
+}
+
+/// An interrupt line backed by an irqfd.
+pub struct IrqFd(EventFd);
+
+impl IrqLine for IrqFd {
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+fn irqfd(vm: &VmFd, gsi: u32) -> Result<Arc<IrqFd>, BuildError> {
+    let efd = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+    vm.register_irqfd(&efd, gsi)
+        .map_err(kvm("register irqfd"))?;
+    Ok(Arc::new(IrqFd(efd)))
+}
+
+/// The serial device as the VMM holds it.
+pub type Serial = SerialDevice<ConsoleOut>;
+
+/// Interrupt-controller state right after creation, restored by a reset.
+struct IrqchipSnapshot {
+    chips: Vec<kvm_irqchip>,
+    pit: kvm_pit_state2,
+}
+
+/// Everything that makes up the guest, before its vCPUs run.
+pub struct Machine {
+    pub vm: VmFd,
+    pub mem: GuestMemory,
+    pub memory_bytes: u64,
+    pub buses: Arc<Buses>,
+    pub serial: Arc<Mutex<Serial>>,
+    pub i8042: Arc<Mutex<I8042>>,
+    pub console_clients: ConsoleClients,
+    pub events: Arc<EventQueue>,
+    pub boot_time: BootTime,
+    pub control: Arc<VcpuControl>,
+    pub vcpus: Vec<Vcpu>,
+    /// Descriptors devices want watched (taps), with their device.
+    pub device_fds: Vec<(RawFd, SharedDevice)>,
+    virtio: Vec<acpi::VirtioSlot>,
+    boot_source: BootSource,
+    vcpu_count: u32,
+    irqchip: IrqchipSnapshot,
+    // Kept last: dropped after the VM fd.
+    _kvm: Kvm,
+}
+
+/// What is booted: kept open for the life of the VM, reread on reset.
+struct BootSource {
+    kernel: File,
+    initrd: Option<File>,
+    cmdline: String,
+    elf_entry: boot::loader::ElfEntry,
+}
+
+/// Loads kernel, initrd, command line, boot structures and ACPI tables.
+fn load_guest(
+    mem: &GuestMemory,
+    memory_bytes: u64,
+    src: &mut BootSource,
+    vcpus: u32,
+    virtio: &[acpi::VirtioSlot],
+) -> Result<Entry, BuildError> {
+    let loaded = boot::loader::load(
+        mem,
+        memory_bytes,
+        &mut src.kernel,
+        src.initrd.as_mut(),
+        &src.cmdline,
+        src.elf_entry,
+    )?;
+    regs::write_boot_structures(mem, loaded.entry)?;
+    acpi::write(mem, vcpus, virtio)?;
+    tracing::info!(
+        entry = %loaded.entry.describe(),
+        kernel = format_args!("{:#x}..{:#x}", loaded.kernel_load, loaded.kernel_end),
+        initrd = ?loaded.initrd.map(|(a, s)| format!("{a:#x}+{s:#x}")),
+        "kernel loaded"
+    );
+    Ok(loaded.entry)
+}
+
+/// Builds the machine described by `cfg` from the files opened for it.
+/// `start` is when the process started (the boot timer's zero).
+pub fn build(cfg: &VmConfig, files: OpenFiles, start: Instant) -> Result<Machine, BuildError> {
+    let OpenFiles {
+        kernel,
+        initrd,
+        console_log,
+        disks,
+        taps,
+        ..
+    } = files;
+    let kvm_sys = Kvm::new().map_err(kvm("open /dev/kvm"))?;
+    let vm = kvm_sys.create_vm().map_err(kvm("create VM"))?;
+    vm.set_tss_address(0xfffb_d000)
+        .map_err(kvm("set TSS address"))?;
+    if let Err(e) = vm.set_identity_map_address(0xfffb_c000) {
+        tracing::debug!(error = %e, "KVM has no identity-map address to set");
+    }
+    vm.create_irq_chip().map_err(kvm("create irqchip"))?;
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .map_err(kvm("create PIT"))?;
+
+    let mem = memory::create(cfg.memory_bytes)?;
+    memory::register(&vm, &mem)?;
+
+    let events = Arc::new(EventQueue::new().map_err(BuildError::EventFd)?);
+    let boot_time = BootTime::new();
+    let console_clients = ConsoleClients::new().map_err(BuildError::EventFd)?;
+    let serial = Arc::new(Mutex::new(SerialDevice::new(
+        irqfd(&vm, layout::COM1_GSI)?,
+        ConsoleOut::new(console_log, console_clients.clone()),
+    )));
+    let i8042 = Arc::new(Mutex::new(I8042::new(
+        events.clone(),
+        irqfd(&vm, layout::I8042_GSI)?,
+    )));
+    let power: SharedDevice = Arc::new(Mutex::new(PowerDevice::new(events.clone())));
+    let timer: SharedDevice = Arc::new(Mutex::new(BootTimer::new(start, boot_time.clone())));
+
+    let mut pio = Bus::new("pio");
+    pio.insert(
+        "serial",
+        u64::from(layout::COM1),
+        SERIAL_REGISTERS,
+        serial.clone(),
+    )?;
+    pio.insert("i8042", u64::from(layout::I8042), 5, i8042.clone())?;
+    pio.insert("power", u64::from(layout::POWER), 1, power)?;
+    let mut mmio = Bus::new("mmio");
+    mmio.insert("boot-timer", layout::BOOT_TIMER, 1, timer)?;
+
+    // virtio-mmio: disks, then NICs, then the entropy device, one slot each.
+    let wanted = disks.len() + taps.len() + usize::from(cfg.rng);
+    if wanted > layout::VIRTIO_MMIO_SLOTS as usize {
+        return Err(BuildError::TooManyDevices(wanted));
+    }
+    let mut virtio_devs: Vec<(&'static str, Box<dyn VirtioDevice>)> = Vec::new();
+    for (i, (file, spec)) in disks.into_iter().zip(&cfg.disks).enumerate() {
+        let slot = virtio_devs.len() as u32;
+        let blk = Block::new(file, spec.readonly)
+            .map_err(|source| BuildError::Virtio { slot, source })?
+            .with_id(&format!("disk{i}"));
+        virtio_devs.push(("virtio-blk", Box::new(blk)));
+    }
+    for (i, (tap, spec)) in taps.into_iter().zip(&cfg.nets).enumerate() {
+        let slot = virtio_devs.len() as u32;
+        let mac = spec.mac.unwrap_or([0x02, 0x56, 0x49, 0x52, 0x45, i as u8]);
+        let net = Net::new(tap, mac).map_err(|source| BuildError::Virtio { slot, source })?;
+        virtio_devs.push(("virtio-net", Box::new(net)));
+    }
+    if cfg.rng {
+        virtio_devs.push(("virtio-rng", Box::new(Rng::new())));
+    }
+    let mut virtio = Vec::new();
+    let mut device_fds = Vec::new();
+    for (index, (name, dev)) in virtio_devs.into_iter().enumerate() {
+        let slot = acpi::VirtioSlot {
+            index: index as u32,
+        };
+        let transport =
+            MmioTransport::new(mem.clone(), irqfd(&vm, slot.gsi())?, dev).map_err(|source| {
+                BuildError::Virtio {
+                    slot: slot.index,
+                    source,
+                }
+            })?;
+        let fds = BusDevice::event_fds(&transport);
+        let shared: SharedDevice = Arc::new(Mutex::new(transport));
+        mmio.insert(name, slot.base(), layout::VIRTIO_MMIO_SIZE, shared.clone())?;
+        device_fds.extend(fds.into_iter().map(|fd| (fd, shared.clone())));
+        tracing::info!(
+            device = name,
+            slot = slot.index,
+            base = format_args!("{:#x}", slot.base()),
+            gsi = slot.gsi(),
+            "virtio-mmio device"
+        );
+        virtio.push(slot);
+    }
+    let buses = Arc::new(Buses { pio, mmio });
+
+    let mut boot_source = BootSource {
+        kernel,
+        initrd,
+        cmdline: cfg.cmdline.clone(),
+        elf_entry: cfg.elf_entry,
+    };
+    let entry = load_guest(&mem, cfg.memory_bytes, &mut boot_source, cfg.vcpus, &virtio)?;
+
+    let base_cpuid = kvm_sys
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm("get supported CPUID"))?;
+    let control = Arc::new(VcpuControl::new(entry));
+    let mut vcpus = Vec::new();
+    for index in 0..cfg.vcpus {
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(kvm("create vCPU"))?;
+        let cpuid = cpuid::for_vcpu(&base_cpuid, index, cfg.vcpus, &cfg.cpuid_hide);
+        vcpus.push(Vcpu::new(
+            index,
+            fd,
+            &cpuid,
+            entry,
+            buses.clone(),
+            control.clone(),
+            events.clone(),
+        )?);
+    }
+
+    let mut chips = Vec::new();
+    for chip_id in 0..3 {
+        let mut chip = kvm_irqchip {
+            chip_id,
+            ..Default::default()
+        };
+        vm.get_irqchip(&mut chip).map_err(kvm("get irqchip"))?;
+        chips.push(chip);
+    }
+    let pit = vm.get_pit2().map_err(kvm("get PIT"))?;
+
+    Ok(Machine {
+        vm,
+        mem,
+        memory_bytes: cfg.memory_bytes,
+        buses,
+        serial,
+        i8042,
+        console_clients,
+        events,
+        boot_time,
+        control,
+        vcpus,
+        device_fds,
+        virtio,
+        boot_source,
+        vcpu_count: cfg.vcpus,
+        irqchip: IrqchipSnapshot { chips, pit },
+        _kvm: kvm_sys,
+    })
+}
+
+impl Machine {
+    pub fn vcpu_count(&self) -> u32 {
+        self.vcpu_count
+    }
+
+    /// With the vCPUs parked: devices and interrupt controllers back to
+    /// power-on state, RAM zeroed, kernel loaded again. Returns the new entry.
+    pub fn reset_platform(&mut self) -> Result<Entry, BuildError> {
+        self.buses.pio.reset_all();
+        self.buses.mmio.reset_all();
+        for chip in &self.irqchip.chips {
+            self.vm.set_irqchip(chip).map_err(kvm("set irqchip"))?;
+        }
+        self.vm
+            .set_pit2(&self.irqchip.pit)
+            .map_err(kvm("set PIT"))?;
+        memory::zero(&self.mem).map_err(BuildError::Zero)?;
+        load_guest(
+            &self.mem,
+            self.memory_bytes,
+            &mut self.boot_source,
+            self.vcpu_count,
+            &self.virtio,
+        )
+    }
+}

@@ -1,0 +1,230 @@
+//! What one VMM process runs, and the files it opens before the seccomp
+//! filter goes on.
+
+use crate::vcpu::cpuid::Feature;
+use std::fs::File;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// What to do when the guest reboots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnReboot {
+    /// Reset the machine in place and boot again.
+    Restart,
+    /// Exit with reason `reboot`.
+    Destroy,
+}
+
+/// The machine and process settings (from the command line).
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub memory_bytes: u64,
+    pub vcpus: u32,
+    pub cpuid_hide: Vec<Feature>,
+    pub api_socket: PathBuf,
+    pub console_log: PathBuf,
+    pub console_socket: PathBuf,
+    pub on_reboot: OnReboot,
+    pub shutdown_timeout: Duration,
+    pub seccomp: bool,
+    pub disks: Vec<DiskSpec>,
+    pub nets: Vec<NetSpec>,
+    pub rng: bool,
+    pub elf_entry: crate::boot::loader::ElfEntry,
+}
+
+/// `--disk PATH[,readonly]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    pub path: PathBuf,
+    pub readonly: bool,
+}
+
+/// `--net TAP[,mac=MAC]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetSpec {
+    pub tap: String,
+    pub mac: Option<[u8; 6]>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("--disk {0:?}: expected PATH[,readonly]")]
+    Disk(String),
+    #[error("--net {0:?}: expected TAP[,mac=aa:bb:cc:dd:ee:ff]")]
+    Net(String),
+}
+
+impl DiskSpec {
+    pub fn parse(s: &str) -> Result<Self, SpecError> {
+        let mut parts = s.split(',');
+        let path = parts
+            .next()
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| SpecError::Disk(s.into()))?;
+        let mut readonly = false;
+        for opt in parts {
+            match opt {
+                "readonly" | "ro" => readonly = true,
+                _ => return Err(SpecError::Disk(s.into())),
+            }
+        }
+        Ok(Self {
+            path: path.into(),
+            readonly,
+        })
+    }
+}
+
+impl NetSpec {
+    pub fn parse(s: &str) -> Result<Self, SpecError> {
+        let err = || SpecError::Net(s.into());
+        let mut parts = s.split(',');
+        let tap = parts.next().filter(|p| !p.is_empty()).ok_or_else(err)?;
+        let mut mac = None;
+        for opt in parts {
+            let m = opt.strip_prefix("mac=").ok_or_else(err)?;
+            let bytes: Vec<u8> = m
+                .split(':')
+                .map(|h| u8::from_str_radix(h, 16))
+                .collect::<Result<_, _>>()
+                .map_err(|_| err())?;
+            mac = Some(<[u8; 6]>::try_from(bytes.as_slice()).map_err(|_| err())?);
+        }
+        Ok(Self {
+            tap: tap.into(),
+            mac,
+        })
+    }
+}
+
+/// Every file the VMM uses, opened at start.
+pub struct OpenFiles {
+    pub kernel: File,
+    pub initrd: Option<File>,
+    pub console_log: File,
+    pub api: UnixListener,
+    pub console: UnixListener,
+    /// One per `--disk`, opened read-write or read-only as asked.
+    pub disks: Vec<File>,
+    /// One per `--net`: the tap's queue descriptor.
+    pub taps: Vec<File>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("opening {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("binding the unix socket {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn open(path: &Path) -> Result<File, OpenError> {
+    File::open(path).map_err(|source| OpenError::Open {
+        path: path.into(),
+        source,
+    })
+}
+
+/// Binds a listening socket, replacing a stale socket file (never any other
+/// kind of file).
+fn bind(path: &Path) -> Result<UnixListener, OpenError> {
+    use std::os::unix::fs::FileTypeExt;
+    let err = |source| OpenError::Bind {
+        path: path.into(),
+        source,
+    };
+    if let Ok(meta) = std::fs::symlink_metadata(path)
+        && meta.file_type().is_socket()
+    {
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let l = UnixListener::bind(path).map_err(err)?;
+    l.set_nonblocking(true).map_err(err)?;
+    Ok(l)
+}
+
+impl VmConfig {
+    pub fn open_files(&self) -> Result<OpenFiles, OpenError> {
+        Ok(OpenFiles {
+            kernel: open(&self.kernel)?,
+            initrd: self.initrd.as_deref().map(open).transpose()?,
+            console_log: std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.console_log)
+                .map_err(|source| OpenError::Open {
+                    path: self.console_log.clone(),
+                    source,
+                })?,
+            api: bind(&self.api_socket)?,
+            console: bind(&self.console_socket)?,
+            disks: self
+                .disks
+                .iter()
+                .map(|d| {
+                    std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(!d.readonly)
+                        .open(&d.path)
+                        .map_err(|source| OpenError::Open {
+                            path: d.path.clone(),
+                            source,
+                        })
+                })
+                .collect::<Result<_, _>>()?,
+            taps: self
+                .nets
+                .iter()
+                .map(|n| {
+                    vireo_vmm_devices::virtio::tap::open_tap(&n.tap).map_err(|source| {
+                        OpenError::Open {
+                            path: PathBuf::from(format!("tap {}", n.tap)),
+                            source,
+                        }
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_specs_parse() {
+        assert_eq!(
+            DiskSpec::parse("/d.raw,readonly").unwrap(),
+            DiskSpec {
+                path: "/d.raw".into(),
+                readonly: true
+            }
+        );
+        assert!(!DiskSpec::parse("/d.raw").unwrap().readonly);
+        assert!(DiskSpec::parse("").is_err() && DiskSpec::parse("/d,rw").is_err());
+        let n = NetSpec::parse("tap0,mac=02:00:00:aa:bb:0c").unwrap();
+        assert_eq!(n.tap, "tap0");
+        assert_eq!(n.mac, Some([2, 0, 0, 0xaa, 0xbb, 0x0c]));
+        assert_eq!(NetSpec::parse("tap1").unwrap().mac, None);
+        for bad in [
+            "",
+            "tap0,mac=02:00",
+            "tap0,mac=zz:00:00:00:00:00",
+            "tap0,speed=10",
+        ] {
+            assert!(NetSpec::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! Boots the project's test guest (`vmm/guest`, built by its build.sh) and
+//! checks its own report of the machine: command line, memory map, entry,
+//! boot timer, interrupts through the IOAPIC, Ctrl-Alt-Del and power-off.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(60);
+
+fn build_guest(out: &Path) -> Option<PathBuf> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build.sh");
+    let res = Command::new(&script)
+        .arg(out)
+        .stderr(Stdio::inherit())
+        .output()
+        .ok()?;
+    if !res.status.success() {
+        eprintln!(
+            "SKIP: {} failed ({}): no C compiler for the test guest?",
+            script.display(),
+            res.status
+        );
+        return None;
+    }
+    let path = String::from_utf8_lossy(&res.stdout)
+        .lines()
+        .last()?
+        .trim()
+        .to_string();
+    Some(PathBuf::from(path))
+}
+
+/// Usable RAM in KiB in the e820 map vireo-vmm builds for `mib` (< 3 GiB).
+fn usable_kib(mib: u64) -> u64 {
+    (0x9fc00 + (mib << 20) - 0x10_0000) / 1024
+}
+
+#[test]
+fn test_guest_reports_the_machine_and_shuts_down_on_ctrl_alt_del() {
+    if !kvm_available("test_guest_reports_the_machine_and_shuts_down_on_ctrl_alt_del") {
+        return;
+    }
+    let out = TempDir::new("guest-build");
+    let Some(guest) = build_guest(&out.0) else {
+        return;
+    };
+    let cmdline = "console=ttyS0 vireo.kbdtrace=1";
+    let opts = Opts {
+        kernel: &guest,
+        cmdline: Some(cmdline),
+        memory_mib: 64,
+        vcpus: 2,
+        ..Opts::default()
+    };
+    let mut vmm = Vmm::start("test-guest", opts);
+    // The whole line: the guest writes it byte by byte.
+    let console = vmm.wait_console("VIREO-TEST idle: irq=ioapic\n", 1, T);
+    assert!(console.contains("VIREO-TEST-GUEST-READY"), "{console}");
+    assert!(
+        console.contains(&format!("VIREO-TEST cmdline: {cmdline}\n")),
+        "{console}"
+    );
+    assert!(
+        console.contains(&format!(
+            "VIREO-TEST memory: {} KiB in 3 e820 entries",
+            usable_kib(64)
+        )),
+        "{console}"
+    );
+    // The guest carries a PVH note, so vireo-vmm enters it through PVH.
+    assert!(console.contains("VIREO-TEST entry: pvh\n"), "{console}");
+    assert!(
+        console.contains("VIREO-TEST-GUEST-DONE devices=0"),
+        "{console}"
+    );
+    assert!(console.contains("VIREO-TEST idle: irq=ioapic"), "{console}");
+    assert!(
+        !console.contains("FAIL") && !console.contains("exception"),
+        "{console}"
+    );
+
+    let mut api = vmm.connect_api();
+    let info = api.call(r#"{"command":"info"}"#);
+    assert!(info["boot_time_us"].as_u64().is_some(), "{info}");
+
+    // Ctrl-Alt-Del arrives by interrupt (the guest sleeps in hlt) in the
+    // order the contract gives.
+    assert_eq!(
+        api.call(r#"{"command":"shutdown","timeout_seconds":20}"#)["ok"],
+        true
+    );
+    let (status, exit) = vmm.wait_exit(T);
+    assert!(status.success());
+    assert_eq!(exit["reason"], "poweroff", "{exit}");
+    let console = vmm.console();
+    let kbd: Vec<&str> = console
+        .lines()
+        .filter_map(|l| l.strip_prefix("VIREO-TEST kbd: "))
+        .collect();
+    assert_eq!(kbd, ["0x14", "0x11", "0xe0", "0x71"], "{console}");
+    assert!(
+        console.contains("VIREO-TEST ctrl-alt-del: powering off"),
+        "{console}"
+    );
+    assert_eq!(exit["boot_time_us"], info["boot_time_us"]);
+}
+
+#[test]
+fn test_guest_power_off_benchmark_mode() {
+    if !kvm_available("test_guest_power_off_benchmark_mode") {
+        return;
+    }
+    let out = TempDir::new("guest-build2");
+    let Some(guest) = build_guest(&out.0) else {
+        return;
+    };
+    let opts = Opts {
+        kernel: &guest,
+        cmdline: Some("vireo.poweroff=1"),
+        ..Opts::default()
+    };
+    let mut vmm = Vmm::start("test-guest-poweroff", opts);
+    let (status, exit) = vmm.wait_exit(T);
+    assert!(status.success());
+    assert_eq!(exit["reason"], "poweroff");
+    let us = exit["boot_time_us"].as_u64().expect("boot timer written");
+    eprintln!("test guest: boot timer at {us} us after VMM process start");
+    assert!(vmm.console().contains("VIREO-TEST-GUEST-DONE devices=0"));
+}
+
+#[test]
+fn test_guest_drives_virtio_disks_net_and_rng() {
+    if !kvm_available("test_guest_drives_virtio_disks_net_and_rng") {
+        return;
+    }
+    let out = TempDir::new("guest-build3");
+    let Some(guest) = build_guest(&out.0) else {
+        return;
+    };
+    let rw = out.0.join("rw.raw");
+    let ro = out.0.join("ro.raw");
+    std::fs::write(&rw, vec![0u8; 1 << 20]).unwrap();
+    let ro_content: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&ro, &ro_content).unwrap();
+    let rw_arg = rw.display().to_string();
+    let ro_arg = format!("{},readonly", ro.display());
+    let with_net = can_make_netns_tap();
+    if !with_net {
+        eprintln!("note: cannot create a network namespace with a tap here; virtio-net left out");
+    }
+    let mut extra = vec!["--disk", &rw_arg, "--disk", &ro_arg, "--rng"];
+    if with_net {
+        extra.extend(["--net", "vtap0,mac=02:00:00:00:00:07"]);
+    }
+    let opts = Opts {
+        kernel: &guest,
+        cmdline: Some("console=ttyS0 vireo.poweroff=1"),
+        extra,
+        netns_tap: with_net.then_some("vtap0"),
+        ..Opts::default()
+    };
+    let mut vmm = Vmm::start("test-guest-virtio", opts);
+    let (status, exit) = vmm.wait_exit(T);
+    let console = vmm.console();
+    assert!(status.success(), "{console}\n{}", vmm.stderr());
+    assert_eq!(exit["reason"], "poweroff", "{exit}");
+    assert!(!console.contains("FAIL"), "{console}");
+    // Slots in order: disks, NICs, entropy.
+    assert!(
+        console.contains("VIREO-TEST blk0: capacity=2048 write=ok read=ok verify=ok flush=ok"),
+        "{console}"
+    );
+    assert!(
+        console.contains("VIREO-TEST blk1: capacity=128 readonly write=refused read=ok"),
+        "{console}"
+    );
+    assert!(
+        console.contains("VIREO-TEST rng0: read=64 nonzero=yes"),
+        "{console}"
+    );
+    let devices = if with_net {
+        assert!(
+            console.contains("VIREO-TEST net0: mac=02:00:00:00:00:07 tx=ok"),
+            "{console}"
+        );
+        4
+    } else {
+        3
+    };
+    assert!(
+        console.contains(&format!("VIREO-TEST-GUEST-DONE devices={devices}")),
+        "{console}"
+    );
+    // The guest's write reached the file; the read-only disk is untouched.
+    let disk = std::fs::read(&rw).unwrap();
+    assert_eq!(&disk[512..529], b"VIREO-TEST-SECTOR");
+    assert!((17..512).all(|i| disk[512 + i] == (i & 0xff) as u8));
+    assert_eq!(std::fs::read(&ro).unwrap(), ro_content);
+}
+
+#[test]
+fn test_guest_through_its_64_bit_entry() {
+    if !kvm_available("test_guest_through_its_64_bit_entry") {
+        return;
+    }
+    let out = TempDir::new("guest-build4");
+    let Some(guest) = build_guest(&out.0) else {
+        return;
+    };
+    let opts = Opts {
+        kernel: &guest,
+        cmdline: Some("console=ttyS0 vireo.poweroff=1"),
+        memory_mib: 256,
+        extra: vec!["--elf-entry", "linux64"],
+        ..Opts::default()
+    };
+    let mut vmm = Vmm::start("test-guest-linux64", opts);
+    let (status, exit) = vmm.wait_exit(T);
+    let console = vmm.console();
+    assert!(status.success(), "{console}");
+    assert_eq!(exit["reason"], "poweroff");
+    // The zero page's command line and e820 table, as the guest read them.
+    assert!(console.contains("VIREO-TEST entry: linux64\n"), "{console}");
+    assert!(
+        console.contains("VIREO-TEST cmdline: console=ttyS0 vireo.poweroff=1\n"),
+        "{console}"
+    );
+    assert!(
+        console.contains(&format!(
+            "VIREO-TEST memory: {} KiB in 3 e820 entries",
+            usable_kib(256)
+        )),
+        "{console}"
+    );
+    assert!(
+        vmm.stderr().contains("64-bit entry at 0x"),
+        "{}",
+        vmm.stderr()
+    );
+}
