@@ -17,7 +17,7 @@ pub const MMIO_GAP_END: u64 = 1 << 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    #[error("guest memory size must be at least 64 MiB (asked for {0} bytes)")]
+    #[error("guest memory size must be at least 16 MiB (asked for {0} bytes)")]
     TooSmall(u64),
     #[error("mapping guest memory: {0}")]
     Map(#[from] vm_memory::mmap::FromRangesError),
@@ -41,7 +41,7 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
 
 /// Maps `size` bytes of anonymous memory laid out as [`ram_ranges`].
 pub fn create(size: u64) -> Result<GuestMemory, MemoryError> {
-    if size < 64 << 20 {
+    if size < 16 << 20 {
         return Err(MemoryError::TooSmall(size));
     }
     let ranges = ram_ranges(size)

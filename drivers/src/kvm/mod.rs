@@ -140,9 +140,10 @@ impl Backend for Vmm {
     }
 
     fn check(&self, def: &Domain) -> Result<(), String> {
-        let os = def.spec.os.as_ref().ok_or(
-            "spec.os.kernel: the kvm driver boots a kernel directly; set spec.os.kernel",
-        )?;
+        let os =
+            def.spec.os.as_ref().ok_or(
+                "spec.os.kernel: the kvm driver boots a kernel directly; set spec.os.kernel",
+            )?;
         if os.kernel.as_deref().is_none_or(str::is_empty) {
             return Err("spec.os.kernel: the kvm driver boots a kernel directly; set it".into());
         }
@@ -269,10 +270,7 @@ impl Backend for Vmm {
         Ok(Live {
             state,
             memory: info.get("memory_bytes").and_then(Value::as_u64),
-            vcpus: info
-                .get("vcpus")
-                .and_then(Value::as_u64)
-                .map(|v| v as u32),
+            vcpus: info.get("vcpus").and_then(Value::as_u64).map(|v| v as u32),
         })
     }
 
@@ -361,5 +359,10 @@ pub fn open_with(
         storage.clone(),
     )
     .map_err(|e| e.to_string())?;
-    Ok(crate::Connection::new(uri, Arc::new(driver), network, storage))
+    Ok(crate::Connection::new(
+        uri,
+        Arc::new(driver),
+        network,
+        storage,
+    ))
 }

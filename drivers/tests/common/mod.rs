@@ -111,3 +111,87 @@ pub fn linux_domain(name: &str, machine: Option<&str>, cmdline: &str) -> Domain 
         },
     )
 }
+
+/// Whether /dev/kvm opens; when it does not, fails under CI and skips
+/// otherwise.
+pub fn kvm_available(test: &str) -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        if std::env::var_os("CI").is_some() {
+            panic!("{test}: /dev/kvm cannot be opened and CI is set");
+        }
+        say(&format!("SKIP {test}: /dev/kvm cannot be opened; not run"));
+    }
+    ok
+}
+
+/// Builds vireo-vmm (cargo, once per test binary) and points the kvm
+/// driver at it through VIREO_VMM.
+pub fn vmm_binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "-p", "vireo-vmm", "--bin", "vireo-vmm"])
+            .current_dir(repo_root())
+            .status()
+            .expect("runs cargo build");
+        assert!(status.success(), "cargo build -p vireo-vmm failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo_root().join("target"));
+        let bin = target.join("debug/vireo-vmm");
+        // SAFETY (std): set once, before any driver reads it, under OnceLock.
+        unsafe { std::env::set_var("VIREO_VMM", &bin) };
+        bin
+    })
+}
+
+/// Builds the test guest (vmm/guest/build.sh) once per test binary.
+pub fn test_guest() -> &'static Path {
+    static ELF: OnceLock<PathBuf> = OnceLock::new();
+    ELF.get_or_init(|| {
+        let out_dir = std::env::temp_dir().join(format!("vireo-test-guest-{}", std::process::id()));
+        let out = Command::new(repo_root().join("vmm/guest/build.sh"))
+            .arg(&out_dir)
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("runs vmm/guest/build.sh");
+        assert!(out.status.success(), "vmm/guest/build.sh failed");
+        PathBuf::from(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .last()
+                .expect("build.sh prints the ELF")
+                .trim(),
+        )
+    })
+}
+
+/// A `type: kvm` domain booting the test guest.
+pub fn test_guest_domain(name: &str, cmdline: &str) -> Domain {
+    Domain::new(
+        name,
+        DomainSpec {
+            domain_type: DomainType::Kvm,
+            uuid: None,
+            memory: Quantity("32Mi".into()),
+            current_memory: None,
+            vcpus: 1,
+            max_vcpus: None,
+            os: Some(OsSpec {
+                machine: None,
+                kernel: Some(test_guest().display().to_string()),
+                initrd: None,
+                cmdline: Some(format!("console=ttyS0 {cmdline}").trim().to_string()),
+            }),
+            devices: DomainDevices::default(),
+            run_strategy: RunStrategy::Manual,
+            lifecycle: Lifecycle::default(),
+            node_selector: None,
+        },
+    )
+}
