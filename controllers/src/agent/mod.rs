@@ -242,8 +242,10 @@ pub async fn run(config: AgentConfig, metrics: Arc<Metrics>) -> Result<()> {
 }
 
 /// The hypervisor drivers this agent embeds: `test` always, `qemu` when
-/// `qemu-system-x86_64` is installed (state under STATE/qemu). Each shares
-/// the node's network and storage drivers.
+/// `qemu-system-x86_64` is installed (state under STATE/qemu), `kvm` when
+/// /dev/kvm opens and `vireo-vmm` is beside the agent, on PATH or in
+/// $VIREO_VMM (state under STATE/kvm). Each shares the node's network and
+/// storage drivers.
 fn open_hypervisors(config: &AgentConfig, node: &Connection) -> BTreeMap<DomainType, Connection> {
     let mut out = BTreeMap::new();
     out.insert(DomainType::Test, node.clone());
@@ -259,6 +261,19 @@ fn open_hypervisors(config: &AgentConfig, node: &Connection) -> BTreeMap<DomainT
             out.insert(DomainType::Qemu, c);
         }
         Err(e) => tracing::warn!(error = %e, "the qemu driver is not available on this node"),
+    }
+    let root = config.state_dir.join("kvm");
+    let path = format!("/embed?root={}", root.display());
+    match vireo_drivers::kvm::open_with(
+        &format!("kvm://{path}"),
+        &path,
+        node.network_driver(),
+        node.storage_driver(),
+    ) {
+        Ok(c) => {
+            out.insert(DomainType::Kvm, c);
+        }
+        Err(e) => tracing::warn!(error = %e, "the kvm driver is not available on this node"),
     }
     out
 }

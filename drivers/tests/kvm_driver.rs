@@ -1,0 +1,218 @@
+//! The kvm driver (vireo-vmm on /dev/kvm) with the project's test guest:
+//! the lifecycle a user runs, a disk the guest writes, re-adoption by a new
+//! driver, and a VMM killed from outside.
+//!
+//! Without /dev/kvm these tests fail when `CI` is set, and otherwise print
+//! a SKIP line and return.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{fresh_root, kvm_available, say, test_guest_domain, vmm_binary};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use vireo_crds::{
+    Disk, DomainReason, DomainState, PoolType, StoragePool, StoragePoolSpec, StorageVol,
+    StorageVolSpec,
+};
+use vireo_drivers::conformance::wait_for_state;
+use vireo_drivers::{Connection, Lookup};
+
+const MARKER: &str = "VIREO-TEST-GUEST-READY";
+const T: Duration = Duration::from_secs(30);
+
+fn open(root: &Path) -> Connection {
+    vmm_binary();
+    vireo_drivers::open(&format!("kvm:///embed?root={}", root.display()))
+        .expect("opens kvm:///embed")
+}
+
+fn run_dir(root: &Path, conn: &Connection, name: &str) -> std::path::PathBuf {
+    let uuid = conn
+        .hypervisor()
+        .lookup_domain(Lookup::Name(name))
+        .expect("lookup")
+        .uuid;
+    root.join("run").join(uuid)
+}
+
+fn pid_of(root: &Path, conn: &Connection, name: &str) -> u32 {
+    std::fs::read_to_string(run_dir(root, conn, name).join("pid"))
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("pid")
+}
+
+fn expect_state(conn: &Connection, name: &str, state: DomainState, reason: DomainReason) {
+    let got = wait_for_state(conn, name, state, T).unwrap_or_else(|f| panic!("{f}"));
+    assert_eq!(
+        got, reason,
+        "domain '{name}' is {state} but for reason {got}"
+    );
+}
+
+fn console(root: &Path, conn: &Connection, name: &str) -> String {
+    std::fs::read_to_string(run_dir(root, conn, name).join("console.log")).unwrap_or_default()
+}
+
+fn wait_console(root: &Path, conn: &Connection, name: &str, needle: &str, count: usize) -> String {
+    let start = Instant::now();
+    loop {
+        let text = console(root, conn, name);
+        if text.matches(needle).count() >= count {
+            return text;
+        }
+        assert!(
+            start.elapsed() < T,
+            "no '{needle}' (x{count}) on the console:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn kvm_domain_lifecycle_with_test_guest_and_disk() {
+    if !kvm_available("kvm_domain_lifecycle_with_test_guest_and_disk") {
+        return;
+    }
+    let root = fresh_root("kvm-life");
+    let conn = open(&root);
+    // A dir pool and a raw volume the guest writes (this connection's pools
+    // are bookkeeping until the storage backend lands: the file is made here).
+    let pool_dir = root.join("pool");
+    std::fs::create_dir_all(&pool_dir).expect("pool dir");
+    let st = conn.storage();
+    st.create_pool(&StoragePool::new(
+        "p",
+        StoragePoolSpec {
+            uuid: None,
+            pool_type: PoolType::Dir,
+            path: pool_dir.display().to_string(),
+            autostart: false,
+            active: None,
+            node_selector: None,
+        },
+    ))
+    .expect("pool");
+    let vol = st
+        .create_volume(&StorageVol::new(
+            "disk0",
+            StorageVolSpec {
+                pool: "p".into(),
+                capacity: Quantity("1Mi".into()),
+                allocation: None,
+                format: Default::default(),
+                source: None,
+                node_name: None,
+            },
+        ))
+        .expect("volume");
+    std::fs::write(&vol.path, vec![0u8; 1 << 20]).expect("volume file");
+
+    let hv = conn.hypervisor();
+    let name = "life";
+    let mut d = test_guest_domain(name, "");
+    d.spec.devices.disks.push(Disk {
+        name: "vda".into(),
+        volume: "disk0".into(),
+        read_only: false,
+    });
+    hv.define_domain(&d).expect("define");
+    let started = Instant::now();
+    let first = hv.start_domain(name).expect("start");
+    let text = wait_console(&root, &conn, name, "VIREO-TEST-GUEST-DONE", 1);
+    say(&format!(
+        "kvm lifecycle: guest report {:?} after start",
+        started.elapsed()
+    ));
+    assert!(text.contains(MARKER));
+    assert!(
+        text.contains("blk0: capacity=2048 write=ok read=ok verify=ok"),
+        "console:\n{text}"
+    );
+    assert!(
+        text.contains("rng0: read=64 nonzero=yes"),
+        "console:\n{text}"
+    );
+    let data = std::fs::read(&vol.path).expect("read volume");
+    assert!(
+        data[512..].starts_with(b"VIREO-TEST-SECTOR"),
+        "the sector the guest wrote is in the file"
+    );
+    expect_state(&conn, name, DomainState::Running, DomainReason::Booted);
+
+    hv.suspend_domain(name).expect("suspend");
+    expect_state(&conn, name, DomainState::Paused, DomainReason::User);
+    hv.resume_domain(name).expect("resume");
+    expect_state(&conn, name, DomainState::Running, DomainReason::Unpaused);
+
+    hv.shutdown_domain(name).expect("shutdown");
+    expect_state(&conn, name, DomainState::Shutoff, DomainReason::Shutdown);
+    let exit =
+        std::fs::read_to_string(run_dir(&root, &conn, name).join("exit.json")).unwrap_or_default();
+    assert!(
+        exit.contains("poweroff"),
+        "the guest powered off on Ctrl-Alt-Del: {exit}"
+    );
+
+    let second = hv.start_domain(name).expect("start again");
+    assert!(
+        second.id.is_some() && second.id != first.id,
+        "a new ID: {first:?} then {second:?}"
+    );
+    hv.destroy_domain(name).expect("destroy");
+    expect_state(&conn, name, DomainState::Shutoff, DomainReason::Destroyed);
+    hv.undefine_domain(name).expect("undefine");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn kvm_new_driver_readopts_and_killed_vmm_is_crashed() {
+    if !kvm_available("kvm_new_driver_readopts_and_killed_vmm_is_crashed") {
+        return;
+    }
+    let root = fresh_root("kvm-adopt");
+    let name = "adopt";
+    let (id, pid) = {
+        let conn = open(&root);
+        conn.hypervisor()
+            .define_domain(&test_guest_domain(name, ""))
+            .expect("define");
+        let r = conn.hypervisor().start_domain(name).expect("start");
+        wait_console(&root, &conn, name, MARKER, 1);
+        (r.id, pid_of(&root, &conn, name))
+    };
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(
+        Path::new(&format!("/proc/{pid}")).exists(),
+        "vireo-vmm outlives the driver"
+    );
+    let conn = open(&root);
+    let hv = conn.hypervisor();
+    assert_eq!(
+        hv.lookup_domain(Lookup::Name(name)).expect("lookup").id,
+        id,
+        "same ID"
+    );
+    assert_eq!(pid_of(&root, &conn, name), pid, "the same process");
+    expect_state(&conn, name, DomainState::Running, DomainReason::Booted);
+    assert_eq!(
+        console(&root, &conn, name).matches(MARKER).count(),
+        1,
+        "not restarted"
+    );
+
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    expect_state(&conn, name, DomainState::Shutoff, DomainReason::Crashed);
+    hv.start_domain(name).expect("start after a crash");
+    expect_state(&conn, name, DomainState::Running, DomainReason::Booted);
+    hv.destroy_domain(name).expect("destroy");
+    hv.undefine_domain(name).expect("undefine");
+    let _ = std::fs::remove_dir_all(&root);
+}
