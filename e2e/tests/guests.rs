@@ -1,10 +1,11 @@
-//! `type: qemu` Domains on a real kube-apiserver: the agent runs them with
-//! the qemu driver and the real Linux guest image (TCG). A killed agent
-//! leaves the guest running and re-adopts it; a QEMU killed from outside is
+//! Real guests on a real kube-apiserver: `type: qemu` Domains (the qemu
+//! driver with the real Linux guest image, TCG) and `type: kvm` Domains
+//! (vireo-vmm with the project's test guest). A killed agent leaves the
+//! guest running and re-adopts it; a VM process killed from outside is
 //! shutoff (crashed) and `RerunOnFailure` starts it again.
 //!
-//! Without `qemu-system-x86_64` the test fails when `CI` is set, and
-//! otherwise prints a SKIP line and returns.
+//! Without `qemu-system-x86_64` (or /dev/kvm) a test fails when `CI` is
+//! set, and otherwise prints a SKIP line and returns.
 
 mod common;
 
@@ -30,6 +31,48 @@ fn qemu_available() -> bool {
         eprintln!("SKIP qemu e2e: qemu-system-x86_64 not found (apt-get install qemu-system-x86)");
     }
     found
+}
+
+/// What a kind of guest needs in a test.
+struct Kind {
+    /// `qemu` or `kvm`: the Domain's type and the agent's state subdirectory.
+    driver: &'static str,
+    /// The `spec.os` block of the manifest.
+    os: String,
+    /// The guest's first console line.
+    marker: &'static str,
+}
+
+fn kvm_available() -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        if std::env::var_os("CI").is_some() {
+            panic!("/dev/kvm cannot be opened and CI is set");
+        }
+        eprintln!("SKIP kvm e2e: /dev/kvm cannot be opened");
+    }
+    ok
+}
+
+fn test_guest() -> PathBuf {
+    let out_dir = std::env::temp_dir().join(format!("vireo-e2e-guest-{}", std::process::id()));
+    let out = Command::new(repo().join("vmm/guest/build.sh"))
+        .arg(&out_dir)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("runs vmm/guest/build.sh");
+    assert!(out.status.success(), "vmm/guest/build.sh failed");
+    PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .expect("ELF path")
+            .trim(),
+    )
 }
 
 fn guest_image() -> PathBuf {
@@ -62,24 +105,25 @@ fn status_of(d: &Domain) -> (Option<DomainState>, Option<u32>, Option<u32>, Stri
 
 /// The guest's console log on the agent's node (the driver's run directory
 /// is named by the Domain's UUID, which is its metadata.uid).
-fn console_log(cluster: &Cluster, node: &str, uuid: &str) -> PathBuf {
-    cluster
-        .dir
-        .join(format!("state-{node}/qemu/run/{uuid}/console.log"))
+fn console_log(cluster: &Cluster, kind: &Kind, uuid: &str) -> PathBuf {
+    cluster.dir.join(format!(
+        "state-node-1/{}/run/{uuid}/console.log",
+        kind.driver
+    ))
 }
 
-fn markers(log: &Path) -> usize {
+fn markers(kind: &Kind, log: &Path) -> usize {
     std::fs::read_to_string(log)
         .unwrap_or_default()
-        .matches("VIREO-GUEST-READY")
+        .matches(kind.marker)
         .count()
 }
 
-fn qemu_pid(cluster: &Cluster, node: &str, uuid: &str) -> u32 {
+fn vm_pid(cluster: &Cluster, kind: &Kind, uuid: &str) -> u32 {
     std::fs::read_to_string(
         cluster
             .dir
-            .join(format!("state-{node}/qemu/run/{uuid}/pid")),
+            .join(format!("state-node-1/{}/run/{uuid}/pid", kind.driver)),
     )
     .expect("pid file")
     .trim()
@@ -93,35 +137,63 @@ async fn qemu_domain_survives_agent_restart_and_reruns_after_crash() {
         return;
     }
     let image = guest_image();
-    let cluster = Cluster::start("qemu");
+    let kind = Kind {
+        driver: "qemu",
+        os: format!(
+            "  os:\n    kernel: {}\n    initrd: {}\n    cmdline: console=ttyS0 quiet vireo.net=0\n",
+            image.join("vmlinuz").display(),
+            image.join("initrd.img").display()
+        ),
+        marker: "VIREO-GUEST-READY",
+    };
+    survives_agent_restart_and_reruns_after_crash(kind).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kvm_domain_survives_agent_restart_and_reruns_after_crash() {
+    if !kvm_available() {
+        return;
+    }
+    let kind = Kind {
+        driver: "kvm",
+        os: format!(
+            "  os:\n    kernel: {}\n    cmdline: console=ttyS0\n",
+            test_guest().display()
+        ),
+        marker: "VIREO-TEST-GUEST-READY",
+    };
+    survives_agent_restart_and_reruns_after_crash(kind).await;
+}
+
+async fn survives_agent_restart_and_reruns_after_crash(kind: Kind) {
+    let cluster = Cluster::start(kind.driver);
     let op = cluster.operator("operator", &["--no-leader-election"]);
     let agent = cluster.agent("node-1", &["--resync-seconds", "2"]);
     let client = cluster.client().await;
     ready_hosts(&client, 1).await;
     let manifest = format!(
-        "apiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {{name: linux}}\nspec:\n  type: qemu\n  memory: 256Mi\n  vcpus: 1\n  runStrategy: RerunOnFailure\n  os:\n    kernel: {}\n    initrd: {}\n    cmdline: console=ttyS0 quiet vireo.net=0\n",
-        image.join("vmlinuz").display(),
-        image.join("initrd.img").display()
+        "apiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {{name: linux}}\nspec:\n  type: {}\n  memory: 256Mi\n  vcpus: 1\n  runStrategy: RerunOnFailure\n{}",
+        kind.driver, kind.os
     );
     cluster.kubectl_stdin(&["apply", "-f", "-"], &manifest);
     let domains: Api<Domain> = Api::namespaced(client.clone(), "default");
     let d =
-        wait_for(T, "qemu domain running", || async {
+        wait_for(T, "domain running", || async {
             domains.get_opt("linux").await.ok().flatten().filter(|d| {
                 status_of(d).0 == Some(DomainState::Running) && status_of(d).1.is_some()
             })
         })
         .await;
     let uuid = d.uid().expect("uid");
-    let log = console_log(&cluster, "node-1", &uuid);
+    let log = console_log(&cluster, &kind, &uuid);
     wait_for(
         Duration::from_secs(30),
         "the guest's marker on its console",
-        || async { (markers(&log) >= 1).then_some(()) },
+        || async { (markers(&kind, &log) >= 1).then_some(()) },
     )
     .await;
     let (_, id, starts, _) = status_of(&d);
-    let pid = qemu_pid(&cluster, "node-1", &uuid);
+    let pid = vm_pid(&cluster, &kind, &uuid);
 
     // Kill the agent: the guest keeps running.
     let mut agent = agent;
@@ -139,8 +211,8 @@ async fn qemu_domain_survives_agent_restart_and_reruns_after_crash() {
     assert_eq!(state, Some(DomainState::Running));
     assert_eq!(id2, id, "the re-adopted guest keeps its ID");
     assert_eq!(starts2, starts, "nothing was restarted");
-    assert_eq!(qemu_pid(&cluster, "node-1", &uuid), pid, "the same QEMU");
-    assert_eq!(markers(&log), 1, "the guest did not boot again");
+    assert_eq!(vm_pid(&cluster, &kind, &uuid), pid, "the same QEMU");
+    assert_eq!(markers(&kind, &log), 1, "the guest did not boot again");
 
     // SIGKILL QEMU: shutoff (crashed), and RerunOnFailure starts it again.
     let status = Command::new("kill")
@@ -155,11 +227,11 @@ async fn qemu_domain_survives_agent_restart_and_reruns_after_crash() {
         })
     })
     .await;
-    assert_ne!(qemu_pid(&cluster, "node-1", &uuid), pid, "a new QEMU");
+    assert_ne!(vm_pid(&cluster, &kind, &uuid), pid, "a new QEMU");
     wait_for(
         Duration::from_secs(30),
         "the guest booted again",
-        || async { (markers(&log) >= 2).then_some(()) },
+        || async { (markers(&kind, &log) >= 2).then_some(()) },
     )
     .await;
     let events = cluster.kubectl_ok(&[
@@ -181,7 +253,7 @@ async fn qemu_domain_survives_agent_restart_and_reruns_after_crash() {
         .delete("linux", &DeleteParams::default())
         .await
         .expect("delete");
-    let new_pid = qemu_pid(&cluster, "node-1", &uuid);
+    let new_pid = vm_pid(&cluster, &kind, &uuid);
     wait_for(T, "the Domain gone", || async {
         domains
             .get_opt("linux")
