@@ -37,6 +37,16 @@ enum Command {
 
 #[derive(Args)]
 struct RunArgs {
+    /// Run without a cluster: take Domains, Networks, StoragePools and
+    /// StorageVols from --manifests, place them all here, and keep status
+    /// under --state-dir (standalone/status/).
+    #[arg(long, requires = "manifests")]
+    standalone: bool,
+    /// The directory of manifests standalone mode runs (looked at again
+    /// every --resync-seconds, at most every 2 s): edit a file and the
+    /// guest follows, remove it and the guest goes.
+    #[arg(long, value_name = "DIR")]
+    manifests: Option<PathBuf>,
     /// This node's name (the Host's name and the `vireo.dev/node` label value).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
@@ -129,8 +139,13 @@ fn main() -> Result<()> {
         let metrics = Metrics::new("vireo_agent");
         vireo_controllers::metrics::spawn_server(a.metrics_addr, metrics.clone());
         tracing::info!(node = %config.node_name, state_dir = %config.state_dir.display(), "vireo-agent starting");
-        vireo_controllers::agent::run(config, metrics)
-            .await
-            .context("vireo-agent")
+        match a.manifests.filter(|_| a.standalone) {
+            Some(dir) => vireo_controllers::standalone::run(config, dir, metrics)
+                .await
+                .context("vireo-agent --standalone"),
+            None => vireo_controllers::agent::run(config, metrics)
+                .await
+                .context("vireo-agent"),
+        }
     })
 }

@@ -11,5 +11,6 @@ pub mod metrics;
 pub mod operator;
 pub mod placement;
 pub mod run_strategy;
+pub mod standalone;
 
 pub use error::{Error, Result};

@@ -13,6 +13,8 @@ mod network;
 mod pool;
 mod volume;
 
+pub(crate) use volume::file_name as volume_file_name;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -246,7 +248,10 @@ pub async fn run(config: AgentConfig, metrics: Arc<Metrics>) -> Result<()> {
 /// /dev/kvm opens and `vireo-vmm` is beside the agent, on PATH or in
 /// $VIREO_VMM (state under STATE/kvm). Each shares the node's network and
 /// storage drivers.
-fn open_hypervisors(config: &AgentConfig, node: &Connection) -> BTreeMap<DomainType, Connection> {
+pub(crate) fn open_hypervisors(
+    config: &AgentConfig,
+    node: &Connection,
+) -> BTreeMap<DomainType, Connection> {
     let mut out = BTreeMap::new();
     out.insert(DomainType::Test, node.clone());
     let root = config.state_dir.join("qemu");

@@ -1,0 +1,219 @@
+//! `vireo-agent --standalone --manifests DIR`: a `type: qemu` Domain with the
+//! real Linux guest runs from a manifest file; editing the file stops and
+//! starts it; a killed agent leaves the guest running and re-adopts it;
+//! removing the file destroys the guest. A broken file changes nothing.
+//!
+//! Without `qemu-system-x86_64` the test fails when `CI` is set, and
+//! otherwise prints a SKIP line and returns.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(60);
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn qemu_available() -> bool {
+    let found = std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|d| d.join("qemu-system-x86_64").is_file())
+    });
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "qemu-system-x86_64 is missing and CI is set (scripts/setup installs it)"
+        );
+        eprintln!("SKIP standalone test: qemu-system-x86_64 not found");
+    }
+    found
+}
+
+fn guest_image() -> PathBuf {
+    let out = Command::new(repo().join("scripts/guest-image.sh"))
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("runs scripts/guest-image.sh");
+    assert!(out.status.success());
+    PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .expect("dir")
+            .trim(),
+    )
+}
+
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_agent(state: &Path, manifests: &Path) -> Agent {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(state.with_extension("log"))
+        .expect("log");
+    let err = log.try_clone().expect("log");
+    Agent(
+        Command::new(env!("CARGO_BIN_EXE_vireo-agent"))
+            .args(["--standalone", "--manifests"])
+            .arg(manifests)
+            .arg("--state-dir")
+            .arg(state)
+            .args([
+                "--resync-seconds",
+                "1",
+                "--stop-timeout-seconds",
+                "30",
+                "--metrics-addr",
+                "127.0.0.1:0",
+            ])
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .expect("vireo-agent starts"),
+    )
+}
+
+fn status(state: &Path) -> Option<Value> {
+    let text = std::fs::read(state.join("standalone/status/default.linux.json")).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+fn wait_status(state: &Path, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = status(state).filter(|s| f(s)) {
+            return s;
+        }
+        assert!(
+            start.elapsed() < T,
+            "timed out waiting for {what}; status {:?}; agent log:\n{}",
+            status(state),
+            std::fs::read_to_string(state.with_extension("log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn manifest(image: &Path, strategy: &str) -> String {
+    format!(
+        "apiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {{name: linux}}\nspec:\n  type: qemu\n  memory: 256Mi\n  vcpus: 1\n  runStrategy: {strategy}\n  os:\n    kernel: {}\n    initrd: {}\n    cmdline: console=ttyS0 quiet vireo.net=0\n",
+        image.join("vmlinuz").display(),
+        image.join("initrd.img").display()
+    )
+}
+
+fn pid_alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+#[test]
+fn standalone_runs_edits_readopts_and_removes_a_qemu_guest() {
+    if !qemu_available() {
+        return;
+    }
+    let image = guest_image();
+    let base = std::env::temp_dir().join(format!("vireo-standalone-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let (dir, state) = (base.join("manifests"), base.join("state"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::create_dir_all(&state).expect("state");
+    let file = dir.join("linux.yaml");
+    std::fs::write(&file, manifest(&image, "Always")).expect("write");
+    let agent = start_agent(&state, &dir);
+
+    let running = |s: &Value| s["state"] == "running" && s["id"].is_u64();
+    let s = wait_status(&state, "running", running);
+    let (id, uuid) = (
+        s["id"].clone(),
+        s["uuid"].as_str().expect("uuid").to_string(),
+    );
+    let run = state.join("qemu/run").join(&uuid);
+    let log = run.join("console.log");
+    let start = Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("VIREO-GUEST-READY")
+    {
+        assert!(start.elapsed() < T, "no marker on the console");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid: u64 = std::fs::read_to_string(run.join("pid"))
+        .expect("pid")
+        .trim()
+        .parse()
+        .expect("pid");
+
+    // A broken file changes nothing.
+    std::fs::write(
+        &file,
+        "apiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: [",
+    )
+    .expect("write");
+    std::thread::sleep(Duration::from_secs(3));
+    let s = status(&state).expect("status");
+    assert!(
+        running(&s) && s["id"] == id,
+        "a broken manifest left the guest alone: {s}"
+    );
+
+    // Kill the agent: the guest keeps running; a new agent adopts it.
+    drop(agent);
+    assert!(pid_alive(pid), "QEMU outlives the agent");
+    std::fs::write(&file, manifest(&image, "Always")).expect("write");
+    let agent = start_agent(&state, &dir);
+    std::thread::sleep(Duration::from_secs(3));
+    let s = wait_status(&state, "running after restart", running);
+    assert_eq!(s["id"], id, "same ID after the agent restart");
+    assert_eq!(s["startCount"], 1, "nothing restarted: {s}");
+    assert_eq!(
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("VIREO-GUEST-READY")
+            .count(),
+        1
+    );
+
+    // Edit: Halted stops the guest (graceful), Always starts it again.
+    std::fs::write(&file, manifest(&image, "Halted")).expect("write");
+    wait_status(&state, "shut off", |s| s["state"] == "shutoff");
+    assert!(!pid_alive(pid), "QEMU is gone");
+    std::fs::write(&file, manifest(&image, "Always")).expect("write");
+    let s = wait_status(&state, "running again", running);
+    assert_ne!(s["id"], id, "a new activation");
+
+    // Remove the manifest: the guest goes.
+    let pid: u64 = std::fs::read_to_string(run.join("pid"))
+        .expect("pid")
+        .trim()
+        .parse()
+        .expect("pid");
+    std::fs::remove_file(&file).expect("remove");
+    let start = Instant::now();
+    while status(&state).is_some() || pid_alive(pid) {
+        assert!(
+            start.elapsed() < T,
+            "the removed Domain's guest is still there"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !state.join("qemu/domains/default%2Flinux.json").exists(),
+        "the domain is undefined"
+    );
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&base);
+}
