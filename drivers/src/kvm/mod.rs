@@ -330,39 +330,23 @@ pub fn boot_time_us(api: &Path) -> Option<u64> {
 /// Opens `kvm:///system` or `kvm:///embed?root=DIR`, with the test
 /// driver's bookkeeping under ROOT/objects for networks and pools.
 pub fn open(uri: &str, path_and_query: &str) -> Result<crate::Connection, String> {
-    let (root, _) = vm::root_from_uri(path_and_query, Path::new(SYSTEM_ROOT))?;
-    let objects = Arc::new(crate::test::TestDriver::from_dir(&root.join("objects"))?);
-    open_with(uri, path_and_query, objects.clone(), objects)
+    vm::open_standalone(Vmm::new()?, uri, path_and_query, Path::new(SYSTEM_ROOT))
 }
 
-/// Opens the kvm driver paired with the given network and storage drivers.
+/// Opens the kvm driver paired with the given network and storage drivers
+/// (the agent pairs it with the node's own), which also resolve disks.
 pub fn open_with(
     uri: &str,
     path_and_query: &str,
     network: Arc<dyn crate::NetworkDriver>,
     storage: Arc<dyn crate::StorageDriver>,
 ) -> Result<crate::Connection, String> {
-    let (root, params) = vm::root_from_uri(path_and_query, Path::new(SYSTEM_ROOT))?;
-    let shutdown_timeout = match params.get("shutdown_timeout") {
-        Some(s) => s
-            .parse::<u64>()
-            .map_err(|_| format!("shutdown_timeout={s}: not a number of seconds"))?,
-        None => 300,
-    };
-    let driver = vm::VmDriver::open(
+    vm::open_connection(
         Vmm::new()?,
-        vm::Options {
-            root,
-            shutdown_timeout: Duration::from_secs(shutdown_timeout),
-            poll: Duration::from_millis(500),
-        },
-        storage.clone(),
-    )
-    .map_err(|e| e.to_string())?;
-    Ok(crate::Connection::new(
         uri,
-        Arc::new(driver),
+        path_and_query,
+        Path::new(SYSTEM_ROOT),
         network,
         storage,
-    ))
+    )
 }

@@ -305,9 +305,7 @@ impl Backend for Qemu {
 /// Opens `qemu:///system` or `qemu:///embed?root=DIR`, with the test
 /// driver's bookkeeping under ROOT/objects for networks and pools.
 pub fn open(uri: &str, path_and_query: &str) -> Result<crate::Connection, String> {
-    let (root, _) = vm::root_from_uri(path_and_query, Path::new(SYSTEM_ROOT))?;
-    let objects = Arc::new(crate::test::TestDriver::from_dir(&root.join("objects"))?);
-    open_with(uri, path_and_query, objects.clone(), objects)
+    vm::open_standalone(Qemu::new()?, uri, path_and_query, Path::new(SYSTEM_ROOT))
 }
 
 /// Opens the qemu driver paired with the given network and storage drivers
@@ -318,30 +316,14 @@ pub fn open_with(
     network: Arc<dyn crate::NetworkDriver>,
     storage: Arc<dyn crate::StorageDriver>,
 ) -> Result<crate::Connection, String> {
-    let (root, params) = vm::root_from_uri(path_and_query, Path::new(SYSTEM_ROOT))?;
-    let shutdown_timeout = match params.get("shutdown_timeout") {
-        Some(s) => s
-            .parse::<u64>()
-            .map_err(|_| format!("shutdown_timeout={s}: not a number of seconds"))?,
-        None => 300,
-    };
-    let backend = Qemu::new()?;
-    let driver = vm::VmDriver::open(
-        backend,
-        vm::Options {
-            root,
-            shutdown_timeout: Duration::from_secs(shutdown_timeout),
-            poll: Duration::from_millis(500),
-        },
-        storage.clone(),
-    )
-    .map_err(|e| e.to_string())?;
-    Ok(crate::Connection::new(
+    vm::open_connection(
+        Qemu::new()?,
         uri,
-        Arc::new(driver),
+        path_and_query,
+        Path::new(SYSTEM_ROOT),
         network,
         storage,
-    ))
+    )
 }
 
 /// Waits for a line containing `needle` in a console log, up to `timeout`.

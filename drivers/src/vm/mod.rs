@@ -546,6 +546,27 @@ impl<B: Backend> Inner<B> {
         Ok((name, def))
     }
 
+    /// The record of `name` brought up to date, or a new one (without a
+    /// definition) for a prepared `def`, whose UUID is the record's.
+    fn record_for(&self, l: &Locked<'_>, name: &str, def: &Domain) -> Result<Record> {
+        let read = || {
+            l.get(name)
+                .map_err(|e| io_failed(name, "reading the domain record", e))
+        };
+        if let Some(mut rec) = read()? {
+            self.refresh(l, &mut rec)?;
+        }
+        // A transient domain may have ended during the refresh.
+        Ok(read()?.unwrap_or_else(|| Record {
+            name: name.to_string(),
+            uuid: def.spec.uuid.clone().unwrap_or_default(),
+            definition: None,
+            autostart: false,
+            last_reason: DomainReason::Unknown,
+            run: None,
+        }))
+    }
+
     /// Finds each disk's volume in the active pools of this node.
     fn resolve_disks(&self, name: &str, def: &Domain) -> Result<Vec<DiskFile>> {
         let mut out = Vec::new();
@@ -863,32 +884,7 @@ impl<B: Backend> HypervisorDriver for VmDriver<B> {
         let inner = &self.inner;
         inner.locked(|l| {
             let (name, def) = inner.prepare(l, domain)?;
-            let mut rec = match l
-                .get(&name)
-                .map_err(|e| io_failed(&name, "reading the domain record", e))?
-            {
-                Some(mut rec) => {
-                    inner.refresh(l, &mut rec)?;
-                    l.get(&name)
-                        .map_err(|e| io_failed(&name, "reading the domain record", e))?
-                        .unwrap_or(Record {
-                            name: name.clone(),
-                            uuid: rec.uuid.clone(),
-                            definition: None,
-                            autostart: false,
-                            last_reason: DomainReason::Unknown,
-                            run: None,
-                        })
-                }
-                None => Record {
-                    name: name.clone(),
-                    uuid: def.spec.uuid.clone().unwrap_or_default(),
-                    definition: None,
-                    autostart: false,
-                    last_reason: DomainReason::Unknown,
-                    run: None,
-                },
-            };
+            let mut rec = inner.record_for(l, &name, &def)?;
             rec.definition = Some(def);
             inner.save(l, &rec)?;
             Ok(reference(&rec))
@@ -899,39 +895,10 @@ impl<B: Backend> HypervisorDriver for VmDriver<B> {
         let inner = &self.inner;
         inner.locked(|l| {
             let (name, def) = inner.prepare(l, domain)?;
-            let mut rec = match l
-                .get(&name)
-                .map_err(|e| io_failed(&name, "reading the domain record", e))?
-            {
-                Some(mut rec) => {
-                    inner.refresh(l, &mut rec)?;
-                    match l
-                        .get(&name)
-                        .map_err(|e| io_failed(&name, "reading the domain record", e))?
-                    {
-                        Some(rec) if rec.is_active() => {
-                            return Err(Error::invalid_state(KIND, &name, "is already active"));
-                        }
-                        Some(rec) => rec,
-                        None => Record {
-                            name: name.clone(),
-                            uuid: rec.uuid.clone(),
-                            definition: None,
-                            autostart: false,
-                            last_reason: DomainReason::Unknown,
-                            run: None,
-                        },
-                    }
-                }
-                None => Record {
-                    name: name.clone(),
-                    uuid: def.spec.uuid.clone().unwrap_or_default(),
-                    definition: None,
-                    autostart: false,
-                    last_reason: DomainReason::Unknown,
-                    run: None,
-                },
-            };
+            let mut rec = inner.record_for(l, &name, &def)?;
+            if rec.is_active() {
+                return Err(Error::invalid_state(KIND, &name, "is already active"));
+            }
             inner.activate(l, &mut rec, def)
         })
     }
@@ -1113,4 +1080,60 @@ pub fn root_from_uri(
             "unknown path '{other}' (use /system, or /embed?root=/absolute/dir)"
         )),
     }
+}
+
+/// Opens a process-backed driver on the root a URI names
+/// (`/system` or `/embed?root=DIR`, with `&shutdown_timeout=SECONDS`, default
+/// 300), paired with the given network and storage drivers.
+pub fn open_connection<B: Backend>(
+    backend: B,
+    uri: &str,
+    path_and_query: &str,
+    system_root: &Path,
+    network: Arc<dyn crate::NetworkDriver>,
+    storage: Arc<dyn StorageDriver>,
+) -> std::result::Result<crate::Connection, String> {
+    let (root, params) = root_from_uri(path_and_query, system_root)?;
+    let shutdown_timeout = match params.get("shutdown_timeout") {
+        Some(s) => s
+            .parse::<u64>()
+            .map_err(|_| format!("shutdown_timeout={s}: not a number of seconds"))?,
+        None => 300,
+    };
+    let driver = VmDriver::open(
+        backend,
+        Options {
+            root,
+            shutdown_timeout: Duration::from_secs(shutdown_timeout),
+            poll: Duration::from_millis(500),
+        },
+        storage.clone(),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(crate::Connection::new(
+        uri,
+        Arc::new(driver),
+        network,
+        storage,
+    ))
+}
+
+/// Opens a process-backed driver with the test driver's bookkeeping under
+/// ROOT/objects for its networks and pools (until the real backends land).
+pub fn open_standalone<B: Backend>(
+    backend: B,
+    uri: &str,
+    path_and_query: &str,
+    system_root: &Path,
+) -> std::result::Result<crate::Connection, String> {
+    let (root, _) = root_from_uri(path_and_query, system_root)?;
+    let objects = Arc::new(crate::test::TestDriver::from_dir(&root.join("objects"))?);
+    open_connection(
+        backend,
+        uri,
+        path_and_query,
+        system_root,
+        objects.clone(),
+        objects,
+    )
 }
