@@ -15,6 +15,8 @@ pub enum Request {
     Shutdown { timeout_seconds: Option<u64> },
     Reset,
     Destroy,
+    /// Sets the guest's memory to `bytes` through the balloon.
+    Balloon { bytes: u64 },
 }
 
 /// The machine state `info` reports.
@@ -91,6 +93,11 @@ mod tests {
         );
         assert_eq!(parse(r#"{"command":"reset"}"#), Ok(Request::Reset));
         assert_eq!(parse(r#"{"command":"destroy"}"#), Ok(Request::Destroy));
+        assert_eq!(
+            parse(r#"{"command":"balloon","bytes":4096}"#),
+            Ok(Request::Balloon { bytes: 4096 })
+        );
+        assert!(parse(r#"{"command":"balloon"}"#).is_err());
         for bad in ["", "{}", "[]", r#"{"command":"explode"}"#, "nonsense"] {
             assert!(parse(bad).is_err(), "{bad}");
         }

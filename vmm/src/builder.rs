@@ -22,7 +22,9 @@ use vireo_vmm_devices::legacy::boot_timer::{BootTime, BootTimer};
 use vireo_vmm_devices::legacy::i8042::I8042;
 use vireo_vmm_devices::legacy::power::PowerDevice;
 use vireo_vmm_devices::legacy::serial::{SERIAL_REGISTERS, SerialDevice};
-use vireo_vmm_devices::virtio::{Block, MmioTransport, Net, Rng, VirtioDevice};
+use vireo_vmm_devices::virtio::{
+    Balloon, BalloonControl, Block, MmioTransport, Net, Rng, VirtioDevice,
+};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +82,15 @@ fn irqfd(vm: &VmFd, gsi: u32) -> Result<Arc<IrqFd>, BuildError> {
 /// The serial device as the VMM holds it.
 pub type Serial = SerialDevice<ConsoleOut>;
 
+/// A virtio transport as the VMM holds every slot.
+pub type VirtioSlotDevice = Arc<Mutex<MmioTransport<Box<dyn VirtioDevice>>>>;
+
+/// The balloon, when there is one: its shared target/actual and its slot.
+pub struct BalloonHandle {
+    pub control: Arc<BalloonControl>,
+    pub transport: VirtioSlotDevice,
+}
+
 /// Interrupt-controller state right after creation, restored by a reset.
 struct IrqchipSnapshot {
     chips: Vec<kvm_irqchip>,
@@ -101,6 +112,8 @@ pub struct Machine {
     pub vcpus: Vec<Vcpu>,
     /// Descriptors devices want watched (taps), with their device.
     pub device_fds: Vec<(RawFd, SharedDevice)>,
+    /// The virtio-balloon (`--balloon`).
+    pub balloon: Option<BalloonHandle>,
     virtio: Vec<acpi::VirtioSlot>,
     boot_source: BootSource,
     vcpu_count: u32,
@@ -198,8 +211,10 @@ pub fn build(cfg: &VmConfig, files: OpenFiles, start: Instant) -> Result<Machine
     let mut mmio = Bus::new("mmio");
     mmio.insert("boot-timer", layout::BOOT_TIMER, 1, timer)?;
 
-    // virtio-mmio: disks, then NICs, then the entropy device, one slot each.
-    let wanted = disks.len() + taps.len() + usize::from(cfg.rng);
+    // virtio-mmio: disks, then NICs, then the entropy device, then the
+    // balloon, one slot each.
+    let wanted =
+        disks.len() + taps.len() + usize::from(cfg.rng) + usize::from(cfg.balloon.is_some());
     if wanted > layout::VIRTIO_MMIO_SLOTS as usize {
         return Err(BuildError::TooManyDevices(wanted));
     }
@@ -220,6 +235,13 @@ pub fn build(cfg: &VmConfig, files: OpenFiles, start: Instant) -> Result<Machine
     if cfg.rng {
         virtio_devs.push(("virtio-rng", Box::new(Rng::new())));
     }
+    let mut balloon_control = None;
+    if let Some(target) = cfg.balloon {
+        let b = Balloon::new(target);
+        balloon_control = Some(b.control());
+        virtio_devs.push(("virtio-balloon", Box::new(b)));
+    }
+    let mut balloon = None;
     let mut virtio = Vec::new();
     let mut device_fds = Vec::new();
     for (index, (name, dev)) in virtio_devs.into_iter().enumerate() {
@@ -234,7 +256,16 @@ pub fn build(cfg: &VmConfig, files: OpenFiles, start: Instant) -> Result<Machine
                 }
             })?;
         let fds = BusDevice::event_fds(&transport);
-        let shared: SharedDevice = Arc::new(Mutex::new(transport));
+        let typed: VirtioSlotDevice = Arc::new(Mutex::new(transport));
+        if name == "virtio-balloon"
+            && let Some(control) = balloon_control.take()
+        {
+            balloon = Some(BalloonHandle {
+                control,
+                transport: typed.clone(),
+            });
+        }
+        let shared: SharedDevice = typed;
         mmio.insert(name, slot.base(), layout::VIRTIO_MMIO_SIZE, shared.clone())?;
         device_fds.extend(fds.into_iter().map(|fd| (fd, shared.clone())));
         tracing::info!(
@@ -301,6 +332,7 @@ pub fn build(cfg: &VmConfig, files: OpenFiles, start: Instant) -> Result<Machine
         control,
         vcpus,
         device_fds,
+        balloon,
         virtio,
         boot_source,
         vcpu_count: cfg.vcpus,
