@@ -109,6 +109,7 @@ static inline int deadline_passed(struct deadline *d)
 
 /* ---- memory (main.c) ---- */
 void *heap_alloc(size_t size, size_t align, int zero);
+uint64_t heap_seal(uint64_t *end);
 
 /* ---- virtio (virtio.c) ---- */
 int virtio_scan(int echo);

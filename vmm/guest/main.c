@@ -52,6 +52,8 @@ extern char isr_stubs[];
 /* memory */
 
 static uint64_t heap_next, heap_limit;
+/* End of the RAM region (e820 type 1) holding the image; 0 if unknown. */
+static uint64_t ram_low_end;
 
 /* Bump allocator over the RAM after the image. Memory is not zeroed unless
  * asked (after an in-place reset it may hold old contents). */
@@ -64,6 +66,22 @@ void *heap_alloc(size_t size, size_t align, int zero)
     if (zero)
         memset((void *)p, 0, size);
     return (void *)p;
+}
+
+/* Ends the allocator: returns the first free page after it (later
+ * allocations fail) and in *end the end of the RAM the image is in (below
+ * 3 GiB), so the caller may own [start, *end). */
+uint64_t heap_seal(uint64_t *end)
+{
+    uint64_t start = (heap_next + 4095) & ~4095ULL;
+    heap_next = start;
+    heap_limit = start;
+    uint64_t e = ram_low_end ? ram_low_end : (16ULL << 20);
+    if (e > (3ULL << 30))
+        e = 3ULL << 30;
+    e &= ~4095ULL;
+    *end = e > start ? e : start;
+    return start;
 }
 
 /* ------------------------------------------------------------------ */
@@ -88,10 +106,13 @@ static void copy_cmdline(uint64_t p)
     cmdline[i] = 0;
 }
 
-static void add_region(uint64_t size, uint32_t type)
+static void add_region(uint64_t addr, uint64_t size, uint32_t type)
 {
-    if (type == E820_RAM)
-        mem_kib += size / 1024;
+    if (type != E820_RAM)
+        return;
+    mem_kib += size / 1024;
+    if (addr <= 0x100000 && addr + size > 0x100000)
+        ram_low_end = addr + size;
 }
 
 static const char *read_boot_info(uint64_t info, int kind)
@@ -108,7 +129,7 @@ static const char *read_boot_info(uint64_t info, int kind)
             if (map && map < (4ULL << 30) && n && n <= 1024) {
                 mem_entries = (int)n;
                 for (uint32_t i = 0; i < n; i++) /* {u64 addr, u64 size, u32 type, u32 rsvd} */
-                    add_region(rd64(map + 24 * i + 8), rd32(map + 24 * i + 16));
+                    add_region(rd64(map + 24 * i), rd64(map + 24 * i + 8), rd32(map + 24 * i + 16));
             }
         }
     } else {
@@ -120,7 +141,8 @@ static const char *read_boot_info(uint64_t info, int kind)
         if (n) {
             mem_entries = (int)n;
             for (uint32_t i = 0; i < n; i++) /* packed {u64 addr, u64 size, u32 type} */
-                add_region(rd64(info + BP_E820_TABLE + 20 * i + 8),
+                add_region(rd64(info + BP_E820_TABLE + 20 * i),
+                           rd64(info + BP_E820_TABLE + 20 * i + 8),
                            rd32(info + BP_E820_TABLE + 20 * i + 16));
         }
     }
