@@ -12,11 +12,15 @@ pub enum Request {
     Info,
     Pause,
     Resume,
-    Shutdown { timeout_seconds: Option<u64> },
+    Shutdown {
+        timeout_seconds: Option<u64>,
+    },
     Reset,
     Destroy,
     /// Sets the guest's memory to `bytes` through the balloon.
-    Balloon { bytes: u64 },
+    Balloon {
+        bytes: u64,
+    },
 }
 
 /// The machine state `info` reports.

@@ -192,9 +192,9 @@ impl Vmm {
     fn memory_bytes(&self) -> u64 {
         let total = self.machine.memory_bytes;
         match &self.machine.balloon {
-            Some(b) => total.saturating_sub(
-                u64::from(b.control.actual_pages()) * balloon::PAGE_SIZE,
-            ),
+            Some(b) => {
+                total.saturating_sub(u64::from(b.control.actual_pages()) * balloon::PAGE_SIZE)
+            }
             None => total,
         }
     }

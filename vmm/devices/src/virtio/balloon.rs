@@ -22,8 +22,8 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::mmio::MmioTransport;
 use super::{
-    Error, Interrupt, LogLimiter, STATUS_DRIVER_OK, TYPE_BALLOON, VIRTIO_F_VERSION_1,
-    VirtioDevice, chain, guest_warn,
+    Error, Interrupt, LogLimiter, STATUS_DRIVER_OK, TYPE_BALLOON, VIRTIO_F_VERSION_1, VirtioDevice,
+    chain, guest_warn,
 };
 use crate::GuestMemory;
 
@@ -138,7 +138,7 @@ impl Balloon {
                     guest_warn!(
                         self.log,
                         head,
-                        "virtio-balloon: chain has device-writable buffers; ignored"
+                        "virtio-balloon: device-writable buffers in a PFN list ignored"
                     );
                 }
                 let bytes = usize::try_from(c.readable_len())
@@ -157,13 +157,7 @@ impl Balloon {
                 let pfns = self.pfns[..got]
                     .chunks_exact(4)
                     .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-                apply(
-                    &a.mem,
-                    pfns,
-                    inflate,
-                    &mut self.stats,
-                    &mut self.log,
-                );
+                apply(&a.mem, pfns, inflate, &mut self.stats, &mut self.log);
             }
             if !chain::put_used(queue, &a.mem, head, 0, &mut self.log, "virtio-balloon") {
                 break;
@@ -191,7 +185,9 @@ fn apply(
         let pfn = u64::from(pfn);
         let gpa = pfn * PAGE_SIZE; // < 2^44: no overflow
         let host = mem.to_region_addr(GuestAddress(gpa)).and_then(|(r, ra)| {
-            let fits = ra.0.checked_add(PAGE_SIZE).is_some_and(|end| end <= r.len());
+            let fits =
+                ra.0.checked_add(PAGE_SIZE)
+                    .is_some_and(|end| end <= r.len());
             if fits {
                 r.get_host_address(ra).ok()
             } else {
@@ -216,9 +212,7 @@ fn apply(
         }
         match run {
             // Consecutive in the guest and in the host mapping (same region).
-            Some((start, len, next))
-                if next == pfn && start.wrapping_add(len) == host =>
-            {
+            Some((start, len, next)) if next == pfn && start.wrapping_add(len) == host => {
                 run = Some((start, len + PAGE_SIZE as usize, pfn + 1));
             }
             _ => {
