@@ -21,6 +21,8 @@
 #define VIRTIO_GSI_BASE   5             /* slot i raises GSI 5 + i */
 #define IOAPIC_BASE       0xFEC00000UL  /* IOAPIC register select / window */
 #define LAPIC_DEFAULT     0xFEE00000UL  /* local APIC default base */
+#define CPUHP_PORT        0x610         /* vireo-vmm CPU hot-plug controller: SEL, STA, PEND, CNT */
+#define CPUHP_GSI         23            /* its interrupt */
 
 /* ---- port I/O ---- */
 static inline void outb(uint16_t port, uint8_t v)

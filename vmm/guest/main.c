@@ -334,6 +334,40 @@ static void lapic_init(int pic_mode)
     lapic_write(LAPIC_LINT1, 0x400);              /* NMI */
 }
 
+/* ------------------------------------------------------------------ */
+/* CPU hot-plug controller (vireo-vmm): the VMM asks for a vCPU to be
+ * removed (STA bit 2) or says one was added (bit 1); we answer by ejecting
+ * (write 8) or acknowledging (write 2). Application processors are never
+ * started here, so there is nothing to take offline first. */
+
+static unsigned cpuhp_count; /* 0: no controller */
+
+static void cpuhp_probe(void)
+{
+    uint8_t n = inb(CPUHP_PORT + 3);
+    cpuhp_count = (n >= 1 && n <= 254) ? n : 0;
+}
+
+static void cpuhp_poll(void)
+{
+    for (unsigned k = 0; k < cpuhp_count; k++) { /* at most one round per vCPU */
+        uint8_t p = inb(CPUHP_PORT + 2);
+        if (p >= cpuhp_count)
+            return; /* 0xFF: nothing pending */
+        outb(CPUHP_PORT, p);
+        uint8_t st = inb(CPUHP_PORT + 1);
+        if (st & 4) {
+            outb(CPUHP_PORT + 1, 8);
+            kprintf("VIREO-TEST cpu%u: ejected\n", p);
+        } else if (st & 2) {
+            outb(CPUHP_PORT + 1, 2);
+            kprintf("VIREO-TEST cpu%u: plugged\n", p);
+        } else {
+            return;
+        }
+    }
+}
+
 /* Route pin -> vector 0x30+pin on this CPU. Returns 0 if there is no IOAPIC. */
 static int ioapic_init(void)
 {
@@ -350,6 +384,8 @@ static int ioapic_init(void)
         } else if (pin >= VIRTIO_GSI_BASE && pin <= VIRTIO_GSI_BASE + 15) {
             lo |= 1u << 15; /* virtio-mmio: level triggered, active high */
             on = virtio_slot_present((int)pin - VIRTIO_GSI_BASE);
+        } else if (pin == CPUHP_GSI) {
+            on = cpuhp_count != 0; /* hot-plug controller: edge, active high */
         }
         if (!on)
             lo |= 1u << 16; /* masked */
@@ -420,6 +456,7 @@ static void idle(void)
 {
     int use_tick = has_option("vireo.tick=1");
     kb_trace = has_option("vireo.kbdtrace=1");
+    cpuhp_probe();
     if (!use_tick) {
         pic_init(0xff, 0xff); /* 8259 initialised, everything masked */
         lapic_init(0);
@@ -449,6 +486,7 @@ static void idle(void)
             kbd_byte(b);
         }
         virtio_poll_all();
+        cpuhp_poll();
         if (irq_pending || kbd_tail != kbd_head)
             __asm__ volatile("sti"); /* more work arrived: go round */
         else

@@ -21,6 +21,10 @@ pub enum Request {
     Balloon {
         bytes: u64,
     },
+    /// Sets the number of enabled vCPUs (CPU hot-unplug / plug).
+    Vcpus {
+        count: u32,
+    },
 }
 
 /// The machine state `info` reports.
@@ -102,6 +106,10 @@ mod tests {
             Ok(Request::Balloon { bytes: 4096 })
         );
         assert!(parse(r#"{"command":"balloon"}"#).is_err());
+        assert_eq!(
+            parse(r#"{"command":"vcpus","count":1}"#),
+            Ok(Request::Vcpus { count: 1 })
+        );
         for bad in ["", "{}", "[]", r#"{"command":"explode"}"#, "nonsense"] {
             assert!(parse(bad).is_err(), "{bad}");
         }

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use vireo_vmm_devices::bus::{BusDevice, IrqLine};
 use vireo_vmm_devices::legacy::boot_timer::{BootTime, BootTimer};
+use vireo_vmm_devices::legacy::cpu_hotplug::{self, CpuHotplug};
 use vireo_vmm_devices::legacy::i8042::I8042;
 use vireo_vmm_devices::legacy::power::PowerDevice;
 use vireo_vmm_devices::legacy::serial::{SERIAL_REGISTERS, SerialDevice};
@@ -105,6 +106,8 @@ pub struct Machine {
     pub buses: Arc<Buses>,
     pub serial: Arc<Mutex<Serial>>,
     pub i8042: Arc<Mutex<I8042>>,
+    /// The CPU hot-plug controller (which vCPUs are enabled).
+    pub cpu_hotplug: Arc<Mutex<CpuHotplug>>,
     pub console_clients: ConsoleClients,
     pub events: Arc<EventQueue>,
     pub boot_time: BootTime,
@@ -197,6 +200,11 @@ pub fn build(cfg: &VmConfig, files: OpenFiles, start: Instant) -> Result<Machine
         irqfd(&vm, layout::I8042_GSI)?,
     )));
     let power: SharedDevice = Arc::new(Mutex::new(PowerDevice::new(events.clone())));
+    let cpu_hotplug = Arc::new(Mutex::new(CpuHotplug::new(
+        cfg.vcpus,
+        events.clone(),
+        irqfd(&vm, layout::CPU_HOTPLUG_GSI)?,
+    )));
     let timer: SharedDevice = Arc::new(Mutex::new(BootTimer::new(start, boot_time.clone())));
 
     let mut pio = Bus::new("pio");
@@ -208,6 +216,12 @@ pub fn build(cfg: &VmConfig, files: OpenFiles, start: Instant) -> Result<Machine
     )?;
     pio.insert("i8042", u64::from(layout::I8042), 5, i8042.clone())?;
     pio.insert("power", u64::from(layout::POWER), 1, power)?;
+    pio.insert(
+        "cpu-hotplug",
+        u64::from(layout::CPU_HOTPLUG),
+        cpu_hotplug::PORTS,
+        cpu_hotplug.clone(),
+    )?;
     let mut mmio = Bus::new("mmio");
     mmio.insert("boot-timer", layout::BOOT_TIMER, 1, timer)?;
 
@@ -326,6 +340,7 @@ pub fn build(cfg: &VmConfig, files: OpenFiles, start: Instant) -> Result<Machine
         buses,
         serial,
         i8042,
+        cpu_hotplug,
         console_clients,
         events,
         boot_time,

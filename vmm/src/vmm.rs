@@ -181,7 +181,7 @@ impl Vmm {
         api::Info {
             state: self.state,
             memory_bytes: self.memory_bytes(),
-            vcpus: self.machine.vcpu_count(),
+            vcpus: lock(&self.machine.cpu_hotplug).enabled_count(),
             cpu_time_ns: self.cpu_time_ns(),
             boot_time_us: self.machine.boot_time.get(),
             pid: std::process::id(),
@@ -212,6 +212,35 @@ impl Vmm {
         let pages = u32::try_from(pages).map_err(|_| "balloon target too large".to_string())?;
         balloon::set_target(&mut lock(&b.transport), &b.control, pages);
         tracing::info!(bytes, target_pages = pages, "balloon target set");
+        Ok(())
+    }
+
+    /// `vcpus`: asks the guest to eject vCPUs `count..` and plugs
+    /// `..count` in again.
+    fn set_vcpus(&self, count: u32) -> Result<(), String> {
+        let max = self.machine.vcpu_count();
+        if count == 0 || count > max {
+            return Err(format!("count must be between 1 and {max}"));
+        }
+        let vcpus = self.vcpus().map_err(|e| e.to_string())?;
+        let mut hp = lock(&self.machine.cpu_hotplug);
+        let mut changed = false;
+        for index in 0..max {
+            if index < count {
+                if !hp.is_enabled(index) {
+                    // The thread first, so it waits for INIT/SIPI before the
+                    // guest hears of it.
+                    vcpus.set_unplugged(index, false);
+                }
+                changed |= hp.plug(index);
+            } else {
+                changed |= hp.request_remove(index);
+            }
+        }
+        if changed {
+            hp.signal();
+        }
+        tracing::info!(count, enabled = hp.enabled_count(), "vCPU count requested");
         Ok(())
     }
 
@@ -292,6 +321,10 @@ impl Vmm {
                 }
             },
             Request::Balloon { bytes } => match self.set_balloon(bytes) {
+                Ok(()) => (api::ok(), None),
+                Err(e) => (api::error(e), None),
+            },
+            Request::Vcpus { count } => match self.set_vcpus(count) {
                 Ok(()) => (api::ok(), None),
                 Err(e) => (api::error(e), None),
             },
@@ -486,6 +519,11 @@ impl Vmm {
             match e {
                 MachineEvent::PowerOff(d) => return Some(self.report(ExitReason::Poweroff, d)),
                 MachineEvent::Crash(d) => return Some(self.report(ExitReason::Crashed, d)),
+                MachineEvent::EjectCpu(index) => {
+                    if let Ok(v) = self.vcpus() {
+                        v.set_unplugged(index, true);
+                    }
+                }
                 MachineEvent::Reset(d) => match self.on_reboot {
                     OnReboot::Destroy => return Some(self.report(ExitReason::Reboot, d)),
                     OnReboot::Restart => {

@@ -350,3 +350,93 @@ fn test_guest_without_a_balloon_refuses_balloon_requests() {
     let r = api.call(r#"{"command": "balloon", "bytes": 16777216}"#);
     assert_eq!(r["ok"], false, "{r}");
 }
+
+/// Polls `info` until `vcpus` is `want`.
+fn wait_vcpus(api: &mut Api, want: u64, console: impl Fn() -> String) {
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let info = api.call(r#"{"command": "info"}"#);
+        assert_eq!(info["ok"], true, "{info}");
+        if info["vcpus"].as_u64() == Some(want) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "vcpus is {} after {T:?}, expected {want}\n{}",
+            info["vcpus"],
+            console()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn test_guest_ejects_and_takes_back_vcpus() {
+    if !kvm_available("test_guest_ejects_and_takes_back_vcpus") {
+        return;
+    }
+    let out = TempDir::new("guest-build7");
+    let Some(guest) = build_guest(&out.0) else {
+        return;
+    };
+    let opts = Opts {
+        kernel: &guest,
+        cmdline: Some("console=ttyS0"),
+        memory_mib: 32,
+        vcpus: 3,
+        ..Opts::default()
+    };
+    let mut vmm = Vmm::start("test-guest-vcpus", opts);
+    vmm.wait_console("VIREO-TEST idle: irq=ioapic", 1, T);
+    let mut api = vmm.connect_api();
+    wait_vcpus(&mut api, 3, || vmm.console());
+    for bad in [
+        r#"{"command": "vcpus", "count": 0}"#,
+        r#"{"command": "vcpus", "count": 4}"#,
+    ] {
+        let r = api.call(bad);
+        assert_eq!(r["ok"], false, "{bad}: {r}");
+    }
+
+    // Down to one: the guest ejects vCPUs 1 and 2 when the controller's
+    // interrupt arrives.
+    let r = api.call(r#"{"command": "vcpus", "count": 1}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    vmm.wait_console("VIREO-TEST cpu1: ejected\n", 1, T);
+    vmm.wait_console("VIREO-TEST cpu2: ejected\n", 1, T);
+    wait_vcpus(&mut api, 1, || vmm.console());
+
+    // Pause and resume still work with parked vCPUs.
+    assert_eq!(api.call(r#"{"command": "pause"}"#)["ok"], true);
+    assert_eq!(api.call(r#"{"command": "info"}"#)["state"], "paused");
+    assert_eq!(api.call(r#"{"command": "resume"}"#)["ok"], true);
+
+    // Up to two again.
+    let r = api.call(r#"{"command": "vcpus", "count": 2}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    vmm.wait_console("VIREO-TEST cpu1: plugged\n", 1, T);
+    wait_vcpus(&mut api, 2, || vmm.console());
+
+    // A reset keeps the count; the guest boots again and idles.
+    let r = api.call(r#"{"command": "reset"}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    vmm.wait_console("VIREO-TEST idle: irq=ioapic", 2, T);
+    wait_vcpus(&mut api, 2, || vmm.console());
+    let r = api.call(r#"{"command": "vcpus", "count": 1}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    vmm.wait_console("VIREO-TEST cpu1: ejected\n", 2, T);
+    wait_vcpus(&mut api, 1, || vmm.console());
+
+    let console = vmm.console();
+    assert!(!console.contains("FAIL"), "{console}");
+    assert!(!console.contains("cpu0"), "{console}");
+    let r = api.call(r#"{"command": "destroy"}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    let (_, exit) = vmm.wait_exit(T);
+    assert_eq!(exit["reason"], "destroyed", "{exit}");
+    assert!(
+        vmm.stderr().contains("vCPU plugged in again"),
+        "{}",
+        vmm.stderr()
+    );
+}
