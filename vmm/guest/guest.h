@@ -21,6 +21,8 @@
 #define VIRTIO_GSI_BASE   5             /* slot i raises GSI 5 + i */
 #define IOAPIC_BASE       0xFEC00000UL  /* IOAPIC register select / window */
 #define LAPIC_DEFAULT     0xFEE00000UL  /* local APIC default base */
+#define CPUHP_PORT        0x610         /* vireo-vmm CPU hot-plug controller: SEL, STA, PEND, CNT */
+#define CPUHP_GSI         23            /* its interrupt */
 
 /* ---- port I/O ---- */
 static inline void outb(uint16_t port, uint8_t v)
@@ -109,6 +111,7 @@ static inline int deadline_passed(struct deadline *d)
 
 /* ---- memory (main.c) ---- */
 void *heap_alloc(size_t size, size_t align, int zero);
+uint64_t heap_seal(uint64_t *end);
 
 /* ---- virtio (virtio.c) ---- */
 int virtio_scan(int echo);

@@ -52,6 +52,8 @@ extern char isr_stubs[];
 /* memory */
 
 static uint64_t heap_next, heap_limit;
+/* End of the RAM region (e820 type 1) holding the image; 0 if unknown. */
+static uint64_t ram_low_end;
 
 /* Bump allocator over the RAM after the image. Memory is not zeroed unless
  * asked (after an in-place reset it may hold old contents). */
@@ -64,6 +66,22 @@ void *heap_alloc(size_t size, size_t align, int zero)
     if (zero)
         memset((void *)p, 0, size);
     return (void *)p;
+}
+
+/* Ends the allocator: returns the first free page after it (later
+ * allocations fail) and in *end the end of the RAM the image is in (below
+ * 3 GiB), so the caller may own [start, *end). */
+uint64_t heap_seal(uint64_t *end)
+{
+    uint64_t start = (heap_next + 4095) & ~4095ULL;
+    heap_next = start;
+    heap_limit = start;
+    uint64_t e = ram_low_end ? ram_low_end : (16ULL << 20);
+    if (e > (3ULL << 30))
+        e = 3ULL << 30;
+    e &= ~4095ULL;
+    *end = e > start ? e : start;
+    return start;
 }
 
 /* ------------------------------------------------------------------ */
@@ -88,10 +106,13 @@ static void copy_cmdline(uint64_t p)
     cmdline[i] = 0;
 }
 
-static void add_region(uint64_t size, uint32_t type)
+static void add_region(uint64_t addr, uint64_t size, uint32_t type)
 {
-    if (type == E820_RAM)
-        mem_kib += size / 1024;
+    if (type != E820_RAM)
+        return;
+    mem_kib += size / 1024;
+    if (addr <= 0x100000 && addr + size > 0x100000)
+        ram_low_end = addr + size;
 }
 
 static const char *read_boot_info(uint64_t info, int kind)
@@ -108,7 +129,7 @@ static const char *read_boot_info(uint64_t info, int kind)
             if (map && map < (4ULL << 30) && n && n <= 1024) {
                 mem_entries = (int)n;
                 for (uint32_t i = 0; i < n; i++) /* {u64 addr, u64 size, u32 type, u32 rsvd} */
-                    add_region(rd64(map + 24 * i + 8), rd32(map + 24 * i + 16));
+                    add_region(rd64(map + 24 * i), rd64(map + 24 * i + 8), rd32(map + 24 * i + 16));
             }
         }
     } else {
@@ -120,7 +141,8 @@ static const char *read_boot_info(uint64_t info, int kind)
         if (n) {
             mem_entries = (int)n;
             for (uint32_t i = 0; i < n; i++) /* packed {u64 addr, u64 size, u32 type} */
-                add_region(rd64(info + BP_E820_TABLE + 20 * i + 8),
+                add_region(rd64(info + BP_E820_TABLE + 20 * i),
+                           rd64(info + BP_E820_TABLE + 20 * i + 8),
                            rd32(info + BP_E820_TABLE + 20 * i + 16));
         }
     }
@@ -312,6 +334,40 @@ static void lapic_init(int pic_mode)
     lapic_write(LAPIC_LINT1, 0x400);              /* NMI */
 }
 
+/* ------------------------------------------------------------------ */
+/* CPU hot-plug controller (vireo-vmm): the VMM asks for a vCPU to be
+ * removed (STA bit 2) or says one was added (bit 1); we answer by ejecting
+ * (write 8) or acknowledging (write 2). Application processors are never
+ * started here, so there is nothing to take offline first. */
+
+static unsigned cpuhp_count; /* 0: no controller */
+
+static void cpuhp_probe(void)
+{
+    uint8_t n = inb(CPUHP_PORT + 3);
+    cpuhp_count = (n >= 1 && n <= 254) ? n : 0;
+}
+
+static void cpuhp_poll(void)
+{
+    for (unsigned k = 0; k < cpuhp_count; k++) { /* at most one round per vCPU */
+        uint8_t p = inb(CPUHP_PORT + 2);
+        if (p >= cpuhp_count)
+            return; /* 0xFF: nothing pending */
+        outb(CPUHP_PORT, p);
+        uint8_t st = inb(CPUHP_PORT + 1);
+        if (st & 4) {
+            outb(CPUHP_PORT + 1, 8);
+            kprintf("VIREO-TEST cpu%u: ejected\n", p);
+        } else if (st & 2) {
+            outb(CPUHP_PORT + 1, 2);
+            kprintf("VIREO-TEST cpu%u: plugged\n", p);
+        } else {
+            return;
+        }
+    }
+}
+
 /* Route pin -> vector 0x30+pin on this CPU. Returns 0 if there is no IOAPIC. */
 static int ioapic_init(void)
 {
@@ -328,6 +384,8 @@ static int ioapic_init(void)
         } else if (pin >= VIRTIO_GSI_BASE && pin <= VIRTIO_GSI_BASE + 15) {
             lo |= 1u << 15; /* virtio-mmio: level triggered, active high */
             on = virtio_slot_present((int)pin - VIRTIO_GSI_BASE);
+        } else if (pin == CPUHP_GSI) {
+            on = cpuhp_count != 0; /* hot-plug controller: edge, active high */
         }
         if (!on)
             lo |= 1u << 16; /* masked */
@@ -398,6 +456,7 @@ static void idle(void)
 {
     int use_tick = has_option("vireo.tick=1");
     kb_trace = has_option("vireo.kbdtrace=1");
+    cpuhp_probe();
     if (!use_tick) {
         pic_init(0xff, 0xff); /* 8259 initialised, everything masked */
         lapic_init(0);
@@ -427,6 +486,7 @@ static void idle(void)
             kbd_byte(b);
         }
         virtio_poll_all();
+        cpuhp_poll();
         if (irq_pending || kbd_tail != kbd_head)
             __asm__ volatile("sti"); /* more work arrived: go round */
         else

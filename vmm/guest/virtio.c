@@ -46,6 +46,7 @@
 #define ID_NET 1
 #define ID_BLK 2
 #define ID_RNG 4
+#define ID_BALLOON 5
 
 /* descriptor flags */
 #define DESC_NEXT  1
@@ -570,6 +571,146 @@ static void net_poll(struct net_state *s)
 }
 
 /* ------------------------------------------------------------------ */
+/* balloon: gives the device pages it never touches. The pool is every page
+ * from the end of the allocator (sealed once the scan is over) to the end
+ * of the RAM region the image is in; ballooned pages are the pool's first
+ * `actual` pages, so inflating takes the next ones up and deflating gives
+ * back from the top. */
+
+#define BALLOON_BATCH   1024  /* PFNs per request: one page of them */
+#define MAX_BALLOON     4
+
+struct balloon_state {
+    int slot, n, ok;
+    struct vq inf, def;
+    uint32_t *pfns;          /* BALLOON_BATCH entries */
+    uint64_t pool_pfn;       /* first page of the pool */
+    uint32_t pool_pages;
+    uint32_t actual;         /* pages the device holds */
+    uint32_t target;         /* last num_pages seen */
+};
+
+static struct balloon_state balloons[MAX_BALLOON];
+static int n_balloons;
+
+static void balloon_run(int slot, int n)
+{
+    uint64_t b = slot_base(slot);
+    uint64_t feat = 0;
+    if (n_balloons >= MAX_BALLOON) {
+        kprintf("VIREO-TEST balloon%d: FAIL too many balloons\n", n);
+        return;
+    }
+    struct balloon_state *s = &balloons[n_balloons];
+    memset(s, 0, sizeof(*s));
+    s->slot = slot;
+    s->n = n;
+    const char *err = dev_begin(b, 0, &feat);
+    if (!err)
+        err = vq_setup(b, 0, 4, &s->inf);
+    if (!err)
+        err = vq_setup(b, 1, 4, &s->def);
+    if (!err) {
+        s->pfns = heap_alloc(4 * BALLOON_BATCH, 4096, 1);
+        if (!s->pfns)
+            err = "out of memory";
+    }
+    if (err) {
+        dev_fail(b);
+        kprintf("VIREO-TEST balloon%d: FAIL %s\n", n, err);
+        return;
+    }
+    dev_ready(b);
+    mmio_write32(b + VM_CONFIG + 4, 0); /* actual: nothing yet */
+    n_balloons++;
+}
+
+/* num_pages, read under the config generation counter. */
+static uint32_t balloon_read_target(uint64_t b)
+{
+    uint32_t gen, v;
+    int tries = 0;
+    do {
+        gen = mmio_read32(b + VM_CONFIG_GEN);
+        v = config_read32(b, 0);
+    } while (gen != mmio_read32(b + VM_CONFIG_GEN) && ++tries < 10);
+    return v;
+}
+
+/* Sends `count` PFNs from pool page `first` up on queue `q`; 0 on timeout. */
+static int balloon_send(struct balloon_state *s, struct vq *q, uint32_t first, uint32_t count)
+{
+    for (uint32_t i = 0; i < count; i++)
+        s->pfns[i] = (uint32_t)(s->pool_pfn + first + i);
+    q->desc[0].addr = (uint64_t)s->pfns;
+    q->desc[0].len = 4 * count;
+    q->desc[0].flags = 0;
+    q->desc[0].next = 0;
+    vq_push(q, 0);
+    vq_notify(q);
+    uint32_t id, len;
+    return vq_wait(q, &id, &len);
+}
+
+/* Moves toward num_pages (as far as the pool allows) and reports. */
+static void balloon_adjust(struct balloon_state *s)
+{
+    uint64_t b = slot_base(s->slot);
+    uint32_t target = balloon_read_target(b);
+    if (target == s->target && s->ok)
+        return;
+    s->target = target;
+    uint32_t want = target < s->pool_pages ? target : s->pool_pages;
+    const char *err = 0;
+    while (s->actual < want) {
+        uint32_t k = want - s->actual;
+        if (k > BALLOON_BATCH)
+            k = BALLOON_BATCH;
+        if (!balloon_send(s, &s->inf, s->actual, k)) {
+            err = "timeout inflate";
+            break;
+        }
+        s->actual += k;
+    }
+    while (!err && s->actual > want) {
+        uint32_t k = s->actual - want;
+        if (k > BALLOON_BATCH)
+            k = BALLOON_BATCH;
+        if (!balloon_send(s, &s->def, s->actual - k, k)) {
+            err = "timeout deflate";
+            break;
+        }
+        s->actual -= k;
+    }
+    mmio_write32(b + VM_CONFIG + 4, s->actual);
+    s->ok = 1;
+    if (err)
+        kprintf("VIREO-TEST balloon%d: target=%u actual=%u FAIL %s\n", s->n, target, s->actual,
+                err);
+    else
+        kprintf("VIREO-TEST balloon%d: target=%u actual=%u\n", s->n, target, s->actual);
+}
+
+/* After the scan: the pool is what the allocator did not use. */
+static void balloon_start(void)
+{
+    if (!n_balloons)
+        return;
+    uint64_t end;
+    uint64_t start = heap_seal(&end);
+    uint64_t pages = (end - start) / 4096;
+    /* Each balloon gets its own share of the pool. */
+    pages /= (uint64_t)n_balloons;
+    if (pages > 0xffffffffULL)
+        pages = 0xffffffffULL;
+    for (int i = 0; i < n_balloons; i++) {
+        balloons[i].pool_pfn = start / 4096 + (uint64_t)i * pages;
+        balloons[i].pool_pages = (uint32_t)pages;
+        balloon_adjust(&balloons[i]);
+    }
+}
+
+/* ------------------------------------------------------------------ */
 
 static uint8_t present[VIRTIO_SLOTS];
 
@@ -593,12 +734,15 @@ void virtio_poll_all(void)
 {
     for (int i = 0; i < n_nets; i++)
         net_poll(&nets[i]);
+    for (int i = 0; i < n_balloons; i++)
+        if (balloons[i].ok)
+            balloon_adjust(&balloons[i]);
 }
 
 /* Scan every slot, drive each device; returns the number of devices found. */
 int virtio_scan(int echo)
 {
-    int count = 0, nblk = 0, nnet = 0, nrng = 0;
+    int count = 0, nblk = 0, nnet = 0, nrng = 0, nballoon = 0;
     for (int slot = 0; slot < VIRTIO_SLOTS; slot++) {
         uint64_t b = slot_base(slot);
         if (mmio_read32(b + VM_MAGIC) != VIRTIO_MAGIC)
@@ -624,6 +768,9 @@ int virtio_scan(int echo)
         case ID_RNG:
             rng_run(slot, nrng++);
             break;
+        case ID_BALLOON:
+            balloon_run(slot, nballoon++);
+            break;
         default:
             kprintf("VIREO-TEST slot%d: device id %u ignored\n", slot, id);
             break;
@@ -631,5 +778,6 @@ int virtio_scan(int echo)
         /* Drop any interrupt raised while we polled. */
         virtio_ack_slot(slot);
     }
+    balloon_start();
     return count;
 }

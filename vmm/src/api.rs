@@ -12,9 +12,19 @@ pub enum Request {
     Info,
     Pause,
     Resume,
-    Shutdown { timeout_seconds: Option<u64> },
+    Shutdown {
+        timeout_seconds: Option<u64>,
+    },
     Reset,
     Destroy,
+    /// Sets the guest's memory to `bytes` through the balloon.
+    Balloon {
+        bytes: u64,
+    },
+    /// Sets the number of enabled vCPUs (CPU hot-unplug / plug).
+    Vcpus {
+        count: u32,
+    },
 }
 
 /// The machine state `info` reports.
@@ -91,6 +101,15 @@ mod tests {
         );
         assert_eq!(parse(r#"{"command":"reset"}"#), Ok(Request::Reset));
         assert_eq!(parse(r#"{"command":"destroy"}"#), Ok(Request::Destroy));
+        assert_eq!(
+            parse(r#"{"command":"balloon","bytes":4096}"#),
+            Ok(Request::Balloon { bytes: 4096 })
+        );
+        assert!(parse(r#"{"command":"balloon"}"#).is_err());
+        assert_eq!(
+            parse(r#"{"command":"vcpus","count":1}"#),
+            Ok(Request::Vcpus { count: 1 })
+        );
         for bad in ["", "{}", "[]", r#"{"command":"explode"}"#, "nonsense"] {
             assert!(parse(bad).is_err(), "{bad}");
         }

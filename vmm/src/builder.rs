@@ -19,10 +19,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use vireo_vmm_devices::bus::{BusDevice, IrqLine};
 use vireo_vmm_devices::legacy::boot_timer::{BootTime, BootTimer};
+use vireo_vmm_devices::legacy::cpu_hotplug::{self, CpuHotplug};
 use vireo_vmm_devices::legacy::i8042::I8042;
 use vireo_vmm_devices::legacy::power::PowerDevice;
 use vireo_vmm_devices::legacy::serial::{SERIAL_REGISTERS, SerialDevice};
-use vireo_vmm_devices::virtio::{Block, MmioTransport, Net, Rng, VirtioDevice};
+use vireo_vmm_devices::virtio::{
+    Balloon, BalloonControl, Block, MmioTransport, Net, Rng, VirtioDevice,
+};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +83,15 @@ fn irqfd(vm: &VmFd, gsi: u32) -> Result<Arc<IrqFd>, BuildError> {
 /// The serial device as the VMM holds it.
 pub type Serial = SerialDevice<ConsoleOut>;
 
+/// A virtio transport as the VMM holds every slot.
+pub type VirtioSlotDevice = Arc<Mutex<MmioTransport<Box<dyn VirtioDevice>>>>;
+
+/// The balloon, when there is one: its shared target/actual and its slot.
+pub struct BalloonHandle {
+    pub control: Arc<BalloonControl>,
+    pub transport: VirtioSlotDevice,
+}
+
 /// Interrupt-controller state right after creation, restored by a reset.
 struct IrqchipSnapshot {
     chips: Vec<kvm_irqchip>,
@@ -94,6 +106,8 @@ pub struct Machine {
     pub buses: Arc<Buses>,
     pub serial: Arc<Mutex<Serial>>,
     pub i8042: Arc<Mutex<I8042>>,
+    /// The CPU hot-plug controller (which vCPUs are enabled).
+    pub cpu_hotplug: Arc<Mutex<CpuHotplug>>,
     pub console_clients: ConsoleClients,
     pub events: Arc<EventQueue>,
     pub boot_time: BootTime,
@@ -101,6 +115,8 @@ pub struct Machine {
     pub vcpus: Vec<Vcpu>,
     /// Descriptors devices want watched (taps), with their device.
     pub device_fds: Vec<(RawFd, SharedDevice)>,
+    /// The virtio-balloon (`--balloon`).
+    pub balloon: Option<BalloonHandle>,
     virtio: Vec<acpi::VirtioSlot>,
     boot_source: BootSource,
     vcpu_count: u32,
@@ -184,6 +200,11 @@ pub fn build(cfg: &VmConfig, files: OpenFiles, start: Instant) -> Result<Machine
         irqfd(&vm, layout::I8042_GSI)?,
     )));
     let power: SharedDevice = Arc::new(Mutex::new(PowerDevice::new(events.clone())));
+    let cpu_hotplug = Arc::new(Mutex::new(CpuHotplug::new(
+        cfg.vcpus,
+        events.clone(),
+        irqfd(&vm, layout::CPU_HOTPLUG_GSI)?,
+    )));
     let timer: SharedDevice = Arc::new(Mutex::new(BootTimer::new(start, boot_time.clone())));
 
     let mut pio = Bus::new("pio");
@@ -195,11 +216,19 @@ pub fn build(cfg: &VmConfig, files: OpenFiles, start: Instant) -> Result<Machine
     )?;
     pio.insert("i8042", u64::from(layout::I8042), 5, i8042.clone())?;
     pio.insert("power", u64::from(layout::POWER), 1, power)?;
+    pio.insert(
+        "cpu-hotplug",
+        u64::from(layout::CPU_HOTPLUG),
+        cpu_hotplug::PORTS,
+        cpu_hotplug.clone(),
+    )?;
     let mut mmio = Bus::new("mmio");
     mmio.insert("boot-timer", layout::BOOT_TIMER, 1, timer)?;
 
-    // virtio-mmio: disks, then NICs, then the entropy device, one slot each.
-    let wanted = disks.len() + taps.len() + usize::from(cfg.rng);
+    // virtio-mmio: disks, then NICs, then the entropy device, then the
+    // balloon, one slot each.
+    let wanted =
+        disks.len() + taps.len() + usize::from(cfg.rng) + usize::from(cfg.balloon.is_some());
     if wanted > layout::VIRTIO_MMIO_SLOTS as usize {
         return Err(BuildError::TooManyDevices(wanted));
     }
@@ -220,6 +249,13 @@ pub fn build(cfg: &VmConfig, files: OpenFiles, start: Instant) -> Result<Machine
     if cfg.rng {
         virtio_devs.push(("virtio-rng", Box::new(Rng::new())));
     }
+    let mut balloon_control = None;
+    if let Some(target) = cfg.balloon {
+        let b = Balloon::new(target);
+        balloon_control = Some(b.control());
+        virtio_devs.push(("virtio-balloon", Box::new(b)));
+    }
+    let mut balloon = None;
     let mut virtio = Vec::new();
     let mut device_fds = Vec::new();
     for (index, (name, dev)) in virtio_devs.into_iter().enumerate() {
@@ -234,7 +270,16 @@ pub fn build(cfg: &VmConfig, files: OpenFiles, start: Instant) -> Result<Machine
                 }
             })?;
         let fds = BusDevice::event_fds(&transport);
-        let shared: SharedDevice = Arc::new(Mutex::new(transport));
+        let typed: VirtioSlotDevice = Arc::new(Mutex::new(transport));
+        if name == "virtio-balloon"
+            && let Some(control) = balloon_control.take()
+        {
+            balloon = Some(BalloonHandle {
+                control,
+                transport: typed.clone(),
+            });
+        }
+        let shared: SharedDevice = typed;
         mmio.insert(name, slot.base(), layout::VIRTIO_MMIO_SIZE, shared.clone())?;
         device_fds.extend(fds.into_iter().map(|fd| (fd, shared.clone())));
         tracing::info!(
@@ -295,12 +340,14 @@ pub fn build(cfg: &VmConfig, files: OpenFiles, start: Instant) -> Result<Machine
         buses,
         serial,
         i8042,
+        cpu_hotplug,
         console_clients,
         events,
         boot_time,
         control,
         vcpus,
         device_fds,
+        balloon,
         virtio,
         boot_source,
         vcpu_count: cfg.vcpus,

@@ -34,6 +34,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskSpec>,
     pub nets: Vec<NetSpec>,
     pub rng: bool,
+    /// A virtio-balloon device, with this initial target in 4 KiB pages.
+    pub balloon: Option<u32>,
     pub elf_entry: crate::boot::loader::ElfEntry,
 }
 

@@ -12,6 +12,8 @@ pub enum MachineEvent {
     PowerOff(String),
     Reset(String),
     Crash(String),
+    /// The guest ejected this vCPU through the CPU hot-plug controller.
+    EjectCpu(u32),
 }
 
 /// The queue and its wake-up descriptor.
@@ -54,6 +56,7 @@ impl RequestSink for EventQueue {
                 MachineEvent::PowerOff("guest wrote S5 to the power register".into())
             }
             GuestRequest::Reset => MachineEvent::Reset("guest requested a reset".into()),
+            GuestRequest::EjectCpu(index) => MachineEvent::EjectCpu(index),
         });
     }
 }

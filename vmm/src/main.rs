@@ -63,6 +63,13 @@ struct RunArgs {
     /// A virtio-rng entropy device.
     #[arg(long)]
     rng: bool,
+    /// A virtio-balloon device (live memory changes with `balloon` on the API).
+    #[arg(long)]
+    balloon: bool,
+    /// Memory the guest should keep at boot (needs --balloon): the balloon's
+    /// initial target is --memory-mib minus this.
+    #[arg(long)]
+    current_memory_mib: Option<u64>,
     #[arg(long)]
     api_socket: PathBuf,
     #[arg(long)]
@@ -90,6 +97,18 @@ impl RunArgs {
         if self.vcpus == 0 {
             bail!("--vcpus must be at least 1");
         }
+        let balloon = match (self.balloon, self.current_memory_mib) {
+            (false, None) => None,
+            (false, Some(_)) => bail!("--current-memory-mib needs --balloon"),
+            (true, None) => Some(0),
+            (true, Some(current)) => {
+                if current == 0 || current > self.memory_mib {
+                    bail!("--current-memory-mib must be between 1 and --memory-mib");
+                }
+                let pages = (self.memory_mib - current) * 256;
+                Some(u32::try_from(pages).context("--memory-mib too large for the balloon")?)
+            }
+        };
         Ok(VmConfig {
             kernel: self.kernel.clone(),
             initrd: self.initrd.clone(),
@@ -120,6 +139,7 @@ impl RunArgs {
                 .map(|n| NetSpec::parse(n))
                 .collect::<Result<_, _>>()?,
             rng: self.rng,
+            balloon,
             elf_entry: match self.elf_entry {
                 ElfEntryArg::Auto => ElfEntry::Auto,
                 ElfEntryArg::Linux64 => ElfEntry::Linux64,

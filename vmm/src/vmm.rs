@@ -17,6 +17,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use vireo_vmm_devices::virtio::balloon;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 #[derive(Debug, thiserror::Error)]
@@ -179,12 +180,68 @@ impl Vmm {
     fn info(&self) -> api::Info {
         api::Info {
             state: self.state,
-            memory_bytes: self.machine.memory_bytes,
-            vcpus: self.machine.vcpu_count(),
+            memory_bytes: self.memory_bytes(),
+            vcpus: lock(&self.machine.cpu_hotplug).enabled_count(),
             cpu_time_ns: self.cpu_time_ns(),
             boot_time_us: self.machine.boot_time.get(),
             pid: std::process::id(),
         }
+    }
+
+    /// Guest memory: all of it, less the pages the balloon driver holds.
+    fn memory_bytes(&self) -> u64 {
+        let total = self.machine.memory_bytes;
+        match &self.machine.balloon {
+            Some(b) => {
+                total.saturating_sub(u64::from(b.control.actual_pages()) * balloon::PAGE_SIZE)
+            }
+            None => total,
+        }
+    }
+
+    /// `balloon`: asks the guest to keep `bytes` of memory.
+    fn set_balloon(&self, bytes: u64) -> Result<(), String> {
+        let Some(b) = &self.machine.balloon else {
+            return Err("no balloon device (start with --balloon)".into());
+        };
+        let total = self.machine.memory_bytes;
+        if bytes == 0 || bytes > total {
+            return Err(format!("bytes must be between 1 and {total}"));
+        }
+        let pages = (total - bytes) / balloon::PAGE_SIZE;
+        let pages = u32::try_from(pages).map_err(|_| "balloon target too large".to_string())?;
+        balloon::set_target(&mut lock(&b.transport), &b.control, pages);
+        tracing::info!(bytes, target_pages = pages, "balloon target set");
+        Ok(())
+    }
+
+    /// `vcpus`: asks the guest to eject vCPUs `count..` and plugs
+    /// `..count` in again.
+    fn set_vcpus(&self, count: u32) -> Result<(), String> {
+        let max = self.machine.vcpu_count();
+        if count == 0 || count > max {
+            return Err(format!("count must be between 1 and {max}"));
+        }
+        let vcpus = self.vcpus().map_err(|e| e.to_string())?;
+        let mut hp = lock(&self.machine.cpu_hotplug);
+        let mut changed = false;
+        for index in 0..max {
+            if index < count {
+                if !hp.is_enabled(index) {
+                    // The thread first, so it waits for INIT/SIPI before the
+                    // guest hears of it.
+                    vcpus.set_unplugged(index, false);
+                }
+                changed |= hp.plug(index);
+            } else {
+                changed |= hp.request_remove(index);
+            }
+        }
+        if changed {
+            hp.signal();
+        }
+        tracing::info!(count, enabled = hp.enabled_count(), "vCPU count requested");
+        Ok(())
     }
 
     fn report(&self, reason: ExitReason, detail: impl Into<String>) -> ExitReport {
@@ -262,6 +319,14 @@ impl Vmm {
                     let exit = self.report(ExitReason::Crashed, e.clone());
                     (api::error(e), Some(exit))
                 }
+            },
+            Request::Balloon { bytes } => match self.set_balloon(bytes) {
+                Ok(()) => (api::ok(), None),
+                Err(e) => (api::error(e), None),
+            },
+            Request::Vcpus { count } => match self.set_vcpus(count) {
+                Ok(()) => (api::ok(), None),
+                Err(e) => (api::error(e), None),
             },
             Request::Destroy => (
                 api::ok(),
@@ -454,6 +519,11 @@ impl Vmm {
             match e {
                 MachineEvent::PowerOff(d) => return Some(self.report(ExitReason::Poweroff, d)),
                 MachineEvent::Crash(d) => return Some(self.report(ExitReason::Crashed, d)),
+                MachineEvent::EjectCpu(index) => {
+                    if let Ok(v) = self.vcpus() {
+                        v.set_unplugged(index, true);
+                    }
+                }
                 MachineEvent::Reset(d) => match self.on_reboot {
                     OnReboot::Destroy => return Some(self.report(ExitReason::Reboot, d)),
                     OnReboot::Restart => {

@@ -242,3 +242,201 @@ fn test_guest_through_its_64_bit_entry() {
         vmm.stderr()
     );
 }
+
+/// Polls `info` until `memory_bytes` is `want`.
+fn wait_memory(api: &mut Api, want: u64, console: impl Fn() -> String) {
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let info = api.call(r#"{"command": "info"}"#);
+        assert_eq!(info["ok"], true, "{info}");
+        if info["memory_bytes"].as_u64() == Some(want) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "memory_bytes is {} after {T:?}, expected {want}\n{}",
+            info["memory_bytes"],
+            console()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn test_guest_drives_the_balloon() {
+    if !kvm_available("test_guest_drives_the_balloon") {
+        return;
+    }
+    let out = TempDir::new("guest-build5");
+    let Some(guest) = build_guest(&out.0) else {
+        return;
+    };
+    const MIB: u64 = 1 << 20;
+    let opts = Opts {
+        kernel: &guest,
+        cmdline: Some("console=ttyS0"),
+        memory_mib: 64,
+        extra: vec!["--rng", "--balloon", "--current-memory-mib", "40"],
+        ..Opts::default()
+    };
+    let mut vmm = Vmm::start("test-guest-balloon", opts);
+    // 24 MiB = 6144 pages given back at boot; the balloon is after the rng.
+    vmm.wait_console("VIREO-TEST balloon0: target=6144 actual=6144\n", 1, T);
+    vmm.wait_console("VIREO-TEST-GUEST-DONE devices=2", 1, T);
+    let mut api = vmm.connect_api();
+    wait_memory(&mut api, 40 * MIB, || vmm.console());
+
+    // Inflate further, live, then deflate.
+    let r = api.call(r#"{"command": "balloon", "bytes": 20971520}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    vmm.wait_console("VIREO-TEST balloon0: target=11264 actual=11264\n", 1, T);
+    wait_memory(&mut api, 20 * MIB, || vmm.console());
+    let r = api.call(r#"{"command": "balloon", "bytes": 60817408}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    vmm.wait_console("VIREO-TEST balloon0: target=1536 actual=1536\n", 1, T);
+    wait_memory(&mut api, 58 * MIB, || vmm.console());
+    let r = api.call(r#"{"command": "balloon", "bytes": 67108864}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    vmm.wait_console("VIREO-TEST balloon0: target=0 actual=0\n", 1, T);
+    wait_memory(&mut api, 64 * MIB, || vmm.console());
+
+    // Out of range requests are refused and change nothing.
+    for bad in [
+        r#"{"command": "balloon", "bytes": 0}"#,
+        r#"{"command": "balloon", "bytes": 67112960}"#,
+    ] {
+        let r = api.call(bad);
+        assert_eq!(r["ok"], false, "{bad}: {r}");
+    }
+    let console = vmm.console();
+    assert!(!console.contains("FAIL"), "{console}");
+    assert!(!vmm.stderr().contains("PFN outside"), "{}", vmm.stderr());
+
+    // A reset drops the driver's pages: the guest boots and inflates again
+    // to the last target.
+    let r = api.call(r#"{"command": "balloon", "bytes": 33554432}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    wait_memory(&mut api, 32 * MIB, || vmm.console());
+    let r = api.call(r#"{"command": "reset"}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    vmm.wait_console("VIREO-TEST balloon0: target=8192 actual=8192\n", 2, T);
+    wait_memory(&mut api, 32 * MIB, || vmm.console());
+    let r = api.call(r#"{"command": "destroy"}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    let (_, exit) = vmm.wait_exit(T);
+    assert_eq!(exit["reason"], "destroyed", "{exit}");
+}
+
+#[test]
+fn test_guest_without_a_balloon_refuses_balloon_requests() {
+    if !kvm_available("test_guest_without_a_balloon_refuses_balloon_requests") {
+        return;
+    }
+    let out = TempDir::new("guest-build6");
+    let Some(guest) = build_guest(&out.0) else {
+        return;
+    };
+    let opts = Opts {
+        kernel: &guest,
+        cmdline: Some("console=ttyS0"),
+        memory_mib: 32,
+        ..Opts::default()
+    };
+    let mut vmm = Vmm::start("test-guest-no-balloon", opts);
+    vmm.wait_console("VIREO-TEST-GUEST-DONE devices=0", 1, T);
+    let mut api = vmm.connect_api();
+    let info = api.call(r#"{"command": "info"}"#);
+    assert_eq!(info["memory_bytes"], 32u64 << 20, "{info}");
+    let r = api.call(r#"{"command": "balloon", "bytes": 16777216}"#);
+    assert_eq!(r["ok"], false, "{r}");
+}
+
+/// Polls `info` until `vcpus` is `want`.
+fn wait_vcpus(api: &mut Api, want: u64, console: impl Fn() -> String) {
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let info = api.call(r#"{"command": "info"}"#);
+        assert_eq!(info["ok"], true, "{info}");
+        if info["vcpus"].as_u64() == Some(want) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "vcpus is {} after {T:?}, expected {want}\n{}",
+            info["vcpus"],
+            console()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn test_guest_ejects_and_takes_back_vcpus() {
+    if !kvm_available("test_guest_ejects_and_takes_back_vcpus") {
+        return;
+    }
+    let out = TempDir::new("guest-build7");
+    let Some(guest) = build_guest(&out.0) else {
+        return;
+    };
+    let opts = Opts {
+        kernel: &guest,
+        cmdline: Some("console=ttyS0"),
+        memory_mib: 32,
+        vcpus: 3,
+        ..Opts::default()
+    };
+    let mut vmm = Vmm::start("test-guest-vcpus", opts);
+    vmm.wait_console("VIREO-TEST idle: irq=ioapic", 1, T);
+    let mut api = vmm.connect_api();
+    wait_vcpus(&mut api, 3, || vmm.console());
+    for bad in [
+        r#"{"command": "vcpus", "count": 0}"#,
+        r#"{"command": "vcpus", "count": 4}"#,
+    ] {
+        let r = api.call(bad);
+        assert_eq!(r["ok"], false, "{bad}: {r}");
+    }
+
+    // Down to one: the guest ejects vCPUs 1 and 2 when the controller's
+    // interrupt arrives.
+    let r = api.call(r#"{"command": "vcpus", "count": 1}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    vmm.wait_console("VIREO-TEST cpu1: ejected\n", 1, T);
+    vmm.wait_console("VIREO-TEST cpu2: ejected\n", 1, T);
+    wait_vcpus(&mut api, 1, || vmm.console());
+
+    // Pause and resume still work with parked vCPUs.
+    assert_eq!(api.call(r#"{"command": "pause"}"#)["ok"], true);
+    assert_eq!(api.call(r#"{"command": "info"}"#)["state"], "paused");
+    assert_eq!(api.call(r#"{"command": "resume"}"#)["ok"], true);
+
+    // Up to two again.
+    let r = api.call(r#"{"command": "vcpus", "count": 2}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    vmm.wait_console("VIREO-TEST cpu1: plugged\n", 1, T);
+    wait_vcpus(&mut api, 2, || vmm.console());
+
+    // A reset keeps the count; the guest boots again and idles.
+    let r = api.call(r#"{"command": "reset"}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    vmm.wait_console("VIREO-TEST idle: irq=ioapic", 2, T);
+    wait_vcpus(&mut api, 2, || vmm.console());
+    let r = api.call(r#"{"command": "vcpus", "count": 1}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    vmm.wait_console("VIREO-TEST cpu1: ejected\n", 2, T);
+    wait_vcpus(&mut api, 1, || vmm.console());
+
+    let console = vmm.console();
+    assert!(!console.contains("FAIL"), "{console}");
+    assert!(!console.contains("cpu0"), "{console}");
+    let r = api.call(r#"{"command": "destroy"}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    let (_, exit) = vmm.wait_exit(T);
+    assert_eq!(exit["reason"], "destroyed", "{exit}");
+    assert!(
+        vmm.stderr().contains("vCPU plugged in again"),
+        "{}",
+        vmm.stderr()
+    );
+}

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Writes seed inputs for the virtio_queue_devices fuzz target into seeds/:
-bring-up plus valid requests for block, net and rng (format: see the target)."""
+bring-up plus valid requests for block, net, rng and balloon (format: see the target)."""
 import os
 import struct
 
@@ -74,7 +74,21 @@ def rng():
     return seed(2, ops)
 
 
+def balloon():
+    # Target 8 pages (selector 3 | 8 << 2); inflate PFNs 7 and 8 (consecutive
+    # in the guest, in two regions), 0x10 and 0x10000 (past RAM); deflate 7.
+    ops = bring_up(3)
+    ops += memw(0x7000, struct.pack("<IIII", 7, 8, 0x10, 0x10000))
+    ops += desc(0, 0, 0x7000, 16, 0, 0) + avail(0, 0)
+    ops += memw(0x7100, struct.pack("<I", 7))
+    ops += desc(1, 0, 0x7100, 4, 0, 0) + avail(1, 0)
+    # The driver writes `actual` (config offset 4).
+    ops += bytes([0]) + struct.pack("<H", 0x104) + struct.pack("<I", 2)
+    return seed(3 | (8 << 2), ops)
+
+
 os.makedirs(os.path.join(HERE, "seeds"), exist_ok=True)
-for name, data in [("block", block(False)), ("block-ro", block(True)), ("net", net()), ("rng", rng())]:
+for name, data in [("block", block(False)), ("block-ro", block(True)), ("net", net()),
+                   ("rng", rng()), ("balloon", balloon())]:
     with open(os.path.join(HERE, "seeds", name), "wb") as f:
         f.write(data)

@@ -79,8 +79,187 @@ fn power_register() -> GAS {
     )
 }
 
+/// AML already serialised (so builders need not outlive their children).
+struct RawAml(Vec<u8>);
+
+impl Aml for RawAml {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        sink.vec(&self.0);
+    }
+}
+
+/// CPU hot-plug in AML: `\_SB_.CPUS` (a processor container) with one
+/// processor device `Cnnn` per vCPU, whose `_STA` and `_EJ0` go through the
+/// hot-plug controller's ports, and a Generic Event Device whose interrupt
+/// runs `CSCN`: for each vCPU with a remove request, Notify(Cnnn, 3) (eject
+/// request); for each with an insert request, acknowledge it and
+/// Notify(Cnnn, 1) (device check). vCPU 0 has no `_EJ0`.
+fn cpu_hotplug_aml(vcpus: u32, sb: &mut Vec<u8>) {
+    use acpi_tables::aml::{
+        Acquire, And, Arg, FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule, If, Local,
+        MethodCall, Notify, OpRegionSpace, Release, Return, Store,
+    };
+    let csel = aml::Path::new("CSEL");
+    let csta = aml::Path::new("CSTA");
+    let clck = || aml::Path::new("CLCK");
+    let names: Vec<String> = (0..vcpus).map(|i| format!("C{i:03X}")).collect();
+    let paths: Vec<aml::Path> = names.iter().map(|n| aml::Path::new(n)).collect();
+    let indices: Vec<u32> = (0..vcpus).collect();
+
+    let region = aml::OpRegion::new(
+        "PRST".into(),
+        OpRegionSpace::SystemIO,
+        &layout::CPU_HOTPLUG,
+        &4u8,
+    );
+    let field = aml::Field::new(
+        "PRST".into(),
+        FieldAccessType::Byte,
+        FieldLockRule::NoLock,
+        FieldUpdateRule::Preserve,
+        vec![
+            FieldEntry::Named(*b"CSEL", 8),
+            FieldEntry::Named(*b"CSTA", 8),
+            FieldEntry::Named(*b"CPEN", 8),
+            FieldEntry::Named(*b"CCNT", 8),
+        ],
+    );
+    let mutex = aml::Mutex::new("CLCK".into(), 0);
+    let csta_enabled = And::new(&aml::ZERO, &csta, &1u8);
+    // CSTS(i): _STA of vCPU i (0xF enabled, 0 ejected).
+    let csts = RawAml(bytes(&aml::Method::new(
+        "CSTS".into(),
+        1,
+        true,
+        vec![
+            &Acquire::new(clck(), 0xffff),
+            &Store::new(&csel, &Arg(0)),
+            &Store::new(&Local(0), &aml::ZERO),
+            &If::new(&csta_enabled, vec![&Store::new(&Local(0), &0xfu8)]),
+            &Release::new(clck()),
+            &Return::new(&Local(0)),
+        ],
+    )));
+    // CEJ0(i): eject vCPU i.
+    let cej0 = RawAml(bytes(&aml::Method::new(
+        "CEJ0".into(),
+        1,
+        true,
+        vec![
+            &Acquire::new(clck(), 0xffff),
+            &Store::new(&csel, &Arg(0)),
+            &Store::new(&csta, &8u8),
+            &Release::new(clck()),
+        ],
+    )));
+    // CSCN, one block per vCPU.
+    let remove_pending = And::new(&aml::ZERO, &Local(0), &4u8);
+    let insert_pending = And::new(&aml::ZERO, &Local(0), &2u8);
+    let eject_request = 3u8;
+    let device_check = 1u8;
+    let notifies_remove: Vec<Notify> = paths
+        .iter()
+        .map(|p| Notify::new(p, &eject_request))
+        .collect();
+    let notifies_insert: Vec<Notify> = paths
+        .iter()
+        .map(|p| Notify::new(p, &device_check))
+        .collect();
+    let ack_insert = Store::new(&csta, &2u8);
+    let sels: Vec<Store> = indices.iter().map(|i| Store::new(&csel, i)).collect();
+    let read_sta = Store::new(&Local(0), &csta);
+    let ifs_remove: Vec<If> = notifies_remove
+        .iter()
+        .map(|n| If::new(&remove_pending, vec![n]))
+        .collect();
+    let ifs_insert: Vec<If> = notifies_insert
+        .iter()
+        .map(|n| If::new(&insert_pending, vec![&ack_insert, n]))
+        .collect();
+    let acquire = Acquire::new(clck(), 0xffff);
+    let release = Release::new(clck());
+    let mut scan: Vec<&dyn Aml> = vec![&acquire];
+    for i in 0..vcpus as usize {
+        scan.push(&sels[i]);
+        scan.push(&read_sta);
+        scan.push(&ifs_remove[i]);
+        scan.push(&ifs_insert[i]);
+    }
+    scan.push(&release);
+    let cscn = aml::Method::new("CSCN".into(), 0, true, scan);
+
+    let hid = aml::Name::new("_HID".into(), &"ACPI0007");
+    let stas: Vec<MethodCall> = indices
+        .iter()
+        .map(|i| MethodCall::new("CSTS".into(), vec![i]))
+        .collect();
+    let returns: Vec<Return> = stas.iter().map(|c| Return::new(c)).collect();
+    let sta_methods: Vec<aml::Method> = returns
+        .iter()
+        .map(|r| aml::Method::new("_STA".into(), 0, false, vec![r]))
+        .collect();
+    let ej_calls: Vec<MethodCall> = indices
+        .iter()
+        .map(|i| MethodCall::new("CEJ0".into(), vec![i]))
+        .collect();
+    let ej_methods: Vec<aml::Method> = ej_calls
+        .iter()
+        .map(|c| aml::Method::new("_EJ0".into(), 1, false, vec![c]))
+        .collect();
+    let uids: Vec<aml::Name> = indices
+        .iter()
+        .map(|i| aml::Name::new("_UID".into(), i))
+        .collect();
+    let cpu_devices: Vec<aml::Device> = (0..vcpus as usize)
+        .map(|i| {
+            let mut children: Vec<&dyn Aml> = vec![&hid, &uids[i], &sta_methods[i]];
+            if i > 0 {
+                children.push(&ej_methods[i]);
+            }
+            aml::Device::new(names[i].as_str().into(), children)
+        })
+        .collect();
+    let container_hid = aml::Name::new("_HID".into(), &"ACPI0010");
+    let container_cid = aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A05"));
+    let mut cpus: Vec<&dyn Aml> = vec![
+        &container_hid,
+        &container_cid,
+        &region,
+        &field,
+        &mutex,
+        &csts,
+        &cej0,
+        &cscn,
+    ];
+    for d in &cpu_devices {
+        cpus.push(d);
+    }
+    aml::Device::new("CPUS".into(), cpus).to_aml_bytes(sb);
+
+    let scan_call = MethodCall::new("\\_SB_.CPUS.CSCN".into(), vec![]);
+    aml::Device::new(
+        "GED0".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"ACPI0013"),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![&aml::Interrupt::new(
+                    true,
+                    true,
+                    false,
+                    false,
+                    layout::CPU_HOTPLUG_GSI,
+                )]),
+            ),
+            &aml::Method::new("_EVT".into(), 1, true, vec![&scan_call]),
+        ],
+    )
+    .to_aml_bytes(sb);
+}
+
 /// The DSDT's AML body.
-pub fn dsdt_body(virtio: &[VirtioSlot]) -> Vec<u8> {
+pub fn dsdt_body(virtio: &[VirtioSlot], vcpus: u32) -> Vec<u8> {
     let mut body = Vec::new();
 
     // \_S5_: SLP_TYP 5 for power-off (what the power device decodes).
@@ -147,6 +326,7 @@ pub fn dsdt_body(virtio: &[VirtioSlot]) -> Vec<u8> {
         )
         .to_aml_bytes(&mut sb);
     }
+    cpu_hotplug_aml(vcpus, &mut sb);
     body.extend(aml::Scope::raw("_SB_".into(), sb));
     body
 }
@@ -171,7 +351,7 @@ pub fn write(mem: &GuestMemory, vcpus: u32, virtio: &[VirtioSlot]) -> Result<u64
     };
 
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"VIREODSD", OEM_REVISION);
-    dsdt.append_slice(&dsdt_body(virtio));
+    dsdt.append_slice(&dsdt_body(virtio, vcpus));
     let dsdt_addr = place(dsdt.as_slice().to_vec())?;
 
     let mut fadt = FADTBuilder::new(OEM_ID, *b"VIREOFAC", OEM_REVISION)
@@ -344,6 +524,15 @@ mod tests {
                         "PNP0303",
                         "0xFEB00200",
                         "0x00000006",
+                        "ACPI0010",
+                        "ACPI0013",
+                        "Method (_EJ0",
+                        "Notify (C001, 0x03)",
+                        "Notify (C001, One)",
+                        "Return (CSTS (One))",
+                        "SystemIO, 0x0610",
+                        "0x00000017",
+                        "\\_SB.CPUS.CSCN ()",
                     ] {
                         assert!(dsl.contains(want), "{want} missing:\n{dsl}");
                     }

@@ -64,6 +64,14 @@ pub struct ControlState {
     pub reset_acks: u32,
     /// Where the boot vCPU starts after a reset.
     pub entry: Entry,
+    /// vCPUs the guest ejected (CPU hot-unplug): parked until plugged again.
+    pub unplugged: Vec<bool>,
+}
+
+impl ControlState {
+    fn is_unplugged(&self, index: u32) -> bool {
+        self.unplugged.get(index as usize).copied().unwrap_or(false)
+    }
 }
 
 pub struct VcpuControl {
@@ -81,6 +89,7 @@ impl VcpuControl {
                 generation: 0,
                 reset_acks: 0,
                 entry,
+                unplugged: Vec::new(),
             }),
             cv: Condvar::new(),
         }
@@ -260,16 +269,32 @@ impl Vcpu {
                 st.reset_acks += 1;
                 control.cv.notify_all();
             }
+            let unplugged = st.is_unplugged(self.index);
             match st.want {
-                Want::Run => return true,
+                Want::Run if !unplugged => return true,
                 Want::Exit => return false,
-                Want::Pause => {
+                Want::Run | Want::Pause => {
                     st.parked += 1;
                     control.cv.notify_all();
-                    while st.want == Want::Pause && st.generation == *generation {
+                    while st.want != Want::Exit
+                        && (st.want == Want::Pause || st.is_unplugged(self.index))
+                        && st.generation == *generation
+                    {
                         st = control.cv.wait(st).unwrap_or_else(|e| e.into_inner());
                     }
                     st.parked -= 1;
+                    if unplugged && !st.is_unplugged(self.index) && st.generation == *generation {
+                        // Plugged again: back to an application processor
+                        // waiting for INIT/SIPI, as at power-on.
+                        let entry = st.entry;
+                        if let Err(e) = self.reset(entry) {
+                            self.events.push(MachineEvent::Crash(format!(
+                                "vCPU {}: reset after hot-plug failed: {e}",
+                                self.index
+                            )));
+                        }
+                        tracing::info!(vcpu = self.index, "vCPU plugged in again");
+                    }
                 }
             }
         }
@@ -443,6 +468,22 @@ impl VcpuSet {
         self.wait_until(Duration::from_secs(5), "pause", |st| {
             st.parked + st.exited >= n
         })
+    }
+
+    /// Parks vCPU `index` (the guest ejected it) or lets it run again.
+    pub fn set_unplugged(&self, index: u32, unplugged: bool) {
+        {
+            let mut st = lock(&self.control.state);
+            let i = index as usize;
+            if st.unplugged.len() <= i {
+                st.unplugged.resize(i + 1, false);
+            }
+            st.unplugged[i] = unplugged;
+        }
+        self.control.cv.notify_all();
+        if unplugged && let Some(h) = self.handles.get(index as usize) {
+            let _ = h.kill(SIGRTMIN() + KICK_SIGNAL_OFFSET);
+        }
     }
 
     pub fn resume(&self) {

@@ -2,7 +2,8 @@
 //! reads/writes, notifies, guest-memory writes, tap frames, resets), and the
 //! initial contents of guest memory. The block device runs on a memfd, the
 //! net device on a datagram socket pair standing in for the tap, the entropy
-//! device on getrandom(2). Any panic, or any host access outside guest
+//! device on getrandom(2), the balloon on the guest memory itself (its
+//! inflated pages are dropped with MADV_DONTNEED). Any panic, or any host access outside guest
 //! memory (caught by ASan), is a finding.
 #![no_main]
 
@@ -17,7 +18,7 @@ use libfuzzer_sys::fuzz_target;
 use vireo_vmm_devices::GuestMemory;
 use vireo_vmm_devices::bus::{BusDevice, IrqLine};
 use vireo_vmm_devices::virtio::mmio::reg;
-use vireo_vmm_devices::virtio::{Block, MmioTransport, Net, Rng, VirtioDevice};
+use vireo_vmm_devices::virtio::{Balloon, Block, MmioTransport, Net, Rng, VirtioDevice};
 use vm_memory::{Bytes, GuestAddress};
 
 /// Two adjacent regions, so buffers may straddle a region boundary.
@@ -186,7 +187,7 @@ fuzz_target!(|data: &[u8]| {
     let irq: Arc<dyn IrqLine> = Arc::new(Irq(AtomicUsize::new(0)));
     let mut ops = Input { data: &ops };
 
-    match sel % 3 {
+    match sel % 4 {
         0 => {
             let Some(file) = disk() else { return };
             let Ok(dev) = Block::new(file, sel & 0x80 != 0) else { return };
@@ -205,6 +206,11 @@ fuzz_target!(|data: &[u8]| {
             }
             let mut buf = [0u8; 128];
             while host.recv(&mut buf).is_ok() {}
+        }
+        3 => {
+            if let Ok(t) = MmioTransport::new(mem.clone(), irq, Balloon::new(u32::from(sel >> 2))) {
+                run(t, &mem, &mut ops, None);
+            }
         }
         _ => {
             if let Ok(t) = MmioTransport::new(mem.clone(), irq, Rng::new()) {

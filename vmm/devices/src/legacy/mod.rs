@@ -1,6 +1,7 @@
 //! Legacy devices: 8250 serial, i8042, boot timer, power (owned by the VMM core work).
 
 pub mod boot_timer;
+pub mod cpu_hotplug;
 pub mod i8042;
 pub mod power;
 pub mod serial;

@@ -15,6 +15,8 @@ pub enum GuestRequest {
     PowerOff,
     /// Reset (reboot) the machine.
     Reset,
+    /// The guest ejected this vCPU (CPU hot-plug controller).
+    EjectCpu(u32),
 }
 
 /// Where a device delivers a [`GuestRequest`] (the VMM's event loop; a

@@ -124,6 +124,16 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.acked_features
     }
 
+    /// The device's configuration space changed (the VMM changed it): bumps
+    /// ConfigGeneration and, if `interrupt`, raises a config-change
+    /// interrupt.
+    pub fn config_changed(&mut self, interrupt: bool) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        if interrupt {
+            self.interrupt.signal_config_change();
+        }
+    }
+
     fn selected_queue(&mut self) -> Option<&mut Queue> {
         self.queues.get_mut(self.queue_sel as usize)
     }

@@ -10,6 +10,7 @@
 //! [`GuestMemory`](crate::GuestMemory) and the interrupt an
 //! [`IrqLine`](crate::bus::IrqLine).
 
+pub mod balloon;
 pub mod block;
 pub mod chain;
 pub mod mmio;
@@ -26,6 +27,7 @@ use virtio_queue::Queue;
 use crate::GuestMemory;
 use crate::bus::IrqLine;
 
+pub use balloon::{Balloon, BalloonControl};
 pub use block::Block;
 pub use mmio::MmioTransport;
 pub use net::Net;
@@ -35,6 +37,7 @@ pub use rng::Rng;
 pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_RNG: u32 = 4;
+pub const TYPE_BALLOON: u32 = 5;
 
 /// Feature bits common to all devices.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
