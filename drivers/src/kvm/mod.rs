@@ -14,6 +14,10 @@
 //! * Graceful shutdown is Ctrl-Alt-Del through the i8042; the driver
 //!   destroys the guest when it does not comply in time.
 //! * Disks are raw files (virtio-blk); qcow2 needs the qemu driver.
+//! * Every domain gets virtio-rng and a virtio-balloon (`setmem` while it
+//!   runs, and `currentMemory` below `memory` from boot on), and all vCPUs
+//!   up to `maxVcpus`, those above `vcpus` unplugged through ACPI CPU
+//!   hot-plug (so `setvcpus` works both ways while it runs).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -161,6 +165,13 @@ impl Backend for Vmm {
         let kernel = os.kernel.as_deref().ok_or("spec.os.kernel is required")?;
         let uuid = spec.uuid.clone().unwrap_or_default();
         let memory = parse_quantity(&spec.memory).map_err(|e| format!("spec.memory: {e}"))?;
+        let memory_mib = memory.div_ceil(1 << 20).max(1);
+        let current = match &spec.current_memory {
+            Some(q) => parse_quantity(q).map_err(|e| format!("spec.currentMemory: {e}"))?,
+            None => memory,
+        };
+        let current_mib = (current >> 20).clamp(1, memory_mib);
+        let max_vcpus = spec.max_vcpus.unwrap_or(spec.vcpus).max(spec.vcpus);
         let mut args: Vec<String> = vec!["run".into(), "--kernel".into(), kernel.into()];
         if let Some(initrd) = os.initrd.as_deref() {
             args.extend(["--initrd".into(), initrd.into()]);
@@ -169,10 +180,16 @@ impl Backend for Vmm {
             "--cmdline".into(),
             os.cmdline.clone().unwrap_or_default(),
             "--memory-mib".into(),
-            memory.div_ceil(1 << 20).max(1).to_string(),
+            memory_mib.to_string(),
+            // Every vCPU up to maxVcpus exists; those above spec.vcpus are
+            // unplugged once the guest is up (below), so setvcpus can add
+            // them back.
             "--vcpus".into(),
-            spec.vcpus.to_string(),
+            max_vcpus.to_string(),
             "--rng".into(),
+            "--balloon".into(),
+            "--current-memory-mib".into(),
+            current_mib.to_string(),
             "--api-socket".into(),
             paths.api.display().to_string(),
             "--console-log".into(),
@@ -246,6 +263,9 @@ impl Backend for Vmm {
             if self.call(paths, json!({ "command": "info" })).is_ok() {
                 std::fs::write(&paths.pidfile, pid.to_string())
                     .map_err(|e| format!("{}: {e}", paths.pidfile.display()))?;
+                if spec.vcpus < max_vcpus {
+                    self.call(paths, json!({ "command": "vcpus", "count": spec.vcpus }))?;
+                }
                 return Ok(pid);
             }
             let exited = waiter.lock().map(|s| *s).unwrap_or(None);
@@ -286,12 +306,17 @@ impl Backend for Vmm {
                 )
                 .map(drop)
                 .map_err(ControlError::Failed),
-            Control::SetMemory(_) => Err(ControlError::Unsupported(
-                "changing the memory of a running guest (vireo-vmm has no balloon)",
-            )),
-            Control::SetVcpus { .. } => Err(ControlError::Unsupported(
-                "changing the vCPUs of a running guest (vireo-vmm has no CPU hot-plug)",
-            )),
+            // The balloon: the guest's driver gives memory back (or takes
+            // it) and `info.memory_bytes` follows.
+            Control::SetMemory(bytes) => self
+                .call(paths, json!({ "command": "balloon", "bytes": bytes }))
+                .map(drop)
+                .map_err(ControlError::Failed),
+            // ACPI CPU hot-plug: removal waits for the guest to eject.
+            Control::SetVcpus { to, .. } => self
+                .call(paths, json!({ "command": "vcpus", "count": to }))
+                .map(drop)
+                .map_err(ControlError::Failed),
         }
     }
 
