@@ -1,4 +1,4 @@
-//! Legacy devices: 8250 serial, i8042, boot timer, power (owned by the VMM core work).
+//! Legacy devices: 8250 serial, i8042, boot timer, power, CPU hot-plug controller (owned by the VMM core work).
 
 pub mod boot_timer;
 pub mod cpu_hotplug;
