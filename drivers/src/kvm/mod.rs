@@ -15,9 +15,9 @@
 //!   destroys the guest when it does not comply in time.
 //! * Disks are raw files (virtio-blk); qcow2 needs the qemu driver.
 //! * Every domain gets virtio-rng and a virtio-balloon (`setmem` while it
-//!   runs, and `currentMemory` below `memory` from boot on), and all vCPUs
-//!   up to `maxVcpus`, those above `vcpus` unplugged through ACPI CPU
-//!   hot-plug (so `setvcpus` works both ways while it runs).
+//!   runs, and `currentMemory` below `memory` from boot on); `setvcpus`
+//!   while it runs goes through ACPI CPU hot-plug: down to 1, and back up
+//!   to the count it booted with (not beyond, unlike q35 under QEMU).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -171,7 +171,6 @@ impl Backend for Vmm {
             None => memory,
         };
         let current_mib = (current >> 20).clamp(1, memory_mib);
-        let max_vcpus = spec.max_vcpus.unwrap_or(spec.vcpus).max(spec.vcpus);
         let mut args: Vec<String> = vec!["run".into(), "--kernel".into(), kernel.into()];
         if let Some(initrd) = os.initrd.as_deref() {
             args.extend(["--initrd".into(), initrd.into()]);
@@ -181,11 +180,11 @@ impl Backend for Vmm {
             os.cmdline.clone().unwrap_or_default(),
             "--memory-mib".into(),
             memory_mib.to_string(),
-            // Every vCPU up to maxVcpus exists; those above spec.vcpus are
-            // unplugged once the guest is up (below), so setvcpus can add
-            // them back.
+            // The guest boots with spec.vcpus; setvcpus unplugs some and
+            // plugs them back, up to this count (the MADT lists every vCPU
+            // as present from boot, so more cannot be added later).
             "--vcpus".into(),
-            max_vcpus.to_string(),
+            spec.vcpus.to_string(),
             "--rng".into(),
             "--balloon".into(),
             "--current-memory-mib".into(),
@@ -263,9 +262,6 @@ impl Backend for Vmm {
             if self.call(paths, json!({ "command": "info" })).is_ok() {
                 std::fs::write(&paths.pidfile, pid.to_string())
                     .map_err(|e| format!("{}: {e}", paths.pidfile.display()))?;
-                if spec.vcpus < max_vcpus {
-                    self.call(paths, json!({ "command": "vcpus", "count": spec.vcpus }))?;
-                }
                 return Ok(pid);
             }
             let exited = waiter.lock().map(|s| *s).unwrap_or(None);
