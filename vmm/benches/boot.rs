@@ -645,28 +645,44 @@ fn run() -> Res<()> {
     let fmt_r = |r: Option<f64>| r.map_or("  n/a".to_string(), |r| format!("{r:5.2}"));
     println!();
     println!(
-        "{:<52} {:>10} {:>10} {:>7}",
+        "{:<52} {:>10} {:>10} {:>5}  min-max ms [vireo-vmm | QEMU]",
         "median of runs", "vireo-vmm", "QEMU", "ratio"
     );
+    // Min-max of the runs after the ratio: vireo-vmm | QEMU.
+    let spread = |v: &[Duration], q: &[Duration]| {
+        let one = |x: &[Duration]| {
+            if x.is_empty() {
+                "n/a".to_string()
+            } else {
+                let (lo, hi) = range_ms(x);
+                format!("{lo:.1}-{hi:.1}")
+            }
+        };
+        format!("[{} | {}]", one(v), one(q))
+    };
     println!(
-        "{:<52} {:7.1} ms {} {}",
+        "{:<52} {:7.1} ms {} {}  {}",
         "boot timer (vireo boot_time_us | QEMU debug-exit)",
         median_ms(&v_timer),
         fmt_q(&q_exit),
-        fmt_r(r_timer)
+        fmt_r(r_timer),
+        spread(&v_timer, &q_exit)
     );
     println!(
-        "{:<52} {:7.1} ms {} {}",
+        "{:<52} {:7.1} ms {} {}  {}",
         "spawn to console marker (bench clock, both)",
         median_ms(&v_marker),
         fmt_q(&q_marker),
-        fmt_r(r_marker)
+        fmt_r(r_marker),
+        spread(&v_marker, &q_marker)
     );
     println!(
-        "{:<52} {:7.1} ms {:>10}",
+        "{:<52} {:7.1} ms {:>10} {:>5}  {}",
         "spawn to process exit (vireo: poweroff)",
         median_ms(&v_exit),
-        ""
+        "",
+        "",
+        spread(&v_exit, &[])
     );
     let q_or = |f: fn(&Mem) -> u64| q_mem.as_ref().map(f);
     let mem_row = |name: &str, v: u64, q: Option<u64>| {
