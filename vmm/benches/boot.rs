@@ -396,7 +396,7 @@ fn durations_json(v: &[Duration]) -> Value {
     })
 }
 
-/// The memory of one idle guest's VMM (3 samples, median), vireo-vmm or QEMU.
+/// The memory of an idle guest's vireo-vmm (3 samples, median).
 fn idle_mem_vireo(bin: &Path, guest: &Path, dir: &Path) -> Res<Mem> {
     let mut samples = Vec::new();
     for i in 0..3 {
@@ -593,6 +593,11 @@ fn run() -> Res<()> {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
     println!("vireo-vmm boot bench, {date}: KVM {}", kvm.describe());
+    // Other work on the machine shows in every figure: say how busy it was.
+    let loadavg = std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default();
+    println!("  host load average at start: {loadavg}");
     println!("  vireo-vmm {}", bin.display());
     println!("  QEMU      {}", qemu.as_deref().unwrap_or("(absent)"));
     println!(
@@ -786,6 +791,7 @@ fn run() -> Res<()> {
     let out = json!({
         "date": date,
         "kvm": kvm.describe(),
+        "loadavg_at_start": loadavg,
         "vireo_vmm": bin.display().to_string(),
         "qemu": qemu,
         "qemu_command": format!("{} -M {QEMU_MACHINE} -accel kvm -nodefaults -no-user-config -display none -m {GUEST_MIB} -kernel ELF -append ... -serial ... -device isa-debug-exit,iobase=0xf4,iosize=4", qemu_bin()),
