@@ -161,12 +161,17 @@ fn run(args: RunArgs, start: Instant) -> i32 {
             return 1;
         }
     };
+    // The VM is torn down only after the exit file is written: closing a
+    // VM's descriptors takes tens of milliseconds, and the driver waits for
+    // the word.
+    let mut machine = None;
     let result = (|| -> Result<ExitReport> {
         let cfg = args.config()?;
         let files = cfg
             .open_files()
             .context("opening the files on the command line")?;
-        let vmm = vireo_vmm::vmm::Vmm::start(&cfg, files, start).context("starting the VM")?;
+        let vmm = machine
+            .insert(vireo_vmm::vmm::Vmm::start(&cfg, files, start).context("starting the VM")?);
         tracing::info!(
             pid = std::process::id(),
             vcpus = cfg.vcpus,
@@ -189,6 +194,7 @@ fn run(args: RunArgs, start: Instant) -> i32 {
     if let Err(e) = exit_file.write(&report) {
         eprintln!("vireo-vmm: writing the exit file: {e}");
     }
+    drop(machine);
     report.reason.code()
 }
 

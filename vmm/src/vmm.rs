@@ -538,7 +538,7 @@ impl Vmm {
     }
 
     /// Serves until the machine is gone; returns why.
-    pub fn run(mut self) -> ExitReport {
+    pub fn run(&mut self) -> ExitReport {
         let mut events = vec![EpollEvent::default(); 32];
         let report = loop {
             if let Some(deadline) = self.shutdown_deadline
