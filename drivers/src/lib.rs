@@ -11,6 +11,7 @@
 //! name the object), [`test`] (libvirt's test driver), [`conformance`] (the
 //! suite every driver passes), [`host`] (this machine's NodeInfo).
 
+pub mod bridge;
 pub mod conformance;
 pub mod connect;
 pub mod error;

@@ -1,0 +1,164 @@
+//! Tap devices for guests' virtio-net interfaces.
+//!
+//! A tap is made persistent (it outlives the descriptor that created it),
+//! owned by this process's user, single-queue and with the virtio-net
+//! header on, then put on the network's bridge and brought up. The VM
+//! process opens it by name afterwards: QEMU with `-netdev
+//! tap,ifname=NAME` and vireo-vmm with `--net NAME` both attach to the
+//! existing device (multi-queue must match: off on both sides), so the
+//! guest's first DHCP request already reaches the bridge. The driver
+//! deletes the tap when the activation ends.
+
+use std::fs::OpenOptions;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+
+use super::netlink;
+
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+/// `_IOW('T', 202, int)`
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+/// `_IOW('T', 203, int)`
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+/// `_IOW('T', 204, int)`
+const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
+
+/// `struct ifreq` as TUNSETIFF reads it: the name and the flags.
+#[repr(C)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+/// Why a tap could not be made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TapError(pub String);
+
+impl std::fmt::Display for TapError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn fail(what: &str, e: impl std::fmt::Display) -> TapError {
+    TapError(format!("{what}: {e}"))
+}
+
+/// Whether `name` can be a Linux interface name.
+pub fn valid_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() < libc::IFNAMSIZ
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
+}
+
+/// Creates the persistent tap `name` (or takes the existing one), puts it
+/// on `bridge` and brings it up. Idempotent.
+pub fn create(name: &str, bridge: &str) -> Result<(), TapError> {
+    if !valid_ifname(name) {
+        return Err(TapError(format!("'{name}' is not a valid interface name")));
+    }
+    let bridge_link = netlink::link(bridge)
+        .map_err(|e| fail(&format!("looking up bridge {bridge}"), e))?
+        .filter(netlink::is_bridge)
+        .ok_or_else(|| TapError(format!("bridge '{bridge}' does not exist on this node")))?;
+    match netlink::link(name).map_err(|e| fail(&format!("looking up {name}"), e))? {
+        Some(link) if link.kind.as_deref() != Some("tun") => {
+            return Err(TapError(format!(
+                "'{name}' exists and is not a tap device (it is {})",
+                link.kind.as_deref().unwrap_or("a physical device")
+            )));
+        }
+        Some(_) => {}
+        None => make_persistent(name)?,
+    }
+    let link = netlink::link(name)
+        .map_err(|e| fail(&format!("looking up {name}"), e))?
+        .ok_or_else(|| TapError(format!("tap '{name}' vanished right after it was created")))?;
+    netlink::attach_and_up(link.index, bridge_link.index)
+        .map_err(|e| fail(&format!("attaching {name} to {bridge}"), e))
+}
+
+fn make_persistent(name: &str) -> Result<(), TapError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/net/tun")
+        .map_err(|e| fail("/dev/net/tun", e))?;
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    let fd = file.as_raw_fd();
+    // SAFETY: TUNSETIFF reads and writes a `struct ifreq`; `IfReq` has its
+    // size (40 bytes) and the layout of the fields the kernel uses, and it
+    // lives across the call.
+    if unsafe { libc::ioctl(fd, TUNSETIFF as _, &mut req as *mut IfReq) } < 0 {
+        return Err(fail(
+            &format!("creating tap {name}"),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: geteuid has no preconditions and touches no memory.
+    let uid = unsafe { libc::geteuid() };
+    // SAFETY: TUNSETOWNER and TUNSETPERSIST take their argument by value
+    // (an integer), not a pointer; the descriptor is ours.
+    let rc = unsafe { libc::ioctl(fd, TUNSETOWNER as _, uid as libc::c_ulong) };
+    if rc < 0 {
+        return Err(fail(
+            &format!("setting the owner of {name}"),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: as above.
+    let rc = unsafe { libc::ioctl(fd, TUNSETPERSIST as _, 1 as libc::c_ulong) };
+    if rc < 0 {
+        return Err(fail(
+            &format!("making {name} persistent"),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+/// Deletes the tap `name`; one that is not there is fine. Refuses to
+/// delete anything that is not a tap.
+pub fn remove(name: &str) -> Result<(), TapError> {
+    match netlink::link(name).map_err(|e| fail(&format!("looking up {name}"), e))? {
+        None => Ok(()),
+        Some(link) if link.kind.as_deref() == Some("tun") => {
+            netlink::delete(name).map_err(|e| fail(&format!("deleting {name}"), e))
+        }
+        Some(_) => Err(TapError(format!(
+            "'{name}' is not a tap device; left alone"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ifreq_is_40_bytes() {
+        assert_eq!(std::mem::size_of::<IfReq>(), 40);
+    }
+
+    #[test]
+    fn interface_names() {
+        assert!(valid_ifname("vt0123456789a0"));
+        assert!(!valid_ifname(""));
+        assert!(!valid_ifname("a-name-much-too-long"));
+        assert!(!valid_ifname("a/b"));
+        assert!(!valid_ifname("a b"));
+    }
+}
