@@ -35,7 +35,10 @@ pub use network::{
 };
 pub use quantity::{QuantityError, format_bytes, parse_quantity};
 pub use storage_pool::{PoolType, StoragePool, StoragePoolSpec, StoragePoolStatus};
-pub use storage_vol::{StorageVol, StorageVolSpec, StorageVolStatus, VolFormat, VolumeSource};
+pub use storage_vol::{
+    BlankSource, CloneSource, StorageVol, StorageVolSpec, StorageVolStatus, UploadSource,
+    UrlSource, VolFormat, VolumeSource,
+};
 pub use validate::{Validate, ValidationError};
 
 /// The API group of every Vireo kind.

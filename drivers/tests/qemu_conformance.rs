@@ -36,7 +36,7 @@ fn fixture() -> Fixture {
             d
         }),
         make_network: base.make_network,
-        make_pool: base.make_pool,
+        make_pool: Box::new(common::dir_pool),
         timeout: Duration::from_secs(90),
     }
 }

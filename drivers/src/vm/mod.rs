@@ -606,6 +606,7 @@ impl<B: Backend> Inner<B> {
                     ));
                 }
             };
+            self.check_backing_chain(name, &field, &info.path)?;
             out.push(DiskFile {
                 name: disk.name.clone(),
                 path: info.path,
@@ -614,6 +615,45 @@ impl<B: Backend> Inner<B> {
             });
         }
         Ok(out)
+    }
+
+    /// A qcow2 disk's backing files must themselves be volumes of an active
+    /// pool here: a header naming any other file would hand the guest a
+    /// host file.
+    fn check_backing_chain(&self, name: &str, field: &str, path: &str) -> Result<()> {
+        let mut at = PathBuf::from(path);
+        for _ in 0..16 {
+            let probe = crate::storage::dir::file::probe(&at).map_err(|e| {
+                Error::invalid_argument(KIND, name, format!("{field}: cannot read {}: {e}", at.display()))
+            })?;
+            let Some(backing) = probe.backing else {
+                return Ok(());
+            };
+            let next = match Path::new(&backing) {
+                p if p.is_absolute() => p.to_path_buf(),
+                p => at.parent().map(|d| d.join(p)).unwrap_or_else(|| p.to_path_buf()),
+            };
+            if self
+                .storage
+                .lookup_volume_by_path(&next.display().to_string())
+                .is_err()
+            {
+                return Err(Error::invalid_argument(
+                    KIND,
+                    name,
+                    format!(
+                        "{field}: the qcow2 image {} has the backing file '{backing}', which is not a volume of an active pool on this node; refused",
+                        at.display()
+                    ),
+                ));
+            }
+            at = next;
+        }
+        Err(Error::invalid_argument(
+            KIND,
+            name,
+            format!("{field}: the qcow2 backing chain of {path} is longer than 16"),
+        ))
     }
 
     /// Starts an activation of `rec` running `live`.
@@ -1118,8 +1158,9 @@ pub fn open_connection<B: Backend>(
     ))
 }
 
-/// Opens a process-backed driver with the test driver's bookkeeping under
-/// ROOT/objects for its networks and pools (until the real backends land).
+/// Opens a process-backed driver with the dir storage backend (pool records
+/// under ROOT/storage) and the test driver's bookkeeping for networks under
+/// ROOT/objects.
 pub fn open_standalone<B: Backend>(
     backend: B,
     uri: &str,
@@ -1128,12 +1169,9 @@ pub fn open_standalone<B: Backend>(
 ) -> std::result::Result<crate::Connection, String> {
     let (root, _) = root_from_uri(path_and_query, system_root)?;
     let objects = Arc::new(crate::test::TestDriver::from_dir(&root.join("objects"))?);
-    open_connection(
-        backend,
-        uri,
-        path_and_query,
-        system_root,
-        objects.clone(),
-        objects,
-    )
+    let storage = Arc::new(crate::storage::dir::DirStorage::open(
+        &root.join("storage"),
+        Path::new("/"),
+    )?);
+    open_connection(backend, uri, path_and_query, system_root, objects, storage)
 }

@@ -195,3 +195,80 @@ pub fn test_guest_domain(name: &str, cmdline: &str) -> Domain {
         },
     )
 }
+
+/// A dir pool for the conformance suite, on a filesystem of its own: each
+/// pool name gets a 256 MiB tmpfs (when we are root), so that the suite's
+/// checks on the pool's allocation see only what the case itself did, not
+/// other tests or builds writing to the same disk. The pool's directory is
+/// made already, as `create_pool` (no build) needs it.
+pub fn dir_pool(name: &str) -> vireo_crds::StoragePool {
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    static MOUNTED: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+    let base = pools_root();
+    let fs = base.join(name);
+    let mut mounted = MOUNTED
+        .get_or_init(|| Mutex::new(HashSet::new()))
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if !mounted.contains(name) {
+        std::fs::create_dir_all(&fs).expect("creates the pool's mount point");
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            let ok = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=256m", "tmpfs"])
+                .arg(&fs)
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "cannot mount a tmpfs on {}", fs.display());
+        } else {
+            say(&format!(
+                "NOTE dir pool {name}: not root, so no tmpfs of its own; its sizes may move with other writers on the same disk"
+            ));
+        }
+        mounted.insert(name.to_string());
+    }
+    let path = fs.join("pool");
+    std::fs::create_dir_all(&path).expect("creates the pool directory");
+    vireo_crds::StoragePool::new(
+        name,
+        vireo_crds::StoragePoolSpec {
+            uuid: None,
+            pool_type: vireo_crds::PoolType::Dir,
+            path: path.display().to_string(),
+            autostart: false,
+            active: None,
+            node_selector: None,
+        },
+    )
+}
+
+/// `/tmp/vireo-pools-<pid>`; the first call unmounts and removes what
+/// earlier test processes (no longer running) left.
+fn pools_root() -> PathBuf {
+    static ROOT: OnceLock<PathBuf> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        let tmp = std::env::temp_dir();
+        if let Ok(entries) = std::fs::read_dir(&tmp) {
+            for e in entries.filter_map(|e| e.ok()) {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some(pid) = name.strip_prefix("vireo-pools-") else {
+                    continue;
+                };
+                if Path::new("/proc").join(pid).exists() {
+                    continue;
+                }
+                if let Ok(subs) = std::fs::read_dir(e.path()) {
+                    for s in subs.filter_map(|s| s.ok()) {
+                        let _ = Command::new("umount").arg("-l").arg(s.path()).status();
+                    }
+                }
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        let root = tmp.join(format!("vireo-pools-{}", std::process::id()));
+        std::fs::create_dir_all(&root).expect("creates the pools' root");
+        root
+    })
+    .clone()
+}

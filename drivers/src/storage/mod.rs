@@ -1,7 +1,11 @@
 //! The storage driver: pools and volumes (libvirt's `virStoragePool*` and
-//! `virStorageVol*` calls).
+//! `virStorageVol*` calls), and [`dir`], the backend for real files on the
+//! node.
+
+pub mod dir;
 
 use std::fmt;
+use std::io::{Read, Write};
 
 use vireo_crds::{StoragePool, StorageVol, VolFormat};
 
@@ -82,6 +86,13 @@ pub struct ResizeFlags {
     pub shrink: bool,
 }
 
+/// Progress of a long copy: bytes done, and the total when it is known.
+/// Called from the thread doing the copy, at most a few times a second.
+pub type Progress<'a> = &'a (dyn Fn(u64, Option<u64>) + Sync);
+
+/// A progress callback that ignores everything.
+pub fn no_progress(_done: u64, _total: Option<u64>) {}
+
 /// A storage driver. Pools follow libvirt's rules: built and deleted only
 /// while inactive, undefined only while inactive; volumes need an active pool.
 pub trait StorageDriver: Send + Sync {
@@ -130,4 +141,52 @@ pub trait StorageDriver: Send + Sync {
     /// Overwrites the content with zeros.
     fn wipe_volume(&self, pool: &str, name: &str) -> Result<()>;
     fn delete_volume(&self, pool: &str, name: &str) -> Result<()>;
+
+    /// Like [`create_volume`](Self::create_volume), reporting the progress
+    /// of a long fill (a clone, a URL). The volume is listed only once its
+    /// content is complete.
+    fn create_volume_with_progress(
+        &self,
+        volume: &StorageVol,
+        progress: Progress<'_>,
+    ) -> Result<VolRef> {
+        let _ = progress;
+        self.create_volume(volume)
+    }
+
+    /// Replaces the volume's content with the bytes of `source`
+    /// (libvirt's `virStorageVolUpload`): the volume grows to hold them,
+    /// and keeps its old content if the upload fails.
+    fn upload_volume(
+        &self,
+        pool: &str,
+        name: &str,
+        source: &mut dyn Read,
+        length: Option<u64>,
+        progress: Progress<'_>,
+    ) -> Result<u64> {
+        let _ = (pool, source, length, progress);
+        Err(crate::Error::Unsupported {
+            object: crate::error::ObjectName::new(vireo_crds::ObjectKind::StorageVol, name),
+            driver: "test",
+            operation: "vol-upload (it needs a real storage pool)",
+        })
+    }
+
+    /// Writes the volume's content to `sink` (libvirt's
+    /// `virStorageVolDownload`) and returns the number of bytes.
+    fn download_volume(
+        &self,
+        pool: &str,
+        name: &str,
+        sink: &mut dyn Write,
+        progress: Progress<'_>,
+    ) -> Result<u64> {
+        let _ = (pool, sink, progress);
+        Err(crate::Error::Unsupported {
+            object: crate::error::ObjectName::new(vireo_crds::ObjectKind::StorageVol, name),
+            driver: "test",
+            operation: "vol-download (it needs a real storage pool)",
+        })
+    }
 }

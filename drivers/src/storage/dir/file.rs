@@ -1,0 +1,460 @@
+//! Volume files: what a dir pool's volume is made of. Raw files are handled
+//! here directly (sparse creation, preallocation, sparse-aware copies,
+//! zeroing); qcow2 images are read here (the header says their virtual size
+//! and backing file) and written by `qemu-img` (see [`super::qemu_img`]).
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use vireo_crds::VolFormat;
+
+use crate::storage::Progress;
+
+/// Copies move data in pieces of this size.
+const CHUNK: usize = 1 << 20;
+
+/// The prefix of files that are not volumes (yet): hidden names are ours.
+pub const HIDDEN: char = '.';
+
+/// The name a volume's content is built under until it is complete.
+pub fn partial_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!(".{name}.vireo-partial"))
+}
+
+/// Whether a directory entry's name is one of our partial files.
+pub fn is_partial(name: &str) -> bool {
+    name.starts_with(HIDDEN) && name.ends_with(".vireo-partial")
+}
+
+/// What the first bytes of a volume file say about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    pub format: VolFormat,
+    /// The size the guest sees.
+    pub capacity: u64,
+    /// Bytes the file occupies on disk.
+    pub allocation: u64,
+    /// A qcow2 image's backing file, as written in its header.
+    pub backing: Option<String>,
+}
+
+/// The magic of a qcow2 image: "QFI\xfb".
+const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
+
+/// Reads a volume file's format, virtual size and backing file.
+pub fn probe(path: &Path) -> io::Result<Probe> {
+    let mut file = File::open(path)?;
+    let meta = file.metadata()?;
+    let allocation = meta.blocks().saturating_mul(512);
+    let mut header = [0u8; 32];
+    let mut got = 0;
+    while got < header.len() {
+        match file.read(&mut header[got..])? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    if got == header.len() && header[..4] == QCOW2_MAGIC {
+        // qcow2 header (big-endian): version @4, backing_file_offset @8 (u64),
+        // backing_file_size @16 (u32), cluster_bits @20, size @24 (u64).
+        let be64 = |at: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&header[at..at + 8]);
+            u64::from_be_bytes(b)
+        };
+        let be32 = |at: usize| {
+            let mut b = [0u8; 4];
+            b.copy_from_slice(&header[at..at + 4]);
+            u32::from_be_bytes(b)
+        };
+        let capacity = be64(24);
+        let backing_offset = be64(8);
+        let backing_len = be32(16);
+        let backing = if backing_offset != 0 && backing_len > 0 {
+            // A backing file name is at most 1023 bytes (the format's limit).
+            if backing_len > 1023 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "qcow2 header: backing file name longer than 1023 bytes",
+                ));
+            }
+            let mut name = vec![0u8; backing_len as usize];
+            file.seek(SeekFrom::Start(backing_offset))?;
+            file.read_exact(&mut name)?;
+            Some(String::from_utf8_lossy(&name).into_owned())
+        } else {
+            None
+        };
+        return Ok(Probe {
+            format: VolFormat::Qcow2,
+            capacity,
+            allocation,
+            backing,
+        });
+    }
+    Ok(Probe {
+        format: VolFormat::Raw,
+        capacity: meta.len(),
+        allocation,
+        backing: None,
+    })
+}
+
+/// Creates (or truncates) `path` as a new file only we can read and write.
+pub fn create_new(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// Reserves the first `len` bytes of the file on disk (posix_fallocate-like,
+/// without changing the size when it is already bigger).
+pub fn allocate(file: &File, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    let len = i64::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: fallocate on a file descriptor we own, with a plain range; it
+    // touches no memory of ours.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The next data region at or after `from`: `(start, end)`, or None past
+/// the last one. Holes are skipped (SEEK_DATA / SEEK_HOLE).
+fn next_data(file: &File, from: u64, len: u64) -> io::Result<Option<(u64, u64)>> {
+    if from >= len {
+        return Ok(None);
+    }
+    let fd = file.as_raw_fd();
+    let at = i64::try_from(from).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: lseek on a descriptor we own; no memory is involved.
+    let start = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+    if start < 0 {
+        let e = io::Error::last_os_error();
+        // ENXIO: no data after `from`.
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            return Ok(None);
+        }
+        // A filesystem without SEEK_DATA: everything is data.
+        if e.raw_os_error() == Some(libc::EINVAL) {
+            return Ok(Some((from, len)));
+        }
+        return Err(e);
+    }
+    // SAFETY: as above.
+    let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
+    if end < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Some((start as u64, (end as u64).min(len))))
+}
+
+/// Calls `progress` at most every 200 ms, and always at the end.
+pub struct Ticker<'a> {
+    progress: Progress<'a>,
+    total: Option<u64>,
+    last: Instant,
+}
+
+impl<'a> Ticker<'a> {
+    pub fn new(progress: Progress<'a>, total: Option<u64>) -> Self {
+        progress(0, total);
+        Self {
+            progress,
+            total,
+            last: Instant::now(),
+        }
+    }
+    pub fn tick(&mut self, done: u64) {
+        if self.last.elapsed() >= Duration::from_millis(200) {
+            (self.progress)(done, self.total);
+            self.last = Instant::now();
+        }
+    }
+    pub fn finish(&mut self, done: u64) {
+        (self.progress)(done, self.total.or(Some(done)));
+    }
+}
+
+/// Copies a raw file into `dst` (already created, empty), keeping holes as
+/// holes; `dst` ends with the source's length.
+pub fn copy_sparse(src: &Path, dst: &File, progress: Progress<'_>) -> io::Result<u64> {
+    let mut input = File::open(src)?;
+    let len = input.metadata()?.len();
+    let mut output = dst;
+    let mut ticker = Ticker::new(progress, Some(len));
+    let mut buf = vec![0u8; CHUNK];
+    let mut pos = 0;
+    let mut copied = 0u64;
+    while let Some((start, end)) = next_data(&input, pos, len)? {
+        input.seek(SeekFrom::Start(start))?;
+        output.seek(SeekFrom::Start(start))?;
+        let mut at = start;
+        while at < end {
+            let want = usize::try_from((end - at).min(CHUNK as u64)).unwrap_or(CHUNK);
+            let n = input.read(&mut buf[..want])?;
+            if n == 0 {
+                break;
+            }
+            // Zero blocks inside a data region stay holes in the copy.
+            if buf[..n].iter().any(|b| *b != 0) {
+                output.write_all(&buf[..n])?;
+            } else {
+                output.seek(SeekFrom::Current(n as i64))?;
+            }
+            at += n as u64;
+            copied += n as u64;
+            ticker.tick(at);
+        }
+        pos = end;
+    }
+    dst.set_len(len)?;
+    ticker.finish(len);
+    let _ = copied;
+    Ok(len)
+}
+
+/// Copies a stream into `dst` (already created, empty) and returns the
+/// number of bytes; all-zero chunks become holes.
+pub fn copy_stream(
+    source: &mut dyn Read,
+    dst: &File,
+    total: Option<u64>,
+    progress: Progress<'_>,
+) -> io::Result<u64> {
+    let mut output = dst;
+    let mut ticker = Ticker::new(progress, total);
+    let mut buf = vec![0u8; CHUNK];
+    let mut done = 0u64;
+    loop {
+        // Fill the whole chunk (or reach the end) so that zero detection
+        // sees whole chunks.
+        let mut got = 0;
+        while got < buf.len() {
+            match source.read(&mut buf[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if got == 0 {
+            break;
+        }
+        if buf[..got].iter().any(|b| *b != 0) {
+            output.write_all(&buf[..got])?;
+        } else {
+            output.seek(SeekFrom::Current(got as i64))?;
+        }
+        done += got as u64;
+        ticker.tick(done);
+        if got < buf.len() {
+            break;
+        }
+    }
+    dst.set_len(done)?;
+    ticker.finish(done);
+    Ok(done)
+}
+
+/// Writes the whole file to `sink`.
+pub fn copy_out(src: &Path, sink: &mut dyn Write, progress: Progress<'_>) -> io::Result<u64> {
+    let mut input = File::open(src)?;
+    let len = input.metadata()?.len();
+    let mut ticker = Ticker::new(progress, Some(len));
+    let mut buf = vec![0u8; CHUNK];
+    let mut done = 0u64;
+    loop {
+        let n = input.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        sink.write_all(&buf[..n])?;
+        done += n as u64;
+        ticker.tick(done);
+    }
+    sink.flush()?;
+    ticker.finish(done);
+    Ok(done)
+}
+
+/// Overwrites every allocated region of a raw file with zeros, so that it
+/// reads as zeros and keeps its allocation.
+pub fn zero_data(path: &Path) -> io::Result<()> {
+    let file = OpenOptions::new().read(true).write(true).open(path)?;
+    let len = file.metadata()?.len();
+    let zeros = vec![0u8; CHUNK];
+    let mut out = &file;
+    let mut pos = 0;
+    while let Some((start, end)) = next_data(&file, pos, len)? {
+        out.seek(SeekFrom::Start(start))?;
+        let mut at = start;
+        while at < end {
+            let n = usize::try_from((end - at).min(CHUNK as u64)).unwrap_or(CHUNK);
+            out.write_all(&zeros[..n])?;
+            at += n as u64;
+        }
+        pos = end;
+    }
+    file.sync_all()
+}
+
+/// Renames `from` to `to` unless `to` exists (renameat2 RENAME_NOREPLACE).
+pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+    };
+    let (f, t) = (c(from)?, c(to)?);
+    // SAFETY: both pointers are NUL-terminated strings that live across the
+    // call; AT_FDCWD makes them relative to the working directory (they are
+    // absolute here).
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Makes a rename in `dir` durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// A filesystem's sizes (statvfs): capacity, used, available to us.
+pub fn fs_sizes(path: &Path) -> io::Result<(u64, u64, u64)> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: statvfs is plain old data; zeroed is a valid value for it.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a valid, writable
+    // statvfs that outlives the call.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let frsize = st.f_frsize;
+    let capacity = st.f_blocks.saturating_mul(frsize);
+    let used = st
+        .f_blocks
+        .saturating_sub(st.f_bfree)
+        .saturating_mul(frsize);
+    let available = st.f_bavail.saturating_mul(frsize);
+    Ok((capacity, used, available))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::no_progress;
+
+    fn tmp(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vireo-file-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        dir
+    }
+
+    #[test]
+    fn sparse_copy_keeps_data_and_holes() {
+        let dir = tmp("sparse");
+        let src = dir.join("src");
+        let f = create_new(&src).expect("create");
+        f.set_len(8 << 20).expect("len");
+        let mut w = &f;
+        w.seek(SeekFrom::Start(3 << 20)).expect("seek");
+        w.write_all(b"hello in the middle").expect("write");
+        drop(f);
+        let dst = dir.join("dst");
+        let out = create_new(&dst).expect("dst");
+        let n = copy_sparse(&src, &out, &no_progress).expect("copy");
+        assert_eq!(n, 8 << 20);
+        assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+        let alloc = std::fs::metadata(&dst).unwrap().blocks() * 512;
+        assert!(
+            alloc < 2 << 20,
+            "the copy is not sparse: {alloc} bytes allocated"
+        );
+    }
+
+    #[test]
+    fn probe_reads_qcow2_headers_and_raw_sizes() {
+        let dir = tmp("probe");
+        let raw = dir.join("raw");
+        create_new(&raw).unwrap().set_len(12345).unwrap();
+        let p = probe(&raw).unwrap();
+        assert_eq!(
+            (p.format, p.capacity, p.backing),
+            (VolFormat::Raw, 12345, None)
+        );
+
+        // A hand-made qcow2 header: version 3, backing name at 512, size 1 GiB.
+        let mut h = vec![0u8; 1024];
+        h[..4].copy_from_slice(&QCOW2_MAGIC);
+        h[4..8].copy_from_slice(&3u32.to_be_bytes());
+        h[8..16].copy_from_slice(&512u64.to_be_bytes());
+        h[16..20].copy_from_slice(&(b"base.img".len() as u32).to_be_bytes());
+        h[24..32].copy_from_slice(&(1u64 << 30).to_be_bytes());
+        h[512..520].copy_from_slice(b"base.img");
+        let q = dir.join("q");
+        std::fs::write(&q, &h).unwrap();
+        let p = probe(&q).unwrap();
+        assert_eq!(p.format, VolFormat::Qcow2);
+        assert_eq!(p.capacity, 1 << 30);
+        assert_eq!(p.backing.as_deref(), Some("base.img"));
+
+        // A truncated header is refused, not read past.
+        h[16..20].copy_from_slice(&5000u32.to_be_bytes());
+        std::fs::write(&q, &h).unwrap();
+        assert!(probe(&q).is_err());
+    }
+
+    #[test]
+    fn zero_data_zeroes_and_keeps_the_size() {
+        let dir = tmp("zero");
+        let p = dir.join("v");
+        std::fs::write(&p, vec![0xabu8; 3 << 20]).unwrap();
+        zero_data(&p).unwrap();
+        let data = std::fs::read(&p).unwrap();
+        assert_eq!(data.len(), 3 << 20);
+        assert!(data.iter().all(|b| *b == 0));
+    }
+
+    #[test]
+    fn rename_noreplace_refuses_an_existing_target() {
+        let dir = tmp("rename");
+        let (a, b) = (dir.join("a"), dir.join("b"));
+        std::fs::write(&a, b"a").unwrap();
+        std::fs::write(&b, b"b").unwrap();
+        let e = rename_noreplace(&a, &b).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&b).unwrap(), b"b");
+        std::fs::remove_file(&b).unwrap();
+        rename_noreplace(&a, &b).unwrap();
+        assert_eq!(std::fs::read(&b).unwrap(), b"a");
+    }
+}

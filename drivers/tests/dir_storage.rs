@@ -1,0 +1,491 @@
+//! The dir storage backend on real files: the conformance suite's pool and
+//! volume cases (domains and networks come from the test driver beside it),
+//! then what only real files show: qcow2 images and overlays made by
+//! qemu-img, files put in a pool by hand, URL fills from a loopback HTTP
+//! server with progress, uploads and downloads, interrupted fills that never
+//! show up as volumes, and qcow2 headers that point outside the pool.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use vireo_crds::quantity::format_bytes;
+use vireo_crds::{
+    CloneSource, StoragePool, StorageVol, StorageVolSpec, UrlSource, VolFormat, VolumeSource,
+};
+use vireo_drivers::storage::dir::{DirStorage, qemu_img};
+use vireo_drivers::storage::no_progress;
+use vireo_drivers::{Connection, Error, StorageDriver};
+
+fn connection() -> Connection {
+    let root = common::fresh_root("dir-conf");
+    let test = Arc::new(vireo_drivers::test::TestDriver::default_node());
+    let dir = Arc::new(DirStorage::open(&root.join("storage"), Path::new("/")).expect("opens"));
+    Connection::new("test+dir:///", test.clone(), test, dir)
+}
+
+fn fixture() -> vireo_drivers::conformance::Fixture {
+    let base = vireo_drivers::conformance::test_driver_fixture();
+    vireo_drivers::conformance::Fixture {
+        make_pool: Box::new(common::dir_pool),
+        ..base
+    }
+}
+
+vireo_drivers::conformance_tests!(connection, fixture());
+
+const MIB: u64 = 1 << 20;
+
+/// A running pool of the given name on its own tmpfs, and its driver.
+fn running_pool(name: &str) -> (DirStorage, PathBuf) {
+    let root = common::fresh_root(&format!("dir-{name}"));
+    let st = DirStorage::open(&root.join("storage"), Path::new("/")).expect("opens");
+    let pool: StoragePool = common::dir_pool(name);
+    let dir = PathBuf::from(&pool.spec.path);
+    // Left over from an earlier run of this test in the same process: none.
+    for e in std::fs::read_dir(&dir).expect("pool dir").flatten() {
+        let _ = std::fs::remove_file(e.path());
+    }
+    st.define_pool(&pool).expect("define");
+    st.build_pool(name).expect("build");
+    st.start_pool(name).expect("start");
+    (st, dir)
+}
+
+fn volume(pool: &str, name: &str, capacity: u64, format: VolFormat) -> StorageVol {
+    StorageVol::new(
+        name,
+        StorageVolSpec {
+            pool: pool.into(),
+            capacity: format_bytes(capacity),
+            allocation: None,
+            format,
+            source: None,
+            node_name: None,
+        },
+    )
+}
+
+fn with_source(mut v: StorageVol, source: VolumeSource) -> StorageVol {
+    v.spec.source = Some(source);
+    v
+}
+
+fn need_qemu_img(test: &str) -> bool {
+    if qemu_img::available() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{test}: qemu-img is missing (scripts/setup installs qemu-utils)");
+    }
+    common::say(&format!(
+        "SKIP {test}: qemu-img is not installed (apt-get install qemu-utils)"
+    ));
+    false
+}
+
+#[test]
+fn raw_volumes_are_sparse_files_and_hand_made_files_appear() {
+    let (st, dir) = running_pool("dir-raw");
+    st.create_volume(&volume("dir-raw", "disk", 64 * MIB, VolFormat::Raw))
+        .expect("create");
+    let meta = std::fs::metadata(dir.join("disk")).expect("the file exists");
+    assert_eq!(meta.len(), 64 * MIB);
+    let info = st.volume_info("dir-raw", "disk").expect("info");
+    assert_eq!(info.capacity, 64 * MIB);
+    assert!(
+        info.allocation < MIB,
+        "a blank raw volume is sparse: {info:?}"
+    );
+    assert_eq!(info.path, dir.join("disk").display().to_string());
+
+    // A file put there by hand is a volume on the next look; hidden files,
+    // directories and links are not.
+    std::fs::write(dir.join("by-hand.img"), vec![7u8; 4096]).expect("write");
+    std::fs::write(dir.join(".hidden"), b"x").expect("write");
+    std::fs::create_dir(dir.join("subdir")).expect("mkdir");
+    std::os::unix::fs::symlink("/etc/hostname", dir.join("link")).expect("symlink");
+    st.refresh_pool("dir-raw").expect("refresh");
+    let names: Vec<String> = st
+        .list_volumes("dir-raw")
+        .expect("list")
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
+    assert_eq!(names, ["by-hand.img", "disk"]);
+    let e = st
+        .volume_info("dir-raw", "link")
+        .expect_err("a link is no volume");
+    assert!(matches!(e, Error::NotFound(_)), "{e}");
+    assert_eq!(
+        st.volume_info("dir-raw", "by-hand.img")
+            .expect("info")
+            .capacity,
+        4096
+    );
+    for n in ["link", ".hidden"] {
+        let _ = std::fs::remove_file(dir.join(n));
+    }
+    let _ = std::fs::remove_dir(dir.join("subdir"));
+}
+
+#[test]
+fn qcow2_volumes_overlays_clones_resize_and_wipe() {
+    if !need_qemu_img("qcow2 volumes") {
+        return;
+    }
+    let (st, dir) = running_pool("dir-qcow2");
+    let pool = "dir-qcow2";
+    st.create_volume(&volume(pool, "base", 32 * MIB, VolFormat::Raw))
+        .expect("raw base");
+    // Data in the base, seen through an overlay and a full qcow2 copy.
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("base"))
+            .expect("open base");
+        f.write_all(b"VIREO-BASE-DATA").expect("write");
+    }
+    let overlay = with_source(
+        volume(pool, "overlay", 64 * MIB, VolFormat::Qcow2),
+        VolumeSource {
+            clone: Some(CloneSource {
+                volume: "base".into(),
+                overlay: true,
+            }),
+            ..VolumeSource::default()
+        },
+    );
+    st.create_volume(&overlay).expect("overlay");
+    let info = st.volume_info(pool, "overlay").expect("info");
+    assert_eq!((info.format, info.capacity), (VolFormat::Qcow2, 64 * MIB));
+
+    // The backing volume cannot go while the overlay needs it.
+    let e = st.delete_volume(pool, "base").expect_err("base is in use");
+    assert!(
+        e.to_string().contains("backing file of volume 'overlay'"),
+        "{e}"
+    );
+
+    // A raw overlay is refused, naming the field.
+    let bad = with_source(
+        volume(pool, "bad-overlay", 64 * MIB, VolFormat::Raw),
+        overlay.spec.source.clone().expect("source"),
+    );
+    let e = st.create_volume(&bad).expect_err("raw overlay");
+    assert!(e.to_string().contains("spec.format"), "{e}");
+
+    // A full copy of the overlay to raw has the base's data.
+    let copy = with_source(
+        volume(pool, "flat", 64 * MIB, VolFormat::Raw),
+        VolumeSource {
+            clone: Some(CloneSource {
+                volume: "overlay".into(),
+                overlay: false,
+            }),
+            ..VolumeSource::default()
+        },
+    );
+    st.create_volume(&copy).expect("flatten");
+    let mut head = [0u8; 15];
+    std::fs::File::open(dir.join("flat"))
+        .and_then(|mut f| f.read_exact(&mut head))
+        .expect("read flat");
+    assert_eq!(&head, b"VIREO-BASE-DATA");
+    assert_eq!(
+        st.volume_info(pool, "flat").expect("info").capacity,
+        64 * MIB
+    );
+
+    // qcow2 resize through qemu-img, shrink only with the flag.
+    st.resize_volume(pool, "overlay", 96 * MIB, Default::default())
+        .expect("grow");
+    assert_eq!(
+        st.volume_info(pool, "overlay").expect("info").capacity,
+        96 * MIB
+    );
+
+    // Wipe keeps the size and the backing file.
+    st.wipe_volume(pool, "overlay").expect("wipe");
+    let info = st.volume_info(pool, "overlay").expect("info");
+    assert_eq!((info.format, info.capacity), (VolFormat::Qcow2, 96 * MIB));
+
+    st.delete_volume(pool, "overlay").expect("delete overlay");
+    st.delete_volume(pool, "base").expect("then the base");
+}
+
+/// Serves `body` once per connection on loopback; `cut` stops after that
+/// many bytes while announcing the whole length (a transfer that breaks).
+fn serve(body: Vec<u8>, cut: Option<usize>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut req = [0u8; 1024];
+            let _ = conn.read(&mut req);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(head.as_bytes());
+            let end = cut.unwrap_or(body.len()).min(body.len());
+            let _ = conn.write_all(&body[..end]);
+        }
+    });
+    format!("http://{addr}/image.img")
+}
+
+fn url_volume(pool: &str, name: &str, capacity: u64, format: VolFormat, url: &str) -> StorageVol {
+    with_source(
+        volume(pool, name, capacity, format),
+        VolumeSource {
+            url: Some(UrlSource { url: url.into() }),
+            ..VolumeSource::default()
+        },
+    )
+}
+
+#[test]
+fn url_fills_report_progress_and_a_broken_transfer_leaves_no_volume() {
+    let (st, dir) = running_pool("dir-url");
+    let pool = "dir-url";
+    let mut image = vec![0u8; 6 * MIB as usize];
+    image[..12].copy_from_slice(b"VIREO-IMAGE!");
+    let last = image.len() - 4;
+    image[last..].copy_from_slice(b"TAIL");
+    let url = serve(image.clone(), None);
+
+    let seen = Mutex::new(Vec::new());
+    let progress = |done: u64, total: Option<u64>| {
+        seen.lock().unwrap().push((done, total));
+    };
+    st.create_volume_with_progress(
+        &url_volume(pool, "fetched", 16 * MIB, VolFormat::Raw, &url),
+        &progress,
+    )
+    .expect("fill from URL");
+    let data = std::fs::read(dir.join("fetched")).expect("read");
+    assert_eq!(data.len() as u64, 16 * MIB, "grown to the capacity");
+    assert_eq!(&data[..image.len()], &image[..]);
+    let seen = seen.into_inner().unwrap();
+    assert_eq!(seen.first(), Some(&(0, Some(image.len() as u64))));
+    assert_eq!(
+        seen.last(),
+        Some(&(image.len() as u64, Some(image.len() as u64)))
+    );
+
+    // The connection breaks half way: no volume, no file left that claims to be one.
+    let broken = serve(image.clone(), Some(3 * MIB as usize));
+    let e = st
+        .create_volume(&url_volume(
+            pool,
+            "broken",
+            16 * MIB,
+            VolFormat::Raw,
+            &broken,
+        ))
+        .expect_err("a broken transfer fails");
+    assert!(matches!(e, Error::OperationFailed { .. }), "{e}");
+    assert!(
+        e.to_string().contains("broken"),
+        "the error names the volume: {e}"
+    );
+    assert!(!dir.join("broken").exists());
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .expect("dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, ["fetched"], "nothing else in the pool: {left:?}");
+
+    // A raw image bigger than the capacity is refused before it is written.
+    let e = st
+        .create_volume(&url_volume(pool, "small", 4 * MIB, VolFormat::Raw, &url))
+        .expect_err("too big");
+    assert!(e.to_string().contains("more than"), "{e}");
+    assert!(!dir.join("small").exists());
+
+    // An unreachable server is a clear error.
+    let e = st
+        .create_volume(&url_volume(
+            pool,
+            "nowhere",
+            4 * MIB,
+            VolFormat::Raw,
+            "http://127.0.0.1:9/x",
+        ))
+        .expect_err("no server");
+    assert!(e.to_string().contains("GET http://127.0.0.1:9/x"), "{e}");
+}
+
+#[test]
+fn url_fills_convert_to_the_format_asked_for() {
+    if !need_qemu_img("URL fill converted to qcow2") {
+        return;
+    }
+    let (st, dir) = running_pool("dir-url-qcow2");
+    let pool = "dir-url-qcow2";
+    let mut image = vec![0u8; 2 * MIB as usize];
+    image[..5].copy_from_slice(b"HELLO");
+    let url = serve(image, None);
+    st.create_volume(&url_volume(pool, "img", 8 * MIB, VolFormat::Qcow2, &url))
+        .expect("fill and convert");
+    let info = st.volume_info(pool, "img").expect("info");
+    assert_eq!((info.format, info.capacity), (VolFormat::Qcow2, 8 * MIB));
+    // Back to raw through a full copy: the data survived both conversions.
+    let copy = with_source(
+        volume(pool, "raw-again", 8 * MIB, VolFormat::Raw),
+        VolumeSource {
+            clone: Some(CloneSource {
+                volume: "img".into(),
+                overlay: false,
+            }),
+            ..VolumeSource::default()
+        },
+    );
+    st.create_volume(&copy).expect("copy");
+    let data = std::fs::read(dir.join("raw-again")).expect("read");
+    assert_eq!(&data[..5], b"HELLO");
+}
+
+#[test]
+fn upload_and_download_round_trip_and_a_short_upload_keeps_the_old_content() {
+    let (st, dir) = running_pool("dir-upload");
+    let pool = "dir-upload";
+    st.create_volume(&volume(pool, "v", 8 * MIB, VolFormat::Raw))
+        .expect("create");
+    let content: Vec<u8> = (0..3 * MIB).map(|i| (i % 251) as u8).collect();
+    let n = st
+        .upload_volume(
+            pool,
+            "v",
+            &mut &content[..],
+            Some(content.len() as u64),
+            &no_progress,
+        )
+        .expect("upload");
+    assert_eq!(n, content.len() as u64);
+    let info = st.volume_info(pool, "v").expect("info");
+    assert_eq!(
+        info.capacity,
+        8 * MIB,
+        "a shorter raw upload keeps the size"
+    );
+    let mut out = Vec::new();
+    st.download_volume(pool, "v", &mut out, &no_progress)
+        .expect("download");
+    assert_eq!(out.len() as u64, 8 * MIB);
+    assert_eq!(&out[..content.len()], &content[..]);
+
+    // The stream ends early: refused, and the volume is as it was.
+    let e = st
+        .upload_volume(pool, "v", &mut &b"short"[..], Some(1000), &no_progress)
+        .expect_err("short");
+    assert!(e.to_string().contains("5 of 1000"), "{e}");
+    let now = std::fs::read(dir.join("v")).expect("read");
+    assert_eq!(&now[..content.len()], &content[..]);
+    assert!(!dir.join(".v.vireo-partial").exists());
+}
+
+#[test]
+fn an_interrupted_fill_is_never_a_volume_and_the_next_attempt_completes() {
+    let (st, dir) = running_pool("dir-crash");
+    let pool = "dir-crash";
+    // What a crash half way through a fill leaves behind.
+    std::fs::write(dir.join(".disk.vireo-partial"), vec![1u8; 4096]).expect("write");
+    st.refresh_pool(pool).expect("refresh");
+    assert!(st.list_volumes(pool).expect("list").is_empty());
+    let e = st.volume_info(pool, "disk").expect_err("not a volume");
+    assert!(matches!(e, Error::NotFound(_)), "{e}");
+    st.create_volume(&volume(pool, "disk", 4 * MIB, VolFormat::Raw))
+        .expect("create after the crash");
+    assert!(!dir.join(".disk.vireo-partial").exists());
+    assert_eq!(
+        st.volume_info(pool, "disk").expect("info").capacity,
+        4 * MIB
+    );
+}
+
+#[test]
+fn qcow2_headers_that_point_outside_the_pool_are_refused() {
+    if !need_qemu_img("qcow2 backing outside the pool") {
+        return;
+    }
+    let (st, dir) = running_pool("dir-evil");
+    let pool = "dir-evil";
+    // An image whose backing file is a host file, as an upload could bring.
+    let evil = common::fresh_root("dir-evil-src").join("evil.qcow2");
+    qemu_img::create_overlay(&evil, Path::new("/etc/hostname"), VolFormat::Raw, MIB)
+        .expect("make the image");
+    let bytes = std::fs::read(&evil).expect("read");
+    st.create_volume(&volume(pool, "v", MIB, VolFormat::Raw))
+        .expect("create");
+    let e = st
+        .upload_volume(pool, "v", &mut &bytes[..], None, &no_progress)
+        .expect_err("refused");
+    assert!(e.to_string().contains("/etc/hostname"), "{e}");
+    assert_eq!(
+        st.volume_info(pool, "v").expect("info").format,
+        VolFormat::Raw,
+        "the volume kept its content"
+    );
+    // The same image served by URL is refused too, and leaves nothing.
+    let url = serve(bytes, None);
+    let e = st
+        .create_volume(&url_volume(pool, "w", 8 * MIB, VolFormat::Qcow2, &url))
+        .expect_err("refused");
+    assert!(e.to_string().contains("backing file"), "{e}");
+    assert!(!dir.join("w").exists());
+}
+
+#[test]
+fn pool_records_outlive_the_driver_and_a_second_driver_sees_them() {
+    let root = common::fresh_root("dir-records");
+    let pool = common::dir_pool("dir-records");
+    let a = DirStorage::open(&root, Path::new("/")).expect("opens");
+    a.define_pool(&pool).expect("define");
+    a.start_pool("dir-records").expect("start");
+    a.create_volume(&volume("dir-records", "v", MIB, VolFormat::Raw))
+        .expect("create");
+    drop(a);
+    let b = DirStorage::open(&root, Path::new("/")).expect("opens again");
+    let info = b.pool_info("dir-records").expect("info");
+    assert_eq!(info.state, vireo_drivers::PoolState::Running);
+    assert_eq!(b.list_volumes("dir-records").expect("list").len(), 1);
+    b.delete_volume("dir-records", "v").expect("delete");
+    b.destroy_pool("dir-records").expect("destroy");
+    b.undefine_pool("dir-records").expect("undefine");
+}
+
+#[test]
+fn host_root_re_roots_pool_paths() {
+    let root = common::fresh_root("dir-hostroot");
+    let host = root.join("node-a");
+    let st = DirStorage::open(&root.join("state"), &host).expect("opens");
+    let pool = StoragePool::new(
+        "rooted",
+        vireo_crds::StoragePoolSpec {
+            uuid: None,
+            pool_type: vireo_crds::PoolType::Dir,
+            path: "/var/lib/vireo/images".into(),
+            autostart: false,
+            active: None,
+            node_selector: None,
+        },
+    );
+    st.define_pool(&pool).expect("define");
+    st.build_pool("rooted").expect("build");
+    assert!(host.join("var/lib/vireo/images").is_dir());
+    st.start_pool("rooted").expect("start");
+    let r = st
+        .create_volume(&volume("rooted", "v", MIB, VolFormat::Raw))
+        .expect("create");
+    assert_eq!(
+        r.path,
+        host.join("var/lib/vireo/images/v").display().to_string()
+    );
+}
