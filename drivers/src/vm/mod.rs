@@ -624,14 +624,21 @@ impl<B: Backend> Inner<B> {
         let mut at = PathBuf::from(path);
         for _ in 0..16 {
             let probe = crate::storage::dir::file::probe(&at).map_err(|e| {
-                Error::invalid_argument(KIND, name, format!("{field}: cannot read {}: {e}", at.display()))
+                Error::invalid_argument(
+                    KIND,
+                    name,
+                    format!("{field}: cannot read {}: {e}", at.display()),
+                )
             })?;
             let Some(backing) = probe.backing else {
                 return Ok(());
             };
             let next = match Path::new(&backing) {
                 p if p.is_absolute() => p.to_path_buf(),
-                p => at.parent().map(|d| d.join(p)).unwrap_or_else(|| p.to_path_buf()),
+                p => at
+                    .parent()
+                    .map(|d| d.join(p))
+                    .unwrap_or_else(|| p.to_path_buf()),
             };
             if self
                 .storage
