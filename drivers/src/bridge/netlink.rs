@@ -157,15 +157,20 @@ pub fn create_bridge(name: &str, alias: &str) -> NlResult<u32> {
         let msg = LinkBridge::new(name)
             .stp_state(BridgeStpState::Disabled)
             .forward_delay(0)
-            .alias(alias)
             .build();
         h.link().add(msg).execute().await?;
         let link = get(&h, name).await?.ok_or_else(|| NlError {
             errno: Some(ENODEV),
             message: format!("bridge {name} vanished right after it was created"),
         })?;
+        // The kernel takes an alias on a change, not on creation.
         h.link()
-            .set(LinkUnspec::new_with_index(link.index).up().build())
+            .set(
+                LinkUnspec::new_with_index(link.index)
+                    .alias(alias)
+                    .up()
+                    .build(),
+            )
             .execute()
             .await?;
         Ok(link.index)

@@ -47,6 +47,36 @@ fn fail(what: &str, e: impl std::fmt::Display) -> TapError {
     TapError(format!("{what}: {e}"))
 }
 
+/// The tap of interface `index` of a domain: `vt` and ten hex digits of
+/// the UUID and the index, within Linux's 15 characters.
+pub fn tap_name(uuid: &str, index: usize) -> String {
+    let hex: String = uuid
+        .chars()
+        .filter(|c| c.is_ascii_hexdigit())
+        .take(10)
+        .collect();
+    format!("vt{hex}{index:x}")
+}
+
+/// A stable MAC for interface `index` of a domain without `mac`: QEMU's
+/// 52:54:00 prefix and three bytes from the UUID and the index.
+pub fn derived_mac(uuid: &str, index: usize) -> String {
+    let u = uuid::Uuid::parse_str(uuid)
+        .map(|u| *u.as_bytes())
+        .unwrap_or([0; 16]);
+    let b = [u[13], u[14], u[15].wrapping_add(index as u8)];
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
+}
+
+/// The MAC of interface `index`: its own, or the one derived from the UUID.
+pub fn interface_mac(iface: &vireo_crds::Interface, uuid: &str, index: usize) -> String {
+    iface
+        .mac
+        .as_ref()
+        .map(|m| m.to_ascii_lowercase())
+        .unwrap_or_else(|| derived_mac(uuid, index))
+}
+
 /// Whether `name` can be a Linux interface name.
 pub fn valid_ifname(name: &str) -> bool {
     !name.is_empty()
@@ -151,6 +181,16 @@ mod tests {
     #[test]
     fn ifreq_is_40_bytes() {
         assert_eq!(std::mem::size_of::<IfReq>(), 40);
+    }
+
+    #[test]
+    fn derived_names_and_macs_are_stable() {
+        let uuid = "0f8fad5b-d9cb-469f-a165-70867728950e";
+        assert_eq!(tap_name(uuid, 0), "vt0f8fad5bd90");
+        assert!(tap_name(uuid, 31).len() <= 15);
+        assert_eq!(derived_mac(uuid, 0), "52:54:00:28:95:0e");
+        assert_eq!(derived_mac(uuid, 1), "52:54:00:28:95:0f");
+        assert!(super::super::plan::valid_mac(&derived_mac(uuid, 3)));
     }
 
     #[test]

@@ -31,7 +31,7 @@ use serde_json::{Value, json};
 use vireo_crds::quantity::parse_quantity;
 use vireo_crds::{Domain, DomainReason, DomainType, LifecycleAction, VolFormat};
 
-use crate::qemu::command::{derived_mac, tap_name};
+use crate::bridge::tap::tap_name;
 use crate::vm::{self, Backend, Control, ControlError, DiskFile, Live, LiveState, RunPaths};
 
 /// Where `kvm:///system` keeps its state.
@@ -218,7 +218,7 @@ impl Backend for Vmm {
             args.extend(["--disk".into(), format!("{}{ro}", disk.path)]);
         }
         for (i, iface) in spec.devices.interfaces.iter().enumerate() {
-            let mac = iface.mac.clone().unwrap_or_else(|| derived_mac(&uuid, i));
+            let mac = crate::bridge::tap::interface_mac(iface, &uuid, i);
             args.extend(["--net".into(), format!("{},mac={mac}", tap_name(&uuid, i))]);
         }
         let log = std::fs::File::create(&paths.log)

@@ -62,26 +62,8 @@ pub fn accel_of(def: &Domain) -> Result<Accel, String> {
     }
 }
 
-/// A tap device name for interface `index` of a domain: `vt` and ten hex
-/// digits of the UUID and the index, within Linux's 15 characters.
-pub fn tap_name(uuid: &str, index: usize) -> String {
-    let hex: String = uuid
-        .chars()
-        .filter(|c| c.is_ascii_hexdigit())
-        .take(10)
-        .collect();
-    format!("vt{hex}{index:x}")
-}
-
-/// A stable MAC for interface `index`: QEMU's 52:54:00 prefix and three
-/// bytes from the UUID and the index.
-pub fn derived_mac(uuid: &str, index: usize) -> String {
-    let u = uuid::Uuid::parse_str(uuid)
-        .map(|u| *u.as_bytes())
-        .unwrap_or([0; 16]);
-    let b = [u[13], u[14], u[15].wrapping_add(index as u8)];
-    format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
-}
+/// Tap names and derived MACs live with the taps (`crate::bridge::tap`).
+pub use crate::bridge::tap::{derived_mac, tap_name};
 
 /// The host TSC frequency in kHz, from /proc/cpuinfo; microvm guests under
 /// TCG get it on their command line, since calibrating against the PIT on
@@ -229,11 +211,11 @@ pub fn build(
         ]);
     }
     for (i, iface) in spec.devices.interfaces.iter().enumerate() {
-        let mac = iface.mac.clone().unwrap_or_else(|| derived_mac(&uuid, i));
+        let mac = crate::bridge::tap::interface_mac(iface, &uuid, i);
         push(&[
             "-netdev",
             &format!(
-                "tap,id=net{i},ifname={},script=no,downscript=no",
+                "tap,id=net{i},ifname={},script=no,downscript=no,vnet_hdr=on",
                 tap_name(&uuid, i)
             ),
             "-device",

@@ -173,6 +173,8 @@ struct Inner<B: Backend> {
     store: Store,
     options: Options,
     storage: Arc<dyn StorageDriver>,
+    /// The networks interfaces join (their bridges take the guests' taps).
+    network: Arc<dyn crate::NetworkDriver>,
     /// Serializes this process's threads (the store's flock is per process).
     mutex: Mutex<()>,
     /// When a repeated request (power button, vCPU unplug) was last sent,
@@ -207,6 +209,7 @@ impl<B: Backend> VmDriver<B> {
     pub fn open(
         backend: B,
         options: Options,
+        network: Arc<dyn crate::NetworkDriver>,
         storage: Arc<dyn StorageDriver>,
     ) -> std::io::Result<Self> {
         let store = Store::open(&options.root)?;
@@ -215,6 +218,7 @@ impl<B: Backend> VmDriver<B> {
             store,
             options,
             storage,
+            network,
             mutex: Mutex::new(()),
             last_sent: Mutex::new(HashMap::new()),
         });
@@ -334,6 +338,7 @@ impl<B: Backend> Inner<B> {
             for p in [&paths.api, &paths.console_socket, &paths.pidfile] {
                 let _ = std::fs::remove_file(p);
             }
+            unplug_interfaces(&rec.name, &run.live);
             tracing::info!(driver = self.backend.name(), domain = %rec.name, id = run.id, reason = %reason.virsh_name(), "domain stopped");
         }
         self.last_sent
@@ -378,6 +383,7 @@ impl<B: Backend> Inner<B> {
             };
             if reason == DomainReason::Shutdown && action == LifecycleAction::Restart {
                 let disks = self.resolve_disks(&rec.name, &run.live)?;
+                self.plug_interfaces(&rec.name, &run.live)?;
                 for p in [&paths.exit_file, &paths.api, &paths.console_socket] {
                     let _ = std::fs::remove_file(p);
                 }
@@ -663,6 +669,48 @@ impl<B: Backend> Inner<B> {
         ))
     }
 
+    /// Makes a tap on its network's bridge for each interface, before the
+    /// process starts (it opens the tap by name). All or none.
+    fn plug_interfaces(&self, name: &str, def: &Domain) -> Result<()> {
+        let uuid = def.spec.uuid.clone().unwrap_or_default();
+        for (i, iface) in def.spec.devices.interfaces.iter().enumerate() {
+            let field = format!("spec.devices.interfaces[{i}].network");
+            let bridge = match self.network.network_info(&iface.network) {
+                Ok(info) if info.active => info.bridge,
+                Ok(_) => None,
+                Err(Error::NotFound(_)) => None,
+                Err(e) => {
+                    unplug_interfaces(name, def);
+                    return Err(e);
+                }
+            };
+            let Some(bridge) = bridge else {
+                unplug_interfaces(name, def);
+                return Err(Error::invalid_argument(
+                    KIND,
+                    name,
+                    format!(
+                        "{field}: network '{}' is not active on this node",
+                        iface.network
+                    ),
+                ));
+            };
+            let tap = crate::bridge::tap::tap_name(&uuid, i);
+            if let Err(e) = crate::bridge::tap::create(&tap, &bridge) {
+                unplug_interfaces(name, def);
+                return Err(io_failed(
+                    name,
+                    &format!(
+                        "{field}: tap {tap} on bridge {bridge} of network '{}'",
+                        iface.network
+                    ),
+                    e,
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Starts an activation of `rec` running `live`.
     fn activate(&self, l: &Locked<'_>, rec: &mut Record, live: Domain) -> Result<DomainRef> {
         let disks = self.resolve_disks(&rec.name, &live)?;
@@ -681,10 +729,14 @@ impl<B: Backend> Inner<B> {
             .next_id()
             .map_err(|e| io_failed(&rec.name, "allocating an ID", e))?;
         let started = Instant::now();
-        let pid = self
-            .backend
-            .launch(&live, &paths, &disks)
-            .map_err(|e| io_failed(&rec.name, "starting the VM process", e))?;
+        self.plug_interfaces(&rec.name, &live)?;
+        let pid = match self.backend.launch(&live, &paths, &disks) {
+            Ok(pid) => pid,
+            Err(e) => {
+                unplug_interfaces(&rec.name, &live);
+                return Err(io_failed(&rec.name, "starting the VM process", e));
+            }
+        };
         tracing::info!(driver = self.backend.name(), domain = %rec.name, id, pid, elapsed_ms = started.elapsed().as_millis() as u64, "domain started");
         rec.run = Some(Run {
             id,
@@ -705,6 +757,17 @@ impl<B: Backend> Inner<B> {
         self.backend
             .control(&paths, op)
             .map_err(|e| control_error(&rec.name, &self.backend, e))
+    }
+}
+
+/// Removes the taps of a domain's interfaces (those that are there).
+fn unplug_interfaces(name: &str, def: &Domain) {
+    let uuid = def.spec.uuid.clone().unwrap_or_default();
+    for i in 0..def.spec.devices.interfaces.len() {
+        let tap = crate::bridge::tap::tap_name(&uuid, i);
+        if let Err(e) = crate::bridge::tap::remove(&tap) {
+            tracing::warn!(domain = %name, tap = %tap, error = %e, "removing a tap failed");
+        }
     }
 }
 
@@ -1154,6 +1217,7 @@ pub fn open_connection<B: Backend>(
             shutdown_timeout: Duration::from_secs(shutdown_timeout),
             poll: Duration::from_millis(500),
         },
+        network.clone(),
         storage.clone(),
     )
     .map_err(|e| e.to_string())?;
