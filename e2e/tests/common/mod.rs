@@ -481,3 +481,159 @@ pub async fn ready_hosts(client: &kube::Client, n: usize) {
     )
     .await
 }
+
+// ---- Helm and per-identity processes (e2e/tests/helm.rs) ----
+
+impl Cluster {
+    /// Starts etcd and kube-apiserver only, with no namespace and no CRDs:
+    /// for tests that install Vireo themselves (the Helm chart).
+    pub fn start_bare(name: &str) -> Cluster {
+        let bin = tools_bin();
+        let dir = std::env::temp_dir().join(format!("vireo-e2e-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("cluster dir");
+        let status = Command::new("bash")
+            .arg(repo().join("e2e/cluster.sh"))
+            .args(["start", &dir.display().to_string()])
+            .env("VIREO_E2E_BIN", &bin)
+            .status()
+            .expect("e2e/cluster.sh runs");
+        assert!(
+            status.success(),
+            "e2e/cluster.sh start failed; logs in {}",
+            dir.display()
+        );
+        let env = std::fs::read_to_string(dir.join("env"))
+            .expect("cluster env")
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Cluster {
+            kubeconfig: dir.join("kubeconfig"),
+            dir,
+            env,
+            bin,
+            procs: Vec::new(),
+        }
+    }
+
+    /// Runs helm against the cluster as its admin, with helm's cache and
+    /// config kept in the cluster's directory.
+    pub fn helm(&self, args: &[&str]) -> Output {
+        let home = self.dir.join("helm");
+        Command::new(self.bin.join("helm"))
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .env("HELM_CACHE_HOME", home.join("cache"))
+            .env("HELM_CONFIG_HOME", home.join("config"))
+            .env("HELM_DATA_HOME", home.join("data"))
+            .current_dir(repo())
+            .output()
+            .expect("helm runs")
+    }
+
+    /// Runs helm and insists on success; returns stdout.
+    pub fn helm_ok(&self, args: &[&str]) -> String {
+        let out = self.helm(args);
+        assert!(
+            out.status.success(),
+            "helm {} failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Writes a kubeconfig for this cluster that authenticates with a bearer
+    /// token (e.g. a ServiceAccount's), and returns its path.
+    pub fn token_kubeconfig(&self, name: &str, token: &str) -> PathBuf {
+        let server = self.env.get("SERVER").expect("SERVER in the cluster env");
+        let ca = self.env.get("CA_FILE").expect("CA_FILE in the cluster env");
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: vireo-e2e\n  cluster:\n    server: {server}\n    certificate-authority: {ca}\nusers:\n- name: {name}\n  user:\n    token: {token}\ncontexts:\n- name: {name}\n  context:\n    cluster: vireo-e2e\n    user: {name}\n    namespace: default\ncurrent-context: {name}\n"
+        );
+        let path = self.dir.join(format!("kubeconfig-{name}"));
+        std::fs::write(&path, text).expect("write kubeconfig");
+        path
+    }
+
+    /// Runs kubectl with another kubeconfig (another identity).
+    pub fn kubectl_as(&self, kubeconfig: &Path, args: &[&str]) -> Output {
+        Command::new(self.bin.join("kubectl"))
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args(args)
+            .output()
+            .expect("kubectl runs")
+    }
+
+    fn kube_env_for(kubeconfig: &Path) -> Vec<(String, String)> {
+        vec![
+            ("KUBECONFIG".into(), kubeconfig.display().to_string()),
+            (
+                "RUST_LOG".into(),
+                "info,kube=warn,tower=warn,hyper=warn".into(),
+            ),
+        ]
+    }
+
+    /// [`Cluster::operator`] authenticated by `kubeconfig` instead of the admin's.
+    pub fn operator_with_kubeconfig(&self, name: &str, kubeconfig: &Path, extra: &[&str]) -> Proc {
+        let mut args: Vec<String> = vec![
+            "--host-check-seconds".into(),
+            "1".into(),
+            "--retry-pending-seconds".into(),
+            "1".into(),
+            "--metrics-addr".into(),
+            format!("127.0.0.1:{}", free_port()),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Proc::spawn(
+            name,
+            &vireo_bin("vireo-operator"),
+            &args,
+            &Self::kube_env_for(kubeconfig),
+            self.dir.join(format!("{name}.log")),
+        )
+    }
+
+    /// [`Cluster::agent`] authenticated by `kubeconfig` instead of the admin's.
+    pub fn agent_with_kubeconfig(&self, node: &str, kubeconfig: &Path, extra: &[&str]) -> Proc {
+        let mut args: Vec<String> = vec![
+            "--node-name".into(),
+            node.into(),
+            "--state-dir".into(),
+            self.dir.join(format!("state-{node}")).display().to_string(),
+            "--metrics-addr".into(),
+            format!("127.0.0.1:{}", free_port()),
+        ];
+        let defaults = [
+            ("--heartbeat-seconds", "1"),
+            ("--lease-seconds", "3"),
+            ("--resync-seconds", "5"),
+            ("--cpus", "8"),
+            ("--memory", "32Gi"),
+        ];
+        for (flag, value) in defaults {
+            if !extra.contains(&flag) {
+                args.extend([flag.to_string(), value.to_string()]);
+            }
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Proc::spawn(
+            node,
+            &vireo_bin("vireo-agent"),
+            &args,
+            &Self::kube_env_for(kubeconfig),
+            self.dir.join(format!("agent-{node}.log")),
+        )
+    }
+
+    /// Keeps a process with the cluster (stopped with it, in [`Cluster::logs`]).
+    pub fn hold(&mut self, proc: Proc) {
+        self.procs.push(proc);
+    }
+}
