@@ -81,6 +81,18 @@ struct RunArgs {
     /// before it is destroyed.
     #[arg(long, default_value_t = 60)]
     stop_timeout_seconds: u64,
+    /// Where this host's filesystem is seen: StoragePool paths are taken
+    /// under it. `/` on a host; the host's root mounted into the agent's
+    /// container (the chart uses /host); a directory per node when several
+    /// agents share one machine for tests.
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    host_root: PathBuf,
+    /// A directory a Domain's kernel and initrd may come from (repeatable;
+    /// symbolic links are resolved before the check). Other paths are
+    /// refused with a Ready=False condition. Default on a cluster:
+    /// /var/lib/vireo/boot; standalone: any path.
+    #[arg(long = "boot-dir", value_name = "DIR")]
+    boot_dirs: Vec<PathBuf>,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, default_value = "127.0.0.1:9101")]
     metrics_addr: SocketAddr,
@@ -133,6 +145,12 @@ fn main() -> Result<()> {
         resync: Duration::from_secs(a.resync_seconds.max(1)),
         concurrency: a.concurrency.max(1),
         stop_timeout: Duration::from_secs(a.stop_timeout_seconds),
+        host_root: a.host_root,
+        boot_dirs: if a.boot_dirs.is_empty() && !a.standalone {
+            vec![PathBuf::from("/var/lib/vireo/boot")]
+        } else {
+            a.boot_dirs
+        },
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {

@@ -76,8 +76,7 @@ fn io(what: &str, e: impl std::fmt::Display) -> Error {
 
 /// Runs standalone mode until SIGTERM or Ctrl-C; guests keep running after.
 pub async fn run(config: AgentConfig, manifests: PathBuf, metrics: Arc<Metrics>) -> Result<()> {
-    let uri = format!("test://{}/", config.state_dir.join("test-node").display());
-    let node = vireo_drivers::open(&uri)?;
+    let node = crate::agent::open_node(&config)?;
     let hypervisors = open_hypervisors(&config, &node);
     let dir = config.state_dir.join("standalone");
     std::fs::create_dir_all(dir.join("status")).map_err(|e| io("state directory", e))?;

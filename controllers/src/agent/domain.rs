@@ -68,6 +68,12 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
     };
     k8s::add_finalizer(&api, dom.as_ref(), NODE_CLEANUP_FINALIZER).await?;
 
+    // A Domain names no host path: boot files only from the node's boot
+    // directories (disks are volumes of its own namespace, below).
+    if let Some(why) = ctx.config.boot_path_refusal(&dom) {
+        return refuse(ctx, &api, &dom, "BootPathRefused", why).await;
+    }
+
     // Define, or redefine when the spec changed.
     let mut def = Domain::new(&key, dom.spec.clone());
     def.metadata.annotations = dom.metadata.annotations.clone();
@@ -222,6 +228,47 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
         k8s::apply_status(&api, &dom.name_any(), &ctx.manager, &wanted).await?;
     }
     // Gates open with a status change, which wakes this reconcile.
+    Ok(Action::requeue(ctx.config.resync))
+}
+
+/// Refuses to run a Domain: Ready=False with the reason, a Warning event
+/// when that is news, and nothing defined on the node.
+async fn refuse(
+    ctx: &Ctx,
+    api: &Api<Domain>,
+    dom: &Domain,
+    reason: &str,
+    message: String,
+) -> Result<Action> {
+    let status = dom.status.clone().unwrap_or_default();
+    let cond = condition(
+        &status.conditions,
+        "Ready",
+        false,
+        reason,
+        message.clone(),
+        dom.meta().generation,
+    );
+    let news = find(&status.conditions, "Ready")
+        .is_none_or(|c| c.reason != reason || c.message != message);
+    if news {
+        tracing::warn!(domain = %dom.name_any(), %message, "refused");
+        k8s::event(
+            &ctx.recorder,
+            dom,
+            EventType::Warning,
+            reason,
+            "Define",
+            message,
+        )
+        .await;
+        let wanted = DomainStatus {
+            observed_generation: dom.meta().generation,
+            conditions: vec![cond],
+            ..DomainStatus::default()
+        };
+        k8s::apply_status(api, &dom.name_any(), &ctx.manager, &wanted).await?;
+    }
     Ok(Action::requeue(ctx.config.resync))
 }
 

@@ -54,6 +54,73 @@ pub struct AgentConfig {
     pub concurrency: u16,
     /// How long a guest gets to shut down before it is destroyed.
     pub stop_timeout: Duration,
+    /// Where this host's filesystem is seen: pool paths are taken under it
+    /// (`/`, or the host's root mounted into a container; a directory per
+    /// simulated node in tests).
+    pub host_root: PathBuf,
+    /// Directories a Domain's kernel and initrd may come from (checked
+    /// after symbolic links are resolved). Empty: any path (standalone).
+    pub boot_dirs: Vec<PathBuf>,
+}
+
+impl AgentConfig {
+    /// Why a Domain's boot files are refused on this node, if they are:
+    /// `spec.os.kernel` and `spec.os.initrd` must lie in a boot directory.
+    pub fn boot_path_refusal(&self, dom: &vireo_crds::Domain) -> Option<String> {
+        if self.boot_dirs.is_empty() {
+            return None;
+        }
+        let os = dom.spec.os.as_ref()?;
+        let allowed: Vec<PathBuf> = self
+            .boot_dirs
+            .iter()
+            .filter_map(|d| std::fs::canonicalize(d).ok())
+            .collect();
+        for (field, path) in [
+            ("spec.os.kernel", &os.kernel),
+            ("spec.os.initrd", &os.initrd),
+        ] {
+            let Some(path) = path else { continue };
+            let inside = std::fs::canonicalize(path)
+                .map(|real| allowed.iter().any(|d| real.starts_with(d)))
+                .unwrap_or(false);
+            if !inside {
+                return Some(format!(
+                    "{field}: '{path}' is not a file in a boot directory of node {} (allowed: {})",
+                    self.node_name,
+                    self.boot_dirs
+                        .iter()
+                        .map(|d| d.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+        }
+        None
+    }
+}
+
+/// The node's own connection: the test driver (its `type: test` domains and
+/// its networks, under STATE/test-node) with the dir storage backend (pool
+/// records under STATE/storage, pool paths under the host root).
+pub(crate) fn open_node(config: &AgentConfig) -> Result<Connection> {
+    let test = std::sync::Arc::new(
+        vireo_drivers::test::TestDriver::from_dir(&config.state_dir.join("test-node"))
+            .map_err(Error::Invalid)?,
+    );
+    let storage = std::sync::Arc::new(
+        vireo_drivers::storage::dir::DirStorage::open(
+            &config.state_dir.join("storage"),
+            &config.host_root,
+        )
+        .map_err(Error::Invalid)?,
+    );
+    Ok(Connection::new(
+        format!("vireo-node://{}", config.node_name),
+        test.clone(),
+        test,
+        storage,
+    ))
 }
 
 /// What every reconcile of the agent shares.
@@ -75,6 +142,9 @@ pub(crate) struct Ctx {
     starts: Mutex<HashMap<String, u32>>,
     /// When a graceful stop was first asked, per domain.
     stops: Mutex<HashMap<String, std::time::Instant>>,
+    /// Volume fills (copies, URL fetches) running or recently ended, by
+    /// volume file name.
+    pub fills: Mutex<HashMap<String, Arc<volume::Fill>>>,
 }
 
 impl Ctx {
@@ -206,8 +276,7 @@ pub async fn run(config: AgentConfig, metrics: Arc<Metrics>) -> Result<()> {
         )));
     }
     let client = Client::try_default().await?;
-    let uri = format!("test://{}/", config.state_dir.join("test-node").display());
-    let conn = vireo_drivers::open(&uri)?;
+    let conn = open_node(&config)?;
     let hypervisors = open_hypervisors(&config, &conn);
     let recorder = Recorder::new(
         client.clone(),
@@ -227,6 +296,7 @@ pub async fn run(config: AgentConfig, metrics: Arc<Metrics>) -> Result<()> {
         failures: Mutex::new(HashMap::new()),
         starts: Mutex::new(HashMap::new()),
         stops: Mutex::new(HashMap::new()),
+        fills: Mutex::new(HashMap::new()),
     });
     host::register(&ctx).await?;
     tracing::info!(node = %ctx.config.node_name, "registered Host");

@@ -1,7 +1,9 @@
 //! StorageVols bound to this node: created in their pool, deleted once no
 //! Domain uses them (the operator's in-use finalizer gone).
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use kube::api::Api;
 use kube::runtime::controller::{Action, Config, Controller};
@@ -22,6 +24,70 @@ use crate::k8s;
 /// dots, so the first dot splits them apart).
 pub(crate) fn file_name(namespace: &str, name: &str) -> String {
     format!("{namespace}.{name}")
+}
+
+/// A volume fill running on the blocking pool: its progress, and how it
+/// ended. The volume appears in its pool only when the fill completed.
+#[derive(Default)]
+pub struct Fill {
+    done: AtomicU64,
+    /// 0 while unknown.
+    total: AtomicU64,
+    ended: Mutex<Option<(Instant, Result<(), DriverError>)>>,
+}
+
+impl Fill {
+    fn percent(&self) -> u8 {
+        let (d, t) = (
+            self.done.load(Ordering::Relaxed),
+            self.total.load(Ordering::Relaxed),
+        );
+        if t == 0 {
+            0
+        } else {
+            u8::try_from(d.saturating_mul(100) / t)
+                .unwrap_or(100)
+                .min(99)
+        }
+    }
+    fn ended(&self) -> Option<(Instant, Result<(), DriverError>)> {
+        self.ended.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// A failed fill is tried again after this long.
+const FILL_RETRY: Duration = Duration::from_secs(30);
+
+/// Starts filling a volume on the blocking pool, unless a fill of it runs,
+/// and waits briefly so that quick fills (blank volumes) finish here.
+async fn start_fill(ctx: &Ctx, file: &str, want: StorageVol) -> Arc<Fill> {
+    let fill = {
+        let mut fills = ctx.fills.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = fills.get(file) {
+            match f.ended() {
+                None => return f.clone(),
+                Some((at, Err(_))) if at.elapsed() < FILL_RETRY => return f.clone(),
+                _ => {}
+            }
+        }
+        let f = Arc::new(Fill::default());
+        fills.insert(file.to_string(), f.clone());
+        f
+    };
+    let (conn, f) = (ctx.conn.clone(), fill.clone());
+    let mut task = tokio::task::spawn_blocking(move || {
+        let progress = |done: u64, total: Option<u64>| {
+            f.done.store(done, Ordering::Relaxed);
+            f.total.store(total.unwrap_or(0), Ordering::Relaxed);
+        };
+        let result = conn
+            .storage()
+            .create_volume_with_progress(&want, &progress)
+            .map(|_| ());
+        *f.ended.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), result));
+    });
+    let _ = tokio::time::timeout(Duration::from_millis(800), &mut task).await;
+    fill
 }
 
 pub(crate) async fn run(ctx: Arc<Ctx>) {
@@ -57,6 +123,20 @@ async fn reconcile(vol: Arc<StorageVol>, ctx: &Ctx) -> Result<Action> {
             return Ok(Action::await_change());
         }
         if vol.finalizers().iter().any(|f| f == NODE_CLEANUP_FINALIZER) {
+            // A fill still running would put the file back after the delete.
+            let running = ctx
+                .fills
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&file)
+                .is_some_and(|f| f.ended().is_none());
+            if running {
+                return Ok(Action::requeue(Duration::from_secs(2)));
+            }
+            ctx.fills
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&file);
             let (p, f) = (pool.clone(), file.clone());
             ctx.drive(move |c| match c.storage().delete_volume(&p, &f) {
                 Ok(()) | Err(DriverError::NotFound(_)) => Ok(()),
@@ -107,8 +187,18 @@ async fn reconcile(vol: Arc<StorageVol>, ctx: &Ctx) -> Result<Action> {
             if let Some(src) = want.spec.source.as_mut().and_then(|s| s.clone.as_mut()) {
                 src.volume = file_name(&ns, &src.volume);
             }
-            match ctx.drive(move |c| c.storage().create_volume(&want)).await {
-                Ok(_) => {
+            let fresh = !ctx
+                .fills
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(&file);
+            let fill = start_fill(ctx, &file, want).await;
+            match fill.ended() {
+                Some((_, Ok(()))) => {
+                    ctx.fills
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&file);
                     let (p, f) = (pool.clone(), file.clone());
                     let info = ctx.drive(move |c| c.storage().volume_info(&p, &f)).await?;
                     k8s::event(
@@ -127,8 +217,56 @@ async fn reconcile(vol: Arc<StorageVol>, ctx: &Ctx) -> Result<Action> {
                     )
                 }
                 // The pool may not be active here yet: wait for it, visibly.
-                Err(Error::Driver(e)) => ("Pending", None, e.to_string()),
-                Err(e) => return Err(e),
+                Some((
+                    _,
+                    Err(e @ (DriverError::InvalidState { .. } | DriverError::NotFound(_))),
+                )) => {
+                    ctx.fills
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&file);
+                    ("Pending", None, e.to_string())
+                }
+                Some((at, Err(e))) => {
+                    if at.elapsed() < Duration::from_secs(1) {
+                        k8s::event(
+                            &ctx.recorder,
+                            vol.as_ref(),
+                            EventType::Warning,
+                            "FillFailed",
+                            "Create",
+                            e.to_string(),
+                        )
+                        .await;
+                    }
+                    (
+                        "Failed",
+                        None,
+                        format!("{e} (tried again every {}s)", FILL_RETRY.as_secs()),
+                    )
+                }
+                None => {
+                    if fresh {
+                        k8s::event(
+                            &ctx.recorder,
+                            vol.as_ref(),
+                            EventType::Normal,
+                            "Creating",
+                            "Create",
+                            format!("filling in pool {pool} on node {}", ctx.config.node_name),
+                        )
+                        .await;
+                    }
+                    (
+                        "Creating",
+                        None,
+                        format!(
+                            "filling in pool {pool} on node {}: {}% done",
+                            ctx.config.node_name,
+                            fill.percent()
+                        ),
+                    )
+                }
             }
         }
         Err(Error::Driver(e)) => ("Pending", None, e.to_string()),
@@ -143,7 +281,16 @@ async fn reconcile(vol: Arc<StorageVol>, ctx: &Ctx) -> Result<Action> {
         format: info.as_ref().map(|i| i.format),
         capacity: info.as_ref().map(|i| format_bytes(i.capacity)),
         allocation: info.as_ref().map(|i| format_bytes(i.allocation)),
-        progress: ready.then_some(100),
+        progress: match phase {
+            "Ready" => Some(100),
+            "Creating" => ctx
+                .fills
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&file)
+                .map(|f| f.percent()),
+            _ => None,
+        },
         observed_generation: vol.meta().generation,
         conditions: vec![condition(
             &status.conditions,
@@ -155,6 +302,7 @@ async fn reconcile(vol: Arc<StorageVol>, ctx: &Ctx) -> Result<Action> {
         )],
     };
     let unchanged = status.phase == wanted.phase
+        && status.progress == wanted.progress
         && status.path == wanted.path
         && status.capacity == wanted.capacity
         && status.allocation == wanted.allocation
@@ -171,9 +319,10 @@ async fn reconcile(vol: Arc<StorageVol>, ctx: &Ctx) -> Result<Action> {
     if !unchanged {
         k8s::apply_status(&api, &vol.name_any(), &ctx.manager, &wanted).await?;
     }
-    Ok(if ready {
-        Action::requeue(ctx.config.resync)
-    } else {
-        Action::requeue(std::time::Duration::from_secs(2))
+    Ok(match phase {
+        "Ready" => Action::requeue(ctx.config.resync),
+        "Creating" => Action::requeue(Duration::from_secs(1)),
+        "Failed" => Action::requeue(FILL_RETRY),
+        _ => Action::requeue(Duration::from_secs(2)),
     })
 }

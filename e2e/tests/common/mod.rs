@@ -332,7 +332,12 @@ impl Cluster {
             "--metrics-addr".into(),
             format!("127.0.0.1:{}", free_port()),
         ];
+        // Each simulated node has a filesystem of its own for its pools;
+        // boot files may come from anywhere unless a test says otherwise.
+        let host_root = self.dir.join(format!("host-{node}")).display().to_string();
         let defaults = [
+            ("--host-root", host_root.as_str()),
+            ("--boot-dir", "/"),
             ("--heartbeat-seconds", "1"),
             ("--lease-seconds", "3"),
             ("--resync-seconds", "5"),
@@ -610,7 +615,12 @@ impl Cluster {
             "--metrics-addr".into(),
             format!("127.0.0.1:{}", free_port()),
         ];
+        // Each simulated node has a filesystem of its own for its pools;
+        // boot files may come from anywhere unless a test says otherwise.
+        let host_root = self.dir.join(format!("host-{node}")).display().to_string();
         let defaults = [
+            ("--host-root", host_root.as_str()),
+            ("--boot-dir", "/"),
             ("--heartbeat-seconds", "1"),
             ("--lease-seconds", "3"),
             ("--resync-seconds", "5"),
