@@ -1,0 +1,717 @@
+//! The bridge network driver on real Linux networking, inside network
+//! namespaces each test creates (`vireo-test-<random>`); the host's own
+//! interfaces are never touched. Each test thread enters its namespace
+//! with setns(2), so the driver's netlink sockets, nft and dnsmasq (and
+//! QEMU, for the guests) all run in it.
+//!
+//! Needs root, `ip`, `nft` and `dnsmasq` (scripts/setup installs them);
+//! without them every test prints a SKIP line and passes, except under CI,
+//! where it fails.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use vireo_crds::network::{DhcpHost, DhcpRange, DhcpSpec, IpSpec};
+use vireo_crds::{ForwardMode, Interface, Network, NetworkSpec};
+use vireo_drivers::bridge::{BridgeDriver, netlink, nft, tap};
+use vireo_drivers::conformance::{Fixture, test_driver_fixture};
+use vireo_drivers::{Connection, NetworkDriver};
+
+use common::say;
+
+// ---------------------------------------------------------------------------
+// Namespaces
+// ---------------------------------------------------------------------------
+
+/// Whether the tests can run here; fails under CI when they cannot.
+fn available(test: &str) -> bool {
+    let mut missing = Vec::new();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        missing.push("root".to_string());
+    }
+    for (prog, pkg) in [
+        ("ip", "iproute2"),
+        ("nft", "nftables"),
+        ("dnsmasq", "dnsmasq-base"),
+    ] {
+        if find(prog).is_none() {
+            missing.push(format!("{prog} ({pkg})"));
+        }
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let what = missing.join(", ");
+    if std::env::var_os("CI").is_some() {
+        panic!("{test}: needs {what}, and CI is set (scripts/setup installs them)");
+    }
+    say(&format!("SKIP {test}: needs {what}; not run"));
+    false
+}
+
+fn find(prog: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|d| d.join(prog))
+        .find(|p| p.is_file())
+}
+
+fn run(program: &str, args: &[&str]) -> String {
+    let bin = find(program).unwrap_or_else(|| PathBuf::from(program));
+    let out = Command::new(&bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A network namespace of the test's own, deleted (with what runs in it)
+/// when dropped.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(tag: &str) -> Self {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let name = format!("vireo-test-{tag}-{}", &id[..8]);
+        run("ip", &["netns", "add", &name]);
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Moves the calling thread into the namespace.
+    fn enter(&self) {
+        enter_netns(&self.name);
+    }
+
+    /// `ip -n NAME ARGS...`
+    fn ip(&self, args: &[&str]) -> String {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    /// Link names in the namespace.
+    fn links(&self) -> Vec<String> {
+        self.ip(&["-o", "link", "show"])
+            .lines()
+            .filter_map(|l| l.split(':').nth(1))
+            .map(|n| n.trim().split('@').next().unwrap_or("").to_string())
+            .collect()
+    }
+
+    /// nftables tables in the namespace.
+    fn tables(&self) -> String {
+        run(
+            "ip",
+            &["netns", "exec", &self.name, "nft", "list", "tables"],
+        )
+    }
+
+    /// PIDs of processes in the namespace.
+    fn pids(&self) -> Vec<String> {
+        run("ip", &["netns", "pids", &self.name])
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for pid in self.pids() {
+            if let Ok(pid) = pid.parse::<i32>() {
+                // SAFETY: kill(2) touches no memory; these processes were
+                // started by this test inside its own namespace.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+        let _ = Command::new(find("ip").unwrap_or_else(|| "ip".into()))
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn enter_netns(name: &str) {
+    let f = File::open(format!("/run/netns/{name}")).expect("opens the namespace");
+    // SAFETY: setns on a namespace descriptor we own; it changes only the
+    // calling thread's network namespace.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+}
+
+/// Serves `HTTP/1.0 200` with a body naming `who` and the peer, from a
+/// thread in namespace `ns`, until `deadline`. Peers are sent on the channel.
+fn serve_http(
+    ns: &str,
+    addr: &str,
+    who: &'static str,
+    deadline: Duration,
+) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let ns = ns.to_string();
+    let addr: SocketAddr = addr.parse().expect("a socket address");
+    thread::spawn(move || {
+        enter_netns(&ns);
+        let listener = TcpListener::bind(addr).expect("binds the HTTP server");
+        listener.set_nonblocking(true).expect("non-blocking");
+        let _ = ready_tx.send(());
+        let start = Instant::now();
+        while start.elapsed() < deadline {
+            match listener.accept() {
+                Ok((mut s, peer)) => {
+                    let _ = s.set_nonblocking(false);
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                    let mut buf = [0u8; 1024];
+                    let _ = s.read(&mut buf);
+                    let body = format!("{who} peer={}\n", peer.ip());
+                    let _ = write!(
+                        s,
+                        "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = tx.send(peer.ip().to_string());
+                }
+                Err(_) => thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the HTTP server is listening");
+    rx
+}
+
+/// Whether a TCP connection from namespace `ns` to `addr` succeeds.
+fn connects_from(ns: &str, addr: &str, timeout: Duration) -> bool {
+    let ns = ns.to_string();
+    let addr: SocketAddr = addr.parse().expect("a socket address");
+    thread::spawn(move || {
+        enter_netns(&ns);
+        TcpStream::connect_timeout(&addr, timeout).is_ok()
+    })
+    .join()
+    .unwrap_or(false)
+}
+
+/// Asserts the namespace holds nothing of a network anymore.
+fn assert_clean(ns: &Netns, allowed_links: &[&str]) {
+    let links = ns.links();
+    let extra: Vec<&String> = links
+        .iter()
+        .filter(|l| !allowed_links.contains(&l.as_str()))
+        .collect();
+    assert!(extra.is_empty(), "links left in {}: {extra:?}", ns.name);
+    let tables = ns.tables();
+    assert!(
+        !tables.contains("vireo_"),
+        "nftables tables left in {}: {tables}",
+        ns.name
+    );
+    let pids = ns.pids();
+    let dnsmasq: Vec<String> = pids
+        .iter()
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains("dnsmasq"))
+                .unwrap_or(false)
+        })
+        .cloned()
+        .collect();
+    assert!(
+        dnsmasq.is_empty(),
+        "dnsmasq left in {}: {dnsmasq:?}",
+        ns.name
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Networks
+// ---------------------------------------------------------------------------
+
+fn network(name: &str, mode: ForwardMode, third: u8, dhcp: Option<DhcpSpec>) -> Network {
+    Network::new(
+        name,
+        NetworkSpec {
+            uuid: None,
+            forward_mode: mode,
+            bridge: None,
+            ip: Some(IpSpec {
+                address: format!("10.{third}.0.1"),
+                prefix: 24,
+                dhcp,
+            }),
+            autostart: false,
+            active: None,
+            node_selector: None,
+        },
+    )
+}
+
+fn ranges(third: u8) -> DhcpSpec {
+    DhcpSpec {
+        ranges: vec![DhcpRange {
+            start: format!("10.{third}.0.100"),
+            end: format!("10.{third}.0.120"),
+        }],
+        hosts: Vec::new(),
+    }
+}
+
+fn state_dir(tag: &str) -> PathBuf {
+    common::fresh_root(tag)
+}
+
+// ---------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------
+
+/// Start builds the bridge, its address, the table and dnsmasq; destroy
+/// removes them all; start and destroy again; a second driver on the same
+/// state directory (a restarted agent) finds the network active and
+/// restarts a dnsmasq that died; bridge mode creates nothing.
+#[test]
+fn start_destroy_restart_leave_nothing() {
+    if !available("start_destroy_restart_leave_nothing") {
+        return;
+    }
+    let ns = Netns::new("life");
+    ns.enter();
+    let dir = state_dir("bridge-life");
+    let driver = BridgeDriver::open(&dir).expect("opens the driver");
+    let r = driver
+        .define_network(&network("life", ForwardMode::Nat, 61, Some(ranges(61))))
+        .expect("defines");
+    let bridge = driver
+        .network_info("life")
+        .expect("info")
+        .bridge
+        .expect("a bridge name");
+    assert!(
+        bridge.starts_with("vireo") && bridge.len() <= 15,
+        "{bridge}"
+    );
+    for round in 0..2 {
+        driver.start_network("life").expect("starts");
+        let link = netlink::link(&bridge)
+            .expect("netlink")
+            .expect("the bridge exists");
+        assert!(netlink::is_bridge(&link) && link.up, "{link:?}");
+        assert_eq!(
+            link.alias.as_deref(),
+            Some(format!("vireo-network:{}", r.uuid).as_str())
+        );
+        let addrs = netlink::ipv4_addresses(link.index).expect("addresses");
+        assert_eq!(addrs, vec![("10.61.0.1".parse().expect("ip"), 24)]);
+        let table = nft::table_name("life");
+        let rules = run(
+            "ip",
+            &[
+                "netns", "exec", &ns.name, "nft", "list", "table", "ip", &table,
+            ],
+        );
+        assert!(rules.contains("masquerade"), "round {round}: {rules}");
+        let conf = std::fs::read_to_string(dir.join("run/life/dnsmasq.conf")).expect("conf");
+        assert!(
+            conf.contains("dhcp-range=10.61.0.100,10.61.0.120,255.255.255.0"),
+            "{conf}"
+        );
+        let pid: u32 = std::fs::read_to_string(dir.join("run/life/dnsmasq.pid"))
+            .expect("pid file")
+            .trim()
+            .parse()
+            .expect("a pid");
+        assert!(
+            ns.pids().contains(&pid.to_string()),
+            "dnsmasq runs in the namespace"
+        );
+        driver.destroy_network("life").expect("destroys");
+        assert_clean(&ns, &["lo"]);
+    }
+
+    // A restarted agent: a second driver sees the active network and
+    // starts its dnsmasq again after it died.
+    driver.start_network("life").expect("starts");
+    let pid_file = dir.join("run/life/dnsmasq.pid");
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("a pid");
+    // SAFETY: kill(2) on the dnsmasq this test started.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+    thread::sleep(Duration::from_millis(200));
+    drop(driver);
+    let again = BridgeDriver::open(&dir).expect("opens again");
+    let info = again.network_info("life").expect("info");
+    assert!(info.active && info.persistent, "{info:?}");
+    let new_pid: i32 = std::fs::read_to_string(&pid_file)
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("a pid");
+    assert_ne!(new_pid, pid, "dnsmasq was started again");
+    again.destroy_network("life").expect("destroys");
+    again.undefine_network("life").expect("undefines");
+    assert_clean(&ns, &["lo"]);
+
+    // Bridge mode: attaches to an existing bridge and creates nothing.
+    ns.ip(&["link", "add", "hostbr0", "type", "bridge"]);
+    let mut attach = network("attach", ForwardMode::Bridge, 62, None);
+    attach.spec.ip = None;
+    attach.spec.bridge = Some("hostbr0".into());
+    again
+        .create_network(&attach)
+        .expect("creates in bridge mode");
+    assert_eq!(ns.tables().contains("vireo_"), false);
+    again.destroy_network("attach").expect("destroys");
+    assert!(
+        ns.links().contains(&"hostbr0".to_string()),
+        "the host bridge stays"
+    );
+    ns.ip(&["link", "del", "hostbr0"]);
+    let mut missing = attach.clone();
+    missing.spec.bridge = Some("nosuchbr".into());
+    let err = again.create_network(&missing).expect_err("no such bridge");
+    assert!(err.to_string().contains("does not exist"), "{err}");
+    assert_clean(&ns, &["lo"]);
+}
+
+/// A tap for a guest: made on the bridge, up, then removed.
+#[test]
+fn taps_join_the_bridge_and_go() {
+    if !available("taps_join_the_bridge_and_go") {
+        return;
+    }
+    let ns = Netns::new("tap");
+    ns.enter();
+    let driver = BridgeDriver::open(&state_dir("bridge-tap")).expect("opens");
+    driver
+        .create_network(&network("taps", ForwardMode::Isolated, 63, None))
+        .expect("creates");
+    let bridge = driver.active_bridge("taps").expect("active");
+    tap::create("vttest0", &bridge).expect("creates the tap");
+    tap::create("vttest0", &bridge).expect("again: idempotent");
+    let br = netlink::link(&bridge).expect("netlink").expect("bridge");
+    let t = netlink::link("vttest0").expect("netlink").expect("tap");
+    assert_eq!(t.kind.as_deref(), Some("tun"));
+    assert_eq!(t.controller, Some(br.index), "the tap is on the bridge");
+    assert!(t.up);
+    // The tap can be opened again the way QEMU and vireo-vmm do
+    // (single queue, vnet header).
+    tap::remove("vttest0").expect("removes");
+    tap::remove("vttest0").expect("removing again is fine");
+    assert!(netlink::link("vttest0").expect("netlink").is_none());
+    let err = tap::create("vttest1", "nosuchbr").expect_err("no bridge");
+    assert!(err.to_string().contains("does not exist"), "{err}");
+    driver.destroy_network("taps").expect("destroys");
+    assert_clean(&ns, &["lo"]);
+}
+
+// ---------------------------------------------------------------------------
+// The conformance suite's network cases
+// ---------------------------------------------------------------------------
+
+/// The fixture's networks: NAT with an address and a DHCP range each, a
+/// subnet per name (cases run two networks at once).
+fn conformance_fixture() -> Fixture {
+    let base = test_driver_fixture();
+    Fixture {
+        make_network: Box::new(|name| {
+            let h = name
+                .bytes()
+                .fold(7u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+            let third = 100 + (h % 100) as u8;
+            let mut n = network(name, ForwardMode::Nat, 64, Some(ranges(64)));
+            let ip = n.spec.ip.as_mut().expect("an ip");
+            ip.address = format!("10.64.{third}.1");
+            ip.dhcp = Some(DhcpSpec {
+                ranges: vec![DhcpRange {
+                    start: format!("10.64.{third}.10"),
+                    end: format!("10.64.{third}.20"),
+                }],
+                hosts: Vec::new(),
+            });
+            n
+        }),
+        ..base
+    }
+}
+
+/// Runs one network case of the conformance suite against the bridge
+/// driver in a namespace of its own (domains and pools on the test
+/// driver), then checks the namespace is empty again.
+fn conformance_case(
+    test: &str,
+    case: fn(&Connection, &Fixture) -> Result<(), vireo_drivers::conformance::Failure>,
+) {
+    if !available(test) {
+        return;
+    }
+    let ns = Netns::new("conf");
+    ns.enter();
+    let network = Arc::new(BridgeDriver::open(&state_dir("bridge-conf")).expect("opens"));
+    let test_driver = Arc::new(vireo_drivers::test::TestDriver::default_node());
+    let conn = Connection::new(
+        "bridge:///conformance",
+        test_driver.clone(),
+        network,
+        test_driver,
+    );
+    if let Err(failure) = case(&conn, &conformance_fixture()) {
+        panic!("{test}: {failure}");
+    }
+    assert_clean(&ns, &["lo"]);
+}
+
+macro_rules! network_conformance {
+    ($($case:ident)*) => {
+        $(
+            #[test]
+            fn $case() {
+                conformance_case(stringify!($case), vireo_drivers::conformance::$case);
+            }
+        )*
+    };
+}
+
+network_conformance!(
+    case_network_lifecycle
+    case_network_undefine_active
+    case_network_transient
+    case_network_create_over_defined
+    case_network_define_transient
+    case_network_redefine_active
+    case_network_autostart
+    case_network_lookup
+    case_network_duplicate_uuid
+    case_network_list_filters
+);
+
+// ---------------------------------------------------------------------------
+// Real Linux guests under QEMU
+// ---------------------------------------------------------------------------
+
+const GUEST_TIMEOUT: Duration = Duration::from_secs(150);
+
+fn guest(name: &str, network: &str, mac: Option<&str>, run: &str) -> vireo_crds::Domain {
+    let mut d = common::linux_domain(
+        name,
+        None,
+        &format!("vireo.dhcp_tries=10 vireo.run=\"{run}\""),
+    );
+    d.spec.devices.interfaces = vec![Interface {
+        name: "net0".into(),
+        network: network.into(),
+        mac: mac.map(str::to_string),
+    }];
+    d
+}
+
+fn console_log(root: &Path, conn: &Connection, name: &str) -> PathBuf {
+    let uuid = conn
+        .hypervisor()
+        .lookup_domain(vireo_drivers::Lookup::Name(name))
+        .expect("lookup")
+        .uuid;
+    root.join("run").join(uuid).join("console.log")
+}
+
+/// Two Linux guests on a NAT network: addresses by DHCP (one from the
+/// range, one a static host), they ping each other, reach an HTTP server
+/// on the host side and one outside (through masquerade), and the leases
+/// name them; destroying the guests and the network leaves the namespace
+/// as it was.
+#[test]
+fn linux_guests_on_a_nat_network() {
+    let test = "linux_guests_on_a_nat_network";
+    if !available(test) || !common::qemu_available(test) {
+        return;
+    }
+    // Built (or found in the cache) before entering the namespace, which
+    // has no way out.
+    common::guest_image();
+    let host = Netns::new("nat");
+    let outside = Netns::new("out");
+    host.ip(&[
+        "link",
+        "add",
+        "vh0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "vo0",
+        "netns",
+        &outside.name,
+    ]);
+    host.ip(&["addr", "add", "10.254.0.1/24", "dev", "vh0"]);
+    host.ip(&["link", "set", "vh0", "up"]);
+    outside.ip(&["addr", "add", "10.254.0.2/24", "dev", "vo0"]);
+    outside.ip(&["link", "set", "vo0", "up"]);
+    host.enter();
+
+    let out_peers = serve_http(&outside.name, "10.254.0.2:8080", "outside", GUEST_TIMEOUT);
+
+    let net_dir = state_dir("bridge-nat");
+    let networks = Arc::new(BridgeDriver::open(&net_dir).expect("opens the network driver"));
+    let b_mac = "52:54:00:71:00:0b";
+    let mut dhcp = ranges(71);
+    dhcp.hosts.push(DhcpHost {
+        mac: b_mac.into(),
+        ip: "10.71.0.11".into(),
+        name: Some("b".into()),
+    });
+    networks
+        .define_network(&network("natnet", ForwardMode::Nat, 71, Some(dhcp)))
+        .expect("defines");
+    networks.start_network("natnet").expect("starts");
+    let bridge = networks.active_bridge("natnet").expect("active");
+    let host_peers = serve_http(&host.name, "10.71.0.1:8081", "host", GUEST_TIMEOUT);
+
+    let root = state_dir("bridge-qemu");
+    let test_driver = Arc::new(vireo_drivers::test::TestDriver::default_node());
+    let conn = vireo_drivers::qemu::open_with(
+        &format!("qemu:///embed?root={}", root.display()),
+        &format!("/embed?root={}", root.display()),
+        networks.clone(),
+        test_driver,
+    )
+    .expect("opens the qemu driver");
+    let hv = conn.hypervisor();
+    let started = Instant::now();
+    hv.create_domain(&guest(
+        "b",
+        "natnet",
+        Some(b_mac),
+        "ping -c 2 -W 2 10.71.0.1 && echo PING-GW-OK",
+    ))
+    .expect("starts b");
+    let a_run = "for i in $(seq 60); do ping -c 1 -W 1 10.71.0.11 >/dev/null && break; done; \
+                 ping -c 3 -W 2 10.71.0.11 && echo PING-B-OK; \
+                 wget -q -O - http://10.71.0.1:8081/ && echo WGET-HOST-OK; \
+                 wget -q -O - http://10.254.0.2:8080/ && echo WGET-OUT-OK";
+    let a = hv
+        .create_domain(&guest("a", "natnet", None, a_run))
+        .expect("starts a");
+    let a_mac = tap::derived_mac(&a.uuid, 0);
+
+    // Both taps are on the bridge while the guests run.
+    let br = netlink::link(&bridge).expect("netlink").expect("bridge");
+    let ports = netlink::ports_of(br.index).expect("ports");
+    assert_eq!(ports.len(), 2, "two taps on {bridge}: {ports:?}");
+
+    let a_log = console_log(&root, &conn, "a");
+    let b_log = console_log(&root, &conn, "b");
+    let text = vireo_drivers::qemu::wait_for_console(&a_log, "VIREO-GUEST-RUN-END", GUEST_TIMEOUT)
+        .unwrap_or_else(|t| panic!("guest a did not finish; console:\n{t}"));
+    let b_text = vireo_drivers::qemu::wait_for_console(
+        &b_log,
+        "VIREO-GUEST-RUN-END",
+        Duration::from_secs(30),
+    )
+    .unwrap_or_else(|t| panic!("guest b did not finish; console:\n{t}"));
+    say(&format!(
+        "two guests booted and talked in {:?}",
+        started.elapsed()
+    ));
+    assert!(
+        b_text.contains("VIREO-GUEST-IP 10.71.0.11/24"),
+        "b has its static address; console:\n{b_text}"
+    );
+    assert!(
+        b_text.contains("PING-GW-OK"),
+        "b pings the gateway; console:\n{b_text}"
+    );
+    let a_ip = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("VIREO-GUEST-IP "))
+        .unwrap_or_else(|| panic!("a printed no address; console:\n{text}"))
+        .to_string();
+    assert!(
+        a_ip.starts_with("10.71.0.1") && a_ip.ends_with("/24") && a_ip != "10.71.0.1/24",
+        "a has an address of the range: {a_ip}"
+    );
+    for marker in ["PING-B-OK", "WGET-HOST-OK", "WGET-OUT-OK"] {
+        assert!(
+            text.contains(marker),
+            "guest a: no {marker}; console:\n{text}"
+        );
+    }
+    let a_addr = a_ip.trim_end_matches("/24");
+    assert_eq!(
+        host_peers.try_iter().next().as_deref(),
+        Some(a_addr),
+        "the host side sees the guest itself"
+    );
+    assert_eq!(
+        out_peers.try_iter().next().as_deref(),
+        Some("10.254.0.1"),
+        "the outside sees the host's address (masquerade)"
+    );
+
+    // Leases, by network and by MAC.
+    let leases = networks.dhcp_leases("natnet").expect("leases");
+    let by_mac: BTreeMap<String, String> = leases
+        .iter()
+        .map(|l| (l.mac.clone(), l.ip.clone()))
+        .collect();
+    assert_eq!(
+        by_mac.get(b_mac).map(String::as_str),
+        Some("10.71.0.11"),
+        "{leases:?}"
+    );
+    assert_eq!(
+        by_mac.get(&a_mac).map(String::as_str),
+        Some(a_addr),
+        "{leases:?}"
+    );
+    let (net, lease) = networks
+        .lease_for_mac(&a_mac.to_uppercase())
+        .expect("lookup")
+        .expect("a lease");
+    assert_eq!(
+        (net.as_str(), lease.ip.as_str(), lease.prefix),
+        ("natnet", a_addr, 24)
+    );
+
+    // Guests go: their taps go with them.
+    hv.destroy_domain("a").expect("destroys a");
+    hv.destroy_domain("b").expect("destroys b");
+    assert!(
+        netlink::ports_of(br.index).expect("ports").is_empty(),
+        "no tap left on the bridge"
+    );
+    networks
+        .destroy_network("natnet")
+        .expect("destroys the network");
+    networks.undefine_network("natnet").expect("undefines");
+    assert_clean(&host, &["lo", "vh0"]);
+}
