@@ -442,14 +442,11 @@ async fn chart_installs_runs_vireo_with_its_own_rbac_and_uninstalls() {
             &token(&cluster, AGENT_SA, Some(&pod)),
         );
         // The API server puts the pod's node into the user's extra info.
-        let me = json(
-            &String::from_utf8_lossy(
-                &cluster
-                    .kubectl_as(&kc, &["auth", "whoami", "-o", "json"])
-                    .stdout,
-            )
-            .into_owned(),
-        );
+        let me = json(&String::from_utf8_lossy(
+            &cluster
+                .kubectl_as(&kc, &["auth", "whoami", "-o", "json"])
+                .stdout,
+        ));
         assert_eq!(
             me["status"]["userInfo"]["username"],
             format!("system:serviceaccount:{NS}:{AGENT_SA}")
@@ -494,6 +491,48 @@ async fn chart_installs_runs_vireo_with_its_own_rbac_and_uninstalls() {
                     && d["metadata"]["labels"]["vireo.dev/node"] == node
                     && d["status"]["id"].is_number())
                 .then_some(())
+            },
+        )
+        .await;
+    }
+    // Shared objects: a Network and a StoragePool are realized on both
+    // nodes (each agent adds its own finalizer and status entry), and a
+    // volume pinned to node-2 is bound and created there.
+    for file in ["examples/test-network.yaml", "examples/test-pool.yaml"] {
+        cluster.kubectl_ok(&["apply", "-f", &repo().join(file).display().to_string()]);
+    }
+    let out = cluster.kubectl_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: vireo.dev/v1alpha1\nkind: StorageVol\nmetadata: {name: pinned, namespace: default}\nspec: {pool: images, capacity: 1Gi, nodeName: node-2}\n",
+    );
+    assert!(out.status.success(), "apply pinned: {}", text(&out));
+    {
+        let c = &cluster;
+        wait_for(
+            Duration::from_secs(60),
+            &format!(
+                "lab and images on both nodes, pinned Ready\n{}",
+                cluster.logs()
+            ),
+            || async move {
+                let get = |args: &[&str]| -> Option<Value> {
+                    serde_json::from_slice(&c.kubectl(args).stdout).ok()
+                };
+                let net = get(&["get", "network", "lab", "-o", "json"])?;
+                let pool = get(&["get", "storagepool", "images", "-o", "json"])?;
+                let vol = get(&["get", "storagevol", "pinned", "-n", "default", "-o", "json"])?;
+                let count = |v: &Value, f: &dyn Fn(&Value) -> bool| {
+                    v["status"]["nodes"]
+                        .as_array()
+                        .map(|a| a.iter().filter(|e| f(e)).count())
+                        .unwrap_or(0)
+                };
+                (count(&net, &|e| e["active"] == true) == 2
+                    && count(&pool, &|e| e["state"] == "running") == 2
+                    && net["metadata"]["finalizers"].as_array().map(Vec::len) == Some(2)
+                    && vol["status"]["phase"] == "Ready"
+                    && vol["metadata"]["labels"]["vireo.dev/node"] == "node-2")
+                    .then_some(())
             },
         )
         .await;
@@ -638,6 +677,35 @@ async fn chart_installs_runs_vireo_with_its_own_rbac_and_uninstalls() {
         ],
         &[POLICY],
     );
+    // Another node's finalizer on a shared Network, and another node's volume.
+    let net = json(&cluster.kubectl_ok(&["get", "network", "lab", "-o", "json"]));
+    let theirs = net["metadata"]["finalizers"]
+        .as_array()
+        .and_then(|a| a.iter().position(|f| f == "node.vireo.dev/node-2"))
+        .expect("node-2's finalizer on lab");
+    let remove = format!(r#"[{{"op":"remove","path":"/metadata/finalizers/{theirs}"}}]"#);
+    refused(
+        &cluster,
+        a1,
+        &["patch", "network", "lab", "--type=json", "-p", &remove],
+        &[
+            POLICY,
+            "may change only its own finalizer and status entry of networks lab",
+        ],
+    );
+    refused(
+        &cluster,
+        a1,
+        &[
+            "annotate",
+            "storagevol",
+            "pinned",
+            "-n",
+            "default",
+            "e2e.vireo.dev/x=y",
+        ],
+        &[POLICY, "belongs to node node-2"],
+    );
     // A token of the agents' ServiceAccount that names no node writes nothing.
     refused(
         &cluster,
@@ -673,6 +741,21 @@ async fn chart_installs_runs_vireo_with_its_own_rbac_and_uninstalls() {
         &["get", "secrets", "-n", NS],
         &["forbidden"],
     );
+    // Deleting the Network: each agent tears its copy down and releases only
+    // its own finalizer, under the policy.
+    cluster.kubectl_ok(&["delete", "network", "lab", "--wait=false"]);
+    {
+        let c = &cluster;
+        wait_for(
+            Duration::from_secs(60),
+            &format!("lab torn down on both nodes and gone\n{}", cluster.logs()),
+            || async move {
+                let out = c.kubectl(&["get", "network", "lab", "--ignore-not-found", "-o", "name"]);
+                (out.status.success() && out.stdout.is_empty()).then_some(())
+            },
+        )
+        .await;
+    }
     // The other agent still runs its Domain, untouched.
     let d = json(&cluster.kubectl_ok(&["get", "domain", "demo-2", "-n", "default", "-o", "json"]));
     assert_eq!(d["status"]["state"], "running", "{d}");
