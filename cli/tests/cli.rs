@@ -283,3 +283,69 @@ fn same_session_as_virsh() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn vol_upload_and_download_on_a_real_dir_pool() {
+    let dir = std::env::temp_dir().join(format!("vireo-cli-vol-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("tmp");
+    let pool_dir = dir.join("pool");
+    let manifest = dir.join("pool.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "apiVersion: vireo.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: p}}\nspec: {{path: {}}}\n",
+            pool_dir.display()
+        ),
+    )
+    .expect("manifest");
+    let content: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+    let input = dir.join("in.img");
+    std::fs::write(&input, &content).expect("input");
+    let output = dir.join("out.img");
+    let uri = format!("qemu:///embed?root={}", dir.join("state").display());
+    let session = format!(
+        "pool-define -f {}\npool-build p\npool-start p\nvol-create-as p disk 4M\nvol-upload disk {} --pool p\nvol-download disk {} --pool p\nvol-info disk --pool p\n",
+        manifest.display(),
+        input.display(),
+        output.display()
+    );
+    let out = vireo(&["-c", &uri], Some(&session));
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    assert!(
+        stdout.contains("Uploaded 2.86 MiB into volume 'disk'"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("Downloaded 4.00 MiB of volume 'disk'"),
+        "{stdout}"
+    );
+    // The file in the pool is the volume, and the download is its content.
+    let stored = std::fs::read(pool_dir.join("disk")).expect("the volume is a file");
+    assert_eq!(&stored[..content.len()], &content[..]);
+    assert_eq!(std::fs::read(&output).expect("downloaded"), stored);
+    // Uploading a missing file fails on one line and changes nothing.
+    let out = vireo(
+        &[
+            "-c",
+            &uri,
+            "vol-upload",
+            "disk",
+            "/nonexistent/file",
+            "--pool",
+            "p",
+        ],
+        None,
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("cannot open /nonexistent/file"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(pool_dir.join("disk")).expect("still there"),
+        stored
+    );
+}

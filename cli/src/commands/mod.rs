@@ -143,6 +143,10 @@ pub enum Command {
     VolWipe(VolArgs),
     /// Delete a volume.
     VolDelete(VolArgs),
+    /// Replace a volume's content with a local file (progress on stderr).
+    VolUpload(VolTransferArgs),
+    /// Copy a volume's content into a local file (progress on stderr).
+    VolDownload(VolTransferArgs),
 }
 
 #[derive(Args)]
@@ -268,6 +272,17 @@ pub struct VolArgs {
 }
 
 #[derive(Args)]
+pub struct VolTransferArgs {
+    /// Volume name (with --pool), or its key or path.
+    pub vol: String,
+    /// The local file to read (vol-upload) or write (vol-download).
+    pub file: std::path::PathBuf,
+    /// Pool that holds the volume.
+    #[arg(long)]
+    pub pool: Option<String>,
+}
+
+#[derive(Args)]
 pub struct VolCreateAsArgs {
     /// Pool name or UUID.
     pub pool: String,
@@ -380,7 +395,9 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
         | C::VolClone(_)
         | C::VolResize(_)
         | C::VolWipe(_)
-        | C::VolDelete(_) => volume::run(conn, command),
+        | C::VolDelete(_)
+        | C::VolUpload(_)
+        | C::VolDownload(_) => volume::run(conn, command),
     }
 }
 

@@ -1,6 +1,6 @@
 //! Storage volume commands: vol-list, vol-info, vol-create-as, vol-clone, ...
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use serde_json::json;
 use vireo_crds::quantity::{format_bytes, human_bytes};
 use vireo_crds::storage_vol::CloneSource;
@@ -185,6 +185,71 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
             st.delete_volume(&v.pool, &v.name)?;
             Output::Message(format!("Vol {} deleted", v.name))
         }
+        Command::VolUpload(a) => {
+            let v = resolve(conn, &a.vol, a.pool.as_deref())?;
+            let mut file = std::fs::File::open(&a.file)
+                .with_context(|| format!("cannot open {}", a.file.display()))?;
+            let length = file.metadata().map(|m| m.len()).ok();
+            let bar = progress_bar(length);
+            let progress = |done: u64, total: Option<u64>| {
+                if let Some(t) = total {
+                    bar.set_length(t);
+                }
+                bar.set_position(done);
+            };
+            let n = st.upload_volume(&v.pool, &v.name, &mut file, length, &progress);
+            bar.finish_and_clear();
+            let n = n?;
+            Output::Message(format!(
+                "Uploaded {} into volume '{}'",
+                human_bytes(n),
+                v.name
+            ))
+        }
+        Command::VolDownload(a) => {
+            let v = resolve(conn, &a.vol, a.pool.as_deref())?;
+            // Into a temporary name beside the target, renamed when complete.
+            let tmp = a.file.with_extension("vireo-download");
+            let mut file = std::fs::File::create(&tmp)
+                .with_context(|| format!("cannot create {}", tmp.display()))?;
+            let bar = progress_bar(None);
+            let progress = |done: u64, total: Option<u64>| {
+                if let Some(t) = total {
+                    bar.set_length(t);
+                }
+                bar.set_position(done);
+            };
+            let n = st.download_volume(&v.pool, &v.name, &mut file, &progress);
+            bar.finish_and_clear();
+            let n = match n {
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(e.into());
+                }
+            };
+            file.sync_all()?;
+            std::fs::rename(&tmp, &a.file)
+                .with_context(|| format!("cannot rename {} into place", tmp.display()))?;
+            Output::Message(format!(
+                "Downloaded {} of volume '{}' to {}",
+                human_bytes(n),
+                v.name,
+                a.file.display()
+            ))
+        }
         _ => bail!("not a volume command"),
     })
+}
+
+/// A byte progress bar on stderr; hidden when stderr is not a terminal.
+fn progress_bar(length: Option<u64>) -> indicatif::ProgressBar {
+    let bar =
+        indicatif::ProgressBar::with_draw_target(length, indicatif::ProgressDrawTarget::stderr());
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    ) {
+        bar.set_style(style);
+    }
+    bar
 }
