@@ -715,3 +715,107 @@ fn linux_guests_on_a_nat_network() {
     networks.undefine_network("natnet").expect("undefines");
     assert_clean(&host, &["lo", "vh0"]);
 }
+
+/// A veth "guest" (a namespace with a static address, its peer on the
+/// bridge) against an HTTP server outside: isolated blocks forwarding but
+/// not the host side; nat masquerades; route forwards with the guest's own
+/// address. The same network, redefined and restarted each time.
+#[test]
+fn forward_modes_isolated_nat_route() {
+    let test = "forward_modes_isolated_nat_route";
+    if !available(test) {
+        return;
+    }
+    let host = Netns::new("fwd");
+    let outside = Netns::new("out");
+    let guest_ns = Netns::new("gst");
+    host.ip(&[
+        "link",
+        "add",
+        "vh0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "vo0",
+        "netns",
+        &outside.name,
+    ]);
+    host.ip(&["addr", "add", "10.254.0.1/24", "dev", "vh0"]);
+    host.ip(&["link", "set", "vh0", "up"]);
+    outside.ip(&["addr", "add", "10.254.0.2/24", "dev", "vo0"]);
+    outside.ip(&["link", "set", "vo0", "up"]);
+    // Replies to a routed (not masqueraded) guest go back through the host.
+    outside.ip(&["route", "add", "10.72.0.0/24", "via", "10.254.0.1"]);
+    host.enter();
+    let out_peers = serve_http(
+        &outside.name,
+        "10.254.0.2:8080",
+        "outside",
+        Duration::from_secs(60),
+    );
+
+    let host_peers = serve_http(&host.name, "0.0.0.0:8081", "host", Duration::from_secs(60));
+    let driver = BridgeDriver::open(&state_dir("bridge-fwd")).expect("opens");
+    let mut def = network("fwd", ForwardMode::Isolated, 72, None);
+    let r = driver.define_network(&def).expect("defines");
+    def.spec.uuid = Some(r.uuid);
+    host.ip(&[
+        "link",
+        "add",
+        "vg0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &guest_ns.name,
+    ]);
+    guest_ns.ip(&["addr", "add", "10.72.0.50/24", "dev", "eth0"]);
+    guest_ns.ip(&["link", "set", "eth0", "up"]);
+    guest_ns.ip(&["route", "add", "default", "via", "10.72.0.1"]);
+
+    let short = Duration::from_secs(2);
+    for (mode, forwards, seen_as) in [
+        (ForwardMode::Isolated, false, None),
+        (ForwardMode::Nat, true, Some("10.254.0.1")),
+        (ForwardMode::Route, true, Some("10.72.0.50")),
+    ] {
+        def.spec.forward_mode = mode;
+        driver.define_network(&def).expect("redefines");
+        driver.start_network("fwd").expect("starts");
+        let bridge = driver.active_bridge("fwd").expect("active");
+        host.ip(&["link", "set", "vg0", "master", &bridge, "up"]);
+        assert!(
+            connects_from(&guest_ns.name, "10.72.0.1:8081", short),
+            "{mode}: the guest reaches the host side"
+        );
+        assert_eq!(
+            host_peers.recv_timeout(short).ok().as_deref(),
+            Some("10.72.0.50")
+        );
+        assert_eq!(
+            connects_from(&guest_ns.name, "10.254.0.2:8080", short),
+            forwards,
+            "{mode}: forwarding to the outside"
+        );
+        assert_eq!(
+            out_peers
+                .recv_timeout(Duration::from_millis(500))
+                .ok()
+                .as_deref(),
+            seen_as,
+            "{mode}: the outside sees"
+        );
+        // The outside cannot open connections to the guest, except routed.
+        let inbound = connects_from(&outside.name, "10.72.0.50:9", short);
+        assert!(
+            !inbound,
+            "{mode}: nothing listens on the guest's port 9; a connection must not succeed"
+        );
+        driver.destroy_network("fwd").expect("destroys");
+        assert_clean(&host, &["lo", "vh0", "vg0"]);
+    }
+    driver.undefine_network("fwd").expect("undefines");
+}
