@@ -390,7 +390,7 @@ fn start_destroy_restart_leave_nothing() {
     again
         .create_network(&attach)
         .expect("creates in bridge mode");
-    assert_eq!(ns.tables().contains("vireo_"), false);
+    assert!(!ns.tables().contains("vireo_"), "bridge mode adds no table");
     again.destroy_network("attach").expect("destroys");
     assert!(
         ns.links().contains(&"hostbr0".to_string()),
