@@ -136,10 +136,14 @@ impl BridgeDriver {
                 let Some(live) = rec.live.clone() else {
                     continue;
                 };
-                let bridge_there = netlink::link(&live.bridge)
-                    .ok()
-                    .flatten()
-                    .is_some_and(|link| netlink::is_bridge(&link));
+                let bridge_there = match netlink::link(&live.bridge) {
+                    Ok(link) => link.is_some_and(|link| netlink::is_bridge(&link)),
+                    Err(e) => {
+                        // Unknown is not gone: leave the record as it is.
+                        tracing::warn!(network = %rec.name, error = %e, "cannot look up the bridge");
+                        continue;
+                    }
+                };
                 if !bridge_there {
                     tracing::warn!(network = %rec.name, bridge = %live.bridge, "the bridge is gone: the network is inactive");
                     let _ = self.teardown(&rec.name, &rec.uuid, &live);
