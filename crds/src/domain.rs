@@ -163,8 +163,10 @@ pub struct Disk {
     /// Guest device name, as libvirt's `<target dev>`: `vda`, `vdb`, ...
     #[schemars(regex(pattern = r"^vd[a-z]{1,2}$"))]
     pub name: String,
-    /// Name of a StorageVol in the Domain's namespace.
+    /// Name of a StorageVol in the Domain's own namespace (a plain name:
+    /// no namespace prefix, no path).
     #[schemars(length(min = 1, max = 253))]
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"))]
     pub volume: String,
     /// Attach the disk read-only.
     #[serde(default, skip_serializing_if = "is_false")]
