@@ -226,12 +226,24 @@ fn chart_lints_and_renders() {
     let volumes = pod["volumes"].to_string();
     assert!(volumes.contains("\"/dev/kvm\""), "{volumes}");
     assert!(volumes.contains("\"/var/lib/vireo\""), "{volumes}");
+    for want in [
+        "--state-dir=/var/lib/vireo",
+        "--host-root=/host",
+        "--boot-dir=/var/lib/vireo/boot",
+    ] {
+        assert!(
+            container["args"].to_string().contains(want),
+            "{want} not in {}",
+            container["args"]
+        );
+    }
     assert!(
-        container["args"]
-            .to_string()
-            .contains("--state-dir=/var/lib/vireo"),
-        "{}",
-        container["args"]
+        pod["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .any(|v| v["hostPath"]["path"] == "/"),
+        "the node's root is mounted for --host-root: {volumes}"
     );
 
     let vap = find(&docs, "ValidatingAdmissionPolicy", POLICY);
