@@ -129,6 +129,15 @@ impl Validate for DomainSpec {
                     "must name a StorageVol",
                 ));
             }
+            if disk.volume.contains('/') {
+                return Err(ValidationError::new(
+                    format!("spec.devices.disks[{i}].volume"),
+                    format!(
+                        "'{}' is not a volume name: a disk names a StorageVol of the Domain's own namespace, not a path or another namespace",
+                        disk.volume
+                    ),
+                ));
+            }
         }
         let mut names = HashSet::new();
         for (i, nic) in self.devices.interfaces.iter().enumerate() {
@@ -349,6 +358,13 @@ mod tests {
             },
         ];
         assert_eq!(field_of(d.validate()), "spec.devices.disks[1].name");
+        let mut d = domain();
+        d.devices.disks = vec![Disk {
+            name: "vda".into(),
+            volume: "other-ns/data".into(),
+            read_only: false,
+        }];
+        assert_eq!(field_of(d.validate()), "spec.devices.disks[0].volume");
     }
 
     #[test]
