@@ -93,6 +93,10 @@ struct RunArgs {
     /// /var/lib/vireo/boot; standalone: any path.
     #[arg(long = "boot-dir", value_name = "DIR")]
     boot_dirs: Vec<PathBuf>,
+    /// The local API socket of standalone mode, which the CLI reaches with
+    /// `vireo -c vireo+unix:///PATH` (default: STATE/vireo.sock).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, default_value = "127.0.0.1:9101")]
     metrics_addr: SocketAddr,
@@ -146,6 +150,7 @@ fn main() -> Result<()> {
         concurrency: a.concurrency.max(1),
         stop_timeout: Duration::from_secs(a.stop_timeout_seconds),
         host_root: a.host_root,
+        socket: a.socket,
         boot_dirs: if a.boot_dirs.is_empty() && !a.standalone {
             vec![PathBuf::from("/var/lib/vireo/boot")]
         } else {

@@ -157,6 +157,8 @@ fn standalone_runs_edits_readopts_and_removes_a_qemu_guest() {
         .parse()
         .expect("pid");
 
+    local_api(&state, &base);
+
     // A broken file changes nothing.
     std::fs::write(
         &file,
@@ -216,4 +218,78 @@ fn standalone_runs_edits_readopts_and_removes_a_qemu_guest() {
     );
     drop(agent);
     let _ = std::fs::remove_dir_all(&base);
+}
+
+/// The agent's local API (`vireo+unix:///STATE/vireo.sock`): the node's
+/// drivers as one connection, as the CLI uses them.
+fn local_api(state: &Path, base: &Path) {
+    use vireo_drivers::{Error, ListFilter, Lookup};
+    let uri = format!("vireo+unix://{}", state.join("vireo.sock").display());
+    let conn = vireo_drivers::open(&uri).expect("the agent's socket answers");
+    let hv = conn.hypervisor();
+    let doms = hv.list_domains(ListFilter::Active).expect("list");
+    assert!(
+        doms.iter()
+            .any(|d| d.name == "default/linux" && d.id.is_some()),
+        "the qemu guest is listed with its ID: {doms:?}"
+    );
+    let info = hv.domain_info("default/linux").expect("dominfo");
+    assert_eq!(info.state, vireo_crds::DomainState::Running);
+    let console = hv.console_path("default/linux").expect("console path");
+    assert!(console.exists(), "console socket {}", console.display());
+    // Errors cross the socket typed, naming the object.
+    let e = hv.domain_info("default/nope").expect_err("unknown");
+    assert!(matches!(e, Error::NotFound(_)), "{e}");
+    assert_eq!(e.to_string(), "domain 'default/nope' not found");
+
+    // A `type: test` domain defined through the socket goes to the test driver.
+    let scratch: vireo_crds::Domain = serde_yaml_ng::from_str(
+        "apiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {name: scratch}\nspec: {type: test, memory: 64Mi, vcpus: 1, runStrategy: Manual}\n",
+    )
+    .expect("manifest");
+    hv.define_domain(&scratch)
+        .expect("define through the socket");
+    hv.start_domain("scratch").expect("start");
+    let r = hv.lookup_domain(Lookup::Name("scratch")).expect("lookup");
+    assert!(r.id.is_some(), "running with an ID: {r:?}");
+    hv.destroy_domain("scratch").expect("destroy");
+    hv.undefine_domain("scratch").expect("undefine");
+
+    // A pool, a volume, and its content through the socket.
+    let pool_dir = base.join("pool");
+    let pool: vireo_crds::StoragePool = serde_yaml_ng::from_str(&format!(
+        "apiVersion: vireo.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: api-pool}}\nspec: {{path: {}}}\n",
+        pool_dir.display()
+    ))
+    .expect("pool");
+    let st = conn.storage();
+    st.define_pool(&pool).expect("define pool");
+    st.build_pool("api-pool").expect("build");
+    st.start_pool("api-pool").expect("start");
+    let vol: vireo_crds::StorageVol = serde_yaml_ng::from_str(
+        "apiVersion: vireo.dev/v1alpha1\nkind: StorageVol\nmetadata: {name: v}\nspec: {pool: api-pool, capacity: 2Mi}\n",
+    )
+    .expect("vol");
+    st.create_volume(&vol).expect("create volume");
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i % 241) as u8).collect();
+    let n = st
+        .upload_volume(
+            "api-pool",
+            "v",
+            &mut &data[..],
+            Some(data.len() as u64),
+            &|_, _| {},
+        )
+        .expect("upload");
+    assert_eq!(n, data.len() as u64);
+    let mut back = Vec::new();
+    let n = st
+        .download_volume("api-pool", "v", &mut back, &|_, _| {})
+        .expect("download");
+    assert_eq!(n, 2 << 20);
+    assert_eq!(&back[..data.len()], &data[..]);
+    assert_eq!(std::fs::read(pool_dir.join("v")).expect("file"), back);
+    st.delete_volume("api-pool", "v").expect("delete");
+    st.destroy_pool("api-pool").expect("destroy");
+    st.undefine_pool("api-pool").expect("undefine");
 }

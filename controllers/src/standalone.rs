@@ -10,8 +10,9 @@
 //! `standalone/managed.json` (what this agent put on the node from the
 //! directory, so that a manifest removed from it is torn down) and
 //! `standalone/status/NAMESPACE.NAME.json` (each Domain's status). The CLI
-//! reaches the same drivers with `vireo -c qemu:///embed?root=STATE/qemu`
-//! (and `kvm`, `test://STATE/test-node/`).
+//! reaches the node through the agent's local API socket,
+//! `vireo -c vireo+unix:///STATE/vireo.sock` (`--socket`), which shows every
+//! embedded driver's domains as one list.
 //!
 //! A file that does not parse is reported and its objects are left as they
 //! were: nothing is torn down because of an error.
@@ -78,6 +79,23 @@ fn io(what: &str, e: impl std::fmt::Display) -> Error {
 pub async fn run(config: AgentConfig, manifests: PathBuf, metrics: Arc<Metrics>) -> Result<()> {
     let node = crate::agent::open_node(&config)?;
     let hypervisors = open_hypervisors(&config, &node);
+    // The local API: the CLI's `vireo -c vireo+unix:///SOCKET`.
+    let socket = config
+        .socket
+        .clone()
+        .unwrap_or_else(|| config.state_dir.join("vireo.sock"));
+    let api = Connection::new(
+        format!("vireo+unix://{}", socket.display()),
+        Arc::new(
+            vireo_drivers::node::NodeHypervisor::new(hypervisors.clone())
+                .map_err(Error::Invalid)?,
+        ),
+        node.network_driver(),
+        node.storage_driver(),
+    );
+    vireo_drivers::remote::serve(api, &socket)
+        .map_err(|e| io(&format!("local API socket {}", socket.display()), e))?;
+    tracing::info!(socket = %socket.display(), "local API listening (vireo -c vireo+unix://{})", socket.display());
     let dir = config.state_dir.join("standalone");
     std::fs::create_dir_all(dir.join("status")).map_err(|e| io("state directory", e))?;
     let managed = std::fs::read(dir.join("managed.json"))

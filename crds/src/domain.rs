@@ -166,7 +166,9 @@ pub struct Disk {
     /// Name of a StorageVol in the Domain's own namespace (a plain name:
     /// no namespace prefix, no path).
     #[schemars(length(min = 1, max = 253))]
-    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"))]
+    #[schemars(regex(
+        pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+    ))]
     pub volume: String,
     /// Attach the disk read-only.
     #[serde(default, skip_serializing_if = "is_false")]

@@ -9,7 +9,7 @@
 //! | `kvm:///embed?root=/DIR`  | vireo-vmm, state under DIR                   |
 //! | `qemu:///system`          | QEMU, state under /var/lib/vireo/qemu        |
 //! | `qemu:///embed?root=/DIR` | QEMU, state under DIR                        |
-//! | `vireo+unix:///path`      | a standalone agent's socket (standalone issue)|
+//! | `vireo+unix:///path`      | a standalone agent's local API socket        |
 
 use std::path::Path;
 use std::sync::Arc;
@@ -99,9 +99,7 @@ pub fn open(uri: &str) -> Result<Connection> {
         }
         "qemu" => crate::qemu::open(uri, &path).map_err(|e| fail(&e)),
         "kvm" => crate::kvm::open(uri, &path).map_err(|e| fail(&e)),
-        "vireo+unix" => Err(fail(&format!(
-            "the {scheme} driver is not part of this build yet"
-        ))),
+        "vireo+unix" => crate::remote::open(uri, &path).map_err(|e| fail(&e)),
         other => Err(fail(&format!(
             "no driver for scheme '{other}' (known: test, kvm, qemu, vireo+unix)"
         ))),

@@ -5,7 +5,7 @@ use vireo_crds::{Domain, DomainInfo, DomainReason, DomainState, NodeInfo};
 use crate::{ListFilter, Lookup, Result};
 
 /// What a lookup returns, like a `virDomainPtr`: the identity of a domain.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DomainRef {
     pub name: String,
     pub uuid: String,

@@ -36,7 +36,7 @@ impl<'a> Lookup<'a> {
 }
 
 /// Which objects an enumeration returns (virsh's `--all`, `--inactive`, default active).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum ListFilter {
     #[default]
     All,

@@ -5,14 +5,14 @@ use vireo_crds::Network;
 use crate::{ListFilter, Lookup, Result};
 
 /// The identity of a network.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetworkRef {
     pub name: String,
     pub uuid: String,
 }
 
 /// `net-info`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetworkInfo {
     pub name: String,
     pub uuid: String,

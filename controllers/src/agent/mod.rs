@@ -61,6 +61,8 @@ pub struct AgentConfig {
     /// Directories a Domain's kernel and initrd may come from (checked
     /// after symbolic links are resolved). Empty: any path (standalone).
     pub boot_dirs: Vec<PathBuf>,
+    /// The local API socket (standalone mode); STATE/vireo.sock when unset.
+    pub socket: Option<PathBuf>,
 }
 
 impl AgentConfig {

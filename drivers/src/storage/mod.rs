@@ -12,14 +12,14 @@ use vireo_crds::{StoragePool, StorageVol, VolFormat};
 use crate::{ListFilter, Lookup, Result};
 
 /// The identity of a pool.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PoolRef {
     pub name: String,
     pub uuid: String,
 }
 
 /// libvirt's `virStoragePoolState`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum PoolState {
     Inactive,
     Building,
@@ -41,7 +41,7 @@ impl fmt::Display for PoolState {
 }
 
 /// `pool-info`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PoolInfo {
     pub name: String,
     pub uuid: String,
@@ -55,7 +55,7 @@ pub struct PoolInfo {
 
 /// The identity of a volume: its pool and name, its key (unique on the
 /// node) and its path.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VolRef {
     pub pool: String,
     pub name: String,
@@ -64,7 +64,7 @@ pub struct VolRef {
 }
 
 /// `vol-info`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VolInfo {
     pub name: String,
     pub pool: String,
@@ -76,7 +76,7 @@ pub struct VolInfo {
 }
 
 /// `vol-resize` flags (libvirt's `VIR_STORAGE_VOL_RESIZE_*`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct ResizeFlags {
     /// Allocate the new space now.
     pub allocate: bool,

@@ -1,0 +1,161 @@
+//! A node's hypervisor drivers as one: the agent embeds several (`test`,
+//! `qemu`, `kvm`), and a client of its local API sees the node's domains as
+//! one list, as `virsh list` shows one host. A domain lives in exactly one
+//! driver (the one its `spec.type` names); lookups and operations go to the
+//! driver that has it, definitions to the driver of their type.
+
+use std::collections::BTreeMap;
+
+use vireo_crds::{Domain, DomainInfo, DomainType, NodeInfo, ObjectKind};
+
+use crate::hypervisor::{DomainRef, HypervisorDriver};
+use crate::{Connection, Error, ListFilter, Lookup, Result};
+
+/// The hypervisor drivers of one node, by domain type.
+pub struct NodeHypervisor {
+    drivers: BTreeMap<DomainType, Connection>,
+    /// The first of them, for what the node answers as a whole.
+    first: Connection,
+}
+
+impl NodeHypervisor {
+    /// Needs at least one driver.
+    pub fn new(drivers: BTreeMap<DomainType, Connection>) -> std::result::Result<Self, String> {
+        let first = drivers
+            .values()
+            .next()
+            .cloned()
+            .ok_or("a node needs at least one hypervisor driver")?;
+        Ok(Self { drivers, first })
+    }
+
+    fn first(&self) -> &dyn HypervisorDriver {
+        self.first.hypervisor()
+    }
+
+    fn all(&self) -> impl Iterator<Item = &dyn HypervisorDriver> {
+        self.drivers.values().map(|c| c.hypervisor())
+    }
+
+    /// The driver that holds the domain `name`.
+    fn owner(&self, name: &str) -> Result<&dyn HypervisorDriver> {
+        self.all()
+            .find(|d| d.lookup_domain(Lookup::Name(name)).is_ok())
+            .ok_or_else(|| Error::not_found(ObjectKind::Domain, name))
+    }
+
+    /// The driver of a definition's type; refused when another driver
+    /// already holds a domain of that name.
+    fn for_definition(&self, domain: &Domain) -> Result<&dyn HypervisorDriver> {
+        let name = domain.metadata.name.clone().unwrap_or_default();
+        let ty = domain.spec.domain_type;
+        let target = self.drivers.get(&ty).ok_or_else(|| {
+            Error::invalid_argument(
+                ObjectKind::Domain,
+                &name,
+                format!(
+                    "spec.type: domains of type '{ty}' do not run on this node (it embeds: {})",
+                    self.drivers
+                        .keys()
+                        .map(|t| t.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )
+        })?;
+        for (other, conn) in &self.drivers {
+            if *other != ty && conn.hypervisor().lookup_domain(Lookup::Name(&name)).is_ok() {
+                return Err(Error::already_exists(
+                    ObjectKind::Domain,
+                    &name,
+                    format!(" with type '{other}'; undefine it before changing its type"),
+                ));
+            }
+        }
+        Ok(target.hypervisor())
+    }
+}
+
+impl HypervisorDriver for NodeHypervisor {
+    fn name(&self) -> &'static str {
+        "node"
+    }
+    fn hypervisor_version(&self) -> String {
+        self.first().hypervisor_version()
+    }
+    fn node_info(&self) -> Result<NodeInfo> {
+        crate::host::probe_node_info().map_err(|e| Error::OperationFailed {
+            object: crate::error::ObjectName::new(ObjectKind::Host, "localhost"),
+            message: e.to_string(),
+        })
+    }
+    fn hostname(&self) -> Result<String> {
+        self.first().hostname()
+    }
+    fn list_domains(&self, filter: ListFilter) -> Result<Vec<DomainRef>> {
+        let mut out = Vec::new();
+        for d in self.all() {
+            out.extend(d.list_domains(filter)?);
+        }
+        Ok(out)
+    }
+    fn lookup_domain(&self, key: Lookup<'_>) -> Result<DomainRef> {
+        self.all()
+            .find_map(|d| d.lookup_domain(key).ok())
+            .ok_or_else(|| Error::not_found(ObjectKind::Domain, key.describe()))
+    }
+    fn domain_definition(&self, name: &str, inactive: bool) -> Result<Domain> {
+        self.owner(name)?.domain_definition(name, inactive)
+    }
+    fn domain_info(&self, name: &str) -> Result<DomainInfo> {
+        self.owner(name)?.domain_info(name)
+    }
+    fn domain_is_persistent(&self, name: &str) -> Result<bool> {
+        self.owner(name)?.domain_is_persistent(name)
+    }
+    fn domain_autostart(&self, name: &str) -> Result<bool> {
+        self.owner(name)?.domain_autostart(name)
+    }
+    fn set_domain_autostart(&self, name: &str, autostart: bool) -> Result<()> {
+        self.owner(name)?.set_domain_autostart(name, autostart)
+    }
+    fn set_domain_memory(&self, name: &str, bytes: u64) -> Result<()> {
+        self.owner(name)?.set_domain_memory(name, bytes)
+    }
+    fn set_domain_vcpus(&self, name: &str, vcpus: u32) -> Result<()> {
+        self.owner(name)?.set_domain_vcpus(name, vcpus)
+    }
+    fn define_domain(&self, domain: &Domain) -> Result<DomainRef> {
+        self.for_definition(domain)?.define_domain(domain)
+    }
+    fn create_domain(&self, domain: &Domain) -> Result<DomainRef> {
+        self.for_definition(domain)?.create_domain(domain)
+    }
+    fn undefine_domain(&self, name: &str) -> Result<()> {
+        self.owner(name)?.undefine_domain(name)
+    }
+    fn start_domain(&self, name: &str) -> Result<DomainRef> {
+        self.owner(name)?.start_domain(name)
+    }
+    fn shutdown_domain(&self, name: &str) -> Result<()> {
+        self.owner(name)?.shutdown_domain(name)
+    }
+    fn reboot_domain(&self, name: &str) -> Result<()> {
+        self.owner(name)?.reboot_domain(name)
+    }
+    fn reset_domain(&self, name: &str) -> Result<()> {
+        self.owner(name)?.reset_domain(name)
+    }
+    fn suspend_domain(&self, name: &str) -> Result<()> {
+        self.owner(name)?.suspend_domain(name)
+    }
+    fn resume_domain(&self, name: &str) -> Result<()> {
+        self.owner(name)?.resume_domain(name)
+    }
+    fn destroy_domain(&self, name: &str) -> Result<()> {
+        self.owner(name)?.destroy_domain(name)
+    }
+    fn console_path(&self, name: &str) -> Result<std::path::PathBuf> {
+        self.owner(name)?.console_path(name)
+    }
+}
