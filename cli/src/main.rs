@@ -16,8 +16,19 @@ use clap::{CommandFactory, FromArgMatches, Parser};
 use commands::Command;
 use output::Format;
 
-/// The connection used when neither `-c` nor `VIREO_DEFAULT_URI` names one.
-const DEFAULT_URI: &str = "test:///default";
+/// The standalone agent's socket under its default state directory.
+const AGENT_SOCKET: &str = "/var/lib/vireo/vireo.sock";
+
+/// The connection used when neither `-c` nor `VIREO_DEFAULT_URI` names one:
+/// the local standalone agent when its socket is there (as virsh finds
+/// libvirtd), else libvirt's in-memory test node.
+fn default_uri() -> String {
+    if std::path::Path::new(AGENT_SOCKET).exists() {
+        format!("vireo+unix://{AGENT_SOCKET}")
+    } else {
+        "test:///default".to_string()
+    }
+}
 
 #[derive(Parser)]
 #[command(
@@ -35,10 +46,17 @@ const DEFAULT_URI: &str = "test:///default";
         printf 'list --all\\ndominfo test\\n' | vireo"
 )]
 struct Cli {
-    /// Connection URI: test:///default, test:///PATH/node.yaml (later kvm:///system,
-    /// qemu:///system, vireo+unix:///PATH).
-    #[arg(short = 'c', long = "connect", env = "VIREO_DEFAULT_URI", default_value = DEFAULT_URI, global = true)]
-    uri: String,
+    /// Connection URI: vireo+unix:///PATH (a standalone agent's socket; the
+    /// default when /var/lib/vireo/vireo.sock exists), test:///default (the
+    /// default otherwise), test:///PATH/node.yaml, qemu:///system,
+    /// qemu:///embed?root=DIR, kvm:///system, kvm:///embed?root=DIR.
+    #[arg(
+        short = 'c',
+        long = "connect",
+        env = "VIREO_DEFAULT_URI",
+        global = true
+    )]
+    uri: Option<String>,
 
     /// Output format: virsh-like tables, or YAML/JSON for scripts.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table, global = true)]
@@ -67,7 +85,8 @@ struct ShellLine {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let conn = match vireo_drivers::open(&cli.uri) {
+    let uri = cli.uri.clone().unwrap_or_else(default_uri);
+    let conn = match vireo_drivers::open(&uri) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");

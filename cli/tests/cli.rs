@@ -6,7 +6,8 @@ use std::process::{Command, Output, Stdio};
 fn vireo(args: &[&str], stdin: Option<&str>) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_vireo"))
         .args(args)
-        .env_remove("VIREO_DEFAULT_URI")
+        // The in-memory test node, even where a local agent runs.
+        .env("VIREO_DEFAULT_URI", "test:///default")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

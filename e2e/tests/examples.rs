@@ -1,0 +1,127 @@
+//! Every manifest in examples/, applied on a real kube-apiserver the way a
+//! GitOps tool applies a repository (`kubectl apply -k examples/`): the
+//! schema accepts them all, and with the operator and an agent they
+//! converge (network and pool active, volume Ready, every Domain running,
+//! the Linux guest under QEMU included); `kubectl delete -k` removes them.
+//! (agent/tests/examples.rs runs the same directory in standalone mode.)
+//!
+//! Without `qemu-system-x86_64` or root the test fails when `CI` is set, and
+//! otherwise prints a SKIP line and returns.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{Cluster, ready_hosts, repo, wait_for};
+use kube::api::Api;
+use vireo_crds::{Domain, DomainState, Network, StoragePool, StorageVol};
+
+const T: Duration = Duration::from_secs(120);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_example_applies_and_converges() {
+    let qemu = std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|d| d.join("qemu-system-x86_64").is_file())
+    });
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !(qemu && root) {
+        let why = if qemu {
+            "not root"
+        } else {
+            "qemu-system-x86_64 not found"
+        };
+        if std::env::var_os("CI").is_some() {
+            panic!("examples e2e: {why}, and CI is set");
+        }
+        eprintln!("SKIP examples e2e: {why}");
+        return;
+    }
+    // The Linux example boots from the agent's default boot directory.
+    let out = Command::new(repo().join("scripts/guest-image.sh"))
+        .arg("/var/lib/vireo/boot/vireo-guest")
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("runs scripts/guest-image.sh");
+    assert!(out.status.success(), "scripts/guest-image.sh failed");
+
+    let cluster = Cluster::start("examples");
+    let _op = cluster.operator("operator", &["--no-leader-election"]);
+    let _agent = cluster.agent(
+        "node-1",
+        &["--resync-seconds", "2", "--boot-dir", "/var/lib/vireo/boot"],
+    );
+    let client = cluster.client().await;
+    ready_hosts(&client, 1).await;
+    let examples = repo().join("examples");
+    let examples = examples.to_str().expect("path");
+    let applied = cluster.kubectl_ok(&["apply", "-k", examples]);
+    for object in [
+        "network.vireo.dev/lab",
+        "storagepool.vireo.dev/images",
+        "storagevol.vireo.dev/scratch",
+        "domain.vireo.dev/demo",
+        "domain.vireo.dev/web",
+        "domain.vireo.dev/linux",
+    ] {
+        assert!(applied.contains(object), "{object} applied: {applied}");
+    }
+
+    let nets: Api<Network> = Api::all(client.clone());
+    wait_for(T, "network lab active", || async {
+        nets.get_opt("lab").await.ok().flatten().filter(|n| {
+            n.status
+                .as_ref()
+                .and_then(|s| s.active_nodes)
+                .is_some_and(|a| a >= 1)
+        })
+    })
+    .await;
+    let pools: Api<StoragePool> = Api::all(client.clone());
+    wait_for(T, "pool images active", || async {
+        pools.get_opt("images").await.ok().flatten().filter(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.active_nodes)
+                .is_some_and(|a| a >= 1)
+        })
+    })
+    .await;
+    let domains: Api<Domain> = Api::namespaced(client.clone(), "default");
+    for name in ["demo", "web", "linux"] {
+        wait_for(T, &format!("domain {name} running"), || async {
+            domains
+                .get_opt(name)
+                .await
+                .ok()
+                .flatten()
+                .filter(|d| d.status.as_ref().and_then(|s| s.state) == Some(DomainState::Running))
+        })
+        .await;
+    }
+    let vols: Api<StorageVol> = Api::namespaced(client.clone(), "default");
+    let v = vols.get("scratch").await.expect("scratch");
+    let status = v.status.expect("status");
+    assert_eq!(status.phase.as_deref(), Some("Ready"));
+    assert!(
+        cluster
+            .dir
+            .join("host-node-1/var/lib/vireo/images/default.scratch")
+            .is_file(),
+        "the volume is a file in the pool on node-1"
+    );
+    let table = cluster.kubectl_ok(&["get", "domains"]);
+    assert!(
+        table.contains("linux") && table.contains("running"),
+        "{table}"
+    );
+
+    cluster.kubectl_ok(&["delete", "-k", examples, "--wait=false"]);
+    wait_for(T, "the example domains gone", || async {
+        let left = domains.list(&Default::default()).await.ok()?;
+        left.items.is_empty().then_some(())
+    })
+    .await;
+}
