@@ -18,6 +18,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -818,4 +819,216 @@ fn forward_modes_isolated_nat_route() {
         assert_clean(&host, &["lo", "vh0", "vg0"]);
     }
     driver.undefine_network("fwd").expect("undefines");
+}
+
+// ---------------------------------------------------------------------------
+// vireo-vmm's test guest beside a Linux guest
+// ---------------------------------------------------------------------------
+
+/// Frames seen on an interface (both directions), from an AF_PACKET socket
+/// made in the calling thread's namespace and read by a thread until
+/// `until` or until `stop` is set.
+fn capture(
+    ifname: &str,
+    until: Duration,
+    stop: Arc<AtomicBool>,
+) -> thread::JoinHandle<Vec<Vec<u8>>> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let index = netlink::link(ifname)
+        .expect("netlink")
+        .unwrap_or_else(|| panic!("no interface {ifname}"))
+        .index;
+    let proto = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: socket(2) with constant arguments; the descriptor is owned
+    // right below.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            i32::from(proto),
+        )
+    };
+    assert!(
+        raw >= 0,
+        "AF_PACKET socket: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: `raw` is a fresh descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: sockaddr_ll is plain data; all zeros is a valid value.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = proto;
+    sll.sll_ifindex = index as i32;
+    // SAFETY: bind(2) reads `sll`, which lives across the call, with its size.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "bind to {ifname}: {}",
+        std::io::Error::last_os_error()
+    );
+    let tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 200_000,
+    };
+    // SAFETY: setsockopt(2) reads a timeval that lives across the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            &tv as *const libc::timeval as *const libc::c_void,
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVTIMEO: {}", std::io::Error::last_os_error());
+    thread::spawn(move || {
+        let start = Instant::now();
+        let mut frames = Vec::new();
+        let mut buf = vec![0u8; 2048];
+        while start.elapsed() < until && !stop.load(Ordering::SeqCst) {
+            // SAFETY: recv(2) writes at most buf.len() bytes into `buf`.
+            let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n > 0 {
+                frames.push(buf[..n as usize].to_vec());
+            }
+        }
+        frames
+    })
+}
+
+fn mac_bytes(mac: &str) -> Vec<u8> {
+    mac.split(':')
+        .map(|h| u8::from_str_radix(h, 16).expect("hex"))
+        .collect()
+}
+
+/// vireo-vmm's test guest (kvm driver, virtio-net echoing every frame) and
+/// a Linux guest (qemu driver) on one bridge: the Linux guest's pings reach
+/// the test guest, and come back to the Linux guest's tap from the test
+/// guest's MAC.
+#[test]
+fn kvm_test_guest_and_linux_guest_exchange_frames() {
+    let test = "kvm_test_guest_and_linux_guest_exchange_frames";
+    if !available(test) || !common::qemu_available(test) || !common::kvm_available(test) {
+        return;
+    }
+    common::guest_image();
+    common::vmm_binary();
+    common::test_guest();
+    let host = Netns::new("mix");
+    host.enter();
+    let networks = Arc::new(BridgeDriver::open(&state_dir("bridge-mix")).expect("opens"));
+    networks
+        .create_network(&network(
+            "mixnet",
+            ForwardMode::Isolated,
+            73,
+            Some(ranges(73)),
+        ))
+        .expect("creates");
+    let storage = Arc::new(vireo_drivers::test::TestDriver::default_node());
+    let kvm_root = state_dir("bridge-kvm");
+    let kvm = vireo_drivers::kvm::open_with(
+        &format!("kvm:///embed?root={}", kvm_root.display()),
+        &format!("/embed?root={}", kvm_root.display()),
+        networks.clone(),
+        storage.clone(),
+    )
+    .expect("opens the kvm driver");
+    let qemu_root = state_dir("bridge-mixq");
+    let qemu = vireo_drivers::qemu::open_with(
+        &format!("qemu:///embed?root={}", qemu_root.display()),
+        &format!("/embed?root={}", qemu_root.display()),
+        networks.clone(),
+        storage,
+    )
+    .expect("opens the qemu driver");
+
+    let t_mac = "52:54:00:73:00:99";
+    let mut t = common::test_guest_domain("t", "vireo.echo=1");
+    t.spec.devices.interfaces = vec![Interface {
+        name: "net0".into(),
+        network: "mixnet".into(),
+        mac: Some(t_mac.into()),
+    }];
+    kvm.hypervisor()
+        .create_domain(&t)
+        .expect("starts the test guest");
+    let t_log = console_log(&kvm_root, &kvm, "t");
+    let t_text = vireo_drivers::qemu::wait_for_console(
+        &t_log,
+        "VIREO-TEST-GUEST-DONE",
+        Duration::from_secs(60),
+    )
+    .unwrap_or_else(|t| panic!("the test guest did not finish; console:\n{t}"));
+    assert!(
+        t_text.contains(&format!("VIREO-TEST net0: mac={t_mac} tx=ok")),
+        "the test guest's virtio-net sent its frame; console:\n{t_text}"
+    );
+
+    let run = format!(
+        "arp -i eth0 -s 10.73.0.99 {t_mac}; \
+         ping -c 5 -W 1 10.73.0.99; echo PINGS-SENT"
+    );
+    let l = qemu
+        .hypervisor()
+        .create_domain(&guest("l", "mixnet", None, &run))
+        .expect("starts the Linux guest");
+    let l_mac = tap::derived_mac(&l.uuid, 0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let frames = capture(&tap::tap_name(&l.uuid, 0), GUEST_TIMEOUT, stop.clone());
+    let l_log = console_log(&qemu_root, &qemu, "l");
+    let l_text =
+        vireo_drivers::qemu::wait_for_console(&l_log, "VIREO-GUEST-RUN-END", GUEST_TIMEOUT)
+            .unwrap_or_else(|t| panic!("the Linux guest did not finish; console:\n{t}"));
+    assert!(l_text.contains("PINGS-SENT"), "console:\n{l_text}");
+    // (The test guest prints only its first 8 frames, and IPv6 chatter
+    // fills those; what it echoed is checked on the Linux guest's tap.)
+    // Stop the guests, which ends the capture's interface too.
+    qemu.hypervisor().destroy_domain("l").expect("destroys l");
+    kvm.hypervisor().destroy_domain("t").expect("destroys t");
+    stop.store(true, Ordering::SeqCst);
+    let frames = frames.join().expect("the capture thread");
+    let (t_b, l_b) = (mac_bytes(t_mac), mac_bytes(&l_mac));
+    let echoed = frames
+        .iter()
+        .filter(|f| {
+            f.len() >= 14
+                && f[0..6] == l_b[..]
+                && f[6..12] == t_b[..]
+                && f[12..14] == [0x08, 0x00]
+                && f.len() >= 34
+                && f[23] == 1
+        })
+        .count();
+    assert!(
+        echoed >= 3,
+        "fewer than 3 of 5 ICMP frames from the test guest ({t_mac}) to the Linux guest ({l_mac}) on its tap; frames seen: {}",
+        frames
+            .iter()
+            .filter(|f| f.len() >= 14)
+            .map(|f| format!(
+                "{:02x?}>{:02x?} {:02x}{:02x} len {}",
+                &f[6..12],
+                &f[0..6],
+                f[12],
+                f[13],
+                f.len()
+            ))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    say(&format!(
+        "{echoed} frames echoed by vireo-vmm's test guest reached the Linux guest"
+    ));
+    networks.destroy_network("mixnet").expect("destroys");
+    assert_clean(&host, &["lo"]);
 }
