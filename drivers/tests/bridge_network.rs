@@ -380,6 +380,14 @@ fn start_destroy_restart_leave_nothing() {
         .expect("a pid");
     assert_ne!(new_pid, pid, "dnsmasq was started again");
     again.destroy_network("life").expect("destroys");
+    // Autostart at an agent's start.
+    again
+        .set_network_autostart("life", true)
+        .expect("autostart");
+    let failed = again.autostart_all().expect("autostarts");
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(again.network_info("life").expect("info").active);
+    again.destroy_network("life").expect("destroys");
     again.undefine_network("life").expect("undefines");
     assert_clean(&ns, &["lo"]);
 

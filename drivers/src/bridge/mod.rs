@@ -456,6 +456,32 @@ impl BridgeDriver {
         }
     }
 
+    /// Starts every persistent network marked autostart that is not active
+    /// (libvirt does this when its daemon starts). Returns the names that
+    /// failed, with why; the others are started.
+    pub fn autostart_all(&self) -> Result<Vec<(String, Error)>> {
+        let names: Vec<String> = self.locked(|l| {
+            Ok(Self::all(l)?
+                .into_iter()
+                .filter(|r| r.persistent && r.autostart && !r.active)
+                .map(|r| r.name)
+                .collect())
+        })?;
+        let mut failed = Vec::new();
+        for name in names {
+            match self.start_network(&name) {
+                Ok(()) => {}
+                // Started meanwhile by another process: fine.
+                Err(Error::InvalidState { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(network = %name, error = %e, "autostart failed");
+                    failed.push((name, e));
+                }
+            }
+        }
+        Ok(failed)
+    }
+
     /// The unexpired DHCP leases of an active network (`net-dhcp-leases`).
     pub fn dhcp_leases(&self, name: &str) -> Result<Vec<Lease>> {
         self.locked(|l| {

@@ -85,6 +85,17 @@ pub fn plan(def: &Network) -> Result<Plan, String> {
             "spec.bridge: '{bridge}' is not a valid interface name (1-15 characters, no '/', ':' or spaces)"
         ));
     }
+    // A bridge Vireo creates is named in nft rules and dnsmasq's
+    // configuration: keep to characters neither can misread.
+    if spec.forward_mode != ForwardMode::Bridge
+        && !bridge
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(format!(
+            "spec.bridge: '{bridge}': a bridge Vireo creates is named with letters, digits, '-', '_' and '.' only"
+        ));
+    }
     if spec.forward_mode == ForwardMode::Bridge {
         if spec.ip.is_some() {
             return Err(
@@ -225,6 +236,53 @@ mod tests {
             prefix: 24,
         };
         assert!(!s.overlaps(&other));
+    }
+
+    fn net(mode: ForwardMode, bridge: &str) -> Network {
+        Network::new(
+            "n",
+            vireo_crds::NetworkSpec {
+                uuid: None,
+                forward_mode: mode,
+                bridge: Some(bridge.into()),
+                ip: Some(vireo_crds::network::IpSpec {
+                    address: "10.5.0.1".into(),
+                    prefix: 24,
+                    dhcp: Some(vireo_crds::network::DhcpSpec {
+                        ranges: vec![vireo_crds::network::DhcpRange {
+                            start: "10.5.0.10".into(),
+                            end: "10.5.0.20".into(),
+                        }],
+                        hosts: Vec::new(),
+                    }),
+                }),
+                autostart: false,
+                active: None,
+                node_selector: None,
+            },
+        )
+    }
+
+    #[test]
+    fn plans_are_checked() {
+        let p = plan(&net(ForwardMode::Nat, "vireo0")).expect("a plan");
+        assert_eq!(p.subnet.map(|s| s.cidr()).as_deref(), Some("10.5.0.0/24"));
+        assert!(plan(&net(ForwardMode::Nat, "br\"x")).is_err());
+        assert!(plan(&net(ForwardMode::Isolated, "a;b")).is_err());
+        let mut bad = net(ForwardMode::Nat, "vireo0");
+        if let Some(ip) = bad.spec.ip.as_mut() {
+            ip.address = "10.5.0.0".into();
+        }
+        assert!(plan(&bad).is_err(), "the network address is not a host's");
+        let mut outside = net(ForwardMode::Nat, "vireo0");
+        if let Some(d) = outside.spec.ip.as_mut().and_then(|i| i.dhcp.as_mut()) {
+            d.ranges[0].end = "10.6.0.1".into();
+        }
+        assert!(plan(&outside).is_err(), "a range outside the subnet");
+        assert!(
+            plan(&net(ForwardMode::Bridge, "br0")).is_err(),
+            "bridge mode takes no address"
+        );
     }
 
     #[test]
