@@ -253,6 +253,7 @@ do_start() {
     --service-account-signing-key-file="$pki/sa.key" \
     --service-cluster-ip-range=10.96.0.0/16 \
     --authorization-mode=RBAC \
+    --allow-privileged=true \
     --token-auth-file="$dir/tokens.csv" \
     --endpoint-reconciler-type=none \
     --profiling=false \

@@ -276,6 +276,9 @@ enum Reply {
 // The client
 // ---------------------------------------------------------------------------
 
+/// Reads what follows a reply line (a download's bytes), given the reply.
+type After<'a, T> = &'a mut dyn FnMut(&mut BufReader<UnixStream>, &T) -> Result<()>;
+
 /// A connection to an agent's socket. Calls are sent one at a time.
 pub struct Remote {
     uri: String,
@@ -308,7 +311,7 @@ impl Remote {
         &self,
         call: &Call,
         body: Option<(&mut dyn Read, u64)>,
-        after: Option<&mut dyn FnMut(&mut BufReader<UnixStream>, &T) -> Result<()>>,
+        after: Option<After<'_, T>>,
     ) -> Result<T> {
         let mut guard = self.stream.lock().unwrap_or_else(|p| p.into_inner());
         if guard.is_none() {

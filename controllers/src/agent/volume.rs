@@ -42,13 +42,9 @@ impl Fill {
             self.done.load(Ordering::Relaxed),
             self.total.load(Ordering::Relaxed),
         );
-        if t == 0 {
-            0
-        } else {
-            u8::try_from(d.saturating_mul(100) / t)
-                .unwrap_or(100)
-                .min(99)
-        }
+        d.saturating_mul(100)
+            .checked_div(t)
+            .map_or(0, |p| u8::try_from(p).unwrap_or(100).min(99))
     }
     fn ended(&self) -> Option<(Instant, Result<(), DriverError>)> {
         self.ended.lock().unwrap_or_else(|p| p.into_inner()).clone()
