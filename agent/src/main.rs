@@ -93,6 +93,10 @@ struct RunArgs {
     /// /var/lib/vireo/boot; standalone: any path.
     #[arg(long = "boot-dir", value_name = "DIR")]
     boot_dirs: Vec<PathBuf>,
+    /// Domain types to offer, comma-separated (test, qemu, kvm); default:
+    /// every driver that opens on this node. The Host lists what is offered.
+    #[arg(long, value_delimiter = ',', value_name = "TYPES", value_parser = domain_type)]
+    drivers: Vec<vireo_crds::DomainType>,
     /// The local API socket of standalone mode, which the CLI reaches with
     /// `vireo -c vireo+unix:///PATH` (default: STATE/vireo.sock).
     #[arg(long, value_name = "PATH")]
@@ -100,6 +104,15 @@ struct RunArgs {
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, default_value = "127.0.0.1:9101")]
     metrics_addr: SocketAddr,
+}
+
+fn domain_type(text: &str) -> Result<vireo_crds::DomainType, String> {
+    match text.trim() {
+        "test" => Ok(vireo_crds::DomainType::Test),
+        "qemu" => Ok(vireo_crds::DomainType::Qemu),
+        "kvm" => Ok(vireo_crds::DomainType::Kvm),
+        other => Err(format!("'{other}' is not a domain type (test, qemu, kvm)")),
+    }
 }
 
 fn labels(items: &[String]) -> Result<BTreeMap<String, String>> {
@@ -151,6 +164,7 @@ fn main() -> Result<()> {
         stop_timeout: Duration::from_secs(a.stop_timeout_seconds),
         host_root: a.host_root,
         socket: a.socket,
+        drivers: a.drivers,
         boot_dirs: if a.boot_dirs.is_empty() && !a.standalone {
             vec![PathBuf::from("/var/lib/vireo/boot")]
         } else {

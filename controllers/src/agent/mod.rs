@@ -63,6 +63,8 @@ pub struct AgentConfig {
     pub boot_dirs: Vec<PathBuf>,
     /// The local API socket (standalone mode); STATE/vireo.sock when unset.
     pub socket: Option<PathBuf>,
+    /// The domain types to offer; empty: every driver that opens here.
+    pub drivers: Vec<DomainType>,
 }
 
 impl AgentConfig {
@@ -315,7 +317,8 @@ pub async fn run(config: AgentConfig, metrics: Arc<Metrics>) -> Result<()> {
     Ok(())
 }
 
-/// The hypervisor drivers this agent embeds: `test` always, `qemu` when
+/// The hypervisor drivers this agent embeds (those of `--drivers`, when
+/// given): `test` always, `qemu` when
 /// `qemu-system-x86_64` is installed (state under STATE/qemu), `kvm` when
 /// /dev/kvm opens and `vireo-vmm` is beside the agent, on PATH or in
 /// $VIREO_VMM (state under STATE/kvm). Each shares the node's network and
@@ -326,6 +329,24 @@ pub(crate) fn open_hypervisors(
 ) -> BTreeMap<DomainType, Connection> {
     let mut out = BTreeMap::new();
     out.insert(DomainType::Test, node.clone());
+    out.extend(open_process_drivers(config, node));
+    if !config.drivers.is_empty() {
+        out.retain(|ty, _| config.drivers.contains(ty));
+        for ty in &config.drivers {
+            if !out.contains_key(ty) {
+                tracing::warn!(driver = %ty, "asked for with --drivers, but it does not open on this node");
+            }
+        }
+    }
+    out
+}
+
+/// The qemu and kvm drivers, where they open.
+fn open_process_drivers(
+    config: &AgentConfig,
+    node: &Connection,
+) -> BTreeMap<DomainType, Connection> {
+    let mut out = BTreeMap::new();
     let root = config.state_dir.join("qemu");
     let uri = format!("qemu:///embed?root={}", root.display());
     match vireo_drivers::qemu::open_with(
