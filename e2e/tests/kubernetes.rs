@@ -40,8 +40,31 @@ async fn running(api: &Api<Domain>, name: &str) -> Domain {
     .await
 }
 
-fn examples() -> String {
-    repo().join("examples").display().to_string()
+/// The test-driver examples, as `-f` arguments (examples/ also holds a
+/// kustomization and a QEMU guest; e2e/tests/examples.rs applies it whole
+/// with `-k`).
+fn examples() -> Vec<String> {
+    [
+        "test-network.yaml",
+        "test-pool.yaml",
+        "test-volume.yaml",
+        "test-domain.yaml",
+        "test-vm-with-disk.yaml",
+    ]
+    .iter()
+    .flat_map(|f| {
+        [
+            "-f".to_string(),
+            repo().join("examples").join(f).display().to_string(),
+        ]
+    })
+    .collect()
+}
+
+fn with_examples<'a>(args: &[&'a str], files: &'a [String]) -> Vec<&'a str> {
+    let mut v = args.to_vec();
+    v.extend(files.iter().map(String::as_str));
+    v
 }
 
 /// `kubectl apply -f examples/`: every Domain runs with an ID on some node,
@@ -53,7 +76,8 @@ async fn examples_run_and_reapply_changes_nothing() {
     let client = cluster.client().await;
     ready_hosts(&client, 3).await;
 
-    cluster.kubectl_ok(&["apply", "--server-side", "-f", &examples()]);
+    let files = examples();
+    cluster.kubectl_ok(&with_examples(&["apply", "--server-side"], &files));
     let domains: Api<Domain> = Api::namespaced(client.clone(), "default");
     let mut nodes = BTreeSet::new();
     for name in ["demo", "web"] {
@@ -174,7 +198,7 @@ async fn examples_run_and_reapply_changes_nothing() {
         }
         before = now;
     }
-    let out = cluster.kubectl_ok(&["apply", "--server-side", "-f", &examples()]);
+    let out = cluster.kubectl_ok(&with_examples(&["apply", "--server-side"], &files));
     assert!(
         out.lines().all(|l| l.ends_with("serverside-applied")),
         "{out}"
@@ -185,7 +209,7 @@ async fn examples_run_and_reapply_changes_nothing() {
         before, after,
         "re-applying the same manifests changed objects"
     );
-    let diff = cluster.kubectl(&["diff", "--server-side", "-f", &examples()]);
+    let diff = cluster.kubectl(&with_examples(&["diff", "--server-side"], &files));
     assert_eq!(
         diff.status.code(),
         Some(0),
@@ -412,7 +436,8 @@ async fn domain_that_fits_nowhere_stays_pending() {
 async fn volume_in_use_waits_for_release() {
     let cluster = Cluster::start("inuse").with_vireo();
     let client = cluster.client().await;
-    cluster.kubectl_ok(&["apply", "-f", &examples()]);
+    let files = examples();
+    cluster.kubectl_ok(&with_examples(&["apply"], &files));
     let domains: Api<Domain> = Api::namespaced(client.clone(), "default");
     running(&domains, "web").await;
     let vols: Api<StorageVol> = Api::namespaced(client, "default");
