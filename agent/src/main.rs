@@ -97,6 +97,11 @@ struct RunArgs {
     /// every driver that opens on this node. The Host lists what is offered.
     #[arg(long, value_delimiter = ',', value_name = "TYPES", value_parser = domain_type)]
     drivers: Vec<vireo_crds::DomainType>,
+    /// Where Networks are realized: `bridge` (Linux bridges, nftables NAT,
+    /// dnsmasq for DHCP, as libvirt does) or `test` (records only, no device:
+    /// for several simulated nodes on one machine).
+    #[arg(long, value_name = "BACKEND", default_value = "bridge", value_parser = ["bridge", "test"])]
+    network_driver: String,
     /// The local API socket of standalone mode, which the CLI reaches with
     /// `vireo -c vireo+unix:///PATH` (default: STATE/vireo.sock).
     #[arg(long, value_name = "PATH")]
@@ -165,6 +170,11 @@ fn main() -> Result<()> {
         host_root: a.host_root,
         socket: a.socket,
         drivers: a.drivers,
+        network_driver: if a.network_driver == "test" {
+            vireo_controllers::agent::NetworkBackend::Test
+        } else {
+            vireo_controllers::agent::NetworkBackend::Bridge
+        },
         boot_dirs: if a.boot_dirs.is_empty() && !a.standalone {
             vec![PathBuf::from("/var/lib/vireo/boot")]
         } else {

@@ -4,8 +4,9 @@
 //! out. (e2e/tests/examples.rs applies the same directory on a real
 //! kube-apiserver.)
 //!
-//! Without `qemu-system-x86_64` or root the test fails when `CI` is set, and
-//! otherwise prints a SKIP line and returns.
+//! The agent runs in a network namespace the test makes, since the example
+//! network is a real bridge. Without `qemu-system-x86_64` or root the test
+//! fails when `CI` is set, and otherwise prints a SKIP line and returns.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -42,6 +43,39 @@ fn can_run() -> bool {
 }
 
 struct Agent(Child);
+
+/// A network namespace; on drop, every process left in it is killed (the
+/// guests' QEMU, the network's dnsmasq) and it is deleted.
+struct Netns(String);
+
+impl Netns {
+    fn new(name: &str) -> Self {
+        let _ = Command::new("ip")
+            .args(["netns", "del", name])
+            .stderr(Stdio::null())
+            .status();
+        let ok = Command::new("ip")
+            .args(["netns", "add", name])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "ip netns add {name}");
+        let _ = Command::new("ip")
+            .args(["netns", "exec", name, "ip", "link", "set", "lo", "up"])
+            .status();
+        Self(name.to_string())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Ok(out) = Command::new("ip").args(["netns", "pids", &self.0]).output() {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-KILL", pid]).status();
+            }
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
 
 impl Drop for Agent {
     fn drop(&mut self) {
@@ -86,8 +120,13 @@ fn standalone_runs_every_example() {
     let log = base.join("agent.log");
     let logf = std::fs::File::create(&log).expect("log");
     let socket = state.join("vireo.sock");
+    // The example network is a real bridge with dnsmasq: in a namespace of
+    // the test's own, never on the host's interfaces.
+    let netns = Netns::new(&format!("vireo-ex-{}", std::process::id()));
     let agent = Agent(
-        Command::new(env!("CARGO_BIN_EXE_vireo-agent"))
+        Command::new("ip")
+            .args(["netns", "exec", &netns.0])
+            .arg(env!("CARGO_BIN_EXE_vireo-agent"))
             .args(["--standalone", "--manifests"])
             .arg(repo().join("examples"))
             .arg("--state-dir")
@@ -147,13 +186,68 @@ fn standalone_runs_every_example() {
         .expect("nets");
     assert!(nets.iter().any(|n| n.name == "lab"), "{nets:?}");
 
-    // Leave nothing running: stop the agent, then the guests it left.
-    drop(agent);
-    let qemu = vireo_drivers::open(&format!(
-        "qemu:///embed?root={}",
-        state.join("qemu").display()
+    // The network is a real bridge in the namespace, with its DHCP server.
+    let info = conn.network().network_info("lab").expect("lab");
+    assert_eq!(info.bridge.as_deref(), Some("vireo-lab0"));
+    let link = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &netns.0,
+            "ip",
+            "-br",
+            "addr",
+            "show",
+            "vireo-lab0",
+        ])
+        .output()
+        .expect("ip");
+    let link = String::from_utf8_lossy(&link.stdout).into_owned();
+    assert!(
+        link.contains("10.77.0.1/24"),
+        "the bridge has the network's address: {link}"
+    );
+    assert!(conn.network().dhcp_leases("lab").is_ok());
+
+    // A Linux guest on that network, created through the socket, takes an
+    // address from the network's DHCP range on its derived MAC.
+    let image = Path::new("/var/lib/vireo/boot/vireo-guest");
+    let guest: vireo_crds::Domain = serde_yaml_ng::from_str(&format!(
+        "apiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {{name: dhcp}}\nspec:\n  type: qemu\n  memory: 256Mi\n  vcpus: 1\n  os: {{kernel: {k}, initrd: {i}, cmdline: console=ttyS0 quiet}}\n  devices:\n    interfaces:\n      - {{name: net0, network: lab}}\n",
+        k = image.join("vmlinuz").display(),
+        i = image.join("initrd.img").display()
     ))
-    .expect("qemu driver");
-    let _ = qemu.hypervisor().destroy_domain("default/linux");
+    .expect("manifest");
+    let created = conn
+        .hypervisor()
+        .create_domain(&guest)
+        .expect("create on lab");
+    let mac = vireo_drivers::bridge::tap::interface_mac(
+        &guest.spec.devices.interfaces[0],
+        &created.uuid,
+        0,
+    );
+    let lease = wait("a DHCP lease for the guest", &log, || {
+        conn.network()
+            .dhcp_leases("lab")
+            .ok()?
+            .into_iter()
+            .find(|l| l.mac == mac)
+    });
+    assert!(lease.ip.starts_with("10.77.0."), "{lease:?}");
+    let last: u8 = lease
+        .ip
+        .rsplit('.')
+        .next()
+        .and_then(|o| o.parse().ok())
+        .expect("octet");
+    assert!((10..=99).contains(&last), "in the range: {lease:?}");
+    assert_eq!(lease.prefix, 24);
+    conn.hypervisor().destroy_domain("dhcp").expect("destroy");
+
+    // Leave nothing running: stop the agent, then what it left in the
+    // namespace (QEMU, dnsmasq) goes with the namespace.
+    drop(agent);
+    drop(netns);
     let _ = std::fs::remove_dir_all(&base);
 }

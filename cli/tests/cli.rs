@@ -350,3 +350,42 @@ fn vol_upload_and_download_on_a_real_dir_pool() {
         stored
     );
 }
+
+#[test]
+fn dhcp_leases_and_domifaddr_read_like_virsh() {
+    let net = example("test-network.yaml");
+    let dom = example("test-vm-with-disk.yaml");
+    let session = format!(
+        "net-define -f {net}\nnet-start lab\nnet-dhcp-leases lab\ndefine -f {dom}\nstart web\ndomifaddr web\ndestroy test\ndomifaddr test\n"
+    );
+    let out = vireo(&[], Some(&session));
+    let stdout = text(&out.stdout);
+    // The test driver runs no DHCP server: the tables have their headers only.
+    assert!(
+        stdout.contains("Expiry Time")
+            && stdout.contains("MAC address")
+            && stdout.contains("IP address"),
+        "{stdout}"
+    );
+    // web's interface on lab: the tap and the MAC derived from its UUID.
+    let line = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("vt"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(line.contains("52:54:00:"), "an interface row: {stdout}");
+    // domifaddr of a domain that does not run says so.
+    assert!(
+        text(&out.stderr).contains("domain 'test' is not running")
+            || stdout.contains("domain 'test' is not running"),
+        "{stdout}{}",
+        text(&out.stderr)
+    );
+    let out = vireo(&["net-dhcp-leases", "nowhere"], None);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("network 'nowhere' not found"),
+        "{}",
+        text(&out.stderr)
+    );
+}

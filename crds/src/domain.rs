@@ -298,6 +298,29 @@ pub struct DomainStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+    /// The running guest's interfaces and the addresses their networks
+    /// leased to them (`virsh domifaddr`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub interfaces: Vec<InterfaceStatus>,
+}
+
+/// An interface of a running guest.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InterfaceStatus {
+    /// `spec.devices.interfaces[].name`.
+    pub name: String,
+    /// The Network it is on.
+    pub network: String,
+    /// Its MAC address (given, or derived from the UUID).
+    pub mac: String,
+    /// The host-side device (tap) on the network's bridge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// `address/prefix` from the network's DHCP lease; absent until leased.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
 }
 
 /// libvirt's `virDomainInfo` with the state reason.

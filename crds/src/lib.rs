@@ -26,7 +26,8 @@ pub mod validate;
 pub use common::{Condition, ObjectKind};
 pub use domain::{
     Disk, Domain, DomainDevices, DomainInfo, DomainReason, DomainSpec, DomainState, DomainStatus,
-    DomainType, Interface, Lifecycle, LifecycleAction, OsSpec, RunStrategy, SerialSpec,
+    DomainType, Interface, InterfaceStatus, Lifecycle, LifecycleAction, OsSpec, RunStrategy,
+    SerialSpec,
 };
 pub use host::{Host, HostSpec, HostStatus, NodeInfo};
 pub use manifest::{Manifest, ManifestError};

@@ -31,7 +31,7 @@ pub use connect::{Connection, open};
 pub use error::{Error, Result};
 pub use hypervisor::{DomainRef, HypervisorDriver};
 pub use lookup::{ListFilter, Lookup};
-pub use network::{NetworkDriver, NetworkInfo, NetworkRef};
+pub use network::{DhcpLease, NetworkDriver, NetworkInfo, NetworkRef};
 pub use storage::{PoolInfo, PoolRef, PoolState, ResizeFlags, StorageDriver, VolInfo, VolRef};
 
 /// Vireo's version, reported by `vireo version`.

@@ -22,6 +22,21 @@ pub struct NetworkInfo {
     pub bridge: Option<String>,
 }
 
+/// A DHCP lease on a network (`net-dhcp-leases`, `domifaddr`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DhcpLease {
+    /// Seconds since the epoch; 0 for an infinite lease.
+    pub expiry: u64,
+    /// Lower-case `52:54:00:..`.
+    pub mac: String,
+    pub ip: String,
+    /// The prefix of the network's subnet.
+    pub prefix: u8,
+    pub hostname: Option<String>,
+    pub client_id: Option<String>,
+}
+
 /// A network driver. Same defined/active/transient rules as domains.
 pub trait NetworkDriver: Send + Sync {
     fn list_networks(&self, filter: ListFilter) -> Result<Vec<NetworkRef>>;
@@ -41,4 +56,12 @@ pub trait NetworkDriver: Send + Sync {
     /// Tears the network down; a transient network disappears.
     fn destroy_network(&self, name: &str) -> Result<()>;
     fn set_network_autostart(&self, name: &str, autostart: bool) -> Result<()>;
+    /// The unexpired DHCP leases of an active network.
+    fn dhcp_leases(&self, name: &str) -> Result<Vec<DhcpLease>> {
+        Err(crate::Error::Unsupported {
+            object: crate::error::ObjectName::new(vireo_crds::ObjectKind::Network, name),
+            driver: "this",
+            operation: "net-dhcp-leases",
+        })
+    }
 }

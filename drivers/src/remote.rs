@@ -92,6 +92,7 @@ pub enum Call {
     StartNetwork(String),
     DestroyNetwork(String),
     SetNetworkAutostart(String, bool),
+    DhcpLeases(String),
     ListPools(ListFilter),
     LookupPool(Key),
     PoolDefinition(String),
@@ -488,6 +489,9 @@ impl NetworkDriver for Remote {
     fn set_network_autostart(&self, name: &str, autostart: bool) -> Result<()> {
         self.call(Call::SetNetworkAutostart(name.into(), autostart))
     }
+    fn dhcp_leases(&self, name: &str) -> Result<Vec<crate::network::DhcpLease>> {
+        self.call(Call::DhcpLeases(name.into()))
+    }
 }
 
 impl StorageDriver for Remote {
@@ -708,6 +712,7 @@ fn answer(
         Call::StartNetwork(n) => ok(net.start_network(&n)),
         Call::DestroyNetwork(n) => ok(net.destroy_network(&n)),
         Call::SetNetworkAutostart(n, a) => ok(net.set_network_autostart(&n, a)),
+        Call::DhcpLeases(n) => ok(net.dhcp_leases(&n)),
         Call::ListPools(f) => ok(st.list_pools(f)),
         Call::LookupPool(k) => ok(st.lookup_pool(k.lookup())),
         Call::PoolDefinition(n) => ok(st.pool_definition(&n)),

@@ -112,6 +112,15 @@ async fn every_example_applies_and_converges() {
             .is_file(),
         "the volume is a file in the pool on node-1"
     );
+    // web's interface on lab, with the MAC derived from its UUID.
+    let web = domains.get("web").await.expect("web");
+    let ifaces = web.status.expect("status").interfaces;
+    assert_eq!(ifaces.len(), 1, "{ifaces:?}");
+    assert_eq!(
+        (ifaces[0].name.as_str(), ifaces[0].network.as_str()),
+        ("net0", "lab")
+    );
+    assert!(ifaces[0].mac.starts_with("52:54:00:"), "{ifaces:?}");
     let table = cluster.kubectl_ok(&["get", "domains"]);
     assert!(
         table.contains("linux") && table.contains("running"),

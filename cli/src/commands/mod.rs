@@ -38,6 +38,9 @@ pub enum Command {
     Domstate(DomstateArgs),
     /// Print a domain's ID ('-' when inactive).
     Domid(DomainArg),
+    /// Show a running domain's interfaces, MACs and the addresses their
+    /// networks' DHCP servers leased.
+    Domifaddr(DomainArg),
     /// Print a domain's UUID.
     Domuuid(DomainArg),
     /// Print a domain's name.
@@ -94,6 +97,8 @@ pub enum Command {
     NetUndefine(NameArg),
     /// Mark a network to start with its node, or unmark it with --disable.
     NetAutostart(NamedAutostartArgs),
+    /// List a network's DHCP leases (only those of --mac MAC).
+    NetDhcpLeases(DhcpLeasesArgs),
 
     // -- storage pools --
     /// List pools; --details adds persistence and sizes.
@@ -235,6 +240,15 @@ pub struct SetvcpusArgs {
 }
 
 #[derive(Args)]
+pub struct DhcpLeasesArgs {
+    /// Network name or UUID.
+    pub name: String,
+    /// Only the leases of this MAC address.
+    #[arg(long)]
+    pub mac: Option<String>,
+}
+
+#[derive(Args)]
 pub struct NameArg {
     /// Name or UUID.
     pub name: String,
@@ -373,7 +387,9 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
         | C::NetStart(_)
         | C::NetDestroy(_)
         | C::NetUndefine(_)
-        | C::NetAutostart(_) => network::run(conn, command),
+        | C::NetAutostart(_)
+        | C::NetDhcpLeases(_)
+        | C::Domifaddr(_) => network::run(conn, command),
         C::PoolList(_)
         | C::PoolInfo(_)
         | C::PoolDumpspec(_)

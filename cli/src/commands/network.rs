@@ -8,6 +8,32 @@ use vireo_drivers::{Connection, Lookup, NetworkRef};
 use super::{Command, read_manifests, to_data, yes_no};
 use crate::output::{Output, Table};
 
+/// A lease's expiry as virsh prints it (local time), or `never`.
+fn expiry(seconds: u64) -> String {
+    if seconds == 0 {
+        return "never".into();
+    }
+    let Ok(t) = libc::time_t::try_from(seconds) else {
+        return seconds.to_string();
+    };
+    // SAFETY: `tm` is plain old data; zeroed is a valid value.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers point to live locals for the call's duration;
+    // localtime_r is the thread-safe variant.
+    if unsafe { libc::localtime_r(&t, &mut tm) }.is_null() {
+        return seconds.to_string();
+    }
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    )
+}
+
 fn resolve(conn: &Connection, text: &str) -> Result<NetworkRef> {
     Ok(conn.network().lookup_network(Lookup::object(text))?)
 }
@@ -26,6 +52,69 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
                     if i.active { "active" } else { "inactive" }.into(),
                     yes_no(i.autostart).into(),
                     yes_no(i.persistent).into(),
+                ]);
+            }
+            Output::Table {
+                table,
+                data: data.into(),
+            }
+        }
+        Command::NetDhcpLeases(a) => {
+            let n = resolve(conn, &a.name)?;
+            let mut table = Table::new(&[
+                "Expiry Time",
+                "MAC address",
+                "Protocol",
+                "IP address",
+                "Hostname",
+                "Client ID or DUID",
+            ]);
+            let mut data = Vec::new();
+            for l in net.dhcp_leases(&n.name)? {
+                if a.mac
+                    .as_ref()
+                    .is_some_and(|m| !m.eq_ignore_ascii_case(&l.mac))
+                {
+                    continue;
+                }
+                data.push(serde_json::to_value(&l)?);
+                table.row(vec![
+                    expiry(l.expiry),
+                    l.mac,
+                    "ipv4".into(),
+                    format!("{}/{}", l.ip, l.prefix),
+                    l.hostname.unwrap_or_else(|| "-".into()),
+                    l.client_id.unwrap_or_else(|| "-".into()),
+                ]);
+            }
+            Output::Table {
+                table,
+                data: data.into(),
+            }
+        }
+        Command::Domifaddr(a) => {
+            let hv = conn.hypervisor();
+            let d = hv.lookup_domain(Lookup::domain(&a.domain))?;
+            if d.id.is_none() {
+                bail!("domain '{}' is not running", d.name);
+            }
+            let def = hv.domain_definition(&d.name, false)?;
+            let mut table = Table::new(&["Name", "MAC address", "Protocol", "Address"]);
+            let mut data = Vec::new();
+            for (i, iface) in def.spec.devices.interfaces.iter().enumerate() {
+                let mac = vireo_drivers::bridge::tap::interface_mac(iface, &d.uuid, i);
+                let device = vireo_drivers::bridge::tap::tap_name(&d.uuid, i);
+                let leases = net.dhcp_leases(&iface.network).unwrap_or_default();
+                let addr = leases
+                    .iter()
+                    .find(|l| l.mac.eq_ignore_ascii_case(&mac))
+                    .map(|l| format!("{}/{}", l.ip, l.prefix));
+                data.push(json!({"name": device, "interface": iface.name, "network": iface.network, "mac": mac, "address": addr}));
+                table.row(vec![
+                    device,
+                    mac,
+                    if addr.is_some() { "ipv4" } else { "-" }.into(),
+                    addr.unwrap_or_else(|| "-".into()),
                 ]);
             }
             Output::Table {

@@ -214,6 +214,11 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
         message,
         dom.meta().generation,
     );
+    let interfaces = if info.state.is_active() {
+        interface_status(ctx, ty, &dom.spec.devices.interfaces, &reference.uuid).await
+    } else {
+        Vec::new()
+    };
     let wanted = DomainStatus {
         state: Some(info.state),
         start_count: Some(start_count),
@@ -223,12 +228,45 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
         info: Some(info),
         observed_generation: dom.meta().generation,
         conditions: vec![ready_cond],
+        interfaces,
     };
     if !status_matches(&status, &wanted) {
         k8s::apply_status(&api, &dom.name_any(), &ctx.manager, &wanted).await?;
     }
     // Gates open with a status change, which wakes this reconcile.
     Ok(Action::requeue(ctx.config.resync))
+}
+
+/// A running guest's interfaces: MAC, tap, and the address its network's
+/// DHCP server leased to that MAC (none yet, or a network without DHCP).
+async fn interface_status(
+    ctx: &Ctx,
+    ty: DomainType,
+    interfaces: &[vireo_crds::Interface],
+    uuid: &str,
+) -> Vec<vireo_crds::InterfaceStatus> {
+    let mut out = Vec::new();
+    for (i, iface) in interfaces.iter().enumerate() {
+        let mac = vireo_drivers::bridge::tap::interface_mac(iface, uuid, i);
+        let net = iface.network.clone();
+        let leases = ctx
+            .drive(move |c| c.network().dhcp_leases(&net))
+            .await
+            .unwrap_or_default();
+        let ip = leases
+            .iter()
+            .find(|l| l.mac.eq_ignore_ascii_case(&mac))
+            .map(|l| format!("{}/{}", l.ip, l.prefix));
+        out.push(vireo_crds::InterfaceStatus {
+            name: iface.name.clone(),
+            network: iface.network.clone(),
+            // The test driver plugs nothing in.
+            device: (ty != DomainType::Test).then(|| vireo_drivers::bridge::tap::tap_name(uuid, i)),
+            mac,
+            ip,
+        });
+    }
+    out
 }
 
 /// Refuses to run a Domain: Ready=False with the reason, a Warning event
@@ -309,6 +347,7 @@ fn status_matches(have: &DomainStatus, want: &DomainStatus) -> bool {
         && have.uuid == want.uuid
         && have.observed_generation == want.observed_generation
         && info_eq(&have.info, &want.info)
+        && have.interfaces == want.interfaces
         && same(&ready_have, &want.conditions)
 }
 

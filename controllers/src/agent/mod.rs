@@ -65,6 +65,19 @@ pub struct AgentConfig {
     pub socket: Option<PathBuf>,
     /// The domain types to offer; empty: every driver that opens here.
     pub drivers: Vec<DomainType>,
+    /// Where Networks are realized: real bridges, or the test driver's
+    /// bookkeeping (several simulated nodes on one machine).
+    pub network_driver: NetworkBackend,
+}
+
+/// The agent's network backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NetworkBackend {
+    /// Linux bridges, nftables and dnsmasq (`drivers::bridge`).
+    #[default]
+    Bridge,
+    /// The test driver: networks are records, no device is made.
+    Test,
 }
 
 impl AgentConfig {
@@ -104,14 +117,34 @@ impl AgentConfig {
     }
 }
 
-/// The node's own connection: the test driver (its `type: test` domains and
-/// its networks, under STATE/test-node) with the dir storage backend (pool
-/// records under STATE/storage, pool paths under the host root).
+/// The node's own connection: the test driver (its `type: test` domains,
+/// under STATE/test-node), the bridge network backend (records under
+/// STATE/network; or the test driver's networks with `--network-driver
+/// test`) and the dir storage backend (pool records under STATE/storage,
+/// pool paths under the host root).
 pub(crate) fn open_node(config: &AgentConfig) -> Result<Connection> {
     let test = std::sync::Arc::new(
         vireo_drivers::test::TestDriver::from_dir(&config.state_dir.join("test-node"))
             .map_err(Error::Invalid)?,
     );
+    let network: std::sync::Arc<dyn vireo_drivers::NetworkDriver> = match config.network_driver {
+        NetworkBackend::Test => test.clone(),
+        NetworkBackend::Bridge => {
+            let bridge =
+                vireo_drivers::bridge::BridgeDriver::open(&config.state_dir.join("network"))?;
+            // Networks marked autostart come up with the agent (libvirt's
+            // autostart), and active ones whose devices went are repaired.
+            match bridge.autostart_all() {
+                Ok(failed) => {
+                    for (name, e) in failed {
+                        tracing::warn!(network = %name, error = %e, "autostart failed");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "autostart of networks failed"),
+            }
+            std::sync::Arc::new(bridge)
+        }
+    };
     let storage = std::sync::Arc::new(
         vireo_drivers::storage::dir::DirStorage::open(
             &config.state_dir.join("storage"),
@@ -121,8 +154,8 @@ pub(crate) fn open_node(config: &AgentConfig) -> Result<Connection> {
     );
     Ok(Connection::new(
         format!("vireo-node://{}", config.node_name),
-        test.clone(),
         test,
+        network,
         storage,
     ))
 }

@@ -100,18 +100,27 @@ async fn reconcile(pool: Arc<StoragePool>, ctx: &Ctx) -> Result<Action> {
         })
         .await?;
     let state = info.state.to_string();
+    // Sizes in whole MiB: the filesystem under a real pool moves with every
+    // write on the node, and status should not churn with it.
+    let mib = |b: u64| format_bytes(b >> 20 << 20);
     let entry = json!({"nodes": [{
         "nodeName": ctx.config.node_name,
         "state": state,
-        "capacity": format_bytes(info.capacity),
-        "allocation": format_bytes(info.allocation),
-        "available": format_bytes(info.available),
+        "capacity": mib(info.capacity),
+        "allocation": mib(info.allocation),
+        "available": mib(info.available),
     }]});
+    // Written again when the state changes, or the allocation moved by more
+    // than 1% of the capacity since the last report.
     let already = pool.status.as_ref().is_some_and(|s| {
         s.nodes.iter().any(|e| {
+            let reported = e
+                .allocation
+                .as_ref()
+                .and_then(|q| vireo_crds::quantity::parse_quantity(q).ok());
             e.node_name == ctx.config.node_name
                 && e.state == state
-                && e.allocation == Some(format_bytes(info.allocation))
+                && reported.is_some_and(|r| r.abs_diff(info.allocation) <= info.capacity / 100)
         })
     });
     if !already {

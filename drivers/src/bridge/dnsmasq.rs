@@ -34,19 +34,7 @@ impl Files {
 }
 
 /// A DHCP lease, as dnsmasq recorded it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Lease {
-    /// Seconds since the epoch; 0 for an infinite lease.
-    pub expiry: u64,
-    /// Lower-case `52:54:00:..`.
-    pub mac: String,
-    pub ip: String,
-    /// The prefix of the network's subnet (filled in by the driver).
-    pub prefix: u8,
-    pub hostname: Option<String>,
-    pub client_id: Option<String>,
-}
+pub use crate::network::DhcpLease as Lease;
 
 /// The dnsmasq binary: on PATH, or where Debian's `dnsmasq-base` puts it.
 pub fn binary() -> Option<PathBuf> {

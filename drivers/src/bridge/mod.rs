@@ -589,6 +589,9 @@ fn object_name(n: &Network) -> String {
 }
 
 impl NetworkDriver for BridgeDriver {
+    fn dhcp_leases(&self, name: &str) -> Result<Vec<Lease>> {
+        BridgeDriver::dhcp_leases(self, name)
+    }
     fn list_networks(&self, filter: ListFilter) -> Result<Vec<NetworkRef>> {
         self.locked(|l| {
             Ok(Self::all(l)?

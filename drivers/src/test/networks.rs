@@ -145,6 +145,14 @@ impl State {
 }
 
 impl NetworkDriver for TestDriver {
+    /// The test driver runs no DHCP server: an active network has no leases.
+    fn dhcp_leases(&self, name: &str) -> Result<Vec<crate::network::DhcpLease>> {
+        if self.network_info(name)?.active {
+            Ok(Vec::new())
+        } else {
+            Err(Error::invalid_state(KIND, name, "is not active"))
+        }
+    }
     fn list_networks(&self, filter: ListFilter) -> Result<Vec<NetworkRef>> {
         Ok(self
             .lock()

@@ -338,6 +338,9 @@ impl Cluster {
         let defaults = [
             ("--host-root", host_root.as_str()),
             ("--boot-dir", "/"),
+            // Simulated nodes share this machine's network namespace: their
+            // Networks are records, not bridges on the host.
+            ("--network-driver", "test"),
             ("--heartbeat-seconds", "1"),
             ("--lease-seconds", "3"),
             ("--resync-seconds", "5"),
@@ -621,6 +624,9 @@ impl Cluster {
         let defaults = [
             ("--host-root", host_root.as_str()),
             ("--boot-dir", "/"),
+            // Simulated nodes share this machine's network namespace: their
+            // Networks are records, not bridges on the host.
+            ("--network-driver", "test"),
             ("--heartbeat-seconds", "1"),
             ("--lease-seconds", "3"),
             ("--resync-seconds", "5"),
