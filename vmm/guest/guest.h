@@ -114,7 +114,7 @@ void *heap_alloc(size_t size, size_t align, int zero);
 uint64_t heap_seal(uint64_t *end);
 
 /* ---- virtio (virtio.c) ---- */
-int virtio_scan(int echo);
+int virtio_scan(int echo, uint32_t bench_frames, uint32_t bench_size);
 void virtio_ack_slot(int slot);
 int virtio_slot_present(int slot);
 void virtio_poll_all(void);

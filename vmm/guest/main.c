@@ -166,6 +166,60 @@ static int has_option(const char *opt)
     return 0;
 }
 
+/* The value of the word starting with `prefix` (e.g. "vireo.netbench="),
+ * or 0 if there is none. The value ends at the next space or NUL. */
+static const char *option_value(const char *prefix)
+{
+    size_t n = strlen(prefix);
+    const char *p = cmdline;
+    while (*p) {
+        while (*p == ' ')
+            p++;
+        const char *w = p;
+        while (*p && *p != ' ')
+            p++;
+        if ((size_t)(p - w) >= n && memcmp(w, prefix, n) == 0)
+            return w + n;
+    }
+    return 0;
+}
+
+/* A decimal number at *s (advanced past it); 0 if there are no digits. */
+static uint32_t parse_u32(const char **s)
+{
+    uint64_t v = 0;
+    while (**s >= '0' && **s <= '9') {
+        v = v * 10 + (uint64_t)(**s - '0');
+        if (v > 0xffffffffULL)
+            v = 0xffffffffULL;
+        (*s)++;
+    }
+    return (uint32_t)v;
+}
+
+/* vireo.netbench=FRAMES[,SIZE]: SIZE is the Ethernet frame without FCS,
+ * 60..1514 (default 1514). */
+#define NETBENCH_SIZE_MIN 60
+#define NETBENCH_SIZE_MAX 1514
+static void netbench_option(uint32_t *frames, uint32_t *size)
+{
+    *frames = 0;
+    *size = NETBENCH_SIZE_MAX;
+    const char *v = option_value("vireo.netbench=");
+    if (!v)
+        return;
+    *frames = parse_u32(&v);
+    if (*v == ',') {
+        v++;
+        uint32_t s = parse_u32(&v);
+        if (s < NETBENCH_SIZE_MIN)
+            s = NETBENCH_SIZE_MIN;
+        if (s > NETBENCH_SIZE_MAX)
+            s = NETBENCH_SIZE_MAX;
+        *size = s;
+    }
+}
+
 /* ------------------------------------------------------------------ */
 /* power */
 
@@ -524,7 +578,9 @@ void guest_main(uint64_t info, int kind)
         heap_limit = mem_kib * 1024;
 
     /* 4. devices */
-    int devices = virtio_scan(has_option("vireo.echo=1"));
+    uint32_t bench_frames, bench_size;
+    netbench_option(&bench_frames, &bench_size);
+    int devices = virtio_scan(has_option("vireo.echo=1"), bench_frames, bench_size);
 
     /* 5. done */
     kprintf("VIREO-TEST-GUEST-DONE devices=%d\n", devices);
