@@ -110,6 +110,19 @@ fn console(cluster: &Cluster, driver: &str, uuid: &str) -> String {
     .unwrap_or_default()
 }
 
+/// Waits for a Domain to be in `state`, and returns it.
+async fn in_state(domains: &Api<Domain>, name: &str, state: DomainState, what: &str) -> Domain {
+    wait_for(T, what, || async {
+        domains
+            .get_opt(name)
+            .await
+            .ok()
+            .flatten()
+            .filter(|d| domain_state(d) == Some(state))
+    })
+    .await
+}
+
 async fn set_run_strategy(domains: &Api<Domain>, name: &str, strategy: &str) {
     domains
         .patch(
@@ -211,14 +224,12 @@ async fn volumes_from_http_carry_guest_data_and_survive_agent_crashes() {
     );
     cluster.kubectl_stdin(&["apply", "-f", "-"], &linux);
     let domains: Api<Domain> = Api::namespaced(client.clone(), "default");
-    let d = wait_for(T, "domain linux running", || async {
-        domains
-            .get_opt("linux")
-            .await
-            .ok()
-            .flatten()
-            .filter(|d| domain_state(d) == Some(DomainState::Running))
-    })
+    let d = in_state(
+        &domains,
+        "linux",
+        DomainState::Running,
+        "domain linux running",
+    )
     .await;
     let uuid = d.uid().expect("uid");
     wait_for(T, "the guest wrote its file", || async {
@@ -239,14 +250,12 @@ async fn volumes_from_http_carry_guest_data_and_survive_agent_crashes() {
 
     // Stop and start again: the guest finds its file.
     set_run_strategy(&domains, "linux", "Halted").await;
-    wait_for(T, "domain linux shut off", || async {
-        domains
-            .get_opt("linux")
-            .await
-            .ok()
-            .flatten()
-            .filter(|d| domain_state(d) == Some(DomainState::Shutoff))
-    })
+    in_state(
+        &domains,
+        "linux",
+        DomainState::Shutoff,
+        "domain linux shut off",
+    )
     .await;
     set_run_strategy(&domains, "linux", "Always").await;
     wait_for(T, "the guest read its file back", || async {
@@ -256,14 +265,12 @@ async fn volumes_from_http_carry_guest_data_and_survive_agent_crashes() {
     })
     .await;
     set_run_strategy(&domains, "linux", "Halted").await;
-    wait_for(T, "domain linux shut off again", || async {
-        domains
-            .get_opt("linux")
-            .await
-            .ok()
-            .flatten()
-            .filter(|d| domain_state(d) == Some(DomainState::Shutoff))
-    })
+    in_state(
+        &domains,
+        "linux",
+        DomainState::Shutoff,
+        "domain linux shut off again",
+    )
     .await;
     // The guest's filesystem is in the file: ext2's magic at 1080.
     let mut sb = [0u8; 2];
@@ -282,14 +289,12 @@ async fn volumes_from_http_carry_guest_data_and_survive_agent_crashes() {
         test_guest.display()
     );
     cluster.kubectl_stdin(&["apply", "-f", "-"], &kvm_dom);
-    let tiny = wait_for(T, "domain tiny running", || async {
-        domains
-            .get_opt("tiny")
-            .await
-            .ok()
-            .flatten()
-            .filter(|d| domain_state(d) == Some(DomainState::Running))
-    })
+    let tiny = in_state(
+        &domains,
+        "tiny",
+        DomainState::Running,
+        "domain tiny running",
+    )
     .await;
     let tiny_uuid = tiny.uid().expect("uid");
     wait_for(T, "the test guest wrote its sector", || async {

@@ -86,6 +86,71 @@ pub struct ResizeFlags {
     pub shrink: bool,
 }
 
+/// The capacity a resize asks for, checked with libvirt's storage rules: a
+/// delta adds to the current capacity; never zero; no shrink without the
+/// flag; not below the allocation (where `allocation_floor`); never past
+/// the allocation plus the pool's free space (`NoSpace`).
+pub fn resize_target(
+    name: &str,
+    pool: &str,
+    current: (u64, u64),
+    available: u64,
+    requested: u64,
+    flags: ResizeFlags,
+    allocation_floor: bool,
+) -> Result<u64> {
+    use vireo_crds::ObjectKind::StorageVol as VOL;
+    use vireo_crds::quantity::human_bytes as human;
+    let (capacity, allocation) = current;
+    let new = if flags.delta {
+        capacity.checked_add(requested).ok_or_else(|| {
+            crate::Error::invalid_argument(VOL, name, "the new capacity is too large")
+        })?
+    } else {
+        requested
+    };
+    if new == 0 {
+        return Err(crate::Error::invalid_argument(
+            VOL,
+            name,
+            "capacity must be greater than zero",
+        ));
+    }
+    if new < capacity && !flags.shrink {
+        return Err(crate::Error::invalid_argument(
+            VOL,
+            name,
+            format!(
+                "cannot shrink from {} to {} without the shrink flag",
+                human(capacity),
+                human(new)
+            ),
+        ));
+    }
+    if allocation_floor && new < allocation {
+        return Err(crate::Error::invalid_argument(
+            VOL,
+            name,
+            format!(
+                "cannot shrink below the allocation of {}",
+                human(allocation)
+            ),
+        ));
+    }
+    if new > allocation.saturating_add(available) {
+        return Err(crate::Error::no_space(
+            VOL,
+            name,
+            format!(
+                "not enough space left in storage pool '{pool}' to grow to {} ({} available)",
+                human(new),
+                human(available)
+            ),
+        ));
+    }
+    Ok(new)
+}
+
 /// Progress of a long copy: bytes done, and the total when it is known.
 /// Called from the thread doing the copy, at most a few times a second.
 pub type Progress<'a> = &'a (dyn Fn(u64, Option<u64>) + Sync);

@@ -480,64 +480,27 @@ impl StorageDriver for TestDriver {
         flags: ResizeFlags,
     ) -> Result<()> {
         self.change(Kind::Pool, pool, |st| {
-        let p = st.active_pool_mut(pool)?;
-        let available = p.available();
-        let v = p
-            .volumes
-            .get_mut(name)
-            .ok_or_else(|| Error::not_found(VOL, name))?;
-        let new = if flags.delta {
-            v.capacity.checked_add(capacity).ok_or_else(|| {
-                Error::invalid_argument(VOL, name, "the new capacity is too large")
-            })?
-        } else {
-            capacity
-        };
-        if new == 0 {
-            return Err(Error::invalid_argument(
-                VOL,
+            let p = st.active_pool_mut(pool)?;
+            let available = p.available();
+            let v = p
+                .volumes
+                .get_mut(name)
+                .ok_or_else(|| Error::not_found(VOL, name))?;
+            let new = crate::storage::resize_target(
                 name,
-                "capacity must be greater than zero",
-            ));
-        }
-        if new < v.capacity && !flags.shrink {
-            return Err(Error::invalid_argument(
-                VOL,
-                name,
-                format!(
-                    "cannot shrink from {} to {} without the shrink flag",
-                    human(v.capacity),
-                    human(new)
-                ),
-            ));
-        }
-        if new < v.allocation {
-            return Err(Error::invalid_argument(
-                VOL,
-                name,
-                format!(
-                    "cannot shrink below the allocation of {}",
-                    human(v.allocation)
-                ),
-            ));
-        }
-        if new > v.allocation.saturating_add(available) {
-            return Err(Error::no_space(
-                VOL,
-                name,
-                format!(
-                    "not enough space left in storage pool '{pool}' to grow to {} ({} available)",
-                    human(new),
-                    human(available)
-                ),
-            ));
-        }
-        let fully_allocated = v.allocation == v.capacity;
-        v.capacity = new;
-        if flags.allocate || fully_allocated {
-            v.allocation = new;
-        }
-        Ok(())
+                pool,
+                (v.capacity, v.allocation),
+                available,
+                capacity,
+                flags,
+                true,
+            )?;
+            let fully_allocated = v.allocation == v.capacity;
+            v.capacity = new;
+            if flags.allocate || fully_allocated {
+                v.allocation = new;
+            }
+            Ok(())
         })
     }
 

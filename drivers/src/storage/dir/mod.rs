@@ -895,54 +895,19 @@ impl StorageDriver for DirStorage {
     ) -> Result<()> {
         let (dir, path) = self.existing(pool, name)?;
         let p = Self::probe(name, &path)?;
-        let new = if flags.delta {
-            p.capacity.checked_add(capacity).ok_or_else(|| {
-                Error::invalid_argument(VOL, name, "the new capacity is too large")
-            })?
-        } else {
-            capacity
-        };
-        if new == 0 {
-            return Err(Error::invalid_argument(
-                VOL,
-                name,
-                "capacity must be greater than zero",
-            ));
-        }
-        if new < p.capacity && !flags.shrink {
-            return Err(Error::invalid_argument(
-                VOL,
-                name,
-                format!(
-                    "cannot shrink from {} to {} without the shrink flag",
-                    human(p.capacity),
-                    human(new)
-                ),
-            ));
-        }
-        if p.format == VolFormat::Raw && new < p.allocation {
-            return Err(Error::invalid_argument(
-                VOL,
-                name,
-                format!(
-                    "cannot shrink below the allocation of {}",
-                    human(p.allocation)
-                ),
-            ));
-        }
         let (_, _, available) =
             file::fs_sizes(&dir).map_err(|e| io_fail(POOL, pool, "statvfs", e))?;
-        if new > p.allocation.saturating_add(available) {
-            return Err(Error::no_space(
-                VOL,
-                name,
-                format!(
-                    "not enough space left in storage pool '{pool}' to grow to {} ({} available)",
-                    human(new),
-                    human(available)
-                ),
-            ));
-        }
+        // Raw files cannot shrink below what they hold on disk; qcow2 images
+        // are shrunk by qemu-img, which checks its own data.
+        let new = super::resize_target(
+            name,
+            pool,
+            (p.capacity, p.allocation),
+            available,
+            capacity,
+            flags,
+            p.format == VolFormat::Raw,
+        )?;
         match p.format {
             VolFormat::Raw => {
                 let f = OpenOptions::new()
