@@ -846,6 +846,12 @@ fn run() -> Res<()> {
     println!();
     println!("  host load average at end: {load_end}");
     println!("  ratio = vireo-vmm / QEMU (above 1: vireo-vmm is faster)");
+    if kvm == vireo_vmm::probe::KvmKind::Pvm {
+        println!(
+            "  note: under kvm_pvm the guest's instructions are emulated one by one, so the \
+             guest's own loop (its TSC cycles per frame) bounds both VMMs alike"
+        );
+    }
 
     let out = json!({
         "date": date,
