@@ -223,6 +223,39 @@ def scenario_echo(elf, accel, n=2000, window=32):
     check("%s echo" % accel, ok, detail)
 
 
+def scenario_netbench(elf, accel, n=200, size=60):
+    """vireo.netbench=N,SIZE: N frames of SIZE bytes, numbered 0..N-1, then the netbench line."""
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    rx.bind(("127.0.0.1", 0))
+    port_peer = rx.getsockname()[1]
+    q = Qemu(qemu_cmd(elf, accel, "vireo.netbench=%d,%d" % (n, size), [
+        "-netdev", "socket,id=n0,udp=127.0.0.1:%d,localaddr=127.0.0.1:0" % port_peer,
+        "-device", "virtio-net-device,netdev=n0"]))
+    rx.settimeout(60)
+    seqs = []
+    bad = 0
+    try:
+        while len(seqs) < n:
+            f, _ = rx.recvfrom(4096)
+            rx.settimeout(5)
+            if f[12:14] != b"\x88\xb5" or f[14:28] != b"VIREO-NETBENCH":
+                continue  # the greeting frame
+            if len(f) != size or f[0:6] != b"\xff" * 6:
+                bad += 1
+            seqs.append(int.from_bytes(f[28:32], "big"))
+    except socket.timeout:
+        pass
+    line_ok = q.wait_for("VIREO-TEST netbench sent=%d cycles=" % n, 30)
+    done_ok = q.wait_for("VIREO-TEST-GUEST-DONE", 10)
+    q.stop()
+    fail = [l for l in q.lines if "netbench" in l and "FAIL" in l]
+    check("%s netbench line" % accel, line_ok and done_ok and not fail, "; ".join(fail))
+    check("%s netbench frames" % accel, seqs == list(range(n)) and bad == 0,
+          "%d frames, %d of the wrong size or destination, in order: %s" % (
+              len(seqs), bad, seqs == sorted(seqs)))
+
+
 def scenario_debugexit(elf, accel):
     cmd = qemu_cmd(elf, accel, "vireo.debugexit=1",
                    ["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
@@ -280,6 +313,7 @@ def main():
             scenario_cad(elf, accel, tmp, tick=False)
             scenario_cad(elf, accel, tmp, tick=True)
             scenario_echo(elf, accel)
+            scenario_netbench(elf, accel)
             scenario_debugexit(elf, accel)
         if kvm_ok and not args.no_kvm_run64:
             scenario_kvm_run64(elf, out)
