@@ -140,6 +140,7 @@ pub async fn run(config: AgentConfig, manifests: PathBuf, metrics: Arc<Metrics>)
         tokio::select! {
             _ = tokio::time::sleep(resync) => {}
             _ = crate::agent::shutdown_signal() => {
+                let _ = std::fs::remove_file(&socket);
                 tracing::info!("stopping; guests keep running");
                 return Ok(());
             }

@@ -100,9 +100,28 @@ impl HypervisorDriver for NodeHypervisor {
         Ok(out)
     }
     fn lookup_domain(&self, key: Lookup<'_>) -> Result<DomainRef> {
-        self.all()
-            .find_map(|d| d.lookup_domain(key).ok())
-            .ok_or_else(|| Error::not_found(ObjectKind::Domain, key.describe()))
+        let found: Vec<(DomainType, DomainRef)> = self
+            .drivers
+            .iter()
+            .filter_map(|(ty, c)| c.hypervisor().lookup_domain(key).ok().map(|r| (*ty, r)))
+            .collect();
+        match found.as_slice() {
+            [] => Err(Error::not_found(ObjectKind::Domain, key.describe())),
+            [(_, r)] => Ok(r.clone()),
+            // Each driver numbers its own activations (as each libvirt
+            // connection does), so an ID may name one domain per driver.
+            many => Err(Error::invalid_argument(
+                ObjectKind::Domain,
+                key.describe(),
+                format!(
+                    "names several domains on this node ({}); use a name or UUID",
+                    many.iter()
+                        .map(|(ty, r)| format!("{} of type {ty}", r.name))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )),
+        }
     }
     fn domain_definition(&self, name: &str, inactive: bool) -> Result<Domain> {
         self.owner(name)?.domain_definition(name, inactive)
@@ -157,5 +176,50 @@ impl HypervisorDriver for NodeHypervisor {
     }
     fn console_path(&self, name: &str) -> Result<std::path::PathBuf> {
         self.owner(name)?.console_path(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn test_conn() -> Connection {
+        let t = Arc::new(crate::test::TestDriver::default_node());
+        Connection::new("test:///default", t.clone(), t.clone(), t)
+    }
+
+    #[test]
+    fn lists_merge_and_an_id_of_two_drivers_is_refused_naming_both() {
+        let node = NodeHypervisor::new(BTreeMap::from([
+            (DomainType::Test, test_conn()),
+            (DomainType::Qemu, test_conn()),
+        ]))
+        .expect("two drivers");
+        // libvirt's default test node has one running domain, `test`, ID 1.
+        assert_eq!(node.list_domains(ListFilter::All).expect("list").len(), 2);
+        let e = node.lookup_domain(Lookup::Id(1)).expect_err("ambiguous");
+        let text = e.to_string();
+        assert!(text.contains("several domains"), "{text}");
+        assert!(
+            text.contains("type test") && text.contains("type qemu"),
+            "{text}"
+        );
+        let e = node.lookup_domain(Lookup::Id(99)).expect_err("unknown");
+        assert!(matches!(e, Error::NotFound(_)), "{e}");
+        assert!(NodeHypervisor::new(BTreeMap::new()).is_err());
+    }
+
+    #[test]
+    fn definitions_go_to_the_driver_of_their_type() {
+        let node = NodeHypervisor::new(BTreeMap::from([(DomainType::Test, test_conn())]))
+            .expect("one driver");
+        let mut d = crate::conformance::test_driver_fixture().domain("typed");
+        d.spec.domain_type = DomainType::Kvm;
+        let e = node.define_domain(&d).expect_err("no kvm here");
+        assert!(e.to_string().contains("spec.type"), "{e}");
+        d.spec.domain_type = DomainType::Test;
+        node.define_domain(&d).expect("test driver");
+        assert!(node.lookup_domain(Lookup::Name("typed")).is_ok());
     }
 }
