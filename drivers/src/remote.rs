@@ -5,9 +5,10 @@
 //! drivers, so the CLI and the agent see one node.
 //!
 //! The protocol is JSON lines: a [`Call`] per line, answered by one line,
-//! `{"ok": VALUE}` or `{"err": ERROR}`. Volume uploads and downloads carry
-//! raw bytes after their line (the upload's length is in the call; the
-//! download's answer is the length that follows).
+//! `{"ok": VALUE}` or `{"err": ERROR}`. Volume uploads carry their bytes
+//! after the call line (the length is in the call); downloads stream theirs
+//! before the reply line, in chunks (a 4-byte big-endian length, then the
+//! bytes; an empty chunk ends them), so nothing is staged on either side.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -277,8 +278,8 @@ enum Reply {
 // The client
 // ---------------------------------------------------------------------------
 
-/// Reads what follows a reply line (a download's bytes), given the reply.
-type After<'a, T> = &'a mut dyn FnMut(&mut BufReader<UnixStream>, &T) -> Result<()>;
+/// Reads what the agent sends before its reply line (a download's chunks).
+type BeforeReply<'a> = &'a mut dyn FnMut(&mut BufReader<UnixStream>) -> Result<()>;
 
 /// A connection to an agent's socket. Calls are sent one at a time.
 pub struct Remote {
@@ -306,13 +307,13 @@ impl Remote {
         Ok((BufReader::new(r), s))
     }
 
-    /// Sends a call (and `body` after it), reads the reply line, then lets
-    /// `after` read what follows the reply.
+    /// Sends a call (and `body` after it), lets `before_reply` read what
+    /// comes ahead of the reply, then reads the reply line.
     fn exchange<T: DeserializeOwned>(
         &self,
         call: &Call,
         body: Option<(&mut dyn Read, u64)>,
-        after: Option<After<'_, T>>,
+        before_reply: Option<BeforeReply<'_>>,
     ) -> Result<T> {
         let mut guard = self.stream.lock().unwrap_or_else(|p| p.into_inner());
         if guard.is_none() {
@@ -334,6 +335,9 @@ impl Remote {
                     return Err(self.fail(format!("the upload ended after {n} of {len} bytes")));
                 }
             }
+            if let Some(f) = before_reply {
+                f(reader)?;
+            }
             let mut answer = String::new();
             let n = reader
                 .read_line(&mut answer)
@@ -347,12 +351,7 @@ impl Remote {
                 Reply::Ok(v) => v,
                 Reply::Err(e) => return Err(e.into()),
             };
-            let t: T =
-                serde_json::from_value(value).map_err(|e| self.fail(format!("bad reply: {e}")))?;
-            if let Some(f) = after {
-                f(reader, &t)?;
-            }
-            Ok(t)
+            serde_json::from_value(value).map_err(|e| self.fail(format!("bad reply: {e}")))
         })();
         if matches!(result, Err(Error::Connect { .. })) {
             // Start over on the next call.
@@ -607,26 +606,48 @@ impl StorageDriver for Remote {
         sink: &mut dyn Write,
         progress: Progress<'_>,
     ) -> Result<u64> {
-        let mut copy = |reader: &mut BufReader<UnixStream>, len: &u64| -> Result<()> {
-            progress(0, Some(*len));
-            let mut counted = Counted {
-                inner: reader,
-                done: 0,
-                total: Some(*len),
-                progress,
-            };
-            let n = std::io::copy(&mut (&mut counted).take(*len), sink)
-                .map_err(|e| self.fail(format!("receive: {e}")))?;
-            if n != *len {
-                return Err(self.fail(format!("the download ended after {n} of {len} bytes")));
+        // Chunks until the empty one; a sink that fails still drains the
+        // stream, so the connection stays in step, and its error wins.
+        let mut sink_error = None;
+        let mut copy = |reader: &mut BufReader<UnixStream>| -> Result<()> {
+            let mut done = 0u64;
+            let mut buf = Vec::new();
+            progress(0, None);
+            loop {
+                let mut len = [0u8; 4];
+                reader
+                    .read_exact(&mut len)
+                    .map_err(|e| self.fail(format!("receive: {e}")))?;
+                let len = u32::from_be_bytes(len) as usize;
+                if len == 0 {
+                    return Ok(());
+                }
+                buf.resize(len, 0);
+                reader
+                    .read_exact(&mut buf)
+                    .map_err(|e| self.fail(format!("receive: {e}")))?;
+                if sink_error.is_none()
+                    && let Err(e) = sink.write_all(&buf)
+                {
+                    sink_error = Some(e);
+                }
+                done += len as u64;
+                progress(done, None);
             }
-            Ok(())
         };
-        self.exchange(
+        let n: u64 = self.exchange(
             &Call::DownloadVolume(pool.into(), name.into()),
             None,
             Some(&mut copy),
-        )
+        )?;
+        if let Some(e) = sink_error {
+            return Err(Error::OperationFailed {
+                object: ObjectName::new(ObjectKind::StorageVol, name),
+                message: format!("download: {e}"),
+            });
+        }
+        progress(n, Some(n));
+        Ok(n)
     }
 }
 
@@ -744,35 +765,36 @@ fn answer(
             ok(r)
         }
         Call::DownloadVolume(p, n) => {
-            // The length first, then the bytes: read the volume into a
-            // temporary file so the length is known and exact.
-            let tmp = tempfile_in_run()?;
-            let r = st.download_volume(&p, &n, &mut &tmp.0, none);
-            let reply = ok(r.clone());
-            write_reply(output, &reply)?;
-            if let Ok(len) = r {
-                let mut f = std::fs::File::open(&tmp.1)?;
-                std::io::copy(&mut (&mut f).take(len), output)?;
-            }
-            let _ = std::fs::remove_file(&tmp.1);
-            output.flush()?;
-            return Ok(());
+            let r = {
+                let mut chunks = Chunks { out: &mut *output };
+                st.download_volume(&p, &n, &mut chunks, none)
+            };
+            output.write_all(&0u32.to_be_bytes())?;
+            ok(r)
         }
     };
     write_reply(output, &reply)
 }
 
-/// A temporary file for a download (unlinked by the caller).
-fn tempfile_in_run() -> std::io::Result<(std::fs::File, PathBuf)> {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    let path = std::env::temp_dir().join(format!(
-        "vireo-download-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    ));
-    let f = crate::storage::dir::file::create_new(&path)?;
-    Ok((f, path))
+/// Frames what is written into chunks: a 4-byte big-endian length, then
+/// the bytes.
+struct Chunks<'a> {
+    out: &'a mut dyn Write,
+}
+
+impl Write for Chunks<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let n = buf.len().min(u32::MAX as usize);
+        self.out.write_all(&(n as u32).to_be_bytes())?;
+        self.out.write_all(&buf[..n])?;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
 }
 
 fn write_reply(output: &mut dyn Write, reply: &Reply) -> std::io::Result<()> {
