@@ -37,6 +37,37 @@ pub struct DhcpLease {
     pub client_id: Option<String>,
 }
 
+/// A domain's interfaces with the addresses their networks leased
+/// (`domifaddr`, the Domain's `status.interfaces`): each interface's MAC
+/// (given, or derived from the UUID), its tap on the network's bridge, and
+/// the leased `address/prefix` when there is one.
+pub fn interface_addresses(
+    net: &dyn NetworkDriver,
+    interfaces: &[vireo_crds::Interface],
+    uuid: &str,
+) -> Vec<vireo_crds::InterfaceStatus> {
+    interfaces
+        .iter()
+        .enumerate()
+        .map(|(i, iface)| {
+            let mac = crate::bridge::tap::interface_mac(iface, uuid, i);
+            let ip = net
+                .dhcp_leases(&iface.network)
+                .unwrap_or_default()
+                .into_iter()
+                .find(|l| l.mac.eq_ignore_ascii_case(&mac))
+                .map(|l| format!("{}/{}", l.ip, l.prefix));
+            vireo_crds::InterfaceStatus {
+                name: iface.name.clone(),
+                network: iface.network.clone(),
+                device: Some(crate::bridge::tap::tap_name(uuid, i)),
+                mac,
+                ip,
+            }
+        })
+        .collect()
+}
+
 /// A network driver. Same defined/active/transient rules as domains.
 pub trait NetworkDriver: Send + Sync {
     fn list_networks(&self, filter: ListFilter) -> Result<Vec<NetworkRef>>;

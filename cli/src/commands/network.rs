@@ -101,20 +101,18 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
             let def = hv.domain_definition(&d.name, false)?;
             let mut table = Table::new(&["Name", "MAC address", "Protocol", "Address"]);
             let mut data = Vec::new();
-            for (i, iface) in def.spec.devices.interfaces.iter().enumerate() {
-                let mac = vireo_drivers::bridge::tap::interface_mac(iface, &d.uuid, i);
-                let device = vireo_drivers::bridge::tap::tap_name(&d.uuid, i);
-                let leases = net.dhcp_leases(&iface.network).unwrap_or_default();
-                let addr = leases
-                    .iter()
-                    .find(|l| l.mac.eq_ignore_ascii_case(&mac))
-                    .map(|l| format!("{}/{}", l.ip, l.prefix));
-                data.push(json!({"name": device, "interface": iface.name, "network": iface.network, "mac": mac, "address": addr}));
+            for i in vireo_drivers::network::interface_addresses(
+                net,
+                &def.spec.devices.interfaces,
+                &d.uuid,
+            ) {
+                let device = i.device.unwrap_or_default();
+                data.push(json!({"name": device, "interface": i.name, "network": i.network, "mac": i.mac, "address": i.ip}));
                 table.row(vec![
                     device,
-                    mac,
-                    if addr.is_some() { "ipv4" } else { "-" }.into(),
-                    addr.unwrap_or_else(|| "-".into()),
+                    i.mac,
+                    if i.ip.is_some() { "ipv4" } else { "-" }.into(),
+                    i.ip.unwrap_or_else(|| "-".into()),
                 ]);
             }
             Output::Table {

@@ -245,26 +245,20 @@ async fn interface_status(
     interfaces: &[vireo_crds::Interface],
     uuid: &str,
 ) -> Vec<vireo_crds::InterfaceStatus> {
-    let mut out = Vec::new();
-    for (i, iface) in interfaces.iter().enumerate() {
-        let mac = vireo_drivers::bridge::tap::interface_mac(iface, uuid, i);
-        let net = iface.network.clone();
-        let leases = ctx
-            .drive(move |c| c.network().dhcp_leases(&net))
-            .await
-            .unwrap_or_default();
-        let ip = leases
-            .iter()
-            .find(|l| l.mac.eq_ignore_ascii_case(&mac))
-            .map(|l| format!("{}/{}", l.ip, l.prefix));
-        out.push(vireo_crds::InterfaceStatus {
-            name: iface.name.clone(),
-            network: iface.network.clone(),
-            // The test driver plugs nothing in.
-            device: (ty != DomainType::Test).then(|| vireo_drivers::bridge::tap::tap_name(uuid, i)),
-            mac,
-            ip,
-        });
+    let (ifaces, uuid) = (interfaces.to_vec(), uuid.to_string());
+    let mut out = ctx
+        .drive(move |c| {
+            Ok(vireo_drivers::network::interface_addresses(
+                c.network(),
+                &ifaces,
+                &uuid,
+            ))
+        })
+        .await
+        .unwrap_or_default();
+    if ty == DomainType::Test {
+        // The test driver plugs nothing in.
+        out.iter_mut().for_each(|i| i.device = None);
     }
     out
 }
