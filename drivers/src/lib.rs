@@ -22,6 +22,7 @@ pub mod lookup;
 pub mod network;
 pub mod node;
 pub mod qemu;
+pub mod records;
 pub mod remote;
 pub mod storage;
 pub mod test;

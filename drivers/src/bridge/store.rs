@@ -7,10 +7,11 @@
 //! STATE/run/NAME/              dnsmasq's configuration, pid file, leases, log
 //! ```
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::fd::AsRawFd;
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
+
+use crate::records::{self, Named, RecordDir};
 
 use serde::{Deserialize, Serialize};
 use vireo_crds::Network;
@@ -52,13 +53,16 @@ pub struct Record {
 }
 
 pub struct Store {
-    root: PathBuf,
+    records: RecordDir,
 }
 
 /// Holds the store's lock while alive.
-pub struct Locked<'a> {
-    store: &'a Store,
-    _file: File,
+pub struct Locked<'a>(records::Locked<'a>);
+
+impl Named for Record {
+    fn name(&self) -> &str {
+        &self.name
+    }
 }
 
 /// Names a network can have: a Kubernetes object name (letters, digits,
@@ -74,95 +78,39 @@ pub fn valid_name(name: &str) -> bool {
 
 impl Store {
     pub fn open(root: &Path) -> io::Result<Self> {
-        fs::create_dir_all(root.join("networks"))?;
+        let records = RecordDir::open(root, "networks", "network")?;
         fs::create_dir_all(root.join("run"))?;
-        Ok(Self {
-            root: root.to_path_buf(),
-        })
+        Ok(Self { records })
     }
 
     pub fn lock(&self) -> io::Result<Locked<'_>> {
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.root.join("lock"))?;
-        // SAFETY: flock on a descriptor we own; it only blocks this thread
-        // until other holders release the lock.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Locked {
-            store: self,
-            _file: file,
-        })
+        self.records.lock().map(Locked)
     }
 
     /// The run directory of a network.
     pub fn run_dir(&self, name: &str) -> PathBuf {
-        self.root.join("run").join(name)
+        self.records.root().join("run").join(name)
     }
 }
 
 impl Locked<'_> {
-    fn path(&self, name: &str) -> PathBuf {
-        self.store
-            .root
-            .join("networks")
-            .join(format!("{name}.json"))
-    }
-
-    /// Every record, sorted by name; unreadable files are skipped with a
-    /// warning.
+    /// Every record, sorted by name.
     pub fn all(&self) -> io::Result<Vec<Record>> {
-        let mut out = Vec::new();
-        for entry in fs::read_dir(self.store.root.join("networks"))? {
-            let path = entry?.path();
-            if path.extension().and_then(|e| e.to_str()) != Some("json") {
-                continue;
-            }
-            match fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice::<Record>(&b).map_err(|e| e.to_string()))
-            {
-                Ok(r) => out.push(r),
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "skipping unreadable network record")
-                }
-            }
-        }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
+        self.0.records().all()
     }
 
     pub fn get(&self, name: &str) -> io::Result<Option<Record>> {
         if !valid_name(name) {
             return Ok(None);
         }
-        match fs::read(self.path(name)) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
+        self.0.records().get(name)
     }
 
-    /// Writes a record atomically (temporary file, fsync, rename).
     pub fn put(&self, record: &Record) -> io::Result<()> {
-        let path = self.path(&record.name);
-        let tmp = path.with_extension("json.tmp");
-        let bytes = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
-        let mut f = File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        fs::rename(tmp, path)
+        self.0.put(record)
     }
 
     pub fn remove(&self, name: &str) -> io::Result<()> {
-        match fs::remove_file(self.path(name)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
+        self.0.remove(name)
     }
 }

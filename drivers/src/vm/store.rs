@@ -12,10 +12,11 @@
 //! Every process that opens the same root sees the same domains: the agent,
 //! the CLI beside it, and the agent again after a restart.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::fd::AsRawFd;
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
+
+use crate::records::{self, Named, RecordDir};
 
 use serde::{Deserialize, Serialize};
 use vireo_crds::{Domain, DomainReason};
@@ -75,120 +76,66 @@ impl Record {
 
 /// The store under one root.
 pub struct Store {
-    root: PathBuf,
+    records: RecordDir,
 }
 
 /// Holds the store's lock while alive.
-pub struct Locked<'a> {
-    store: &'a Store,
-    _file: File,
+pub struct Locked<'a>(records::Locked<'a>);
+
+impl Named for Record {
+    fn name(&self) -> &str {
+        &self.name
+    }
 }
 
 impl Store {
     /// Opens (and creates) the root.
     pub fn open(root: &Path) -> io::Result<Self> {
-        fs::create_dir_all(root.join("domains"))?;
+        let records = RecordDir::open(root, "domains", "domain")?;
         fs::create_dir_all(root.join("run"))?;
-        Ok(Self {
-            root: root.to_path_buf(),
-        })
+        Ok(Self { records })
     }
 
     pub fn root(&self) -> &Path {
-        &self.root
+        self.records.root()
     }
 
     /// Takes the cross-process lock.
     pub fn lock(&self) -> io::Result<Locked<'_>> {
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.root.join("lock"))?;
-        // SAFETY: flock on a descriptor we own; it only blocks this thread
-        // until other holders release the lock.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Locked {
-            store: self,
-            _file: file,
-        })
+        self.records.lock().map(Locked)
     }
 
     /// The run directory of a domain (by UUID, so paths stay short for
     /// unix sockets).
     pub fn run_dir(&self, uuid: &str) -> PathBuf {
-        self.root.join("run").join(uuid)
+        self.root().join("run").join(uuid)
     }
 }
 
 impl Locked<'_> {
-    fn record_path(&self, name: &str) -> PathBuf {
-        self.store
-            .root
-            .join("domains")
-            .join(format!("{}.json", file_stem(name)))
-    }
-
-    /// Every record, sorted by name. Unreadable files are skipped with a
-    /// warning rather than failing every operation.
+    /// Every record, sorted by name.
     pub fn all(&self) -> io::Result<Vec<Record>> {
-        let mut out = Vec::new();
-        for entry in fs::read_dir(self.store.root.join("domains"))? {
-            let path = entry?.path();
-            if path.extension().and_then(|e| e.to_str()) != Some("json") {
-                continue;
-            }
-            match fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice::<Record>(&b).map_err(|e| e.to_string()))
-            {
-                Ok(r) => out.push(r),
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "skipping unreadable domain record")
-                }
-            }
-        }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
+        self.0.records().all()
     }
 
     pub fn get(&self, name: &str) -> io::Result<Option<Record>> {
         if !valid_name(name) {
             return Ok(None);
         }
-        match fs::read(self.record_path(name)) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
+        self.0.records().get(name)
     }
 
-    /// Writes a record atomically (temporary file, fsync, rename).
     pub fn put(&self, record: &Record) -> io::Result<()> {
-        let path = self.record_path(&record.name);
-        let tmp = path.with_extension("json.tmp");
-        let bytes = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
-        let mut f = File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        fs::rename(tmp, path)
+        self.0.put(record)
     }
 
     pub fn remove(&self, name: &str) -> io::Result<()> {
-        match fs::remove_file(self.record_path(name)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
+        self.0.remove(name)
     }
 
     /// Hands out the next domain ID (1, 2, ...), kept across restarts.
     pub fn next_id(&self) -> io::Result<u32> {
-        let path = self.store.root.join("next-id");
+        let path = self.0.records().root().join("next-id");
         let id = match fs::read_to_string(&path) {
             Ok(s) => s.trim().parse::<u32>().unwrap_or(1).max(1),
             Err(e) if e.kind() == io::ErrorKind::NotFound => 1,
@@ -213,10 +160,4 @@ pub fn valid_name(name: &str) -> bool {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '/'))
-}
-
-/// A record's file name: the domain name with '/' written as "%2F" (no
-/// valid name has a '%').
-fn file_stem(name: &str) -> String {
-    name.replace('/', "%2F")
 }

@@ -23,13 +23,14 @@ pub mod qemu_img;
 
 use std::fs::OpenOptions;
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 use vireo_crds::quantity::{human_bytes as human, parse_quantity};
 use vireo_crds::{ObjectKind, StoragePool, StorageVol, Validate, VolFormat};
+
+use crate::records::{self, Named, RecordDir};
 
 use super::{PoolInfo, PoolRef, PoolState, Progress, ResizeFlags, StorageDriver, VolInfo, VolRef};
 use crate::{Error, ListFilter, Lookup, Result};
@@ -65,9 +66,16 @@ impl PoolRecord {
 
 /// The dir storage driver of one node.
 pub struct DirStorage {
-    state: PathBuf,
+    records: RecordDir,
     host_root: PathBuf,
+    /// Threads of this process take turns before the cross-process lock.
     lock: Mutex<()>,
+}
+
+impl Named for PoolRecord {
+    fn name(&self) -> &str {
+        PoolRecord::name(self)
+    }
 }
 
 fn io_fail(kind: ObjectKind, name: &str, what: &str, e: impl std::fmt::Display) -> Error {
@@ -75,20 +83,6 @@ fn io_fail(kind: ObjectKind, name: &str, what: &str, e: impl std::fmt::Display) 
         object: crate::error::ObjectName::new(kind, name),
         message: format!("{what}: {e}"),
     }
-}
-
-/// Record file names: `/` and `%` escaped.
-fn record_file(name: &str) -> String {
-    let mut out = String::with_capacity(name.len() + 5);
-    for c in name.chars() {
-        match c {
-            '%' => out.push_str("%25"),
-            '/' => out.push_str("%2F"),
-            c => out.push(c),
-        }
-    }
-    out.push_str(".json");
-    out
 }
 
 /// A volume name is a plain file name that is not hidden.
@@ -129,10 +123,10 @@ impl DirStorage {
     /// Opens the driver whose pool records live under `state` (created if
     /// needed); pool paths are taken under `host_root` (`/` for this host).
     pub fn open(state: &Path, host_root: &Path) -> std::result::Result<Self, String> {
-        std::fs::create_dir_all(state.join("pools"))
+        let records = RecordDir::open(state, "pools", "pool")
             .map_err(|e| format!("cannot create {}: {e}", state.join("pools").display()))?;
         Ok(Self {
-            state: state.to_path_buf(),
+            records,
             host_root: host_root.to_path_buf(),
             lock: Mutex::new(()),
         })
@@ -152,88 +146,36 @@ impl DirStorage {
     }
 
     /// Runs `f` holding the in-process lock and the state directory's flock.
-    fn locked<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    fn locked<T>(&self, f: impl FnOnce(&records::Locked<'_>) -> Result<T>) -> Result<T> {
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        let lock_path = self.state.join(".lock");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| io_fail(POOL, "", &format!("open {}", lock_path.display()), e))?;
-        // SAFETY: flock on a descriptor we own; released when `lock` closes.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(io_fail(POOL, "", "flock", io::Error::last_os_error()));
-        }
-        f()
+        let l = self
+            .records
+            .lock()
+            .map_err(|e| io_fail(POOL, "", "lock the pool records", e))?;
+        f(&l)
     }
 
     fn records(&self) -> Result<Vec<PoolRecord>> {
-        let dir = self.state.join("pools");
-        let mut out = Vec::new();
-        let entries = std::fs::read_dir(&dir)
-            .map_err(|e| io_fail(POOL, "", &format!("read {}", dir.display()), e))?;
-        let mut paths: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "json"))
-            .collect();
-        paths.sort();
-        for path in paths {
-            let bytes = match std::fs::read(&path) {
-                Ok(b) => b,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(io_fail(POOL, "", &format!("read {}", path.display()), e)),
-            };
-            let rec: PoolRecord = serde_json::from_slice(&bytes).map_err(|e| {
-                io_fail(
-                    POOL,
-                    "",
-                    &format!("{} is not a pool record", path.display()),
-                    e,
-                )
-            })?;
-            out.push(rec);
-        }
-        Ok(out)
+        self.records
+            .all()
+            .map_err(|e| io_fail(POOL, "", "read the pool records", e))
     }
 
     fn record(&self, name: &str) -> Result<PoolRecord> {
-        let path = self.state.join("pools").join(record_file(name));
-        match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                io_fail(
-                    POOL,
-                    name,
-                    &format!("{} is not a pool record", path.display()),
-                    e,
-                )
-            }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Error::not_found(POOL, name)),
-            Err(e) => Err(io_fail(POOL, name, &format!("read {}", path.display()), e)),
-        }
+        self.records
+            .get(name)
+            .map_err(|e| io_fail(POOL, name, "read its record", e))?
+            .ok_or_else(|| Error::not_found(POOL, name))
     }
 
-    fn save(&self, rec: &PoolRecord) -> Result<()> {
-        let name = rec.name();
-        let path = self.state.join("pools").join(record_file(name));
-        let tmp = path.with_extension("json.tmp");
-        let bytes = serde_json::to_vec_pretty(rec).map_err(|e| io_fail(POOL, name, "encode", e))?;
-        std::fs::write(&tmp, bytes)
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|e| io_fail(POOL, name, &format!("write {}", path.display()), e))
+    fn save(l: &records::Locked<'_>, rec: &PoolRecord) -> Result<()> {
+        l.put(rec)
+            .map_err(|e| io_fail(POOL, rec.name(), "write its record", e))
     }
 
-    fn forget(&self, name: &str) -> Result<()> {
-        let path = self.state.join("pools").join(record_file(name));
-        match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_fail(
-                POOL,
-                name,
-                &format!("remove {}", path.display()),
-                e,
-            )),
-            _ => Ok(()),
-        }
+    fn forget(l: &records::Locked<'_>, name: &str) -> Result<()> {
+        l.remove(name)
+            .map_err(|e| io_fail(POOL, name, "remove its record", e))
     }
 
     /// A running pool and its directory.
@@ -629,15 +571,15 @@ impl StorageDriver for DirStorage {
     }
 
     fn define_pool(&self, pool: &StoragePool) -> Result<PoolRef> {
-        self.locked(|| {
+        self.locked(|l| {
             let (rec, _) = self.define_locked(pool)?;
-            self.save(&rec)?;
+            Self::save(l, &rec)?;
             Ok(rec.reference())
         })
     }
 
     fn create_pool(&self, pool: &StoragePool) -> Result<PoolRef> {
-        self.locked(|| {
+        self.locked(|l| {
             let name = pool.metadata.name.clone().unwrap_or_default();
             let before = self.record(&name).ok();
             if before.as_ref().is_some_and(|r| r.active) {
@@ -661,7 +603,7 @@ impl StorageDriver for DirStorage {
                 None => rec.persistent = false,
             }
             rec.active = true;
-            self.save(&rec)?;
+            Self::save(l, &rec)?;
             Ok(rec.reference())
         })
     }
@@ -683,7 +625,7 @@ impl StorageDriver for DirStorage {
     }
 
     fn start_pool(&self, name: &str) -> Result<()> {
-        self.locked(|| {
+        self.locked(|l| {
             let mut rec = self.record(name)?;
             if rec.active {
                 return Err(Error::invalid_state(POOL, name, "is already active"));
@@ -699,29 +641,29 @@ impl StorageDriver for DirStorage {
                 });
             }
             rec.active = true;
-            self.save(&rec)
+            Self::save(l, &rec)
         })
     }
 
     fn destroy_pool(&self, name: &str) -> Result<()> {
-        self.locked(|| {
+        self.locked(|l| {
             let mut rec = self.record(name)?;
             if !rec.active {
                 return Err(Error::invalid_state(POOL, name, "is not active"));
             }
             if !rec.persistent {
-                return self.forget(name);
+                return Self::forget(l, name);
             }
             rec.active = false;
             if let Some(next) = rec.next.take() {
                 rec.def = next;
             }
-            self.save(&rec)
+            Self::save(l, &rec)
         })
     }
 
     fn delete_pool(&self, name: &str) -> Result<()> {
-        self.locked(|| {
+        self.locked(|_| {
             let rec = self.record(name)?;
             if rec.active {
                 return Err(Error::invalid_state(POOL, name, "is active"));
@@ -759,11 +701,11 @@ impl StorageDriver for DirStorage {
     }
 
     fn undefine_pool(&self, name: &str) -> Result<()> {
-        self.locked(|| {
+        self.locked(|l| {
             if self.record(name)?.active {
                 return Err(Error::invalid_state(POOL, name, "is active"));
             }
-            self.forget(name)
+            Self::forget(l, name)
         })
     }
 
@@ -773,7 +715,7 @@ impl StorageDriver for DirStorage {
     }
 
     fn set_pool_autostart(&self, name: &str, autostart: bool) -> Result<()> {
-        self.locked(|| {
+        self.locked(|l| {
             let mut rec = self.record(name)?;
             if !rec.persistent {
                 return Err(Error::invalid_state(
@@ -783,7 +725,7 @@ impl StorageDriver for DirStorage {
                 ));
             }
             rec.autostart = autostart;
-            self.save(&rec)
+            Self::save(l, &rec)
         })
     }
 
