@@ -291,75 +291,15 @@ impl Cluster {
         kube::Client::try_from(config).expect("client")
     }
 
-    fn kube_env(&self) -> Vec<(String, String)> {
-        vec![
-            ("KUBECONFIG".into(), self.kubeconfig.display().to_string()),
-            (
-                "RUST_LOG".into(),
-                "info,kube=warn,tower=warn,hyper=warn".into(),
-            ),
-        ]
-    }
-
     /// Starts the operator (no leader election unless `extra` asks for it).
     pub fn operator(&self, name: &str, extra: &[&str]) -> Proc {
-        let mut args: Vec<String> = vec![
-            "--host-check-seconds".into(),
-            "1".into(),
-            "--retry-pending-seconds".into(),
-            "1".into(),
-            "--metrics-addr".into(),
-            format!("127.0.0.1:{}", free_port()),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        Proc::spawn(
-            name,
-            &vireo_bin("vireo-operator"),
-            &args,
-            &self.kube_env(),
-            self.dir.join(format!("{name}.log")),
-        )
+        self.operator_with_kubeconfig(name, &self.kubeconfig, extra)
     }
 
     /// Starts an agent for a simulated node with its own state directory:
     /// 8 CPUs and 32 GiB unless `extra` says otherwise, fast heartbeats.
     pub fn agent(&self, node: &str, extra: &[&str]) -> Proc {
-        let mut args: Vec<String> = vec![
-            "--node-name".into(),
-            node.into(),
-            "--state-dir".into(),
-            self.dir.join(format!("state-{node}")).display().to_string(),
-            "--metrics-addr".into(),
-            format!("127.0.0.1:{}", free_port()),
-        ];
-        // Each simulated node has a filesystem of its own for its pools;
-        // boot files may come from anywhere unless a test says otherwise.
-        let host_root = self.dir.join(format!("host-{node}")).display().to_string();
-        let defaults = [
-            ("--host-root", host_root.as_str()),
-            ("--boot-dir", "/"),
-            // Simulated nodes share this machine's network namespace: their
-            // Networks are records, not bridges on the host.
-            ("--network-driver", "test"),
-            ("--heartbeat-seconds", "1"),
-            ("--lease-seconds", "3"),
-            ("--resync-seconds", "5"),
-            ("--cpus", "8"),
-            ("--memory", "32Gi"),
-        ];
-        for (flag, value) in defaults {
-            if !extra.contains(&flag) {
-                args.extend([flag.to_string(), value.to_string()]);
-            }
-        }
-        args.extend(extra.iter().map(|s| s.to_string()));
-        Proc::spawn(
-            node,
-            &vireo_bin("vireo-agent"),
-            &args,
-            &self.kube_env(),
-            self.dir.join(format!("agent-{node}.log")),
-        )
+        self.agent_with_kubeconfig(node, &self.kubeconfig, extra)
     }
 
     /// The operator and three agents (`node-1`..`node-3`), kept by the cluster.
