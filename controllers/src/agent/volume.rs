@@ -51,18 +51,36 @@ impl Fill {
     }
 }
 
+/// The fill of a volume this agent ran or runs, if any.
+fn fill_of(ctx: &Ctx, file: &str) -> Option<Arc<Fill>> {
+    ctx.fills
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(file)
+        .cloned()
+}
+
+/// Forgets a volume's fill (it ended and was reported).
+fn forget_fill(ctx: &Ctx, file: &str) {
+    ctx.fills
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(file);
+}
+
 /// A failed fill is tried again after this long.
 const FILL_RETRY: Duration = Duration::from_secs(30);
 
-/// Starts filling a volume on the blocking pool, unless a fill of it runs,
-/// and waits briefly so that quick fills (blank volumes) finish here.
-async fn start_fill(ctx: &Ctx, file: &str, want: StorageVol) -> Arc<Fill> {
+/// Starts filling a volume on the blocking pool, unless a fill of it runs
+/// (or failed a moment ago), and waits briefly so that quick fills (blank
+/// volumes) finish here. Returns the fill, and whether this call started it.
+async fn start_fill(ctx: &Ctx, file: &str, want: StorageVol) -> (Arc<Fill>, bool) {
     let fill = {
         let mut fills = ctx.fills.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = fills.get(file) {
             match f.ended() {
-                None => return f.clone(),
-                Some((at, Err(_))) if at.elapsed() < FILL_RETRY => return f.clone(),
+                None => return (f.clone(), false),
+                Some((at, Err(_))) if at.elapsed() < FILL_RETRY => return (f.clone(), false),
                 _ => {}
             }
         }
@@ -83,7 +101,7 @@ async fn start_fill(ctx: &Ctx, file: &str, want: StorageVol) -> Arc<Fill> {
         *f.ended.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), result));
     });
     let _ = tokio::time::timeout(Duration::from_millis(800), &mut task).await;
-    fill
+    (fill, true)
 }
 
 pub(crate) async fn run(ctx: Arc<Ctx>) {
@@ -120,19 +138,10 @@ async fn reconcile(vol: Arc<StorageVol>, ctx: &Ctx) -> Result<Action> {
         }
         if vol.finalizers().iter().any(|f| f == NODE_CLEANUP_FINALIZER) {
             // A fill still running would put the file back after the delete.
-            let running = ctx
-                .fills
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&file)
-                .is_some_and(|f| f.ended().is_none());
-            if running {
+            if fill_of(ctx, &file).is_some_and(|f| f.ended().is_none()) {
                 return Ok(Action::requeue(Duration::from_secs(2)));
             }
-            ctx.fills
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&file);
+            forget_fill(ctx, &file);
             let (p, f) = (pool.clone(), file.clone());
             ctx.drive(move |c| match c.storage().delete_volume(&p, &f) {
                 Ok(()) | Err(DriverError::NotFound(_)) => Ok(()),
@@ -183,18 +192,10 @@ async fn reconcile(vol: Arc<StorageVol>, ctx: &Ctx) -> Result<Action> {
             if let Some(src) = want.spec.source.as_mut().and_then(|s| s.clone.as_mut()) {
                 src.volume = file_name(&ns, &src.volume);
             }
-            let fresh = !ctx
-                .fills
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains_key(&file);
-            let fill = start_fill(ctx, &file, want).await;
+            let (fill, fresh) = start_fill(ctx, &file, want).await;
             match fill.ended() {
                 Some((_, Ok(()))) => {
-                    ctx.fills
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&file);
+                    forget_fill(ctx, &file);
                     let (p, f) = (pool.clone(), file.clone());
                     let info = ctx.drive(move |c| c.storage().volume_info(&p, &f)).await?;
                     k8s::event(
@@ -217,10 +218,7 @@ async fn reconcile(vol: Arc<StorageVol>, ctx: &Ctx) -> Result<Action> {
                     _,
                     Err(e @ (DriverError::InvalidState { .. } | DriverError::NotFound(_))),
                 )) => {
-                    ctx.fills
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&file);
+                    forget_fill(ctx, &file);
                     ("Pending", None, e.to_string())
                 }
                 Some((at, Err(e))) => {
@@ -279,12 +277,7 @@ async fn reconcile(vol: Arc<StorageVol>, ctx: &Ctx) -> Result<Action> {
         allocation: info.as_ref().map(|i| format_bytes(i.allocation)),
         progress: match phase {
             "Ready" => Some(100),
-            "Creating" => ctx
-                .fills
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&file)
-                .map(|f| f.percent()),
+            "Creating" => fill_of(ctx, &file).map(|f| f.percent()),
             _ => None,
         },
         observed_generation: vol.meta().generation,

@@ -86,6 +86,53 @@ pub struct ResizeFlags {
     pub shrink: bool,
 }
 
+/// A pool known to a driver, as [`pool_uuid`] compares it: name, UUID, path.
+pub struct KnownPool<'a> {
+    pub name: &'a str,
+    pub uuid: &'a str,
+    pub path: &'a str,
+}
+
+/// libvirt's identity rules for (re)defining the pool `pool`: a UUID it
+/// gives must be the one its name already has; no other pool may have its
+/// UUID or its path. Returns the UUID to keep (the given one, the existing
+/// one, or a new one).
+pub fn pool_uuid<'a>(
+    pool: &StoragePool,
+    known: impl IntoIterator<Item = KnownPool<'a>>,
+) -> Result<String> {
+    use vireo_crds::ObjectKind::StoragePool as POOL;
+    let name = pool.metadata.name.as_deref().unwrap_or_default();
+    let known: Vec<KnownPool<'a>> = known.into_iter().collect();
+    let existing = known.iter().find(|k| k.name == name);
+    let uuid = match (&pool.spec.uuid, existing) {
+        (Some(u), Some(k)) if !u.eq_ignore_ascii_case(k.uuid) => {
+            return Err(crate::Error::already_exists(
+                POOL,
+                name,
+                format!(" with uuid {}", k.uuid),
+            ));
+        }
+        (Some(u), _) => u.to_ascii_lowercase(),
+        (None, Some(k)) => k.uuid.to_string(),
+        (None, None) => uuid::Uuid::new_v4().to_string(),
+    };
+    if let Some(other) = known
+        .iter()
+        .find(|k| k.name != name && (k.uuid == uuid || k.path == pool.spec.path))
+    {
+        return Err(crate::Error::already_exists(
+            POOL,
+            other.name,
+            format!(
+                " with uuid {} and path {}; '{name}' cannot take either",
+                other.uuid, other.path
+            ),
+        ));
+    }
+    Ok(uuid)
+}
+
 /// The capacity a resize asks for, checked with libvirt's storage rules: a
 /// delta adds to the current capacity; never zero; no shrink without the
 /// flag; not below the allocation (where `allocation_floor`); never past

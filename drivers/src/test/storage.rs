@@ -91,33 +91,14 @@ impl State {
             })?,
             None => DEFAULT_CAPACITY,
         };
-        let existing = self.pools.get(&name);
-        let uuid = match (&pool.spec.uuid, existing) {
-            (Some(u), Some(obj)) if !u.eq_ignore_ascii_case(&obj.uuid) => {
-                return Err(Error::already_exists(
-                    POOL,
-                    &name,
-                    format!(" with uuid {}", obj.uuid),
-                ));
-            }
-            (Some(u), _) => u.to_ascii_lowercase(),
-            (None, Some(obj)) => obj.uuid.clone(),
-            (None, None) => uuid::Uuid::new_v4().to_string(),
-        };
-        if let Some(other) = self
-            .pools
-            .values()
-            .find(|o| o.name() != name && (o.uuid == uuid || o.def.spec.path == pool.spec.path))
-        {
-            return Err(Error::already_exists(
-                POOL,
-                other.name(),
-                format!(
-                    " with uuid {} and path {}; '{name}' cannot take either",
-                    other.uuid, other.def.spec.path
-                ),
-            ));
-        }
+        let uuid = crate::storage::pool_uuid(
+            pool,
+            self.pools.values().map(|o| crate::storage::KnownPool {
+                name: o.name(),
+                uuid: &o.uuid,
+                path: &o.def.spec.path,
+            }),
+        )?;
         let mut def = pool.clone();
         def.spec.uuid = Some(uuid.clone());
         def.status = None;

@@ -639,13 +639,10 @@ impl<B: Backend> Inner<B> {
             let Some(backing) = probe.backing else {
                 return Ok(());
             };
-            let next = match Path::new(&backing) {
-                p if p.is_absolute() => p.to_path_buf(),
-                p => at
-                    .parent()
-                    .map(|d| d.join(p))
-                    .unwrap_or_else(|| p.to_path_buf()),
-            };
+            let next = crate::storage::dir::file::backing_path(
+                at.parent().unwrap_or(Path::new("/")),
+                &backing,
+            );
             if self
                 .storage
                 .lookup_volume_by_path(&next.display().to_string())

@@ -104,6 +104,17 @@ pub fn probe(path: &Path) -> io::Result<Probe> {
     })
 }
 
+/// A backing file named in a qcow2 header, as a path: a relative name is
+/// relative to the directory of the image that names it (as QEMU reads it).
+pub fn backing_path(dir: &Path, backing: &str) -> PathBuf {
+    let p = Path::new(backing);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        dir.join(p)
+    }
+}
+
 /// Creates (or truncates) `path` as a new file only we can read and write.
 pub fn create_new(path: &Path) -> io::Result<File> {
     OpenOptions::new()

@@ -231,23 +231,13 @@ impl DirStorage {
         Ok(names)
     }
 
-    /// A backing file named in a qcow2 header, as an absolute path.
-    fn backing_path(dir: &Path, backing: &str) -> PathBuf {
-        let p = Path::new(backing);
-        if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            dir.join(p)
-        }
-    }
-
     /// Refuses a qcow2 image whose backing file is not a volume of the pool
     /// it is in: a guest must never read a host file through a header.
     fn check_backing(name: &str, dir: &Path, probe: &file::Probe) -> Result<()> {
         let Some(backing) = &probe.backing else {
             return Ok(());
         };
-        let path = Self::backing_path(dir, backing);
+        let path = file::backing_path(dir, backing);
         let inside = path.parent() == Some(dir)
             && path
                 .file_name()
@@ -465,31 +455,14 @@ impl DirStorage {
             .map_err(|e| Error::invalid_argument(POOL, &name, e.to_string()))?;
         let records = self.records()?;
         let existing = records.iter().find(|r| r.name() == name);
-        let uuid = match (&pool.spec.uuid, existing) {
-            (Some(u), Some(r)) if !u.eq_ignore_ascii_case(&r.uuid) => {
-                return Err(Error::already_exists(
-                    POOL,
-                    &name,
-                    format!(" with uuid {}", r.uuid),
-                ));
-            }
-            (Some(u), _) => u.to_ascii_lowercase(),
-            (None, Some(r)) => r.uuid.clone(),
-            (None, None) => uuid::Uuid::new_v4().to_string(),
-        };
-        if let Some(other) = records
-            .iter()
-            .find(|r| r.name() != name && (r.uuid == uuid || r.def.spec.path == pool.spec.path))
-        {
-            return Err(Error::already_exists(
-                POOL,
-                other.name(),
-                format!(
-                    " with uuid {} and path {}; '{name}' cannot take either",
-                    other.uuid, other.def.spec.path
-                ),
-            ));
-        }
+        let uuid = super::pool_uuid(
+            pool,
+            records.iter().map(|r| super::KnownPool {
+                name: r.name(),
+                uuid: &r.uuid,
+                path: &r.def.spec.path,
+            }),
+        )?;
         let mut def = pool.clone();
         def.spec.uuid = Some(uuid.clone());
         def.status = None;
@@ -879,7 +852,7 @@ impl StorageDriver for DirStorage {
                 let made = match &p.backing {
                     Some(b) => {
                         Self::check_backing(name, &dir, &p)?;
-                        let backing = Self::backing_path(&dir, b);
+                        let backing = file::backing_path(&dir, b);
                         let fmt = Self::probe(name, &backing)?.format;
                         qemu_img::create_overlay(&partial, &backing, fmt, p.capacity)
                     }
@@ -906,7 +879,7 @@ impl StorageDriver for DirStorage {
             }
             if let Ok(p) = file::probe(&dir.join(&other))
                 && let Some(b) = &p.backing
-                && Self::backing_path(&dir, b) == path
+                && file::backing_path(&dir, b) == path
             {
                 return Err(Error::invalid_state(
                     VOL,
