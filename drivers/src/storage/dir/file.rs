@@ -404,8 +404,11 @@ mod tests {
         let out = create_new(&dst).expect("dst");
         let n = copy_sparse(&src, &out, &no_progress).expect("copy");
         assert_eq!(n, 8 << 20);
-        assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
-        let alloc = std::fs::metadata(&dst).unwrap().blocks() * 512;
+        assert_eq!(
+            std::fs::read(&src).expect("test file I/O"),
+            std::fs::read(&dst).expect("test file I/O")
+        );
+        let alloc = std::fs::metadata(&dst).expect("test file I/O").blocks() * 512;
         assert!(
             alloc < 2 << 20,
             "the copy is not sparse: {alloc} bytes allocated"
@@ -416,8 +419,11 @@ mod tests {
     fn probe_reads_qcow2_headers_and_raw_sizes() {
         let dir = tmp("probe");
         let raw = dir.join("raw");
-        create_new(&raw).unwrap().set_len(12345).unwrap();
-        let p = probe(&raw).unwrap();
+        create_new(&raw)
+            .expect("test file I/O")
+            .set_len(12345)
+            .expect("test file I/O");
+        let p = probe(&raw).expect("test file I/O");
         assert_eq!(
             (p.format, p.capacity, p.backing),
             (VolFormat::Raw, 12345, None)
@@ -432,15 +438,15 @@ mod tests {
         h[24..32].copy_from_slice(&(1u64 << 30).to_be_bytes());
         h[512..520].copy_from_slice(b"base.img");
         let q = dir.join("q");
-        std::fs::write(&q, &h).unwrap();
-        let p = probe(&q).unwrap();
+        std::fs::write(&q, &h).expect("test file I/O");
+        let p = probe(&q).expect("test file I/O");
         assert_eq!(p.format, VolFormat::Qcow2);
         assert_eq!(p.capacity, 1 << 30);
         assert_eq!(p.backing.as_deref(), Some("base.img"));
 
         // A truncated header is refused, not read past.
         h[16..20].copy_from_slice(&5000u32.to_be_bytes());
-        std::fs::write(&q, &h).unwrap();
+        std::fs::write(&q, &h).expect("test file I/O");
         assert!(probe(&q).is_err());
     }
 
@@ -448,9 +454,9 @@ mod tests {
     fn zero_data_zeroes_and_keeps_the_size() {
         let dir = tmp("zero");
         let p = dir.join("v");
-        std::fs::write(&p, vec![0xabu8; 3 << 20]).unwrap();
-        zero_data(&p).unwrap();
-        let data = std::fs::read(&p).unwrap();
+        std::fs::write(&p, vec![0xabu8; 3 << 20]).expect("test file I/O");
+        zero_data(&p).expect("test file I/O");
+        let data = std::fs::read(&p).expect("test file I/O");
         assert_eq!(data.len(), 3 << 20);
         assert!(data.iter().all(|b| *b == 0));
     }
@@ -459,13 +465,13 @@ mod tests {
     fn rename_noreplace_refuses_an_existing_target() {
         let dir = tmp("rename");
         let (a, b) = (dir.join("a"), dir.join("b"));
-        std::fs::write(&a, b"a").unwrap();
-        std::fs::write(&b, b"b").unwrap();
-        let e = rename_noreplace(&a, &b).unwrap_err();
+        std::fs::write(&a, b"a").expect("test file I/O");
+        std::fs::write(&b, b"b").expect("test file I/O");
+        let e = rename_noreplace(&a, &b).expect_err("must fail");
         assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
-        assert_eq!(std::fs::read(&b).unwrap(), b"b");
-        std::fs::remove_file(&b).unwrap();
-        rename_noreplace(&a, &b).unwrap();
-        assert_eq!(std::fs::read(&b).unwrap(), b"a");
+        assert_eq!(std::fs::read(&b).expect("test file I/O"), b"b");
+        std::fs::remove_file(&b).expect("test file I/O");
+        rename_noreplace(&a, &b).expect("test file I/O");
+        assert_eq!(std::fs::read(&b).expect("test file I/O"), b"a");
     }
 }
