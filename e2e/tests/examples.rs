@@ -10,7 +10,6 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{Cluster, ready_hosts, repo, wait_for};
@@ -39,13 +38,10 @@ async fn every_example_applies_and_converges() {
         return;
     }
     // The Linux example boots from the agent's default boot directory.
-    let out = Command::new(repo().join("scripts/guest-image.sh"))
-        .arg("/var/lib/vireo/boot/vireo-guest")
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("runs scripts/guest-image.sh");
-    assert!(out.status.success(), "scripts/guest-image.sh failed");
+    common::script_output(
+        "scripts/guest-image.sh",
+        Some(std::path::Path::new("/var/lib/vireo/boot/vireo-guest")),
+    );
 
     let cluster = Cluster::start("examples");
     let _op = cluster.operator("operator", &["--no-leader-election"]);

@@ -10,10 +10,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use common::{Cluster, ready_hosts, repo, wait_for};
+use common::{Cluster, ready_hosts, wait_for};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams};
 use vireo_crds::{Domain, DomainState};
@@ -60,35 +60,11 @@ fn kvm_available() -> bool {
 
 fn test_guest() -> PathBuf {
     let out_dir = std::env::temp_dir().join(format!("vireo-e2e-guest-{}", std::process::id()));
-    let out = Command::new(repo().join("vmm/guest/build.sh"))
-        .arg(&out_dir)
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("runs vmm/guest/build.sh");
-    assert!(out.status.success(), "vmm/guest/build.sh failed");
-    PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .expect("ELF path")
-            .trim(),
-    )
+    common::script_output("vmm/guest/build.sh", Some(&out_dir))
 }
 
 fn guest_image() -> PathBuf {
-    let out = Command::new(repo().join("scripts/guest-image.sh"))
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("runs scripts/guest-image.sh");
-    assert!(out.status.success(), "scripts/guest-image.sh failed");
-    PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .expect("image dir")
-            .trim(),
-    )
+    common::script_output("scripts/guest-image.sh", None)
 }
 
 fn status_of(d: &Domain) -> (Option<DomainState>, Option<u32>, Option<u32>, String) {

@@ -15,11 +15,9 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Cluster, ready_hosts, repo, wait_for};
+use common::{Cluster, ready_hosts, wait_for};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use vireo_crds::{Domain, DomainState, StorageVol};
@@ -35,26 +33,6 @@ fn have(what: &str, ok: bool, why: &str) -> bool {
         eprintln!("SKIP storage e2e: {what} is missing ({why})");
     }
     ok
-}
-
-fn script_output(script: &str, arg: Option<&Path>) -> PathBuf {
-    let mut cmd = Command::new(repo().join(script));
-    if let Some(a) = arg {
-        cmd.arg(a);
-    }
-    let out = cmd
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("runs the script");
-    assert!(out.status.success(), "{script} failed");
-    PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .expect("a path")
-            .trim(),
-    )
 }
 
 /// Serves `body` on loopback to every connection, `rate` bytes a second
@@ -150,9 +128,9 @@ async fn volumes_from_http_carry_guest_data_and_survive_agent_crashes() {
     if !have("/dev/kvm", kvm, "the kvm half needs it") {
         return;
     }
-    let image = script_output("scripts/guest-image.sh", None);
+    let image = common::script_output("scripts/guest-image.sh", None);
     let guest_dir = std::env::temp_dir().join(format!("vireo-e2e-sguest-{}", std::process::id()));
-    let test_guest = script_output("vmm/guest/build.sh", Some(&guest_dir));
+    let test_guest = common::script_output("vmm/guest/build.sh", Some(&guest_dir));
 
     let cluster = Cluster::start("storage");
     let _op = cluster.operator("operator", &["--no-leader-election"]);

@@ -593,3 +593,26 @@ impl Cluster {
         self.procs.push(proc);
     }
 }
+
+/// Runs a repository script (`scripts/guest-image.sh`, `vmm/guest/build.sh`)
+/// with an optional argument and returns the path on the last line of its
+/// output (both print what they built there).
+pub fn script_output(script: &str, arg: Option<&Path>) -> PathBuf {
+    let mut cmd = Command::new(repo().join(script));
+    if let Some(a) = arg {
+        cmd.arg(a);
+    }
+    let out = cmd
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("runs the script");
+    assert!(out.status.success(), "{script} failed");
+    PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .expect("a path")
+            .trim(),
+    )
+}
