@@ -66,11 +66,23 @@ pub struct ControlState {
     pub entry: Entry,
     /// vCPUs the guest ejected (CPU hot-unplug): parked until plugged again.
     pub unplugged: Vec<bool>,
+    /// vCPUs plugged in again since they were ejected, until each has reset
+    /// itself: a latch, so a vCPU that had not parked yet when it came back
+    /// still starts over as at power-on.
+    pub replugged: Vec<bool>,
 }
 
 impl ControlState {
     fn is_unplugged(&self, index: u32) -> bool {
         self.unplugged.get(index as usize).copied().unwrap_or(false)
+    }
+
+    /// Whether vCPU `index` came back since it was ejected; clears the latch.
+    fn take_replugged(&mut self, index: u32) -> bool {
+        self.replugged
+            .get_mut(index as usize)
+            .map(std::mem::take)
+            .unwrap_or(false)
     }
 }
 
@@ -90,6 +102,7 @@ impl VcpuControl {
                 reset_acks: 0,
                 entry,
                 unplugged: Vec::new(),
+                replugged: Vec::new(),
             }),
             cv: Condvar::new(),
         }
@@ -259,6 +272,8 @@ impl Vcpu {
         loop {
             if st.generation != *generation {
                 *generation = st.generation;
+                // The reset below also covers a vCPU plugged in again.
+                st.take_replugged(self.index);
                 let entry = st.entry;
                 if let Err(e) = self.reset(entry) {
                     self.events.push(MachineEvent::Crash(format!(
@@ -270,6 +285,18 @@ impl Vcpu {
                 control.cv.notify_all();
             }
             let unplugged = st.is_unplugged(self.index);
+            if !unplugged && st.take_replugged(self.index) {
+                // Plugged again: back to an application processor waiting
+                // for INIT/SIPI, as at power-on.
+                let entry = st.entry;
+                if let Err(e) = self.reset(entry) {
+                    self.events.push(MachineEvent::Crash(format!(
+                        "vCPU {}: reset after hot-plug failed: {e}",
+                        self.index
+                    )));
+                }
+                tracing::info!(vcpu = self.index, "vCPU plugged in again");
+            }
             match st.want {
                 Want::Run if !unplugged => return true,
                 Want::Exit => return false,
@@ -283,18 +310,6 @@ impl Vcpu {
                         st = control.cv.wait(st).unwrap_or_else(|e| e.into_inner());
                     }
                     st.parked -= 1;
-                    if unplugged && !st.is_unplugged(self.index) && st.generation == *generation {
-                        // Plugged again: back to an application processor
-                        // waiting for INIT/SIPI, as at power-on.
-                        let entry = st.entry;
-                        if let Err(e) = self.reset(entry) {
-                            self.events.push(MachineEvent::Crash(format!(
-                                "vCPU {}: reset after hot-plug failed: {e}",
-                                self.index
-                            )));
-                        }
-                        tracing::info!(vcpu = self.index, "vCPU plugged in again");
-                    }
                 }
             }
         }
@@ -477,6 +492,10 @@ impl VcpuSet {
             let i = index as usize;
             if st.unplugged.len() <= i {
                 st.unplugged.resize(i + 1, false);
+                st.replugged.resize(i + 1, false);
+            }
+            if st.unplugged[i] && !unplugged {
+                st.replugged[i] = true;
             }
             st.unplugged[i] = unplugged;
         }
