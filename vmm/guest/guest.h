@@ -115,6 +115,7 @@ uint64_t heap_seal(uint64_t *end);
 
 /* ---- virtio (virtio.c) ---- */
 int virtio_scan(int echo, uint32_t bench_frames, uint32_t bench_size);
+void virtio_blk_bench(uint32_t mib, uint32_t kib, uint32_t depth);
 void virtio_ack_slot(int slot);
 int virtio_slot_present(int slot);
 void virtio_poll_all(void);

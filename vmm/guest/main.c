@@ -220,6 +220,27 @@ static void netbench_option(uint32_t *frames, uint32_t *size)
     }
 }
 
+/* vireo.blkbench=MIB[,KIB[,DEPTH]]: MiB to write and read back, request
+ * size in KiB (default 128), requests in flight (default 16). */
+static void blkbench_option(uint32_t *mib, uint32_t *kib, uint32_t *depth)
+{
+    *mib = 0;
+    *kib = 128;
+    *depth = 16;
+    const char *v = option_value("vireo.blkbench=");
+    if (!v)
+        return;
+    *mib = parse_u32(&v);
+    if (*v == ',') {
+        v++;
+        *kib = parse_u32(&v);
+        if (*v == ',') {
+            v++;
+            *depth = parse_u32(&v);
+        }
+    }
+}
+
 /* ------------------------------------------------------------------ */
 /* power */
 
@@ -581,6 +602,10 @@ void guest_main(uint64_t info, int kind)
     uint32_t bench_frames, bench_size;
     netbench_option(&bench_frames, &bench_size);
     int devices = virtio_scan(has_option("vireo.echo=1"), bench_frames, bench_size);
+    uint32_t blk_mib, blk_kib, blk_depth;
+    blkbench_option(&blk_mib, &blk_kib, &blk_depth);
+    if (blk_mib)
+        virtio_blk_bench(blk_mib, blk_kib, blk_depth);
 
     /* 5. done */
     kprintf("VIREO-TEST-GUEST-DONE devices=%d\n", devices);

@@ -199,42 +199,151 @@ impl<'a> Ticker<'a> {
     }
 }
 
+/// Alignment of buffers, offsets and lengths for writes that bypass the
+/// page cache (O_DIRECT); 4 KiB satisfies every block size in use.
+const DIRECT_ALIGN: usize = 4096;
+
+/// A buffer of CHUNK bytes aligned for O_DIRECT.
+struct AlignedBuf {
+    storage: Vec<u8>,
+    offset: usize,
+}
+
+impl AlignedBuf {
+    fn new() -> Self {
+        let storage = vec![0u8; CHUNK + DIRECT_ALIGN];
+        let offset = storage.as_ptr().align_offset(DIRECT_ALIGN);
+        Self { storage, offset }
+    }
+    fn get(&mut self) -> &mut [u8] {
+        &mut self.storage[self.offset..self.offset + CHUNK]
+    }
+}
+
+/// Writes a new volume's content past the page cache where it can.
+///
+/// A copy into the page cache makes the kernel find and fill a fresh page
+/// for every 4 KiB it writes, which then sit dirty until the final fsync:
+/// measured on our build machines, a 1 GiB clone took 2-3 s that way and
+/// under 1 s with O_DIRECT (`cargo bench -p vireo-drivers --bench
+/// storage`), and it leaves the host's cache to the guests. Pieces that
+/// are not block-aligned (the tail of a file), and filesystems that refuse
+/// O_DIRECT, go through the page cache as before; the caller's fsync makes
+/// both durable.
+struct VolumeWriter<'a> {
+    file: &'a File,
+    /// O_DIRECT may be used on this file (it was accepted once).
+    direct_ok: bool,
+    /// O_DIRECT is set on the descriptor now.
+    direct_on: bool,
+}
+
+impl<'a> VolumeWriter<'a> {
+    fn new(file: &'a File) -> Self {
+        let mut w = Self {
+            file,
+            direct_ok: true,
+            direct_on: false,
+        };
+        w.direct_ok = w.set_direct(true).is_ok();
+        w
+    }
+
+    fn set_direct(&mut self, on: bool) -> io::Result<()> {
+        if self.direct_on == on {
+            return Ok(());
+        }
+        let fd = self.file.as_raw_fd();
+        // SAFETY: F_GETFL/F_SETFL on a descriptor we borrow; only its
+        // status flags change, no memory is passed.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        if flags < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let flags = if on {
+            flags | libc::O_DIRECT
+        } else {
+            flags & !libc::O_DIRECT
+        };
+        // SAFETY: as above.
+        if unsafe { libc::fcntl(fd, libc::F_SETFL, flags) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.direct_on = on;
+        Ok(())
+    }
+
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let align = DIRECT_ALIGN as u64;
+        let aligned = self.direct_ok
+            && offset.is_multiple_of(align)
+            && (buf.len() as u64).is_multiple_of(align)
+            && buf.as_ptr().align_offset(DIRECT_ALIGN) == 0;
+        self.set_direct(aligned)?;
+        match self.file.write_all_at(buf, offset) {
+            // A filesystem that takes the flag but not the write.
+            Err(e) if aligned && e.raw_os_error() == Some(libc::EINVAL) => {
+                self.direct_ok = false;
+                self.set_direct(false)?;
+                self.file.write_all_at(buf, offset)
+            }
+            r => r,
+        }
+    }
+
+    /// Leaves the descriptor as it was given (buffered).
+    fn finish(mut self) -> io::Result<()> {
+        self.set_direct(false)
+    }
+}
+
 /// Copies a raw file into `dst` (already created, empty), keeping holes as
 /// holes; `dst` ends with the source's length.
 pub fn copy_sparse(src: &Path, dst: &File, progress: Progress<'_>) -> io::Result<u64> {
     let mut input = File::open(src)?;
     let len = input.metadata()?.len();
-    let mut output = dst;
+    let mut output = VolumeWriter::new(dst);
     let mut ticker = Ticker::new(progress, Some(len));
-    let mut buf = vec![0u8; CHUNK];
+    let mut aligned = AlignedBuf::new();
+    let buf = aligned.get();
     let mut pos = 0;
-    let mut copied = 0u64;
     while let Some((start, end)) = next_data(&input, pos, len)? {
         input.seek(SeekFrom::Start(start))?;
-        output.seek(SeekFrom::Start(start))?;
         let mut at = start;
         while at < end {
             let want = usize::try_from((end - at).min(CHUNK as u64)).unwrap_or(CHUNK);
-            let n = input.read(&mut buf[..want])?;
+            let n = read_full(&mut input, &mut buf[..want])?;
             if n == 0 {
                 break;
             }
             // Zero blocks inside a data region stay holes in the copy.
             if buf[..n].iter().any(|b| *b != 0) {
-                output.write_all(&buf[..n])?;
-            } else {
-                output.seek(SeekFrom::Current(n as i64))?;
+                output.write_at(&buf[..n], at)?;
             }
             at += n as u64;
-            copied += n as u64;
             ticker.tick(at);
         }
         pos = end;
     }
+    output.finish()?;
     dst.set_len(len)?;
     ticker.finish(len);
-    let _ = copied;
     Ok(len)
+}
+
+/// Reads until `buf` is full or the end of the input.
+fn read_full(source: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match source.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
 }
 
 /// Copies a stream into `dst` (already created, empty) and returns the
@@ -245,29 +354,20 @@ pub fn copy_stream(
     total: Option<u64>,
     progress: Progress<'_>,
 ) -> io::Result<u64> {
-    let mut output = dst;
+    let mut output = VolumeWriter::new(dst);
     let mut ticker = Ticker::new(progress, total);
-    let mut buf = vec![0u8; CHUNK];
+    let mut aligned = AlignedBuf::new();
+    let buf = aligned.get();
     let mut done = 0u64;
     loop {
-        // Fill the whole chunk (or reach the end) so that zero detection
-        // sees whole chunks.
-        let mut got = 0;
-        while got < buf.len() {
-            match source.read(&mut buf[got..]) {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
+        // Whole chunks, so that zero detection sees whole chunks and every
+        // write but the last is aligned.
+        let got = read_full(source, buf)?;
         if got == 0 {
             break;
         }
         if buf[..got].iter().any(|b| *b != 0) {
-            output.write_all(&buf[..got])?;
-        } else {
-            output.seek(SeekFrom::Current(got as i64))?;
+            output.write_at(&buf[..got], done)?;
         }
         done += got as u64;
         ticker.tick(done);
@@ -275,6 +375,7 @@ pub fn copy_stream(
             break;
         }
     }
+    output.finish()?;
     dst.set_len(done)?;
     ticker.finish(done);
     Ok(done)
@@ -388,6 +489,50 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("tmp dir");
         dir
+    }
+
+    /// A reader that hands out at most 1000 bytes a call, as a socket does.
+    struct Trickle<'a>(&'a [u8]);
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = buf.len().min(self.0.len()).min(1000);
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    /// Aligned chunks go past the page cache, the unaligned tail through
+    /// it: the bytes are the same either way, and zero chunks stay holes.
+    #[test]
+    fn copies_with_an_unaligned_tail_are_exact() {
+        let dir = tmp("tail");
+        let len = 3 * CHUNK + 1234;
+        let mut data: Vec<u8> = (0..len).map(|i| (i % 251) as u8 | 1).collect();
+        data[CHUNK..2 * CHUNK].fill(0);
+        let src = dir.join("src");
+        std::fs::write(&src, &data).expect("test file I/O");
+
+        let streamed = dir.join("streamed");
+        let out = create_new(&streamed).expect("create");
+        let n = copy_stream(&mut Trickle(&data), &out, None, &no_progress).expect("copy");
+        assert_eq!(n, len as u64);
+        drop(out);
+        assert!(std::fs::read(&streamed).expect("test file I/O") == data);
+        let alloc = std::fs::metadata(&streamed).expect("test file I/O").blocks() * 512;
+        assert!(alloc < (len - CHUNK / 2) as u64, "the zero MiB is a hole: {alloc}");
+
+        let copied = dir.join("copied");
+        let out = create_new(&copied).expect("create");
+        copy_sparse(&src, &out, &no_progress).expect("copy");
+        // The descriptor is handed back without O_DIRECT: an unaligned
+        // write through it still works.
+        let mut w = &out;
+        w.seek(SeekFrom::Start(7)).expect("seek");
+        w.write_all(&data[7..10]).expect("buffered write after the copy");
+        drop(out);
+        assert!(std::fs::read(&copied).expect("test file I/O") == data);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
