@@ -56,14 +56,26 @@ pub async fn patch_json<K>(api: &Api<K>, name: &str, patch: serde_json::Value) -
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
 {
+    patch_json_returning(api, name, patch).await.map(drop)
+}
+
+/// [`patch_json`], returning the object as the API server stored it.
+pub async fn patch_json_returning<K>(
+    api: &Api<K>,
+    name: &str,
+    patch: serde_json::Value,
+) -> Result<K>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
     let patch: json_patch::Patch =
         serde_json::from_value(patch).map_err(|source| Error::Serialize {
             what: "a JSON patch",
             source,
         })?;
-    api.patch(name, &PatchParams::default(), &Patch::<()>::Json(patch))
-        .await?;
-    Ok(())
+    Ok(api
+        .patch(name, &PatchParams::default(), &Patch::<()>::Json(patch))
+        .await?)
 }
 
 /// Server-side applies `status` on the status subresource under `manager`.

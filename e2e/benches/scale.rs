@@ -40,13 +40,85 @@ fn vm_hwm_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// Sum of `apiserver_request_total` on the API server's /metrics.
-fn api_requests(cluster: &common::Cluster) -> u64 {
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name, which is in parentheses.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ut: f64 = f.get(11)?.parse().ok()?;
+            let st: f64 = f.get(12)?.parse().ok()?;
+            Some((ut + st) / hz)
+        })
+        .unwrap_or(0.0)
+}
+
+/// `apiserver_request_total` and the summed request seconds on the API
+/// server's /metrics, by verb, resource and subresource.
+fn api_requests(cluster: &common::Cluster) -> HashMap<String, (f64, f64)> {
     let text = cluster.kubectl_ok(&["get", "--raw", "/metrics"]);
-    text.lines()
-        .filter(|l| l.starts_with("apiserver_request_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
+    let mut by: HashMap<String, (f64, f64)> = HashMap::new();
+    for line in text.lines() {
+        let (metric, slot) = if let Some(r) = line.strip_prefix("apiserver_request_total{") {
+            (r, 0)
+        } else if let Some(r) = line.strip_prefix("apiserver_request_duration_seconds_sum{") {
+            (r, 1)
+        } else {
+            continue;
+        };
+        let Some((labels, value)) = metric.rsplit_once("} ") else {
+            continue;
+        };
+        let Ok(value) = value.trim().parse::<f64>() else {
+            continue;
+        };
+        let label = |k: &str| {
+            labels
+                .split(',')
+                .find_map(|kv| kv.strip_prefix(&format!("{k}=\"")))
+                .map(|v| v.trim_end_matches('"').to_string())
+                .unwrap_or_default()
+        };
+        let sub = label("subresource");
+        let key = format!(
+            "{} {}{}",
+            label("verb"),
+            label("resource"),
+            if sub.is_empty() {
+                String::new()
+            } else {
+                format!("/{sub}")
+            }
+        );
+        let e = by.entry(key).or_default();
+        if slot == 0 {
+            e.0 += value;
+        } else {
+            e.1 += value;
+        }
+    }
+    by
+}
+
+/// The requests made between two readings, largest first.
+fn request_delta(
+    before: &HashMap<String, (f64, f64)>,
+    after: &HashMap<String, (f64, f64)>,
+) -> Vec<(String, u64, f64)> {
+    let mut v: Vec<(String, u64, f64)> = after
+        .iter()
+        .map(|(k, (n, secs))| {
+            let (n0, s0) = before.get(k).copied().unwrap_or_default();
+            (k.clone(), (n - n0).round() as u64, secs - s0)
+        })
+        .filter(|(_, n, _)| *n > 0)
+        .collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1));
+    v
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -90,6 +162,22 @@ async fn main() {
             }),
     );
     let requests_before = api_requests(&cluster);
+    let pid_of = |key: &str| {
+        cluster
+            .env
+            .get(key)
+            .and_then(|p| p.parse::<u32>().ok())
+            .unwrap_or(0)
+    };
+    let mut cpu_pids: Vec<(String, u32)> = vec![
+        ("kube-apiserver".into(), pid_of("APISERVER_PID")),
+        ("etcd".into(), pid_of("ETCD_PID")),
+        ("operator".into(), operator.pid().unwrap_or(0)),
+    ];
+    for (i, a) in agents.iter().enumerate() {
+        cpu_pids.push((format!("agent node-{}", i + 1), a.pid().unwrap_or(0)));
+    }
+    let cpu_before: Vec<f64> = cpu_pids.iter().map(|(_, p)| cpu_seconds(*p)).collect();
     let started = Instant::now();
     let created_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     futures::stream::iter(0..n)
@@ -137,9 +225,15 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let all_running = started.elapsed();
+    let cpu_used: Vec<(String, f64)> = cpu_pids
+        .iter()
+        .zip(&cpu_before)
+        .map(|((name, pid), before)| (name.clone(), cpu_seconds(*pid) - before))
+        .collect();
     // Let the last status writes land before counting requests.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let requests = api_requests(&cluster).saturating_sub(requests_before);
+    let request_kinds = request_delta(&requests_before, &api_requests(&cluster));
+    let requests: u64 = request_kinds.iter().map(|(_, n, _)| n).sum();
     watch.abort();
 
     let running = running_at.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -202,7 +296,20 @@ async fn main() {
             m
         );
     }
+    for (name, secs) in &cpu_used {
+        println!(
+            " {:<36} {:>11.2}s",
+            format!("CPU until all Running: {name}"),
+            secs
+        );
+    }
+    println!(" API requests by kind (count, summed latency):");
+    for (kind, count, secs) in request_kinds.iter().take(12) {
+        println!("   {kind:<40} {count:>6} {secs:>8.2}s");
+    }
     let json = serde_json::json!({
+        "api_requests_by_kind": request_kinds.iter().map(|(k, n, s)| serde_json::json!({"kind": k, "count": n, "seconds": s})).collect::<Vec<_>>(),
+        "cpu_seconds_until_all_running": cpu_used.iter().map(|(n, s)| (n.clone(), serde_json::json!(s))).collect::<serde_json::Map<_, _>>(),
         "benchmark": "scale",
         "domains": n,
         "running": running.len(),

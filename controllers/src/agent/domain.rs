@@ -230,7 +230,15 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
         conditions: vec![ready_cond],
         interfaces,
     };
-    if !status_matches(&status, &wanted) {
+    // A Domain the operator has bound but not yet given its gates waits
+    // without a word: the operator's status follows its binding at once,
+    // and wakes this reconcile; saying "waiting" in between would be one
+    // more write per Domain for nothing anyone reads.
+    let gates_unset = ["VolumesReady", "NetworksReady"]
+        .iter()
+        .any(|g| find(&status.conditions, g).is_none());
+    let quiet = waiting.is_some() && gates_unset && !wanted.state.is_some_and(|s| s.is_active());
+    if !quiet && !status_matches(&status, &wanted) {
         k8s::apply_status(&api, &dom.name_any(), &ctx.manager, &wanted).await?;
     }
     // Gates open with a status change, which wakes this reconcile.

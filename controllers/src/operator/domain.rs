@@ -295,7 +295,7 @@ async fn reconcile(dom: Arc<Domain>, dctx: &DomainCtx) -> Result<Action> {
         return Ok(Action::await_change());
     }
     let status = dom.status.clone().unwrap_or_default();
-    let generation = dom.meta().generation;
+    let mut generation = dom.meta().generation;
     let prev = &status.conditions;
 
     // The binding is the label, or the node already recorded in status: a
@@ -342,12 +342,18 @@ async fn reconcile(dom: Arc<Domain>, dctx: &DomainCtx) -> Result<Action> {
             });
             match decision {
                 Ok((host, req)) => {
-                    if let Err(e) = bind(ctx, &dom, &host, &req).await {
-                        ctx.assumed
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .remove(&key(&dom));
-                        return Err(e);
+                    match bind(ctx, &dom, &host, &req).await {
+                        // Giving the Domain its UUID changed its spec: the
+                        // conditions below speak of the bound generation, so
+                        // that the next look finds them current.
+                        Ok(bound) => generation = bound,
+                        Err(e) => {
+                            ctx.assumed
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .remove(&key(&dom));
+                            return Err(e);
+                        }
                     }
                     k8s::event(
                         &ctx.recorder,
@@ -512,7 +518,8 @@ fn relabelled(dom: &Domain, node: &str) -> serde_json::Value {
 /// agent selects on, in one JSON Patch that also gives the Domain its UUID
 /// (its own UID: an RFC 4122 UUID, for life) and the agent's cleanup
 /// finalizer, and that applies only to the version placement looked at.
-async fn bind(ctx: &Ctx, dom: &Domain, host: &str, req: &Request) -> Result<()> {
+/// Returns the bound Domain's generation.
+async fn bind(ctx: &Ctx, dom: &Domain, host: &str, req: &Request) -> Result<Option<i64>> {
     let ns = dom.namespace().unwrap_or_default();
     // Each unplaced volume is bound only if nobody bound it meanwhile (two
     // Domains sharing a volume must not pull it to two nodes).
@@ -552,7 +559,9 @@ async fn bind(ctx: &Ctx, dom: &Domain, host: &str, req: &Request) -> Result<()> 
         Some(_) => {}
     }
     let api: Api<Domain> = Api::namespaced(ctx.client.clone(), &ns);
-    k8s::patch_json(&api, &dom.name_any(), serde_json::Value::Array(ops)).await
+    let bound =
+        k8s::patch_json_returning(&api, &dom.name_any(), serde_json::Value::Array(ops)).await?;
+    Ok(bound.meta().generation)
 }
 
 fn volumes_ready(ctx: &Ctx, dom: &Domain, node: &str) -> (bool, String) {

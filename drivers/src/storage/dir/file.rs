@@ -519,8 +519,14 @@ mod tests {
         assert_eq!(n, len as u64);
         drop(out);
         assert!(std::fs::read(&streamed).expect("test file I/O") == data);
-        let alloc = std::fs::metadata(&streamed).expect("test file I/O").blocks() * 512;
-        assert!(alloc < (len - CHUNK / 2) as u64, "the zero MiB is a hole: {alloc}");
+        let alloc = std::fs::metadata(&streamed)
+            .expect("test file I/O")
+            .blocks()
+            * 512;
+        assert!(
+            alloc < (len - CHUNK / 2) as u64,
+            "the zero MiB is a hole: {alloc}"
+        );
 
         let copied = dir.join("copied");
         let out = create_new(&copied).expect("create");
@@ -529,7 +535,8 @@ mod tests {
         // write through it still works.
         let mut w = &out;
         w.seek(SeekFrom::Start(7)).expect("seek");
-        w.write_all(&data[7..10]).expect("buffered write after the copy");
+        w.write_all(&data[7..10])
+            .expect("buffered write after the copy");
         drop(out);
         assert!(std::fs::read(&copied).expect("test file I/O") == data);
         let _ = std::fs::remove_dir_all(&dir);
