@@ -26,7 +26,7 @@ fn guest_image() -> Option<PathBuf> {
         .output()
         .ok()?;
     if !out.status.success() {
-        eprintln!("SKIP: {} failed ({})", script.display(), out.status);
+        eprintln!("{} failed ({})", script.display(), out.status);
         return None;
     }
     let dir = String::from_utf8_lossy(&out.stdout)
@@ -231,12 +231,16 @@ fn boot(tag: &str, kernel: &Path, initrd: &Path, kind: KvmKind) -> String {
 fn debian_cloud_kernel_starts_under_vireo_vmm() {
     let kind = probe();
     if kind == KvmKind::Absent {
-        eprintln!("SKIP debian_cloud_kernel_starts_under_vireo_vmm: no usable /dev/kvm");
+        skip(
+            "debian_cloud_kernel_starts_under_vireo_vmm",
+            "no usable /dev/kvm",
+        );
         return;
     }
     let Some(dir) = guest_image() else {
-        eprintln!(
-            "SKIP debian_cloud_kernel_starts_under_vireo_vmm: no guest image (scripts/guest-image.sh)"
+        skip(
+            "debian_cloud_kernel_starts_under_vireo_vmm",
+            "no guest image (scripts/guest-image.sh failed)",
         );
         return;
     };

@@ -13,16 +13,25 @@ const T: Duration = Duration::from_secs(60);
 
 fn build_guest(out: &Path) -> Option<PathBuf> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build.sh");
-    let res = Command::new(&script)
+    let res = match Command::new(&script)
         .arg(out)
         .stderr(Stdio::inherit())
         .output()
-        .ok()?;
+    {
+        Ok(res) => res,
+        Err(e) => {
+            skip("test guest", &format!("{}: {e}", script.display()));
+            return None;
+        }
+    };
     if !res.status.success() {
-        eprintln!(
-            "SKIP: {} failed ({}): no C compiler for the test guest?",
-            script.display(),
-            res.status
+        skip(
+            "test guest",
+            &format!(
+                "{} failed ({}): no C compiler for the test guest?",
+                script.display(),
+                res.status
+            ),
         );
         return None;
     }
@@ -150,7 +159,10 @@ fn test_guest_drives_virtio_disks_net_and_rng() {
     let ro_arg = format!("{},readonly", ro.display());
     let with_net = can_make_netns_tap();
     if !with_net {
-        eprintln!("note: cannot create a network namespace with a tap here; virtio-net left out");
+        skip(
+            "test_guest_drives_virtio_disks_net_and_rng (virtio-net part)",
+            "cannot create a network namespace with a tap here; virtio-net left out",
+        );
     }
     let mut extra = vec!["--disk", &rw_arg, "--disk", &ro_arg, "--rng"];
     if with_net {
