@@ -117,7 +117,7 @@ fn request_delta(
         })
         .filter(|(_, n, _)| *n > 0)
         .collect();
-    v.sort_by(|a, b| b.1.cmp(&a.1));
+    v.sort_by_key(|e| std::cmp::Reverse(e.1));
     v
 }
 
