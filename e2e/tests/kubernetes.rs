@@ -107,6 +107,15 @@ async fn examples_run_and_reapply_changes_nothing() {
             "{c} on web: {conds:?}"
         );
     }
+    // Everyone who wrote status speaks of the current generation (the
+    // operator's UUID made it at least 2).
+    let generation = web.metadata.generation.expect("a generation");
+    assert!(generation >= 2, "the operator's UUID bumped it: {generation}");
+    let st = web.status.as_ref().expect("status");
+    assert_eq!(st.observed_generation, Some(generation), "{st:?}");
+    for c in &st.conditions {
+        assert_eq!(c.observed_generation, Some(generation), "{c:?}");
+    }
     let vols: Api<StorageVol> = Api::namespaced(client.clone(), "default");
     let scratch = vols.get("scratch").await.expect("scratch");
     assert_eq!(
