@@ -710,6 +710,30 @@ fn linux_guests_on_a_nat_network() {
         (net.as_str(), lease.ip.as_str(), lease.prefix),
         ("natnet", a_addr, 24)
     );
+    // What `vireo domifaddr` and the Domain's status.interfaces show: the
+    // derived MAC, the tap, and the address the guest itself printed.
+    let a_def = hv.domain_definition("a", false).expect("a's definition");
+    let shown = vireo_drivers::network::interface_addresses(
+        networks.as_ref(),
+        &a_def.spec.devices.interfaces,
+        &a.uuid,
+    );
+    assert_eq!(shown.len(), 1, "{shown:?}");
+    assert_eq!(shown[0].mac, a_mac, "{shown:?}");
+    assert_eq!(shown[0].ip.as_deref(), Some(a_ip.as_str()), "{shown:?}");
+    assert_eq!(
+        shown[0].device.as_deref(),
+        Some(tap::tap_name(&a.uuid, 0).as_str())
+    );
+    let b_def = hv.domain_definition("b", false).expect("b's definition");
+    let b_uuid = b_def.spec.uuid.clone().expect("b has a UUID");
+    let b_shown = vireo_drivers::network::interface_addresses(
+        networks.as_ref(),
+        &b_def.spec.devices.interfaces,
+        &b_uuid,
+    );
+    assert_eq!(b_shown[0].mac, b_mac, "a MAC given in the spec is kept");
+    assert_eq!(b_shown[0].ip.as_deref(), Some("10.71.0.11/24"));
 
     // Guests go: their taps go with them.
     hv.destroy_domain("a").expect("destroys a");
