@@ -108,7 +108,7 @@ fn wait_status(state: &Path, what: &str, f: impl Fn(&Value) -> bool) -> Value {
 
 fn manifest(image: &Path, strategy: &str) -> String {
     format!(
-        "apiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {{name: linux}}\nspec:\n  type: qemu\n  memory: 256Mi\n  vcpus: 1\n  runStrategy: {strategy}\n  os:\n    kernel: {}\n    initrd: {}\n    cmdline: console=ttyS0 quiet vireo.net=0\n",
+        "apiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {{name: linux}}\nspec:\n  type: qemu\n  memory: 256Mi\n  vcpus: 1\n  runStrategy: {strategy}\n  os:\n    kernel: {}\n    initrd: {}\n    cmdline: console=ttyS0 quiet vireo.net=0 vireo.shell=1\n",
         image.join("vmlinuz").display(),
         image.join("initrd.img").display()
     )
@@ -220,9 +220,87 @@ fn standalone_runs_edits_readopts_and_removes_a_qemu_guest() {
     let _ = std::fs::remove_dir_all(&base);
 }
 
+/// The `vireo` CLI of this build (cargo builds it once per test binary).
+fn vireo_cli() -> PathBuf {
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "-p", "vireo-cli", "--bin", "vireo"])
+        .current_dir(repo())
+        .status()
+        .expect("runs cargo build");
+    assert!(status.success(), "cargo build -p vireo-cli failed");
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target"))
+        .join("debug/vireo")
+}
+
+/// Runs `vireo -c URI ARGS` with `stdin`; (success, stdout, stderr).
+fn vireo(uri: &str, args: &[&str], stdin: &str) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(vireo_cli())
+        .arg("-c")
+        .arg(uri)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("vireo runs");
+    if let Some(mut input) = child.stdin.take() {
+        input.write_all(stdin.as_bytes()).expect("write stdin");
+    }
+    let out = child.wait_with_output().expect("vireo finishes");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// What a user types: the `vireo` CLI on the agent's socket lists the
+/// guest, describes it, and reaches its shell through `vireo console`.
+fn cli_on_the_socket(state: &Path) {
+    let uri = format!("vireo+unix://{}", state.join("vireo.sock").display());
+    let (ok, out, err) = vireo(&uri, &["list"], "");
+    assert!(ok, "vireo list: {err}");
+    let row = out
+        .lines()
+        .find(|l| l.contains("default/linux"))
+        .unwrap_or_else(|| panic!("no default/linux in:\n{out}"));
+    assert!(row.contains("running"), "{out}");
+    let (ok, out, err) = vireo(&uri, &["dominfo", "default/linux"], "");
+    assert!(ok, "vireo dominfo: {err}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("State:") && l.contains("running")),
+        "{out}"
+    );
+    let (ok, _, err) = vireo(&uri, &["dominfo", "default/nope"], "");
+    assert!(!ok);
+    assert_eq!(err.trim(), "error: domain 'default/nope' not found");
+
+    let token = format!("SOCK-{}", std::process::id());
+    let mut answer = String::new();
+    let start = Instant::now();
+    while !answer.contains(&format!("{token}-42")) {
+        assert!(
+            start.elapsed() < T,
+            "the guest's shell did not answer through vireo console on the socket:\n{answer}"
+        );
+        let (ok, out, err) = vireo(
+            &uri,
+            &["console", "default/linux"],
+            &format!("\necho {token}-$((6*7))\n"),
+        );
+        assert!(ok, "vireo console: {err}");
+        answer.push_str(&out);
+    }
+}
+
 /// The agent's local API (`vireo+unix:///STATE/vireo.sock`): the node's
 /// drivers as one connection, as the CLI uses them.
 fn local_api(state: &Path, base: &Path) {
+    cli_on_the_socket(state);
     use vireo_drivers::{Error, ListFilter, Lookup};
     let uri = format!("vireo+unix://{}", state.join("vireo.sock").display());
     let conn = vireo_drivers::open(&uri).expect("the agent's socket answers");

@@ -110,7 +110,10 @@ async fn examples_run_and_reapply_changes_nothing() {
     // Everyone who wrote status speaks of the current generation (the
     // operator's UUID made it at least 2).
     let generation = web.metadata.generation.expect("a generation");
-    assert!(generation >= 2, "the operator's UUID bumped it: {generation}");
+    assert!(
+        generation >= 2,
+        "the operator's UUID bumped it: {generation}"
+    );
     let st = web.status.as_ref().expect("status");
     assert_eq!(st.observed_generation, Some(generation), "{st:?}");
     for c in &st.conditions {
