@@ -35,6 +35,7 @@ want_modules=(
   crc16 mbcache jbd2 crc32c_generic ext4   # ext4 (also mounts ext2)
   af_packet                       # udhcpc's raw socket (CONFIG_PACKET)
   button evdev                    # ACPI power button -> input event -> acpid
+  pvpanic_mmio                    # a kernel panic reaches QEMU's pvpanic device (state crashed)
 )
 
 log() { echo "guest-image: $*" >&2; }

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{fresh_root, linux_domain, qemu_available, say};
-use vireo_crds::{DomainReason, DomainState};
+use vireo_crds::{DomainReason, DomainState, LifecycleAction};
 use vireo_drivers::conformance::wait_for_state;
 use vireo_drivers::qemu::wait_for_console;
 use vireo_drivers::{Connection, Lookup};
@@ -216,6 +216,60 @@ fn a_killed_qemu_is_shutoff_crashed() {
     // It can start again.
     hv.start_domain(name).expect("start after a crash");
     expect_state(&conn, name, DomainState::Running, DomainReason::Booted);
+    hv.destroy_domain(name).expect("destroy");
+    hv.undefine_domain(name).expect("undefine");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// A kernel panic inside the guest (pvpanic) is libvirt's crash: with
+/// `onCrash: preserve` the guest is kept, crashed (panicked); with the
+/// default (destroy) it is shutoff (crashed); with restart it boots again.
+#[test]
+fn a_guest_kernel_panic_follows_on_crash() {
+    if !qemu_available("a_guest_kernel_panic_follows_on_crash") {
+        return;
+    }
+    let root = fresh_root("qemu-panic");
+    let conn = open(&root);
+    let hv = conn.hypervisor();
+    let panic_cmd = r#"vireo.net=0 vireo.run="echo c > /proc/sysrq-trigger""#;
+    let cases = [
+        (
+            LifecycleAction::Preserve,
+            DomainState::Crashed,
+            DomainReason::Panicked,
+        ),
+        (
+            LifecycleAction::Destroy,
+            DomainState::Shutoff,
+            DomainReason::Crashed,
+        ),
+    ];
+    for (action, state, reason) in cases {
+        let name = format!("panic-{action:?}").to_lowercase();
+        let mut d = linux_domain(&name, None, panic_cmd);
+        d.spec.lifecycle.on_crash = action;
+        hv.define_domain(&d).expect("define");
+        hv.start_domain(&name).expect("start");
+        expect_state(&conn, &name, state, reason);
+        let log = console_log(&root, &conn, &name);
+        assert!(
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("Kernel panic"),
+            "the guest panicked (its console says so)"
+        );
+        hv.destroy_domain(&name).ok();
+        hv.undefine_domain(&name).expect("undefine");
+    }
+    // Restart: reset in place, the same activation boots a second time.
+    let name = "panic-restart";
+    let mut d = linux_domain(name, None, panic_cmd);
+    d.spec.lifecycle.on_crash = LifecycleAction::Restart;
+    hv.define_domain(&d).expect("define");
+    hv.start_domain(name).expect("start");
+    let log = console_log(&root, &conn, name);
+    wait_markers(&log, 2, Duration::from_secs(90));
     hv.destroy_domain(name).expect("destroy");
     hv.undefine_domain(name).expect("undefine");
     let _ = std::fs::remove_dir_all(&root);

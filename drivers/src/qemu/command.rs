@@ -150,6 +150,12 @@ pub fn build(
     // The guest's power-off leaves QEMU stopped in 'shutdown' for the
     // driver to decide (lifecycle.onPoweroff); it never exits by itself.
     push(&["-no-shutdown"]);
+    // A kernel panic reaches QEMU through the pvpanic device (ISA, described
+    // in ACPI; the guest image loads its driver) and stops the guest in
+    // 'guest-panicked', which the driver reports as crashed and hands to
+    // lifecycle.onCrash. QEMU's default panic action would shut it down,
+    // which looks like a power-off.
+    push(&["-device", "pvpanic", "-action", "panic=pause"]);
     if spec.lifecycle.on_reboot == LifecycleAction::Destroy {
         push(&["-action", "reboot=shutdown"]);
     }
