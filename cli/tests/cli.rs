@@ -389,3 +389,110 @@ fn dhcp_leases_and_domifaddr_read_like_virsh() {
         text(&out.stderr)
     );
 }
+
+/// `virsh -c test:///default` with the session on stdin: (stdout, stderr),
+/// or None (and a SKIP line, or a failure under CI) without virsh.
+fn virsh_session(test: &str, session: &str) -> Option<(String, String)> {
+    if Command::new("virsh").arg("--version").output().is_err() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "virsh (libvirt-clients) is missing, and CI installs it: .ci/run is broken"
+        );
+        eprintln!("SKIP {test}: virsh is not installed (apt-get install libvirt-clients)");
+        return None;
+    }
+    let out = Command::new("virsh")
+        .args(["-q", "-c", "test:///default"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin
+                .take()
+                .expect("stdin")
+                .write_all(session.as_bytes())?;
+            c.wait_with_output()
+        })
+        .expect("virsh runs");
+    Some((text(&out.stdout), text(&out.stderr)))
+}
+
+/// The host, network, pool and domain accessors of the same session, in
+/// vireo and in virsh on the same default test node: every `Key: value`
+/// line they both print agrees (CPU time, which virsh's test driver makes
+/// up, and OS type aside), and so do the rows of their lists.
+#[test]
+fn accessors_and_lists_agree_with_virsh() {
+    let session = "uri\nnodeinfo\nlist --all\nlist --inactive\nnet-list --all\nnet-info default\n\
+                   pool-list --all --details\npool-info default-pool\n\
+                   setmem test 1048576\nsetvcpus test 1\nautostart test\ndominfo test\n\
+                   autostart test --disable\nreset test\ndomstate test --reason\ndominfo test\n\
+                   vol-create-as default-pool w.img 1M\nvol-info w.img --pool default-pool\n";
+    let Some((virsh_out, virsh_err)) =
+        virsh_session("accessors_and_lists_agree_with_virsh", session)
+    else {
+        return;
+    };
+    let ours = vireo(&[], Some(session));
+    let (our_out, our_err) = (text(&ours.stdout), text(&ours.stderr));
+    assert!(ours.status.success(), "{our_err}");
+    assert!(virsh_err.trim().is_empty(), "virsh failed: {virsh_err}");
+
+    let keys = [
+        "CPU model",
+        "CPU(s)",
+        "CPU frequency",
+        "CPU socket(s)",
+        "Core(s) per socket",
+        "Thread(s) per core",
+        "NUMA cell(s)",
+        "Memory size",
+        "Name",
+        "UUID",
+        "Id",
+        "State",
+        "Active",
+        "Persistent",
+        "Autostart",
+        "Bridge",
+        "Capacity",
+        "Allocation",
+        "Available",
+        "Max memory",
+        "Used memory",
+        "Type",
+    ];
+    let fields = |out: &str| -> Vec<(String, String)> {
+        out.lines()
+            .map(|l| l.trim_start_matches("virsh # "))
+            .filter_map(|l| l.split_once(':'))
+            .filter(|(k, _)| keys.contains(&k.trim()))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect()
+    };
+    let (theirs, mine) = (fields(&virsh_out), fields(&our_out));
+    assert!(theirs.len() > 40, "virsh printed its fields: {virsh_out}");
+    assert_eq!(mine, theirs, "virsh:\n{virsh_out}\nours:\n{our_out}");
+    // After setmem, setvcpus and autostart the domain says so.
+    assert!(mine.contains(&("Used memory".into(), "1048576 KiB".into())));
+    assert!(mine.contains(&("Autostart".into(), "enable".into())));
+
+    // List rows, word by word (virsh -q prints no headers).
+    let rows = |out: &str| -> Vec<Vec<String>> {
+        out.lines()
+            .map(|l| l.trim_start_matches("virsh # "))
+            .filter(|l| {
+                let w = l.split_whitespace().next().unwrap_or("");
+                ["default", "default-pool", "test", "1"].contains(&w) && !l.contains(':')
+            })
+            .map(|l| l.split_whitespace().map(str::to_string).collect())
+            .collect()
+    };
+    let (their_rows, my_rows) = (rows(&virsh_out), rows(&our_out));
+    assert!(their_rows.len() >= 3, "{virsh_out}");
+    assert_eq!(my_rows, their_rows, "virsh:\n{virsh_out}\nours:\n{our_out}");
+    // `uri` and the state after a reset, as virsh has them.
+    assert!(our_out.lines().any(|l| l.trim() == "test:///default"));
+    assert!(our_out.lines().any(|l| l.trim() == "running (unknown)"));
+}
