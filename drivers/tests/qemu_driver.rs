@@ -275,6 +275,105 @@ fn a_guest_kernel_panic_follows_on_crash() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// A qcow2 disk under the qemu driver: an overlay on a raw base volume of
+/// a dir pool. The guest makes a filesystem and writes a file through the
+/// overlay; a second boot reads it back; the base volume stays untouched
+/// (all zeros) and the overlay's file grew with what was written.
+#[test]
+fn a_guest_on_a_qcow2_overlay_volume() {
+    if !qemu_available("a_guest_on_a_qcow2_overlay_volume") {
+        return;
+    }
+    if !vireo_drivers::storage::dir::qemu_img::available() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "qemu-img is missing and CI is set (scripts/setup installs qemu-utils)"
+        );
+        say("SKIP a_guest_on_a_qcow2_overlay_volume: qemu-img is not installed");
+        return;
+    }
+    use std::sync::Arc;
+    use vireo_drivers::StorageDriver;
+    let root = fresh_root("qemu-qcow2");
+    let pool_dir = root.join("pool");
+    let storage = Arc::new(
+        vireo_drivers::storage::dir::DirStorage::open(&root.join("storage"), Path::new("/"))
+            .expect("opens the dir backend"),
+    );
+    fn yaml<T: serde::de::DeserializeOwned>(t: &str) -> T {
+        serde_yaml_ng::from_str(t).expect("manifest")
+    }
+    let pool: vireo_crds::StoragePool = yaml(&format!(
+        "apiVersion: vireo.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: p}}\nspec: {{type: dir, path: {}}}\n",
+        pool_dir.display()
+    ));
+    storage.define_pool(&pool).expect("define pool");
+    storage.build_pool("p").expect("build");
+    storage.start_pool("p").expect("start");
+    let base: vireo_crds::StorageVol = yaml(
+        "apiVersion: vireo.dev/v1alpha1\nkind: StorageVol\nmetadata: {name: base}\nspec: {pool: p, capacity: 64Mi, format: raw}\n",
+    );
+    storage.create_volume(&base).expect("base volume");
+    let overlay: vireo_crds::StorageVol = yaml(
+        "apiVersion: vireo.dev/v1alpha1\nkind: StorageVol\nmetadata: {name: top}\nspec: {pool: p, capacity: 64Mi, format: qcow2, source: {clone: {volume: base, overlay: true}}}\n",
+    );
+    storage.create_volume(&overlay).expect("overlay volume");
+    let top_before = std::fs::metadata(pool_dir.join("top"))
+        .expect("overlay file")
+        .len();
+
+    let networks = Arc::new(vireo_drivers::test::TestDriver::default_node());
+    let conn = vireo_drivers::qemu::open_with(
+        &format!("qemu:///embed?root={}", root.display()),
+        &format!("/embed?root={}", root.display()),
+        networks,
+        storage.clone(),
+    )
+    .expect("opens the qemu driver with the dir backend");
+    let hv = conn.hypervisor();
+    let run = "if [ -f /mnt/vda/hello ]; then echo GOT-$(cat /mnt/vda/hello); else echo qcow2-was-here > /mnt/vda/hello; sync; echo WROTE-$((40+2)); fi";
+    let mut d = linux_domain(
+        "q2",
+        None,
+        &format!("vireo.net=0 vireo.mkfs=auto vireo.run=\"{run}\""),
+    );
+    d.spec.devices.disks = vec![vireo_crds::Disk {
+        name: "vda".into(),
+        volume: "top".into(),
+        read_only: false,
+    }];
+    hv.define_domain(&d).expect("define");
+    let log = console_log(&root, &conn, "q2");
+    for (boot, want) in [(1, "WROTE-42"), (2, "GOT-qcow2-was-here")] {
+        hv.start_domain("q2").expect("start");
+        let text = wait_for_console(&log, "VIREO-GUEST-RUN-END", STATE_TIMEOUT)
+            .unwrap_or_else(|t| panic!("boot {boot}: no run end; console:\n{t}"));
+        let this_boot = text.rsplit("VIREO-GUEST-READY").next().unwrap_or("");
+        assert!(
+            this_boot.contains(want),
+            "boot {boot}: no {want}; console:\n{text}"
+        );
+        hv.shutdown_domain("q2").expect("shutdown");
+        expect_state(&conn, "q2", DomainState::Shutoff, DomainReason::Shutdown);
+        // The next boot's run end is a new line in the same log.
+        std::fs::write(&log, "").expect("truncate the console log");
+    }
+    let base_bytes = std::fs::read(pool_dir.join("base")).expect("base file");
+    assert!(
+        base_bytes.iter().all(|b| *b == 0),
+        "the base volume was not written through the overlay"
+    );
+    let top_after = std::fs::metadata(pool_dir.join("top"))
+        .expect("overlay file")
+        .len();
+    assert!(
+        top_after > top_before + (1 << 20),
+        "the overlay holds what the guest wrote: {top_before} -> {top_after} bytes"
+    );
+    hv.undefine_domain("q2").expect("undefine");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 #[test]
 fn the_console_socket_carries_both_ways() {
     if !qemu_available("the_console_socket_carries_both_ways") {
