@@ -497,14 +497,43 @@ async fn reconcile(dom: Arc<Domain>, dctx: &DomainCtx) -> Result<Action> {
         .cloned()
         .collect();
     let state_ok = wanted.state.is_none() || status.state == wanted.state;
-    if !(state_ok && status.node_name == wanted.node_name && same(&mine, &wanted.conditions)) {
+    let current =
+        state_ok && status.node_name == wanted.node_name && same(&mine, &wanted.conditions);
+    if !current && !dctx.ctx.recently_applied(&dom, &wanted) {
         k8s::apply_status(&api, &name, OPERATOR_MANAGER, &wanted).await?;
+        dctx.ctx.remember_applied(&dom, wanted);
     }
     Ok(if node.is_none() {
         Action::requeue(ctx.config.retry_pending)
     } else {
         Action::await_change()
     })
+}
+
+/// How long an applied status is trusted over a cache that does not show
+/// it yet: the watch delivers our own write well within this; past it, a
+/// status someone else overwrote is put right again.
+const APPLIED_TRUST: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Ctx {
+    fn recently_applied(&self, dom: &Domain, wanted: &DomainStatus) -> bool {
+        let uid = dom.uid().unwrap_or_default();
+        let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        applied.retain(|_, (_, at)| at.elapsed() < APPLIED_TRUST);
+        applied.get(&uid).is_some_and(|(s, _)| {
+            s.node_name == wanted.node_name
+                && s.state == wanted.state
+                && same(&s.conditions, &wanted.conditions)
+        })
+    }
+
+    fn remember_applied(&self, dom: &Domain, wanted: DomainStatus) {
+        let uid = dom.uid().unwrap_or_default();
+        self.applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(uid, (wanted, std::time::Instant::now()));
+    }
 }
 
 /// The Domain's labels with the node label set.

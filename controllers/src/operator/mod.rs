@@ -59,6 +59,10 @@ pub struct Ctx {
     /// (host, memory, vCPUs). Placement reads it under this lock, so two
     /// concurrent reconciles never give the same room twice.
     pub assumed: Mutex<HashMap<String, (String, u64, u64)>>,
+    /// The status each Domain (by UID) was last given by this operator, and
+    /// when: a reconcile woken by this operator's own earlier write may see
+    /// the object from before it, and need not send the same status again.
+    pub applied: Mutex<HashMap<String, (vireo_crds::DomainStatus, std::time::Instant)>>,
 }
 
 /// A reflector for a kind, running until the process ends.
@@ -102,6 +106,7 @@ pub async fn run(client: Client, config: OperatorConfig, metrics: Arc<Metrics>) 
         recorder,
         metrics,
         assumed: Mutex::new(HashMap::new()),
+        applied: Mutex::new(HashMap::new()),
     });
     for (name, ready) in [
         ("hosts", ctx.hosts.wait_until_ready().await),
