@@ -602,6 +602,16 @@ fn linux_guests_on_a_nat_network() {
         .define_network(&network("natnet", ForwardMode::Nat, 71, Some(dhcp)))
         .expect("defines");
     networks.start_network("natnet").expect("starts");
+    // An isolated network beside it, with DHCP and no way out.
+    networks
+        .define_network(&network(
+            "isonet",
+            ForwardMode::Isolated,
+            72,
+            Some(ranges(72)),
+        ))
+        .expect("defines isonet");
+    networks.start_network("isonet").expect("starts isonet");
     let bridge = networks.active_bridge("natnet").expect("active");
     let host_peers = serve_http(&host.name, "10.71.0.1:8081", "host", GUEST_TIMEOUT);
 
@@ -631,6 +641,12 @@ fn linux_guests_on_a_nat_network() {
         .create_domain(&guest("a", "natnet", None, a_run))
         .expect("starts a");
     let a_mac = tap::derived_mac(&a.uuid, 0);
+    // Computed markers, so the command line echoed on the console cannot
+    // match them.
+    let c_run = "wget -q -T 5 -O - http://10.254.0.2:8080/ && echo WGET-OUT-$((6*7)) \
+                 || echo BLOCKED-$((6*7))";
+    hv.create_domain(&guest("c", "isonet", None, c_run))
+        .expect("starts c");
 
     // Both taps are on the bridge while the guests run.
     let br = netlink::link(&bridge).expect("netlink").expect("bridge");
@@ -685,6 +701,32 @@ fn linux_guests_on_a_nat_network() {
         Some("10.254.0.1"),
         "the outside sees the host's address (masquerade)"
     );
+
+    // The isolated guest has its address and no way out.
+    let c_log = console_log(&root, &conn, "c");
+    let c_text = vireo_drivers::qemu::wait_for_console(
+        &c_log,
+        "VIREO-GUEST-RUN-END",
+        Duration::from_secs(60),
+    )
+    .unwrap_or_else(|t| panic!("guest c did not finish; console:\n{t}"));
+    assert!(
+        c_text.contains("VIREO-GUEST-IP 10.72.0.1"),
+        "c has an address of isonet's range; console:\n{c_text}"
+    );
+    assert!(
+        c_text.contains("BLOCKED-42") && !c_text.contains("WGET-OUT-42"),
+        "the isolated guest reached the outside; console:\n{c_text}"
+    );
+    assert!(
+        out_peers.try_iter().next().is_none(),
+        "the outside saw a second client"
+    );
+    hv.destroy_domain("c").expect("destroys c");
+    networks.destroy_network("isonet").expect("destroys isonet");
+    networks
+        .undefine_network("isonet")
+        .expect("undefines isonet");
 
     // Leases, by network and by MAC.
     let leases = networks.dhcp_leases("natnet").expect("leases");
