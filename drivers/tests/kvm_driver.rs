@@ -216,3 +216,60 @@ fn kvm_new_driver_readopts_and_killed_vmm_is_crashed() {
     hv.undefine_domain(name).expect("undefine");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// A guest that reports a kernel panic through pvpanic (the test guest's
+/// `vireo.panic=1`) is a crash, handed to `lifecycle.onCrash`: destroy
+/// leaves it shutoff (crashed); restart launches it again.
+#[test]
+fn kvm_guest_panic_follows_on_crash() {
+    if !kvm_available("kvm_guest_panic_follows_on_crash") {
+        return;
+    }
+    let root = fresh_root("kvm-panic");
+    let conn = open(&root);
+    let hv = conn.hypervisor();
+
+    let mut d = test_guest_domain("panics", "vireo.panic=1");
+    d.spec.lifecycle.on_crash = vireo_crds::LifecycleAction::Destroy;
+    hv.define_domain(&d).expect("define");
+    hv.start_domain("panics").expect("start");
+    expect_state(&conn, "panics", DomainState::Shutoff, DomainReason::Crashed);
+    let exit = std::fs::read_to_string(run_dir(&root, &conn, "panics").join("exit.json"))
+        .unwrap_or_default();
+    assert!(exit.contains("pvpanic"), "the VMM said why: {exit}");
+    hv.undefine_domain("panics").expect("undefine");
+
+    let mut d = test_guest_domain("again", "vireo.panic=1");
+    d.spec.lifecycle.on_crash = vireo_crds::LifecycleAction::Restart;
+    hv.define_domain(&d).expect("define");
+    let first = hv.start_domain("again").expect("start");
+    // It panics at once every time: two different VMM processes seen is
+    // a launch after a crash.
+    let mut pids = std::collections::BTreeSet::new();
+    let start = Instant::now();
+    while pids.len() < 2 {
+        assert!(
+            start.elapsed() < T,
+            "not launched again after its panic (VMMs seen: {pids:?})"
+        );
+        if let Some(p) = std::fs::read_to_string(run_dir(&root, &conn, "again").join("pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+        {
+            pids.insert(p);
+        }
+        // Each look lets the driver notice the exit and apply onCrash.
+        let _ = hv.domain_info("again");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (state, _) = hv.domain_state("again").expect("state");
+    assert_ne!(state, DomainState::Shutoff, "restart keeps it going");
+    assert_eq!(
+        hv.lookup_domain(Lookup::Name("again")).expect("lookup").id,
+        first.id,
+        "restart is the same activation"
+    );
+    hv.destroy_domain("again").expect("destroy");
+    hv.undefine_domain("again").expect("undefine");
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -11,6 +11,7 @@
 #define BOOT_TIMER_MAGIC  123
 #define COM1_PORT         0x3F8         /* 8250 UART, COM1 */
 #define POWER_PORT        0x600         /* VMM ACPI sleep control register */
+#define PVPANIC_PORT      0x505         /* pvpanic: write 1 = "the kernel panicked" */
 #define POWER_OFF_VALUE   ((5 << 2) | (1 << 5)) /* SLP_TYP=5 (S5), SLP_EN */
 #define DEBUG_EXIT_PORT   0xF4          /* QEMU isa-debug-exit */
 #define I8042_DATA        0x60          /* i8042 data port */

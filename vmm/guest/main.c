@@ -609,6 +609,13 @@ void guest_main(uint64_t info, int kind)
 
     /* 5. done */
     kprintf("VIREO-TEST-GUEST-DONE devices=%d\n", devices);
+    if (has_option("vireo.panic=1")) {
+        /* What a panicking kernel does with a pvpanic device, then stop. */
+        kprintf("VIREO-TEST panic: reporting through pvpanic\n");
+        outb(PVPANIC_PORT, 1);
+        for (;;)
+            __asm__ volatile("cli; hlt"); /* dead, as after a panic */
+    }
     if (has_option("vireo.poweroff=1"))
         power_off();
 

@@ -22,6 +22,7 @@ use vireo_vmm_devices::legacy::boot_timer::{BootTime, BootTimer};
 use vireo_vmm_devices::legacy::cpu_hotplug::{self, CpuHotplug};
 use vireo_vmm_devices::legacy::i8042::I8042;
 use vireo_vmm_devices::legacy::power::PowerDevice;
+use vireo_vmm_devices::legacy::pvpanic::PvPanic;
 use vireo_vmm_devices::legacy::serial::{SERIAL_REGISTERS, SerialDevice};
 use vireo_vmm_devices::virtio::{
     Balloon, BalloonControl, Block, MmioTransport, Net, Rng, VirtioDevice,
@@ -216,6 +217,8 @@ pub fn build(cfg: &VmConfig, files: OpenFiles, start: Instant) -> Result<Machine
     )?;
     pio.insert("i8042", u64::from(layout::I8042), 5, i8042.clone())?;
     pio.insert("power", u64::from(layout::POWER), 1, power)?;
+    let pvpanic: SharedDevice = Arc::new(Mutex::new(PvPanic::new(events.clone())));
+    pio.insert("pvpanic", u64::from(layout::PVPANIC), 1, pvpanic)?;
     pio.insert(
         "cpu-hotplug",
         u64::from(layout::CPU_HOTPLUG),

@@ -57,6 +57,9 @@ impl RequestSink for EventQueue {
             }
             GuestRequest::Reset => MachineEvent::Reset("guest requested a reset".into()),
             GuestRequest::EjectCpu(index) => MachineEvent::EjectCpu(index),
+            GuestRequest::Panic => {
+                MachineEvent::Crash("the guest reported a kernel panic (pvpanic)".into())
+            }
         });
     }
 }

@@ -362,7 +362,8 @@ impl<B: Backend> Inner<B> {
         };
         let paths = self.paths(&rec.uuid);
         if !process::alive(run.pid, &paths.api) {
-            let reason = match self.backend.exit_reason(&paths) {
+            let said = self.backend.exit_reason(&paths);
+            let reason = match said {
                 Some(DomainReason::Shutdown) if run.fake_reboot => {
                     // A reboot we asked for ended the process (vireo-vmm
                     // with onReboot=destroy).
@@ -376,12 +377,20 @@ impl<B: Backend> Inner<B> {
             }
             // A VMM that ends with its guest (vireo-vmm) is started again
             // for a restart lifecycle action, keeping the activation's ID.
-            let action = if run.fake_reboot {
+            // A crash the VMM reported (a guest panic, a vCPU KVM could not
+            // run) follows onCrash; a process gone without a word is left
+            // to the runStrategy of whoever manages the Domain.
+            let reported_crash = said == Some(DomainReason::Crashed);
+            let action = if reported_crash {
+                run.live.spec.lifecycle.on_crash
+            } else if run.fake_reboot {
                 run.live.spec.lifecycle.on_reboot
             } else {
                 run.live.spec.lifecycle.on_poweroff
             };
-            if reason == DomainReason::Shutdown && action == LifecycleAction::Restart {
+            if (reason == DomainReason::Shutdown || reported_crash)
+                && action == LifecycleAction::Restart
+            {
                 let disks = self.resolve_disks(&rec.name, &run.live)?;
                 self.plug_interfaces(&rec.name, &run.live)?;
                 for p in [&paths.exit_file, &paths.api, &paths.console_socket] {

@@ -52,6 +52,8 @@ pub mod layout {
     pub const I8042: u16 = 0x60;
     pub const I8042_GSI: u32 = 1;
     pub const POWER: u16 = 0x600;
+    /// pvpanic (QEMU's port).
+    pub const PVPANIC: u16 = 0x505;
     /// The CPU hot-plug controller (4 ports) and its interrupt (the DSDT's
     /// GED).
     pub const CPU_HOTPLUG: u16 = 0x610;

@@ -4,4 +4,5 @@ pub mod boot_timer;
 pub mod cpu_hotplug;
 pub mod i8042;
 pub mod power;
+pub mod pvpanic;
 pub mod serial;

@@ -17,6 +17,8 @@ pub enum GuestRequest {
     Reset,
     /// The guest ejected this vCPU (CPU hot-plug controller).
     EjectCpu(u32),
+    /// The guest's kernel panicked (pvpanic).
+    Panic,
 }
 
 /// Where a device delivers a [`GuestRequest`] (the VMM's event loop; a
