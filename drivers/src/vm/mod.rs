@@ -764,6 +764,35 @@ impl<B: Backend> Inner<B> {
             .control(&paths, op)
             .map_err(|e| control_error(&rec.name, &self.backend, e))
     }
+
+    /// [`control`](Self::control), for a process that may be ending as it
+    /// is asked: a guest that powered off for a reboot (vireo-vmm exits and
+    /// is launched again), or one that crashed. When the call fails and the
+    /// process goes, the domain is refreshed (which relaunches it, or ends
+    /// the activation) and a relaunched process is asked instead.
+    fn control_live(&self, l: &Locked<'_>, rec: &mut Record, op: Control) -> Result<()> {
+        let err = match self.control(rec, op) {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        let Some(pid) = rec.run.as_ref().map(|r| r.pid) else {
+            return Err(err);
+        };
+        let paths = self.paths(&rec.uuid);
+        let since = std::time::Instant::now();
+        while process::alive(pid, &paths.api) {
+            if since.elapsed() > Duration::from_secs(2) {
+                return Err(err);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.refresh(l, rec)?;
+        match rec.run.as_ref() {
+            Some(r) if r.pid != pid => self.control(rec, op),
+            Some(_) => Err(err),
+            None => Err(not_running(&rec.name)),
+        }
+    }
 }
 
 /// Removes the taps of a domain's interfaces (those that are there).
@@ -1087,11 +1116,11 @@ impl<B: Backend> HypervisorDriver for VmDriver<B> {
 
     fn reset_domain(&self, name: &str) -> Result<()> {
         let inner = &self.inner;
-        inner.with(name, |_, rec| {
+        inner.with(name, |l, rec| {
             if !rec.is_active() {
                 return Err(not_running(name));
             }
-            inner.control(rec, Control::Reset)
+            inner.control_live(l, rec, Control::Reset)
         })
     }
 
