@@ -42,7 +42,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -55,13 +55,13 @@ use vireo_drivers::storage::no_progress;
 const MIB: u64 = 1 << 20;
 const POOL: &str = "bench";
 const GUEST_MIB: u64 = 32;
-const QEMU: &str = "qemu-system-x86_64";
-const QEMU_ENV: &str = "VIREO_BENCH_QEMU";
 const QEMU_MACHINE: &str = "microvm,x-option-roms=off,isa-serial=on,rtc=off,pit=on,pic=on,acpi=off,ioapic2=off,auto-kernel-cmdline=off";
 const LINE: &str = "VIREO-TEST blkbench";
 const TIMEOUT: Duration = Duration::from_secs(300);
 
-type Res<T> = Result<T, String>;
+#[path = "../../vmm/benches/kit/mod.rs"]
+mod kit;
+use kit::{Proc, QEMU_ENV, Res, Scratch, env_num, median, qemu_bin, version_of, wait_line};
 
 fn repo() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -70,51 +70,10 @@ fn repo() -> PathBuf {
         .map_or_else(|| dir.join(".."), Path::to_path_buf)
 }
 
-/// A scratch directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A child process that is killed and reaped when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-        }
-        let _ = self.0.wait();
-    }
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut x: Vec<f64> = v.iter().copied().filter(|f| f.is_finite()).collect();
-    x.sort_by(f64::total_cmp);
-    match x.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => x[n / 2],
-        n => (x[n / 2 - 1] + x[n / 2]) / 2.0,
-    }
-}
-
 fn stats(v: &[f64]) -> Value {
     let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     json!({"median": median(v), "min": lo, "max": hi, "runs": v})
-}
-
-fn env_num<T: std::str::FromStr>(name: &str, default: T) -> Res<T> {
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .map_err(|_| format!("{name}={v:?} is not a number")),
-        Err(_) => Ok(default),
-    }
 }
 
 /// Runs a command to completion; its stderr is the error.
@@ -134,17 +93,6 @@ fn run_cmd(cmd: &mut Command) -> Res<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         ))
     }
-}
-
-fn version_of(program: &str) -> Option<String> {
-    let out = Command::new(program).arg("--version").output().ok()?;
-    out.status.success().then(|| {
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .next()
-            .unwrap_or("")
-            .to_string()
-    })
 }
 
 /// Times `f` from a quiet start: everything written before (the last
@@ -204,28 +152,24 @@ struct OpTimes {
     resize: Vec<f64>,
 }
 
-fn vireo_ops(st: &DirStorage, image: &Path, mib: u64, runs: usize) -> Res<OpTimes> {
-    let mut t = OpTimes::default();
+/// One upload, clone and resize by the dir backend, added to `t`.
+fn vireo_ops(st: &DirStorage, image: &Path, mib: u64, t: &mut OpTimes) -> Res<()> {
     let e = |e: vireo_drivers::Error| e.to_string();
-    for i in 0..runs {
-        let up = format!("up-{i}");
-        st.create_volume(&volume(&up, mib, "")?).map_err(e)?;
-        t.upload.push(timed(|| {
-            let mut src = File::open(image).map_err(|e| format!("{}: {e}", image.display()))?;
-            st.upload_volume(POOL, &up, &mut src, Some(mib * MIB), &no_progress)
-                .map_err(e)
-        })?);
-        let cl = format!("clone-{i}");
-        let vol = volume(&cl, mib, &format!(", source: {{clone: {{volume: {up}}}}}"))?;
-        t.clone.push(timed(|| st.create_volume(&vol).map_err(e))?);
-        t.resize.push(timed(|| {
-            st.resize_volume(POOL, &cl, 2 * mib * MIB, ResizeFlags::default())
-                .map_err(e)
-        })?);
-        st.delete_volume(POOL, &cl).map_err(e)?;
-        st.delete_volume(POOL, &up).map_err(e)?;
-    }
-    Ok(t)
+    let (up, cl) = ("up", "clone");
+    st.create_volume(&volume(up, mib, "")?).map_err(e)?;
+    t.upload.push(timed(|| {
+        let mut src = File::open(image).map_err(|e| format!("{}: {e}", image.display()))?;
+        st.upload_volume(POOL, up, &mut src, Some(mib * MIB), &no_progress)
+            .map_err(e)
+    })?);
+    let vol = volume(cl, mib, &format!(", source: {{clone: {{volume: {up}}}}}"))?;
+    t.clone.push(timed(|| st.create_volume(&vol).map_err(e))?);
+    t.resize.push(timed(|| {
+        st.resize_volume(POOL, cl, 2 * mib * MIB, ResizeFlags::default())
+            .map_err(e)
+    })?);
+    st.delete_volume(POOL, cl).map_err(e)?;
+    st.delete_volume(POOL, up).map_err(e)
 }
 
 /// `qemu-img convert` with the output synced when it closes: its default
@@ -233,27 +177,24 @@ fn vireo_ops(st: &DirStorage, image: &Path, mib: u64, runs: usize) -> Res<OpTime
 /// to whatever runs next, such as the resize, which does sync).
 const CONVERT: [&str; 7] = ["convert", "-t", "writeback", "-f", "raw", "-O", "raw"];
 
-fn qemu_img_ops(dir: &Path, image: &Path, mib: u64, runs: usize) -> Res<OpTimes> {
-    let mut t = OpTimes::default();
+/// The same three by qemu-img, added to `t`.
+fn qemu_img_ops(dir: &Path, image: &Path, mib: u64, t: &mut OpTimes) -> Res<()> {
     let qi = || Command::new("qemu-img");
-    for i in 0..runs {
-        let up = dir.join(format!("q-up-{i}"));
-        let cl = dir.join(format!("q-clone-{i}"));
-        t.upload
-            .push(timed(|| run_cmd(qi().args(CONVERT).arg(image).arg(&up)))?);
-        t.clone
-            .push(timed(|| run_cmd(qi().args(CONVERT).arg(&up).arg(&cl)))?);
-        t.resize.push(timed(|| {
-            run_cmd(
-                qi().args(["resize", "-f", "raw"])
-                    .arg(&cl)
-                    .arg(format!("{}M", 2 * mib)),
-            )
-        })?);
-        remove(&cl);
-        remove(&up);
-    }
-    Ok(t)
+    let (up, cl) = (dir.join("q-up"), dir.join("q-clone"));
+    t.upload
+        .push(timed(|| run_cmd(qi().args(CONVERT).arg(image).arg(&up)))?);
+    t.clone
+        .push(timed(|| run_cmd(qi().args(CONVERT).arg(&up).arg(&cl)))?);
+    t.resize.push(timed(|| {
+        run_cmd(
+            qi().args(["resize", "-f", "raw"])
+                .arg(&cl)
+                .arg(format!("{}M", 2 * mib)),
+        )
+    })?);
+    remove(&cl);
+    remove(&up);
+    Ok(())
 }
 
 // ---------------------------------------------------------------------
@@ -327,39 +268,6 @@ enum Vmm {
     Qemu,
 }
 
-fn qemu_bin() -> String {
-    std::env::var(QEMU_ENV).unwrap_or_else(|_| QEMU.to_string())
-}
-
-/// Polls the console log for the report line while the VMM runs.
-fn wait_report(file: &Path, proc: &mut Proc) -> Res<String> {
-    let since = Instant::now();
-    loop {
-        if let Ok(text) = std::fs::read(file) {
-            let text = String::from_utf8_lossy(&text);
-            let whole = text
-                .split_inclusive('\n')
-                .find(|l| l.starts_with(LINE) && l.ends_with('\n'));
-            if let Some(line) = whole {
-                return Ok(line.trim_end().to_string());
-            }
-        }
-        if let Ok(Some(st)) = proc.0.try_wait() {
-            return Err(format!(
-                "the VMM exited ({st}) before {LINE:?} in {}",
-                file.display()
-            ));
-        }
-        if since.elapsed() > TIMEOUT {
-            return Err(format!(
-                "no {LINE:?} in {} after {TIMEOUT:?}",
-                file.display()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 fn blk_once(
     vmm: Vmm,
     bin: &Path,
@@ -419,7 +327,7 @@ fn blk_once(
         cmd.spawn()
             .map_err(|e| format!("spawn {:?}: {e}", cmd.get_program()))?,
     );
-    let line = wait_report(&console, &mut p)?;
+    let line = wait_line(&console, LINE, &mut p, TIMEOUT)?;
     if vmm == Vmm::Vireo {
         // It powers off by itself right after the report.
         let since = Instant::now();
@@ -453,23 +361,6 @@ fn build_vmm() -> Res<PathBuf> {
         .map(PathBuf::from)
         .unwrap_or_else(|| repo().join("target"));
     Ok(target.join("release/vireo-vmm"))
-}
-
-fn build_guest(out: &Path) -> Res<PathBuf> {
-    let script = repo().join("vmm/guest/build.sh");
-    let res = Command::new(&script)
-        .arg(out)
-        .stderr(Stdio::inherit())
-        .output()
-        .map_err(|e| format!("{}: {e}", script.display()))?;
-    if !res.status.success() {
-        return Err(format!("{} failed ({})", script.display(), res.status));
-    }
-    String::from_utf8_lossy(&res.stdout)
-        .lines()
-        .last()
-        .map(|l| PathBuf::from(l.trim()))
-        .ok_or_else(|| format!("{} printed no path", script.display()))
 }
 
 fn kvm_usable() -> bool {
@@ -597,15 +488,9 @@ fn run() -> Res<()> {
     for i in 0..runs {
         for first_ours in [i % 2 == 0, i % 2 == 1] {
             if first_ours {
-                let o = vireo_ops(&st, &image, mib, 1)?;
-                ours.upload.extend(o.upload);
-                ours.clone.extend(o.clone);
-                ours.resize.extend(o.resize);
+                vireo_ops(&st, &image, mib, &mut ours)?;
             } else if qemu_img.is_some() {
-                let q = qemu_img_ops(&pool_dir, &image, mib, 1)?;
-                peer.upload.extend(q.upload);
-                peer.clone.extend(q.clone);
-                peer.resize.extend(q.resize);
+                qemu_img_ops(&pool_dir, &image, mib, &mut peer)?;
             }
         }
     }
@@ -637,7 +522,7 @@ fn run() -> Res<()> {
         None
     };
     let guest = if blk_skip.is_none() {
-        match build_guest(&scratch.0.join("guest")) {
+        match kit::build_guest(&repo().join("vmm/guest/build.sh"), &scratch.0.join("guest")) {
             Ok(g) => Some(g),
             Err(err) => {
                 println!("SKIP virtio-blk part: cannot build the test guest ({err}): no gcc?");

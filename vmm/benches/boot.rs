@@ -30,15 +30,14 @@ const MARKER: &str = "VIREO-TEST-GUEST-READY";
 const IDLE: &str = "VIREO-TEST idle:";
 const GUEST_MIB: u64 = 32;
 const TIMEOUT: Duration = Duration::from_secs(60);
-const QEMU: &str = "qemu-system-x86_64";
 /// Names another QEMU binary (a path, or a name looked up in PATH).
-const QEMU_ENV: &str = "VIREO_BENCH_QEMU";
 const QEMU_MACHINE: &str = "microvm,x-option-roms=off,isa-serial=on,rtc=off,pit=on,pic=on,acpi=off";
 const TIME_GOAL_RATIO: f64 = 0.5;
 const OVERHEAD_GOAL_KIB: u64 = 5 * 1024;
 const DENSITY_GOAL: usize = 50;
 
-type Res<T> = Result<T, String>;
+mod kit;
+use kit::{QEMU_ENV, Res, Scratch, qemu_bin, version_of};
 
 /// A child process that is killed and reaped when dropped, whatever happens.
 struct Proc {
@@ -81,15 +80,6 @@ impl Drop for Proc {
             let _ = self.child.kill();
         }
         let _ = self.child.wait();
-    }
-}
-
-/// A scratch directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -505,38 +495,6 @@ fn density(bin: &Path, guest: &Path, dir: &Path, n: usize) -> Res<Density> {
     })
 }
 
-fn build_guest(out: &Path) -> Res<PathBuf> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build.sh");
-    let res = Command::new(&script)
-        .arg(out)
-        .stderr(Stdio::inherit())
-        .output()
-        .map_err(|e| format!("{}: {e}", script.display()))?;
-    if !res.status.success() {
-        return Err(format!("{} failed ({})", script.display(), res.status));
-    }
-    String::from_utf8_lossy(&res.stdout)
-        .lines()
-        .last()
-        .map(|l| PathBuf::from(l.trim()))
-        .ok_or_else(|| format!("{} printed no path", script.display()))
-}
-
-fn qemu_bin() -> String {
-    std::env::var(QEMU_ENV).unwrap_or_else(|_| QEMU.to_string())
-}
-
-fn qemu_version() -> Option<String> {
-    let out = Command::new(qemu_bin()).arg("--version").output().ok()?;
-    out.status.success().then(|| {
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .next()
-            .unwrap_or("")
-            .to_string()
-    })
-}
-
 fn pass(ok: bool) -> &'static str {
     if ok { "PASS" } else { "FAIL" }
 }
@@ -573,14 +531,15 @@ fn run() -> Res<()> {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_vireo-vmm"));
     let scratch =
         Scratch(std::env::temp_dir().join(format!("vireo-vmmbench-{}", std::process::id())));
-    let guest = match build_guest(&scratch.0.join("guest")) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build.sh");
+    let guest = match kit::build_guest(&script, &scratch.0.join("guest")) {
         Ok(g) => g,
         Err(e) => {
             println!("SKIP vmm boot bench: cannot build the test guest ({e}): no C compiler?");
             return Ok(());
         }
     };
-    let qemu = qemu_version();
+    let qemu = version_of(&qemu_bin());
     if qemu.is_none() {
         println!(
             "SKIP QEMU parts (boots, memory, ratios): {} not found or not runnable (Debian: apt-get install qemu-system-x86; {QEMU_ENV} names another)",

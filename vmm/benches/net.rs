@@ -25,14 +25,12 @@ use serde_json::{Value, json};
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-const QEMU: &str = "qemu-system-x86_64";
-const QEMU_ENV: &str = "VIREO_BENCH_QEMU";
 const QEMU_MACHINE: &str = "microvm,x-option-roms=off,isa-serial=on,rtc=off,pit=on,pic=on,acpi=off,ioapic2=off,auto-kernel-cmdline=off";
 const GUEST_MIB: u64 = 32;
 const TIMEOUT: Duration = Duration::from_secs(180);
@@ -52,36 +50,8 @@ const QUIET: Duration = Duration::from_millis(100);
 const SOL_PACKET: libc::c_int = 263;
 const PACKET_STATISTICS: libc::c_int = 6;
 
-type Res<T> = Result<T, String>;
-
-/// A child process that is killed and reaped when dropped.
-struct Proc(Child);
-
-impl Proc {
-    fn spawn(cmd: &mut Command) -> Res<Self> {
-        cmd.spawn()
-            .map(Proc)
-            .map_err(|e| format!("spawn {:?}: {e}", cmd.get_program()))
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-        }
-        let _ = self.0.wait();
-    }
-}
-
-/// A scratch directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+mod kit;
+use kit::{Proc, QEMU_ENV, Res, Scratch, env_num, median, qemu_bin, version_of, wait_line};
 
 /// Runs `ip ARGS`; its stderr is the error.
 fn ip(args: &[&str]) -> Res<()> {
@@ -419,36 +389,6 @@ impl Run {
     }
 }
 
-/// Polls `file` for the guest's report line while `proc` runs.
-fn wait_report(file: &Path, proc: &mut Proc) -> Res<String> {
-    let since = Instant::now();
-    loop {
-        if let Ok(text) = std::fs::read(file) {
-            let text = String::from_utf8_lossy(&text);
-            // Whole lines only: the console file grows byte by byte.
-            let whole = text
-                .split_inclusive('\n')
-                .find(|l| l.starts_with(LINE) && l.ends_with('\n'));
-            if let Some(line) = whole {
-                return Ok(line.trim_end().to_string());
-            }
-        }
-        if let Ok(Some(st)) = proc.0.try_wait() {
-            return Err(format!(
-                "the VMM exited ({st}) before {LINE:?} in {}",
-                file.display()
-            ));
-        }
-        if since.elapsed() > TIMEOUT {
-            return Err(format!(
-                "no {LINE:?} in {} after {TIMEOUT:?}",
-                file.display()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
 /// `VIREO-TEST netbench sent=N cycles=C`: (N, C); a FAIL is an error.
 fn parse_report(line: &str) -> Res<(u64, u64)> {
     if line.contains("FAIL") {
@@ -513,7 +453,7 @@ fn run_once(
     let result = ready.and_then(|()| {
         let program = match vmm {
             Vmm::Vireo => bin.to_path_buf(),
-            Vmm::Qemu => PathBuf::from(qemu_bin_name()),
+            Vmm::Qemu => PathBuf::from(qemu_bin()),
         };
         let mut cmd = ns.command(&program);
         match vmm {
@@ -559,7 +499,7 @@ fn run_once(
             .stdout(Stdio::null())
             .stderr(stderr);
         let mut p = Proc::spawn(&mut cmd)?;
-        let line = wait_report(&console, &mut p);
+        let line = wait_line(&console, LINE, &mut p, TIMEOUT);
         stop.store(true, Ordering::Release);
         let (sent, cycles) = parse_report(&line?)?;
         if vmm == Vmm::Vireo {
@@ -584,16 +524,6 @@ fn run_once(
     })
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut x: Vec<f64> = v.iter().copied().filter(|f| !f.is_nan()).collect();
-    x.sort_by(f64::total_cmp);
-    match x.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => x[n / 2],
-        n => (x[n / 2 - 1] + x[n / 2]) / 2.0,
-    }
-}
-
 fn range(v: &[f64]) -> (f64, f64) {
     v.iter()
         .filter(|f| !f.is_nan())
@@ -605,51 +535,6 @@ fn range(v: &[f64]) -> (f64, f64) {
 fn stats_json(v: &[f64]) -> Value {
     let (lo, hi) = range(v);
     json!({"median": median(v), "min": lo, "max": hi})
-}
-
-fn build_guest(out: &Path) -> Res<PathBuf> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build.sh");
-    let res = Command::new(&script)
-        .arg(out)
-        .stderr(Stdio::inherit())
-        .output()
-        .map_err(|e| format!("{}: {e}", script.display()))?;
-    if !res.status.success() {
-        return Err(format!("{} failed ({})", script.display(), res.status));
-    }
-    String::from_utf8_lossy(&res.stdout)
-        .lines()
-        .last()
-        .map(|l| PathBuf::from(l.trim()))
-        .ok_or_else(|| format!("{} printed no path", script.display()))
-}
-
-fn qemu_bin_name() -> String {
-    std::env::var(QEMU_ENV).unwrap_or_else(|_| QEMU.to_string())
-}
-
-fn qemu_version() -> Option<String> {
-    let out = Command::new(qemu_bin_name())
-        .arg("--version")
-        .output()
-        .ok()?;
-    out.status.success().then(|| {
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .next()
-            .unwrap_or("")
-            .to_string()
-    })
-}
-
-fn env_num<T: std::str::FromStr>(name: &str, default: T) -> Res<T> {
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .map_err(|_| format!("{name}={v:?} is not a number")),
-        Err(_) => Ok(default),
-    }
 }
 
 fn loadavg() -> String {
@@ -709,18 +594,19 @@ fn run() -> Res<()> {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_vireo-vmm"));
     let scratch =
         Scratch(std::env::temp_dir().join(format!("vireo-netbench-{}", std::process::id())));
-    let guest = match build_guest(&scratch.0.join("guest")) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build.sh");
+    let guest = match kit::build_guest(&script, &scratch.0.join("guest")) {
         Ok(g) => g,
         Err(e) => {
             println!("SKIP vmm net bench: cannot build the test guest ({e}): no C compiler?");
             return Ok(());
         }
     };
-    let qemu = qemu_version();
+    let qemu = version_of(&qemu_bin());
     if qemu.is_none() {
         println!(
             "SKIP QEMU parts: {} not found or not runnable (Debian: apt-get install qemu-system-x86; {QEMU_ENV} names another)",
-            qemu_bin_name()
+            qemu_bin()
         );
     }
     let date = Command::new("date")
@@ -860,7 +746,7 @@ fn run() -> Res<()> {
         "loadavg_at_end": load_end,
         "vireo_vmm": bin.display().to_string(),
         "qemu": qemu,
-        "qemu_command": format!("ip netns exec NS {} -M {QEMU_MACHINE} -accel kvm -nodefaults -no-user-config -display none -m {GUEST_MIB} -global virtio-mmio.force-legacy=false -kernel ELF -append \"console=ttyS0 vireo.netbench=FRAMES,SIZE\" -serial file:LOG -netdev tap,id=n0,ifname={TAP_QEMU},script=no,downscript=no,vhost=off -device virtio-net-device,netdev=n0,mac=02:56:49:52:45:71", qemu_bin_name()),
+        "qemu_command": format!("ip netns exec NS {} -M {QEMU_MACHINE} -accel kvm -nodefaults -no-user-config -display none -m {GUEST_MIB} -global virtio-mmio.force-legacy=false -kernel ELF -append \"console=ttyS0 vireo.netbench=FRAMES,SIZE\" -serial file:LOG -netdev tap,id=n0,ifname={TAP_QEMU},script=no,downscript=no,vhost=off -device virtio-net-device,netdev=n0,mac=02:56:49:52:45:71", qemu_bin()),
         "vireo_command": format!("ip netns exec NS vireo-vmm run --kernel ELF --cmdline \"console=ttyS0 vireo.netbench=FRAMES,SIZE vireo.poweroff=1\" --memory-mib {GUEST_MIB} --vcpus 1 --net {TAP_VIREO},mac=02:56:49:52:45:70 ..."),
         "guest_mib": GUEST_MIB,
         "frames": frames,
