@@ -185,16 +185,6 @@ fn help_explains_itself() {
 /// compares, command by command, success and the state with its reason.
 #[test]
 fn same_session_as_virsh() {
-    if Command::new("virsh").arg("--version").output().is_err() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "virsh (libvirt-clients) is missing, and CI installs it: .ci/run is broken"
-        );
-        eprintln!(
-            "SKIP same_session_as_virsh: virsh is not installed (apt-get install libvirt-clients)"
-        );
-        return;
-    }
     let dir = std::env::temp_dir().join(format!("vireo-virsh-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("tmp");
     let xml = dir.join("demo.xml");
@@ -228,20 +218,13 @@ fn same_session_as_virsh() {
         }
         s
     };
-    let virsh = Command::new("virsh")
-        .args(["-q", "-c", "test:///default"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            c.stdin
-                .take()
-                .expect("stdin")
-                .write_all(session(format!("define {}", xml.display())).as_bytes())?;
-            c.wait_with_output()
-        })
-        .expect("virsh runs");
+    let Some((virsh_out, virsh_err)) = virsh_session(
+        "same_session_as_virsh",
+        &session(format!("define {}", xml.display())),
+    ) else {
+        let _ = std::fs::remove_dir_all(dir);
+        return;
+    };
     let ours = vireo(
         &[],
         Some(&session(format!(
@@ -256,30 +239,21 @@ fn same_session_as_virsh() {
             .map(|l| l.trim_start_matches("virsh # ").to_string())
             .collect()
     };
-    let virsh_states = states(&text(&virsh.stdout));
+    let virsh_states = states(&virsh_out);
     let our_states = states(&text(&ours.stdout));
     // The last state query fails in both: the undefined domain is gone.
-    assert_eq!(
-        virsh_states.len(),
-        steps.len() - 1,
-        "virsh: {}",
-        text(&virsh.stdout)
-    );
+    assert_eq!(virsh_states.len(), steps.len() - 1, "virsh: {}", virsh_out);
     assert_eq!(our_states, virsh_states, "state and reason after each step");
     // The same steps fail: virsh prints two lines per failure, we print one.
-    let virsh_failures = text(&virsh.stderr).matches("error: Failed to").count()
-        + text(&virsh.stderr)
-            .matches("error: Domain is already active")
-            .count()
-        + text(&virsh.stderr)
-            .matches("error: failed to get domain")
-            .count();
+    let virsh_failures = virsh_err.matches("error: Failed to").count()
+        + virsh_err.matches("error: Domain is already active").count()
+        + virsh_err.matches("error: failed to get domain").count();
     let our_failures = text(&ours.stderr).lines().count();
     assert_eq!(
         our_failures,
         virsh_failures,
         "virsh: {}\nours: {}",
-        text(&virsh.stderr),
+        virsh_err,
         text(&ours.stderr)
     );
     let _ = std::fs::remove_dir_all(dir);
