@@ -518,10 +518,10 @@ const APPLIED_TRUST: std::time::Duration = std::time::Duration::from_secs(10);
 impl Ctx {
     fn recently_applied(&self, dom: &Domain, wanted: &DomainStatus) -> bool {
         let uid = dom.uid().unwrap_or_default();
-        let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
-        applied.retain(|_, (_, at)| at.elapsed() < APPLIED_TRUST);
-        applied.get(&uid).is_some_and(|(s, _)| {
-            s.node_name == wanted.node_name
+        let applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        applied.get(&uid).is_some_and(|(s, at)| {
+            at.elapsed() < APPLIED_TRUST
+                && s.node_name == wanted.node_name
                 && s.state == wanted.state
                 && same(&s.conditions, &wanted.conditions)
         })
@@ -529,10 +529,10 @@ impl Ctx {
 
     fn remember_applied(&self, dom: &Domain, wanted: DomainStatus) {
         let uid = dom.uid().unwrap_or_default();
-        self.applied
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(uid, (wanted, std::time::Instant::now()));
+        let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        // Forget what is past trusting here, on a write, not on every look.
+        applied.retain(|_, (_, at)| at.elapsed() < APPLIED_TRUST);
+        applied.insert(uid, (wanted, std::time::Instant::now()));
     }
 }
 
