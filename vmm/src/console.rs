@@ -143,26 +143,28 @@ mod tests {
     #[test]
     fn fans_out_to_log_and_clients_and_drops_dead_ones() {
         let dir = std::env::temp_dir().join(format!("vireo-console-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&dir).expect("a scratch directory");
         let log_path = dir.join("log");
-        let log = File::create(&log_path).unwrap();
-        let clients = ConsoleClients::new().unwrap();
-        let (a, mut a_peer) = UnixStream::pair().unwrap();
-        let (b, b_peer) = UnixStream::pair().unwrap();
-        a.set_nonblocking(true).unwrap();
-        b.set_nonblocking(true).unwrap();
+        let log = File::create(&log_path).expect("the console log");
+        let clients = ConsoleClients::new().expect("the client set and its eventfd");
+        let (a, mut a_peer) = UnixStream::pair().expect("a socket pair");
+        let (b, b_peer) = UnixStream::pair().expect("a socket pair");
+        a.set_nonblocking(true).expect("non-blocking");
+        b.set_nonblocking(true).expect("non-blocking");
         clients.add(a);
         clients.add(b);
         drop(b_peer);
         let mut out = ConsoleOut::new(log, clients.clone());
-        out.write_all(b"hel").unwrap();
-        out.write_all(b"lo").unwrap();
+        out.write_all(b"hel").expect("console write");
+        out.write_all(b"lo").expect("console write");
         clients.flush();
         let mut buf = [0u8; 5];
-        a_peer.read_exact(&mut buf).unwrap();
+        a_peer
+            .read_exact(&mut buf)
+            .expect("the client got the bytes");
         assert_eq!(&buf, b"hello");
         assert_eq!(clients.len(), 1, "the client whose peer closed is gone");
-        assert_eq!(std::fs::read(&log_path).unwrap(), b"hello");
+        assert_eq!(std::fs::read(&log_path).expect("the console log"), b"hello");
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -411,8 +411,16 @@ mod tests {
 
     fn read(mem: &GuestMemory, addr: u64, len: usize) -> Vec<u8> {
         let mut v = vec![0u8; len];
-        mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+        mem.read_slice(&mut v, GuestAddress(addr))
+            .expect("the tables lie inside guest RAM");
         v
+    }
+
+    /// The little-endian u64 at `at` (table pointers and addresses).
+    fn u64_at(b: &[u8], at: usize) -> u64 {
+        let mut v = [0u8; 8];
+        v.copy_from_slice(&b[at..at + 8]);
+        u64::from_le_bytes(v)
     }
 
     fn table(mem: &GuestMemory, addr: u64) -> Vec<u8> {
@@ -423,42 +431,45 @@ mod tests {
 
     #[test]
     fn tables_chain_from_rsdp_with_valid_checksums() {
-        let mem = crate::memory::create(64 << 20).unwrap();
+        let mem = crate::memory::create(64 << 20).expect("64 MiB of guest RAM");
         let slots = [VirtioSlot { index: 0 }, VirtioSlot { index: 3 }];
-        let rsdp = write(&mem, 3, &slots).unwrap();
+        let rsdp = write(&mem, 3, &slots).expect("tables for 3 vCPUs");
         assert_eq!(rsdp, layout::ACPI_START);
         let r = read(&mem, rsdp, 36);
         assert_eq!(&r[..8], b"RSD PTR ");
         assert_eq!(sum(&r[..20]), 0);
         assert_eq!(sum(&r), 0);
-        let xsdt_addr = u64::from_le_bytes(r[24..32].try_into().unwrap());
+        let xsdt_addr = u64_at(&r, 24);
         let xsdt = table(&mem, xsdt_addr);
         assert_eq!(&xsdt[..4], b"XSDT");
         assert_eq!(sum(&xsdt), 0);
         let mut seen = Vec::new();
         for chunk in xsdt[36..].chunks(8) {
-            let t = table(&mem, u64::from_le_bytes(chunk.try_into().unwrap()));
+            let t = table(&mem, u64_at(chunk, 0));
             assert_eq!(sum(&t), 0, "{:?}", &t[..4]);
             seen.push(t);
         }
-        let fadt = seen.iter().find(|t| &t[..4] == b"FACP").unwrap();
-        let flags = u32::from_le_bytes(fadt[112..116].try_into().unwrap());
+        let fadt = seen
+            .iter()
+            .find(|t| &t[..4] == b"FACP")
+            .expect("the XSDT lists a FADT");
+        let flags = u32::from_le_bytes([fadt[112], fadt[113], fadt[114], fadt[115]]);
         assert_ne!(flags & Flags::HwReducedAcpi as u32, 0);
         // Reset register: system I/O at the power port, value 1.
         assert_eq!(fadt[116], 1);
-        assert_eq!(
-            u64::from_le_bytes(fadt[120..128].try_into().unwrap()),
-            0x600
-        );
+        assert_eq!(u64_at(fadt, 120), 0x600);
         assert_eq!(fadt[128], 1);
-        let dsdt_addr = u64::from_le_bytes(fadt[140..148].try_into().unwrap());
+        let dsdt_addr = u64_at(fadt, 140);
         let dsdt = table(&mem, dsdt_addr);
         assert_eq!(sum(&dsdt), 0);
         let has = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
         assert!(has(b"LNRO0005"));
         assert!(has(b"_S5_"));
         assert!(has(b"V000") && has(b"V003") && !has(b"V001"));
-        let madt = seen.iter().find(|t| &t[..4] == b"APIC").unwrap();
+        let madt = seen
+            .iter()
+            .find(|t| &t[..4] == b"APIC")
+            .expect("the XSDT lists a MADT");
         // Walk the MADT's structures: type 0 is a processor local APIC.
         let mut off = 44;
         let mut cpus = 0;
@@ -483,38 +494,40 @@ mod tests {
             eprintln!("SKIP iasl_disassembles_the_tables: iasl (acpica-tools) not installed");
             return;
         }
-        let mem = crate::memory::create(64 << 20).unwrap();
+        let mem = crate::memory::create(64 << 20).expect("64 MiB of guest RAM");
         let slots = [VirtioSlot { index: 0 }, VirtioSlot { index: 1 }];
-        let rsdp = write(&mem, 2, &slots).unwrap();
+        let rsdp = write(&mem, 2, &slots).expect("tables for 2 vCPUs");
         let r = read(&mem, rsdp, 36);
-        let xsdt = table(&mem, u64::from_le_bytes(r[24..32].try_into().unwrap()));
+        let xsdt = table(&mem, u64_at(&r, 24));
         let mut tables: Vec<Vec<u8>> = xsdt[36..]
             .chunks(8)
-            .map(|c| table(&mem, u64::from_le_bytes(c.try_into().unwrap())))
+            .map(|c| table(&mem, u64_at(c, 0)))
             .collect();
-        let fadt = tables.iter().find(|t| &t[..4] == b"FACP").unwrap().clone();
-        tables.push(table(
-            &mem,
-            u64::from_le_bytes(fadt[140..148].try_into().unwrap()),
-        ));
+        let fadt = tables
+            .iter()
+            .find(|t| &t[..4] == b"FACP")
+            .expect("the XSDT lists a FADT")
+            .clone();
+        tables.push(table(&mem, u64_at(&fadt, 140)));
         let dir = std::env::temp_dir().join(format!("vireo-acpi-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&dir).expect("a scratch directory");
         for t in &tables {
             let name = String::from_utf8_lossy(&t[..4]).to_lowercase();
             let path = dir.join(format!("{name}.dat"));
-            std::fs::write(&path, t).unwrap();
+            std::fs::write(&path, t).expect("the table written out");
             let out = std::process::Command::new("iasl")
                 .arg("-d")
                 .arg(&path)
                 .current_dir(&dir)
                 .output()
-                .unwrap();
+                .expect("iasl runs");
             assert!(
                 out.status.success(),
                 "{name}: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
-            let dsl = std::fs::read_to_string(dir.join(format!("{name}.dsl"))).unwrap();
+            let dsl = std::fs::read_to_string(dir.join(format!("{name}.dsl")))
+                .expect("iasl wrote the .dsl");
             match name.as_str() {
                 "dsdt" => {
                     for want in [
