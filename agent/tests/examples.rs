@@ -209,32 +209,39 @@ fn standalone_runs_every_example() {
     );
     assert!(conn.network().dhcp_leases("lab").is_ok());
 
-    // A Linux guest on that network, created through the socket, takes an
-    // address from the network's DHCP range on its derived MAC.
-    let image = Path::new("/var/lib/vireo/boot/vireo-guest");
-    let guest: vireo_crds::Domain = serde_yaml_ng::from_str(&format!(
-        "apiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {{name: dhcp}}\nspec:\n  type: qemu\n  memory: 256Mi\n  vcpus: 1\n  os: {{kernel: {k}, initrd: {i}, cmdline: console=ttyS0 quiet}}\n  devices:\n    interfaces:\n      - {{name: net0, network: lab}}\n",
-        k = image.join("vmlinuz").display(),
-        i = image.join("initrd.img").display()
-    ))
-    .expect("manifest");
-    let created = conn
-        .hypervisor()
-        .create_domain(&guest)
-        .expect("create on lab");
-    let mac = vireo_drivers::bridge::tap::interface_mac(
-        &guest.spec.devices.interfaces[0],
-        &created.uuid,
-        0,
+    // The Linux example on that network: its console shows an address from
+    // the DHCP range and its disk made and mounted; the lease is on its
+    // derived MAC, and domifaddr's answer comes from it.
+    let console = wait("the Linux guest's set-up", &log, || {
+        std::fs::read_to_string(&console_log)
+            .ok()
+            .filter(|t| t.contains("VIREO-GUEST-SETUP-DONE"))
+    });
+    assert!(
+        console.contains("VIREO-GUEST-DISK ok vda /mnt/vda"),
+        "the example's disk is made and mounted: {console}"
     );
-    let lease = wait("a DHCP lease for the guest", &log, || {
+    let ip_line = console
+        .lines()
+        .find(|l| l.starts_with("VIREO-GUEST-IP "))
+        .unwrap_or_default();
+    assert!(
+        ip_line.contains("10.77.0."),
+        "a DHCP address on lab: {console}"
+    );
+    let iface = vireo_crds::Interface {
+        name: "net0".into(),
+        network: "lab".into(),
+        mac: None,
+    };
+    let mac = vireo_drivers::bridge::tap::interface_mac(&iface, &linux.uuid, 0);
+    let lease = wait("a DHCP lease for the Linux guest", &log, || {
         conn.network()
             .dhcp_leases("lab")
             .ok()?
             .into_iter()
             .find(|l| l.mac == mac)
     });
-    assert!(lease.ip.starts_with("10.77.0."), "{lease:?}");
     let last: u8 = lease
         .ip
         .rsplit('.')
@@ -243,7 +250,22 @@ fn standalone_runs_every_example() {
         .expect("octet");
     assert!((10..=99).contains(&last), "in the range: {lease:?}");
     assert_eq!(lease.prefix, 24);
-    conn.hypervisor().destroy_domain("dhcp").expect("destroy");
+    assert!(
+        ip_line.contains(&format!("{}/24", lease.ip)),
+        "the guest has the leased address: {ip_line} vs {lease:?}"
+    );
+    // What `vireo domifaddr` and the Domain's status show.
+    let addrs = vireo_drivers::network::interface_addresses(conn.network(), &[iface], &linux.uuid);
+    assert_eq!(
+        addrs[0].ip.as_deref(),
+        Some(format!("{}/24", lease.ip).as_str()),
+        "{addrs:?}"
+    );
+    // The disk is the example volume's file, now holding an ext2 filesystem.
+    let data = std::fs::read(host.join("var/lib/vireo/images/default.linux-data"))
+        .map(|b| b.get(1024 + 56..1024 + 58).map(<[u8]>::to_vec))
+        .expect("the volume file");
+    assert_eq!(data, Some(vec![0x53, 0xef]), "ext2 superblock magic");
 
     // Leave nothing running: stop the agent, then what it left in the
     // namespace (QEMU, dnsmasq) goes with the namespace.

@@ -1,18 +1,23 @@
 //! Every manifest in examples/, applied on a real kube-apiserver the way a
 //! GitOps tool applies a repository (`kubectl apply -k examples/`): the
 //! schema accepts them all, and with the operator and an agent they
-//! converge (network and pool active, volume Ready, every Domain running,
-//! the Linux guest under QEMU included); `kubectl delete -k` removes them.
-//! (agent/tests/examples.rs runs the same directory in standalone mode.)
+//! converge: the NAT network is a real bridge with dnsmasq, the pool a
+//! directory with the volumes' files, and every Domain runs, the Linux guest
+//! under QEMU included, which takes an address on the network by DHCP (shown
+//! in its status) and makes a filesystem on its volume. `kubectl delete -k`
+//! removes them. (agent/tests/examples.rs runs the same directory in
+//! standalone mode.)
 //!
-//! Without `qemu-system-x86_64` or root the test fails when `CI` is set, and
+//! The agent runs in a network namespace the test makes, so the example's
+//! bridge and NAT rules never touch the host's interfaces. Without
+//! `qemu-system-x86_64` or root the test fails when `CI` is set, and
 //! otherwise prints a SKIP line and returns.
 
 mod common;
 
 use std::time::Duration;
 
-use common::{Cluster, ready_hosts, repo, wait_for};
+use common::{Cluster, Netns, ready_hosts, repo, wait_for};
 use kube::api::Api;
 use vireo_crds::{Domain, DomainState, Network, StoragePool, StorageVol};
 
@@ -45,8 +50,10 @@ async fn every_example_applies_and_converges() {
 
     let cluster = Cluster::start("examples");
     let _op = cluster.operator("operator", &["--no-leader-election"]);
-    let _agent = cluster.agent(
+    let netns = Netns::new(&format!("vireo-e2e-ex-{}", std::process::id()));
+    let _agent = cluster.agent_in_netns(
         "node-1",
+        &netns,
         &["--resync-seconds", "2", "--boot-dir", "/var/lib/vireo/boot"],
     );
     let client = cluster.client().await;
@@ -61,6 +68,7 @@ async fn every_example_applies_and_converges() {
         "domain.vireo.dev/demo",
         "domain.vireo.dev/web",
         "domain.vireo.dev/linux",
+        "storagevol.vireo.dev/linux-data",
     ] {
         assert!(applied.contains(object), "{object} applied: {applied}");
     }
@@ -117,6 +125,51 @@ async fn every_example_applies_and_converges() {
         ("net0", "lab")
     );
     assert!(ifaces[0].mac.starts_with("52:54:00:"), "{ifaces:?}");
+    // The network is a real bridge in the agent's namespace.
+    let bridge = netns.ip(&["-br", "addr", "show", "vireo-lab0"]);
+    assert!(bridge.contains("10.77.0.1/24"), "{bridge}");
+
+    // The Linux guest: an address from lab's DHCP range in its status, and
+    // on its console, with its disk (the volume linux-data) made and mounted.
+    let linux = wait_for(T, "the Linux guest's address in its status", || async {
+        let d = domains.get_opt("linux").await.ok().flatten()?;
+        let ip = d.status.as_ref()?.interfaces.first()?.ip.clone()?;
+        Some((d, ip))
+    })
+    .await;
+    let (linux, ip) = linux;
+    assert!(ip.starts_with("10.77.0.") && ip.ends_with("/24"), "{ip}");
+    let uuid = linux.spec.uuid.clone().expect("a UUID");
+    let console_log = cluster
+        .dir
+        .join("state-node-1/qemu/run")
+        .join(&uuid)
+        .join("console.log");
+    let console = wait_for(T, "the Linux guest's set-up", || async {
+        std::fs::read_to_string(&console_log)
+            .ok()
+            .filter(|t| t.contains("VIREO-GUEST-SETUP-DONE"))
+    })
+    .await;
+    assert!(
+        console.contains(&format!("VIREO-GUEST-IP {ip}")),
+        "the guest has the address its status shows ({ip}): {console}"
+    );
+    assert!(
+        console.contains("VIREO-GUEST-DISK ok vda /mnt/vda"),
+        "{console}"
+    );
+    let data = vols.get("linux-data").await.expect("linux-data");
+    assert_eq!(data.status.and_then(|s| s.phase).as_deref(), Some("Ready"));
+    let magic = std::fs::read(
+        cluster
+            .dir
+            .join("host-node-1/var/lib/vireo/images/default.linux-data"),
+    )
+    .map(|b| b.get(1024 + 56..1024 + 58).map(<[u8]>::to_vec))
+    .expect("the volume's file");
+    assert_eq!(magic, Some(vec![0x53, 0xef]), "ext2 superblock magic");
+
     let table = cluster.kubectl_ok(&["get", "domains"]);
     assert!(
         table.contains("linux") && table.contains("running"),
@@ -127,6 +180,11 @@ async fn every_example_applies_and_converges() {
     wait_for(T, "the example domains gone", || async {
         let left = domains.list(&Default::default()).await.ok()?;
         left.items.is_empty().then_some(())
+    })
+    .await;
+    // The network went with its manifest: no bridge is left in the namespace.
+    wait_for(T, "the bridge gone", || async {
+        (!netns.ip(&["-br", "link"]).contains("vireo-lab0")).then_some(())
     })
     .await;
 }
