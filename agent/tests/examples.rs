@@ -160,6 +160,26 @@ fn standalone_runs_every_example() {
         .lookup_domain(Lookup::Name("default/linux"))
         .expect("linux");
     assert!(linux.id.is_some());
+    // One node, one numbering: the test driver's domains and the QEMU guest
+    // never share an ID, so `vireo dominfo ID` names one domain.
+    let mut ids: Vec<u32> = ["default/demo", "default/web", "default/linux"]
+        .iter()
+        .map(|n| {
+            conn.hypervisor()
+                .lookup_domain(Lookup::Name(n))
+                .ok()
+                .and_then(|d| d.id)
+                .unwrap_or_else(|| panic!("{n} has an ID"))
+        })
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "distinct IDs across drivers: {ids:?}");
+    let by_id = conn
+        .hypervisor()
+        .lookup_domain(Lookup::Id(linux.id.expect("id")))
+        .expect("lookup by the Linux guest's ID");
+    assert_eq!(by_id.name, "default/linux");
     let console_log = state.join("qemu/run").join(&linux.uuid).join("console.log");
     wait("the Linux guest's marker", &log, || {
         std::fs::read_to_string(&console_log)

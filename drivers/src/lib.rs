@@ -17,6 +17,7 @@ pub mod connect;
 pub mod error;
 pub mod host;
 pub mod hypervisor;
+pub mod ids;
 pub mod kvm;
 pub mod lookup;
 pub mod network;

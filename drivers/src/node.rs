@@ -108,8 +108,9 @@ impl HypervisorDriver for NodeHypervisor {
         match found.as_slice() {
             [] => Err(Error::not_found(ObjectKind::Domain, key.describe())),
             [(_, r)] => Ok(r.clone()),
-            // Each driver numbers its own activations (as each libvirt
-            // connection does), so an ID may name one domain per driver.
+            // Drivers opened on their own number their own activations (as
+            // each libvirt connection does), so an ID may name one domain
+            // per driver; an agent's drivers share one counter (crate::ids).
             many => Err(Error::invalid_argument(
                 ObjectKind::Domain,
                 key.describe(),

@@ -125,7 +125,9 @@ impl AgentConfig {
 pub(crate) fn open_node(config: &AgentConfig) -> Result<Connection> {
     let test = std::sync::Arc::new(
         vireo_drivers::test::TestDriver::from_dir(&config.state_dir.join("test-node"))
-            .map_err(Error::Invalid)?,
+            .map_err(Error::Invalid)?
+            .with_domain_ids(domain_ids(config))
+            .map_err(|e| Error::Invalid(format!("the node's domain IDs: {e}")))?,
     );
     let network: std::sync::Arc<dyn vireo_drivers::NetworkDriver> = match config.network_driver {
         NetworkBackend::Test => test.clone(),
@@ -374,27 +376,39 @@ pub(crate) fn open_hypervisors(
     out
 }
 
-/// The qemu and kvm drivers, where they open.
+/// One counter of domain IDs for all the drivers of this node, so that an
+/// ID names one domain on it whatever its type (see `vireo_drivers::ids`).
+fn domain_ids(config: &AgentConfig) -> vireo_drivers::ids::DomainIds {
+    vireo_drivers::ids::DomainIds::new(&config.state_dir.join("domain-ids"))
+}
+
+/// The qemu and kvm drivers, where they open, on the node's domain IDs.
 fn open_process_drivers(
     config: &AgentConfig,
     node: &Connection,
 ) -> BTreeMap<DomainType, Connection> {
     let mut out = BTreeMap::new();
+    let ids = domain_ids(config);
     let root = config.state_dir.join("qemu");
-    let uri = format!("qemu:///embed?root={}", root.display());
-    match vireo_drivers::qemu::open_with(
-        &uri,
-        &format!("/embed?root={}", root.display()),
-        node.network_driver(),
-        node.storage_driver(),
-    ) {
+    let path = format!(
+        "/embed?root={}&ids={}",
+        root.display(),
+        ids.path().display()
+    );
+    let uri = format!("qemu://{path}");
+    match vireo_drivers::qemu::open_with(&uri, &path, node.network_driver(), node.storage_driver())
+    {
         Ok(c) => {
             out.insert(DomainType::Qemu, c);
         }
         Err(e) => tracing::warn!(error = %e, "the qemu driver is not available on this node"),
     }
     let root = config.state_dir.join("kvm");
-    let path = format!("/embed?root={}", root.display());
+    let path = format!(
+        "/embed?root={}&ids={}",
+        root.display(),
+        ids.path().display()
+    );
     match vireo_drivers::kvm::open_with(
         &format!("kvm://{path}"),
         &path,

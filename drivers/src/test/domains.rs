@@ -138,7 +138,14 @@ impl State {
     }
 
     fn activate(&mut self, name: &str, reason: DomainReason) -> Result<DomainRef> {
-        let id = self.next_domain_id;
+        self.domain_mut(name)?;
+        let id = match &self.ids {
+            Some(ids) => ids.next().map_err(|e| Error::OperationFailed {
+                object: crate::error::ObjectName::new(ObjectKind::Domain, name),
+                message: format!("allocating an ID in {}: {e}", ids.path().display()),
+            })?,
+            None => self.next_domain_id,
+        };
         let obj = self.domain_mut(name)?;
         obj.id = Some(id);
         obj.state = DomainState::Running;

@@ -88,6 +88,9 @@ pub fn default_node_info() -> NodeInfo {
 struct State {
     node: NodeInfo,
     next_domain_id: u32,
+    /// The node's shared domain IDs, when the driver is one of several
+    /// (see [`crate::ids`]); `next_domain_id` otherwise.
+    ids: Option<crate::ids::DomainIds>,
     next_bridge: u32,
     domains: BTreeMap<String, DomainObj>,
     networks: BTreeMap<String, NetworkObj>,
@@ -185,6 +188,19 @@ impl TestDriver {
         };
         driver.store = Some(store);
         Ok(driver)
+    }
+
+    /// Takes domain IDs from the node's shared counter instead of its own,
+    /// first reporting the IDs of the domains it runs now.
+    pub fn with_domain_ids(self, ids: crate::ids::DomainIds) -> std::io::Result<Self> {
+        {
+            let mut st = self.lock();
+            if let Some(max) = st.domains.values().filter_map(|d| d.id).max() {
+                ids.observe(max)?;
+            }
+            st.ids = Some(ids);
+        }
+        Ok(self)
     }
 
     /// Runs a change under the lock, then saves the object it named.

@@ -161,6 +161,9 @@ pub struct Options {
     pub shutdown_timeout: Duration,
     /// How often the watcher refreshes active domains.
     pub poll: Duration,
+    /// The node's shared domain IDs (`&ids=FILE` in the URI); without it
+    /// the driver numbers its own activations, as a libvirt connection does.
+    pub ids: Option<crate::ids::DomainIds>,
 }
 
 /// A hypervisor driver over processes; see the module docs.
@@ -213,6 +216,18 @@ impl<B: Backend> VmDriver<B> {
         storage: Arc<dyn StorageDriver>,
     ) -> std::io::Result<Self> {
         let store = Store::open(&options.root)?;
+        if let Some(ids) = &options.ids {
+            // The IDs of the activations this driver re-adopts stay theirs.
+            let running = store.lock()?.all()?;
+            if let Some(max) = running
+                .iter()
+                .filter_map(|r| r.run.as_ref())
+                .map(|r| r.id)
+                .max()
+            {
+                ids.observe(max)?;
+            }
+        }
         let inner = Arc::new(Inner {
             backend,
             store,
@@ -731,9 +746,11 @@ impl<B: Backend> Inner<B> {
         ] {
             let _ = std::fs::remove_file(p);
         }
-        let id = l
-            .next_id()
-            .map_err(|e| io_failed(&rec.name, "allocating an ID", e))?;
+        let id = match &self.options.ids {
+            Some(ids) => ids.next(),
+            None => l.next_id(),
+        }
+        .map_err(|e| io_failed(&rec.name, "allocating an ID", e))?;
         let started = Instant::now();
         self.plug_interfaces(&rec.name, &live)?;
         let pid = match self.backend.launch(&live, &paths, &disks) {
@@ -1229,7 +1246,8 @@ pub fn root_from_uri(
 
 /// Opens a process-backed driver on the root a URI names
 /// (`/system` or `/embed?root=DIR`, with `&shutdown_timeout=SECONDS`, default
-/// 300), paired with the given network and storage drivers.
+/// 300, and `&ids=FILE` for a node's shared domain IDs), paired with the
+/// given network and storage drivers.
 pub fn open_connection<B: Backend>(
     backend: B,
     uri: &str,
@@ -1251,6 +1269,9 @@ pub fn open_connection<B: Backend>(
             root,
             shutdown_timeout: Duration::from_secs(shutdown_timeout),
             poll: Duration::from_millis(500),
+            ids: params
+                .get("ids")
+                .map(|p| crate::ids::DomainIds::new(Path::new(p))),
         },
         network.clone(),
         storage.clone(),
