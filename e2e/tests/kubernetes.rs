@@ -775,3 +775,143 @@ async fn cluster_objects_torn_down_on_every_node_and_volume_node_name() {
         assert!(!f.exists(), "images was undefined on node-{n}");
     }
 }
+
+/// Networks and StoragePools are realized only on the nodes their
+/// nodeSelector matches (per-node state in their status), the operator
+/// places a Domain only where its networks are active and its pools run,
+/// and a Domain that needs both where no node has both stays Pending until
+/// a changed selector moves the network: torn down where it no longer
+/// matches, started where it now does.
+#[tokio::test(flavor = "multi_thread")]
+async fn node_selectors_of_networks_and_pools_decide_placement() {
+    let mut cluster = Cluster::start("selectors");
+    let op = cluster.operator("operator", &["--no-leader-election"]);
+    cluster.hold(op);
+    for (node, zone) in [("node-1", "a"), ("node-2", "b"), ("node-3", "b")] {
+        let zone = format!("zone={zone}");
+        let agent = cluster.agent(node, &["--label", &zone]);
+        cluster.hold(agent);
+    }
+    let client = cluster.client().await;
+    ready_hosts(&client, 3).await;
+    cluster.kubectl_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: vireo.dev/v1alpha1\nkind: Network\nmetadata: {name: edge}\nspec:\n  forwardMode: isolated\n  ip: {address: 10.88.0.1, prefix: 24}\n  nodeSelector: {zone: a}\n---\napiVersion: vireo.dev/v1alpha1\nkind: StoragePool\nmetadata: {name: fast}\nspec:\n  type: dir\n  path: /var/lib/vireo/fast\n  nodeSelector: {zone: b}\n",
+    );
+    let nets: Api<vireo_crds::Network> = Api::all(client.clone());
+    let pools: Api<vireo_crds::StoragePool> = Api::all(client.clone());
+    let active_on = |n: &vireo_crds::Network| -> BTreeSet<String> {
+        n.status
+            .as_ref()
+            .map(|s| {
+                s.nodes
+                    .iter()
+                    .filter(|e| e.active)
+                    .map(|e| e.node_name.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let nodes =
+        |names: &[&str]| -> BTreeSet<String> { names.iter().map(|n| n.to_string()).collect() };
+    wait_for(T, "edge active on node-1 only", || async {
+        let n = nets.get("edge").await.ok()?;
+        (active_on(&n) == nodes(&["node-1"])).then_some(())
+    })
+    .await;
+    wait_for(T, "fast running on node-2 and node-3 only", || async {
+        let p = pools.get("fast").await.ok()?;
+        let running: BTreeSet<String> = p
+            .status
+            .as_ref()?
+            .nodes
+            .iter()
+            .filter(|e| e.state == "running")
+            .map(|e| e.node_name.clone())
+            .collect();
+        (running == nodes(&["node-2", "node-3"])).then_some(())
+    })
+    .await;
+    let defined = |node: &str, what: &str| {
+        cluster
+            .dir
+            .join(format!("state-{node}/test-node/{what}.json"))
+            .exists()
+    };
+    assert!(defined("node-1", "networks/edge"));
+    assert!(!defined("node-2", "networks/edge") && !defined("node-3", "networks/edge"));
+    assert!(!defined("node-1", "pools/fast"));
+    assert!(
+        !cluster.dir.join("host-node-1/var/lib/vireo/fast").exists(),
+        "no pool directory on the node it does not select"
+    );
+
+    // One Domain on edge, one with a volume in fast, one needing both.
+    cluster.kubectl_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: vireo.dev/v1alpha1\nkind: StorageVol\nmetadata: {name: fastvol}\nspec: {pool: fast, capacity: 64Mi}\n---\napiVersion: vireo.dev/v1alpha1\nkind: StorageVol\nmetadata: {name: bothvol}\nspec: {pool: fast, capacity: 64Mi}\n---\napiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {name: on-edge}\nspec:\n  type: test\n  memory: 256Mi\n  vcpus: 1\n  devices:\n    interfaces: [{name: net0, network: edge}]\n---\napiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {name: on-fast}\nspec:\n  type: test\n  memory: 256Mi\n  vcpus: 1\n  devices:\n    disks: [{name: vda, volume: fastvol}]\n---\napiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {name: both}\nspec:\n  type: test\n  memory: 256Mi\n  vcpus: 1\n  devices:\n    interfaces: [{name: net0, network: edge}]\n    disks: [{name: vda, volume: bothvol}]\n",
+    );
+    let domains: Api<Domain> = Api::namespaced(client.clone(), "default");
+    let node_of = |d: &Domain| d.status.as_ref().and_then(|s| s.node_name.clone());
+    let on_edge = running(&domains, "on-edge").await;
+    assert_eq!(node_of(&on_edge).as_deref(), Some("node-1"));
+    let on_fast = running(&domains, "on-fast").await;
+    let fast_node = node_of(&on_fast).expect("on-fast bound");
+    assert!(
+        fast_node == "node-2" || fast_node == "node-3",
+        "{fast_node}"
+    );
+    let vols: Api<StorageVol> = Api::namespaced(client.clone(), "default");
+    let fastvol = vols.get("fastvol").await.expect("fastvol");
+    assert_eq!(
+        fastvol.status.as_ref().and_then(|s| s.node_name.clone()),
+        Some(fast_node.clone()),
+        "the volume followed its first consumer"
+    );
+    let scheduled = |d: &Domain| {
+        d.status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Scheduled"))
+            .map(|c| (c.status.clone(), c.message.clone()))
+    };
+    // Each host is counted under the first thing it lacks.
+    let want = "0/3 hosts fit: 2 without the domain's networks active, 1 without the volumes' storage pools active";
+    let both = wait_for(T, "both unschedulable, saying why", || async {
+        let d = domains.get("both").await.ok()?;
+        let (status, message) = scheduled(&d)?;
+        (status == "False" && message == want).then_some(d)
+    })
+    .await;
+    assert_eq!(state(&both), Some(DomainState::Pending));
+
+    // edge moves to zone b: gone from node-1 (its Domain there keeps its
+    // binding; nothing is started elsewhere), up on node-2 and node-3, and
+    // `both` finds a node with both.
+    nets.patch(
+        "edge",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"nodeSelector": {"zone": "b"}}})),
+    )
+    .await
+    .expect("patch edge");
+    wait_for(T, "edge active on node-2 and node-3 only", || async {
+        let n = nets.get("edge").await.ok()?;
+        (active_on(&n) == nodes(&["node-2", "node-3"])).then_some(())
+    })
+    .await;
+    wait_for(T, "edge torn down on node-1", || async {
+        (!defined("node-1", "networks/edge")).then_some(())
+    })
+    .await;
+    let both = running(&domains, "both").await;
+    let both_node = node_of(&both).expect("both bound");
+    assert!(
+        both_node == "node-2" || both_node == "node-3",
+        "{both_node}"
+    );
+    assert_eq!(
+        node_of(&domains.get("on-edge").await.expect("on-edge")).as_deref(),
+        Some("node-1"),
+        "a bound Domain is never moved"
+    );
+}
