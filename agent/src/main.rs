@@ -102,8 +102,11 @@ struct RunArgs {
     /// for several simulated nodes on one machine).
     #[arg(long, value_name = "BACKEND", default_value = "bridge", value_parser = ["bridge", "test"])]
     network_driver: String,
-    /// The local API socket of standalone mode, which the CLI reaches with
-    /// `vireo -c vireo+unix:///PATH` (default: STATE/vireo.sock).
+    /// The local API socket, which the CLI reaches with `vireo -c
+    /// vireo+unix:///PATH` (default: STATE/vireo.sock): every domain of this
+    /// node, their consoles, volume uploads and downloads. On a cluster the
+    /// API server stays the source of truth: the agent puts back what a
+    /// change through the socket does against a Domain's spec.
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
     /// Address of /metrics, /healthz and /readyz.

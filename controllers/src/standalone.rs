@@ -79,23 +79,7 @@ fn io(what: &str, e: impl std::fmt::Display) -> Error {
 pub async fn run(config: AgentConfig, manifests: PathBuf, metrics: Arc<Metrics>) -> Result<()> {
     let node = crate::agent::open_node(&config)?;
     let hypervisors = open_hypervisors(&config, &node);
-    // The local API: the CLI's `vireo -c vireo+unix:///SOCKET`.
-    let socket = config
-        .socket
-        .clone()
-        .unwrap_or_else(|| config.state_dir.join("vireo.sock"));
-    let api = Connection::new(
-        format!("vireo+unix://{}", socket.display()),
-        Arc::new(
-            vireo_drivers::node::NodeHypervisor::new(hypervisors.clone())
-                .map_err(Error::Invalid)?,
-        ),
-        node.network_driver(),
-        node.storage_driver(),
-    );
-    vireo_drivers::remote::serve(api, &socket)
-        .map_err(|e| io(&format!("local API socket {}", socket.display()), e))?;
-    tracing::info!(socket = %socket.display(), "local API listening (vireo -c vireo+unix://{})", socket.display());
+    let socket = crate::agent::serve_local_api(&config, &node, &hypervisors)?;
     let dir = config.state_dir.join("standalone");
     std::fs::create_dir_all(dir.join("status")).map_err(|e| io("state directory", e))?;
     let managed = std::fs::read(dir.join("managed.json"))
@@ -379,6 +363,11 @@ impl Standalone {
                 self.stops.remove(key);
             }
             Step::Start => {
+                // A disk made for an upload waits for its content first.
+                if let Some(vol) = self.awaiting_upload(&def) {
+                    tracing::warn!(domain = %key, volume = %vol, "not started: volume '{vol}' is waiting for its content (vireo vol-upload)");
+                    return Ok(());
+                }
                 let r = hv.start_domain(key)?;
                 *self.managed.starts.entry(key.to_string()).or_default() += 1;
                 self.save_managed()?;
@@ -416,6 +405,24 @@ impl Standalone {
             .and_then(|()| std::fs::rename(&tmp, &path))
             .map_err(|e| io("status", e))?;
         Ok(())
+    }
+}
+
+impl Standalone {
+    /// The first of a definition's disks (node volume names) that is a
+    /// placeholder waiting for an upload, in any active pool.
+    fn awaiting_upload(&self, def: &Domain) -> Option<String> {
+        let st = self.node.storage();
+        let pools = st
+            .list_pools(vireo_drivers::ListFilter::Active)
+            .unwrap_or_default();
+        def.spec.devices.disks.iter().find_map(|disk| {
+            pools
+                .iter()
+                .filter_map(|p| st.volume_info(&p.name, &disk.volume).ok())
+                .find(|i| i.awaiting_upload)
+                .map(|_| disk.volume.clone())
+        })
     }
 }
 

@@ -489,3 +489,97 @@ fn host_root_re_roots_pool_paths() {
         host.join("var/lib/vireo/images/v").display().to_string()
     );
 }
+
+#[test]
+fn a_volume_for_an_upload_waits_for_its_content() {
+    let (st, dir) = running_pool("dir-await");
+    let pool = "dir-await";
+    let vol = with_source(
+        volume(pool, "img", 4 * MIB, VolFormat::Raw),
+        VolumeSource {
+            upload: Some(vireo_crds::UploadSource {}),
+            ..Default::default()
+        },
+    );
+    st.create_volume(&vol).expect("create");
+    let info = st.volume_info(pool, "img").expect("info");
+    assert!(
+        info.awaiting_upload,
+        "a placeholder until an upload: {info:?}"
+    );
+    assert_eq!(info.upload_progress, None);
+    // The marker is hidden: one volume in the pool, not two.
+    let names: Vec<String> = st
+        .list_volumes(pool)
+        .expect("list")
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
+    assert_eq!(names, ["img"]);
+
+    // A broken upload leaves it waiting.
+    st.upload_volume(pool, "img", &mut &b"short"[..], Some(1000), &no_progress)
+        .expect_err("short");
+    assert!(st.volume_info(pool, "img").expect("info").awaiting_upload);
+
+    // While an upload runs, volume_info reports how far it is.
+    let seen = Mutex::new(Vec::new());
+    let content: Vec<u8> = (0..2 * MIB).map(|i| (i % 253) as u8).collect();
+    let progress = |done: u64, _total: Option<u64>| {
+        if done > 0
+            && done < content.len() as u64
+            && let Ok(i) = st.volume_info(pool, "img")
+        {
+            seen.lock().expect("lock").push(i.upload_progress);
+        }
+    };
+    // Half a second a MiB, so that progress ticks (every 200 ms) come mid-way.
+    struct Slow<'a>(&'a [u8]);
+    impl Read for Slow<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(self.0.len());
+            std::thread::sleep(std::time::Duration::from_micros(500_000 * n as u64 / MIB));
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+    st.upload_volume(
+        pool,
+        "img",
+        &mut Slow(&content),
+        Some(content.len() as u64),
+        &progress,
+    )
+    .expect("upload");
+    let seen = seen.into_inner().expect("lock");
+    assert!(
+        !seen.is_empty() && seen.iter().all(|p| p.is_some_and(|p| p < 100)),
+        "{seen:?}"
+    );
+    let info = st.volume_info(pool, "img").expect("info");
+    assert!(
+        !info.awaiting_upload && info.upload_progress.is_none(),
+        "{info:?}"
+    );
+    let data = std::fs::read(dir.join("img")).expect("read");
+    assert_eq!(&data[..content.len()], &content[..]);
+
+    // A new placeholder, deleted before any upload: nothing of it is left.
+    st.create_volume(&with_source(
+        volume(pool, "gone", MIB, VolFormat::Raw),
+        VolumeSource {
+            upload: Some(vireo_crds::UploadSource {}),
+            ..Default::default()
+        },
+    ))
+    .expect("create");
+    st.delete_volume(pool, "gone").expect("delete");
+    let left: Vec<String> = std::fs::read_dir(&dir)
+        .expect("pool dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("gone"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -273,3 +273,68 @@ fn kvm_guest_panic_follows_on_crash() {
     hv.undefine_domain("again").expect("undefine");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+#[test]
+fn kvm_refuses_a_disk_still_waiting_for_its_upload() {
+    if !kvm_available("kvm_refuses_a_disk_still_waiting_for_its_upload") {
+        return;
+    }
+    let root = fresh_root("kvm-await");
+    let conn = open(&root);
+    let pool_dir = root.join("pool");
+    std::fs::create_dir_all(&pool_dir).expect("pool dir");
+    let st = conn.storage();
+    st.create_pool(&StoragePool::new(
+        "p",
+        StoragePoolSpec {
+            uuid: None,
+            pool_type: PoolType::Dir,
+            path: pool_dir.display().to_string(),
+            autostart: false,
+            active: None,
+            node_selector: None,
+        },
+    ))
+    .expect("pool");
+    st.create_volume(&StorageVol::new(
+        "img",
+        StorageVolSpec {
+            pool: "p".into(),
+            capacity: Quantity("1Mi".into()),
+            allocation: None,
+            format: Default::default(),
+            source: Some(vireo_crds::VolumeSource {
+                upload: Some(vireo_crds::UploadSource {}),
+                ..Default::default()
+            }),
+            node_name: None,
+        },
+    ))
+    .expect("volume");
+    let hv = conn.hypervisor();
+    let name = "await";
+    let mut d = test_guest_domain(name, "");
+    d.spec.devices.disks.push(Disk {
+        name: "vda".into(),
+        volume: "img".into(),
+        read_only: false,
+    });
+    hv.define_domain(&d).expect("define");
+    let e = hv.start_domain(name).expect_err("a placeholder disk");
+    assert!(e.to_string().contains("is waiting for its content"), "{e}");
+    expect_state(&conn, name, DomainState::Shutoff, DomainReason::Unknown);
+
+    let content = vec![0u8; 1 << 20];
+    st.upload_volume(
+        "p",
+        "img",
+        &mut &content[..],
+        Some(content.len() as u64),
+        &vireo_drivers::storage::no_progress,
+    )
+    .expect("upload");
+    hv.start_domain(name)
+        .expect("starts once the content is there");
+    wait_console(&root, &conn, name, MARKER, 1);
+    hv.destroy_domain(name).expect("destroy");
+}

@@ -915,3 +915,135 @@ async fn node_selectors_of_networks_and_pools_decide_placement() {
         "a bound Domain is never moved"
     );
 }
+
+/// A StorageVol made for an upload (`source.upload`) is a placeholder until
+/// its content arrives through the node agent's socket (`vireo vol-upload`):
+/// Pending with reason WaitingForUpload (and an Event saying how), its
+/// Domain not started; Creating with the upload's progress while it runs;
+/// then Ready with exactly the uploaded bytes, and the Domain runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn uploaded_volume_waits_for_its_content() {
+    let cluster = Cluster::start("upload").with_vireo();
+    let client = cluster.client().await;
+    ready_hosts(&client, 3).await;
+    cluster.kubectl_ok(&[
+        "apply",
+        "-f",
+        &repo().join("examples/test-pool.yaml").display().to_string(),
+    ]);
+    cluster.kubectl_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: vireo.dev/v1alpha1\nkind: StorageVol\nmetadata: {name: image}\nspec:\n  pool: images\n  capacity: 64Mi\n  nodeName: node-2\n  source: {upload: {}}\n---\napiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {name: reader}\nspec:\n  type: test\n  memory: 256Mi\n  vcpus: 1\n  devices:\n    disks: [{name: vda, volume: image}]\n",
+    );
+    let vols: Api<StorageVol> = Api::namespaced(client.clone(), "default");
+    let ready_reason = |v: &StorageVol| {
+        v.status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+            .map(|c| (c.reason.clone(), c.message.clone()))
+    };
+    let waiting = wait_for(T, "image waiting for its upload", || async {
+        vols.get("image").await.ok().filter(|v| {
+            v.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Pending")
+                && ready_reason(v).is_some_and(|(r, _)| r == "WaitingForUpload")
+        })
+    })
+    .await;
+    let (_, message) = ready_reason(&waiting).expect("Ready condition");
+    assert!(
+        message.contains("node-2")
+            && message.contains("vireo vol-upload --pool images default.image"),
+        "{message}"
+    );
+    let file = cluster
+        .dir
+        .join("host-node-2/var/lib/vireo/images/default.image");
+    assert!(file.is_file(), "the placeholder is in the pool");
+    let events = cluster.kubectl_ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=image",
+        "-o",
+        "jsonpath={.items[*].reason}",
+    ]);
+    assert!(events.contains("WaitingForUpload"), "{events}");
+    // The Domain on it is bound to node-2 but does not start.
+    let domains: Api<Domain> = Api::namespaced(client.clone(), "default");
+    let reader = wait_for(T, "reader held back by its volume", || async {
+        domains.get("reader").await.ok().filter(|d| {
+            d.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "VolumesReady" && c.status == "False")
+            })
+        })
+    })
+    .await;
+    assert_ne!(state(&reader), Some(DomainState::Running));
+
+    // Upload 16 MiB through node-2's socket, slowly enough to be watched.
+    const MIB: usize = 1 << 20;
+    let data: Vec<u8> = (0..16 * MIB).map(|i| (i % 251) as u8).collect();
+    let socket = cluster.dir.join("state-node-2/vireo.sock");
+    let uri = format!("vireo+unix://{}", socket.display());
+    let sent = data.clone();
+    let upload = tokio::task::spawn_blocking(move || {
+        struct Slow<'a>(&'a [u8]);
+        impl std::io::Read for Slow<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                // About 2.5 MiB/s whatever the reads' sizes: ~6 s in all.
+                let n = buf.len().min(self.0.len()).min(MIB);
+                std::thread::sleep(Duration::from_micros((400_000 * n / MIB) as u64));
+                buf[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        let conn = vireo_drivers::open(&uri).expect("node-2's local API");
+        conn.storage().upload_volume(
+            "images",
+            "default.image",
+            &mut Slow(&sent),
+            Some(sent.len() as u64),
+            &vireo_drivers::storage::no_progress,
+        )
+    });
+    let during = wait_for(T, "image Creating with the upload's progress", || async {
+        vols.get("image").await.ok().filter(|v| {
+            v.status.as_ref().is_some_and(|s| {
+                s.phase.as_deref() == Some("Creating")
+                    && s.progress.is_some_and(|p| (1..100).contains(&p))
+            })
+        })
+    })
+    .await;
+    let (reason, message) = ready_reason(&during).expect("Ready condition");
+    assert_eq!(reason, "Creating");
+    assert!(message.contains("uploading"), "{message}");
+    let n = upload.await.expect("upload thread").expect("upload");
+    assert_eq!(n, data.len() as u64);
+
+    wait_for(T, "image Ready", || async {
+        vols.get("image").await.ok().filter(|v| {
+            v.status
+                .as_ref()
+                .is_some_and(|s| s.phase.as_deref() == Some("Ready") && s.progress == Some(100))
+        })
+    })
+    .await;
+    let stored = std::fs::read(&file).expect("the volume's file");
+    assert_eq!(stored.len(), 64 * MIB, "a shorter raw image keeps the size");
+    assert!(stored[..data.len()] == data[..], "the uploaded bytes");
+    assert!(stored[data.len()..].iter().all(|&b| b == 0));
+    running(&domains, "reader").await;
+    let events = cluster.kubectl_ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=image",
+        "-o",
+        "jsonpath={.items[*].reason}",
+    ]);
+    assert!(events.contains("Uploaded"), "{events}");
+}

@@ -79,18 +79,26 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
         Command::VolInfo(a) => {
             let v = resolve(conn, &a.vol, a.pool.as_deref())?;
             let i = st.volume_info(&v.pool, &v.name)?;
+            let mut rows = vec![
+                ("Name", i.name.clone()),
+                ("Type", "file".into()),
+                ("Format", i.format.to_string()),
+                ("Capacity", human_bytes(i.capacity)),
+                ("Allocation", human_bytes(i.allocation)),
+                ("Path", i.path.clone()),
+            ];
+            // Only for volumes made for an upload that has not completed.
+            match (i.awaiting_upload, i.upload_progress) {
+                (_, Some(pct)) => rows.push(("Content", format!("uploading, {pct}% done"))),
+                (true, None) => rows.push(("Content", "waiting for vol-upload".into())),
+                (false, None) => {}
+            }
             Output::Fields {
                 width: 15,
                 data: json!({"name": i.name, "pool": i.pool, "path": i.path, "key": i.key,
-                    "format": i.format, "capacity": i.capacity, "allocation": i.allocation}),
-                rows: vec![
-                    ("Name", i.name),
-                    ("Type", "file".into()),
-                    ("Format", i.format.to_string()),
-                    ("Capacity", human_bytes(i.capacity)),
-                    ("Allocation", human_bytes(i.allocation)),
-                    ("Path", i.path),
-                ],
+                    "format": i.format, "capacity": i.capacity, "allocation": i.allocation,
+                    "awaitingUpload": i.awaiting_upload, "uploadProgress": i.upload_progress}),
+                rows,
             }
         }
         Command::VolPath(a) => {

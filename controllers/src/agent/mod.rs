@@ -61,7 +61,7 @@ pub struct AgentConfig {
     /// Directories a Domain's kernel and initrd may come from (checked
     /// after symbolic links are resolved). Empty: any path (standalone).
     pub boot_dirs: Vec<PathBuf>,
-    /// The local API socket (standalone mode); STATE/vireo.sock when unset.
+    /// The local API socket; STATE/vireo.sock when unset.
     pub socket: Option<PathBuf>,
     /// The domain types to offer; empty: every driver that opens here.
     pub drivers: Vec<DomainType>,
@@ -317,6 +317,10 @@ pub async fn run(config: AgentConfig, metrics: Arc<Metrics>) -> Result<()> {
     let client = Client::try_default().await?;
     let conn = open_node(&config)?;
     let hypervisors = open_hypervisors(&config, &conn);
+    // The node's own door, for what the API server does not carry: consoles
+    // and volume uploads and downloads (`vireo -c vireo+unix:///PATH`, or
+    // `kubectl exec` into the agent's pod).
+    let socket = serve_local_api(&config, &conn, &hypervisors)?;
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -349,7 +353,35 @@ pub async fn run(config: AgentConfig, metrics: Arc<Metrics>) -> Result<()> {
         _ = shutdown_signal() => tracing::info!("stopping; guests keep running"),
     }
     heartbeat.abort();
+    let _ = std::fs::remove_file(&socket);
     Ok(())
+}
+
+/// Serves the node's drivers as one on the local API socket (`--socket`,
+/// default STATE/vireo.sock, mode 0600), the CLI's `vireo -c
+/// vireo+unix:///PATH`. Returns its path.
+pub(crate) fn serve_local_api(
+    config: &AgentConfig,
+    node: &Connection,
+    hypervisors: &BTreeMap<DomainType, Connection>,
+) -> Result<PathBuf> {
+    let socket = config
+        .socket
+        .clone()
+        .unwrap_or_else(|| config.state_dir.join("vireo.sock"));
+    let api = Connection::new(
+        format!("vireo+unix://{}", socket.display()),
+        Arc::new(
+            vireo_drivers::node::NodeHypervisor::new(hypervisors.clone())
+                .map_err(Error::Invalid)?,
+        ),
+        node.network_driver(),
+        node.storage_driver(),
+    );
+    vireo_drivers::remote::serve(api, &socket)
+        .map_err(|e| Error::Invalid(format!("local API socket {}: {e}", socket.display())))?;
+    tracing::info!(socket = %socket.display(), "local API listening (vireo -c vireo+unix://{})", socket.display());
+    Ok(socket)
 }
 
 /// The hypervisor drivers this agent embeds (those of `--drivers`, when

@@ -266,6 +266,66 @@ async fn reconcile(vol: Arc<StorageVol>, ctx: &Ctx) -> Result<Action> {
         Err(Error::Driver(e)) => ("Pending", None, e.to_string()),
         Err(e) => return Err(e),
     };
+    // A volume made for an upload holds a blank placeholder until an
+    // upload completes: never Ready before, so no guest gets it empty.
+    let mut waiting = false;
+    let mut uploading = None;
+    let (phase, message) = match &info {
+        Some(i) if phase == "Ready" && i.awaiting_upload => match i.upload_progress {
+            Some(pct) => {
+                uploading = Some(pct);
+                (
+                    "Creating",
+                    format!(
+                        "uploading into pool {pool} on node {}: {pct}% done",
+                        ctx.config.node_name
+                    ),
+                )
+            }
+            None => {
+                waiting = true;
+                (
+                    "Pending",
+                    format!(
+                        "waiting for its content: on node {}, `vireo vol-upload --pool {pool} {file} IMAGE`",
+                        ctx.config.node_name
+                    ),
+                )
+            }
+        },
+        _ => (phase, message),
+    };
+    let reason = if waiting { "WaitingForUpload" } else { phase };
+    let was_waiting = status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.reason == "WaitingForUpload");
+    if waiting && !was_waiting {
+        k8s::event(
+            &ctx.recorder,
+            vol.as_ref(),
+            EventType::Normal,
+            "WaitingForUpload",
+            "Create",
+            message.clone(),
+        )
+        .await;
+    }
+    let for_upload = vol.spec.source.as_ref().is_some_and(|s| s.upload.is_some());
+    if for_upload && phase == "Ready" && status.phase.as_deref() != Some("Ready") {
+        k8s::event(
+            &ctx.recorder,
+            vol.as_ref(),
+            EventType::Normal,
+            "Uploaded",
+            "Upload",
+            format!(
+                "content uploaded in pool {pool} on node {}",
+                ctx.config.node_name
+            ),
+        )
+        .await;
+    }
     let ready = phase == "Ready";
     let wanted = StorageVolStatus {
         phase: Some(phase.to_string()),
@@ -277,7 +337,7 @@ async fn reconcile(vol: Arc<StorageVol>, ctx: &Ctx) -> Result<Action> {
         allocation: info.as_ref().map(|i| format_bytes(i.allocation)),
         progress: match phase {
             "Ready" => Some(100),
-            "Creating" => fill_of(ctx, &file).map(|f| f.percent()),
+            "Creating" => uploading.or_else(|| fill_of(ctx, &file).map(|f| f.percent())),
             _ => None,
         },
         observed_generation: vol.meta().generation,
@@ -285,7 +345,7 @@ async fn reconcile(vol: Arc<StorageVol>, ctx: &Ctx) -> Result<Action> {
             &status.conditions,
             "Ready",
             ready,
-            phase,
+            reason,
             message,
             vol.meta().generation,
         )],

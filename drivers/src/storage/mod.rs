@@ -73,6 +73,13 @@ pub struct VolInfo {
     pub format: VolFormat,
     pub capacity: u64,
     pub allocation: u64,
+    /// Made for an upload (`source.upload`) that has not completed yet: the
+    /// file is a blank placeholder, not the content (`vol-upload` fills it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub awaiting_upload: bool,
+    /// Percent done of an upload into the volume running now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload_progress: Option<u8>,
 }
 
 /// `vol-resize` flags (libvirt's `VIR_STORAGE_VOL_RESIZE_*`).

@@ -446,6 +446,8 @@ impl StorageDriver for TestDriver {
             format: v.format,
             capacity: v.capacity,
             allocation: v.allocation,
+            awaiting_upload: false,
+            upload_progress: None,
         })
     }
 

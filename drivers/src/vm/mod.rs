@@ -636,6 +636,16 @@ impl<B: Backend> Inner<B> {
                     ));
                 }
             };
+            if info.awaiting_upload {
+                return Err(Error::invalid_state(
+                    KIND,
+                    name,
+                    format!(
+                        "{field}: volume '{}' is waiting for its content (vol-upload); not starting on a blank placeholder",
+                        disk.volume
+                    ),
+                ));
+            }
             self.check_backing_chain(name, &field, &info.path)?;
             out.push(DiskFile {
                 name: disk.name.clone(),

@@ -25,9 +25,20 @@ pub fn partial_path(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!(".{name}.vireo-partial"))
 }
 
-/// Whether a directory entry's name is one of our partial files.
+/// Whether a directory entry's name is one of our partial files (or an
+/// upload marker, which `pool-delete` removes with them).
 pub fn is_partial(name: &str) -> bool {
-    name.starts_with(HIDDEN) && name.ends_with(".vireo-partial")
+    name.starts_with(HIDDEN) && (name.ends_with(".vireo-partial") || name.ends_with(UPLOAD_MARKER))
+}
+
+const UPLOAD_MARKER: &str = ".vireo-awaiting-upload";
+
+/// The marker beside a volume made for an upload (`source.upload`) that
+/// has not had its content yet: present from before the volume's file
+/// appears until an upload completes, so a crash in between never leaves
+/// an empty volume that looks filled.
+pub fn upload_marker_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!(".{name}{UPLOAD_MARKER}"))
 }
 
 /// What the first bytes of a volume file say about it.

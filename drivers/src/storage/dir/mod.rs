@@ -21,6 +21,7 @@ mod fetch;
 pub mod file;
 pub mod qemu_img;
 
+use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -70,6 +71,9 @@ pub struct DirStorage {
     host_root: PathBuf,
     /// Threads of this process take turns before the cross-process lock.
     lock: Mutex<()>,
+    /// Uploads running now through this driver, by volume path: bytes
+    /// done and the total when known (for `volume_info`'s progress).
+    uploads: Mutex<HashMap<PathBuf, (u64, Option<u64>)>>,
 }
 
 impl Named for PoolRecord {
@@ -129,6 +133,7 @@ impl DirStorage {
             records,
             host_root: host_root.to_path_buf(),
             lock: Mutex::new(()),
+            uploads: Mutex::new(HashMap::new()),
         })
     }
 
@@ -741,6 +746,15 @@ impl StorageDriver for DirStorage {
         let (dir, path) = self.existing(pool, name)?;
         let p = Self::probe(name, &path)?;
         let r = Self::vol_ref(pool, &dir, name);
+        let upload_progress = self
+            .uploads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&path)
+            .map(|&(done, total)| match total {
+                Some(t) if t > 0 => (done.min(t).saturating_mul(100) / t) as u8,
+                _ => 0,
+            });
         Ok(VolInfo {
             name: name.to_string(),
             pool: pool.to_string(),
@@ -749,6 +763,8 @@ impl StorageDriver for DirStorage {
             format: p.format,
             capacity: p.capacity,
             allocation: p.allocation,
+            awaiting_upload: file::upload_marker_path(&dir, name).exists(),
+            upload_progress,
         })
     }
 
@@ -777,6 +793,12 @@ impl StorageDriver for DirStorage {
         }
         let partial = file::partial_path(&dir, &name);
         let _ = std::fs::remove_file(&partial);
+        // A volume for an upload is marked before its placeholder appears.
+        let marker = file::upload_marker_path(&dir, &name);
+        let for_upload = spec.source.as_ref().is_some_and(|s| s.upload.is_some());
+        if for_upload {
+            std::fs::write(&marker, b"").map_err(|e| io_fail(VOL, &name, "mark", e))?;
+        }
         let built = self
             .fill(&name, spec, &dir, &partial, progress)
             .and_then(|()| {
@@ -794,6 +816,9 @@ impl StorageDriver for DirStorage {
             });
         if let Err(e) = built {
             let _ = std::fs::remove_file(&partial);
+            if for_upload && std::fs::symlink_metadata(&path).is_err() {
+                let _ = std::fs::remove_file(&marker);
+            }
             return Err(e);
         }
         let _ = file::sync_dir(&dir);
@@ -890,6 +915,7 @@ impl StorageDriver for DirStorage {
         }
         std::fs::remove_file(&path).map_err(|e| io_fail(VOL, name, "delete", e))?;
         let _ = std::fs::remove_file(file::partial_path(&dir, name));
+        let _ = std::fs::remove_file(file::upload_marker_path(&dir, name));
         let _ = file::sync_dir(&dir);
         tracing::info!(pool, volume = name, "volume deleted");
         Ok(())
@@ -906,9 +932,15 @@ impl StorageDriver for DirStorage {
         let (dir, path) = self.existing(pool, name)?;
         let old = Self::probe(name, &path)?;
         let partial = file::partial_path(&dir, name);
+        // Seen by volume_info while it runs; gone when this returns.
+        let running = Running::new(&self.uploads, &path, length);
+        let progress = |done: u64, total: Option<u64>| {
+            running.set(done);
+            progress(done, total);
+        };
         let result = (|| -> Result<u64> {
             let out = file::create_new(&partial).map_err(|e| io_fail(VOL, name, "create", e))?;
-            let n = file::copy_stream(source, &out, length, progress)
+            let n = file::copy_stream(source, &out, length, &progress)
                 .map_err(|e| no_space_or(VOL, name, "upload", e))?;
             if let Some(want) = length
                 && n != want
@@ -929,6 +961,14 @@ impl StorageDriver for DirStorage {
             }
             out.sync_all().map_err(|e| io_fail(VOL, name, "sync", e))?;
             std::fs::rename(&partial, &path).map_err(|e| io_fail(VOL, name, "rename", e))?;
+            // The content is in place: the volume no longer waits for it.
+            match std::fs::remove_file(file::upload_marker_path(&dir, name)) {
+                Ok(()) => {
+                    tracing::info!(pool, volume = name, bytes = n, "uploaded content arrived")
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_fail(VOL, name, "unmark", e)),
+            }
             Ok(n)
         })();
         if result.is_err() {
@@ -947,6 +987,49 @@ impl StorageDriver for DirStorage {
     ) -> Result<u64> {
         let (_, path) = self.existing(pool, name)?;
         file::copy_out(&path, sink, progress).map_err(|e| io_fail(VOL, name, "download", e))
+    }
+}
+
+/// An upload in [`DirStorage`]'s table of running uploads while alive.
+struct Running<'a> {
+    table: &'a Mutex<HashMap<PathBuf, (u64, Option<u64>)>>,
+    path: PathBuf,
+}
+
+impl<'a> Running<'a> {
+    fn new(
+        table: &'a Mutex<HashMap<PathBuf, (u64, Option<u64>)>>,
+        path: &Path,
+        total: Option<u64>,
+    ) -> Self {
+        table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(path.to_path_buf(), (0, total));
+        Self {
+            table,
+            path: path.to_path_buf(),
+        }
+    }
+
+    fn set(&self, done: u64) {
+        if let Some(entry) = self
+            .table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(&self.path)
+        {
+            entry.0 = done;
+        }
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.path);
     }
 }
 
