@@ -302,6 +302,26 @@ pub fn dsdt_body(virtio: &[VirtioSlot], vcpus: u32) -> Vec<u8> {
         ],
     )
     .to_aml_bytes(&mut sb);
+    // The pvpanic port, under the _HID QEMU gives it, so Linux's pvpanic
+    // driver (pvpanic-mmio, which takes an I/O port resource as well) tells
+    // the VMM when the guest kernel panics: libvirt's "crashed".
+    aml::Device::new(
+        "PEVT".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"QEMU0001"),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![&aml::IO::new(
+                    layout::PVPANIC,
+                    layout::PVPANIC,
+                    1,
+                    1,
+                )]),
+            ),
+            &aml::Name::new("_STA".into(), &0x0Bu8),
+        ],
+    )
+    .to_aml_bytes(&mut sb);
     for slot in virtio {
         // Linux's virtio_mmio driver binds ACPI devices with this _HID.
         let name = format!("V{:03X}", slot.index);
@@ -535,6 +555,9 @@ mod tests {
                         "LNRO0005",
                         "PNP0501",
                         "PNP0303",
+                        "Device (PEVT)",
+                        "\"QEMU0001\"",
+                        "0x0505,             // Range Minimum",
                         "0xFEB00200",
                         "0x00000006",
                         "ACPI0010",
