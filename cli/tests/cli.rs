@@ -470,3 +470,121 @@ fn accessors_and_lists_agree_with_virsh() {
     assert!(our_out.lines().any(|l| l.trim() == "test:///default"));
     assert!(our_out.lines().any(|l| l.trim() == "running (unknown)"));
 }
+
+/// Migrating from libvirt: what real `virsh dumpxml` prints imports into a
+/// manifest (`import-xml`), and `define -f` takes the XML itself; what
+/// `vireo dumpxml` prints, real `virsh define` accepts and reports the same
+/// memory and vCPUs for.
+#[test]
+fn libvirt_xml_imports_from_virsh_and_exports_to_it() {
+    let dir = std::env::temp_dir().join(format!("vireo-xml-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    // libvirt's own description of its test domain and default network.
+    let Some((domain_xml, _)) = virsh_session(
+        "libvirt_xml_imports_from_virsh_and_exports_to_it",
+        "dumpxml test\n",
+    ) else {
+        return;
+    };
+    let start = domain_xml
+        .find("<domain type='test'")
+        .expect("a domain element");
+    let end = domain_xml.find("</domain>").expect("its end") + "</domain>".len();
+    // Renamed, and without its UUID (the test node's own `test` keeps it).
+    let domain_xml: String = domain_xml[start..end]
+        .replace("<name>test</name>", "<name>from-libvirt</name>")
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("<uuid>"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let domain_file = dir.join("test.xml");
+    std::fs::write(&domain_file, &domain_xml).expect("write");
+    let out = vireo(&["import-xml", &domain_file.display().to_string()], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let yaml = text(&out.stdout);
+    for want in [
+        "kind: Domain",
+        "name: from-libvirt",
+        "type: test",
+        "memory: 8Gi",
+        "currentMemory: 2Gi",
+        "vcpus: 2",
+        "network: default",
+        "runStrategy: Manual",
+    ] {
+        assert!(yaml.contains(want), "{want} not in:\n{yaml}");
+    }
+    assert!(
+        text(&out.stderr).contains("note: domain/devices/disk[0]: the file /guest/diskimage1"),
+        "{}",
+        text(&out.stderr)
+    );
+    // The manifest it printed defines as any other; so does the XML itself.
+    let manifest = dir.join("from-libvirt.yaml");
+    std::fs::write(&manifest, &yaml).expect("write");
+    let session = format!(
+        "define -f {}\ndominfo from-libvirt\nundefine from-libvirt\ndefine -f {}\ndomstate from-libvirt\n",
+        manifest.display(),
+        domain_file.display()
+    );
+    let out = vireo(&[], Some(&session));
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("Max memory:     8388608 KiB"), "{stdout}");
+    assert_eq!(
+        stdout.matches("Domain 'from-libvirt' defined").count(),
+        2,
+        "{stdout}"
+    );
+    assert!(stdout.trim_end().ends_with("shut off"), "{stdout}");
+
+    // Ours, into virsh: the example domain and a NAT network.
+    let out = vireo(
+        &[],
+        Some(&format!(
+            "define -f {}\ndumpxml demo\n",
+            example("test-domain.yaml")
+        )),
+    );
+    let xml = text(&out.stdout);
+    let xml = &xml[xml.find("<domain").expect("a domain element")..];
+    let demo = dir.join("demo.xml");
+    std::fs::write(&demo, xml).expect("write");
+    let out = vireo(
+        &[],
+        Some(&format!(
+            "net-define -f {}\nnet-dumpxml lab\n",
+            example("test-network.yaml")
+        )),
+    );
+    let xml = text(&out.stdout);
+    let xml = &xml[xml.find("<network").expect("a network element")..];
+    let lab = dir.join("lab.xml");
+    std::fs::write(&lab, xml).expect("write");
+    let (stdout, stderr) = virsh_session(
+        "libvirt_xml_imports_from_virsh_and_exports_to_it",
+        &format!(
+            "define {}\ndominfo demo\nnet-define {}\nnet-info lab\nnet-dumpxml lab\n",
+            demo.display(),
+            lab.display()
+        ),
+    )
+    .expect("virsh was there a moment ago");
+    assert!(stderr.trim().is_empty(), "virsh refused our XML: {stderr}");
+    let field = |key: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(key))
+            .map(|l| l[key.len()..].trim().to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(field("Max memory:"), "524288 KiB", "{stdout}");
+    assert_eq!(field("CPU(s):"), "1", "{stdout}");
+    assert_eq!(field("Bridge:"), "vireo-lab0", "{stdout}");
+    assert!(
+        stdout.contains("<range start='10.77.0.10' end='10.77.0.99'/>")
+            && stdout.contains("<forward mode='nat'"),
+        "{stdout}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -16,6 +16,7 @@ pub mod crd;
 pub mod domain;
 pub mod host;
 pub mod labels;
+pub mod libvirt_xml;
 pub mod manifest;
 pub mod network;
 pub mod quantity;

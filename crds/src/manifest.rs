@@ -5,8 +5,9 @@ use serde::Deserialize;
 
 use crate::{API_VERSION, Domain, Host, Network, StoragePool, StorageVol};
 
-/// One object of any Vireo kind.
-#[derive(Debug, Clone)]
+/// One object of any Vireo kind (serialized as the object itself).
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(untagged)]
 pub enum Manifest {
     Domain(Box<Domain>),
     Network(Box<Network>),

@@ -114,6 +114,20 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
                 data,
             }
         }
+        Command::Dumpxml(a) => {
+            let d = resolve(conn, &a.domain)?;
+            let mut def = hv.domain_definition(&d.name, a.inactive)?;
+            // libvirt's names take no '/': a node's `namespace/name` keeps
+            // its name only.
+            if let Some((_, name)) = d.name.split_once('/') {
+                def.metadata.name = Some(name.to_string());
+            }
+            let xml = vireo_crds::libvirt_xml::domain_to_xml(&def);
+            Output::Text {
+                data: json!({"xml": xml}),
+                text: xml.trim_end().to_string(),
+            }
+        }
         Command::Define(f) | Command::Create(f) => {
             let transient = matches!(command, Command::Create(_));
             let manifests = read_manifests(

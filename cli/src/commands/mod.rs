@@ -28,6 +28,10 @@ pub enum Command {
     Nodeinfo,
     /// Print the node's host name.
     Hostname,
+    /// Turn a libvirt XML description (domain, network, pool, volume) into
+    /// the Vireo manifest to keep; what it cannot carry over is noted on
+    /// stderr. (`define -f FILE.xml` and the other -f commands take XML too.)
+    ImportXml(ImportXmlArgs),
 
     // -- domains --
     /// List domains: running ones, or all with --all, or inactive ones with --inactive.
@@ -46,8 +50,9 @@ pub enum Command {
     /// Print a domain's name.
     Domname(DomainArg),
     /// Print a domain's manifest (live, or the next-start definition with --inactive).
-    #[command(alias = "dumpxml")]
     Dumpspec(DumpArgs),
+    /// Print a domain as libvirt domain XML, which `virsh define` accepts.
+    Dumpxml(DumpArgs),
     /// Define (or redefine) persistent, inactive domains from a manifest file.
     Define(FileArg),
     /// Create and start transient domains from a manifest file.
@@ -83,8 +88,9 @@ pub enum Command {
     /// Show a network's UUID, state and bridge.
     NetInfo(NameArg),
     /// Print a network's manifest.
-    #[command(alias = "net-dumpxml")]
     NetDumpspec(NameArg),
+    /// Print a network as libvirt network XML.
+    NetDumpxml(NameArg),
     /// Define (or redefine) persistent, inactive networks from a manifest file.
     NetDefine(FileArg),
     /// Create and start transient networks from a manifest file.
@@ -106,8 +112,9 @@ pub enum Command {
     /// Show a pool's state and sizes.
     PoolInfo(NameArg),
     /// Print a pool's manifest.
-    #[command(alias = "pool-dumpxml")]
     PoolDumpspec(NameArg),
+    /// Print a pool as libvirt pool XML.
+    PoolDumpxml(NameArg),
     /// Define (or redefine) persistent, inactive pools from a manifest file.
     PoolDefine(FileArg),
     /// Create and start transient pools from a manifest file.
@@ -137,7 +144,7 @@ pub enum Command {
     /// Print a volume's key.
     VolKey(VolArgs),
     /// Create volumes from a StorageVol manifest file.
-    VolCreate(FileArg),
+    VolCreate(VolFileArgs),
     /// Create a volume from arguments (sizes: a bare number is bytes; units K, M, G, GB, ...).
     VolCreateAs(VolCreateAsArgs),
     /// Copy a volume into a new one in the same pool.
@@ -148,6 +155,8 @@ pub enum Command {
     VolWipe(VolArgs),
     /// Delete a volume.
     VolDelete(VolArgs),
+    /// Print a volume as libvirt volume XML.
+    VolDumpxml(VolArgs),
     /// Replace a volume's content with a local file (progress on stderr).
     VolUpload(VolTransferArgs),
     /// Copy a volume's content into a local file (progress on stderr).
@@ -200,9 +209,31 @@ pub struct DumpArgs {
 
 #[derive(Args)]
 pub struct FileArg {
-    /// Manifest file (YAML; several documents separated by '---'); '-' reads standard input.
+    /// Manifest file (YAML; several documents separated by '---'), or a
+    /// libvirt XML description; '-' reads standard input.
     #[arg(short = 'f', long = "file", value_name = "FILE")]
     pub file: PathBuf,
+}
+
+#[derive(Args)]
+pub struct VolFileArgs {
+    /// Manifest file (YAML; several documents separated by '---'), or a
+    /// libvirt volume XML description; '-' reads standard input.
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: PathBuf,
+    /// The pool of a volume given as libvirt XML (its XML does not name one).
+    #[arg(long)]
+    pub pool: Option<String>,
+}
+
+#[derive(Args)]
+pub struct ImportXmlArgs {
+    /// A libvirt XML description (`virsh dumpxml`, `net-dumpxml`,
+    /// `pool-dumpxml`, `vol-dumpxml` output); '-' reads standard input.
+    pub file: PathBuf,
+    /// The pool of a volume (a volume's XML does not name one).
+    #[arg(long)]
+    pub pool: Option<String>,
 }
 
 #[derive(Args)]
@@ -358,6 +389,7 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
     use Command as C;
     match command {
         C::Uri | C::Version | C::Nodeinfo | C::Hostname => host::run(conn, command),
+        C::ImportXml(a) => import_xml(a),
         C::List(_)
         | C::Dominfo(_)
         | C::Domstate(_)
@@ -365,6 +397,7 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
         | C::Domuuid(_)
         | C::Domname(_)
         | C::Dumpspec(_)
+        | C::Dumpxml(_)
         | C::Define(_)
         | C::Create(_)
         | C::Undefine(_)
@@ -382,6 +415,7 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
         C::NetList(_)
         | C::NetInfo(_)
         | C::NetDumpspec(_)
+        | C::NetDumpxml(_)
         | C::NetDefine(_)
         | C::NetCreate(_)
         | C::NetStart(_)
@@ -393,6 +427,7 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
         C::PoolList(_)
         | C::PoolInfo(_)
         | C::PoolDumpspec(_)
+        | C::PoolDumpxml(_)
         | C::PoolDefine(_)
         | C::PoolCreate(_)
         | C::PoolBuild(_)
@@ -404,6 +439,7 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
         | C::PoolAutostart(_) => pool::run(conn, command),
         C::VolList(_)
         | C::VolInfo(_)
+        | C::VolDumpxml(_)
         | C::VolPath(_)
         | C::VolKey(_)
         | C::VolCreate(_)
@@ -417,14 +453,62 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
     }
 }
 
+/// Reads a file, or standard input for '-'.
+fn read_text(path: &Path) -> Result<String> {
+    if path == Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).context("cannot read standard input")
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+    }
+}
+
+/// A libvirt XML description as a manifest; what it does not carry over
+/// goes to stderr as notes.
+fn from_libvirt_xml(path: &Path, text: &str, pool: Option<&str>) -> Result<Manifest> {
+    use vireo_crds::libvirt_xml::{ImportOptions, from_xml};
+    let imported = from_xml(
+        text,
+        &ImportOptions {
+            pool: pool.map(str::to_string),
+        },
+    )
+    .with_context(|| path.display().to_string())?;
+    for note in &imported.notes {
+        eprintln!("note: {note}");
+    }
+    Ok(imported.manifest)
+}
+
+/// `import-xml`: a libvirt description as the manifest to keep (YAML, or
+/// JSON with `-o json`).
+fn import_xml(a: &ImportXmlArgs) -> Result<Output> {
+    let text = read_text(&a.file)?;
+    let manifest = from_libvirt_xml(&a.file, &text, a.pool.as_deref())?;
+    let data = to_data(&manifest)?;
+    Ok(Output::Text {
+        text: serde_yaml_ng::to_string(&manifest)?.trim_end().to_string(),
+        data,
+    })
+}
+
 /// Reads a manifest file and keeps the documents of one kind, refusing others.
 pub fn read_manifests(path: &Path, want: &'static str, hint: &str) -> Result<Vec<Manifest>> {
-    let text = if path == Path::new("-") {
-        std::io::read_to_string(std::io::stdin()).context("cannot read standard input")?
+    read_manifests_in(path, want, hint, None)
+}
+
+/// Same, with the pool a volume's libvirt XML leaves out.
+pub fn read_manifests_in(
+    path: &Path,
+    want: &'static str,
+    hint: &str,
+    pool: Option<&str>,
+) -> Result<Vec<Manifest>> {
+    let text = read_text(path)?;
+    let all = if vireo_crds::libvirt_xml::looks_like_xml(&text) {
+        vec![from_libvirt_xml(path, &text, pool)?]
     } else {
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?
+        Manifest::parse_all(&text).with_context(|| path.display().to_string())?
     };
-    let all = Manifest::parse_all(&text).with_context(|| path.display().to_string())?;
     if all.is_empty() {
         bail!("{}: no {want} in the file", path.display());
     }

@@ -144,6 +144,15 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
                 text: serde_yaml_ng::to_string(&def)?.trim_end().to_string(),
             }
         }
+        Command::NetDumpxml(a) => {
+            let n = resolve(conn, &a.name)?;
+            let def = net.network_definition(&n.name, false)?;
+            let xml = vireo_crds::libvirt_xml::network_to_xml(&def);
+            Output::Text {
+                data: json!({"xml": xml}),
+                text: xml.trim_end().to_string(),
+            }
+        }
         Command::NetDefine(f) | Command::NetCreate(f) => {
             let transient = matches!(command, Command::NetCreate(_));
             let manifests = read_manifests(

@@ -81,6 +81,15 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
                 text: serde_yaml_ng::to_string(&def)?.trim_end().to_string(),
             }
         }
+        Command::PoolDumpxml(a) => {
+            let p = resolve(conn, &a.name)?;
+            let def = st.pool_definition(&p.name)?;
+            let xml = vireo_crds::libvirt_xml::pool_to_xml(&def);
+            Output::Text {
+                data: json!({"xml": xml}),
+                text: xml.trim_end().to_string(),
+            }
+        }
         Command::PoolDefine(f) | Command::PoolCreate(f) => {
             let transient = matches!(command, Command::PoolCreate(_));
             let manifests = read_manifests(

@@ -7,7 +7,7 @@ use vireo_crds::storage_vol::CloneSource;
 use vireo_crds::{Manifest, StorageVol, StorageVolSpec, VolFormat, VolumeSource};
 use vireo_drivers::{Connection, Lookup, ResizeFlags, VolRef};
 
-use super::{Command, read_manifests};
+use super::{Command, read_manifests_in};
 use crate::output::{Output, Table};
 
 /// Finds a volume: by name in `--pool`, else by key, else by path (as virsh does).
@@ -116,10 +116,11 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
             }
         }
         Command::VolCreate(f) => {
-            let manifests = read_manifests(
+            let manifests = read_manifests_in(
                 &f.file,
                 "StorageVol",
                 "define, net-define or pool-define for other kinds",
+                f.pool.as_deref(),
             )?;
             let mut lines = Vec::new();
             for m in manifests {
@@ -187,6 +188,21 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
             let v = resolve(conn, &a.vol, a.pool.as_deref())?;
             st.wipe_volume(&v.pool, &v.name)?;
             Output::Message(format!("Vol {} wiped", v.name))
+        }
+        Command::VolDumpxml(a) => {
+            let v = resolve(conn, &a.vol, a.pool.as_deref())?;
+            let i = st.volume_info(&v.pool, &v.name)?;
+            let xml = vireo_crds::libvirt_xml::volume_to_xml(
+                &i.name,
+                i.capacity,
+                i.allocation,
+                &i.path,
+                i.format,
+            );
+            Output::Text {
+                data: json!({"xml": xml}),
+                text: xml.trim_end().to_string(),
+            }
         }
         Command::VolDelete(a) => {
             let v = resolve(conn, &a.vol, a.pool.as_deref())?;
