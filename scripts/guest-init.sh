@@ -96,6 +96,11 @@ shut_down() {
 # busybox poweroff/halt (without -f) send USR2/USR1 to init, reboot sends TERM.
 trap 'shut_down poweroff' USR1 USR2
 trap 'shut_down reboot' TERM
+# Ctrl-Alt-Del (how vireo-vmm and Firecracker ask for a graceful stop, on
+# the i8042): with ctrl-alt-del at 0 the kernel signals init (SIGINT)
+# instead of rebooting at once, and init powers off.
+echo 0 >/proc/sys/kernel/ctrl-alt-del 2>/dev/null
+trap 'shut_down poweroff' INT
 
 # ACPI power button (QEMU system_powerdown): the kernel's button driver
 # reports KEY_POWER on an input device; busybox acpid runs

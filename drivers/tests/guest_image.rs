@@ -480,3 +480,49 @@ fn acpi_power_button_powers_the_guest_off() {
         "QEMU exited with {status} after an ACPI power-off"
     );
 }
+
+/// Ctrl-Alt-Del on the i8042 (how vireo-vmm and Firecracker ask a guest to
+/// stop) powers the guest off instead of rebooting it: its init sets
+/// kernel.ctrl-alt-del to 0, so the kernel signals init, which powers off.
+/// Under q35 (it has the i8042) with QMP's send-key.
+#[test]
+fn ctrl_alt_del_powers_the_guest_off() {
+    if !qemu_available("guest_image ctrl_alt_del") {
+        return;
+    }
+    let scratch = Scratch::new("cad");
+    let qmp_path = scratch.0.join("qmp.sock");
+    let qmp_arg = format!("unix:{},server=on,wait=off", qmp_path.display());
+    let mut guest = Guest::boot(Machine::Q35, "vireo.net=0", &["-qmp", &qmp_arg]);
+    guest.wait_for("VIREO-GUEST-SETUP-DONE", MARKER_TIMEOUT);
+    let mut qmp = UnixStream::connect(&qmp_path).expect("connects to QMP");
+    qmp.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("sets a QMP timeout");
+    let mut reader = BufReader::new(qmp.try_clone().expect("clones the QMP socket"));
+    let mut send = |json: &str| -> String {
+        qmp.write_all(format!("{json}\n").as_bytes())
+            .expect("writes to QMP");
+        let mut reply = String::new();
+        loop {
+            reply.clear();
+            reader.read_line(&mut reply).expect("reads from QMP");
+            if reply.contains("\"return\"") || reply.contains("\"error\"") || reply.is_empty() {
+                return reply;
+            }
+        }
+    };
+    let caps = send("{\"execute\":\"qmp_capabilities\"}");
+    assert!(caps.contains("\"return\""), "qmp_capabilities: {caps}");
+    let keys = send(
+        "{\"execute\":\"send-key\",\"arguments\":{\"keys\":[{\"type\":\"qcode\",\"data\":\"ctrl\"},{\"type\":\"qcode\",\"data\":\"alt\"},{\"type\":\"qcode\",\"data\":\"delete\"}]}}",
+    );
+    assert!(keys.contains("\"return\""), "send-key: {keys}");
+    guest.wait_for("VIREO-GUEST-POWEROFF", BOOT_TIMEOUT);
+    let status = guest.wait_exit();
+    assert!(status.success(), "QEMU exited with {status}");
+    assert!(
+        !guest.printed("VIREO-GUEST-REBOOT") && !guest.printed("reboot: Restarting"),
+        "a power-off, not a reboot:\n{}",
+        guest.console.join("\n")
+    );
+}
