@@ -904,6 +904,57 @@ pub fn case_domain_suspend_resume(conn: &Connection, fx: &Fixture) -> Result<(),
     })
 }
 
+/// A paused domain: shutdown ends in shutoff (shutdown); reboot brings it
+/// back running (booted) in the same activation; reset keeps it paused
+/// (same ID). libvirt's test driver does each at once; a guest behind a
+/// process is run again to see the power button.
+pub fn case_domain_paused_transitions(conn: &Connection, fx: &Fixture) -> Result<(), Failure> {
+    let name = "conf-dom-paused";
+    guarded(conn, fx, Made::domains(&[name]), || {
+        let hv = conn.hypervisor();
+        define_and_start(conn, fx, name)?;
+        hv.suspend_domain(name).step("suspend")?;
+        expect_state(conn, fx, name, DomainState::Paused, DomainReason::User)?;
+        hv.shutdown_domain(name)
+            .step("shutdown of a paused domain")?;
+        expect_state(conn, fx, name, DomainState::Shutoff, DomainReason::Shutdown)?;
+        ensure!(
+            current_id(conn, name)?.is_none(),
+            "a shut off domain has no ID"
+        );
+
+        let r = hv.start_domain(name).step("start after the shutdown")?;
+        expect_state(conn, fx, name, DomainState::Running, DomainReason::Booted)?;
+        hv.suspend_domain(name).step("suspend again")?;
+        expect_state(conn, fx, name, DomainState::Paused, DomainReason::User)?;
+        hv.reboot_domain(name).step("reboot of a paused domain")?;
+        // Running again at once (unpaused) where the guest must see the
+        // request; booted once the reboot is through.
+        wait_for_value(
+            "state after the reboot of a paused domain",
+            fx.timeout,
+            &(DomainState::Running, DomainReason::Booted),
+            || hv.domain_state(name).step("domain_state"),
+        )?;
+        ensure!(
+            current_id(conn, name)? == r.id,
+            "a reboot keeps the activation and its ID"
+        );
+
+        hv.suspend_domain(name).step("suspend a third time")?;
+        expect_state(conn, fx, name, DomainState::Paused, DomainReason::User)?;
+        hv.reset_domain(name).step("reset of a paused domain")?;
+        expect_state(conn, fx, name, DomainState::Paused, DomainReason::User)?;
+        ensure!(
+            current_id(conn, name)? == r.id,
+            "a reset keeps the activation and its ID"
+        );
+        hv.resume_domain(name).step("resume after the reset")?;
+        wait_for_state(conn, name, DomainState::Running, fx.timeout)?;
+        Ok(())
+    })
+}
+
 /// shutdown → (wait) shutoff (shutdown), ID gone, still defined; start again
 /// → a new ID.
 pub fn case_domain_shutdown(conn: &Connection, fx: &Fixture) -> Result<(), Failure> {
@@ -3571,6 +3622,10 @@ pub const CASES: &[(&str, CaseFn)] = &[
         case_domain_inactive_operations,
     ),
     ("case_domain_reboot_reset", case_domain_reboot_reset),
+    (
+        "case_domain_paused_transitions",
+        case_domain_paused_transitions,
+    ),
     ("case_domain_destroy", case_domain_destroy),
     ("case_domain_destroy_paused", case_domain_destroy_paused),
     ("case_domain_undefine_active", case_domain_undefine_active),
@@ -3668,6 +3723,7 @@ macro_rules! conformance_tests {
             case_domain_shutdown
             case_domain_inactive_operations
             case_domain_reboot_reset
+            case_domain_paused_transitions
             case_domain_destroy
             case_domain_destroy_paused
             case_domain_undefine_active

@@ -792,6 +792,19 @@ impl<B: Backend> Inner<B> {
             .map_err(|e| control_error(&rec.name, &self.backend, e))
     }
 
+    /// Resumes a paused guest (before a power button it must see).
+    fn resume_if_paused(&self, rec: &Record) -> Result<()> {
+        let paused = self
+            .backend
+            .query(&self.paths(&rec.uuid))
+            .is_ok_and(|live| live.state == LiveState::Paused);
+        if paused {
+            tracing::info!(driver = self.backend.name(), domain = %rec.name, "resuming the paused guest to shut it down");
+            self.control(rec, Control::Resume)?;
+        }
+        Ok(())
+    }
+
     /// [`control`](Self::control), for a process that may be ending as it
     /// is asked: a guest that powered off for a reboot (vireo-vmm exits and
     /// is launched again), or one that crashed. When the call fails and the
@@ -1114,6 +1127,13 @@ impl<B: Backend> HypervisorDriver for VmDriver<B> {
     fn shutdown_domain(&self, name: &str) -> Result<()> {
         let inner = &self.inner;
         inner.with(name, |l, rec| {
+            if rec.run.is_none() {
+                return Err(not_running(name));
+            }
+            // A paused guest cannot see the power button: it runs again
+            // to shut down (libvirt's test driver ends a paused domain's
+            // shutdown in shutoff too).
+            inner.resume_if_paused(rec)?;
             let Some(run) = rec.run.as_mut() else {
                 return Err(not_running(name));
             };
@@ -1130,6 +1150,10 @@ impl<B: Backend> HypervisorDriver for VmDriver<B> {
         // destroy). The activation and its ID stay.
         let inner = &self.inner;
         inner.with(name, |l, rec| {
+            if rec.run.is_none() {
+                return Err(not_running(name));
+            }
+            inner.resume_if_paused(rec)?;
             let Some(run) = rec.run.as_mut() else {
                 return Err(not_running(name));
             };
@@ -1147,7 +1171,16 @@ impl<B: Backend> HypervisorDriver for VmDriver<B> {
             if !rec.is_active() {
                 return Err(not_running(name));
             }
-            inner.control_live(l, rec, Control::Reset)
+            // A reset keeps a paused domain paused, as libvirt's drivers do.
+            let paused = inner
+                .backend
+                .query(&inner.paths(&rec.uuid))
+                .is_ok_and(|live| live.state == LiveState::Paused);
+            inner.control_live(l, rec, Control::Reset)?;
+            if paused {
+                inner.control(rec, Control::Pause)?;
+            }
+            Ok(())
         })
     }
 
