@@ -28,6 +28,42 @@ fn open(root: &Path) -> Connection {
         .expect("opens kvm:///embed")
 }
 
+/// A dir pool `p` under `root` and a 1 MiB raw volume `name` in it.
+fn pool_with_volume(
+    root: &Path,
+    conn: &Connection,
+    name: &str,
+    source: Option<vireo_crds::VolumeSource>,
+) -> vireo_drivers::VolRef {
+    let pool_dir = root.join("pool");
+    std::fs::create_dir_all(&pool_dir).expect("pool dir");
+    let st = conn.storage();
+    st.create_pool(&StoragePool::new(
+        "p",
+        StoragePoolSpec {
+            uuid: None,
+            pool_type: PoolType::Dir,
+            path: pool_dir.display().to_string(),
+            autostart: false,
+            active: None,
+            node_selector: None,
+        },
+    ))
+    .expect("pool");
+    st.create_volume(&StorageVol::new(
+        name,
+        StorageVolSpec {
+            pool: "p".into(),
+            capacity: Quantity("1Mi".into()),
+            allocation: None,
+            format: Default::default(),
+            source,
+            node_name: None,
+        },
+    ))
+    .expect("volume")
+}
+
 fn run_dir(root: &Path, conn: &Connection, name: &str) -> std::path::PathBuf {
     let uuid = conn
         .hypervisor()
@@ -79,36 +115,8 @@ fn kvm_domain_lifecycle_with_test_guest_and_disk() {
     }
     let root = fresh_root("kvm-life");
     let conn = open(&root);
-    // A dir pool and a raw volume the guest writes (this connection's pools
-    // are bookkeeping until the storage backend lands: the file is made here).
-    let pool_dir = root.join("pool");
-    std::fs::create_dir_all(&pool_dir).expect("pool dir");
-    let st = conn.storage();
-    st.create_pool(&StoragePool::new(
-        "p",
-        StoragePoolSpec {
-            uuid: None,
-            pool_type: PoolType::Dir,
-            path: pool_dir.display().to_string(),
-            autostart: false,
-            active: None,
-            node_selector: None,
-        },
-    ))
-    .expect("pool");
-    let vol = st
-        .create_volume(&StorageVol::new(
-            "disk0",
-            StorageVolSpec {
-                pool: "p".into(),
-                capacity: Quantity("1Mi".into()),
-                allocation: None,
-                format: Default::default(),
-                source: None,
-                node_name: None,
-            },
-        ))
-        .expect("volume");
+    // A dir pool and a raw volume the guest writes, zeroed first.
+    let vol = pool_with_volume(&root, &conn, "disk0", None);
     std::fs::write(&vol.path, vec![0u8; 1 << 20]).expect("volume file");
 
     let hv = conn.hypervisor();
@@ -281,36 +289,16 @@ fn kvm_refuses_a_disk_still_waiting_for_its_upload() {
     }
     let root = fresh_root("kvm-await");
     let conn = open(&root);
-    let pool_dir = root.join("pool");
-    std::fs::create_dir_all(&pool_dir).expect("pool dir");
     let st = conn.storage();
-    st.create_pool(&StoragePool::new(
-        "p",
-        StoragePoolSpec {
-            uuid: None,
-            pool_type: PoolType::Dir,
-            path: pool_dir.display().to_string(),
-            autostart: false,
-            active: None,
-            node_selector: None,
-        },
-    ))
-    .expect("pool");
-    st.create_volume(&StorageVol::new(
+    pool_with_volume(
+        &root,
+        &conn,
         "img",
-        StorageVolSpec {
-            pool: "p".into(),
-            capacity: Quantity("1Mi".into()),
-            allocation: None,
-            format: Default::default(),
-            source: Some(vireo_crds::VolumeSource {
-                upload: Some(vireo_crds::UploadSource {}),
-                ..Default::default()
-            }),
-            node_name: None,
-        },
-    ))
-    .expect("volume");
+        Some(vireo_crds::VolumeSource {
+            upload: Some(vireo_crds::UploadSource {}),
+            ..Default::default()
+        }),
+    );
     let hv = conn.hypervisor();
     let name = "await";
     let mut d = test_guest_domain(name, "");

@@ -22,6 +22,27 @@ fn id(d: &Domain) -> Option<u32> {
     d.status.as_ref().and_then(|s| s.id)
 }
 
+/// The reasons of the Events about the object `name`, space-separated.
+fn event_reasons(cluster: &Cluster, name: &str) -> String {
+    cluster.kubectl_ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        &format!("involvedObject.name={name}"),
+        "-o",
+        "jsonpath={.items[*].reason}",
+    ])
+}
+
+/// Whether a Domain has the condition `type_` with `status`.
+fn has_condition(d: &Domain, type_: &str, status: &str) -> bool {
+    d.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == type_ && c.status == status)
+    })
+}
+
 fn reason(d: &Domain) -> Option<String> {
     d.status
         .as_ref()
@@ -408,13 +429,11 @@ async fn domain_that_fits_nowhere_stays_pending() {
     cluster.kubectl_stdin(&["apply", "-f", "-"], "apiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {name: huge}\nspec: {type: test, memory: 4Ti, vcpus: 1}\n");
     let domains: Api<Domain> = Api::namespaced(client, "default");
     let d = wait_for(T, "a Scheduled=False condition", || async {
-        domains.get("huge").await.ok().filter(|d| {
-            d.status.as_ref().is_some_and(|s| {
-                s.conditions
-                    .iter()
-                    .any(|c| c.type_ == "Scheduled" && c.status == "False")
-            })
-        })
+        domains
+            .get("huge")
+            .await
+            .ok()
+            .filter(|d| has_condition(d, "Scheduled", "False"))
     })
     .await;
     let cond = d
@@ -426,14 +445,7 @@ async fn domain_that_fits_nowhere_stays_pending() {
     assert_eq!(cond.message, "0/3 hosts fit: 3 with too little memory left");
     assert_eq!(state(&d), Some(DomainState::Pending));
     assert!(d.labels().get(vireo_crds::labels::NODE).is_none());
-    let events = cluster.kubectl_ok(&[
-        "get",
-        "events",
-        "--field-selector",
-        "involvedObject.name=huge",
-        "-o",
-        "jsonpath={.items[*].reason}",
-    ]);
+    let events = event_reasons(&cluster, "huge");
     assert!(events.contains("FailedScheduling"), "{events}");
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
@@ -462,14 +474,7 @@ async fn volume_in_use_waits_for_release() {
         .await
         .expect("still there while web uses it");
     assert!(v.metadata.deletion_timestamp.is_some());
-    let events = cluster.kubectl_ok(&[
-        "get",
-        "events",
-        "--field-selector",
-        "involvedObject.name=scratch",
-        "-o",
-        "jsonpath={.items[*].reason}",
-    ]);
+    let events = event_reasons(&cluster, "scratch");
     assert!(events.contains("InUse"), "{events}");
     domains
         .delete("web", &DeleteParams::default())
@@ -959,25 +964,16 @@ async fn uploaded_volume_waits_for_its_content() {
         .dir
         .join("host-node-2/var/lib/vireo/images/default.image");
     assert!(file.is_file(), "the placeholder is in the pool");
-    let events = cluster.kubectl_ok(&[
-        "get",
-        "events",
-        "--field-selector",
-        "involvedObject.name=image",
-        "-o",
-        "jsonpath={.items[*].reason}",
-    ]);
+    let events = event_reasons(&cluster, "image");
     assert!(events.contains("WaitingForUpload"), "{events}");
     // The Domain on it is bound to node-2 but does not start.
     let domains: Api<Domain> = Api::namespaced(client.clone(), "default");
     let reader = wait_for(T, "reader held back by its volume", || async {
-        domains.get("reader").await.ok().filter(|d| {
-            d.status.as_ref().is_some_and(|s| {
-                s.conditions
-                    .iter()
-                    .any(|c| c.type_ == "VolumesReady" && c.status == "False")
-            })
-        })
+        domains
+            .get("reader")
+            .await
+            .ok()
+            .filter(|d| has_condition(d, "VolumesReady", "False"))
     })
     .await;
     assert_ne!(state(&reader), Some(DomainState::Running));
@@ -1037,13 +1033,6 @@ async fn uploaded_volume_waits_for_its_content() {
     assert!(stored[..data.len()] == data[..], "the uploaded bytes");
     assert!(stored[data.len()..].iter().all(|&b| b == 0));
     running(&domains, "reader").await;
-    let events = cluster.kubectl_ok(&[
-        "get",
-        "events",
-        "--field-selector",
-        "involvedObject.name=image",
-        "-o",
-        "jsonpath={.items[*].reason}",
-    ]);
+    let events = event_reasons(&cluster, "image");
     assert!(events.contains("Uploaded"), "{events}");
 }
