@@ -323,6 +323,47 @@ fn vol_upload_and_download_on_a_real_dir_pool() {
         std::fs::read(pool_dir.join("disk")).expect("still there"),
         stored
     );
+    // From standard input ('-'), as `kubectl exec -i` hands it over; a
+    // stream shorter than --length says so and changes nothing.
+    let piped = "piped content\n".repeat(1000);
+    let length = piped.len().to_string();
+    let args = |length: &str| -> Vec<String> {
+        vec![
+            "-c".to_string(),
+            uri.clone(),
+            "vol-upload".into(),
+            "disk".into(),
+            "-".into(),
+            "--pool".into(),
+            "p".into(),
+            "--length".into(),
+            length.to_string(),
+        ]
+    };
+    let short = args("999999");
+    let out = vireo(
+        &short.iter().map(String::as_str).collect::<Vec<_>>(),
+        Some(&piped),
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains(&format!("the stream ended after {length} of 999999 bytes")),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(pool_dir.join("disk")).expect("still there"),
+        stored
+    );
+    let full = args(&length);
+    let out = vireo(
+        &full.iter().map(String::as_str).collect::<Vec<_>>(),
+        Some(&piped),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stored = std::fs::read(pool_dir.join("disk")).expect("the volume");
+    assert_eq!(&stored[..piped.len()], piped.as_bytes());
+    assert_eq!(stored.len(), 4 << 20, "a shorter raw upload keeps the size");
 }
 
 #[test]

@@ -320,11 +320,16 @@ pub struct VolArgs {
 pub struct VolTransferArgs {
     /// Volume name (with --pool), or its key or path.
     pub vol: String,
-    /// The local file to read (vol-upload) or write (vol-download).
+    /// The local file to read (vol-upload) or write (vol-download); for
+    /// vol-upload '-' reads standard input (`kubectl exec -i ... < disk.img`).
     pub file: std::path::PathBuf,
     /// Pool that holds the volume.
     #[arg(long)]
     pub pool: Option<String>,
+    /// vol-upload from standard input: how many bytes come (an upload
+    /// through an agent's socket needs it, and it drives the progress).
+    #[arg(long, value_name = "BYTES")]
+    pub length: Option<u64>,
 }
 
 #[derive(Args)]

@@ -211,9 +211,15 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
         }
         Command::VolUpload(a) => {
             let v = resolve(conn, &a.vol, a.pool.as_deref())?;
-            let mut file = std::fs::File::open(&a.file)
-                .with_context(|| format!("cannot open {}", a.file.display()))?;
-            let length = file.metadata().map(|m| m.len()).ok();
+            let (mut source, length): (Box<dyn std::io::Read>, Option<u64>) =
+                if a.file == std::path::Path::new("-") {
+                    (Box::new(std::io::stdin().lock()), a.length)
+                } else {
+                    let file = std::fs::File::open(&a.file)
+                        .with_context(|| format!("cannot open {}", a.file.display()))?;
+                    let length = a.length.or_else(|| file.metadata().map(|m| m.len()).ok());
+                    (Box::new(file), length)
+                };
             let bar = progress_bar(length);
             let progress = |done: u64, total: Option<u64>| {
                 if let Some(t) = total {
@@ -221,7 +227,7 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
                 }
                 bar.set_position(done);
             };
-            let n = st.upload_volume(&v.pool, &v.name, &mut file, length, &progress);
+            let n = st.upload_volume(&v.pool, &v.name, &mut source, length, &progress);
             bar.finish_and_clear();
             let n = n?;
             Output::Message(format!(
