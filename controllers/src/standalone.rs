@@ -332,9 +332,8 @@ impl Standalone {
             .to_string()
         });
         def.spec.uuid = Some(uuid.to_ascii_lowercase());
-        for disk in &mut def.spec.devices.disks {
-            disk.volume = crate::agent::volume_file_name(ns, &disk.volume);
-        }
+        def.spec
+            .map_volumes(|v| crate::agent::volume_file_name(ns, v));
         let needs_define = match hv.domain_definition(key, true) {
             Ok(cur) => cur.spec != def.spec || cur.metadata.annotations != def.metadata.annotations,
             Err(DriverError::NotFound(_)) => true,
@@ -416,12 +415,12 @@ impl Standalone {
         let pools = st
             .list_pools(vireo_drivers::ListFilter::Active)
             .unwrap_or_default();
-        def.spec.devices.disks.iter().find_map(|disk| {
+        def.spec.volume_refs().into_iter().find_map(|(_, volume)| {
             pools
                 .iter()
-                .filter_map(|p| st.volume_info(&p.name, &disk.volume).ok())
+                .filter_map(|p| st.volume_info(&p.name, volume).ok())
                 .find(|i| i.awaiting_upload)
-                .map(|_| disk.volume.clone())
+                .map(|_| volume.to_string())
         })
     }
 }

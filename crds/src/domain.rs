@@ -121,19 +121,82 @@ impl fmt::Display for DomainType {
     }
 }
 
+impl DomainSpec {
+    /// Every StorageVol the Domain uses, with the field that names it: its
+    /// disks' volumes, then the kernel's and the initrd's.
+    pub fn volume_refs(&self) -> Vec<(String, &str)> {
+        let mut out: Vec<(String, &str)> = self
+            .devices
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (format!("spec.devices.disks[{i}].volume"), d.volume.as_str()))
+            .collect();
+        if let Some(os) = &self.os {
+            if let Some(v) = &os.kernel_volume {
+                out.push(("spec.os.kernelVolume".into(), v.as_str()));
+            }
+            if let Some(v) = &os.initrd_volume {
+                out.push(("spec.os.initrdVolume".into(), v.as_str()));
+            }
+        }
+        out
+    }
+
+    /// Whether the Domain uses the StorageVol `name` (of its namespace).
+    pub fn uses_volume(&self, name: &str) -> bool {
+        self.volume_refs().iter().any(|(_, v)| *v == name)
+    }
+
+    /// Renames every StorageVol the Domain names (to the node's names).
+    pub fn map_volumes(&mut self, f: impl Fn(&str) -> String) {
+        for disk in &mut self.devices.disks {
+            disk.volume = f(&disk.volume);
+        }
+        if let Some(os) = &mut self.os {
+            for v in [&mut os.kernel_volume, &mut os.initrd_volume]
+                .into_iter()
+                .flatten()
+            {
+                *v = f(v);
+            }
+        }
+    }
+}
+
 /// Direct kernel boot, libvirt's `<os>` with `<kernel>`, `<initrd>`, `<cmdline>`.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+/// The kernel and initrd are files in a boot directory the node's agent
+/// allows (`kernel`, `initrd`), or StorageVols of the Domain's namespace
+/// (`kernelVolume`, `initrdVolume`), never both for one of them.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("!(has(self.kernel) && has(self.kernelVolume))").message("spec.os.kernelVolume: give kernel or kernelVolume, not both").field_path(".kernelVolume"))]
+#[x_kube(validation = Rule::new("!(has(self.initrd) && has(self.initrdVolume))").message("spec.os.initrdVolume: give initrd or initrdVolume, not both").field_path(".initrdVolume"))]
 #[serde(rename_all = "camelCase")]
 pub struct OsSpec {
     /// Machine type for drivers that have several (`microvm`, `q35`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine: Option<String>,
-    /// Kernel image (bzImage, ELF vmlinux or PVH ELF).
+    /// Kernel image (bzImage, ELF vmlinux or PVH ELF): a path in a boot
+    /// directory the agent allows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<String>,
-    /// Initial ramdisk.
+    /// Kernel image from a StorageVol of the Domain's namespace (raw), by name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    #[schemars(regex(
+        pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+    ))]
+    pub kernel_volume: Option<String>,
+    /// Initial ramdisk: a path in a boot directory the agent allows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd: Option<String>,
+    /// Initial ramdisk from a StorageVol of the Domain's namespace, by name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    #[schemars(regex(
+        pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+    ))]
+    pub initrd_volume: Option<String>,
     /// Kernel command line.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cmdline: Option<String>,

@@ -326,6 +326,7 @@ fn domain_from(root: &Element) -> Result<Imported, XmlError> {
             kernel: os.child_text("kernel").map(str::to_string),
             initrd: os.child_text("initrd").map(str::to_string),
             cmdline: os.child_text("cmdline").map(str::to_string),
+            ..Default::default()
         }
     });
     let mut lifecycle = Lifecycle::default();

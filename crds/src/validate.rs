@@ -85,6 +85,19 @@ fn positive_size(
 impl Validate for DomainSpec {
     fn validate(&self) -> Result<(), ValidationError> {
         check_uuid("spec.uuid", &self.uuid)?;
+        if let Some(os) = &self.os {
+            for (field, path, volume) in [
+                ("spec.os.kernelVolume", &os.kernel, &os.kernel_volume),
+                ("spec.os.initrdVolume", &os.initrd, &os.initrd_volume),
+            ] {
+                if path.is_some() && volume.is_some() {
+                    return Err(ValidationError::new(
+                        field,
+                        "give the path or the volume, not both",
+                    ));
+                }
+            }
+        }
         let memory = positive_size("spec.memory", &self.memory)?;
         if let Some(current) = &self.current_memory {
             let current = positive_size("spec.currentMemory", current)?;
@@ -365,6 +378,13 @@ mod tests {
             read_only: false,
         }];
         assert_eq!(field_of(d.validate()), "spec.devices.disks[0].volume");
+        let mut d = domain();
+        d.os = Some(crate::OsSpec {
+            kernel: Some("/boot/vmlinuz".into()),
+            kernel_volume: Some("k".into()),
+            ..Default::default()
+        });
+        assert_eq!(field_of(d.validate()), "spec.os.kernelVolume");
     }
 
     #[test]

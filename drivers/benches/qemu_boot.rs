@@ -114,6 +114,7 @@ fn main() {
                 kernel: Some(image.join("vmlinuz").display().to_string()),
                 initrd: Some(image.join("initrd.img").display().to_string()),
                 cmdline: Some("console=ttyS0 quiet vireo.net=0".into()),
+                ..Default::default()
             }),
             devices: DomainDevices::default(),
             run_strategy: RunStrategy::Manual,

@@ -326,3 +326,64 @@ fn kvm_refuses_a_disk_still_waiting_for_its_upload() {
     wait_console(&root, &conn, name, MARKER, 1);
     hv.destroy_domain(name).expect("destroy");
 }
+
+/// The kernel can be a volume (`spec.os.kernelVolume`) instead of a file in
+/// a boot directory: the test guest's image, uploaded into a raw volume,
+/// boots; a kernel volume that is not there is refused, naming the field.
+#[test]
+fn kvm_boots_a_kernel_from_a_volume() {
+    if !kvm_available("kvm_boots_a_kernel_from_a_volume") {
+        return;
+    }
+    let root = fresh_root("kvm-kvol");
+    let conn = open(&root);
+    let st = conn.storage();
+    pool_with_volume(&root, &conn, "guest-kernel", None);
+    let mut d = test_guest_domain("kvol", "");
+    let os = d.spec.os.as_mut().expect("os");
+    let image = std::fs::read(os.kernel.take().expect("the test guest's kernel")).expect("image");
+    os.kernel_volume = Some("guest-kernel".into());
+    // The volume must hold the image: make it big enough, then upload.
+    st.resize_volume(
+        "p",
+        "guest-kernel",
+        (image.len() as u64).next_multiple_of(1 << 20),
+        Default::default(),
+    )
+    .expect("resize");
+    st.upload_volume(
+        "p",
+        "guest-kernel",
+        &mut &image[..],
+        Some(image.len() as u64),
+        &vireo_drivers::storage::no_progress,
+    )
+    .expect("upload");
+    let hv = conn.hypervisor();
+    hv.define_domain(&d).expect("define");
+    hv.start_domain("kvol").expect("start");
+    wait_console(&root, &conn, "kvol", MARKER, 1);
+    // What the domain was defined with stays a volume reference.
+    let live = hv
+        .domain_definition("kvol", false)
+        .expect("live definition");
+    let os = live.spec.os.expect("os");
+    assert_eq!(
+        (os.kernel, os.kernel_volume.as_deref()),
+        (None, Some("guest-kernel"))
+    );
+    hv.destroy_domain("kvol").expect("destroy");
+
+    // A kernel volume that is not there is refused, naming the field.
+    let mut missing = test_guest_domain("kvol2", "");
+    let os = missing.spec.os.as_mut().expect("os");
+    os.kernel = None;
+    os.kernel_volume = Some("nowhere".into());
+    hv.define_domain(&missing).expect("define");
+    let e = hv.start_domain("kvol2").expect_err("no such volume");
+    assert!(
+        e.to_string()
+            .contains("spec.os.kernelVolume: no volume 'nowhere'"),
+        "{e}"
+    );
+}

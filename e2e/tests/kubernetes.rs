@@ -355,6 +355,8 @@ async fn invalid_manifests_are_rejected_naming_the_field() {
         (dom("{type: test, memory: 1Gi, vcpus: 1, devices: {interfaces: [{name: net0, network: n, mac: '01:00:5e:00:00:01'}]}}"), "spec.devices.interfaces[0].mac"),
         (dom("{type: test, memory: 1Gi, vcpus: 1, devices: {disks: [{name: vda, volume: a}, {name: vda, volume: b}]}}"), "spec.devices.disks[1]"),
         (dom("{type: test, memory: 1Gi, vcpus: 1, runStrategy: Sometimes}"), "spec.runStrategy"),
+        (dom("{type: kvm, memory: 1Gi, vcpus: 1, os: {kernel: /boot/vmlinuz, kernelVolume: k}}"), "spec.os.kernelVolume"),
+        (dom("{type: kvm, memory: 1Gi, vcpus: 1, os: {initrdVolume: 'Not/A/Name'}}"), "spec.os.initrdVolume"),
         (
             "apiVersion: vireo.dev/v1alpha1\nkind: Network\nmetadata: {name: bad}\nspec: {ip: {address: 10.0.0.1, prefix: 24, dhcp: {ranges: [{start: 10.0.0.2, end: 10.0.1.9}]}}}\n".into(),
             "spec.ip.dhcp.ranges",
@@ -462,13 +464,52 @@ async fn volume_in_use_waits_for_release() {
     let client = cluster.client().await;
     let files = examples();
     cluster.kubectl_ok(&with_examples(&["apply"], &files));
+    // A kernel from a volume is a volume the Domain uses like a disk: it
+    // lands on the Domain's node, Ready before the Domain starts, and is
+    // protected while the Domain exists.
+    cluster.kubectl_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: vireo.dev/v1alpha1\nkind: StorageVol\nmetadata: {name: kern}\nspec: {pool: images, capacity: 64Mi}\n---\napiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {name: booter}\nspec: {type: test, memory: 256Mi, vcpus: 1, os: {kernelVolume: kern}}\n",
+    );
     let domains: Api<Domain> = Api::namespaced(client.clone(), "default");
     running(&domains, "web").await;
+    let booter = running(&domains, "booter").await;
     let vols: Api<StorageVol> = Api::namespaced(client, "default");
-    vols.delete("scratch", &DeleteParams::default())
-        .await
-        .expect("delete request");
+    let kern = vols.get("kern").await.expect("kern");
+    let kern_status = kern.status.clone().unwrap_or_default();
+    assert_eq!(kern_status.phase.as_deref(), Some("Ready"));
+    assert_eq!(
+        kern_status.node_name,
+        booter.status.as_ref().and_then(|s| s.node_name.clone()),
+        "the kernel volume is on its Domain's node"
+    );
+    for name in ["scratch", "kern"] {
+        vols.delete(name, &DeleteParams::default())
+            .await
+            .expect("delete request");
+    }
     tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        vols.get("kern")
+            .await
+            .expect("kern stays while booter uses it")
+            .metadata
+            .deletion_timestamp
+            .is_some()
+    );
+    domains
+        .delete("booter", &DeleteParams::default())
+        .await
+        .expect("delete booter");
+    wait_for(T, "kern gone after booter released it", || async {
+        vols.get_opt("kern")
+            .await
+            .ok()
+            .flatten()
+            .is_none()
+            .then_some(())
+    })
+    .await;
     let v = vols
         .get("scratch")
         .await

@@ -80,9 +80,7 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
     def.spec.uuid = Some(uuid.to_ascii_lowercase());
     // Disks name StorageVols of the Domain's namespace; on the node a
     // volume's name is `namespace.name`.
-    for disk in &mut def.spec.devices.disks {
-        disk.volume = super::volume::file_name(&ns, &disk.volume);
-    }
+    def.spec.map_volumes(|v| super::volume::file_name(&ns, v));
     // One trip to the driver: redefine if the spec changed, then read the state.
     let (k, d) = (key.clone(), def);
     let (defined, (state, reason)) = ctx

@@ -77,9 +77,7 @@ pub async fn run(ctx: Arc<Ctx>) {
                 by_volume
                     .state()
                     .into_iter()
-                    .filter(|d| {
-                        d.namespace() == ns && d.spec.devices.disks.iter().any(|k| k.volume == name)
-                    })
+                    .filter(|d| d.namespace() == ns && d.spec.uses_volume(&name))
                     .map(|d| ObjectRef::from_obj(d.as_ref()))
                     .collect::<Vec<_>>()
             },
@@ -164,18 +162,15 @@ fn host_lost(h: &Host) -> bool {
 fn request(dom: &Domain, ctx: &Ctx) -> std::result::Result<Request, String> {
     let ns = dom.namespace().unwrap_or_default();
     let mut volumes = Vec::new();
-    for disk in &dom.spec.devices.disks {
+    for (field, volume) in dom.spec.volume_refs() {
         let vol = ctx
             .volumes
-            .get(&ObjectRef::new(&disk.volume).within(&ns))
+            .get(&ObjectRef::new(volume).within(&ns))
             .ok_or_else(|| {
-                format!(
-                    "StorageVol '{}' not found in namespace '{ns}' (spec.devices.disks[{}])",
-                    disk.volume, disk.name
-                )
+                format!("StorageVol '{volume}' not found in namespace '{ns}' ({field})")
             })?;
         volumes.push(VolumeNeed {
-            name: disk.volume.clone(),
+            name: volume.to_string(),
             pool: vol.spec.pool.clone(),
             node: vol
                 .labels()
@@ -596,9 +591,10 @@ async fn bind(ctx: &Ctx, dom: &Domain, host: &str, req: &Request) -> Result<Opti
 fn volumes_ready(ctx: &Ctx, dom: &Domain, node: &str) -> (bool, String) {
     let ns = dom.namespace().unwrap_or_default();
     let mut waiting = Vec::new();
-    for disk in &dom.spec.devices.disks {
-        match ctx.volumes.get(&ObjectRef::new(&disk.volume).within(&ns)) {
-            None => waiting.push(format!("{} (not found)", disk.volume)),
+    let refs = dom.spec.volume_refs();
+    for (_, volume) in &refs {
+        match ctx.volumes.get(&ObjectRef::new(volume).within(&ns)) {
+            None => waiting.push(format!("{volume} (not found)")),
             Some(v) => {
                 let phase = v
                     .status
@@ -607,22 +603,15 @@ fn volumes_ready(ctx: &Ctx, dom: &Domain, node: &str) -> (bool, String) {
                     .unwrap_or_else(|| "Pending".into());
                 let on = v.labels().get(NODE).map(String::as_str);
                 if on != Some(node) {
-                    waiting.push(format!(
-                        "{} (on node {})",
-                        disk.volume,
-                        on.unwrap_or("none")
-                    ));
+                    waiting.push(format!("{volume} (on node {})", on.unwrap_or("none")));
                 } else if phase != "Ready" {
-                    waiting.push(format!("{} ({phase})", disk.volume));
+                    waiting.push(format!("{volume} ({phase})"));
                 }
             }
         }
     }
     if waiting.is_empty() {
-        (
-            true,
-            format!("{} volume(s) ready on {node}", dom.spec.devices.disks.len()),
-        )
+        (true, format!("{} volume(s) ready on {node}", refs.len()))
     } else {
         (
             false,

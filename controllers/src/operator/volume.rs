@@ -48,7 +48,7 @@ async fn reconcile(vol: Arc<StorageVol>, ctx: &Ctx) -> Result<Action> {
             .await?
             .items
             .into_iter()
-            .filter(|d| d.spec.devices.disks.iter().any(|k| k.volume == name))
+            .filter(|d| d.spec.uses_volume(&name))
             .map(|d| d.name_any())
             .collect();
         if users.is_empty() {

@@ -144,12 +144,14 @@ impl Backend for Vmm {
     }
 
     fn check(&self, def: &Domain) -> Result<(), String> {
-        let os =
-            def.spec.os.as_ref().ok_or(
-                "spec.os.kernel: the kvm driver boots a kernel directly; set spec.os.kernel",
-            )?;
-        if os.kernel.as_deref().is_none_or(str::is_empty) {
-            return Err("spec.os.kernel: the kvm driver boots a kernel directly; set it".into());
+        let os = def.spec.os.as_ref().ok_or(
+            "spec.os.kernel: the kvm driver boots a kernel directly; set spec.os.kernel or spec.os.kernelVolume",
+        )?;
+        if os.kernel.as_deref().is_none_or(str::is_empty) && os.kernel_volume.is_none() {
+            return Err(
+                "spec.os.kernel: the kvm driver boots a kernel directly; set it (or spec.os.kernelVolume)"
+                    .into(),
+            );
         }
         if let Some(m) = os.machine.as_deref() {
             return Err(format!(

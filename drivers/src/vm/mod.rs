@@ -407,13 +407,14 @@ impl<B: Backend> Inner<B> {
                 && action == LifecycleAction::Restart
             {
                 let disks = self.resolve_disks(&rec.name, &run.live)?;
+                let boot = self.for_launch(&rec.name, &run.live)?;
                 self.plug_interfaces(&rec.name, &run.live)?;
                 for p in [&paths.exit_file, &paths.api, &paths.console_socket] {
                     let _ = std::fs::remove_file(p);
                 }
                 let pid = self
                     .backend
-                    .launch(&run.live, &paths, &disks)
+                    .launch(&boot, &paths, &disks)
                     .map_err(|e| io_failed(&rec.name, "starting the VM process again", e))?;
                 if let Some(r) = rec.run.as_mut() {
                     r.pid = pid;
@@ -597,55 +598,57 @@ impl<B: Backend> Inner<B> {
         }))
     }
 
+    /// The volume `volume` (named by `field`) in the active pools of this
+    /// node: exactly one, with its content complete.
+    fn find_volume(&self, name: &str, field: &str, volume: &str) -> Result<crate::VolInfo> {
+        let mut found = Vec::new();
+        for pool in self.storage.list_pools(ListFilter::Active)? {
+            if let Ok(info) = self.storage.volume_info(&pool.name, volume) {
+                found.push(info);
+            }
+        }
+        let info = match found.len() {
+            0 => {
+                return Err(Error::invalid_argument(
+                    KIND,
+                    name,
+                    format!("{field}: no volume '{volume}' in an active pool on this node"),
+                ));
+            }
+            1 => found.remove(0),
+            _ => {
+                return Err(Error::invalid_argument(
+                    KIND,
+                    name,
+                    format!(
+                        "{field}: volume '{volume}' is in several pools ({})",
+                        found
+                            .iter()
+                            .map(|v| v.pool.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
+        };
+        if info.awaiting_upload {
+            return Err(Error::invalid_state(
+                KIND,
+                name,
+                format!(
+                    "{field}: volume '{volume}' is waiting for its content (vol-upload); not starting on a blank placeholder"
+                ),
+            ));
+        }
+        Ok(info)
+    }
+
     /// Finds each disk's volume in the active pools of this node.
     fn resolve_disks(&self, name: &str, def: &Domain) -> Result<Vec<DiskFile>> {
         let mut out = Vec::new();
         for (i, disk) in def.spec.devices.disks.iter().enumerate() {
             let field = format!("spec.devices.disks[{i}].volume");
-            let mut found = Vec::new();
-            for pool in self.storage.list_pools(ListFilter::Active)? {
-                if let Ok(info) = self.storage.volume_info(&pool.name, &disk.volume) {
-                    found.push(info);
-                }
-            }
-            let info = match found.len() {
-                0 => {
-                    return Err(Error::invalid_argument(
-                        KIND,
-                        name,
-                        format!(
-                            "{field}: no volume '{}' in an active pool on this node",
-                            disk.volume
-                        ),
-                    ));
-                }
-                1 => found.remove(0),
-                _ => {
-                    return Err(Error::invalid_argument(
-                        KIND,
-                        name,
-                        format!(
-                            "{field}: volume '{}' is in several pools ({})",
-                            disk.volume,
-                            found
-                                .iter()
-                                .map(|v| v.pool.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        ),
-                    ));
-                }
-            };
-            if info.awaiting_upload {
-                return Err(Error::invalid_state(
-                    KIND,
-                    name,
-                    format!(
-                        "{field}: volume '{}' is waiting for its content (vol-upload); not starting on a blank placeholder",
-                        disk.volume
-                    ),
-                ));
-            }
+            let info = self.find_volume(name, &field, &disk.volume)?;
             self.check_backing_chain(name, &field, &info.path)?;
             out.push(DiskFile {
                 name: disk.name.clone(),
@@ -655,6 +658,42 @@ impl<B: Backend> Inner<B> {
             });
         }
         Ok(out)
+    }
+
+    /// The definition the VM process is launched from: a kernel or initrd
+    /// given as a volume (`spec.os.kernelVolume`, `initrdVolume`) becomes
+    /// that raw volume's file.
+    fn for_launch(&self, name: &str, live: &Domain) -> Result<Domain> {
+        let mut def = live.clone();
+        if let Some(os) = def.spec.os.as_mut() {
+            for (field, volume, path) in [
+                (
+                    "spec.os.kernelVolume",
+                    os.kernel_volume.take(),
+                    &mut os.kernel,
+                ),
+                (
+                    "spec.os.initrdVolume",
+                    os.initrd_volume.take(),
+                    &mut os.initrd,
+                ),
+            ] {
+                let Some(volume) = volume else { continue };
+                let info = self.find_volume(name, field, &volume)?;
+                if info.format != vireo_crds::VolFormat::Raw {
+                    return Err(Error::invalid_argument(
+                        KIND,
+                        name,
+                        format!(
+                            "{field}: volume '{volume}' is {}; a boot file must be raw",
+                            info.format
+                        ),
+                    ));
+                }
+                *path = Some(info.path);
+            }
+        }
+        Ok(def)
     }
 
     /// A qcow2 disk's backing files must themselves be volumes of an active
@@ -745,6 +784,7 @@ impl<B: Backend> Inner<B> {
     /// Starts an activation of `rec` running `live`.
     fn activate(&self, l: &Locked<'_>, rec: &mut Record, live: Domain) -> Result<DomainRef> {
         let disks = self.resolve_disks(&rec.name, &live)?;
+        let boot = self.for_launch(&rec.name, &live)?;
         let paths = self.paths(&rec.uuid);
         std::fs::create_dir_all(&paths.dir)
             .map_err(|e| io_failed(&rec.name, "creating the run directory", e))?;
@@ -763,7 +803,7 @@ impl<B: Backend> Inner<B> {
         .map_err(|e| io_failed(&rec.name, "allocating an ID", e))?;
         let started = Instant::now();
         self.plug_interfaces(&rec.name, &live)?;
-        let pid = match self.backend.launch(&live, &paths, &disks) {
+        let pid = match self.backend.launch(&boot, &paths, &disks) {
             Ok(pid) => pid,
             Err(e) => {
                 unplug_interfaces(&rec.name, &live);

@@ -103,6 +103,7 @@ pub fn linux_domain(name: &str, machine: Option<&str>, cmdline: &str) -> Domain 
                 kernel: Some(image.join("vmlinuz").display().to_string()),
                 initrd: Some(image.join("initrd.img").display().to_string()),
                 cmdline: Some(format!("console=ttyS0 quiet {cmdline}").trim().to_string()),
+                ..Default::default()
             }),
             devices: DomainDevices::default(),
             run_strategy: RunStrategy::Manual,
@@ -187,6 +188,7 @@ pub fn test_guest_domain(name: &str, cmdline: &str) -> Domain {
                 kernel: Some(test_guest().display().to_string()),
                 initrd: None,
                 cmdline: Some(format!("console=ttyS0 {cmdline}").trim().to_string()),
+                ..Default::default()
             }),
             devices: DomainDevices::default(),
             run_strategy: RunStrategy::Manual,
