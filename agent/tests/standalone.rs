@@ -371,3 +371,80 @@ fn local_api(state: &Path, base: &Path) {
     st.destroy_pool("api-pool").expect("destroy");
     st.undefine_pool("api-pool").expect("undefine");
 }
+
+/// A volume made for an upload holds its Domain back in standalone mode
+/// too: the Domain stays shut off until `vireo vol-upload` (here from
+/// standard input, through the agent's socket) fills the volume, and then
+/// starts.
+#[test]
+fn standalone_holds_a_domain_until_its_upload_arrives() {
+    let base = std::env::temp_dir().join(format!("vireo-sa-upload-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let (state, manifests, pool) = (
+        base.join("state"),
+        base.join("manifests"),
+        base.join("pool"),
+    );
+    std::fs::create_dir_all(&manifests).expect("manifests dir");
+    std::fs::write(
+        manifests.join("all.yaml"),
+        format!(
+            "apiVersion: vireo.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: up}}\nspec: {{path: {}}}\n---\napiVersion: vireo.dev/v1alpha1\nkind: StorageVol\nmetadata: {{name: img}}\nspec: {{pool: up, capacity: 1Mi, source: {{upload: {{}}}}}}\n---\napiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {{name: waiter}}\nspec:\n  type: test\n  memory: 128Mi\n  vcpus: 1\n  devices:\n    disks: [{{name: vda, volume: img}}]\n",
+            pool.display()
+        ),
+    )
+    .expect("manifest");
+    let _agent = start_agent(&state, &manifests);
+    let uri = format!("vireo+unix://{}", state.join("vireo.sock").display());
+    let marker = pool.join(".default.img.vireo-awaiting-upload");
+    let start = Instant::now();
+    while !(pool.join("default.img").is_file() && marker.is_file()) {
+        assert!(
+            start.elapsed() < T,
+            "the placeholder and its mark; agent log:\n{}",
+            std::fs::read_to_string(state.with_extension("log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A few passes later it is still held back.
+    std::thread::sleep(Duration::from_secs(3));
+    let (ok, out, err) = vireo(&uri, &["domstate", "default/waiter"], "");
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "shut off", "held back while the volume waits");
+    let (ok, out, _) = vireo(&uri, &["vol-info", "default.img", "--pool", "up"], "");
+    assert!(ok && out.contains("waiting for vol-upload"), "{out}");
+
+    let content = "an image\n".repeat(4096);
+    let length = content.len().to_string();
+    let (ok, out, err) = vireo(
+        &uri,
+        &[
+            "vol-upload",
+            "default.img",
+            "-",
+            "--pool",
+            "up",
+            "--length",
+            &length,
+        ],
+        &content,
+    );
+    assert!(ok, "{out}{err}");
+    assert!(!marker.exists(), "the mark goes with the upload");
+    let start = Instant::now();
+    loop {
+        let (_, out, _) = vireo(&uri, &["domstate", "default/waiter"], "");
+        if out.trim() == "running" {
+            break;
+        }
+        assert!(
+            start.elapsed() < T,
+            "waiter did not start after the upload: {out}; agent log:\n{}",
+            std::fs::read_to_string(state.with_extension("log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let stored = std::fs::read(pool.join("default.img")).expect("volume");
+    assert_eq!(&stored[..content.len()], content.as_bytes());
+    let _ = std::fs::remove_dir_all(&base);
+}
