@@ -832,8 +832,9 @@ impl<B: Backend> Inner<B> {
             .map_err(|e| control_error(&rec.name, &self.backend, e))
     }
 
-    /// Resumes a paused guest (before a power button it must see).
-    fn resume_if_paused(&self, rec: &Record) -> Result<()> {
+    /// Resumes a paused guest (before a power button it must see): running
+    /// (unpaused) until what follows ends the activation or reboots it.
+    fn resume_if_paused(&self, rec: &mut Record) -> Result<()> {
         let paused = self
             .backend
             .query(&self.paths(&rec.uuid))
@@ -841,6 +842,9 @@ impl<B: Backend> Inner<B> {
         if paused {
             tracing::info!(driver = self.backend.name(), domain = %rec.name, "resuming the paused guest to shut it down");
             self.control(rec, Control::Resume)?;
+            if let Some(run) = rec.run.as_mut() {
+                run.reason = DomainReason::Unpaused;
+            }
         }
         Ok(())
     }
