@@ -42,40 +42,13 @@ fn can_run() -> bool {
     false
 }
 
+// The e2e harness's network namespace helper (`ip netns add`, killed and
+// deleted on drop).
+#[path = "../../e2e/tests/common/netns.rs"]
+mod netns;
+use netns::Netns;
+
 struct Agent(Child);
-
-/// A network namespace; on drop, every process left in it is killed (the
-/// guests' QEMU, the network's dnsmasq) and it is deleted.
-struct Netns(String);
-
-impl Netns {
-    fn new(name: &str) -> Self {
-        let _ = Command::new("ip")
-            .args(["netns", "del", name])
-            .stderr(Stdio::null())
-            .status();
-        let ok = Command::new("ip")
-            .args(["netns", "add", name])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "ip netns add {name}");
-        let _ = Command::new("ip")
-            .args(["netns", "exec", name, "ip", "link", "set", "lo", "up"])
-            .status();
-        Self(name.to_string())
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        if let Ok(out) = Command::new("ip").args(["netns", "pids", &self.0]).output() {
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                let _ = Command::new("kill").args(["-KILL", pid]).status();
-            }
-        }
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
 
 impl Drop for Agent {
     fn drop(&mut self) {
@@ -125,7 +98,7 @@ fn standalone_runs_every_example() {
     let netns = Netns::new(&format!("vireo-ex-{}", std::process::id()));
     let agent = Agent(
         Command::new("ip")
-            .args(["netns", "exec", &netns.0])
+            .args(["netns", "exec", &netns.name])
             .arg(env!("CARGO_BIN_EXE_vireo-agent"))
             .args(["--standalone", "--manifests"])
             .arg(repo().join("examples"))
@@ -209,20 +182,7 @@ fn standalone_runs_every_example() {
     // The network is a real bridge in the namespace, with its DHCP server.
     let info = conn.network().network_info("lab").expect("lab");
     assert_eq!(info.bridge.as_deref(), Some("vireo-lab0"));
-    let link = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &netns.0,
-            "ip",
-            "-br",
-            "addr",
-            "show",
-            "vireo-lab0",
-        ])
-        .output()
-        .expect("ip");
-    let link = String::from_utf8_lossy(&link.stdout).into_owned();
+    let link = netns.ip(&["-br", "addr", "show", "vireo-lab0"]);
     assert!(
         link.contains("10.77.0.1/24"),
         "the bridge has the network's address: {link}"

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Cluster, ready_hosts, wait_for};
+use common::{Cluster, ready_hosts, wait_for, wait_gone};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams};
 use vireo_crds::{Domain, DomainState};
@@ -230,16 +230,7 @@ async fn survives_agent_restart_and_reruns_after_crash(kind: Kind) {
         .await
         .expect("delete");
     let new_pid = vm_pid(&cluster, &kind, &uuid);
-    wait_for(T, "the Domain gone", || async {
-        domains
-            .get_opt("linux")
-            .await
-            .ok()
-            .flatten()
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    wait_gone(&domains, "linux", T, "the Domain gone").await;
     assert!(
         !Path::new(&format!("/proc/{new_pid}/cmdline")).exists()
             || std::fs::read_to_string(format!("/proc/{new_pid}/cmdline"))

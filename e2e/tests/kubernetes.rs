@@ -6,7 +6,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use common::{Cluster, ready_hosts, repo, wait_for};
+use common::{Cluster, ready_hosts, repo, wait_for, wait_gone};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use serde_json::json;
@@ -317,16 +317,7 @@ async fn run_strategy_and_delete() {
         .delete("demo", &DeleteParams::default())
         .await
         .expect("delete");
-    wait_for(T, "demo gone", || async {
-        domains
-            .get_opt("demo")
-            .await
-            .ok()
-            .flatten()
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    wait_gone(&domains, "demo", T, "demo gone").await;
     assert!(
         !state_file.exists(),
         "the domain was destroyed and undefined on {node} before it went"
@@ -501,15 +492,7 @@ async fn volume_in_use_waits_for_release() {
         .delete("booter", &DeleteParams::default())
         .await
         .expect("delete booter");
-    wait_for(T, "kern gone after booter released it", || async {
-        vols.get_opt("kern")
-            .await
-            .ok()
-            .flatten()
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    wait_gone(&vols, "kern", T, "kern gone after booter released it").await;
     let v = vols
         .get("scratch")
         .await
@@ -521,15 +504,7 @@ async fn volume_in_use_waits_for_release() {
         .delete("web", &DeleteParams::default())
         .await
         .expect("delete web");
-    wait_for(T, "scratch gone after web released it", || async {
-        vols.get_opt("scratch")
-            .await
-            .ok()
-            .flatten()
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    wait_gone(&vols, "scratch", T, "scratch gone after web released it").await;
 }
 
 /// SIGKILL an agent: its Host goes NotReady and its Domains Unknown, nothing
@@ -774,15 +749,7 @@ async fn cluster_objects_torn_down_on_every_node_and_volume_node_name() {
     nets.delete("lab", &DeleteParams::default())
         .await
         .expect("delete lab");
-    wait_for(T, "lab gone", || async {
-        nets.get_opt("lab")
-            .await
-            .ok()
-            .flatten()
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    wait_gone(&nets, "lab", T, "lab gone").await;
     assert!(
         net_files.iter().all(|f| !f.exists()),
         "lab was destroyed and undefined on every node"
@@ -791,29 +758,12 @@ async fn cluster_objects_torn_down_on_every_node_and_volume_node_name() {
     vols.delete("pinned", &DeleteParams::default())
         .await
         .expect("delete pinned");
-    wait_for(T, "pinned gone", || async {
-        vols.get_opt("pinned")
-            .await
-            .ok()
-            .flatten()
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    wait_gone(&vols, "pinned", T, "pinned gone").await;
     pools
         .delete("images", &DeleteParams::default())
         .await
         .expect("delete images");
-    wait_for(T, "images gone", || async {
-        pools
-            .get_opt("images")
-            .await
-            .ok()
-            .flatten()
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    wait_gone(&pools, "images", T, "images gone").await;
     for n in 1..=3 {
         let f = cluster
             .dir

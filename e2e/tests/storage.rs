@@ -17,7 +17,7 @@ use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::time::Duration;
 
-use common::{Cluster, ready_hosts, wait_for};
+use common::{Cluster, ready_hosts, wait_for, wait_gone};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use vireo_crds::{Domain, DomainState, StorageVol};
@@ -294,15 +294,7 @@ async fn volumes_from_http_carry_guest_data_and_survive_agent_crashes() {
             .await
             .expect("delete domain");
     }
-    wait_for(T, "volume data deleted", || async {
-        vols.get_opt("data")
-            .await
-            .ok()
-            .flatten()
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    wait_gone(&vols, "data", T, "volume data deleted").await;
     assert!(!file.exists(), "the file went with the volume");
 
     // Another namespace's volume cannot be named: the API server refuses.
