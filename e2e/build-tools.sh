@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver, kubectl, etcd and helm from the Go modules pinned in
-# e2e/tools/{kube,etcd,helm} into a content-addressed cache directory:
+# Builds kube-apiserver, kubectl, kubelet, kube-scheduler,
+# kube-controller-manager, etcd and helm from the Go modules pinned in
+# e2e/tools/{kube,etcd,helm}, and the pause image (pause.c from the pinned
+# k8s.io/kubernetes module, gcc -static, a one-layer OCI archive tagged
+# registry.k8s.io/pause:<its TAG>), into a content-addressed cache directory:
 #
 #   ${VIREO_E2E_CACHE:-$HOME/.cache/vireo-e2e}/<key>/bin/
+#   ${VIREO_E2E_CACHE:-$HOME/.cache/vireo-e2e}/<key>/images/pause.tar
 #
 # <key> is a hash of the three modules' go.mod and go.sum (plus their Go
 # sources, the Go version and this script's recipe version), so an unchanged
@@ -17,7 +21,7 @@
 set -euo pipefail
 
 # Bump when the way the binaries are built changes (flags, ldflags, names).
-RECIPE=1
+RECIPE=2
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 tools=$here/tools
@@ -27,17 +31,20 @@ jobs=${VIREO_E2E_JOBS:-2}
 log() { printf '[build-tools] %s\n' "$*" >&2; }
 
 command -v go >/dev/null || { log "go is not on PATH"; exit 1; }
+command -v gcc >/dev/null || { log "gcc is not on PATH (scripts/setup installs it; needed for the pause image)"; exit 1; }
 
 # Inputs of the key: every file that decides what gets built, in a fixed order.
 key_files=(
   kube/go.mod kube/go.sum kube/tools.go
   etcd/go.mod etcd/go.sum etcd/main.go
   helm/go.mod helm/go.sum helm/tools.go
+  ../nodes/mkimage.sh
 )
 key=$(
   {
     echo "recipe $RECIPE"
     go env GOVERSION GOOS GOARCH
+    gcc --version 2>/dev/null | head -n 1
     for f in "${key_files[@]}"; do
       echo "== $f"
       cat "$tools/$f"
@@ -46,12 +53,13 @@ key=$(
 )
 dest=$cache_root/$key
 bin=$dest/bin
-want=(kube-apiserver kubectl etcd helm)
+want=(kube-apiserver kubectl kubelet kube-scheduler kube-controller-manager etcd helm pause)
 
 complete() {
   [[ -f $dest/.complete ]] || return 1
   local b
   for b in "${want[@]}"; do [[ -x $bin/$b ]] || return 1; done
+  [[ -f $dest/images/pause.tar ]]
 }
 
 mkdir -p "$cache_root"
@@ -79,7 +87,7 @@ log "building key $key: kubernetes $kube_ver, etcd $etcd_ver, helm $helm_ver ($(
 tmp=$(mktemp -d "$cache_root/.build-$key.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 chmod 755 "$tmp"
-mkdir -p "$tmp/bin"
+mkdir -p "$tmp/bin" "$tmp/images"
 
 gobuild() { go build -mod=readonly -trimpath -p "$jobs" "$@"; }
 
@@ -94,17 +102,39 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
 done
 
 start=$SECONDS
-log "[1/3] kube-apiserver + kubectl ($kube_ver)"
+log "[1/4] kube-apiserver + kubectl ($kube_ver)"
 (cd "$tools/kube" && gobuild -ldflags "$kube_ldflags" -o "$tmp/bin/" \
   k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl)
 log "      done after $((SECONDS - start))s"
 
-log "[2/3] etcd ($etcd_ver)"
+log "[2/4] kubelet + kube-scheduler + kube-controller-manager ($kube_ver)"
+(cd "$tools/kube" && gobuild -ldflags "$kube_ldflags" -o "$tmp/bin/" \
+  k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-scheduler \
+  k8s.io/kubernetes/cmd/kube-controller-manager)
+log "      done after $((SECONDS - start))s"
+
+# pause: the pod sandbox's init process, from the same Kubernetes release.
+# Tagged as upstream tags it (build/pause/Makefile's TAG); e2e/nodes.sh reads
+# images/pause.ref and configures it as containerd's sandbox image.
+pause_dir=$(cd "$tools/kube" && go list -mod=readonly -m -f '{{.Dir}}' k8s.io/kubernetes)/build/pause
+pause_src=$pause_dir/linux/pause.c
+pause_ref=registry.k8s.io/pause:$(sed -n 's/^TAG ?= *//p' "$pause_dir/Makefile")
+[[ $pause_ref != *: ]] || { log "no TAG in $pause_dir/Makefile"; exit 1; }
+log "      pause image $pause_ref from $pause_src"
+gcc -Os -static -Wall -Werror -DVERSION="$kube_ver" -o "$tmp/bin/pause" "$pause_src"
+strip "$tmp/bin/pause" 2>/dev/null || true
+mkdir -p "$tmp/pause-rootfs"
+cp "$tmp/bin/pause" "$tmp/pause-rootfs/pause"
+"$here/nodes/mkimage.sh" "$tmp/pause-rootfs" "$pause_ref" "$tmp/images/pause.tar" /pause >/dev/null
+rm -rf "$tmp/pause-rootfs"
+echo "$pause_ref" >"$tmp/images/pause.ref"
+
+log "[3/4] etcd ($etcd_ver)"
 (cd "$tools/etcd" && gobuild -ldflags "-s -w -X go.etcd.io/etcd/api/v3/version.GitSHA=$etcd_ver" \
   -o "$tmp/bin/etcd" .)
 log "      done after $((SECONDS - start))s"
 
-log "[3/3] helm ($helm_ver)"
+log "[4/4] helm ($helm_ver)"
 (cd "$tools/helm" && gobuild -ldflags "-s -w -X helm.sh/helm/v4/internal/version.version=$helm_ver -X helm.sh/helm/v4/internal/version.gitTreeState=clean" \
   -o "$tmp/bin/helm" helm.sh/helm/v4/cmd/helm)
 log "      done after $((SECONDS - start))s"
@@ -112,6 +142,9 @@ log "      done after $((SECONDS - start))s"
 # Smoke test before publishing into the cache.
 "$tmp/bin/kube-apiserver" --version >&2
 "$tmp/bin/kubectl" version --client >&2
+"$tmp/bin/kubelet" --version >&2
+"$tmp/bin/kube-scheduler" --version >&2
+"$tmp/bin/kube-controller-manager" --version >&2
 "$tmp/bin/etcd" --version >&2
 "$tmp/bin/helm" version >&2
 
@@ -119,6 +152,7 @@ log "      done after $((SECONDS - start))s"
   echo "kubernetes $kube_ver"
   echo "etcd $etcd_ver"
   echo "helm $helm_ver"
+  echo "pause $pause_ref"
   go env GOVERSION
 } >"$tmp/VERSIONS"
 touch "$tmp/.complete"

@@ -15,13 +15,21 @@
 #   etcd.log, kube-apiserver.log
 #
 # There is no controller-manager, scheduler or kubelet: no garbage collection,
-# no namespace finalization, no pods run. Test against API objects only.
+# no namespace finalization, no pods run. Test against API objects only --
+# unless e2e/nodes.sh adds them (start this with VIREO_E2E_BIND_ADDRESS=0.0.0.0
+# so that nodes in their network namespaces reach the API server).
 #
 # Environment:
 #   VIREO_E2E_BIN      directory holding kube-apiserver, etcd (and kubectl);
 #                      default: the output of e2e/build-tools.sh (cached build)
 #   VIREO_E2E_TIMEOUT  seconds to wait for etcd and for /readyz (default 120)
 #   VIREO_E2E_FSYNC    set to 1 to keep etcd fsync on (default off: test data)
+#   VIREO_E2E_BIND_ADDRESS
+#                      kube-apiserver's --bind-address (default 127.0.0.1);
+#                      0.0.0.0 for e2e/nodes.sh. DIR/kubeconfig still uses
+#                      127.0.0.1; a specific address is added to the serving
+#                      certificate's SANs (10.96.0.1, the `kubernetes` Service,
+#                      always is).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -35,6 +43,7 @@ cmd=$1
 mkdir -p "$2"
 dir=$(cd "$2" && pwd)
 timeout=${VIREO_E2E_TIMEOUT:-120}
+bind_address=${VIREO_E2E_BIND_ADDRESS:-127.0.0.1}
 
 # alive PID NAME: the pid runs a binary called NAME (guards against pid reuse).
 alive() {
@@ -110,7 +119,8 @@ free_port() {
 }
 
 gen_pki() {
-  local pki=$dir/pki
+  local pki=$dir/pki extra_san=""
+  [[ $bind_address == 127.0.0.1 || $bind_address == 0.0.0.0 ]] || extra_san=",IP:$bind_address"
   mkdir -p "$pki"
   chmod 700 "$pki"
   (
@@ -129,11 +139,11 @@ gen_pki() {
     # kube-apiserver serving certificate for 127.0.0.1 / localhost.
     openssl ecparam -name prime256v1 -genkey -noout -out apiserver.key
     openssl req -new -key apiserver.key -subj "/CN=kube-apiserver" -out apiserver.csr
-    cat >apiserver.ext <<'EOF'
+    cat >apiserver.ext <<EOF
 basicConstraints=critical,CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=serverAuth
-subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,IP:10.96.0.1
+subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,IP:10.96.0.1${extra_san}
 subjectKeyIdentifier=hash
 authorityKeyIdentifier=keyid,issuer
 EOF
@@ -241,7 +251,7 @@ do_start() {
   log "starting kube-apiserver on https://127.0.0.1:$api_port"
   nohup "$bin/kube-apiserver" \
     --etcd-servers="http://127.0.0.1:$etcd_port" \
-    --bind-address=127.0.0.1 \
+    --bind-address="$bind_address" \
     --advertise-address=127.0.0.1 \
     --secure-port="$api_port" \
     --cert-dir="$pki" \
@@ -256,6 +266,9 @@ do_start() {
     --allow-privileged=true \
     --token-auth-file="$dir/tokens.csv" \
     --endpoint-reconciler-type=none \
+    --kubelet-preferred-address-types=InternalIP,Hostname \
+    --kubelet-client-certificate="$pki/admin.crt" \
+    --kubelet-client-key="$pki/admin.key" \
     --profiling=false \
     </dev/null >"$dir/kube-apiserver.log" 2>&1 &
   started_apiserver=$!
@@ -305,6 +318,7 @@ CA_FILE=$pki/ca.crt
 ADMIN_CERT_FILE=$pki/admin.crt
 ADMIN_KEY_FILE=$pki/admin.key
 APISERVER_PORT=$api_port
+APISERVER_BIND_ADDRESS=$bind_address
 APISERVER_PID=$started_apiserver
 ETCD_ENDPOINT=http://127.0.0.1:$etcd_port
 ETCD_PORT=$etcd_port

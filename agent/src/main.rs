@@ -186,14 +186,17 @@ fn main() -> Result<()> {
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
+        // Listening from the start: a Ctrl-C during start-up is not lost.
+        let shutdown = vireo_controllers::shutdown::Shutdown::listen()
+            .context("cannot listen for SIGTERM and SIGINT")?;
         let metrics = Metrics::new("vireo_agent");
         vireo_controllers::metrics::spawn_server(a.metrics_addr, metrics.clone());
         tracing::info!(node = %config.node_name, state_dir = %config.state_dir.display(), "vireo-agent starting");
         match a.manifests.filter(|_| a.standalone) {
-            Some(dir) => vireo_controllers::standalone::run(config, dir, metrics)
+            Some(dir) => vireo_controllers::standalone::run(config, dir, metrics, shutdown)
                 .await
                 .context("vireo-agent --standalone"),
-            None => vireo_controllers::agent::run(config, metrics)
+            None => vireo_controllers::agent::run(config, metrics, shutdown)
                 .await
                 .context("vireo-agent"),
         }

@@ -20,12 +20,17 @@ use output::Format;
 const AGENT_SOCKET: &str = "/var/lib/vireo/vireo.sock";
 
 /// The connection used when neither `-c` nor `VIREO_DEFAULT_URI` names one:
-/// the local standalone agent when its socket is there (as virsh finds
-/// libvirtd), else libvirt's in-memory test node.
+/// the local agent when its socket is there (as virsh finds libvirtd), else
+/// libvirt's in-memory test node, said on stderr so that nobody takes the
+/// test node for their own (an agent that is down leaves no socket).
 fn default_uri() -> String {
     if std::path::Path::new(AGENT_SOCKET).exists() {
         format!("vireo+unix://{AGENT_SOCKET}")
     } else {
+        eprintln!(
+            "vireo: no agent is listening at {AGENT_SOCKET} (is vireo-agent running?); \
+             using test:///default, libvirt's in-memory test node (-c URI picks another)"
+        );
         "test:///default".to_string()
     }
 }
@@ -48,7 +53,8 @@ fn default_uri() -> String {
 struct Cli {
     /// Connection URI: vireo+unix:///PATH (a standalone agent's socket; the
     /// default when /var/lib/vireo/vireo.sock exists), test:///default (the
-    /// default otherwise), test:///PATH/node.yaml, qemu:///system,
+    /// in-memory test node; the default otherwise, with a note on stderr),
+    /// test:///PATH/node.yaml, qemu:///system,
     /// qemu:///embed?root=DIR, kvm:///system, kvm:///embed?root=DIR.
     #[arg(
         short = 'c',

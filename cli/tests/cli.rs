@@ -40,6 +40,33 @@ fn list_reads_like_virsh() {
 }
 
 #[test]
+fn without_an_agent_the_fallback_to_the_test_node_is_said_on_stderr() {
+    if std::path::Path::new("/var/lib/vireo/vireo.sock").exists() {
+        eprintln!("skipped: a local agent listens at /var/lib/vireo/vireo.sock on this machine");
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_vireo"))
+        .args(["list", "--all"])
+        .env_remove("VIREO_DEFAULT_URI")
+        .output()
+        .expect("vireo runs");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("no agent is listening at /var/lib/vireo/vireo.sock")
+            && err.contains("using test:///default"),
+        "stderr: {err}"
+    );
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    // The tables stay clean for scripts.
+    assert!(text(&out.stdout).contains(" 1    test   running"));
+
+    // With a connection named, nothing is said.
+    let out = vireo(&["list", "--all"], None);
+    assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
+}
+
+#[test]
 fn errors_are_one_line_on_stderr_with_nonzero_exit() {
     let out = vireo(&["dominfo", "nosuch"], None);
     assert!(!out.status.success());
@@ -78,6 +105,40 @@ fn bad_manifest_names_the_field() {
     );
     assert_eq!(err.lines().count(), 1, "{err}");
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A Domain imported from libvirt XML is found by its libvirt name too
+/// (`QEMUGuest1` is the Domain `qemuguest1`), and dumpxml gives it back.
+#[test]
+fn an_imported_domain_answers_to_its_libvirt_name() {
+    let dir = std::env::temp_dir().join(format!("vireo-cli-libvirt-name-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let xml = dir.join("guest.xml");
+    std::fs::write(
+        &xml,
+        "<domain type='qemu'><name>QEMUGuest1</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
+         <os><type arch='x86_64'>hvm</type><kernel>/boot/vmlinuz</kernel></os></domain>",
+    )
+    .expect("xml");
+    let script = format!(
+        "define -f {}\ndomstate QEMUGuest1\ndomstate qemuguest1\ndumpxml QEMUGuest1\ndomstate NoSuchGuest\n",
+        xml.display()
+    );
+    let out = vireo(&["-c", "test:///default"], Some(&script));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("Domain 'qemuguest1' defined"), "{stdout}");
+    assert_eq!(stdout.matches("shut off").count(), 2, "{stdout}");
+    assert!(stdout.contains("<name>QEMUGuest1</name>"), "{stdout}");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("'QEMUGuest1' becomes 'qemuguest1'"),
+        "the rename is noted: {stderr}"
+    );
+    assert!(
+        stderr.ends_with("error: domain 'NoSuchGuest' not found\n"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -382,13 +443,18 @@ fn dhcp_leases_and_domifaddr_read_like_virsh() {
             && stdout.contains("IP address"),
         "{stdout}"
     );
-    // web's interface on lab: the tap and the MAC derived from its UUID.
+    // web's interface on lab: a test domain's goes by its own name (it has
+    // no tap), with the MAC derived from its UUID and the address libvirt's
+    // test driver would make up (ID 2: 192.168.122.23).
     let line = stdout
         .lines()
-        .find(|l| l.trim_start().starts_with("vt"))
+        .find(|l| l.trim_start().starts_with("net0 "))
         .unwrap_or_default()
         .to_string();
-    assert!(line.contains("52:54:00:"), "an interface row: {stdout}");
+    assert!(
+        line.contains("52:54:00:") && line.contains("ipv4         192.168.122.23/24"),
+        "an interface row: {stdout}"
+    );
     // domifaddr of a domain that does not run says so.
     assert!(
         text(&out.stderr).contains("domain 'test' is not running")

@@ -33,3 +33,14 @@ impl Error {
         }
     }
 }
+
+/// The error a caught panic becomes: its message, so the log says where.
+pub(crate) fn panicked(payload: &(dyn std::any::Any + Send)) -> Error {
+    let what = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into());
+    tracing::error!(panic = %what, "internal error (a defect): a panic was caught");
+    Error::Invalid(format!("internal error: {what}"))
+}

@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod operator;
 pub mod placement;
 pub mod run_strategy;
+pub mod shutdown;
 pub mod standalone;
 
 pub use error::{Error, Result};

@@ -27,10 +27,11 @@ use vireo_crds::labels::node_key;
 use vireo_crds::{Domain, DomainInfo, DomainState, DomainType, Manifest};
 use vireo_drivers::{Connection, Error as DriverError, Lookup};
 
-use crate::agent::{AgentConfig, open_hypervisors};
+use crate::agent::AgentConfig;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::run_strategy::{Action as Step, History, decide};
+use crate::shutdown::Shutdown;
 
 /// What the agent recorded about the Domains it manages.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -56,6 +57,9 @@ struct Status {
     start_count: u32,
     info: DomainInfo,
     message: String,
+    /// What the firmware said when it found nothing to boot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    boot_problem: Option<String>,
 }
 
 struct Standalone {
@@ -69,6 +73,10 @@ struct Standalone {
     files: HashMap<PathBuf, Vec<Manifest>>,
     /// When a graceful stop was first asked, per domain.
     stops: HashMap<String, Instant>,
+    /// Domains whose firmware found nothing to boot, warned about once.
+    unbootable: BTreeSet<String>,
+    /// Domains waiting for an upload, warned about once.
+    waiting: BTreeSet<String>,
 }
 
 fn io(what: &str, e: impl std::fmt::Display) -> Error {
@@ -76,9 +84,13 @@ fn io(what: &str, e: impl std::fmt::Display) -> Error {
 }
 
 /// Runs standalone mode until SIGTERM or Ctrl-C; guests keep running after.
-pub async fn run(config: AgentConfig, manifests: PathBuf, metrics: Arc<Metrics>) -> Result<()> {
-    let node = crate::agent::open_node(&config)?;
-    let hypervisors = open_hypervisors(&config, &node);
+pub async fn run(
+    config: AgentConfig,
+    manifests: PathBuf,
+    metrics: Arc<Metrics>,
+    mut shutdown: Shutdown,
+) -> Result<()> {
+    let (config, node, hypervisors) = crate::agent::open_drivers(config).await?;
     let socket = crate::agent::serve_local_api(&config, &node, &hypervisors)?;
     let dir = config.state_dir.join("standalone");
     std::fs::create_dir_all(dir.join("status")).map_err(|e| io("state directory", e))?;
@@ -95,6 +107,8 @@ pub async fn run(config: AgentConfig, manifests: PathBuf, metrics: Arc<Metrics>)
         managed,
         files: HashMap::new(),
         stops: HashMap::new(),
+        unbootable: BTreeSet::new(),
+        waiting: BTreeSet::new(),
     };
     tracing::info!(
         manifests = %s.manifests.display(),
@@ -106,9 +120,13 @@ pub async fn run(config: AgentConfig, manifests: PathBuf, metrics: Arc<Metrics>)
     loop {
         let started = Instant::now();
         // The drivers are synchronous; one pass runs on the blocking pool.
+        // A signal that comes meanwhile is kept by `shutdown` and ends the
+        // loop once the pass is through.
         let result;
         (s, result) = tokio::task::spawn_blocking(move || {
-            let r = s.pass();
+            // A panic is a defect, but it fails this pass, not the agent.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.pass()))
+                .unwrap_or_else(|p| Err(crate::error::panicked(p.as_ref())));
             (s, r)
         })
         .await
@@ -123,7 +141,7 @@ pub async fn run(config: AgentConfig, manifests: PathBuf, metrics: Arc<Metrics>)
         }
         tokio::select! {
             _ = tokio::time::sleep(resync) => {}
-            _ = crate::agent::shutdown_signal() => {
+            _ = shutdown.wait() => {
                 let _ = std::fs::remove_file(&socket);
                 tracing::info!("stopping; guests keep running");
                 return Ok(());
@@ -364,9 +382,13 @@ impl Standalone {
             Step::Start => {
                 // A disk made for an upload waits for its content first.
                 if let Some(vol) = self.awaiting_upload(&def) {
-                    tracing::warn!(domain = %key, volume = %vol, "not started: volume '{vol}' is waiting for its content (vireo vol-upload)");
+                    // Once per wait, not once per pass.
+                    if self.waiting.insert(key.to_string()) {
+                        tracing::warn!(domain = %key, volume = %vol, "not started: volume '{vol}' is waiting for its content (vireo vol-upload --pool POOL {vol} FILE)");
+                    }
                     return Ok(());
                 }
+                self.waiting.remove(key);
                 let r = hv.start_domain(key)?;
                 *self.managed.starts.entry(key.to_string()).or_default() += 1;
                 self.save_managed()?;
@@ -387,6 +409,16 @@ impl Standalone {
         }
         let r = hv.lookup_domain(Lookup::Name(key))?;
         let info = hv.domain_info(key)?;
+        let boot_problem = hv.boot_problem(key).unwrap_or_default();
+        match &boot_problem {
+            Some(p) if self.unbootable.insert(key.to_string()) => {
+                tracing::warn!(domain = %key, "{p}; check spec.devices.disks, spec.os.boot and the console (vireo console {key})");
+            }
+            Some(_) => {}
+            None => {
+                self.unbootable.remove(key);
+            }
+        }
         let status = Status {
             name: dom.metadata.name.clone().unwrap_or_default(),
             namespace: ns.to_string(),
@@ -394,8 +426,12 @@ impl Standalone {
             id: r.id,
             uuid: r.uuid,
             start_count: self.managed.starts.get(key).copied().unwrap_or(0),
-            message: format!("{} ({}) on this machine", info.state, info.reason),
+            message: match &boot_problem {
+                Some(p) => format!("{} ({}) on this machine; {p}", info.state, info.reason),
+                None => format!("{} ({}) on this machine", info.state, info.reason),
+            },
             info,
+            boot_problem,
         };
         let path = self.status_path(key);
         let bytes = serde_json::to_vec_pretty(&status).map_err(|e| io("status", e))?;

@@ -36,6 +36,7 @@ use crate::common::{Condition, is_false};
 #[x_kube(validation = Rule::new("!has(self.currentMemory) || (isQuantity(string(self.currentMemory)) && quantity(string(self.currentMemory)).isGreaterThan(quantity('0')))").message("spec.currentMemory must be a size above zero, such as 256Mi").field_path(".currentMemory"))]
 #[x_kube(validation = Rule::new("!has(self.currentMemory) || !isQuantity(string(self.currentMemory)) || !isQuantity(string(self.memory)) || quantity(string(self.currentMemory)).compareTo(quantity(string(self.memory))) <= 0").message("spec.currentMemory must not be greater than spec.memory").field_path(".currentMemory"))]
 #[x_kube(validation = Rule::new("!has(self.maxVcpus) || self.maxVcpus >= self.vcpus").message("spec.maxVcpus must not be less than spec.vcpus").field_path(".maxVcpus"))]
+#[x_kube(validation = Rule::new("!(has(self.os) && has(self.os.boot) && size(self.os.boot) > 0 && has(self.devices) && has(self.devices.disks) && self.devices.disks.exists(d, has(d.bootOrder)))").message("spec.os.boot: give spec.os.boot or per-disk bootOrder, not both (libvirt refuses the mix)").field_path(".os.boot"))]
 #[serde(rename_all = "camelCase")]
 pub struct DomainSpec {
     /// The hypervisor driver that runs this domain, like `<domain type='kvm'>`:
@@ -51,6 +52,15 @@ pub struct DomainSpec {
     ))]
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.uuid cannot change once set"))]
     pub uuid: Option<String>,
+
+    /// The guest's CPU architecture (libvirt's `<os><type arch>`): `x86_64`
+    /// when absent. Kept as written (`i686`, `aarch64`, ...): a driver that
+    /// cannot run it refuses the Domain, naming this field (the qemu driver
+    /// runs `x86_64` and `i686`, the kvm driver `x86_64`; the test driver
+    /// simulates any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 32), regex(pattern = r"^[a-z][a-z0-9_]*$"))]
+    pub arch: Option<String>,
 
     /// Maximum memory of the guest (libvirt's `<memory>`), e.g. `512Mi`.
     pub memory: Quantity,
@@ -69,13 +79,20 @@ pub struct DomainSpec {
     #[schemars(range(min = 1, max = 255))]
     pub max_vcpus: Option<u32>,
 
-    /// How the guest boots: direct kernel boot.
+    /// How the guest boots: a kernel directly, or firmware from a disk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub os: Option<OsSpec>,
 
     /// Disks, network interfaces and the serial console.
     #[serde(default)]
     pub devices: DomainDevices,
+
+    /// A cloud-init NoCloud seed for the guest (KubeVirt's
+    /// `cloudInitNoCloud`, `virt-install --cloud-init`): the node makes a
+    /// small read-only disk labelled `cidata` holding `user-data`,
+    /// `meta-data` and `network-config`, attached after the Domain's disks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<CloudInit>,
 
     /// Whether the domain should be active, and what to do when it stops.
     #[serde(default)]
@@ -121,7 +138,15 @@ impl fmt::Display for DomainType {
     }
 }
 
+/// The architecture of a Domain that does not say (`spec.arch`).
+pub const DEFAULT_ARCH: &str = "x86_64";
+
 impl DomainSpec {
+    /// The guest's architecture: `spec.arch`, or `x86_64`.
+    pub fn arch(&self) -> &str {
+        self.arch.as_deref().unwrap_or(DEFAULT_ARCH)
+    }
+
     /// Every StorageVol the Domain uses, with the field that names it: its
     /// disks' volumes, then the kernel's and the initrd's.
     pub fn volume_refs(&self) -> Vec<(String, &str)> {
@@ -164,12 +189,16 @@ impl DomainSpec {
     }
 }
 
-/// Direct kernel boot, libvirt's `<os>` with `<kernel>`, `<initrd>`, `<cmdline>`.
-/// The kernel and initrd are files in a boot directory the node's agent
-/// allows (`kernel`, `initrd`), or StorageVols of the Domain's namespace
-/// (`kernelVolume`, `initrdVolume`), never both for one of them.
+/// How the guest boots, libvirt's `<os>`. Direct kernel boot (`<kernel>`,
+/// `<initrd>`, `<cmdline>`): the kernel and initrd are files in a boot
+/// directory the node's agent allows (`kernel`, `initrd`), or StorageVols of
+/// the Domain's namespace (`kernelVolume`, `initrdVolume`), never both for
+/// one of them. Firmware boot (`firmware: bios | efi`, libvirt's
+/// `<os firmware>`): no kernel; the firmware boots a disk, a CD-ROM or the
+/// network in `boot` order (or by the disks' `bootOrder`).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[x_kube(validation = Rule::new("!(has(self.kernel) && has(self.kernelVolume))").message("spec.os.kernelVolume: give kernel or kernelVolume, not both").field_path(".kernelVolume"))]
+#[x_kube(validation = Rule::new("!has(self.secureBoot) || !self.secureBoot || (has(self.firmware) && self.firmware == 'efi')").message("spec.os.secureBoot: needs spec.os.firmware: efi").field_path(".secureBoot"))]
 #[x_kube(validation = Rule::new("!(has(self.initrd) && has(self.initrdVolume))").message("spec.os.initrdVolume: give initrd or initrdVolume, not both").field_path(".initrdVolume"))]
 #[serde(rename_all = "camelCase")]
 pub struct OsSpec {
@@ -200,13 +229,70 @@ pub struct OsSpec {
     /// Kernel command line.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cmdline: Option<String>,
+    /// Boot firmware (libvirt's `<os firmware>`): `bios` (SeaBIOS) or `efi`
+    /// (OVMF, with a variable store of the Domain's own). Absent: direct
+    /// kernel boot, which needs `kernel` or `kernelVolume`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<Firmware>,
+    /// UEFI Secure Boot (`firmware: efi` only): OVMF's secure-boot build
+    /// with Microsoft's keys enrolled in a new variable store, on q35 with
+    /// SMM, so only signed boot loaders (Debian's shim) run.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub secure_boot: bool,
+    /// Boot devices in order (libvirt's `<boot dev>`): the first disk, the
+    /// first CD-ROM, the first interface. Not together with a disk's
+    /// `bootOrder`. Default with firmware: `[hd]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 3), extend("x-kubernetes-list-type" = "set"))]
+    pub boot: Vec<BootDevice>,
+}
+
+/// Boot firmware.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Firmware {
+    /// Legacy BIOS (SeaBIOS).
+    Bios,
+    /// UEFI (OVMF).
+    Efi,
+}
+
+impl Firmware {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Bios => "bios",
+            Self::Efi => "efi",
+        }
+    }
+}
+
+/// A boot device class (libvirt's `<boot dev>`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BootDevice {
+    /// The first disk (`device: disk`).
+    Hd,
+    /// The first CD-ROM.
+    Cdrom,
+    /// The first network interface (PXE).
+    Network,
+}
+
+impl BootDevice {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hd => "hd",
+            Self::Cdrom => "cdrom",
+            Self::Network => "network",
+        }
+    }
 }
 
 /// The devices of a domain.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DomainDevices {
-    /// Virtio disks, each backed by a StorageVol of the Domain's namespace.
+    /// Disks and CD-ROMs, each backed by a StorageVol of the Domain's namespace.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub disks: Vec<Disk>,
@@ -220,11 +306,14 @@ pub struct DomainDevices {
 }
 
 /// A disk backed by a StorageVol.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("(has(self.bus) && self.bus != 'virtio') ? self.name.startsWith('sd') : self.name.startsWith('vd')").message("spec.devices.disks[].name: a virtio disk is named vdX, a sata or scsi disk sdX").field_path(".name"))]
+#[x_kube(validation = Rule::new("!has(self.device) || self.device != 'cdrom' || (has(self.bus) && self.bus != 'virtio')").message("spec.devices.disks[].bus: a CD-ROM is on bus sata or scsi, not virtio").field_path(".bus"))]
 #[serde(rename_all = "camelCase")]
 pub struct Disk {
     /// Guest device name, as libvirt's `<target dev>`: `vda`, `vdb`, ...
-    #[schemars(regex(pattern = r"^vd[a-z]{1,2}$"))]
+    /// for virtio, `sda`, `sdb`, ... for sata and scsi.
+    #[schemars(regex(pattern = r"^[vs]d[a-z]{1,2}$"))]
     pub name: String,
     /// Name of a StorageVol in the Domain's own namespace (a plain name:
     /// no namespace prefix, no path).
@@ -233,9 +322,73 @@ pub struct Disk {
         pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
     ))]
     pub volume: String,
-    /// Attach the disk read-only.
+    /// Attach the disk read-only (a CD-ROM always is).
     #[serde(default, skip_serializing_if = "is_false")]
     pub read_only: bool,
+    /// `disk` (default) or `cdrom` (read-only; its volume may be `iso`).
+    #[serde(default, skip_serializing_if = "DiskDevice::is_disk")]
+    pub device: DiskDevice,
+    /// `virtio` (default), `sata` (q35's AHCI) or `scsi` (virtio-scsi),
+    /// for guests without virtio-blk drivers.
+    #[serde(default, skip_serializing_if = "DiskBus::is_virtio")]
+    pub bus: DiskBus,
+    /// Place in the boot order (libvirt's per-device `<boot order>`),
+    /// from 1; not together with `spec.os.boot`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 255))]
+    pub boot_order: Option<u32>,
+}
+
+impl Disk {
+    /// Whether the guest may write to it.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only || self.device == DiskDevice::Cdrom
+    }
+}
+
+/// What a disk is to the guest (libvirt's `<disk device>`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskDevice {
+    #[default]
+    Disk,
+    /// A read-only CD-ROM drive.
+    Cdrom,
+}
+
+impl DiskDevice {
+    fn is_disk(&self) -> bool {
+        *self == Self::Disk
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Disk => "disk",
+            Self::Cdrom => "cdrom",
+        }
+    }
+}
+
+/// The bus a disk is on (libvirt's `<target bus>`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskBus {
+    #[default]
+    Virtio,
+    Sata,
+    Scsi,
+}
+
+impl DiskBus {
+    fn is_virtio(&self) -> bool {
+        *self == Self::Virtio
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Virtio => "virtio",
+            Self::Sata => "sata",
+            Self::Scsi => "scsi",
+        }
+    }
 }
 
 /// A network interface on a Network.
@@ -254,6 +407,78 @@ pub struct Interface {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[0-9a-fA-F][02468aceACE](:[0-9a-fA-F]{2}){5}$"))]
     pub mac: Option<String>,
+}
+
+/// cloud-init's NoCloud data source. Each document is given inline or read
+/// from a key of a Secret or ConfigMap of the Domain's namespace (on a
+/// cluster: the node's agent reads it when it defines the Domain there; it
+/// never goes into status, events or logs).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("!(has(self.userData) && has(self.userDataFrom))").message("spec.cloudInit.userDataFrom: give userData or userDataFrom, not both").field_path(".userDataFrom"))]
+#[x_kube(validation = Rule::new("!(has(self.metaData) && has(self.metaDataFrom))").message("spec.cloudInit.metaDataFrom: give metaData or metaDataFrom, not both").field_path(".metaDataFrom"))]
+#[x_kube(validation = Rule::new("!(has(self.networkConfig) && has(self.networkConfigFrom))").message("spec.cloudInit.networkConfigFrom: give networkConfig or networkConfigFrom, not both").field_path(".networkConfigFrom"))]
+#[serde(rename_all = "camelCase")]
+pub struct CloudInit {
+    /// The guest's host name: `local-hostname` in the meta-data Vireo
+    /// writes when `metaData` is not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    #[schemars(regex(
+        pattern = r"^[a-zA-Z0-9]([-a-zA-Z0-9]*[a-zA-Z0-9])?(\.[a-zA-Z0-9]([-a-zA-Z0-9]*[a-zA-Z0-9])?)*$"
+    ))]
+    pub hostname: Option<String>,
+    /// `user-data`: a `#cloud-config` document, a script, or MIME multipart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
+    pub user_data: Option<String>,
+    /// `user-data` from a Secret or ConfigMap key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data_from: Option<DataSource>,
+    /// `meta-data` as given. Default: `instance-id` (the Domain's UUID) and
+    /// `local-hostname` (`hostname`, else the Domain's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
+    pub meta_data: Option<String>,
+    /// `meta-data` from a Secret or ConfigMap key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta_data_from: Option<DataSource>,
+    /// `network-config` (cloud-init's network config version 1 or 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
+    pub network_config: Option<String>,
+    /// `network-config` from a Secret or ConfigMap key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_config_from: Option<DataSource>,
+}
+
+/// A key of a Secret or a ConfigMap in the Domain's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("has(self.secretKeyRef) != has(self.configMapKeyRef)").message("give exactly one of secretKeyRef, configMapKeyRef"))]
+#[serde(rename_all = "camelCase")]
+pub struct DataSource {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_key_ref: Option<KeyRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map_key_ref: Option<KeyRef>,
+}
+
+/// An object of the Domain's namespace and one of its keys.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct KeyRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+impl CloudInit {
+    /// Whether a document still comes from a Secret or ConfigMap (the node
+    /// cannot build the seed before the agent has read it).
+    pub fn has_references(&self) -> bool {
+        self.user_data_from.is_some()
+            || self.meta_data_from.is_some()
+            || self.network_config_from.is_some()
+    }
 }
 
 /// The serial console.

@@ -16,6 +16,11 @@ pub const IN_USE_FINALIZER: &str = "vireo.dev/in-use-protection";
 /// StoragePools: `node.vireo.dev/<node>` while realized on that node.
 pub const NODE_FINALIZER_PREFIX: &str = "node.vireo.dev/";
 
+/// Annotation of an object imported from libvirt XML whose libvirt name is
+/// not a Kubernetes object name (`QEMUGuest1`, `web_01`): the name as
+/// libvirt had it, which `dumpxml` writes back.
+pub const LIBVIRT_NAME_ANNOTATION: &str = "vireo.dev/libvirt-name";
+
 /// Field manager of the operator.
 pub const OPERATOR_MANAGER: &str = "vireo-operator";
 

@@ -26,8 +26,9 @@ pub mod validate;
 
 pub use common::{Condition, ObjectKind};
 pub use domain::{
-    Disk, Domain, DomainDevices, DomainInfo, DomainReason, DomainSpec, DomainState, DomainStatus,
-    DomainType, Interface, InterfaceStatus, Lifecycle, LifecycleAction, OsSpec, RunStrategy,
+    BootDevice, CloudInit, DataSource, Disk, DiskBus, DiskDevice, Domain, DomainDevices,
+    DomainInfo, DomainReason, DomainSpec, DomainState, DomainStatus, DomainType, Firmware,
+    Interface, InterfaceStatus, KeyRef, Lifecycle, LifecycleAction, OsSpec, RunStrategy,
     SerialSpec,
 };
 pub use host::{Host, HostSpec, HostStatus, NodeInfo};

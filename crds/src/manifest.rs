@@ -39,8 +39,120 @@ pub enum ManifestError {
         #[source]
         source: serde_yaml_ng::Error,
     },
+    #[error("line {line}: nested deeper than {MAX_DEPTH} levels; a manifest is far flatter")]
+    TooDeep { line: usize },
     #[error("document {index} ({kind}): metadata.name is missing")]
     NoName { index: usize, kind: String },
+}
+
+/// How deep a manifest may nest (mappings and sequences, block or flow):
+/// deeper input is refused before the YAML parser, whose time grows with
+/// the square of the depth, reads it. libxml2's limit for XML; no
+/// Vireo manifest comes near it.
+pub const MAX_DEPTH: usize = 256;
+
+/// A cheap upper bound of a YAML stream's nesting, in one pass: flow
+/// brackets outside quotes and comments, plus the block levels (each
+/// deeper column where a node starts, as the YAML scanner's indentation
+/// stack has them). Block scalar (`|`, `>`) content is skipped. Returns
+/// the line where the bound first passes `limit`.
+fn too_deep(text: &str, limit: usize) -> Option<usize> {
+    let mut flow = 0usize;
+    let mut columns: Vec<usize> = Vec::new();
+    let mut quote: Option<u8> = None;
+    let mut scalar_parent: Option<usize> = None;
+    for (n, line) in text.lines().enumerate() {
+        let bytes = line.as_bytes();
+        let indent = bytes.iter().take_while(|b| **b == b' ').count();
+        if let Some(parent) = scalar_parent {
+            if indent == bytes.len() || indent > parent {
+                continue;
+            }
+            scalar_parent = None;
+        }
+        if quote.is_none() && flow == 0 {
+            if indent == bytes.len() || bytes[indent] == b'#' {
+                continue;
+            }
+            while columns.last().is_some_and(|&c| c > indent) {
+                columns.pop();
+            }
+        }
+        let mut node_start = quote.is_none();
+        let mut i = indent;
+        while i < bytes.len() {
+            let b = bytes[i];
+            match quote {
+                Some(b'\'') => {
+                    if b == b'\'' {
+                        if bytes.get(i + 1) == Some(&b'\'') {
+                            i += 1;
+                        } else {
+                            quote = None;
+                        }
+                    }
+                }
+                Some(_) => {
+                    if b == b'\\' {
+                        i += 1;
+                    } else if b == b'"' {
+                        quote = None;
+                    }
+                }
+                None => {
+                    if b == b' ' || b == b'\t' {
+                        i += 1;
+                        continue;
+                    }
+                    if b == b'#' && (i == 0 || matches!(bytes[i - 1], b' ' | b'\t')) {
+                        break;
+                    }
+                    if node_start && flow == 0 && columns.last().is_none_or(|&c| c < i) {
+                        columns.push(i);
+                    }
+                    let spaced = bytes.get(i + 1).is_none_or(|c| *c == b' ');
+                    match b {
+                        b'[' | b'{' if node_start || flow > 0 => {
+                            flow += 1;
+                            node_start = true;
+                        }
+                        b']' | b'}' if flow > 0 => {
+                            flow -= 1;
+                            node_start = false;
+                        }
+                        b',' if flow > 0 => node_start = true,
+                        b'-' | b'?' | b':' if spaced => node_start = true,
+                        b'\'' | b'"' if node_start => {
+                            quote = Some(b);
+                            node_start = false;
+                        }
+                        _ => node_start = false,
+                    }
+                    if flow + columns.len() > limit {
+                        return Some(n + 1);
+                    }
+                }
+            }
+            i += 1;
+        }
+        // A block scalar: `key: |`, `- >-`; its lines are text, not nodes.
+        if quote.is_none() && flow == 0 {
+            let content = line.split(" #").next().unwrap_or(line).trim_end();
+            let indicator = content
+                .rsplit(' ')
+                .next()
+                .unwrap_or_default()
+                .trim_start_matches(['-', ' ']);
+            if indicator.starts_with(['|', '>'])
+                && indicator[1..]
+                    .bytes()
+                    .all(|c| c == b'-' || c == b'+' || c.is_ascii_digit())
+            {
+                scalar_parent = Some(indent);
+            }
+        }
+    }
+    None
 }
 
 #[derive(Deserialize)]
@@ -63,6 +175,9 @@ struct NameOnly {
 impl Manifest {
     /// Reads every document of a YAML stream; empty documents are skipped.
     pub fn parse_all(text: &str) -> Result<Vec<Manifest>, ManifestError> {
+        if let Some(line) = too_deep(text, MAX_DEPTH) {
+            return Err(ManifestError::TooDeep { line });
+        }
         let mut out = Vec::new();
         for (index, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
             let index = index + 1;
@@ -179,5 +294,83 @@ spec: {forwardMode: isolated}
         let err = Manifest::parse_all("apiVersion: vireo.dev/v1alpha1\nkind: Domain\nspec: {}\n")
             .expect_err("no name");
         assert!(err.to_string().contains("metadata.name"), "{err}");
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_at_once() {
+        let n = 100_000;
+        for (what, text) in [
+            (
+                "flow sequences",
+                format!("{}{}", "[".repeat(n), "]".repeat(n)),
+            ),
+            (
+                "flow mappings",
+                format!("{}{}", "{a: ".repeat(n), "}".repeat(n)),
+            ),
+            ("JSON", format!("{}1{}", "{\"a\":".repeat(n), "}".repeat(n))),
+            ("block sequences", format!("{}x\n", "- ".repeat(n))),
+            (
+                // Indentation grows with the square of the depth: 3,000
+                // levels are 4.5 MB.
+                "block mappings",
+                (0..3_000)
+                    .map(|i| format!("{}k:\n", " ".repeat(i)))
+                    .collect(),
+            ),
+        ] {
+            let started = std::time::Instant::now();
+            let err = Manifest::parse_all(&text).expect_err(what).to_string();
+            assert!(
+                err.contains("nested deeper than 256") && !err.contains('\n'),
+                "{what}: {err}"
+            );
+            eprintln!("{what}, {n} deep: {err} ({:?})", started.elapsed());
+        }
+    }
+
+    #[test]
+    fn the_depth_bound_leaves_real_manifests_alone() {
+        // Block scalars, quotes, comments and flow values of ordinary depth.
+        let text = r#"
+apiVersion: vireo.dev/v1alpha1
+kind: Domain
+metadata:
+  name: web   # [[[[ not nesting
+  annotations: {"a": "[[[[{{{{", b: '[[['}
+spec:
+  type: test
+  memory: 1Gi
+  vcpus: 1
+  os:
+    cmdline: >-
+      [[[[[[ console=ttyS0
+      {{{{{{{
+    kernel: "/boot/vmlinuz-[x]"
+  devices:
+    disks:
+    - {name: vda, volume: root}
+    - name: vdb
+      volume: data
+"#;
+        let all = Manifest::parse_all(text).expect("parses");
+        assert_eq!(all.len(), 1);
+        assert!(too_deep(text, 6).is_none(), "six levels at most");
+        assert!(too_deep(text, 3).is_some());
+        // And every manifest and chart file of the repository.
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for dir in ["examples", "charts/vireo/crds", "charts/vireo/templates"] {
+            for entry in std::fs::read_dir(root.join(dir))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let path = entry.path();
+                if path.extension().is_some_and(|e| e == "yaml") {
+                    let text = std::fs::read_to_string(&path).expect("readable");
+                    assert_eq!(too_deep(&text, MAX_DEPTH), None, "{}", path.display());
+                }
+            }
+        }
     }
 }

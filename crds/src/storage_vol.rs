@@ -62,6 +62,16 @@ pub enum VolFormat {
     #[default]
     Raw,
     Qcow2,
+    /// An ISO 9660 image (an installer, a cloud-init seed): raw bytes,
+    /// attached read-only as a CD-ROM.
+    Iso,
+}
+
+impl VolFormat {
+    /// Whether the file holds the guest's bytes as they are (raw, iso).
+    pub fn is_raw_bytes(self) -> bool {
+        matches!(self, Self::Raw | Self::Iso)
+    }
 }
 
 impl fmt::Display for VolFormat {
@@ -69,6 +79,7 @@ impl fmt::Display for VolFormat {
         f.write_str(match self {
             Self::Raw => "raw",
             Self::Qcow2 => "qcow2",
+            Self::Iso => "iso",
         })
     }
 }

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::net::Ipv4Addr;
 
 use crate::quantity::parse_quantity;
-use crate::{DomainSpec, NetworkSpec, StoragePoolSpec, StorageVolSpec};
+use crate::{DiskBus, DomainSpec, NetworkSpec, StoragePoolSpec, StorageVolSpec};
 
 /// A spec that cannot be used, with the field at fault.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -34,6 +34,37 @@ pub trait Validate {
 /// The largest vCPU count a Domain may ask for (KVM's usual limit).
 pub const MAX_VCPUS: u32 = 255;
 
+/// The most disks and interfaces a Domain has (the CRD's list limits).
+pub const MAX_DISKS: usize = 64;
+pub const MAX_INTERFACES: usize = 32;
+
+/// Whether a string is a Kubernetes object name (RFC 1123 DNS subdomain:
+/// at most 253 characters of `[a-z0-9.-]`, each dot-separated part
+/// starting and ending with a letter or digit).
+pub fn is_dns_subdomain(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|part| {
+            !part.is_empty()
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !part.starts_with('-')
+                && !part.ends_with('-')
+        })
+}
+
+/// Whether a string is an architecture name as `spec.arch` takes it
+/// (`x86_64`, `i686`, `aarch64`, `s390x`, ...).
+pub fn is_arch(arch: &str) -> bool {
+    !arch.is_empty()
+        && arch.len() <= 32
+        && arch.bytes().next().is_some_and(|b| b.is_ascii_lowercase())
+        && arch
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
 /// Whether a string is a usable Linux network device name (at most 15
 /// bytes, no `/`, whitespace or `:`, not `.` or `..`).
 pub fn is_device_name(name: &str) -> bool {
@@ -46,9 +77,11 @@ pub fn is_device_name(name: &str) -> bool {
             .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
 }
 
-/// Whether a string is a guest disk name (`vda`, `vdb`, ... `vdzz`).
+/// Whether a string is a guest disk name (`vda`, `vdb`, ... `vdzz` on
+/// virtio; `sda` ... `sdzz` on sata and scsi).
 pub fn is_disk_name(name: &str) -> bool {
-    name.strip_prefix("vd").is_some_and(|rest| {
+    let rest = name.strip_prefix("vd").or_else(|| name.strip_prefix("sd"));
+    rest.is_some_and(|rest| {
         !rest.is_empty() && rest.len() <= 2 && rest.bytes().all(|b| b.is_ascii_lowercase())
     })
 }
@@ -65,8 +98,21 @@ pub fn is_unicast_mac(mac: &str) -> bool {
 
 fn check_uuid(field: &str, uuid: &Option<String>) -> Result<(), ValidationError> {
     if let Some(u) = uuid {
-        uuid::Uuid::parse_str(u)
-            .map_err(|_| ValidationError::new(field, format!("'{u}' is not an RFC 4122 UUID")))?;
+        // The CRD's pattern: the hyphenated form only.
+        let hyphenated = u.len() == 36
+            && u.bytes().enumerate().all(|(i, b)| {
+                if matches!(i, 8 | 13 | 18 | 23) {
+                    b == b'-'
+                } else {
+                    b.is_ascii_hexdigit()
+                }
+            });
+        if !hyphenated {
+            return Err(ValidationError::new(
+                field,
+                format!("'{u}' is not an RFC 4122 UUID (8-4-4-4-12 hex digits)"),
+            ));
+        }
     }
     Ok(())
 }
@@ -85,7 +131,46 @@ fn positive_size(
 impl Validate for DomainSpec {
     fn validate(&self) -> Result<(), ValidationError> {
         check_uuid("spec.uuid", &self.uuid)?;
+        if let Some(arch) = &self.arch
+            && !is_arch(arch)
+        {
+            return Err(ValidationError::new(
+                "spec.arch",
+                format!("'{arch}' is not an architecture name (x86_64, i686, aarch64, ...)"),
+            ));
+        }
+        if self.devices.disks.len() > MAX_DISKS {
+            return Err(ValidationError::new(
+                "spec.devices.disks",
+                format!(
+                    "{} disks; a Domain has at most {MAX_DISKS}",
+                    self.devices.disks.len()
+                ),
+            ));
+        }
+        if self.devices.interfaces.len() > MAX_INTERFACES {
+            return Err(ValidationError::new(
+                "spec.devices.interfaces",
+                format!(
+                    "{} interfaces; a Domain has at most {MAX_INTERFACES}",
+                    self.devices.interfaces.len()
+                ),
+            ));
+        }
         if let Some(os) = &self.os {
+            for (field, volume) in [
+                ("spec.os.kernelVolume", &os.kernel_volume),
+                ("spec.os.initrdVolume", &os.initrd_volume),
+            ] {
+                if let Some(v) = volume
+                    && !is_dns_subdomain(v)
+                {
+                    return Err(ValidationError::new(
+                        field,
+                        format!("'{v}' is not a StorageVol name (lower-case RFC 1123 subdomain)"),
+                    ));
+                }
+            }
             for (field, path, volume) in [
                 ("spec.os.kernelVolume", &os.kernel, &os.kernel_volume),
                 ("spec.os.initrdVolume", &os.initrd, &os.initrd_volume),
@@ -94,6 +179,65 @@ impl Validate for DomainSpec {
                     return Err(ValidationError::new(
                         field,
                         "give the path or the volume, not both",
+                    ));
+                }
+            }
+            if os.secure_boot && os.firmware != Some(crate::Firmware::Efi) {
+                return Err(ValidationError::new(
+                    "spec.os.secureBoot",
+                    "needs spec.os.firmware: efi",
+                ));
+            }
+            if !os.boot.is_empty() && self.devices.disks.iter().any(|d| d.boot_order.is_some()) {
+                return Err(ValidationError::new(
+                    "spec.os.boot",
+                    "give spec.os.boot or per-disk bootOrder, not both (libvirt refuses the mix)",
+                ));
+            }
+            let mut seen = HashSet::new();
+            for (i, b) in os.boot.iter().enumerate() {
+                if !seen.insert(*b) {
+                    return Err(ValidationError::new(
+                        format!("spec.os.boot[{i}]"),
+                        format!("'{}' is listed twice", b.as_str()),
+                    ));
+                }
+            }
+        }
+        if let Some(ci) = &self.cloud_init {
+            for (name, inline, from) in [
+                ("userData", &ci.user_data, ci.user_data_from.is_some()),
+                ("metaData", &ci.meta_data, ci.meta_data_from.is_some()),
+                (
+                    "networkConfig",
+                    &ci.network_config,
+                    ci.network_config_from.is_some(),
+                ),
+            ] {
+                if inline.is_some() && from {
+                    return Err(ValidationError::new(
+                        format!("spec.cloudInit.{name}From"),
+                        format!("give {name} or {name}From, not both"),
+                    ));
+                }
+                if inline.as_ref().is_some_and(|t| t.len() > 65536) {
+                    return Err(ValidationError::new(
+                        format!("spec.cloudInit.{name}"),
+                        "at most 64 KiB inline; larger documents go in a Secret (its own limit is 1 MiB)",
+                    ));
+                }
+            }
+            for (name, from) in [
+                ("userDataFrom", &ci.user_data_from),
+                ("metaDataFrom", &ci.meta_data_from),
+                ("networkConfigFrom", &ci.network_config_from),
+            ] {
+                if let Some(f) = from
+                    && f.secret_key_ref.is_some() == f.config_map_key_ref.is_some()
+                {
+                    return Err(ValidationError::new(
+                        format!("spec.cloudInit.{name}"),
+                        "give exactly one of secretKeyRef, configMapKeyRef",
                     ));
                 }
             }
@@ -111,7 +255,7 @@ impl Validate for DomainSpec {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return Err(ValidationError::new(
                 "spec.vcpus",
-                format!("must be between 1 and {MAX_VCPUS}"),
+                format!("must be between 1 and {MAX_VCPUS} (got {})", self.vcpus),
             ));
         }
         if let Some(max) = self.max_vcpus
@@ -119,15 +263,48 @@ impl Validate for DomainSpec {
         {
             return Err(ValidationError::new(
                 "spec.maxVcpus",
-                format!("must be between spec.vcpus and {MAX_VCPUS}"),
+                format!("must be between spec.vcpus and {MAX_VCPUS} (got {max})"),
             ));
         }
         let mut names = HashSet::new();
+        let mut orders = HashSet::new();
         for (i, disk) in self.devices.disks.iter().enumerate() {
             if !is_disk_name(&disk.name) {
                 return Err(ValidationError::new(
                     format!("spec.devices.disks[{i}].name"),
-                    format!("'{}' is not a disk name (vda, vdb, ...)", disk.name),
+                    format!(
+                        "'{}' is not a disk name (vda, vdb, ... on virtio; sda, sdb, ... on sata and scsi)",
+                        disk.name
+                    ),
+                ));
+            }
+            let prefix = if disk.bus == DiskBus::Virtio {
+                "vd"
+            } else {
+                "sd"
+            };
+            if !disk.name.starts_with(prefix) {
+                return Err(ValidationError::new(
+                    format!("spec.devices.disks[{i}].name"),
+                    format!(
+                        "'{}' is not a {} disk name ({prefix}a, {prefix}b, ...)",
+                        disk.name,
+                        disk.bus.as_str()
+                    ),
+                ));
+            }
+            if disk.device == crate::DiskDevice::Cdrom && disk.bus == DiskBus::Virtio {
+                return Err(ValidationError::new(
+                    format!("spec.devices.disks[{i}].bus"),
+                    "a CD-ROM is on bus sata or scsi, not virtio",
+                ));
+            }
+            if let Some(order) = disk.boot_order
+                && (order == 0 || !orders.insert(order))
+            {
+                return Err(ValidationError::new(
+                    format!("spec.devices.disks[{i}].bootOrder"),
+                    format!("{order} must be above zero and used by one disk only"),
                 ));
             }
             if !names.insert(disk.name.as_str()) {
@@ -142,11 +319,26 @@ impl Validate for DomainSpec {
                     "must name a StorageVol",
                 ));
             }
+            if disk.boot_order.is_some_and(|o| o > 255) {
+                return Err(ValidationError::new(
+                    format!("spec.devices.disks[{i}].bootOrder"),
+                    "must be at most 255",
+                ));
+            }
             if disk.volume.contains('/') {
                 return Err(ValidationError::new(
                     format!("spec.devices.disks[{i}].volume"),
                     format!(
                         "'{}' is not a volume name: a disk names a StorageVol of the Domain's own namespace, not a path or another namespace",
+                        disk.volume
+                    ),
+                ));
+            }
+            if !is_dns_subdomain(&disk.volume) {
+                return Err(ValidationError::new(
+                    format!("spec.devices.disks[{i}].volume"),
+                    format!(
+                        "'{}' is not a StorageVol name (lower-case RFC 1123 subdomain)",
                         disk.volume
                     ),
                 ));
@@ -166,10 +358,10 @@ impl Validate for DomainSpec {
                     format!("'{}' is used by two interfaces", nic.name),
                 ));
             }
-            if nic.network.is_empty() {
+            if nic.network.is_empty() || nic.network.len() > 253 {
                 return Err(ValidationError::new(
                     format!("spec.devices.interfaces[{i}].network"),
-                    "must name a Network",
+                    "must name a Network (at most 253 characters)",
                 ));
             }
             if let Some(mac) = &nic.mac
@@ -325,6 +517,7 @@ mod tests {
     fn domain() -> DomainSpec {
         DomainSpec {
             domain_type: DomainType::Test,
+            arch: None,
             uuid: None,
             memory: Quantity("1Gi".into()),
             current_memory: None,
@@ -332,6 +525,7 @@ mod tests {
             max_vcpus: None,
             os: None,
             devices: Default::default(),
+            cloud_init: None,
             run_strategy: Default::default(),
             lifecycle: Default::default(),
             node_selector: None,
@@ -362,12 +556,12 @@ mod tests {
             Disk {
                 name: "vda".into(),
                 volume: "a".into(),
-                read_only: false,
+                ..Default::default()
             },
             Disk {
                 name: "sda".into(),
                 volume: "b".into(),
-                read_only: false,
+                ..Default::default()
             },
         ];
         assert_eq!(field_of(d.validate()), "spec.devices.disks[1].name");
@@ -375,7 +569,7 @@ mod tests {
         d.devices.disks = vec![Disk {
             name: "vda".into(),
             volume: "other-ns/data".into(),
-            read_only: false,
+            ..Default::default()
         }];
         assert_eq!(field_of(d.validate()), "spec.devices.disks[0].volume");
         let mut d = domain();
@@ -385,6 +579,77 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(field_of(d.validate()), "spec.os.kernelVolume");
+    }
+
+    #[test]
+    fn firmware_boot_order_and_buses_name_the_field() {
+        use crate::{BootDevice, DiskBus, DiskDevice, Firmware};
+        let disk = |name: &str, bus: DiskBus| Disk {
+            name: name.into(),
+            volume: "v".into(),
+            bus,
+            ..Default::default()
+        };
+        let mut d = domain();
+        d.os = Some(crate::OsSpec {
+            firmware: Some(Firmware::Efi),
+            boot: vec![BootDevice::Cdrom, BootDevice::Hd],
+            ..Default::default()
+        });
+        d.devices.disks = vec![
+            disk("sda", DiskBus::Sata),
+            Disk {
+                device: DiskDevice::Cdrom,
+                ..disk("sdb", DiskBus::Scsi)
+            },
+            disk("vda", DiskBus::Virtio),
+        ];
+        assert_eq!(d.validate(), Ok(()));
+        // Both kinds of boot order: libvirt refuses the mix.
+        let mut both = d.clone();
+        both.devices.disks[0].boot_order = Some(1);
+        assert_eq!(field_of(both.validate()), "spec.os.boot");
+        let mut twice = d.clone();
+        if let Some(os) = twice.os.as_mut() {
+            os.boot = vec![BootDevice::Hd, BootDevice::Hd];
+        }
+        assert_eq!(field_of(twice.validate()), "spec.os.boot[1]");
+        // Per-disk orders: unique.
+        let mut orders = d.clone();
+        if let Some(os) = orders.os.as_mut() {
+            os.boot.clear();
+        }
+        orders.devices.disks[0].boot_order = Some(2);
+        orders.devices.disks[1].boot_order = Some(1);
+        assert_eq!(orders.validate(), Ok(()));
+        orders.devices.disks[2].boot_order = Some(1);
+        assert_eq!(
+            field_of(orders.validate()),
+            "spec.devices.disks[2].bootOrder"
+        );
+        // A disk's name follows its bus.
+        let mut named = d.clone();
+        named.devices.disks[2].bus = DiskBus::Scsi;
+        let e = named.validate().expect_err("vda on scsi");
+        assert_eq!(e.field, "spec.devices.disks[2].name");
+        assert!(e.message.contains("scsi"), "{e}");
+        named.devices.disks[2].bus = DiskBus::Virtio;
+        named.devices.disks[0].bus = DiskBus::Virtio;
+        assert_eq!(field_of(named.validate()), "spec.devices.disks[0].name");
+        // A CD-ROM needs a bus with removable media.
+        let mut cd = d.clone();
+        cd.devices.disks[2].device = DiskDevice::Cdrom;
+        assert_eq!(field_of(cd.validate()), "spec.devices.disks[2].bus");
+        // Secure boot is UEFI's.
+        let mut sb = d.clone();
+        if let Some(os) = sb.os.as_mut() {
+            os.secure_boot = true;
+        }
+        assert_eq!(sb.validate(), Ok(()));
+        if let Some(os) = sb.os.as_mut() {
+            os.firmware = Some(Firmware::Bios);
+        }
+        assert_eq!(field_of(sb.validate()), "spec.os.secureBoot");
     }
 
     #[test]
@@ -424,6 +689,7 @@ mod tests {
         assert!(
             is_disk_name("vda")
                 && is_disk_name("vdaa")
+                && is_disk_name("sdb")
                 && !is_disk_name("vd")
                 && !is_disk_name("hda")
         );

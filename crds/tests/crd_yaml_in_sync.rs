@@ -10,6 +10,12 @@ fn committed_crds_match_the_types() {
         let name = vireo_crds::crd::file_name(&crd);
         let want = vireo_crds::crd::to_yaml(&crd).expect("CRD serializes");
         let have = std::fs::read_to_string(dir.join(&name)).unwrap_or_default();
+        // The same files scripts/gen-crds writes, without building the
+        // operator: VIREO_UPDATE_CRDS=1 cargo test -p vireo-crds --test crd_yaml_in_sync
+        if have != want && std::env::var_os("VIREO_UPDATE_CRDS").is_some() {
+            std::fs::write(dir.join(&name), &want).expect("CRD file written");
+            continue;
+        }
         if have != want {
             stale.push(name);
         }

@@ -104,6 +104,7 @@ fn main() {
         "bench",
         DomainSpec {
             domain_type: DomainType::Qemu,
+            arch: None,
             uuid: None,
             memory: Quantity(format!("{GUEST_MIB}Mi")),
             current_memory: None,
@@ -117,6 +118,7 @@ fn main() {
                 ..Default::default()
             }),
             devices: DomainDevices::default(),
+            cloud_init: None,
             run_strategy: RunStrategy::Manual,
             lifecycle: Lifecycle::default(),
             node_selector: None,

@@ -244,6 +244,7 @@ pub fn test_driver_fixture() -> Fixture {
                 name,
                 DomainSpec {
                     domain_type: DomainType::Test,
+                    arch: None,
                     uuid: None,
                     memory: Quantity("1Gi".into()),
                     current_memory: None,
@@ -251,6 +252,7 @@ pub fn test_driver_fixture() -> Fixture {
                     max_vcpus: Some(2),
                     os: None,
                     devices: DomainDevices::default(),
+                    cloud_init: None,
                     run_strategy: RunStrategy::Manual,
                     lifecycle: Lifecycle::default(),
                     node_selector: None,
@@ -1906,6 +1908,47 @@ pub fn case_domain_vcpus(conn: &Connection, fx: &Fixture) -> Result<(), Failure>
             "a live vCPU change must not outlive the activation: {} vCPUs, expected {max}",
             vcpus_now()?
         );
+        Ok(())
+    })
+}
+
+/// Live memory and vCPU changes of a shut-off domain are refused
+/// (InvalidState, as libvirt refuses `virsh setmem` without `--config`) and
+/// change nothing; config changes go to the definition.
+pub fn case_domain_live_change_inactive(conn: &Connection, fx: &Fixture) -> Result<(), Failure> {
+    let name = "conf-dom-live-inactive";
+    guarded(conn, fx, Made::domains(&[name]), || {
+        let hv = conn.hypervisor();
+        define(conn, fx, name)?;
+        let label = dom_label(name);
+        let before = hv.domain_definition(name, true).step("definition")?;
+        let max = bytes_of("spec.memory", &before.spec.memory)?;
+        refused(
+            "set_domain_memory_flags(Live) of a shut-off domain",
+            hv.set_domain_memory_flags(name, max / 2, crate::Affect::Live),
+            Expected::InvalidState,
+            &label,
+        )?;
+        refused(
+            "set_domain_vcpus_flags(Live) of a shut-off domain",
+            hv.set_domain_vcpus_flags(name, 1, crate::Affect::Live),
+            Expected::InvalidState,
+            &label,
+        )?;
+        let after = hv.domain_definition(name, true).step("definition")?;
+        ensure!(
+            after.spec == before.spec,
+            "a refused live change changed the definition"
+        );
+        let config = (max / 2) / MIB * MIB;
+        hv.set_domain_memory_flags(name, config, crate::Affect::Config)
+            .step("set_domain_memory_flags(Config) of a shut-off domain")?;
+        let info = hv.domain_info(name).step("domain_info")?;
+        ensure!(
+            bytes_of("info.memory", &info.memory)? == config,
+            "a config change of a shut-off domain is not its memory"
+        );
+        expect_state(conn, fx, name, DomainState::Shutoff, DomainReason::Unknown)?;
         Ok(())
     })
 }
@@ -3649,6 +3692,10 @@ pub const CASES: &[(&str, CaseFn)] = &[
     ("case_domain_lookup_unknown", case_domain_lookup_unknown),
     ("case_domain_memory", case_domain_memory),
     ("case_domain_vcpus", case_domain_vcpus),
+    (
+        "case_domain_live_change_inactive",
+        case_domain_live_change_inactive,
+    ),
     ("case_domain_autostart", case_domain_autostart),
     ("case_domain_invalid_spec", case_domain_invalid_spec),
     (
@@ -3738,6 +3785,7 @@ macro_rules! conformance_tests {
             case_domain_lookup_unknown
             case_domain_memory
             case_domain_vcpus
+            case_domain_live_change_inactive
             case_domain_autostart
             case_domain_invalid_spec
             case_domain_on_reboot_destroy

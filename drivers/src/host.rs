@@ -93,3 +93,88 @@ mod tests {
         assert!(n.cpus >= 1 && n.memory_bytes > 0);
     }
 }
+
+/// This machine's SMBIOS data (from the kernel's DMI directory, normally
+/// /sys/class/dmi/id) as libvirt's `<sysinfo type='smbios'>` XML: the BIOS
+/// and system entries the kernel exposes (serial and UUID need root).
+pub fn sysinfo_xml(dmi: &std::path::Path) -> std::io::Result<String> {
+    if !dmi.is_dir() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!(
+                "this machine exposes no SMBIOS data ({} is missing)",
+                dmi.display()
+            ),
+        ));
+    }
+    let read = |file: &str| {
+        std::fs::read_to_string(dmi.join(file))
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+    };
+    let escape = |t: &str| {
+        t.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+            .replace('\'', "&apos;")
+    };
+    let section = |tag: &str, entries: &[(&str, &str)]| {
+        let lines: Vec<String> = entries
+            .iter()
+            .filter_map(|(name, file)| {
+                read(file).map(|v| format!("    <entry name='{name}'>{}</entry>", escape(&v)))
+            })
+            .collect();
+        if lines.is_empty() {
+            String::new()
+        } else {
+            format!("  <{tag}>\n{}\n  </{tag}>\n", lines.join("\n"))
+        }
+    };
+    let mut x = String::from("<sysinfo type='smbios'>\n");
+    x.push_str(&section(
+        "bios",
+        &[
+            ("vendor", "bios_vendor"),
+            ("version", "bios_version"),
+            ("date", "bios_date"),
+            ("release", "bios_release"),
+        ],
+    ));
+    x.push_str(&section(
+        "system",
+        &[
+            ("manufacturer", "sys_vendor"),
+            ("product", "product_name"),
+            ("version", "product_version"),
+            ("serial", "product_serial"),
+            ("uuid", "product_uuid"),
+            ("sku", "product_sku"),
+            ("family", "product_family"),
+        ],
+    ));
+    x.push_str("</sysinfo>\n");
+    Ok(x)
+}
+
+#[cfg(test)]
+mod sysinfo_tests {
+    #[test]
+    fn sysinfo_reads_the_dmi_directory() {
+        let dir = std::env::temp_dir().join(format!("vireo-dmi-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("bios_vendor"), "ACME <BIOS>\n").expect("write");
+        std::fs::write(dir.join("bios_version"), "1.2\n").expect("write");
+        std::fs::write(dir.join("sys_vendor"), "ACME\n").expect("write");
+        let xml = super::sysinfo_xml(&dir).expect("sysinfo");
+        assert_eq!(
+            xml,
+            "<sysinfo type='smbios'>\n  <bios>\n    <entry name='vendor'>ACME &lt;BIOS&gt;</entry>\n    \
+             <entry name='version'>1.2</entry>\n  </bios>\n  <system>\n    \
+             <entry name='manufacturer'>ACME</entry>\n  </system>\n</sysinfo>\n"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(super::sysinfo_xml(&dir).is_err(), "no DMI directory");
+    }
+}

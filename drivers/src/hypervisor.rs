@@ -2,7 +2,61 @@
 
 use vireo_crds::{Domain, DomainInfo, DomainReason, DomainState, NodeInfo};
 
-use crate::{ListFilter, Lookup, Result};
+use crate::error::ObjectName;
+use crate::{Error, ListFilter, Lookup, Result};
+
+/// Which definition a change affects, as libvirt's `VIR_DOMAIN_AFFECT_*`
+/// flags (virsh's `--live`, `--config`, `--current`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Affect {
+    /// The running domain; refused while it is inactive.
+    Live,
+    /// The persistent definition (the next start); the running domain keeps
+    /// what it has.
+    Config,
+    /// The live domain while active, the persistent definition while inactive.
+    #[default]
+    Current,
+}
+
+/// A domain's disk as `virDomainGetBlockInfo` sees it, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BlockInfo {
+    pub capacity: u64,
+    pub allocation: u64,
+    pub physical: u64,
+}
+
+/// One vCPU as `virDomainGetVcpus` sees it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VcpuInfo {
+    pub number: u32,
+    /// The host CPU it last ran on, while the domain runs.
+    pub cpu: Option<u32>,
+    /// While the domain runs: `running`, `offline` or `blocked`.
+    pub state: Option<String>,
+    pub cpu_time_ns: Option<u64>,
+    /// Host CPUs it may run on, one `y` or `-` per host CPU.
+    pub affinity: String,
+}
+
+/// The annotation holding a domain's description (`virsh desc`).
+pub const DESCRIPTION_ANNOTATION: &str = "vireo.dev/description";
+/// The annotation holding a domain's title (`virsh desc --title`, `list --title`).
+pub const TITLE_ANNOTATION: &str = "vireo.dev/title";
+
+fn unsupported(driver: &'static str, name: &str, operation: &'static str) -> Error {
+    Error::Unsupported {
+        object: ObjectName::new(vireo_crds::ObjectKind::Domain, name),
+        driver,
+        operation,
+    }
+}
+
+fn not_running(name: &str) -> Error {
+    Error::invalid_state(vireo_crds::ObjectKind::Domain, name, "is not running")
+}
 
 /// What a lookup returns, like a `virDomainPtr`: the identity of a domain.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -90,10 +144,277 @@ pub trait HypervisorDriver: Send + Sync {
     /// console`): bytes written go to the guest's serial port, bytes read
     /// come from it.
     fn console_path(&self, name: &str) -> Result<std::path::PathBuf> {
-        Err(crate::Error::Unsupported {
-            object: crate::error::ObjectName::new(vireo_crds::ObjectKind::Domain, name),
-            driver: self.name(),
-            operation: "a serial console (no guest runs)",
+        Err(unsupported(
+            self.name(),
+            name,
+            "a serial console (no guest runs)",
+        ))
+    }
+
+    /// Sets the current memory with libvirt's affect flags: `Live` is
+    /// refused on an inactive domain (`domain is not running`, as libvirt
+    /// refuses `virsh setmem` without `--config`); `Config` changes the
+    /// persistent definition only.
+    fn set_domain_memory_flags(&self, name: &str, bytes: u64, affect: Affect) -> Result<()> {
+        let active = self.domain_state(name)?.0.is_active();
+        match affect {
+            Affect::Live if !active => Err(not_running(name)),
+            Affect::Config if active => {
+                let mut def = self.domain_definition(name, true)?;
+                let max = vireo_crds::quantity::parse_quantity(&def.spec.memory).unwrap_or(0);
+                if bytes == 0 || bytes > max {
+                    return Err(Error::invalid_argument(
+                        vireo_crds::ObjectKind::Domain,
+                        name,
+                        format!(
+                            "cannot set memory to {} KiB: it must be above 0 and at most the maximum of {} KiB",
+                            bytes / 1024,
+                            max / 1024
+                        ),
+                    ));
+                }
+                def.spec.current_memory = Some(vireo_crds::quantity::format_bytes(bytes));
+                self.define_domain(&def).map(|_| ())
+            }
+            _ => self.set_domain_memory(name, bytes),
+        }
+    }
+
+    /// Sets the vCPU count with libvirt's affect flags (see
+    /// [`HypervisorDriver::set_domain_memory_flags`]).
+    fn set_domain_vcpus_flags(&self, name: &str, vcpus: u32, affect: Affect) -> Result<()> {
+        let active = self.domain_state(name)?.0.is_active();
+        match affect {
+            Affect::Live if !active => Err(not_running(name)),
+            Affect::Config if active => {
+                let mut def = self.domain_definition(name, true)?;
+                let max = def.spec.max_vcpus.unwrap_or(def.spec.vcpus);
+                if vcpus == 0 || vcpus > max {
+                    return Err(Error::invalid_argument(
+                        vireo_crds::ObjectKind::Domain,
+                        name,
+                        format!("requested vcpus {vcpus} is outside 1..={max} (spec.maxVcpus)"),
+                    ));
+                }
+                // The maximum stays what it was (libvirt's <vcpu> vs current).
+                def.spec.max_vcpus = Some(max);
+                def.spec.vcpus = vcpus;
+                self.define_domain(&def).map(|_| ())
+            }
+            _ => self.set_domain_vcpus(name, vcpus),
+        }
+    }
+
+    /// Sets (or with `None` removes) an annotation of the domain, such as
+    /// its description or title. `Config` and an inactive domain's
+    /// `Current` redefine it; a live change needs a driver that keeps one.
+    fn set_domain_annotation(
+        &self,
+        name: &str,
+        key: &str,
+        value: Option<&str>,
+        affect: Affect,
+    ) -> Result<()> {
+        let active = self.domain_state(name)?.0.is_active();
+        match affect {
+            Affect::Live if !active => Err(not_running(name)),
+            Affect::Live | Affect::Current if active => Err(unsupported(
+                self.name(),
+                name,
+                "a live change of the description (use --config)",
+            )),
+            _ => {
+                let mut def = self.domain_definition(name, true)?;
+                let notes = def
+                    .metadata
+                    .annotations
+                    .get_or_insert_with(Default::default);
+                match value {
+                    Some(v) => notes.insert(key.to_string(), v.to_string()),
+                    None => notes.remove(key),
+                };
+                self.define_domain(&def).map(|_| ())
+            }
+        }
+    }
+
+    /// The OS type `virsh dominfo` prints: `hvm` for full virtualization.
+    fn domain_os_type(&self, name: &str) -> Result<String> {
+        self.domain_state(name)?;
+        Ok("hvm".to_string())
+    }
+
+    /// The security driver: model and DOI (`virsh dominfo`, `capabilities`).
+    fn security_model(&self) -> (String, String) {
+        ("none".to_string(), "0".to_string())
+    }
+
+    /// A running domain's security label and whether it is enforcing.
+    fn domain_security_label(&self, name: &str) -> Result<Option<(String, bool)>> {
+        self.domain_state(name)?;
+        Ok(None)
+    }
+
+    /// Free memory per NUMA cell, in bytes (`virsh freecell`): this
+    /// machine's, as one cell, unless the driver knows better.
+    fn cells_free_memory(&self) -> Result<Vec<u64>> {
+        let text =
+            std::fs::read_to_string("/proc/meminfo").map_err(|e| Error::OperationFailed {
+                object: ObjectName::new(vireo_crds::ObjectKind::Host, "localhost"),
+                message: format!("cannot read /proc/meminfo: {e}"),
+            })?;
+        let kib = text
+            .lines()
+            .find_map(|l| l.strip_prefix("MemFree:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        Ok(vec![kib * 1024])
+    }
+
+    /// The node's free memory, in bytes (`virsh freecell` without a cell).
+    fn node_free_memory(&self) -> Result<u64> {
+        Ok(self.cells_free_memory()?.iter().sum())
+    }
+
+    /// The scheduler and its parameters (`virsh schedinfo`).
+    fn domain_scheduler(&self, name: &str) -> Result<(String, Vec<(String, String)>)> {
+        Err(unsupported(self.name(), name, "scheduler parameters"))
+    }
+
+    /// Addresses the driver itself knows for a running domain's interfaces
+    /// (`virsh domifaddr`), as (interface name, `address/prefix`). `None`
+    /// when the driver leaves them to the networks' DHCP leases.
+    fn domain_interface_addresses(&self, name: &str) -> Result<Option<Vec<(String, String)>>> {
+        self.domain_state(name)?;
+        Ok(None)
+    }
+
+    /// The connection's capabilities as libvirt's `<capabilities>` XML,
+    /// when the driver describes them itself (else the CLI builds them
+    /// from the node's info).
+    fn capabilities(&self) -> Result<String> {
+        Err(unsupported(
+            self.name(),
+            "localhost",
+            "a capabilities description",
+        ))
+    }
+
+    /// The host's SMBIOS description as libvirt's `<sysinfo>` XML: this
+    /// machine's, read from /sys/class/dmi/id, unless the driver knows better.
+    fn sysinfo(&self) -> Result<String> {
+        crate::host::sysinfo_xml(std::path::Path::new("/sys/class/dmi/id")).map_err(|e| {
+            Error::OperationFailed {
+                object: ObjectName::new(vireo_crds::ObjectKind::Host, "localhost"),
+                message: e.to_string(),
+            }
         })
+    }
+
+    /// A disk's sizes (`virsh domblkinfo`), when the driver knows them
+    /// beyond its volume's.
+    fn domain_block_info(&self, name: &str, _disk: &str) -> Result<BlockInfo> {
+        Err(unsupported(self.name(), name, "block information"))
+    }
+
+    /// A disk's I/O counters (`virsh domblkstat`), virsh's names and values.
+    fn domain_block_stats(&self, name: &str, _disk: &str) -> Result<Vec<(String, i64)>> {
+        Err(unsupported(self.name(), name, "block statistics"))
+    }
+
+    /// An interface's counters (`virsh domifstat`), virsh's names and
+    /// values. By default the counters of the interface's tap on this
+    /// machine, seen from the guest (a tap's receive is the guest's
+    /// transmit, as libvirt reports them): only on the node that runs the
+    /// domain.
+    fn domain_interface_stats(&self, name: &str, iface: &str) -> Result<Vec<(String, i64)>> {
+        let d = self.lookup_domain(Lookup::Name(name))?;
+        if d.id.is_none() {
+            return Err(not_running(name));
+        }
+        let def = self.domain_definition(name, false)?;
+        let interfaces = &def.spec.devices.interfaces;
+        let index = interfaces
+            .iter()
+            .enumerate()
+            .position(|(i, x)| {
+                x.name == iface
+                    || crate::bridge::tap::tap_name(&d.uuid, i) == iface
+                    || crate::bridge::tap::interface_mac(x, &d.uuid, i).eq_ignore_ascii_case(iface)
+            })
+            .ok_or_else(|| {
+                Error::invalid_argument(
+                    vireo_crds::ObjectKind::Domain,
+                    name,
+                    format!("'{iface}' is not a known interface"),
+                )
+            })?;
+        let tap = crate::bridge::tap::tap_name(&d.uuid, index);
+        let dir = std::path::Path::new("/sys/class/net")
+            .join(&tap)
+            .join("statistics");
+        let read = |counter: &str| -> Result<i64> {
+            let path = dir.join(counter);
+            std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|t| t.trim().parse::<i64>().ok())
+                .ok_or_else(|| Error::OperationFailed {
+                    object: ObjectName::new(vireo_crds::ObjectKind::Domain, name),
+                    message: format!(
+                        "interface statistics are read on the node that runs the domain: \
+                         {} is not readable here",
+                        path.display()
+                    ),
+                })
+        };
+        // The guest's rx is the tap's tx, and the other way round.
+        let pairs = [
+            ("rx_bytes", "tx_bytes"),
+            ("rx_packets", "tx_packets"),
+            ("rx_errs", "tx_errors"),
+            ("rx_drop", "tx_dropped"),
+            ("tx_bytes", "rx_bytes"),
+            ("tx_packets", "rx_packets"),
+            ("tx_errs", "rx_errors"),
+            ("tx_drop", "rx_dropped"),
+        ];
+        let label = &interfaces[index].name;
+        pairs
+            .iter()
+            .map(|(ours, tap_counter)| Ok((format!("{label} {ours}"), read(tap_counter)?)))
+            .collect()
+    }
+
+    /// Memory statistics (`virsh dommemstat`), virsh's names, in KiB: the
+    /// balloon's `actual` size unless the driver knows more.
+    fn domain_memory_stats(&self, name: &str) -> Result<Vec<(String, u64)>> {
+        let info = self.domain_info(name)?;
+        if !info.state.is_active() {
+            return Err(not_running(name));
+        }
+        let bytes = vireo_crds::quantity::parse_quantity(&info.memory).unwrap_or(0);
+        Ok(vec![("actual".to_string(), bytes / 1024)])
+    }
+
+    /// Each vCPU (`virsh vcpuinfo`): where it runs while the domain does.
+    fn domain_vcpu_info(&self, name: &str) -> Result<Vec<VcpuInfo>> {
+        let info = self.domain_info(name)?;
+        let cpus = self.node_info()?.cpus;
+        Ok((0..info.vcpus)
+            .map(|number| VcpuInfo {
+                number,
+                cpu: None,
+                state: info.state.is_active().then(|| "running".to_string()),
+                cpu_time_ns: None,
+                affinity: "y".repeat(cpus as usize),
+            })
+            .collect())
+    }
+
+    /// Why a running domain's firmware found nothing to boot, when its
+    /// console says so (a blank disk, a wrong boot order); `None` while it
+    /// boots or for drivers without firmware.
+    fn boot_problem(&self, _name: &str) -> Result<Option<String>> {
+        Ok(None)
     }
 }

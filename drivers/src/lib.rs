@@ -12,6 +12,7 @@
 //! suite every driver passes), [`host`] (this machine's NodeInfo).
 
 pub mod bridge;
+pub mod cgroup;
 pub mod conformance;
 pub mod connect;
 pub mod error;
@@ -31,7 +32,7 @@ pub mod vm;
 
 pub use connect::{Connection, open};
 pub use error::{Error, Result};
-pub use hypervisor::{DomainRef, HypervisorDriver};
+pub use hypervisor::{Affect, BlockInfo, DomainRef, HypervisorDriver, VcpuInfo};
 pub use lookup::{ListFilter, Lookup};
 pub use network::{DhcpLease, NetworkDriver, NetworkInfo, NetworkRef};
 pub use storage::{PoolInfo, PoolRef, PoolState, ResizeFlags, StorageDriver, VolInfo, VolRef};

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use vireo_crds::{Domain, DomainInfo, DomainType, NodeInfo, ObjectKind};
 
-use crate::hypervisor::{DomainRef, HypervisorDriver};
+use crate::hypervisor::{Affect, BlockInfo, DomainRef, HypervisorDriver, VcpuInfo};
 use crate::{Connection, Error, ListFilter, Lookup, Result};
 
 /// The hypervisor drivers of one node, by domain type.
@@ -177,6 +177,51 @@ impl HypervisorDriver for NodeHypervisor {
     }
     fn console_path(&self, name: &str) -> Result<std::path::PathBuf> {
         self.owner(name)?.console_path(name)
+    }
+    fn set_domain_memory_flags(&self, name: &str, bytes: u64, affect: Affect) -> Result<()> {
+        self.owner(name)?
+            .set_domain_memory_flags(name, bytes, affect)
+    }
+    fn set_domain_vcpus_flags(&self, name: &str, vcpus: u32, affect: Affect) -> Result<()> {
+        self.owner(name)?
+            .set_domain_vcpus_flags(name, vcpus, affect)
+    }
+    fn set_domain_annotation(
+        &self,
+        name: &str,
+        key: &str,
+        value: Option<&str>,
+        affect: Affect,
+    ) -> Result<()> {
+        self.owner(name)?
+            .set_domain_annotation(name, key, value, affect)
+    }
+    fn domain_os_type(&self, name: &str) -> Result<String> {
+        self.owner(name)?.domain_os_type(name)
+    }
+    fn domain_security_label(&self, name: &str) -> Result<Option<(String, bool)>> {
+        self.owner(name)?.domain_security_label(name)
+    }
+    fn domain_scheduler(&self, name: &str) -> Result<(String, Vec<(String, String)>)> {
+        self.owner(name)?.domain_scheduler(name)
+    }
+    fn domain_block_info(&self, name: &str, disk: &str) -> Result<BlockInfo> {
+        self.owner(name)?.domain_block_info(name, disk)
+    }
+    fn domain_block_stats(&self, name: &str, disk: &str) -> Result<Vec<(String, i64)>> {
+        self.owner(name)?.domain_block_stats(name, disk)
+    }
+    fn domain_interface_stats(&self, name: &str, iface: &str) -> Result<Vec<(String, i64)>> {
+        self.owner(name)?.domain_interface_stats(name, iface)
+    }
+    fn domain_memory_stats(&self, name: &str) -> Result<Vec<(String, u64)>> {
+        self.owner(name)?.domain_memory_stats(name)
+    }
+    fn domain_interface_addresses(&self, name: &str) -> Result<Option<Vec<(String, String)>>> {
+        self.owner(name)?.domain_interface_addresses(name)
+    }
+    fn domain_vcpu_info(&self, name: &str) -> Result<Vec<VcpuInfo>> {
+        self.owner(name)?.domain_vcpu_info(name)
     }
 }
 

@@ -24,7 +24,7 @@ use vireo_crds::{
 };
 
 use crate::error::ObjectName;
-use crate::hypervisor::{DomainRef, HypervisorDriver};
+use crate::hypervisor::{Affect, BlockInfo, DomainRef, HypervisorDriver, VcpuInfo};
 use crate::network::{NetworkDriver, NetworkInfo, NetworkRef};
 use crate::storage::{PoolInfo, PoolRef, Progress, ResizeFlags, StorageDriver, VolInfo, VolRef};
 use crate::{Connection, Error, ListFilter, Lookup, Result};
@@ -83,6 +83,23 @@ pub enum Call {
     ResumeDomain(String),
     DestroyDomain(String),
     ConsolePath(String),
+    SetDomainMemoryFlags(String, u64, Affect),
+    SetDomainVcpusFlags(String, u32, Affect),
+    SetDomainAnnotation(String, String, Option<String>, Affect),
+    DomainOsType(String),
+    SecurityModel,
+    DomainSecurityLabel(String),
+    CellsFreeMemory,
+    NodeFreeMemory,
+    DomainScheduler(String),
+    Sysinfo,
+    Capabilities,
+    DomainInterfaceAddresses(String),
+    DomainBlockInfo(String, String),
+    DomainBlockStats(String, String),
+    DomainInterfaceStats(String, String),
+    DomainMemoryStats(String),
+    DomainVcpuInfo(String),
     ListNetworks(ListFilter),
     LookupNetwork(Key),
     NetworkDefinition(String, bool),
@@ -455,6 +472,69 @@ impl HypervisorDriver for Remote {
     fn console_path(&self, name: &str) -> Result<PathBuf> {
         self.call(Call::ConsolePath(name.into()))
     }
+    fn set_domain_memory_flags(&self, name: &str, bytes: u64, affect: Affect) -> Result<()> {
+        self.call(Call::SetDomainMemoryFlags(name.into(), bytes, affect))
+    }
+    fn set_domain_vcpus_flags(&self, name: &str, vcpus: u32, affect: Affect) -> Result<()> {
+        self.call(Call::SetDomainVcpusFlags(name.into(), vcpus, affect))
+    }
+    fn set_domain_annotation(
+        &self,
+        name: &str,
+        key: &str,
+        value: Option<&str>,
+        affect: Affect,
+    ) -> Result<()> {
+        self.call(Call::SetDomainAnnotation(
+            name.into(),
+            key.into(),
+            value.map(str::to_string),
+            affect,
+        ))
+    }
+    fn domain_os_type(&self, name: &str) -> Result<String> {
+        self.call(Call::DomainOsType(name.into()))
+    }
+    fn security_model(&self) -> (String, String) {
+        self.call(Call::SecurityModel)
+            .unwrap_or_else(|_| ("none".to_string(), "0".to_string()))
+    }
+    fn domain_security_label(&self, name: &str) -> Result<Option<(String, bool)>> {
+        self.call(Call::DomainSecurityLabel(name.into()))
+    }
+    fn cells_free_memory(&self) -> Result<Vec<u64>> {
+        self.call(Call::CellsFreeMemory)
+    }
+    fn node_free_memory(&self) -> Result<u64> {
+        self.call(Call::NodeFreeMemory)
+    }
+    fn domain_scheduler(&self, name: &str) -> Result<(String, Vec<(String, String)>)> {
+        self.call(Call::DomainScheduler(name.into()))
+    }
+    fn sysinfo(&self) -> Result<String> {
+        self.call(Call::Sysinfo)
+    }
+    fn capabilities(&self) -> Result<String> {
+        self.call(Call::Capabilities)
+    }
+    fn domain_interface_addresses(&self, name: &str) -> Result<Option<Vec<(String, String)>>> {
+        self.call(Call::DomainInterfaceAddresses(name.into()))
+    }
+    fn domain_block_info(&self, name: &str, disk: &str) -> Result<BlockInfo> {
+        self.call(Call::DomainBlockInfo(name.into(), disk.into()))
+    }
+    fn domain_block_stats(&self, name: &str, disk: &str) -> Result<Vec<(String, i64)>> {
+        self.call(Call::DomainBlockStats(name.into(), disk.into()))
+    }
+    fn domain_interface_stats(&self, name: &str, iface: &str) -> Result<Vec<(String, i64)>> {
+        self.call(Call::DomainInterfaceStats(name.into(), iface.into()))
+    }
+    fn domain_memory_stats(&self, name: &str) -> Result<Vec<(String, u64)>> {
+        self.call(Call::DomainMemoryStats(name.into()))
+    }
+    fn domain_vcpu_info(&self, name: &str) -> Result<Vec<VcpuInfo>> {
+        self.call(Call::DomainVcpuInfo(name.into()))
+    }
 }
 
 impl NetworkDriver for Remote {
@@ -723,6 +803,25 @@ fn answer(
         Call::ResumeDomain(n) => ok(hv.resume_domain(&n)),
         Call::DestroyDomain(n) => ok(hv.destroy_domain(&n)),
         Call::ConsolePath(n) => ok(hv.console_path(&n)),
+        Call::SetDomainMemoryFlags(n, b, a) => ok(hv.set_domain_memory_flags(&n, b, a)),
+        Call::SetDomainVcpusFlags(n, v, a) => ok(hv.set_domain_vcpus_flags(&n, v, a)),
+        Call::SetDomainAnnotation(n, k, v, a) => {
+            ok(hv.set_domain_annotation(&n, &k, v.as_deref(), a))
+        }
+        Call::DomainOsType(n) => ok(hv.domain_os_type(&n)),
+        Call::SecurityModel => ok(Ok(hv.security_model())),
+        Call::DomainSecurityLabel(n) => ok(hv.domain_security_label(&n)),
+        Call::CellsFreeMemory => ok(hv.cells_free_memory()),
+        Call::NodeFreeMemory => ok(hv.node_free_memory()),
+        Call::DomainScheduler(n) => ok(hv.domain_scheduler(&n)),
+        Call::Sysinfo => ok(hv.sysinfo()),
+        Call::Capabilities => ok(hv.capabilities()),
+        Call::DomainInterfaceAddresses(n) => ok(hv.domain_interface_addresses(&n)),
+        Call::DomainBlockInfo(n, d) => ok(hv.domain_block_info(&n, &d)),
+        Call::DomainBlockStats(n, d) => ok(hv.domain_block_stats(&n, &d)),
+        Call::DomainInterfaceStats(n, i) => ok(hv.domain_interface_stats(&n, &i)),
+        Call::DomainMemoryStats(n) => ok(hv.domain_memory_stats(&n)),
+        Call::DomainVcpuInfo(n) => ok(hv.domain_vcpu_info(&n)),
         Call::ListNetworks(f) => ok(net.list_networks(f)),
         Call::LookupNetwork(k) => ok(net.lookup_network(k.lookup())),
         Call::NetworkDefinition(n, i) => ok(net.network_definition(&n, i)),

@@ -125,12 +125,27 @@ fn kvm_domain_lifecycle_with_test_guest_and_disk() {
     d.spec.devices.disks.push(Disk {
         name: "vda".into(),
         volume: "disk0".into(),
-        read_only: false,
+        ..Default::default()
+    });
+    // A cloud-init seed rides along as a second, read-only virtio disk.
+    d.spec.cloud_init = Some(vireo_crds::CloudInit {
+        hostname: Some("life".into()),
+        ..Default::default()
     });
     hv.define_domain(&d).expect("define");
     let started = Instant::now();
     let first = hv.start_domain(name).expect("start");
     let text = wait_console(&root, &conn, name, "VIREO-TEST-GUEST-DONE", 1);
+    let seed = run_dir(&root, &conn, name).join("cidata.img");
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", pid_of(&root, &conn, name)))
+        .expect("vireo-vmm's command line");
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(
+        cmdline.contains(&format!("--disk {},readonly", seed.display())),
+        "{cmdline}"
+    );
+    let image = std::fs::read(&seed).expect("the seed");
+    assert_eq!(&image[0x2B..0x36], b"CIDATA     ", "a FAT labelled CIDATA");
     say(&format!(
         "kvm lifecycle: guest report {:?} after start",
         started.elapsed()
@@ -305,7 +320,7 @@ fn kvm_refuses_a_disk_still_waiting_for_its_upload() {
     d.spec.devices.disks.push(Disk {
         name: "vda".into(),
         volume: "img".into(),
-        read_only: false,
+        ..Default::default()
     });
     hv.define_domain(&d).expect("define");
     let e = hv.start_domain(name).expect_err("a placeholder disk");

@@ -340,7 +340,7 @@ fn a_guest_on_a_qcow2_overlay_volume() {
     d.spec.devices.disks = vec![vireo_crds::Disk {
         name: "vda".into(),
         volume: "top".into(),
-        read_only: false,
+        ..Default::default()
     }];
     hv.define_domain(&d).expect("define");
     let log = console_log(&root, &conn, "q2");
@@ -353,6 +353,30 @@ fn a_guest_on_a_qcow2_overlay_volume() {
             this_boot.contains(want),
             "boot {boot}: no {want}; console:\n{text}"
         );
+        // `domblkstat`: QEMU's counters of the disk, under virsh's names.
+        let stats = hv.domain_block_stats("q2", "vda").expect("block stats");
+        let get = |k: &str| {
+            stats
+                .iter()
+                .find(|(n, _)| *n == format!("vda {k}"))
+                .map_or(-1, |(_, v)| *v)
+        };
+        assert!(get("rd_req") > 0 && get("rd_bytes") > 0, "{stats:?}");
+        if boot == 1 {
+            assert!(get("wr_req") > 0 && get("wr_bytes") > 0, "{stats:?}");
+        }
+        assert!(
+            hv.domain_block_stats("q2", "vdz").is_err(),
+            "a disk the domain lacks"
+        );
+        // `vcpuinfo`: each vCPU's thread, the CPU it ran on, its time.
+        let vcpus = hv.domain_vcpu_info("q2").expect("vcpu info");
+        assert_eq!(vcpus.len() as u32, d.spec.vcpus, "{vcpus:?}");
+        for v in &vcpus {
+            assert!(v.cpu.is_some() && v.cpu_time_ns.is_some(), "{v:?}");
+            assert_eq!(v.state.as_deref(), Some("running"));
+            assert!(v.affinity.contains('y'), "{v:?}");
+        }
         hv.shutdown_domain("q2").expect("shutdown");
         expect_state(&conn, "q2", DomainState::Shutoff, DomainReason::Shutdown);
         // The next boot's run end is a new line in the same log.
@@ -413,4 +437,45 @@ fn the_console_socket_carries_both_ways() {
     }
     conn.hypervisor().destroy_domain(name).expect("destroy");
     let _ = std::fs::remove_dir_all(&root);
+}
+
+/// `spec.arch`: qemu-system-x86_64 runs x86_64 and i686 guests; any other
+/// architecture is refused at define, naming the field (no QEMU needed).
+#[test]
+fn an_arch_the_node_cannot_run_is_refused() {
+    let root = fresh_root("qemu-arch");
+    let conn = open(&root);
+    let mut d = vireo_crds::Domain::new(
+        "arm",
+        vireo_crds::DomainSpec {
+            domain_type: vireo_crds::DomainType::Qemu,
+            arch: Some("aarch64".into()),
+            uuid: None,
+            memory: k8s_openapi::apimachinery::pkg::api::resource::Quantity("256Mi".into()),
+            current_memory: None,
+            vcpus: 1,
+            max_vcpus: None,
+            os: None,
+            devices: Default::default(),
+            cloud_init: None,
+            run_strategy: vireo_crds::RunStrategy::Manual,
+            lifecycle: Default::default(),
+            node_selector: None,
+        },
+    );
+    let err = conn
+        .hypervisor()
+        .define_domain(&d)
+        .expect_err("aarch64 on qemu-system-x86_64");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("spec.arch") && msg.contains("'aarch64'") && msg.contains("x86_64 and i686"),
+        "{msg}"
+    );
+    for arch in ["i686", "x86_64"] {
+        d.spec.arch = Some(arch.into());
+        if let Err(e) = conn.hypervisor().define_domain(&d) {
+            assert!(!e.to_string().contains("spec.arch"), "{arch}: {e}");
+        }
+    }
 }

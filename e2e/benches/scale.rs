@@ -13,13 +13,11 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::{StreamExt, TryStreamExt};
-use kube::api::{Api, PostParams};
-use kube::runtime::{WatchStreamExt, watcher};
-use vireo_crds::{Domain, DomainSpec, DomainState, DomainType};
+use common::fleet;
+use kube::api::Api;
+use vireo_crds::Domain;
 
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -121,14 +119,6 @@ fn request_delta(
     v
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
-}
-
 #[tokio::main]
 async fn main() {
     let n = env_or("VIREO_SCALE_N", 1000);
@@ -143,24 +133,7 @@ async fn main() {
     common::ready_hosts(&client, 3).await;
 
     let domains: Api<Domain> = Api::namespaced(client.clone(), "default");
-    let running_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let seen = running_at.clone();
-    let watch = tokio::spawn(
-        watcher(domains.clone(), watcher::Config::default())
-            .applied_objects()
-            .try_for_each(move |d| {
-                let seen = seen.clone();
-                async move {
-                    if d.status.as_ref().and_then(|s| s.state) == Some(DomainState::Running) {
-                        seen.lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .entry(d.metadata.name.clone().unwrap_or_default())
-                            .or_insert_with(Instant::now);
-                    }
-                    Ok(())
-                }
-            }),
-    );
+    let (watch, running_at) = fleet::watch_running(&domains);
     let requests_before = api_requests(&cluster);
     let pid_of = |key: &str| {
         cluster
@@ -179,42 +152,7 @@ async fn main() {
     }
     let cpu_before: Vec<f64> = cpu_pids.iter().map(|(_, p)| cpu_seconds(*p)).collect();
     let started = Instant::now();
-    let created_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    futures::stream::iter(0..n)
-        .for_each_concurrent(16, |i| {
-            let domains = domains.clone();
-            let created_at = created_at.clone();
-            async move {
-                let name = format!("scale-{i:04}");
-                let d = Domain::new(
-                    &name,
-                    DomainSpec {
-                        domain_type: DomainType::Test,
-                        uuid: None,
-                        memory: k8s_openapi::apimachinery::pkg::api::resource::Quantity(
-                            "256Mi".into(),
-                        ),
-                        current_memory: None,
-                        vcpus: 1,
-                        max_vcpus: None,
-                        os: None,
-                        devices: Default::default(),
-                        run_strategy: Default::default(),
-                        lifecycle: Default::default(),
-                        node_selector: None,
-                    },
-                );
-                let t = Instant::now();
-                if let Err(e) = domains.create(&PostParams::default(), &d).await {
-                    eprintln!("create {name}: {e}");
-                }
-                created_at
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(name, t);
-            }
-        })
-        .await;
+    let created_map = fleet::create(&domains, "scale", n, "256Mi", 16).await;
     let created = started.elapsed();
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
@@ -237,16 +175,7 @@ async fn main() {
     watch.abort();
 
     let running = running_at.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let created_map = created_at.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let mut latencies: Vec<f64> = running
-        .iter()
-        .filter_map(|(k, t)| {
-            created_map
-                .get(k)
-                .map(|c| t.saturating_duration_since(*c).as_secs_f64())
-        })
-        .collect();
-    latencies.sort_by(f64::total_cmp);
+    let latencies = fleet::latencies(&created_map, &running);
     let op_mib = vm_hwm_kib(operator.pid().unwrap_or(0)) as f64 / 1024.0;
     let agent_mib: Vec<f64> = agents
         .iter()
@@ -274,12 +203,12 @@ async fn main() {
     println!(
         " {:<36} {:>11.3}s",
         "create-to-Running p50",
-        percentile(&latencies, 0.50)
+        fleet::percentile(&latencies, 0.50)
     );
     println!(
         " {:<36} {:>11.3}s",
         "create-to-Running p99",
-        percentile(&latencies, 0.99)
+        fleet::percentile(&latencies, 0.99)
     );
     println!(
         " {:<36} {:>12}",
@@ -315,8 +244,8 @@ async fn main() {
         "running": running.len(),
         "creates_seconds": created.as_secs_f64(),
         "all_running_seconds": all_running.as_secs_f64(),
-        "p50_seconds": percentile(&latencies, 0.50),
-        "p99_seconds": percentile(&latencies, 0.99),
+        "p50_seconds": fleet::percentile(&latencies, 0.50),
+        "p99_seconds": fleet::percentile(&latencies, 0.99),
         "api_requests": requests,
         "operator_peak_mib": op_mib,
         "agent_peak_mib": agent_mib,

@@ -72,6 +72,19 @@ async fn every_example_applies_and_converges() {
     ] {
         assert!(applied.contains(object), "{object} applied: {applied}");
     }
+    // The Debian disk example is valid for the API server too (not applied:
+    // it waits for an upload and boots for minutes under TCG; the firmware
+    // tests in drivers/tests/firmware_boot.rs boot that disk).
+    let debian = repo().join("examples").join("debian");
+    let dry = cluster.kubectl_ok(&[
+        "apply",
+        "--dry-run=server",
+        "-k",
+        debian.to_str().expect("path"),
+    ]);
+    for object in ["storagevol.vireo.dev/debian", "domain.vireo.dev/debian"] {
+        assert!(dry.contains(object), "{object} accepted: {dry}");
+    }
 
     let nets: Api<Network> = Api::all(client.clone());
     wait_for(T, "network lab active", || async {

@@ -224,6 +224,51 @@ async fn survives_agent_restart_and_reruns_after_crash(kind: Kind) {
     );
     let _ = d;
 
+    if kind.driver == "qemu" {
+        // A firmware boot with nothing to boot: QEMU keeps running
+        // SeaBIOS, and the agent says so instead of a silent hang.
+        cluster.kubectl_stdin(
+            &["apply", "-f", "-"],
+            "apiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {name: blank}\nspec:\n  type: qemu\n  memory: 128Mi\n  vcpus: 1\n  os: {firmware: bios}\n",
+        );
+        let d = wait_for(T, "Bootable=False on the blank Domain", || async {
+            domains.get_opt("blank").await.ok().flatten().filter(|d| {
+                d.status.as_ref().is_some_and(|s| {
+                    s.conditions.iter().any(|c| {
+                        c.type_ == "Bootable"
+                            && c.status == "False"
+                            && c.reason == "NoBootableDevice"
+                    })
+                })
+            })
+        })
+        .await;
+        assert_eq!(status_of(&d).0, Some(DomainState::Running), "QEMU runs on");
+        let message = d
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Bootable"))
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        assert!(message.contains("No bootable device."), "{message}");
+        let events = wait_for(T, "the NoBootableDevice event", || async {
+            let e = cluster.kubectl_ok(&[
+                "get",
+                "events",
+                "--field-selector",
+                "involvedObject.name=blank",
+            ]);
+            e.contains("NoBootableDevice").then_some(e)
+        })
+        .await;
+        assert!(events.contains("Warning"), "{events}");
+        domains
+            .delete("blank", &DeleteParams::default())
+            .await
+            .expect("delete blank");
+        wait_gone(&domains, "blank", T, "blank deleted").await;
+    }
+
     // Deleting the Domain destroys the guest.
     domains
         .delete("linux", &DeleteParams::default())

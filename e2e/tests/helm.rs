@@ -161,9 +161,15 @@ fn chart_lints_and_renders() {
                 .contains(&v.as_str()),
                 "{name} ClusterRole grants {v} on {g}/{r}"
             );
+            // The one exception: the agent reads the cloud-init keys a
+            // Domain names, by name (get, never list or watch).
+            let cloud_init_key = name == "vireo-agent"
+                && g.is_empty()
+                && (r == "secrets" || r == "configmaps")
+                && v == "get";
             assert!(
-                g == "vireo.dev" || (g == "events.k8s.io" && r == "events"),
-                "{name} ClusterRole reaches outside Vireo: {g}/{r}"
+                g == "vireo.dev" || (g == "events.k8s.io" && r == "events") || cloud_init_key,
+                "{name} ClusterRole reaches outside Vireo: {g}/{r} ({v})"
             );
         }
         let role = find(&docs, "Role", name);
@@ -172,6 +178,34 @@ fn chart_lints_and_renders() {
             assert_eq!((g.as_str(), r.as_str()), ("coordination.k8s.io", "leases"));
         }
     }
+    // The one identity that deletes: the pre-delete hook of `helm
+    // uninstall`, for Domains and Networks only (volumes are data), and only
+    // while the uninstall runs.
+    let hook = find(&docs, "ClusterRole", "vireo-uninstall");
+    assert_eq!(
+        hook["metadata"]["annotations"]["helm.sh/hook"],
+        "pre-delete"
+    );
+    for (g, r, v, _) in grants(hook) {
+        assert_eq!(g, "vireo.dev");
+        assert!(
+            r == "domains" || r == "networks",
+            "uninstall hook reaches {r}"
+        );
+        assert!(v == "list" || v == "delete", "uninstall hook may {v} {r}");
+    }
+    let job = find(&docs, "Job", "vireo-uninstall");
+    assert_eq!(job["metadata"]["annotations"]["helm.sh/hook"], "pre-delete");
+    assert_eq!(
+        job["spec"]["template"]["spec"]["containers"][0]["command"][1],
+        "uninstall"
+    );
+    let off = render(&["--set", "uninstall.cleanup=false"]);
+    assert!(
+        !off.iter().any(|d| d["kind"] == "Job"),
+        "cleanup=false renders no Job"
+    );
+
     let operator = find(&docs, "ClusterRole", "vireo-operator");
     assert!(allows(operator, "vireo.dev", "domains", "patch"));
     assert!(!allows(operator, "vireo.dev", "hosts", "patch"));
@@ -194,6 +228,11 @@ fn chart_lints_and_renders() {
     let agent = find(&docs, "ClusterRole", "vireo-agent");
     assert!(allows(agent, "vireo.dev", "hosts", "create"));
     assert!(!allows(agent, "vireo.dev", "domains", "create"));
+    // cloud-init keys by name only: never a list or watch of Secrets.
+    assert!(allows(agent, "", "secrets", "get"));
+    assert!(!allows(agent, "", "secrets", "list"));
+    assert!(!allows(agent, "", "secrets", "watch"));
+    assert!(!allows(operator, "", "secrets", "get"));
 
     let deploy = find(&docs, "Deployment", "vireo-operator");
     assert_eq!(deploy["spec"]["replicas"], 2);
@@ -823,7 +862,9 @@ async fn chart_installs_runs_vireo_with_its_own_rbac_and_uninstalls() {
     // Uninstall: the chart's objects go; the CRDs (and so the VMs' objects)
     // stay, as Helm keeps what crds/ installed.
     cluster.procs_clear();
-    cluster.helm_ok(&["uninstall", RELEASE, "--namespace", NS]);
+    // No kubelet runs the pre-delete hook Job here (tests/cluster.rs runs
+    // it on real nodes), so the hooks are skipped.
+    cluster.helm_ok(&["uninstall", RELEASE, "--namespace", NS, "--no-hooks"]);
     for (kind, name, ns) in [
         ("deployment", "vireo-operator", Some(NS)),
         ("daemonset", "vireo-agent", Some(NS)),

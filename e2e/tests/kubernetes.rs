@@ -324,6 +324,81 @@ async fn run_strategy_and_delete() {
     );
 }
 
+/// `spec.cloudInit.userDataFrom` names a Secret: the agent waits for it
+/// (Ready=False, CloudInitSourceMissing), then defines the Domain on its node
+/// with the document inline (the node's driver writes the seed from it);
+/// the Secret's content shows in no status, event or log.
+#[tokio::test(flavor = "multi_thread")]
+async fn cloud_init_user_data_from_a_secret() {
+    let cluster = Cluster::start("cloudinit").with_vireo();
+    let client = cluster.client().await;
+    ready_hosts(&client, 3).await;
+    cluster.kubectl_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {name: seeded}\nspec:\n  type: test\n  memory: 64Mi\n  vcpus: 1\n  cloudInit:\n    hostname: seeded-host\n    userDataFrom: {secretKeyRef: {name: seed, key: userdata}}\n",
+    );
+    let domains: Api<Domain> = Api::namespaced(client.clone(), "default");
+    let waiting = wait_for(T, "Ready=False for the missing Secret", || async {
+        domains.get_opt("seeded").await.ok().flatten().filter(|d| {
+            d.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.reason == "CloudInitSourceMissing")
+            })
+        })
+    })
+    .await;
+    let message = waiting
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(
+        message.contains("spec.cloudInit.userDataFrom") && message.contains("default/seed"),
+        "{message}"
+    );
+    assert_eq!(state(&waiting), None, "nothing was defined or started");
+
+    const TOKEN: &str = "VIREO-SECRET-TOKEN-5e11";
+    cluster.kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "seed",
+        &format!("--from-literal=userdata=#cloud-config\n# {TOKEN}\n"),
+    ]);
+    let d = running(&domains, "seeded").await;
+    let node = d
+        .status
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .expect("node");
+    let state_file = cluster.dir.join(format!(
+        "state-{node}/test-node/domains/default%2Fseeded.json"
+    ));
+    let on_node = std::fs::read_to_string(&state_file).expect("the node's definition");
+    assert!(
+        on_node.contains(TOKEN) && on_node.contains("seeded-host"),
+        "the node's definition holds the document inline:\n{on_node}"
+    );
+    let record: serde_json::Value = serde_json::from_str(&on_node).expect("JSON");
+    let ci = &record["def"]["spec"]["cloudInit"];
+    assert!(
+        ci["userDataFrom"].is_null() && ci["userData"].as_str().is_some_and(|t| t.contains(TOKEN)),
+        "resolved, not referenced: {ci}"
+    );
+    let status = cluster.kubectl_ok(&["get", "domain", "seeded", "-o", "yaml"]);
+    let events = cluster.kubectl_ok(&["get", "events", "-o", "yaml"]);
+    for (what, text) in [
+        ("status", &status),
+        ("events", &events),
+        ("logs", &cluster.logs()),
+    ] {
+        assert!(!text.contains(TOKEN), "the Secret leaked into {what}");
+    }
+}
+
 /// Invalid manifests are refused by the API server, each naming its field.
 #[tokio::test(flavor = "multi_thread")]
 async fn invalid_manifests_are_rejected_naming_the_field() {
@@ -348,6 +423,9 @@ async fn invalid_manifests_are_rejected_naming_the_field() {
         (dom("{type: test, memory: 1Gi, vcpus: 1, runStrategy: Sometimes}"), "spec.runStrategy"),
         (dom("{type: kvm, memory: 1Gi, vcpus: 1, os: {kernel: /boot/vmlinuz, kernelVolume: k}}"), "spec.os.kernelVolume"),
         (dom("{type: kvm, memory: 1Gi, vcpus: 1, os: {initrdVolume: 'Not/A/Name'}}"), "spec.os.initrdVolume"),
+        (dom("{type: test, memory: 1Gi, vcpus: 1, cloudInit: {userData: x, userDataFrom: {secretKeyRef: {name: s, key: k}}}}"), "spec.cloudInit.userDataFrom"),
+        (dom("{type: test, memory: 1Gi, vcpus: 1, cloudInit: {networkConfigFrom: {}}}"), "spec.cloudInit.networkConfigFrom"),
+        (dom("{type: test, memory: 1Gi, vcpus: 1, cloudInit: {hostname: 'no spaces'}}"), "spec.cloudInit.hostname"),
         (
             "apiVersion: vireo.dev/v1alpha1\nkind: Network\nmetadata: {name: bad}\nspec: {ip: {address: 10.0.0.1, prefix: 24, dhcp: {ranges: [{start: 10.0.0.2, end: 10.0.1.9}]}}}\n".into(),
             "spec.ip.dhcp.ranges",

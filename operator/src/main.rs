@@ -12,6 +12,8 @@ use vireo_controllers::metrics::Metrics;
 use vireo_controllers::operator::OperatorConfig;
 use vireo_crds::labels::{OPERATOR_LEASE, SYSTEM_NAMESPACE};
 
+mod uninstall;
+
 #[derive(Parser)]
 #[command(
     version,
@@ -56,6 +58,15 @@ enum Command {
         #[arg(long)]
         out_dir: Option<PathBuf>,
     },
+    /// Before Vireo is removed from a cluster (the chart's pre-delete hook):
+    /// delete every Domain and every Network and wait until the agents have
+    /// destroyed their guests, bridges and dnsmasq. StoragePools and
+    /// StorageVols, and their files, are kept.
+    Uninstall {
+        /// Seconds to wait for the agents before giving up (non-zero exit).
+        #[arg(long, default_value_t = 300)]
+        timeout_seconds: u64,
+    },
 }
 
 fn print_crds(out_dir: Option<PathBuf>) -> Result<()> {
@@ -82,6 +93,15 @@ fn main() -> Result<()> {
         return print_crds(out_dir);
     }
     vireo_controllers::metrics::init_tracing();
+    if let Some(Command::Uninstall { timeout_seconds }) = cli.command {
+        let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+        return runtime.block_on(async move {
+            let client = kube::Client::try_default()
+                .await
+                .context("cannot reach the cluster")?;
+            uninstall::run(client, Duration::from_secs(timeout_seconds)).await
+        });
+    }
     let config = OperatorConfig {
         concurrency: cli.concurrency.max(1),
         host_check: Duration::from_secs(cli.host_check_seconds.max(1)),
@@ -90,12 +110,18 @@ fn main() -> Result<()> {
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
+        // Listening from the start: a signal while the Lease is sought is not lost.
+        let mut shutdown = vireo_controllers::shutdown::Shutdown::listen()
+            .context("cannot listen for SIGTERM and SIGINT")?;
         let metrics = Metrics::new("vireo_operator");
         vireo_controllers::metrics::spawn_server(cli.metrics_addr, metrics.clone());
         let client = kube::Client::try_default().await.context("cannot reach the cluster")?;
         if cli.no_leader_election {
             tracing::info!("running without leader election");
-            return vireo_controllers::operator::run(client, config, metrics).await.context("vireo-operator");
+            return tokio::select! {
+                r = vireo_controllers::operator::run(client, config, metrics) => r.context("vireo-operator"),
+                _ = shutdown.wait() => Ok(()),
+            };
         }
         let lease_seconds = cli.leader_lease_seconds.max(2);
         let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), OPERATOR_LEASE)
@@ -110,7 +136,7 @@ fn main() -> Result<()> {
         while !*leading.borrow_and_update() {
             tokio::select! {
                 changed = leading.changed() => changed.context("leader election stopped")?,
-                _ = vireo_controllers::agent::shutdown_signal() => return Ok(()),
+                _ = shutdown.wait() => return Ok(()),
             }
         }
         tracing::info!("leading");
@@ -126,7 +152,7 @@ fn main() -> Result<()> {
                 // Another replica may lead now: stop at once rather than act twice.
                 anyhow::bail!("lost the leader Lease; exiting so a restart can wait its turn")
             }
-            _ = vireo_controllers::agent::shutdown_signal() => {
+            _ = shutdown.wait() => {
                 // Hand the Lease over now instead of letting it expire.
                 drop(leading);
                 match task.await {

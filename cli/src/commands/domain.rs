@@ -10,8 +10,33 @@ use super::{Command, read_manifests, to_data, yes_no};
 use crate::output::{Output, Table};
 
 /// Resolves a name, ID or UUID to the domain's name.
-fn resolve(conn: &Connection, text: &str) -> Result<vireo_drivers::DomainRef> {
-    Ok(conn.hypervisor().lookup_domain(Lookup::domain(text))?)
+/// A libvirt name (`QEMUGuest1`) also finds the Domain imported from it:
+/// the Kubernetes form of the name whose `vireo.dev/libvirt-name`
+/// annotation is that libvirt name.
+pub fn resolve(conn: &Connection, text: &str) -> Result<vireo_drivers::DomainRef> {
+    let hv = conn.hypervisor();
+    match hv.lookup_domain(Lookup::domain(text)) {
+        Err(vireo_drivers::Error::NotFound(e)) => {
+            let (ns, name) = match text.rsplit_once('/') {
+                Some((ns, name)) => (format!("{ns}/"), name),
+                None => (String::new(), text),
+            };
+            let candidate = format!("{ns}{}", vireo_crds::libvirt_xml::kube_name(name));
+            if candidate != text
+                && let Ok(found) = hv.lookup_domain(Lookup::Name(&candidate))
+                && hv
+                    .domain_definition(&found.name, true)
+                    .ok()
+                    .and_then(|d| d.metadata.annotations)
+                    .and_then(|a| a.get(vireo_crds::labels::LIBVIRT_NAME_ANNOTATION).cloned())
+                    .is_some_and(|original| original == name)
+            {
+                return Ok(found);
+            }
+            Err(vireo_drivers::Error::NotFound(e).into())
+        }
+        other => Ok(other?),
+    }
 }
 
 fn id_text(id: Option<u32>) -> String {
@@ -21,19 +46,7 @@ fn id_text(id: Option<u32>) -> String {
 pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
     let hv = conn.hypervisor();
     Ok(match command {
-        Command::List(args) => {
-            let mut table = Table::new(&["Id", "Name", "State"]);
-            let mut data = Vec::new();
-            for d in hv.list_domains(args.filter())? {
-                let (state, reason) = hv.domain_state(&d.name)?;
-                data.push(json!({"id": d.id, "name": d.name, "uuid": d.uuid, "state": state, "reason": reason}));
-                table.row(vec![id_text(d.id), d.name, state.to_string()]);
-            }
-            Output::Table {
-                table,
-                data: data.into(),
-            }
-        }
+        Command::List(args) => list(conn, args)?,
         Command::Dominfo(a) => {
             let d = resolve(conn, &a.domain)?;
             let info = hv.domain_info(&d.name)?;
@@ -46,7 +59,7 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
                 ("Id", id_text(d.id)),
                 ("Name", d.name.clone()),
                 ("UUID", d.uuid.clone()),
-                ("OS Type", "hvm".to_string()),
+                ("OS Type", hv.domain_os_type(&d.name)?),
                 ("State", info.state.to_string()),
                 ("CPU(s)", info.vcpus.to_string()),
             ];
@@ -61,7 +74,16 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
                     "Autostart",
                     if autostart { "enable" } else { "disable" }.to_string(),
                 ),
+                // Vireo keeps no managed save image.
+                ("Managed save", "no".to_string()),
             ]);
+            let (model, doi) = hv.security_model();
+            rows.push(("Security model", model));
+            rows.push(("Security DOI", doi));
+            if let Some((label, enforcing)) = hv.domain_security_label(&d.name)? {
+                let mode = if enforcing { "enforcing" } else { "permissive" };
+                rows.push(("Security label", format!("{label} ({mode})")));
+            }
             Output::Fields {
                 width: 15,
                 rows,
@@ -201,14 +223,106 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
         Command::Setmem(a) => {
             let d = resolve(conn, &a.domain)?;
             let bytes = crate::size::parse(&a.size, 1024).map_err(anyhow::Error::msg)?;
-            hv.set_domain_memory(&d.name, bytes)?;
+            // virsh's setmem without a flag changes the running domain only.
+            hv.set_domain_memory_flags(
+                &d.name,
+                bytes,
+                a.affect.affect_or(vireo_drivers::Affect::Live)?,
+            )?;
             Output::Empty
         }
         Command::Setvcpus(a) => {
             let d = resolve(conn, &a.domain)?;
-            hv.set_domain_vcpus(&d.name, a.count)?;
+            // virsh's setvcpus without a flag changes the running domain only.
+            hv.set_domain_vcpus_flags(
+                &d.name,
+                a.count,
+                a.affect.affect_or(vireo_drivers::Affect::Live)?,
+            )?;
             Output::Empty
         }
         _ => bail!("not a domain command"),
+    })
+}
+
+/// `list`, with virsh's filters and its --name/--uuid forms.
+fn list(conn: &Connection, args: &super::DomListArgs) -> Result<Output> {
+    use vireo_crds::DomainState as S;
+    let hv = conn.hypervisor();
+    let any_state =
+        args.state_running || args.state_paused || args.state_shutoff || args.state_other;
+    // A state filter looks at every domain, active or not, as virsh's does.
+    let filter = if args.all || any_state {
+        vireo_drivers::ListFilter::All
+    } else if args.inactive {
+        vireo_drivers::ListFilter::Inactive
+    } else {
+        vireo_drivers::ListFilter::Active
+    };
+    let mut table = if args.title {
+        Table::new(&["Id", "Name", "State", "Title"])
+    } else {
+        Table::new(&["Id", "Name", "State"])
+    };
+    let mut data = Vec::new();
+    let mut lines = Vec::new();
+    for d in hv.list_domains(filter)? {
+        let (state, reason) = hv.domain_state(&d.name)?;
+        if any_state {
+            let wanted = match state {
+                S::Running => args.state_running,
+                S::Paused => args.state_paused,
+                S::Shutoff => args.state_shutoff,
+                _ => args.state_other,
+            };
+            if !wanted {
+                continue;
+            }
+        }
+        if args.persistent || args.transient {
+            let persistent = hv.domain_is_persistent(&d.name)?;
+            if persistent != args.persistent {
+                continue;
+            }
+        }
+        if args.autostart || args.no_autostart {
+            let autostart = hv.domain_autostart(&d.name)?;
+            if autostart != args.autostart {
+                continue;
+            }
+        }
+        data.push(
+            json!({"id": d.id, "name": d.name, "uuid": d.uuid, "state": state, "reason": reason}),
+        );
+        match (args.uuid, args.name) {
+            (true, true) => lines.push(format!("{} {}", d.uuid, d.name)),
+            (true, false) => lines.push(d.uuid.clone()),
+            (false, true) => lines.push(d.name.clone()),
+            (false, false) => {}
+        }
+        let mut row = vec![id_text(d.id), d.name.clone(), state.to_string()];
+        if args.title {
+            let def = hv.domain_definition(&d.name, false)?;
+            let title = def
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|n| n.get(vireo_drivers::hypervisor::TITLE_ANNOTATION))
+                .cloned()
+                .unwrap_or_default();
+            row.push(title);
+        }
+        table.row(row);
+    }
+    Ok(if args.name || args.uuid {
+        Output::Text {
+            text: lines.join("\n"),
+            data: data.into(),
+        }
+    } else {
+        Output::Table {
+            table,
+            data: data.into(),
+        }
     })
 }

@@ -2,7 +2,9 @@
 
 mod console;
 mod domain;
+mod edit;
 mod host;
+mod inspect;
 mod network;
 mod pool;
 mod volume;
@@ -28,14 +30,27 @@ pub enum Command {
     Nodeinfo,
     /// Print the node's host name.
     Hostname,
+    /// Print the node's free memory (libvirt's test node: its fixed
+    /// figures), per NUMA cell with --all or CELL.
+    Freecell(FreecellArgs),
+    /// Print the connection's capabilities as libvirt capabilities XML:
+    /// host CPU, NUMA cells, security model, guest types.
+    Capabilities,
+    /// Print the host's SMBIOS data as libvirt sysinfo XML: the node's (read
+    /// from its /sys/class/dmi/id), or the test node's fixed data.
+    Sysinfo,
+    /// Print the arguments, like virsh's echo (handy in shell scripts).
+    Echo(EchoArgs),
     /// Turn a libvirt XML description (domain, network, pool, volume) into
     /// the Vireo manifest to keep; what it cannot carry over is noted on
     /// stderr. (`define -f FILE.xml` and the other -f commands take XML too.)
     ImportXml(ImportXmlArgs),
 
     // -- domains --
-    /// List domains: running ones, or all with --all, or inactive ones with --inactive.
-    List(ListArgs),
+    /// List domains: running ones, or all with --all, or inactive ones with
+    /// --inactive; --state-*, --persistent, --transient, --autostart and
+    /// --no-autostart filter them, --name and --uuid print only those.
+    List(DomListArgs),
     /// Show a domain's ID, UUID, state, CPUs and memory.
     Dominfo(DomainArg),
     /// Show a domain's state, and with --reason why it is in it.
@@ -75,10 +90,51 @@ pub enum Command {
     Destroy(DomainArg),
     /// Mark a domain to start with its node, or unmark it with --disable.
     Autostart(AutostartArgs),
-    /// Set a domain's current memory (a bare number is KiB; units: K, M, G, KiB, GB, ...).
+    /// Set a domain's current memory (a bare number is KiB; units: K, M, G,
+    /// KiB, GB, ...). Without --config only a running domain's (as virsh).
     Setmem(SetmemArgs),
-    /// Set a domain's vCPU count (at most spec.maxVcpus).
+    /// Set a domain's vCPU count (at most spec.maxVcpus). Without --config
+    /// only a running domain's (as virsh).
     Setvcpus(SetvcpusArgs),
+    /// List a domain's interfaces: name, type, network, model, MAC.
+    Domiflist(DomainArg),
+    /// List a domain's disks: target and source (the volume's path, or its
+    /// name when no pool of this node holds it).
+    Domblklist(DomainArg),
+    /// Print a domain's vCPU counts: maximum and current, config and live.
+    Vcpucount(VcpucountArgs),
+    /// Print a running domain's memory statistics, in KiB.
+    Dommemstat(DomainArg),
+    /// Print or set (--new-desc) a domain's description, or its title with
+    /// --title (the vireo.dev/description and vireo.dev/title annotations).
+    Desc(DescArgs),
+    /// Print a domain's scheduler and its parameters.
+    Schedinfo(DomainArg),
+    /// Print the console socket of a running domain, a path on the node
+    /// that runs it (empty when its driver has none, as on the test node).
+    Ttyconsole(DomainArg),
+    /// Print a disk's capacity, allocation and physical size in bytes.
+    Domblkinfo(DomainDeviceArgs),
+    /// Print a running domain's disk I/O counters: QEMU's (the qemu
+    /// driver), the test driver's simulated ones; the kvm driver keeps none yet.
+    Domblkstat(DomainDeviceArgs),
+    /// Print a running domain's interface counters, as the guest sees them:
+    /// its tap's, so only on the node that runs it (this machine, or its
+    /// agent's socket); the test driver's are simulated.
+    Domifstat(DomainIfaceArgs),
+    /// Print each vCPU: the host CPU it runs on, its state, CPU time,
+    /// affinity (read on the node that runs it; N/A while inactive).
+    Vcpuinfo(DomainArg),
+    /// Edit a domain's manifest in $EDITOR (libvirt XML with --xml) and
+    /// define the result; nothing changes if the edit is invalid or unchanged.
+    Edit(EditArgs),
+    /// Print domain lifecycle events (started, stopped, suspended, ...) as
+    /// they happen; --loop keeps going, --timeout stops after SECONDS. It
+    /// polls the connection's domains every 200 ms: on a node (an agent's
+    /// socket) it sees what the agent and every client do; on
+    /// test:///default the node lives in this process, which makes no
+    /// change while it waits.
+    Event(EventArgs),
     /// Attach to a running domain's serial console; Ctrl+] leaves it.
     Console(ConsoleArgs),
 
@@ -87,6 +143,10 @@ pub enum Command {
     NetList(ListArgs),
     /// Show a network's UUID, state and bridge.
     NetInfo(NameArg),
+    /// Print a network's UUID.
+    NetUuid(NameArg),
+    /// Print a network's name, from its UUID.
+    NetName(NameArg),
     /// Print a network's manifest.
     NetDumpspec(NameArg),
     /// Print a network as libvirt network XML.
@@ -111,6 +171,10 @@ pub enum Command {
     PoolList(PoolListArgs),
     /// Show a pool's state and sizes.
     PoolInfo(NameArg),
+    /// Print a pool's UUID.
+    PoolUuid(NameArg),
+    /// Print a pool's name, from its UUID.
+    PoolName(NameArg),
     /// Print a pool's manifest.
     PoolDumpspec(NameArg),
     /// Print a pool as libvirt pool XML.
@@ -143,6 +207,10 @@ pub enum Command {
     VolPath(VolArgs),
     /// Print a volume's key.
     VolKey(VolArgs),
+    /// Print a volume's name, from its key or path.
+    VolName(VolArgs),
+    /// Print the pool that holds a volume (given by key or path).
+    VolPool(VolPoolArgs),
     /// Create volumes from a StorageVol manifest file.
     VolCreate(VolFileArgs),
     /// Create a volume from arguments (sizes: a bare number is bytes; units K, M, G, GB, ...).
@@ -181,6 +249,165 @@ impl ListArgs {
             _ => vireo_drivers::ListFilter::Active,
         }
     }
+}
+
+#[derive(Args)]
+pub struct DomListArgs {
+    /// Active and inactive domains.
+    #[arg(long, conflicts_with = "inactive")]
+    pub all: bool,
+    /// Inactive domains only.
+    #[arg(long)]
+    pub inactive: bool,
+    /// Running domains (of all, active and inactive).
+    #[arg(long)]
+    pub state_running: bool,
+    /// Paused domains.
+    #[arg(long)]
+    pub state_paused: bool,
+    /// Shut-off domains.
+    #[arg(long)]
+    pub state_shutoff: bool,
+    /// Domains in another state (shutdown, crashed, pmsuspended, blocked).
+    #[arg(long)]
+    pub state_other: bool,
+    /// Persistent domains only.
+    #[arg(long, conflicts_with = "transient")]
+    pub persistent: bool,
+    /// Transient domains only.
+    #[arg(long)]
+    pub transient: bool,
+    /// Domains marked to start with the node.
+    #[arg(long, conflicts_with = "no_autostart")]
+    pub autostart: bool,
+    /// Domains not marked to start with the node.
+    #[arg(long)]
+    pub no_autostart: bool,
+    /// Print names only, one a line.
+    #[arg(long, conflicts_with = "table")]
+    pub name: bool,
+    /// Print UUIDs only, one a line (with --name: UUID and name).
+    #[arg(long, conflicts_with = "table")]
+    pub uuid: bool,
+    /// Print the table (the default).
+    #[arg(long)]
+    pub table: bool,
+    /// Add a Title column (the vireo.dev/title annotation).
+    #[arg(long)]
+    pub title: bool,
+}
+
+/// virsh's --live, --config and --current.
+#[derive(Args)]
+pub struct AffectArgs {
+    /// The running domain only (refused on an inactive one).
+    #[arg(long)]
+    pub live: bool,
+    /// The persistent definition (the next start) only.
+    #[arg(long)]
+    pub config: bool,
+    /// The running domain if it runs, else the persistent definition.
+    #[arg(long)]
+    pub current: bool,
+}
+
+#[derive(Args)]
+pub struct VcpucountArgs {
+    /// Domain name, ID or UUID.
+    pub domain: String,
+    /// Only the maximum count.
+    #[arg(long, conflicts_with = "active")]
+    pub maximum: bool,
+    /// Only the current count.
+    #[arg(long)]
+    pub active: bool,
+    #[command(flatten)]
+    pub affect: AffectArgs,
+}
+
+#[derive(Args)]
+pub struct DescArgs {
+    /// Domain name, ID or UUID.
+    pub domain: String,
+    /// The title instead of the description.
+    #[arg(long)]
+    pub title: bool,
+    /// Set it to this text (empty removes it).
+    #[arg(long, value_name = "TEXT")]
+    pub new_desc: Option<String>,
+    #[command(flatten)]
+    pub affect: AffectArgs,
+}
+
+#[derive(Args)]
+pub struct FreecellArgs {
+    /// Only this NUMA cell.
+    pub cell: Option<u32>,
+    /// Only this NUMA cell (virsh's --cellno form).
+    #[arg(long, conflicts_with = "cell")]
+    pub cellno: Option<u32>,
+    /// Every cell, and the total.
+    #[arg(long, conflicts_with_all = ["cell", "cellno"])]
+    pub all: bool,
+}
+
+#[derive(Args)]
+pub struct EchoArgs {
+    /// Words to print, separated by spaces.
+    pub words: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct DomainDeviceArgs {
+    /// Domain name, ID or UUID.
+    pub domain: String,
+    /// Disk target (vda) or volume name.
+    pub device: String,
+}
+
+#[derive(Args)]
+pub struct DomainIfaceArgs {
+    /// Domain name, ID or UUID.
+    pub domain: String,
+    /// Interface name (as domiflist prints it) or MAC address.
+    pub interface: String,
+}
+
+#[derive(Args)]
+pub struct EditArgs {
+    /// Domain name, ID or UUID.
+    pub domain: String,
+    /// Edit libvirt domain XML instead of the manifest.
+    #[arg(long)]
+    pub xml: bool,
+}
+
+#[derive(Args)]
+pub struct EventArgs {
+    /// Only this domain's events (name, ID or UUID).
+    #[arg(long)]
+    pub domain: Option<String>,
+    /// Only lifecycle events (the only kind there is; accepted for virsh's sake).
+    #[arg(long, value_name = "EVENT")]
+    pub event: Option<String>,
+    /// Keep printing events instead of stopping after the first.
+    #[arg(long = "loop")]
+    pub keep: bool,
+    /// Stop after this many seconds.
+    #[arg(long, value_name = "SECONDS")]
+    pub timeout: Option<u64>,
+    /// Print a timestamp before each event.
+    #[arg(long)]
+    pub timestamp: bool,
+}
+
+#[derive(Args)]
+pub struct VolPoolArgs {
+    /// Volume key or path.
+    pub vol: String,
+    /// Print the pool's UUID instead of its name.
+    #[arg(long)]
+    pub uuid: bool,
 }
 
 #[derive(Args)]
@@ -260,6 +487,8 @@ pub struct SetmemArgs {
     pub domain: String,
     /// New current memory: a bare number is KiB, or give a unit (512M, 2G, 2GiB).
     pub size: String,
+    #[command(flatten)]
+    pub affect: AffectArgs,
 }
 
 #[derive(Args)]
@@ -268,6 +497,8 @@ pub struct SetvcpusArgs {
     pub domain: String,
     /// New vCPU count.
     pub count: u32,
+    #[command(flatten)]
+    pub affect: AffectArgs,
 }
 
 #[derive(Args)]
@@ -394,6 +625,26 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
     use Command as C;
     match command {
         C::Uri | C::Version | C::Nodeinfo | C::Hostname => host::run(conn, command),
+        C::Echo(a) => Ok(Output::Text {
+            text: a.words.join(" "),
+            data: serde_json::json!({"echo": a.words.join(" ")}),
+        }),
+        C::Freecell(_)
+        | C::Capabilities
+        | C::Sysinfo
+        | C::Domiflist(_)
+        | C::Domblklist(_)
+        | C::Vcpucount(_)
+        | C::Dommemstat(_)
+        | C::Desc(_)
+        | C::Schedinfo(_)
+        | C::Ttyconsole(_)
+        | C::Domblkinfo(_)
+        | C::Domblkstat(_)
+        | C::Domifstat(_)
+        | C::Vcpuinfo(_) => inspect::run(conn, command),
+        C::Edit(a) => edit::edit(conn, a),
+        C::Event(a) => edit::events(conn, a),
         C::ImportXml(a) => import_xml(a),
         C::List(_)
         | C::Dominfo(_)
@@ -419,6 +670,8 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
         C::Console(a) => console::run(conn, a),
         C::NetList(_)
         | C::NetInfo(_)
+        | C::NetUuid(_)
+        | C::NetName(_)
         | C::NetDumpspec(_)
         | C::NetDumpxml(_)
         | C::NetDefine(_)
@@ -431,6 +684,8 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
         | C::Domifaddr(_) => network::run(conn, command),
         C::PoolList(_)
         | C::PoolInfo(_)
+        | C::PoolUuid(_)
+        | C::PoolName(_)
         | C::PoolDumpspec(_)
         | C::PoolDumpxml(_)
         | C::PoolDefine(_)
@@ -447,6 +702,8 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
         | C::VolDumpxml(_)
         | C::VolPath(_)
         | C::VolKey(_)
+        | C::VolName(_)
+        | C::VolPool(_)
         | C::VolCreate(_)
         | C::VolCreateAs(_)
         | C::VolClone(_)
@@ -487,6 +744,15 @@ fn from_libvirt_xml(path: &Path, text: &str, pool: Option<&str>) -> Result<Manif
 /// `import-xml`: a libvirt description as the manifest to keep (YAML, or
 /// JSON with `-o json`).
 fn import_xml(a: &ImportXmlArgs) -> Result<Output> {
+    // Past the size cap, refuse before reading the file at all.
+    use vireo_crds::libvirt_xml::{MAX_DESCRIPTION_BYTES, XmlError};
+    if let Ok(meta) = std::fs::metadata(&a.file)
+        && meta.is_file()
+        && meta.len() > MAX_DESCRIPTION_BYTES as u64
+    {
+        let len = usize::try_from(meta.len()).unwrap_or(usize::MAX);
+        bail!("{}: {}", a.file.display(), XmlError::TooLarge(len));
+    }
     let text = read_text(&a.file)?;
     let manifest = from_libvirt_xml(&a.file, &text, a.pool.as_deref())?;
     let data = to_data(&manifest)?;

@@ -99,25 +99,66 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
                 bail!("domain '{}' is not running", d.name);
             }
             let def = hv.domain_definition(&d.name, false)?;
-            let mut table = Table::new(&["Name", "MAC address", "Protocol", "Address"]);
+            // virsh's fixed layout: a 79-column rule, N/A without an address.
+            let mut lines = vec![
+                format!(
+                    " {:<10} {:<20} {:<12} {}",
+                    "Name", "MAC address", "Protocol", "Address"
+                ),
+                "-".repeat(79),
+            ];
             let mut data = Vec::new();
-            for i in vireo_drivers::network::interface_addresses(
+            // Addresses the driver knows (the test driver's simulated ones),
+            // else the leases of the networks' DHCP servers.
+            let known = hv.domain_interface_addresses(&d.name)?;
+            let mut ifaces = vireo_drivers::network::interface_addresses(
                 net,
                 &def.spec.devices.interfaces,
                 &d.uuid,
-            ) {
-                let device = i.device.unwrap_or_default();
-                data.push(json!({"name": device, "interface": i.name, "network": i.network, "mac": i.mac, "address": i.ip}));
-                table.row(vec![
-                    device,
-                    i.mac,
-                    if i.ip.is_some() { "ipv4" } else { "-" }.into(),
-                    i.ip.unwrap_or_else(|| "-".into()),
-                ]);
+            );
+            if let Some(known) = known {
+                for i in &mut ifaces {
+                    i.ip = known
+                        .iter()
+                        .find(|(name, _)| *name == i.name)
+                        .map(|(_, ip)| ip.clone());
+                }
             }
-            Output::Table {
-                table,
+            for i in ifaces {
+                // A test domain plugs nothing in: its interface goes by its
+                // own name, as libvirt's test driver names it.
+                let device = if def.spec.domain_type == vireo_crds::DomainType::Test {
+                    i.name.clone()
+                } else {
+                    i.device.clone().unwrap_or_else(|| i.name.clone())
+                };
+                data.push(json!({"name": device, "interface": i.name, "network": i.network, "mac": i.mac, "address": i.ip}));
+                let (protocol, address) = match &i.ip {
+                    Some(ip) => ("ipv4", ip.clone()),
+                    None => ("N/A", "N/A".to_string()),
+                };
+                lines.push(format!(
+                    " {device:<10} {:<20} {protocol:<12} {address}",
+                    i.mac
+                ));
+            }
+            Output::Text {
+                text: lines.join("\n"),
                 data: data.into(),
+            }
+        }
+        Command::NetUuid(a) => {
+            let n = resolve(conn, &a.name)?;
+            Output::Text {
+                data: json!({"uuid": n.uuid}),
+                text: n.uuid,
+            }
+        }
+        Command::NetName(a) => {
+            let n = resolve(conn, &a.name)?;
+            Output::Text {
+                data: json!({"name": n.name}),
+                text: n.name,
             }
         }
         Command::NetInfo(a) => {

@@ -36,7 +36,14 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
                 let running = i.state == PoolState::Running;
                 data.push(json!({"name": i.name, "uuid": i.uuid, "state": i.state.to_string(), "autostart": i.autostart,
                     "persistent": i.persistent, "capacity": i.capacity, "allocation": i.allocation, "available": i.available}));
-                let mut row = vec![i.name, i.state.to_string(), yes_no(i.autostart).into()];
+                // virsh's pool-list says active/inactive (pool-info says running).
+                // (--details says running, as virsh does).
+                let word = match (args.details, running) {
+                    (true, _) => i.state.to_string(),
+                    (false, true) => "active".to_string(),
+                    (false, false) => "inactive".to_string(),
+                };
+                let mut row = vec![i.name, word, yes_no(i.autostart).into()];
                 if args.details {
                     row.push(yes_no(i.persistent).into());
                     for v in [i.capacity, i.allocation, i.available] {
@@ -48,6 +55,20 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
             Output::Table {
                 table,
                 data: data.into(),
+            }
+        }
+        Command::PoolUuid(a) => {
+            let p = resolve(conn, &a.name)?;
+            Output::Text {
+                data: json!({"uuid": p.uuid}),
+                text: p.uuid,
+            }
+        }
+        Command::PoolName(a) => {
+            let p = resolve(conn, &a.name)?;
+            Output::Text {
+                data: json!({"name": p.name}),
+                text: p.name,
             }
         }
         Command::PoolInfo(a) => {

@@ -31,7 +31,8 @@ fn format_of(text: &str) -> Result<VolFormat> {
     match text {
         "raw" => Ok(VolFormat::Raw),
         "qcow2" => Ok(VolFormat::Qcow2),
-        other => bail!("format '{other}' is not one of raw, qcow2"),
+        "iso" => Ok(VolFormat::Iso),
+        other => bail!("format '{other}' is not one of raw, qcow2, iso"),
     }
 }
 
@@ -79,13 +80,13 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
         Command::VolInfo(a) => {
             let v = resolve(conn, &a.vol, a.pool.as_deref())?;
             let i = st.volume_info(&v.pool, &v.name)?;
+            // virsh's four lines; the format and path are in -o yaml|json,
+            // vol-dumpxml and vol-path.
             let mut rows = vec![
                 ("Name", i.name.clone()),
                 ("Type", "file".into()),
-                ("Format", i.format.to_string()),
                 ("Capacity", human_bytes(i.capacity)),
                 ("Allocation", human_bytes(i.allocation)),
-                ("Path", i.path.clone()),
             ];
             // Only for volumes made for an upload that has not completed.
             match (i.awaiting_upload, i.upload_progress) {
@@ -113,6 +114,25 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
             Output::Text {
                 data: json!({"key": v.key}),
                 text: v.key,
+            }
+        }
+        Command::VolName(a) => {
+            let v = resolve(conn, &a.vol, a.pool.as_deref())?;
+            Output::Text {
+                data: json!({"name": v.name}),
+                text: v.name,
+            }
+        }
+        Command::VolPool(a) => {
+            let v = resolve(conn, &a.vol, None)?;
+            let text = if a.uuid {
+                conn.storage().pool_info(&v.pool)?.uuid
+            } else {
+                v.pool.clone()
+            };
+            Output::Text {
+                data: json!({"pool": v.pool}),
+                text,
             }
         }
         Command::VolCreate(f) => {

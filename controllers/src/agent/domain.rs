@@ -81,6 +81,11 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
     // Disks name StorageVols of the Domain's namespace; on the node a
     // volume's name is `namespace.name`.
     def.spec.map_volumes(|v| super::volume::file_name(&ns, v));
+    // cloud-init documents kept in Secrets and ConfigMaps go to the node
+    // inline (the driver writes the seed); never into status or logs.
+    if let Err(why) = resolve_cloud_init(ctx, &ns, &mut def.spec).await {
+        return refuse(ctx, &api, &dom, "CloudInitSourceMissing", why).await;
+    }
     // One trip to the driver: redefine if the spec changed, then read the state.
     let (k, d) = (key.clone(), def);
     let (defined, (state, reason)) = ctx
@@ -212,6 +217,45 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
         message,
         dom.meta().generation,
     );
+    // A firmware that found nothing to boot keeps its VM process running:
+    // say so (Bootable=False and one Warning event) instead of a silent hang.
+    let firmware = dom.spec.os.as_ref().is_some_and(|os| os.firmware.is_some());
+    let problem = if firmware && info.state.is_active() {
+        let k = key.clone();
+        ctx.drive_domain(ty, move |c| c.hypervisor().boot_problem(&k))
+            .await
+            .unwrap_or_else(|e| {
+                tracing::debug!(domain = %key, error = %e, "cannot read the console for boot problems");
+                None
+            })
+    } else {
+        None
+    };
+    let mut conditions = vec![ready_cond];
+    if let Some(problem) = &problem {
+        if find(&status.conditions, "Bootable").is_none_or(|c| c.status != "False") {
+            tracing::warn!(domain = %key, "{problem}");
+            k8s::event(
+                &ctx.recorder,
+                dom.as_ref(),
+                EventType::Warning,
+                "NoBootableDevice",
+                "Boot",
+                format!(
+                    "{problem}; check spec.devices.disks, spec.os.boot and the console (vireo console {key})"
+                ),
+            )
+            .await;
+        }
+        conditions.push(condition(
+            &status.conditions,
+            "Bootable",
+            false,
+            "NoBootableDevice",
+            problem.clone(),
+            dom.meta().generation,
+        ));
+    }
     let interfaces = if info.state.is_active() {
         interface_status(ctx, ty, &dom.spec.devices.interfaces, &reference.uuid).await
     } else {
@@ -225,7 +269,7 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
         uuid: Some(reference.uuid),
         info: Some(info),
         observed_generation: dom.meta().generation,
-        conditions: vec![ready_cond],
+        conditions,
         interfaces,
     };
     // A Domain the operator has bound but not yet given its gates waits
@@ -308,6 +352,85 @@ async fn refuse(
         k8s::apply_status(api, &dom.name_any(), &ctx.manager, &wanted).await?;
     }
     Ok(Action::requeue(ctx.config.resync))
+}
+
+/// Reads each `spec.cloudInit.*From` key of the Domain's namespace into the
+/// inline field, for the node's copy of the definition. The error names the
+/// field, the object and the key, never their content.
+async fn resolve_cloud_init(
+    ctx: &Ctx,
+    ns: &str,
+    spec: &mut vireo_crds::DomainSpec,
+) -> std::result::Result<(), String> {
+    let Some(ci) = spec.cloud_init.as_mut() else {
+        return Ok(());
+    };
+    for (field, from, inline) in [
+        ("userDataFrom", ci.user_data_from.take(), &mut ci.user_data),
+        ("metaDataFrom", ci.meta_data_from.take(), &mut ci.meta_data),
+        (
+            "networkConfigFrom",
+            ci.network_config_from.take(),
+            &mut ci.network_config,
+        ),
+    ] {
+        let Some(from) = from else { continue };
+        *inline = Some(read_key(ctx, ns, field, &from).await?);
+    }
+    Ok(())
+}
+
+async fn read_key(
+    ctx: &Ctx,
+    ns: &str,
+    field: &str,
+    from: &vireo_crds::DataSource,
+) -> std::result::Result<String, String> {
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    let (kind, r) = match (&from.secret_key_ref, &from.config_map_key_ref) {
+        (Some(r), _) => ("Secret", r),
+        (None, Some(r)) => ("ConfigMap", r),
+        (None, None) => {
+            return Err(format!(
+                "spec.cloudInit.{field}: give secretKeyRef or configMapKeyRef"
+            ));
+        }
+    };
+    let missing = |what: &str| {
+        format!(
+            "spec.cloudInit.{field}: {kind} {ns}/{} {what} (the Domain starts once it is there)",
+            r.name
+        )
+    };
+    let bytes: Option<Vec<u8>> = if kind == "Secret" {
+        let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+        let s = api
+            .get_opt(&r.name)
+            .await
+            .map_err(|e| missing(&format!("cannot be read: {e}")))?
+            .ok_or_else(|| missing("does not exist"))?;
+        s.data
+            .and_then(|d| d.get(&r.key).map(|b| b.0.clone()))
+            .or_else(|| {
+                s.string_data
+                    .and_then(|d| d.get(&r.key).map(|t| t.clone().into_bytes()))
+            })
+    } else {
+        let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
+        let c = api
+            .get_opt(&r.name)
+            .await
+            .map_err(|e| missing(&format!("cannot be read: {e}")))?
+            .ok_or_else(|| missing("does not exist"))?;
+        c.data
+            .and_then(|d| d.get(&r.key).map(|t| t.clone().into_bytes()))
+            .or_else(|| {
+                c.binary_data
+                    .and_then(|d| d.get(&r.key).map(|b| b.0.clone()))
+            })
+    };
+    let bytes = bytes.ok_or_else(|| missing(&format!("has no key '{}'", r.key)))?;
+    String::from_utf8(bytes).map_err(|_| missing(&format!("key '{}' is not UTF-8 text", r.key)))
 }
 
 /// `shut off` → `ShutOff`, for condition reasons.

@@ -13,6 +13,7 @@ mod network;
 mod pool;
 mod volume;
 
+use futures::FutureExt;
 pub(crate) use volume::file_name as volume_file_name;
 
 use std::collections::{BTreeMap, HashMap};
@@ -288,7 +289,12 @@ where
     F: std::future::Future<Output = Result<Action>>,
 {
     let started = std::time::Instant::now();
-    let result = f.await;
+    // A panic in a reconcile is a defect: it fails this object's reconcile
+    // (logged, evented by the caller, retried with backoff), never the agent.
+    let result = std::panic::AssertUnwindSafe(f)
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|p| Err(crate::error::panicked(p.as_ref())));
     match &result {
         Ok(_) => {
             ctx.succeeded(&key);
@@ -307,7 +313,11 @@ pub(crate) fn error_policy(ctx: &Ctx, key: &str) -> Action {
 }
 
 /// Runs the agent until SIGTERM or Ctrl-C. Guests keep running after it stops.
-pub async fn run(config: AgentConfig, metrics: Arc<Metrics>) -> Result<()> {
+pub async fn run(
+    config: AgentConfig,
+    metrics: Arc<Metrics>,
+    mut shutdown: crate::shutdown::Shutdown,
+) -> Result<()> {
     if !vireo_crds::labels::is_label_value(&config.node_name) {
         return Err(Error::Invalid(format!(
             "node name '{}' cannot be a label value (at most 63 characters of letters, digits, '-', '_', '.')",
@@ -315,8 +325,7 @@ pub async fn run(config: AgentConfig, metrics: Arc<Metrics>) -> Result<()> {
         )));
     }
     let client = Client::try_default().await?;
-    let conn = open_node(&config)?;
-    let hypervisors = open_hypervisors(&config, &conn);
+    let (config, conn, hypervisors) = open_drivers(config).await?;
     // The node's own door, for what the API server does not carry: consoles
     // and volume uploads and downloads (`vireo -c vireo+unix:///PATH`, or
     // `kubectl exec` into the agent's pod).
@@ -350,11 +359,30 @@ pub async fn run(config: AgentConfig, metrics: Arc<Metrics>) -> Result<()> {
         _ = volume::run(ctx.clone()) => {}
         _ = network::run(ctx.clone()) => {}
         _ = pool::run(ctx.clone()) => {}
-        _ = shutdown_signal() => tracing::info!("stopping; guests keep running"),
+        _ = shutdown.wait() => tracing::info!("stopping; guests keep running"),
     }
     heartbeat.abort();
     let _ = std::fs::remove_file(&socket);
     Ok(())
+}
+
+/// Opens the node's connection and its hypervisor drivers on the blocking
+/// pool: opening re-adopts what runs (networks' bridges and dnsmasq, guests'
+/// processes) through synchronous calls that must not run on an async
+/// worker thread.
+pub(crate) async fn open_drivers(
+    config: AgentConfig,
+) -> Result<(AgentConfig, Connection, BTreeMap<DomainType, Connection>)> {
+    tokio::task::spawn_blocking(move || {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let conn = open_node(&config)?;
+            let hypervisors = open_hypervisors(&config, &conn);
+            Ok((conn, hypervisors))
+        }))
+        .unwrap_or_else(|p| Err(crate::error::panicked(p.as_ref())))
+        .map(|(conn, hypervisors)| (config, conn, hypervisors))
+    })
+    .await?
 }
 
 /// Serves the node's drivers as one on the local API socket (`--socket`,
@@ -453,30 +481,6 @@ fn open_process_drivers(
         Err(e) => tracing::warn!(error = %e, "the kvm driver is not available on this node"),
     }
     out
-}
-
-/// Resolves on SIGTERM or Ctrl-C.
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
 }
 
 /// Whether a cluster-scoped object (Network, StoragePool) should be realized

@@ -121,6 +121,10 @@ pub fn start(files: &Files, conf: &str) -> Result<u32, String> {
     }
     for _ in 0..100 {
         if let Some(pid) = running(files) {
+            // Guests renew their leases after the agent's pod is gone too.
+            if let Err(e) = crate::cgroup::leave_pod(pid) {
+                tracing::warn!(pid, error = %e, "cannot keep dnsmasq beyond the agent's pod");
+            }
             return Ok(pid);
         }
         std::thread::sleep(Duration::from_millis(20));

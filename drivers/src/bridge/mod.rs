@@ -16,7 +16,9 @@
 //! what each active network set up. Start and destroy are idempotent: a
 //! start first clears whatever a failed or interrupted start left, and
 //! destroy removes the bridge (only one we created, recognised by its
-//! alias `vireo-network:UUID`), the table and the dnsmasq.
+//! alias `vireo-network:UUID`, or by the pending mark in the network's run
+//! directory when a start was stopped between making the bridge and
+//! giving it its alias), the table and the dnsmasq.
 //!
 //! Guests join a network through [`tap`] devices on its bridge; their
 //! addresses are read from dnsmasq's leases ([`BridgeDriver::dhcp_leases`],
@@ -386,10 +388,23 @@ impl BridgeDriver {
                     "spec.bridge: interface '{br}' already exists on this node and is not this network's"
                 ));
             }
-            None => netlink::create_bridge(br, &bridge_alias(uuid))
-                .map_err(|e| format!("creating bridge {br}: {e}"))?,
+            None => {
+                // Creating a bridge and giving it its alias are two netlink
+                // requests: a process killed between them leaves a bridge
+                // no alias marks as ours. The pending mark, written first,
+                // marks it until it has its alias (see `teardown`).
+                let pending = self.pending_bridge_file(name);
+                let dir = self.store.run_dir(name);
+                std::fs::create_dir_all(&dir)
+                    .and_then(|()| std::fs::write(&pending, br))
+                    .map_err(|e| format!("{}: {e}", pending.display()))?;
+                live.created_bridge = true;
+                let index = netlink::create_bridge(br, &bridge_alias(uuid))
+                    .map_err(|e| format!("creating bridge {br}: {e}"))?;
+                let _ = std::fs::remove_file(&pending);
+                index
+            }
         };
-        live.created_bridge = true;
         if let Some(subnet) = plan.subnet {
             netlink::add_ipv4(index, subnet.gateway, subnet.prefix)
                 .map_err(|e| format!("adding {}/{} to {br}: {e}", subnet.gateway, subnet.prefix))?;
@@ -435,9 +450,22 @@ impl BridgeDriver {
             note(nft::remove(table));
         }
         if live.created_bridge {
-            note(delete_our_bridge(&live.bridge, uuid));
+            let pending = self.pending_bridge_file(name);
+            let unmarked_is_ours =
+                std::fs::read_to_string(&pending).is_ok_and(|b| b.trim() == live.bridge);
+            let deleted = delete_our_bridge(&live.bridge, uuid, unmarked_is_ours);
+            if deleted.is_ok() {
+                let _ = std::fs::remove_file(&pending);
+            }
+            note(deleted);
         }
         first.map_or(Ok(()), Err)
+    }
+
+    /// Names the bridge this driver is creating for network `name`, from
+    /// just before the bridge is made until it carries its alias.
+    fn pending_bridge_file(&self, name: &str) -> PathBuf {
+        self.store.run_dir(name).join("bridge-pending")
     }
 
     /// Marks the record inactive (a transient one disappears).
@@ -554,12 +582,20 @@ fn free_bridge_name(all: &[Record]) -> Result<String> {
     Err(failed("", "no free bridge name vireo0..vireo9999"))
 }
 
-/// Deletes the bridge if it is there and is ours.
-fn delete_our_bridge(bridge: &str, uuid: &str) -> std::result::Result<(), String> {
+/// Deletes the bridge if it is there and is ours: it has our alias, or it
+/// has none and `unmarked_is_ours` (the pending mark names it: we created
+/// it and were stopped before giving it its alias).
+fn delete_our_bridge(
+    bridge: &str,
+    uuid: &str,
+    unmarked_is_ours: bool,
+) -> std::result::Result<(), String> {
     match netlink::link(bridge).map_err(|e| format!("looking up {bridge}: {e}"))? {
         None => Ok(()),
         Some(link)
-            if netlink::is_bridge(&link) && link.alias.as_deref() == Some(&bridge_alias(uuid)) =>
+            if netlink::is_bridge(&link)
+                && (link.alias.as_deref() == Some(&bridge_alias(uuid))
+                    || (unmarked_is_ours && link.alias.as_deref().is_none_or(str::is_empty))) =>
         {
             netlink::delete(bridge).map_err(|e| format!("deleting bridge {bridge}: {e}"))
         }

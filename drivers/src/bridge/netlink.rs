@@ -68,11 +68,51 @@ impl From<std::io::Error> for NlError {
 pub type NlResult<T> = Result<T, NlError>;
 
 /// Runs `f` with a fresh netlink handle on a current-thread runtime.
+///
+/// The callers are synchronous (the driver traits are), but they may be
+/// reached from async code: the agent's start-up and its reconcilers run on
+/// a tokio runtime, where blocking on a second runtime panics ("Cannot start
+/// a runtime from within a runtime"). So when this thread is inside a
+/// runtime, the call runs on a short-lived scoped thread of its own instead.
+/// A thread made by `clone(2)` shares its creator's network namespace, so
+/// the socket still lives in the caller's namespace (tests enter one per
+/// thread).
 fn run<T, F, Fut>(f: F) -> NlResult<T>
+where
+    T: Send,
+    F: FnOnce(Handle) -> Fut + Send,
+    Fut: Future<Output = NlResult<T>>,
+{
+    if tokio::runtime::Handle::try_current().is_err() {
+        return run_here(f);
+    }
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("vireo-netlink".into())
+            .spawn_scoped(scope, || run_here(f))
+            .map_err(NlError::from)?
+            .join()
+            .unwrap_or_else(|_| {
+                Err(NlError {
+                    errno: None,
+                    message: "the netlink call panicked".into(),
+                })
+            })
+    })
+}
+
+/// [`run`] on this thread, which is not inside a tokio runtime: the only
+/// place a runtime is built and blocked on in the drivers.
+fn run_here<T, F, Fut>(f: F) -> NlResult<T>
 where
     F: FnOnce(Handle) -> Fut,
     Fut: Future<Output = NlResult<T>>,
 {
+    // Safe to block here: `run` calls this only where
+    // `Handle::try_current()` fails, that is on a thread no runtime drives
+    // (the CLI, tests, or the scoped thread `run` makes for async callers),
+    // so this never panics with "Cannot start a runtime from within a
+    // runtime". The tests below call it from a worker and a blocking task.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()?;
@@ -258,4 +298,36 @@ pub fn add_ipv4(index: u32, addr: Ipv4Addr, prefix: u8) -> NlResult<()> {
 /// Whether a kind string is a bridge's.
 pub fn is_bridge(link: &Link) -> bool {
     link.kind.as_deref() == Some(&InfoKind::Bridge.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The agent calls the bridge backend from its async start-up and from
+    /// blocking tasks: neither may panic with "Cannot start a runtime from
+    /// within a runtime" (issue 23). Looking up `lo` needs no privileges.
+    #[test]
+    fn calls_work_inside_a_runtime_and_on_its_blocking_pool() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let on_worker = rt.block_on(async { link("lo") });
+        let lo = on_worker.expect("lookup on a worker").expect("lo exists");
+        assert_eq!(lo.name, "lo");
+        let on_pool = rt
+            .block_on(async { tokio::task::spawn_blocking(|| link("lo")).await })
+            .expect("the blocking task ends");
+        assert_eq!(
+            on_pool.expect("lookup on the pool").map(|l| l.index),
+            Some(lo.index)
+        );
+        // And outside any runtime, as the CLI and tests call it.
+        assert_eq!(
+            link("lo").expect("plain lookup").map(|l| l.index),
+            Some(lo.index)
+        );
+    }
 }

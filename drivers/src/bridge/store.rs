@@ -4,7 +4,8 @@
 //! ```text
 //! STATE/lock                   flock(2): one writer at a time, across processes
 //! STATE/networks/NAME.json     one record per network (written atomically)
-//! STATE/run/NAME/              dnsmasq's configuration, pid file, leases, log
+//! STATE/run/NAME/              dnsmasq's configuration, pid file, leases, log;
+//!                              bridge-pending while the bridge is being made
 //! ```
 
 use std::fs;

@@ -144,6 +144,7 @@ impl Backend for Vmm {
     }
 
     fn check(&self, def: &Domain) -> Result<(), String> {
+        refuse_firmware_boot(def)?;
         let os = def.spec.os.as_ref().ok_or(
             "spec.os.kernel: the kvm driver boots a kernel directly; set spec.os.kernel or spec.os.kernelVolume",
         )?;
@@ -329,6 +330,39 @@ impl Backend for Vmm {
     }
 }
 
+/// What vireo-vmm does not do: firmware boot and the PC's disk buses (see
+/// docs/vmm.md). Each refusal names the field and the driver that does it.
+pub fn refuse_firmware_boot(def: &Domain) -> Result<(), String> {
+    if def.spec.os.as_ref().and_then(|o| o.firmware).is_some() {
+        return Err("spec.os.firmware: the kvm driver boots a kernel directly; use type: qemu for firmware boot".into());
+    }
+    if def.spec.os.as_ref().is_some_and(|o| !o.boot.is_empty()) {
+        return Err(
+            "spec.os.boot: the kvm driver boots a kernel directly; use type: qemu for a boot order"
+                .into(),
+        );
+    }
+    for (i, d) in def.spec.devices.disks.iter().enumerate() {
+        if d.device == vireo_crds::DiskDevice::Cdrom {
+            return Err(format!(
+                "spec.devices.disks[{i}].device: the kvm driver has no CD-ROM drive (virtio disks only); use type: qemu for cdrom"
+            ));
+        }
+        if d.bus != vireo_crds::DiskBus::Virtio {
+            return Err(format!(
+                "spec.devices.disks[{i}].bus: the kvm driver has virtio disks only; use type: qemu for {}",
+                d.bus.as_str()
+            ));
+        }
+        if d.boot_order.is_some() {
+            return Err(format!(
+                "spec.devices.disks[{i}].bootOrder: the kvm driver boots a kernel directly; use type: qemu for a boot order"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The boot time the guest reported to vireo-vmm's boot timer (µs since
 /// the VMM started), from its API while it runs.
 pub fn boot_time_us(api: &Path) -> Option<u64> {
@@ -343,6 +377,7 @@ pub fn boot_time_us(api: &Path) -> Option<u64> {
         pidfile: PathBuf::new(),
         log: PathBuf::new(),
         exit_file: PathBuf::new(),
+        nvram: PathBuf::new(),
     };
     vmm.call(&paths, json!({ "command": "info" }))
         .ok()?
@@ -372,4 +407,64 @@ pub fn open_with(
         network,
         storage,
     )
+}
+
+#[cfg(test)]
+mod firmware_tests {
+    use super::*;
+    use vireo_crds::{Disk, DiskBus, DiskDevice, DomainSpec, DomainType, Firmware, OsSpec};
+
+    #[test]
+    fn firmware_boot_is_refused_naming_the_field() {
+        let mut d = Domain::new(
+            "fw",
+            DomainSpec {
+                domain_type: DomainType::Kvm,
+                arch: None,
+                uuid: None,
+                memory: k8s_openapi::apimachinery::pkg::api::resource::Quantity("1Gi".into()),
+                current_memory: None,
+                vcpus: 1,
+                max_vcpus: None,
+                os: Some(OsSpec {
+                    firmware: Some(Firmware::Bios),
+                    ..Default::default()
+                }),
+                devices: Default::default(),
+                cloud_init: None,
+                run_strategy: Default::default(),
+                lifecycle: Default::default(),
+                node_selector: None,
+            },
+        );
+        assert_eq!(
+            refuse_firmware_boot(&d),
+            Err("spec.os.firmware: the kvm driver boots a kernel directly; use type: qemu for firmware boot".into())
+        );
+        d.spec.os = Some(OsSpec {
+            kernel: Some("/boot/vmlinuz".into()),
+            ..Default::default()
+        });
+        d.spec.devices.disks = vec![Disk {
+            name: "sda".into(),
+            volume: "iso".into(),
+            device: DiskDevice::Cdrom,
+            bus: DiskBus::Sata,
+            ..Default::default()
+        }];
+        let e = refuse_firmware_boot(&d).expect_err("cdrom");
+        assert!(
+            e.starts_with("spec.devices.disks[0].device:") && e.contains("type: qemu"),
+            "{e}"
+        );
+        d.spec.devices.disks[0].device = DiskDevice::Disk;
+        let e = refuse_firmware_boot(&d).expect_err("sata");
+        assert!(
+            e.starts_with("spec.devices.disks[0].bus:") && e.contains("type: qemu for sata"),
+            "{e}"
+        );
+        d.spec.devices.disks[0].bus = DiskBus::Virtio;
+        d.spec.devices.disks[0].name = "vda".into();
+        assert_eq!(refuse_firmware_boot(&d), Ok(()));
+    }
 }

@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use vireo_crds::{Domain, DomainType};
+use vireo_crds::{DiskBus, DiskDevice, Domain, DomainType, Firmware};
 
 use crate::vm::{self, Backend, Control, ControlError, DiskFile, Live, LiveState, RunPaths};
 use command::{Accel, Machine};
@@ -96,6 +96,11 @@ impl Backend for Qemu {
         "qemu"
     }
 
+    /// qemu-system-x86_64 runs 64- and 32-bit x86 guests.
+    fn arches(&self) -> &'static [&'static str] {
+        &["x86_64", "i686"]
+    }
+
     fn domain_type(&self) -> DomainType {
         DomainType::Qemu
     }
@@ -122,16 +127,43 @@ impl Backend for Qemu {
                 command::ACCEL_ANNOTATION
             ));
         }
-        let os = def.spec.os.as_ref().ok_or(
-            "spec.os.kernel: the qemu driver boots a kernel directly; set spec.os.kernel or spec.os.kernelVolume",
-        )?;
-        if os.kernel.as_deref().is_none_or(str::is_empty) && os.kernel_volume.is_none() {
-            return Err(
-                "spec.os.kernel: the qemu driver boots a kernel directly; set it (or spec.os.kernelVolume)"
-                    .into(),
-            );
+        if let Some(i) = def
+            .spec
+            .devices
+            .disks
+            .iter()
+            .position(|d| d.device == DiskDevice::Cdrom && d.bus == DiskBus::Virtio)
+        {
+            return Err(format!(
+                "spec.devices.disks[{i}].bus: a CD-ROM is on bus sata or scsi, not virtio"
+            ));
         }
-        Ok(())
+        match command::firmware_of(def) {
+            Some(Firmware::Efi) => {
+                let (code, vars) = command::ovmf_files(def);
+                for file in [code, vars] {
+                    if !Path::new(file).is_file() {
+                        return Err(format!(
+                            "spec.os.firmware: efi needs {file} on this node (Debian package ovmf)"
+                        ));
+                    }
+                }
+                Ok(())
+            }
+            Some(Firmware::Bios) => Ok(()),
+            None => {
+                let os = def.spec.os.as_ref().ok_or(
+                    "spec.os.kernel: set spec.os.kernel (or spec.os.kernelVolume) to boot a kernel directly, or spec.os.firmware (bios, efi) to boot from a disk",
+                )?;
+                if os.kernel.as_deref().is_none_or(str::is_empty) && os.kernel_volume.is_none() {
+                    return Err(
+                        "spec.os.kernel: set it (or spec.os.kernelVolume) to boot a kernel directly, or spec.os.firmware (bios, efi) to boot from a disk"
+                            .into(),
+                    );
+                }
+                Ok(())
+            }
+        }
     }
 
     fn launch(&self, def: &Domain, paths: &RunPaths, disks: &[DiskFile]) -> Result<u32, String> {
@@ -146,6 +178,9 @@ impl Backend for Qemu {
             if !Path::new(file).is_file() {
                 return Err(format!("{file}: no such file on this node"));
             }
+        }
+        if command::firmware_of(def) == Some(Firmware::Efi) {
+            create_nvram(&paths.nvram, command::ovmf_files(def).1)?;
         }
         let args = command::build(def, paths, disks, accel)?;
         let log = std::fs::File::create(&paths.log)
@@ -197,6 +232,70 @@ impl Backend for Qemu {
                 .map_err(|e| e.to_string())?;
         }
         Ok(pid)
+    }
+
+    fn vcpu_threads(&self, paths: &RunPaths) -> Option<Result<Vec<u32>, String>> {
+        Some((|| {
+            let mut q = self.qmp(paths).map_err(|e| e.to_string())?;
+            let cpus = q
+                .execute("query-cpus-fast", None)
+                .map_err(|e| e.to_string())?;
+            let mut threads: Vec<(i64, u32)> = cpus
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| {
+                    let index = c.get("cpu-index")?.as_i64()?;
+                    let tid = u32::try_from(c.get("thread-id")?.as_u64()?).ok()?;
+                    Some((index, tid))
+                })
+                .collect();
+            threads.sort_unstable();
+            Ok(threads.into_iter().map(|(_, t)| t).collect())
+        })())
+    }
+
+    fn block_stats(
+        &self,
+        paths: &RunPaths,
+        disk: &str,
+    ) -> Option<Result<Vec<(String, i64)>, String>> {
+        Some((|| {
+            let mut q = self.qmp(paths).map_err(|e| e.to_string())?;
+            let all = q
+                .execute("query-blockstats", None)
+                .map_err(|e| e.to_string())?;
+            // Our disks are -device ...,id=<target>: QEMU names the
+            // frontend by that id, alone or as a QOM path.
+            let entry = all
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|e| {
+                    e.get("qdev")
+                        .and_then(|q| q.as_str())
+                        .is_some_and(|q| q == disk || q.split('/').any(|part| part == disk))
+                })
+                .ok_or_else(|| format!("QEMU reports no statistics for {disk}"))?;
+            let stats = entry
+                .get("stats")
+                .ok_or_else(|| format!("query-blockstats answered {entry}"))?;
+            let get = |k: &str| stats.get(k).and_then(|v| v.as_i64()).unwrap_or(0);
+            // virsh's names for QEMU's counters, in virsh's order.
+            Ok([
+                ("rd_req", "rd_operations"),
+                ("rd_bytes", "rd_bytes"),
+                ("wr_req", "wr_operations"),
+                ("wr_bytes", "wr_bytes"),
+                ("flush_operations", "flush_operations"),
+                ("rd_total_times", "rd_total_time_ns"),
+                ("wr_total_times", "wr_total_time_ns"),
+                ("flush_total_times", "flush_total_time_ns"),
+            ]
+            .into_iter()
+            .map(|(ours, theirs)| (format!("{disk} {ours}"), get(theirs)))
+            .collect())
+        })())
     }
 
     fn query(&self, paths: &RunPaths) -> Result<Live, String> {
@@ -326,6 +425,23 @@ pub fn open_with(
         network,
         storage,
     )
+}
+
+/// Makes an EFI Domain's variable store from OVMF's template, once: an
+/// existing store (the guest's variables, its boot entries) is kept.
+fn create_nvram(nvram: &Path, template: &str) -> Result<(), String> {
+    if nvram.exists() {
+        return Ok(());
+    }
+    let dir = nvram.parent().ok_or("NVRAM path has no directory")?;
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let partial = nvram.with_extension("fd.partial");
+    std::fs::copy(template, &partial)
+        .and_then(|_| std::fs::rename(&partial, nvram))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&partial);
+            format!("copying {template} to {}: {e}", nvram.display())
+        })
 }
 
 /// Waits for a line containing `needle` in a console log, up to `timeout`.

@@ -4,12 +4,11 @@ use std::time::Instant;
 
 use vireo_crds::quantity::{format_bytes, parse_quantity};
 use vireo_crds::{
-    Domain, DomainInfo, DomainReason, DomainState, DomainType, LifecycleAction, NodeInfo,
-    ObjectKind, Validate,
+    Domain, DomainInfo, DomainReason, DomainState, LifecycleAction, NodeInfo, ObjectKind, Validate,
 };
 
 use super::{DomainObj, Kind, State, TestDriver, object_name};
-use crate::hypervisor::{DomainRef, HypervisorDriver};
+use crate::hypervisor::{Affect, BlockInfo, DomainRef, HypervisorDriver, VcpuInfo};
 use crate::{Error, ListFilter, Lookup, Result};
 
 const KIND: ObjectKind = ObjectKind::Domain;
@@ -97,16 +96,8 @@ impl State {
             .spec
             .validate()
             .map_err(|e| Error::invalid_argument(KIND, &name, e.to_string()))?;
-        if domain.spec.domain_type != DomainType::Test {
-            return Err(Error::invalid_argument(
-                KIND,
-                &name,
-                format!(
-                    "spec.type: the test driver runs domains of type 'test', not '{}'",
-                    domain.spec.domain_type
-                ),
-            ));
-        }
+        // Like libvirt's test driver, any domain type is accepted and
+        // simulated: a `kvm` or `qemu` domain runs here as `test` does.
         let existing = self.domains.get(&name);
         let uuid = match (&domain.spec.uuid, existing) {
             (Some(u), Some(obj)) if !u.eq_ignore_ascii_case(&obj.uuid) => {
@@ -272,7 +263,8 @@ impl HypervisorDriver for TestDriver {
     }
 
     fn hostname(&self) -> Result<String> {
-        Ok("vireo-test-node".into())
+        // libvirt's test driver reports the host name of the machine it runs on.
+        Ok(machine_hostname())
     }
 
     fn list_domains(&self, filter: ListFilter) -> Result<Vec<DomainRef>> {
@@ -326,6 +318,8 @@ impl HypervisorDriver for TestDriver {
         };
         if obj.is_active() && !inactive {
             def.spec.current_memory = Some(format_bytes(obj.memory));
+            // A live vCPU change keeps the maximum the domain started with.
+            def.spec.max_vcpus.get_or_insert(def.spec.vcpus);
             def.spec.vcpus = obj.vcpus;
         }
         Ok(def)
@@ -418,6 +412,8 @@ impl HypervisorDriver for TestDriver {
             if obj.is_active() {
                 obj.vcpus = vcpus;
             } else {
+                // The maximum stays what it was (libvirt's <vcpu> vs current).
+                obj.def.spec.max_vcpus = Some(max);
                 obj.def.spec.vcpus = vcpus;
                 obj.vcpus = vcpus;
             }
@@ -528,4 +524,342 @@ impl HypervisorDriver for TestDriver {
             st.deactivate(name, DomainReason::Destroyed)
         })
     }
+
+    fn set_domain_annotation(
+        &self,
+        name: &str,
+        key: &str,
+        value: Option<&str>,
+        affect: Affect,
+    ) -> Result<()> {
+        self.change(Kind::Domain, name, |st| {
+            let obj = st.domain_mut(name)?;
+            let active = obj.is_active();
+            let set = |def: &mut Domain| {
+                let notes = def
+                    .metadata
+                    .annotations
+                    .get_or_insert_with(Default::default);
+                match value {
+                    Some(v) => notes.insert(key.to_string(), v.to_string()),
+                    None => notes.remove(key),
+                };
+            };
+            match affect {
+                Affect::Live if !active => return Err(not_running(name)),
+                Affect::Config if active => {
+                    if !obj.persistent {
+                        return Err(Error::invalid_state(
+                            KIND,
+                            name,
+                            "is transient: it has no persistent definition to change",
+                        ));
+                    }
+                    let mut next = obj.new_def.clone().unwrap_or_else(|| obj.def.clone());
+                    set(&mut next);
+                    obj.new_def = Some(next);
+                }
+                // Live (or current) on a running domain: this activation
+                // only; the persistent definition keeps what it had.
+                _ => {
+                    if active && obj.persistent && obj.new_def.is_none() {
+                        obj.new_def = Some(obj.def.clone());
+                    }
+                    set(&mut obj.def)
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn domain_os_type(&self, name: &str) -> Result<String> {
+        self.lock().domain(name)?;
+        // libvirt's test driver says `linux` whatever the domain's <os><type>.
+        Ok("linux".to_string())
+    }
+
+    fn security_model(&self) -> (String, String) {
+        ("testSecurity".to_string(), String::new())
+    }
+
+    fn domain_security_label(&self, name: &str) -> Result<Option<(String, bool)>> {
+        let st = self.lock();
+        let obj = st.domain(name)?;
+        Ok(obj.is_active().then(|| ("libvirt-test".to_string(), true)))
+    }
+
+    fn cells_free_memory(&self) -> Result<Vec<u64>> {
+        // libvirt's test node: two cells with 2 MiB and 4 MiB free.
+        Ok(vec![2 << 20, 4 << 20])
+    }
+
+    fn node_free_memory(&self) -> Result<u64> {
+        // What libvirt's test driver answers for the whole node: its memory
+        // size in KiB (3 GiB), given as bytes, so `freecell` says 3072 KiB.
+        Ok(self.lock().node.memory_bytes / 1024)
+    }
+
+    fn domain_scheduler(&self, name: &str) -> Result<(String, Vec<(String, String)>)> {
+        self.lock().domain(name)?;
+        Ok((
+            "fair".to_string(),
+            vec![("weight".to_string(), "50".to_string())],
+        ))
+    }
+
+    fn sysinfo(&self) -> Result<String> {
+        Ok(TEST_SYSINFO.to_string())
+    }
+
+    fn domain_interface_addresses(&self, name: &str) -> Result<Option<Vec<(String, String)>>> {
+        let st = self.lock();
+        let obj = st.domain(name)?;
+        let Some(id) = obj.id else {
+            return Err(not_running(name));
+        };
+        // libvirt's test driver makes the addresses up: 192.168.122.3 for
+        // the first interface of the domain with ID 1, 20 further on per
+        // ID, one further on per interface.
+        let base = u32::from(std::net::Ipv4Addr::new(192, 168, 122, 3));
+        Ok(Some(
+            obj.def
+                .spec
+                .devices
+                .interfaces
+                .iter()
+                .enumerate()
+                .map(|(i, iface)| {
+                    let n = base
+                        .wrapping_add(id.wrapping_sub(1).wrapping_mul(20))
+                        .wrapping_add(u32::try_from(i).unwrap_or(0));
+                    (
+                        iface.name.clone(),
+                        format!("{}/24", std::net::Ipv4Addr::from(n)),
+                    )
+                })
+                .collect(),
+        ))
+    }
+
+    fn capabilities(&self) -> Result<String> {
+        let node = self.lock().node.clone();
+        Ok(test_capabilities(&node))
+    }
+
+    fn domain_block_info(&self, name: &str, disk: &str) -> Result<BlockInfo> {
+        let st = self.lock();
+        let obj = st.domain(name)?;
+        find_disk(obj, disk)?;
+        // libvirt's test driver: a 1 TiB file, a little less of it usable.
+        Ok(BlockInfo {
+            capacity: 1_099_506_450_432,
+            allocation: 1 << 40,
+            physical: 1 << 40,
+        })
+    }
+
+    fn domain_block_stats(&self, name: &str, disk: &str) -> Result<Vec<(String, i64)>> {
+        let st = self.lock();
+        let obj = st.domain(name)?;
+        if !obj.is_active() {
+            return Err(not_running(name));
+        }
+        let disk = find_disk(obj, disk)?;
+        // Counters that grow with the clock, as libvirt's test driver makes them.
+        let (us, s) = clock();
+        Ok(vec![
+            ("rd_req".into(), us / 10),
+            ("rd_bytes".into(), us / 20),
+            ("wr_req".into(), us / 30),
+            ("wr_bytes".into(), us / 40),
+            ("errs".into(), s / 2),
+        ]
+        .into_iter()
+        .map(|(k, v): (String, i64)| (format!("{disk} {k}"), v))
+        .collect())
+    }
+
+    fn domain_interface_stats(&self, name: &str, iface: &str) -> Result<Vec<(String, i64)>> {
+        let st = self.lock();
+        let obj = st.domain(name)?;
+        if !obj.is_active() {
+            return Err(not_running(name));
+        }
+        let found = obj.def.spec.devices.interfaces.iter().any(|i| {
+            i.name == iface
+                || i.mac
+                    .as_deref()
+                    .is_some_and(|m| m.eq_ignore_ascii_case(iface))
+        });
+        if !found {
+            return Err(Error::invalid_argument(
+                KIND,
+                name,
+                format!("'{iface}' is not a known interface"),
+            ));
+        }
+        let (us, s) = clock();
+        Ok([
+            ("rx_bytes", us / 10),
+            ("rx_packets", us / 100),
+            ("rx_errs", s),
+            ("rx_drop", s / 2),
+            ("tx_bytes", us / 20),
+            ("tx_packets", us / 110),
+            ("tx_errs", s / 3),
+            ("tx_drop", s / 4),
+        ]
+        .into_iter()
+        .map(|(k, v)| (format!("{iface} {k}"), v))
+        .collect())
+    }
+
+    fn domain_memory_stats(&self, name: &str) -> Result<Vec<(String, u64)>> {
+        let st = self.lock();
+        let obj = st.domain(name)?;
+        if !obj.is_active() {
+            return Err(not_running(name));
+        }
+        let current = obj.memory / 1024;
+        // libvirt's test driver's balloon: fixed figures around the current size.
+        Ok([
+            ("actual", current),
+            ("swap_in", 0),
+            ("swap_out", 0),
+            ("major_fault", 0),
+            ("minor_fault", 0),
+            ("unused", 1_048_576),
+            ("available", current),
+            ("usable", 1_048_576),
+            ("last_update", 627_319_920),
+            ("disk_caches", 262_144),
+            ("hugetlb_pgalloc", 0),
+            ("hugetlb_pgfail", 0),
+            ("rss", 1_048_576),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect())
+    }
+
+    fn domain_vcpu_info(&self, name: &str) -> Result<Vec<VcpuInfo>> {
+        let st = self.lock();
+        let obj = st.domain(name)?;
+        let active = obj.is_active();
+        let last_cpu = st.node.cpus.saturating_sub(1);
+        let (us, _) = clock();
+        // libvirt's test driver: every vCPU on the node's last CPU, an
+        // 8-CPU affinity map, CPU time from the clock.
+        Ok((0..obj.vcpus)
+            .map(|number| VcpuInfo {
+                number,
+                cpu: active.then_some(last_cpu),
+                state: active.then(|| "running".to_string()),
+                cpu_time_ns: active.then(|| u64::try_from(us / 10).unwrap_or(0)),
+                affinity: "y".repeat(8),
+            })
+            .collect())
+    }
+}
+
+/// The host name of this machine (`localhost` if it cannot be read).
+fn machine_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+/// Microseconds and seconds since the epoch.
+fn clock() -> (i64, i64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (
+        i64::try_from(now.as_micros()).unwrap_or(i64::MAX),
+        i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
+    )
+}
+
+/// A domain's disk by its target name (`vda`) or volume; its target name.
+fn find_disk<'a>(obj: &'a DomainObj, disk: &str) -> Result<&'a str> {
+    obj.def
+        .spec
+        .devices
+        .disks
+        .iter()
+        .find(|d| d.name == disk || d.volume == disk)
+        .map(|d| d.name.as_str())
+        .ok_or_else(|| {
+            Error::invalid_argument(
+                KIND,
+                obj.name(),
+                format!("invalid path {disk} not assigned to domain"),
+            )
+        })
+}
+
+/// The SMBIOS data libvirt's test driver describes.
+const TEST_SYSINFO: &str = "<sysinfo type='smbios'>
+  <bios>
+    <entry name='vendor'>LENOVO</entry>
+    <entry name='version'>G4ETA1WW (2.61 )</entry>
+    <entry name='date'>05/07/2014</entry>
+    <entry name='release'>2.61</entry>
+  </bios>
+</sysinfo>
+";
+
+/// The capabilities of a test node as libvirt's test driver describes
+/// them: an i686 host with PAE, its NUMA cells (cell N has (N+1) x 2 GiB in
+/// pages of 4 << N KiB), the `testSecurity` model, and `hvm` and `xen`
+/// guests of type `test`.
+fn test_capabilities(node: &NodeInfo) -> String {
+    use std::fmt::Write;
+    let mut x = String::new();
+    let cells = node.numa_nodes.max(1);
+    let per_cell = node.cpus / cells;
+    let _ = write!(
+        x,
+        "<capabilities>\n\n  <host>\n    <cpu>\n      <arch>{}</arch>\n      <features>\n        <pae/>\n        <nonpae/>\n      </features>\n",
+        node.cpu_model
+    );
+    for size in [4, 8, 2048, 1_048_576] {
+        let _ = writeln!(x, "      <pages unit='KiB' size='{size}'/>");
+    }
+    x.push_str("    </cpu>\n    <power_management/>\n    <iommu support='no'/>\n    <topology>\n");
+    let _ = writeln!(x, "      <cells num='{cells}'>");
+    for c in 0..cells {
+        let kib: u64 = 2_097_152 * u64::from(c + 1);
+        let page: u64 = 4 << c;
+        let _ = writeln!(x, "        <cell id='{c}'>");
+        let _ = writeln!(x, "          <memory unit='KiB'>{kib}</memory>");
+        let _ = writeln!(
+            x,
+            "          <pages unit='KiB' size='{page}'>{}</pages>",
+            kib / page
+        );
+        let _ = writeln!(x, "          <pages unit='KiB' size='2048'>0</pages>");
+        let _ = writeln!(x, "          <pages unit='KiB' size='1048576'>0</pages>");
+        let _ = writeln!(x, "          <cpus num='{per_cell}'>");
+        for i in 0..per_cell {
+            let id = c * per_cell + i;
+            let _ = writeln!(
+                x,
+                "            <cpu id='{id}' socket_id='{c}' die_id='0' core_id='{i}' siblings='{id}'/>"
+            );
+        }
+        x.push_str("          </cpus>\n        </cell>\n");
+    }
+    x.push_str("      </cells>\n    </topology>\n    <secmodel>\n      <model>testSecurity</model>\n      <doi></doi>\n    </secmodel>\n  </host>\n\n");
+    for os in ["hvm", "xen"] {
+        let _ = write!(
+            x,
+            "  <guest>\n    <os_type>{os}</os_type>\n    <arch name='{}'>\n      <wordsize>32</wordsize>\n      <emulator>/usr/bin/test-hv</emulator>\n      <domain type='test'/>\n    </arch>\n    <features>\n      <pae/>\n      <nonpae/>\n    </features>\n  </guest>\n\n",
+            node.cpu_model
+        );
+    }
+    x.push_str("</capabilities>\n");
+    x
 }

@@ -276,4 +276,92 @@ mod tests {
         assert_eq!(d.count_domains(ListFilter::All).ok(), Some(1));
         assert_eq!(d.node_info().expect("node").cpus, 16);
     }
+
+    #[test]
+    fn default_test_domain_has_libvirts_disk_and_nic() {
+        let d = TestDriver::default_node();
+        let def = d.domain_definition("test", false).expect("def");
+        let disks = &def.spec.devices.disks;
+        assert_eq!(disks.len(), 1);
+        assert_eq!(
+            (disks[0].name.as_str(), disks[0].volume.as_str()),
+            ("vda", "diskimage1")
+        );
+        let nics = &def.spec.devices.interfaces;
+        assert_eq!(nics.len(), 1);
+        assert_eq!(nics[0].name, "testnet0");
+        assert_eq!(nics[0].network, "default");
+        assert_eq!(nics[0].mac.as_deref(), Some("aa:bb:cc:dd:ee:ff"));
+        assert_eq!(d.domain_os_type("test").expect("os"), "linux");
+    }
+
+    #[test]
+    fn domains_of_any_type_are_simulated() {
+        use vireo_crds::DomainType;
+        let d = TestDriver::default_node();
+        for (name, ty) in [("k", DomainType::Kvm), ("q", DomainType::Qemu)] {
+            let mut dom = crate::conformance::test_driver_fixture().domain(name);
+            dom.spec.domain_type = ty;
+            d.define_domain(&dom).expect("defined");
+            d.start_domain(name).expect("started");
+            assert_eq!(d.domain_state(name).expect("state").0, DomainState::Running);
+            let def = d.domain_definition(name, false).expect("def");
+            assert_eq!(def.spec.domain_type, ty, "the type is kept");
+        }
+    }
+
+    #[test]
+    fn live_changes_of_an_inactive_domain_are_refused_as_libvirt_does() {
+        use crate::Affect;
+        let d = TestDriver::default_node();
+        d.destroy_domain("test").expect("destroy");
+        let e = d
+            .set_domain_memory_flags("test", 1 << 30, Affect::Live)
+            .expect_err("live on an inactive domain");
+        assert!(matches!(e, Error::InvalidState { .. }), "{e}");
+        assert!(e.to_string().contains("is not running"), "{e}");
+        let e = d
+            .set_domain_vcpus_flags("test", 1, Affect::Live)
+            .expect_err("live on an inactive domain");
+        assert!(matches!(e, Error::InvalidState { .. }), "{e}");
+        d.set_domain_memory_flags("test", 1 << 30, Affect::Config)
+            .expect("config");
+        assert_eq!(d.domain_info("test").expect("info").memory.0, "1Gi");
+        d.set_domain_vcpus_flags("test", 1, Affect::Current)
+            .expect("current is config");
+        let def = d.domain_definition("test", true).expect("def");
+        assert_eq!((def.spec.vcpus, def.spec.max_vcpus), (1, Some(2)));
+        // On a running domain, --config leaves the live domain alone.
+        d.start_domain("test").expect("start");
+        d.set_domain_memory_flags("test", 512 << 20, Affect::Config)
+            .expect("config while running");
+        assert_eq!(d.domain_info("test").expect("info").memory.0, "1Gi");
+        let next = d.domain_definition("test", true).expect("next");
+        assert_eq!(
+            next.spec.current_memory.as_ref().map(|q| q.0.as_str()),
+            Some("512Mi")
+        );
+    }
+
+    #[test]
+    fn a_live_description_leaves_the_persistent_one() {
+        use crate::Affect;
+        use crate::hypervisor::DESCRIPTION_ANNOTATION as KEY;
+        let d = TestDriver::default_node();
+        d.set_domain_annotation("test", KEY, Some("live"), Affect::Current)
+            .expect("live");
+        let note = |inactive| {
+            d.domain_definition("test", inactive)
+                .expect("def")
+                .metadata
+                .annotations
+                .and_then(|a| a.get(KEY).cloned())
+        };
+        assert_eq!(note(false).as_deref(), Some("live"));
+        assert_eq!(note(true), None);
+        d.set_domain_annotation("test", KEY, Some("next"), Affect::Config)
+            .expect("config");
+        assert_eq!(note(true).as_deref(), Some("next"));
+        assert_eq!(note(false).as_deref(), Some("live"));
+    }
 }

@@ -14,6 +14,8 @@
 //! second, applying `lifecycle.onPoweroff` / `onReboot` and the graceful
 //! shutdown's timeout.
 
+pub mod boot;
+pub mod cloud_init;
 pub mod process;
 pub mod store;
 
@@ -36,6 +38,11 @@ use store::{Locked, Record, Run, Store};
 
 const KIND: ObjectKind = ObjectKind::Domain;
 
+/// How long the only process carrying an activation's mark must have run
+/// before a launch nobody saw through adopts it without a pid file (see
+/// `Inner::finish_launch`).
+const ADOPT_AFTER: Duration = Duration::from_secs(2);
+
 /// The files of one activation.
 #[derive(Debug, Clone)]
 pub struct RunPaths {
@@ -50,11 +57,19 @@ pub struct RunPaths {
     pub log: PathBuf,
     /// Where vireo-vmm writes why it exited.
     pub exit_file: PathBuf,
+    /// The Domain's UEFI variable store (`firmware: efi`):
+    /// `ROOT/nvram/UUID_VARS.fd`, beside the run directory `ROOT/run/UUID`
+    /// and outside it, since it outlives activations. Created at the first
+    /// start, removed when the Domain is undefined.
+    pub nvram: PathBuf,
 }
 
 impl RunPaths {
     fn new(dir: PathBuf) -> Self {
+        let uuid = dir.file_name().unwrap_or_default().to_string_lossy();
+        let root = dir.parent().and_then(Path::parent).unwrap_or(&dir);
         Self {
+            nvram: root.join("nvram").join(format!("{uuid}_VARS.fd")),
             api: dir.join("api.sock"),
             console_socket: dir.join("console.sock"),
             console_log: dir.join("console.log"),
@@ -131,6 +146,11 @@ pub trait Backend: Send + Sync + 'static {
     /// The `spec.type` this backend runs.
     fn domain_type(&self) -> DomainType;
     fn version(&self) -> String;
+    /// The guest architectures (`spec.arch`) this backend runs on this
+    /// node, the first being what it runs natively.
+    fn arches(&self) -> &'static [&'static str] {
+        &["x86_64"]
+    }
     /// What the backend needs in a definition beyond the generic checks
     /// (a kernel, a known machine type). The message names the field.
     fn check(&self, def: &Domain) -> std::result::Result<(), String>;
@@ -148,6 +168,20 @@ pub trait Backend: Send + Sync + 'static {
     /// Why a process that is gone ended, if it left word (vireo-vmm's exit
     /// file). `None` means it died without saying: crashed.
     fn exit_reason(&self, _paths: &RunPaths) -> Option<DomainReason> {
+        None
+    }
+    /// The host thread of each vCPU of the running guest, in vCPU order;
+    /// `None` when the backend does not say.
+    fn vcpu_threads(&self, _paths: &RunPaths) -> Option<std::result::Result<Vec<u32>, String>> {
+        None
+    }
+    /// I/O counters of the running guest's disk `disk` (its target name),
+    /// virsh's names and values; `None` when the backend keeps none.
+    fn block_stats(
+        &self,
+        _paths: &RunPaths,
+        _disk: &str,
+    ) -> Option<std::result::Result<Vec<(String, i64)>, String>> {
         None
     }
 }
@@ -207,6 +241,26 @@ fn sizes(def: &Domain) -> (u64, u64) {
     (max, cur)
 }
 
+/// Moves a VM process out of the agent pod's cgroups, so that it outlives
+/// the pod (`crate::cgroup`); outside a pod this does nothing. A failure is
+/// logged, not fatal: the guest runs, but would die with the pod.
+fn keep_beyond_pod(domain: &str, pid: u32) {
+    match crate::cgroup::leave_pod(pid) {
+        Ok(moved) if moved.is_empty() => {}
+        Ok(moved) => {
+            tracing::debug!(
+                domain,
+                pid,
+                ?moved,
+                "VM process moved out of the agent pod's cgroups"
+            )
+        }
+        Err(e) => {
+            tracing::warn!(domain, pid, error = %e, "cannot keep the VM process beyond the agent's pod")
+        }
+    }
+}
+
 impl<B: Backend> VmDriver<B> {
     /// Opens the driver on its root, and starts the watcher thread.
     pub fn open(
@@ -216,6 +270,15 @@ impl<B: Backend> VmDriver<B> {
         storage: Arc<dyn StorageDriver>,
     ) -> std::io::Result<Self> {
         let store = Store::open(&options.root)?;
+        // A guest adopted from an agent that ran in a pod before leaves
+        // that pod's cgroups too, if its launch could not move it.
+        for rec in store.lock()?.all()? {
+            if let Some(run) = &rec.run
+                && process::alive(run.pid, &RunPaths::new(store.run_dir(&rec.uuid)).api)
+            {
+                keep_beyond_pod(&rec.name, run.pid);
+            }
+        }
         if let Some(ids) = &options.ids {
             // The IDs of the activations this driver re-adopts stay theirs.
             let running = store.lock()?.all()?;
@@ -342,7 +405,17 @@ impl<B: Backend> Inner<B> {
     fn end(&self, l: &Locked<'_>, rec: &mut Record, reason: DomainReason) -> Result<()> {
         if let Some(run) = rec.run.take() {
             let paths = self.paths(&rec.uuid);
-            if !process::terminate(run.pid, &paths.api, Duration::from_secs(3)) {
+            // A launch nobody saw through has no PID on record: whatever
+            // carries the activation's mark is its process.
+            let pids = if run.launching {
+                process::with_marker(&paths.api)
+            } else {
+                vec![run.pid]
+            };
+            if !pids
+                .iter()
+                .all(|&pid| process::terminate(pid, &paths.api, Duration::from_secs(3)))
+            {
                 rec.run = Some(run);
                 return Err(io_failed(
                     &rec.name,
@@ -362,6 +435,8 @@ impl<B: Backend> Inner<B> {
             .retain(|(n, _), _| n != &rec.name);
         rec.last_reason = reason;
         if rec.definition.is_none() {
+            // A transient domain ends with its activation: so does its NVRAM.
+            let _ = std::fs::remove_file(self.paths(&rec.uuid).nvram);
             l.remove(&rec.name)
                 .map_err(|e| io_failed(&rec.name, "removing the domain record", e))
         } else {
@@ -376,6 +451,9 @@ impl<B: Backend> Inner<B> {
             return Ok(());
         };
         let paths = self.paths(&rec.uuid);
+        if run.launching {
+            return self.finish_launch(l, rec, &paths);
+        }
         if !process::alive(run.pid, &paths.api) {
             let said = self.backend.exit_reason(&paths);
             let reason = match said {
@@ -406,18 +484,34 @@ impl<B: Backend> Inner<B> {
             if (reason == DomainReason::Shutdown || reported_crash)
                 && action == LifecycleAction::Restart
             {
-                let disks = self.resolve_disks(&rec.name, &run.live)?;
+                let disks = self.resolve_disks(&rec.name, &rec.uuid, &run.live)?;
                 let boot = self.for_launch(&rec.name, &run.live)?;
                 self.plug_interfaces(&rec.name, &run.live)?;
                 for p in [&paths.exit_file, &paths.api, &paths.console_socket] {
                     let _ = std::fs::remove_file(p);
                 }
-                let pid = self
-                    .backend
-                    .launch(&boot, &paths, &disks)
-                    .map_err(|e| io_failed(&rec.name, "starting the VM process again", e))?;
+                // Recorded first, as in `activate`: see `Run::launching`.
+                if let Some(r) = rec.run.as_mut() {
+                    r.pid = 0;
+                    r.launching = true;
+                }
+                self.save(l, rec)?;
+                let pid = match self.backend.launch(&boot, &paths, &disks) {
+                    Ok(pid) => pid,
+                    Err(e) => {
+                        // As it was: the next refresh tries again.
+                        if let Some(r) = rec.run.as_mut() {
+                            r.pid = run.pid;
+                            r.launching = false;
+                        }
+                        let _ = self.save(l, rec);
+                        return Err(io_failed(&rec.name, "starting the VM process again", e));
+                    }
+                };
+                keep_beyond_pod(&rec.name, pid);
                 if let Some(r) = rec.run.as_mut() {
                     r.pid = pid;
+                    r.launching = false;
                     r.fake_reboot = false;
                     r.shutdown_since = None;
                     r.reason = DomainReason::Booted;
@@ -513,6 +607,47 @@ impl<B: Backend> Inner<B> {
         Ok(())
     }
 
+    /// A launch recorded by a process that did not see it through (see
+    /// `Run::launching`: its agent was killed while the VM process
+    /// started). Adopts the process that launch started: the one its pid
+    /// file names, or else the only process with the activation's mark once
+    /// it has run for [`ADOPT_AFTER`] (QEMU writes its pid file as it
+    /// daemonizes; the parent it leaves carries the mark too, briefly).
+    /// With no such process, the launch never got that far: the activation
+    /// ends, `failed`, and its taps go. Otherwise (still daemonizing) the
+    /// next refresh looks again.
+    ///
+    /// Starting another process instead would collide with the first (the
+    /// tap and the disks are taken) and leave that one running unmanaged.
+    fn finish_launch(&self, l: &Locked<'_>, rec: &mut Record, paths: &RunPaths) -> Result<()> {
+        let marked = process::with_marker(&paths.api);
+        let from_pidfile = std::fs::read_to_string(&paths.pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .filter(|pid| marked.contains(pid));
+        let pid = from_pidfile.or_else(|| match marked.as_slice() {
+            [one] if process::age(*one).is_some_and(|a| a >= ADOPT_AFTER) => Some(*one),
+            _ => None,
+        });
+        match pid {
+            Some(pid) => {
+                // The launch ended before its agent could do this.
+                keep_beyond_pod(&rec.name, pid);
+                if let Some(r) = rec.run.as_mut() {
+                    r.pid = pid;
+                    r.launching = false;
+                }
+                tracing::info!(driver = self.backend.name(), domain = %rec.name, pid, "adopted the VM process of a launch its agent did not see through");
+                self.save(l, rec)
+            }
+            None if marked.is_empty() => {
+                tracing::warn!(driver = self.backend.name(), domain = %rec.name, "a launch was interrupted before its VM process started: shut off (failed)");
+                self.end(l, rec, DomainReason::Failed)
+            }
+            None => Ok(()),
+        }
+    }
+
     /// Checks a definition and gives it its UUID (the spec's, the existing
     /// domain's, or a new one). Refuses a UUID another domain has.
     fn prepare(&self, l: &Locked<'_>, domain: &Domain) -> Result<(String, Domain)> {
@@ -542,6 +677,19 @@ impl<B: Backend> Inner<B> {
                     "spec.type: the {} driver runs domains of type '{wanted}', not '{}'",
                     self.backend.name(),
                     domain.spec.domain_type
+                ),
+            ));
+        }
+        let arches = self.backend.arches();
+        if !arches.contains(&domain.spec.arch()) {
+            return Err(Error::invalid_argument(
+                KIND,
+                &name,
+                format!(
+                    "spec.arch: the {} driver on this node runs {} guests, not '{}'",
+                    self.backend.name(),
+                    arches.join(" and "),
+                    domain.spec.arch()
                 ),
             ));
         }
@@ -643,8 +791,53 @@ impl<B: Backend> Inner<B> {
         Ok(info)
     }
 
+    /// Finds each disk's volume in the active pools of this node, and makes
+    /// the cloud-init seed (`spec.cloudInit`) in the activation's run
+    /// directory, attached read-only after them on the first free `vdX`.
+    fn resolve_disks(&self, name: &str, uuid: &str, def: &Domain) -> Result<Vec<DiskFile>> {
+        let mut out = self.volume_disks(name, def)?;
+        if let Some(ci) = &def.spec.cloud_init {
+            let seed = cloud_init::Seed::from_spec(ci, uuid, name)
+                .map_err(|e| Error::invalid_argument(KIND, name, e))?;
+            let image = seed
+                .image()
+                .map_err(|e| io_failed(name, "making the cloud-init seed", e))?;
+            let dir = self.paths(uuid).dir;
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| io_failed(name, "creating the run directory", e))?;
+            let path = dir.join("cidata.img");
+            std::fs::write(&path, image)
+                .map_err(|e| io_failed(name, "writing the cloud-init seed", e))?;
+            let taken: Vec<&str> = def
+                .spec
+                .devices
+                .disks
+                .iter()
+                .map(|d| d.name.as_str())
+                .collect();
+            let free = (b'a'..=b'z')
+                .map(|c| format!("vd{}", c as char))
+                .find(|n| !taken.contains(&n.as_str()))
+                .ok_or_else(|| {
+                    Error::invalid_argument(
+                        KIND,
+                        name,
+                        "spec.cloudInit: no free virtio disk name (vda to vdz) for the seed"
+                            .to_string(),
+                    )
+                })?;
+            out.push(DiskFile {
+                name: free,
+                path: path.display().to_string(),
+                format: vireo_crds::VolFormat::Raw,
+                read_only: true,
+            });
+        }
+        Ok(out)
+    }
+
     /// Finds each disk's volume in the active pools of this node.
-    fn resolve_disks(&self, name: &str, def: &Domain) -> Result<Vec<DiskFile>> {
+    fn volume_disks(&self, name: &str, def: &Domain) -> Result<Vec<DiskFile>> {
         let mut out = Vec::new();
         for (i, disk) in def.spec.devices.disks.iter().enumerate() {
             let field = format!("spec.devices.disks[{i}].volume");
@@ -783,7 +976,7 @@ impl<B: Backend> Inner<B> {
 
     /// Starts an activation of `rec` running `live`.
     fn activate(&self, l: &Locked<'_>, rec: &mut Record, live: Domain) -> Result<DomainRef> {
-        let disks = self.resolve_disks(&rec.name, &live)?;
+        let disks = self.resolve_disks(&rec.name, &rec.uuid, &live)?;
         let boot = self.for_launch(&rec.name, &live)?;
         let paths = self.paths(&rec.uuid);
         std::fs::create_dir_all(&paths.dir)
@@ -802,25 +995,49 @@ impl<B: Backend> Inner<B> {
         }
         .map_err(|e| io_failed(&rec.name, "allocating an ID", e))?;
         let started = Instant::now();
-        self.plug_interfaces(&rec.name, &live)?;
-        let pid = match self.backend.launch(&boot, &paths, &disks) {
-            Ok(pid) => pid,
-            Err(e) => {
-                unplug_interfaces(&rec.name, &live);
-                return Err(io_failed(&rec.name, "starting the VM process", e));
-            }
-        };
-        tracing::info!(driver = self.backend.name(), domain = %rec.name, id, pid, elapsed_ms = started.elapsed().as_millis() as u64, "domain started");
+        // Recorded before anything is made for it (see `Run::launching`):
+        // an agent killed from here on leaves a launch the next one
+        // finishes, never a guest nobody knows of.
         rec.run = Some(Run {
             id,
-            pid,
-            live,
+            pid: 0,
+            launching: true,
+            live: live.clone(),
             reason: DomainReason::Booted,
             fake_reboot: false,
             shutdown_since: None,
             started: process::now_secs(),
             pending_vcpus: None,
         });
+        let launched = self.save(l, rec).and_then(|()| {
+            self.plug_interfaces(&rec.name, &live)?;
+            self.backend.launch(&boot, &paths, &disks).map_err(|e| {
+                unplug_interfaces(&rec.name, &live);
+                io_failed(&rec.name, "starting the VM process", e)
+            })
+        });
+        let pid = match launched {
+            Ok(pid) => pid,
+            Err(e) => {
+                // Nothing runs: the record is as it was.
+                rec.run = None;
+                let undone = if rec.definition.is_none() {
+                    l.remove(&rec.name)
+                } else {
+                    l.put(rec)
+                };
+                if let Err(more) = undone {
+                    tracing::warn!(domain = %rec.name, error = %more, "recording the failed start");
+                }
+                return Err(e);
+            }
+        };
+        keep_beyond_pod(&rec.name, pid);
+        tracing::info!(driver = self.backend.name(), domain = %rec.name, id, pid, elapsed_ms = started.elapsed().as_millis() as u64, "domain started");
+        if let Some(r) = rec.run.as_mut() {
+            r.pid = pid;
+            r.launching = false;
+        }
         self.save(l, rec)?;
         Ok(reference(rec))
     }
@@ -1147,7 +1364,9 @@ impl<B: Backend> HypervisorDriver for VmDriver<B> {
                 rec.autostart = false;
                 inner.save(l, rec)
             } else {
-                let _ = std::fs::remove_dir_all(inner.paths(&rec.uuid).dir);
+                let paths = inner.paths(&rec.uuid);
+                let _ = std::fs::remove_dir_all(&paths.dir);
+                let _ = std::fs::remove_file(&paths.nvram);
                 l.remove(name)
                     .map_err(|e| io_failed(name, "removing the domain record", e))
             }
@@ -1263,6 +1482,130 @@ impl<B: Backend> HypervisorDriver for VmDriver<B> {
                 run.reason = DomainReason::Unpaused;
             }
             inner.save(l, rec)
+        })
+    }
+
+    fn boot_problem(&self, name: &str) -> Result<Option<String>> {
+        let inner = &self.inner;
+        // The record as stored: the caller has just read the state (which
+        // refreshed it), so no second QMP round trip here.
+        let log = inner.locked(|l| {
+            let rec = l
+                .get(name)
+                .map_err(|e| io_failed(name, "reading the domain record", e))?
+                .ok_or_else(|| Error::not_found(KIND, name))?;
+            Ok(rec
+                .run
+                .as_ref()
+                .filter(|run| {
+                    run.live
+                        .spec
+                        .os
+                        .as_ref()
+                        .is_some_and(|os| os.firmware.is_some())
+                })
+                .map(|_| inner.paths(&rec.uuid).console_log))
+        })?;
+        // Read outside the store's lock: the log can be large.
+        Ok(log.and_then(|log| boot::boot_problem(&boot::console_tail(&log))))
+    }
+
+    fn domain_vcpu_info(&self, name: &str) -> Result<Vec<crate::VcpuInfo>> {
+        let inner = &self.inner;
+        let (pid, threads, vcpus) = inner.with(name, |_, rec| {
+            let vcpus = match (&rec.run, &rec.definition) {
+                (Some(r), _) => r.live.spec.vcpus,
+                (None, Some(d)) => d.spec.vcpus,
+                (None, None) => 0,
+            };
+            match &rec.run {
+                Some(run) => Ok((
+                    run.pid,
+                    inner.backend.vcpu_threads(&inner.paths(&rec.uuid)),
+                    vcpus,
+                )),
+                None => Ok((0, None, vcpus)),
+            }
+        })?;
+        let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let all = "y".repeat(host_cpus);
+        let threads = match threads {
+            Some(Ok(t)) => t,
+            Some(Err(e)) => {
+                return Err(Error::OperationFailed {
+                    object: crate::error::ObjectName::new(KIND, name),
+                    message: format!("reading the vCPU threads: {e}"),
+                });
+            }
+            // Inactive, or a backend that does not say: what virsh prints
+            // for an inactive domain.
+            None => {
+                return Ok((0..vcpus)
+                    .map(|number| crate::VcpuInfo {
+                        number,
+                        cpu: None,
+                        state: None,
+                        cpu_time_ns: None,
+                        affinity: all.clone(),
+                    })
+                    .collect());
+            }
+        };
+        Ok(threads
+            .iter()
+            .enumerate()
+            .map(|(i, tid)| {
+                let t = process::thread_cpu(pid, *tid);
+                crate::VcpuInfo {
+                    number: u32::try_from(i).unwrap_or(u32::MAX),
+                    cpu: t.as_ref().map(|t| t.last_cpu),
+                    state: Some("running".to_string()),
+                    cpu_time_ns: t.as_ref().map(|t| t.cpu_time_ns),
+                    affinity: t
+                        .map(|t| {
+                            (0..host_cpus)
+                                .map(|c| if t.allowed.contains(&c) { 'y' } else { '-' })
+                                .collect()
+                        })
+                        .unwrap_or_else(|| all.clone()),
+                }
+            })
+            .collect())
+    }
+
+    fn domain_block_stats(&self, name: &str, disk: &str) -> Result<Vec<(String, i64)>> {
+        let inner = &self.inner;
+        inner.with(name, |_, rec| {
+            let Some(run) = &rec.run else {
+                return Err(not_running(name));
+            };
+            let Some(target) = run
+                .live
+                .spec
+                .devices
+                .disks
+                .iter()
+                .find(|d| d.name == disk || d.volume == disk)
+                .map(|d| d.name.clone())
+            else {
+                return Err(Error::invalid_argument(
+                    KIND,
+                    name,
+                    format!("invalid path {disk} not assigned to domain"),
+                ));
+            };
+            match inner.backend.block_stats(&inner.paths(&rec.uuid), &target) {
+                None => Err(Error::Unsupported {
+                    object: crate::error::ObjectName::new(KIND, name),
+                    driver: inner.backend.name(),
+                    operation: "block statistics",
+                }),
+                Some(Ok(stats)) => Ok(stats),
+                Some(Err(e)) => Err(Error::OperationFailed {
+                    object: crate::error::ObjectName::new(KIND, name),
+                    message: format!("reading the block statistics of {target}: {e}"),
+                }),
+            }
         })
     }
 

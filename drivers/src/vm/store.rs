@@ -7,6 +7,8 @@
 //! ROOT/domains/NAME.json    one record per domain: definition, autostart,
 //!                           the last stop reason, and the running activation
 //! ROOT/run/UUID/            the activation's sockets, pid file, console log
+//! ROOT/nvram/UUID_VARS.fd   an EFI Domain's variable store (qemu), kept
+//!                           across activations, removed with the Domain
 //! ```
 //!
 //! Every process that opens the same root sees the same domains: the agent,
@@ -41,7 +43,14 @@ pub struct Record {
 #[serde(rename_all = "camelCase")]
 pub struct Run {
     pub id: u32,
+    /// The VM process; 0 while `launching`.
     pub pid: u32,
+    /// The activation is recorded before its process starts, so that a
+    /// launch is never lost: a driver that finds this set on a record it
+    /// did not write (its agent was killed during the launch) adopts the
+    /// process that launch started, or ends the activation if there is none.
+    #[serde(default)]
+    pub launching: bool,
     /// The definition this activation runs (live changes included).
     pub live: Domain,
     /// Why it runs: `booted` or `unpaused`.

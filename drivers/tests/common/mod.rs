@@ -93,6 +93,7 @@ pub fn linux_domain(name: &str, machine: Option<&str>, cmdline: &str) -> Domain 
         name,
         DomainSpec {
             domain_type: DomainType::Qemu,
+            arch: None,
             uuid: None,
             memory: Quantity("256Mi".into()),
             current_memory: None,
@@ -106,6 +107,7 @@ pub fn linux_domain(name: &str, machine: Option<&str>, cmdline: &str) -> Domain 
                 ..Default::default()
             }),
             devices: DomainDevices::default(),
+            cloud_init: None,
             run_strategy: RunStrategy::Manual,
             lifecycle: Lifecycle::default(),
             node_selector: None,
@@ -178,6 +180,7 @@ pub fn test_guest_domain(name: &str, cmdline: &str) -> Domain {
         name,
         DomainSpec {
             domain_type: DomainType::Kvm,
+            arch: None,
             uuid: None,
             memory: Quantity("32Mi".into()),
             current_memory: None,
@@ -191,6 +194,7 @@ pub fn test_guest_domain(name: &str, cmdline: &str) -> Domain {
                 ..Default::default()
             }),
             devices: DomainDevices::default(),
+            cloud_init: None,
             run_strategy: RunStrategy::Manual,
             lifecycle: Lifecycle::default(),
             node_selector: None,

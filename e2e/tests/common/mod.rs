@@ -7,6 +7,9 @@
 // Also used by agent/tests/examples.rs (through #[path]).
 mod netns;
 pub use netns::Netns;
+pub mod fleet;
+pub mod nodes;
+pub mod run;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -456,6 +459,12 @@ impl Cluster {
     /// Starts etcd and kube-apiserver only, with no namespace and no CRDs:
     /// for tests that install Vireo themselves (the Helm chart).
     pub fn start_bare(name: &str) -> Cluster {
+        Self::start_bare_with(name, &[])
+    }
+
+    /// [`Cluster::start_bare`] with environment for `e2e/cluster.sh` (e.g.
+    /// `VIREO_E2E_BIND_ADDRESS=0.0.0.0`, so that real nodes reach it).
+    pub fn start_bare_with(name: &str, env: &[(&str, &str)]) -> Cluster {
         let bin = tools_bin();
         let dir = std::env::temp_dir().join(format!("vireo-e2e-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -464,6 +473,7 @@ impl Cluster {
             .arg(repo().join("e2e/cluster.sh"))
             .args(["start", &dir.display().to_string()])
             .env("VIREO_E2E_BIN", &bin)
+            .envs(env.iter().copied())
             .status()
             .expect("e2e/cluster.sh runs");
         assert!(

@@ -272,8 +272,14 @@ impl Vcpu {
         loop {
             if st.generation != *generation {
                 *generation = st.generation;
-                // The reset below also covers a vCPU plugged in again.
-                st.take_replugged(self.index);
+                // The reset below also covers a vCPU plugged in again
+                // (a reset can reach a re-plugged vCPU before it ran).
+                if st.take_replugged(self.index) {
+                    tracing::info!(
+                        vcpu = self.index,
+                        "vCPU plugged in again (reset with the machine)"
+                    );
+                }
                 let entry = st.entry;
                 if let Err(e) = self.reset(entry) {
                     self.events.push(MachineEvent::Crash(format!(

@@ -107,13 +107,22 @@ pub fn probe(path: &Path) -> io::Result<Probe> {
             backing,
         });
     }
+    // ISO 9660: the primary volume descriptor's "CD001" at 32769.
+    let mut magic = [0u8; 5];
+    let iso = file.seek(SeekFrom::Start(ISO_MAGIC_AT)).is_ok()
+        && file.read_exact(&mut magic).is_ok()
+        && magic == ISO_MAGIC;
     Ok(Probe {
-        format: VolFormat::Raw,
+        format: if iso { VolFormat::Iso } else { VolFormat::Raw },
         capacity: meta.len(),
         allocation,
         backing: None,
     })
 }
+
+/// Where an ISO 9660 image says so, and what it says.
+const ISO_MAGIC_AT: u64 = 0x8001;
+const ISO_MAGIC: [u8; 5] = *b"CD001";
 
 /// A backing file named in a qcow2 header, as a path: a relative name is
 /// relative to the directory of the image that names it (as QEMU reads it).

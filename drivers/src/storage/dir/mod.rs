@@ -329,7 +329,7 @@ impl DirStorage {
             }
             let needed = src.allocation.max(allocation);
             space(needed)?;
-            if src.format == VolFormat::Raw && spec.format == VolFormat::Raw {
+            if src.format.is_raw_bytes() && spec.format.is_raw_bytes() {
                 let out = file::create_new(partial).map_err(|e| io_fail(VOL, name, "create", e))?;
                 file::copy_sparse(&src_path, &out, progress)
                     .map_err(|e| no_space_or(VOL, name, "copy", e))?;
@@ -349,7 +349,7 @@ impl DirStorage {
             let out = file::create_new(partial).map_err(|e| io_fail(VOL, name, "create", e))?;
             let limit = match spec.format {
                 // A raw image is the disk: it must fit the capacity.
-                VolFormat::Raw => capacity.min(available),
+                VolFormat::Raw | VolFormat::Iso => capacity.min(available),
                 VolFormat::Qcow2 => available,
             };
             fetch::fetch(&url.url, &out, limit, progress).map_err(|e| fail("fetch", e))?;
@@ -378,7 +378,9 @@ impl DirStorage {
                     ),
                 ));
             }
-            if got.format != spec.format {
+            if got.format != spec.format
+                && !(got.format.is_raw_bytes() && spec.format.is_raw_bytes())
+            {
                 // Convert to the format the spec asks for, as an importer would.
                 let converted = dir.join(format!(".{name}.vireo-convert"));
                 let result = qemu_img::convert(partial, got.format, &converted, spec.format)
@@ -397,7 +399,7 @@ impl DirStorage {
         // Blank (and upload, whose content comes later through vol-upload).
         space(allocation)?;
         match spec.format {
-            VolFormat::Raw => {
+            VolFormat::Raw | VolFormat::Iso => {
                 let out = file::create_new(partial).map_err(|e| io_fail(VOL, name, "create", e))?;
                 out.set_len(capacity)
                     .map_err(|e| no_space_or(VOL, name, "resize", e))?;
@@ -422,7 +424,7 @@ impl DirStorage {
     ) -> Result<()> {
         if to > from {
             match format {
-                VolFormat::Raw => {
+                VolFormat::Raw | VolFormat::Iso => {
                     let f = OpenOptions::new()
                         .write(true)
                         .open(path)
@@ -846,10 +848,10 @@ impl StorageDriver for DirStorage {
             available,
             capacity,
             flags,
-            p.format == VolFormat::Raw,
+            p.format.is_raw_bytes(),
         )?;
         match p.format {
-            VolFormat::Raw => {
+            VolFormat::Raw | VolFormat::Iso => {
                 let f = OpenOptions::new()
                     .write(true)
                     .open(&path)
@@ -870,7 +872,9 @@ impl StorageDriver for DirStorage {
         let (dir, path) = self.existing(pool, name)?;
         let p = Self::probe(name, &path)?;
         match p.format {
-            VolFormat::Raw => file::zero_data(&path).map_err(|e| io_fail(VOL, name, "wipe", e)),
+            VolFormat::Raw | VolFormat::Iso => {
+                file::zero_data(&path).map_err(|e| io_fail(VOL, name, "wipe", e))
+            }
             VolFormat::Qcow2 => {
                 // An empty image of the same size (and the same backing file).
                 let partial = file::partial_path(&dir, name);
@@ -954,7 +958,7 @@ impl StorageDriver for DirStorage {
             }
             let new = Self::probe(name, &partial)?;
             Self::check_backing(name, &dir, &new)?;
-            if new.format == VolFormat::Raw && old.format == VolFormat::Raw && n < old.capacity {
+            if new.format.is_raw_bytes() && old.format.is_raw_bytes() && n < old.capacity {
                 // A shorter raw image keeps the volume's size.
                 out.set_len(old.capacity)
                     .map_err(|e| no_space_or(VOL, name, "resize", e))?;

@@ -63,12 +63,20 @@ pub fn create_overlay(
         "-f",
         "qcow2",
         "-F",
-        &backing_format.to_string(),
+        qemu_format(backing_format),
         "-b",
         path_str(backing)?,
         path_str(path)?,
         &capacity.to_string(),
     ])
+}
+
+/// qemu-img's name of a format: an ISO image is raw bytes to it.
+pub fn qemu_format(format: VolFormat) -> &'static str {
+    match format {
+        VolFormat::Raw | VolFormat::Iso => "raw",
+        VolFormat::Qcow2 => "qcow2",
+    }
 }
 
 /// A full copy of `src` in `to` format (a qcow2 source's backing chain is
@@ -78,9 +86,9 @@ pub fn convert(src: &Path, from: VolFormat, dst: &Path, to: VolFormat) -> Result
         "convert",
         "-q",
         "-f",
-        &from.to_string(),
+        qemu_format(from),
         "-O",
-        &to.to_string(),
+        qemu_format(to),
         path_str(src)?,
         path_str(dst)?,
     ])
