@@ -28,8 +28,8 @@ pub use common::{Condition, ObjectKind};
 pub use domain::{
     BootDevice, CloudInit, DataSource, Disk, DiskBus, DiskDevice, Domain, DomainDevices,
     DomainInfo, DomainReason, DomainSpec, DomainState, DomainStatus, DomainType, Firmware,
-    Interface, InterfaceStatus, KeyRef, Lifecycle, LifecycleAction, OsSpec, RunStrategy,
-    SerialSpec,
+    GuestFilesystem, GuestInfo, GuestInterface, GuestOs, GuestUser, Interface, InterfaceStatus,
+    KeyRef, Lifecycle, LifecycleAction, OsSpec, RunStrategy, SerialSpec,
 };
 pub use host::{Host, HostSpec, HostStatus, NodeInfo};
 pub use manifest::{Manifest, ManifestError};

@@ -59,6 +59,11 @@ pub enum Error {
     /// Something failed below us (I/O, a process, a system call).
     #[error("{object}: operation failed: {message}")]
     OperationFailed { object: ObjectName, message: String },
+    /// The guest agent inside a running domain does not answer: none is
+    /// installed, it has not started yet, or it hangs
+    /// (`VIR_ERR_AGENT_UNRESPONSIVE`).
+    #[error("{object}: guest agent is not responding: {message}")]
+    AgentUnresponsive { object: ObjectName, message: String },
 }
 
 impl Error {
@@ -111,7 +116,8 @@ impl Error {
             | Self::AlreadyExists { object, .. }
             | Self::NoSpace { object, .. }
             | Self::Unsupported { object, .. }
-            | Self::OperationFailed { object, .. } => Some(object),
+            | Self::OperationFailed { object, .. }
+            | Self::AgentUnresponsive { object, .. } => Some(object),
             Self::Connect { .. } => None,
         }
     }

@@ -411,6 +411,35 @@ pub trait HypervisorDriver: Send + Sync {
             .collect())
     }
 
+    /// What the guest agent in the running domain reports (libvirt's
+    /// `virDomainGetGuestInfo`, `virsh guestinfo`). `AgentUnresponsive`
+    /// when no agent answers; `Unsupported` when the driver gives guests no
+    /// agent channel.
+    fn guest_info(&self, name: &str) -> Result<vireo_crds::GuestInfo> {
+        self.domain_state(name)?;
+        Err(unsupported(self.name(), name, "a guest agent"))
+    }
+
+    /// Freezes the guest's filesystems through its agent (all of them, or
+    /// the mount points given); returns how many (`virsh domfsfreeze`).
+    fn guest_fs_freeze(&self, name: &str, _mountpoints: &[String]) -> Result<u64> {
+        self.domain_state(name)?;
+        Err(unsupported(self.name(), name, "a guest agent"))
+    }
+
+    /// Thaws what a freeze froze; returns how many (`virsh domfsthaw`).
+    fn guest_fs_thaw(&self, name: &str) -> Result<u64> {
+        self.domain_state(name)?;
+        Err(unsupported(self.name(), name, "a guest agent"))
+    }
+
+    /// Shuts the guest down (or reboots it) through its agent, for guests
+    /// that ignore the ACPI power button (`shutdown --mode agent`).
+    fn guest_agent_shutdown(&self, name: &str, _reboot: bool) -> Result<()> {
+        self.domain_state(name)?;
+        Err(unsupported(self.name(), name, "a guest agent"))
+    }
+
     /// Why a running domain's firmware found nothing to boot, when its
     /// console says so (a blank disk, a wrong boot order); `None` while it
     /// boots or for drivers without firmware.

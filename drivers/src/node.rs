@@ -223,6 +223,18 @@ impl HypervisorDriver for NodeHypervisor {
     fn domain_vcpu_info(&self, name: &str) -> Result<Vec<VcpuInfo>> {
         self.owner(name)?.domain_vcpu_info(name)
     }
+    fn guest_info(&self, name: &str) -> Result<vireo_crds::GuestInfo> {
+        self.owner(name)?.guest_info(name)
+    }
+    fn guest_fs_freeze(&self, name: &str, mountpoints: &[String]) -> Result<u64> {
+        self.owner(name)?.guest_fs_freeze(name, mountpoints)
+    }
+    fn guest_fs_thaw(&self, name: &str) -> Result<u64> {
+        self.owner(name)?.guest_fs_thaw(name)
+    }
+    fn guest_agent_shutdown(&self, name: &str, reboot: bool) -> Result<()> {
+        self.owner(name)?.guest_agent_shutdown(name, reboot)
+    }
 }
 
 #[cfg(test)]

@@ -95,6 +95,10 @@ pub enum Call {
     Sysinfo,
     Capabilities,
     DomainInterfaceAddresses(String),
+    GuestInfo(String),
+    GuestFsFreeze(String, Vec<String>),
+    GuestFsThaw(String),
+    GuestAgentShutdown(String, bool),
     DomainBlockInfo(String, String),
     DomainBlockStats(String, String),
     DomainInterfaceStats(String, String),
@@ -176,6 +180,11 @@ pub enum WireError {
         uri: String,
         message: String,
     },
+    AgentUnresponsive {
+        kind: String,
+        name: String,
+        message: String,
+    },
 }
 
 fn kind_of(text: &str) -> ObjectKind {
@@ -234,6 +243,11 @@ impl From<&Error> for WireError {
                 uri: uri.clone(),
                 message: message.clone(),
             },
+            Error::AgentUnresponsive { message, .. } => Self::AgentUnresponsive {
+                kind,
+                name,
+                message: message.clone(),
+            },
         }
     }
 }
@@ -280,6 +294,14 @@ impl From<WireError> for Error {
                 message,
             },
             WireError::Connect { uri, message } => Error::Connect { uri, message },
+            WireError::AgentUnresponsive {
+                kind,
+                name,
+                message,
+            } => Error::AgentUnresponsive {
+                object: obj(&kind, name),
+                message,
+            },
         }
     }
 }
@@ -507,6 +529,18 @@ impl HypervisorDriver for Remote {
     }
     fn node_free_memory(&self) -> Result<u64> {
         self.call(Call::NodeFreeMemory)
+    }
+    fn guest_info(&self, name: &str) -> Result<vireo_crds::GuestInfo> {
+        self.call(Call::GuestInfo(name.into()))
+    }
+    fn guest_fs_freeze(&self, name: &str, mountpoints: &[String]) -> Result<u64> {
+        self.call(Call::GuestFsFreeze(name.into(), mountpoints.to_vec()))
+    }
+    fn guest_fs_thaw(&self, name: &str) -> Result<u64> {
+        self.call(Call::GuestFsThaw(name.into()))
+    }
+    fn guest_agent_shutdown(&self, name: &str, reboot: bool) -> Result<()> {
+        self.call(Call::GuestAgentShutdown(name.into(), reboot))
     }
     fn domain_scheduler(&self, name: &str) -> Result<(String, Vec<(String, String)>)> {
         self.call(Call::DomainScheduler(name.into()))
@@ -814,6 +848,10 @@ fn answer(
         Call::CellsFreeMemory => ok(hv.cells_free_memory()),
         Call::NodeFreeMemory => ok(hv.node_free_memory()),
         Call::DomainScheduler(n) => ok(hv.domain_scheduler(&n)),
+        Call::GuestInfo(n) => ok(hv.guest_info(&n)),
+        Call::GuestFsFreeze(n, m) => ok(hv.guest_fs_freeze(&n, &m)),
+        Call::GuestFsThaw(n) => ok(hv.guest_fs_thaw(&n)),
+        Call::GuestAgentShutdown(n, r) => ok(hv.guest_agent_shutdown(&n, r)),
         Call::Sysinfo => ok(hv.sysinfo()),
         Call::Capabilities => ok(hv.capabilities()),
         Call::DomainInterfaceAddresses(n) => ok(hv.domain_interface_addresses(&n)),

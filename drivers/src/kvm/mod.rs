@@ -378,6 +378,8 @@ pub fn boot_time_us(api: &Path) -> Option<u64> {
         log: PathBuf::new(),
         exit_file: PathBuf::new(),
         nvram: PathBuf::new(),
+        guest_agent: PathBuf::new(),
+        vsock: PathBuf::new(),
     };
     vmm.call(&paths, json!({ "command": "info" }))
         .ok()?

@@ -354,6 +354,23 @@ pub fn build(
         "-device",
         &format!("{},id=balloon0", machine.device("balloon")),
     ]);
+    // The guest agent's channel (libvirt's <channel> with target
+    // org.qemu.guest_agent.0; KubeVirt always adds it too): a virtio-serial
+    // port whose host end is a Unix socket in the run directory.
+    push(&[
+        "-chardev",
+        &format!(
+            "socket,id=qga0,path={},server=on,wait=off",
+            path(&paths.guest_agent)
+        ),
+        "-device",
+        &format!("{},id=vser0", machine.device("serial")),
+        "-device",
+        &format!(
+            "virtserialport,bus=vser0.0,chardev=qga0,name={}",
+            crate::vm::guest_agent::PORT_NAME
+        ),
+    ]);
     let specs: HashMap<&str, &vireo_crds::Disk> = spec
         .devices
         .disks
@@ -461,6 +478,8 @@ mod tests {
             log: dir.join("process.log"),
             exit_file: dir.join("exit.json"),
             nvram: PathBuf::from("/r/nvram/u1_VARS.fd"),
+            guest_agent: dir.join("qga.sock"),
+            vsock: dir.join("vsock.sock"),
             dir,
         }
     }
@@ -556,6 +575,15 @@ mod tests {
                 .any(|x| x == "-boot" || x.contains("bootindex") || x.contains("pflash"))
         );
         assert!(values(&a, "-device").contains(&"virtio-blk-pci,drive=disk0,id=vda"));
+        // Every guest gets the guest agent's virtio-serial port.
+        assert!(values(&a, "-device").contains(&"virtio-serial-pci,id=vser0"));
+        assert!(values(&a, "-device").contains(
+            &"virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0"
+        ));
+        assert!(
+            values(&a, "-chardev")
+                .contains(&"socket,id=qga0,path=/r/run/u1/qga.sock,server=on,wait=off")
+        );
         // Without firmware and kernel, the command line names what is missing.
         let e = build(&domain(None, vec![]), &paths(), &[], Accel::Tcg).expect_err("no boot");
         assert!(e.contains("spec.os.firmware"), "{e}");

@@ -255,6 +255,12 @@ impl Backend for Qemu {
         })())
     }
 
+    fn guest_agent(&self, paths: &RunPaths) -> Option<crate::vm::guest_agent::Channel> {
+        Some(crate::vm::guest_agent::Channel::Unix(
+            paths.guest_agent.clone(),
+        ))
+    }
+
     fn block_stats(
         &self,
         paths: &RunPaths,

@@ -16,6 +16,7 @@
 
 pub mod boot;
 pub mod cloud_init;
+pub mod guest_agent;
 pub mod process;
 pub mod store;
 
@@ -37,6 +38,8 @@ use crate::{Error, ListFilter, Lookup, Result};
 use store::{Locked, Record, Run, Store};
 
 const KIND: ObjectKind = ObjectKind::Domain;
+/// How long each step of a guest agent conversation may take.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How long the only process carrying an activation's mark must have run
 /// before a launch nobody saw through adopts it without a pid file (see
@@ -62,6 +65,11 @@ pub struct RunPaths {
     /// and outside it, since it outlives activations. Created at the first
     /// start, removed when the Domain is undefined.
     pub nvram: PathBuf,
+    /// The host end of the guest agent's virtio-serial port (qemu).
+    pub guest_agent: PathBuf,
+    /// vireo-vmm's vsock proxy socket (kvm): `CONNECT port` reaches the
+    /// guest's vsock port.
+    pub vsock: PathBuf,
 }
 
 impl RunPaths {
@@ -76,6 +84,8 @@ impl RunPaths {
             pidfile: dir.join("pid"),
             log: dir.join("process.log"),
             exit_file: dir.join("exit.json"),
+            guest_agent: dir.join("qga.sock"),
+            vsock: dir.join("vsock.sock"),
             dir,
         }
     }
@@ -175,6 +185,11 @@ pub trait Backend: Send + Sync + 'static {
     fn vcpu_threads(&self, _paths: &RunPaths) -> Option<std::result::Result<Vec<u32>, String>> {
         None
     }
+    /// How the host reaches the guest agent of a running guest; `None`
+    /// when the backend gives guests no agent channel.
+    fn guest_agent(&self, _paths: &RunPaths) -> Option<guest_agent::Channel> {
+        None
+    }
     /// I/O counters of the running guest's disk `disk` (its target name),
     /// virsh's names and values; `None` when the backend keeps none.
     fn block_stats(
@@ -217,6 +232,9 @@ struct Inner<B: Backend> {
     /// When a repeated request (power button, vCPU unplug) was last sent,
     /// per domain and kind.
     last_sent: Mutex<HashMap<(String, &'static str), Instant>>,
+    /// One guest agent conversation at a time per activation (the channel
+    /// has one client); held outside the driver's lock.
+    agent_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
 
 fn io_failed(name: &str, what: &str, e: impl std::fmt::Display) -> Error {
@@ -299,6 +317,7 @@ impl<B: Backend> VmDriver<B> {
             network,
             mutex: Mutex::new(()),
             last_sent: Mutex::new(HashMap::new()),
+            agent_locks: Mutex::new(HashMap::new()),
         });
         let weak = Arc::downgrade(&inner);
         let poll = inner.options.poll;
@@ -1042,6 +1061,64 @@ impl<B: Backend> Inner<B> {
         Ok(reference(rec))
     }
 
+    /// The guest agent channel of a running, unpaused domain, and the lock
+    /// that keeps its conversations apart.
+    fn agent_channel(&self, name: &str) -> Result<(guest_agent::Channel, Arc<Mutex<()>>)> {
+        let (uuid, channel) = self.with(name, |_, rec| {
+            let Some(run) = &rec.run else {
+                return Err(not_running(name));
+            };
+            if run.pid == 0 {
+                return Err(Error::invalid_state(KIND, name, "is still starting"));
+            }
+            let paths = self.paths(&rec.uuid);
+            if self
+                .backend
+                .query(&paths)
+                .is_ok_and(|live| live.state == LiveState::Paused)
+            {
+                return Err(Error::invalid_state(
+                    KIND,
+                    name,
+                    "is paused: its guest agent cannot answer",
+                ));
+            }
+            let Some(channel) = self.backend.guest_agent(&paths) else {
+                return Err(Error::Unsupported {
+                    object: crate::error::ObjectName::new(KIND, name),
+                    driver: self.backend.name(),
+                    operation: "a guest agent",
+                });
+            };
+            Ok((format!("{}-{}", rec.uuid, run.id), channel))
+        })?;
+        let mut locks = self.agent_locks.lock().unwrap_or_else(|p| p.into_inner());
+        // Forget the locks of activations that ended (nobody holds them).
+        locks.retain(|_, l| Arc::strong_count(l) > 1);
+        let lock = locks.entry(uuid).or_default().clone();
+        Ok((channel, lock))
+    }
+
+    /// Runs a guest agent conversation on `name`.
+    fn agent<T>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&guest_agent::Channel) -> std::result::Result<T, guest_agent::AgentError>,
+    ) -> Result<T> {
+        let (channel, lock) = self.agent_channel(name)?;
+        let _one = lock.lock().unwrap_or_else(|p| p.into_inner());
+        f(&channel).map_err(|e| match e {
+            guest_agent::AgentError::Command { .. } => Error::OperationFailed {
+                object: crate::error::ObjectName::new(KIND, name),
+                message: format!("guest agent: {e}"),
+            },
+            other => Error::AgentUnresponsive {
+                object: crate::error::ObjectName::new(KIND, name),
+                message: other.to_string(),
+            },
+        })
+    }
+
     fn control(&self, rec: &Record, op: Control) -> Result<()> {
         let paths = self.paths(&rec.uuid);
         self.backend
@@ -1481,6 +1558,43 @@ impl<B: Backend> HypervisorDriver for VmDriver<B> {
             if let Some(run) = rec.run.as_mut() {
                 run.reason = DomainReason::Unpaused;
             }
+            inner.save(l, rec)
+        })
+    }
+
+    fn guest_info(&self, name: &str) -> Result<vireo_crds::GuestInfo> {
+        self.inner
+            .agent(name, |ch| guest_agent::guest_info(ch, AGENT_TIMEOUT))
+    }
+
+    fn guest_fs_freeze(&self, name: &str, mountpoints: &[String]) -> Result<u64> {
+        self.inner.agent(name, |ch| {
+            guest_agent::fs_freeze(ch, AGENT_TIMEOUT, mountpoints)
+        })
+    }
+
+    fn guest_fs_thaw(&self, name: &str) -> Result<u64> {
+        self.inner
+            .agent(name, |ch| guest_agent::fs_thaw(ch, AGENT_TIMEOUT))
+    }
+
+    fn guest_agent_shutdown(&self, name: &str, reboot: bool) -> Result<()> {
+        // The agent powers the guest off; a reboot is a power-off the
+        // driver turns into a reset, as `reboot` without an agent does, so
+        // that a reboot ends the same way whichever asked.
+        let inner = &self.inner;
+        inner.agent(name, |ch| {
+            guest_agent::shutdown(ch, AGENT_TIMEOUT, "powerdown")
+        })?;
+        inner.with(name, |l, rec| {
+            let Some(run) = rec.run.as_mut() else {
+                // Already off: the guest was quick.
+                return Ok(());
+            };
+            if reboot {
+                run.fake_reboot = true;
+            }
+            run.shutdown_since.get_or_insert_with(process::now_secs);
             inner.save(l, rec)
         })
     }
