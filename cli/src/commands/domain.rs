@@ -184,16 +184,6 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
             hv.start_domain(&d.name)?;
             Output::Message(format!("Domain '{}' started", d.name))
         }
-        Command::Shutdown(a) => {
-            let d = resolve(conn, &a.domain)?;
-            hv.shutdown_domain(&d.name)?;
-            Output::Message(format!("Domain '{}' is being shutdown", d.name))
-        }
-        Command::Reboot(a) => {
-            let d = resolve(conn, &a.domain)?;
-            hv.reboot_domain(&d.name)?;
-            Output::Message(format!("Domain '{}' is being rebooted", d.name))
-        }
         Command::Reset(a) => {
             let d = resolve(conn, &a.domain)?;
             hv.reset_domain(&d.name)?;

@@ -3,6 +3,7 @@
 mod console;
 mod domain;
 mod edit;
+mod guest;
 mod host;
 mod inspect;
 mod network;
@@ -58,8 +59,9 @@ pub enum Command {
     /// Print a domain's ID ('-' when inactive).
     Domid(DomainArg),
     /// Show a running domain's interfaces, MACs and the addresses their
-    /// networks' DHCP servers leased.
-    Domifaddr(DomainArg),
+    /// networks' DHCP servers leased, or (--source agent) the addresses the
+    /// guest agent reports from inside the guest.
+    Domifaddr(DomifaddrArgs),
     /// Print a domain's UUID.
     Domuuid(DomainArg),
     /// Print a domain's name.
@@ -76,10 +78,20 @@ pub enum Command {
     Undefine(DomainArg),
     /// Start an inactive domain.
     Start(DomainArg),
-    /// Ask the guest to shut down (it ends 'shut off (shutdown)').
-    Shutdown(DomainArg),
-    /// Ask the guest to reboot (the domain's lifecycle.onReboot applies).
-    Reboot(DomainArg),
+    /// Ask the guest to shut down (it ends 'shut off (shutdown)'): with the
+    /// ACPI power button, or with --mode agent through its guest agent.
+    Shutdown(ShutdownArgs),
+    /// Ask the guest to reboot (the domain's lifecycle.onReboot applies);
+    /// --mode as for shutdown.
+    Reboot(ShutdownArgs),
+    /// Show what the guest agent reports: users, OS, hostname, filesystems,
+    /// interfaces (all, or the groups asked for), as `key : value` lines.
+    Guestinfo(GuestinfoArgs),
+    /// Freeze the guest's filesystems through its guest agent (before a
+    /// disk snapshot), all or the --mountpoint ones.
+    Domfsfreeze(DomfsfreezeArgs),
+    /// Thaw the filesystems domfsfreeze froze.
+    Domfsthaw(DomainArg),
     /// Reset the guest at once, like the reset button.
     Reset(DomainArg),
     /// Pause a running domain.
@@ -417,6 +429,62 @@ pub struct DomainArg {
 }
 
 #[derive(Args)]
+pub struct ShutdownArgs {
+    /// Domain name, ID or UUID.
+    pub domain: String,
+    /// How to ask: `acpi` (the power button, the default) or `agent` (the
+    /// guest agent); a comma list tries each in order until one is accepted.
+    #[arg(long)]
+    pub mode: Option<String>,
+}
+
+#[derive(Args)]
+pub struct DomifaddrArgs {
+    /// Domain name, ID or UUID.
+    pub domain: String,
+    /// Only this interface (its name in the guest with --source agent).
+    #[arg(long)]
+    pub interface: Option<String>,
+    /// Where the addresses come from: `lease` (the networks' DHCP leases,
+    /// the default) or `agent` (the guest agent, from inside the guest).
+    #[arg(long, default_value = "lease", value_parser = ["lease", "agent"])]
+    pub source: String,
+    /// Repeat the name and MAC on every address line.
+    #[arg(long)]
+    pub full: bool,
+}
+
+#[derive(Args)]
+pub struct GuestinfoArgs {
+    /// Domain name, ID or UUID.
+    pub domain: String,
+    /// Logged-in users.
+    #[arg(long)]
+    pub user: bool,
+    /// The operating system.
+    #[arg(long)]
+    pub os: bool,
+    /// The host name.
+    #[arg(long)]
+    pub hostname: bool,
+    /// Network interfaces and addresses.
+    #[arg(long)]
+    pub interface: bool,
+    /// Mounted filesystems.
+    #[arg(long)]
+    pub filesystem: bool,
+}
+
+#[derive(Args)]
+pub struct DomfsfreezeArgs {
+    /// Domain name, ID or UUID.
+    pub domain: String,
+    /// A mount point to freeze (repeatable); all when none is given.
+    #[arg(long)]
+    pub mountpoint: Vec<String>,
+}
+
+#[derive(Args)]
 pub struct DomstateArgs {
     /// Domain name, ID or UUID.
     pub domain: String,
@@ -658,8 +726,6 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
         | C::Create(_)
         | C::Undefine(_)
         | C::Start(_)
-        | C::Shutdown(_)
-        | C::Reboot(_)
         | C::Reset(_)
         | C::Suspend(_)
         | C::Resume(_)
@@ -668,6 +734,14 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
         | C::Setmem(_)
         | C::Setvcpus(_) => domain::run(conn, command),
         C::Console(a) => console::run(conn, a),
+        C::Shutdown(a) => guest::shutdown(conn, &a.domain, a.mode.as_deref(), false),
+        C::Reboot(a) => guest::shutdown(conn, &a.domain, a.mode.as_deref(), true),
+        C::Guestinfo(a) => guest::guestinfo(conn, a),
+        C::Domfsfreeze(a) => guest::domfsfreeze(conn, a),
+        C::Domfsthaw(a) => guest::domfsthaw(conn, &a.domain),
+        C::Domifaddr(a) if a.source == "agent" => {
+            guest::domifaddr_agent(conn, &a.domain, a.interface.as_deref(), a.full)
+        }
         C::NetList(_)
         | C::NetInfo(_)
         | C::NetUuid(_)

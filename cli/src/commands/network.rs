@@ -116,6 +116,12 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
                 &def.spec.devices.interfaces,
                 &d.uuid,
             );
+            if let Some(want) = &a.interface {
+                ifaces.retain(|i| i.name == *want || i.device.as_ref() == Some(want));
+                if ifaces.is_empty() {
+                    bail!("no interface with name '{want}' on domain '{}'", d.name);
+                }
+            }
             if let Some(known) = known {
                 for i in &mut ifaces {
                     i.ip = known

@@ -261,6 +261,54 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
     } else {
         Vec::new()
     };
+    // The guest agent: what it reports goes to status.guest; its absence
+    // is a condition, never an error (drivers without an agent channel,
+    // like the test driver, say nothing).
+    let mut guest = None;
+    let mut agent_waiting = false;
+    if info.state == DomainState::Running {
+        let k = key.clone();
+        match ctx
+            .drive_domain(ty, move |c| c.hypervisor().guest_info(&k))
+            .await
+        {
+            Ok(g) => {
+                let version = g.agent_version.clone().unwrap_or_default();
+                conditions.push(condition(
+                    &status.conditions,
+                    "AgentConnected",
+                    true,
+                    "Connected",
+                    format!("the guest agent {version} answers").replace("  ", " "),
+                    dom.meta().generation,
+                ));
+                guest = Some(g);
+            }
+            Err(crate::Error::Driver(vireo_drivers::Error::Unsupported { .. })) => {}
+            Err(e) => {
+                tracing::debug!(domain = %key, error = %e, "guest agent");
+                let message = match &e {
+                    crate::Error::Driver(vireo_drivers::Error::AgentUnresponsive {
+                        message,
+                        ..
+                    }) => format!(
+                        "no guest agent answers ({message}); install vireo-guest-agent or qemu-guest-agent in the guest for status.guest, domifaddr --source agent and shutdown --mode agent"
+                    ),
+                    crate::Error::Driver(other) => other.to_string(),
+                    other => other.to_string(),
+                };
+                conditions.push(condition(
+                    &status.conditions,
+                    "AgentConnected",
+                    false,
+                    "AgentNotResponding",
+                    message,
+                    dom.meta().generation,
+                ));
+                agent_waiting = true;
+            }
+        }
+    }
     let wanted = DomainStatus {
         state: Some(info.state),
         start_count: Some(start_count),
@@ -271,6 +319,7 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
         observed_generation: dom.meta().generation,
         conditions,
         interfaces,
+        guest,
     };
     // A Domain the operator has bound but not yet given its gates waits
     // without a word: the operator's status follows its binding at once,
@@ -283,7 +332,14 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
     if !quiet && !status_matches(&status, &wanted) {
         k8s::apply_status(&api, &dom.name_any(), &ctx.manager, &wanted).await?;
     }
-    // Gates open with a status change, which wakes this reconcile.
+    // Gates open with a status change, which wakes this reconcile. A
+    // guest whose agent has not answered yet (still booting) is asked
+    // again sooner.
+    if agent_waiting {
+        return Ok(Action::requeue(
+            ctx.config.resync.min(std::time::Duration::from_secs(10)),
+        ));
+    }
     Ok(Action::requeue(ctx.config.resync))
 }
 
@@ -460,10 +516,24 @@ fn status_matches(have: &DomainStatus, want: &DomainStatus) -> bool {
         (None, None) => true,
         _ => false,
     };
-    let ready_have: Vec<_> = find(&have.conditions, "Ready")
-        .cloned()
-        .into_iter()
+    // The conditions this agent owns (the operator owns the others).
+    let ready_have: Vec<_> = ["Ready", "Bootable", "AgentConnected"]
+        .iter()
+        .filter_map(|t| find(&have.conditions, t).cloned())
         .collect();
+    // Filesystem usage moves all the time: refreshed with the next real
+    // change, as CPU time is.
+    let guest_eq = |a: &Option<vireo_crds::GuestInfo>, b: &Option<vireo_crds::GuestInfo>| {
+        let strip = |g: &Option<vireo_crds::GuestInfo>| {
+            g.clone().map(|mut g| {
+                for f in &mut g.filesystems {
+                    f.used_bytes = None;
+                }
+                g
+            })
+        };
+        strip(a) == strip(b)
+    };
     have.state == want.state
         && have.start_count == want.start_count
         && have.id == want.id
@@ -471,6 +541,7 @@ fn status_matches(have: &DomainStatus, want: &DomainStatus) -> bool {
         && have.observed_generation == want.observed_generation
         && info_eq(&have.info, &want.info)
         && have.interfaces == want.interfaces
+        && guest_eq(&have.guest, &want.guest)
         && same(&ready_have, &want.conditions)
 }
 

@@ -577,9 +577,10 @@ mod tests {
         assert!(values(&a, "-device").contains(&"virtio-blk-pci,drive=disk0,id=vda"));
         // Every guest gets the guest agent's virtio-serial port.
         assert!(values(&a, "-device").contains(&"virtio-serial-pci,id=vser0"));
-        assert!(values(&a, "-device").contains(
-            &"virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0"
-        ));
+        assert!(
+            values(&a, "-device")
+                .contains(&"virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0")
+        );
         assert!(
             values(&a, "-chardev")
                 .contains(&"socket,id=qga0,path=/r/run/u1/qga.sock,server=on,wait=off")
