@@ -181,7 +181,10 @@ mod tests {
         assert!(out.is_empty());
         assert!(f.is_partial());
         f.push(b" \"x\\\"}\"}", &mut out);
-        assert_eq!(out, vec![Frame::Object(b"{\"execute\": \"x\\\"}\"}".to_vec())]);
+        assert_eq!(
+            out,
+            vec![Frame::Object(b"{\"execute\": \"x\\\"}\"}".to_vec())]
+        );
     }
 
     #[test]

@@ -227,9 +227,10 @@ impl Agent {
         let mut out = Outcome::default();
         for frame in frames {
             match frame {
-                Frame::Error(e) => {
-                    write_reply(&mut out.bytes, error_reply(&CmdError::generic(e.describe()), None))
-                }
+                Frame::Error(e) => write_reply(
+                    &mut out.bytes,
+                    error_reply(&CmdError::generic(e.describe()), None),
+                ),
                 Frame::Object(bytes) => match self.handle(&bytes) {
                     Reply::Value(v) => write_reply(&mut out.bytes, v),
                     Reply::Delimited(v) => {
@@ -262,13 +263,12 @@ impl Agent {
         };
         let id = req.remove("id");
         let result = self.dispatch(&req);
-        let reply = match result {
+        match result {
             Ok(Reply::Value(v)) => Reply::Value(ok_reply(v, id)),
             Ok(Reply::Delimited(v)) => Reply::Delimited(ok_reply(v, id)),
             Ok(Reply::Silent(a)) => Reply::Silent(a),
             Err(e) => Reply::Value(error_reply(&e, id)),
-        };
-        reply
+        }
     }
 
     fn dispatch(&mut self, req: &Args) -> Result<Reply, CmdError> {
@@ -328,7 +328,9 @@ fn error_reply(e: &CmdError, id: Option<Value>) -> Value {
 fn write_reply(out: &mut Vec<u8>, v: Value) {
     // Serializing a Value into a Vec cannot fail (string keys only).
     if serde_json::to_writer(&mut *out, &v).is_err() {
-        out.extend_from_slice(b"{\"error\":{\"class\":\"GenericError\",\"desc\":\"serialization\"}}");
+        out.extend_from_slice(
+            b"{\"error\":{\"class\":\"GenericError\",\"desc\":\"serialization\"}}",
+        );
     }
     out.push(b'\n');
 }
@@ -378,7 +380,8 @@ fn cmd_host_name(_: &mut Agent, _: &Args) -> Result<Reply, CmdError> {
 }
 
 fn cmd_osinfo(a: &mut Agent, _: &Args) -> Result<Reply, CmdError> {
-    let text = Agent::read_first(&a.paths.os_release).map(|b| String::from_utf8_lossy(&b).into_owned());
+    let text =
+        Agent::read_first(&a.paths.os_release).map(|b| String::from_utf8_lossy(&b).into_owned());
     let u = sys::uname().ok();
     Ok(Reply::Value(sys::osinfo(text.as_deref(), u.as_ref())))
 }
@@ -406,7 +409,11 @@ fn cmd_fsinfo(a: &mut Agent, _: &Args) -> Result<Reply, CmdError> {
 }
 
 fn cmd_freeze_status(a: &mut Agent, _: &Args) -> Result<Reply, CmdError> {
-    Ok(Reply::Value(json!(if a.frozen { "frozen" } else { "thawed" })))
+    Ok(Reply::Value(json!(if a.frozen {
+        "frozen"
+    } else {
+        "thawed"
+    })))
 }
 
 fn freezable_points(a: &Agent) -> Result<Vec<String>, CmdError> {

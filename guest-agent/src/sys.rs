@@ -217,10 +217,10 @@ pub fn fs_usage(path: &str) -> Option<(u64, u64, u64)> {
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
         return None;
     }
-    let frsize = u64::from(st.f_frsize);
-    let blocks = u64::from(st.f_blocks);
-    let bfree = u64::from(st.f_bfree);
-    let bavail = u64::from(st.f_bavail);
+    let frsize = st.f_frsize;
+    let blocks = st.f_blocks;
+    let bfree = st.f_bfree;
+    let bavail = st.f_bavail;
     let used = blocks.saturating_sub(bfree);
     Some((
         used.saturating_mul(frsize),
@@ -351,7 +351,8 @@ pub fn interfaces(net_dev: Option<&str>) -> std::io::Result<Value> {
             libc::AF_INET => {
                 // SAFETY: an AF_INET address is a sockaddr_in; read_unaligned
                 // because the list gives no alignment promise.
-                let sin = unsafe { std::ptr::read_unaligned(ifa.ifa_addr.cast::<libc::sockaddr_in>()) };
+                let sin =
+                    unsafe { std::ptr::read_unaligned(ifa.ifa_addr.cast::<libc::sockaddr_in>()) };
                 let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
                 let prefix = if ifa.ifa_netmask.is_null() {
                     32
@@ -501,7 +502,10 @@ mod tests {
         assert_eq!(m[2].mountpoint, "/mnt/my disk");
         let v = fsinfo(text);
         let arr = v.as_array().cloned().unwrap_or_default();
-        let points: Vec<&str> = arr.iter().filter_map(|x| x["mountpoint"].as_str()).collect();
+        let points: Vec<&str> = arr
+            .iter()
+            .filter_map(|x| x["mountpoint"].as_str())
+            .collect();
         assert_eq!(points, vec!["/", "/mnt/my disk", "/tmp"]);
         assert_eq!(arr[0]["name"], "vda1");
         assert!(is_freezable("ext4") && is_freezable("xfs"));
@@ -520,9 +524,15 @@ mod tests {
         put(&mut data, 0, 7, "alice", 200);
         put(&mut data, 1, 8, "dead", 100);
         put(&mut data, 2, 7, "alice", 150);
-        assert_eq!(users(&data), json!([{"user": "alice", "login-time": 150.0}]));
+        assert_eq!(
+            users(&data),
+            json!([{"user": "alice", "login-time": 150.0}])
+        );
         // A truncated trailing record is ignored.
-        assert_eq!(users(&data[..UTMP_SIZE + 10]), json!([{"user": "alice", "login-time": 200.0}]));
+        assert_eq!(
+            users(&data[..UTMP_SIZE + 10]),
+            json!([{"user": "alice", "login-time": 200.0}])
+        );
     }
 
     #[test]

@@ -251,7 +251,12 @@ pub fn find_virtio_port(sys: &Path, dev: &Path, name: &str) -> io::Result<Option
 }
 
 fn make_char_node(node: &Path, numbers: &str) -> io::Result<()> {
-    let bad = || io::Error::new(io::ErrorKind::InvalidData, format!("bad dev numbers {numbers:?}"));
+    let bad = || {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad dev numbers {numbers:?}"),
+        )
+    };
     let (maj, min) = numbers.split_once(':').ok_or_else(bad)?;
     let maj: u32 = maj.parse().map_err(|_| bad())?;
     let min: u32 = min.parse().map_err(|_| bad())?;
