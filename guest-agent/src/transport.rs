@@ -52,6 +52,10 @@ pub fn perform(action: Action) {
         ShutdownMode::Halt => (libc::RB_HALT_SYSTEM, "halt"),
     };
     log(&format!("guest-shutdown: {what}"));
+    // Also on the console (via the kernel log), where tests watch; best effort.
+    if let Ok(mut k) = OpenOptions::new().write(true).open("/dev/kmsg") {
+        let _ = writeln!(k, "vireo-guest-agent: guest-shutdown: {what}");
+    }
     // SAFETY: sync(2) takes no arguments and cannot fail.
     unsafe { libc::sync() };
     // SAFETY: reboot(2) with one of the documented commands; it touches no
