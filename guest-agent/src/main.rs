@@ -17,12 +17,13 @@ fn usage() -> String {
     format!(
         "vireo-guest-agent {VERSION}: the QEMU guest agent protocol, served inside a guest
 
-usage: vireo-guest-agent [--device PATH | --vsock-port [N] | --unix PATH]
+usage: vireo-guest-agent [--device PATH | --vsock-port [N] | --unix PATH] [--verbose]
 
   --device PATH     a character device (virtio-serial port) to serve; a regular
                     file is read once as requests, replies go to stdout
   --vsock-port [N]  listen on AF_VSOCK, any CID, port N (default {DEFAULT_VSOCK_PORT})
   --unix PATH       listen on a Unix socket (for tests on a host)
+  --verbose         log connections, device events and request sizes
   --version, --help
 
 Without a transport: the virtio-serial port named {VIRTIO_PORT_NAME}
@@ -64,6 +65,7 @@ fn parse(args: &[String]) -> Result<Option<Transport>, String> {
                 println!("vireo-guest-agent {VERSION}");
                 return Ok(None);
             }
+            "-v" | "--verbose" => transport::set_verbose(true),
             "--device" => set(Transport::Device(value("a path")?.into()), &mut t)?,
             "--unix" => set(Transport::Unix(value("a path")?.into()), &mut t)?,
             "--vsock-port" => {

@@ -20,18 +20,35 @@ pub fn log(msg: &str) {
     eprintln!("vireo-guest-agent: {msg}");
 }
 
+static VERBOSE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `--verbose`: log connections, device events and request sizes.
+pub fn set_verbose(on: bool) {
+    VERBOSE.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn debug(msg: impl FnOnce() -> String) {
+    if VERBOSE.load(std::sync::atomic::Ordering::Relaxed) {
+        log(&msg());
+    }
+}
+
 /// Serves requests read from `r`, replies written to `w`, until `r` ends.
 pub fn serve_io<R: Read, W: Write>(agent: &mut Agent, r: &mut R, w: &mut W) -> io::Result<()> {
     agent.reset_connection();
     let mut buf = [0u8; 8192];
     loop {
         let n = match r.read(&mut buf) {
-            Ok(0) => return Ok(()),
+            Ok(0) => {
+                debug(|| "end of input".into());
+                return Ok(());
+            }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
         let out = agent.feed(&buf[..n]);
+        debug(|| format!("read {n} bytes, replying {} bytes", out.bytes.len()));
         if !out.bytes.is_empty() {
             w.write_all(&out.bytes)?;
             w.flush()?;
@@ -69,10 +86,11 @@ pub fn perform(action: Action) {
 }
 
 /// Reads from a character device, waiting with poll(2) while the other
-/// end is away: a virtio-serial port reports POLLHUP (readable at once,
-/// with nothing to read) as long as no host client has it open.
+/// end is away: a virtio-serial port reports POLLHUP (and POLLIN, with
+/// nothing to read) as long as no host client has it open.
 struct PolledDevice {
     file: File,
+    last_revents: libc::c_short,
 }
 
 impl Read for PolledDevice {
@@ -93,11 +111,18 @@ impl Read for PolledDevice {
                 }
                 return Err(e);
             }
+            if pfd.revents != self.last_revents {
+                debug(|| format!("poll: revents {:#x}", pfd.revents));
+                self.last_revents = pfd.revents;
+            }
             if pfd.revents & libc::POLLNVAL != 0 {
                 return Err(io::Error::other("poll: invalid descriptor"));
             }
-            if pfd.revents & libc::POLLIN == 0 && pfd.revents & (libc::POLLHUP | libc::POLLERR) != 0
-            {
+            // A virtio-serial port without a host reports POLLHUP, and
+            // POLLIN too (a read returns 0 at once): nothing to read until
+            // the host connects. Reopening would not help (closing and
+            // reopening the port races with the host's connect).
+            if pfd.revents & (libc::POLLHUP | libc::POLLERR) != 0 {
                 std::thread::sleep(RETRY);
                 continue;
             }
@@ -135,7 +160,10 @@ pub fn serve_device(agent: &mut Agent, path: &Path) -> io::Result<()> {
         };
         complained = false;
         let mut w = file.try_clone()?;
-        let mut r = PolledDevice { file };
+        let mut r = PolledDevice {
+            file,
+            last_revents: 0,
+        };
         if let Err(e) = serve_io(agent, &mut r, &mut w) {
             log(&format!("{}: {e}", path.display()));
         }
