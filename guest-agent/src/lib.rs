@@ -347,10 +347,9 @@ fn cmd_sync(_: &mut Agent, args: &Args) -> Result<Reply, CmdError> {
     sync_id(args).map(Reply::Value)
 }
 
-fn cmd_sync_delimited(a: &mut Agent, args: &Args) -> Result<Reply, CmdError> {
+fn cmd_sync_delimited(_: &mut Agent, args: &Args) -> Result<Reply, CmdError> {
     // The host sent 0xFF before this request, which reset the framer; the
     // 0xFF before the reply lets the host skip stale replies likewise.
-    a.framer.reset();
     sync_id(args).map(Reply::Delimited)
 }
 

@@ -174,6 +174,17 @@ fn sync_delimited_prefixes_0xff_and_resets_input() {
 }
 
 #[test]
+fn request_split_after_sync_delimited_survives() {
+    let mut f = fixture();
+    let out = f.agent.feed(
+        b"\xff{\"execute\":\"guest-sync-delimited\",\"arguments\":{\"id\":1}}{\"execute\":\"guest-",
+    );
+    assert_eq!(out.bytes, b"\xff{\"return\":1}\n");
+    let out = f.agent.feed(b"ping\"}");
+    assert_eq!(out.bytes, b"{\"return\":{}}\n");
+}
+
+#[test]
 fn id_is_echoed() {
     let mut f = fixture();
     let out = f.agent.feed(b"{\"execute\":\"guest-ping\",\"id\":\"abc\"}");

@@ -184,3 +184,29 @@ fn serves_the_next_client_after_a_disconnect() {
     c.r.read_to_end(&mut rest).expect("read");
     assert!(rest.is_empty());
 }
+
+#[test]
+fn vsock_listener_starts_where_the_host_has_vsock() {
+    if !std::path::Path::new("/dev/vsock").exists() {
+        eprintln!("SKIP vsock_listener_starts_where_the_host_has_vsock: no /dev/vsock");
+        return;
+    }
+    // Binding and listening is all that can be checked here: connecting
+    // needs a guest on the other side (or the vsock_loopback driver).
+    let port = 47000 + std::process::id() % 1000;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vireo-guest-agent"))
+        .args(["--vsock-port", &port.to_string()])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start vireo-guest-agent");
+    std::thread::sleep(Duration::from_millis(500));
+    let running = child.try_wait().expect("try_wait").is_none();
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("wait");
+    assert!(
+        running,
+        "the agent exited: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
