@@ -228,7 +228,10 @@ fn vsock_listener(port: u32) -> io::Result<OwnedFd> {
 
 /// Listens on AF_VSOCK (any CID) `port`, one connection at a time.
 pub fn serve_vsock(agent: &mut Agent, port: u32) -> io::Result<()> {
-    let listener = vsock_listener(port)?;
+    serve_vsock_on(agent, &vsock_listener(port)?)
+}
+
+fn serve_vsock_on(agent: &mut Agent, listener: &OwnedFd) -> io::Result<()> {
     loop {
         // SAFETY: accept4(2) on our listening socket; no peer address is
         // asked for, so no memory of ours is written.
@@ -303,11 +306,17 @@ fn make_char_node(node: &Path, numbers: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// How long the default transport waits for a virtio-serial port before
+/// it considers vsock: the port appears a moment after virtio_console
+/// loads (the host announces it over the control queue).
+const VIRTIO_GRACE: Duration = Duration::from_secs(5);
+
 /// No transport given: the virtio-serial port named
-/// `org.qemu.guest_agent.0` if the guest has one, else AF_VSOCK on
-/// [`crate::DEFAULT_VSOCK_PORT`] if the guest has vsock, checked again
-/// every few seconds until one of them appears.
+/// `org.qemu.guest_agent.0` if the guest has one (or gets one within
+/// [`VIRTIO_GRACE`]), else AF_VSOCK on [`crate::DEFAULT_VSOCK_PORT`] if the
+/// guest has vsock, checked again every 2 s until one of them appears.
 pub fn serve_default(agent: &mut Agent) -> io::Result<()> {
+    let started = std::time::Instant::now();
     let mut complained = false;
     loop {
         match find_virtio_port(
@@ -322,12 +331,15 @@ pub fn serve_default(agent: &mut Agent) -> io::Result<()> {
             Ok(None) => {}
             Err(e) => log(&format!("virtio-serial port {VIRTIO_PORT_NAME}: {e}")),
         }
+        if started.elapsed() < VIRTIO_GRACE {
+            std::thread::sleep(RETRY);
+            continue;
+        }
         if Path::new("/dev/vsock").exists() {
             match vsock_listener(crate::DEFAULT_VSOCK_PORT) {
-                Ok(fd) => {
-                    drop(fd);
+                Ok(listener) => {
                     log(&format!("serving vsock port {}", crate::DEFAULT_VSOCK_PORT));
-                    return serve_vsock(agent, crate::DEFAULT_VSOCK_PORT);
+                    return serve_vsock_on(agent, &listener);
                 }
                 Err(e) if !complained => log(&format!("vsock: {e}")),
                 Err(_) => {}
