@@ -173,6 +173,12 @@ const COMMANDS: &[Command] = &[
         run: cmd_freeze,
     },
     Command {
+        name: "guest-fsfreeze-freeze-list",
+        success_response: true,
+        while_frozen: false,
+        run: cmd_freeze_list,
+    },
+    Command {
         name: "guest-fsfreeze-thaw",
         success_response: true,
         while_frozen: true,
@@ -421,14 +427,46 @@ fn freezable_points(a: &Agent) -> Result<Vec<String>, CmdError> {
 
 fn cmd_freeze(a: &mut Agent, _: &Args) -> Result<Reply, CmdError> {
     let points = freezable_points(a)?;
+    freeze_points(a, &points)
+}
+
+fn freeze_points(a: &mut Agent, points: &[String]) -> Result<Reply, CmdError> {
     // Data still in the page cache goes to disk first (FIFREEZE syncs
     // each file system too, this makes it one pass).
     // SAFETY: sync(2) takes no arguments and cannot fail.
     unsafe { libc::sync() };
-    let n = freeze::freeze_all(a.freezer.as_mut(), &points)
+    let n = freeze::freeze_all(a.freezer.as_mut(), points)
         .map_err(|e| CmdError::generic(e.to_string()))?;
     a.frozen = true;
     Ok(Reply::Value(json!(n)))
+}
+
+/// `guest-fsfreeze-freeze-list`: only the freezable file systems mounted
+/// on one of `mountpoints` (absent: all, as `guest-fsfreeze-freeze`);
+/// paths that are no such mount point are passed over, as qemu-ga does.
+fn cmd_freeze_list(a: &mut Agent, args: &Args) -> Result<Reply, CmdError> {
+    let wanted: Option<Vec<&str>> = match args.get("mountpoints") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(list)) => Some(
+            list.iter()
+                .map(|v| {
+                    v.as_str().ok_or_else(|| {
+                        CmdError::generic("parameter 'mountpoints' must be a list of strings")
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+        Some(_) => {
+            return Err(CmdError::generic(
+                "parameter 'mountpoints' must be a list of strings",
+            ));
+        }
+    };
+    let mut points = freezable_points(a)?;
+    if let Some(wanted) = wanted {
+        points.retain(|p| wanted.contains(&p.as_str()));
+    }
+    freeze_points(a, &points)
 }
 
 fn cmd_thaw(a: &mut Agent, _: &Args) -> Result<Reply, CmdError> {

@@ -223,6 +223,7 @@ fn info_lists_every_command() {
         "guest-get-fsinfo",
         "guest-fsfreeze-status",
         "guest-fsfreeze-freeze",
+        "guest-fsfreeze-freeze-list",
         "guest-fsfreeze-thaw",
         "guest-shutdown",
     ] {
@@ -312,11 +313,45 @@ fn freeze_and_thaw() {
                 .collect()
         })
         .unwrap_or_default();
-    assert_eq!(disabled, vec!["guest-fsfreeze-freeze", "guest-shutdown"]);
+    assert_eq!(
+        disabled,
+        vec![
+            "guest-fsfreeze-freeze",
+            "guest-fsfreeze-freeze-list",
+            "guest-shutdown"
+        ]
+    );
     assert_eq!(ret(&mut f.agent, "guest-fsfreeze-thaw"), 2);
     assert_eq!(ret(&mut f.agent, "guest-fsfreeze-status"), "thawed");
     // Thawing again finds nothing frozen.
     assert_eq!(ret(&mut f.agent, "guest-fsfreeze-thaw"), 0);
+}
+
+#[test]
+fn freeze_list_freezes_only_the_mount_points_given() {
+    let mut f = fixture();
+    let r = exec(
+        &mut f.agent,
+        "guest-fsfreeze-freeze-list",
+        json!({"mountpoints": ["/mnt/vda", "/not/mounted", "/tmp"]}),
+    );
+    assert_eq!(r["return"], 1, "{r}");
+    assert_eq!(
+        *f.log.lock().expect("log"),
+        vec!["freeze /mnt/vda".to_string()]
+    );
+    assert_eq!(ret(&mut f.agent, "guest-fsfreeze-status"), "frozen");
+    assert_eq!(ret(&mut f.agent, "guest-fsfreeze-thaw"), 1);
+    // Without the list: everything, as guest-fsfreeze-freeze.
+    assert_eq!(ret(&mut f.agent, "guest-fsfreeze-freeze-list"), 2);
+    assert_eq!(ret(&mut f.agent, "guest-fsfreeze-thaw"), 2);
+    let r = exec(
+        &mut f.agent,
+        "guest-fsfreeze-freeze-list",
+        json!({"mountpoints": [1]}),
+    );
+    assert_eq!(error_class(&r), "GenericError");
+    assert_eq!(ret(&mut f.agent, "guest-fsfreeze-status"), "thawed");
 }
 
 #[test]

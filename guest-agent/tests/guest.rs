@@ -358,6 +358,12 @@ fn agent_in_the_test_guest() {
     assert_eq!(qga.call("guest-fsfreeze-status", json!({})), "frozen");
     assert_eq!(qga.call("guest-fsfreeze-thaw", json!({})), 1);
     assert_eq!(qga.call("guest-fsfreeze-status", json!({})), "thawed");
+    let n = qga.call(
+        "guest-fsfreeze-freeze-list",
+        json!({"mountpoints": ["/mnt/vda"]}),
+    );
+    assert_eq!(n, 1);
+    assert_eq!(qga.call("guest-fsfreeze-thaw", json!({})), 1);
 
     // The host side goes away and comes back: the agent serves it again.
     drop(qga);
