@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use vireo_guest_agent::{Agent, DEFAULT_VSOCK_PORT, VERSION, VIRTIO_PORT_NAME, transport};
 
@@ -17,17 +18,21 @@ fn usage() -> String {
     format!(
         "vireo-guest-agent {VERSION}: the QEMU guest agent protocol, served inside a guest
 
-usage: vireo-guest-agent [--device PATH | --vsock-port [N] | --unix PATH] [--verbose]
+usage: vireo-guest-agent [--device PATH | --vsock-port [N] | --unix PATH] [--idle-timeout S] [--verbose]
 
   --device PATH     a character device (virtio-serial port) to serve; a regular
                     file is read once as requests, replies go to stdout
   --vsock-port [N]  listen on AF_VSOCK, any CID, port N (default {DEFAULT_VSOCK_PORT})
   --unix PATH       listen on a Unix socket (for tests on a host)
+  --idle-timeout S  close a Unix or vsock connection silent for S seconds
+                    (default {idle}; 0: never), so a hung client cannot keep
+                    the next one out
   --verbose         log connections, device events and request sizes
   --version, --help
 
 Without a transport: the virtio-serial port named {VIRTIO_PORT_NAME}
-(/dev node made if missing), else vsock port {DEFAULT_VSOCK_PORT}, waiting for either."
+(/dev node made if missing), else vsock port {DEFAULT_VSOCK_PORT}, waiting for either.",
+        idle = transport::DEFAULT_IDLE_TIMEOUT.as_secs()
     )
 }
 
@@ -66,6 +71,11 @@ fn parse(args: &[String]) -> Result<Option<Transport>, String> {
                 return Ok(None);
             }
             "-v" | "--verbose" => transport::set_verbose(true),
+            "--idle-timeout" => {
+                let v = value("seconds")?;
+                let secs: u64 = v.parse().map_err(|_| format!("bad --idle-timeout {v:?}"))?;
+                transport::set_idle_timeout((secs > 0).then(|| Duration::from_secs(secs)));
+            }
             "--device" => set(Transport::Device(value("a path")?.into()), &mut t)?,
             "--unix" => set(Transport::Unix(value("a path")?.into()), &mut t)?,
             "--vsock-port" => {

@@ -27,6 +27,44 @@ pub fn set_verbose(on: bool) {
     VERBOSE.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Socket connections (Unix, vsock) that send nothing for this long are
+/// closed, so that a client that hangs cannot keep the next one out
+/// forever (connections are served one at a time). Seconds; 0: never.
+static IDLE_SECS: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(DEFAULT_IDLE_TIMEOUT.as_secs());
+
+/// The default of `--idle-timeout`.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// `--idle-timeout SECS` (None: never).
+pub fn set_idle_timeout(t: Option<Duration>) {
+    let secs = t.map_or(0, |d| d.as_secs().max(1));
+    IDLE_SECS.store(secs, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn idle_timeout() -> Option<Duration> {
+    match IDLE_SECS.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => None,
+        s => Some(Duration::from_secs(s)),
+    }
+}
+
+/// Logs how a socket connection ended, if not by the client's close.
+fn log_conn_end(what: &str, r: io::Result<()>) {
+    match r {
+        Ok(()) => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            log(&format!("{what} connection idle, closed"));
+        }
+        Err(e) => log(&format!("{what} connection: {e}")),
+    }
+}
+
 fn debug(msg: impl FnOnce() -> String) {
     if VERBOSE.load(std::sync::atomic::Ordering::Relaxed) {
         log(&msg());
@@ -186,10 +224,9 @@ pub fn serve_unix(agent: &mut Agent, path: &Path) -> io::Result<()> {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
+        stream.set_read_timeout(idle_timeout())?;
         let mut w = stream.try_clone()?;
-        if let Err(e) = serve_io(agent, &mut stream, &mut w) {
-            log(&format!("unix connection: {e}"));
-        }
+        log_conn_end("unix", serve_io(agent, &mut stream, &mut w));
     }
 }
 
@@ -226,6 +263,29 @@ fn vsock_listener(port: u32) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// SO_RCVTIMEO: a read on the socket fails with EAGAIN after `t`.
+fn set_recv_timeout(fd: &OwnedFd, t: Duration) -> io::Result<()> {
+    let tv = libc::timeval {
+        tv_sec: libc::time_t::try_from(t.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_usec: libc::suseconds_t::from(t.subsec_micros()),
+    };
+    // SAFETY: `tv` is a live timeval and the length is its size;
+    // setsockopt(2) only reads it, on a descriptor we own.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast::<libc::c_void>(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Listens on AF_VSOCK (any CID) `port`, one connection at a time.
 pub fn serve_vsock(agent: &mut Agent, port: u32) -> io::Result<()> {
     serve_vsock_on(agent, &vsock_listener(port)?)
@@ -251,11 +311,13 @@ fn serve_vsock_on(agent: &mut Agent, listener: &OwnedFd) -> io::Result<()> {
             return Err(e);
         }
         // SAFETY: `fd` is a fresh descriptor from accept4 that nothing else owns.
-        let mut conn = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-        let mut w = conn.try_clone()?;
-        if let Err(e) = serve_io(agent, &mut conn, &mut w) {
-            log(&format!("vsock connection: {e}"));
+        let conn = unsafe { OwnedFd::from_raw_fd(fd) };
+        if let Some(t) = idle_timeout() {
+            set_recv_timeout(&conn, t)?;
         }
+        let mut conn = File::from(conn);
+        let mut w = conn.try_clone()?;
+        log_conn_end("vsock", serve_io(agent, &mut conn, &mut w));
     }
 }
 

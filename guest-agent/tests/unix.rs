@@ -24,6 +24,10 @@ impl Drop for Agent {
 }
 
 fn start(tag: &str) -> (Agent, PathBuf) {
+    start_with(tag, &[])
+}
+
+fn start_with(tag: &str, extra: &[&str]) -> (Agent, PathBuf) {
     let dir =
         std::env::temp_dir().join(format!("vireo-guest-agent-it-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -32,6 +36,7 @@ fn start(tag: &str) -> (Agent, PathBuf) {
     let child = Command::new(env!("CARGO_BIN_EXE_vireo-guest-agent"))
         .arg("--unix")
         .arg(&sock)
+        .args(extra)
         .stdin(Stdio::null())
         .spawn()
         .expect("start vireo-guest-agent");
@@ -208,5 +213,24 @@ fn vsock_listener_starts_where_the_host_has_vsock() {
         running,
         "the agent exited: {}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn an_idle_client_is_dropped_for_the_next_one() {
+    let (_agent, sock) = start_with("idle", &["--idle-timeout", "1"]);
+    // Connects, sends half a request, and hangs.
+    let mut hung = connect(&sock);
+    hung.write_all(b"{\"execute\":").expect("write");
+    let started = Instant::now();
+    let mut c = Client::new(connect(&sock));
+    c.sync(3);
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert_eq!(c.call("guest-ping"), json!({}));
+    // The hung client was closed.
+    let mut rest = Vec::new();
+    assert_eq!(
+        hung.read_to_end(&mut rest).map(|_| rest.len()).ok(),
+        Some(0)
     );
 }
