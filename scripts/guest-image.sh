@@ -36,6 +36,7 @@ want_modules=(
   af_packet                       # udhcpc's raw socket (CONFIG_PACKET)
   button evdev                    # ACPI power button -> input event -> acpid
   pvpanic_mmio                    # a kernel panic reaches QEMU's pvpanic device (state crashed)
+  vmw_vsock_virtio_transport      # virtio-vsock: the guest agent's other transport (docs/guest-agent.md)
 )
 
 log() { echo "guest-image: $*" >&2; }

@@ -11,6 +11,7 @@
 #   VIREO-GUEST-RUN-BEGIN / VIREO-GUEST-RUN-END rc=<n>   around vireo.run
 #   VIREO-GUEST-SETUP-DONE                everything above finished
 #   VIREO-GUEST-POWEROFF                  about to power off
+#   VIREO-GUEST-AGENT started             /bin/vireo-guest-agent runs (if present)
 #
 # Command line flags (all optional):
 #   vireo.mkfs=1|auto     mke2fs every /dev/vd? first (auto: only if it does not mount)
@@ -21,6 +22,7 @@
 #   vireo.dhcp_tries=N    DHCP discover packets, one a second (default 5)
 #   vireo.timer=0         do not write the boot-timer byte
 #   vireo.shell=1         keep a shell on the console afterwards
+#   vireo.acpi=0          ignore the ACPI power button (no acpid)
 #   vireo.debug=1         trace this script (set -x)
 
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
@@ -80,6 +82,16 @@ while read -r m; do
 done </etc/vireo/modules
 # virtio-rng feeds the kernel's entropy pool by itself once loaded.
 
+# Guest agent (docs/guest-agent.md), when the image has one: it finds the
+# virtio-serial port (or vsock) itself; respawned if it dies.
+if [ -x /bin/vireo-guest-agent ]; then
+	(while :; do
+		/bin/vireo-guest-agent </dev/null >>/var/log/vireo-guest-agent.log 2>&1
+		sleep 1
+	done) &
+	echo "VIREO-GUEST-AGENT started"
+fi
+
 # shut_down poweroff|reboot: marker, lease released, disks unmounted, then the
 # reboot(2) call itself (busybox poweroff -f / reboot -f).
 shut_down() {
@@ -105,7 +117,10 @@ trap 'shut_down poweroff' INT
 # ACPI power button (QEMU system_powerdown): the kernel's button driver
 # reports KEY_POWER on an input device; busybox acpid runs
 # /etc/acpi/PWRF/00000080, which signals init to power off.
-if ls /dev/input/event* >/dev/null 2>&1; then
+# vireo.acpi=0: nobody reads the button, so the guest ignores it.
+if [ "$(param vireo.acpi)" = 0 ]; then
+	echo "vireo-init: vireo.acpi=0, ACPI power button ignored"
+elif ls /dev/input/event* >/dev/null 2>&1; then
 	acpid -l /var/log/acpid.log
 else
 	echo "vireo-init: no input device, ACPI power button not watched"
