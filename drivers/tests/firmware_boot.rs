@@ -697,7 +697,68 @@ fn the_debian_disk_boots_with_bios_and_efi() {
     // The addresses are leases of the Vireo network.
     let leases = networks.dhcp_leases("deb").expect("leases");
     assert_eq!(leases.len(), 2, "{leases:?}");
-    node.destroy("deb-bios");
+    // Debian's own qemu-guest-agent answers on the port every qemu guest
+    // gets: the host name cloud-init set, the OS, and the address the
+    // guest has is the one the network leased to its MAC (domifaddr
+    // --source agent against --source lease).
+    let agent_start = Instant::now();
+    let info = loop {
+        match hv.guest_info("deb-bios") {
+            Ok(info) if !info.interfaces.is_empty() => break info,
+            other => {
+                assert!(
+                    agent_start.elapsed() < Duration::from_secs(120),
+                    "qemu-guest-agent of deb-bios did not answer: {other:?}"
+                );
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    };
+    say(&format!(
+        "deb-bios: qemu-ga {} answered {:.1} s after the login prompt",
+        info.agent_version.clone().unwrap_or_default(),
+        agent_start.elapsed().as_secs_f64()
+    ));
+    assert_eq!(info.hostname.as_deref(), Some("vireo-seeded"), "{info:?}");
+    assert_eq!(
+        info.os.as_ref().and_then(|o| o.id.as_deref()),
+        Some("debian"),
+        "{info:?}"
+    );
+    let eth0 = info
+        .interfaces
+        .iter()
+        .find(|i| i.name == "eth0")
+        .unwrap_or_else(|| panic!("eth0 in {:?}", info.interfaces));
+    let mac = eth0.mac.clone().expect("eth0's MAC");
+    let lease = leases
+        .iter()
+        .find(|l| l.mac == mac)
+        .unwrap_or_else(|| panic!("a lease for {mac}: {leases:?}"));
+    assert!(
+        eth0.addresses
+            .contains(&format!("{}/{}", lease.ip, lease.prefix)),
+        "the guest's own eth0 {:?} has its lease {}/{}",
+        eth0.addresses,
+        lease.ip,
+        lease.prefix
+    );
+    assert!(
+        info.filesystems.iter().any(|f| f.mountpoint == "/"),
+        "{:?}",
+        info.filesystems
+    );
+    // And it powers the guest off when asked: shut off (shutdown).
+    hv.guest_agent_shutdown("deb-bios", false)
+        .expect("shutdown --mode agent");
+    let reason = vireo_drivers::conformance::wait_for_state(
+        &node.conn,
+        "deb-bios",
+        vireo_crds::DomainState::Shutoff,
+        Duration::from_secs(120),
+    )
+    .unwrap_or_else(|f| panic!("{f}"));
+    assert_eq!(reason, vireo_crds::DomainReason::Shutdown);
 
     // EFI: the store is the Domain's own file, kept across stop and start.
     let nvram = node

@@ -67,6 +67,27 @@ fn guest_image() -> PathBuf {
     common::script_output("scripts/guest-image.sh", None)
 }
 
+/// The guest image's initramfs with vireo-guest-agent appended
+/// (scripts/guest-agent.sh), in a file of its own.
+fn initrd_with_agent() -> PathBuf {
+    let agent = common::script_output("scripts/guest-agent.sh", None);
+    let mut bytes = std::fs::read(guest_image().join("initrd.img")).expect("initrd");
+    bytes.extend(std::fs::read(agent.join("agent.cpio.gz")).expect("agent cpio"));
+    let path = std::env::temp_dir().join(format!("vireo-e2e-initrd-agent-{}", std::process::id()));
+    std::fs::write(&path, bytes).expect("write initrd");
+    path
+}
+
+/// The Domain's condition of that type: (status, reason, message).
+fn condition_of(d: &Domain, type_: &str) -> Option<(String, String, String)> {
+    d.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
 fn status_of(d: &Domain) -> (Option<DomainState>, Option<u32>, Option<u32>, String) {
     let s = d.status.clone().unwrap_or_default();
     (
@@ -225,6 +246,81 @@ async fn survives_agent_restart_and_reruns_after_crash(kind: Kind) {
     let _ = d;
 
     if kind.driver == "qemu" {
+        // No guest agent in this guest: a condition says so, and nothing
+        // else minds (it ran, restarted and crashed above).
+        let d = wait_for(T, "AgentConnected=False on linux", || async {
+            domains.get_opt("linux").await.ok().flatten().filter(|d| {
+                condition_of(d, "AgentConnected")
+                    .is_some_and(|(s, r, _)| s == "False" && r == "AgentNotResponding")
+            })
+        })
+        .await;
+        assert!(d.status.as_ref().is_some_and(|s| s.guest.is_none()));
+        let (_, _, message) = condition_of(&d, "AgentConnected").expect("condition");
+        assert!(message.contains("vireo-guest-agent"), "{message}");
+        assert_eq!(
+            condition_of(&d, "Ready").map(|c| c.0).as_deref(),
+            Some("True"),
+            "Ready regardless"
+        );
+
+        // With vireo-guest-agent in the guest: status.guest and
+        // AgentConnected=True, through the real API server.
+        let initrd = initrd_with_agent();
+        cluster.kubectl_stdin(
+            &["apply", "-f", "-"],
+            &format!(
+                "apiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {{name: with-agent}}\nspec:\n  type: qemu\n  memory: 256Mi\n  vcpus: 1\n  os:\n    kernel: {}\n    initrd: {}\n    cmdline: console=ttyS0 quiet vireo.net=0\n",
+                guest_image().join("vmlinuz").display(),
+                initrd.display()
+            ),
+        );
+        let d = wait_for(T, "status.guest of with-agent", || async {
+            domains
+                .get_opt("with-agent")
+                .await
+                .ok()
+                .flatten()
+                .filter(|d| {
+                    d.status
+                        .as_ref()
+                        .and_then(|s| s.guest.as_ref())
+                        .is_some_and(|g| g.hostname.is_some())
+                })
+        })
+        .await;
+        let guest = d
+            .status
+            .as_ref()
+            .and_then(|s| s.guest.clone())
+            .expect("guest");
+        assert_eq!(guest.hostname.as_deref(), Some("vireo-guest"), "{guest:?}");
+        assert!(
+            guest
+                .interfaces
+                .iter()
+                .any(|i| i.name == "lo" && i.addresses.iter().any(|a| a == "127.0.0.1/8")),
+            "{guest:?}"
+        );
+        assert_eq!(
+            condition_of(&d, "AgentConnected").map(|c| (c.0, c.1)),
+            Some(("True".to_string(), "Connected".to_string()))
+        );
+        let host = cluster.kubectl_ok(&[
+            "get",
+            "domain",
+            "with-agent",
+            "-o",
+            "jsonpath={.status.guest.hostname}",
+        ]);
+        assert_eq!(host.trim(), "vireo-guest");
+        domains
+            .delete("with-agent", &DeleteParams::default())
+            .await
+            .expect("delete with-agent");
+        wait_gone(&domains, "with-agent", T, "with-agent deleted").await;
+        let _ = std::fs::remove_file(&initrd);
+
         // A firmware boot with nothing to boot: QEMU keeps running
         // SeaBIOS, and the agent says so instead of a silent hang.
         cluster.kubectl_stdin(
