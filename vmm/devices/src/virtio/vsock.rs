@@ -954,7 +954,9 @@ impl Vsock {
                 break;
             };
             let bufs = match walked {
-                Ok(c) if c.readable.is_empty() && c.writable_len() >= HDR_LEN as u64 => c.writable,
+                // A header and at least one byte: a header-only buffer could
+                // not carry data and would sit at the head of the ring.
+                Ok(c) if c.readable.is_empty() && c.writable_len() > HDR_LEN as u64 => c.writable,
                 other => {
                     if other.is_ok() {
                         guest_warn!(
@@ -1115,7 +1117,9 @@ impl Vsock {
                     None => {}
                 }
             }
-            if n < events.len() {
+            // Handling an event may add a socket that is ready already
+            // (an accepted client): look again until the set is quiet.
+            if n == 0 {
                 break;
             }
         }
