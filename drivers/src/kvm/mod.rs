@@ -439,6 +439,28 @@ pub fn open_with(
 }
 
 #[cfg(test)]
+mod vsock_tests {
+    use super::*;
+
+    #[test]
+    fn vsock_socket_is_in_the_run_directory() {
+        let dir = PathBuf::from("/var/lib/vireo/kvm/run/6b1f0c2e-uuid");
+        let paths = RunPaths {
+            dir: dir.clone(),
+            api: dir.join("api.sock"),
+            console_socket: dir.join("console.sock"),
+            console_log: dir.join("console.log"),
+            pidfile: dir.join("pid"),
+            log: dir.join("process.log"),
+            exit_file: dir.join("exit.json"),
+            nvram: PathBuf::new(),
+        };
+        assert_eq!(vsock_socket(&paths), dir.join("vsock.sock"));
+        assert!(VSOCK_GUEST_CID >= 3);
+    }
+}
+
+#[cfg(test)]
 mod firmware_tests {
     use super::*;
     use vireo_crds::{Disk, DiskBus, DiskDevice, DomainSpec, DomainType, Firmware, OsSpec};
