@@ -627,6 +627,48 @@ fn vsock_random_guest_input_never_panics_and_the_device_keeps_working() {
 }
 
 #[test]
+fn vsock_connection_limit_refuses_both_ways() {
+    let dir = TempDir::new("limit");
+    let uds = dir.0.join("vsock.sock");
+    let dev = Vsock::new(GUEST_CID, UnixListener::bind(&uds).unwrap(), &uds)
+        .unwrap()
+        .with_max_connections(2);
+    let mut h = Harness::new(dev);
+    let mut qs = h.bring_up(3, QSIZE);
+    let mut r = Rig {
+        tx: qs.remove(1),
+        rx: qs.remove(0),
+        h,
+        uds,
+        rx_bufs: HashMap::new(),
+        _dir: dir,
+    };
+    r.post_rx(16);
+    let mut target = r.uds.clone().into_os_string();
+    target.push("_52");
+    let listener = UnixListener::bind(&target).unwrap();
+    r.send(hdr(1, 52, op::REQUEST), &[]);
+    r.recv_op(op::RESPONSE);
+    let (_s1, _) = r.host_connect(9, 1 << 20);
+    assert_eq!(r.h.t.device().connection_count(), 2);
+    // A third, from the guest: RST; from the host: closed.
+    r.send(hdr(2, 52, op::REQUEST), &[]);
+    r.recv_op(op::RST);
+    let mut c = UnixStream::connect(&r.uds).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    r.pump();
+    let mut b = [0u8; 4];
+    assert_eq!(c.read(&mut b).unwrap(), 0);
+    assert!(r.recv().is_none());
+    assert_eq!(r.h.t.device().stats().connections_refused, 1);
+    // Room again once one goes.
+    r.send(hdr(1, 52, op::RST), &[]);
+    r.send(hdr(3, 52, op::REQUEST), &[]);
+    r.recv_op(op::RESPONSE);
+    drop(listener);
+}
+
+#[test]
 fn vsock_reset_drops_connections() {
     let mut r = Rig::new("reset");
     r.post_rx(8);

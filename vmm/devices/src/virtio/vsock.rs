@@ -249,6 +249,7 @@ pub struct Vsock {
     stats: VsockStats,
     log: LogLimiter,
     queue_sizes: [u16; 3],
+    max_connections: usize,
 }
 
 impl Vsock {
@@ -286,7 +287,15 @@ impl Vsock {
             stats: VsockStats::default(),
             log: LogLimiter::default(),
             queue_sizes: [QUEUE_SIZE; 3],
+            max_connections: MAX_CONNECTIONS,
         })
+    }
+
+    /// Lowers the connection limit (default [`MAX_CONNECTIONS`]; never
+    /// raised past it).
+    pub fn with_max_connections(mut self, max: usize) -> Self {
+        self.max_connections = max.min(MAX_CONNECTIONS);
+        self
     }
 
     pub fn cid(&self) -> u64 {
@@ -320,7 +329,7 @@ impl Vsock {
     }
 
     fn at_capacity(&self) -> bool {
-        self.conns.len() + self.handshakes.len() >= MAX_CONNECTIONS
+        self.conns.len() + self.handshakes.len() >= self.max_connections
     }
 
     /// Header of a packet from us to the guest on `key`.
@@ -438,7 +447,7 @@ impl Vsock {
             };
             if self.at_capacity() {
                 tracing::warn!(
-                    max = MAX_CONNECTIONS,
+                    max = self.max_connections,
                     "virtio-vsock: too many connections; host client refused"
                 );
                 continue;
@@ -812,7 +821,7 @@ impl Vsock {
     fn guest_connect(&mut self, key: ConnKey, h: &Header) {
         if self.at_capacity() {
             tracing::warn!(
-                max = MAX_CONNECTIONS,
+                max = self.max_connections,
                 "virtio-vsock: too many connections; guest REQUEST refused"
             );
             self.stats.connections_refused += 1;
