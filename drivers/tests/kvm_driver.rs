@@ -402,3 +402,66 @@ fn kvm_boots_a_kernel_from_a_volume() {
         "{e}"
     );
 }
+
+/// Every kvm Domain has a vsock device whose host side is `vsock.sock` in
+/// its run directory: a host client reaches the test guest listening on a
+/// vsock port and gets its bytes echoed.
+#[test]
+fn kvm_domain_vsock_socket_reaches_the_guest() {
+    use std::io::{Read, Write};
+    if !kvm_available("kvm_domain_vsock_socket_reaches_the_guest") {
+        return;
+    }
+    let root = fresh_root("kvm-vsock");
+    let conn = open(&root);
+    let hv = conn.hypervisor();
+    let name = "vs";
+    hv.define_domain(&test_guest_domain(name, "vireo.vsock=listen:5000"))
+        .expect("define");
+    hv.start_domain(name).expect("start");
+    wait_console(
+        &root,
+        &conn,
+        name,
+        "VIREO-TEST vsock: listening on port 5000",
+        1,
+    );
+    let text = console(&root, &conn, name);
+    assert!(
+        text.contains(&format!(
+            "VIREO-TEST vsock0: cid={}",
+            vireo_drivers::kvm::VSOCK_GUEST_CID
+        )),
+        "{text}"
+    );
+    let sock = run_dir(&root, &conn, name).join("vsock.sock");
+    let cmdline =
+        std::fs::read(format!("/proc/{}/cmdline", pid_of(&root, &conn, name))).expect("cmdline");
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(
+        cmdline.contains(&format!("--vsock cid=3,uds={}", sock.display())),
+        "{cmdline}"
+    );
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).expect("vsock socket");
+    s.set_read_timeout(Some(T)).unwrap();
+    s.write_all(b"CONNECT 5000\n").unwrap();
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while s.read(&mut b).expect("OK line") == 1 && b[0] != b'\n' {
+        line.push(b[0]);
+    }
+    assert!(
+        line.starts_with(b"OK "),
+        "{:?}",
+        String::from_utf8_lossy(&line)
+    );
+    s.write_all(b"hello guest\n").unwrap();
+    let mut echo = [0u8; 12];
+    s.read_exact(&mut echo).unwrap();
+    assert_eq!(&echo, b"hello guest\n");
+    hv.destroy_domain(name).expect("destroy");
+    say(&format!(
+        "vsock: {} echoed through the guest",
+        sock.display()
+    ));
+}

@@ -120,5 +120,7 @@ void virtio_blk_bench(uint32_t mib, uint32_t kib, uint32_t depth);
 void virtio_ack_slot(int slot);
 int virtio_slot_present(int slot);
 void virtio_poll_all(void);
+/* vireo.vsock=listen:PORT (mode 1) or connect:PORT (mode 2) */
+void virtio_vsock_option(int mode, uint32_t port);
 
 #endif

@@ -599,6 +599,22 @@ void guest_main(uint64_t info, int kind)
         heap_limit = mem_kib * 1024;
 
     /* 4. devices */
+    const char *vs = option_value("vireo.vsock=");
+    if (vs) {
+        int mode = 0;
+        if (memcmp(vs, "listen:", 7) == 0) {
+            mode = 1;
+            vs += 7;
+        } else if (memcmp(vs, "connect:", 8) == 0) {
+            mode = 2;
+            vs += 8;
+        }
+        uint32_t port = parse_u32(&vs);
+        if (mode)
+            virtio_vsock_option(mode, port);
+        else
+            kprintf("VIREO-TEST vsock: FAIL bad vireo.vsock option\n");
+    }
     uint32_t bench_frames, bench_size;
     netbench_option(&bench_frames, &bench_size);
     int devices = virtio_scan(has_option("vireo.echo=1"), bench_frames, bench_size);

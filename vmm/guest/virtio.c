@@ -1,5 +1,6 @@
-/* Vireo test guest: virtio-mmio (version 2) drivers for block, net and
- * entropy devices, all driven by polling split virtqueues. */
+/* Vireo test guest: virtio-mmio (version 2) drivers for block, net,
+ * entropy, balloon and vsock devices, all driven by polling split
+ * virtqueues. */
 #include "guest.h"
 
 /* virtio-mmio register offsets (virtio 1.x, section 4.2.2) */
@@ -1014,6 +1015,255 @@ static void balloon_start(void)
 }
 
 /* ------------------------------------------------------------------ */
+/* vsock (virtio 1.2, 5.10): one stream connection at a time, driven from
+ * the idle loop. vireo.vsock=listen:PORT accepts a connection from the host
+ * on PORT; vireo.vsock=connect:PORT connects to host (CID 2) port PORT and
+ * sends a greeting. Either way, every byte received is echoed back; a
+ * SHUTDOWN of both directions is answered with RST. */
+
+#define ID_VSOCK         19
+#define VSOCK_HDR_LEN    44
+#define VSOCK_BUF_LEN    4096
+#define VSOCK_RX_MAX     16
+#define VSOCK_HOST_CID   2
+#define VSOCK_BUF_ALLOC  65536
+#define VSOCK_LOCAL_PORT 50000 /* our port for connect mode */
+#define VS_REQUEST        1
+#define VS_RESPONSE       2
+#define VS_RST            3
+#define VS_SHUTDOWN       4
+#define VS_RW             5
+#define VS_CREDIT_UPDATE  6
+#define VS_CREDIT_REQUEST 7
+
+struct vsock_hdr {
+    uint64_t src_cid;
+    uint64_t dst_cid;
+    uint32_t src_port;
+    uint32_t dst_port;
+    uint32_t len;
+    uint16_t type;
+    uint16_t op;
+    uint32_t flags;
+    uint32_t buf_alloc;
+    uint32_t fwd_cnt;
+} __attribute__((packed));
+_Static_assert(sizeof(struct vsock_hdr) == VSOCK_HDR_LEN, "vsock header is 44 bytes");
+
+struct vsock_state {
+    int ok, n;
+    struct vq rx, tx, ev;
+    uint8_t *rxbufs; /* rx.size * VSOCK_BUF_LEN */
+    uint8_t *txbuf;  /* one packet at a time, completed before the next */
+    uint8_t *evbuf;
+    uint64_t cid;
+    int conn;        /* 0 none, 1 connecting, 2 established */
+    uint32_t local_port, peer_port;
+    uint32_t fwd_cnt, tx_cnt, peer_buf_alloc, peer_fwd_cnt;
+    uint32_t rx_packets;
+};
+
+static struct vsock_state vsock;
+static int vsock_mode; /* 0: only bring the device up, 1: listen, 2: connect */
+static uint32_t vsock_port;
+
+void virtio_vsock_option(int mode, uint32_t port)
+{
+    vsock_mode = mode;
+    vsock_port = port;
+}
+
+static void vsock_post_rx(struct vsock_state *s, uint16_t i)
+{
+    s->rx.desc[i].addr = (uint64_t)(s->rxbufs + (uint64_t)i * VSOCK_BUF_LEN);
+    s->rx.desc[i].len = VSOCK_BUF_LEN;
+    s->rx.desc[i].flags = DESC_WRITE;
+    s->rx.desc[i].next = 0;
+    vq_push(&s->rx, i);
+}
+
+/* Sends one packet from `local` to host port `peer`; waits until the
+ * device took it. */
+static int vsock_send_to(struct vsock_state *s, uint32_t local, uint32_t peer, uint16_t op,
+                         uint32_t flags, const uint8_t *data, uint32_t len)
+{
+    if (len > VSOCK_BUF_LEN - VSOCK_HDR_LEN)
+        return 0;
+    struct vsock_hdr *h = (struct vsock_hdr *)s->txbuf;
+    memset(h, 0, sizeof(*h));
+    h->src_cid = s->cid;
+    h->dst_cid = VSOCK_HOST_CID;
+    h->src_port = local;
+    h->dst_port = peer;
+    h->len = len;
+    h->type = 1; /* stream */
+    h->op = op;
+    h->flags = flags;
+    h->buf_alloc = VSOCK_BUF_ALLOC;
+    h->fwd_cnt = s->fwd_cnt;
+    if (len)
+        memcpy(s->txbuf + VSOCK_HDR_LEN, data, len);
+    s->tx.desc[0].addr = (uint64_t)s->txbuf;
+    s->tx.desc[0].len = VSOCK_HDR_LEN + len;
+    s->tx.desc[0].flags = 0;
+    s->tx.desc[0].next = 0;
+    vq_push(&s->tx, 0);
+    vq_notify(&s->tx);
+    uint32_t id, l;
+    return vq_wait(&s->tx, &id, &l);
+}
+
+static int vsock_send(struct vsock_state *s, uint16_t op, uint32_t flags, const uint8_t *data,
+                      uint32_t len)
+{
+    return vsock_send_to(s, s->local_port, s->peer_port, op, flags, data, len);
+}
+
+static void vsock_run(int slot, int n)
+{
+    uint64_t b = slot_base(slot);
+    uint64_t feat = 0;
+    struct vsock_state *s = &vsock;
+    if (s->ok) {
+        kprintf("VIREO-TEST vsock%d: ignored (one vsock device is driven)\n", n);
+        return;
+    }
+    memset(s, 0, sizeof(*s));
+    s->n = n;
+    const char *err = dev_begin(b, 0, &feat);
+    if (!err)
+        err = vq_setup(b, 0, VSOCK_RX_MAX, &s->rx);
+    if (!err)
+        err = vq_setup(b, 1, 4, &s->tx);
+    if (!err)
+        err = vq_setup(b, 2, 4, &s->ev);
+    if (!err) {
+        s->rxbufs = heap_alloc((size_t)s->rx.size * VSOCK_BUF_LEN, 4096, 0);
+        s->txbuf = heap_alloc(VSOCK_BUF_LEN, 64, 0);
+        s->evbuf = heap_alloc(64, 64, 1);
+        if (!s->rxbufs || !s->txbuf || !s->evbuf)
+            err = "out of memory";
+    }
+    if (err) {
+        dev_fail(b);
+        kprintf("VIREO-TEST vsock%d: FAIL %s\n", n, err);
+        return;
+    }
+    s->cid = (uint64_t)config_read32(b, 0) | ((uint64_t)config_read32(b, 4) << 32);
+    for (uint16_t i = 0; i < s->rx.size; i++)
+        vsock_post_rx(s, i);
+    s->ev.desc[0].addr = (uint64_t)s->evbuf;
+    s->ev.desc[0].len = 64;
+    s->ev.desc[0].flags = DESC_WRITE;
+    s->ev.desc[0].next = 0;
+    vq_push(&s->ev, 0);
+    dev_ready(b);
+    vq_notify(&s->rx);
+    vq_notify(&s->ev);
+    s->ok = 1;
+    kprintf("VIREO-TEST vsock%d: cid=%lu\n", n, (unsigned long)s->cid);
+    if (vsock_mode == 1) {
+        kprintf("VIREO-TEST vsock: listening on port %u\n", vsock_port);
+    } else if (vsock_mode == 2) {
+        s->local_port = VSOCK_LOCAL_PORT;
+        s->peer_port = vsock_port;
+        s->conn = 1;
+        kprintf("VIREO-TEST vsock: connecting to port %u\n", vsock_port);
+        if (!vsock_send(s, VS_REQUEST, 0, 0, 0))
+            kprintf("VIREO-TEST vsock: FAIL request not taken\n");
+    }
+}
+
+static void vsock_packet(struct vsock_state *s, const struct vsock_hdr *h, const uint8_t *data)
+{
+    if (h->dst_cid != s->cid || h->src_cid != VSOCK_HOST_CID)
+        return;
+    if (h->op == VS_REQUEST) {
+        if (vsock_mode == 1 && s->conn == 0 && h->dst_port == vsock_port) {
+            s->local_port = h->dst_port;
+            s->peer_port = h->src_port;
+            s->conn = 2;
+            s->fwd_cnt = s->tx_cnt = 0;
+            s->peer_buf_alloc = h->buf_alloc;
+            s->peer_fwd_cnt = h->fwd_cnt;
+            vsock_send(s, VS_RESPONSE, 0, 0, 0);
+            kprintf("VIREO-TEST vsock: accepted port=%u from host port=%u\n", s->local_port,
+                    s->peer_port);
+        } else {
+            vsock_send_to(s, h->dst_port, h->src_port, VS_RST, 0, 0, 0);
+        }
+        return;
+    }
+    if (s->conn == 0 || h->dst_port != s->local_port || h->src_port != s->peer_port) {
+        if (h->op != VS_RST)
+            vsock_send_to(s, h->dst_port, h->src_port, VS_RST, 0, 0, 0);
+        return;
+    }
+    s->peer_buf_alloc = h->buf_alloc;
+    s->peer_fwd_cnt = h->fwd_cnt;
+    switch (h->op) {
+    case VS_RESPONSE:
+        if (s->conn == 1) {
+            static const char hello[] = "VIREO-TEST hello from the guest\n";
+            s->conn = 2;
+            kprintf("VIREO-TEST vsock: connected to host port=%u\n", s->peer_port);
+            vsock_send(s, VS_RW, 0, (const uint8_t *)hello, sizeof(hello) - 1);
+            s->tx_cnt += sizeof(hello) - 1;
+        }
+        break;
+    case VS_RW: {
+        uint32_t len = h->len;
+        if (len > VSOCK_BUF_LEN - VSOCK_HDR_LEN)
+            len = VSOCK_BUF_LEN - VSOCK_HDR_LEN;
+        if (s->rx_packets++ < 8)
+            kprintf("VIREO-TEST vsock: rx len=%u\n", len);
+        s->fwd_cnt += len;
+        uint32_t credit = s->peer_buf_alloc - (s->tx_cnt - s->peer_fwd_cnt);
+        if (credit < len) {
+            kprintf("VIREO-TEST vsock: FAIL no credit to echo %u bytes\n", len);
+            break;
+        }
+        vsock_send(s, VS_RW, 0, data, len);
+        s->tx_cnt += len;
+        break;
+    }
+    case VS_SHUTDOWN:
+        kprintf("VIREO-TEST vsock: shutdown flags=%u\n", h->flags);
+        if ((h->flags & 3) == 3) {
+            vsock_send(s, VS_RST, 0, 0, 0);
+            s->conn = 0;
+        }
+        break;
+    case VS_RST:
+        kprintf("VIREO-TEST vsock: %s\n", s->conn == 1 ? "refused" : "reset");
+        s->conn = 0;
+        break;
+    case VS_CREDIT_REQUEST:
+        vsock_send(s, VS_CREDIT_UPDATE, 0, 0, 0);
+        break;
+    default:
+        break;
+    }
+}
+
+static void vsock_poll(struct vsock_state *s)
+{
+    uint32_t id, len;
+    int posted = 0;
+    while (vq_pop(&s->rx, &id, &len)) {
+        if (id >= s->rx.size)
+            continue;
+        const uint8_t *buf = s->rxbufs + (uint64_t)id * VSOCK_BUF_LEN;
+        if (len >= VSOCK_HDR_LEN)
+            vsock_packet(s, (const struct vsock_hdr *)buf, buf + VSOCK_HDR_LEN);
+        vsock_post_rx(s, (uint16_t)id);
+        posted = 1;
+    }
+    if (posted)
+        vq_notify(&s->rx);
+}
+
+/* ------------------------------------------------------------------ */
 
 static uint8_t present[VIRTIO_SLOTS];
 
@@ -1040,12 +1290,14 @@ void virtio_poll_all(void)
     for (int i = 0; i < n_balloons; i++)
         if (balloons[i].ok)
             balloon_adjust(&balloons[i]);
+    if (vsock.ok)
+        vsock_poll(&vsock);
 }
 
 /* Scan every slot, drive each device; returns the number of devices found. */
 int virtio_scan(int echo, uint32_t bench_frames, uint32_t bench_size)
 {
-    int count = 0, nblk = 0, nnet = 0, nrng = 0, nballoon = 0;
+    int count = 0, nblk = 0, nnet = 0, nrng = 0, nballoon = 0, nvsock = 0;
     for (int slot = 0; slot < VIRTIO_SLOTS; slot++) {
         uint64_t b = slot_base(slot);
         if (mmio_read32(b + VM_MAGIC) != VIRTIO_MAGIC)
@@ -1073,6 +1325,9 @@ int virtio_scan(int echo, uint32_t bench_frames, uint32_t bench_size)
             break;
         case ID_BALLOON:
             balloon_run(slot, nballoon++);
+            break;
+        case ID_VSOCK:
+            vsock_run(slot, nvsock++);
             break;
         default:
             kprintf("VIREO-TEST slot%d: device id %u ignored\n", slot, id);

@@ -25,7 +25,7 @@ use vireo_vmm_devices::legacy::power::PowerDevice;
 use vireo_vmm_devices::legacy::pvpanic::PvPanic;
 use vireo_vmm_devices::legacy::serial::{SERIAL_REGISTERS, SerialDevice};
 use vireo_vmm_devices::virtio::{
-    Balloon, BalloonControl, Block, MmioTransport, Net, Rng, VirtioDevice,
+    Balloon, BalloonControl, Block, MmioTransport, Net, Rng, VirtioDevice, Vsock,
 };
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -170,6 +170,7 @@ pub fn build(cfg: &VmConfig, files: OpenFiles, start: Instant) -> Result<Machine
         console_log,
         disks,
         taps,
+        vsock,
         ..
     } = files;
     let kvm_sys = Kvm::new().map_err(kvm("open /dev/kvm"))?;
@@ -229,9 +230,12 @@ pub fn build(cfg: &VmConfig, files: OpenFiles, start: Instant) -> Result<Machine
     mmio.insert("boot-timer", layout::BOOT_TIMER, 1, timer)?;
 
     // virtio-mmio: disks, then NICs, then the entropy device, then the
-    // balloon, one slot each.
-    let wanted =
-        disks.len() + taps.len() + usize::from(cfg.rng) + usize::from(cfg.balloon.is_some());
+    // balloon, then vsock, one slot each.
+    let wanted = disks.len()
+        + taps.len()
+        + usize::from(cfg.rng)
+        + usize::from(cfg.balloon.is_some())
+        + usize::from(vsock.is_some());
     if wanted > layout::VIRTIO_MMIO_SLOTS as usize {
         return Err(BuildError::TooManyDevices(wanted));
     }
@@ -257,6 +261,12 @@ pub fn build(cfg: &VmConfig, files: OpenFiles, start: Instant) -> Result<Machine
         let b = Balloon::new(target);
         balloon_control = Some(b.control());
         virtio_devs.push(("virtio-balloon", Box::new(b)));
+    }
+    if let (Some(listener), Some(spec)) = (vsock, &cfg.vsock) {
+        let slot = virtio_devs.len() as u32;
+        let dev = Vsock::new(spec.cid, listener, &spec.uds)
+            .map_err(|source| BuildError::Virtio { slot, source })?;
+        virtio_devs.push(("virtio-vsock", Box::new(dev)));
     }
     let mut balloon = None;
     let mut virtio = Vec::new();

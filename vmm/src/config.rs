@@ -36,6 +36,8 @@ pub struct VmConfig {
     pub rng: bool,
     /// A virtio-balloon device, with this initial target in 4 KiB pages.
     pub balloon: Option<u32>,
+    /// A virtio-vsock device (`--vsock`).
+    pub vsock: Option<VsockSpec>,
     pub elf_entry: crate::boot::loader::ElfEntry,
 }
 
@@ -53,12 +55,23 @@ pub struct NetSpec {
     pub mac: Option<[u8; 6]>,
 }
 
+/// `--vsock cid=N,uds=PATH`: the guest's CID, and the Unix socket host
+/// processes connect to (guest-initiated connections to port P go to
+/// `PATH_P`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockSpec {
+    pub cid: u64,
+    pub uds: PathBuf,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
     #[error("--disk {0:?}: expected PATH[,readonly]")]
     Disk(String),
     #[error("--net {0:?}: expected TAP[,mac=aa:bb:cc:dd:ee:ff]")]
     Net(String),
+    #[error("--vsock {0:?}: expected cid=N,uds=PATH with 3 <= N < 2^32 - 1")]
+    Vsock(String),
 }
 
 impl DiskSpec {
@@ -104,6 +117,29 @@ impl NetSpec {
     }
 }
 
+impl VsockSpec {
+    pub fn parse(s: &str) -> Result<Self, SpecError> {
+        let err = || SpecError::Vsock(s.into());
+        let (mut cid, mut uds) = (None, None);
+        for opt in s.split(',') {
+            match opt.split_once('=') {
+                Some(("cid", v)) if cid.is_none() => {
+                    cid = Some(v.parse::<u64>().map_err(|_| err())?);
+                }
+                Some(("uds", v)) if uds.is_none() && !v.is_empty() => uds = Some(PathBuf::from(v)),
+                _ => return Err(err()),
+            }
+        }
+        let (Some(cid), Some(uds)) = (cid, uds) else {
+            return Err(err());
+        };
+        if !(3..u64::from(u32::MAX)).contains(&cid) {
+            return Err(err());
+        }
+        Ok(Self { cid, uds })
+    }
+}
+
 /// Every file the VMM uses, opened at start.
 pub struct OpenFiles {
     pub kernel: File,
@@ -115,6 +151,8 @@ pub struct OpenFiles {
     pub disks: Vec<File>,
     /// One per `--net`: the tap's queue descriptor.
     pub taps: Vec<File>,
+    /// The `--vsock` listening socket.
+    pub vsock: Option<UnixListener>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -197,6 +235,7 @@ impl VmConfig {
                     })
                 })
                 .collect::<Result<_, _>>()?,
+            vsock: self.vsock.as_ref().map(|v| bind(&v.uds)).transpose()?,
         })
     }
 }
@@ -220,6 +259,27 @@ mod tests {
         assert_eq!(n.tap, "tap0");
         assert_eq!(n.mac, Some([2, 0, 0, 0xaa, 0xbb, 0x0c]));
         assert_eq!(NetSpec::parse("tap1").unwrap().mac, None);
+        assert_eq!(
+            VsockSpec::parse("cid=3,uds=/run/v.sock").unwrap(),
+            VsockSpec {
+                cid: 3,
+                uds: "/run/v.sock".into()
+            }
+        );
+        assert_eq!(VsockSpec::parse("uds=/x,cid=77").unwrap().cid, 77);
+        for bad in [
+            "",
+            "cid=2,uds=/x",
+            "cid=4294967295,uds=/x",
+            "cid=3",
+            "uds=/x",
+            "cid=3,uds=",
+            "cid=3,uds=/x,cid=4",
+            "cid=x,uds=/x",
+            "cid=3,uds=/x,mode=1",
+        ] {
+            assert!(VsockSpec::parse(bad).is_err(), "{bad}");
+        }
         for bad in [
             "",
             "tap0,mac=02:00",

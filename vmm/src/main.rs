@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use vireo_vmm::boot::loader::ElfEntry;
-use vireo_vmm::config::{DiskSpec, NetSpec, OnReboot, VmConfig};
+use vireo_vmm::config::{DiskSpec, NetSpec, OnReboot, VmConfig, VsockSpec};
 use vireo_vmm::exit::{ExitFile, ExitReason, ExitReport};
 
 #[derive(Parser)]
@@ -70,6 +70,11 @@ struct RunArgs {
     /// initial target is --memory-mib minus this.
     #[arg(long)]
     current_memory_mib: Option<u64>,
+    /// cid=N,uds=PATH: a virtio-vsock device for a guest with CID N (>= 3).
+    /// Host processes connect to the Unix socket PATH and write
+    /// `CONNECT <port>\n`; guest connections to host port P go to `PATH_P`.
+    #[arg(long)]
+    vsock: Option<String>,
     #[arg(long)]
     api_socket: PathBuf,
     #[arg(long)]
@@ -140,6 +145,7 @@ impl RunArgs {
                 .collect::<Result<_, _>>()?,
             rng: self.rng,
             balloon,
+            vsock: self.vsock.as_deref().map(VsockSpec::parse).transpose()?,
             elf_entry: match self.elf_entry {
                 ElfEntryArg::Auto => ElfEntry::Auto,
                 ElfEntryArg::Linux64 => ElfEntry::Linux64,

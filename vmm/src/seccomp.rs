@@ -2,12 +2,22 @@
 //!
 //! An allow-list: the system calls the event loop, the vCPU threads, the
 //! allocator and the exit path need. Everything else — `open`, `openat`,
-//! `execve`, `socket`, `clone`... — fails with `EPERM` (files the VMM needs
-//! are opened before the filter goes on). Refusing with an error rather
+//! `execve`, `clone`, `socket` for anything but a Unix socket... — fails with
+//! `EPERM` (files the VMM needs are opened before the filter goes on).
+//!
+//! The one exception to "opened before": virtio-vsock connects a new Unix
+//! stream socket to `UDS_<port>` whenever the guest connects to the host, on
+//! the vCPU thread that wrote QueueNotify. So `socket` is allowed for
+//! `AF_UNIX` only (argument 0), and `connect` is allowed: with no other
+//! socket family creatable, it can only reach Unix sockets the process
+//! could reach anyway. Refusing with an error rather
 //! than killing the process means a call we forgot shows up as a logged
 //! failure in that one operation, not as a dead guest.
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 use std::collections::BTreeMap;
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +60,8 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_sendto,
     libc::SYS_sendmsg,
     libc::SYS_shutdown,
+    // virtio-vsock: connect a socket made under the AF_UNIX-only rule below.
+    libc::SYS_connect,
     // Threads, memory, signals, time.
     libc::SYS_futex,
     libc::SYS_mmap,
@@ -86,8 +98,18 @@ const ALLOWED: &[libc::c_long] = &[
 
 /// The compiled filter.
 pub fn filter() -> Result<BpfProgram, SeccompError> {
-    let rules: BTreeMap<i64, Vec<SeccompRule>> =
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         ALLOWED.iter().map(|&nr| (nr, Vec::new())).collect();
+    // socket(AF_UNIX, ...) only: virtio-vsock's guest-initiated connections.
+    rules.insert(
+        libc::SYS_socket,
+        vec![SeccompRule::new(vec![SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            libc::AF_UNIX as u64,
+        )?])?],
+    );
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Errno(libc::EPERM as u32),
@@ -124,5 +146,26 @@ mod tests {
         assert!(write.is_ok());
         // The test's own thread is unaffected.
         assert!(std::fs::File::open("/proc/self/stat").is_ok());
+    }
+
+    #[test]
+    fn filtered_thread_may_make_unix_sockets_only() {
+        let prog = filter().unwrap();
+        let dir = std::env::temp_dir().join(format!("vireo-seccomp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("l.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let (unix, inet) = std::thread::spawn(move || {
+            apply(&prog).unwrap();
+            let unix = std::os::unix::net::UnixStream::connect(&path).map(|_| ());
+            let inet = std::net::TcpStream::connect("127.0.0.1:9").map(|_| ());
+            (unix, inet)
+        })
+        .join()
+        .unwrap();
+        assert!(unix.is_ok(), "{unix:?}");
+        assert_eq!(inet.unwrap_err().raw_os_error(), Some(libc::EPERM));
+        drop(listener);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

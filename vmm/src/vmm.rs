@@ -91,8 +91,9 @@ impl Vmm {
         add(console.as_raw_fd(), TOKEN_CONSOLE)?;
         add(machine.events.fd(), TOKEN_EVENTS)?;
         add(machine.console_clients.wake_fd(), TOKEN_CONSOLE_OUT)?;
-        // Device descriptors (taps) edge-triggered: the device reads until
-        // EAGAIN, or holds a frame until the guest posts buffers.
+        // Device descriptors (taps, vsock's epoll set) edge-triggered: the
+        // device reads until EAGAIN, or holds a frame until the guest posts
+        // buffers (vsock: see the module comment of its device).
         for (i, (fd, _)) in machine.device_fds.iter().enumerate() {
             epoll
                 .ctl(
@@ -151,7 +152,10 @@ impl Vmm {
             shutdown_deadline: None,
             on_reboot: cfg.on_reboot,
             shutdown_timeout: cfg.shutdown_timeout,
-            sockets: vec![cfg.api_socket.clone(), cfg.console_socket.clone()],
+            sockets: [cfg.api_socket.clone(), cfg.console_socket.clone()]
+                .into_iter()
+                .chain(cfg.vsock.as_ref().map(|v| v.uds.clone()))
+                .collect(),
         })
     }
 

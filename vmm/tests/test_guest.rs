@@ -500,3 +500,124 @@ fn test_guest_ejects_and_takes_back_vcpus() {
         vmm.stderr()
     );
 }
+
+/// Reads one `\n`-terminated line (without it).
+fn read_line(s: &mut std::os::unix::net::UnixStream) -> String {
+    use std::io::Read;
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match s.read(&mut b) {
+            Ok(1) if b[0] == b'\n' => return String::from_utf8_lossy(&line).into_owned(),
+            Ok(1) => line.push(b[0]),
+            other => panic!(
+                "reading a line: {other:?} after {:?}",
+                String::from_utf8_lossy(&line)
+            ),
+        }
+    }
+}
+
+/// virtio-vsock end to end: a host process connects through `--vsock`'s
+/// Unix socket to the guest, which accepts and echoes; then the guest
+/// connects out to a host listener at `UDS_<port>` and is echoed back to.
+#[test]
+fn test_guest_talks_over_vsock_both_ways() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    if !kvm_available("test_guest_talks_over_vsock_both_ways") {
+        return;
+    }
+    let out = TempDir::new("guest-build-vsock");
+    let Some(guest) = build_guest(&out.0) else {
+        return;
+    };
+
+    // Host to guest: the guest listens on port 5000.
+    let uds = out.0.join("vsock.sock");
+    let vsock_arg = format!("cid=7,uds={}", uds.display());
+    let opts = Opts {
+        kernel: &guest,
+        cmdline: Some("console=ttyS0 vireo.vsock=listen:5000"),
+        memory_mib: 32,
+        extra: vec!["--vsock", &vsock_arg],
+        ..Opts::default()
+    };
+    let mut vmm = Vmm::start("test-guest-vsock-listen", opts);
+    vmm.wait_console("VIREO-TEST vsock0: cid=7\n", 1, T);
+    vmm.wait_console("VIREO-TEST vsock: listening on port 5000", 1, T);
+    let mut s = UnixStream::connect(&uds).expect("the vsock socket");
+    s.set_read_timeout(Some(T)).unwrap();
+    s.write_all(b"CONNECT 5000\n").unwrap();
+    let ok = read_line(&mut s);
+    assert!(ok.starts_with("OK "), "{ok}");
+    let host_port: u32 = ok[3..].parse().expect("port number");
+    vmm.wait_console(
+        &format!("VIREO-TEST vsock: accepted port=5000 from host port={host_port}"),
+        1,
+        T,
+    );
+    let msg = b"ping from the host over vsock\n";
+    s.write_all(msg).unwrap();
+    let mut echo = vec![0u8; msg.len()];
+    s.read_exact(&mut echo).unwrap();
+    assert_eq!(echo, msg);
+    // A port nobody listens on in the guest: the socket is closed.
+    let mut refused = UnixStream::connect(&uds).unwrap();
+    refused.set_read_timeout(Some(T)).unwrap();
+    refused.write_all(b"CONNECT 5001\n").unwrap();
+    let mut b = [0u8; 16];
+    assert_eq!(refused.read(&mut b).unwrap(), 0, "refused by the guest");
+    // Closing the host end: the guest sees SHUTDOWN and answers RST.
+    drop(s);
+    vmm.wait_console("VIREO-TEST vsock: shutdown flags=3", 1, T);
+    let console = vmm.console();
+    assert!(!console.contains("FAIL"), "{console}");
+    let mut api = vmm.connect_api();
+    let r = api.call(r#"{"command": "destroy"}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    let (_, exit) = vmm.wait_exit(T);
+    assert_eq!(exit["reason"], "destroyed", "{exit}");
+    assert!(!uds.exists(), "the vsock socket is removed at exit");
+
+    // Guest to host: a listener at UDS_6000 before the VM starts.
+    let mut target = uds.clone().into_os_string();
+    target.push("_6000");
+    let listener = UnixListener::bind(&target).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let opts = Opts {
+        kernel: &guest,
+        cmdline: Some("console=ttyS0 vireo.vsock=connect:6000"),
+        memory_mib: 32,
+        extra: vec!["--vsock", &vsock_arg],
+        ..Opts::default()
+    };
+    let mut vmm = Vmm::start("test-guest-vsock-connect", opts);
+    let deadline = std::time::Instant::now() + T;
+    let mut s = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the guest did not connect\nconsole:\n{}\nstderr:\n{}",
+                    vmm.console(),
+                    vmm.stderr()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    };
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    assert_eq!(read_line(&mut s), "VIREO-TEST hello from the guest");
+    vmm.wait_console("VIREO-TEST vsock: connected to host port=6000", 1, T);
+    let msg = b"echo me, guest\n";
+    s.write_all(msg).unwrap();
+    let mut echo = vec![0u8; msg.len()];
+    s.read_exact(&mut echo).unwrap();
+    assert_eq!(echo, msg);
+    let console = vmm.console();
+    assert!(!console.contains("FAIL"), "{console}");
+}

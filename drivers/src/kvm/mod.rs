@@ -18,6 +18,9 @@
 //!   runs, and `currentMemory` below `memory` from boot on); `setvcpus`
 //!   while it runs goes through ACPI CPU hot-plug: down to 1, and back up
 //!   to the count it booted with (not beyond, unlike q35 under QEMU).
+//! * Every domain gets a virtio-vsock device, guest CID [`VSOCK_GUEST_CID`],
+//!   proxied to the Unix socket [`vsock_socket`] in its run directory
+//!   (`CONNECT <port>\n` reaches guest port `<port>`; see docs/vmm.md).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -46,6 +49,27 @@ pub struct Vmm {
 pub type KvmDriver = vm::VmDriver<Vmm>;
 
 const API_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The guest CID of every Domain's vsock device. Each VM's host side is its
+/// own Unix socket, not the host's vsock namespace, so CIDs need not differ
+/// between VMs.
+pub const VSOCK_GUEST_CID: u64 = 3;
+
+/// The Unix socket of a Domain's vsock device (in its run directory): a
+/// host process connects, writes `CONNECT <port>\n`, reads
+/// `OK <host-side port>\n`, and then talks to the guest's port `<port>`.
+/// Guest connections to host port P go to this path with `_P` appended.
+/// It is [`RunPaths::vsock`], which `vm::guest_agent::Channel::VsockProxy`
+/// takes as its `uds`.
+pub fn vsock_socket(paths: &RunPaths) -> PathBuf {
+    paths.vsock.clone()
+}
+
+/// [`vsock_socket`] of the Domain `name` on `driver` (its current or next
+/// activation).
+pub fn domain_vsock_socket(driver: &KvmDriver, name: &str) -> crate::Result<PathBuf> {
+    Ok(vsock_socket(&driver.run_paths(name)?))
+}
 
 /// Finds `vireo-vmm`: `$VIREO_VMM`, next to the running program (a build
 /// directory or an install prefix), or on PATH.
@@ -198,6 +222,11 @@ impl Backend for Vmm {
             paths.console_log.display().to_string(),
             "--console-socket".into(),
             paths.console_socket.display().to_string(),
+            "--vsock".into(),
+            format!(
+                "cid={VSOCK_GUEST_CID},uds={}",
+                vsock_socket(paths).display()
+            ),
             "--exit-file".into(),
             paths.exit_file.display().to_string(),
             "--on-reboot".into(),

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Writes seed inputs for the virtio_queue_devices fuzz target into seeds/:
-bring-up plus valid requests for block, net, rng and balloon (format: see the target)."""
+bring-up plus valid requests for block, net, rng, balloon and vsock (format: see the target)."""
 import os
 import struct
 
@@ -87,8 +87,23 @@ def balloon():
     return seed(3 | (8 << 2), ops)
 
 
+def vsock():
+    # Selector 2 | 0x40. One RX buffer; a REQUEST from CID 3 port 1000 to
+    # host port 52 (nothing listens: RST), an RW for no connection (RST),
+    # then the host client's CONNECT 52 through the event fd.
+    def hdr(op, length=0):
+        return struct.pack("<QQIIIHHIII", 3, 2, 1000, 52, length, 1, op, 0, 65536, 0)
+    ops = bring_up(4)
+    ops += desc(0, 0, 0xA000, 512, WRITE, 0) + desc(0, 1, 0xA200, 512, WRITE, 0)
+    ops += avail(0, 0) + avail(0, 1)
+    ops += memw(0xB000, hdr(1)) + desc(1, 0, 0xB000, 44, 0, 0) + avail(1, 0)
+    ops += memw(0xB100, hdr(5, 4) + b"data") + desc(1, 1, 0xB100, 48, 0, 0) + avail(1, 1)
+    ops += bytes([5])
+    return seed(2 | 0x40, ops)
+
+
 os.makedirs(os.path.join(HERE, "seeds"), exist_ok=True)
 for name, data in [("block", block(False)), ("block-ro", block(True)), ("net", net()),
-                   ("rng", rng()), ("balloon", balloon())]:
+                   ("rng", rng()), ("balloon", balloon()), ("vsock", vsock())]:
     with open(os.path.join(HERE, "seeds", name), "wb") as f:
         f.write(data)

@@ -3,14 +3,18 @@
 //! initial contents of guest memory. The block device runs on a memfd, the
 //! net device on a datagram socket pair standing in for the tap, the entropy
 //! device on getrandom(2), the balloon on the guest memory itself (its
-//! inflated pages are dropped with MADV_DONTNEED). Any panic, or any host access outside guest
-//! memory (caught by ASan), is a finding.
+//! inflated pages are dropped with MADV_DONTNEED), vsock on a listener in the
+//! abstract socket namespace with one host client waiting (`CONNECT 52`; its
+//! guest-initiated connections go nowhere and get RST). Any panic, or any
+//! host access outside guest memory (caught by ASan), is a finding.
 #![no_main]
 
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::net::UnixDatagram;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram, UnixListener, UnixStream};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -18,7 +22,7 @@ use libfuzzer_sys::fuzz_target;
 use vireo_vmm_devices::GuestMemory;
 use vireo_vmm_devices::bus::{BusDevice, IrqLine};
 use vireo_vmm_devices::virtio::mmio::reg;
-use vireo_vmm_devices::virtio::{Balloon, Block, MmioTransport, Net, Rng, VirtioDevice};
+use vireo_vmm_devices::virtio::{Balloon, Block, MmioTransport, Net, Rng, VirtioDevice, Vsock};
 use vm_memory::{Bytes, GuestAddress};
 
 /// Two adjacent regions, so buffers may straddle a region boundary.
@@ -206,6 +210,22 @@ fuzz_target!(|data: &[u8]| {
             }
             let mut buf = [0u8; 128];
             while host.recv(&mut buf).is_ok() {}
+        }
+        2 if sel & 0x40 != 0 => {
+            let name = format!("vireo-fuzz-vsock-{}", std::process::id());
+            let Ok(addr) = SocketAddr::from_abstract_name(name.as_bytes()) else { return };
+            let Ok(listener) = UnixListener::bind_addr(&addr) else { return };
+            let client = UnixStream::connect_addr(&addr).ok();
+            if let Some(mut c) = client.as_ref() {
+                let _ = c.write_all(b"CONNECT 52\nhello");
+            }
+            let Ok(dev) = Vsock::new(3, listener, Path::new("/nonexistent/vireo-fuzz-vsock")) else {
+                return;
+            };
+            if let Ok(t) = MmioTransport::new(mem.clone(), irq, dev) {
+                run(t, &mem, &mut ops, None);
+            }
+            drop(client);
         }
         3 => {
             if let Ok(t) = MmioTransport::new(mem.clone(), irq, Balloon::new(u32::from(sel >> 2))) {

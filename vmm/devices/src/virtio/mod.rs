@@ -3,7 +3,7 @@
 //! [`mmio::MmioTransport`] is the [`BusDevice`](crate::bus::BusDevice) the VMM
 //! registers at a virtio-mmio slot; it owns the registers, the feature
 //! negotiation and the queue configuration, and hands the configured queues to
-//! a [`VirtioDevice`] (block, net, entropy) when the driver sets DRIVER_OK.
+//! a [`VirtioDevice`] (block, net, entropy, balloon, vsock) when the driver sets DRIVER_OK.
 //! Devices process their queues synchronously: on a QueueNotify write (the
 //! vCPU thread) and on `handle_event` for their backend fds (the VMM's event
 //! loop). Nothing here knows about KVM; guest memory is a
@@ -17,6 +17,7 @@ pub mod mmio;
 pub mod net;
 pub mod rng;
 pub mod tap;
+pub mod vsock;
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -32,12 +33,14 @@ pub use block::Block;
 pub use mmio::MmioTransport;
 pub use net::Net;
 pub use rng::Rng;
+pub use vsock::Vsock;
 
 /// Device types (virtio 1.2, 5 "Device Types").
 pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_RNG: u32 = 4;
 pub const TYPE_BALLOON: u32 = 5;
+pub const TYPE_VSOCK: u32 = 19;
 
 /// Feature bits common to all devices.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -69,6 +72,10 @@ pub enum Error {
     GuestMemory(#[from] vm_memory::GuestMemoryError),
     #[error("descriptor chain: {0}")]
     Chain(#[from] chain::ChainError),
+    #[error(
+        "vsock guest CID {0} is reserved or too large (it must be at least 3 and below 2^32 - 1)"
+    )]
+    InvalidCid(u64),
 }
 
 /// The interrupt a device raises: sets a bit in the transport's
