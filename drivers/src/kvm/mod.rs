@@ -348,6 +348,15 @@ impl Backend for Vmm {
         }
     }
 
+    /// The guest agent over vsock: vireo-vmm's proxy socket, `CONNECT`
+    /// to the port vireo-guest-agent listens on.
+    fn guest_agent(&self, paths: &RunPaths) -> Option<crate::vm::guest_agent::Channel> {
+        Some(crate::vm::guest_agent::Channel::VsockProxy {
+            uds: vsock_socket(paths),
+            port: crate::vm::guest_agent::VSOCK_PORT,
+        })
+    }
+
     fn exit_reason(&self, paths: &RunPaths) -> Option<DomainReason> {
         let text = std::fs::read_to_string(&paths.exit_file).ok()?;
         let exit: Value = serde_json::from_str(&text).ok()?;

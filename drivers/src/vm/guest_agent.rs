@@ -106,7 +106,12 @@ impl Client {
         };
         if let Channel::VsockProxy { port, .. } = channel {
             client.send_raw(format!("CONNECT {port}\n").as_bytes())?;
-            let line = client.read_line()?;
+            // The proxy closes the socket when the guest refuses the port.
+            let line = client.read_line().map_err(|e| {
+                AgentError::Unresponsive(format!(
+                    "vsock port {port}: nothing listens in the guest ({e})"
+                ))
+            })?;
             if !line.starts_with("OK ") {
                 return Err(AgentError::Unresponsive(format!(
                     "vsock port {port}: {}",
