@@ -635,10 +635,12 @@ fn the_debian_disk_boots_with_bios_and_efi() {
         }];
         if firmware == Firmware::Bios {
             // cloud-init, for real: a NoCloud seed the node makes, read by
-            // the guest's cloud-init (host name, a user, a command).
+            // the guest's cloud-init (host name, a user with an SSH key,
+            // a static address beside DHCP, a command).
             d.spec.cloud_init = Some(vireo_crds::CloudInit {
                 hostname: Some("vireo-seeded".into()),
                 user_data: Some(CLOUD_CONFIG.into()),
+                network_config: Some(NETWORK_CONFIG.into()),
                 ..Default::default()
             });
         }
@@ -687,7 +689,9 @@ fn the_debian_disk_boots_with_bios_and_efi() {
     // as the user it created.
     let seeded = wait("deb-bios", "VIREO-CLOUD-INIT user=vireo");
     assert!(
-        seeded.contains("VIREO-CLOUD-INIT user=vireo host=vireo-seeded"),
+        seeded.contains(
+            "VIREO-CLOUD-INIT user=vireo host=vireo-seeded key=vireo-test-key static=10.73.0.50/24"
+        ),
         "{seeded}"
     );
     assert!(
@@ -742,6 +746,11 @@ fn the_debian_disk_boots_with_bios_and_efi() {
         eth0.addresses,
         lease.ip,
         lease.prefix
+    );
+    assert!(
+        eth0.addresses.iter().any(|a| a == "10.73.0.50/24"),
+        "and the static address of spec.cloudInit.networkConfig: {:?}",
+        eth0.addresses
     );
     assert!(
         info.filesystems.iter().any(|f| f.mountpoint == "/"),
@@ -826,7 +835,12 @@ fn the_debian_disk_boots_with_bios_and_efi() {
 
 /// The user-data of the BIOS Debian guest: a user, and a command whose
 /// output on the serial console proves both ran.
-const CLOUD_CONFIG: &str = "#cloud-config\nusers:\n  - name: vireo\n    shell: /bin/sh\nruncmd:\n  - [sh, -c, 'echo \"VIREO-CLOUD-INIT user=$(id -un vireo) host=$(hostname)\" > /dev/ttyS0']\n";
+const CLOUD_CONFIG: &str = "#cloud-config\nusers:\n  - name: vireo\n    shell: /bin/sh\n    ssh_authorized_keys:\n      - ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFZpcmVvIHRlc3Qga2V5LCBub3QgYSByZWFsIG9uZQ vireo-test-key\nruncmd:\n  - [sh, -c, 'echo \"VIREO-CLOUD-INIT user=$(id -un vireo) host=$(hostname) key=$(cut -d\" \" -f3 /home/vireo/.ssh/authorized_keys) static=$(ip -4 -o addr show eth0 | grep -o 10.73.0.50/24)\" > /dev/ttyS0']\n";
+
+/// cloud-init network config (version 2): DHCP on eth0 as the image does,
+/// and a static address beside it.
+const NETWORK_CONFIG: &str =
+    "version: 2\nethernets:\n  eth0:\n    dhcp4: true\n    addresses: [10.73.0.50/24]\n";
 
 /// The EFI variable the Debian image's `vireo-ready` writes at each EFI boot.
 const GUEST_VARIABLE: &str = "VireoTest";
