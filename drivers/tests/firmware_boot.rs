@@ -16,7 +16,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{fresh_root, qemu_available, say};
+use common::{fresh_root, qemu_available, say, yaml};
 use vireo_crds::{BootDevice, Disk, DiskBus, DiskDevice, Domain, Firmware, OsSpec, RunStrategy};
 use vireo_drivers::qemu::wait_for_console;
 use vireo_drivers::{Connection, Lookup, StorageDriver};
@@ -135,21 +135,7 @@ struct Node {
 /// any file put in a dir pool).
 fn node(tag: &str) -> Node {
     let root = fresh_root(tag);
-    let pool_dir = root.join("pool");
-    let storage = Arc::new(
-        vireo_drivers::storage::dir::DirStorage::open(&root.join("storage"), Path::new("/"))
-            .expect("opens the dir backend"),
-    );
-    fn yaml<T: serde::de::DeserializeOwned>(t: &str) -> T {
-        serde_yaml_ng::from_str(t).expect("manifest")
-    }
-    let pool: vireo_crds::StoragePool = yaml(&format!(
-        "apiVersion: vireo.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: p}}\nspec: {{type: dir, path: {}}}\n",
-        pool_dir.display()
-    ));
-    storage.define_pool(&pool).expect("define pool");
-    storage.build_pool("p").expect("build");
-    storage.start_pool("p").expect("start");
+    let (storage, pool_dir) = common::started_pool(&root);
     let blank: vireo_crds::StorageVol = yaml(
         "apiVersion: vireo.dev/v1alpha1\nkind: StorageVol\nmetadata: {name: blank}\nspec: {pool: p, capacity: 64Mi, format: raw}\n",
     );
@@ -574,21 +560,7 @@ fn the_debian_disk_boots_with_bios_and_efi() {
     let _ns = Netns::enter("deb");
 
     let root = fresh_root("fw-debian");
-    let pool_dir = root.join("pool");
-    let storage = Arc::new(
-        vireo_drivers::storage::dir::DirStorage::open(&root.join("storage"), Path::new("/"))
-            .expect("opens the dir backend"),
-    );
-    fn yaml<T: serde::de::DeserializeOwned>(t: &str) -> T {
-        serde_yaml_ng::from_str(t).expect("manifest")
-    }
-    let pool: vireo_crds::StoragePool = yaml(&format!(
-        "apiVersion: vireo.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: p}}\nspec: {{type: dir, path: {}}}\n",
-        pool_dir.display()
-    ));
-    storage.define_pool(&pool).expect("define pool");
-    storage.build_pool("p").expect("build");
-    storage.start_pool("p").expect("start");
+    let (storage, pool_dir) = common::started_pool(&root);
     std::fs::copy(&image, pool_dir.join("debian")).expect("the image into the pool");
     storage.refresh_pool("p").expect("refresh");
     for name in ["bios-root", "efi-root"] {

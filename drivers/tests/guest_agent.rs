@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{fresh_root, linux_domain, qemu_available, repo_root, say};
+use common::{fresh_root, linux_domain, qemu_available, repo_root, say, yaml};
 use vireo_crds::{DomainReason, DomainState};
 use vireo_drivers::conformance::wait_for_state;
 use vireo_drivers::qemu::wait_for_console;
@@ -44,10 +44,6 @@ fn initrd_with_agent(dir: &Path) -> PathBuf {
     let path = dir.join("initrd-agent.img");
     std::fs::write(&path, bytes).expect("write initrd");
     path
-}
-
-fn yaml<T: serde::de::DeserializeOwned>(t: &str) -> T {
-    serde_yaml_ng::from_str(t).expect("manifest")
 }
 
 /// Asks for guest info until the agent answers (it starts after the
@@ -90,18 +86,7 @@ fn guest_agent_info_freeze_and_shutdown_on_qemu() {
         return;
     }
     let root = fresh_root("qemu-agent");
-    let pool_dir = root.join("pool");
-    let storage = Arc::new(
-        vireo_drivers::storage::dir::DirStorage::open(&root.join("storage"), Path::new("/"))
-            .expect("opens the dir backend"),
-    );
-    let pool: vireo_crds::StoragePool = yaml(&format!(
-        "apiVersion: vireo.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: p}}\nspec: {{type: dir, path: {}}}\n",
-        pool_dir.display()
-    ));
-    storage.define_pool(&pool).expect("define pool");
-    storage.build_pool("p").expect("build");
-    storage.start_pool("p").expect("start");
+    let (storage, pool_dir) = common::started_pool(&root);
     let data: vireo_crds::StorageVol = yaml(
         "apiVersion: vireo.dev/v1alpha1\nkind: StorageVol\nmetadata: {name: data}\nspec: {pool: p, capacity: 32Mi, format: raw}\n",
     );

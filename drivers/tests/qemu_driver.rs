@@ -12,7 +12,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{fresh_root, linux_domain, qemu_available, say};
+use common::{fresh_root, linux_domain, qemu_available, say, yaml};
 use vireo_crds::{DomainReason, DomainState, LifecycleAction};
 use vireo_drivers::conformance::wait_for_state;
 use vireo_drivers::qemu::wait_for_console;
@@ -295,21 +295,7 @@ fn a_guest_on_a_qcow2_overlay_volume() {
     use std::sync::Arc;
     use vireo_drivers::StorageDriver;
     let root = fresh_root("qemu-qcow2");
-    let pool_dir = root.join("pool");
-    let storage = Arc::new(
-        vireo_drivers::storage::dir::DirStorage::open(&root.join("storage"), Path::new("/"))
-            .expect("opens the dir backend"),
-    );
-    fn yaml<T: serde::de::DeserializeOwned>(t: &str) -> T {
-        serde_yaml_ng::from_str(t).expect("manifest")
-    }
-    let pool: vireo_crds::StoragePool = yaml(&format!(
-        "apiVersion: vireo.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: p}}\nspec: {{type: dir, path: {}}}\n",
-        pool_dir.display()
-    ));
-    storage.define_pool(&pool).expect("define pool");
-    storage.build_pool("p").expect("build");
-    storage.start_pool("p").expect("start");
+    let (storage, pool_dir) = common::started_pool(&root);
     let base: vireo_crds::StorageVol = yaml(
         "apiVersion: vireo.dev/v1alpha1\nkind: StorageVol\nmetadata: {name: base}\nspec: {pool: p, capacity: 64Mi, format: raw}\n",
     );

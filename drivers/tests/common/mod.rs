@@ -278,3 +278,33 @@ fn pools_root() -> PathBuf {
     })
     .clone()
 }
+
+/// A manifest from YAML text (a test's own, so a mistake panics).
+pub fn yaml<T: serde::de::DeserializeOwned>(text: &str) -> T {
+    serde_yaml_ng::from_str(text).expect("manifest")
+}
+
+/// The dir backend with its state in ROOT/storage and a started pool `p`
+/// whose directory is ROOT/pool, for tests that put guests' disks in
+/// volumes.
+pub fn started_pool(
+    root: &Path,
+) -> (
+    std::sync::Arc<vireo_drivers::storage::dir::DirStorage>,
+    PathBuf,
+) {
+    use vireo_drivers::StorageDriver;
+    let pool_dir = root.join("pool");
+    let storage = std::sync::Arc::new(
+        vireo_drivers::storage::dir::DirStorage::open(&root.join("storage"), Path::new("/"))
+            .expect("opens the dir backend"),
+    );
+    let pool: vireo_crds::StoragePool = yaml(&format!(
+        "apiVersion: vireo.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: p}}\nspec: {{type: dir, path: {}}}\n",
+        pool_dir.display()
+    ));
+    storage.define_pool(&pool).expect("define pool");
+    storage.build_pool("p").expect("build");
+    storage.start_pool("p").expect("start");
+    (storage, pool_dir)
+}
