@@ -177,15 +177,15 @@ fn guest_agent_info_freeze_and_shutdown_on_qemu() {
         "the copy taken while frozen holds the guest's unsynced write: {marker:?}"
     );
 
-    // No agent: "not responding", quickly, and nothing else minds.
-    let start = Instant::now();
+    // No agent: "not responding" (QEMU says the guest never opened the
+    // port, so there is no timeout to wait), and nothing else minds.
     let e = hv.guest_info("plain").expect_err("no agent in plain");
     assert!(matches!(e, Error::AgentUnresponsive { .. }), "{e}");
     assert!(
         e.to_string().contains("guest agent is not responding"),
         "{e}"
     );
-    assert!(start.elapsed() < Duration::from_secs(10));
+    assert!(e.to_string().contains("no agent has opened"), "{e}");
     let e = hv
         .guest_agent_shutdown("plain", false)
         .expect_err("no agent");
@@ -212,10 +212,12 @@ fn guest_agent_info_freeze_and_shutdown_on_qemu() {
     let e = hv.guest_info("ga").expect_err("not running");
     assert!(e.to_string().contains("not running"), "{e}");
 
-    // plain shuts down with the power button, as before.
-    hv.shutdown_domain("plain").expect("shutdown plain");
-    let reason =
-        wait_for_state(&conn, "plain", DomainState::Shutoff, T).unwrap_or_else(|f| panic!("{f}"));
-    assert_eq!(reason, DomainReason::Shutdown);
+    // plain still takes the driver's other calls (the power button's
+    // shutdown is the lifecycle tests' business).
+    hv.destroy_domain("plain").expect("destroy plain");
+    assert_eq!(
+        hv.domain_info("plain").expect("info").state,
+        DomainState::Shutoff
+    );
     let _ = std::fs::remove_dir_all(&root);
 }

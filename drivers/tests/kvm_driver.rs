@@ -460,18 +460,15 @@ fn kvm_domain_vsock_socket_reaches_the_guest() {
     s.read_exact(&mut echo).unwrap();
     assert_eq!(&echo, b"hello guest\n");
     // The guest agent channel is this socket, port 4100: nothing listens
-    // there in the test guest, so the agent is "not responding", at once.
-    let asked = std::time::Instant::now();
+    // there in the test guest, so the agent is "not responding" (refused, not timed out).
     let e = hv.guest_info(name).expect_err("no agent in the test guest");
     assert!(
         matches!(e, vireo_drivers::Error::AgentUnresponsive { .. }),
         "{e}"
     );
-    assert!(e.to_string().contains("vsock port 4100"), "{e}");
     assert!(
-        asked.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        asked.elapsed()
+        e.to_string().contains("vsock port 4100: nothing listens"),
+        "{e}"
     );
     hv.destroy_domain(name).expect("destroy");
     say(&format!(

@@ -30,7 +30,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use serde_json::{Value, json};
 use vireo_crds::{DiskBus, DiskDevice, Domain, DomainType, Firmware};
 
 use crate::vm::{self, Backend, Control, ControlError, DiskFile, Live, LiveState, RunPaths};
@@ -259,6 +259,19 @@ impl Backend for Qemu {
         Some(crate::vm::guest_agent::Channel::Unix(
             paths.guest_agent.clone(),
         ))
+    }
+
+    fn guest_agent_open(&self, paths: &RunPaths) -> Option<bool> {
+        // QEMU knows whether the guest opened its end of the port
+        // (`frontend-open`): without an agent there, asking would only
+        // wait for a timeout.
+        let chardevs = self.qmp(paths).ok()?.execute("query-chardev", None).ok()?;
+        chardevs
+            .as_array()?
+            .iter()
+            .find(|c| c.get("label").and_then(Value::as_str) == Some("qga0"))?
+            .get("frontend-open")
+            .and_then(Value::as_bool)
     }
 
     fn block_stats(

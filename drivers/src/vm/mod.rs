@@ -190,6 +190,11 @@ pub trait Backend: Send + Sync + 'static {
     fn guest_agent(&self, _paths: &RunPaths) -> Option<guest_agent::Channel> {
         None
     }
+    /// Whether the guest has its end of the agent channel open, when the
+    /// backend can tell (`false`: no agent runs, so do not wait for one).
+    fn guest_agent_open(&self, _paths: &RunPaths) -> Option<bool> {
+        None
+    }
     /// I/O counters of the running guest's disk `disk` (its target name),
     /// virsh's names and values; `None` when the backend keeps none.
     fn block_stats(
@@ -1090,6 +1095,15 @@ impl<B: Backend> Inner<B> {
                     operation: "a guest agent",
                 });
             };
+            if self.backend.guest_agent_open(&paths) == Some(false) {
+                return Err(Error::AgentUnresponsive {
+                    object: crate::error::ObjectName::new(KIND, name),
+                    message: format!(
+                        "no agent has opened the guest's {} port",
+                        guest_agent::PORT_NAME
+                    ),
+                });
+            }
             Ok((format!("{}-{}", rec.uuid, run.id), channel))
         })?;
         let mut locks = self.agent_locks.lock().unwrap_or_else(|p| p.into_inner());
