@@ -294,7 +294,6 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
                     }) => format!(
                         "no guest agent answers ({message}); install vireo-guest-agent or qemu-guest-agent in the guest for status.guest, domifaddr --source agent and shutdown --mode agent"
                     ),
-                    crate::Error::Driver(other) => other.to_string(),
                     other => other.to_string(),
                 };
                 conditions.push(condition(
