@@ -79,9 +79,7 @@ pub enum SaveError {
         expected: u64,
         found: u64,
     },
-    #[error(
-        "{path} is damaged: the state's CRC-32 is {found:08x}, the header says {expected:08x}"
-    )]
+    #[error("{path} is damaged: the state's CRC-32 is {found:08x}, the header says {expected:08x}")]
     Checksum {
         path: PathBuf,
         expected: u32,
@@ -229,8 +227,7 @@ pub fn read(path: &Path) -> Result<(Header, u64), SaveError> {
     file.read_exact(&mut json)
         .map_err(|e| bad(format!("cannot read {room} header bytes: {e}")))?;
     // An older or newer format is named as such, whatever else it holds.
-    let value: serde_json::Value =
-        serde_json::from_slice(&json).map_err(|e| bad(e.to_string()))?;
+    let value: serde_json::Value = serde_json::from_slice(&json).map_err(|e| bad(e.to_string()))?;
     let found = value
         .get("format")
         .and_then(serde_json::Value::as_u64)
@@ -389,7 +386,10 @@ mod tests {
         let h = w.finish().expect("finish");
         assert_eq!(h.state_size, 11);
         let (back, offset) = read(&path).expect("read");
-        assert_eq!((back.state_size, back.state_crc32, back.uuid), (h.state_size, h.state_crc32, h.uuid));
+        assert_eq!(
+            (back.state_size, back.state_crc32, back.uuid),
+            (h.state_size, h.state_crc32, h.uuid)
+        );
         assert_eq!(offset % 4096, 12);
 
         // Truncated.

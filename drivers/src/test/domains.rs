@@ -272,12 +272,10 @@ impl State {
     /// saved paused. The domain of that name must be inactive and have the
     /// image's UUID; without one, the image comes back transient.
     fn resume_image(&mut self, image: &SavedImage) -> Result<DomainRef> {
-        let name = image
-            .def
-            .metadata
-            .name
-            .clone()
-            .ok_or_else(|| Error::invalid_argument(KIND, "", "the saved definition has no name"))?;
+        let name =
+            image.def.metadata.name.clone().ok_or_else(|| {
+                Error::invalid_argument(KIND, "", "the saved definition has no name")
+            })?;
         let uuid = image.def.spec.uuid.clone().unwrap_or_default();
         if let Some(other) = self
             .domains
@@ -585,8 +583,7 @@ impl HypervisorDriver for TestDriver {
         self.change(Kind::Domain, name, |st| {
             let image = st.image_of(name)?;
             let obj = st.domain(name)?;
-            let header =
-                crate::save::header("test", name, &obj.uuid, &image.def, image.paused);
+            let header = crate::save::header("test", name, &obj.uuid, &image.def, image.paused);
             let state = serde_json::to_vec(&SavedRuntime {
                 memory: image.memory,
                 vcpus: image.vcpus,
