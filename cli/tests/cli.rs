@@ -725,7 +725,10 @@ fn save_restore_and_managedsave_read_like_virsh() {
         "Removed managedsave image for domain 'test'".into(),
         "Domain 'test' has no manage save image; removal skipped".into(),
     ] {
-        assert!(lines.contains(&want.as_str()), "no line '{want}' in:\n{stdout}");
+        assert!(
+            lines.contains(&want.as_str()),
+            "no line '{want}' in:\n{stdout}"
+        );
     }
     let stderr = text(&out.stderr);
     assert!(

@@ -38,7 +38,10 @@ fn console_log(root: &Path, conn: &Connection, name: &str) -> std::path::PathBuf
 
 fn expect_state(conn: &Connection, name: &str, state: DomainState, reason: DomainReason) {
     let got = wait_for_state(conn, name, state, WAIT).unwrap_or_else(|f| panic!("{f}"));
-    assert_eq!(got, reason, "domain '{name}' is {state} but for reason {got}");
+    assert_eq!(
+        got, reason,
+        "domain '{name}' is {state} but for reason {got}"
+    );
 }
 
 fn log_text(log: &Path) -> String {
@@ -150,7 +153,9 @@ fn qemu_save_restore_and_managed_save_keep_the_guest_running_where_it_was() {
         (&garbage, "not a Vireo saved-state file"),
         (&foreign, "uuid"),
     ] {
-        let e = hv.restore_domain(bad).expect_err("a file that does not match");
+        let e = hv
+            .restore_domain(bad)
+            .expect_err("a file that does not match");
         assert!(
             matches!(e, Error::InvalidArgument { .. }) && e.to_string().contains(says),
             "restore of {} should be refused saying '{says}': {e}",
@@ -177,7 +182,11 @@ fn qemu_save_restore_and_managed_save_keep_the_guest_running_where_it_was() {
         last + 1,
         "the counter went on from {last}; after the restore it printed {after:?}"
     );
-    assert_eq!(log_text(&log).matches(MARKER).count(), 1, "the guest booted again");
+    assert_eq!(
+        log_text(&log).matches(MARKER).count(),
+        1,
+        "the guest booted again"
+    );
 
     // Managed save: the next start resumes it, and the image goes.
     hv.managed_save(name).expect("managedsave");
@@ -189,8 +198,16 @@ fn qemu_save_restore_and_managed_save_keep_the_guest_running_where_it_was() {
     expect_state(&conn, name, DomainState::Running, DomainReason::Restored);
     assert!(!hv.has_managed_save(name).expect("has"));
     let after = wait_ticks(&log, mark, 1);
-    assert_eq!(after[0], last + 1, "managed save: counter {last} then {after:?}");
-    assert_eq!(log_text(&log).matches(MARKER).count(), 1, "the guest booted again");
+    assert_eq!(
+        after[0],
+        last + 1,
+        "managed save: counter {last} then {after:?}"
+    );
+    assert_eq!(
+        log_text(&log).matches(MARKER).count(),
+        1,
+        "the guest booted again"
+    );
 
     // managedsave-remove: the next start boots afresh.
     hv.managed_save(name).expect("managedsave");

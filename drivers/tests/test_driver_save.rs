@@ -44,7 +44,12 @@ fn save_and_restore_keep_live_state_and_refuse_files_that_do_not_match() {
 
     hv.save_domain("sv", &file).expect("save");
     assert_eq!(state(hv, "sv"), (DomainState::Shutoff, DomainReason::Saved));
-    assert!(hv.lookup_domain(Lookup::Name("sv")).expect("lookup").id.is_none());
+    assert!(
+        hv.lookup_domain(Lookup::Name("sv"))
+            .expect("lookup")
+            .id
+            .is_none()
+    );
 
     // Truncated, garbage, and another domain's file of the same name.
     let bytes = std::fs::read(&file).expect("read");
@@ -72,7 +77,10 @@ fn save_and_restore_keep_live_state_and_refuse_files_that_do_not_match() {
 
     let r = hv.restore_domain(&file).expect("restore");
     assert!(r.id.is_some());
-    assert_eq!(state(hv, "sv"), (DomainState::Running, DomainReason::Restored));
+    assert_eq!(
+        state(hv, "sv"),
+        (DomainState::Running, DomainReason::Restored)
+    );
     assert_eq!(hv.domain_info("sv").expect("info").memory.0, "512Mi");
     // An active domain cannot be restored over.
     let e = hv.restore_domain(&file).expect_err("active");
@@ -118,14 +126,20 @@ fn managed_save_is_resumed_by_start_or_removed() {
     assert_eq!(state(hv, "ms"), (DomainState::Shutoff, DomainReason::Saved));
     assert!(hv.has_managed_save("ms").expect("has"));
     hv.start_domain("ms").expect("start");
-    assert_eq!(state(hv, "ms"), (DomainState::Running, DomainReason::Restored));
+    assert_eq!(
+        state(hv, "ms"),
+        (DomainState::Running, DomainReason::Restored)
+    );
     assert!(!hv.has_managed_save("ms").expect("has"));
 
     hv.managed_save("ms").expect("managedsave");
     hv.managed_save_remove("ms").expect("remove");
     assert!(!hv.has_managed_save("ms").expect("has"));
     hv.start_domain("ms").expect("start");
-    assert_eq!(state(hv, "ms"), (DomainState::Running, DomainReason::Booted));
+    assert_eq!(
+        state(hv, "ms"),
+        (DomainState::Running, DomainReason::Booted)
+    );
     // Only a running domain is saved.
     hv.destroy_domain("ms").expect("destroy");
     let e = hv.managed_save("ms").expect_err("inactive");
