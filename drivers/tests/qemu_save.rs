@@ -89,6 +89,20 @@ fn qemu_alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// Whether a QEMU process with this control socket is running.
+fn qemu_with(api: &Path) -> bool {
+    let needle = api.display().to_string();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(&needle))
+                .unwrap_or(false)
+        })
+}
+
 fn pid_of(conn: &Connection, root: &Path, name: &str) -> u32 {
     std::fs::read_to_string(console_log(root, conn, name).with_file_name("pid"))
         .expect("pid file")
@@ -168,6 +182,27 @@ fn qemu_save_restore_and_managed_save_keep_the_guest_running_where_it_was() {
             .expect("lookup")
             .id
             .is_none()
+    );
+
+    // A well-formed file whose stream QEMU cannot load: QEMU is started,
+    // fails, and is gone; the domain is as it was.
+    let unloadable = root.join("unloadable.save");
+    let (header, _) = vireo_drivers::save::read(&file).expect("reads");
+    let w = vireo_drivers::save::Writer::create(&unloadable, header).expect("creates");
+    w.append(&[0x5a; 4096]).expect("appends");
+    w.finish().expect("finishes");
+    let e = hv
+        .restore_domain(&unloadable)
+        .expect_err("QEMU cannot load it");
+    assert!(
+        matches!(e, Error::OperationFailed { .. }) && e.to_string().contains("restoring"),
+        "{e}"
+    );
+    expect_state(&conn, name, DomainState::Shutoff, DomainReason::Saved);
+    let api = console_log(&root, &conn, name).with_file_name("api.sock");
+    assert!(
+        !qemu_with(&api),
+        "a QEMU of the failed restore is left running"
     );
 
     // Restore: running (restored), the counter goes on, no second boot.

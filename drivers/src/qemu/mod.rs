@@ -318,9 +318,15 @@ impl Backend for Qemu {
             .map_err(|e| e.to_string())?;
         loop {
             // A stream QEMU cannot load ends the process: the socket closes.
-            let status = q
-                .execute("query-status", None)
-                .map_err(|e| format!("{e} (see {})", paths.log.display()))?;
+            let status = q.execute("query-status", None).map_err(|e| {
+                let said = std::fs::read_to_string(&paths.log).unwrap_or_default();
+                let said = said.trim();
+                if said.is_empty() {
+                    format!("QEMU could not load the saved state ({e})")
+                } else {
+                    format!("QEMU could not load the saved state ({e}): {said}")
+                }
+            })?;
             match status.get("status").and_then(|s| s.as_str()) {
                 Some("inmigrate") => std::thread::sleep(Duration::from_millis(20)),
                 Some("running") if paused => {
