@@ -194,6 +194,7 @@ fn qemu_save_restore_and_managed_save_keep_the_guest_running_where_it_was() {
     let e = hv
         .restore_domain(&unloadable)
         .expect_err("QEMU cannot load it");
+    say(&format!("qemu restore of an unloadable stream: {e}"));
     assert!(
         matches!(e, Error::OperationFailed { .. }) && e.to_string().contains("restoring"),
         "{e}"
