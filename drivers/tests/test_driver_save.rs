@@ -145,3 +145,46 @@ fn managed_save_is_resumed_by_start_or_removed() {
     let e = hv.managed_save("ms").expect_err("inactive");
     assert!(matches!(e, Error::InvalidState { .. }), "{e}");
 }
+
+/// The calls travel the node's local API socket (`vireo+unix://`) and the
+/// node's driver list, as the CLI beside an agent makes them.
+#[test]
+fn save_restore_and_managed_save_through_the_node_socket() {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    use vireo_crds::DomainType;
+    use vireo_drivers::node::NodeHypervisor;
+
+    let t = Arc::new(vireo_drivers::test::TestDriver::default_node());
+    let inner = Connection::new("test:///default", t.clone(), t.clone(), t.clone());
+    let node = NodeHypervisor::new(BTreeMap::from([(DomainType::Test, inner)])).expect("node");
+    let served = Connection::new("node", Arc::new(node), t.clone(), t);
+    let d = dir("socket");
+    let sock = d.join("api.sock");
+    vireo_drivers::remote::serve(served, &sock).expect("serves");
+    let conn = vireo_drivers::open(&format!("vireo+unix://{}", sock.display())).expect("connects");
+    let hv = conn.hypervisor();
+
+    let file = d.join("test.save");
+    hv.save_domain("test", &file).expect("save");
+    assert_eq!(
+        state(hv, "test"),
+        (DomainState::Shutoff, DomainReason::Saved)
+    );
+    let garbage = d.join("garbage");
+    std::fs::write(&garbage, b"nope").expect("write");
+    let e = hv.restore_domain(&garbage).expect_err("garbage");
+    assert!(
+        e.to_string().contains("not a Vireo saved-state file"),
+        "{e}"
+    );
+    hv.restore_domain(&file).expect("restore");
+    assert_eq!(
+        state(hv, "test"),
+        (DomainState::Running, DomainReason::Restored)
+    );
+    hv.managed_save("test").expect("managedsave");
+    assert!(hv.has_managed_save("test").expect("has"));
+    hv.managed_save_remove("test").expect("remove");
+    assert!(!hv.has_managed_save("test").expect("has"));
+}
