@@ -245,6 +245,24 @@ fn qemu_save_restore_and_managed_save_keep_the_guest_running_where_it_was() {
         "the guest booted again"
     );
 
+    // Saved paused, restored paused; resume runs it on.
+    hv.suspend_domain(name).expect("suspend");
+    let paused_file = root.join("paused.save");
+    hv.save_domain(name, &paused_file).expect("save paused");
+    expect_state(&conn, name, DomainState::Shutoff, DomainReason::Saved);
+    let last = *ticks_after(&log, 0).last().expect("ticks");
+    let mark = log_text(&log).len();
+    hv.restore_domain(&paused_file).expect("restore paused");
+    expect_state(&conn, name, DomainState::Paused, DomainReason::User);
+    hv.resume_domain(name).expect("resume");
+    expect_state(&conn, name, DomainState::Running, DomainReason::Unpaused);
+    let after = wait_ticks(&log, mark, 1);
+    assert_eq!(
+        after[0],
+        last + 1,
+        "paused save: counter {last} then {after:?}"
+    );
+
     // managedsave-remove: the next start boots afresh.
     hv.managed_save(name).expect("managedsave");
     hv.managed_save_remove(name).expect("managedsave-remove");
