@@ -695,3 +695,45 @@ fn libvirt_xml_imports_from_virsh_and_exports_to_it() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn save_restore_and_managedsave_read_like_virsh() {
+    let dir = std::env::temp_dir().join(format!("vireo-cli-save-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("test.save");
+    let garbage = dir.join("garbage.save");
+    std::fs::write(&garbage, "not a save file").expect("write");
+    let f = file.display();
+    let g = garbage.display();
+    let script = format!(
+        "save test {f}\ndomstate test --reason\nrestore {g}\nrestore {f}\ndomstate test --reason\n\
+         managedsave test\ndominfo test\nstart test\ndomstate test --reason\n\
+         managedsave test\nmanagedsave-remove test\nmanagedsave-remove test\n"
+    );
+    let out = vireo(&[], Some(&script));
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    for want in [
+        format!("Domain 'test' saved to {f}"),
+        "shut off (saved)".into(),
+        format!("Domain restored from {f}"),
+        "running (restored)".into(),
+        "Domain 'test' state saved by libvirt".into(),
+        "Managed save:   yes".into(),
+        "Domain 'test' started".into(),
+        "Removed managedsave image for domain 'test'".into(),
+        "Domain 'test' has no manage save image; removal skipped".into(),
+    ] {
+        assert!(
+            lines.contains(&want.as_str()),
+            "no line '{want}' in:\n{stdout}"
+        );
+    }
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("not a Vireo saved-state file"),
+        "the garbage file is refused clearly: {stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

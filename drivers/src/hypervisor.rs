@@ -440,6 +440,46 @@ pub trait HypervisorDriver: Send + Sync {
         Err(unsupported(self.name(), name, "a guest agent"))
     }
 
+    /// Saves a running (or paused) domain's memory and device state to
+    /// `path` on the node and stops it: shutoff, reason `saved` (libvirt's
+    /// `virDomainSave`). A transient domain is gone until restored.
+    fn save_domain(&self, name: &str, _path: &std::path::Path) -> Result<()> {
+        self.domain_state(name)?;
+        Err(unsupported(self.name(), name, "saving a domain's state"))
+    }
+
+    /// Restores a domain saved to `path`: running, reason `restored` (or
+    /// paused, if it was saved paused), where it was. A file that is not a
+    /// save file of this driver, is damaged, or names a domain that
+    /// differs (another UUID under that name) is refused and nothing
+    /// changes.
+    fn restore_domain(&self, path: &std::path::Path) -> Result<DomainRef> {
+        Err(unsupported(
+            self.name(),
+            &path.display().to_string(),
+            "restoring a saved domain",
+        ))
+    }
+
+    /// Saves a persistent domain's state in the driver's own directory
+    /// (libvirt's `virDomainManagedSave`): the next start resumes it.
+    fn managed_save(&self, name: &str) -> Result<()> {
+        self.domain_state(name)?;
+        Err(unsupported(self.name(), name, "managed save"))
+    }
+
+    /// Whether the domain has a managed save image.
+    fn has_managed_save(&self, name: &str) -> Result<bool> {
+        self.domain_state(name)?;
+        Ok(false)
+    }
+
+    /// Removes the domain's managed save image (its next start boots).
+    fn managed_save_remove(&self, name: &str) -> Result<()> {
+        self.domain_state(name)?;
+        Err(unsupported(self.name(), name, "managed save"))
+    }
+
     /// Why a running domain's firmware found nothing to boot, when its
     /// console says so (a blank disk, a wrong boot order); `None` while it
     /// boots or for drivers without firmware.

@@ -26,6 +26,7 @@ pub mod node;
 pub mod qemu;
 pub mod records;
 pub mod remote;
+pub mod save;
 pub mod storage;
 pub mod test;
 pub mod vm;

@@ -235,6 +235,42 @@ impl HypervisorDriver for NodeHypervisor {
     fn guest_agent_shutdown(&self, name: &str, reboot: bool) -> Result<()> {
         self.owner(name)?.guest_agent_shutdown(name, reboot)
     }
+    fn save_domain(&self, name: &str, path: &std::path::Path) -> Result<()> {
+        self.owner(name)?.save_domain(name, path)
+    }
+    /// Goes to the driver that wrote the file (its header says which).
+    fn restore_domain(&self, path: &std::path::Path) -> Result<DomainRef> {
+        let shown = path.display().to_string();
+        let (header, _) = crate::save::read(path).map_err(|e| e.into_error(&shown))?;
+        let by_name = self.all().find(|d| d.name() == header.driver);
+        let driver = match by_name {
+            Some(d) => d,
+            None => self
+                .drivers
+                .get(&header.definition.spec.domain_type)
+                .map(|c| c.hypervisor())
+                .ok_or_else(|| {
+                    Error::invalid_argument(
+                        ObjectKind::Domain,
+                        &header.name,
+                        format!(
+                            "{shown} was saved by the {} driver, which this node does not run",
+                            header.driver
+                        ),
+                    )
+                })?,
+        };
+        driver.restore_domain(path)
+    }
+    fn managed_save(&self, name: &str) -> Result<()> {
+        self.owner(name)?.managed_save(name)
+    }
+    fn has_managed_save(&self, name: &str) -> Result<bool> {
+        self.owner(name)?.has_managed_save(name)
+    }
+    fn managed_save_remove(&self, name: &str) -> Result<()> {
+        self.owner(name)?.managed_save_remove(name)
+    }
 }
 
 #[cfg(test)]

@@ -104,6 +104,11 @@ pub enum Call {
     DomainInterfaceStats(String, String),
     DomainMemoryStats(String),
     DomainVcpuInfo(String),
+    SaveDomain(String, PathBuf),
+    RestoreDomain(PathBuf),
+    ManagedSave(String),
+    HasManagedSave(String),
+    ManagedSaveRemove(String),
     ListNetworks(ListFilter),
     LookupNetwork(Key),
     NetworkDefinition(String, bool),
@@ -539,6 +544,21 @@ impl HypervisorDriver for Remote {
     fn guest_fs_thaw(&self, name: &str) -> Result<u64> {
         self.call(Call::GuestFsThaw(name.into()))
     }
+    fn save_domain(&self, name: &str, path: &std::path::Path) -> Result<()> {
+        self.call(Call::SaveDomain(name.into(), path.to_path_buf()))
+    }
+    fn restore_domain(&self, path: &std::path::Path) -> Result<DomainRef> {
+        self.call(Call::RestoreDomain(path.to_path_buf()))
+    }
+    fn managed_save(&self, name: &str) -> Result<()> {
+        self.call(Call::ManagedSave(name.into()))
+    }
+    fn has_managed_save(&self, name: &str) -> Result<bool> {
+        self.call(Call::HasManagedSave(name.into()))
+    }
+    fn managed_save_remove(&self, name: &str) -> Result<()> {
+        self.call(Call::ManagedSaveRemove(name.into()))
+    }
     fn guest_agent_shutdown(&self, name: &str, reboot: bool) -> Result<()> {
         self.call(Call::GuestAgentShutdown(name.into(), reboot))
     }
@@ -860,6 +880,11 @@ fn answer(
         Call::DomainInterfaceStats(n, i) => ok(hv.domain_interface_stats(&n, &i)),
         Call::DomainMemoryStats(n) => ok(hv.domain_memory_stats(&n)),
         Call::DomainVcpuInfo(n) => ok(hv.domain_vcpu_info(&n)),
+        Call::SaveDomain(n, p) => ok(hv.save_domain(&n, &p)),
+        Call::RestoreDomain(p) => ok(hv.restore_domain(&p)),
+        Call::ManagedSave(n) => ok(hv.managed_save(&n)),
+        Call::HasManagedSave(n) => ok(hv.has_managed_save(&n)),
+        Call::ManagedSaveRemove(n) => ok(hv.managed_save_remove(&n)),
         Call::ListNetworks(f) => ok(net.list_networks(f)),
         Call::LookupNetwork(k) => ok(net.lookup_network(k.lookup())),
         Call::NetworkDefinition(n, i) => ok(net.network_definition(&n, i)),

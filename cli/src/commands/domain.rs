@@ -74,8 +74,10 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
                     "Autostart",
                     if autostart { "enable" } else { "disable" }.to_string(),
                 ),
-                // Vireo keeps no managed save image.
-                ("Managed save", "no".to_string()),
+                (
+                    "Managed save",
+                    yes_no(hv.has_managed_save(&d.name).unwrap_or(false)).to_string(),
+                ),
             ]);
             let (model, doi) = hv.security_model();
             rows.push(("Security model", model));

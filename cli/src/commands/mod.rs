@@ -8,6 +8,7 @@ mod host;
 mod inspect;
 mod network;
 mod pool;
+mod save;
 mod volume;
 
 use std::path::{Path, PathBuf};
@@ -100,6 +101,15 @@ pub enum Command {
     Resume(DomainArg),
     /// Stop a domain at once (it ends 'shut off (destroyed)').
     Destroy(DomainArg),
+    /// Save a running domain's memory and device state to a file on its
+    /// node and stop it (it ends 'shut off (saved)').
+    Save(save::SaveArgs),
+    /// Start a domain again from a file `save` wrote, where it was.
+    Restore(save::RestoreArgs),
+    /// Save a running domain's state on its node; the next start resumes it.
+    Managedsave(DomainArg),
+    /// Remove a domain's managed save image: its next start boots.
+    ManagedsaveRemove(DomainArg),
     /// Mark a domain to start with its node, or unmark it with --disable.
     Autostart(AutostartArgs),
     /// Set a domain's current memory (a bare number is KiB; units: K, M, G,
@@ -733,6 +743,10 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
         | C::Autostart(_)
         | C::Setmem(_)
         | C::Setvcpus(_) => domain::run(conn, command),
+        C::Save(a) => save::save(conn, a),
+        C::Restore(a) => save::restore(conn, a),
+        C::Managedsave(a) => save::managedsave(conn, &a.domain),
+        C::ManagedsaveRemove(a) => save::managedsave_remove(conn, &a.domain),
         C::Console(a) => console::run(conn, a),
         C::Shutdown(a) => guest::shutdown(conn, &a.domain, a.mode.as_deref(), false),
         C::Reboot(a) => guest::shutdown(conn, &a.domain, a.mode.as_deref(), true),

@@ -77,6 +77,86 @@ impl Qemu {
     fn qmp(&self, paths: &RunPaths) -> Result<Qmp, QmpError> {
         Qmp::connect(&paths.api, QMP_TIMEOUT)
     }
+
+    /// Starts QEMU for `def`: booting, or with `incoming` waiting for a
+    /// saved state (`-incoming defer`).
+    fn launch_qemu(
+        &self,
+        def: &Domain,
+        paths: &RunPaths,
+        disks: &[DiskFile],
+        incoming: bool,
+    ) -> Result<u32, String> {
+        let accel = command::accel_of(def)?;
+        for file in [
+            def.spec.os.as_ref().and_then(|o| o.kernel.as_deref()),
+            def.spec.os.as_ref().and_then(|o| o.initrd.as_deref()),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if !Path::new(file).is_file() {
+                return Err(format!("{file}: no such file on this node"));
+            }
+        }
+        if command::firmware_of(def) == Some(Firmware::Efi) {
+            create_nvram(&paths.nvram, command::ovmf_files(def).1)?;
+        }
+        let mut args = command::build(def, paths, disks, accel)?;
+        if incoming {
+            args.extend(["-incoming".to_string(), "defer".to_string()]);
+        }
+        let log = std::fs::File::create(&paths.log)
+            .map_err(|e| format!("{}: {e}", paths.log.display()))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| format!("{}: {e}", paths.log.display()))?;
+        tracing::debug!(binary = %self.binary.display(), ?args, "launching QEMU");
+        // -daemonize: this returns when QEMU is initialised and detached
+        // (its own session, re-parented), or with its error.
+        let status = Command::new(&self.binary)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .status()
+            .map_err(|e| format!("{}: {e}", self.binary.display()))?;
+        let message = || {
+            std::fs::read_to_string(&paths.log)
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        };
+        if !status.success() {
+            return Err(format!(
+                "qemu-system-x86_64 failed ({status}): {}",
+                message()
+            ));
+        }
+        let pid: u32 = std::fs::read_to_string(&paths.pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| format!("QEMU wrote no pid file: {}", message()))?;
+        // Balloon down to currentMemory: the guest's balloon driver gives
+        // the rest back once it loads.
+        let (max, current) = {
+            let max = vireo_crds::quantity::parse_quantity(&def.spec.memory).unwrap_or(0);
+            let cur = def
+                .spec
+                .current_memory
+                .as_ref()
+                .and_then(|q| vireo_crds::quantity::parse_quantity(q).ok())
+                .unwrap_or(max);
+            (max, cur)
+        };
+        // A restored guest's balloon is part of its saved state.
+        if current < max && !incoming {
+            let mut q = self.qmp(paths).map_err(|e| e.to_string())?;
+            q.execute("balloon", Some(json!({ "value": current })))
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(pid)
+    }
 }
 
 fn find_in_path(program: &str) -> Option<PathBuf> {
@@ -167,71 +247,101 @@ impl Backend for Qemu {
     }
 
     fn launch(&self, def: &Domain, paths: &RunPaths, disks: &[DiskFile]) -> Result<u32, String> {
-        let accel = command::accel_of(def)?;
-        for file in [
-            def.spec.os.as_ref().and_then(|o| o.kernel.as_deref()),
-            def.spec.os.as_ref().and_then(|o| o.initrd.as_deref()),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            if !Path::new(file).is_file() {
-                return Err(format!("{file}: no such file on this node"));
+        self.launch_qemu(def, paths, disks, false)
+    }
+
+    fn saves_state(&self) -> bool {
+        true
+    }
+
+    fn launch_incoming(
+        &self,
+        def: &Domain,
+        paths: &RunPaths,
+        disks: &[DiskFile],
+    ) -> Result<u32, String> {
+        self.launch_qemu(def, paths, disks, true)
+    }
+
+    /// Pauses the guest and migrates it into the file (QEMU 7.2 has no
+    /// `file:` URI: `exec:cat >>`), waiting for the migration to end.
+    fn save_state(&self, paths: &RunPaths, file: &Path) -> Result<(), String> {
+        let mut q = self.qmp(paths).map_err(|e| e.to_string())?;
+        q.execute("stop", None).map_err(|e| e.to_string())?;
+        // QEMU's default bandwidth cap (32 MiB/s) is for live migration
+        // over a network; a save writes as fast as the disk takes it.
+        q.execute(
+            "migrate-set-parameters",
+            Some(json!({ "max-bandwidth": 1u64 << 40 })),
+        )
+        .map_err(|e| e.to_string())?;
+        let file = file.to_str().ok_or("the save file's path is not UTF-8")?;
+        let uri = format!("exec:cat >> {}", crate::save::shell_quote(file));
+        q.execute("migrate", Some(json!({ "uri": uri })))
+            .map_err(|e| e.to_string())?;
+        loop {
+            let info = q
+                .execute("query-migrate", None)
+                .map_err(|e| e.to_string())?;
+            match info.get("status").and_then(|s| s.as_str()) {
+                Some("completed") => return Ok(()),
+                Some("failed") | Some("cancelled") => {
+                    let why = info
+                        .get("error-desc")
+                        .and_then(|d| d.as_str())
+                        .unwrap_or("no reason given");
+                    return Err(format!("QEMU's migration to the file failed: {why}"));
+                }
+                _ => std::thread::sleep(Duration::from_millis(20)),
             }
         }
-        if command::firmware_of(def) == Some(Firmware::Efi) {
-            create_nvram(&paths.nvram, command::ovmf_files(def).1)?;
+    }
+
+    /// Feeds the file's state stream (past the header) to the waiting QEMU,
+    /// waits until it has loaded, and runs the guest unless it was saved
+    /// paused.
+    fn load_state(
+        &self,
+        paths: &RunPaths,
+        file: &Path,
+        offset: u64,
+        paused: bool,
+    ) -> Result<(), String> {
+        let mut q = self.qmp(paths).map_err(|e| e.to_string())?;
+        let file = file.to_str().ok_or("the save file's path is not UTF-8")?;
+        let uri = format!(
+            "exec:tail -c +{} {}",
+            offset + 1,
+            crate::save::shell_quote(file)
+        );
+        q.execute("migrate-incoming", Some(json!({ "uri": uri })))
+            .map_err(|e| e.to_string())?;
+        loop {
+            // A stream QEMU cannot load ends the process: the socket closes.
+            let status = q.execute("query-status", None).map_err(|e| {
+                let said = std::fs::read_to_string(&paths.log).unwrap_or_default();
+                let said = said.trim();
+                if said.is_empty() {
+                    format!("QEMU could not load the saved state ({e})")
+                } else {
+                    format!("QEMU could not load the saved state ({e}): {said}")
+                }
+            })?;
+            match status.get("status").and_then(|s| s.as_str()) {
+                Some("inmigrate") => std::thread::sleep(Duration::from_millis(20)),
+                Some("running") if paused => {
+                    q.execute("stop", None).map_err(|e| e.to_string())?;
+                    return Ok(());
+                }
+                Some("running") => return Ok(()),
+                Some(_) if paused => return Ok(()),
+                Some(_) => {
+                    q.execute("cont", None).map_err(|e| e.to_string())?;
+                    return Ok(());
+                }
+                None => return Err(format!("query-status answered {status}")),
+            }
         }
-        let args = command::build(def, paths, disks, accel)?;
-        let log = std::fs::File::create(&paths.log)
-            .map_err(|e| format!("{}: {e}", paths.log.display()))?;
-        let log_err = log
-            .try_clone()
-            .map_err(|e| format!("{}: {e}", paths.log.display()))?;
-        tracing::debug!(binary = %self.binary.display(), ?args, "launching QEMU");
-        // -daemonize: this returns when QEMU is initialised and detached
-        // (its own session, re-parented), or with its error.
-        let status = Command::new(&self.binary)
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .status()
-            .map_err(|e| format!("{}: {e}", self.binary.display()))?;
-        let message = || {
-            std::fs::read_to_string(&paths.log)
-                .unwrap_or_default()
-                .trim()
-                .to_string()
-        };
-        if !status.success() {
-            return Err(format!(
-                "qemu-system-x86_64 failed ({status}): {}",
-                message()
-            ));
-        }
-        let pid: u32 = std::fs::read_to_string(&paths.pidfile)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .ok_or_else(|| format!("QEMU wrote no pid file: {}", message()))?;
-        // Balloon down to currentMemory: the guest's balloon driver gives
-        // the rest back once it loads.
-        let (max, current) = {
-            let max = vireo_crds::quantity::parse_quantity(&def.spec.memory).unwrap_or(0);
-            let cur = def
-                .spec
-                .current_memory
-                .as_ref()
-                .and_then(|q| vireo_crds::quantity::parse_quantity(q).ok())
-                .unwrap_or(max);
-            (max, cur)
-        };
-        if current < max {
-            let mut q = self.qmp(paths).map_err(|e| e.to_string())?;
-            q.execute("balloon", Some(json!({ "value": current })))
-                .map_err(|e| e.to_string())?;
-        }
-        Ok(pid)
     }
 
     fn vcpu_threads(&self, paths: &RunPaths) -> Option<Result<Vec<u32>, String>> {

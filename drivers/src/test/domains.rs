@@ -17,6 +17,25 @@ fn not_running(name: &str) -> Error {
     Error::invalid_state(KIND, name, "is not running")
 }
 
+/// What the test driver saves of a running domain (`save`,
+/// `managedsave`): its live definition and runtime sizes.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct SavedImage {
+    pub(super) def: Domain,
+    pub(super) memory: u64,
+    pub(super) vcpus: u32,
+    pub(super) paused: bool,
+}
+
+/// The state stream of a test driver save file.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SavedRuntime {
+    memory: u64,
+    vcpus: u32,
+}
+
 impl DomainObj {
     fn name(&self) -> &str {
         self.def.metadata.name.as_deref().unwrap_or_default()
@@ -194,6 +213,7 @@ impl State {
             vcpus: 0,
             cpu_time_ns: 0,
             running_since: None,
+            managed_save: None,
         };
         obj.load_sizes();
         let r = obj.reference();
@@ -232,6 +252,77 @@ impl State {
                 self.deactivate(name, DomainReason::Shutdown)
             }
         }
+    }
+
+    /// The image a save of the active domain `name` keeps.
+    fn image_of(&self, name: &str) -> Result<SavedImage> {
+        let obj = self.domain(name)?;
+        if !obj.is_active() {
+            return Err(not_running(name));
+        }
+        Ok(SavedImage {
+            def: obj.def.clone(),
+            memory: obj.memory,
+            vcpus: obj.vcpus,
+            paused: obj.state == DomainState::Paused,
+        })
+    }
+
+    /// Runs a saved image again: running (restored), or paused if it was
+    /// saved paused. The domain of that name must be inactive and have the
+    /// image's UUID; without one, the image comes back transient.
+    fn resume_image(&mut self, image: &SavedImage) -> Result<DomainRef> {
+        let name =
+            image.def.metadata.name.clone().ok_or_else(|| {
+                Error::invalid_argument(KIND, "", "the saved definition has no name")
+            })?;
+        let uuid = image.def.spec.uuid.clone().unwrap_or_default();
+        if let Some(other) = self
+            .domains
+            .values()
+            .find(|o| o.uuid.eq_ignore_ascii_case(&uuid) && o.name() != name)
+        {
+            return Err(Error::already_exists(
+                KIND,
+                other.name(),
+                format!(" with uuid {uuid}; the saved domain '{name}' cannot take it"),
+            ));
+        }
+        match self.domains.get_mut(&name) {
+            Some(obj) if !obj.uuid.eq_ignore_ascii_case(&uuid) => {
+                return Err(Error::invalid_argument(
+                    KIND,
+                    &name,
+                    format!(
+                        "the saved state is of the domain with uuid {uuid}, not this one ({})",
+                        obj.uuid
+                    ),
+                ));
+            }
+            Some(obj) if obj.is_active() => {
+                return Err(Error::invalid_state(KIND, &name, "is already active"));
+            }
+            Some(obj) => {
+                let persistent = std::mem::replace(&mut obj.def, image.def.clone());
+                obj.new_def = Some(persistent);
+            }
+            None => {
+                self.define(&image.def)?;
+                if let Some(obj) = self.domains.get_mut(&name) {
+                    obj.persistent = false;
+                }
+            }
+        }
+        let r = self.activate(&name, DomainReason::Restored)?;
+        let obj = self.domain_mut(&name)?;
+        obj.memory = image.memory.min(obj.max_memory);
+        obj.vcpus = image.vcpus;
+        if image.paused {
+            obj.stop_clock();
+            obj.state = DomainState::Paused;
+            obj.reason = DomainReason::User;
+        }
+        Ok(r)
     }
 
     pub(super) fn pause(&mut self, name: &str) -> Result<()> {
@@ -474,7 +565,109 @@ impl HypervisorDriver for TestDriver {
 
     fn start_domain(&self, name: &str) -> Result<DomainRef> {
         self.change(Kind::Domain, name, |st| {
+            let obj = st.domain_mut(name)?;
+            if obj.is_active() {
+                return Err(Error::invalid_state(KIND, name, "is already active"));
+            }
+            // A managed save image is resumed, once.
+            if let Some(image) = obj.managed_save.clone() {
+                let r = st.resume_image(&image)?;
+                st.domain_mut(name)?.managed_save = None;
+                return Ok(r);
+            }
             st.start(name, DomainReason::Booted)
+        })
+    }
+
+    fn save_domain(&self, name: &str, path: &std::path::Path) -> Result<()> {
+        self.change(Kind::Domain, name, |st| {
+            let image = st.image_of(name)?;
+            let obj = st.domain(name)?;
+            let header = crate::save::header("test", name, &obj.uuid, &image.def, image.paused);
+            let state = serde_json::to_vec(&SavedRuntime {
+                memory: image.memory,
+                vcpus: image.vcpus,
+            })
+            .map_err(|e| Error::OperationFailed {
+                object: crate::error::ObjectName::new(KIND, name),
+                message: e.to_string(),
+            })?;
+            let written = crate::save::Writer::create(path, header).and_then(|w| {
+                w.append(&state)?;
+                w.finish()
+            });
+            if let Err(e) = written {
+                let _ = std::fs::remove_file(path);
+                return Err(e.into_error(name));
+            }
+            st.deactivate(name, DomainReason::Saved)
+        })
+    }
+
+    fn restore_domain(&self, path: &std::path::Path) -> Result<DomainRef> {
+        let shown = path.display().to_string();
+        let (header, offset) = crate::save::read(path).map_err(|e| e.into_error(&shown))?;
+        if header.driver != "test" {
+            return Err(Error::invalid_argument(
+                KIND,
+                &header.name,
+                format!(
+                    "{shown} was saved by the {} driver, not the test driver",
+                    header.driver
+                ),
+            ));
+        }
+        let bytes = std::fs::read(path).map_err(|e| Error::OperationFailed {
+            object: crate::error::ObjectName::new(KIND, &header.name),
+            message: format!("{shown}: {e}"),
+        })?;
+        let state: SavedRuntime = usize::try_from(offset)
+            .ok()
+            .and_then(|o| bytes.get(o..))
+            .and_then(|b| serde_json::from_slice(b).ok())
+            .ok_or_else(|| {
+                Error::invalid_argument(
+                    KIND,
+                    &header.name,
+                    format!("{shown}: the test driver's state in it is unreadable"),
+                )
+            })?;
+        let mut def = header.definition.clone();
+        def.metadata.name = Some(header.name.clone());
+        def.spec.uuid = Some(header.uuid.clone());
+        let image = SavedImage {
+            def,
+            memory: state.memory,
+            vcpus: state.vcpus,
+            paused: header.paused,
+        };
+        self.change(Kind::Domain, &header.name, |st| st.resume_image(&image))
+    }
+
+    fn managed_save(&self, name: &str) -> Result<()> {
+        self.change(Kind::Domain, name, |st| {
+            if !st.domain(name)?.persistent {
+                return Err(Error::invalid_state(
+                    KIND,
+                    name,
+                    "is transient: cannot do managed save for a transient domain",
+                ));
+            }
+            let image = st.image_of(name)?;
+            st.deactivate(name, DomainReason::Saved)?;
+            st.domain_mut(name)?.managed_save = Some(image);
+            Ok(())
+        })
+    }
+
+    fn has_managed_save(&self, name: &str) -> Result<bool> {
+        Ok(self.lock().domain(name)?.managed_save.is_some())
+    }
+
+    fn managed_save_remove(&self, name: &str) -> Result<()> {
+        self.change(Kind::Domain, name, |st| {
+            st.domain_mut(name)?.managed_save = None;
+            Ok(())
         })
     }
 

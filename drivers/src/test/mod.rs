@@ -117,6 +117,9 @@ struct DomainObj {
     cpu_time_ns: u64,
     #[serde(skip)]
     running_since: Option<Instant>,
+    /// The managed save image (`managedsave`): the next start resumes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    managed_save: Option<domains::SavedImage>,
 }
 
 #[derive(Serialize, Deserialize)]

@@ -195,6 +195,38 @@ pub trait Backend: Send + Sync + 'static {
     fn guest_agent_open(&self, _paths: &RunPaths) -> Option<bool> {
         None
     }
+    /// Whether the backend saves and restores guest state (`save`,
+    /// `restore`, `managedsave`).
+    fn saves_state(&self) -> bool {
+        false
+    }
+    /// Pauses the guest and appends its whole state to `file` (after the
+    /// save file's header). The process stays, paused; the driver ends it.
+    fn save_state(&self, _paths: &RunPaths, _file: &Path) -> std::result::Result<(), String> {
+        Err("this backend does not save guest state".into())
+    }
+    /// Starts the process as [`Backend::launch`] does, but waiting for a
+    /// saved state instead of booting.
+    fn launch_incoming(
+        &self,
+        _def: &Domain,
+        _paths: &RunPaths,
+        _disks: &[DiskFile],
+    ) -> std::result::Result<u32, String> {
+        Err("this backend does not restore guest state".into())
+    }
+    /// Loads the state at `offset` in `file` into a process started by
+    /// [`Backend::launch_incoming`], and leaves the guest running (or
+    /// paused, with `paused`).
+    fn load_state(
+        &self,
+        _paths: &RunPaths,
+        _file: &Path,
+        _offset: u64,
+        _paused: bool,
+    ) -> std::result::Result<(), String> {
+        Err("this backend does not restore guest state".into())
+    }
     /// I/O counters of the running guest's disk `disk` (its target name),
     /// virsh's names and values; `None` when the backend keeps none.
     fn block_stats(
@@ -1000,6 +1032,18 @@ impl<B: Backend> Inner<B> {
 
     /// Starts an activation of `rec` running `live`.
     fn activate(&self, l: &Locked<'_>, rec: &mut Record, live: Domain) -> Result<DomainRef> {
+        self.activate_from(l, rec, live, None)
+    }
+
+    /// Starts an activation of `rec` running `live`: booted, or with
+    /// `incoming` the state saved in a file (path, offset, paused).
+    fn activate_from(
+        &self,
+        l: &Locked<'_>,
+        rec: &mut Record,
+        live: Domain,
+        incoming: Option<(&Path, u64, bool)>,
+    ) -> Result<DomainRef> {
         let disks = self.resolve_disks(&rec.name, &rec.uuid, &live)?;
         let boot = self.for_launch(&rec.name, &live)?;
         let paths = self.paths(&rec.uuid);
@@ -1027,7 +1071,11 @@ impl<B: Backend> Inner<B> {
             pid: 0,
             launching: true,
             live: live.clone(),
-            reason: DomainReason::Booted,
+            reason: if incoming.is_some() {
+                DomainReason::Restored
+            } else {
+                DomainReason::Booted
+            },
             fake_reboot: false,
             shutdown_since: None,
             started: process::now_secs(),
@@ -1035,10 +1083,29 @@ impl<B: Backend> Inner<B> {
         });
         let launched = self.save(l, rec).and_then(|()| {
             self.plug_interfaces(&rec.name, &live)?;
-            self.backend.launch(&boot, &paths, &disks).map_err(|e| {
+            let Some((file, offset, paused)) = incoming else {
+                return self.backend.launch(&boot, &paths, &disks).map_err(|e| {
+                    unplug_interfaces(&rec.name, &live);
+                    io_failed(&rec.name, "starting the VM process", e)
+                });
+            };
+            let pid = self
+                .backend
+                .launch_incoming(&boot, &paths, &disks)
+                .map_err(|e| {
+                    unplug_interfaces(&rec.name, &live);
+                    io_failed(&rec.name, "starting the VM process for the restore", e)
+                })?;
+            if let Err(e) = self.backend.load_state(&paths, file, offset, paused) {
+                process::terminate(pid, &paths.api, Duration::from_secs(3));
                 unplug_interfaces(&rec.name, &live);
-                io_failed(&rec.name, "starting the VM process", e)
-            })
+                return Err(io_failed(
+                    &rec.name,
+                    &format!("restoring the state saved in {}", file.display()),
+                    e,
+                ));
+            }
+            Ok(pid)
         });
         let pid = match launched {
             Ok(pid) => pid,
@@ -1064,6 +1131,118 @@ impl<B: Backend> Inner<B> {
         }
         self.save(l, rec)?;
         Ok(reference(rec))
+    }
+
+    /// Where a domain's managed save image lives: `ROOT/save/UUID.save`.
+    fn managed_save_path(&self, uuid: &str) -> PathBuf {
+        self.store.root().join("save").join(format!("{uuid}.save"))
+    }
+
+    /// Saves the running domain `rec` to `path` and ends its activation
+    /// (shutoff, saved). On failure the file is removed and the guest runs
+    /// on as it was.
+    fn save_to(&self, l: &Locked<'_>, rec: &mut Record, path: &Path) -> Result<()> {
+        let name = rec.name.clone();
+        let Some(run) = rec.run.clone() else {
+            return Err(not_running(&name));
+        };
+        if run.pid == 0 {
+            return Err(Error::invalid_state(KIND, &name, "is still starting"));
+        }
+        let paths = self.paths(&rec.uuid);
+        let live = self
+            .backend
+            .query(&paths)
+            .map_err(|e| io_failed(&name, "asking the VM process its state", e))?;
+        let paused = match live.state {
+            LiveState::Running => false,
+            LiveState::Paused => true,
+            LiveState::GuestStopped | LiveState::GuestCrashed => {
+                return Err(Error::invalid_state(
+                    KIND,
+                    &name,
+                    "has stopped (its guest powered off or crashed): nothing to save",
+                ));
+            }
+        };
+        let header = crate::save::header(self.backend.name(), &name, &rec.uuid, &run.live, paused);
+        let writer = crate::save::Writer::create(path, header).map_err(|e| e.into_error(&name))?;
+        let undo = |e: Error| {
+            let _ = std::fs::remove_file(path);
+            if !paused && let Err(more) = self.backend.control(&paths, Control::Resume) {
+                tracing::warn!(domain = %name, error = ?more, "resuming the guest after a failed save");
+            }
+            e
+        };
+        let started = Instant::now();
+        self.backend
+            .save_state(&paths, path)
+            .map_err(|e| undo(io_failed(&name, "saving the guest state", e)))?;
+        let header = writer.finish().map_err(|e| undo(e.into_error(&name)))?;
+        tracing::info!(driver = self.backend.name(), domain = %name, file = %path.display(), bytes = header.state_size, elapsed_ms = started.elapsed().as_millis() as u64, "domain state saved");
+        self.end(l, rec, DomainReason::Saved)
+    }
+
+    /// Restores the domain saved in `path` (checked before anything
+    /// changes); `expect` names the domain it must be (a managed save).
+    fn restore_from(&self, l: &Locked<'_>, path: &Path, expect: Option<&str>) -> Result<DomainRef> {
+        let shown = path.display().to_string();
+        let (header, offset) = crate::save::read(path).map_err(|e| e.into_error(&shown))?;
+        let name = header.name.clone();
+        if header.driver != self.backend.name() {
+            return Err(Error::invalid_argument(
+                KIND,
+                &name,
+                format!(
+                    "{shown} was saved by the {} driver, not the {} driver",
+                    header.driver,
+                    self.backend.name()
+                ),
+            ));
+        }
+        if let Some(expected) = expect
+            && expected != name
+        {
+            return Err(Error::invalid_argument(
+                KIND,
+                expected,
+                format!("{shown} holds the state of domain '{name}'"),
+            ));
+        }
+        let uuid = header.uuid.to_ascii_lowercase();
+        let all = l
+            .all()
+            .map_err(|e| io_failed(&name, "listing domain records", e))?;
+        if let Some(other) = all.iter().find(|r| r.uuid == uuid && r.name != name) {
+            return Err(Error::already_exists(
+                KIND,
+                &other.name,
+                format!(" with uuid {uuid}; the saved domain '{name}' cannot take it"),
+            ));
+        }
+        let mut def = header.definition.clone();
+        def.metadata.name = Some(name.clone());
+        def.spec.uuid = Some(uuid.clone());
+        let mut rec = self.record_for(l, &name, &def)?;
+        if rec.uuid != uuid {
+            return Err(Error::invalid_argument(
+                KIND,
+                &name,
+                format!(
+                    "{shown} holds the state of the domain with uuid {uuid}, not this one ({})",
+                    rec.uuid
+                ),
+            ));
+        }
+        if rec.is_active() {
+            return Err(Error::invalid_state(KIND, &name, "is already active"));
+        }
+        self.backend
+            .check(&def)
+            .map_err(|e| Error::invalid_argument(KIND, &name, e))?;
+        let r = self.activate_from(l, &mut rec, def, Some((path, offset, header.paused)))?;
+        tracing::info!(driver = self.backend.name(), domain = %name, file = %shown, "domain restored");
+        Ok(r)
     }
 
     /// The guest agent channel of a running, unpaused domain, and the lock
@@ -1458,6 +1637,7 @@ impl<B: Backend> HypervisorDriver for VmDriver<B> {
                 let paths = inner.paths(&rec.uuid);
                 let _ = std::fs::remove_dir_all(&paths.dir);
                 let _ = std::fs::remove_file(&paths.nvram);
+                let _ = std::fs::remove_file(inner.managed_save_path(&rec.uuid));
                 l.remove(name)
                     .map_err(|e| io_failed(name, "removing the domain record", e))
             }
@@ -1474,7 +1654,93 @@ impl<B: Backend> HypervisorDriver for VmDriver<B> {
                 .definition
                 .clone()
                 .ok_or_else(|| Error::not_found(KIND, name))?;
+            let image = inner.managed_save_path(&rec.uuid);
+            if inner.backend.saves_state() && image.exists() {
+                let r = inner.restore_from(l, &image, Some(name)).map_err(|e| {
+                    Error::invalid_state(
+                        KIND,
+                        name,
+                        format!(
+                            "cannot resume its managed save image ({e}); remove it with managedsave-remove to boot afresh"
+                        ),
+                    )
+                })?;
+                let _ = std::fs::remove_file(&image);
+                return Ok(r);
+            }
             inner.activate(l, rec, def)
+        })
+    }
+
+    fn save_domain(&self, name: &str, path: &Path) -> Result<()> {
+        let inner = &self.inner;
+        if !inner.backend.saves_state() {
+            return Err(Error::Unsupported {
+                object: crate::error::ObjectName::new(KIND, name),
+                driver: inner.backend.name(),
+                operation: "saving a domain's state",
+            });
+        }
+        let path = std::path::absolute(path)
+            .map_err(|e| io_failed(name, &format!("{}", path.display()), e))?;
+        inner.with(name, |l, rec| inner.save_to(l, rec, &path))
+    }
+
+    fn restore_domain(&self, path: &Path) -> Result<DomainRef> {
+        let inner = &self.inner;
+        let shown = path.display().to_string();
+        if !inner.backend.saves_state() {
+            return Err(Error::Unsupported {
+                object: crate::error::ObjectName::new(KIND, &shown),
+                driver: inner.backend.name(),
+                operation: "restoring a saved domain",
+            });
+        }
+        let path = std::path::absolute(path).map_err(|e| io_failed(&shown, &shown, e))?;
+        inner.locked(|l| inner.restore_from(l, &path, None))
+    }
+
+    fn managed_save(&self, name: &str) -> Result<()> {
+        let inner = &self.inner;
+        if !inner.backend.saves_state() {
+            return Err(Error::Unsupported {
+                object: crate::error::ObjectName::new(KIND, name),
+                driver: inner.backend.name(),
+                operation: "managed save",
+            });
+        }
+        inner.with(name, |l, rec| {
+            if rec.definition.is_none() {
+                return Err(Error::invalid_state(
+                    KIND,
+                    name,
+                    "is transient: cannot do managed save for a transient domain",
+                ));
+            }
+            let image = inner.managed_save_path(&rec.uuid);
+            if let Some(dir) = image.parent() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| io_failed(name, "creating the managed save directory", e))?;
+            }
+            inner.save_to(l, rec, &image)
+        })
+    }
+
+    fn has_managed_save(&self, name: &str) -> Result<bool> {
+        let inner = &self.inner;
+        inner.with(name, |_, rec| {
+            Ok(inner.managed_save_path(&rec.uuid).exists())
+        })
+    }
+
+    fn managed_save_remove(&self, name: &str) -> Result<()> {
+        let inner = &self.inner;
+        inner.with(name, |_, rec| {
+            match std::fs::remove_file(inner.managed_save_path(&rec.uuid)) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(io_failed(name, "removing the managed save image", e)),
+            }
         })
     }
 

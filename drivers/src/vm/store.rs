@@ -9,6 +9,8 @@
 //! ROOT/run/UUID/            the activation's sockets, pid file, console log
 //! ROOT/nvram/UUID_VARS.fd   an EFI Domain's variable store (qemu), kept
 //!                           across activations, removed with the Domain
+//! ROOT/save/UUID.save       a managed save image (`managedsave`), resumed
+//!                           and removed by the next start
 //! ```
 //!
 //! Every process that opens the same root sees the same domains: the agent,
