@@ -53,6 +53,17 @@ alive() {
   [[ ${exe##*/} == "$name" || ${exe##*/} == "$name (deleted)" ]]
 }
 
+# still_starting PID NAME: the process we just started is alive. Right after
+# `nohup BIN &` the PID is still the forked shell, then nohup, until it
+# execs BIN (a busy machine makes that window long), so those count too.
+still_starting() {
+  local pid=$1 name=$2 exe
+  alive "$pid" "$name" && return 0
+  kill -0 "$pid" 2>/dev/null || return 1
+  exe=$(readlink "/proc/$pid/exe" 2>/dev/null) || return 1
+  [[ ${exe##*/} == bash || ${exe##*/} == nohup ]]
+}
+
 # stop_pid PID NAME: SIGTERM, wait up to 30s, then SIGKILL.
 stop_pid() {
   local pid=$1 name=$2 i
@@ -240,7 +251,7 @@ do_start() {
 
   local deadline=$((SECONDS + timeout))
   until curl -fsS "http://127.0.0.1:$etcd_port/health" 2>/dev/null | grep -q '"health":"true"'; do
-    alive "$started_etcd" etcd || die "etcd exited, see $dir/etcd.log"
+    still_starting "$started_etcd" etcd || die "etcd exited, see $dir/etcd.log"
     ((SECONDS < deadline)) || die "etcd not healthy after ${timeout}s, see $dir/etcd.log"
     sleep 0.2
   done
@@ -277,7 +288,7 @@ do_start() {
   deadline=$((SECONDS + timeout))
   until [[ $(curl -sS --cacert "$pki/ca.crt" -H "Authorization: Bearer $token" \
     "$server/readyz" 2>/dev/null) == ok ]]; do
-    alive "$started_apiserver" kube-apiserver || die "kube-apiserver exited, see $dir/kube-apiserver.log"
+    still_starting "$started_apiserver" kube-apiserver || die "kube-apiserver exited, see $dir/kube-apiserver.log"
     ((SECONDS < deadline)) || die "kube-apiserver not ready after ${timeout}s, see $dir/kube-apiserver.log"
     sleep 0.5
   done
