@@ -22,7 +22,7 @@ pub mod file;
 pub mod qemu_img;
 
 use std::collections::HashMap;
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -338,6 +338,21 @@ impl DirStorage {
                 file::allocate(&out, needed.min(capacity))
                     .map_err(|e| no_space_or(VOL, name, "allocate", e))?;
                 return out.sync_all().map_err(|e| io_fail(VOL, name, "sync", e));
+            }
+            if src.format == VolFormat::Qcow2
+                && spec.format == VolFormat::Qcow2
+                && src.backing.is_none()
+            {
+                // A qcow2 image without a backing file is self-contained:
+                // its file, copied with its holes, is the same image, at
+                // the speed of a raw copy (a reflink where the filesystem
+                // has them) rather than qemu-img decoding and re-encoding
+                // every cluster.
+                let out = file::create_new(partial).map_err(|e| io_fail(VOL, name, "create", e))?;
+                file::copy_sparse(&src_path, &out, progress)
+                    .map_err(|e| no_space_or(VOL, name, "copy", e))?;
+                drop(out);
+                return self.grow_to(name, partial, spec.format, src.capacity, capacity);
             }
             progress(0, None);
             qemu_img::convert(&src_path, src.format, partial, spec.format)
@@ -933,6 +948,76 @@ impl StorageDriver for DirStorage {
         length: Option<u64>,
         progress: Progress<'_>,
     ) -> Result<u64> {
+        self.replace_content(pool, name, length, progress, &mut |out, progress| {
+            file::copy_stream(source, out, length, progress)
+        })
+    }
+
+    fn upload_volume_from_file(
+        &self,
+        pool: &str,
+        name: &str,
+        source: &File,
+        progress: Progress<'_>,
+    ) -> Result<u64> {
+        let length = source
+            .metadata()
+            .map_err(|e| io_fail(VOL, name, "upload", e))?
+            .len();
+        // The file's holes are skipped, not read (or a reflink).
+        self.replace_content(pool, name, Some(length), progress, &mut |out, progress| {
+            file::copy_file(source, out, progress)
+        })
+    }
+
+    fn download_volume(
+        &self,
+        pool: &str,
+        name: &str,
+        sink: &mut dyn Write,
+        progress: Progress<'_>,
+    ) -> Result<u64> {
+        let (_, path) = self.existing(pool, name)?;
+        file::copy_out(&path, sink, progress).map_err(|e| io_fail(VOL, name, "download", e))
+    }
+
+    fn download_volume_to_file(
+        &self,
+        pool: &str,
+        name: &str,
+        sink: &File,
+        progress: Progress<'_>,
+    ) -> Result<u64> {
+        let (_, path) = self.existing(pool, name)?;
+        let empty = sink
+            .metadata()
+            .map_err(|e| io_fail(VOL, name, "download", e))?
+            .len()
+            == 0;
+        if !empty {
+            // The sparse copy writes only the data; what a file held
+            // before would show through its holes.
+            sink.set_len(0)
+                .map_err(|e| io_fail(VOL, name, "download", e))?;
+        }
+        // The volume's holes stay holes in the file (or a reflink).
+        file::copy_sparse(&path, sink, progress).map_err(|e| no_space_or(VOL, name, "download", e))
+    }
+}
+
+impl DirStorage {
+    /// Replaces a volume's content with what `fill` writes into a new file
+    /// (upload): built under the partial name, synced, then renamed over
+    /// the volume; on error the volume keeps its old content and the
+    /// partial file is removed.
+    fn replace_content(
+        &self,
+        pool: &str,
+        name: &str,
+        length: Option<u64>,
+        progress: Progress<'_>,
+        fill: &mut dyn FnMut(&File, Progress<'_>) -> io::Result<u64>,
+    ) -> Result<u64> {
         let (dir, path) = self.existing(pool, name)?;
         let old = Self::probe(name, &path)?;
         let partial = file::partial_path(&dir, name);
@@ -944,8 +1029,7 @@ impl StorageDriver for DirStorage {
         };
         let result = (|| -> Result<u64> {
             let out = file::create_new(&partial).map_err(|e| io_fail(VOL, name, "create", e))?;
-            let n = file::copy_stream(source, &out, length, &progress)
-                .map_err(|e| no_space_or(VOL, name, "upload", e))?;
+            let n = fill(&out, &progress).map_err(|e| no_space_or(VOL, name, "upload", e))?;
             if let Some(want) = length
                 && n != want
             {
@@ -981,63 +1065,4 @@ impl StorageDriver for DirStorage {
         let _ = file::sync_dir(&dir);
         result
     }
-
-    fn download_volume(
-        &self,
-        pool: &str,
-        name: &str,
-        sink: &mut dyn Write,
-        progress: Progress<'_>,
-    ) -> Result<u64> {
-        let (_, path) = self.existing(pool, name)?;
-        file::copy_out(&path, sink, progress).map_err(|e| io_fail(VOL, name, "download", e))
-    }
-}
-
-/// An upload in [`DirStorage`]'s table of running uploads while alive.
-struct Running<'a> {
-    table: &'a Mutex<HashMap<PathBuf, (u64, Option<u64>)>>,
-    path: PathBuf,
-}
-
-impl<'a> Running<'a> {
-    fn new(
-        table: &'a Mutex<HashMap<PathBuf, (u64, Option<u64>)>>,
-        path: &Path,
-        total: Option<u64>,
-    ) -> Self {
-        table
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(path.to_path_buf(), (0, total));
-        Self {
-            table,
-            path: path.to_path_buf(),
-        }
-    }
-
-    fn set(&self, done: u64) {
-        if let Some(entry) = self
-            .table
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_mut(&self.path)
-        {
-            entry.0 = done;
-        }
-    }
-}
-
-impl Drop for Running<'_> {
-    fn drop(&mut self) {
-        self.table
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.path);
-    }
-}
-
-/// Whether qcow2 volumes can be made on this machine (qemu-img present).
-pub fn qcow2_supported() -> bool {
-    qemu_img::available()
 }
