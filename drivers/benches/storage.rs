@@ -12,7 +12,8 @@
 //!    agent's socket), **download** (a volume into a local file, as
 //!    `vireo vol-download`) and **clone** (a full copy). The peers do the
 //!    same copies: `qemu-img convert -t writeback -f F -O F` (for both
-//!    formats), and for raw `cp --sparse=always` (then fsync of the copy)
+//!    formats; and with `-t none`, its O_DIRECT writes, as Vireo's), and
+//!    for raw `cp --sparse=always` (then fsync of the copy)
 //!    and `dd bs=1M conv=sparse,fsync`. Every copy is synced before its
 //!    clock stops (qemu-img's default for convert, `-t unsafe`, never
 //!    syncs). The sources are in the page cache for everyone. The first
@@ -200,7 +201,7 @@ impl Fmt {
 const OPS: [&str; 4] = ["upload", "upload_stream", "download", "clone"];
 
 /// Who copies: Vireo, or a peer tool.
-const TOOLS: [&str; 4] = ["vireo", "qemu-img", "cp", "dd"];
+const TOOLS: [&str; 5] = ["vireo", "qemu-img", "qemu-img-direct", "cp", "dd"];
 
 /// Times per (format, op, tool), run by run; allocated bytes of the
 /// first run's results; and the raw resize's.
@@ -314,22 +315,19 @@ fn vireo_ops(
 
 /// One copy of `src` to `dst` by a peer tool, synced to disk.
 fn tool_copy(tool: &str, fmt: Fmt, src: &Path, dst: &Path) -> Res<()> {
-    match tool {
-        // Its default for convert, `-t unsafe`, never syncs.
-        "qemu-img" => run_cmd(
+    // Its default for convert, `-t unsafe`, never syncs; `-t none` writes
+    // past the page cache (O_DIRECT), as Vireo does.
+    let qemu_img = |cache: &str| {
+        run_cmd(
             Command::new("qemu-img")
-                .args([
-                    "convert",
-                    "-t",
-                    "writeback",
-                    "-f",
-                    fmt.name(),
-                    "-O",
-                    fmt.name(),
-                ])
+                .args(["convert", "-t", cache, "-f", fmt.name(), "-O", fmt.name()])
                 .arg(src)
                 .arg(dst),
-        ),
+        )
+    };
+    match tool {
+        "qemu-img" => qemu_img("writeback"),
+        "qemu-img-direct" => qemu_img("none"),
         "cp" => {
             run_cmd(Command::new("cp").arg("--sparse=always").arg(src).arg(dst))?;
             File::open(dst)
@@ -730,7 +728,7 @@ fn run() -> Res<()> {
                 .copied()
                 .filter(|tool| match *tool {
                     "vireo" => true,
-                    "qemu-img" => qemu_img.is_some(),
+                    "qemu-img" | "qemu-img-direct" => qemu_img.is_some(),
                     _ => *fmt == Fmt::Raw,
                 })
                 .collect();
@@ -747,10 +745,12 @@ fn run() -> Res<()> {
     let data_mib = allocated(&image) as f64 / MIB as f64;
     println!();
     println!(
-        "{:<34} {:>7} {:>8} {:>5} {:>7} {:>5} {:>7} {:>5}",
+        "{:<34} {:>7} {:>8} {:>5} {:>8} {:>5} {:>7} {:>5} {:>7} {:>5}",
         format!("{mib} MiB volumes, median of {runs} (s)"),
         "vireo",
         "qemu-img",
+        "ratio",
+        "-t none",
         "ratio",
         "cp",
         "ratio",
@@ -777,7 +777,7 @@ fn run() -> Res<()> {
                 // A streamed upload is the same copy for a peer.
                 let peer_op = if op == "upload_stream" { "upload" } else { op };
                 let theirs = t.get((*fmt, peer_op, tool));
-                let width = if *tool == "qemu-img" { 8 } else { 7 };
+                let width = if tool.starts_with("qemu-img") { 8 } else { 7 };
                 if theirs.is_empty() {
                     line += &format!(" {:>width$} {:>5}", "", "");
                     continue;

@@ -335,7 +335,9 @@ impl DirStorage {
                     .map_err(|e| no_space_or(VOL, name, "copy", e))?;
                 out.set_len(capacity)
                     .map_err(|e| no_space_or(VOL, name, "resize", e))?;
-                file::allocate(&out, needed.min(capacity))
+                // Only what the spec asks to reserve: the copy holds the
+                // source's data already, and its holes stay holes.
+                file::allocate(&out, allocation)
                     .map_err(|e| no_space_or(VOL, name, "allocate", e))?;
                 return out.sync_all().map_err(|e| io_fail(VOL, name, "sync", e));
             }
