@@ -49,7 +49,6 @@
 //! print a `SKIP` line; the rest still runs.
 
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -593,7 +592,7 @@ fn main() {
     }
 }
 
-fn fmt(x: f64, prec: usize) -> String {
+fn num(x: f64, prec: usize) -> String {
     if x.is_finite() {
         format!("{x:.prec$}")
     } else {
@@ -602,7 +601,7 @@ fn fmt(x: f64, prec: usize) -> String {
 }
 
 fn fmt_s(x: f64) -> String {
-    fmt(x, 2)
+    num(x, 2)
 }
 
 /// The filesystem a path is on, as `stat -f` names it (reflinks need
@@ -632,13 +631,13 @@ fn row(name: &str, ours: &[f64], peer: &[f64], prec: usize, higher_is_better: bo
     let ratio = median(&pairs);
     println!(
         "{name:<44} {:>10} {:>10} {:>6}",
-        fmt(a, prec),
+        num(a, prec),
         if peer.is_empty() {
             "n/a".into()
         } else {
-            fmt(b, prec)
+            num(b, prec)
         },
-        fmt(ratio, 2)
+        num(ratio, 2)
     );
     json!({
         "vireo": stats(ours),
@@ -784,7 +783,7 @@ fn run() -> Res<()> {
                 }
                 let pairs: Vec<f64> = ours.iter().zip(theirs).map(|(o, p)| p / o).collect();
                 let ratio = median(&pairs);
-                line += &format!(" {:>width$} {:>5}", fmt_s(median(theirs)), fmt(ratio, 2));
+                line += &format!(" {:>width$} {:>5}", fmt_s(median(theirs)), num(ratio, 2));
                 peers.insert(
                     (*tool).to_string(),
                     json!({

@@ -592,7 +592,7 @@ fn allocated(path: &Path) -> u64 {
 
 /// A 16 MiB + 777 byte raw image like a disk's: data, a MiB of written
 /// zeros (allocated in the source), holes, and data in the unaligned
-/// tail. Returns its path and the bytes it has allocated.
+/// tail. Returns its path and the bytes of data it holds.
 fn sparse_image(dir: &Path) -> (PathBuf, u64) {
     use std::os::unix::fs::FileExt;
     let path = dir.join("image.raw");
@@ -607,9 +607,9 @@ fn sparse_image(dir: &Path) -> (PathBuf, u64) {
         .expect("write");
     f.write_all_at(b"the tail", len - 8).expect("write");
     f.sync_all().expect("sync");
-    // Allocated: 1 MiB of data, 1 MiB of zeros, 0.5 MiB and a bit, the
-    // tail's block.
-    (path, 2 * MIB + MIB / 2 + 4096 + 4096)
+    // Data (what a copy needs; the written zeros are holes in copies):
+    // 1 MiB, 0.5 MiB and a bit, the tail's block.
+    (path, MIB + MIB / 2 + 4096 + 4096)
 }
 
 /// What a copy may hold on disk beyond the data: blocks rounded up to the

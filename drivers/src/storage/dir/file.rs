@@ -368,8 +368,8 @@ pub fn copy_sparse(src: &Path, dst: &File, progress: Progress<'_>) -> io::Result
 ///
 /// A reflink where the filesystem has them; otherwise the data regions
 /// only (SEEK_DATA/SEEK_HOLE), in 1 MiB pieces read into an aligned
-/// buffer and written past the page cache (see [`VolumeWriter`]); pieces
-/// of zeros are not written, only allocated as the source has them. Measured against the alternatives in
+/// buffer and written past the page cache (see [`VolumeWriter`]), with
+/// all-zero pieces left as holes. Measured against the alternatives in
 /// docs/storage.md: copy_file_range (in-kernel, but through the page
 /// cache: 4 to 15 times slower here), buffered writes (the same), larger
 /// buffers (no faster, and fewer holes found).
@@ -385,11 +385,6 @@ pub fn copy_file(input: &File, dst: &File, progress: Progress<'_>) -> io::Result
     let mut aligned = AlignedBuf::new();
     let buf = aligned.get();
     let mut pos = 0;
-    // Zeros the source has allocated (written zeros, preallocation) are
-    // not written but allocated in the copy (fallocate: no data moves),
-    // so that the copy has the source's layout: its holes, and its
-    // reserved space (a preallocated volume's clone is preallocated too).
-    let mut zeros: Option<(u64, u64)> = None;
     while let Some((start, end)) = next_data(input, pos, len)? {
         let mut at = start;
         while at < end {
@@ -400,15 +395,8 @@ pub fn copy_file(input: &File, dst: &File, progress: Progress<'_>) -> io::Result
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
-            if is_zero(&buf[..n]) {
-                zeros = match zeros {
-                    Some((from, to)) if to == at => Some((from, at + n as u64)),
-                    other => {
-                        reserve(dst, other)?;
-                        Some((at, at + n as u64))
-                    }
-                };
-            } else {
+            // Zero pieces inside a data region stay holes in the copy.
+            if !is_zero(&buf[..n]) {
                 output.write_at(&buf[..n], at)?;
             }
             at += n as u64;
@@ -416,32 +404,10 @@ pub fn copy_file(input: &File, dst: &File, progress: Progress<'_>) -> io::Result
         }
         pos = end;
     }
-    reserve(dst, zeros)?;
     output.finish()?;
     dst.set_len(len)?;
     ticker.finish(len);
     Ok(len)
-}
-
-/// Allocates a range of a copy that the source had allocated as zeros
-/// (it reads as zeros either way); where the filesystem cannot, it stays
-/// a hole.
-fn reserve(dst: &File, range: Option<(u64, u64)>) -> io::Result<()> {
-    let Some((from, to)) = range else {
-        return Ok(());
-    };
-    let at = i64::try_from(from).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    let len = i64::try_from(to - from).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: fallocate on a descriptor we borrow, with a plain range; it
-    // touches no memory of ours.
-    let rc = unsafe { libc::fallocate(dst.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, at, len) };
-    if rc != 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
-            return Err(e);
-        }
-    }
-    Ok(())
 }
 
 /// Reads until `buf` is full or the end of the input.
@@ -503,7 +469,7 @@ pub fn copy_out(src: &Path, sink: &mut dyn Write, progress: Progress<'_>) -> io:
     let mut buf = vec![0u8; CHUNK];
     let zeros = vec![0u8; CHUNK];
     let mut done = 0u64;
-    let mut zeros_to = |sink: &mut dyn Write, from: u64, to: u64| -> io::Result<()> {
+    let zeros_to = |sink: &mut dyn Write, from: u64, to: u64| -> io::Result<()> {
         let mut at = from;
         while at < to {
             let n = usize::try_from((to - at).min(CHUNK as u64)).unwrap_or(CHUNK);

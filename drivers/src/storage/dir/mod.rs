@@ -24,6 +24,7 @@ pub mod qemu_img;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -335,9 +336,24 @@ impl DirStorage {
                     .map_err(|e| no_space_or(VOL, name, "copy", e))?;
                 out.set_len(capacity)
                     .map_err(|e| no_space_or(VOL, name, "resize", e))?;
-                // Only what the spec asks to reserve: the copy holds the
-                // source's data already, and its holes stay holes.
-                file::allocate(&out, allocation)
+                // The copy has the source's data and allocated zeros, and
+                // its holes stay holes. A preallocated source's reserved
+                // space reads as holes to SEEK_DATA (unwritten extents):
+                // if the copy fell short of the source's allocation by
+                // more than extent metadata, the clone reserves it as
+                // libvirt does, from the start; else only what the spec
+                // asks.
+                let got = out
+                    .metadata()
+                    .map_err(|e| io_fail(VOL, name, "stat", e))?
+                    .blocks()
+                    .saturating_mul(512);
+                let reserve = if src.allocation.saturating_sub(got) > PREALLOCATED_SLACK {
+                    needed
+                } else {
+                    allocation
+                };
+                file::allocate(&out, reserve.min(capacity))
                     .map_err(|e| no_space_or(VOL, name, "allocate", e))?;
                 return out.sync_all().map_err(|e| io_fail(VOL, name, "sync", e));
             }
@@ -1067,4 +1083,57 @@ impl DirStorage {
         let _ = file::sync_dir(&dir);
         result
     }
+}
+
+/// How much less than its source a sparse copy may occupy (extent tree
+/// blocks the copy needs fewer of) before the source counts as having
+/// preallocated space the copy did not get.
+const PREALLOCATED_SLACK: u64 = 256 << 10;
+
+/// An upload in [`DirStorage`]'s table of running uploads while alive.
+struct Running<'a> {
+    table: &'a Mutex<HashMap<PathBuf, (u64, Option<u64>)>>,
+    path: PathBuf,
+}
+
+impl<'a> Running<'a> {
+    fn new(
+        table: &'a Mutex<HashMap<PathBuf, (u64, Option<u64>)>>,
+        path: &Path,
+        total: Option<u64>,
+    ) -> Self {
+        table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(path.to_path_buf(), (0, total));
+        Self {
+            table,
+            path: path.to_path_buf(),
+        }
+    }
+
+    fn set(&self, done: u64) {
+        if let Some(entry) = self
+            .table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(&self.path)
+        {
+            entry.0 = done;
+        }
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.path);
+    }
+}
+
+/// Whether qcow2 volumes can be made on this machine (qemu-img present).
+pub fn qcow2_supported() -> bool {
+    qemu_img::available()
 }
