@@ -371,7 +371,7 @@ pub fn copy_sparse(src: &Path, dst: &File, progress: Progress<'_>) -> io::Result
 /// buffer and written past the page cache (see [`VolumeWriter`]), with
 /// all-zero pieces left as holes. Measured against the alternatives in
 /// docs/storage.md: copy_file_range (in-kernel, but through the page
-/// cache: 4 to 15 times slower here), buffered writes (the same), larger
+/// cache: 4 to 20 times slower here), buffered writes (the same), larger
 /// buffers (no faster, and fewer holes found).
 pub fn copy_file(input: &File, dst: &File, progress: Progress<'_>) -> io::Result<u64> {
     use std::os::unix::fs::FileExt;
