@@ -644,6 +644,29 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A single non-zero byte anywhere, in slices of any alignment and
+    /// length, is seen.
+    #[test]
+    fn is_zero_sees_every_byte() {
+        let buf = vec![0u8; 4096 + 64];
+        for start in [0, 1, 7, 15, 16, 17] {
+            for len in [0, 1, 15, 16, 17, 1024, 1025, 4000] {
+                let slice = &buf[start..start + len];
+                assert!(is_zero(slice));
+                for at in 0..len {
+                    let mut copy = slice.to_vec();
+                    copy[at] = 1;
+                    // The copy's alignment is the allocator's; check the
+                    // original alignment too by writing into the buffer.
+                    assert!(!is_zero(&copy), "start {start} len {len} at {at}");
+                    let mut b = buf.clone();
+                    b[start + at] = 0x80;
+                    assert!(!is_zero(&b[start..start + len]), "{start} {len} {at}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn sparse_copy_keeps_data_and_holes() {
         let dir = tmp("sparse");
