@@ -2,16 +2,24 @@
 //!
 //! Two parts, each beside its peer in the same run:
 //!
-//! 1. **Volume operations** on a dir pool (the `DirStorage` backend the
-//!    agent and `vireo vol-*` use) beside `qemu-img` doing the same on the
-//!    same filesystem: upload a 1 GiB raw image from a local file
-//!    (`qemu-img convert -f raw -O raw`), clone it in full (`qemu-img
-//!    convert` again), and grow the clone to twice its size (`qemu-img
-//!    resize`). Times run until the tool returns; both sync the result to
-//!    disk before that (Vireo with fsync before it publishes the volume,
-//!    qemu-img convert when given `-t writeback`; its default for convert,
-//!    `unsafe`, never syncs). The image is pseudo-random data written by the
-//!    bench, so no side can skip zeros; it is in the page cache for both.
+//! 1. **Volume copies** on a dir pool (the `DirStorage` backend the agent
+//!    and `vireo vol-*` use) beside the usual tools copying the same files
+//!    on the same filesystem: for a raw and a qcow2 image of 1 GiB with a
+//!    disk-like layout (data extents of 4 to 12 MiB in every 16 MiB, one
+//!    MiB of written zeros in some, holes between: about half the size is
+//!    data), **upload** (a local file into a volume, as `vireo vol-upload
+//!    VOL FILE` does; and the same bytes as a stream, as through the
+//!    agent's socket), **download** (a volume into a local file, as
+//!    `vireo vol-download`) and **clone** (a full copy). The peers do the
+//!    same copies: `qemu-img convert -t writeback -f F -O F` (for both
+//!    formats; and with `-t none`, its O_DIRECT writes, as Vireo's), and
+//!    for raw `cp --sparse=always` (then fsync of the copy)
+//!    and `dd bs=1M conv=sparse,fsync`. Every copy is synced before its
+//!    clock stops (qemu-img's default for convert, `-t unsafe`, never
+//!    syncs). The sources are in the page cache for everyone. The first
+//!    run checks Vireo's copies (`cmp` against the source; `qemu-img
+//!    check` for qcow2) and reports every tool's allocated size: sparse
+//!    files stay sparse. Also a raw resize, beside `qemu-img resize`.
 //!
 //! 2. **virtio-blk throughput** of the test guest (`vmm/guest`,
 //!    `vireo.blkbench=MIB,KIB,DEPTH`) on a raw volume of that pool, under
@@ -35,12 +43,12 @@
 //!
 //! Environment: `VIREO_BENCH_RUNS` (default 5), `VIREO_BENCH_VOLUME_MIB`
 //! (default 1024), `VIREO_BENCH_BLK` (`MIB,KIB,DEPTH`, default
-//! `256,128,16`), `VIREO_BENCH_QEMU` (another QEMU binary). Parts whose
+//! `256,128,16`; `off` skips part 2), `VIREO_BENCH_QEMU` (another QEMU
+//! binary). Parts whose
 //! tools are missing (qemu-img, QEMU, a usable /dev/kvm, gcc for the guest)
 //! print a `SKIP` line; the rest still runs.
 
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -106,25 +114,48 @@ fn timed<T>(f: impl FnOnce() -> Res<T>) -> Res<f64> {
     Ok(t.elapsed().as_secs_f64())
 }
 
-/// `len` bytes of pseudo-random data (xorshift64), written and synced.
+/// A disk-like raw image of `len` bytes, written and synced: in every
+/// 16 MiB, a data extent of 4 to 12 MiB of pseudo-random bytes (xorshift64,
+/// so that nothing compresses or dedups), in every fifth of them one MiB
+/// of written zeros (allocated, as a guest's freed blocks are), and holes
+/// between. About half the size is data.
 fn write_image(path: &Path, len: u64) -> Res<()> {
-    let mut f = File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    use std::os::unix::fs::FileExt;
+    let f = File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    f.set_len(len)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
     let mut buf = vec![0u8; MIB as usize];
-    let mut left = len;
-    while left > 0 {
-        for chunk in buf.chunks_exact_mut(8) {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            chunk.copy_from_slice(&state.to_le_bytes());
+    let block = 16 * MIB;
+    for i in 0..len.div_ceil(block) {
+        let data_mib = 4 + (i * 7) % 9;
+        for m in 0..data_mib {
+            let at = i * block + m * MIB;
+            if at >= len {
+                break;
+            }
+            if i % 5 == 0 && m == 1 {
+                buf.fill(0);
+            } else {
+                for chunk in buf.chunks_exact_mut(8) {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    chunk.copy_from_slice(&state.to_le_bytes());
+                }
+            }
+            let n = usize::try_from((len - at).min(MIB)).unwrap_or(MIB as usize);
+            f.write_all_at(&buf[..n], at)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
         }
-        let n = usize::try_from(left.min(MIB)).unwrap_or(MIB as usize);
-        f.write_all(&buf[..n])
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        left -= n as u64;
     }
     f.sync_all().map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Bytes a file occupies on disk.
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
 }
 
 fn yaml<T: serde::de::DeserializeOwned>(text: &str) -> Res<T> {
@@ -132,9 +163,14 @@ fn yaml<T: serde::de::DeserializeOwned>(text: &str) -> Res<T> {
 }
 
 fn volume(name: &str, mib: u64, source: &str) -> Res<StorageVol> {
+    volume_as(name, mib, Fmt::Raw, source)
+}
+
+fn volume_as(name: &str, mib: u64, fmt: Fmt, source: &str) -> Res<StorageVol> {
     yaml(&format!(
         "apiVersion: vireo.dev/v1alpha1\nkind: StorageVol\nmetadata: {{name: {name}}}\n\
-         spec: {{pool: {POOL}, capacity: {mib}Mi, format: raw{source}}}\n"
+         spec: {{pool: {POOL}, capacity: {mib}Mi, format: {}{source}}}\n",
+        fmt.name()
     ))
 }
 
@@ -145,53 +181,201 @@ fn remove(path: &Path) {
 // ---------------------------------------------------------------------
 // part 1: volume operations
 
-#[derive(Default)]
-struct OpTimes {
-    upload: Vec<f64>,
-    clone: Vec<f64>,
-    resize: Vec<f64>,
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Fmt {
+    Raw,
+    Qcow2,
 }
 
-/// One upload, clone and resize by the dir backend, added to `t`.
-fn vireo_ops(st: &DirStorage, image: &Path, mib: u64, t: &mut OpTimes) -> Res<()> {
+impl Fmt {
+    fn name(self) -> &'static str {
+        match self {
+            Fmt::Raw => "raw",
+            Fmt::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// The copies measured, in table order.
+const OPS: [&str; 4] = ["upload", "upload_stream", "download", "clone"];
+
+/// Who copies: Vireo, or a peer tool.
+const TOOLS: [&str; 5] = ["vireo", "qemu-img", "qemu-img-direct", "cp", "dd"];
+
+/// Times per (format, op, tool), run by run; allocated bytes of the
+/// first run's results; and the raw resize's.
+#[derive(Default)]
+struct Times {
+    t: std::collections::BTreeMap<(Fmt, &'static str, &'static str), Vec<f64>>,
+    alloc: std::collections::BTreeMap<(Fmt, &'static str, &'static str), u64>,
+    resize: (Vec<f64>, Vec<f64>),
+}
+
+impl Times {
+    fn add(&mut self, key: (Fmt, &'static str, &'static str), secs: f64, out: &Path) {
+        let runs = self.t.entry(key).or_default();
+        runs.push(secs);
+        if runs.len() == 1 {
+            self.alloc.insert(key, allocated(out));
+        }
+    }
+    fn get(&self, key: (Fmt, &'static str, &'static str)) -> &[f64] {
+        self.t.get(&key).map_or(&[], Vec::as_slice)
+    }
+}
+
+/// Checks that `copy` holds the same bytes as `original` (and, for qcow2,
+/// that qemu-img finds it consistent).
+fn check_copy(original: &Path, copy: &Path, fmt: Fmt, what: &str) -> Res<()> {
+    run_cmd(Command::new("cmp").arg("-s").arg(original).arg(copy))
+        .map_err(|e| format!("{what}: the copy differs from its source: {e}"))?;
+    if fmt == Fmt::Qcow2 {
+        run_cmd(
+            Command::new("qemu-img")
+                .args(["check", "-q", "-f", "qcow2"])
+                .arg(copy),
+        )
+        .map_err(|e| format!("{what}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// One upload (from the file, then as a stream), download and clone by
+/// the dir backend, added to `t`; the first run checks the copies.
+fn vireo_ops(
+    st: &DirStorage,
+    fmt: Fmt,
+    image: &Path,
+    out_dir: &Path,
+    mib: u64,
+    t: &mut Times,
+) -> Res<()> {
     let e = |e: vireo_drivers::Error| e.to_string();
     let (up, cl) = ("up", "clone");
-    st.create_volume(&volume(up, mib, "")?).map_err(e)?;
-    t.upload.push(timed(|| {
+    let vol_path = |name: &str| -> Res<PathBuf> {
+        Ok(PathBuf::from(st.volume_info(POOL, name).map_err(e)?.path))
+    };
+    let first = t.get((fmt, "upload", "vireo")).is_empty();
+    st.create_volume(&volume_as(up, mib, fmt, "")?).map_err(e)?;
+    let secs = timed(|| {
+        let src = File::open(image).map_err(|e| format!("{}: {e}", image.display()))?;
+        st.upload_volume_from_file(POOL, up, &src, &no_progress)
+            .map_err(e)
+    })?;
+    let up_path = vol_path(up)?;
+    t.add((fmt, "upload", "vireo"), secs, &up_path);
+    if first {
+        check_copy(image, &up_path, fmt, "vireo upload")?;
+    }
+    let secs = timed(|| {
         let mut src = File::open(image).map_err(|e| format!("{}: {e}", image.display()))?;
-        st.upload_volume(POOL, up, &mut src, Some(mib * MIB), &no_progress)
+        let len = src.metadata().map_err(|e| e.to_string())?.len();
+        st.upload_volume(POOL, up, &mut src, Some(len), &no_progress)
             .map_err(e)
-    })?);
-    let vol = volume(cl, mib, &format!(", source: {{clone: {{volume: {up}}}}}"))?;
-    t.clone.push(timed(|| st.create_volume(&vol).map_err(e))?);
-    t.resize.push(timed(|| {
-        st.resize_volume(POOL, cl, 2 * mib * MIB, ResizeFlags::default())
-            .map_err(e)
-    })?);
+    })?;
+    t.add((fmt, "upload_stream", "vireo"), secs, &up_path);
+    if first {
+        check_copy(image, &up_path, fmt, "vireo streamed upload")?;
+    }
+    let down = out_dir.join("vireo-down");
+    let secs = timed(|| {
+        let f = File::create(&down).map_err(|e| format!("{}: {e}", down.display()))?;
+        st.download_volume_to_file(POOL, up, &f, &no_progress)
+            .map_err(e)?;
+        // As `vireo vol-download` does before it renames the file.
+        f.sync_all().map_err(|e| format!("{}: {e}", down.display()))
+    })?;
+    t.add((fmt, "download", "vireo"), secs, &down);
+    if first {
+        check_copy(image, &down, fmt, "vireo download")?;
+    }
+    remove(&down);
+    let vol = volume_as(
+        cl,
+        mib,
+        fmt,
+        &format!(", source: {{clone: {{volume: {up}}}}}"),
+    )?;
+    let secs = timed(|| st.create_volume(&vol).map(drop).map_err(e))?;
+    let cl_path = vol_path(cl)?;
+    t.add((fmt, "clone", "vireo"), secs, &cl_path);
+    if first {
+        check_copy(image, &cl_path, fmt, "vireo clone")?;
+    }
+    if fmt == Fmt::Raw {
+        t.resize.0.push(timed(|| {
+            st.resize_volume(POOL, cl, 2 * mib * MIB, ResizeFlags::default())
+                .map_err(e)
+        })?);
+    }
     st.delete_volume(POOL, cl).map_err(e)?;
     st.delete_volume(POOL, up).map_err(e)
 }
 
-/// `qemu-img convert` with the output synced when it closes: its default
-/// for convert is `-t unsafe`, which never syncs (and leaves the writeback
-/// to whatever runs next, such as the resize, which does sync).
-const CONVERT: [&str; 7] = ["convert", "-t", "writeback", "-f", "raw", "-O", "raw"];
-
-/// The same three by qemu-img, added to `t`.
-fn qemu_img_ops(dir: &Path, image: &Path, mib: u64, t: &mut OpTimes) -> Res<()> {
-    let qi = || Command::new("qemu-img");
-    let (up, cl) = (dir.join("q-up"), dir.join("q-clone"));
-    t.upload
-        .push(timed(|| run_cmd(qi().args(CONVERT).arg(image).arg(&up)))?);
-    t.clone
-        .push(timed(|| run_cmd(qi().args(CONVERT).arg(&up).arg(&cl)))?);
-    t.resize.push(timed(|| {
+/// One copy of `src` to `dst` by a peer tool, synced to disk.
+fn tool_copy(tool: &str, fmt: Fmt, src: &Path, dst: &Path) -> Res<()> {
+    // Its default for convert, `-t unsafe`, never syncs; `-t none` writes
+    // past the page cache (O_DIRECT), as Vireo does.
+    let qemu_img = |cache: &str| {
         run_cmd(
-            qi().args(["resize", "-f", "raw"])
-                .arg(&cl)
-                .arg(format!("{}M", 2 * mib)),
+            Command::new("qemu-img")
+                .args(["convert", "-t", cache, "-f", fmt.name(), "-O", fmt.name()])
+                .arg(src)
+                .arg(dst),
         )
-    })?);
+    };
+    match tool {
+        "qemu-img" => qemu_img("writeback"),
+        "qemu-img-direct" => qemu_img("none"),
+        "cp" => {
+            run_cmd(Command::new("cp").arg("--sparse=always").arg(src).arg(dst))?;
+            File::open(dst)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| format!("sync {}: {e}", dst.display()))
+        }
+        "dd" => run_cmd(
+            Command::new("dd")
+                .arg(format!("if={}", src.display()))
+                .arg(format!("of={}", dst.display()))
+                .args(["bs=1M", "conv=sparse,fsync", "status=none"]),
+        ),
+        _ => Err(format!("no tool {tool}")),
+    }
+}
+
+/// The same copies by a peer tool (a streamed upload is the same copy
+/// for it, so it is timed once as `upload`), added to `t`.
+fn tool_ops(
+    tool: &'static str,
+    fmt: Fmt,
+    image: &Path,
+    pool_dir: &Path,
+    out_dir: &Path,
+    mib: u64,
+    t: &mut Times,
+) -> Res<()> {
+    let (up, cl, down) = (
+        pool_dir.join(format!("{tool}-up")),
+        pool_dir.join(format!("{tool}-clone")),
+        out_dir.join(format!("{tool}-down")),
+    );
+    let secs = timed(|| tool_copy(tool, fmt, image, &up))?;
+    t.add((fmt, "upload", tool), secs, &up);
+    let secs = timed(|| tool_copy(tool, fmt, &up, &down))?;
+    t.add((fmt, "download", tool), secs, &down);
+    remove(&down);
+    let secs = timed(|| tool_copy(tool, fmt, &up, &cl))?;
+    t.add((fmt, "clone", tool), secs, &cl);
+    if fmt == Fmt::Raw && tool == "qemu-img" {
+        t.resize.1.push(timed(|| {
+            run_cmd(
+                Command::new("qemu-img")
+                    .args(["resize", "-f", "raw"])
+                    .arg(&cl)
+                    .arg(format!("{}M", 2 * mib)),
+            )
+        })?);
+    }
     remove(&cl);
     remove(&up);
     Ok(())
@@ -371,8 +555,12 @@ fn kvm_usable() -> bool {
         .is_ok()
 }
 
-fn parse_blk_opts() -> Res<BlkOpts> {
+/// `VIREO_BENCH_BLK`: the options, or None for `off`.
+fn parse_blk_opts() -> Res<Option<BlkOpts>> {
     let text = std::env::var("VIREO_BENCH_BLK").unwrap_or_else(|_| "256,128,16".into());
+    if text == "off" {
+        return Ok(None);
+    }
     let n: Vec<u32> = text
         .split(',')
         .map(|s| s.trim().parse::<u32>())
@@ -386,7 +574,7 @@ fn parse_blk_opts() -> Res<BlkOpts> {
                 && (1..=64).contains(&depth)
                 && (u64::from(mib) * 1024) % u64::from(kib) == 0 =>
         {
-            Ok(BlkOpts { mib, kib, depth })
+            Ok(Some(BlkOpts { mib, kib, depth }))
         }
         _ => Err(format!(
             "VIREO_BENCH_BLK={text:?}: want MIB,KIB,DEPTH with KIB a power of two up to 1024 \
@@ -404,12 +592,31 @@ fn main() {
     }
 }
 
-fn fmt(x: f64, prec: usize) -> String {
+fn num(x: f64, prec: usize) -> String {
     if x.is_finite() {
         format!("{x:.prec$}")
     } else {
         "n/a".into()
     }
+}
+
+fn fmt_s(x: f64) -> String {
+    num(x, 2)
+}
+
+/// The filesystem a path is on, as `stat -f` names it (reflinks need
+/// btrfs or XFS; ext4 has none).
+fn fs_type(path: &Path) -> String {
+    Command::new("stat")
+        .args(["-f", "-c", "%T"])
+        .arg(path)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map_or_else(
+            || "unknown".into(),
+            |o| String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        )
 }
 
 fn row(name: &str, ours: &[f64], peer: &[f64], prec: usize, higher_is_better: bool) -> Value {
@@ -424,13 +631,13 @@ fn row(name: &str, ours: &[f64], peer: &[f64], prec: usize, higher_is_better: bo
     let ratio = median(&pairs);
     println!(
         "{name:<44} {:>10} {:>10} {:>6}",
-        fmt(a, prec),
+        num(a, prec),
         if peer.is_empty() {
             "n/a".into()
         } else {
-            fmt(b, prec)
+            num(b, prec)
         },
-        fmt(ratio, 2)
+        num(ratio, 2)
     );
     json!({
         "vireo": stats(ours),
@@ -443,7 +650,12 @@ fn row(name: &str, ours: &[f64], peer: &[f64], prec: usize, higher_is_better: bo
 fn run() -> Res<()> {
     let runs: usize = env_num("VIREO_BENCH_RUNS", 5)?.max(1);
     let mib: u64 = env_num("VIREO_BENCH_VOLUME_MIB", 1024)?.max(1);
-    let blk = parse_blk_opts()?;
+    let blk_opt = parse_blk_opts()?;
+    let blk = blk_opt.unwrap_or(BlkOpts {
+        mib: 256,
+        kib: 128,
+        depth: 16,
+    });
     let date = Command::new("date")
         .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
         .output()
@@ -476,47 +688,171 @@ fn run() -> Res<()> {
     st.start_pool(POOL).map_err(e)?;
     println!("  pool      {} (dir)", pool_dir.display());
     write_image(&image, mib * MIB)?;
+    let out_dir = scratch.0.join("out");
+    std::fs::create_dir_all(&out_dir).map_err(|e| format!("mkdir {}: {e}", out_dir.display()))?;
+    let qcow2 = scratch.0.join("image.qcow2");
+    let mut formats = vec![(Fmt::Raw, image.clone())];
+    if qemu_img.is_some() {
+        run_cmd(
+            Command::new("qemu-img")
+                .args(["convert", "-f", "raw", "-O", "qcow2"])
+                .arg(&image)
+                .arg(&qcow2),
+        )?;
+        File::open(&qcow2)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| format!("{}: {e}", qcow2.display()))?;
+        formats.push((Fmt::Qcow2, qcow2.clone()));
+    } else {
+        println!(
+            "SKIP qcow2 and the qemu-img column: qemu-img not found (Debian: apt-get install qemu-utils)"
+        );
+    }
+    // Sources in the page cache for everyone.
+    for (_, path) in &formats {
+        std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
 
-    // Part 1, interleaved one run at a time.
-    let mut ours = OpTimes::default();
-    let mut peer = OpTimes::default();
-    // Who goes first alternates. These machines are VMs whose host takes
-    // back the memory the kernel frees (free page reporting) and backs it
-    // again on first touch: a copy into fresh page-cache pages sometimes
-    // takes five times as long, whichever tool makes it. Medians of
-    // alternating runs keep that from deciding the ratio.
+    // Part 1, interleaved one run at a time; who goes first rotates.
+    // These machines are VMs whose host takes back the memory the kernel
+    // frees (free page reporting) and backs it again on first touch: a
+    // copy into fresh page-cache pages sometimes takes five times as long,
+    // whichever tool makes it. Medians of rotating runs keep that from
+    // deciding a ratio.
+    let mut t = Times::default();
     for i in 0..runs {
-        for first_ours in [i % 2 == 0, i % 2 == 1] {
-            if first_ours {
-                vireo_ops(&st, &image, mib, &mut ours)?;
-            } else if qemu_img.is_some() {
-                qemu_img_ops(&pool_dir, &image, mib, &mut peer)?;
+        for (fmt, src) in &formats {
+            let tools: Vec<&'static str> = TOOLS
+                .iter()
+                .copied()
+                .filter(|tool| match *tool {
+                    "vireo" => true,
+                    "qemu-img" | "qemu-img-direct" => qemu_img.is_some(),
+                    _ => *fmt == Fmt::Raw,
+                })
+                .collect();
+            for k in 0..tools.len() {
+                let tool = tools[(i + k) % tools.len()];
+                if tool == "vireo" {
+                    vireo_ops(&st, *fmt, src, &out_dir, mib, &mut t)?;
+                } else {
+                    tool_ops(tool, *fmt, src, &pool_dir, &out_dir, mib, &mut t)?;
+                }
             }
         }
     }
-    if qemu_img.is_none() {
-        println!("SKIP qemu-img column: qemu-img not found (Debian: apt-get install qemu-utils)");
-    }
-    let ms = |v: &[f64]| v.iter().map(|s| s * 1e3).collect::<Vec<_>>();
+    let data_mib = allocated(&image) as f64 / MIB as f64;
     println!();
     println!(
-        "{:<44} {:>10} {:>10} {:>6}",
-        format!("{mib} MiB raw volume, median of {runs}"),
+        "{:<34} {:>7} {:>8} {:>5} {:>8} {:>5} {:>7} {:>5} {:>7} {:>5}",
+        format!("{mib} MiB volumes, median of {runs} (s)"),
         "vireo",
         "qemu-img",
+        "ratio",
+        "-t none",
+        "ratio",
+        "cp",
+        "ratio",
+        "dd",
         "ratio"
     );
+    let mut copies = serde_json::Map::new();
+    for (fmt, src) in &formats {
+        for op in OPS {
+            let ours = t.get((*fmt, op, "vireo"));
+            let label = match op {
+                "upload" => "upload from a file",
+                "upload_stream" => "upload from a stream",
+                "download" => "download into a file",
+                _ => "clone",
+            };
+            let mut line = format!(
+                "{:<34} {:>7}",
+                format!("{} {label}", fmt.name()),
+                fmt_s(median(ours))
+            );
+            let mut peers = serde_json::Map::new();
+            for tool in &TOOLS[1..] {
+                // A streamed upload is the same copy for a peer.
+                let peer_op = if op == "upload_stream" { "upload" } else { op };
+                let theirs = t.get((*fmt, peer_op, tool));
+                let width = if tool.starts_with("qemu-img") { 8 } else { 7 };
+                if theirs.is_empty() {
+                    line += &format!(" {:>width$} {:>5}", "", "");
+                    continue;
+                }
+                let pairs: Vec<f64> = ours.iter().zip(theirs).map(|(o, p)| p / o).collect();
+                let ratio = median(&pairs);
+                line += &format!(" {:>width$} {:>5}", fmt_s(median(theirs)), num(ratio, 2));
+                peers.insert(
+                    (*tool).to_string(),
+                    json!({
+                        "time_s": stats(theirs),
+                        "ratio": ratio.is_finite().then_some(ratio),
+                        "pair_ratios": pairs,
+                        "allocated_bytes": t.alloc.get(&(*fmt, peer_op, *tool)),
+                    }),
+                );
+            }
+            println!("{line}");
+            copies.insert(
+                format!("{}_{op}", fmt.name()),
+                json!({
+                    "source": src.display().to_string(),
+                    "source_allocated_bytes": allocated(src),
+                    "vireo": {
+                        "time_s": stats(ours),
+                        "allocated_bytes": t.alloc.get(&(*fmt, op, "vireo")),
+                    },
+                    "peers": peers,
+                }),
+            );
+        }
+    }
+    println!("{:<34} (ms)", "");
+    let ms = |v: &[f64]| v.iter().map(|s| s * 1e3).collect::<Vec<_>>();
+    let resize = row(
+        "raw resize to twice the size (ms)",
+        &ms(&t.resize.0),
+        &ms(&t.resize.1),
+        1,
+        false,
+    );
+    println!();
+    println!(
+        "  images: {data_mib:.0} MiB of {mib} MiB allocated (raw); copies' allocation (MiB, first run):"
+    );
+    for (fmt, src) in &formats {
+        let mut line = format!(
+            "  {:<6} source {:>5.0}",
+            fmt.name(),
+            allocated(src) as f64 / MIB as f64
+        );
+        for op in ["upload", "download", "clone"] {
+            for tool in TOOLS {
+                if let Some(b) = t.alloc.get(&(*fmt, op, tool)) {
+                    line += &format!(", {op} {tool} {:.0}", *b as f64 / MIB as f64);
+                }
+            }
+        }
+        println!("{line}");
+    }
+    println!("  filesystem of the pool: {}", fs_type(&pool_dir));
     let ops = json!({
-        "upload_s": row("upload from a local file (s)", &ours.upload, &peer.upload, 2, false),
-        "clone_s": row("clone, full copy (s)", &ours.clone, &peer.clone, 2, false),
-        "resize_ms": row("resize to twice the size (ms)", &ms(&ours.resize), &ms(&peer.resize), 1, false),
+        "copies": copies,
+        "resize_ms": resize,
+        "filesystem": fs_type(&pool_dir),
+        "image_allocated_bytes": allocated(&image),
     });
     remove(&image);
+    remove(&qcow2);
 
     // Part 2.
     let mut blk_json = Value::Null;
     let mut tsc = f64::NAN;
-    let blk_skip = if !kvm_usable() {
+    let blk_skip = if blk_opt.is_none() {
+        Some("VIREO_BENCH_BLK=off".to_string())
+    } else if !kvm_usable() {
         Some("/dev/kvm cannot be opened".to_string())
     } else {
         None

@@ -583,3 +583,282 @@ fn a_volume_for_an_upload_waits_for_its_content() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// Bytes a file occupies on disk (st_blocks).
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).expect("stat").blocks() * 512
+}
+
+/// A 16 MiB + 777 byte raw image like a disk's: data, a MiB of written
+/// zeros (allocated in the source), holes, and data in the unaligned
+/// tail. Returns its path and the bytes of data it holds.
+fn sparse_image(dir: &Path) -> (PathBuf, u64) {
+    use std::os::unix::fs::FileExt;
+    let path = dir.join("image.raw");
+    let f = std::fs::File::create(&path).expect("create");
+    let len = 16 * MIB + 777;
+    f.set_len(len).expect("len");
+    let data: Vec<u8> = (0..MIB).map(|i| (i % 251) as u8 | 1).collect();
+    f.write_all_at(&data, 0).expect("write");
+    f.write_all_at(&vec![0u8; MIB as usize], 5 * MIB)
+        .expect("write zeros");
+    f.write_all_at(&data[..(MIB / 2 + 123) as usize], 9 * MIB)
+        .expect("write");
+    f.write_all_at(b"the tail", len - 8).expect("write");
+    f.sync_all().expect("sync");
+    // Data (what a copy needs; the written zeros are holes in copies):
+    // 1 MiB, 0.5 MiB and a bit, the tail's block.
+    (path, MIB + MIB / 2 + 4096 + 4096)
+}
+
+/// What a copy may hold on disk beyond the data: blocks rounded up to the
+/// filesystem's, a little metadata.
+const SLACK: u64 = 256 << 10;
+
+fn same_bytes(a: &Path, b: &Path) -> bool {
+    std::fs::read(a).expect("read") == std::fs::read(b).expect("read")
+}
+
+#[test]
+fn file_uploads_downloads_and_clones_are_exact_and_keep_holes() {
+    let (st, dir) = running_pool("dir-sparse");
+    let pool = "dir-sparse";
+    let outside = common::fresh_root("dir-sparse-files");
+    let (image, data) = sparse_image(&outside);
+    st.create_volume(&volume(pool, "v", 4 * MIB, VolFormat::Raw))
+        .expect("create");
+
+    // Upload from a file: the same bytes, the holes (and the written
+    // zeros) not allocated.
+    let n = st
+        .upload_volume_from_file(
+            pool,
+            "v",
+            &std::fs::File::open(&image).expect("open"),
+            &no_progress,
+        )
+        .expect("upload");
+    assert_eq!(n, 16 * MIB + 777);
+    assert!(same_bytes(&image, &dir.join("v")), "upload differs");
+    let alloc = allocated(&dir.join("v"));
+    assert!(alloc <= data + SLACK, "upload not sparse: {alloc} > {data}");
+    assert!(!dir.join(".v.vireo-partial").exists());
+
+    // Download into a file, new or holding something already.
+    for (what, before) in [("new", &b""[..]), ("non-empty", &[7u8; 100_000][..])] {
+        let down = outside.join(format!("down-{what}"));
+        std::fs::write(&down, before).expect("write");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&down)
+            .expect("open");
+        let n = st
+            .download_volume_to_file(pool, "v", &f, &no_progress)
+            .expect("download");
+        drop(f);
+        assert_eq!(n, 16 * MIB + 777);
+        assert!(
+            same_bytes(&image, &down),
+            "download into a {what} file differs"
+        );
+        let alloc = allocated(&down);
+        assert!(alloc <= data + SLACK, "download not sparse: {alloc}");
+    }
+
+    // The stream download gives the same bytes, holes read as zeros.
+    let mut streamed = Vec::new();
+    st.download_volume(pool, "v", &mut streamed, &no_progress)
+        .expect("download");
+    assert!(streamed == std::fs::read(&image).expect("read"));
+
+    // A full clone, bigger than its source.
+    let clone = with_source(
+        volume(pool, "c", 20 * MIB, VolFormat::Raw),
+        VolumeSource {
+            clone: Some(CloneSource {
+                volume: "v".into(),
+                overlay: false,
+            }),
+            ..VolumeSource::default()
+        },
+    );
+    st.create_volume(&clone).expect("clone");
+    let c = std::fs::read(dir.join("c")).expect("read");
+    let src = std::fs::read(&image).expect("read");
+    assert_eq!(c.len() as u64, 20 * MIB);
+    assert!(c[..src.len()] == src[..] && c[src.len()..].iter().all(|b| *b == 0));
+    let alloc = allocated(&dir.join("c"));
+    assert!(alloc <= data + SLACK, "clone not sparse: {alloc}");
+
+    // A clone onto an existing name: refused, and the volume there is
+    // untouched.
+    let onto = with_source(
+        volume(pool, "v", 20 * MIB, VolFormat::Raw),
+        clone.spec.source.clone().expect("source"),
+    );
+    let e = st.create_volume(&onto).expect_err("exists");
+    assert!(matches!(e, Error::AlreadyExists { .. }), "{e}");
+    assert!(same_bytes(&image, &dir.join("v")));
+
+    // Download of a volume that is not there: an error, the file as it was.
+    let keep = outside.join("keep");
+    std::fs::write(&keep, b"keep me").expect("write");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&keep)
+        .expect("open");
+    let e = st
+        .download_volume_to_file(pool, "nope", &f, &no_progress)
+        .expect_err("no volume");
+    assert!(matches!(e, Error::NotFound(_)), "{e}");
+    assert_eq!(std::fs::read(&keep).expect("read"), b"keep me");
+}
+
+/// Runs qemu-img and says whether it succeeded (its output on failure).
+fn qemu_img_ok(args: &[&str]) -> Result<(), String> {
+    let out = std::process::Command::new("qemu-img")
+        .args(args)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "qemu-img {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+#[test]
+fn qcow2_uploads_and_clones_by_file_copy_stay_valid_and_sparse() {
+    if !need_qemu_img("qcow2 file copies") {
+        return;
+    }
+    let (st, dir) = running_pool("dir-qcopy");
+    let pool = "dir-qcopy";
+    let outside = common::fresh_root("dir-qcopy-files");
+    let (raw, _) = sparse_image(&outside);
+    let image = outside.join("image.qcow2");
+    let s = |p: &Path| p.to_str().expect("utf-8").to_string();
+    qemu_img_ok(&["convert", "-f", "raw", "-O", "qcow2", &s(&raw), &s(&image)]).expect("convert");
+
+    st.create_volume(&volume(pool, "q", MIB, VolFormat::Qcow2))
+        .expect("create");
+    st.upload_volume_from_file(
+        pool,
+        "q",
+        &std::fs::File::open(&image).expect("open"),
+        &no_progress,
+    )
+    .expect("upload");
+    let q = dir.join("q");
+    assert!(same_bytes(&image, &q), "upload differs");
+    qemu_img_ok(&["check", "-q", "-f", "qcow2", &s(&q)]).expect("the upload is valid");
+    let info = st.volume_info(pool, "q").expect("info");
+    let capacity = vireo_drivers::storage::dir::file::probe(&image)
+        .expect("probe")
+        .capacity;
+    assert_eq!((info.format, info.capacity), (VolFormat::Qcow2, capacity));
+
+    // A full clone, 32 MiB: a copy of the file, then grown by qemu-img.
+    let clone = |name: &str, from: &str, capacity: u64| {
+        with_source(
+            volume(pool, name, capacity, VolFormat::Qcow2),
+            VolumeSource {
+                clone: Some(CloneSource {
+                    volume: from.into(),
+                    overlay: false,
+                }),
+                ..VolumeSource::default()
+            },
+        )
+    };
+    st.create_volume(&clone("c", "q", 32 * MIB)).expect("clone");
+    let c = dir.join("c");
+    qemu_img_ok(&["check", "-q", "-f", "qcow2", &s(&c)]).expect("the clone is valid");
+    // Same guest-visible bytes as the raw image (the grown part reads as
+    // zeros; `compare` allows a size difference only if it is zeros).
+    qemu_img_ok(&[
+        "compare",
+        "-q",
+        "-f",
+        "raw",
+        "-F",
+        "qcow2",
+        &s(&raw),
+        &s(&c),
+    ])
+    .expect("the clone has the image's content");
+    assert_eq!(st.volume_info(pool, "c").expect("info").capacity, 32 * MIB);
+    let (a, b) = (allocated(&image), allocated(&c));
+    assert!(b <= a + SLACK, "clone not sparse: {b} > {a}");
+
+    // Download into a file: the same image, sparse.
+    let down = outside.join("down.qcow2");
+    let f = std::fs::File::create(&down).expect("create");
+    st.download_volume_to_file(pool, "q", &f, &no_progress)
+        .expect("download");
+    drop(f);
+    assert!(same_bytes(&image, &down));
+    assert!(allocated(&down) <= a + SLACK);
+
+    // The clone of an overlay is flattened (no backing file), as before.
+    let overlay = with_source(
+        volume(pool, "o", 17 * MIB, VolFormat::Qcow2),
+        VolumeSource {
+            clone: Some(CloneSource {
+                volume: "q".into(),
+                overlay: true,
+            }),
+            ..VolumeSource::default()
+        },
+    );
+    st.create_volume(&overlay).expect("overlay");
+    st.create_volume(&clone("flat", "o", 17 * MIB))
+        .expect("flatten");
+    let flat = dir.join("flat");
+    let p = vireo_drivers::storage::dir::file::probe(&flat).expect("probe");
+    assert_eq!(p.backing, None, "the clone of an overlay stands alone");
+    qemu_img_ok(&[
+        "compare",
+        "-q",
+        "-f",
+        "raw",
+        "-F",
+        "qcow2",
+        &s(&raw),
+        &s(&flat),
+    ])
+    .expect("the flattened clone has the image's content");
+
+    // An upload of an image whose backing file is outside the pool is
+    // refused, from a file too: the volume keeps its content, and no
+    // partial file stays.
+    let evil = outside.join("evil.qcow2");
+    qemu_img::create_overlay(&evil, Path::new("/etc/hostname"), VolFormat::Raw, MIB)
+        .expect("make the image");
+    let e = st
+        .upload_volume_from_file(
+            pool,
+            "c",
+            &std::fs::File::open(&evil).expect("open"),
+            &no_progress,
+        )
+        .expect_err("refused");
+    assert!(e.to_string().contains("/etc/hostname"), "{e}");
+    qemu_img_ok(&[
+        "compare",
+        "-q",
+        "-f",
+        "raw",
+        "-F",
+        "qcow2",
+        &s(&raw),
+        &s(&c),
+    ])
+    .expect("the volume kept its content");
+    assert!(!dir.join(".c.vireo-partial").exists());
+}

@@ -231,15 +231,20 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
         }
         Command::VolUpload(a) => {
             let v = resolve(conn, &a.vol, a.pool.as_deref())?;
-            let (mut source, length): (Box<dyn std::io::Read>, Option<u64>) =
-                if a.file == std::path::Path::new("-") {
-                    (Box::new(std::io::stdin().lock()), a.length)
-                } else {
-                    let file = std::fs::File::open(&a.file)
-                        .with_context(|| format!("cannot open {}", a.file.display()))?;
-                    let length = a.length.or_else(|| file.metadata().map(|m| m.len()).ok());
-                    (Box::new(file), length)
-                };
+            let file = if a.file == std::path::Path::new("-") {
+                None
+            } else {
+                Some(
+                    std::fs::File::open(&a.file)
+                        .with_context(|| format!("cannot open {}", a.file.display()))?,
+                )
+            };
+            let length = match &file {
+                // A file given with --length is read as a stream of that
+                // many bytes; otherwise as a file (its holes skipped).
+                Some(f) => a.length.or_else(|| f.metadata().map(|m| m.len()).ok()),
+                None => a.length,
+            };
             let bar = progress_bar(length);
             let progress = |done: u64, total: Option<u64>| {
                 if let Some(t) = total {
@@ -247,7 +252,19 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
                 }
                 bar.set_position(done);
             };
-            let n = st.upload_volume(&v.pool, &v.name, &mut source, length, &progress);
+            let n = match file {
+                Some(f) if a.length.is_none() => {
+                    st.upload_volume_from_file(&v.pool, &v.name, &f, &progress)
+                }
+                Some(f) => st.upload_volume(&v.pool, &v.name, &mut &f, length, &progress),
+                None => st.upload_volume(
+                    &v.pool,
+                    &v.name,
+                    &mut std::io::stdin().lock(),
+                    length,
+                    &progress,
+                ),
+            };
             bar.finish_and_clear();
             let n = n?;
             Output::Message(format!(
@@ -260,7 +277,7 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
             let v = resolve(conn, &a.vol, a.pool.as_deref())?;
             // Into a temporary name beside the target, renamed when complete.
             let tmp = a.file.with_extension("vireo-download");
-            let mut file = std::fs::File::create(&tmp)
+            let file = std::fs::File::create(&tmp)
                 .with_context(|| format!("cannot create {}", tmp.display()))?;
             let bar = progress_bar(None);
             let progress = |done: u64, total: Option<u64>| {
@@ -269,7 +286,8 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
                 }
                 bar.set_position(done);
             };
-            let n = st.download_volume(&v.pool, &v.name, &mut file, &progress);
+            // Holes in the volume stay holes in the file.
+            let n = st.download_volume_to_file(&v.pool, &v.name, &file, &progress);
             bar.finish_and_clear();
             let n = match n {
                 Ok(n) => n,

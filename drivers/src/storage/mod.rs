@@ -292,6 +292,35 @@ pub trait StorageDriver: Send + Sync {
         })
     }
 
+    /// [`upload_volume`](Self::upload_volume) from a file on this
+    /// machine: a backend that can reads only the file's data regions
+    /// (its holes stay holes) or makes a reflink. By default, the file as
+    /// a stream.
+    fn upload_volume_from_file(
+        &self,
+        pool: &str,
+        name: &str,
+        source: &std::fs::File,
+        progress: Progress<'_>,
+    ) -> Result<u64> {
+        let length = source.metadata().ok().map(|m| m.len());
+        self.upload_volume(pool, name, &mut &*source, length, progress)
+    }
+
+    /// [`download_volume`](Self::download_volume) into a file on this
+    /// machine (empty, or emptied first): a backend that can writes only
+    /// the volume's data (its holes stay holes) or makes a reflink. By
+    /// default, the file as a stream.
+    fn download_volume_to_file(
+        &self,
+        pool: &str,
+        name: &str,
+        sink: &std::fs::File,
+        progress: Progress<'_>,
+    ) -> Result<u64> {
+        self.download_volume(pool, name, &mut &*sink, progress)
+    }
+
     /// Writes the volume's content to `sink` (libvirt's
     /// `virStorageVolDownload`) and returns the number of bytes.
     fn download_volume(

@@ -318,27 +318,85 @@ impl<'a> VolumeWriter<'a> {
     }
 }
 
+/// Whether a piece of a copy is all zeros (a hole in the copy).
+///
+/// Compares 16 bytes at a time: the byte-at-a-time loop this replaces does
+/// not vectorise (it stops at the first non-zero byte) and took 2.1 s to
+/// look at 1 GiB of zeros, against 0.09 s for this (docs/storage.md).
+pub fn is_zero(buf: &[u8]) -> bool {
+    // SAFETY: every bit pattern is a valid u128, and align_to hands back
+    // only the aligned middle as u128s (the ends stay bytes).
+    let (head, words, tail) = unsafe { buf.align_to::<u128>() };
+    // OR-ing runs of 64 words before each test lets the loop vectorise
+    // and still stop early on data (usually in the first run).
+    head.iter().all(|b| *b == 0)
+        && tail.iter().all(|b| *b == 0)
+        && words
+            .chunks(64)
+            .all(|run| run.iter().fold(0, |acc, w| acc | w) == 0)
+}
+
+/// Makes `dst` share `src`'s blocks (FICLONE, a reflink) where the
+/// filesystem can (btrfs, XFS with reflink, bcachefs): the copy is
+/// instant, holes stay holes, and blocks are copied only when either side
+/// is written later. Ok(false) where it cannot (ext4, tmpfs, across
+/// filesystems), and the caller copies the bytes.
+pub fn reflink(src: &File, dst: &File) -> io::Result<bool> {
+    // SAFETY: FICLONE takes the source descriptor as its argument (an
+    // integer, no pointer); both descriptors are ours and open.
+    let rc = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP | libc::ENOTTY | libc::EXDEV | libc::EINVAL | libc::ENOSYS) => {
+            Ok(false)
+        }
+        _ => Err(e),
+    }
+}
+
 /// Copies a raw file into `dst` (already created, empty), keeping holes as
 /// holes; `dst` ends with the source's length.
 pub fn copy_sparse(src: &Path, dst: &File, progress: Progress<'_>) -> io::Result<u64> {
-    let mut input = File::open(src)?;
+    copy_file(&File::open(src)?, dst, progress)
+}
+
+/// Copies an open file into `dst` (already created, empty), keeping holes
+/// as holes; `dst` ends with the source's length.
+///
+/// A reflink where the filesystem has them; otherwise the data regions
+/// only (SEEK_DATA/SEEK_HOLE), in 1 MiB pieces read into an aligned
+/// buffer and written past the page cache (see [`VolumeWriter`]), with
+/// all-zero pieces left as holes. Measured against the alternatives in
+/// docs/storage.md: copy_file_range (in-kernel, but through the page
+/// cache: 4 to 20 times slower here), buffered writes (the same), larger
+/// buffers (no faster, and fewer holes found).
+pub fn copy_file(input: &File, dst: &File, progress: Progress<'_>) -> io::Result<u64> {
+    use std::os::unix::fs::FileExt;
     let len = input.metadata()?.len();
-    let mut output = VolumeWriter::new(dst);
     let mut ticker = Ticker::new(progress, Some(len));
+    if dst.metadata()?.len() == 0 && reflink(input, dst)? {
+        ticker.finish(len);
+        return Ok(len);
+    }
+    let mut output = VolumeWriter::new(dst);
     let mut aligned = AlignedBuf::new();
     let buf = aligned.get();
     let mut pos = 0;
-    while let Some((start, end)) = next_data(&input, pos, len)? {
-        input.seek(SeekFrom::Start(start))?;
+    while let Some((start, end)) = next_data(input, pos, len)? {
         let mut at = start;
         while at < end {
             let want = usize::try_from((end - at).min(CHUNK as u64)).unwrap_or(CHUNK);
-            let n = read_full(&mut input, &mut buf[..want])?;
-            if n == 0 {
-                break;
-            }
-            // Zero blocks inside a data region stay holes in the copy.
-            if buf[..n].iter().any(|b| *b != 0) {
+            let n = match input.read_at(&mut buf[..want], at) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            // Zero pieces inside a data region stay holes in the copy.
+            if !is_zero(&buf[..n]) {
                 output.write_at(&buf[..n], at)?;
             }
             at += n as u64;
@@ -386,7 +444,7 @@ pub fn copy_stream(
         if got == 0 {
             break;
         }
-        if buf[..got].iter().any(|b| *b != 0) {
+        if !is_zero(&buf[..got]) {
             output.write_at(&buf[..got], done)?;
         }
         done += got as u64;
@@ -401,22 +459,46 @@ pub fn copy_stream(
     Ok(done)
 }
 
-/// Writes the whole file to `sink`.
+/// Writes the whole file to `sink`. Holes are not read: the sink gets
+/// zeros from a buffer that already holds them.
 pub fn copy_out(src: &Path, sink: &mut dyn Write, progress: Progress<'_>) -> io::Result<u64> {
-    let mut input = File::open(src)?;
+    use std::os::unix::fs::FileExt;
+    let input = File::open(src)?;
     let len = input.metadata()?.len();
     let mut ticker = Ticker::new(progress, Some(len));
     let mut buf = vec![0u8; CHUNK];
+    let zeros = vec![0u8; CHUNK];
     let mut done = 0u64;
-    loop {
-        let n = input.read(&mut buf)?;
-        if n == 0 {
-            break;
+    let zeros_to = |sink: &mut dyn Write, from: u64, to: u64| -> io::Result<()> {
+        let mut at = from;
+        while at < to {
+            let n = usize::try_from((to - at).min(CHUNK as u64)).unwrap_or(CHUNK);
+            sink.write_all(&zeros[..n])?;
+            at += n as u64;
         }
-        sink.write_all(&buf[..n])?;
-        done += n as u64;
-        ticker.tick(done);
+        Ok(())
+    };
+    while let Some((start, end)) = next_data(&input, done, len)? {
+        zeros_to(sink, done, start)?;
+        done = start;
+        while done < end {
+            let want = usize::try_from((end - done).min(CHUNK as u64)).unwrap_or(CHUNK);
+            let n = match input.read_at(&mut buf[..want], done) {
+                // The file shrank under us: what is left reads as zeros.
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            sink.write_all(&buf[..n])?;
+            done += n as u64;
+            ticker.tick(done);
+        }
+        zeros_to(sink, done, end)?;
+        done = done.max(end);
     }
+    zeros_to(sink, done, len)?;
+    done = len;
     sink.flush()?;
     ticker.finish(done);
     Ok(done)
@@ -560,6 +642,29 @@ mod tests {
         drop(out);
         assert!(std::fs::read(&copied).expect("test file I/O") == data);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A single non-zero byte anywhere, in slices of any alignment and
+    /// length, is seen.
+    #[test]
+    fn is_zero_sees_every_byte() {
+        let buf = vec![0u8; 4096 + 64];
+        for start in [0, 1, 7, 15, 16, 17] {
+            for len in [0, 1, 15, 16, 17, 1024, 1025, 4000] {
+                let slice = &buf[start..start + len];
+                assert!(is_zero(slice));
+                for at in 0..len {
+                    let mut copy = slice.to_vec();
+                    copy[at] = 1;
+                    // The copy's alignment is the allocator's; check the
+                    // original alignment too by writing into the buffer.
+                    assert!(!is_zero(&copy), "start {start} len {len} at {at}");
+                    let mut b = buf.clone();
+                    b[start + at] = 0x80;
+                    assert!(!is_zero(&b[start..start + len]), "{start} {len} {at}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -22,8 +22,9 @@ pub mod file;
 pub mod qemu_img;
 
 use std::collections::HashMap;
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -335,9 +336,41 @@ impl DirStorage {
                     .map_err(|e| no_space_or(VOL, name, "copy", e))?;
                 out.set_len(capacity)
                     .map_err(|e| no_space_or(VOL, name, "resize", e))?;
-                file::allocate(&out, needed.min(capacity))
+                // The copy has the source's data and allocated zeros, and
+                // its holes stay holes. A preallocated source's reserved
+                // space reads as holes to SEEK_DATA (unwritten extents):
+                // if the copy fell short of the source's allocation by
+                // more than extent metadata, the clone reserves it as
+                // libvirt does, from the start; else only what the spec
+                // asks.
+                let got = out
+                    .metadata()
+                    .map_err(|e| io_fail(VOL, name, "stat", e))?
+                    .blocks()
+                    .saturating_mul(512);
+                let reserve = if src.allocation.saturating_sub(got) > PREALLOCATED_SLACK {
+                    needed
+                } else {
+                    allocation
+                };
+                file::allocate(&out, reserve.min(capacity))
                     .map_err(|e| no_space_or(VOL, name, "allocate", e))?;
                 return out.sync_all().map_err(|e| io_fail(VOL, name, "sync", e));
+            }
+            if src.format == VolFormat::Qcow2
+                && spec.format == VolFormat::Qcow2
+                && src.backing.is_none()
+            {
+                // A qcow2 image without a backing file is self-contained:
+                // its file, copied with its holes, is the same image, at
+                // the speed of a raw copy (a reflink where the filesystem
+                // has them) rather than qemu-img decoding and re-encoding
+                // every cluster.
+                let out = file::create_new(partial).map_err(|e| io_fail(VOL, name, "create", e))?;
+                file::copy_sparse(&src_path, &out, progress)
+                    .map_err(|e| no_space_or(VOL, name, "copy", e))?;
+                drop(out);
+                return self.grow_to(name, partial, spec.format, src.capacity, capacity);
             }
             progress(0, None);
             qemu_img::convert(&src_path, src.format, partial, spec.format)
@@ -933,6 +966,76 @@ impl StorageDriver for DirStorage {
         length: Option<u64>,
         progress: Progress<'_>,
     ) -> Result<u64> {
+        self.replace_content(pool, name, length, progress, &mut |out, progress| {
+            file::copy_stream(source, out, length, progress)
+        })
+    }
+
+    fn upload_volume_from_file(
+        &self,
+        pool: &str,
+        name: &str,
+        source: &File,
+        progress: Progress<'_>,
+    ) -> Result<u64> {
+        let length = source
+            .metadata()
+            .map_err(|e| io_fail(VOL, name, "upload", e))?
+            .len();
+        // The file's holes are skipped, not read (or a reflink).
+        self.replace_content(pool, name, Some(length), progress, &mut |out, progress| {
+            file::copy_file(source, out, progress)
+        })
+    }
+
+    fn download_volume(
+        &self,
+        pool: &str,
+        name: &str,
+        sink: &mut dyn Write,
+        progress: Progress<'_>,
+    ) -> Result<u64> {
+        let (_, path) = self.existing(pool, name)?;
+        file::copy_out(&path, sink, progress).map_err(|e| io_fail(VOL, name, "download", e))
+    }
+
+    fn download_volume_to_file(
+        &self,
+        pool: &str,
+        name: &str,
+        sink: &File,
+        progress: Progress<'_>,
+    ) -> Result<u64> {
+        let (_, path) = self.existing(pool, name)?;
+        let empty = sink
+            .metadata()
+            .map_err(|e| io_fail(VOL, name, "download", e))?
+            .len()
+            == 0;
+        if !empty {
+            // The sparse copy writes only the data; what a file held
+            // before would show through its holes.
+            sink.set_len(0)
+                .map_err(|e| io_fail(VOL, name, "download", e))?;
+        }
+        // The volume's holes stay holes in the file (or a reflink).
+        file::copy_sparse(&path, sink, progress).map_err(|e| no_space_or(VOL, name, "download", e))
+    }
+}
+
+impl DirStorage {
+    /// Replaces a volume's content with what `fill` writes into a new file
+    /// (upload): built under the partial name, synced, then renamed over
+    /// the volume; on error the volume keeps its old content and the
+    /// partial file is removed.
+    fn replace_content(
+        &self,
+        pool: &str,
+        name: &str,
+        length: Option<u64>,
+        progress: Progress<'_>,
+        fill: &mut dyn FnMut(&File, Progress<'_>) -> io::Result<u64>,
+    ) -> Result<u64> {
         let (dir, path) = self.existing(pool, name)?;
         let old = Self::probe(name, &path)?;
         let partial = file::partial_path(&dir, name);
@@ -944,8 +1047,7 @@ impl StorageDriver for DirStorage {
         };
         let result = (|| -> Result<u64> {
             let out = file::create_new(&partial).map_err(|e| io_fail(VOL, name, "create", e))?;
-            let n = file::copy_stream(source, &out, length, &progress)
-                .map_err(|e| no_space_or(VOL, name, "upload", e))?;
+            let n = fill(&out, &progress).map_err(|e| no_space_or(VOL, name, "upload", e))?;
             if let Some(want) = length
                 && n != want
             {
@@ -981,18 +1083,12 @@ impl StorageDriver for DirStorage {
         let _ = file::sync_dir(&dir);
         result
     }
-
-    fn download_volume(
-        &self,
-        pool: &str,
-        name: &str,
-        sink: &mut dyn Write,
-        progress: Progress<'_>,
-    ) -> Result<u64> {
-        let (_, path) = self.existing(pool, name)?;
-        file::copy_out(&path, sink, progress).map_err(|e| io_fail(VOL, name, "download", e))
-    }
 }
+
+/// How much less than its source a sparse copy may occupy (extent tree
+/// blocks the copy needs fewer of) before the source counts as having
+/// preallocated space the copy did not get.
+const PREALLOCATED_SLACK: u64 = 256 << 10;
 
 /// An upload in [`DirStorage`]'s table of running uploads while alive.
 struct Running<'a> {
