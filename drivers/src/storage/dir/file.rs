@@ -318,6 +318,14 @@ impl<'a> VolumeWriter<'a> {
     }
 }
 
+impl Drop for VolumeWriter<'_> {
+    /// A copy that ended in an error leaves the caller's descriptor
+    /// buffered too (best effort; `finish` reports the error otherwise).
+    fn drop(&mut self) {
+        let _ = self.set_direct(false);
+    }
+}
+
 /// Whether a piece of a copy is all zeros (a hole in the copy).
 ///
 /// Compares 16 bytes at a time: the byte-at-a-time loop this replaces does
