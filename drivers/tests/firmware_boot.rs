@@ -182,6 +182,21 @@ fn disk(name: &str, volume: &str, device: DiskDevice, bus: DiskBus) -> Disk {
 }
 
 impl Node {
+    /// Presses the power button and waits for the guest to be shut off.
+    fn shut_down(&self, name: &str) {
+        self.conn
+            .hypervisor()
+            .shutdown_domain(name)
+            .expect("shutdown");
+        vireo_drivers::conformance::wait_for_state(
+            &self.conn,
+            name,
+            vireo_crds::DomainState::Shutoff,
+            Duration::from_secs(120),
+        )
+        .unwrap_or_else(|f| panic!("{f}"));
+    }
+
     fn uuid(&self, name: &str) -> String {
         self.conn
             .hypervisor()
@@ -749,14 +764,7 @@ fn the_debian_disk_boots_with_bios_and_efi() {
     let template = std::fs::read(vireo_drivers::qemu::command::OVMF_VARS).expect("template");
     use std::os::unix::fs::MetadataExt;
     let inode = std::fs::metadata(&nvram).expect("nvram").ino();
-    hv.shutdown_domain("deb-efi").expect("shutdown");
-    vireo_drivers::conformance::wait_for_state(
-        &node.conn,
-        "deb-efi",
-        vireo_crds::DomainState::Shutoff,
-        Duration::from_secs(120),
-    )
-    .unwrap_or_else(|f| panic!("{f}"));
+    node.shut_down("deb-efi");
     let kept = std::fs::read(&nvram).expect("kept while stopped");
     assert_ne!(
         kept, template,
@@ -784,14 +792,7 @@ fn the_debian_disk_boots_with_bios_and_efi() {
     assert_eq!(std::fs::metadata(&nvram).expect("nvram").ino(), inode);
     // On the host: the store holds the new value, live, once (the old
     // record retired).
-    hv.shutdown_domain("deb-efi").expect("shutdown");
-    vireo_drivers::conformance::wait_for_state(
-        &node.conn,
-        "deb-efi",
-        vireo_crds::DomainState::Shutoff,
-        Duration::from_secs(120),
-    )
-    .unwrap_or_else(|f| panic!("{f}"));
+    node.shut_down("deb-efi");
     assert_eq!(
         live_variables(&std::fs::read(&nvram).expect("nvram"), GUEST_VARIABLE),
         vec![b"2".to_vec()],

@@ -12,29 +12,16 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{fresh_root, linux_domain, qemu_available, say, yaml};
+use common::{
+    STATE_TIMEOUT, console_log, expect_state, fresh_root, linux_domain, open_qemu, qemu_available,
+    say, yaml,
+};
 use vireo_crds::{DomainReason, DomainState, LifecycleAction};
-use vireo_drivers::conformance::wait_for_state;
 use vireo_drivers::qemu::wait_for_console;
 use vireo_drivers::{Connection, Lookup};
 
 const MARKER: &str = "VIREO-GUEST-READY";
 const MARKER_TIMEOUT: Duration = Duration::from_secs(30);
-const STATE_TIMEOUT: Duration = Duration::from_secs(60);
-
-fn open(root: &Path) -> Connection {
-    vireo_drivers::open(&format!("qemu:///embed?root={}", root.display()))
-        .expect("opens qemu:///embed")
-}
-
-fn console_log(root: &Path, conn: &Connection, name: &str) -> std::path::PathBuf {
-    let uuid = conn
-        .hypervisor()
-        .lookup_domain(Lookup::Name(name))
-        .expect("lookup")
-        .uuid;
-    root.join("run").join(uuid).join("console.log")
-}
 
 fn console_socket(root: &Path, conn: &Connection, name: &str) -> std::path::PathBuf {
     console_log(root, conn, name).with_file_name("console.sock")
@@ -47,14 +34,6 @@ fn pid_of(root: &Path, conn: &Connection, name: &str) -> u32 {
         .trim()
         .parse()
         .expect("pid")
-}
-
-fn expect_state(conn: &Connection, name: &str, state: DomainState, reason: DomainReason) {
-    let got = wait_for_state(conn, name, state, STATE_TIMEOUT).unwrap_or_else(|f| panic!("{f}"));
-    assert_eq!(
-        got, reason,
-        "domain '{name}' is {state} but for reason {got}"
-    );
 }
 
 /// Appends to the console log only; each boot's marker count tells boots apart.
@@ -83,7 +62,7 @@ fn qemu_domain_lifecycle_with_real_guest() {
         return;
     }
     let root = fresh_root("qemu-life");
-    let conn = open(&root);
+    let conn = open_qemu(&root);
     let hv = conn.hypervisor();
     let name = "life";
     hv.define_domain(&linux_domain(name, None, ""))
@@ -155,7 +134,7 @@ fn a_new_driver_readopts_a_running_guest() {
     let root = fresh_root("qemu-adopt");
     let name = "adopt";
     let (id, pid, log) = {
-        let conn = open(&root);
+        let conn = open_qemu(&root);
         let r = conn
             .hypervisor()
             .create_domain(&linux_domain(name, None, ""))
@@ -170,7 +149,7 @@ fn a_new_driver_readopts_a_running_guest() {
         Path::new(&format!("/proc/{pid}")).exists(),
         "QEMU (pid {pid}) outlives the driver"
     );
-    let conn = open(&root);
+    let conn = open_qemu(&root);
     let hv = conn.hypervisor();
     let again = hv
         .lookup_domain(Lookup::Name(name))
@@ -193,7 +172,7 @@ fn a_killed_qemu_is_shutoff_crashed() {
         return;
     }
     let root = fresh_root("qemu-kill");
-    let conn = open(&root);
+    let conn = open_qemu(&root);
     let hv = conn.hypervisor();
     let name = "killed";
     hv.define_domain(&linux_domain(name, None, ""))
@@ -230,7 +209,7 @@ fn a_guest_kernel_panic_follows_on_crash() {
         return;
     }
     let root = fresh_root("qemu-panic");
-    let conn = open(&root);
+    let conn = open_qemu(&root);
     let hv = conn.hypervisor();
     let panic_cmd = r#"vireo.net=0 vireo.run="echo c > /proc/sysrq-trigger""#;
     let cases = [
@@ -390,7 +369,7 @@ fn the_console_socket_carries_both_ways() {
         return;
     }
     let root = fresh_root("qemu-console");
-    let conn = open(&root);
+    let conn = open_qemu(&root);
     let name = "console";
     conn.hypervisor()
         .create_domain(&linux_domain(name, None, "vireo.net=0 vireo.shell=1"))
@@ -430,7 +409,7 @@ fn the_console_socket_carries_both_ways() {
 #[test]
 fn an_arch_the_node_cannot_run_is_refused() {
     let root = fresh_root("qemu-arch");
-    let conn = open(&root);
+    let conn = open_qemu(&root);
     let mut d = vireo_crds::Domain::new(
         "arm",
         vireo_crds::DomainSpec {

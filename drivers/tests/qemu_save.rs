@@ -12,37 +12,14 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{fresh_root, linux_domain, qemu_available, say};
+use common::{console_log, expect_state, fresh_root, linux_domain, open_qemu, qemu_available, say};
 use vireo_crds::{DomainReason, DomainState};
-use vireo_drivers::conformance::wait_for_state;
 use vireo_drivers::{Connection, Error, Lookup};
 
 const MARKER: &str = "VIREO-GUEST-READY";
 const WAIT: Duration = Duration::from_secs(60);
 const COUNTER: &str =
     r#"vireo.net=0 vireo.run="i=0; while :; do i=$((i+1)); echo TICK-$i; sleep 1; done""#;
-
-fn open(root: &Path) -> Connection {
-    vireo_drivers::open(&format!("qemu:///embed?root={}", root.display()))
-        .expect("opens qemu:///embed")
-}
-
-fn console_log(root: &Path, conn: &Connection, name: &str) -> std::path::PathBuf {
-    let uuid = conn
-        .hypervisor()
-        .lookup_domain(Lookup::Name(name))
-        .expect("lookup")
-        .uuid;
-    root.join("run").join(uuid).join("console.log")
-}
-
-fn expect_state(conn: &Connection, name: &str, state: DomainState, reason: DomainReason) {
-    let got = wait_for_state(conn, name, state, WAIT).unwrap_or_else(|f| panic!("{f}"));
-    assert_eq!(
-        got, reason,
-        "domain '{name}' is {state} but for reason {got}"
-    );
-}
 
 fn log_text(log: &Path) -> String {
     std::fs::read_to_string(log).unwrap_or_default()
@@ -129,7 +106,7 @@ fn qemu_save_restore_and_managed_save_keep_the_guest_running_where_it_was() {
         return;
     }
     let root = fresh_root("qemu-save");
-    let conn = open(&root);
+    let conn = open_qemu(&root);
     let hv = conn.hypervisor();
     let name = "saver";
     hv.define_domain(&linux_domain(name, None, COUNTER))

@@ -308,3 +308,37 @@ pub fn started_pool(
     storage.start_pool("p").expect("start");
     (storage, pool_dir)
 }
+
+/// How long a test waits for a domain to reach a state.
+pub const STATE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// `qemu:///embed?root=ROOT`.
+pub fn open_qemu(root: &Path) -> vireo_drivers::Connection {
+    vireo_drivers::open(&format!("qemu:///embed?root={}", root.display()))
+        .expect("opens qemu:///embed")
+}
+
+/// The console log of a domain of an embedded vm driver rooted at `root`.
+pub fn console_log(root: &Path, conn: &vireo_drivers::Connection, name: &str) -> PathBuf {
+    let uuid = conn
+        .hypervisor()
+        .lookup_domain(vireo_drivers::Lookup::Name(name))
+        .expect("lookup")
+        .uuid;
+    root.join("run").join(uuid).join("console.log")
+}
+
+/// Waits up to [`STATE_TIMEOUT`] for `state` and checks its reason.
+pub fn expect_state(
+    conn: &vireo_drivers::Connection,
+    name: &str,
+    state: vireo_crds::DomainState,
+    reason: vireo_crds::DomainReason,
+) {
+    let got = vireo_drivers::conformance::wait_for_state(conn, name, state, STATE_TIMEOUT)
+        .unwrap_or_else(|f| panic!("{f}"));
+    assert_eq!(
+        got, reason,
+        "domain '{name}' is {state} but for reason {got}"
+    );
+}
