@@ -151,6 +151,20 @@ pub trait HypervisorDriver: Send + Sync {
         ))
     }
 
+    /// A duplex stream to a running domain's serial console. By default
+    /// the socket at [`console_path`](Self::console_path); a connection
+    /// whose console is elsewhere (a cluster, reached over the network)
+    /// hands back one end of a socket pair that it bridges itself.
+    fn open_console(&self, name: &str) -> Result<std::os::unix::net::UnixStream> {
+        let path = self.console_path(name)?;
+        std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
+            crate::Error::OperationFailed {
+                object: crate::error::ObjectName::new(vireo_crds::ObjectKind::Domain, name),
+                message: format!("cannot connect to its console at {}: {e}", path.display()),
+            }
+        })
+    }
+
     /// Sets the current memory with libvirt's affect flags: `Live` is
     /// refused on an inactive domain (`domain is not running`, as libvirt
     /// refuses `virsh setmem` without `--config`); `Config` changes the

@@ -23,14 +23,7 @@ pub fn run(conn: &Connection, args: &ConsoleArgs) -> Result<Output> {
     let d = conn
         .hypervisor()
         .lookup_domain(Lookup::domain(&args.domain))?;
-    let path = conn.hypervisor().console_path(&d.name)?;
-    let sock = UnixStream::connect(&path).with_context(|| {
-        format!(
-            "connecting to the console of '{}' at {}",
-            d.name,
-            path.display()
-        )
-    })?;
+    let sock = conn.hypervisor().open_console(&d.name)?;
     if let Some(secs) = args.watch {
         watch(sock, Duration::from_secs(secs))?;
         return Ok(Output::Empty);
