@@ -109,6 +109,19 @@ struct RunArgs {
     /// change through the socket does against a Domain's spec.
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
+    /// Serve the aggregated API `subresources.vireo.dev` (consoles, volume
+    /// uploads and downloads through the API server, authorized by RBAC)
+    /// on this address, e.g. 0.0.0.0:8443. Off unless given; needs
+    /// --subresources-cert and --subresources-key.
+    #[arg(long, value_name = "ADDR:PORT", requires_all = ["subresources_cert", "subresources_key"])]
+    subresources_listen: Option<SocketAddr>,
+    /// PEM serving certificate (chain) of the aggregated API; the
+    /// APIService's caBundle must hold its CA.
+    #[arg(long, value_name = "FILE")]
+    subresources_cert: Option<PathBuf>,
+    /// PEM private key of --subresources-cert.
+    #[arg(long, value_name = "FILE")]
+    subresources_key: Option<PathBuf>,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, default_value = "127.0.0.1:9101")]
     metrics_addr: SocketAddr,
@@ -177,6 +190,20 @@ fn main() -> Result<()> {
             vireo_controllers::agent::NetworkBackend::Test
         } else {
             vireo_controllers::agent::NetworkBackend::Bridge
+        },
+        subresources: match (
+            a.subresources_listen,
+            a.subresources_cert,
+            a.subresources_key,
+        ) {
+            (Some(listen), Some(cert), Some(key)) => {
+                Some(vireo_controllers::agent::subresources::SubresourcesConfig {
+                    listen,
+                    cert,
+                    key,
+                })
+            }
+            _ => None,
         },
         boot_dirs: if a.boot_dirs.is_empty() && !a.standalone {
             vec![PathBuf::from("/var/lib/vireo/boot")]

@@ -11,6 +11,7 @@ mod domain;
 mod host;
 mod network;
 mod pool;
+pub mod subresources;
 mod volume;
 
 use futures::FutureExt;
@@ -69,6 +70,9 @@ pub struct AgentConfig {
     /// Where Networks are realized: real bridges, or the test driver's
     /// bookkeeping (several simulated nodes on one machine).
     pub network_driver: NetworkBackend,
+    /// The aggregated API (`subresources.vireo.dev`): consoles and volume
+    /// transfers through the API server. Off when unset.
+    pub subresources: Option<subresources::SubresourcesConfig>,
 }
 
 /// The agent's network backend.
@@ -353,6 +357,11 @@ pub async fn run(
     host::register(&ctx).await?;
     tracing::info!(node = %ctx.config.node_name, "registered Host");
     metrics.set_ready(true);
+    let subresources = ctx
+        .config
+        .subresources
+        .clone()
+        .map(|sr| tokio::spawn(subresources::serve(ctx.clone(), sr)));
     let heartbeat = tokio::spawn(host::heartbeat(ctx.clone()));
     tokio::select! {
         _ = domain::run(ctx.clone()) => {}
@@ -362,6 +371,9 @@ pub async fn run(
         _ = shutdown.wait() => tracing::info!("stopping; guests keep running"),
     }
     heartbeat.abort();
+    if let Some(s) = subresources {
+        s.abort();
+    }
     let _ = std::fs::remove_file(&socket);
     Ok(())
 }
