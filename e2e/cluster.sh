@@ -9,7 +9,10 @@
 #   kubeconfig          admin (token in group system:masters), CA data inline
 #   env                 shell-sourceable: ports, pids, server URL, token, paths
 #   pki/                ca.crt/ca.key, apiserver.crt/key (signed by the CA),
-#                       sa.key/sa.pub, admin.crt/key (client cert, system:masters)
+#                       sa.key/sa.pub, admin.crt/key (client cert, system:masters),
+#                       front-proxy-ca.crt/key and front-proxy-client.crt/key
+#                       (the aggregator's identity towards aggregated APIs;
+#                       --enable-aggregator-routing: it dials endpoint IPs)
 #   tokens.csv          static token file
 #   etcd-data/          etcd's data
 #   etcd.log, kube-apiserver.log
@@ -175,12 +178,27 @@ EOF
     openssl x509 -req -in admin.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
       -sha256 -days 3650 -extfile admin.ext -out admin.crt
 
+    # The front proxy: the CA kube-apiserver's aggregator proves itself with
+    # to aggregated API servers (the agents' subresources.vireo.dev), kept
+    # apart from the cluster CA as Kubernetes advises, and its client cert.
+    openssl ecparam -name prime256v1 -genkey -noout -out front-proxy-ca.key
+    openssl req -x509 -new -key front-proxy-ca.key -sha256 -days 3650 -subj "/CN=vireo-e2e-front-proxy-ca" \
+      -addext "basicConstraints=critical,CA:TRUE" \
+      -addext "keyUsage=critical,keyCertSign,cRLSign" \
+      -addext "subjectKeyIdentifier=hash" \
+      -out front-proxy-ca.crt
+    openssl ecparam -name prime256v1 -genkey -noout -out front-proxy-client.key
+    openssl req -new -key front-proxy-client.key -subj "/CN=front-proxy-client" -out front-proxy-client.csr
+    openssl x509 -req -in front-proxy-client.csr -CA front-proxy-ca.crt -CAkey front-proxy-ca.key \
+      -CAcreateserial -sha256 -days 3650 -extfile admin.ext -out front-proxy-client.crt
+
     # Service-account token signing keypair.
     openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out sa.key
     openssl pkey -in sa.key -pubout -out sa.pub
 
     openssl verify -CAfile ca.crt apiserver.crt admin.crt >&2
-    rm -f ./*.csr ./*.ext ca.srl
+    openssl verify -CAfile front-proxy-ca.crt front-proxy-client.crt >&2
+    rm -f ./*.csr ./*.ext ca.srl front-proxy-ca.srl
   ) || die "certificate generation failed, see $dir/openssl.log"
 }
 
@@ -281,6 +299,14 @@ do_start() {
     --kubelet-client-certificate="$pki/admin.crt" \
     --kubelet-client-key="$pki/admin.key" \
     --profiling=false \
+    --requestheader-client-ca-file="$pki/front-proxy-ca.crt" \
+    --requestheader-allowed-names=front-proxy-client \
+    --requestheader-username-headers=X-Remote-User \
+    --requestheader-group-headers=X-Remote-Group \
+    --requestheader-extra-headers-prefix=X-Remote-Extra- \
+    --proxy-client-cert-file="$pki/front-proxy-client.crt" \
+    --proxy-client-key-file="$pki/front-proxy-client.key" \
+    --enable-aggregator-routing=true \
     </dev/null >"$dir/kube-apiserver.log" 2>&1 &
   started_apiserver=$!
 
