@@ -2,7 +2,7 @@
 //! of $KUBECONFIG, for e2e/tests/subresources.rs:
 //!
 //! ```text
-//! subresources-client console NS/NAME SECONDS   # guest output to stdout
+//! subresources-client console NS/NAME SECONDS   # stdin to the guest, its output to stdout
 //! subresources-client upload NS/NAME FILE       # progress on stderr
 //! subresources-client download NS/NAME FILE
 //! ```
@@ -47,8 +47,9 @@ fn run() -> Result<()> {
             let secs: u64 = arg.parse()?;
             let mut s = subresources::open_console(&client, &rt, ns, name)?;
             s.set_read_timeout(Some(Duration::from_millis(200)))?;
-            // A newline, so that a shell prompt shows again.
-            s.write_all(b"\n")?;
+            let mut input = Vec::new();
+            std::io::stdin().read_to_end(&mut input)?;
+            s.write_all(&input)?;
             let end = Instant::now() + Duration::from_secs(secs);
             let mut buf = [0u8; 4096];
             let mut out = std::io::stdout();
@@ -70,8 +71,10 @@ fn run() -> Result<()> {
         }
         "upload" => {
             let mut f = std::fs::File::open(arg)?;
-            let len = f.metadata()?.len();
-            let n = subresources::upload(&client, &rt, ns, name, &mut f, Some(len), &progress)?;
+            // A pipe's length is not known up front.
+            let meta = f.metadata()?;
+            let len = meta.is_file().then_some(meta.len());
+            let n = subresources::upload(&client, &rt, ns, name, &mut f, len, &progress)?;
             eprintln!("uploaded {n} bytes");
         }
         "download" => {
