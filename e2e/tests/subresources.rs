@@ -454,10 +454,8 @@ async fn consoles_and_transfers_through_the_api_server_follow_rbac() {
         .as_ref()
         .and_then(|s| s.path.clone())
         .expect("path");
-    let host_path = cluster
-        .dir
-        .join("host-node-1")
-        .join(cut_path.trim_start_matches('/'));
+    // The agent reports the path as it sees it (under its --host-root).
+    let host_path = PathBuf::from(cut_path);
     let old = std::fs::read(&host_path).unwrap_or_else(|e| panic!("{}: {e}", host_path.display()));
     let fifo = cluster.dir.join("cut.fifo");
     let st = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
