@@ -84,14 +84,15 @@ async fn bridge(ws: Ws, local: tokio::net::UnixStream) {
     };
     let down = async {
         while let Some(Ok(msg)) = stream.next().await {
-            match msg {
+            let more = match msg {
                 Message::Binary(b) if b.first() == Some(&channel::DATA_OUT) => {
-                    if lw.write_all(&b[1..]).await.is_err() {
-                        break;
-                    }
+                    lw.write_all(&b[1..]).await.is_ok()
                 }
-                Message::Close(_) => break,
-                _ => {}
+                Message::Close(_) => false,
+                _ => true,
+            };
+            if !more {
+                break;
             }
         }
         let _ = lw.shutdown().await;

@@ -60,6 +60,8 @@ pub struct SubresourcesConfig {
 }
 
 type Body = Full<Bytes>;
+/// An early answer instead of a stream (boxed: responses are large).
+type Reply = Box<Response<Body>>;
 type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
 /// Largest WebSocket message accepted from a client.
@@ -261,11 +263,11 @@ impl Server {
                 let length = query_u64(req.uri().query(), "length");
                 let open = match self.open(&target).await {
                     Ok(o) => o,
-                    Err(resp) => return resp,
+                    Err(resp) => return *resp,
                 };
                 let (resp, upgrade) = match websocket_accept(&mut req) {
                     Ok(v) => v,
-                    Err(resp) => return resp,
+                    Err(resp) => return *resp,
                 };
                 tracing::info!(user = %user.name, object = %format!("{}/{}", target.namespace, target.name), sub = ?target.sub, "subresources API: stream opened");
                 let ctx = self.ctx.clone();
@@ -330,7 +332,7 @@ impl Server {
     }
 
     /// Finds the object on this node and opens what the stream needs.
-    async fn open(&self, t: &Target) -> std::result::Result<Opened, Response<Body>> {
+    async fn open(&self, t: &Target) -> std::result::Result<Opened, Reply> {
         let me = &self.ctx.config.node_name;
         let not_found = |kind: &str| {
             status(
@@ -369,12 +371,12 @@ impl Server {
                 let api: Api<Domain> = Api::namespaced(self.ctx.client.clone(), &t.namespace);
                 let dom = match api.get_opt(&t.name).await {
                     Ok(Some(d)) => d,
-                    Ok(None) => return Err(not_found("domain")),
-                    Err(e) => return Err(internal(&e)),
+                    Ok(None) => return Err(Box::new(not_found("domain"))),
+                    Err(e) => return Err(Box::new(internal(&e))),
                 };
                 let node = dom.status.as_ref().and_then(|s| s.node_name.as_deref());
                 if node != Some(me.as_str()) {
-                    return Err(elsewhere("domain", node));
+                    return Err(Box::new(elsewhere("domain", node)));
                 }
                 let key = vireo_crds::labels::node_key(&t.namespace, &t.name);
                 match self
@@ -385,23 +387,23 @@ impl Server {
                     .await
                 {
                     Ok(s) => Ok(Opened::Console(s)),
-                    Err(e) => Err(status(
+                    Err(e) => Err(Box::new(status(
                         StatusCode::CONFLICT,
                         "Conflict",
                         &format!("cannot open the console: {e}"),
-                    )),
+                    ))),
                 }
             }
             Sub::Upload | Sub::Download => {
                 let api: Api<StorageVol> = Api::namespaced(self.ctx.client.clone(), &t.namespace);
                 let vol = match api.get_opt(&t.name).await {
                     Ok(Some(v)) => v,
-                    Ok(None) => return Err(not_found("storagevol")),
-                    Err(e) => return Err(internal(&e)),
+                    Ok(None) => return Err(Box::new(not_found("storagevol"))),
+                    Err(e) => return Err(Box::new(internal(&e))),
                 };
                 let node = vol.status.as_ref().and_then(|s| s.node_name.as_deref());
                 if node != Some(me.as_str()) {
-                    return Err(elsewhere("storagevol", node));
+                    return Err(Box::new(elsewhere("storagevol", node)));
                 }
                 let pool = vol.spec.pool.clone();
                 let file = super::volume_file_name(&t.namespace, &t.name);
@@ -413,11 +415,11 @@ impl Server {
                     .drive(move |c| c.storage().volume_info(&p, &f))
                     .await
                 {
-                    return Err(status(
+                    return Err(Box::new(status(
                         StatusCode::CONFLICT,
                         "Conflict",
                         &format!("the volume is not in pool {pool} on node {me} yet: {e}"),
-                    ));
+                    )));
                 }
                 Ok(if t.sub == Sub::Upload {
                     Opened::Upload { pool, file }
@@ -439,7 +441,7 @@ enum Opened {
 /// channel subprotocol the client offers.
 fn websocket_accept(
     req: &mut Request<Incoming>,
-) -> std::result::Result<(Response<Body>, hyper::upgrade::OnUpgrade), Response<Body>> {
+) -> std::result::Result<(Response<Body>, hyper::upgrade::OnUpgrade), Reply> {
     let h = req.headers();
     let is = |name: header::HeaderName, want: &str| {
         h.get_all(name).iter().any(|v| {
@@ -448,10 +450,10 @@ fn websocket_accept(
         })
     };
     let Some(key) = h.get(header::SEC_WEBSOCKET_KEY).cloned() else {
-        return Err(bad_upgrade());
+        return Err(Box::new(bad_upgrade()));
     };
     if !is(header::UPGRADE, "websocket") || !is(header::CONNECTION, "upgrade") {
-        return Err(bad_upgrade());
+        return Err(Box::new(bad_upgrade()));
     }
     let protocol = ["v5.channel.k8s.io", "v4.channel.k8s.io"]
         .into_iter()
@@ -532,14 +534,15 @@ async fn console(ws: Ws, guest: std::os::unix::net::UnixStream) {
     };
     let from_client = async {
         while let Some(Ok(msg)) = src.next().await {
-            match msg {
+            let more = match msg {
                 Message::Binary(b) if b.first() == Some(&channel::DATA_IN) => {
-                    if gw.write_all(&b[1..]).await.is_err() {
-                        break;
-                    }
+                    gw.write_all(&b[1..]).await.is_ok()
                 }
-                Message::Close(_) => break,
-                _ => {}
+                Message::Close(_) => false,
+                _ => true,
+            };
+            if !more {
+                break;
             }
         }
     };
@@ -559,13 +562,9 @@ async fn upload(ctx: Arc<Ctx>, ws: Ws, pool: String, file: String, length: Optio
     let reader = tokio::spawn(async move {
         while let Some(msg) = src.next().await {
             let Ok(msg) = msg else { break };
-            match msg {
+            let more = match msg {
                 Message::Binary(b) => match b.first().copied() {
-                    Some(channel::DATA_IN) => {
-                        if tx.send(Chunk::Data(b.slice(1..))).await.is_err() {
-                            break;
-                        }
-                    }
+                    Some(channel::DATA_IN) => tx.send(Chunk::Data(b.slice(1..))).await.is_ok(),
                     Some(channel::COMPLETE) => {
                         match serde_json::from_slice::<Complete>(&b[1..]) {
                             Ok(c) => {
@@ -575,12 +574,15 @@ async fn upload(ctx: Arc<Ctx>, ws: Ws, pool: String, file: String, length: Optio
                                 tracing::info!(error = %e, "upload: a malformed complete message");
                             }
                         }
-                        break;
+                        false
                     }
-                    _ => {}
+                    _ => true,
                 },
-                Message::Close(_) => break,
-                _ => {}
+                Message::Close(_) => false,
+                _ => true,
+            };
+            if !more {
+                break;
             }
         }
         // Dropping the sender without a complete message fails the upload.
