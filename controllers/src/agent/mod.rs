@@ -330,9 +330,9 @@ pub async fn run(
     }
     let client = Client::try_default().await?;
     let (config, conn, hypervisors) = open_drivers(config).await?;
-    // The node's own door, for what the API server does not carry: consoles
-    // and volume uploads and downloads (`vireo -c vireo+unix:///PATH`, or
-    // `kubectl exec` into the agent's pod).
+    // The node's own door to consoles and volume uploads and downloads
+    // (`vireo -c vireo+unix:///PATH`, or `kubectl exec` into the agent's
+    // pod); from a workstation, the aggregated API (subresources) instead.
     let socket = serve_local_api(&config, &conn, &hypervisors)?;
     let recorder = Recorder::new(
         client.clone(),
