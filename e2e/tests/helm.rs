@@ -167,8 +167,17 @@ fn chart_lints_and_renders() {
                 && g.is_empty()
                 && (r == "secrets" || r == "configmaps")
                 && v == "get";
+            // And it asks whether the user the API server's front proxy
+            // names may open a console or a transfer (subresources.vireo.dev).
+            let access_review = name == "vireo-agent"
+                && g == "authorization.k8s.io"
+                && r == "subjectaccessreviews"
+                && v == "create";
             assert!(
-                g == "vireo.dev" || (g == "events.k8s.io" && r == "events") || cloud_init_key,
+                g == "vireo.dev"
+                    || (g == "events.k8s.io" && r == "events")
+                    || cloud_init_key
+                    || access_review,
                 "{name} ClusterRole reaches outside Vireo: {g}/{r} ({v})"
             );
         }
@@ -899,5 +908,176 @@ async fn chart_installs_runs_vireo_with_its_own_rbac_and_uninstalls() {
     assert!(
         !out.status.success(),
         "agent token still writes after uninstall"
+    );
+}
+
+/// The agents' aggregated API (subresources.vireo.dev) and the user roles
+/// render: an APIService whose caBundle signed the agents' serving
+/// certificate, the agents' flag, port and mounted Secret, their delegation
+/// bindings, and vireo-viewer/user/admin aggregated into view/edit/admin.
+#[test]
+fn chart_renders_the_subresources_api_and_user_roles() {
+    let docs = render(&[]);
+    let api = find(&docs, "APIService", "v1alpha1.subresources.vireo.dev");
+    assert_eq!(api["spec"]["group"], "subresources.vireo.dev");
+    assert_eq!(api["spec"]["version"], "v1alpha1");
+    assert_eq!(api["spec"]["service"]["namespace"], NS);
+    let svc_name = api["spec"]["service"]["name"].as_str().expect("service");
+    let svc = find(&docs, "Service", svc_name);
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], "subresources");
+    let ca_bundle = api["spec"]["caBundle"].as_str().expect("caBundle");
+    let secret = find(&docs, "Secret", &format!("{RELEASE}-subresources-tls"));
+    assert_eq!(secret["data"]["ca.crt"], ca_bundle);
+
+    // The bundle's CA signed the serving certificate, for the Service's name.
+    let dir = std::env::temp_dir().join(format!("vireo-helm-subresources-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let decode = |b64: &str, file: &str| {
+        let path = dir.join(file);
+        let out = std::process::Command::new("base64")
+            .arg("-d")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin.take().expect("stdin").write_all(b64.as_bytes())?;
+                c.wait_with_output()
+            })
+            .expect("base64 -d");
+        std::fs::write(&path, out.stdout).expect("write");
+        path
+    };
+    let ca = decode(ca_bundle, "ca.crt");
+    let crt = decode(
+        secret["data"]["tls.crt"].as_str().expect("tls.crt"),
+        "tls.crt",
+    );
+    let out = std::process::Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(&ca)
+        .arg(&crt)
+        .output()
+        .expect("openssl");
+    assert!(out.status.success(), "openssl verify: {}", text(&out));
+    let out = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-ext", "subjectAltName", "-in"])
+        .arg(&crt)
+        .output()
+        .expect("openssl");
+    assert!(
+        text(&out).contains(&format!("DNS:{svc_name}.{NS}.svc")),
+        "SANs: {}",
+        text(&out)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // The agents serve it with that Secret.
+    let ds = find(&docs, "DaemonSet", AGENT_SA);
+    let pod = &ds["spec"]["template"]["spec"];
+    let args: Vec<&str> = pod["containers"][0]["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    assert!(
+        args.contains(&"--subresources-listen=0.0.0.0:8443"),
+        "{args:?}"
+    );
+    assert!(args.iter().any(|a| a.starts_with("--subresources-cert=")));
+    assert!(
+        pod["containers"][0]["ports"]
+            .as_array()
+            .expect("ports")
+            .iter()
+            .any(|p| p["name"] == "subresources" && p["containerPort"] == 8443)
+    );
+    assert!(
+        pod["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .any(|v| v["secret"]["secretName"] == format!("{RELEASE}-subresources-tls"))
+    );
+    // ... may ask SubjectAccessReviews and read the front proxy's settings.
+    let agent = find(&docs, "ClusterRole", "vireo-agent");
+    assert!(allows(
+        agent,
+        "authorization.k8s.io",
+        "subjectaccessreviews",
+        "create"
+    ));
+    let delegator = find(&docs, "ClusterRoleBinding", "vireo-agent-auth-delegator");
+    assert_eq!(delegator["roleRef"]["name"], "system:auth-delegator");
+    let reader = find(&docs, "RoleBinding", "vireo-agent-auth-reader");
+    assert_eq!(reader["metadata"]["namespace"], "kube-system");
+    assert_eq!(
+        reader["roleRef"]["name"],
+        "extension-apiserver-authentication-reader"
+    );
+
+    // The user roles.
+    let label = |role: &Value, to: &str| {
+        role["metadata"]["labels"][format!("rbac.authorization.k8s.io/aggregate-to-{to}")] == "true"
+    };
+    let viewer = find(&docs, "ClusterRole", "vireo-viewer");
+    assert!(label(viewer, "view"));
+    for r in [
+        "domains",
+        "storagevols",
+        "networks",
+        "storagepools",
+        "hosts",
+    ] {
+        assert!(allows(viewer, "vireo.dev", r, "list"), "viewer lists {r}");
+    }
+    assert!(!allows(viewer, "vireo.dev", "domains", "create"));
+    assert!(
+        grants(viewer)
+            .iter()
+            .all(|(g, _, _, _)| g != "subresources.vireo.dev"),
+        "a viewer may not open consoles or transfer volumes"
+    );
+    let user = find(&docs, "ClusterRole", "vireo-user");
+    assert!(label(user, "edit") && !label(user, "view"));
+    for r in [
+        "domains/console",
+        "storagevols/upload",
+        "storagevols/download",
+    ] {
+        // A WebSocket upgrade is a GET: the API server checks `get`.
+        assert!(allows(user, "subresources.vireo.dev", r, "get"), "user {r}");
+    }
+    assert!(allows(user, "vireo.dev", "domains", "create"));
+    assert!(allows(user, "vireo.dev", "storagevols", "delete"));
+    assert!(!allows(user, "vireo.dev", "networks", "create"));
+    let admin = find(&docs, "ClusterRole", "vireo-admin");
+    assert!(label(admin, "admin") && !label(admin, "edit"));
+    assert!(allows(admin, "subresources.vireo.dev", "*", "*"));
+    assert!(allows(admin, "vireo.dev", "*", "*"));
+
+    // cert-manager issues the certificate instead; its cainjector fills the bundle.
+    let docs = render(&["--set", "certManager.enabled=true"]);
+    let api = find(&docs, "APIService", "v1alpha1.subresources.vireo.dev");
+    assert!(api["spec"]["caBundle"].is_null());
+    assert_eq!(
+        api["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
+        format!("{NS}/{RELEASE}-subresources-tls")
+    );
+    let cert = find(&docs, "Certificate", &format!("{RELEASE}-subresources-tls"));
+    assert_eq!(
+        cert["spec"]["secretName"],
+        format!("{RELEASE}-subresources-tls")
+    );
+    assert!(!docs.iter().any(|d| d["kind"] == "Secret"));
+
+    // Off: no APIService, no flag.
+    let docs = render(&["--set", "subresources.enabled=false"]);
+    assert!(!docs.iter().any(|d| d["kind"] == "APIService"));
+    let ds = find(&docs, "DaemonSet", AGENT_SA);
+    assert!(
+        !ds.to_string().contains("--subresources-listen"),
+        "the flag without the API"
     );
 }
