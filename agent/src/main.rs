@@ -122,6 +122,20 @@ struct RunArgs {
     /// PEM private key of --subresources-cert.
     #[arg(long, value_name = "FILE")]
     subresources_key: Option<PathBuf>,
+    /// HOST:PORT the other agents reach this one's subresources API at,
+    /// published in this node's Host; without it, the other agents answer
+    /// 503 for this node's objects.
+    #[arg(long, value_name = "HOST:PORT")]
+    subresources_advertise: Option<String>,
+    /// Forward requests for other nodes' objects to their agents, whose
+    /// serving certificates must chain to this PEM CA ...
+    #[arg(long, value_name = "FILE", requires = "subresources_server_name")]
+    subresources_ca: Option<PathBuf>,
+    /// ... and carry this DNS name (the Service's, e.g.
+    /// vireo-subresources.vireo-system.svc). This agent's own token
+    /// authenticates it; the other agent checks it may `proxy`.
+    #[arg(long, value_name = "NAME", requires = "subresources_ca")]
+    subresources_server_name: Option<String>,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, default_value = "127.0.0.1:9101")]
     metrics_addr: SocketAddr,
@@ -201,6 +215,9 @@ fn main() -> Result<()> {
                     listen,
                     cert,
                     key,
+                    advertise: a.subresources_advertise,
+                    peer_ca: a.subresources_ca,
+                    peer_server_name: a.subresources_server_name,
                 })
             }
             _ => None,

@@ -174,18 +174,31 @@ async fn consoles_and_transfers_through_the_api_server_follow_rbac() {
     let (crt, key) = serving_cert(&cluster);
     let port = free_port();
     let _op = cluster.operator("operator", &["--no-leader-election"]);
+    let ca_file = cluster.dir.join("pki/ca.crt").display().to_string();
+    let server_name = format!("{SERVICE}.vireo-system.svc");
+    let subresources_args = |port: u16| -> Vec<String> {
+        [
+            "--subresources-listen".to_string(),
+            format!("0.0.0.0:{port}"),
+            "--subresources-advertise".to_string(),
+            format!("{ip}:{port}"),
+            "--subresources-cert".to_string(),
+            crt.display().to_string(),
+            "--subresources-key".to_string(),
+            key.display().to_string(),
+            "--subresources-ca".to_string(),
+            ca_file.clone(),
+            "--subresources-server-name".to_string(),
+            server_name.clone(),
+            "--resync-seconds".to_string(),
+            "2".to_string(),
+        ]
+        .to_vec()
+    };
+    let args1 = subresources_args(port);
     let agent = cluster.agent(
         "node-1",
-        &[
-            "--subresources-listen",
-            &format!("0.0.0.0:{port}"),
-            "--subresources-cert",
-            &crt.display().to_string(),
-            "--subresources-key",
-            &key.display().to_string(),
-            "--resync-seconds",
-            "2",
-        ],
+        &args1.iter().map(String::as_str).collect::<Vec<_>>(),
     );
     let kube = cluster.client().await;
     ready_hosts(&kube, 1).await;
@@ -202,6 +215,12 @@ async fn consoles_and_transfers_through_the_api_server_follow_rbac() {
         text(&out.stdout)
     };
     assert!(!ca.is_empty());
+    let endpoints = |port: u16| {
+        format!(
+            "apiVersion: v1\nkind: Endpoints\nmetadata: {{name: {SERVICE}, namespace: vireo-system}}\nsubsets:\n- addresses: [{{ip: {ip}}}]\n  ports: [{{name: https, port: {port}, protocol: TCP}}]\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {SERVICE}-1\n  namespace: vireo-system\n  labels: {{kubernetes.io/service-name: {SERVICE}}}\naddressType: IPv4\nendpoints: [{{addresses: [{ip}]}}]\nports: [{{name: https, port: {port}, protocol: TCP}}]\n"
+        )
+    };
     let manifest = format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: {SERVICE}, namespace: vireo-system}}\nspec:\n  ports: [{{name: https, port: 443, targetPort: {port}, protocol: TCP}}]\n---\n\
          apiVersion: v1\nkind: Endpoints\nmetadata: {{name: {SERVICE}, namespace: vireo-system}}\nsubsets:\n- addresses: [{{ip: {ip}}}]\n  ports: [{{name: https, port: {port}, protocol: TCP}}]\n---\n\
@@ -541,4 +560,71 @@ async fn consoles_and_transfers_through_the_api_server_follow_rbac() {
     );
     assert!(out.status.success(), "download: {}", text(&out.stderr));
     assert!(std::fs::read(&back).expect("downloaded") == part);
+
+    // Forwarding: the API server now reaches only node-2's agent, which
+    // forwards to node-1's (where the volume is) with its own token; node-1
+    // checks that token (TokenReview) may `proxy` before it believes the
+    // user node-2 names.
+    let port2 = free_port();
+    let args2 = subresources_args(port2);
+    let agent2 = cluster.agent(
+        "node-2",
+        &args2.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    ready_hosts(&kube, 2).await;
+    let out = cluster.kubectl_stdin(&["apply", "-f", "-"], &endpoints(port2));
+    assert!(out.status.success(), "endpoints: {}", text(&out.stderr));
+    let mut forwarded = false;
+    for _ in 0..30 {
+        let back2 = cluster.dir.join("forwarded.img");
+        let out = client(
+            &alice,
+            &["download", "team-a/cut", &back2.display().to_string()],
+            b"",
+        );
+        assert!(
+            out.status.success(),
+            "download through node-2: {}",
+            text(&out.stderr)
+        );
+        assert!(std::fs::read(&back2).expect("downloaded") == part);
+        if agent2.log_text().contains("subresources API: forwarded") {
+            forwarded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(forwarded, "node-2 never forwarded:\n{}", agent2.log_text());
+    // And the forwarded identity stays the user's: bob is still refused.
+    let out = client(&bob, &["download", "team-a/cut", "/dev/null"], b"");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("forbidden"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A user's own token cannot pose as a forwarding agent.
+    let alice_token = cluster.kubectl_ok(&["create", "token", "alice", "-n", "team-a"]);
+    let out = Command::new("curl")
+        .args([
+            "-sk",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            &format!("Authorization: Bearer {}", alice_token.trim()),
+            "-H",
+            "X-Vireo-Forwarded-User: system:admin",
+            &format!(
+                "https://{ip}:{port}/apis/subresources.vireo.dev/v1alpha1/namespaces/team-b/storagevols/disk/download"
+            ),
+        ])
+        .output()
+        .expect("curl");
+    assert_eq!(
+        text(&out.stdout),
+        "401",
+        "a user's token posing as an agent"
+    );
 }

@@ -40,12 +40,22 @@ pub(crate) async fn register(ctx: &Ctx) -> Result<()> {
     let mut labels = ctx.config.labels.clone();
     labels.insert(NODE.to_string(), name.clone());
     let params = PatchParams::apply(&ctx.manager).force();
-    let body = json!({
+    let mut body = json!({
         "apiVersion": "vireo.dev/v1alpha1",
         "kind": "Host",
         "metadata": {"name": name, "labels": labels},
         "spec": {},
     });
+    // Where the other agents forward this node's consoles and transfers.
+    if let Some(address) = ctx
+        .config
+        .subresources
+        .as_ref()
+        .and_then(|s| s.advertise.as_ref())
+    {
+        body["metadata"]["annotations"] =
+            json!({ super::subresources::rules::ADDRESS_ANNOTATION: address });
+    }
     hosts.patch(name, &params, &Patch::Apply(&body)).await?;
     let drivers = ctx.driver_names();
     let status = HostStatus {

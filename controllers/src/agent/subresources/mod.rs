@@ -30,6 +30,7 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
 };
@@ -44,8 +45,8 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use vireo_crds::{Domain, StorageVol};
 
 use self::rules::{
-    Chunk, Complete, DownloadWriter, FrontProxy, GROUP, Refusal, Route, Sub, Target, UploadReader,
-    User, VERSION, channel,
+    Caller, Chunk, Complete, DownloadWriter, FrontProxy, GROUP, Refusal, Route, Sub, Target,
+    UploadReader, User, VERSION, channel,
 };
 use super::Ctx;
 use crate::error::Result;
@@ -57,6 +58,14 @@ pub struct SubresourcesConfig {
     /// PEM serving certificate (chain) and key.
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// `HOST:PORT` the other agents reach this one at, published in this
+    /// node's Host (annotation `subresources.vireo.dev/address`).
+    pub advertise: Option<String>,
+    /// Forwarding to the agent of another node: the CA its serving
+    /// certificate must chain to, and the name it must carry. Without
+    /// both, requests for other nodes' objects get 503.
+    pub peer_ca: Option<PathBuf>,
+    pub peer_server_name: Option<String>,
 }
 
 type Body = Full<Bytes>;
@@ -72,6 +81,15 @@ const QUEUE: usize = 8;
 struct Server {
     ctx: Arc<Ctx>,
     front: FrontProxy,
+    /// How to reach another node's agent, when forwarding is configured.
+    peers: Option<Peers>,
+}
+
+struct Peers {
+    tls: tokio_rustls::TlsConnector,
+    server_name: rustls_pki_types::ServerName<'static>,
+    /// This agent's own credentials (a token, or the file the kubelet keeps fresh).
+    auth: kube::config::AuthInfo,
 }
 
 /// Serves the aggregated API until the agent stops. Waits for the
@@ -102,7 +120,14 @@ pub(crate) async fn serve(ctx: Arc<Ctx>, config: SubresourcesConfig) {
     };
     tracing::info!(addr = %config.listen, "subresources API listening ({GROUP}/{VERSION})");
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let server = Arc::new(Server { ctx, front });
+    let peers = match peers(&config).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = %e, "subresources API: forwarding to other nodes is off");
+            None
+        }
+    };
+    let server = Arc::new(Server { ctx, front, peers });
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -175,6 +200,52 @@ async fn front_proxy(
     Ok((FrontProxy::from_config_map(&data)?, roots))
 }
 
+/// The TLS client and credentials for forwarding, when configured.
+async fn peers(config: &SubresourcesConfig) -> std::result::Result<Option<Peers>, String> {
+    let (Some(ca), Some(name)) = (&config.peer_ca, &config.peer_server_name) else {
+        return Ok(None);
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).map_err(|e| format!("{}: {e}", ca.display()))? {
+        roots
+            .add(cert.map_err(|e| format!("{}: {e}", ca.display()))?)
+            .map_err(|e| format!("{}: {e}", ca.display()))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let server_name = rustls_pki_types::ServerName::try_from(name.clone())
+        .map_err(|e| format!("--subresources-server-name {name}: {e}"))?;
+    let auth = kube::Config::infer()
+        .await
+        .map_err(|e| format!("this agent's credentials: {e}"))?
+        .auth_info;
+    Ok(Some(Peers {
+        tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+        server_name,
+        auth,
+    }))
+}
+
+impl Peers {
+    fn token(&self) -> Option<String> {
+        use secrecy::ExposeSecret;
+        if let Some(file) = &self.auth.token_file {
+            return std::fs::read_to_string(file)
+                .ok()
+                .map(|t| t.trim().to_string());
+        }
+        self.auth
+            .token
+            .as_ref()
+            .map(|t| t.expose_secret().to_string())
+    }
+}
+
 fn tls_config(
     config: &SubresourcesConfig,
     roots: rustls::RootCertStore,
@@ -215,11 +286,36 @@ impl Server {
         if route == Route::Healthz {
             return text(StatusCode::OK, "ok");
         }
-        let user = match rules::identify(&self.front, cn, req.headers()) {
-            Ok(u) => u,
+        let caller = match rules::identify_caller(&self.front, cn, req.headers()) {
+            Ok(c) => c,
             Err(refusal) => {
                 tracing::warn!(%peer, path = req.uri().path(), ?refusal, "subresources API: refused");
                 return refused(refusal);
+            }
+        };
+        let (user, forwarded) = match caller {
+            Caller::FrontProxy(user) => (user, false),
+            Caller::Agent { token, user } => {
+                let Route::Object(target) = &route else {
+                    return status(StatusCode::NOT_FOUND, "NotFound", "no such path");
+                };
+                match self.agent_may_forward(&token, target).await {
+                    Ok(true) => (Some(user), true),
+                    Ok(false) => {
+                        tracing::warn!(%peer, path = req.uri().path(), "subresources API: a bearer token that may not forward");
+                        return refused(Refusal::Unauthenticated(
+                            "this token may not forward requests to agents".into(),
+                        ));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "subresources API: TokenReview failed");
+                        return status(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "InternalError",
+                            &format!("cannot check the forwarding agent: {e}"),
+                        );
+                    }
+                }
             }
         };
         match route {
@@ -262,7 +358,22 @@ impl Server {
                 }
                 let length = query_u64(req.uri().query(), "length");
                 let open = match self.open(&target).await {
-                    Ok(o) => o,
+                    Ok(Place::Here(o)) => o,
+                    Ok(Place::Node(node)) => {
+                        return match (&self.peers, forwarded) {
+                            (Some(peers), false) => {
+                                self.forward(peers, req, &node, &user, &target).await
+                            }
+                            _ => status(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "ServiceUnavailable",
+                                &format!(
+                                    "{}/{} is on node {node}, and this agent ({}) does not forward to it",
+                                    target.namespace, target.name, self.ctx.config.node_name
+                                ),
+                            ),
+                        };
+                    }
                     Err(resp) => return *resp,
                 };
                 let (resp, upgrade) = match websocket_accept(&mut req) {
@@ -302,9 +413,169 @@ impl Server {
         }
     }
 
+    /// Whether a bearer token belongs to an identity that may forward
+    /// users' requests to agents: a TokenReview, then a SubjectAccessReview
+    /// for `proxy` on the object's resource (only the agents' ClusterRole
+    /// grants it).
+    async fn agent_may_forward(&self, token: &str, target: &Target) -> Result<bool> {
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: token.to_string(),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let api: Api<TokenReview> = Api::all(self.ctx.client.clone());
+        let done = api.create(&PostParams::default(), &review).await?;
+        let Some(who) = done
+            .status
+            .filter(|s| s.authenticated == Some(true))
+            .and_then(|s| s.user)
+        else {
+            return Ok(false);
+        };
+        let agent = User {
+            name: who.username.unwrap_or_default(),
+            groups: who.groups.unwrap_or_default(),
+            extra: who.extra.unwrap_or_default(),
+        };
+        let (resource, _) = target.sub.resource();
+        self.review(&agent, "proxy", resource, None, target).await
+    }
+
+    /// Sends the request on to the agent of `node` with this agent's token
+    /// and the user's name, and splices the two upgraded connections.
+    async fn forward(
+        &self,
+        peers: &Peers,
+        mut req: Request<Incoming>,
+        node: &str,
+        user: &User,
+        target: &Target,
+    ) -> Response<Body> {
+        let unavailable = |why: String| {
+            tracing::warn!(node, "subresources API: cannot forward: {why}");
+            status(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &why)
+        };
+        let hosts: Api<vireo_crds::Host> = Api::all(self.ctx.client.clone());
+        let address = match hosts.get_opt(node).await {
+            Ok(Some(h)) => h
+                .metadata
+                .annotations
+                .and_then(|a| a.get(rules::ADDRESS_ANNOTATION).cloned()),
+            Ok(None) => None,
+            Err(e) => return unavailable(format!("Host {node}: {e}")),
+        };
+        let Some(address) = address else {
+            return unavailable(format!(
+                "{}/{} is on node {node}, whose agent publishes no subresources address",
+                target.namespace, target.name
+            ));
+        };
+        let Some(token) = peers.token() else {
+            return unavailable("this agent has no token to forward with".into());
+        };
+        let tcp = match tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::net::TcpStream::connect(&address),
+        )
+        .await
+        {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => return unavailable(format!("node {node}'s agent at {address}: {e}")),
+            Err(_) => return unavailable(format!("node {node}'s agent at {address}: timed out")),
+        };
+        let tls = match peers.tls.connect(peers.server_name.clone(), tcp).await {
+            Ok(t) => t,
+            Err(e) => return unavailable(format!("node {node}'s agent at {address}: TLS: {e}")),
+        };
+        let (mut sender, conn) =
+            match hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(tls)).await {
+                Ok(v) => v,
+                Err(e) => return unavailable(format!("node {node}'s agent at {address}: {e}")),
+            };
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "forwarded connection ended");
+            }
+        });
+        let mut out = Request::builder()
+            .method(req.method().clone())
+            .uri(req.uri().path_and_query().map_or("/", |p| p.as_str()));
+        for name in [
+            header::HOST,
+            header::UPGRADE,
+            header::CONNECTION,
+            header::SEC_WEBSOCKET_KEY,
+            header::SEC_WEBSOCKET_VERSION,
+            header::SEC_WEBSOCKET_PROTOCOL,
+        ] {
+            for v in req.headers().get_all(&name) {
+                out = out.header(&name, v);
+            }
+        }
+        out = out
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .header(rules::FORWARDED_USER, user.name.as_str());
+        for g in &user.groups {
+            out = out.header(rules::FORWARDED_GROUP, g.as_str());
+        }
+        let out = match out.body(Body::default()) {
+            Ok(r) => r,
+            Err(e) => return unavailable(format!("cannot forward: {e}")),
+        };
+        let mut resp = match sender.send_request(out).await {
+            Ok(r) => r,
+            Err(e) => return unavailable(format!("node {node}'s agent at {address}: {e}")),
+        };
+        tracing::info!(node, user = %user.name, object = %format!("{}/{}", target.namespace, target.name), code = resp.status().as_u16(), "subresources API: forwarded");
+        let mut answer = Response::builder().status(resp.status());
+        for (k, v) in resp.headers() {
+            answer = answer.header(k, v);
+        }
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            use http_body_util::BodyExt;
+            let body = match resp.into_body().collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => return unavailable(format!("node {node}'s agent: {e}")),
+            };
+            return answer
+                .body(Body::from(body))
+                .unwrap_or_else(|e| unavailable(e.to_string()));
+        }
+        let theirs = hyper::upgrade::on(&mut resp);
+        let ours = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            match (ours.await, theirs.await) {
+                (Ok(a), Ok(b)) => {
+                    let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
+                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::info!(error = %e, "forwarded upgrade failed");
+                }
+            }
+        });
+        answer
+            .body(Body::default())
+            .unwrap_or_else(|e| unavailable(e.to_string()))
+    }
+
     /// The SubjectAccessReview for exactly this object.
     async fn allowed(&self, user: &User, verb: &str, target: &Target) -> Result<bool> {
         let (resource, subresource) = target.sub.resource();
+        self.review(user, verb, resource, Some(subresource), target)
+            .await
+    }
+
+    async fn review(
+        &self,
+        user: &User,
+        verb: &str,
+        resource: &str,
+        subresource: Option<&str>,
+        target: &Target,
+    ) -> Result<bool> {
         let review = SubjectAccessReview {
             spec: SubjectAccessReviewSpec {
                 user: Some(user.name.clone()),
@@ -314,7 +585,7 @@ impl Server {
                     group: Some(GROUP.into()),
                     version: Some(VERSION.into()),
                     resource: Some(resource.into()),
-                    subresource: Some(subresource.into()),
+                    subresource: subresource.map(str::to_string),
                     namespace: Some(target.namespace.clone()),
                     name: Some(target.name.clone()),
                     verb: Some(verb.into()),
@@ -332,7 +603,7 @@ impl Server {
     }
 
     /// Finds the object on this node and opens what the stream needs.
-    async fn open(&self, t: &Target) -> std::result::Result<Opened, Reply> {
+    async fn open(&self, t: &Target) -> std::result::Result<Place, Reply> {
         let me = &self.ctx.config.node_name;
         let not_found = |kind: &str| {
             status(
@@ -345,19 +616,12 @@ impl Server {
             )
         };
         let elsewhere = |kind: &str, node: Option<&str>| match node {
-            Some(n) => status(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "ServiceUnavailable",
-                &format!(
-                    "{kind} {}/{} is on node {n}, and this agent ({me}) does not forward to other nodes yet",
-                    t.namespace, t.name
-                ),
-            ),
-            None => status(
+            Some(n) => Ok(Place::Node(n.to_string())),
+            None => Err(Box::new(status(
                 StatusCode::CONFLICT,
                 "Conflict",
                 &format!("{kind} {}/{} is not on any node yet", t.namespace, t.name),
-            ),
+            ))),
         };
         let internal = |e: &dyn std::fmt::Display| {
             status(
@@ -376,7 +640,7 @@ impl Server {
                 };
                 let node = dom.status.as_ref().and_then(|s| s.node_name.as_deref());
                 if node != Some(me.as_str()) {
-                    return Err(Box::new(elsewhere("domain", node)));
+                    return elsewhere("domain", node);
                 }
                 let key = vireo_crds::labels::node_key(&t.namespace, &t.name);
                 match self
@@ -386,7 +650,7 @@ impl Server {
                     })
                     .await
                 {
-                    Ok(s) => Ok(Opened::Console(s)),
+                    Ok(s) => Ok(Place::Here(Opened::Console(s))),
                     Err(e) => Err(Box::new(status(
                         StatusCode::CONFLICT,
                         "Conflict",
@@ -403,7 +667,7 @@ impl Server {
                 };
                 let node = vol.status.as_ref().and_then(|s| s.node_name.as_deref());
                 if node != Some(me.as_str()) {
-                    return Err(Box::new(elsewhere("storagevol", node)));
+                    return elsewhere("storagevol", node);
                 }
                 let pool = vol.spec.pool.clone();
                 let file = super::volume_file_name(&t.namespace, &t.name);
@@ -421,14 +685,21 @@ impl Server {
                         &format!("the volume is not in pool {pool} on node {me} yet: {e}"),
                     )));
                 }
-                Ok(if t.sub == Sub::Upload {
+                Ok(Place::Here(if t.sub == Sub::Upload {
                     Opened::Upload { pool, file }
                 } else {
                     Opened::Download { pool, file }
-                })
+                }))
             }
         }
     }
+}
+
+/// Where an object is served.
+enum Place {
+    Here(Opened),
+    /// Another node's agent holds it.
+    Node(String),
 }
 
 enum Opened {

@@ -181,6 +181,27 @@ pub struct User {
     pub extra: BTreeMap<String, Vec<String>>,
 }
 
+/// The Host annotation where an agent publishes its address for the
+/// subresources API (`HOST:PORT`), for the other agents to forward to.
+pub const ADDRESS_ANNOTATION: &str = "subresources.vireo.dev/address";
+/// The user a forwarding agent names (never read from the front proxy's
+/// connections; never trusted before the agent's own token passed a
+/// TokenReview and may `proxy`).
+pub const FORWARDED_USER: &str = "x-vireo-forwarded-user";
+/// The user's groups, one header each.
+pub const FORWARDED_GROUP: &str = "x-vireo-forwarded-group";
+
+/// Who sent a request, before the API server is asked about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// The API server's front proxy, naming a user (or none: discovery).
+    FrontProxy(Option<User>),
+    /// Another agent forwarding a user's request: its bearer token must
+    /// pass a TokenReview, and its identity may `proxy` the object, before
+    /// the user it names is believed.
+    Agent { token: String, user: User },
+}
+
 /// Why a request is refused before anything is opened.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
@@ -192,10 +213,52 @@ pub enum Refusal {
 
 /// Who sent a request. `peer_cn` is the common name of the TLS client
 /// certificate, present only when the requestheader CA signed it (the TLS
-/// layer checked the chain). The identity headers are trusted only then,
-/// and only from a certificate with an allowed name: anyone else is
-/// refused, whatever headers they send. `Ok(None)`: the front proxy, with
-/// no user (the aggregator's own discovery and health checks).
+/// layer checked the chain). With it, only the front proxy's identity
+/// headers count (the forwarded-user headers are ignored). Without it, only
+/// a bearer token with the forwarded-user headers counts (another agent;
+/// the caller checks the token); anything else is refused.
+pub fn identify_caller(
+    fp: &FrontProxy,
+    peer_cn: Option<&str>,
+    headers: &http::HeaderMap,
+) -> Result<Caller, Refusal> {
+    if peer_cn.is_some() {
+        return identify(fp, peer_cn, headers).map(Caller::FrontProxy);
+    }
+    let token = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty());
+    let name = headers
+        .get(FORWARDED_USER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|n| !n.is_empty());
+    match (token, name) {
+        (Some(token), Some(name)) => Ok(Caller::Agent {
+            token: token.to_string(),
+            user: User {
+                name: name.to_string(),
+                groups: headers
+                    .get_all(FORWARDED_GROUP)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .map(str::to_string)
+                    .collect(),
+                extra: BTreeMap::new(),
+            },
+        }),
+        _ => Err(Refusal::Unauthenticated(
+            "no client certificate from the API server's front proxy, and no agent's token".into(),
+        )),
+    }
+}
+
+/// [`identify_caller`] for a connection of the front proxy: the identity
+/// headers are trusted only from a certificate the requestheader CA signed
+/// with an allowed name. `Ok(None)`: the front proxy, with no user (the
+/// aggregator's own discovery and health checks).
 pub fn identify(
     fp: &FrontProxy,
     peer_cn: Option<&str>,
@@ -629,6 +692,37 @@ mod tests {
             ..fp
         };
         assert!(identify(&any, Some("x"), &headers()).is_ok());
+    }
+
+    #[test]
+    fn forwarded_identities_need_a_token_and_no_front_proxy() {
+        let fp = front_proxy();
+        let mut h = headers();
+        h.insert(FORWARDED_USER, "mallory".parse().expect("value"));
+        // On the front proxy's connection the forwarded headers are ignored.
+        assert_eq!(
+            identify_caller(&fp, Some("front-proxy-client"), &h)
+                .map(|c| matches!(c, Caller::FrontProxy(Some(u)) if u.name == "alice")),
+            Ok(true)
+        );
+        // Without a certificate, the front proxy's headers are not enough.
+        assert!(identify_caller(&fp, None, &headers()).is_err());
+        // Nor the forwarded ones without a token.
+        assert!(identify_caller(&fp, None, &h).is_err());
+        // A token and a forwarded user: an agent, to be checked.
+        h.insert(
+            http::header::AUTHORIZATION,
+            "Bearer abc".parse().expect("value"),
+        );
+        h.append(FORWARDED_GROUP, "g1".parse().expect("value"));
+        match identify_caller(&fp, None, &h) {
+            Ok(Caller::Agent { token, user }) => {
+                assert_eq!(token, "abc");
+                assert_eq!(user.name, "mallory");
+                assert_eq!(user.groups, ["g1"]);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
