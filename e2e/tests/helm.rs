@@ -169,10 +169,14 @@ fn chart_lints_and_renders() {
                 && v == "get";
             // And it asks whether the user the API server's front proxy
             // names may open a console or a transfer (subresources.vireo.dev).
+            // And forwards to another node's agent, which checks the
+            // forwarding agent's token and its `proxy` permission.
             let access_review = name == "vireo-agent"
-                && g == "authorization.k8s.io"
-                && r == "subjectaccessreviews"
-                && v == "create";
+                && ((g == "authorization.k8s.io" && r == "subjectaccessreviews" && v == "create")
+                    || (g == "authentication.k8s.io" && r == "tokenreviews" && v == "create")
+                    || (g == "subresources.vireo.dev"
+                        && (r == "domains" || r == "storagevols")
+                        && v == "proxy"));
             assert!(
                 g == "vireo.dev"
                     || (g == "events.k8s.io" && r == "events")
@@ -987,6 +991,11 @@ fn chart_renders_the_subresources_api_and_user_roles() {
     );
     assert!(args.iter().any(|a| a.starts_with("--subresources-cert=")));
     assert!(
+        args.contains(&"--subresources-advertise=$(POD_IP):8443"),
+        "{args:?}"
+    );
+    assert!(args.contains(&"--subresources-server-name=vireo-subresources.vireo-system.svc"));
+    assert!(
         pod["containers"][0]["ports"]
             .as_array()
             .expect("ports")
@@ -1054,8 +1063,23 @@ fn chart_renders_the_subresources_api_and_user_roles() {
     assert!(!allows(user, "vireo.dev", "networks", "create"));
     let admin = find(&docs, "ClusterRole", "vireo-admin");
     assert!(label(admin, "admin") && !label(admin, "edit"));
-    assert!(allows(admin, "subresources.vireo.dev", "*", "*"));
+    assert!(allows(
+        admin,
+        "subresources.vireo.dev",
+        "domains/console",
+        "get"
+    ));
     assert!(allows(admin, "vireo.dev", "*", "*"));
+    // Only the agents may forward (and so name a user).
+    for role in [viewer, user, admin] {
+        assert!(
+            grants(role)
+                .iter()
+                .all(|(g, _, v, _)| !(g == "subresources.vireo.dev" && (v == "proxy" || v == "*"))),
+            "{}",
+            role["metadata"]["name"]
+        );
+    }
 
     // cert-manager issues the certificate instead; its cainjector fills the bundle.
     let docs = render(&["--set", "certManager.enabled=true"]);
