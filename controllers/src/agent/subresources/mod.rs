@@ -10,9 +10,11 @@
 //! connection whose client certificate the requestheader CA signed, with an
 //! allowed common name: the API server's front proxy. Then, as defence in
 //! depth, it asks a SubjectAccessReview for that user on the exact object
-//! before it opens anything. Requests for an object another node holds get
-//! 503 (the API server picks any agent endpoint; forwarding between agents
-//! is not built yet).
+//! before it opens anything. The API server picks any agent endpoint: a
+//! request for an object another node holds is forwarded to that node's
+//! agent ([`Server::forward`]) with this agent's token, which the receiving
+//! agent checks (TokenReview, then `proxy` by SubjectAccessReview) before
+//! it believes the user named.
 //!
 //! Streams are WebSockets; see [`rules::channel`] for the framing.
 
