@@ -12,7 +12,7 @@
 //! depth, it asks a SubjectAccessReview for that user on the exact object
 //! before it opens anything. The API server picks any agent endpoint: a
 //! request for an object another node holds is forwarded to that node's
-//! agent ([`Server::forward`]) with this agent's token, which the receiving
+//! agent (`Server::forward`) with this agent's token, which the receiving
 //! agent checks (TokenReview, then `proxy` by SubjectAccessReview) before
 //! it believes the user named.
 //!
