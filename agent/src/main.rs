@@ -111,16 +111,17 @@ struct RunArgs {
     socket: Option<PathBuf>,
     /// Serve the aggregated API `subresources.vireo.dev` (consoles, volume
     /// uploads and downloads through the API server, authorized by RBAC)
-    /// on this address, e.g. 0.0.0.0:8443. Off unless given; needs
-    /// --subresources-cert and --subresources-key.
-    #[arg(long, value_name = "ADDR:PORT", requires_all = ["subresources_cert", "subresources_key"])]
+    /// on this address, e.g. 0.0.0.0:8443. Off unless given.
+    #[arg(long, value_name = "ADDR:PORT")]
     subresources_listen: Option<SocketAddr>,
     /// PEM serving certificate (chain) of the aggregated API; the
-    /// APIService's caBundle must hold its CA.
-    #[arg(long, value_name = "FILE")]
+    /// APIService's caBundle must hold its CA. Without it (and the key), a
+    /// self-signed certificate is made at start: the APIService then needs
+    /// insecureSkipTLSVerify, and other agents cannot forward here.
+    #[arg(long, value_name = "FILE", requires_all = ["subresources_key", "subresources_listen"])]
     subresources_cert: Option<PathBuf>,
     /// PEM private key of --subresources-cert.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", requires = "subresources_cert")]
     subresources_key: Option<PathBuf>,
     /// HOST:PORT the other agents reach this one's subresources API at,
     /// published in this node's Host; without it, the other agents answer
@@ -210,7 +211,7 @@ fn main() -> Result<()> {
             a.subresources_cert,
             a.subresources_key,
         ) {
-            (Some(listen), Some(cert), Some(key)) => {
+            (Some(listen), cert, key) => {
                 Some(vireo_controllers::agent::subresources::SubresourcesConfig {
                     listen,
                     cert,

@@ -57,9 +57,11 @@ use crate::error::Result;
 #[derive(Debug, Clone)]
 pub struct SubresourcesConfig {
     pub listen: SocketAddr,
-    /// PEM serving certificate (chain) and key.
-    pub cert: PathBuf,
-    pub key: PathBuf,
+    /// PEM serving certificate (chain) and key; without them, a
+    /// self-signed certificate made at start (the APIService then needs
+    /// `insecureSkipTLSVerify`, and other agents cannot forward here).
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
     /// `HOST:PORT` the other agents reach this one at, published in this
     /// node's Host (annotation `subresources.vireo.dev/address`).
     pub advertise: Option<String>,
@@ -252,11 +254,17 @@ fn tls_config(
     config: &SubresourcesConfig,
     roots: rustls::RootCertStore,
 ) -> std::result::Result<rustls::ServerConfig, String> {
-    let certs = CertificateDer::pem_file_iter(&config.cert)
-        .and_then(|i| i.collect::<std::result::Result<Vec<_>, _>>())
-        .map_err(|e| format!("serving certificate {}: {e}", config.cert.display()))?;
-    let key = PrivateKeyDer::from_pem_file(&config.key)
-        .map_err(|e| format!("serving key {}: {e}", config.key.display()))?;
+    let (certs, key) = match (&config.cert, &config.key) {
+        (Some(cert), Some(key)) => {
+            let certs = CertificateDer::pem_file_iter(cert)
+                .and_then(|i| i.collect::<std::result::Result<Vec<_>, _>>())
+                .map_err(|e| format!("serving certificate {}: {e}", cert.display()))?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| format!("serving key {}: {e}", key.display()))?;
+            (certs, key)
+        }
+        _ => self_signed(config)?,
+    };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     // Connections without a client certificate are let through TLS (the
     // kubelet's probes of /healthz); every other path refuses them.
@@ -275,6 +283,32 @@ fn tls_config(
         .map_err(|e| format!("serving certificate: {e}"))?;
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(tls)
+}
+
+/// A self-signed serving certificate for the names this agent may be
+/// reached by (the Service's, the advertised host, localhost).
+fn self_signed(
+    config: &SubresourcesConfig,
+) -> std::result::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
+    let mut names = vec!["localhost".to_string()];
+    names.extend(config.peer_server_name.clone());
+    if let Some(host) = config
+        .advertise
+        .as_deref()
+        .and_then(|a| a.rsplit_once(':'))
+        .map(|(h, _)| h.trim_matches(['[', ']']).to_string())
+    {
+        names.push(host);
+    }
+    let made = rcgen::generate_simple_self_signed(names.clone())
+        .map_err(|e| format!("a self-signed certificate: {e}"))?;
+    tracing::warn!(
+        ?names,
+        "subresources API: no --subresources-cert; serving a self-signed certificate (the \
+         APIService needs insecureSkipTLSVerify: true, and other agents cannot forward here)"
+    );
+    let key = PrivateKeyDer::Pkcs8(made.signing_key.serialize_der().into());
+    Ok((vec![made.cert.der().clone()], key))
 }
 
 impl Server {
@@ -1093,6 +1127,24 @@ mod tests {
         );
         assert_eq!(r["groupVersion"], "subresources.vireo.dev/v1alpha1");
         assert_eq!(discovery::group_list()["groups"][0]["name"], GROUP);
+    }
+
+    #[test]
+    fn a_self_signed_certificate_when_none_is_given() {
+        let config = SubresourcesConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            cert: None,
+            key: None,
+            advertise: Some("192.0.2.7:8443".into()),
+            peer_ca: None,
+            peer_server_name: Some("vireo-subresources.vireo-system.svc".into()),
+        };
+        let (certs, _key) = self_signed(&config).expect("made");
+        assert_eq!(certs.len(), 1);
+        // It serves: rustls takes it with the key.
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(certs[0].clone()).expect("a CA for the test");
+        tls_config(&config, roots).expect("a TLS configuration");
     }
 
     #[test]
