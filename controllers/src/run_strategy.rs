@@ -57,6 +57,15 @@ pub fn decide(
     }
 }
 
+/// Whether a stop skips the guest's shutdown and destroys the domain at
+/// once: its [`STOP_ANNOTATION`](vireo_crds::labels::STOP_ANNOTATION) says
+/// `destroy`.
+pub fn stop_at_once(annotations: Option<&std::collections::BTreeMap<String, String>>) -> bool {
+    annotations
+        .and_then(|a| a.get(vireo_crds::labels::STOP_ANNOTATION))
+        .is_some_and(|v| v == vireo_crds::labels::STOP_DESTROY)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,5 +196,20 @@ mod tests {
             decide(RunStrategy::Once, &lc, S::Shutoff, R::Shutdown, STARTED),
             Action::Nothing
         );
+    }
+
+    #[test]
+    fn only_the_destroy_annotation_stops_at_once() {
+        use std::collections::BTreeMap;
+        let with = |v: &str| {
+            BTreeMap::from([(
+                vireo_crds::labels::STOP_ANNOTATION.to_string(),
+                v.to_string(),
+            )])
+        };
+        assert!(stop_at_once(Some(&with("destroy"))));
+        assert!(!stop_at_once(Some(&with("shutdown"))));
+        assert!(!stop_at_once(Some(&BTreeMap::new())));
+        assert!(!stop_at_once(None));
     }
 }

@@ -21,6 +21,16 @@ pub const NODE_FINALIZER_PREFIX: &str = "node.vireo.dev/";
 /// libvirt had it, which `dumpxml` writes back.
 pub const LIBVIRT_NAME_ANNOTATION: &str = "vireo.dev/libvirt-name";
 
+/// Annotation on a Domain asking how its agent stops it while its
+/// `runStrategy` says it must stop: `destroy` stops it at once (virsh's
+/// `destroy`, which `vireo -c kube:/// destroy` sets); absent, or anything
+/// else, the agent asks the guest to shut down first and destroys it only
+/// after its stop timeout.
+pub const STOP_ANNOTATION: &str = "vireo.dev/stop";
+
+/// The [`STOP_ANNOTATION`] value that stops a domain at once.
+pub const STOP_DESTROY: &str = "destroy";
+
 /// Field manager of the operator.
 pub const OPERATOR_MANAGER: &str = "vireo-operator";
 

@@ -92,6 +92,23 @@ pub trait HypervisorDriver: Send + Sync {
     fn count_domains(&self, filter: ListFilter) -> Result<usize> {
         Ok(self.list_domains(filter)?.len())
     }
+    /// Domains matching the filter in every namespace the connection can
+    /// see (`list --all-namespaces`): on a node, the same as
+    /// [`list_domains`](Self::list_domains).
+    fn list_domains_all_namespaces(&self, filter: ListFilter) -> Result<Vec<DomainRef>> {
+        self.list_domains(filter)
+    }
+    /// Whether the connection spans nodes (a cluster), so that `list`
+    /// shows each domain's node.
+    fn spans_nodes(&self) -> bool {
+        false
+    }
+    /// The node a domain runs on, or was placed on, for a connection that
+    /// spans nodes; `None` on a node.
+    fn domain_node(&self, name: &str) -> Result<Option<String>> {
+        let _ = name;
+        Ok(None)
+    }
     /// Finds a domain by name, UUID or ID (IDs find active domains only).
     fn lookup_domain(&self, key: Lookup<'_>) -> Result<DomainRef>;
 
@@ -157,11 +174,9 @@ pub trait HypervisorDriver: Send + Sync {
     /// hands back one end of a socket pair that it bridges itself.
     fn open_console(&self, name: &str) -> Result<std::os::unix::net::UnixStream> {
         let path = self.console_path(name)?;
-        std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
-            crate::Error::OperationFailed {
-                object: crate::error::ObjectName::new(vireo_crds::ObjectKind::Domain, name),
-                message: format!("cannot connect to its console at {}: {e}", path.display()),
-            }
+        std::os::unix::net::UnixStream::connect(&path).map_err(|e| crate::Error::OperationFailed {
+            object: crate::error::ObjectName::new(vireo_crds::ObjectKind::Domain, name),
+            message: format!("cannot connect to its console at {}: {e}", path.display()),
         })
     }
 

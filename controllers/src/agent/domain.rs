@@ -152,14 +152,21 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
             .await;
         }
         Step::Stop => {
-            // Ask the guest first; destroy it once it has had stop_timeout.
+            // Ask the guest first; destroy it once it has had stop_timeout,
+            // or at once when the Domain asks for it (`vireo destroy` on a
+            // cluster sets the vireo.dev/stop annotation).
             let asked = ctx.stop_asked(&key);
             let k = key.clone();
-            if asked.elapsed() < ctx.config.stop_timeout {
+            let at_once = crate::run_strategy::stop_at_once(dom.metadata.annotations.as_ref());
+            if asked.elapsed() < ctx.config.stop_timeout && !at_once {
                 ctx.drive_domain(ty, move |c| c.hypervisor().shutdown_domain(&k))
                     .await?;
             } else {
-                tracing::warn!(domain = %key, "did not shut down in time; destroying");
+                if at_once {
+                    tracing::info!(domain = %key, "destroying at once (vireo.dev/stop: destroy)");
+                } else {
+                    tracing::warn!(domain = %key, "did not shut down in time; destroying");
+                }
                 ctx.drive_domain(ty, move |c| c.hypervisor().destroy_domain(&k))
                     .await?;
             }

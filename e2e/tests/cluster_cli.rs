@@ -1,0 +1,367 @@
+//! `vireo -c kube:///` and `kubectl vireo` on a real API server, as
+//! token-authenticated users under RBAC: a user bound to `vireo-user` in
+//! `team-a` runs its Domains there and is refused in `team-b`; a viewer
+//! lists and reads but changes nothing.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::{Cluster, ready_hosts, tools_bin, vireo_bin, wait_for};
+use kube::api::Api;
+use vireo_crds::{Domain, DomainReason, DomainState, RunStrategy};
+
+const T: Duration = Duration::from_secs(60);
+
+/// The three roles a cluster's users get; they mirror the chart's
+/// `vireo-viewer`, `vireo-user` and `vireo-admin` ClusterRoles.
+const ROLES: &str = r#"
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata:
+  name: vireo-viewer
+rules:
+- apiGroups: ["vireo.dev"]
+  resources: ["domains", "storagevols", "networks", "storagepools", "hosts"]
+  verbs: ["get", "list", "watch"]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata:
+  name: vireo-user
+rules:
+- apiGroups: ["vireo.dev"]
+  resources: ["domains", "storagevols"]
+  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+- apiGroups: ["vireo.dev"]
+  resources: ["networks", "storagepools", "hosts"]
+  verbs: ["get", "list", "watch"]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata:
+  name: vireo-admin
+rules:
+- apiGroups: ["vireo.dev"]
+  resources: ["*"]
+  verbs: ["*"]
+"#;
+
+/// Service accounts in team-a: alice (vireo-user there), victor (vireo-viewer there).
+const BINDINGS: &str = r#"
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: alice, namespace: team-a}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: victor, namespace: team-a}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: alice-user, namespace: team-a}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: vireo-user}
+subjects: [{kind: ServiceAccount, name: alice, namespace: team-a}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: victor-viewer, namespace: team-a}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: vireo-viewer}
+subjects: [{kind: ServiceAccount, name: victor, namespace: team-a}]
+"#;
+
+const WEB: &str = r#"
+apiVersion: vireo.dev/v1alpha1
+kind: Domain
+metadata:
+  name: web
+spec:
+  type: test
+  memory: 512Mi
+  vcpus: 1
+  maxVcpus: 2
+  runStrategy: Halted
+"#;
+
+const OTHER: &str = r#"
+apiVersion: vireo.dev/v1alpha1
+kind: Domain
+metadata:
+  name: x
+  namespace: team-b
+spec:
+  type: test
+  memory: 256Mi
+  vcpus: 1
+  runStrategy: Halted
+"#;
+
+/// A kubeconfig for the service account `sa` of team-a, its context's
+/// namespace team-a.
+fn user_kubeconfig(cluster: &Cluster, sa: &str) -> PathBuf {
+    let token = cluster
+        .kubectl_ok(&["create", "token", sa, "-n", "team-a", "--duration", "2h"])
+        .trim()
+        .to_string();
+    let path = cluster.token_kubeconfig(sa, &token);
+    let text = std::fs::read_to_string(&path).expect("read kubeconfig");
+    std::fs::write(
+        &path,
+        text.replace("namespace: default", "namespace: team-a"),
+    )
+    .expect("write kubeconfig");
+    path
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `vireo -c URI ARGS` as the user of `kubeconfig`.
+fn vireo(kubeconfig: &Path, uri: &str, args: &[&str]) -> Output {
+    Command::new(vireo_bin("vireo"))
+        .env("KUBECONFIG", kubeconfig)
+        .env_remove("VIREO_DEFAULT_URI")
+        .arg("-c")
+        .arg(uri)
+        .args(args)
+        .output()
+        .expect("vireo runs")
+}
+
+/// Same, insisting on success; returns stdout.
+fn vireo_ok(kubeconfig: &Path, args: &[&str]) -> String {
+    let out = vireo(kubeconfig, "kube:///", args);
+    assert!(
+        out.status.success(),
+        "vireo {} failed: {}",
+        args.join(" "),
+        text(&out)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Same, insisting on a failure (exit 1) whose stderr holds `words`.
+fn vireo_refused(kubeconfig: &Path, args: &[&str], words: &str) {
+    let out = vireo(kubeconfig, "kube:///", args);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "vireo {} did not fail: {}",
+        args.join(" "),
+        text(&out)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(words),
+        "vireo {}: {words:?} not in {err:?}",
+        args.join(" ")
+    );
+}
+
+async fn state_is(api: &Api<Domain>, name: &str, state: DomainState, reason: Option<DomainReason>) {
+    wait_for(T, &format!("{name} {state} ({reason:?})"), || async {
+        let d = api.get_opt(name).await.ok().flatten()?;
+        let info = d.status.as_ref()?.info.as_ref()?;
+        (info.state == state && reason.is_none_or(|r| r == info.reason)).then_some(())
+    })
+    .await
+}
+
+/// The words of a table's header line.
+fn header(table: &str) -> Vec<String> {
+    table
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn users_run_their_domains_through_the_api_and_rbac_refuses_the_rest() {
+    let cluster = Cluster::start("cluster-cli").with_vireo();
+    let client = cluster.client().await;
+    ready_hosts(&client, 3).await;
+    cluster.kubectl_ok(&["create", "namespace", "team-a"]);
+    cluster.kubectl_ok(&["create", "namespace", "team-b"]);
+    let applied =
+        cluster.kubectl_stdin(&["apply", "-f", "-"], &format!("{ROLES}\n---\n{BINDINGS}"));
+    assert!(applied.status.success(), "RBAC: {}", text(&applied));
+    let other = cluster.kubectl_stdin(&["apply", "-f", "-"], OTHER);
+    assert!(other.status.success(), "team-b/x: {}", text(&other));
+    let alice = user_kubeconfig(&cluster, "alice");
+    let victor = user_kubeconfig(&cluster, "victor");
+    let team_a: Api<Domain> = Api::namespaced(client.clone(), "team-a");
+    let team_b: Api<Domain> = Api::namespaced(client.clone(), "team-b");
+
+    // define from a manifest: server-side applied in the context's namespace.
+    let manifest = cluster.dir.join("web.yaml");
+    std::fs::write(&manifest, WEB).expect("write manifest");
+    let out = vireo_ok(&alice, &["define", "-f", &manifest.display().to_string()]);
+    assert!(out.contains("Domain 'team-a/web' defined"), "{out}");
+    let web = team_a.get("web").await.expect("team-a/web");
+    assert!(
+        web.metadata
+            .managed_fields
+            .iter()
+            .flatten()
+            .any(|f| f.manager.as_deref() == Some("vireo-cli")),
+        "not applied by vireo-cli"
+    );
+    state_is(&team_a, "web", DomainState::Shutoff, None).await;
+
+    // start: the agent starts it; list shows it with its node.
+    let out = vireo_ok(&alice, &["start", "web"]);
+    assert!(out.contains("Domain 'team-a/web' started"), "{out}");
+    state_is(&team_a, "web", DomainState::Running, None).await;
+    let node = team_a
+        .get("web")
+        .await
+        .expect("web")
+        .status
+        .and_then(|s| s.node_name)
+        .expect("web has a node");
+    let list = vireo_ok(&alice, &["list", "--all"]);
+    assert_eq!(header(&list), ["Id", "Name", "State", "Node"], "{list}");
+    let row = list
+        .lines()
+        .find(|l| l.contains("team-a/web"))
+        .unwrap_or_else(|| panic!("no team-a/web in {list}"));
+    assert!(row.contains("running") && row.contains(&node), "{row}");
+    let info = vireo_ok(&alice, &["dominfo", "web"]);
+    assert!(
+        info.contains("State:") && info.contains("running"),
+        "{info}"
+    );
+    assert_eq!(
+        vireo_ok(&alice, &["domstate", "--reason", "team-a/web"]).trim(),
+        "running (booted)"
+    );
+    let xml = vireo_ok(&alice, &["dumpxml", "web"]);
+    assert!(xml.contains("<name>web</name>"), "{xml}");
+
+    // shutdown: runStrategy Halted, the guest shuts down.
+    vireo_ok(&alice, &["shutdown", "web"]);
+    state_is(
+        &team_a,
+        "web",
+        DomainState::Shutoff,
+        Some(DomainReason::Shutdown),
+    )
+    .await;
+    let d = team_a.get("web").await.expect("web");
+    assert_eq!(d.spec.run_strategy, RunStrategy::Halted);
+
+    // destroy: stopped at once (vireo.dev/stop: destroy).
+    vireo_ok(&alice, &["start", "web"]);
+    state_is(&team_a, "web", DomainState::Running, None).await;
+    let out = vireo_ok(&alice, &["destroy", "web"]);
+    assert!(out.contains("Domain 'team-a/web' destroyed"), "{out}");
+    state_is(
+        &team_a,
+        "web",
+        DomainState::Shutoff,
+        Some(DomainReason::Destroyed),
+    )
+    .await;
+
+    // setvcpus and autostart patch the spec.
+    vireo_ok(&alice, &["setvcpus", "web", "2", "--config"]);
+    vireo_ok(&alice, &["autostart", "--disable", "web"]);
+    let d = team_a.get("web").await.expect("web");
+    assert_eq!(d.spec.vcpus, 2);
+    assert_eq!(d.spec.run_strategy, RunStrategy::Manual);
+
+    // What has no request form says so.
+    vireo_refused(
+        &alice,
+        &["reboot", "web"],
+        "not supported by the kube driver",
+    );
+
+    // Another namespace: forbidden, exit 1, nothing changed.
+    let before = team_b.get("x").await.expect("team-b/x");
+    vireo_refused(
+        &alice,
+        &["start", "team-b/x"],
+        "error: domain 'team-b/x': forbidden:",
+    );
+    vireo_refused(&alice, &["destroy", "team-b/x"], "forbidden");
+    let after = team_b.get("x").await.expect("team-b/x");
+    assert_eq!(
+        before.metadata.resource_version, after.metadata.resource_version,
+        "team-b/x changed"
+    );
+    assert_eq!(after.spec.run_strategy, RunStrategy::Halted);
+    let out = vireo(&alice, "kube:///?namespace=team-b", &["list", "--all"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("forbidden"), "{}", text(&out));
+
+    // A missing one reads as on a node.
+    vireo_refused(
+        &alice,
+        &["dominfo", "nope"],
+        "error: domain 'team-a/nope' not found",
+    );
+
+    // The viewer lists and reads, and changes nothing.
+    let list = vireo_ok(&victor, &["list", "--all"]);
+    assert!(list.contains("team-a/web"), "{list}");
+    let info = vireo_ok(&victor, &["dominfo", "web"]);
+    assert!(info.contains("team-a/web"), "{info}");
+    let before = team_a.get("web").await.expect("web");
+    vireo_refused(
+        &victor,
+        &["start", "web"],
+        "error: domain 'team-a/web': forbidden:",
+    );
+    let after = team_a.get("web").await.expect("web");
+    assert_eq!(
+        before.metadata.resource_version,
+        after.metadata.resource_version
+    );
+
+    // kubectl vireo: the same binary as kubectl-vireo on PATH, kube:/// by default.
+    let plugins = cluster.dir.join("plugins");
+    std::fs::create_dir_all(&plugins).expect("plugins dir");
+    std::os::unix::fs::symlink(vireo_bin("vireo"), plugins.join("kubectl-vireo"))
+        .expect("symlink kubectl-vireo");
+    let path = format!(
+        "{}:{}",
+        plugins.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new(tools_bin().join("kubectl"))
+        .env("KUBECONFIG", &alice)
+        .env("PATH", &path)
+        .env_remove("VIREO_DEFAULT_URI")
+        .args(["vireo", "list", "--all"])
+        .output()
+        .expect("kubectl runs");
+    assert!(out.status.success(), "kubectl vireo: {}", text(&out));
+    let plugin_list = String::from_utf8_lossy(&out.stdout);
+    assert!(plugin_list.contains("team-a/web"), "{plugin_list}");
+    let node_list = Command::new(vireo_bin("vireo"))
+        .args(["-c", "test:///default", "list", "--all"])
+        .output()
+        .expect("vireo runs");
+    let mut want = header(&String::from_utf8_lossy(&node_list.stdout));
+    want.push("Node".to_string());
+    assert_eq!(header(&plugin_list), want, "{plugin_list}");
+
+    // undefine deletes the Domain.
+    let out = vireo_ok(&alice, &["undefine", "web"]);
+    assert!(
+        out.contains("Domain 'team-a/web' has been undefined"),
+        "{out}"
+    );
+    common::wait_gone(&team_a, "web", T, "team-a/web deleted").await;
+}
