@@ -49,8 +49,24 @@ rules:
   verbs: ["*"]
 "#;
 
-/// Service accounts in team-a: alice (vireo-user there), victor (vireo-viewer there).
+/// Service accounts in team-a: alice (vireo-user there, and reader of the
+/// cluster-scoped Networks and StoragePools), victor (vireo-viewer there).
 const BINDINGS: &str = r#"
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata:
+  name: vireo-cluster-reader
+rules:
+- apiGroups: ["vireo.dev"]
+  resources: ["networks", "storagepools", "hosts"]
+  verbs: ["get", "list", "watch"]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: alice-cluster-reader}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: vireo-cluster-reader}
+subjects: [{kind: ServiceAccount, name: alice, namespace: team-a}]
+---
 apiVersion: v1
 kind: ServiceAccount
 metadata: {name: alice, namespace: team-a}
@@ -115,7 +131,7 @@ fn user_kubeconfig(cluster: &Cluster, sa: &str) -> PathBuf {
     path
 }
 
-fn text(out: &Output) -> String {
+fn text_of(out: &Output) -> String {
     format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -142,7 +158,7 @@ fn vireo_ok(kubeconfig: &Path, args: &[&str]) -> String {
         out.status.success(),
         "vireo {} failed: {}",
         args.join(" "),
-        text(&out)
+        text_of(&out)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -155,7 +171,7 @@ fn vireo_refused(kubeconfig: &Path, args: &[&str], words: &str) {
         Some(1),
         "vireo {} did not fail: {}",
         args.join(" "),
-        text(&out)
+        text_of(&out)
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -194,9 +210,9 @@ async fn users_run_their_domains_through_the_api_and_rbac_refuses_the_rest() {
     cluster.kubectl_ok(&["create", "namespace", "team-b"]);
     let applied =
         cluster.kubectl_stdin(&["apply", "-f", "-"], &format!("{ROLES}\n---\n{BINDINGS}"));
-    assert!(applied.status.success(), "RBAC: {}", text(&applied));
+    assert!(applied.status.success(), "RBAC: {}", text_of(&applied));
     let other = cluster.kubectl_stdin(&["apply", "-f", "-"], OTHER);
-    assert!(other.status.success(), "team-b/x: {}", text(&other));
+    assert!(other.status.success(), "team-b/x: {}", text_of(&other));
     let alice = user_kubeconfig(&cluster, "alice");
     let victor = user_kubeconfig(&cluster, "victor");
     let team_a: Api<Domain> = Api::namespaced(client.clone(), "team-a");
@@ -302,8 +318,8 @@ async fn users_run_their_domains_through_the_api_and_rbac_refuses_the_rest() {
     );
     assert_eq!(after.spec.run_strategy, RunStrategy::Halted);
     let out = vireo(&alice, "kube:///?namespace=team-b", &["list", "--all"]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(text(&out).contains("forbidden"), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", text_of(&out));
+    assert!(text_of(&out).contains("forbidden"), "{}", text_of(&out));
 
     // A missing one reads as on a node.
     vireo_refused(
@@ -346,7 +362,7 @@ async fn users_run_their_domains_through_the_api_and_rbac_refuses_the_rest() {
         .args(["vireo", "list", "--all"])
         .output()
         .expect("kubectl runs");
-    assert!(out.status.success(), "kubectl vireo: {}", text(&out));
+    assert!(out.status.success(), "kubectl vireo: {}", text_of(&out));
     let plugin_list = String::from_utf8_lossy(&out.stdout);
     assert!(plugin_list.contains("team-a/web"), "{plugin_list}");
     let node_list = Command::new(vireo_bin("vireo"))
@@ -356,6 +372,62 @@ async fn users_run_their_domains_through_the_api_and_rbac_refuses_the_rest() {
     let mut want = header(&String::from_utf8_lossy(&node_list.stdout));
     want.push("Node".to_string());
     assert_eq!(header(&plugin_list), want, "{plugin_list}");
+
+    // Networks, pools and volumes from their objects; domifaddr from status.
+    for f in ["test-network.yaml", "test-pool.yaml"] {
+        cluster.kubectl_ok(&[
+            "apply",
+            "-f",
+            &common::repo()
+                .join("examples")
+                .join(f)
+                .display()
+                .to_string(),
+        ]);
+    }
+    for f in ["test-volume.yaml", "test-vm-with-disk.yaml"] {
+        let p = common::repo()
+            .join("examples")
+            .join(f)
+            .display()
+            .to_string();
+        let text = std::fs::read_to_string(&p).expect("example");
+        // The example Domain is also called web: team-a's is vm here.
+        let text = text.replace("name: web", "name: vm");
+        let out = cluster.kubectl_stdin(&["apply", "-n", "team-a", "-f", "-"], &text);
+        assert!(out.status.success(), "{f}: {}", text_of(&out));
+    }
+    state_is(&team_a, "vm", DomainState::Running, None).await;
+    let nets = vireo_ok(&alice, &["net-list", "--all"]);
+    assert!(
+        nets.lines()
+            .any(|l| l.split_whitespace().next() == Some("lab")),
+        "{nets}"
+    );
+    let info = vireo_ok(&alice, &["net-info", "lab"]);
+    assert!(info.contains("vireo-lab0"), "{info}");
+    let pools = vireo_ok(&alice, &["pool-list", "--all"]);
+    assert!(pools.contains("images"), "{pools}");
+    vireo_ok(&alice, &["pool-info", "images"]);
+    let vols = vireo_ok(&alice, &["vol-list", "images"]);
+    assert!(vols.contains("team-a/scratch"), "{vols}");
+    let info = vireo_ok(&alice, &["vol-info", "scratch", "--pool", "images"]);
+    assert!(
+        info.contains("team-a/scratch") && info.contains("2.00 GiB"),
+        "{info}"
+    );
+    let vm = team_a.get("vm").await.expect("vm");
+    let iface = vm
+        .status
+        .as_ref()
+        .and_then(|s| s.interfaces.first().cloned())
+        .expect("vm's status.interfaces");
+    let addrs = vireo_ok(&alice, &["domifaddr", "vm"]);
+    let row = addrs
+        .lines()
+        .find(|l| l.contains(&iface.mac))
+        .unwrap_or_else(|| panic!("no {} in {addrs}", iface.mac));
+    assert!(row.contains(iface.ip.as_deref().unwrap_or("N/A")), "{row}");
 
     // undefine deletes the Domain.
     let out = vireo_ok(&alice, &["undefine", "web"]);
