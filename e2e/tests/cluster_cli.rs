@@ -10,6 +10,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use common::{Cluster, ready_hosts, tools_bin, vireo_bin, wait_for};
+use kube::ResourceExt;
 use kube::api::Api;
 use vireo_crds::{Domain, DomainReason, DomainState, RunStrategy};
 
@@ -296,10 +297,55 @@ async fn users_run_their_domains_through_the_api_and_rbac_refuses_the_rest() {
     assert_eq!(d.spec.vcpus, 2);
     assert_eq!(d.spec.run_strategy, RunStrategy::Manual);
 
+    // suspend and resume: vireo.dev/paused, which the agent follows.
+    vireo_ok(&alice, &["start", "web"]);
+    state_is(&team_a, "web", DomainState::Running, None).await;
+    let out = vireo_ok(&alice, &["suspend", "web"]);
+    assert!(out.contains("Domain 'team-a/web' suspended"), "{out}");
+    state_is(
+        &team_a,
+        "web",
+        DomainState::Paused,
+        Some(DomainReason::User),
+    )
+    .await;
+    vireo_refused(&alice, &["suspend", "web"], "is already paused");
+    vireo_ok(&alice, &["resume", "web"]);
+    state_is(
+        &team_a,
+        "web",
+        DomainState::Running,
+        Some(DomainReason::Unpaused),
+    )
+    .await;
+    vireo_refused(&alice, &["resume", "web"], "is not paused");
+
+    // reboot and reset: one vireo.dev/request each, carried out and removed.
+    for (command, event) in [("reboot", "Rebooted"), ("reset", "Reset")] {
+        vireo_ok(&alice, &[command, "web"]);
+        wait_for(T, &format!("{command} carried out"), || async {
+            let d = team_a.get("web").await.ok()?;
+            let pending = d.annotations().contains_key("vireo.dev/request");
+            let reasons = cluster.kubectl_ok(&[
+                "get",
+                "events",
+                "-n",
+                "team-a",
+                "--field-selector",
+                "involvedObject.name=web",
+                "-o",
+                "jsonpath={.items[*].reason}",
+            ]);
+            (!pending && reasons.split_whitespace().any(|r| r == event)).then_some(())
+        })
+        .await;
+        state_is(&team_a, "web", DomainState::Running, None).await;
+    }
+
     // What has no request form says so.
     vireo_refused(
         &alice,
-        &["reboot", "web"],
+        &["managedsave", "web"],
         "not supported by the kube driver",
     );
 
@@ -336,7 +382,7 @@ async fn users_run_their_domains_through_the_api_and_rbac_refuses_the_rest() {
     let before = team_a.get("web").await.expect("web");
     vireo_refused(
         &victor,
-        &["start", "web"],
+        &["destroy", "web"],
         "error: domain 'team-a/web': forbidden:",
     );
     let after = team_a.get("web").await.expect("web");

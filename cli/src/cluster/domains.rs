@@ -6,7 +6,7 @@ use std::sync::Arc;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use serde_json::json;
-use vireo_crds::labels::{STOP_ANNOTATION, STOP_DESTROY};
+use vireo_crds::labels::{PAUSED_ANNOTATION, REQUEST_ANNOTATION, STOP_ANNOTATION, STOP_DESTROY};
 use vireo_crds::quantity::{format_bytes, parse_quantity};
 use vireo_crds::{
     Domain, DomainInfo, DomainReason, DomainState, NodeInfo, ObjectKind, RunStrategy,
@@ -29,6 +29,13 @@ fn state_of(d: &Domain) -> (DomainState, DomainReason) {
         .and_then(|s| s.info.as_ref())
         .map_or(DomainReason::Unknown, |i| i.reason);
     (state, reason)
+}
+
+/// Whether the Domain asks its agent to keep it paused.
+fn wants_paused(d: &Domain) -> bool {
+    d.annotations()
+        .get(PAUSED_ANNOTATION)
+        .is_some_and(|v| v == "true")
 }
 
 /// A Domain as a lookup returns it: `NS/NAME`, its UUID, its ID while active.
@@ -96,7 +103,7 @@ impl Domains {
         self.patch(
             text,
             json!({
-                "metadata": {"annotations": {STOP_ANNOTATION: stop}},
+                "metadata": {"annotations": {STOP_ANNOTATION: stop, PAUSED_ANNOTATION: null}},
                 "spec": {"runStrategy": strategy},
             }),
         )
@@ -123,6 +130,19 @@ impl Domains {
             ))
             .map_err(|e| api_error(KIND, &full, e))?;
         Ok(reference(&applied))
+    }
+
+    /// A one-shot request the agent carries out on the running domain.
+    fn ask(&self, text: &str, request: &str) -> Result<()> {
+        let (d, full) = self.get(text)?;
+        if !state_of(&d).0.is_active() {
+            return Err(Error::invalid_state(KIND, full, "is not running"));
+        }
+        self.patch(
+            text,
+            json!({"metadata": {"annotations": {REQUEST_ANNOTATION: request}}}),
+        )
+        .map(|_| ())
     }
 
     fn stop(&self, text: &str, at_once: bool) -> Result<()> {
@@ -370,40 +390,42 @@ impl HypervisorDriver for Domains {
         self.stop(name, true)
     }
 
+    /// `vireo.dev/request: reboot`: the agent reboots it once.
     fn reboot_domain(&self, name: &str) -> Result<()> {
-        let (_, full) = self.get(name)?;
-        Err(unsupported(
-            KIND,
-            &full,
-            "reboot (no request form on a cluster yet)",
-        ))
+        self.ask(name, "reboot")
     }
 
+    /// `vireo.dev/request: reset`: the agent resets it once.
     fn reset_domain(&self, name: &str) -> Result<()> {
-        let (_, full) = self.get(name)?;
-        Err(unsupported(
-            KIND,
-            &full,
-            "reset (no request form on a cluster yet)",
-        ))
+        self.ask(name, "reset")
     }
 
+    /// `vireo.dev/paused: "true"`: the agent pauses it (and keeps it paused).
     fn suspend_domain(&self, name: &str) -> Result<()> {
-        let (_, full) = self.get(name)?;
-        Err(unsupported(
-            KIND,
-            &full,
-            "suspend (no request form on a cluster yet)",
-        ))
+        let (d, full) = self.get(name)?;
+        match state_of(&d).0 {
+            DomainState::Paused => Err(Error::invalid_state(KIND, full, "is already paused")),
+            s if !s.is_active() => Err(Error::invalid_state(KIND, full, "is not running")),
+            _ => self
+                .patch(
+                    name,
+                    json!({"metadata": {"annotations": {PAUSED_ANNOTATION: "true"}}}),
+                )
+                .map(|_| ()),
+        }
     }
 
+    /// Removes `vireo.dev/paused`: the agent resumes it.
     fn resume_domain(&self, name: &str) -> Result<()> {
-        let (_, full) = self.get(name)?;
-        Err(unsupported(
-            KIND,
-            &full,
-            "resume (no request form on a cluster yet)",
-        ))
+        let (d, full) = self.get(name)?;
+        if state_of(&d).0 != DomainState::Paused && !wants_paused(&d) {
+            return Err(Error::invalid_state(KIND, full, "is not paused"));
+        }
+        self.patch(
+            name,
+            json!({"metadata": {"annotations": {PAUSED_ANNOTATION: null}}}),
+        )
+        .map(|_| ())
     }
 
     fn open_console(&self, name: &str) -> Result<std::os::unix::net::UnixStream> {
