@@ -297,6 +297,30 @@ async fn users_run_their_domains_through_the_api_and_rbac_refuses_the_rest() {
     assert_eq!(d.spec.vcpus, 2);
     assert_eq!(d.spec.run_strategy, RunStrategy::Manual);
 
+    // define replaces a definition: what dumpspec printed applies again
+    // (without the operator's and agents' fields), and a Domain kubectl
+    // applied is taken over.
+    let spec = vireo_ok(&alice, &["dumpspec", "web"]);
+    let dumped = cluster.dir.join("web-dumped.yaml");
+    std::fs::write(&dumped, spec.replace("vcpus: 2", "vcpus: 1")).expect("write dumpspec");
+    vireo_ok(&alice, &["define", "-f", &dumped.display().to_string()]);
+    let d = team_a.get("web").await.expect("web");
+    assert_eq!(d.spec.vcpus, 1);
+    assert!(
+        d.finalizers().iter().any(|f| f == "vireo.dev/node-cleanup"),
+        "the agent's finalizer went: {:?}",
+        d.finalizers()
+    );
+    let legacy = "apiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {name: legacy, namespace: team-a}\nspec: {type: test, memory: 256Mi, vcpus: 1, runStrategy: Halted}\n";
+    let out = cluster.kubectl_stdin(&["apply", "--server-side", "-f", "-"], legacy);
+    assert!(out.status.success(), "legacy: {}", text_of(&out));
+    let redefined = cluster.dir.join("legacy.yaml");
+    std::fs::write(&redefined, legacy.replace("256Mi", "384Mi")).expect("write legacy");
+    vireo_ok(&alice, &["define", "-f", &redefined.display().to_string()]);
+    let d = team_a.get("legacy").await.expect("legacy");
+    assert_eq!(d.spec.memory.0, "384Mi");
+    vireo_ok(&alice, &["undefine", "legacy"]);
+
     // suspend and resume: vireo.dev/paused, which the agent follows.
     vireo_ok(&alice, &["start", "web"]);
     state_is(&team_a, "web", DomainState::Running, None).await;

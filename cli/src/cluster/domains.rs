@@ -13,7 +13,7 @@ use vireo_crds::{
 };
 use vireo_drivers::{Affect, DomainRef, Error, HypervisorDriver, ListFilter, Lookup, Result};
 
-use super::{FIELD_MANAGER, Kube, api_error, for_apply, full_name, unsupported};
+use super::{Kube, api_error, apply_params, for_apply, full_name, unsupported};
 
 const KIND: ObjectKind = ObjectKind::Domain;
 
@@ -123,11 +123,10 @@ impl Domains {
         d.status = None;
         let applied = self
             .0
-            .block_on(self.api(&ns).patch(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER),
-                &Patch::Apply(&d),
-            ))
+            .block_on(
+                self.api(&ns)
+                    .patch(&name, &apply_params(), &Patch::Apply(&d)),
+            )
             .map_err(|e| api_error(KIND, &full, e))?;
         Ok(reference(&applied))
     }

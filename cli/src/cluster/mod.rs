@@ -217,7 +217,10 @@ pub fn unsupported(kind: ObjectKind, name: &str, operation: &'static str) -> Err
     }
 }
 
-/// An object ready for server-side apply: no server-set metadata, no status.
+/// An object ready for server-side apply: without what the API server,
+/// the operator and the agents set (server metadata, finalizers, the
+/// node label, kubectl's last applied copy), so that applying what
+/// `dumpspec` or `edit` read takes none of it over.
 pub fn for_apply(meta: &mut kube::api::ObjectMeta) {
     meta.resource_version = None;
     meta.uid = None;
@@ -225,6 +228,22 @@ pub fn for_apply(meta: &mut kube::api::ObjectMeta) {
     meta.creation_timestamp = None;
     meta.generation = None;
     meta.deletion_timestamp = None;
+    meta.deletion_grace_period_seconds = None;
+    meta.finalizers = None;
+    if let Some(labels) = meta.labels.as_mut() {
+        labels.remove(vireo_crds::labels::NODE);
+    }
+    if let Some(notes) = meta.annotations.as_mut() {
+        notes.remove("kubectl.kubernetes.io/last-applied-configuration");
+        notes.retain(|k, _| !vireo_crds::labels::is_request_annotation(k));
+    }
+}
+
+/// Server-side apply as `vireo-cli`, taking over the fields it sets from
+/// other managers (`kubectl apply` before): `define` replaces a definition,
+/// as virsh's does.
+pub fn apply_params() -> kube::api::PatchParams {
+    kube::api::PatchParams::apply(FIELD_MANAGER).force()
 }
 
 #[cfg(test)]
@@ -274,6 +293,40 @@ mod tests {
         assert_eq!(split_name("team-a", "web"), ("team-a", "web"));
         assert_eq!(split_name("team-a", "team-b/web"), ("team-b", "web"));
         assert_eq!(full_name("team-a", "web"), "team-a/web");
+    }
+
+    #[test]
+    fn applies_leave_out_what_others_set() {
+        let mut meta = kube::api::ObjectMeta {
+            name: Some("web".into()),
+            resource_version: Some("7".into()),
+            finalizers: Some(vec!["vireo.dev/node-cleanup".into()]),
+            labels: Some(
+                [
+                    (vireo_crds::labels::NODE.to_string(), "node-1".to_string()),
+                    ("app".to_string(), "web".to_string()),
+                ]
+                .into(),
+            ),
+            annotations: Some(
+                [
+                    (
+                        vireo_crds::labels::STOP_ANNOTATION.to_string(),
+                        "destroy".to_string(),
+                    ),
+                    ("vireo.dev/title".to_string(), "Web".to_string()),
+                ]
+                .into(),
+            ),
+            ..Default::default()
+        };
+        for_apply(&mut meta);
+        assert_eq!(meta.name.as_deref(), Some("web"));
+        assert!(meta.resource_version.is_none() && meta.finalizers.is_none());
+        let labels = meta.labels.unwrap_or_default();
+        assert_eq!(labels.keys().collect::<Vec<_>>(), ["app"]);
+        let notes = meta.annotations.unwrap_or_default();
+        assert_eq!(notes.keys().collect::<Vec<_>>(), ["vireo.dev/title"]);
     }
 
     #[test]

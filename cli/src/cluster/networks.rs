@@ -10,7 +10,7 @@ use serde_json::json;
 use vireo_crds::{Network, ObjectKind};
 use vireo_drivers::{Error, ListFilter, Lookup, NetworkDriver, NetworkInfo, NetworkRef, Result};
 
-use super::{FIELD_MANAGER, Kube, api_error, for_apply};
+use super::{Kube, api_error, apply_params, for_apply};
 
 const KIND: ObjectKind = ObjectKind::Network;
 
@@ -58,11 +58,7 @@ impl Networks {
         n.metadata.namespace = None;
         n.status = None;
         self.0
-            .block_on(self.api().patch(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER),
-                &Patch::Apply(&n),
-            ))
+            .block_on(self.api().patch(&name, &apply_params(), &Patch::Apply(&n)))
             .map(|n| reference(&n))
             .map_err(|e| api_error(KIND, &name, e))
     }

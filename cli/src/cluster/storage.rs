@@ -15,7 +15,7 @@ use vireo_drivers::{
     VolInfo, VolRef,
 };
 
-use super::{FIELD_MANAGER, Kube, api_error, for_apply, full_name, unsupported};
+use super::{Kube, api_error, apply_params, for_apply, full_name, unsupported};
 
 const POOL: ObjectKind = ObjectKind::StoragePool;
 const VOL: ObjectKind = ObjectKind::StorageVol;
@@ -85,11 +85,10 @@ impl Storage {
         p.metadata.namespace = None;
         p.status = None;
         self.0
-            .block_on(self.pools().patch(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER),
-                &Patch::Apply(&p),
-            ))
+            .block_on(
+                self.pools()
+                    .patch(&name, &apply_params(), &Patch::Apply(&p)),
+            )
             .map(|p| pool_ref(&p))
             .map_err(|e| api_error(POOL, &name, e))
     }
@@ -294,11 +293,10 @@ impl StorageDriver for Storage {
         for_apply(&mut v.metadata);
         v.status = None;
         self.0
-            .block_on(self.vols(&ns).patch(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER),
-                &Patch::Apply(&v),
-            ))
+            .block_on(
+                self.vols(&ns)
+                    .patch(&name, &apply_params(), &Patch::Apply(&v)),
+            )
             .map(|v| vol_ref(&v))
             .map_err(|e| api_error(VOL, &full, e))
     }
