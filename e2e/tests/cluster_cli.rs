@@ -391,6 +391,26 @@ async fn users_run_their_domains_through_the_api_and_rbac_refuses_the_rest() {
     assert_eq!(out.status.code(), Some(1), "{}", text_of(&out));
     assert!(text_of(&out).contains("forbidden"), "{}", text_of(&out));
 
+    // --all-namespaces: every namespace the user may list (the admin: all;
+    // alice may not list cluster-wide).
+    let all = vireo_ok(&cluster.kubeconfig, &["list", "--all", "--all-namespaces"]);
+    assert!(
+        all.contains("team-a/web") && all.contains("team-b/x"),
+        "{all}"
+    );
+    vireo_refused(&alice, &["list", "--all", "-A"], "forbidden");
+
+    // kube:///CONTEXT picks the kubeconfig's context; an unknown one fails to open.
+    let out = vireo(&alice, "kube:///alice", &["domstate", "web"]);
+    assert!(out.status.success(), "{}", text_of(&out));
+    let out = vireo(&alice, "kube:///nope", &["list"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text_of(&out));
+    assert!(
+        text_of(&out).contains("cannot open 'kube:///nope'"),
+        "{}",
+        text_of(&out)
+    );
+
     // A missing one reads as on a node.
     vireo_refused(
         &alice,
