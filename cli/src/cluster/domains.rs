@@ -250,9 +250,12 @@ impl HypervisorDriver for Domains {
         }
     }
 
+    /// The Domain as defined: its spec and metadata, without the status
+    /// its agent writes (`dominfo`, `domstate` read that).
     fn domain_definition(&self, name: &str, _inactive: bool) -> Result<Domain> {
         let (mut d, _) = self.get(name)?;
         d.metadata.managed_fields = None;
+        d.status = None;
         Ok(d)
     }
 

@@ -91,6 +91,7 @@ impl NetworkDriver for Networks {
     fn network_definition(&self, name: &str, _inactive: bool) -> Result<Network> {
         let mut n = self.get(name)?;
         n.metadata.managed_fields = None;
+        n.status = None;
         Ok(n)
     }
 

@@ -143,6 +143,7 @@ impl StorageDriver for Storage {
     fn pool_definition(&self, name: &str) -> Result<StoragePool> {
         let mut p = self.pool(name)?;
         p.metadata.managed_fields = None;
+        p.status = None;
         Ok(p)
     }
 
