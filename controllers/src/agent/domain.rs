@@ -359,8 +359,6 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
     Ok(Action::requeue(ctx.config.resync))
 }
 
-/// A running guest's interfaces: MAC, tap, and the address its network's
-/// DHCP server leased to that MAC (none yet, or a network without DHCP).
 /// Carries out what the Domain asks of its running domain through
 /// annotations (`vireo -c kube:/// suspend|resume|reboot|reset`): keep it
 /// paused while `vireo.dev/paused` is `true`, and one reboot or reset per
@@ -462,6 +460,8 @@ async fn requests(
     .await
 }
 
+/// A running guest's interfaces: MAC, tap, and the address its network's
+/// DHCP server leased to that MAC (none yet, or a network without DHCP).
 async fn interface_status(
     ctx: &Ctx,
     ty: DomainType,
