@@ -4,6 +4,7 @@
 //! shell that reads commands from standard input, one a line, all in one
 //! connection (`vireo` with no command).
 
+mod cluster;
 mod commands;
 mod output;
 mod size;
@@ -55,7 +56,9 @@ struct Cli {
     /// default when /var/lib/vireo/vireo.sock exists), test:///default (the
     /// in-memory test node; the default otherwise, with a note on stderr),
     /// test:///PATH/node.yaml, qemu:///system,
-    /// qemu:///embed?root=DIR, kvm:///system, kvm:///embed?root=DIR.
+    /// qemu:///embed?root=DIR, kvm:///system, kvm:///embed?root=DIR,
+    /// kube:///[CONTEXT][?namespace=NS] (a cluster, through its API server
+    /// as the kubeconfig's user; the default as kubectl-vireo).
     #[arg(
         short = 'c',
         long = "connect",
@@ -89,10 +92,40 @@ struct ShellLine {
     command: Command,
 }
 
+/// Whether this process runs as `kubectl-vireo` (a kubectl plugin): then
+/// its connection is the cluster's, `kube:///`, unless -c says otherwise.
+fn is_kubectl_plugin(argv0: Option<&std::ffi::OsStr>) -> bool {
+    argv0
+        .map(std::path::Path::new)
+        .and_then(|p| p.file_name())
+        .is_some_and(|n| n == "kubectl-vireo")
+}
+
+/// Opens a connection: `kube:` URIs on the cluster, the rest through the drivers.
+fn open(uri: &str) -> vireo_drivers::Result<vireo_drivers::Connection> {
+    if cluster::is_kube_uri(uri) {
+        cluster::open(uri)
+    } else {
+        vireo_drivers::open(uri)
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let uri = cli.uri.clone().unwrap_or_else(default_uri);
-    let conn = match vireo_drivers::open(&uri) {
+    let plugin = is_kubectl_plugin(std::env::args_os().next().as_deref());
+    let cli = if plugin {
+        Cli::parse_from(
+            std::iter::once(std::ffi::OsString::from("kubectl vireo"))
+                .chain(std::env::args_os().skip(1)),
+        )
+    } else {
+        Cli::parse()
+    };
+    let uri = match (&cli.uri, plugin) {
+        (Some(u), _) => u.clone(),
+        (None, true) => "kube:///".to_string(),
+        (None, false) => default_uri(),
+    };
+    let conn = match open(&uri) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
@@ -226,5 +259,20 @@ fn shell(conn: &vireo_drivers::Connection, default_format: Format) -> ExitCode {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kubectl_vireo_is_the_plugin_by_its_file_name() {
+        let yes = |s: &str| is_kubectl_plugin(Some(std::ffi::OsStr::new(s)));
+        assert!(yes("kubectl-vireo"));
+        assert!(yes("/usr/local/bin/kubectl-vireo"));
+        assert!(!yes("vireo"));
+        assert!(!yes("/opt/kubectl-vireo/vireo"));
+        assert!(!is_kubectl_plugin(None));
     }
 }

@@ -57,6 +57,63 @@ pub fn decide(
     }
 }
 
+/// Whether a stop skips the guest's shutdown and destroys the domain at
+/// once: its [`STOP_ANNOTATION`](vireo_crds::labels::STOP_ANNOTATION) says
+/// `destroy`.
+pub fn stop_at_once(annotations: Option<&std::collections::BTreeMap<String, String>>) -> bool {
+    annotations
+        .and_then(|a| a.get(vireo_crds::labels::STOP_ANNOTATION))
+        .is_some_and(|v| v == vireo_crds::labels::STOP_DESTROY)
+}
+
+/// What the agent does about a running domain's `vireo.dev/paused`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PauseStep {
+    Nothing,
+    /// Pause the running domain.
+    Suspend,
+    /// Resume a domain the user paused.
+    Resume,
+}
+
+/// Whether the Domain asks to be kept paused (`vireo.dev/paused: "true"`).
+pub fn wants_paused(annotations: Option<&std::collections::BTreeMap<String, String>>) -> bool {
+    annotations
+        .and_then(|a| a.get(vireo_crds::labels::PAUSED_ANNOTATION))
+        .is_some_and(|v| v == "true")
+}
+
+/// Pauses a running domain that should be paused, and resumes one that
+/// the user paused once it should no longer be; a domain paused for
+/// another reason (an I/O error, a watchdog) is left for inspection.
+pub fn pause_step(want_paused: bool, state: DomainState, reason: DomainReason) -> PauseStep {
+    match (want_paused, state) {
+        (true, DomainState::Running) => PauseStep::Suspend,
+        (false, DomainState::Paused) if reason == DomainReason::User => PauseStep::Resume,
+        _ => PauseStep::Nothing,
+    }
+}
+
+/// A one-shot action on a running domain (`vireo.dev/request`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    Reboot,
+    Reset,
+}
+
+/// The Domain's request, if it has one: `Err` with the value when it names
+/// no action (the agent drops it and says so).
+pub fn request(
+    annotations: Option<&std::collections::BTreeMap<String, String>>,
+) -> Option<std::result::Result<Request, String>> {
+    let value = annotations?.get(vireo_crds::labels::REQUEST_ANNOTATION)?;
+    Some(match value.as_str() {
+        "reboot" => Ok(Request::Reboot),
+        "reset" => Ok(Request::Reset),
+        other => Err(other.to_string()),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,5 +244,65 @@ mod tests {
             decide(RunStrategy::Once, &lc, S::Shutoff, R::Shutdown, STARTED),
             Action::Nothing
         );
+    }
+
+    #[test]
+    fn only_the_destroy_annotation_stops_at_once() {
+        use std::collections::BTreeMap;
+        let with = |v: &str| {
+            BTreeMap::from([(
+                vireo_crds::labels::STOP_ANNOTATION.to_string(),
+                v.to_string(),
+            )])
+        };
+        assert!(stop_at_once(Some(&with("destroy"))));
+        assert!(!stop_at_once(Some(&with("shutdown"))));
+        assert!(!stop_at_once(Some(&BTreeMap::new())));
+        assert!(!stop_at_once(None));
+    }
+
+    #[test]
+    fn pauses_when_asked_and_resumes_only_what_the_user_paused() {
+        assert_eq!(pause_step(true, S::Running, R::Booted), PauseStep::Suspend);
+        assert_eq!(pause_step(true, S::Paused, R::User), PauseStep::Nothing);
+        assert_eq!(
+            pause_step(true, S::Shutoff, R::Shutdown),
+            PauseStep::Nothing
+        );
+        assert_eq!(pause_step(false, S::Paused, R::User), PauseStep::Resume);
+        assert_eq!(pause_step(false, S::Paused, R::IoError), PauseStep::Nothing);
+        assert_eq!(
+            pause_step(false, S::Running, R::Unpaused),
+            PauseStep::Nothing
+        );
+    }
+
+    #[test]
+    fn reads_the_paused_and_request_annotations() {
+        use std::collections::BTreeMap;
+        use vireo_crds::labels::{PAUSED_ANNOTATION, REQUEST_ANNOTATION};
+        let one = |k: &str, v: &str| BTreeMap::from([(k.to_string(), v.to_string())]);
+        assert!(wants_paused(Some(&one(PAUSED_ANNOTATION, "true"))));
+        assert!(!wants_paused(Some(&one(PAUSED_ANNOTATION, "false"))));
+        assert!(!wants_paused(None));
+        assert_eq!(
+            request(Some(&one(REQUEST_ANNOTATION, "reboot"))),
+            Some(Ok(Request::Reboot))
+        );
+        assert_eq!(
+            request(Some(&one(REQUEST_ANNOTATION, "reset"))),
+            Some(Ok(Request::Reset))
+        );
+        assert_eq!(
+            request(Some(&one(REQUEST_ANNOTATION, "explode"))),
+            Some(Err("explode".to_string()))
+        );
+        assert_eq!(request(Some(&BTreeMap::new())), None);
+        assert!(vireo_crds::labels::is_request_annotation(
+            REQUEST_ANNOTATION
+        ));
+        assert!(!vireo_crds::labels::is_request_annotation(
+            "vireo.dev/title"
+        ));
     }
 }

@@ -21,6 +21,35 @@ pub const NODE_FINALIZER_PREFIX: &str = "node.vireo.dev/";
 /// libvirt had it, which `dumpxml` writes back.
 pub const LIBVIRT_NAME_ANNOTATION: &str = "vireo.dev/libvirt-name";
 
+/// Annotation on a Domain asking how its agent stops it while its
+/// `runStrategy` says it must stop: `destroy` stops it at once (virsh's
+/// `destroy`, which `vireo -c kube:/// destroy` sets); absent, or anything
+/// else, the agent asks the guest to shut down first and destroys it only
+/// after its stop timeout.
+pub const STOP_ANNOTATION: &str = "vireo.dev/stop";
+
+/// The [`STOP_ANNOTATION`] value that stops a domain at once.
+pub const STOP_DESTROY: &str = "destroy";
+
+/// Annotation on a Domain asking its agent to keep it paused: `true`
+/// suspends a running domain (`vireo -c kube:/// suspend`); removing it
+/// resumes a domain paused by the user (`resume`).
+pub const PAUSED_ANNOTATION: &str = "vireo.dev/paused";
+
+/// Annotation on a Domain asking its agent for one action on the running
+/// domain: `reboot` or `reset` (`vireo -c kube:/// reboot|reset`). The
+/// agent carries it out once and removes the annotation.
+pub const REQUEST_ANNOTATION: &str = "vireo.dev/request";
+
+/// Whether an annotation is one of the requests above, which the agent
+/// carries out rather than copying into the node's definition.
+pub fn is_request_annotation(key: &str) -> bool {
+    matches!(
+        key,
+        STOP_ANNOTATION | PAUSED_ANNOTATION | REQUEST_ANNOTATION
+    )
+}
+
 /// Field manager of the operator.
 pub const OPERATOR_MANAGER: &str = "vireo-operator";
 

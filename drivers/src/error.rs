@@ -64,6 +64,10 @@ pub enum Error {
     /// (`VIR_ERR_AGENT_UNRESPONSIVE`).
     #[error("{object}: guest agent is not responding: {message}")]
     AgentUnresponsive { object: ObjectName, message: String },
+    /// The connection's identity may not do this: the API server's RBAC
+    /// refused it (HTTP 403), with the API server's message.
+    #[error("{object}: forbidden: {message}")]
+    Forbidden { object: ObjectName, message: String },
 }
 
 impl Error {
@@ -117,7 +121,8 @@ impl Error {
             | Self::NoSpace { object, .. }
             | Self::Unsupported { object, .. }
             | Self::OperationFailed { object, .. }
-            | Self::AgentUnresponsive { object, .. } => Some(object),
+            | Self::AgentUnresponsive { object, .. }
+            | Self::Forbidden { object, .. } => Some(object),
             Self::Connect { .. } => None,
         }
     }

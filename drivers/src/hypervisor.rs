@@ -92,6 +92,23 @@ pub trait HypervisorDriver: Send + Sync {
     fn count_domains(&self, filter: ListFilter) -> Result<usize> {
         Ok(self.list_domains(filter)?.len())
     }
+    /// Domains matching the filter in every namespace the connection can
+    /// see (`list --all-namespaces`): on a node, the same as
+    /// [`list_domains`](Self::list_domains).
+    fn list_domains_all_namespaces(&self, filter: ListFilter) -> Result<Vec<DomainRef>> {
+        self.list_domains(filter)
+    }
+    /// Whether the connection spans nodes (a cluster), so that `list`
+    /// shows each domain's node.
+    fn spans_nodes(&self) -> bool {
+        false
+    }
+    /// The node a domain runs on, or was placed on, for a connection that
+    /// spans nodes; `None` on a node.
+    fn domain_node(&self, name: &str) -> Result<Option<String>> {
+        let _ = name;
+        Ok(None)
+    }
     /// Finds a domain by name, UUID or ID (IDs find active domains only).
     fn lookup_domain(&self, key: Lookup<'_>) -> Result<DomainRef>;
 

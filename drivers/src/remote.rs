@@ -244,6 +244,11 @@ impl From<&Error> for WireError {
                 name,
                 message: message.clone(),
             },
+            Error::Forbidden { message, .. } => Self::OperationFailed {
+                kind,
+                name,
+                message: format!("forbidden: {message}"),
+            },
             Error::Connect { uri, message } => Self::Connect {
                 uri: uri.clone(),
                 message: message.clone(),

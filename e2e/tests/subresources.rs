@@ -14,7 +14,8 @@
 //! * an upload cut mid-stream leaves the volume not Ready with its old
 //!   content; a retry completes it, byte for byte.
 //!
-//! The client is `cli/examples/subresources-client` (cli/src/cluster/subresources.rs).
+//! The client is the real CLI, `vireo -c kube:///` (its
+//! cli/src/cluster/subresources.rs), run as each user with their kubeconfig.
 //! Needs qemu-system-x86_64 (the console's guest) and a non-loopback IPv4
 //! address on this host (the APIService's endpoint): fails under CI
 //! without them, otherwise prints SKIP.
@@ -59,47 +60,59 @@ fn qemu_available() -> bool {
     })
 }
 
-/// The client binary (an example of vireo-cli), built once.
-fn client_bin() -> PathBuf {
-    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let status = Command::new(env!("CARGO"))
-                .args([
-                    "build",
-                    "-p",
-                    "vireo-cli",
-                    "--example",
-                    "subresources-client",
-                ])
-                .current_dir(repo())
-                .status()
-                .expect("cargo runs");
-            assert!(status.success(), "building the subresources client failed");
-            common::vireo_bin("vireo-agent")
-                .parent()
-                .expect("target dir")
-                .join("examples/subresources-client")
-        })
-        .clone()
+/// The real CLI on a cluster connection, as the user of `kubeconfig`:
+/// `upload NS/NAME FILE`, `download NS/NAME FILE`, `console NS/NAME` are
+/// `vireo -c kube:/// vol-upload|vol-download --pool images ...` and
+/// `vireo -c kube:/// console` (stdin to the guest until it ends, then its
+/// answer for two seconds).
+fn vireo_args(args: &[&str]) -> Vec<String> {
+    let mut out: Vec<String> = vec!["-c".into(), "kube:///".into()];
+    match args {
+        ["upload", object, file] => {
+            out.extend(["vol-upload", "--pool", "images", object, file].map(String::from))
+        }
+        ["download", object, file] => {
+            out.extend(["vol-download", "--pool", "images", object, file].map(String::from))
+        }
+        ["console", object, ..] => out.extend(["console", object].map(String::from)),
+        other => panic!("no such client command: {other:?}"),
+    }
+    out
 }
 
 fn client(kubeconfig: &Path, args: &[&str], stdin: &[u8]) -> Output {
-    let mut child = Command::new(client_bin())
-        .args(args)
+    let mut child = Command::new(common::vireo_bin("vireo"))
+        .args(vireo_args(args))
         .env("KUBECONFIG", kubeconfig)
+        .env_remove("VIREO_DEFAULT_URI")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("client runs");
+        .expect("vireo runs");
     child
         .stdin
         .take()
         .expect("stdin")
         .write_all(stdin)
         .expect("stdin written");
-    child.wait_with_output().expect("client finishes")
+    child.wait_with_output().expect("vireo finishes")
+}
+
+/// [`client`] on a terminal (script(1)), where vireo draws its progress bar.
+fn client_on_a_terminal(kubeconfig: &Path, args: &[&str]) -> Output {
+    let line = std::iter::once(common::vireo_bin("vireo").display().to_string())
+        .chain(vireo_args(args))
+        .map(|a| format!("'{a}'"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .env("KUBECONFIG", kubeconfig)
+        .env_remove("VIREO_DEFAULT_URI")
+        .stdin(Stdio::null())
+        .output()
+        .expect("script runs")
 }
 
 fn text(b: &[u8]) -> String {
@@ -341,21 +354,26 @@ async fn consoles_and_transfers_through_the_api_server_follow_rbac() {
     let data = random_bytes(6 << 20, 42);
     let src = cluster.dir.join("upload.img");
     std::fs::write(&src, &data).expect("source");
-    let out = client(
+    let out = client_on_a_terminal(
         &alice,
         &["upload", "team-a/disk", &src.display().to_string()],
-        b"",
     );
     assert!(
         out.status.success(),
         "upload: {}\n{}",
-        text(&out.stderr),
+        text(&out.stdout),
         agent.log_text()
     );
+    // The bar's "DONE/TOTAL", then the result.
     assert!(
-        text(&out.stderr).contains("progress "),
+        text(&out.stdout).contains("/6.00 MiB"),
         "no progress shown: {}",
-        text(&out.stderr)
+        text(&out.stdout)
+    );
+    assert!(
+        text(&out.stdout).contains("Uploaded 6.00 MiB"),
+        "{}",
+        text(&out.stdout)
     );
     wait_for(T, "volume disk Ready after its upload", || async {
         vols_a
@@ -476,20 +494,25 @@ async fn consoles_and_transfers_through_the_api_server_follow_rbac() {
     // The agent reports the path as it sees it (under its --host-root).
     let host_path = PathBuf::from(cut_path);
     let old = std::fs::read(&host_path).unwrap_or_else(|e| panic!("{}: {e}", host_path.display()));
-    let fifo = cluster.dir.join("cut.fifo");
-    let st = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
-    assert!(st.success());
-    let mut child = Command::new(client_bin())
-        .args(["upload", "team-a/cut", &fifo.display().to_string()])
+    // `vireo vol-upload ... -` reads standard input, of no known length.
+    let mut child = Command::new(common::vireo_bin("vireo"))
+        .args([
+            "-c",
+            "kube:///",
+            "vol-upload",
+            "--pool",
+            "images",
+            "team-a/cut",
+            "-",
+        ])
         .env("KUBECONFIG", &alice)
+        .env_remove("VIREO_DEFAULT_URI")
+        .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("client");
-    let mut pipe = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&fifo)
-        .expect("fifo");
+        .expect("vireo");
+    let mut pipe = child.stdin.take().expect("stdin");
     let part = random_bytes(4 << 20, 7);
     pipe.write_all(&part[..1 << 20]).expect("first MiB");
     wait_for(T, "the cut upload running (volume Creating)", || async {
@@ -596,7 +619,12 @@ async fn consoles_and_transfers_through_the_api_server_follow_rbac() {
     }
     assert!(forwarded, "node-2 never forwarded:\n{}", agent2.log_text());
     // And the forwarded identity stays the user's: bob is still refused.
-    let out = client(&bob, &["download", "team-a/cut", "/dev/null"], b"");
+    let nowhere = cluster.dir.join("bob.img");
+    let out = client(
+        &bob,
+        &["download", "team-a/cut", &nowhere.display().to_string()],
+        b"",
+    );
     assert_eq!(out.status.code(), Some(1));
     assert!(
         text(&out.stderr).contains("forbidden"),

@@ -251,14 +251,24 @@ fn list(conn: &Connection, args: &super::DomListArgs) -> Result<Output> {
     } else {
         vireo_drivers::ListFilter::Active
     };
-    let mut table = if args.title {
-        Table::new(&["Id", "Name", "State", "Title"])
+    // A connection that spans nodes (a cluster) adds where each one runs.
+    let with_node = hv.spans_nodes();
+    let mut headers = vec!["Id", "Name", "State"];
+    if args.title {
+        headers.push("Title");
+    }
+    if with_node {
+        headers.push("Node");
+    }
+    let mut table = Table::new(&headers);
+    let domains = if args.all_namespaces {
+        hv.list_domains_all_namespaces(filter)?
     } else {
-        Table::new(&["Id", "Name", "State"])
+        hv.list_domains(filter)?
     };
     let mut data = Vec::new();
     let mut lines = Vec::new();
-    for d in hv.list_domains(filter)? {
+    for d in domains {
         let (state, reason) = hv.domain_state(&d.name)?;
         if any_state {
             let wanted = match state {
@@ -283,9 +293,17 @@ fn list(conn: &Connection, args: &super::DomListArgs) -> Result<Output> {
                 continue;
             }
         }
-        data.push(
-            json!({"id": d.id, "name": d.name, "uuid": d.uuid, "state": state, "reason": reason}),
-        );
+        let node = if with_node {
+            hv.domain_node(&d.name)?
+        } else {
+            None
+        };
+        let mut item =
+            json!({"id": d.id, "name": d.name, "uuid": d.uuid, "state": state, "reason": reason});
+        if with_node {
+            item["node"] = json!(node);
+        }
+        data.push(item);
         match (args.uuid, args.name) {
             (true, true) => lines.push(format!("{} {}", d.uuid, d.name)),
             (true, false) => lines.push(d.uuid.clone()),
@@ -303,6 +321,9 @@ fn list(conn: &Connection, args: &super::DomListArgs) -> Result<Output> {
                 .cloned()
                 .unwrap_or_default();
             row.push(title);
+        }
+        if with_node {
+            row.push(node.unwrap_or_else(|| "-".to_string()));
         }
         table.row(row);
     }

@@ -317,6 +317,10 @@ pub struct DomListArgs {
     /// Add a Title column (the vireo.dev/title annotation).
     #[arg(long)]
     pub title: bool,
+    /// On a cluster (kube:///), the domains of every namespace the
+    /// connection's user may list, not only the connection's namespace.
+    #[arg(short = 'A', long)]
+    pub all_namespaces: bool,
 }
 
 /// virsh's --live, --config and --current.

@@ -76,7 +76,12 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
 
     // Define, or redefine when the spec changed.
     let mut def = Domain::new(&key, dom.spec.clone());
-    def.metadata.annotations = dom.metadata.annotations.clone();
+    // Requests to the agent (vireo.dev/stop, paused, request) are carried
+    // out here, not copied into the node's definition.
+    def.metadata.annotations = dom.metadata.annotations.clone().map(|mut a| {
+        a.retain(|k, _| !vireo_crds::labels::is_request_annotation(k));
+        a
+    });
     def.spec.uuid = Some(uuid.to_ascii_lowercase());
     // Disks name StorageVols of the Domain's namespace; on the node a
     // volume's name is `namespace.name`.
@@ -119,13 +124,14 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
         .filter(|g| find(&status.conditions, g).is_none_or(|c| c.status != "True"))
         .collect();
     let mut waiting = None;
-    match decide(
+    let step = decide(
         dom.spec.run_strategy,
         &dom.spec.lifecycle,
         state,
         reason,
         history,
-    ) {
+    );
+    match step {
         Step::Nothing => {}
         Step::Start if !gates.is_empty() => {
             waiting = Some(format!(
@@ -152,14 +158,21 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
             .await;
         }
         Step::Stop => {
-            // Ask the guest first; destroy it once it has had stop_timeout.
+            // Ask the guest first; destroy it once it has had stop_timeout,
+            // or at once when the Domain asks for it (`vireo destroy` on a
+            // cluster sets the vireo.dev/stop annotation).
             let asked = ctx.stop_asked(&key);
             let k = key.clone();
-            if asked.elapsed() < ctx.config.stop_timeout {
+            let at_once = crate::run_strategy::stop_at_once(dom.metadata.annotations.as_ref());
+            if asked.elapsed() < ctx.config.stop_timeout && !at_once {
                 ctx.drive_domain(ty, move |c| c.hypervisor().shutdown_domain(&k))
                     .await?;
             } else {
-                tracing::warn!(domain = %key, "did not shut down in time; destroying");
+                if at_once {
+                    tracing::info!(domain = %key, "destroying at once (vireo.dev/stop: destroy)");
+                } else {
+                    tracing::warn!(domain = %key, "did not shut down in time; destroying");
+                }
                 ctx.drive_domain(ty, move |c| c.hypervisor().destroy_domain(&k))
                     .await?;
             }
@@ -185,6 +198,10 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
             )
             .await;
         }
+    }
+
+    if step == Step::Nothing {
+        requests(ctx, &api, &dom, ty, &key, state, reason).await?;
     }
 
     let k = key.clone();
@@ -340,6 +357,107 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
         ));
     }
     Ok(Action::requeue(ctx.config.resync))
+}
+
+/// Carries out what the Domain asks of its running domain through
+/// annotations (`vireo -c kube:/// suspend|resume|reboot|reset`): keep it
+/// paused while `vireo.dev/paused` is `true`, and one reboot or reset per
+/// `vireo.dev/request`, which is removed once done (or refused: a Warning
+/// Event says why, and the request is dropped rather than retried).
+async fn requests(
+    ctx: &Ctx,
+    api: &Api<Domain>,
+    dom: &Domain,
+    ty: DomainType,
+    key: &str,
+    state: DomainState,
+    reason: vireo_crds::DomainReason,
+) -> Result<()> {
+    use crate::run_strategy::{PauseStep, Request, pause_step, request, wants_paused};
+    let notes = dom.metadata.annotations.as_ref();
+    let k = key.to_string();
+    let (result, done, verb) = match pause_step(wants_paused(notes), state, reason) {
+        PauseStep::Nothing => (Ok(()), "", ""),
+        PauseStep::Suspend => (
+            ctx.drive_domain(ty, move |c| c.hypervisor().suspend_domain(&k))
+                .await,
+            "Suspended",
+            "Suspend",
+        ),
+        PauseStep::Resume => (
+            ctx.drive_domain(ty, move |c| c.hypervisor().resume_domain(&k))
+                .await,
+            "Resumed",
+            "Resume",
+        ),
+    };
+    if !done.is_empty() {
+        result?;
+        tracing::info!(domain = %key, "{}", done.to_lowercase());
+        k8s::event(
+            &ctx.recorder,
+            dom,
+            EventType::Normal,
+            done,
+            verb,
+            format!("{} on node {}", done.to_lowercase(), ctx.config.node_name),
+        )
+        .await;
+    }
+    let Some(asked) = request(notes) else {
+        return Ok(());
+    };
+    let k = key.to_string();
+    let outcome = match asked {
+        Ok(r) if state.is_active() => ctx
+            .drive_domain(ty, move |c| match r {
+                Request::Reboot => c.hypervisor().reboot_domain(&k),
+                Request::Reset => c.hypervisor().reset_domain(&k),
+            })
+            .await
+            .map(|()| r)
+            .map_err(|e| e.to_string()),
+        Ok(_) => Err("the domain is not running".to_string()),
+        Err(other) => Err(format!("'{other}' is not a request (reboot, reset)")),
+    };
+    let (type_, why, note) = match outcome {
+        Ok(Request::Reboot) => (
+            EventType::Normal,
+            "Rebooted",
+            format!("rebooted on node {}", ctx.config.node_name),
+        ),
+        Ok(Request::Reset) => (
+            EventType::Normal,
+            "Reset",
+            format!("reset on node {}", ctx.config.node_name),
+        ),
+        Err(message) => (
+            EventType::Warning,
+            "RequestRefused",
+            format!("vireo.dev/request dropped: {message}"),
+        ),
+    };
+    tracing::info!(domain = %key, reason = why, "{note}");
+    k8s::event(&ctx.recorder, dom, type_, why, "Request", note).await;
+    // Removed only if it is still the request carried out.
+    let value = notes
+        .and_then(|a| a.get(vireo_crds::labels::REQUEST_ANNOTATION))
+        .cloned();
+    let path = format!(
+        "/metadata/annotations/{}",
+        vireo_crds::labels::REQUEST_ANNOTATION
+            .replace('~', "~0")
+            .replace('/', "~1")
+    );
+    k8s::patch_json(
+        api,
+        &dom.name_any(),
+        serde_json::json!([
+            {"op": "test", "path": path, "value": value},
+            {"op": "remove", "path": path},
+        ]),
+    )
+    .await
 }
 
 /// A running guest's interfaces: MAC, tap, and the address its network's
