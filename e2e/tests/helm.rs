@@ -1070,6 +1070,15 @@ fn chart_renders_the_subresources_api_and_user_roles() {
         "get"
     ));
     assert!(allows(admin, "vireo.dev", "*", "*"));
+    let cluster_viewer = find(&docs, "ClusterRole", "vireo-cluster-viewer");
+    for (g, r, v, _) in grants(cluster_viewer) {
+        assert_eq!(g, "vireo.dev");
+        assert!(
+            ["hosts", "networks", "storagepools"].contains(&r.as_str()),
+            "{r}"
+        );
+        assert!(["get", "list", "watch"].contains(&v.as_str()), "{v}");
+    }
     // Only the agents may forward (and so name a user).
     for role in [viewer, user, admin] {
         assert!(

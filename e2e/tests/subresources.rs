@@ -297,6 +297,15 @@ async fn consoles_and_transfers_through_the_api_server_follow_rbac() {
         "--clusterrole=vireo-viewer",
         "--serviceaccount=team-a:bob",
     ]);
+    // Both read the cluster-scoped pools the CLI resolves `--pool` in.
+    cluster.kubectl_ok(&[
+        "create",
+        "clusterrolebinding",
+        "team-a-cluster-viewers",
+        "--clusterrole=vireo-cluster-viewer",
+        "--serviceaccount=team-a:alice",
+        "--serviceaccount=team-a:bob",
+    ]);
 
     // A guest with a shell on its console, a pool, volumes waiting for uploads.
     let image = common::script_output("scripts/guest-image.sh", None);
