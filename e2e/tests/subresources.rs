@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{Cluster, free_port, ready_hosts, repo, wait_for};
+use common::{Cluster, free_port, ready_hosts, wait_for};
 use kube::api::Api;
 use vireo_crds::{Domain, DomainState, StorageVol};
 
