@@ -16,56 +16,14 @@ use vireo_crds::{Domain, DomainReason, DomainState, RunStrategy};
 
 const T: Duration = Duration::from_secs(60);
 
-/// The three roles a cluster's users get; they mirror the chart's
-/// `vireo-viewer`, `vireo-user` and `vireo-admin` ClusterRoles.
-const ROLES: &str = r#"
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRole
-metadata:
-  name: vireo-viewer
-rules:
-- apiGroups: ["vireo.dev"]
-  resources: ["domains", "storagevols", "networks", "storagepools", "hosts"]
-  verbs: ["get", "list", "watch"]
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRole
-metadata:
-  name: vireo-user
-rules:
-- apiGroups: ["vireo.dev"]
-  resources: ["domains", "storagevols"]
-  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
-- apiGroups: ["vireo.dev"]
-  resources: ["networks", "storagepools", "hosts"]
-  verbs: ["get", "list", "watch"]
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRole
-metadata:
-  name: vireo-admin
-rules:
-- apiGroups: ["vireo.dev"]
-  resources: ["*"]
-  verbs: ["*"]
-"#;
-
-/// Service accounts in team-a: alice (vireo-user there, and reader of the
-/// cluster-scoped Networks and StoragePools), victor (vireo-viewer there).
+/// Service accounts in team-a: alice (the chart's vireo-user there, and
+/// vireo-cluster-viewer for the cluster-scoped Networks and StoragePools),
+/// victor (vireo-viewer there).
 const BINDINGS: &str = r#"
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRole
-metadata:
-  name: vireo-cluster-reader
-rules:
-- apiGroups: ["vireo.dev"]
-  resources: ["networks", "storagepools", "hosts"]
-  verbs: ["get", "list", "watch"]
----
 apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRoleBinding
 metadata: {name: alice-cluster-reader}
-roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: vireo-cluster-reader}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: vireo-cluster-viewer}
 subjects: [{kind: ServiceAccount, name: alice, namespace: team-a}]
 ---
 apiVersion: v1
@@ -130,6 +88,20 @@ fn user_kubeconfig(cluster: &Cluster, sa: &str) -> PathBuf {
     )
     .expect("write kubeconfig");
     path
+}
+
+/// The chart's user ClusterRoles (vireo-viewer, vireo-user, vireo-admin,
+/// vireo-cluster-viewer), as `helm template` renders them.
+fn chart_roles(cluster: &Cluster) -> String {
+    cluster.helm_ok(&[
+        "template",
+        "vireo",
+        "charts/vireo",
+        "-n",
+        "vireo-system",
+        "--show-only",
+        "templates/rbac-users.yaml",
+    ])
 }
 
 fn text_of(out: &Output) -> String {
@@ -209,8 +181,10 @@ async fn users_run_their_domains_through_the_api_and_rbac_refuses_the_rest() {
     ready_hosts(&client, 3).await;
     cluster.kubectl_ok(&["create", "namespace", "team-a"]);
     cluster.kubectl_ok(&["create", "namespace", "team-b"]);
-    let applied =
-        cluster.kubectl_stdin(&["apply", "-f", "-"], &format!("{ROLES}\n---\n{BINDINGS}"));
+    let applied = cluster.kubectl_stdin(
+        &["apply", "-f", "-"],
+        &format!("{}\n---\n{BINDINGS}", chart_roles(&cluster)),
+    );
     assert!(applied.status.success(), "RBAC: {}", text_of(&applied));
     let other = cluster.kubectl_stdin(&["apply", "-f", "-"], OTHER);
     assert!(other.status.success(), "team-b/x: {}", text_of(&other));
