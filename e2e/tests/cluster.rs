@@ -4,7 +4,8 @@
 //! and the operator Deployment's pods become Ready, each node's agent
 //! registers its Host, and `kubectl apply -k examples/` runs: the `test`
 //! domains, the Linux guest under QEMU with its disk and its NAT network (its
-//! DHCP address in status, its console answering through `kubectl exec`),
+//! DHCP address in status, its console answering through `kubectl exec`
+//! and through the API server's subresources.vireo.dev from this machine),
 //! and a `type: kvm` domain with the test guest under vireo-vmm.
 //!
 //! Then the promise that guests outlive the agent's pod: `kubectl delete
@@ -199,6 +200,40 @@ fn console_answers(cluster: &Cluster, pod: &str) {
 }
 
 /// Resident memory of the processes called `comm` (largest), in MiB.
+/// `vireo -c kube:/// console default/linux` from this machine: the API
+/// server authorizes `domains/console` and proxies to an agent pod.
+fn console_through_the_api(cluster: &Cluster) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let token = format!("API-{}", std::process::id());
+    let mut seen = String::new();
+    for _ in 0..10 {
+        let mut child = Command::new(common::vireo_bin("vireo"))
+            .args(["-c", "kube:///", "console", "default/linux"])
+            .env("KUBECONFIG", &cluster.kubeconfig)
+            .env_remove("VIREO_DEFAULT_URI")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("vireo runs");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(format!("\necho {token}-$((6*7))\n").as_bytes())
+            .expect("stdin written");
+        let out = child.wait_with_output().expect("vireo finishes");
+        seen.push_str(&text(&out.stdout));
+        seen.push_str(&text(&out.stderr));
+        if seen.contains(&format!("{token}-42")) {
+            return;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    panic!("the Linux guest's console did not answer through subresources.vireo.dev:\n{seen}");
+}
+
 fn rss_mib(comm: &str) -> Vec<u64> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
@@ -376,6 +411,24 @@ async fn helm_install_on_real_nodes_runs_the_examples_and_guests_outlive_agent_p
     .await;
     let (pod, first_image, _) = agent_pod(&cluster, &node).expect("the agent pod");
     console_answers(&cluster, &pod);
+    // The same console from this machine through the API server, no exec:
+    // the chart's APIService served by the agent pods.
+    wait_for(
+        T,
+        "the APIService v1alpha1.subresources.vireo.dev Available",
+        || async {
+            let out = cluster.kubectl(&[
+                "get",
+                "apiservice",
+                "v1alpha1.subresources.vireo.dev",
+                "-o",
+                "jsonpath={.status.conditions[?(@.type=='Available')].status}",
+            ]);
+            (text(&out.stdout).trim() == "True").then_some(())
+        },
+    )
+    .await;
+    console_through_the_api(&cluster);
     let table = cluster.kubectl_ok(&["get", "domains"]);
     assert!(
         table.contains("linux") && table.contains("running"),
