@@ -157,11 +157,9 @@ pub trait HypervisorDriver: Send + Sync {
     /// hands back one end of a socket pair that it bridges itself.
     fn open_console(&self, name: &str) -> Result<std::os::unix::net::UnixStream> {
         let path = self.console_path(name)?;
-        std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
-            crate::Error::OperationFailed {
-                object: crate::error::ObjectName::new(vireo_crds::ObjectKind::Domain, name),
-                message: format!("cannot connect to its console at {}: {e}", path.display()),
-            }
+        std::os::unix::net::UnixStream::connect(&path).map_err(|e| crate::Error::OperationFailed {
+            object: crate::error::ObjectName::new(vireo_crds::ObjectKind::Domain, name),
+            message: format!("cannot connect to its console at {}: {e}", path.display()),
         })
     }
 

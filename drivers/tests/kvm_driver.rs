@@ -476,3 +476,79 @@ fn kvm_domain_vsock_socket_reaches_the_guest() {
         sock.display()
     ));
 }
+
+/// The driver confines vireo-vmm (docs/vmm.md, "Confinement"): as root it
+/// runs jailed — no capabilities, `no_new_privs`, a root holding only the
+/// run directory — and a system call outside the seccomp filter's list
+/// kills it, which the driver reports as a crash (not a hang).
+#[test]
+fn kvm_vmm_is_jailed_and_a_forbidden_syscall_is_a_crash() {
+    let test = "kvm_vmm_is_jailed_and_a_forbidden_syscall_is_a_crash";
+    if !kvm_available(test) {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{test}: not root, and CI is set"
+        );
+        say(&format!(
+            "SKIP {test}: the driver jails vireo-vmm only as root"
+        ));
+        return;
+    }
+    let root = fresh_root("kvm-jail");
+    let name = "jailed";
+    let conn = open(&root);
+    let hv = conn.hypervisor();
+    hv.define_domain(&test_guest_domain(name, ""))
+        .expect("define");
+    hv.start_domain(name).expect("start");
+    wait_console(&root, &conn, name, MARKER, 1);
+    let pid = pid_of(&root, &conn, name);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    for (field, want) in [
+        ("CapEff:", "0000000000000000"),
+        ("NoNewPrivs:", "1"),
+        ("Seccomp:", "2"),
+    ] {
+        let got = status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .map(str::trim);
+        assert_eq!(got, Some(want), "{field}\n{status}");
+    }
+    let dir = run_dir(&root, &conn, name).canonicalize().expect("run dir");
+    let jail_root = format!("/proc/{pid}/root");
+    assert!(
+        Path::new(&format!("{jail_root}{}", dir.join("api.sock").display())).exists(),
+        "the run directory is inside the jail"
+    );
+    assert!(
+        !Path::new(&format!("{jail_root}/etc")).exists(),
+        "the host's /etc is not"
+    );
+    // The run directory's siblings (other Domains' run directories) are not
+    // there either.
+    let parent: Vec<_> =
+        std::fs::read_dir(format!("{jail_root}{}", dir.parent().unwrap().display()))
+            .expect("the run directory's parent in the jail")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+    assert_eq!(parent, vec![dir.file_name().unwrap().to_owned()]);
+
+    // A forbidden system call (the debug build's test hook on the API).
+    let mut api = std::os::unix::net::UnixStream::connect(dir.join("api.sock")).expect("api");
+    std::io::Write::write_all(&mut api, b"{\"command\":\"debug-forbidden-syscall\"}\n")
+        .expect("request");
+    expect_state(&conn, name, DomainState::Shutoff, DomainReason::Crashed);
+    assert!(
+        !Path::new(&format!("/proc/{pid}/status")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .is_ok_and(|s| s.contains("State:\tZ")),
+        "vireo-vmm is gone"
+    );
+    hv.undefine_domain(name).expect("undefine");
+    let _ = std::fs::remove_dir_all(&root);
+}
