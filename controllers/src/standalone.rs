@@ -339,6 +339,13 @@ impl Standalone {
         let ty = dom.spec.domain_type;
         let conn = self.hv(ty)?.clone();
         let hv = conn.hypervisor();
+        // Boot files only from the node's boot directories and pools.
+        if let Some(why) = self
+            .config
+            .boot_path_refusal(dom, conn.storage_driver().as_ref())
+        {
+            return Err(Error::Invalid(why));
+        }
         let mut def = Domain::new(key, dom.spec.clone());
         def.metadata.annotations = dom.metadata.annotations.clone();
         // A stable UUID when the manifest has none: derived from the key.

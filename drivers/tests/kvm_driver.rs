@@ -552,3 +552,94 @@ fn kvm_vmm_is_jailed_and_a_forbidden_syscall_is_a_crash() {
     hv.undefine_domain(name).expect("undefine");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// With boot directories configured (`&boot_dirs=` on the URI, as the agent
+/// passes them; `/var/lib/vireo/boot` for `kvm:///system`), define refuses a
+/// kernel or initrd outside them and outside the pools' volumes, naming the
+/// field — after links and `..` are resolved — and defines nothing.
+#[test]
+fn kvm_define_refuses_boot_files_outside_the_boot_dirs_and_pools() {
+    if !kvm_available("kvm_define_refuses_boot_files_outside_the_boot_dirs_and_pools") {
+        return;
+    }
+    let root = fresh_root("kvm-hostpaths");
+    vmm_binary();
+    let guest = test_guest_domain("g", "");
+    let kernel = std::path::PathBuf::from(
+        guest
+            .spec
+            .os
+            .as_ref()
+            .and_then(|o| o.kernel.clone())
+            .expect("kernel"),
+    );
+    let boot = kernel
+        .parent()
+        .expect("the test guest's directory")
+        .to_path_buf();
+    let outside = root.join("secret");
+    std::fs::write(&outside, b"not a kernel").expect("outside file");
+    let link = root.join("pool-link");
+    std::os::unix::fs::symlink(&outside, &link).expect("link");
+    let conn = vireo_drivers::open(&format!(
+        "kvm:///embed?root={}&boot_dirs={}",
+        root.display(),
+        boot.display()
+    ))
+    .expect("opens kvm:///embed with boot_dirs");
+    let hv = conn.hypervisor();
+    let vol = pool_with_volume(&root, &conn, "kernel-vol", None);
+
+    let with = |name: &str, kernel: &str, initrd: Option<&str>| {
+        let mut d = test_guest_domain(name, "");
+        let os = d.spec.os.as_mut().expect("os");
+        os.kernel = Some(kernel.to_string());
+        os.initrd = initrd.map(str::to_string);
+        d
+    };
+    // Allowed: the boot directory, and a pool's volume by its path.
+    hv.define_domain(&with("in-boot", kernel.to_str().unwrap(), None))
+        .expect("a kernel in the boot directory");
+    hv.define_domain(&with("in-pool", &vol.path, None))
+        .expect("a kernel that is a pool volume");
+    let dotted = format!(
+        "{}/../{}",
+        boot.display(),
+        boot.file_name().unwrap().to_str().unwrap()
+    );
+    hv.define_domain(&with(
+        "dotted-in",
+        &format!("{dotted}/{}", kernel.file_name().unwrap().to_str().unwrap()),
+        None,
+    ))
+    .expect("`..` that stays inside");
+
+    let escape = format!("{}/../../../../../../etc/passwd", boot.display());
+    for (name, k, i, field) in [
+        ("shadow", "/etc/shadow", None, "spec.os.kernel"),
+        ("escape", escape.as_str(), None, "spec.os.kernel"),
+        ("outside", outside.to_str().unwrap(), None, "spec.os.kernel"),
+        ("link", link.to_str().unwrap(), None, "spec.os.kernel"),
+        (
+            "initrd",
+            kernel.to_str().unwrap(),
+            Some("/etc/hostname"),
+            "spec.os.initrd",
+        ),
+    ] {
+        let e = hv
+            .define_domain(&with(name, k, i))
+            .expect_err("a boot file outside the boot dirs and pools");
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&format!("{field}: '"))
+                && msg.contains("is outside the node's storage pools and its boot directories"),
+            "{name}: {msg}"
+        );
+        assert!(
+            hv.lookup_domain(Lookup::Name(name)).is_err(),
+            "{name}: nothing defined"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
