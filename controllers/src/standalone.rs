@@ -171,7 +171,16 @@ impl Standalone {
             match std::fs::read_to_string(&path)
                 .map_err(|e| e.to_string())
                 .and_then(|t| Manifest::parse_all(&t).map_err(|e| e.to_string()))
-            {
+                .and_then(|all| {
+                    // Every object checked before any is acted on: a file
+                    // with one bad object changes nothing.
+                    for (i, m) in all.iter().enumerate() {
+                        m.validate().map_err(|e| {
+                            format!("document {} ({} '{}'): {e}", i + 1, m.kind(), m.name())
+                        })?;
+                    }
+                    Ok(all)
+                }) {
                 Ok(m) => {
                     self.files.insert(path.clone(), m);
                 }
