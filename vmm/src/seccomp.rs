@@ -142,11 +142,26 @@ mod tests {
     /// so it cannot happen in the test runner), and returns how it ended.
     fn in_child(name: &str) -> std::process::Output {
         let exe = std::env::current_exe().unwrap();
-        std::process::Command::new(exe)
+        let dir = std::env::temp_dir().join(format!(
+            "vireo-seccomp-{}-{}",
+            std::process::id(),
+            name.rsplit("::").next().unwrap_or(name)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = std::process::Command::new(exe)
             .args(["--exact", name, "--nocapture", "--test-threads=1"])
-            .env("VIREO_SECCOMP_CHILD", "1")
+            .env("VIREO_SECCOMP_CHILD", &dir)
             .output()
-            .unwrap()
+            .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        out
+    }
+
+    /// The child's scratch directory (made and removed by the parent).
+    fn scratch() -> std::path::PathBuf {
+        std::env::var_os("VIREO_SECCOMP_CHILD")
+            .map(Into::into)
+            .unwrap_or_else(std::env::temp_dir)
     }
 
     fn is_child() -> bool {
@@ -185,9 +200,7 @@ mod tests {
     fn filtered_thread_may_make_unix_sockets_only() {
         if is_child() {
             let prog = filter().unwrap();
-            let dir = std::env::temp_dir().join(format!("vireo-seccomp-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
-            let path = dir.join("l.sock");
+            let path = scratch().join("l.sock");
             let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
             std::thread::spawn(move || {
                 apply(&prog).unwrap();
