@@ -89,8 +89,8 @@ struct RunArgs {
     host_root: PathBuf,
     /// A directory a Domain's kernel and initrd may come from (repeatable;
     /// symbolic links are resolved before the check). Other paths are
-    /// refused with a Ready=False condition. Default on a cluster:
-    /// /var/lib/vireo/boot; standalone: any path.
+    /// refused with a Ready=False condition (standalone: logged). Volumes of
+    /// the node's pools are allowed too. Default: /var/lib/vireo/boot.
     #[arg(long = "boot-dir", value_name = "DIR")]
     boot_dirs: Vec<PathBuf>,
     /// Domain types to offer, comma-separated (test, qemu, kvm); default:
@@ -223,7 +223,7 @@ fn main() -> Result<()> {
             }
             _ => None,
         },
-        boot_dirs: if a.boot_dirs.is_empty() && !a.standalone {
+        boot_dirs: if a.boot_dirs.is_empty() {
             vec![PathBuf::from("/var/lib/vireo/boot")]
         } else {
             a.boot_dirs

@@ -57,7 +57,9 @@ impl Drop for Agent {
     }
 }
 
-fn start_agent(state: &Path, manifests: &Path) -> Agent {
+/// Starts a standalone agent; kernels only from `boot_dir` (or the default,
+/// /var/lib/vireo/boot, with `None`) and the pools.
+fn start_agent(state: &Path, manifests: &Path, boot_dir: Option<&Path>) -> Agent {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -70,6 +72,12 @@ fn start_agent(state: &Path, manifests: &Path) -> Agent {
             .arg(manifests)
             .arg("--state-dir")
             .arg(state)
+            .args(
+                boot_dir
+                    .map(|d| ["--boot-dir".as_ref(), d.as_os_str()])
+                    .into_iter()
+                    .flatten(),
+            )
             .args([
                 "--resync-seconds",
                 "1",
@@ -133,7 +141,7 @@ fn standalone_runs_edits_readopts_and_removes_a_qemu_guest() {
     std::fs::create_dir_all(&state).expect("state");
     let file = dir.join("linux.yaml");
     std::fs::write(&file, manifest(&image, "Always")).expect("write");
-    let agent = start_agent(&state, &dir);
+    let agent = start_agent(&state, &dir, Some(&image));
 
     let running = |s: &Value| s["state"] == "running" && s["id"].is_u64();
     let s = wait_status(&state, "running", running);
@@ -176,7 +184,7 @@ fn standalone_runs_edits_readopts_and_removes_a_qemu_guest() {
     drop(agent);
     assert!(pid_alive(pid), "QEMU outlives the agent");
     std::fs::write(&file, manifest(&image, "Always")).expect("write");
-    let agent = start_agent(&state, &dir);
+    let agent = start_agent(&state, &dir, Some(&image));
     std::thread::sleep(Duration::from_secs(3));
     let s = wait_status(&state, "running after restart", running);
     assert_eq!(s["id"], id, "same ID after the agent restart");
@@ -389,12 +397,12 @@ fn standalone_holds_a_domain_until_its_upload_arrives() {
     std::fs::write(
         manifests.join("all.yaml"),
         format!(
-            "apiVersion: vireo.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: up}}\nspec: {{path: {}}}\n---\napiVersion: vireo.dev/v1alpha1\nkind: StorageVol\nmetadata: {{name: img}}\nspec: {{pool: up, capacity: 1Mi, source: {{upload: {{}}}}}}\n---\napiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {{name: waiter}}\nspec:\n  type: test\n  memory: 128Mi\n  vcpus: 1\n  devices:\n    disks: [{{name: vda, volume: img}}]\n",
+            "apiVersion: vireo.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: up}}\nspec: {{path: {}}}\n---\napiVersion: vireo.dev/v1alpha1\nkind: StorageVol\nmetadata: {{name: img}}\nspec: {{pool: up, capacity: 1Mi, source: {{upload: {{}}}}}}\n---\napiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {{name: waiter}}\nspec:\n  type: test\n  memory: 128Mi\n  vcpus: 1\n  devices:\n    disks: [{{name: vda, volume: img}}]\n---\napiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {{name: hostile}}\nspec:\n  type: test\n  memory: 128Mi\n  vcpus: 1\n  os: {{kernel: /etc/shadow}}\n",
             pool.display()
         ),
     )
     .expect("manifest");
-    let _agent = start_agent(&state, &manifests);
+    let _agent = start_agent(&state, &manifests, None);
     let uri = format!("vireo+unix://{}", state.join("vireo.sock").display());
     let marker = pool.join(".default.img.vireo-awaiting-upload");
     let start = Instant::now();
@@ -406,6 +414,18 @@ fn standalone_holds_a_domain_until_its_upload_arrives() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // A Domain whose kernel is a host file outside the boot directory and
+    // the pools is refused with the field named, and never defined.
+    let log = || std::fs::read_to_string(state.with_extension("log")).unwrap_or_default();
+    while !log().contains("spec.os.kernel: '/etc/shadow' is outside the node's storage pools and its boot directories (/var/lib/vireo/boot)") {
+        assert!(start.elapsed() < T, "no refusal of /etc/shadow; agent log:\n{}", log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (ok, _, err) = vireo(&uri, &["domstate", "default/hostile"], "");
+    assert!(
+        !ok && err.contains("not found") || err.contains("no domain"),
+        "{err}"
+    );
     // A few passes later it is still held back.
     std::thread::sleep(Duration::from_secs(3));
     let (ok, out, err) = vireo(&uri, &["domstate", "default/waiter"], "");

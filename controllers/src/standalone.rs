@@ -171,7 +171,16 @@ impl Standalone {
             match std::fs::read_to_string(&path)
                 .map_err(|e| e.to_string())
                 .and_then(|t| Manifest::parse_all(&t).map_err(|e| e.to_string()))
-            {
+                .and_then(|all| {
+                    // Every object checked before any is acted on: a file
+                    // with one bad object changes nothing.
+                    for (i, m) in all.iter().enumerate() {
+                        m.validate().map_err(|e| {
+                            format!("document {} ({} '{}'): {e}", i + 1, m.kind(), m.name())
+                        })?;
+                    }
+                    Ok(all)
+                }) {
                 Ok(m) => {
                     self.files.insert(path.clone(), m);
                 }
@@ -339,6 +348,13 @@ impl Standalone {
         let ty = dom.spec.domain_type;
         let conn = self.hv(ty)?.clone();
         let hv = conn.hypervisor();
+        // Boot files only from the node's boot directories and pools.
+        if let Some(why) = self
+            .config
+            .boot_path_refusal(dom, conn.storage_driver().as_ref())
+        {
+            return Err(Error::Invalid(why));
+        }
         let mut def = Domain::new(key, dom.spec.clone());
         def.metadata.annotations = dom.metadata.annotations.clone();
         // A stable UUID when the manifest has none: derived from the key.

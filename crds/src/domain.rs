@@ -32,7 +32,7 @@ use crate::common::{Condition, is_false};
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.info.reason","priority":1}"#,
     printcolumn = r#"{"name":"UUID","type":"string","jsonPath":".spec.uuid","priority":1}"#
 )]
-#[x_kube(validation = Rule::new("isQuantity(string(self.memory)) && quantity(string(self.memory)).isGreaterThan(quantity('0'))").message("spec.memory must be a size above zero, such as 512Mi").field_path(".memory"))]
+#[x_kube(validation = Rule::new("isQuantity(string(self.memory)) && quantity(string(self.memory)).isGreaterThan(quantity('0')) && quantity(string(self.memory)).isLessThan(quantity('16Ei'))").message("spec.memory must be a size above zero and below 16Ei, such as 512Mi").field_path(".memory"))]
 #[x_kube(validation = Rule::new("!has(self.currentMemory) || (isQuantity(string(self.currentMemory)) && quantity(string(self.currentMemory)).isGreaterThan(quantity('0')))").message("spec.currentMemory must be a size above zero, such as 256Mi").field_path(".currentMemory"))]
 #[x_kube(validation = Rule::new("!has(self.currentMemory) || !isQuantity(string(self.currentMemory)) || !isQuantity(string(self.memory)) || quantity(string(self.currentMemory)).compareTo(quantity(string(self.memory))) <= 0").message("spec.currentMemory must not be greater than spec.memory").field_path(".currentMemory"))]
 #[x_kube(validation = Rule::new("!has(self.maxVcpus) || self.maxVcpus >= self.vcpus").message("spec.maxVcpus must not be less than spec.vcpus").field_path(".maxVcpus"))]
@@ -200,14 +200,17 @@ impl DomainSpec {
 #[x_kube(validation = Rule::new("!(has(self.kernel) && has(self.kernelVolume))").message("spec.os.kernelVolume: give kernel or kernelVolume, not both").field_path(".kernelVolume"))]
 #[x_kube(validation = Rule::new("!has(self.secureBoot) || !self.secureBoot || (has(self.firmware) && self.firmware == 'efi')").message("spec.os.secureBoot: needs spec.os.firmware: efi").field_path(".secureBoot"))]
 #[x_kube(validation = Rule::new("!(has(self.initrd) && has(self.initrdVolume))").message("spec.os.initrdVolume: give initrd or initrdVolume, not both").field_path(".initrdVolume"))]
+#[x_kube(validation = Rule::new("!has(self.kernel) || (self.kernel.startsWith('/') && !self.kernel.contains('/../') && !self.kernel.endsWith('/..'))").message("spec.os.kernel: must be an absolute path without '..'").field_path(".kernel"))]
+#[x_kube(validation = Rule::new("!has(self.initrd) || (self.initrd.startsWith('/') && !self.initrd.contains('/../') && !self.initrd.endsWith('/..'))").message("spec.os.initrd: must be an absolute path without '..'").field_path(".initrd"))]
 #[serde(rename_all = "camelCase")]
 pub struct OsSpec {
     /// Machine type for drivers that have several (`microvm`, `q35`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine: Option<String>,
-    /// Kernel image (bzImage, ELF vmlinux or PVH ELF): a path in a boot
-    /// directory the agent allows.
+    /// Kernel image (bzImage, ELF vmlinux or PVH ELF): an absolute path in
+    /// a boot directory the agent allows (or a volume of its pools).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
     pub kernel: Option<String>,
     /// Kernel image from a StorageVol of the Domain's namespace (raw), by name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -216,8 +219,10 @@ pub struct OsSpec {
         pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
     ))]
     pub kernel_volume: Option<String>,
-    /// Initial ramdisk: a path in a boot directory the agent allows.
+    /// Initial ramdisk: an absolute path in a boot directory the agent
+    /// allows (or a volume of its pools).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
     pub initrd: Option<String>,
     /// Initial ramdisk from a StorageVol of the Domain's namespace, by name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -226,8 +231,9 @@ pub struct OsSpec {
         pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
     ))]
     pub initrd_volume: Option<String>,
-    /// Kernel command line.
+    /// Kernel command line (at most 4096 bytes, x86's largest).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
     pub cmdline: Option<String>,
     /// Boot firmware (libvirt's `<os firmware>`): `bios` (SeaBIOS) or `efi`
     /// (OVMF, with a variable store of the Domain's own). Absent: direct
@@ -289,7 +295,8 @@ impl BootDevice {
 }
 
 /// The devices of a domain.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("!has(self.interfaces) || self.interfaces.all(a, !has(a.mac) || self.interfaces.filter(b, has(b.mac) && b.mac.lowerAscii() == a.mac.lowerAscii()).size() == 1)").message("spec.devices.interfaces: two interfaces have the same MAC address").field_path(".interfaces"))]
 #[serde(rename_all = "camelCase")]
 pub struct DomainDevices {
     /// Disks and CD-ROMs, each backed by a StorageVol of the Domain's namespace.
@@ -399,12 +406,17 @@ pub struct Interface {
     /// device name (at most 15 characters, no '/', ':' or spaces).
     #[schemars(regex(pattern = r"^[!-.0-9;-~]{1,15}$"))]
     pub name: String,
-    /// Name of the Network the interface joins.
+    /// Name of the Network the interface joins (of the Domain's namespace:
+    /// a plain name).
     #[schemars(length(min = 1, max = 253))]
+    #[schemars(regex(
+        pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+    ))]
     pub network: String,
     /// MAC address; derived from the Domain's UUID when absent, so it is
     /// stable across restarts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 17))]
     #[schemars(regex(pattern = r"^[0-9a-fA-F][02468aceACE](:[0-9a-fA-F]{2}){5}$"))]
     pub mac: Option<String>,
 }

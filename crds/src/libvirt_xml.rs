@@ -415,6 +415,9 @@ fn uuid_of(root: &Element, path: &str) -> Result<Option<String>, XmlError> {
     let Some(text) = root.child_text("uuid") else {
         return Ok(None);
     };
+    if root.children_named("uuid").count() > 1 {
+        return Err(invalid(path, "given twice; a description has one UUID"));
+    }
     let hex: String = text.chars().filter(|c| *c != '-' && *c != ' ').collect();
     if hex.len() != 32 {
         return Err(invalid(

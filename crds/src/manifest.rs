@@ -43,6 +43,101 @@ pub enum ManifestError {
     TooDeep { line: usize },
     #[error("document {index} ({kind}): metadata.name is missing")]
     NoName { index: usize, kind: String },
+    #[error(
+        "document {index} ({kind} '{name}'): {field}: unknown field (the {kind} schema has no such field)"
+    )]
+    UnknownField {
+        index: usize,
+        kind: String,
+        name: String,
+        field: String,
+    },
+}
+
+/// The CRDs' schemas, generated once.
+fn crds() -> &'static [k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition]
+{
+    static CRDS: std::sync::OnceLock<
+        Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>,
+    > = std::sync::OnceLock::new();
+    CRDS.get_or_init(crate::crd::all)
+}
+
+/// The first field of `value` that `kind`'s CRD schema does not know, as a
+/// path (`spec.devices.disks[0].sise`): the API server refuses those under
+/// strict field validation (kubectl's default), so reading a manifest does
+/// too rather than drop them silently.
+fn unknown_field(kind: &str, value: &serde_yaml_ng::Value) -> Option<String> {
+    let crd = crds().iter().find(|c| c.spec.names.kind == kind)?;
+    let schema = crd
+        .spec
+        .versions
+        .first()?
+        .schema
+        .as_ref()?
+        .open_api_v3_schema
+        .as_ref()?;
+    unknown_in(schema, value, "")
+}
+
+fn unknown_in(
+    schema: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaProps,
+    value: &serde_yaml_ng::Value,
+    path: &str,
+) -> Option<String> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+        JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
+    };
+    if schema.x_kubernetes_preserve_unknown_fields == Some(true) {
+        return None;
+    }
+    match value {
+        serde_yaml_ng::Value::Mapping(map) => {
+            let props = schema.properties.as_ref()?;
+            for (k, v) in map {
+                let key = match k {
+                    serde_yaml_ng::Value::String(s) => s.clone(),
+                    other => format!("{other:?}"),
+                };
+                let here = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                // Every object has these; the CRD schema leaves them out.
+                if path.is_empty() && matches!(key.as_str(), "apiVersion" | "kind" | "metadata") {
+                    continue;
+                }
+                match props.get(&key) {
+                    Some(sub) => {
+                        if let Some(u) = unknown_in(sub, v, &here) {
+                            return Some(u);
+                        }
+                    }
+                    None => match &schema.additional_properties {
+                        Some(JSONSchemaPropsOrBool::Schema(sub)) => {
+                            if let Some(u) = unknown_in(sub, v, &here) {
+                                return Some(u);
+                            }
+                        }
+                        Some(JSONSchemaPropsOrBool::Bool(true)) => {}
+                        _ => return Some(here),
+                    },
+                }
+            }
+            None
+        }
+        serde_yaml_ng::Value::Sequence(items) => {
+            let Some(JSONSchemaPropsOrArray::Schema(sub)) = &schema.items else {
+                return None;
+            };
+            items
+                .iter()
+                .enumerate()
+                .find_map(|(i, v)| unknown_in(sub, v, &format!("{path}[{i}]")))
+        }
+        _ => None,
+    }
 }
 
 /// How deep a manifest may nest (mappings and sequences, block or flow):
@@ -208,22 +303,40 @@ impl Manifest {
                 index,
                 kind: meta.kind.clone(),
             })?;
+        if let Some(field) = unknown_field(&meta.kind, &value) {
+            return Err(ManifestError::UnknownField {
+                index,
+                kind: meta.kind.clone(),
+                name,
+                field,
+            });
+        }
         let invalid = |source| ManifestError::Invalid {
             index,
             kind: meta.kind.clone(),
             name: name.clone(),
             source,
         };
+        // The error names the field (`spec.vcpus: invalid type: ...`).
+        fn typed<T: serde::de::DeserializeOwned>(
+            value: serde_yaml_ng::Value,
+        ) -> Result<T, serde_yaml_ng::Error> {
+            serde_path_to_error::deserialize(value).map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                if path.is_empty() || path == "." {
+                    inner
+                } else {
+                    <serde_yaml_ng::Error as serde::de::Error>::custom(format!("{path}: {inner}"))
+                }
+            })
+        }
         Ok(match meta.kind.as_str() {
-            "Domain" => Manifest::Domain(serde_yaml_ng::from_value(value).map_err(invalid)?),
-            "Network" => Manifest::Network(serde_yaml_ng::from_value(value).map_err(invalid)?),
-            "StoragePool" => {
-                Manifest::StoragePool(serde_yaml_ng::from_value(value).map_err(invalid)?)
-            }
-            "StorageVol" => {
-                Manifest::StorageVol(serde_yaml_ng::from_value(value).map_err(invalid)?)
-            }
-            "Host" => Manifest::Host(serde_yaml_ng::from_value(value).map_err(invalid)?),
+            "Domain" => Manifest::Domain(typed(value).map_err(invalid)?),
+            "Network" => Manifest::Network(typed(value).map_err(invalid)?),
+            "StoragePool" => Manifest::StoragePool(typed(value).map_err(invalid)?),
+            "StorageVol" => Manifest::StorageVol(typed(value).map_err(invalid)?),
+            "Host" => Manifest::Host(typed(value).map_err(invalid)?),
             other => {
                 return Err(ManifestError::Kind {
                     index,
@@ -231,6 +344,57 @@ impl Manifest {
                 });
             }
         })
+    }
+
+    /// The checks a node applies before it realizes the object: its name
+    /// is a Kubernetes object name (as the API server requires), and its
+    /// spec passes [`crate::validate`]. Errors name the field.
+    pub fn validate(&self) -> Result<(), crate::validate::ValidationError> {
+        use crate::validate::{Validate, ValidationError, is_dns_subdomain};
+        let meta = match self {
+            Self::Domain(o) => &o.metadata,
+            Self::Network(o) => &o.metadata,
+            Self::StoragePool(o) => &o.metadata,
+            Self::StorageVol(o) => &o.metadata,
+            Self::Host(o) => &o.metadata,
+        };
+        let name = meta.name.as_deref().unwrap_or_default();
+        if !is_dns_subdomain(name) {
+            return Err(ValidationError {
+                field: "metadata.name".into(),
+                message: format!(
+                    "'{}' is not a Kubernetes object name (at most 253 characters of a-z, 0-9, '-' and '.', starting and ending with a letter or digit)",
+                    name.chars().take(64).collect::<String>()
+                ),
+            });
+        }
+        if let Some(ns) = meta.namespace.as_deref()
+            && (ns.len() > 63 || !is_dns_subdomain(ns) || ns.contains('.'))
+        {
+            return Err(ValidationError {
+                field: "metadata.namespace".into(),
+                message: format!("'{ns}' is not a namespace name"),
+            });
+        }
+        match self {
+            Self::Domain(o) => o.spec.validate(),
+            Self::Network(o) => o.spec.validate(),
+            Self::StoragePool(o) => o.spec.validate(),
+            Self::StorageVol(o) => o.spec.validate(),
+            Self::Host(_) => Ok(()),
+        }
+    }
+
+    /// The object's name (empty when it has none).
+    pub fn name(&self) -> &str {
+        let meta = match self {
+            Self::Domain(o) => &o.metadata,
+            Self::Network(o) => &o.metadata,
+            Self::StoragePool(o) => &o.metadata,
+            Self::StorageVol(o) => &o.metadata,
+            Self::Host(o) => &o.metadata,
+        };
+        meta.name.as_deref().unwrap_or_default()
     }
 
     /// The kind, as in the manifest.

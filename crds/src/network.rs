@@ -114,9 +114,9 @@ pub struct DhcpSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub ranges: Vec<DhcpRange>,
-    /// Fixed addresses by MAC.
+    /// Fixed addresses by MAC (one entry per MAC).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 256))]
+    #[schemars(length(max = 256), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["mac"]))]
     pub hosts: Vec<DhcpHost>,
 }
 

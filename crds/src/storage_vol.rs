@@ -26,7 +26,7 @@ use crate::common::Condition;
     printcolumn = r#"{"name":"Node","type":"string","jsonPath":".status.nodeName"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
-#[x_kube(validation = Rule::new("isQuantity(string(self.capacity)) && quantity(string(self.capacity)).isGreaterThan(quantity('0'))").message("spec.capacity must be a size above zero, such as 10Gi").field_path(".capacity"))]
+#[x_kube(validation = Rule::new("isQuantity(string(self.capacity)) && quantity(string(self.capacity)).isGreaterThan(quantity('0')) && quantity(string(self.capacity)).isLessThan(quantity('16Ei'))").message("spec.capacity must be a size above zero and below 16Ei, such as 10Gi").field_path(".capacity"))]
 #[x_kube(validation = Rule::new("!has(self.allocation) || (isQuantity(string(self.allocation)) && isQuantity(string(self.capacity)) && quantity(string(self.allocation)).compareTo(quantity(string(self.capacity))) <= 0)").message("spec.allocation must be a size not greater than spec.capacity").field_path(".allocation"))]
 #[x_kube(validation = Rule::new("!has(self.source) || [has(self.source.blank), has(self.source.clone), has(self.source.upload), has(self.source.url)].filter(x, x).size() == 1").message("spec.source must set exactly one of blank, clone, upload, url").field_path(".source"))]
 #[x_kube(validation = Rule::new("!has(oldSelf.nodeName) || (has(self.nodeName) && self.nodeName == oldSelf.nodeName)").message("spec.nodeName cannot change once set").field_path(".nodeName"))]
@@ -110,7 +110,11 @@ pub struct BlankSource {}
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CloneSource {
-    /// Name of the source volume, in the same pool.
+    /// Name of the source volume, in the same pool (a plain name).
+    #[schemars(length(min = 1, max = 253))]
+    #[schemars(regex(
+        pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+    ))]
     pub volume: String,
     /// Make a qcow2 overlay backed by the source instead of a full copy.
     #[serde(default, skip_serializing_if = "crate::common::is_false")]

@@ -344,7 +344,34 @@ impl Validate for DomainSpec {
                 ));
             }
         }
+        if let Some(os) = &self.os {
+            for (field, path) in [
+                ("spec.os.kernel", &os.kernel),
+                ("spec.os.initrd", &os.initrd),
+            ] {
+                if let Some(p) = path
+                    && (!p.starts_with('/') || p.split('/').any(|c| c == "..") || p.len() > 4096)
+                {
+                    return Err(ValidationError::new(
+                        field,
+                        format!(
+                            "'{}' must be an absolute path without '..' (at most 4096 bytes)",
+                            p.chars().take(256).collect::<String>()
+                        ),
+                    ));
+                }
+            }
+            if let Some(c) = &os.cmdline
+                && c.len() > 4096
+            {
+                return Err(ValidationError::new(
+                    "spec.os.cmdline",
+                    format!("{} bytes; a kernel command line has at most 4096", c.len()),
+                ));
+            }
+        }
         let mut names = HashSet::new();
+        let mut macs = HashSet::new();
         for (i, nic) in self.devices.interfaces.iter().enumerate() {
             if !is_device_name(&nic.name) {
                 return Err(ValidationError::new(
@@ -358,19 +385,28 @@ impl Validate for DomainSpec {
                     format!("'{}' is used by two interfaces", nic.name),
                 ));
             }
-            if nic.network.is_empty() || nic.network.len() > 253 {
+            if !is_dns_subdomain(&nic.network) {
                 return Err(ValidationError::new(
                     format!("spec.devices.interfaces[{i}].network"),
-                    "must name a Network (at most 253 characters)",
+                    format!(
+                        "'{}' is not a Network name: an interface joins a Network of the Domain's own namespace, by its plain name",
+                        nic.network
+                    ),
                 ));
             }
-            if let Some(mac) = &nic.mac
-                && !is_unicast_mac(mac)
-            {
-                return Err(ValidationError::new(
-                    format!("spec.devices.interfaces[{i}].mac"),
-                    format!("'{mac}' is not a unicast MAC address"),
-                ));
+            if let Some(mac) = &nic.mac {
+                if !is_unicast_mac(mac) {
+                    return Err(ValidationError::new(
+                        format!("spec.devices.interfaces[{i}].mac"),
+                        format!("'{mac}' is not a unicast MAC address"),
+                    ));
+                }
+                if !macs.insert(mac.to_ascii_lowercase()) {
+                    return Err(ValidationError::new(
+                        format!("spec.devices.interfaces[{i}].mac"),
+                        format!("'{mac}' is used by two interfaces"),
+                    ));
+                }
             }
         }
         Ok(())
@@ -435,7 +471,14 @@ impl Validate for NetworkSpec {
                 ));
             }
         }
+        let mut macs = HashSet::new();
         for (i, host) in dhcp.hosts.iter().enumerate() {
+            if !macs.insert(host.mac.to_ascii_lowercase()) {
+                return Err(ValidationError::new(
+                    format!("spec.ip.dhcp.hosts[{i}].mac"),
+                    format!("'{}' is given two fixed addresses", host.mac),
+                ));
+            }
             let a = parse_ip(&format!("spec.ip.dhcp.hosts[{i}].ip"), &host.ip)?;
             if !inside(a) {
                 return Err(ValidationError::new(
@@ -501,6 +544,25 @@ impl Validate for StorageVolSpec {
                 return Err(ValidationError::new(
                     "spec.source",
                     "exactly one of blank, clone, upload, url must be set",
+                ));
+            }
+            if let Some(c) = &src.clone
+                && !is_dns_subdomain(&c.volume)
+            {
+                return Err(ValidationError::new(
+                    "spec.source.clone.volume",
+                    format!(
+                        "'{}' is not a StorageVol name: a clone's source is a volume of the same pool, by its plain name",
+                        c.volume
+                    ),
+                ));
+            }
+            if let Some(u) = &src.url
+                && !(u.url.starts_with("http://") || u.url.starts_with("https://"))
+            {
+                return Err(ValidationError::new(
+                    "spec.source.url.url",
+                    format!("'{}' is not an http:// or https:// address", u.url),
                 ));
             }
         }

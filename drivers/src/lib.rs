@@ -17,6 +17,7 @@ pub mod conformance;
 pub mod connect;
 pub mod error;
 pub mod host;
+pub mod host_paths;
 pub mod hypervisor;
 pub mod ids;
 pub mod kvm;

@@ -476,3 +476,172 @@ fn kvm_domain_vsock_socket_reaches_the_guest() {
         sock.display()
     ));
 }
+
+/// The driver confines vireo-vmm (docs/vmm.md, "Confinement"): as root it
+/// runs jailed — no capabilities, `no_new_privs`, a root holding only the
+/// run directory — and a system call outside the seccomp filter's list
+/// kills it, which the driver reports as a crash (not a hang).
+#[test]
+fn kvm_vmm_is_jailed_and_a_forbidden_syscall_is_a_crash() {
+    let test = "kvm_vmm_is_jailed_and_a_forbidden_syscall_is_a_crash";
+    if !kvm_available(test) {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{test}: not root, and CI is set"
+        );
+        say(&format!(
+            "SKIP {test}: the driver jails vireo-vmm only as root"
+        ));
+        return;
+    }
+    let root = fresh_root("kvm-jail");
+    let name = "jailed";
+    let conn = open(&root);
+    let hv = conn.hypervisor();
+    hv.define_domain(&test_guest_domain(name, ""))
+        .expect("define");
+    hv.start_domain(name).expect("start");
+    wait_console(&root, &conn, name, MARKER, 1);
+    let pid = pid_of(&root, &conn, name);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    for (field, want) in [
+        ("CapEff:", "0000000000000000"),
+        ("NoNewPrivs:", "1"),
+        ("Seccomp:", "2"),
+    ] {
+        let got = status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .map(str::trim);
+        assert_eq!(got, Some(want), "{field}\n{status}");
+    }
+    let dir = run_dir(&root, &conn, name).canonicalize().expect("run dir");
+    let jail_root = format!("/proc/{pid}/root");
+    assert!(
+        Path::new(&format!("{jail_root}{}", dir.join("api.sock").display())).exists(),
+        "the run directory is inside the jail"
+    );
+    assert!(
+        !Path::new(&format!("{jail_root}/etc")).exists(),
+        "the host's /etc is not"
+    );
+    // The run directory's siblings (other Domains' run directories) are not
+    // there either.
+    let parent: Vec<_> =
+        std::fs::read_dir(format!("{jail_root}{}", dir.parent().unwrap().display()))
+            .expect("the run directory's parent in the jail")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+    assert_eq!(parent, vec![dir.file_name().unwrap().to_owned()]);
+
+    // A forbidden system call (the debug build's test hook on the API).
+    let mut api = std::os::unix::net::UnixStream::connect(dir.join("api.sock")).expect("api");
+    std::io::Write::write_all(&mut api, b"{\"command\":\"debug-forbidden-syscall\"}\n")
+        .expect("request");
+    expect_state(&conn, name, DomainState::Shutoff, DomainReason::Crashed);
+    assert!(
+        !Path::new(&format!("/proc/{pid}/status")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .is_ok_and(|s| s.contains("State:\tZ")),
+        "vireo-vmm is gone"
+    );
+    hv.undefine_domain(name).expect("undefine");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// With boot directories configured (`&boot_dirs=` on the URI, as the agent
+/// passes them; `/var/lib/vireo/boot` for `kvm:///system`), define refuses a
+/// kernel or initrd outside them and outside the pools' volumes, naming the
+/// field — after links and `..` are resolved — and defines nothing.
+#[test]
+fn kvm_define_refuses_boot_files_outside_the_boot_dirs_and_pools() {
+    if !kvm_available("kvm_define_refuses_boot_files_outside_the_boot_dirs_and_pools") {
+        return;
+    }
+    let root = fresh_root("kvm-hostpaths");
+    vmm_binary();
+    let guest = test_guest_domain("g", "");
+    let kernel = std::path::PathBuf::from(
+        guest
+            .spec
+            .os
+            .as_ref()
+            .and_then(|o| o.kernel.clone())
+            .expect("kernel"),
+    );
+    let boot = kernel
+        .parent()
+        .expect("the test guest's directory")
+        .to_path_buf();
+    let outside = root.join("secret");
+    std::fs::write(&outside, b"not a kernel").expect("outside file");
+    let link = root.join("pool-link");
+    std::os::unix::fs::symlink(&outside, &link).expect("link");
+    let conn = vireo_drivers::open(&format!(
+        "kvm:///embed?root={}&boot_dirs={}",
+        root.display(),
+        boot.display()
+    ))
+    .expect("opens kvm:///embed with boot_dirs");
+    let hv = conn.hypervisor();
+    let vol = pool_with_volume(&root, &conn, "kernel-vol", None);
+
+    let with = |name: &str, kernel: &str, initrd: Option<&str>| {
+        let mut d = test_guest_domain(name, "");
+        let os = d.spec.os.as_mut().expect("os");
+        os.kernel = Some(kernel.to_string());
+        os.initrd = initrd.map(str::to_string);
+        d
+    };
+    // Allowed: the boot directory, and a pool's volume by its path.
+    hv.define_domain(&with("in-boot", kernel.to_str().unwrap(), None))
+        .expect("a kernel in the boot directory");
+    hv.define_domain(&with("in-pool", &vol.path, None))
+        .expect("a kernel that is a pool volume");
+    // `..` is refused outright (the CRD's rule and `validate`), even
+    // when it would stay inside.
+    let dotted = format!(
+        "{}/../{}/{}",
+        boot.display(),
+        boot.file_name().unwrap().to_str().unwrap(),
+        kernel.file_name().unwrap().to_str().unwrap()
+    );
+    let e = hv
+        .define_domain(&with("dotted", &dotted, None))
+        .expect_err("a path with ..");
+    assert!(
+        e.to_string().contains("spec.os.kernel: ") && e.to_string().contains("without '..'"),
+        "{e}"
+    );
+
+    for (name, k, i, field) in [
+        ("shadow", "/etc/shadow", None, "spec.os.kernel"),
+        ("outside", outside.to_str().unwrap(), None, "spec.os.kernel"),
+        ("link", link.to_str().unwrap(), None, "spec.os.kernel"),
+        (
+            "initrd",
+            kernel.to_str().unwrap(),
+            Some("/etc/hostname"),
+            "spec.os.initrd",
+        ),
+    ] {
+        let e = hv
+            .define_domain(&with(name, k, i))
+            .expect_err("a boot file outside the boot dirs and pools");
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&format!("{field}: '"))
+                && msg.contains("is outside the node's storage pools and its boot directories"),
+            "{name}: {msg}"
+        );
+        assert!(
+            hv.lookup_domain(Lookup::Name(name)).is_err(),
+            "{name}: nothing defined"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -25,6 +25,11 @@ pub enum Request {
     Vcpus {
         count: u32,
     },
+    /// Debug builds only: the event loop opens a host file, a system call
+    /// the seccomp filter forbids, so that tests see the filter kill the
+    /// VMM. Release builds do not know this request.
+    #[cfg(debug_assertions)]
+    DebugForbiddenSyscall,
 }
 
 /// The machine state `info` reports.

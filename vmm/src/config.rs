@@ -31,6 +31,12 @@ pub struct VmConfig {
     pub on_reboot: OnReboot,
     pub shutdown_timeout: Duration,
     pub seccomp: bool,
+    /// The exit file (opened by `main` before the VM is built).
+    pub exit_file: PathBuf,
+    /// Close the jail's mount namespace around the VMM ([`crate::jail`]).
+    pub jail: bool,
+    /// Run as this uid and gid once the files are open (root only).
+    pub run_as: Option<(u32, u32)>,
     pub disks: Vec<DiskSpec>,
     pub nets: Vec<NetSpec>,
     pub rng: bool,
@@ -195,6 +201,19 @@ fn bind(path: &Path) -> Result<UnixListener, OpenError> {
 }
 
 impl VmConfig {
+    /// The files the VMM still uses by name once running: it unlinks its
+    /// sockets and renames the exit file at the end, and vsock connects to
+    /// `<vsock uds>_<port>`.
+    pub fn named_paths(&self) -> Vec<&Path> {
+        let mut v = vec![
+            self.api_socket.as_path(),
+            self.console_socket.as_path(),
+            self.exit_file.as_path(),
+        ];
+        v.extend(self.vsock.as_ref().map(|s| s.uds.as_path()));
+        v
+    }
+
     pub fn open_files(&self) -> Result<OpenFiles, OpenError> {
         Ok(OpenFiles {
             kernel: open(&self.kernel)?,

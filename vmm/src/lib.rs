@@ -4,7 +4,7 @@
 //! * [`config`]: what to run and the files opened before the sandbox closes;
 //! * [`builder`]: VM construction (KVM VM, irqchip, PIT, [`memory`], devices
 //!   on the [`bus`]es, [`boot`] images and tables, [`vcpu`]s);
-//! * [`vmm`]: the running VMM — vCPU threads, [`seccomp`], the event loop
+//! * [`vmm`]: the running VMM — the [`jail`], vCPU threads, [`seccomp`], the event loop
 //!   serving the control [`api`], the [`console`] socket and machine
 //!   [`events`];
 //! * [`exit`]: the exit file.
@@ -19,6 +19,7 @@ pub mod config;
 pub mod console;
 pub mod events;
 pub mod exit;
+pub mod jail;
 pub mod memory;
 pub mod probe;
 pub mod seccomp;

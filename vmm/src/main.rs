@@ -95,6 +95,18 @@ struct RunArgs {
     /// Do not install the seccomp filter (debugging only).
     #[arg(long)]
     no_seccomp: bool,
+    /// Once the files are open, move into a mount namespace whose root holds
+    /// only the directories of the sockets and the exit file (needs root;
+    /// see docs/vmm.md). Capabilities are dropped and no_new_privs set
+    /// with or without it.
+    #[arg(long)]
+    jail: bool,
+    /// Run as this user once the files are open (root only; needs --gid).
+    #[arg(long, requires = "gid")]
+    uid: Option<u32>,
+    /// The group for --uid.
+    #[arg(long, requires = "uid")]
+    gid: Option<u32>,
 }
 
 impl RunArgs {
@@ -133,6 +145,9 @@ impl RunArgs {
             },
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_seconds),
             seccomp: !self.no_seccomp,
+            exit_file: self.exit_file.clone(),
+            jail: self.jail,
+            run_as: self.uid.zip(self.gid),
             disks: self
                 .disk
                 .iter()

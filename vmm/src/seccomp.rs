@@ -1,18 +1,26 @@
 //! The seccomp filter every VMM thread runs under once set-up is done.
 //!
 //! An allow-list: the system calls the event loop, the vCPU threads, the
-//! allocator and the exit path need. Everything else — `open`, `openat`,
-//! `execve`, `clone`, `socket` for anything but a Unix socket... — fails with
-//! `EPERM` (files the VMM needs are opened before the filter goes on).
+//! allocator and the exit path need. Any other system call — `open`,
+//! `openat`, `execve`, `clone`, `socket` for anything but a Unix socket,
+//! `ptrace`, `mount`... — kills the whole process with `SIGSYS`
+//! (`SECCOMP_RET_KILL_PROCESS`). Files the VMM needs are opened before the
+//! filter goes on.
+//!
+//! Why kill rather than refuse with `EPERM`: a VMM that makes a call outside
+//! this list is either buggy or already taken over by a guest; either way
+//! it must not go on serving. The driver sees the process killed by a
+//! signal and reports the Domain `crashed` (docs/vmm.md). The list is
+//! exercised by the VMM's own tests (API requests, devices and the exit
+//! path all run under it) and by the kvm driver's tests.
 //!
 //! The one exception to "opened before": virtio-vsock connects a new Unix
 //! stream socket to `UDS_<port>` whenever the guest connects to the host, on
 //! the vCPU thread that wrote QueueNotify. So `socket` is allowed for
-//! `AF_UNIX` only (argument 0), and `connect` is allowed: with no other
-//! socket family creatable, it can only reach Unix sockets the process
-//! could reach anyway. Refusing with an error rather
-//! than killing the process means a call we forgot shows up as a logged
-//! failure in that one operation, not as a dead guest.
+//! `AF_UNIX` only (argument 0; any other family kills), and `connect` is
+//! allowed: with no other socket family creatable, it can only reach Unix
+//! sockets the process could reach anyway — and the jail
+//! ([`crate::jail`]) leaves it only its run directory.
 
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
@@ -112,7 +120,7 @@ pub fn filter() -> Result<BpfProgram, SeccompError> {
     );
     let filter = SeccompFilter::new(
         rules,
-        SeccompAction::Errno(libc::EPERM as u32),
+        SeccompAction::KillProcess,
         SeccompAction::Allow,
         TargetArch::x86_64,
     )?;
@@ -127,45 +135,95 @@ pub fn apply(program: &BpfProgram) -> Result<(), SeccompError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    /// Runs the test `name` of this binary again in a child process with
+    /// `VIREO_SECCOMP_CHILD` set (a forbidden call kills the whole process,
+    /// so it cannot happen in the test runner), and returns how it ended.
+    fn in_child(name: &str) -> std::process::Output {
+        let exe = std::env::current_exe().unwrap();
+        let dir = std::env::temp_dir().join(format!(
+            "vireo-seccomp-{}-{}",
+            std::process::id(),
+            name.rsplit("::").next().unwrap_or(name)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = std::process::Command::new(exe)
+            .args(["--exact", name, "--nocapture", "--test-threads=1"])
+            .env("VIREO_SECCOMP_CHILD", &dir)
+            .output()
+            .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        out
+    }
+
+    /// The child's scratch directory (made and removed by the parent).
+    fn scratch() -> std::path::PathBuf {
+        std::env::var_os("VIREO_SECCOMP_CHILD")
+            .map(Into::into)
+            .unwrap_or_else(std::env::temp_dir)
+    }
+
+    fn is_child() -> bool {
+        std::env::var_os("VIREO_SECCOMP_CHILD").is_some()
+    }
 
     #[test]
-    fn filtered_thread_cannot_open_files_but_can_write() {
-        let prog = filter().unwrap();
-        let before = std::fs::File::open("/proc/self/stat");
-        assert!(before.is_ok());
-        let (open, write) = std::thread::spawn(move || {
-            apply(&prog).unwrap();
-            let open = std::fs::File::open("/proc/self/stat").map(|_| ());
-            let write = std::io::Write::write(&mut std::io::stderr(), b"");
-            (open, write.map(|_| ()))
-        })
-        .join()
-        .unwrap();
-        let err = open.unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
-        assert!(write.is_ok());
-        // The test's own thread is unaffected.
-        assert!(std::fs::File::open("/proc/self/stat").is_ok());
+    fn forbidden_call_kills_the_process_with_sigsys() {
+        if is_child() {
+            let prog = filter().unwrap();
+            std::thread::spawn(move || {
+                apply(&prog).unwrap();
+                // Allowed: writing to a descriptor already open.
+                std::io::Write::write_all(&mut std::io::stderr(), b"filtered write ok\n").unwrap();
+                // Forbidden: opening a file. The process dies here.
+                let r = std::fs::File::open("/proc/self/stat");
+                eprintln!("SURVIVED open: {r:?}");
+            })
+            .join()
+            .unwrap();
+            return;
+        }
+        let out = in_child("seccomp::tests::forbidden_call_kills_the_process_with_sigsys");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("filtered write ok"), "{stderr}");
+        assert!(!stderr.contains("SURVIVED"), "{stderr}");
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGSYS),
+            "{:?} {stderr}",
+            out.status
+        );
     }
 
     #[test]
     fn filtered_thread_may_make_unix_sockets_only() {
-        let prog = filter().unwrap();
-        let dir = std::env::temp_dir().join(format!("vireo-seccomp-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("l.sock");
-        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-        let (unix, inet) = std::thread::spawn(move || {
-            apply(&prog).unwrap();
-            let unix = std::os::unix::net::UnixStream::connect(&path).map(|_| ());
-            let inet = std::net::TcpStream::connect("127.0.0.1:9").map(|_| ());
-            (unix, inet)
-        })
-        .join()
-        .unwrap();
-        assert!(unix.is_ok(), "{unix:?}");
-        assert_eq!(inet.unwrap_err().raw_os_error(), Some(libc::EPERM));
-        drop(listener);
-        let _ = std::fs::remove_dir_all(&dir);
+        if is_child() {
+            let prog = filter().unwrap();
+            let path = scratch().join("l.sock");
+            let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+            std::thread::spawn(move || {
+                apply(&prog).unwrap();
+                let unix = std::os::unix::net::UnixStream::connect(&path).map(|_| ());
+                eprintln!("unix connect: {unix:?}");
+                // An IPv4 socket: the process dies here.
+                let inet = std::net::TcpStream::connect("127.0.0.1:9").map(|_| ());
+                eprintln!("SURVIVED inet: {inet:?}");
+            })
+            .join()
+            .unwrap();
+            drop(listener);
+            return;
+        }
+        let out = in_child("seccomp::tests::filtered_thread_may_make_unix_sockets_only");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("unix connect: Ok(())"), "{stderr}");
+        assert!(!stderr.contains("SURVIVED"), "{stderr}");
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGSYS),
+            "{:?} {stderr}",
+            out.status
+        );
     }
 }

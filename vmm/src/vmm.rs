@@ -8,6 +8,7 @@ use crate::bus::lock;
 use crate::config::{OnReboot, OpenFiles, VmConfig};
 use crate::events::MachineEvent;
 use crate::exit::{ExitReason, ExitReport};
+use crate::jail;
 use crate::seccomp;
 use crate::vcpu::{self, VcpuSet, VcpuThreadInfo};
 use std::collections::HashMap;
@@ -28,6 +29,8 @@ pub enum VmmError {
     Vcpu(#[from] vcpu::VcpuError),
     #[error(transparent)]
     Seccomp(#[from] seccomp::SeccompError),
+    #[error(transparent)]
+    Jail(#[from] jail::JailError),
     #[error("event loop: {0}")]
     Epoll(std::io::Error),
 }
@@ -107,6 +110,27 @@ impl Vmm {
                 .map_err(VmmError::Epoll)?;
         }
 
+        // The jail, while this is the only thread (the vCPU threads inherit
+        // it).
+        if cfg.jail || cfg.run_as.is_some() {
+            let dirs = jail::kept_dirs(&cfg.named_paths())?;
+            if cfg.jail {
+                jail::enter(&dirs)?;
+                tracing::info!(kept = ?dirs, "jailed: a mount namespace holding only these directories");
+            }
+            if let Some((uid, gid)) = cfg.run_as {
+                let mut exit_tmp = cfg.exit_file.clone().into_os_string();
+                exit_tmp.push(".tmp");
+                let exit_tmp = std::path::PathBuf::from(exit_tmp);
+                let mut give: Vec<&std::path::Path> = dirs.iter().map(|d| d.as_path()).collect();
+                give.extend([cfg.api_socket.as_path(), cfg.console_socket.as_path()]);
+                give.extend(cfg.vsock.as_ref().map(|v| v.uds.as_path()));
+                give.push(&exit_tmp);
+                jail::switch_user(uid, gid, &give)?;
+                tracing::info!(uid, gid, "running as an unprivileged user");
+            }
+        }
+        jail::drop_privileges()?;
         let filter = if cfg.seccomp {
             Some(Arc::new(seccomp::filter()?))
         } else {
@@ -332,6 +356,16 @@ impl Vmm {
                 Ok(()) => (api::ok(), None),
                 Err(e) => (api::error(e), None),
             },
+            #[cfg(debug_assertions)]
+            Request::DebugForbiddenSyscall => {
+                tracing::warn!("debug-forbidden-syscall: opening /etc/hostname under the filter");
+                // Under the filter the process dies in this call (SIGSYS).
+                let answer = match std::fs::File::open("/etc/hostname") {
+                    Ok(_) => "the forbidden open succeeded: no seccomp filter".to_string(),
+                    Err(e) => format!("the forbidden open failed without killing: {e}"),
+                };
+                (api::error(answer), None)
+            }
             Request::Destroy => (
                 api::ok(),
                 Some(self.report(ExitReason::Destroyed, "destroy requested on the API")),

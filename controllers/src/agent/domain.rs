@@ -70,7 +70,10 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
 
     // A Domain names no host path: boot files only from the node's boot
     // directories (disks are volumes of its own namespace, below).
-    if let Some(why) = ctx.config.boot_path_refusal(&dom) {
+    if let Some(why) = ctx
+        .config
+        .boot_path_refusal(&dom, ctx.conn.storage_driver().as_ref())
+    {
         return refuse(ctx, &api, &dom, "BootPathRefused", why).await;
     }
 

@@ -87,38 +87,34 @@ pub enum NetworkBackend {
 
 impl AgentConfig {
     /// Why a Domain's boot files are refused on this node, if they are:
-    /// `spec.os.kernel` and `spec.os.initrd` must lie in a boot directory.
-    pub fn boot_path_refusal(&self, dom: &vireo_crds::Domain) -> Option<String> {
+    /// `spec.os.kernel` and `spec.os.initrd` must be files in a boot
+    /// directory or volumes of the node's pools, once links and `..` are
+    /// resolved (`vireo_drivers::host_paths`). No boot directory
+    /// configured (tests that build an `AgentConfig` themselves): any path.
+    pub fn boot_path_refusal(
+        &self,
+        dom: &vireo_crds::Domain,
+        storage: &dyn vireo_drivers::StorageDriver,
+    ) -> Option<String> {
         if self.boot_dirs.is_empty() {
             return None;
         }
-        let os = dom.spec.os.as_ref()?;
-        let allowed: Vec<PathBuf> = self
+        vireo_drivers::host_paths::refusal(dom, &self.boot_dirs, Some(storage))
+            .map(|why| format!("{why} on node {}", self.node_name))
+    }
+
+    /// The process drivers' URI parameter carrying the boot directories, so
+    /// that the drivers refuse the same paths on define.
+    fn boot_dirs_param(&self) -> String {
+        if self.boot_dirs.is_empty() {
+            return String::new();
+        }
+        let dirs: Vec<String> = self
             .boot_dirs
             .iter()
-            .filter_map(|d| std::fs::canonicalize(d).ok())
+            .map(|d| d.display().to_string())
             .collect();
-        for (field, path) in [
-            ("spec.os.kernel", &os.kernel),
-            ("spec.os.initrd", &os.initrd),
-        ] {
-            let Some(path) = path else { continue };
-            let inside = std::fs::canonicalize(path)
-                .map(|real| allowed.iter().any(|d| real.starts_with(d)))
-                .unwrap_or(false);
-            if !inside {
-                return Some(format!(
-                    "{field}: '{path}' is not a file in a boot directory of node {} (allowed: {})",
-                    self.node_name,
-                    self.boot_dirs
-                        .iter()
-                        .map(|d| d.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ));
-            }
-        }
-        None
+        format!("&boot_dirs={}", dirs.join(":"))
     }
 }
 
@@ -463,9 +459,10 @@ fn open_process_drivers(
     let ids = domain_ids(config);
     let root = config.state_dir.join("qemu");
     let path = format!(
-        "/embed?root={}&ids={}",
+        "/embed?root={}&ids={}{}",
         root.display(),
-        ids.path().display()
+        ids.path().display(),
+        config.boot_dirs_param()
     );
     let uri = format!("qemu://{path}");
     match vireo_drivers::qemu::open_with(&uri, &path, node.network_driver(), node.storage_driver())
@@ -477,9 +474,10 @@ fn open_process_drivers(
     }
     let root = config.state_dir.join("kvm");
     let path = format!(
-        "/embed?root={}&ids={}",
+        "/embed?root={}&ids={}{}",
         root.display(),
-        ids.path().display()
+        ids.path().display(),
+        config.boot_dirs_param()
     );
     match vireo_drivers::kvm::open_with(
         &format!("kvm://{path}"),

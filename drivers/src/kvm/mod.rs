@@ -239,6 +239,7 @@ impl Backend for Vmm {
             "--shutdown-timeout-seconds".into(),
             "86400".into(),
         ]);
+        args.extend(confinement_args());
         for disk in disks {
             if disk.format != VolFormat::Raw {
                 return Err(format!(
@@ -366,6 +367,34 @@ impl Backend for Vmm {
             _ => Some(DomainReason::Crashed),
         }
     }
+}
+
+/// How vireo-vmm is confined beyond its seccomp filter (docs/vmm.md):
+/// when the driver runs as root, `--jail` (a mount namespace whose root
+/// holds only the Domain's run directory); and, when `VIREO_VMM_UID` and
+/// `VIREO_VMM_GID` name a user, `--uid`/`--gid` so that the VMM runs as it.
+/// By default (no such variables) the VMM stays uid 0 but without any
+/// capability, under `no_new_privs`, which it always sets.
+fn confinement_args() -> Vec<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Vec::new();
+    }
+    let mut args = vec!["--jail".to_string()];
+    let id = |var: &str| {
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.trim().parse::<u32>().ok())
+    };
+    if let (Some(uid), Some(gid)) = (id("VIREO_VMM_UID"), id("VIREO_VMM_GID")) {
+        args.extend([
+            "--uid".into(),
+            uid.to_string(),
+            "--gid".into(),
+            gid.to_string(),
+        ]);
+    }
+    args
 }
 
 /// What vireo-vmm does not do: firmware boot and the PC's disk buses (see

@@ -250,6 +250,11 @@ pub struct Options {
     /// The node's shared domain IDs (`&ids=FILE` in the URI); without it
     /// the driver numbers its own activations, as a libvirt connection does.
     pub ids: Option<crate::ids::DomainIds>,
+    /// Where `spec.os.kernel` and `spec.os.initrd` may come from besides the
+    /// volumes of the storage driver's pools (`crate::host_paths`):
+    /// `/var/lib/vireo/boot` for `/system`, `&boot_dirs=DIR:DIR` on an
+    /// embedded URI; `None` (an embedded URI without it): any path.
+    pub boot_dirs: Option<Vec<PathBuf>>,
 }
 
 /// A hypervisor driver over processes; see the module docs.
@@ -724,6 +729,11 @@ impl<B: Backend> Inner<B> {
             .spec
             .validate()
             .map_err(|e| Error::invalid_argument(KIND, &name, e.to_string()))?;
+        if let Some(dirs) = &self.options.boot_dirs
+            && let Some(why) = crate::host_paths::refusal(domain, dirs, Some(self.storage.as_ref()))
+        {
+            return Err(Error::invalid_argument(KIND, &name, why));
+        }
         let wanted = self.backend.domain_type();
         if domain.spec.domain_type != wanted {
             return Err(Error::invalid_argument(
@@ -2068,9 +2078,14 @@ pub fn root_from_uri(
     }
 }
 
+/// Where `qemu:///system` and `kvm:///system` take kernels and initrds from
+/// (besides pool volumes), as the agent does by default.
+pub const SYSTEM_BOOT_DIR: &str = "/var/lib/vireo/boot";
+
 /// Opens a process-backed driver on the root a URI names
 /// (`/system` or `/embed?root=DIR`, with `&shutdown_timeout=SECONDS`, default
-/// 300, and `&ids=FILE` for a node's shared domain IDs), paired with the
+/// 300, `&ids=FILE` for a node's shared domain IDs, and `&boot_dirs=DIR:DIR`
+/// for where kernels may come from), paired with the
 /// given network and storage drivers.
 pub fn open_connection<B: Backend>(
     backend: B,
@@ -2096,6 +2111,18 @@ pub fn open_connection<B: Backend>(
             ids: params
                 .get("ids")
                 .map(|p| crate::ids::DomainIds::new(Path::new(p))),
+            boot_dirs: match params.get("boot_dirs") {
+                Some(dirs) => Some(
+                    dirs.split(':')
+                        .filter(|d| !d.is_empty())
+                        .map(PathBuf::from)
+                        .collect(),
+                ),
+                None if path_and_query.starts_with("/system") => {
+                    Some(vec![PathBuf::from(SYSTEM_BOOT_DIR)])
+                }
+                None => None,
+            },
         },
         network.clone(),
         storage.clone(),

@@ -6,6 +6,8 @@
 //! and fuzzable on any machine.
 
 pub mod bus;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod legacy;
 pub mod virtio;
 

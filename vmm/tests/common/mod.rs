@@ -422,6 +422,33 @@ impl Vmm {
         }
     }
 
+    /// Waits for the process to end, whatever it leaves behind.
+    pub fn wait_status(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "VMM still running after {timeout:?}\nstderr:\n{}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Writes one request line and returns without reading an answer.
+    pub fn send_api(&self, req: &str) {
+        let mut s = self.connect_api().writer;
+        s.write_all(req.as_bytes()).unwrap();
+        s.write_all(b"\n").unwrap();
+        // Keep the connection open a moment so the request is read whole.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
     /// Waits for the process to exit; returns its status and exit file.
     pub fn wait_exit(&mut self, timeout: Duration) -> (ExitStatus, Value) {
         let deadline = Instant::now() + timeout;
