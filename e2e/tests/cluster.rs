@@ -203,27 +203,14 @@ fn console_answers(cluster: &Cluster, pod: &str) {
 /// `vireo -c kube:/// console default/linux` from this machine: the API
 /// server authorizes `domains/console` and proxies to an agent pod.
 fn console_through_the_api(cluster: &Cluster) {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
     let token = format!("API-{}", std::process::id());
     let mut seen = String::new();
     for _ in 0..10 {
-        let mut child = Command::new(common::vireo_bin("vireo"))
-            .args(["-c", "kube:///", "console", "default/linux"])
-            .env("KUBECONFIG", &cluster.kubeconfig)
-            .env_remove("VIREO_DEFAULT_URI")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("vireo runs");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(format!("\necho {token}-$((6*7))\n").as_bytes())
-            .expect("stdin written");
-        let out = child.wait_with_output().expect("vireo finishes");
+        let out = common::vireo_as(
+            &cluster.kubeconfig,
+            &["-c", "kube:///", "console", "default/linux"].map(String::from),
+            format!("\necho {token}-$((6*7))\n").as_bytes(),
+        );
         seen.push_str(&text(&out.stdout));
         seen.push_str(&text(&out.stderr));
         if seen.contains(&format!("{token}-42")) {

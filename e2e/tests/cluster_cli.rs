@@ -90,20 +90,6 @@ fn user_kubeconfig(cluster: &Cluster, sa: &str) -> PathBuf {
     path
 }
 
-/// The chart's user ClusterRoles (vireo-viewer, vireo-user, vireo-admin,
-/// vireo-cluster-viewer), as `helm template` renders them.
-fn chart_roles(cluster: &Cluster) -> String {
-    cluster.helm_ok(&[
-        "template",
-        "vireo",
-        "charts/vireo",
-        "-n",
-        "vireo-system",
-        "--show-only",
-        "templates/rbac-users.yaml",
-    ])
-}
-
 fn text_of(out: &Output) -> String {
     format!(
         "{}{}",
@@ -183,7 +169,7 @@ async fn users_run_their_domains_through_the_api_and_rbac_refuses_the_rest() {
     cluster.kubectl_ok(&["create", "namespace", "team-b"]);
     let applied = cluster.kubectl_stdin(
         &["apply", "-f", "-"],
-        &format!("{}\n---\n{BINDINGS}", chart_roles(&cluster)),
+        &format!("{}\n---\n{BINDINGS}", cluster.chart_user_roles()),
     );
     assert!(applied.status.success(), "RBAC: {}", text_of(&applied));
     let other = cluster.kubectl_stdin(&["apply", "-f", "-"], OTHER);

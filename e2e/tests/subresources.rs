@@ -81,22 +81,7 @@ fn vireo_args(args: &[&str]) -> Vec<String> {
 }
 
 fn client(kubeconfig: &Path, args: &[&str], stdin: &[u8]) -> Output {
-    let mut child = Command::new(common::vireo_bin("vireo"))
-        .args(vireo_args(args))
-        .env("KUBECONFIG", kubeconfig)
-        .env_remove("VIREO_DEFAULT_URI")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("vireo runs");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stdin)
-        .expect("stdin written");
-    child.wait_with_output().expect("vireo finishes")
+    common::vireo_as(kubeconfig, &vireo_args(args), stdin)
 }
 
 /// [`client`] on a terminal (script(1)), where vireo draws its progress bar.
@@ -263,15 +248,7 @@ async fn consoles_and_transfers_through_the_api_server_follow_rbac() {
     );
 
     // The chart's user roles.
-    let roles = cluster.helm_ok(&[
-        "template",
-        "vireo",
-        "charts/vireo",
-        "-n",
-        "vireo-system",
-        "--show-only",
-        "templates/rbac-users.yaml",
-    ]);
+    let roles = cluster.chart_user_roles();
     let out = cluster.kubectl_stdin(&["apply", "-f", "-"], &roles);
     assert!(out.status.success(), "roles: {}", text(&out.stderr));
     for ns in ["team-a", "team-b"] {

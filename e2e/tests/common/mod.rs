@@ -381,6 +381,29 @@ impl Drop for Cluster {
 /// A port nothing listens on now, never the same twice in this test
 /// process (the kernel may hand a just-closed port out again, and two
 /// processes started together would then race for it).
+/// `vireo ARGS` as the user of `kubeconfig` (its KUBECONFIG, no
+/// VIREO_DEFAULT_URI), `stdin` written to it; its output once it ends.
+#[allow(dead_code)]
+pub fn vireo_as(kubeconfig: &Path, args: &[String], stdin: &[u8]) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(vireo_bin("vireo"))
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .env_remove("VIREO_DEFAULT_URI")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("vireo runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin)
+        .expect("stdin written");
+    child.wait_with_output().expect("vireo finishes")
+}
+
 pub fn free_port() -> u16 {
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
@@ -510,6 +533,21 @@ impl Cluster {
             .current_dir(repo())
             .output()
             .expect("helm runs")
+    }
+
+    /// The chart's user ClusterRoles (vireo-viewer, vireo-user,
+    /// vireo-admin, vireo-cluster-viewer), as `helm template` renders them.
+    #[allow(dead_code)]
+    pub fn chart_user_roles(&self) -> String {
+        self.helm_ok(&[
+            "template",
+            "vireo",
+            "charts/vireo",
+            "-n",
+            "vireo-system",
+            "--show-only",
+            "templates/rbac-users.yaml",
+        ])
     }
 
     /// Runs helm and insists on success; returns stdout.
