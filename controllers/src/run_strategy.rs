@@ -12,6 +12,9 @@ pub enum Action {
     Start,
     /// Stop the domain gracefully (shutdown, then destroy after a timeout).
     Stop,
+    /// Save the running domain's state on its node and stop it (managed
+    /// save); its next start resumes it.
+    Save,
 }
 
 /// What the reconciler remembers of a domain between passes.
@@ -28,6 +31,7 @@ pub struct History {
 /// * `Once`: start it the first time; never again.
 /// * `Manual`: never act.
 /// * `Halted`: stop it whenever it runs.
+/// * `Saved`: save it (managed save) whenever it runs; never start it.
 ///
 /// A domain that stopped is also subject to its `lifecycle`: `onCrash:
 /// restart` restarts a crashed guest whatever the strategy (but `Halted`
@@ -45,7 +49,10 @@ pub fn decide(
         || (state == DomainState::Shutoff && reason == DomainReason::Crashed);
     match strategy {
         RunStrategy::Halted if active => Action::Stop,
-        RunStrategy::Halted | RunStrategy::Manual => Action::Nothing,
+        // A guest paused by an error or preserved after a crash is saved
+        // as it is, as libvirt's managedsave does with a paused domain.
+        RunStrategy::Saved if active => Action::Save,
+        RunStrategy::Halted | RunStrategy::Manual | RunStrategy::Saved => Action::Nothing,
         _ if active => Action::Nothing,
         // Unknown: the host is not reporting; nothing may be started elsewhere.
         _ if state == DomainState::Unknown => Action::Nothing,
@@ -94,11 +101,14 @@ pub fn pause_step(want_paused: bool, state: DomainState, reason: DomainReason) -
     }
 }
 
-/// A one-shot action on a running domain (`vireo.dev/request`).
+/// A one-shot action on a domain (`vireo.dev/request`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Request {
     Reboot,
     Reset,
+    /// Drop the managed save image of an inactive domain, so that its next
+    /// start boots afresh (`vireo managedsave-remove`).
+    ManagedSaveRemove,
 }
 
 /// The Domain's request, if it has one: `Err` with the value when it names
@@ -110,6 +120,7 @@ pub fn request(
     Some(match value.as_str() {
         "reboot" => Ok(Request::Reboot),
         "reset" => Ok(Request::Reset),
+        "managedsave-remove" => Ok(Request::ManagedSaveRemove),
         other => Err(other.to_string()),
     })
 }
@@ -223,6 +234,37 @@ mod tests {
     }
 
     #[test]
+    fn saved_saves_what_runs_and_starts_nothing() {
+        for (state, reason) in [
+            (S::Running, R::Booted),
+            (S::Paused, R::User),
+            (S::Crashed, R::Panicked),
+        ] {
+            assert_eq!(d(RunStrategy::Saved, state, reason, STARTED), Action::Save);
+        }
+        for reason in [R::Saved, R::Shutdown, R::Crashed] {
+            assert_eq!(
+                d(RunStrategy::Saved, S::Shutoff, reason, STARTED),
+                Action::Nothing
+            );
+        }
+        assert_eq!(
+            d(
+                RunStrategy::Saved,
+                S::Shutoff,
+                R::Unknown,
+                History::default()
+            ),
+            Action::Nothing
+        );
+        // Back to Always: started again (the driver resumes the saved state).
+        assert_eq!(
+            d(RunStrategy::Always, S::Shutoff, R::Saved, STARTED),
+            Action::Start
+        );
+    }
+
+    #[test]
     fn unknown_host_starts_nothing() {
         assert_eq!(
             d(RunStrategy::Always, S::Unknown, R::Unknown, STARTED),
@@ -292,6 +334,10 @@ mod tests {
         assert_eq!(
             request(Some(&one(REQUEST_ANNOTATION, "reset"))),
             Some(Ok(Request::Reset))
+        );
+        assert_eq!(
+            request(Some(&one(REQUEST_ANNOTATION, "managedsave-remove"))),
+            Some(Ok(Request::ManagedSaveRemove))
         );
         assert_eq!(
             request(Some(&one(REQUEST_ANNOTATION, "explode"))),

@@ -77,6 +77,9 @@ struct Standalone {
     unbootable: BTreeSet<String>,
     /// Domains waiting for an upload, warned about once.
     waiting: BTreeSet<String>,
+    /// Domains whose managed save (`runStrategy: Saved`) failed, warned
+    /// about once; the guest runs on.
+    save_failed: BTreeSet<String>,
 }
 
 fn io(what: &str, e: impl std::fmt::Display) -> Error {
@@ -108,6 +111,7 @@ pub async fn run(
         files: HashMap::new(),
         stops: HashMap::new(),
         unbootable: BTreeSet::new(),
+        save_failed: BTreeSet::new(),
         waiting: BTreeSet::new(),
     };
     tracing::info!(
@@ -394,7 +398,19 @@ impl Standalone {
         ) {
             Step::Nothing => {
                 self.stops.remove(key);
+                self.save_failed.remove(key);
             }
+            Step::Save => match hv.managed_save(key) {
+                Ok(()) => {
+                    self.save_failed.remove(key);
+                    tracing::info!(domain = %key, "saved (managed save); the next start resumes it");
+                }
+                Err(e) => {
+                    if self.save_failed.insert(key.to_string()) {
+                        tracing::warn!(domain = %key, error = %e, "managed save failed; the guest runs on");
+                    }
+                }
+            },
             Step::Start => {
                 // A disk made for an upload waits for its content first.
                 if let Some(vol) = self.awaiting_upload(&def) {

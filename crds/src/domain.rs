@@ -520,6 +520,11 @@ pub enum RunStrategy {
     Manual,
     /// Keep it stopped.
     Halted,
+    /// Keep it stopped with its memory (libvirt's managed save): a running
+    /// guest's memory and device state are saved on its node and it shuts
+    /// off; the next start (`Always`, `Manual` plus `vireo start`) resumes
+    /// it where it was instead of booting it.
+    Saved,
 }
 
 /// libvirt's lifecycle events and actions.

@@ -326,10 +326,99 @@ async fn users_run_their_domains_through_the_api_and_rbac_refuses_the_rest() {
         state_is(&team_a, "web", DomainState::Running, None).await;
     }
 
+    // managedsave: `runStrategy: Saved`, which the agent carries out by
+    // saving the guest on its node; start resumes it, managedsave-remove
+    // (a vireo.dev/request) makes the next start boot.
+    let managed = |want: &str| {
+        let info = vireo_ok(&alice, &["dominfo", "web"]);
+        let line = info
+            .lines()
+            .find(|l| l.starts_with("Managed save:"))
+            .unwrap_or_default()
+            .to_string();
+        assert_eq!(
+            line.split_whitespace().last(),
+            Some(want),
+            "dominfo:\n{info}"
+        );
+    };
+    managed("no");
+    let out = vireo_ok(&alice, &["managedsave", "web"]);
+    assert!(out.contains("Domain 'team-a/web' state saved"), "{out}");
+    state_is(
+        &team_a,
+        "web",
+        DomainState::Shutoff,
+        Some(DomainReason::Saved),
+    )
+    .await;
+    assert_eq!(
+        team_a.get("web").await.expect("web").spec.run_strategy,
+        RunStrategy::Saved
+    );
+    wait_for(T, "the Saved condition", || async {
+        let d = team_a.get("web").await.ok()?;
+        d.status?
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Saved" && c.status == "True")
+            .then_some(())
+    })
+    .await;
+    managed("yes");
+    vireo_refused(&alice, &["managedsave", "web"], "is not running");
+    vireo_refused(&alice, &["shutdown", "web"], "is not running");
+    vireo_ok(&alice, &["start", "web"]);
+    state_is(
+        &team_a,
+        "web",
+        DomainState::Running,
+        Some(DomainReason::Restored),
+    )
+    .await;
+    managed("no");
+    vireo_ok(&alice, &["managedsave", "web"]);
+    state_is(
+        &team_a,
+        "web",
+        DomainState::Shutoff,
+        Some(DomainReason::Saved),
+    )
+    .await;
+    wait_for(T, "the Saved condition", || async {
+        let d = team_a.get("web").await.ok()?;
+        d.status?
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Saved" && c.status == "True")
+            .then_some(())
+    })
+    .await;
+    let out = vireo_ok(&alice, &["managedsave-remove", "web"]);
+    assert!(out.contains("Removed managedsave image"), "{out}");
+    wait_for(T, "managedsave-remove carried out", || async {
+        let d = team_a.get("web").await.ok()?;
+        let pending = d.annotations().contains_key("vireo.dev/request");
+        let saved = d.status?.conditions.iter().any(|c| c.type_ == "Saved");
+        (!pending && !saved).then_some(())
+    })
+    .await;
+    managed("no");
+    let out = vireo_ok(&alice, &["managedsave-remove", "web"]);
+    assert!(out.contains("no manage save image"), "{out}");
+    vireo_ok(&alice, &["start", "web"]);
+    state_is(
+        &team_a,
+        "web",
+        DomainState::Running,
+        Some(DomainReason::Booted),
+    )
+    .await;
+
     // What has no request form says so.
     vireo_refused(
         &alice,
-        &["managedsave", "web"],
+        &["save", "web", "/tmp/web.save"],
         "not supported by the kube driver",
     );
 

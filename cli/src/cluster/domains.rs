@@ -150,7 +150,7 @@ impl Domains {
         if !state.is_active()
             && matches!(
                 d.spec.run_strategy,
-                RunStrategy::Halted | RunStrategy::Manual
+                RunStrategy::Halted | RunStrategy::Manual | RunStrategy::Saved
             )
         {
             return Err(Error::invalid_state(KIND, full, "is not running"));
@@ -457,8 +457,37 @@ impl HypervisorDriver for Domains {
         self.get(name).map(|_| "hvm".to_string())
     }
 
+    /// `runStrategy: Saved`: the agent saves the guest's memory and
+    /// device state on its node and shuts it off; `start` resumes it.
+    fn managed_save(&self, name: &str) -> Result<()> {
+        let (d, full) = self.get(name)?;
+        if !state_of(&d).0.is_active() {
+            return Err(Error::invalid_state(KIND, full, "is not running"));
+        }
+        self.run(name, RunStrategy::Saved, None).map(|_| ())
+    }
+
+    /// The agent's `Saved` condition: a managed save image waits on the node.
     fn has_managed_save(&self, name: &str) -> Result<bool> {
-        self.get(name).map(|_| false)
+        let (d, _) = self.get(name)?;
+        Ok(d.status
+            .iter()
+            .flat_map(|s| &s.conditions)
+            .any(|c| c.type_ == "Saved" && c.status == "True"))
+    }
+
+    /// `vireo.dev/request: managedsave-remove`: the agent drops the image,
+    /// so that the next start boots.
+    fn managed_save_remove(&self, name: &str) -> Result<()> {
+        let (d, full) = self.get(name)?;
+        if state_of(&d).0.is_active() {
+            return Err(Error::invalid_state(KIND, full, "is running"));
+        }
+        self.patch(
+            name,
+            json!({"metadata": {"annotations": {REQUEST_ANNOTATION: "managedsave-remove"}}}),
+        )
+        .map(|_| ())
     }
 
     fn cells_free_memory(&self) -> Result<Vec<u64>> {

@@ -81,10 +81,17 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
     let mut def = Domain::new(&key, dom.spec.clone());
     // Requests to the agent (vireo.dev/stop, paused, request) are carried
     // out here, not copied into the node's definition.
-    def.metadata.annotations = dom.metadata.annotations.clone().map(|mut a| {
-        a.retain(|k, _| !vireo_crds::labels::is_request_annotation(k));
-        a
-    });
+    // (None when nothing else is left, so that a request alone is no
+    // change to the definition.)
+    def.metadata.annotations = dom
+        .metadata
+        .annotations
+        .clone()
+        .map(|mut a| {
+            a.retain(|k, _| !vireo_crds::labels::is_request_annotation(k));
+            a
+        })
+        .filter(|a| !a.is_empty());
     def.spec.uuid = Some(uuid.to_ascii_lowercase());
     // Disks name StorageVols of the Domain's namespace; on the node a
     // volume's name is `namespace.name`.
@@ -135,7 +142,8 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
         history,
     );
     match step {
-        Step::Nothing => {}
+        // Carried out below, where a failure is reported rather than retried.
+        Step::Nothing | Step::Save => {}
         Step::Start if !gates.is_empty() => {
             waiting = Some(format!(
                 "waiting for {} before starting",
@@ -203,6 +211,51 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
         }
     }
 
+    // A save that failed (a driver without saved state, a full disk) is
+    // said once, as a Warning Event and `Saved=False`; the guest runs on.
+    let mut save_failed = None;
+    if step == Step::Save {
+        let k = key.clone();
+        match ctx
+            .drive_domain(ty, move |c| c.hypervisor().managed_save(&k))
+            .await
+        {
+            Ok(()) => {
+                tracing::info!(domain = %key, "saved (managed save)");
+                k8s::event(
+                    &ctx.recorder,
+                    dom.as_ref(),
+                    EventType::Normal,
+                    "Saved",
+                    "Save",
+                    format!(
+                        "memory and device state saved on node {}; the next start resumes it",
+                        ctx.config.node_name
+                    ),
+                )
+                .await;
+            }
+            Err(e) => {
+                let message = format!("the guest runs on: {e}");
+                if find(&status.conditions, "Saved")
+                    .is_none_or(|c| c.status != "False" || c.message != message)
+                {
+                    tracing::warn!(domain = %key, error = %e, "managed save failed");
+                    k8s::event(
+                        &ctx.recorder,
+                        dom.as_ref(),
+                        EventType::Warning,
+                        "SaveFailed",
+                        "Save",
+                        message.clone(),
+                    )
+                    .await;
+                }
+                save_failed = Some(message);
+            }
+        }
+    }
+
     if step == Step::Nothing {
         requests(ctx, &api, &dom, ty, &key, state, reason).await?;
     }
@@ -252,6 +305,38 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
         None
     };
     let mut conditions = vec![ready_cond];
+    // `Saved`: whether a managed save image waits on the node (virsh
+    // dominfo's "Managed save"), or why the save asked for failed.
+    let saved_image = if info.state.is_active() {
+        false
+    } else {
+        let k = key.clone();
+        ctx.drive_domain(ty, move |c| c.hypervisor().has_managed_save(&k))
+            .await
+            .unwrap_or(false)
+    };
+    if let Some(message) = save_failed {
+        conditions.push(condition(
+            &status.conditions,
+            "Saved",
+            false,
+            "SaveFailed",
+            message,
+            dom.meta().generation,
+        ));
+    } else if saved_image {
+        conditions.push(condition(
+            &status.conditions,
+            "Saved",
+            true,
+            "ManagedSave",
+            format!(
+                "memory and device state saved on node {}; the next start resumes it",
+                ctx.config.node_name
+            ),
+            dom.meta().generation,
+        ));
+    }
     if let Some(problem) = &problem {
         if find(&status.conditions, "Bootable").is_none_or(|c| c.status != "False") {
             tracing::warn!(domain = %key, "{problem}");
@@ -412,16 +497,20 @@ async fn requests(
     };
     let k = key.to_string();
     let outcome = match asked {
-        Ok(r) if state.is_active() => ctx
+        Ok(r) if state.is_active() != (r == Request::ManagedSaveRemove) => ctx
             .drive_domain(ty, move |c| match r {
                 Request::Reboot => c.hypervisor().reboot_domain(&k),
                 Request::Reset => c.hypervisor().reset_domain(&k),
+                Request::ManagedSaveRemove => c.hypervisor().managed_save_remove(&k),
             })
             .await
             .map(|()| r)
             .map_err(|e| e.to_string()),
+        Ok(Request::ManagedSaveRemove) => Err("the domain is running".to_string()),
         Ok(_) => Err("the domain is not running".to_string()),
-        Err(other) => Err(format!("'{other}' is not a request (reboot, reset)")),
+        Err(other) => Err(format!(
+            "'{other}' is not a request (reboot, reset, managedsave-remove)"
+        )),
     };
     let (type_, why, note) = match outcome {
         Ok(Request::Reboot) => (
@@ -433,6 +522,14 @@ async fn requests(
             EventType::Normal,
             "Reset",
             format!("reset on node {}", ctx.config.node_name),
+        ),
+        Ok(Request::ManagedSaveRemove) => (
+            EventType::Normal,
+            "ManagedSaveRemoved",
+            format!(
+                "managed save image removed on node {}; the next start boots",
+                ctx.config.node_name
+            ),
         ),
         Err(message) => (
             EventType::Warning,
@@ -637,7 +734,7 @@ fn status_matches(have: &DomainStatus, want: &DomainStatus) -> bool {
         _ => false,
     };
     // The conditions this agent owns (the operator owns the others).
-    let ready_have: Vec<_> = ["Ready", "Bootable", "AgentConnected"]
+    let ready_have: Vec<_> = ["Ready", "Bootable", "AgentConnected", "Saved"]
         .iter()
         .filter_map(|t| find(&have.conditions, t).cloned())
         .collect();
