@@ -1146,6 +1146,12 @@ impl Vsock {
 }
 
 impl VirtioDevice for Vsock {
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.active
+            .as_ref()
+            .map(|a| vec![a.rx.state(), a.tx.state(), a._event.state()])
+    }
+
     fn device_type(&self) -> u32 {
         TYPE_VSOCK
     }
