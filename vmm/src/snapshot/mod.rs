@@ -457,5 +457,3 @@ pub fn load_memory<R: Read + Seek>(
     Ok(())
 }
 
-#[cfg(test)]
-mod tests;
