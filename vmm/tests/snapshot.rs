@@ -107,6 +107,21 @@ fn a_restored_guest_counts_on_from_where_it_was() {
     let snap = out.0.join("guest.snap");
     std::fs::write(&snap, &bytes).unwrap();
     let snap_arg = snap.to_str().unwrap();
+    // What the file holds, as the library reads it.
+    let parsed = vireo_vmm::snapshot::parse(&mut std::fs::File::open(&snap).unwrap(), 0).unwrap();
+    let v0 = &parsed.state.vcpus[0];
+    eprintln!(
+        "vCPU 0: {} MSRs, xsave {}, xcrs {}, vcpu_events {}, debugregs {}, KVM refused: {:?}; clock {}",
+        v0.msrs.len(),
+        v0.xsave.is_some(),
+        v0.xcrs.is_some(),
+        v0.vcpu_events.is_some(),
+        v0.debugregs.is_some(),
+        v0.missing,
+        parsed.state.vm.clock.is_some()
+    );
+    assert_eq!(parsed.state.config.devices, vec!["virtio-rng".to_string()]);
+    assert_eq!(parsed.memory_bytes_stored(), answer["memory_stored"].as_u64().unwrap());
     let started = Instant::now();
     let mut b = Vmm::start("snap-b", opts(&guest, vec!["--rng", "--restore", snap_arg]));
     let next = format!("VIREO-TEST counter {}\n", last + 1);

@@ -62,6 +62,8 @@ pub enum SnapshotError {
     Magic,
     #[error("snapshot format version {0}; this vireo-vmm reads version {VERSION}")]
     Version(u32),
+    #[error("snapshot truncated: {0} bytes, shorter than its {HEADER_LEN}-byte header")]
+    Short(u64),
     #[error("snapshot truncated or extended: the header says {expected} body bytes, the file has {found}")]
     Size { expected: u64, found: u64 },
     #[error("snapshot damaged: checksum {found:#010x}, the header says {expected:#010x}")]
@@ -320,10 +322,7 @@ pub fn parse<R: Read + Seek>(r: &mut R, base: u64) -> Result<Parsed, SnapshotErr
         let mut some = vec![0u8; available as usize];
         r.read_exact(&mut some)?;
         if some.len() >= 8 && &some[..8] == MAGIC {
-            return Err(SnapshotError::Size {
-                expected: HEADER_LEN,
-                found: available,
-            });
+            return Err(SnapshotError::Short(available));
         }
         return Err(SnapshotError::Magic);
     }
