@@ -30,7 +30,7 @@ fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StateError {
 }
 
 /// `kvm_fpu`, which kvm-bindings does not serialize.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fpu {
     pub fpr: [[u8; 16]; 8],
     pub fcw: u16,
