@@ -946,7 +946,8 @@ pub fn case_domain_save_restore(conn: &Connection, fx: &Fixture) -> Result<(), F
             hv.has_managed_save(name).step("has managed save")?,
             "a managed save image after managedsave"
         );
-        hv.start_domain(name).step("start resuming the managed save")?;
+        hv.start_domain(name)
+            .step("start resuming the managed save")?;
         expect_state(conn, fx, name, DomainState::Running, DomainReason::Restored)?;
         ensure!(
             !hv.has_managed_save(name).step("has managed save")?,
@@ -955,9 +956,11 @@ pub fn case_domain_save_restore(conn: &Connection, fx: &Fixture) -> Result<(), F
 
         hv.suspend_domain(name).step("suspend")?;
         expect_state(conn, fx, name, DomainState::Paused, DomainReason::User)?;
-        hv.save_domain(name, &paused_file).step("save of a paused domain")?;
+        hv.save_domain(name, &paused_file)
+            .step("save of a paused domain")?;
         expect_state(conn, fx, name, DomainState::Shutoff, DomainReason::Saved)?;
-        hv.restore_domain(&paused_file).step("restore of a paused save")?;
+        hv.restore_domain(&paused_file)
+            .step("restore of a paused save")?;
         wait_for_state(conn, name, DomainState::Paused, fx.timeout)?;
         hv.resume_domain(name).step("resume after the restore")?;
         wait_for_state(conn, name, DomainState::Running, fx.timeout)?;
@@ -968,7 +971,8 @@ pub fn case_domain_save_restore(conn: &Connection, fx: &Fixture) -> Result<(), F
             !hv.has_managed_save(name).step("has managed save")?,
             "no managed save image after managedsave-remove"
         );
-        hv.start_domain(name).step("start after managedsave-remove")?;
+        hv.start_domain(name)
+            .step("start after managedsave-remove")?;
         expect_state(conn, fx, name, DomainState::Running, DomainReason::Booted)?;
         Ok(())
     });

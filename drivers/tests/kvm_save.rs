@@ -128,7 +128,10 @@ fn kvm_save_restore_and_managed_save_keep_the_guest_running_where_it_was() {
         std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0)
     ));
     expect_state(&conn, name, DomainState::Shutoff, DomainReason::Saved);
-    assert!(!vmm_alive(pid), "vireo-vmm {pid} is still there after the save");
+    assert!(
+        !vmm_alive(pid),
+        "vireo-vmm {pid} is still there after the save"
+    );
     let before = ticks_after(&log, 0);
     let last = *before.last().expect("ticks before the save");
     let mark = log_text(&log).len();

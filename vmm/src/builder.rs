@@ -4,12 +4,12 @@
 
 use crate::boot::{self, Entry, acpi, layout};
 use crate::bus::{Bus, BusError, Buses, SharedDevice, lock};
-use crate::snapshot::{self, DeviceStates, MachineConfig, SnapshotState, VmState};
-use crate::vcpu::state::VcpuState;
 use crate::config::{OpenFiles, VmConfig};
 use crate::console::{ConsoleClients, ConsoleOut};
 use crate::events::EventQueue;
 use crate::memory::{self, GuestMemory};
+use crate::snapshot::{self, DeviceStates, MachineConfig, SnapshotState, VmState};
+use crate::vcpu::state::VcpuState;
 use crate::vcpu::{self, Vcpu, VcpuControl, cpuid, regs};
 use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_irqchip, kvm_pit_config, kvm_pit_state2,

@@ -223,11 +223,7 @@ impl VmConfig {
 
     pub fn open_files(&self) -> Result<OpenFiles, OpenError> {
         Ok(OpenFiles {
-            restore: self
-                .restore
-                .as_ref()
-                .map(|(p, _)| open(p))
-                .transpose()?,
+            restore: self.restore.as_ref().map(|(p, _)| open(p)).transpose()?,
             kernel: open(&self.kernel)?,
             initrd: self.initrd.as_deref().map(open).transpose()?,
             console_log: std::fs::OpenOptions::new()

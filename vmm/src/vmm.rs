@@ -506,11 +506,7 @@ impl Vmm {
     /// `snapshot`: pauses, sends the answer line and the snapshot on the
     /// client `fd`, then does what `after` says. `Err` is an answer to send
     /// (nothing was sent yet; the guest runs on as before).
-    fn snapshot(
-        &mut self,
-        fd: RawFd,
-        after: SnapshotAfter,
-    ) -> Result<Option<ExitReport>, String> {
+    fn snapshot(&mut self, fd: RawFd, after: SnapshotAfter) -> Result<Option<ExitReport>, String> {
         let was_paused = self.state == RunState::Paused;
         let started = Instant::now();
         let vcpus = self.vcpus().map_err(|e| e.to_string())?;
@@ -554,7 +550,12 @@ impl Vmm {
             self.drop_client(fd);
             return Ok(None);
         }
-        tracing::info!(bytes = total, elapsed_ms = started.elapsed().as_millis() as u64, ?after, "snapshot sent");
+        tracing::info!(
+            bytes = total,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            ?after,
+            "snapshot sent"
+        );
         match after {
             SnapshotAfter::Resume => {
                 if !was_paused && let Ok(v) = self.vcpus() {

@@ -119,7 +119,10 @@ fn seed(mem: &GuestMemory) -> Vec<u8> {
         },
     };
     let mut out = Vec::new();
-    Prepared::new(&state, mem).unwrap().write_to(&mut out).unwrap();
+    Prepared::new(&state, mem)
+        .unwrap()
+        .write_to(&mut out)
+        .unwrap();
     out
 }
 

@@ -29,7 +29,10 @@ fn build_guest(out: &Path) -> Option<PathBuf> {
         }
     };
     if !res.status.success() {
-        skip("test guest", "build.sh failed: no C compiler for the test guest?");
+        skip(
+            "test guest",
+            "build.sh failed: no C compiler for the test guest?",
+        );
         return None;
     }
     let path = String::from_utf8_lossy(&res.stdout)
@@ -121,7 +124,10 @@ fn a_restored_guest_counts_on_from_where_it_was() {
         parsed.state.vm.clock.is_some()
     );
     assert_eq!(parsed.state.config.devices, vec!["virtio-rng".to_string()]);
-    assert_eq!(parsed.memory_bytes_stored(), answer["memory_stored"].as_u64().unwrap());
+    assert_eq!(
+        parsed.memory_bytes_stored(),
+        answer["memory_stored"].as_u64().unwrap()
+    );
     let started = Instant::now();
     let mut b = Vmm::start("snap-b", opts(&guest, vec!["--rng", "--restore", snap_arg]));
     let next = format!("VIREO-TEST counter {}\n", last + 1);
@@ -173,7 +179,10 @@ fn a_paused_snapshot_restores_paused_with_paused_flag() {
     let snap = out.0.join("p.snap");
     std::fs::write(&snap, &bytes).unwrap();
     let snap_arg = snap.to_str().unwrap();
-    let mut b = Vmm::start("snap-q", opts(&guest, vec!["--restore", snap_arg, "--paused"]));
+    let mut b = Vmm::start(
+        "snap-q",
+        opts(&guest, vec!["--restore", snap_arg, "--paused"]),
+    );
     let mut api = b.connect_api();
     assert_eq!(api.call(r#"{"command":"info"}"#)["state"], "paused");
     std::thread::sleep(Duration::from_millis(1500));
@@ -226,14 +235,29 @@ fn damaged_snapshots_are_refused_with_a_clear_error() {
     let mid = flipped.len() / 2;
     flipped[mid] ^= 0x40;
     refused(&guest, &write("flipped", &flipped), 32, "checksum");
-    refused(&guest, &write("truncated", &good[..good.len() - 100]), 32, "truncated");
+    refused(
+        &guest,
+        &write("truncated", &good[..good.len() - 100]),
+        32,
+        "truncated",
+    );
     refused(&guest, &write("short", &good[..20]), 32, "truncated");
     let mut extended = good.clone();
     extended.extend_from_slice(b"more");
-    refused(&guest, &write("extended", &extended), 32, "truncated or extended");
+    refused(
+        &guest,
+        &write("extended", &extended),
+        32,
+        "truncated or extended",
+    );
     let mut v2 = good.clone();
     v2[8] = 2;
     refused(&guest, &write("v2", &v2), 32, "format version 2");
     refused(&guest, &write("garbage", &[0x5a; 4096]), 32, "bad magic");
-    refused(&guest, &write("good", &good), 64, "does not fit this machine");
+    refused(
+        &guest,
+        &write("good", &good),
+        64,
+        "does not fit this machine",
+    );
 }

@@ -18,7 +18,10 @@ pub enum DeviceExtra {
     /// taps and sockets handed to the new process).
     None,
     /// The balloon's target and the pages the driver said it holds.
-    Balloon { target_pages: u32, actual_pages: u32 },
+    Balloon {
+        target_pages: u32,
+        actual_pages: u32,
+    },
 }
 
 /// One virtqueue (virtio-queue's `QueueState`, which has no serde).

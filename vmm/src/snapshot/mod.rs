@@ -64,7 +64,9 @@ pub enum SnapshotError {
     Version(u32),
     #[error("snapshot truncated: {0} bytes, shorter than its {HEADER_LEN}-byte header")]
     Short(u64),
-    #[error("snapshot truncated or extended: the header says {expected} body bytes, the file has {found}")]
+    #[error(
+        "snapshot truncated or extended: the header says {expected} body bytes, the file has {found}"
+    )]
     Size { expected: u64, found: u64 },
     #[error("snapshot damaged: checksum {found:#010x}, the header says {expected:#010x}")]
     Checksum { expected: u32, found: u32 },
@@ -125,7 +127,9 @@ impl SnapshotState {
     /// Checks what does not depend on the machine it goes into.
     pub fn check(&self) -> Result<(), SnapshotError> {
         let c = &self.config;
-        if c.memory_bytes < 16 << 20 || c.memory_bytes > MAX_MEMORY || c.memory_bytes % PAGE != 0
+        if c.memory_bytes < 16 << 20
+            || c.memory_bytes > MAX_MEMORY
+            || !c.memory_bytes.is_multiple_of(PAGE)
         {
             return Err(malformed(format!("memory size {} bytes", c.memory_bytes)));
         }
@@ -139,7 +143,12 @@ impl SnapshotState {
                 c.vcpus
             )));
         }
-        if self.vcpus.iter().enumerate().any(|(i, v)| v.index as usize != i) {
+        if self
+            .vcpus
+            .iter()
+            .enumerate()
+            .any(|(i, v)| v.index as usize != i)
+        {
             return Err(malformed("vCPU states out of order"));
         }
         if self.devices.virtio.len() != c.devices.len() {
@@ -330,7 +339,9 @@ pub fn parse<R: Read + Seek>(r: &mut R, base: u64) -> Result<Parsed, SnapshotErr
     if &header[..8] != MAGIC {
         return Err(SnapshotError::Magic);
     }
-    let word = |at: usize| u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]]);
+    let word = |at: usize| {
+        u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
+    };
     let version = word(8);
     if version != VERSION {
         return Err(SnapshotError::Version(version));
@@ -397,7 +408,7 @@ pub fn parse<R: Read + Seek>(r: &mut R, base: u64) -> Result<Parsed, SnapshotErr
             }
             break;
         }
-        if len == 0 || len % PAGE != 0 || gpa % PAGE != 0 {
+        if len == 0 || !len.is_multiple_of(PAGE) || !gpa.is_multiple_of(PAGE) {
             return Err(malformed(format!(
                 "memory run at {gpa:#x} of {len} bytes (not whole pages)"
             )));
@@ -407,16 +418,18 @@ pub fn parse<R: Read + Seek>(r: &mut R, base: u64) -> Result<Parsed, SnapshotErr
                 "memory run at {gpa:#x} of {len} bytes past the end of the file"
             )));
         }
-        let inside = ram.iter().any(|(s, l)| {
-            gpa >= s.0 && gpa.checked_add(len).is_some_and(|e| e <= s.0 + l)
-        });
+        let inside = ram
+            .iter()
+            .any(|(s, l)| gpa >= s.0 && gpa.checked_add(len).is_some_and(|e| e <= s.0 + l));
         if !inside {
             return Err(malformed(format!(
                 "memory run at {gpa:#x} of {len} bytes outside guest RAM"
             )));
         }
         if gpa < last_end {
-            return Err(malformed(format!("memory run at {gpa:#x} overlaps or out of order")));
+            return Err(malformed(format!(
+                "memory run at {gpa:#x} overlaps or out of order"
+            )));
         }
         last_end = gpa + len;
         runs.push(MemoryRun {
@@ -455,4 +468,3 @@ pub fn load_memory<R: Read + Seek>(
     }
     Ok(())
 }
-

@@ -209,7 +209,8 @@ impl Vcpu {
 
     /// Loads a snapshot's state into this vCPU (before its thread starts).
     pub fn restore_state(&self, s: &state::VcpuState) -> Result<(), VcpuError> {
-        state::restore(&self.fd, s).map_err(|e| VcpuError::State(format!("vCPU {}: {e}", self.index)))
+        state::restore(&self.fd, s)
+            .map_err(|e| VcpuError::State(format!("vCPU {}: {e}", self.index)))
     }
 
     /// Reads this (parked) vCPU's state, after completing the I/O its last

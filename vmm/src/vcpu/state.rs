@@ -196,7 +196,11 @@ pub fn restore(fd: &VcpuFd, s: &VcpuState) -> Result<(), StateError> {
                     .and_then(|one| fd.set_msrs(&one).ok())
                     == Some(1);
                 if !ok {
-                    tracing::warn!(vcpu = s.index, msr = format_args!("{:#x}", e.index), "KVM refused to restore an MSR");
+                    tracing::warn!(
+                        vcpu = s.index,
+                        msr = format_args!("{:#x}", e.index),
+                        "KVM refused to restore an MSR"
+                    );
                 }
             }
         }
