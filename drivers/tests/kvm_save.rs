@@ -271,3 +271,45 @@ fn kvm_save_restore_and_managed_save_keep_the_guest_running_where_it_was() {
     hv.undefine_domain(name).expect("undefine");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// A guest that ejected a vCPU (`setvcpus` 1 of 2) is saved and restored:
+/// vireo-vmm is started with the snapshot's two vCPUs (the live definition
+/// counts one), the ejected one stays out, and the counter goes on.
+#[test]
+fn kvm_restore_keeps_an_unplugged_vcpu_out() {
+    if !kvm_available("kvm_restore_keeps_an_unplugged_vcpu_out") {
+        return;
+    }
+    common::vmm_binary();
+    let root = fresh_root("kvm-save-vcpus");
+    let conn = vireo_drivers::open(&format!("kvm:///embed?root={}", root.display()))
+        .expect("opens kvm:///embed");
+    let hv = conn.hypervisor();
+    let name = "unplugged";
+    let mut d = test_guest_domain(name, COUNTER);
+    d.spec.vcpus = 2;
+    d.spec.max_vcpus = Some(2);
+    hv.define_domain(&d).expect("define");
+    hv.start_domain(name).expect("start");
+    let log = console_log(&root, &conn, name);
+    wait_ticks(&log, 0, 1);
+    hv.set_domain_vcpus(name, 1).expect("setvcpus 1");
+    let start = Instant::now();
+    while hv.domain_info(name).expect("info").vcpus != 1 {
+        assert!(start.elapsed() < WAIT, "the guest did not eject vCPU 1");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let file = root.join("unplugged.save");
+    hv.save_domain(name, &file).expect("save");
+    let last = *ticks_after(&log, 0).last().expect("ticks");
+    let mark = log_text(&log).len();
+    hv.restore_domain(&file)
+        .expect("restore with the snapshot's vCPUs");
+    expect_state(&conn, name, DomainState::Running, DomainReason::Restored);
+    assert_eq!(hv.domain_info(name).expect("info").vcpus, 1);
+    let after = wait_ticks(&log, mark, 1);
+    assert_eq!(after[0], last + 1, "counter {last} then {after:?}");
+    hv.destroy_domain(name).expect("destroy");
+    hv.undefine_domain(name).expect("undefine");
+    let _ = std::fs::remove_dir_all(&root);
+}

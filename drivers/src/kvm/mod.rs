@@ -176,9 +176,14 @@ impl Vmm {
             memory_mib.to_string(),
             // The guest boots with spec.vcpus; setvcpus unplugs some and
             // plugs them back, up to this count (the MADT lists every vCPU
-            // as present from boot, so more cannot be added later).
+            // as present from boot, so more cannot be added later). A
+            // restore builds the vCPUs the snapshot has: the live
+            // definition counts only those still plugged in.
             "--vcpus".into(),
-            spec.vcpus.to_string(),
+            restore
+                .and_then(|(file, offset)| snapshot_vcpus(file, offset))
+                .unwrap_or(spec.vcpus)
+                .to_string(),
             "--rng".into(),
             "--balloon".into(),
             "--current-memory-mib".into(),
@@ -483,6 +488,27 @@ impl Backend for Vmm {
             _ => Some(DomainReason::Crashed),
         }
     }
+}
+
+/// The vCPU count in the state of the vireo-vmm snapshot at `offset` in
+/// `file` (its machine config), read without checking the rest: vireo-vmm
+/// checks the whole file when it restores it.
+fn snapshot_vcpus(file: &Path, offset: u64) -> Option<u32> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(file).ok()?;
+    // The snapshot's header (32 bytes), then the state's length.
+    f.seek(SeekFrom::Start(offset.checked_add(32)?)).ok()?;
+    let mut len = [0u8; 4];
+    f.read_exact(&mut len).ok()?;
+    let len = u32::from_le_bytes(len);
+    if len > 16 << 20 {
+        return None;
+    }
+    let mut state = vec![0u8; len as usize];
+    f.read_exact(&mut state).ok()?;
+    let state: Value = serde_json::from_slice(&state).ok()?;
+    let n = state.get("config")?.get("vcpus")?.as_u64()?;
+    u32::try_from(n).ok().filter(|&n| n > 0)
 }
 
 /// How vireo-vmm is confined beyond its seccomp filter (docs/vmm.md):
