@@ -510,7 +510,12 @@ impl Vmm {
         let was_paused = self.state == RunState::Paused;
         let started = Instant::now();
         let vcpus = self.vcpus().map_err(|e| e.to_string())?;
-        vcpus.pause().map_err(|e| e.to_string())?;
+        if let Err(e) = vcpus.pause() {
+            if !was_paused {
+                vcpus.resume();
+            }
+            return Err(format!("snapshot failed: {e}"));
+        }
         let prepared = vcpus
             .save_states()
             .map_err(|e| e.to_string())
