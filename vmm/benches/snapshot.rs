@@ -1,7 +1,8 @@
 //! `cargo bench -p vireo-vmm --bench snapshot [-- ROUNDS]` (default 5):
 //! vireo-vmm's snapshot and restore of the test guest (`vireo.counter=1`,
 //! `--rng`, 1 vCPU) at 32, 256 and 1024 MiB of RAM (`VIREO_BENCH_SNAPSHOT_MIB`
-//! = a comma-separated list changes them). Each round: `snapshot`
+//! = a comma-separated list changes them), each idle and with a quarter of
+//! its RAM (at most 64 MiB) filled by the guest (`vireo.fill`). Each round: `snapshot`
 //! (`after: exit`) on the API, timed from the request to the last byte
 //! received; the file size; then a new VMM with `--restore`, timed from
 //! spawn to its first `info` answer (the machine is rebuilt from the file
@@ -38,12 +39,24 @@ struct Round {
     restore_counter_ms: f64,
 }
 
-fn vmm(bin: &Path, guest: &Path, dir: &Path, mib: u64, restore: Option<&Path>) -> Res<Proc> {
+fn vmm(
+    bin: &Path,
+    guest: &Path,
+    dir: &Path,
+    mib: u64,
+    fill: u64,
+    restore: Option<&Path>,
+) -> Res<Proc> {
     let mut cmd = Command::new(bin);
+    let cmdline = if fill > 0 {
+        format!("console=ttyS0 vireo.counter=1 vireo.fill={fill}")
+    } else {
+        "console=ttyS0 vireo.counter=1".to_string()
+    };
     cmd.arg("run")
         .arg("--kernel")
         .arg(guest)
-        .args(["--cmdline", "console=ttyS0 vireo.counter=1"])
+        .args(["--cmdline", &cmdline])
         .args(["--memory-mib", &mib.to_string(), "--vcpus", "1", "--rng"])
         .arg("--api-socket")
         .arg(dir.join("api.sock"))
@@ -99,13 +112,13 @@ fn last_counter(log: &Path) -> Option<u32> {
         .find_map(|n| n.trim().parse().ok())
 }
 
-fn round(bin: &Path, guest: &Path, scratch: &Path, mib: u64, n: usize) -> Res<Round> {
-    let a_dir = scratch.join(format!("a{mib}-{n}"));
-    let b_dir = scratch.join(format!("b{mib}-{n}"));
+fn round(bin: &Path, guest: &Path, scratch: &Path, mib: u64, fill: u64, n: usize) -> Res<Round> {
+    let a_dir = scratch.join(format!("a{mib}-{fill}-{n}"));
+    let b_dir = scratch.join(format!("b{mib}-{fill}-{n}"));
     for d in [&a_dir, &b_dir] {
         std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
     }
-    let mut a = vmm(bin, guest, &a_dir, mib, None)?;
+    let mut a = vmm(bin, guest, &a_dir, mib, fill, None)?;
     kit::wait_line(
         &a_dir.join("console.log"),
         "VIREO-TEST counter 1",
@@ -138,7 +151,7 @@ fn round(bin: &Path, guest: &Path, scratch: &Path, mib: u64, n: usize) -> Res<Ro
     let last = last_counter(&a_dir.join("console.log")).ok_or("no counter before the snapshot")?;
 
     let started = Instant::now();
-    let mut b = vmm(bin, guest, &b_dir, mib, Some(&snap))?;
+    let mut b = vmm(bin, guest, &b_dir, mib, fill, Some(&snap))?;
     let mut api = wait_api(&b_dir.join("api.sock"), &mut b)?;
     let restore_api_ms = started.elapsed().as_secs_f64() * 1e3;
     kit::wait_line(
@@ -208,10 +221,17 @@ fn run() -> Res<()> {
         "restore: counter ms"
     );
     let mut results = Vec::new();
-    for &mib in &sizes {
+    // Each size idle, and with a quarter of its RAM (at most 64 MiB:
+    // filling costs the emulated guest ~4 s per 64 MiB) written by the
+    // guest (`vireo.fill`), so that the file carries memory.
+    let cases: Vec<(u64, u64)> = sizes
+        .iter()
+        .flat_map(|&m| [(m, 0), (m, (m / 4).min(64))])
+        .collect();
+    for &(mib, fill) in &cases {
         let mut rs = Vec::new();
         for n in 0..rounds {
-            rs.push(round(&bin, &guest, &scratch.0, mib, n)?);
+            rs.push(round(&bin, &guest, &scratch.0, mib, fill, n)?);
         }
         let med = |f: fn(&Round) -> f64| median(&rs.iter().map(f).collect::<Vec<_>>());
         let (snap, api, counter) = (
@@ -222,10 +242,11 @@ fn run() -> Res<()> {
         let bytes = rs.iter().map(|r| r.bytes).max().unwrap_or(0);
         let stored = rs.iter().map(|r| r.memory_stored).max().unwrap_or(0);
         println!(
-            "{mib:>8} | {snap:>14.1} | {bytes:>12} | {stored:>14} | {api:>18.1} | {counter:>20.1}"
+            "{mib:>8} | {fill:>8} | {snap:>14.1} | {bytes:>12} | {stored:>14} | {api:>18.1} | {counter:>20.1}"
         );
         results.push(json!({
             "memory_mib": mib,
+            "filled_mib": fill,
             "snapshot_ms_median": snap,
             "restore_api_ms_median": api,
             "restore_counter_ms_median": counter,

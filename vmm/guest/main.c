@@ -636,6 +636,24 @@ void guest_main(uint64_t info, int kind)
     if (blk_mib)
         virtio_blk_bench(blk_mib, blk_kib, blk_depth);
 
+    /* vireo.fill=MIB: write a non-zero pattern over MIB MiB of RAM from
+     * 16 MiB up (above the heap), so that a snapshot has memory to carry */
+    const char *fill = option_value("vireo.fill=");
+    if (fill) {
+        uint64_t mib = parse_u32(&fill);
+        if (mib == 0 || (16 + mib) * 1024 > mem_kib) {
+            kprintf("VIREO-TEST fill: FAIL %lu MiB does not fit above 16 MiB\n", mib);
+        } else {
+            uint64_t *p = (uint64_t *)(16ULL << 20);
+            uint64_t n = mib << 17; /* 8-byte words */
+            __asm__ volatile("rep stosq"
+                             : "+D"(p), "+c"(n)
+                             : "a"(0x5649524545494C4CULL)
+                             : "memory");
+            kprintf("VIREO-TEST fill: %lu MiB\n", mib);
+        }
+    }
+
     /* 5. done */
     kprintf("VIREO-TEST-GUEST-DONE devices=%d\n", devices);
     if (has_option("vireo.panic=1")) {

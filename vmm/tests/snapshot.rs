@@ -72,7 +72,7 @@ fn take_snapshot(api: &Path, after: &str) -> (serde_json::Value, Vec<u8>) {
 fn opts<'a>(guest: &'a Path, extra: Vec<&'a str>) -> Opts<'a> {
     Opts {
         kernel: guest,
-        cmdline: Some("console=ttyS0 vireo.counter=1"),
+        cmdline: Some("console=ttyS0 vireo.counter=1 vireo.fill=4"),
         memory_mib: 32,
         vcpus: 1,
         extra,
@@ -106,6 +106,17 @@ fn a_restored_guest_counts_on_from_where_it_was() {
         answer["memory_stored"]
     );
     assert_eq!(&bytes[..8], b"VIREOVMM");
+    // The 4 MiB the guest filled (vireo.fill=4) are in it, the zeros not.
+    let stored = answer["memory_stored"].as_u64().unwrap();
+    assert!(
+        stored >= 4 << 20 && stored < 8 << 20,
+        "{stored} bytes of memory stored"
+    );
+    assert!(
+        (bytes.len() as u64) < (8 << 20),
+        "a sparse file: {} bytes",
+        bytes.len()
+    );
 
     let snap = out.0.join("guest.snap");
     std::fs::write(&snap, &bytes).unwrap();
