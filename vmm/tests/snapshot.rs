@@ -109,7 +109,7 @@ fn a_restored_guest_counts_on_from_where_it_was() {
     // The 4 MiB the guest filled (vireo.fill=4) are in it, the zeros not.
     let stored = answer["memory_stored"].as_u64().unwrap();
     assert!(
-        stored >= 4 << 20 && stored < 8 << 20,
+        (4 << 20..8 << 20).contains(&stored),
         "{stored} bytes of memory stored"
     );
     assert!(
