@@ -212,8 +212,9 @@ fn run() -> Res<()> {
         kvm.describe()
     );
     println!(
-        "{:>8} | {:>14} | {:>12} | {:>14} | {:>18} | {:>20}",
+        "{:>8} | {:>8} | {:>14} | {:>12} | {:>14} | {:>18} | {:>20}",
         "RAM MiB",
+        "filled",
         "snapshot ms",
         "file bytes",
         "memory stored",
