@@ -679,3 +679,28 @@ mod firmware_tests {
         assert_eq!(refuse_firmware_boot(&d), Ok(()));
     }
 }
+
+#[cfg(test)]
+mod snapshot_tests {
+    use super::snapshot_vcpus;
+
+    #[test]
+    fn the_vcpu_count_is_read_from_the_snapshot_state() {
+        let dir = std::env::temp_dir().join(format!("vireo-kvm-snapvcpus-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let file = dir.join("s");
+        let state = br#"{"config":{"memory_bytes":33554432,"vcpus":3,"devices":[]}}"#;
+        // 100 bytes of another header in front, then the snapshot's 32.
+        let mut bytes = vec![0u8; 100 + 32];
+        bytes.extend_from_slice(&(state.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(state);
+        std::fs::write(&file, &bytes).expect("write");
+        assert_eq!(snapshot_vcpus(&file, 100), Some(3));
+        // Anything else: no count (vireo-vmm refuses such files itself).
+        assert_eq!(snapshot_vcpus(&file, 0), None);
+        std::fs::write(&file, &bytes[..140]).expect("write");
+        assert_eq!(snapshot_vcpus(&file, 100), None);
+        assert_eq!(snapshot_vcpus(&dir.join("missing"), 0), None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
