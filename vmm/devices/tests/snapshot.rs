@@ -135,3 +135,44 @@ fn legacy_devices_round_trip_and_refuse_what_does_not_fit() {
     let mut c3 = CpuHotplug::new(2, Arc::new(NoSink), irq);
     assert!(c3.restore_state(&cs).is_err(), "another vCPU count");
 }
+
+#[test]
+fn a_restored_vsock_tells_the_guest_its_connections_are_gone() {
+    use std::os::unix::net::UnixListener;
+    use vireo_vmm_devices::virtio::Vsock;
+    use vm_memory::{Bytes, GuestAddress};
+    let dir = std::env::temp_dir().join(format!("vireo-snap-vsock-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let uds = dir.join("a.sock");
+    let dev = Vsock::new(3, UnixListener::bind(&uds).expect("bind"), &uds).expect("vsock");
+    let mut h = Harness::new(dev);
+    let mut qs = h.bring_up(3, 256);
+    let mut event = qs.remove(2);
+    // The guest driver's event buffer, filled with a marker.
+    h.mem
+        .write_obj(0xffff_ffffu32, GuestAddress(DATA_BASE))
+        .expect("write");
+    event.add_chain(&h.mem, &[(DATA_BASE, 8, true)]);
+    let saved = h.t.save_state();
+
+    let uds2 = dir.join("b.sock");
+    let dev2 = Vsock::new(3, UnixListener::bind(&uds2).expect("bind"), &uds2).expect("vsock");
+    let mut t = MmioTransport::new(h.mem.clone(), h.irq.clone(), dev2).expect("transport");
+    let irqs = h.irqs();
+    t.restore_state(&saved).expect("restores");
+    assert_eq!(
+        event.pop_used(&h.mem).map(|e| e.1),
+        Some(4),
+        "one 4-byte event"
+    );
+    assert_eq!(
+        h.mem
+            .read_obj::<u32>(GuestAddress(DATA_BASE))
+            .expect("read"),
+        0,
+        "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET"
+    );
+    assert_eq!(t.device().stats().transport_resets, 1);
+    assert!(h.irqs() > irqs, "the guest is interrupted");
+    let _ = std::fs::remove_dir_all(&dir);
+}

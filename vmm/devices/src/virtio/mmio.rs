@@ -246,6 +246,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.activated = s.activated;
         self.interrupt
             .set_status(s.interrupt_status & (super::INT_USED_RING | super::INT_CONFIG_CHANGE));
+        if self.activated {
+            self.device.restored();
+        }
         Ok(())
     }
 

@@ -180,6 +180,10 @@ pub trait VirtioDevice: Send {
     fn queue_states(&self) -> Option<Vec<QueueState>> {
         None
     }
+    /// The device was activated again from a snapshot (the guest carries
+    /// on without a reset); a device whose backend did not survive tells
+    /// the guest here.
+    fn restored(&mut self) {}
     /// Device-specific state beyond the queues, for a snapshot.
     fn save_extra(&self) -> crate::snapshot::DeviceExtra {
         crate::snapshot::DeviceExtra::None
@@ -237,6 +241,9 @@ impl<D: VirtioDevice + ?Sized> VirtioDevice for Box<D> {
     }
     fn queue_states(&self) -> Option<Vec<QueueState>> {
         (**self).queue_states()
+    }
+    fn restored(&mut self) {
+        (**self).restored()
     }
     fn save_extra(&self) -> crate::snapshot::DeviceExtra {
         (**self).save_extra()
