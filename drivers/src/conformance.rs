@@ -906,6 +906,81 @@ pub fn case_domain_suspend_resume(conn: &Connection, fx: &Fixture) -> Result<(),
     })
 }
 
+/// Save and restore, libvirt's `virDomainSave`/`Restore` and managed save,
+/// on a driver that saves guest state (a driver that does not answers
+/// `Unsupported` to the first save, and the case ends there): a saved
+/// domain is shut off (saved) without an ID; a restore runs it again
+/// (restored); a managed save makes the next start resume it and is gone
+/// after it; a domain saved paused comes back paused; managedsave-remove
+/// leaves nothing to resume.
+pub fn case_domain_save_restore(conn: &Connection, fx: &Fixture) -> Result<(), Failure> {
+    let name = "conf-dom-save";
+    let file = std::env::temp_dir().join(format!(
+        "vireo-conformance-save-{}-{:x}.save",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default()
+    ));
+    let paused_file = file.with_extension("paused.save");
+    let result = guarded(conn, fx, Made::domains(&[name]), || {
+        let hv = conn.hypervisor();
+        define_and_start(conn, fx, name)?;
+        match hv.save_domain(name, &file) {
+            Err(Error::Unsupported { .. }) => return Ok(()),
+            other => other.step("save")?,
+        }
+        expect_state(conn, fx, name, DomainState::Shutoff, DomainReason::Saved)?;
+        ensure!(
+            current_id(conn, name)?.is_none(),
+            "a saved domain has no ID"
+        );
+        let r = hv.restore_domain(&file).step("restore")?;
+        ensure!(r.id.is_some(), "a restored domain has an ID");
+        expect_state(conn, fx, name, DomainState::Running, DomainReason::Restored)?;
+
+        hv.managed_save(name).step("managedsave")?;
+        expect_state(conn, fx, name, DomainState::Shutoff, DomainReason::Saved)?;
+        ensure!(
+            hv.has_managed_save(name).step("has managed save")?,
+            "a managed save image after managedsave"
+        );
+        hv.start_domain(name)
+            .step("start resuming the managed save")?;
+        expect_state(conn, fx, name, DomainState::Running, DomainReason::Restored)?;
+        ensure!(
+            !hv.has_managed_save(name).step("has managed save")?,
+            "the managed save image is gone once resumed"
+        );
+
+        hv.suspend_domain(name).step("suspend")?;
+        expect_state(conn, fx, name, DomainState::Paused, DomainReason::User)?;
+        hv.save_domain(name, &paused_file)
+            .step("save of a paused domain")?;
+        expect_state(conn, fx, name, DomainState::Shutoff, DomainReason::Saved)?;
+        hv.restore_domain(&paused_file)
+            .step("restore of a paused save")?;
+        wait_for_state(conn, name, DomainState::Paused, fx.timeout)?;
+        hv.resume_domain(name).step("resume after the restore")?;
+        wait_for_state(conn, name, DomainState::Running, fx.timeout)?;
+
+        hv.managed_save(name).step("managedsave")?;
+        hv.managed_save_remove(name).step("managedsave-remove")?;
+        ensure!(
+            !hv.has_managed_save(name).step("has managed save")?,
+            "no managed save image after managedsave-remove"
+        );
+        hv.start_domain(name)
+            .step("start after managedsave-remove")?;
+        expect_state(conn, fx, name, DomainState::Running, DomainReason::Booted)?;
+        Ok(())
+    });
+    let _ = std::fs::remove_file(&file);
+    let _ = std::fs::remove_file(&paused_file);
+    result
+}
+
 /// A paused domain: shutdown ends in shutoff (shutdown); reboot brings it
 /// back running (booted) in the same activation; reset keeps it paused
 /// (same ID). libvirt's test driver does each at once; a guest behind a
@@ -3669,6 +3744,7 @@ pub const CASES: &[(&str, CaseFn)] = &[
         "case_domain_paused_transitions",
         case_domain_paused_transitions,
     ),
+    ("case_domain_save_restore", case_domain_save_restore),
     ("case_domain_destroy", case_domain_destroy),
     ("case_domain_destroy_paused", case_domain_destroy_paused),
     ("case_domain_undefine_active", case_domain_undefine_active),
@@ -3771,6 +3847,7 @@ macro_rules! conformance_tests {
             case_domain_inactive_operations
             case_domain_reboot_reset
             case_domain_paused_transitions
+            case_domain_save_restore
             case_domain_destroy
             case_domain_destroy_paused
             case_domain_undefine_active

@@ -274,6 +274,7 @@ static struct idt_entry idt[256] __attribute__((aligned(16)));
 static int irq_mode;             /* 0: IOAPIC, 1: PIC + PIT tick */
 static uint64_t lapic_base = LAPIC_DEFAULT;
 static volatile int irq_pending;
+static volatile uint32_t pit_ticks; /* IRQ0 interrupts seen (tick mode) */
 
 #define KBD_RING 256
 static volatile uint8_t kbd_ring[KBD_RING];
@@ -358,6 +359,8 @@ void isr_handler(struct frame *f)
         return; /* spurious: no EOI */
     if (v >= VEC_PIC_BASE && v < VEC_PIC_BASE + 16) {
         unsigned irq = (unsigned)(v - VEC_PIC_BASE);
+        if (irq == 0)
+            pit_ticks++;
         if (irq == 1)
             kbd_drain_to_ring();
         if (irq >= 8)
@@ -530,6 +533,12 @@ static void kbd_byte(uint8_t b)
 static void idle(void)
 {
     int use_tick = has_option("vireo.tick=1");
+    /* vireo.counter=1: print an increasing counter twice a second, paced
+     * by the PIT (so tick mode), for save/restore tests */
+    int counter = has_option("vireo.counter=1");
+    uint32_t count = 0, next_tick = 50;
+    if (counter)
+        use_tick = 1;
     kb_trace = has_option("vireo.kbdtrace=1");
     cpuhp_probe();
     if (!use_tick) {
@@ -562,6 +571,10 @@ static void idle(void)
         }
         virtio_poll_all();
         cpuhp_poll();
+        if (counter && pit_ticks >= next_tick) {
+            kprintf("VIREO-TEST counter %u\n", count++);
+            next_tick += 50;
+        }
         if (irq_pending || kbd_tail != kbd_head)
             __asm__ volatile("sti"); /* more work arrived: go round */
         else
@@ -622,6 +635,24 @@ void guest_main(uint64_t info, int kind)
     blkbench_option(&blk_mib, &blk_kib, &blk_depth);
     if (blk_mib)
         virtio_blk_bench(blk_mib, blk_kib, blk_depth);
+
+    /* vireo.fill=MIB: write a non-zero pattern over MIB MiB of RAM from
+     * 16 MiB up (above the heap), so that a snapshot has memory to carry */
+    const char *fill = option_value("vireo.fill=");
+    if (fill) {
+        uint64_t mib = parse_u32(&fill);
+        if (mib == 0 || (16 + mib) * 1024 > mem_kib) {
+            kprintf("VIREO-TEST fill: FAIL %lu MiB does not fit above 16 MiB\n", mib);
+        } else {
+            uint64_t *p = (uint64_t *)(16ULL << 20);
+            uint64_t n = mib << 17; /* 8-byte words */
+            __asm__ volatile("rep stosq"
+                             : "+D"(p), "+c"(n)
+                             : "a"(0x5649524545494C4CULL)
+                             : "memory");
+            kprintf("VIREO-TEST fill: %lu MiB\n", mib);
+        }
+    }
 
     /* 5. done */
     kprintf("VIREO-TEST-GUEST-DONE devices=%d\n", devices);

@@ -25,11 +25,31 @@ pub enum Request {
     Vcpus {
         count: u32,
     },
+    /// Pauses the machine and sends its snapshot on this connection: an
+    /// answer line with `bytes`, then that many bytes of the snapshot file
+    /// (crate::snapshot); then resumes, stays paused or exits, per `after`.
+    Snapshot {
+        #[serde(default)]
+        after: SnapshotAfter,
+    },
     /// Debug builds only: the event loop opens a host file, a system call
     /// the seccomp filter forbids, so that tests see the filter kill the
     /// VMM. Release builds do not know this request.
     #[cfg(debug_assertions)]
     DebugForbiddenSyscall,
+}
+
+/// What the VMM does once a snapshot is sent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SnapshotAfter {
+    /// Run on as before (a running guest resumes; a paused one stays so).
+    Resume,
+    /// Stay paused.
+    #[default]
+    Pause,
+    /// Exit (reason `destroyed`, detail saying a snapshot was taken).
+    Exit,
 }
 
 /// The machine state `info` reports.
@@ -86,6 +106,11 @@ pub fn info(i: &Info) -> Value {
     })
 }
 
+/// The answer line before a snapshot's bytes.
+pub fn snapshot_answer(bytes: u64, memory_stored: u64) -> Value {
+    json!({"ok": true, "bytes": bytes, "memory_stored": memory_stored})
+}
+
 /// Longest request line accepted.
 pub const MAX_LINE: usize = 64 * 1024;
 
@@ -115,6 +140,19 @@ mod tests {
             parse(r#"{"command":"vcpus","count":1}"#),
             Ok(Request::Vcpus { count: 1 })
         );
+        assert_eq!(
+            parse(r#"{"command":"snapshot","after":"exit"}"#),
+            Ok(Request::Snapshot {
+                after: SnapshotAfter::Exit
+            })
+        );
+        assert_eq!(
+            parse(r#"{"command":"snapshot"}"#),
+            Ok(Request::Snapshot {
+                after: SnapshotAfter::Pause
+            })
+        );
+        assert!(parse(r#"{"command":"snapshot","after":"later"}"#).is_err());
         for bad in ["", "{}", "[]", r#"{"command":"explode"}"#, "nonsense"] {
             assert!(parse(bad).is_err(), "{bad}");
         }

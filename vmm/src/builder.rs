@@ -3,11 +3,13 @@
 //! configured vCPUs (not yet running).
 
 use crate::boot::{self, Entry, acpi, layout};
-use crate::bus::{Bus, BusError, Buses, SharedDevice};
+use crate::bus::{Bus, BusError, Buses, SharedDevice, lock};
 use crate::config::{OpenFiles, VmConfig};
 use crate::console::{ConsoleClients, ConsoleOut};
 use crate::events::EventQueue;
 use crate::memory::{self, GuestMemory};
+use crate::snapshot::{self, DeviceStates, MachineConfig, SnapshotState, VmState};
+use crate::vcpu::state::VcpuState;
 use crate::vcpu::{self, Vcpu, VcpuControl, cpuid, regs};
 use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_irqchip, kvm_pit_config, kvm_pit_state2,
@@ -59,6 +61,10 @@ pub enum BuildError {
     },
     #[error("{0} virtio devices asked for; there are {max} slots", max = layout::VIRTIO_MMIO_SLOTS)]
     TooManyDevices(usize),
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    #[error("restoring the snapshot: {0}")]
+    Restore(String),
 }
 
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BuildError {
@@ -119,6 +125,8 @@ pub struct Machine {
     /// The virtio-balloon (`--balloon`).
     pub balloon: Option<BalloonHandle>,
     virtio: Vec<acpi::VirtioSlot>,
+    /// Each slot's transport and device name, in slot order.
+    transports: Vec<(&'static str, VirtioSlotDevice)>,
     boot_source: BootSource,
     vcpu_count: u32,
     irqchip: IrqchipSnapshot,
@@ -171,6 +179,7 @@ pub fn build(cfg: &VmConfig, files: OpenFiles, start: Instant) -> Result<Machine
         disks,
         taps,
         vsock,
+        restore,
         ..
     } = files;
     let kvm_sys = Kvm::new().map_err(kvm("open /dev/kvm"))?;
@@ -271,6 +280,7 @@ pub fn build(cfg: &VmConfig, files: OpenFiles, start: Instant) -> Result<Machine
     let mut balloon = None;
     let mut virtio = Vec::new();
     let mut device_fds = Vec::new();
+    let mut transports = Vec::new();
     for (index, (name, dev)) in virtio_devs.into_iter().enumerate() {
         let slot = acpi::VirtioSlot {
             index: index as u32,
@@ -284,6 +294,7 @@ pub fn build(cfg: &VmConfig, files: OpenFiles, start: Instant) -> Result<Machine
             })?;
         let fds = BusDevice::event_fds(&transport);
         let typed: VirtioSlotDevice = Arc::new(Mutex::new(transport));
+        transports.push((name, typed.clone()));
         if name == "virtio-balloon"
             && let Some(control) = balloon_control.take()
         {
@@ -318,6 +329,13 @@ pub fn build(cfg: &VmConfig, files: OpenFiles, start: Instant) -> Result<Machine
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm("get supported CPUID"))?;
     let control = Arc::new(VcpuControl::new(entry));
+    // The MSRs a snapshot saves: the host's list (empty if KVM will not say).
+    let msr_list = Arc::new(
+        kvm_sys
+            .get_msr_index_list()
+            .map(|l| l.as_slice().to_vec())
+            .unwrap_or_default(),
+    );
     let mut vcpus = Vec::new();
     for index in 0..cfg.vcpus {
         let fd = vm
@@ -332,6 +350,7 @@ pub fn build(cfg: &VmConfig, files: OpenFiles, start: Instant) -> Result<Machine
             buses.clone(),
             control.clone(),
             events.clone(),
+            msr_list.clone(),
         )?);
     }
 
@@ -346,7 +365,7 @@ pub fn build(cfg: &VmConfig, files: OpenFiles, start: Instant) -> Result<Machine
     }
     let pit = vm.get_pit2().map_err(kvm("get PIT"))?;
 
-    Ok(Machine {
+    let mut machine = Machine {
         vm,
         mem,
         memory_bytes: cfg.memory_bytes,
@@ -362,16 +381,138 @@ pub fn build(cfg: &VmConfig, files: OpenFiles, start: Instant) -> Result<Machine
         device_fds,
         balloon,
         virtio,
+        transports,
         boot_source,
         vcpu_count: cfg.vcpus,
         irqchip: IrqchipSnapshot { chips, pit },
         _kvm: kvm_sys,
-    })
+    };
+    if let (Some(mut file), Some((_, offset))) = (restore, &cfg.restore) {
+        machine.restore_from(&mut file, *offset)?;
+    }
+    Ok(machine)
 }
 
 impl Machine {
     pub fn vcpu_count(&self) -> u32 {
         self.vcpu_count
+    }
+
+    /// What the machine was built from, as a snapshot records it.
+    pub fn snapshot_config(&self) -> MachineConfig {
+        MachineConfig {
+            memory_bytes: self.memory_bytes,
+            vcpus: self.vcpu_count,
+            devices: self.transports.iter().map(|(n, _)| n.to_string()).collect(),
+        }
+    }
+
+    /// The whole state of the (paused) machine with its vCPUs' `vcpus`.
+    pub fn save_state(&self, vcpus: Vec<VcpuState>) -> Result<SnapshotState, BuildError> {
+        let mut irqchips = Vec::new();
+        for chip_id in 0..3 {
+            let mut chip = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            self.vm.get_irqchip(&mut chip).map_err(kvm("get irqchip"))?;
+            irqchips.push(chip);
+        }
+        let pit = self.vm.get_pit2().map_err(kvm("get PIT"))?;
+        let clock = self.vm.get_clock().ok();
+        let serial = lock(&self.serial)
+            .save_state()
+            .ok_or_else(|| BuildError::Restore("the serial port is gone".into()))?;
+        Ok(SnapshotState {
+            config: self.snapshot_config(),
+            vcpus,
+            vm: VmState {
+                irqchips,
+                pit,
+                clock,
+            },
+            devices: DeviceStates {
+                serial,
+                i8042: lock(&self.i8042).save_state(),
+                cpu_hotplug: lock(&self.cpu_hotplug).save_state(),
+                virtio: self
+                    .transports
+                    .iter()
+                    .map(|(_, t)| lock(t).save_state())
+                    .collect(),
+                boot_time_us: self.boot_time.get(),
+            },
+        })
+    }
+
+    /// Loads the snapshot at `offset` in `file` into this freshly built
+    /// machine (same command line), before its vCPUs run. Everything is
+    /// checked before guest memory or any device changes.
+    fn restore_from(&mut self, file: &mut File, offset: u64) -> Result<(), BuildError> {
+        let parsed = snapshot::parse(file, offset)?;
+        let st = &parsed.state;
+        let here = self.snapshot_config();
+        if st.config != here {
+            return Err(snapshot::SnapshotError::Mismatch(format!(
+                "saved {} MiB, {} vCPUs, devices [{}]; this machine has {} MiB, {} vCPUs, devices [{}]",
+                st.config.memory_bytes >> 20,
+                st.config.vcpus,
+                st.config.devices.join(", "),
+                here.memory_bytes >> 20,
+                here.vcpus,
+                here.devices.join(", ")
+            ))
+            .into());
+        }
+        memory::zero(&self.mem).map_err(BuildError::Zero)?;
+        snapshot::load_memory(file, &parsed, &self.mem)?;
+        for (chip_id, saved) in st.vm.irqchips.iter().enumerate() {
+            let mut chip = *saved;
+            // The file says which chip; the position decides.
+            chip.chip_id = chip_id as u32;
+            self.vm.set_irqchip(&chip).map_err(kvm("set irqchip"))?;
+        }
+        self.vm.set_pit2(&st.vm.pit).map_err(kvm("set PIT"))?;
+        if let Some(clock) = &st.vm.clock {
+            let mut c = *clock;
+            // KVM_SET_CLOCK takes the time only (flags it reported are
+            // not accepted back).
+            c.flags = 0;
+            if let Err(e) = self.vm.set_clock(&c) {
+                tracing::warn!(error = %e, "KVM refused the saved clock");
+            }
+        }
+        let d = &st.devices;
+        lock(&self.serial)
+            .restore_state(&d.serial)
+            .map_err(BuildError::Restore)?;
+        lock(&self.i8042)
+            .restore_state(&d.i8042)
+            .map_err(BuildError::Restore)?;
+        lock(&self.cpu_hotplug)
+            .restore_state(&d.cpu_hotplug)
+            .map_err(BuildError::Restore)?;
+        for (slot, ((name, t), saved)) in self.transports.iter().zip(&d.virtio).enumerate() {
+            lock(t)
+                .restore_state(saved)
+                .map_err(|e| BuildError::Restore(format!("{name} in slot {slot}: {e}")))?;
+        }
+        self.boot_time.restore(d.boot_time_us);
+        for (v, saved) in self.vcpus.iter().zip(&st.vcpus) {
+            v.restore_state(saved)?;
+        }
+        {
+            let mut cs = lock(&self.control.state);
+            cs.unplugged = d.cpu_hotplug.cpus.iter().map(|c| !c.enabled).collect();
+            cs.replugged = vec![false; cs.unplugged.len()];
+        }
+        tracing::info!(
+            memory_stored = parsed.memory_bytes_stored(),
+            runs = parsed.runs.len(),
+            missing = ?st.vcpus.first().map(|v| v.missing.clone()).unwrap_or_default(),
+            "machine restored from the snapshot"
+        );
+        Ok(())
     }
 
     /// With the vCPUs parked: devices and interrupt controllers back to

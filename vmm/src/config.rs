@@ -45,6 +45,11 @@ pub struct VmConfig {
     /// A virtio-vsock device (`--vsock`).
     pub vsock: Option<VsockSpec>,
     pub elf_entry: crate::boot::loader::ElfEntry,
+    /// `--restore FILE` (with `--restore-offset`): carry on from a snapshot
+    /// instead of booting.
+    pub restore: Option<(PathBuf, u64)>,
+    /// `--paused`: the vCPUs wait for `resume` before they first run.
+    pub start_paused: bool,
 }
 
 /// `--disk PATH[,readonly]`
@@ -159,6 +164,8 @@ pub struct OpenFiles {
     pub taps: Vec<File>,
     /// The `--vsock` listening socket.
     pub vsock: Option<UnixListener>,
+    /// The `--restore` snapshot.
+    pub restore: Option<File>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -216,6 +223,7 @@ impl VmConfig {
 
     pub fn open_files(&self) -> Result<OpenFiles, OpenError> {
         Ok(OpenFiles {
+            restore: self.restore.as_ref().map(|(p, _)| open(p)).transpose()?,
             kernel: open(&self.kernel)?,
             initrd: self.initrd.as_deref().map(open).transpose()?,
             console_log: std::fs::OpenOptions::new()

@@ -7,6 +7,7 @@
 //! * [`vmm`]: the running VMM — the [`jail`], vCPU threads, [`seccomp`], the event loop
 //!   serving the control [`api`], the [`console`] socket and machine
 //!   [`events`];
+//! * [`snapshot`]: the snapshot file (save and restore of a running machine);
 //! * [`exit`]: the exit file.
 //!
 //! Device models live in the `vireo-vmm-devices` crate, which never sees KVM.
@@ -23,5 +24,6 @@ pub mod jail;
 pub mod memory;
 pub mod probe;
 pub mod seccomp;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vmm;

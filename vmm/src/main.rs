@@ -92,6 +92,18 @@ struct RunArgs {
     /// or always one of them.
     #[arg(long, value_enum, default_value = "auto")]
     elf_entry: ElfEntryArg,
+    /// Carry on from this snapshot (taken with the `snapshot` API request)
+    /// instead of booting. The rest of the command line must describe the
+    /// same machine (memory, vCPUs, devices in the same order).
+    #[arg(long)]
+    restore: Option<PathBuf>,
+    /// Where the snapshot starts in the --restore file (a file with a header
+    /// of its own in front, such as the kvm driver's save files).
+    #[arg(long, requires = "restore", default_value_t = 0)]
+    restore_offset: u64,
+    /// Start with the vCPUs paused: the guest runs after `resume`.
+    #[arg(long)]
+    paused: bool,
     /// Do not install the seccomp filter (debugging only).
     #[arg(long)]
     no_seccomp: bool,
@@ -161,6 +173,8 @@ impl RunArgs {
             rng: self.rng,
             balloon,
             vsock: self.vsock.as_deref().map(VsockSpec::parse).transpose()?,
+            restore: self.restore.clone().map(|p| (p, self.restore_offset)),
+            start_paused: self.paused,
             elf_entry: match self.elf_entry {
                 ElfEntryArg::Auto => ElfEntry::Auto,
                 ElfEntryArg::Linux64 => ElfEntry::Linux64,

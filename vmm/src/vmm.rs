@@ -2,7 +2,7 @@
 //! serves the event loop — control API, console socket, machine events and
 //! the shutdown timer — until the machine is gone.
 
-use crate::api::{self, Request, RunState};
+use crate::api::{self, Request, RunState, SnapshotAfter};
 use crate::builder::{BuildError, Machine};
 use crate::bus::lock;
 use crate::config::{OnReboot, OpenFiles, VmConfig};
@@ -48,6 +48,47 @@ const TOKEN_KIND: u64 = !0xffff_ffff;
 /// Console input held while the guest's receive FIFO is full.
 const CONSOLE_PENDING_MAX: usize = 64 * 1024;
 const CONSOLE_RETRY_MS: i32 = 5;
+
+/// Writes to a non-blocking socket, waiting (up to a minute at a time) for
+/// room when it is full: a snapshot is sent while the machine is paused.
+struct PatientWriter<'a>(&'a UnixStream);
+
+impl Write for PatientWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        loop {
+            match (&mut &*self.0).write(buf) {
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    let mut p = libc::pollfd {
+                        fd: self.0.as_raw_fd(),
+                        events: libc::POLLOUT,
+                        revents: 0,
+                    };
+                    // SAFETY: `p` is one valid pollfd for the duration of
+                    // the call, and the count says one.
+                    let rc = unsafe { libc::poll(&mut p, 1, 60_000) };
+                    if rc == 0 {
+                        return Err(std::io::Error::new(
+                            ErrorKind::TimedOut,
+                            "the client did not read the snapshot for a minute",
+                        ));
+                    }
+                    if rc < 0 {
+                        let e = std::io::Error::last_os_error();
+                        if e.kind() != ErrorKind::Interrupted {
+                            return Err(e);
+                        }
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                other => return other,
+            }
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 struct ApiClient {
     stream: UnixStream,
@@ -137,6 +178,9 @@ impl Vmm {
             None
         };
         vcpu::register_kick_signal()?;
+        if cfg.start_paused {
+            VcpuSet::start_paused(&machine.control);
+        }
         let (tx, rx) = std::sync::mpsc::channel::<VcpuThreadInfo>();
         let mut handles = Vec::new();
         for v in std::mem::take(&mut machine.vcpus) {
@@ -172,7 +216,11 @@ impl Vmm {
             console_inputs: HashMap::new(),
             console_pending: std::collections::VecDeque::new(),
             console_flush_at: None,
-            state: RunState::Running,
+            state: if cfg.start_paused {
+                RunState::Paused
+            } else {
+                RunState::Running
+            },
             shutdown_deadline: None,
             on_reboot: cfg.on_reboot,
             shutdown_timeout: cfg.shutdown_timeout,
@@ -366,6 +414,8 @@ impl Vmm {
                 };
                 (api::error(answer), None)
             }
+            // Served by on_api_readable, which owns the connection.
+            Request::Snapshot { .. } => (api::error("snapshot: internal routing error"), None),
             Request::Destroy => (
                 api::ok(),
                 Some(self.report(ExitReason::Destroyed, "destroy requested on the API")),
@@ -404,12 +454,27 @@ impl Vmm {
             }
         }
         let mut exit = None;
+        let mut exit_after = None;
         for line in lines {
             let text = String::from_utf8_lossy(&line);
             if text.trim().is_empty() && !line.is_empty() {
                 continue;
             }
             let (answer, e) = match api::parse(&text) {
+                Ok(Request::Snapshot { after }) => {
+                    tracing::info!(?after, "API request: snapshot");
+                    match self.snapshot(fd, after) {
+                        Ok(exit) => {
+                            // The answer and the stream went out already.
+                            if exit.is_some() {
+                                exit_after = exit;
+                                break;
+                            }
+                            continue;
+                        }
+                        Err(e) => (api::error(e), None),
+                    }
+                }
                 Ok(req) => {
                     tracing::info!(?req, "API request");
                     self.handle_request(req)
@@ -435,7 +500,83 @@ impl Vmm {
         if close {
             self.drop_client(fd);
         }
-        exit
+        exit.or(exit_after)
+    }
+
+    /// `snapshot`: pauses, sends the answer line and the snapshot on the
+    /// client `fd`, then does what `after` says. `Err` is an answer to send
+    /// (nothing was sent yet; the guest runs on as before).
+    fn snapshot(&mut self, fd: RawFd, after: SnapshotAfter) -> Result<Option<ExitReport>, String> {
+        let was_paused = self.state == RunState::Paused;
+        let started = Instant::now();
+        let vcpus = self.vcpus().map_err(|e| e.to_string())?;
+        if let Err(e) = vcpus.pause() {
+            if !was_paused {
+                vcpus.resume();
+            }
+            return Err(format!("snapshot failed: {e}"));
+        }
+        let prepared = vcpus
+            .save_states()
+            .map_err(|e| e.to_string())
+            .and_then(|v| self.machine.save_state(v).map_err(|e| e.to_string()))
+            .and_then(|st| {
+                crate::snapshot::Prepared::new(&st, &self.machine.mem).map_err(|e| e.to_string())
+            });
+        let prepared = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                if !was_paused && let Ok(v) = self.vcpus() {
+                    v.resume();
+                }
+                return Err(format!("snapshot failed: {e}"));
+            }
+        };
+        let total = prepared.total_len();
+        let sent = match self.api_clients.get(&fd) {
+            Some(c) => {
+                let mut w = PatientWriter(&c.stream);
+                let mut line = api::snapshot_answer(total, prepared.memory_stored()).to_string();
+                line.push('\n');
+                w.write_all(line.as_bytes())
+                    .map_err(crate::snapshot::SnapshotError::Io)
+                    .and_then(|()| prepared.write_to(&mut w))
+            }
+            None => Err(crate::snapshot::SnapshotError::Io(std::io::Error::other(
+                "the client has gone",
+            ))),
+        };
+        drop(prepared);
+        if let Err(e) = sent {
+            tracing::warn!(error = %e, "sending the snapshot failed; the guest runs on");
+            if !was_paused && let Ok(v) = self.vcpus() {
+                v.resume();
+            }
+            self.drop_client(fd);
+            return Ok(None);
+        }
+        tracing::info!(
+            bytes = total,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            ?after,
+            "snapshot sent"
+        );
+        match after {
+            SnapshotAfter::Resume => {
+                if !was_paused && let Ok(v) = self.vcpus() {
+                    v.resume();
+                }
+                Ok(None)
+            }
+            SnapshotAfter::Pause => {
+                self.state = RunState::Paused;
+                Ok(None)
+            }
+            SnapshotAfter::Exit => Ok(Some(self.report(
+                ExitReason::Destroyed,
+                "a snapshot was taken and the VMM asked to exit",
+            ))),
+        }
     }
 
     fn drop_client(&mut self, fd: RawFd) {

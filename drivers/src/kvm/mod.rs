@@ -144,49 +144,16 @@ impl Vmm {
     }
 }
 
-impl Backend for Vmm {
-    fn name(&self) -> &'static str {
-        "kvm"
-    }
-
-    fn domain_type(&self) -> DomainType {
-        DomainType::Kvm
-    }
-
-    fn version(&self) -> String {
-        Command::new(&self.binary)
-            .arg("--version")
-            .output()
-            .ok()
-            .and_then(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .split_whitespace()
-                    .last()
-                    .map(str::to_string)
-            })
-            .unwrap_or_else(|| "unknown".into())
-    }
-
-    fn check(&self, def: &Domain) -> Result<(), String> {
-        refuse_firmware_boot(def)?;
-        let os = def.spec.os.as_ref().ok_or(
-            "spec.os.kernel: the kvm driver boots a kernel directly; set spec.os.kernel or spec.os.kernelVolume",
-        )?;
-        if os.kernel.as_deref().is_none_or(str::is_empty) && os.kernel_volume.is_none() {
-            return Err(
-                "spec.os.kernel: the kvm driver boots a kernel directly; set it (or spec.os.kernelVolume)"
-                    .into(),
-            );
-        }
-        if let Some(m) = os.machine.as_deref() {
-            return Err(format!(
-                "spec.os.machine: vireo-vmm has one machine type; leave it out (got '{m}')"
-            ));
-        }
-        Ok(())
-    }
-
-    fn launch(&self, def: &Domain, paths: &RunPaths, disks: &[DiskFile]) -> Result<u32, String> {
+impl Vmm {
+    /// Starts vireo-vmm for `def`; with `restore`, from that snapshot
+    /// (file, offset) and paused.
+    fn launch_vmm(
+        &self,
+        def: &Domain,
+        paths: &RunPaths,
+        disks: &[DiskFile],
+        restore: Option<(&Path, u64)>,
+    ) -> Result<u32, String> {
         let spec = &def.spec;
         let os = spec.os.as_ref().ok_or("spec.os.kernel is required")?;
         let kernel = os.kernel.as_deref().ok_or("spec.os.kernel is required")?;
@@ -209,9 +176,14 @@ impl Backend for Vmm {
             memory_mib.to_string(),
             // The guest boots with spec.vcpus; setvcpus unplugs some and
             // plugs them back, up to this count (the MADT lists every vCPU
-            // as present from boot, so more cannot be added later).
+            // as present from boot, so more cannot be added later). A
+            // restore builds the vCPUs the snapshot has: the live
+            // definition counts only those still plugged in.
             "--vcpus".into(),
-            spec.vcpus.to_string(),
+            restore
+                .and_then(|(file, offset)| snapshot_vcpus(file, offset))
+                .unwrap_or(spec.vcpus)
+                .to_string(),
             "--rng".into(),
             "--balloon".into(),
             "--current-memory-mib".into(),
@@ -239,6 +211,15 @@ impl Backend for Vmm {
             "--shutdown-timeout-seconds".into(),
             "86400".into(),
         ]);
+        if let Some((file, offset)) = restore {
+            args.extend([
+                "--restore".into(),
+                file.display().to_string(),
+                "--restore-offset".into(),
+                offset.to_string(),
+                "--paused".into(),
+            ]);
+        }
         args.extend(confinement_args());
         for disk in disks {
             if disk.format != VolFormat::Raw {
@@ -299,14 +280,154 @@ impl Backend for Vmm {
             }
             let exited = waiter.lock().map(|s| *s).unwrap_or(None);
             if let Some(status) = exited {
-                let log = std::fs::read_to_string(&paths.log).unwrap_or_default();
-                return Err(format!("vireo-vmm exited ({status}): {}", log.trim()));
+                // The exit file says why in one line; the log is the fallback.
+                let detail = std::fs::read_to_string(&paths.exit_file)
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+                    .and_then(|v| v.get("detail").and_then(Value::as_str).map(str::to_string))
+                    .filter(|d| !d.is_empty());
+                let why = match detail {
+                    Some(d) => d,
+                    None => std::fs::read_to_string(&paths.log)
+                        .unwrap_or_default()
+                        .trim()
+                        .to_string(),
+                };
+                return Err(format!("vireo-vmm exited ({status}): {why}"));
             }
             if start.elapsed() > Duration::from_secs(10) {
                 return Err("vireo-vmm did not open its API socket within 10 s".into());
             }
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+}
+
+impl Backend for Vmm {
+    fn name(&self) -> &'static str {
+        "kvm"
+    }
+
+    fn domain_type(&self) -> DomainType {
+        DomainType::Kvm
+    }
+
+    fn version(&self) -> String {
+        Command::new(&self.binary)
+            .arg("--version")
+            .output()
+            .ok()
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .last()
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| "unknown".into())
+    }
+
+    fn check(&self, def: &Domain) -> Result<(), String> {
+        refuse_firmware_boot(def)?;
+        let os = def.spec.os.as_ref().ok_or(
+            "spec.os.kernel: the kvm driver boots a kernel directly; set spec.os.kernel or spec.os.kernelVolume",
+        )?;
+        if os.kernel.as_deref().is_none_or(str::is_empty) && os.kernel_volume.is_none() {
+            return Err(
+                "spec.os.kernel: the kvm driver boots a kernel directly; set it (or spec.os.kernelVolume)"
+                    .into(),
+            );
+        }
+        if let Some(m) = os.machine.as_deref() {
+            return Err(format!(
+                "spec.os.machine: vireo-vmm has one machine type; leave it out (got '{m}')"
+            ));
+        }
+        Ok(())
+    }
+
+    fn launch(&self, def: &Domain, paths: &RunPaths, disks: &[DiskFile]) -> Result<u32, String> {
+        self.launch_vmm(def, paths, disks, None)
+    }
+
+    fn saves_state(&self) -> bool {
+        true
+    }
+
+    /// vireo-vmm reads the snapshot at start (`--restore`, at the offset
+    /// past the save file's header) and waits paused (`--paused`), so the
+    /// guest runs only once [`Backend::load_state`] says so.
+    fn launch_incoming(
+        &self,
+        def: &Domain,
+        paths: &RunPaths,
+        disks: &[DiskFile],
+        file: &Path,
+        offset: u64,
+        _paused: bool,
+    ) -> Result<u32, String> {
+        self.launch_vmm(def, paths, disks, Some((file, offset)))
+    }
+
+    fn load_state(
+        &self,
+        paths: &RunPaths,
+        _file: &Path,
+        _offset: u64,
+        paused: bool,
+    ) -> Result<(), String> {
+        if paused {
+            Ok(())
+        } else {
+            self.call(paths, json!({ "command": "resume" })).map(drop)
+        }
+    }
+
+    /// Asks vireo-vmm for its snapshot (it pauses and stays paused) and
+    /// appends the stream it sends on the API connection to `file`.
+    fn save_state(&self, paths: &RunPaths, file: &Path) -> Result<(), String> {
+        let shown = paths.api.display();
+        let stream = UnixStream::connect(&paths.api).map_err(|e| format!("{shown}: {e}"))?;
+        // Generous: a large guest's memory takes a while to write.
+        let patience = Some(Duration::from_secs(120));
+        stream
+            .set_read_timeout(patience)
+            .and_then(|_| stream.set_write_timeout(patience))
+            .map_err(|e| format!("{shown}: {e}"))?;
+        let mut writer = stream.try_clone().map_err(|e| format!("{shown}: {e}"))?;
+        writer
+            .write_all(b"{\"command\":\"snapshot\",\"after\":\"pause\"}\n")
+            .map_err(|e| format!("{shown}: {e}"))?;
+        let mut reader = BufReader::with_capacity(1 << 20, stream);
+        let mut line = String::new();
+        reader
+            .read_line(&mut line)
+            .map_err(|e| format!("{shown}: {e}"))?;
+        let answer: Value =
+            serde_json::from_str(&line).map_err(|e| format!("{shown}: not JSON ({e}): {line}"))?;
+        if answer.get("ok").and_then(Value::as_bool) != Some(true) {
+            return Err(answer
+                .get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("snapshot refused")
+                .to_string());
+        }
+        let bytes = answer
+            .get("bytes")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| format!("{shown}: snapshot answer without a size: {line}"))?;
+        let mut out = std::fs::OpenOptions::new()
+            .append(true)
+            .open(file)
+            .map_err(|e| format!("{}: {e}", file.display()))?;
+        let copied = std::io::copy(&mut std::io::Read::take(&mut reader, bytes), &mut out)
+            .map_err(|e| format!("receiving the snapshot: {e}"))?;
+        if copied != bytes {
+            return Err(format!(
+                "vireo-vmm sent {copied} of the {bytes} snapshot bytes"
+            ));
+        }
+        out.sync_all()
+            .map_err(|e| format!("{}: {e}", file.display()))
     }
 
     fn query(&self, paths: &RunPaths) -> Result<Live, String> {
@@ -367,6 +488,27 @@ impl Backend for Vmm {
             _ => Some(DomainReason::Crashed),
         }
     }
+}
+
+/// The vCPU count in the state of the vireo-vmm snapshot at `offset` in
+/// `file` (its machine config), read without checking the rest: vireo-vmm
+/// checks the whole file when it restores it.
+fn snapshot_vcpus(file: &Path, offset: u64) -> Option<u32> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(file).ok()?;
+    // The snapshot's header (32 bytes), then the state's length.
+    f.seek(SeekFrom::Start(offset.checked_add(32)?)).ok()?;
+    let mut len = [0u8; 4];
+    f.read_exact(&mut len).ok()?;
+    let len = u32::from_le_bytes(len);
+    if len > 16 << 20 {
+        return None;
+    }
+    let mut state = vec![0u8; len as usize];
+    f.read_exact(&mut state).ok()?;
+    let state: Value = serde_json::from_slice(&state).ok()?;
+    let n = state.get("config")?.get("vcpus")?.as_u64()?;
+    u32::try_from(n).ok().filter(|&n| n > 0)
 }
 
 /// How vireo-vmm is confined beyond its seccomp filter (docs/vmm.md):
@@ -535,5 +677,30 @@ mod firmware_tests {
         d.spec.devices.disks[0].bus = DiskBus::Virtio;
         d.spec.devices.disks[0].name = "vda".into();
         assert_eq!(refuse_firmware_boot(&d), Ok(()));
+    }
+}
+
+#[cfg(test)]
+mod snapshot_tests {
+    use super::snapshot_vcpus;
+
+    #[test]
+    fn the_vcpu_count_is_read_from_the_snapshot_state() {
+        let dir = std::env::temp_dir().join(format!("vireo-kvm-snapvcpus-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let file = dir.join("s");
+        let state = br#"{"config":{"memory_bytes":33554432,"vcpus":3,"devices":[]}}"#;
+        // 100 bytes of another header in front, then the snapshot's 32.
+        let mut bytes = vec![0u8; 100 + 32];
+        bytes.extend_from_slice(&(state.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(state);
+        std::fs::write(&file, &bytes).expect("write");
+        assert_eq!(snapshot_vcpus(&file, 100), Some(3));
+        // Anything else: no count (vireo-vmm refuses such files itself).
+        assert_eq!(snapshot_vcpus(&file, 0), None);
+        std::fs::write(&file, &bytes[..140]).expect("write");
+        assert_eq!(snapshot_vcpus(&file, 100), None);
+        assert_eq!(snapshot_vcpus(&dir.join("missing"), 0), None);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

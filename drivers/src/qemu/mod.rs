@@ -259,6 +259,9 @@ impl Backend for Qemu {
         def: &Domain,
         paths: &RunPaths,
         disks: &[DiskFile],
+        _file: &Path,
+        _offset: u64,
+        _paused: bool,
     ) -> Result<u32, String> {
         self.launch_qemu(def, paths, disks, true)
     }

@@ -206,12 +206,18 @@ pub trait Backend: Send + Sync + 'static {
         Err("this backend does not save guest state".into())
     }
     /// Starts the process as [`Backend::launch`] does, but waiting for a
-    /// saved state instead of booting.
+    /// saved state instead of booting. `file` and `offset` are where the
+    /// state is (a backend that reads it at start, as vireo-vmm does, takes
+    /// it here; QEMU gets it in [`Backend::load_state`]), `paused` whether
+    /// the guest must come back paused.
     fn launch_incoming(
         &self,
         _def: &Domain,
         _paths: &RunPaths,
         _disks: &[DiskFile],
+        _file: &Path,
+        _offset: u64,
+        _paused: bool,
     ) -> std::result::Result<u32, String> {
         Err("this backend does not restore guest state".into())
     }
@@ -1101,7 +1107,7 @@ impl<B: Backend> Inner<B> {
             };
             let pid = self
                 .backend
-                .launch_incoming(&boot, &paths, &disks)
+                .launch_incoming(&boot, &paths, &disks, file, offset, paused)
                 .map_err(|e| {
                     unplug_interfaces(&rec.name, &live);
                     io_failed(&rec.name, "starting the VM process for the restore", e)

@@ -9,6 +9,7 @@ pub mod bus;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod legacy;
+pub mod snapshot;
 pub mod virtio;
 
 /// Guest memory as every device sees it.

@@ -10,6 +10,7 @@
 
 pub mod cpuid;
 pub mod regs;
+pub mod state;
 
 use crate::boot::Entry;
 use crate::bus::{Buses, lock};
@@ -41,6 +42,8 @@ pub enum VcpuError {
     Signal(vmm_sys_util::errno::Error),
     #[error("vCPU threads did not {0} within {1:?}")]
     Timeout(&'static str, Duration),
+    #[error("vCPU state: {0}")]
+    State(String),
 }
 
 /// What the VMM wants of its vCPUs.
@@ -70,6 +73,10 @@ pub struct ControlState {
     /// itself: a latch, so a vCPU that had not parked yet when it came back
     /// still starts over as at power-on.
     pub replugged: Vec<bool>,
+    /// Bumped to ask every parked vCPU for its state (a snapshot).
+    pub save_seq: u64,
+    /// What each vCPU answered for the current `save_seq`.
+    pub saved: Vec<Option<Result<state::VcpuState, String>>>,
 }
 
 impl ControlState {
@@ -103,6 +110,8 @@ impl VcpuControl {
                 entry,
                 unplugged: Vec::new(),
                 replugged: Vec::new(),
+                save_seq: 0,
+                saved: Vec::new(),
             }),
             cv: Condvar::new(),
         }
@@ -141,6 +150,9 @@ pub fn register_kick_signal() -> Result<(), VcpuError> {
 pub struct Vcpu {
     pub index: u32,
     fd: VcpuFd,
+    /// The MSRs a snapshot reads (the host's list).
+    msr_list: Arc<Vec<u32>>,
+    save_seq: u64,
     lapic: kvm_lapic_state,
     buses: Arc<Buses>,
     control: Arc<VcpuControl>,
@@ -175,6 +187,7 @@ impl Vcpu {
         buses: Arc<Buses>,
         control: Arc<VcpuControl>,
         events: Arc<EventQueue>,
+        msr_list: Arc<Vec<u32>>,
     ) -> Result<Self, VcpuError> {
         fd.set_cpuid2(cpuid).map_err(kvm("set CPUID"))?;
         regs::setup_common(&fd)?;
@@ -185,11 +198,39 @@ impl Vcpu {
         Ok(Self {
             index,
             fd,
+            msr_list,
+            save_seq: 0,
             lapic,
             buses,
             control,
             events,
         })
+    }
+
+    /// Loads a snapshot's state into this vCPU (before its thread starts).
+    pub fn restore_state(&self, s: &state::VcpuState) -> Result<(), VcpuError> {
+        state::restore(&self.fd, s)
+            .map_err(|e| VcpuError::State(format!("vCPU {}: {e}", self.index)))
+    }
+
+    /// Reads this (parked) vCPU's state, after completing the I/O its last
+    /// exit left pending: a `KVM_RUN` with `immediate_exit` set finishes
+    /// the instruction's emulation and returns without entering the guest.
+    fn save_state(&mut self) -> Result<state::VcpuState, String> {
+        self.fd.set_kvm_immediate_exit(1);
+        let flushed = self.fd.run().map(|_| ()).map_err(|e| e.errno());
+        self.fd.set_kvm_immediate_exit(0);
+        match flushed {
+            Err(libc::EINTR) | Err(libc::EAGAIN) | Ok(()) => {}
+            Err(errno) => {
+                return Err(format!(
+                    "vCPU {}: completing pending I/O: errno {errno}",
+                    self.index
+                ));
+            }
+        }
+        state::save(&self.fd, self.index, &self.msr_list)
+            .map_err(|e| format!("vCPU {}: {e}", self.index))
     }
 
     /// Back to power-on state for a machine reset.
@@ -270,6 +311,14 @@ impl Vcpu {
         let control = self.control.clone();
         let mut st = lock(&control.state);
         loop {
+            if st.save_seq != self.save_seq {
+                self.save_seq = st.save_seq;
+                let answer = self.save_state();
+                if let Some(slot) = st.saved.get_mut(self.index as usize) {
+                    *slot = Some(answer);
+                }
+                control.cv.notify_all();
+            }
             if st.generation != *generation {
                 *generation = st.generation;
                 // The reset below also covers a vCPU plugged in again
@@ -312,6 +361,7 @@ impl Vcpu {
                     while st.want != Want::Exit
                         && (st.want == Want::Pause || st.is_unplugged(self.index))
                         && st.generation == *generation
+                        && st.save_seq == self.save_seq
                     {
                         st = control.cv.wait(st).unwrap_or_else(|e| e.into_inner());
                     }
@@ -509,6 +559,37 @@ impl VcpuSet {
         if unplugged && let Some(h) = self.handles.get(index as usize) {
             let _ = h.kill(SIGRTMIN() + KICK_SIGNAL_OFFSET);
         }
+    }
+
+    /// With every vCPU parked: each reads its own state (on its thread).
+    pub fn save_states(&self) -> Result<Vec<state::VcpuState>, VcpuError> {
+        let n = self.count();
+        {
+            let mut st = lock(&self.control.state);
+            st.saved = (0..n).map(|_| None).collect();
+            st.save_seq += 1;
+        }
+        self.control.cv.notify_all();
+        self.wait_until(Duration::from_secs(5), "save their state", |st| {
+            st.exited > 0 || st.saved.iter().all(|s| s.is_some())
+        })?;
+        let mut st = lock(&self.control.state);
+        if st.exited > 0 {
+            return Err(VcpuError::State("a vCPU thread has exited".into()));
+        }
+        std::mem::take(&mut st.saved)
+            .into_iter()
+            .map(|s| match s {
+                Some(Ok(v)) => Ok(v),
+                Some(Err(e)) => Err(VcpuError::State(e)),
+                None => Err(VcpuError::State("a vCPU did not answer".into())),
+            })
+            .collect()
+    }
+
+    /// Parks the vCPUs before they ever run (a restore that stays paused).
+    pub fn start_paused(control: &VcpuControl) {
+        lock(&control.state).want = Want::Pause;
     }
 
     pub fn resume(&self) {

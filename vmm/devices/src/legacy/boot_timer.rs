@@ -30,6 +30,11 @@ impl BootTime {
         }
     }
 
+    /// Sets the value a snapshot carried (`None`: not written yet).
+    pub fn restore(&self, us: Option<u64>) {
+        self.0.store(us.unwrap_or(UNSET), Ordering::Release);
+    }
+
     fn record_first(&self, us: u64) -> bool {
         self.0
             .compare_exchange(UNSET, us, Ordering::AcqRel, Ordering::Acquire)

@@ -71,6 +71,46 @@ impl CpuHotplug {
         }
     }
 
+    /// Which vCPUs are enabled and what is pending, for a snapshot.
+    pub fn save_state(&self) -> crate::snapshot::CpuHotplugSnapshot {
+        crate::snapshot::CpuHotplugSnapshot {
+            cpus: self
+                .cpus
+                .iter()
+                .map(|c| crate::snapshot::HotplugCpu {
+                    enabled: c.enabled,
+                    insert: c.insert,
+                    remove: c.remove,
+                })
+                .collect(),
+            sel: self.sel,
+        }
+    }
+
+    /// Restores [`CpuHotplug::save_state`] into a controller with the same
+    /// number of vCPUs (vCPU 0 stays enabled).
+    pub fn restore_state(&mut self, s: &crate::snapshot::CpuHotplugSnapshot) -> Result<(), String> {
+        if s.cpus.len() != self.cpus.len() {
+            return Err(format!(
+                "CPU hot-plug: {} vCPUs saved, this machine has {}",
+                s.cpus.len(),
+                self.cpus.len()
+            ));
+        }
+        if s.cpus.first().is_some_and(|c| !c.enabled) {
+            return Err("CPU hot-plug: vCPU 0 saved as ejected".into());
+        }
+        for (c, saved) in self.cpus.iter_mut().zip(&s.cpus) {
+            *c = Cpu {
+                enabled: saved.enabled,
+                insert: saved.insert,
+                remove: saved.remove,
+            };
+        }
+        self.sel = s.sel;
+        Ok(())
+    }
+
     /// vCPUs the controller has.
     pub fn count(&self) -> u32 {
         self.cpus.len() as u32

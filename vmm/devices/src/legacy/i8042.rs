@@ -80,6 +80,48 @@ impl I8042 {
         }
     }
 
+    /// The controller's state, for a snapshot.
+    pub fn save_state(&self) -> crate::snapshot::I8042Snapshot {
+        crate::snapshot::I8042Snapshot {
+            config: self.config,
+            status_command: self.status_command,
+            pending: match self.pending {
+                Pending::None => 0,
+                Pending::WriteConfig => 1,
+                Pending::WriteOutputPort => 2,
+                Pending::WriteKbdBuffer => 3,
+                Pending::KbdArgument => 4,
+            },
+            output: self.output.iter().copied().collect(),
+            output_port: self.output_port,
+        }
+    }
+
+    /// Restores [`I8042::save_state`]; an unknown `pending` or more output
+    /// than the controller buffers is refused.
+    pub fn restore_state(&mut self, s: &crate::snapshot::I8042Snapshot) -> Result<(), String> {
+        let pending = match s.pending {
+            0 => Pending::None,
+            1 => Pending::WriteConfig,
+            2 => Pending::WriteOutputPort,
+            3 => Pending::WriteKbdBuffer,
+            4 => Pending::KbdArgument,
+            other => return Err(format!("i8042: unknown pending command {other}")),
+        };
+        if s.output.len() > OUTPUT_LIMIT {
+            return Err(format!(
+                "i8042: {} output bytes saved, the controller holds {OUTPUT_LIMIT}",
+                s.output.len()
+            ));
+        }
+        self.config = s.config;
+        self.status_command = s.status_command;
+        self.pending = pending;
+        self.output = s.output.iter().copied().collect();
+        self.output_port = s.output_port;
+        Ok(())
+    }
+
     /// Queues Ctrl-Alt-Del for the guest and raises the keyboard interrupt.
     pub fn send_ctrl_alt_del(&mut self) {
         for b in CTRL_ALT_DEL {

@@ -261,6 +261,33 @@ pub fn set_target<D: VirtioDevice>(
 }
 
 impl VirtioDevice for Balloon {
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.active
+            .as_ref()
+            .map(|a| a.queues.iter().map(|q| q.state()).collect())
+    }
+    fn save_extra(&self) -> crate::snapshot::DeviceExtra {
+        crate::snapshot::DeviceExtra::Balloon {
+            target_pages: self.control.target_pages(),
+            actual_pages: self.control.actual_pages(),
+        }
+    }
+    fn restore_extra(&mut self, extra: &crate::snapshot::DeviceExtra) -> Result<(), Error> {
+        match extra {
+            crate::snapshot::DeviceExtra::Balloon {
+                target_pages,
+                actual_pages,
+            } => {
+                self.control.target.store(*target_pages, Ordering::SeqCst);
+                self.control.actual.store(*actual_pages, Ordering::SeqCst);
+                Ok(())
+            }
+            other => Err(Error::Snapshot(format!(
+                "a balloon cannot take the state {other:?}"
+            ))),
+        }
+    }
+
     fn device_type(&self) -> u32 {
         TYPE_BALLOON
     }

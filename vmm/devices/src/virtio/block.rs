@@ -385,6 +385,10 @@ fn handle_request(
 }
 
 impl VirtioDevice for Block {
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.active.as_ref().map(|a| vec![a.queue.state()])
+    }
+
     fn device_type(&self) -> u32 {
         TYPE_BLOCK
     }

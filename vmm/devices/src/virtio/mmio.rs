@@ -134,6 +134,124 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
     }
 
+    /// The transport's state and its device's, for a snapshot (with the
+    /// vCPUs parked, so nothing moves while it is read).
+    pub fn save_state(&self) -> crate::snapshot::TransportState {
+        use crate::snapshot::QueueSnapshot;
+        crate::snapshot::TransportState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            queue_sel: self.queue_sel,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            acked_features: self.acked_features,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            activated: self.activated,
+            ring_addrs: self.ring_addrs.clone(),
+            queues: self
+                .queues
+                .iter()
+                .map(|q| QueueSnapshot::from(q.state()))
+                .collect(),
+            device_queues: self
+                .device
+                .queue_states()
+                .map(|qs| qs.into_iter().map(QueueSnapshot::from).collect()),
+            extra: self.device.save_extra(),
+        }
+    }
+
+    /// Turns saved queues into queues for this device, refusing sizes it
+    /// does not offer and rings outside guest memory.
+    fn snapshot_queues(
+        &self,
+        saved: &[crate::snapshot::QueueSnapshot],
+    ) -> Result<Vec<Queue>, Error> {
+        let max = self.device.queue_max_sizes();
+        if saved.len() != max.len() {
+            return Err(Error::Snapshot(format!(
+                "{} queues saved, the device has {}",
+                saved.len(),
+                max.len()
+            )));
+        }
+        saved
+            .iter()
+            .zip(max)
+            .enumerate()
+            .map(|(i, (q, &max))| {
+                if q.max_size != max {
+                    return Err(Error::Snapshot(format!(
+                        "queue {i}: saved maximum size {} but the device offers {max}",
+                        q.max_size
+                    )));
+                }
+                let queue = Queue::try_from(virtio_queue::QueueState::from(*q))
+                    .map_err(|e| Error::Snapshot(format!("queue {i}: {e}")))?;
+                if queue.ready() && !chain::rings_in_memory(&queue, &self.mem) {
+                    return Err(Error::Snapshot(format!(
+                        "queue {i}: rings outside guest memory"
+                    )));
+                }
+                Ok(queue)
+            })
+            .collect()
+    }
+
+    /// Restores a [`MmioTransport::save_state`] into this freshly built
+    /// transport (same device type and queues), activating the device
+    /// again with its saved queue positions. Guest memory must already hold
+    /// the snapshot's contents. On error the transport is left reset.
+    pub fn restore_state(&mut self, s: &crate::snapshot::TransportState) -> Result<(), Error> {
+        self.reset_device();
+        if s.device_type != self.device.device_type() {
+            return Err(Error::Snapshot(format!(
+                "device type {} saved, this slot holds device type {}",
+                s.device_type,
+                self.device.device_type()
+            )));
+        }
+        if s.ring_addrs.len() != self.ring_addrs.len() {
+            return Err(Error::Snapshot(format!(
+                "{} ring addresses saved, the device has {} queues",
+                s.ring_addrs.len(),
+                self.ring_addrs.len()
+            )));
+        }
+        let queues = self.snapshot_queues(&s.queues)?;
+        self.device.restore_extra(&s.extra)?;
+        if s.activated {
+            let Some(dq) = &s.device_queues else {
+                return Err(Error::Snapshot(
+                    "an activated device without its queues".into(),
+                ));
+            };
+            let device_queues = self.snapshot_queues(dq)?;
+            self.device.activate(
+                self.mem.clone(),
+                s.acked_features,
+                device_queues,
+                self.interrupt.clone(),
+            )?;
+        }
+        self.queues = queues;
+        self.ring_addrs.clone_from(&s.ring_addrs);
+        self.queue_sel = s.queue_sel;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.acked_features = s.acked_features;
+        self.status = s.status;
+        self.config_generation = s.config_generation;
+        self.activated = s.activated;
+        self.interrupt
+            .set_status(s.interrupt_status & (super::INT_USED_RING | super::INT_CONFIG_CHANGE));
+        if self.activated {
+            self.device.restored();
+        }
+        Ok(())
+    }
+
     fn selected_queue(&mut self) -> Option<&mut Queue> {
         self.queues.get_mut(self.queue_sel as usize)
     }

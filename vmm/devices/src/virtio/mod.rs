@@ -23,7 +23,7 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 
 use crate::GuestMemory;
 use crate::bus::IrqLine;
@@ -76,6 +76,8 @@ pub enum Error {
         "vsock guest CID {0} is reserved or too large (it must be at least 3 and below 2^32 - 1)"
     )]
     InvalidCid(u64),
+    #[error("snapshot: {0}")]
+    Snapshot(String),
 }
 
 /// The interrupt a device raises: sets a bit in the transport's
@@ -119,6 +121,11 @@ impl Interrupt {
     /// InterruptACK: clear the acknowledged bits.
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Sets InterruptStatus without raising the line (a restored snapshot).
+    pub(crate) fn set_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
     }
 
     fn clear(&self) {
@@ -167,6 +174,31 @@ pub trait VirtioDevice: Send {
     }
     /// One of `event_fds` is readable.
     fn handle_event(&mut self, _fd: RawFd) {}
+    /// The live state of the queues the device took at activation (its
+    /// own copies, which move on as it serves them); `None` before
+    /// activation. A snapshot keeps these, not the transport's copies.
+    fn queue_states(&self) -> Option<Vec<QueueState>> {
+        None
+    }
+    /// The device was activated again from a snapshot (the guest carries
+    /// on without a reset); a device whose backend did not survive tells
+    /// the guest here.
+    fn restored(&mut self) {}
+    /// Device-specific state beyond the queues, for a snapshot.
+    fn save_extra(&self) -> crate::snapshot::DeviceExtra {
+        crate::snapshot::DeviceExtra::None
+    }
+    /// Restores what [`VirtioDevice::save_extra`] gave (before the
+    /// transport activates the device again).
+    fn restore_extra(&mut self, extra: &crate::snapshot::DeviceExtra) -> Result<(), Error> {
+        match extra {
+            crate::snapshot::DeviceExtra::None => Ok(()),
+            other => Err(Error::Snapshot(format!(
+                "device type {} has no state like {other:?}",
+                self.device_type()
+            ))),
+        }
+    }
 }
 
 /// So the VMM may use `MmioTransport<Box<dyn VirtioDevice>>` for all slots.
@@ -206,6 +238,18 @@ impl<D: VirtioDevice + ?Sized> VirtioDevice for Box<D> {
     }
     fn handle_event(&mut self, fd: RawFd) {
         (**self).handle_event(fd)
+    }
+    fn queue_states(&self) -> Option<Vec<QueueState>> {
+        (**self).queue_states()
+    }
+    fn restored(&mut self) {
+        (**self).restored()
+    }
+    fn save_extra(&self) -> crate::snapshot::DeviceExtra {
+        (**self).save_extra()
+    }
+    fn restore_extra(&mut self, extra: &crate::snapshot::DeviceExtra) -> Result<(), Error> {
+        (**self).restore_extra(extra)
     }
 }
 

@@ -346,6 +346,12 @@ fn tx_shape(c: &Chain) -> Result<(), String> {
 }
 
 impl VirtioDevice for Net {
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.active
+            .as_ref()
+            .map(|a| vec![a.rx.state(), a.tx.state()])
+    }
+
     fn device_type(&self) -> u32 {
         TYPE_NET
     }

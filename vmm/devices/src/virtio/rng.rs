@@ -108,6 +108,10 @@ impl Rng {
 }
 
 impl VirtioDevice for Rng {
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.active.as_ref().map(|a| vec![a.queue.state()])
+    }
+
     fn device_type(&self) -> u32 {
         TYPE_RNG
     }

@@ -206,7 +206,7 @@ struct Active {
     mem: GuestMemory,
     rx: Queue,
     tx: Queue,
-    _event: Queue,
+    event: Queue,
     interrupt: Interrupt,
 }
 
@@ -222,6 +222,8 @@ pub struct VsockStats {
     pub rst_dropped: u64,
     pub connections_opened: u64,
     pub connections_refused: u64,
+    /// TRANSPORT_RESET events given to the guest (after a restore).
+    pub transport_resets: u64,
 }
 
 /// What one TX packet turned out to be, for the bookkeeping after it.
@@ -1146,6 +1148,12 @@ impl Vsock {
 }
 
 impl VirtioDevice for Vsock {
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.active
+            .as_ref()
+            .map(|a| vec![a.rx.state(), a.tx.state(), a.event.state()])
+    }
+
     fn device_type(&self) -> u32 {
         TYPE_VSOCK
     }
@@ -1179,10 +1187,46 @@ impl VirtioDevice for Vsock {
             mem,
             rx,
             tx,
-            _event: event,
+            event,
             interrupt,
         });
         Ok(())
+    }
+
+    /// Restored from a snapshot: the connections the guest knew are gone
+    /// (their sockets were the old process's), so the guest is told with
+    /// VIRTIO_VSOCK_EVENT_TRANSPORT_RESET on the event queue, when its
+    /// driver left a buffer there; it then drops them and reads its CID
+    /// again (virtio 1.2, 5.10.6.8).
+    fn restored(&mut self) {
+        const TRANSPORT_RESET: u32 = 0;
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        let Some((head, walked)) = chain::pop(
+            &mut a.event,
+            &a.mem,
+            usize::from(QUEUE_SIZE),
+            &mut self.log,
+            "virtio-vsock",
+        ) else {
+            return;
+        };
+        let len = match walked {
+            Ok(c) => chain::write_bytes(&a.mem, &c.writable, &TRANSPORT_RESET.to_le_bytes()) as u32,
+            Err(_) => 0,
+        };
+        if chain::put_used(
+            &mut a.event,
+            &a.mem,
+            head,
+            len,
+            &mut self.log,
+            "virtio-vsock",
+        ) {
+            chain::notify_used(&mut a.event, &a.mem, &a.interrupt);
+        }
+        self.stats.transport_resets += 1;
     }
 
     fn queue_notify(&mut self, queue: usize) {
