@@ -16,7 +16,7 @@ use std::time::Duration;
 use common::{Cluster, ready_hosts, wait_for, wait_gone};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams};
-use vireo_crds::{Domain, DomainState};
+use vireo_crds::{Domain, DomainReason, DomainState};
 
 const T: Duration = Duration::from_secs(90);
 
@@ -154,7 +154,7 @@ async fn kvm_domain_survives_agent_restart_and_reruns_after_crash() {
     let kind = Kind {
         driver: "kvm",
         os: format!(
-            "  os:\n    kernel: {}\n    cmdline: console=ttyS0\n",
+            "  os:\n    kernel: {}\n    cmdline: console=ttyS0 vireo.counter=1\n",
             test_guest().display()
         ),
         marker: "VIREO-TEST-GUEST-READY",
@@ -244,6 +244,10 @@ async fn survives_agent_restart_and_reruns_after_crash(kind: Kind) {
         "the agent saw the crash:\n{agent_log}"
     );
     let _ = d;
+
+    if kind.driver == "kvm" {
+        managed_save_through_run_strategy(&cluster, &kind, &domains, &uuid).await;
+    }
 
     if kind.driver == "qemu" {
         // No guest agent in this guest: a condition says so, and nothing
@@ -381,4 +385,124 @@ async fn survives_agent_restart_and_reruns_after_crash(kind: Kind) {
     );
     drop(op);
     drop(agent);
+}
+
+/// The test guest's counter values (`VIREO-TEST counter N`) in `text`.
+fn counters(text: &str) -> Vec<u64> {
+    text.split("VIREO-TEST counter ")
+        .skip(1)
+        .filter_map(|t| {
+            t.chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// `runStrategy: Saved` on a real vireo-vmm guest: the agent saves it on
+/// its node (the VMM process ends, `shut off (saved)`, `Saved=True`), and
+/// `Always` resumes it: the counter goes on from where it was, and the
+/// guest does not boot again.
+async fn managed_save_through_run_strategy(
+    cluster: &Cluster,
+    kind: &Kind,
+    domains: &Api<Domain>,
+    uuid: &str,
+) {
+    let log = console_log(cluster, kind, uuid);
+    // The counter of the current boot: what follows the last boot marker.
+    let this_boot = |text: &str| {
+        text.rfind(kind.marker)
+            .map_or(text, |at| &text[at..])
+            .to_string()
+    };
+    wait_for(T, "the guest's counter", || async {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        (counters(&this_boot(&text)).len() >= 2).then_some(())
+    })
+    .await;
+    let pid = vm_pid(cluster, kind, uuid);
+    cluster.kubectl_ok(&[
+        "patch",
+        "domain",
+        "linux",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"runStrategy":"Saved"}}"#,
+    ]);
+    let d = wait_for(T, "linux saved (shut off, Saved=True)", || async {
+        domains.get_opt("linux").await.ok().flatten().filter(|d| {
+            let info = d.status.as_ref().and_then(|s| s.info.as_ref());
+            info.is_some_and(|i| i.state == DomainState::Shutoff && i.reason == DomainReason::Saved)
+                && condition_of(d, "Saved")
+                    .is_some_and(|(s, r, _)| s == "True" && r == "ManagedSave")
+        })
+    })
+    .await;
+    assert_eq!(status_of(&d).1, None, "an inactive domain has no ID");
+    wait_for(T, "the saved VMM process gone", || async {
+        (!Path::new(&format!("/proc/{pid}")).exists()).then_some(())
+    })
+    .await;
+    let before = std::fs::read_to_string(&log).unwrap_or_default();
+    let last = *counters(&this_boot(&before))
+        .last()
+        .expect("a counter before the save");
+    let boots = markers(kind, &log);
+
+    cluster.kubectl_ok(&[
+        "patch",
+        "domain",
+        "linux",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"runStrategy":"Always"}}"#,
+    ]);
+    let d = wait_for(T, "linux restored", || async {
+        domains.get_opt("linux").await.ok().flatten().filter(|d| {
+            let info = d.status.as_ref().and_then(|s| s.info.as_ref());
+            info.is_some_and(|i| {
+                i.state == DomainState::Running && i.reason == DomainReason::Restored
+            }) && condition_of(d, "Saved").is_none()
+        })
+    })
+    .await;
+    assert!(status_of(&d).1.is_some(), "a running domain has an ID");
+    let after = wait_for(T, "the counter after the restore", || async {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        // The log is appended to; read past what was there at the save.
+        let new = text
+            .get(before.len()..)
+            .unwrap_or(text.as_str())
+            .to_string();
+        (counters(&new).len() >= 2).then_some(new)
+    })
+    .await;
+    let resumed = counters(&after);
+    assert_eq!(
+        resumed.first().copied(),
+        Some(last + 1),
+        "the counter goes on from {last}; after the restore the console said:\n{after}"
+    );
+    assert!(
+        !after.contains(kind.marker),
+        "the guest booted again after the restore:\n{after}"
+    );
+    assert_eq!(markers(kind, &log), boots);
+    let events = cluster.kubectl_ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=linux",
+        "-o",
+        "jsonpath={.items[*].reason}",
+    ]);
+    assert!(
+        events.split_whitespace().any(|r| r == "Saved"),
+        "a Saved Event: {events}"
+    );
 }
