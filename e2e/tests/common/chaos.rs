@@ -1,0 +1,919 @@
+//! The chaos run (issue 18 item 1), shared by `e2e/benches/chaos.rs` (the
+//! full form) and `e2e/tests/chaos.rs` (the short form in `scripts/test`).
+//!
+//! On a real kube-apiserver and etcd with three agents and two operator
+//! replicas (leader election), workers create, change (memory,
+//! runStrategy Always/Halted) and delete `type: test` Domains at random
+//! for a bounded time, while a fault thread SIGKILLs an agent, the
+//! operator leader, etcd or kube-apiserver at random and starts it again
+//! after a short random pause (same data directory, same ports). Anything
+//! that exits on its own is started again too, as a kubelet would.
+//!
+//! An observer checks all along, from the API and from each agent's own
+//! records (STATE/test-node/domains/*.json, the test driver's state): no
+//! Domain (by UUID) ever active on two nodes at once, nor on a node it is
+//! not bound to, and no binding ever changes. After the faults stop it
+//! waits for convergence (every Domain bound, its status at its spec's
+//! generation and in the state its runStrategy asks, the node's record
+//! the same state and ID, deleted ones gone with their finalizers), then
+//! checks: nothing the workers were told was written is lost, no node
+//! record is left for a Domain that is gone, IDs are unique per node
+//! among running Domains, and no process of the run is left beside the
+//! ones it holds.
+//!
+//! Real guests (qemu, kvm) are not part of it yet: with the test network
+//! backend there are no taps, bridges, dnsmasq or leases to leak either.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+use vireo_crds::{Domain, DomainState, RunStrategy};
+
+use crate::common::{Cluster, Proc, fleet};
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Domain names `chaos-000`.. that the workers create and delete.
+    pub domains: usize,
+    /// How long operations and faults go on.
+    pub seconds: u64,
+    pub seed: u64,
+    /// How long to wait for convergence after the last fault.
+    pub converge_seconds: u64,
+}
+
+/// What a run did and found.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub seed: u64,
+    pub domains: usize,
+    pub seconds: u64,
+    pub faults: BTreeMap<String, u64>,
+    /// Processes that ended on their own and were started again.
+    pub self_exits: BTreeMap<String, u64>,
+    /// Operations by kind and outcome (`create ok`, `delete failed`).
+    pub operations: BTreeMap<String, u64>,
+    /// Seconds from the end of the last fault to convergence (None: never).
+    pub convergence_seconds: Option<f64>,
+    /// Domains at the end, and how many of them run.
+    pub final_domains: usize,
+    pub final_running: usize,
+    pub observer_samples: u64,
+    pub violations: Vec<String>,
+}
+
+impl Report {
+    pub fn print(&self) {
+        println!(
+            "chaos run: seed {} ({} Domain names, {} s of operations and faults)",
+            self.seed, self.domains, self.seconds
+        );
+        println!(" faults injected:");
+        for (k, n) in &self.faults {
+            println!("   {k:<36} {n:>6}");
+        }
+        println!(" processes that exited on their own and were restarted:");
+        for (k, n) in &self.self_exits {
+            println!("   {k:<36} {n:>6}");
+        }
+        println!(" operations:");
+        for (k, n) in &self.operations {
+            println!("   {k:<36} {n:>6}");
+        }
+        match self.convergence_seconds {
+            Some(s) => println!(" convergence after the last fault      {s:>9.2}s"),
+            None => println!(" convergence after the last fault      never"),
+        }
+        println!(
+            " at the end: {} Domains, {} running; {} observer samples",
+            self.final_domains, self.final_running, self.observer_samples
+        );
+        println!(" violations: {}", self.violations.len());
+        for v in &self.violations {
+            println!("   - {v}");
+        }
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        json!({
+            "benchmark": "chaos",
+            "seed": self.seed,
+            "domains": self.domains,
+            "seconds": self.seconds,
+            "faults": self.faults,
+            "self_exits": self.self_exits,
+            "operations": self.operations,
+            "convergence_seconds": self.convergence_seconds,
+            "final_domains": self.final_domains,
+            "final_running": self.final_running,
+            "observer_samples": self.observer_samples,
+            "violations": self.violations,
+        })
+    }
+}
+
+/// splitmix64: small, seedable, good enough to pick faults and operations.
+#[derive(Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// 0..n (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    pub fn millis(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(lo + self.below(hi.saturating_sub(lo).max(1)))
+    }
+}
+
+/// A seed from the clock, for runs not given one.
+pub fn clock_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
+}
+
+type Counts = Arc<Mutex<BTreeMap<String, u64>>>;
+
+fn bump(c: &Counts, key: &str) {
+    *c.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(key.to_string())
+        .or_default() += 1;
+}
+
+/// etcd or kube-apiserver as e2e/cluster.sh started it: SIGKILLed and run
+/// again with the same command line (same data directory, same ports),
+/// its PID written back into DIR/env so that `cluster.sh stop` stops it.
+struct ClusterProc {
+    name: &'static str,
+    env_key: &'static str,
+    argv: Vec<String>,
+    log: PathBuf,
+    env_file: PathBuf,
+    pid: u32,
+    child: Option<Child>,
+}
+
+fn read_cmdline(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            b.split(|&c| c == 0)
+                .filter(|s| !s.is_empty())
+                .map(|s| String::from_utf8_lossy(s).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Alive and not a zombie.
+fn pid_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, r)| r.trim_start().to_string()))
+        .is_some_and(|r| !r.starts_with('Z') && !r.starts_with('X'))
+}
+
+impl ClusterProc {
+    fn new(cluster: &Cluster, name: &'static str, env_key: &'static str) -> ClusterProc {
+        let pid: u32 = cluster
+            .env
+            .get(env_key)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("{env_key} in the cluster env"));
+        let argv = read_cmdline(pid);
+        assert!(!argv.is_empty(), "the command line of {name} (pid {pid})");
+        ClusterProc {
+            name,
+            env_key,
+            argv,
+            log: cluster.dir.join(format!("{name}.log")),
+            env_file: cluster.dir.join("env"),
+            pid,
+            child: None,
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        } else if pid_alive(self.pid) {
+            // SAFETY: kill(2) with a PID we read from cluster.sh's env and
+            // checked alive; no memory is involved.
+            unsafe {
+                libc::kill(self.pid as libc::pid_t, libc::SIGKILL);
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while pid_alive(self.pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    fn alive(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => pid_alive(self.pid),
+        }
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let err = log.try_clone().expect("log file");
+        let child = Command::new(&self.argv[0])
+            .args(&self.argv[1..])
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {} again: {e}", self.name));
+        self.pid = child.id();
+        self.child = Some(child);
+        let text = std::fs::read_to_string(&self.env_file).unwrap_or_default();
+        let text: String = text
+            .lines()
+            .map(|l| {
+                if l.starts_with(&format!("{}=", self.env_key)) {
+                    format!("{}={}\n", self.env_key, self.pid)
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect();
+        let _ = std::fs::write(&self.env_file, text);
+    }
+}
+
+impl Drop for ClusterProc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The processes the fault thread owns.
+struct Fleet {
+    agents: Vec<Proc>,
+    operators: Vec<Proc>,
+    etcd: ClusterProc,
+    apiserver: ClusterProc,
+}
+
+impl Fleet {
+    fn pids(&self) -> BTreeSet<u32> {
+        let mut out: BTreeSet<u32> = self
+            .agents
+            .iter()
+            .chain(&self.operators)
+            .filter_map(Proc::pid)
+            .collect();
+        out.insert(self.etcd.pid);
+        out.insert(self.apiserver.pid);
+        out
+    }
+
+    /// Starts again whatever ended on its own.
+    fn supervise(&mut self, self_exits: &Counts) {
+        for p in self.agents.iter_mut().chain(self.operators.iter_mut()) {
+            if p.exited() {
+                bump(self_exits, &p.name);
+                p.start();
+            }
+        }
+        for c in [&mut self.etcd, &mut self.apiserver] {
+            if !c.alive() {
+                bump(self_exits, c.name);
+                c.start();
+            }
+        }
+    }
+
+    /// The operator replica that leads: the one whose /readyz says 200.
+    fn leader(&self) -> Option<usize> {
+        self.operators
+            .iter()
+            .position(|p| p.http_get("/readyz").map(|r| r.0) == Some(200))
+    }
+}
+
+/// Sleeps `d` in small steps, starting again what exits on its own.
+fn supervised_sleep(fleet: &mut Fleet, d: Duration, self_exits: &Counts) {
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        fleet.supervise(self_exits);
+        std::thread::sleep(Duration::from_millis(100).min(end - Instant::now().min(end)));
+    }
+}
+
+/// The fault loop: until `until`, every 2–7 s SIGKILL one of agent,
+/// operator leader, etcd, kube-apiserver, and start it again 0.3–3 s
+/// later. Returns the fleet and when the last restart was done.
+fn fault_loop(
+    mut fleet: Fleet,
+    mut rng: Rng,
+    until: Instant,
+    faults: Counts,
+    self_exits: Counts,
+) -> (Fleet, Instant) {
+    let mut last = Instant::now();
+    loop {
+        let pause = rng.millis(2000, 7000);
+        supervised_sleep(&mut fleet, pause, &self_exits);
+        if Instant::now() >= until {
+            break;
+        }
+        let down = rng.millis(300, 3000);
+        match rng.below(4) {
+            0 => {
+                let i = rng.below(fleet.agents.len() as u64) as usize;
+                bump(&faults, &format!("SIGKILL agent {}", fleet.agents[i].name));
+                fleet.agents[i].kill();
+                supervised_sleep(&mut fleet, Duration::ZERO, &self_exits);
+                std::thread::sleep(down);
+                fleet.agents[i].start();
+            }
+            1 => {
+                let (i, what) = match fleet.leader() {
+                    Some(i) => (i, "SIGKILL operator leader"),
+                    // Between leaders (e.g. after the API server came back):
+                    // a random replica.
+                    None => (
+                        rng.below(fleet.operators.len() as u64) as usize,
+                        "SIGKILL operator (no leader)",
+                    ),
+                };
+                bump(&faults, what);
+                fleet.operators[i].kill();
+                std::thread::sleep(down);
+                fleet.operators[i].start();
+            }
+            2 => {
+                bump(&faults, "SIGKILL etcd");
+                fleet.etcd.kill();
+                std::thread::sleep(down);
+                fleet.etcd.start();
+            }
+            _ => {
+                bump(&faults, "SIGKILL kube-apiserver");
+                fleet.apiserver.kill();
+                std::thread::sleep(down);
+                fleet.apiserver.start();
+            }
+        }
+        last = Instant::now();
+    }
+    // Everything up once more before convergence is timed.
+    fleet.supervise(&self_exits);
+    (fleet, last)
+}
+
+/// What a worker knows of a Domain name: absent, or its memory and whether
+/// it is halted; `None` after an operation whose outcome is unknown.
+type Known = Option<Option<(String, bool)>>;
+
+const MEMORY: [&str; 3] = ["128Mi", "256Mi", "384Mi"];
+
+fn definitive(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409 || s.code == 422 || s.code == 404)
+}
+
+/// A worker: operations at random on the names `i` with `i % workers ==
+/// w`, until `until`. Returns what it knows of each name.
+async fn worker(
+    api: Api<Domain>,
+    names: Vec<String>,
+    mut rng: Rng,
+    until: Instant,
+    ops: Counts,
+) -> Vec<(String, Known)> {
+    let mut known: Vec<Known> = vec![Some(None); names.len()];
+    while Instant::now() < until {
+        tokio::time::sleep(rng.millis(20, 250)).await;
+        let i = rng.below(names.len() as u64) as usize;
+        let name = &names[i];
+        let state = match known[i].clone() {
+            Some(s) => s,
+            None => match api.get_opt(name).await {
+                Ok(d) => {
+                    let s = d
+                        .filter(|d| d.metadata.deletion_timestamp.is_none())
+                        .map(|d| {
+                            (
+                                d.spec.memory.0.clone(),
+                                d.spec.run_strategy == RunStrategy::Halted,
+                            )
+                        });
+                    known[i] = Some(s.clone());
+                    s
+                }
+                Err(_) => continue,
+            },
+        };
+        let (kind, result, next) = match state {
+            None => {
+                let memory = MEMORY[rng.below(3) as usize];
+                let halted = rng.below(4) == 0;
+                let mut d = fleet::test_domain(name, memory);
+                if halted {
+                    d.spec.run_strategy = RunStrategy::Halted;
+                }
+                let r = api.create(&PostParams::default(), &d).await.map(|_| ());
+                ("create", r, Some((memory.to_string(), halted)))
+            }
+            Some((memory, halted)) => match rng.below(10) {
+                0..=2 => {
+                    let r = api.delete(name, &DeleteParams::default()).await.map(|_| ());
+                    ("delete", r, None)
+                }
+                3..=6 => {
+                    let m = MEMORY[rng.below(3) as usize];
+                    let r = api
+                        .patch(
+                            name,
+                            &PatchParams::default(),
+                            &Patch::Merge(json!({"spec": {"memory": m}})),
+                        )
+                        .await
+                        .map(|_| ());
+                    ("change memory", r, Some((m.to_string(), halted)))
+                }
+                _ => {
+                    let s = if halted { "Always" } else { "Halted" };
+                    let r = api
+                        .patch(
+                            name,
+                            &PatchParams::default(),
+                            &Patch::Merge(json!({"spec": {"runStrategy": s}})),
+                        )
+                        .await
+                        .map(|_| ());
+                    ("change runStrategy", r, Some((memory, !halted)))
+                }
+            },
+        };
+        match result {
+            Ok(()) => {
+                bump(&ops, &format!("{kind} ok"));
+                known[i] = Some(next);
+            }
+            Err(e) if definitive(&e) => {
+                // Refused (still being deleted, gone): learn it again.
+                bump(&ops, &format!("{kind} refused"));
+                known[i] = None;
+            }
+            Err(_) => {
+                bump(&ops, &format!("{kind} failed (API down)"));
+                known[i] = None;
+            }
+        }
+    }
+    names.into_iter().zip(known).collect()
+}
+
+/// One test-driver record on a node.
+#[derive(Clone, Debug)]
+struct Record {
+    node: String,
+    name: String,
+    uuid: String,
+    state: serde_json::Value,
+    id: Option<u64>,
+}
+
+impl Record {
+    fn active(&self) -> bool {
+        !matches!(self.state.as_str(), Some("shutoff" | "nostate" | "pending"))
+    }
+}
+
+/// The test driver's records of every node.
+fn node_records(dir: &Path, nodes: &[String]) -> Vec<Record> {
+    let mut out = Vec::new();
+    for node in nodes {
+        let d = dir.join(format!("state-{node}/test-node/domains"));
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.extension().and_then(|x| x.to_str()) != Some("json") {
+                continue;
+            }
+            let Some(v) = std::fs::read(&p)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            else {
+                continue;
+            };
+            out.push(Record {
+                node: node.clone(),
+                name: v["def"]["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                uuid: v["uuid"].as_str().unwrap_or_default().to_ascii_lowercase(),
+                state: v["state"].clone(),
+                id: v["id"].as_u64(),
+            });
+        }
+    }
+    out
+}
+
+fn bound_node(d: &Domain) -> Option<String> {
+    d.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(vireo_crds::labels::NODE))
+        .cloned()
+}
+
+/// spec.uuid as the nodes keep it (lower case).
+fn lower_uuid(d: &Domain) -> Option<String> {
+    d.spec.uuid.as_deref().map(str::to_ascii_lowercase)
+}
+
+fn state_json(s: Option<DomainState>) -> serde_json::Value {
+    s.and_then(|s| serde_json::to_value(s).ok())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// The observer: samples the API and the nodes' records until `stop`.
+async fn observer(
+    api: Api<Domain>,
+    dir: PathBuf,
+    nodes: Vec<String>,
+    stop: Arc<AtomicBool>,
+    violations: Arc<Mutex<Vec<String>>>,
+) -> u64 {
+    let mut bound: HashMap<String, String> = HashMap::new();
+    let mut samples = 0;
+    let mut said: BTreeSet<String> = BTreeSet::new();
+    let mut say = |v: String, key: String| {
+        if said.insert(key) {
+            eprintln!("[chaos] VIOLATION: {v}");
+            violations.lock().unwrap_or_else(|p| p.into_inner()).push(v);
+        }
+    };
+    while !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        samples += 1;
+        // Bindings by UUID (spec.uuid is set with the binding).
+        if let Ok(list) = api.list(&ListParams::default()).await {
+            for d in &list.items {
+                let (Some(node), Some(uuid)) = (bound_node(d), lower_uuid(d)) else {
+                    continue;
+                };
+                let name = d.metadata.name.clone().unwrap_or_default();
+                match bound.get(&uuid) {
+                    Some(n) if *n != node => say(
+                        format!("Domain {name} (uuid {uuid}) rebound from {n} to {node}"),
+                        format!("rebound {uuid}"),
+                    ),
+                    Some(_) => {}
+                    None => {
+                        bound.insert(uuid, node);
+                    }
+                }
+            }
+        }
+        let records = node_records(&dir, &nodes);
+        let mut active: BTreeMap<&str, Vec<&Record>> = BTreeMap::new();
+        for r in records.iter().filter(|r| r.active()) {
+            active.entry(&r.uuid).or_default().push(r);
+        }
+        for (uuid, rs) in &active {
+            if rs.len() > 1 {
+                let on: Vec<String> = rs
+                    .iter()
+                    .map(|r| format!("{} ({})", r.node, r.state))
+                    .collect();
+                say(
+                    format!(
+                        "Domain {} (uuid {uuid}) active on {} hosts at once: {}",
+                        rs[0].name,
+                        rs.len(),
+                        on.join(", ")
+                    ),
+                    format!("two hosts {uuid}"),
+                );
+            }
+            for r in rs {
+                if let Some(n) = bound.get(*uuid)
+                    && *n != r.node
+                {
+                    say(
+                        format!(
+                            "Domain {} (uuid {uuid}) bound to {n} but active on {}",
+                            r.name, r.node
+                        ),
+                        format!("elsewhere {uuid} {}", r.node),
+                    );
+                }
+            }
+        }
+    }
+    samples
+}
+
+/// Why the cluster has not converged yet (empty: converged), and the
+/// Domains and running count when it has.
+async fn convergence_gaps(
+    api: &Api<Domain>,
+    dir: &Path,
+    nodes: &[String],
+) -> (Vec<String>, usize, usize) {
+    let list = match api.list(&ListParams::default()).await {
+        Ok(l) => l.items,
+        Err(e) => return (vec![format!("cannot list Domains: {e}")], 0, 0),
+    };
+    let records = node_records(dir, nodes);
+    let mut gaps = Vec::new();
+    let mut running = 0;
+    let mut uuids = BTreeSet::new();
+    for d in &list {
+        let name = d.metadata.name.clone().unwrap_or_default();
+        if d.metadata.deletion_timestamp.is_some() {
+            gaps.push(format!(
+                "{name} still deleting (finalizers {:?})",
+                d.metadata.finalizers
+            ));
+            continue;
+        }
+        let Some(node) = bound_node(d) else {
+            gaps.push(format!("{name} not bound"));
+            continue;
+        };
+        let uuid = lower_uuid(d).unwrap_or_default();
+        uuids.insert(uuid.clone());
+        let st = d.status.clone().unwrap_or_default();
+        let want = if d.spec.run_strategy == RunStrategy::Halted {
+            DomainState::Shutoff
+        } else {
+            DomainState::Running
+        };
+        if st.state == Some(DomainState::Running) {
+            running += 1;
+        }
+        if st.node_name.as_deref() != Some(node.as_str()) {
+            gaps.push(format!(
+                "{name}: status.nodeName {:?}, bound to {node}",
+                st.node_name
+            ));
+        }
+        if st.observed_generation != d.metadata.generation {
+            gaps.push(format!(
+                "{name}: observedGeneration {:?} of {:?}",
+                st.observed_generation, d.metadata.generation
+            ));
+        }
+        if st.state != Some(want) {
+            gaps.push(format!(
+                "{name}: status {:?}, runStrategy {:?} wants {want:?}",
+                st.state, d.spec.run_strategy
+            ));
+        }
+        let mine: Vec<&Record> = records.iter().filter(|r| r.uuid == uuid).collect();
+        match mine.as_slice() {
+            [r] if r.node == node => {
+                if r.state != state_json(st.state) {
+                    gaps.push(format!(
+                        "{name}: node {node} has it {}, status says {:?}",
+                        r.state, st.state
+                    ));
+                }
+                if want == DomainState::Running && r.id.map(|i| i as u32) != st.id {
+                    gaps.push(format!(
+                        "{name}: node {node} runs it as ID {:?}, status says {:?}",
+                        r.id, st.id
+                    ));
+                }
+            }
+            rs => gaps.push(format!(
+                "{name}: records on {:?}, bound to {node}",
+                rs.iter().map(|r| &r.node).collect::<Vec<_>>()
+            )),
+        }
+    }
+    for r in records.iter().filter(|r| !uuids.contains(&r.uuid)) {
+        gaps.push(format!(
+            "node {} keeps a record of {} ({}), whose Domain is gone",
+            r.node, r.name, r.state
+        ));
+    }
+    (gaps, list.len(), running)
+}
+
+/// Processes whose command line names the run's directory, besides `ours`.
+fn stray_processes(dir: &Path, ours: &BTreeSet<u32>) -> Vec<String> {
+    let marker = dir.display().to_string();
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != me && !ours.contains(pid) && pid_alive(*pid))
+        .filter_map(|pid| {
+            let c = read_cmdline(pid).join(" ");
+            c.contains(&marker).then(|| format!("pid {pid}: {c}"))
+        })
+        .collect()
+}
+
+/// Runs the chaos run on `cluster` (started with [`Cluster::start`], no
+/// Vireo processes yet): starts three agents and two operator replicas,
+/// and returns the report (violations included; the caller asserts).
+pub async fn run(cluster: &mut Cluster, config: &Config) -> Report {
+    let mut rng = Rng::new(config.seed);
+    eprintln!("[chaos] seed {}", config.seed);
+    let big = ["--cpus", "512", "--memory", "4Ti"];
+    let nodes: Vec<String> = (1..=3).map(|i| format!("node-{i}")).collect();
+    let agents: Vec<Proc> = nodes.iter().map(|n| cluster.agent(n, &big)).collect();
+    let lease = ["--leader-lease-seconds", "4"];
+    let operators: Vec<Proc> = ["operator-a", "operator-b"]
+        .iter()
+        .map(|n| cluster.operator(n, &lease))
+        .collect();
+    let client = cluster.client().await;
+    crate::common::ready_hosts(&client, 3).await;
+    let api: Api<Domain> = Api::namespaced(client.clone(), "default");
+
+    let fleet_procs = Fleet {
+        agents,
+        operators,
+        etcd: ClusterProc::new(cluster, "etcd", "ETCD_PID"),
+        apiserver: ClusterProc::new(cluster, "kube-apiserver", "APISERVER_PID"),
+    };
+    let faults: Counts = Arc::default();
+    let self_exits: Counts = Arc::default();
+    let ops: Counts = Arc::default();
+    let violations: Arc<Mutex<Vec<String>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+
+    let until = Instant::now() + Duration::from_secs(config.seconds);
+    let observer_task = tokio::spawn(observer(
+        api.clone(),
+        cluster.dir.clone(),
+        nodes.clone(),
+        stop.clone(),
+        violations.clone(),
+    ));
+    let fault_rng = Rng::new(rng.next());
+    let fault_thread = {
+        let (faults, self_exits) = (faults.clone(), self_exits.clone());
+        std::thread::spawn(move || fault_loop(fleet_procs, fault_rng, until, faults, self_exits))
+    };
+    let workers = 4.min(config.domains.max(1));
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let names: Vec<String> = (0..config.domains)
+            .filter(|i| i % workers == w)
+            .map(|i| format!("chaos-{i:03}"))
+            .collect();
+        tasks.push(tokio::spawn(worker(
+            api.clone(),
+            names,
+            Rng::new(rng.next()),
+            until,
+            ops.clone(),
+        )));
+    }
+    let mut known: Vec<(String, Known)> = Vec::new();
+    for t in tasks {
+        if let Ok(k) = t.await {
+            known.extend(k);
+        }
+    }
+    let (mut fleet_procs, last_fault) = tokio::task::spawn_blocking(move || {
+        fault_thread
+            .join()
+            .unwrap_or_else(|_| panic!("the fault thread panicked"))
+    })
+    .await
+    .expect("fault thread joined");
+    eprintln!("[chaos] faults stopped; waiting for convergence");
+
+    // Convergence: the state the API asks for, on the nodes too. Processes
+    // that exit now (an operator that lost its Lease late) start again.
+    let deadline = Instant::now() + Duration::from_secs(config.converge_seconds);
+    let mut report = Report {
+        seed: config.seed,
+        domains: config.domains,
+        seconds: config.seconds,
+        ..Default::default()
+    };
+    loop {
+        fleet_procs.supervise(&self_exits);
+        let (gaps, n, running) = convergence_gaps(&api, &cluster.dir, &nodes).await;
+        if gaps.is_empty() {
+            report.convergence_seconds = Some(last_fault.elapsed().as_secs_f64());
+            report.final_domains = n;
+            report.final_running = running;
+            break;
+        }
+        if Instant::now() > deadline {
+            let mut v = violations.lock().unwrap_or_else(|p| p.into_inner());
+            v.push(format!(
+                "no convergence {} s after the last fault; {} gaps, first: {}",
+                config.converge_seconds,
+                gaps.len(),
+                gaps.iter().take(10).cloned().collect::<Vec<_>>().join("; ")
+            ));
+            report.final_domains = n;
+            report.final_running = running;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    report.observer_samples = observer_task.await.unwrap_or(0);
+
+    let mut found = Vec::new();
+    // Nothing acknowledged is lost.
+    if let Ok(list) = api.list(&ListParams::default()).await {
+        let now: HashMap<String, &Domain> = list
+            .items
+            .iter()
+            .map(|d| (d.metadata.name.clone().unwrap_or_default(), d))
+            .collect();
+        for (name, k) in &known {
+            let Some(want) = k else { continue };
+            let have = now.get(name).map(|d| {
+                (
+                    d.spec.memory.0.clone(),
+                    d.spec.run_strategy == RunStrategy::Halted,
+                )
+            });
+            if have != *want {
+                found.push(format!(
+                    "{name}: the API holds {have:?}, the last acknowledged write was {want:?}"
+                ));
+            }
+        }
+    }
+    // IDs unique per node among running Domains.
+    let records = node_records(&cluster.dir, &nodes);
+    for node in &nodes {
+        let mut ids: BTreeMap<u64, Vec<&str>> = BTreeMap::new();
+        for r in records.iter().filter(|r| r.node == *node && r.active()) {
+            if let Some(id) = r.id {
+                ids.entry(id).or_default().push(&r.name);
+            }
+        }
+        for (id, names) in ids.iter().filter(|(_, n)| n.len() > 1) {
+            found.push(format!("node {node}: ID {id} held by {names:?}"));
+        }
+    }
+    // No process of the run besides ours.
+    for p in stray_processes(&cluster.dir, &fleet_procs.pids()) {
+        found.push(format!("stray process {p}"));
+    }
+    for v in &found {
+        eprintln!("[chaos] VIOLATION: {v}");
+    }
+    let mut all = violations.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    all.extend(found);
+    report.violations = all;
+    report.faults = faults.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    report.self_exits = self_exits.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    report.operations = ops.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    // The Vireo processes stop here; etcd and kube-apiserver with the cluster.
+    for p in fleet_procs.agents.iter().chain(&fleet_procs.operators) {
+        if p.log_text().contains("panicked") {
+            report
+                .violations
+                .push(format!("{} panicked (see {})", p.name, p.log.display()));
+        }
+    }
+    drop(fleet_procs);
+    report
+}
