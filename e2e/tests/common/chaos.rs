@@ -400,8 +400,24 @@ type Known = Option<Option<(String, bool)>>;
 
 const MEMORY: [&str; 3] = ["128Mi", "256Mi", "384Mi"];
 
-fn definitive(e: &kube::Error) -> bool {
-    matches!(e, kube::Error::Api(s) if s.code == 409 || s.code == 422 || s.code == 404)
+/// How an operation ended when it did not succeed.
+enum Failed {
+    /// The API server answered no (409, 404, 422): nothing was written.
+    Refused,
+    /// No answer, or an error from a server that may have written it.
+    Unknown,
+}
+
+/// Runs one API call with a bound (a request caught by an etcd kill may
+/// wait for the API server's own timeout otherwise).
+async fn call<T>(f: impl std::future::Future<Output = kube::Result<T>>) -> Result<(), Failed> {
+    match tokio::time::timeout(Duration::from_secs(15), f).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(kube::Error::Api(s))) if s.code == 409 || s.code == 422 || s.code == 404 => {
+            Err(Failed::Refused)
+        }
+        _ => Err(Failed::Unknown),
+    }
 }
 
 /// A worker: operations at random on the names `i` with `i % workers ==
@@ -420,8 +436,8 @@ async fn worker(
         let name = &names[i];
         let state = match known[i].clone() {
             Some(s) => s,
-            None => match api.get_opt(name).await {
-                Ok(d) => {
+            None => match tokio::time::timeout(Duration::from_secs(15), api.get_opt(name)).await {
+                Ok(Ok(d)) => {
                     let s = d
                         .filter(|d| d.metadata.deletion_timestamp.is_none())
                         .map(|d| {
@@ -433,7 +449,7 @@ async fn worker(
                     known[i] = Some(s.clone());
                     s
                 }
-                Err(_) => continue,
+                _ => continue,
             },
         };
         let (kind, result, next) = match state {
@@ -444,36 +460,32 @@ async fn worker(
                 if halted {
                     d.spec.run_strategy = RunStrategy::Halted;
                 }
-                let r = api.create(&PostParams::default(), &d).await.map(|_| ());
+                let r = call(api.create(&PostParams::default(), &d)).await;
                 ("create", r, Some((memory.to_string(), halted)))
             }
             Some((memory, halted)) => match rng.below(10) {
                 0..=2 => {
-                    let r = api.delete(name, &DeleteParams::default()).await.map(|_| ());
+                    let r = call(api.delete(name, &DeleteParams::default())).await;
                     ("delete", r, None)
                 }
                 3..=6 => {
                     let m = MEMORY[rng.below(3) as usize];
-                    let r = api
-                        .patch(
-                            name,
-                            &PatchParams::default(),
-                            &Patch::Merge(json!({"spec": {"memory": m}})),
-                        )
-                        .await
-                        .map(|_| ());
+                    let r = call(api.patch(
+                        name,
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"spec": {"memory": m}})),
+                    ))
+                    .await;
                     ("change memory", r, Some((m.to_string(), halted)))
                 }
                 _ => {
                     let s = if halted { "Always" } else { "Halted" };
-                    let r = api
-                        .patch(
-                            name,
-                            &PatchParams::default(),
-                            &Patch::Merge(json!({"spec": {"runStrategy": s}})),
-                        )
-                        .await
-                        .map(|_| ());
+                    let r = call(api.patch(
+                        name,
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"spec": {"runStrategy": s}})),
+                    ))
+                    .await;
                     ("change runStrategy", r, Some((memory, !halted)))
                 }
             },
@@ -483,12 +495,12 @@ async fn worker(
                 bump(&ops, &format!("{kind} ok"));
                 known[i] = Some(next);
             }
-            Err(e) if definitive(&e) => {
+            Err(Failed::Refused) => {
                 // Refused (still being deleted, gone): learn it again.
                 bump(&ops, &format!("{kind} refused"));
                 known[i] = None;
             }
-            Err(_) => {
+            Err(Failed::Unknown) => {
                 bump(&ops, &format!("{kind} failed (API down)"));
                 known[i] = None;
             }
@@ -592,6 +604,15 @@ async fn observer(
                     continue;
                 };
                 let name = d.metadata.name.clone().unwrap_or_default();
+                let reported = d.status.as_ref().and_then(|s| s.node_name.clone());
+                if let Some(r) = reported
+                    && r != node
+                {
+                    say(
+                        format!("Domain {name} (uuid {uuid}) bound to {node}, status.nodeName {r}"),
+                        format!("status node {uuid} {r}"),
+                    );
+                }
                 match bound.get(&uuid) {
                     Some(n) if *n != node => say(
                         format!("Domain {name} (uuid {uuid}) rebound from {n} to {node}"),
