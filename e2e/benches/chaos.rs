@@ -1,7 +1,9 @@
 //! The chaos run (issue 18 item 1): `cargo bench -p vireo-e2e --bench chaos
-//! -- [--domains 300] [--seconds 120] [--seed N] [--converge-seconds 300]`.
+//! -- [--domains 300] [--seconds 120] [--guests 10] [--seed N]
+//! [--converge-seconds 300]`.
 //!
-//! Creates, changes and deletes `type: test` Domains at random across three
+//! Creates, changes and deletes `type: test` Domains and real guests (qemu
+//! with the busybox guest image, kvm with the test guest) at random across three
 //! agents and two operator replicas on a real kube-apiserver, while
 //! SIGKILLing agents, the operator leader, etcd and kube-apiserver at random
 //! and starting them again; checks that no Domain is ever active on two
@@ -34,6 +36,7 @@ async fn main() {
         seconds: flag(&args, "--seconds").unwrap_or(120),
         seed: flag(&args, "--seed").unwrap_or_else(chaos::clock_seed),
         converge_seconds: flag(&args, "--converge-seconds").unwrap_or(300),
+        guests: flag(&args, "--guests").unwrap_or(10),
     };
     let mut cluster = common::Cluster::start("chaos");
     let report = chaos::run(&mut cluster, &config).await;

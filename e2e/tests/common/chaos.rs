@@ -21,8 +21,11 @@
 //! among running Domains, and no process of the run is left beside the
 //! ones it holds.
 //!
-//! Real guests (qemu, kvm) are not part of it yet: with the test network
-//! backend there are no taps, bridges, dnsmasq or leases to leak either.
+//! With `guests` > 0, real guests join in (qemu with the busybox guest
+//! image, kvm with the test guest): their records (STATE/{qemu,kvm}/domains)
+//! count like the test driver's, each running one's VM process must be
+//! there, once, and no other process may be left. The agents use the test
+//! network backend: there are no taps, bridges, dnsmasq or leases to leak.
 
 #![allow(dead_code)]
 
@@ -49,6 +52,10 @@ pub struct Config {
     pub seed: u64,
     /// How long to wait for convergence after the last fault.
     pub converge_seconds: u64,
+    /// Real guests (`guest-00`..): qemu with the busybox guest image and
+    /// kvm (vireo-vmm) with the test guest, alternating, where the host
+    /// has them; created, halted, started and deleted at random too.
+    pub guests: usize,
 }
 
 /// What a run did and found.
@@ -68,6 +75,9 @@ pub struct Report {
     pub final_domains: usize,
     pub final_running: usize,
     pub observer_samples: u64,
+    /// Real guests by type (`qemu`, `kvm`), and what was left out and why.
+    pub guests: BTreeMap<String, usize>,
+    pub notes: Vec<String>,
     pub violations: Vec<String>,
 }
 
@@ -77,6 +87,12 @@ impl Report {
             "chaos run: seed {} ({} Domain names, {} s of operations and faults)",
             self.seed, self.domains, self.seconds
         );
+        for (ty, n) in &self.guests {
+            println!(" real guests: {n} of type {ty}");
+        }
+        for n in &self.notes {
+            println!(" note: {n}");
+        }
         println!(" faults injected:");
         for (k, n) in &self.faults {
             println!("   {k:<36} {n:>6}");
@@ -116,6 +132,8 @@ impl Report {
             "final_domains": self.final_domains,
             "final_running": self.final_running,
             "observer_samples": self.observer_samples,
+            "guests": self.guests,
+            "notes": self.notes,
             "violations": self.violations,
         })
     }
@@ -400,6 +418,30 @@ type Known = Option<Option<(String, bool)>>;
 
 const MEMORY: [&str; 3] = ["128Mi", "256Mi", "384Mi"];
 
+/// A Domain name the workers use: a test Domain, or a real guest of `ty`
+/// booting `os` (its memory stays 256Mi; its runStrategy changes).
+#[derive(Clone)]
+pub struct Slot {
+    pub name: String,
+    pub guest: Option<(String, serde_json::Value)>,
+}
+
+fn guest_domain(name: &str, ty: &str, os: &serde_json::Value, halted: bool) -> Option<Domain> {
+    serde_json::from_value(json!({
+        "apiVersion": "vireo.dev/v1alpha1",
+        "kind": "Domain",
+        "metadata": {"name": name},
+        "spec": {
+            "type": ty,
+            "memory": "256Mi",
+            "vcpus": 1,
+            "runStrategy": if halted { "Halted" } else { "Always" },
+            "os": os,
+        },
+    }))
+    .ok()
+}
+
 /// How an operation ended when it did not succeed.
 enum Failed {
     /// The API server answered no (409, 404, 422): nothing was written.
@@ -424,16 +466,17 @@ async fn call<T>(f: impl std::future::Future<Output = kube::Result<T>>) -> Resul
 /// w`, until `until`. Returns what it knows of each name.
 async fn worker(
     api: Api<Domain>,
-    names: Vec<String>,
+    slots: Vec<Slot>,
     mut rng: Rng,
     until: Instant,
     ops: Counts,
 ) -> Vec<(String, Known)> {
-    let mut known: Vec<Known> = vec![Some(None); names.len()];
+    let mut known: Vec<Known> = vec![Some(None); slots.len()];
     while Instant::now() < until {
         tokio::time::sleep(rng.millis(20, 250)).await;
-        let i = rng.below(names.len() as u64) as usize;
-        let name = &names[i];
+        let i = rng.below(slots.len() as u64) as usize;
+        let name = &slots[i].name;
+        let guest = slots[i].guest.as_ref();
         let state = match known[i].clone() {
             Some(s) => s,
             None => match tokio::time::timeout(Duration::from_secs(15), api.get_opt(name)).await {
@@ -454,15 +497,46 @@ async fn worker(
         };
         let (kind, result, next) = match state {
             None => {
-                let memory = MEMORY[rng.below(3) as usize];
                 let halted = rng.below(4) == 0;
-                let mut d = fleet::test_domain(name, memory);
-                if halted {
-                    d.spec.run_strategy = RunStrategy::Halted;
-                }
+                let (d, memory, kind) = match guest {
+                    None => {
+                        let memory = MEMORY[rng.below(3) as usize];
+                        let mut d = fleet::test_domain(name, memory);
+                        if halted {
+                            d.spec.run_strategy = RunStrategy::Halted;
+                        }
+                        (Some(d), memory, "create")
+                    }
+                    Some((ty, os)) => (
+                        guest_domain(name, ty, os, halted),
+                        "256Mi",
+                        "create real guest",
+                    ),
+                };
+                let Some(d) = d else {
+                    bump(&ops, &format!("{kind}: no manifest"));
+                    continue;
+                };
                 let r = call(api.create(&PostParams::default(), &d)).await;
-                ("create", r, Some((memory.to_string(), halted)))
+                (kind, r, Some((memory.to_string(), halted)))
             }
+            // Real guests keep their memory: delete or start/halt.
+            Some((memory, halted)) if guest.is_some() => match rng.below(10) {
+                0..=2 => {
+                    let r = call(api.delete(name, &DeleteParams::default())).await;
+                    ("delete real guest", r, None)
+                }
+                _ => {
+                    let s = if halted { "Always" } else { "Halted" };
+                    let r = call(api.patch(
+                        name,
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"spec": {"runStrategy": s}})),
+                    ))
+                    .await;
+                    ("change real guest runStrategy", r, Some((memory, !halted)))
+                }
+            },
             Some((memory, halted)) => match rng.below(10) {
                 0..=2 => {
                     let r = call(api.delete(name, &DeleteParams::default())).await;
@@ -506,7 +580,7 @@ async fn worker(
             }
         }
     }
-    names.into_iter().zip(known).collect()
+    slots.into_iter().map(|s| s.name).zip(known).collect()
 }
 
 /// One test-driver record on a node.
@@ -517,6 +591,8 @@ struct Record {
     uuid: String,
     state: serde_json::Value,
     id: Option<u64>,
+    /// The VM process of a running real guest.
+    pid: Option<u32>,
 }
 
 impl Record {
@@ -553,7 +629,40 @@ fn node_records(dir: &Path, nodes: &[String]) -> Vec<Record> {
                 uuid: v["uuid"].as_str().unwrap_or_default().to_ascii_lowercase(),
                 state: v["state"].clone(),
                 id: v["id"].as_u64(),
+                pid: None,
             });
+        }
+        // The qemu and kvm drivers' records: running while `run` is there.
+        for ty in ["qemu", "kvm"] {
+            let d = dir.join(format!("state-{node}/{ty}/domains"));
+            let Ok(entries) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.extension().and_then(|x| x.to_str()) != Some("json") {
+                    continue;
+                }
+                let Some(v) = std::fs::read(&p)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                else {
+                    continue;
+                };
+                let run = &v["run"];
+                out.push(Record {
+                    node: node.clone(),
+                    name: v["name"].as_str().unwrap_or_default().to_string(),
+                    uuid: v["uuid"].as_str().unwrap_or_default().to_ascii_lowercase(),
+                    state: json!(if run.is_object() {
+                        "running"
+                    } else {
+                        "shutoff"
+                    }),
+                    id: run["id"].as_u64(),
+                    pid: run["pid"].as_u64().map(|p| p as u32),
+                });
+            }
         }
     }
     out
@@ -752,7 +861,33 @@ async fn convergence_gaps(
     (gaps, list.len(), running)
 }
 
-/// Processes whose command line names the run's directory, besides `ours`.
+fn parent(pid: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// `pid` or one of its ancestors is in `ours`.
+fn descends(pid: u32, ours: &BTreeSet<u32>) -> bool {
+    let mut p = pid;
+    for _ in 0..16 {
+        if ours.contains(&p) {
+            return true;
+        }
+        match parent(p) {
+            Some(q) if q > 1 => p = q,
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// Processes whose command line names the run's directory, besides `ours`
+/// and their children.
 fn stray_processes(dir: &Path, ours: &BTreeSet<u32>) -> Vec<String> {
     let marker = dir.display().to_string();
     let me = std::process::id();
@@ -762,10 +897,70 @@ fn stray_processes(dir: &Path, ours: &BTreeSet<u32>) -> Vec<String> {
     entries
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| *pid != me && !ours.contains(pid) && pid_alive(*pid))
+        .filter(|pid| *pid != me && pid_alive(*pid) && !descends(*pid, ours))
         .filter_map(|pid| {
             let c = read_cmdline(pid).join(" ");
             c.contains(&marker).then(|| format!("pid {pid}: {c}"))
+        })
+        .collect()
+}
+
+/// The real guests' slots: qemu and kvm alternating, of the kinds this
+/// host has (noted in the report when one is missing).
+fn guest_slots(n: usize, report: &mut Report) -> Vec<Slot> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let mut kinds: Vec<(String, serde_json::Value)> = Vec::new();
+    let qemu = std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|d| d.join("qemu-system-x86_64").is_file())
+    });
+    if qemu {
+        let image = crate::common::script_output("scripts/guest-image.sh", None);
+        kinds.push((
+            "qemu".into(),
+            json!({
+                "kernel": image.join("vmlinuz").display().to_string(),
+                "initrd": image.join("initrd.img").display().to_string(),
+                "cmdline": "console=ttyS0 quiet vireo.net=0",
+            }),
+        ));
+    } else {
+        report
+            .notes
+            .push("no qemu-system-x86_64: no qemu guests".into());
+    }
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    let vmm = crate::common::vireo_bin("vireo-vmm");
+    if kvm && vmm.is_file() {
+        let out = std::env::temp_dir().join(format!("vireo-e2e-guest-{}", std::process::id()));
+        let guest = crate::common::script_output("vmm/guest/build.sh", Some(&out));
+        kinds.push((
+            "kvm".into(),
+            json!({"kernel": guest.display().to_string(), "cmdline": "console=ttyS0"}),
+        ));
+    } else {
+        report.notes.push(format!(
+            "no kvm guests: /dev/kvm opens: {kvm}, {} exists: {}",
+            vmm.display(),
+            vmm.is_file()
+        ));
+    }
+    if kinds.is_empty() {
+        return Vec::new();
+    }
+    (0..n)
+        .map(|i| {
+            let (ty, os) = kinds[i % kinds.len()].clone();
+            *report.guests.entry(ty.clone()).or_default() += 1;
+            Slot {
+                name: format!("guest-{i:02}"),
+                guest: Some((ty, os)),
+            }
         })
         .collect()
 }
@@ -800,6 +995,12 @@ pub async fn run(cluster: &mut Cluster, config: &Config) -> Report {
     let violations: Arc<Mutex<Vec<String>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
 
+    let mut report = Report {
+        seed: config.seed,
+        domains: config.domains,
+        seconds: config.seconds,
+        ..Default::default()
+    };
     let until = Instant::now() + Duration::from_secs(config.seconds);
     let observer_task = tokio::spawn(observer(
         api.clone(),
@@ -813,16 +1014,25 @@ pub async fn run(cluster: &mut Cluster, config: &Config) -> Report {
         let (faults, self_exits) = (faults.clone(), self_exits.clone());
         std::thread::spawn(move || fault_loop(fleet_procs, fault_rng, until, faults, self_exits))
     };
-    let workers = 4.min(config.domains.max(1));
+    let all: Vec<Slot> = (0..config.domains)
+        .map(|i| Slot {
+            name: format!("chaos-{i:03}"),
+            guest: None,
+        })
+        .chain(guest_slots(config.guests, &mut report))
+        .collect();
+    let workers = 4.min(all.len().max(1));
     let mut tasks = Vec::new();
     for w in 0..workers {
-        let names: Vec<String> = (0..config.domains)
-            .filter(|i| i % workers == w)
-            .map(|i| format!("chaos-{i:03}"))
+        let slots: Vec<Slot> = all
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % workers == w)
+            .map(|(_, s)| s.clone())
             .collect();
         tasks.push(tokio::spawn(worker(
             api.clone(),
-            names,
+            slots,
             Rng::new(rng.next()),
             until,
             ops.clone(),
@@ -846,12 +1056,6 @@ pub async fn run(cluster: &mut Cluster, config: &Config) -> Report {
     // Convergence: the state the API asks for, on the nodes too. Processes
     // that exit now (an operator that lost its Lease late) start again.
     let deadline = Instant::now() + Duration::from_secs(config.converge_seconds);
-    let mut report = Report {
-        seed: config.seed,
-        domains: config.domains,
-        seconds: config.seconds,
-        ..Default::default()
-    };
     loop {
         fleet_procs.supervise(&self_exits);
         let (gaps, n, running) = convergence_gaps(&api, &cluster.dir, &nodes).await;
@@ -914,8 +1118,29 @@ pub async fn run(cluster: &mut Cluster, config: &Config) -> Report {
             found.push(format!("node {node}: ID {id} held by {names:?}"));
         }
     }
-    // No process of the run besides ours.
-    for p in stray_processes(&cluster.dir, &fleet_procs.pids()) {
+    // Every running real guest's process is there, once per UUID.
+    let mut ours = fleet_procs.pids();
+    let mut vm_uuids: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
+    for r in records.iter().filter(|r| r.active()) {
+        if let Some(pid) = r.pid {
+            if !pid_alive(pid) {
+                found.push(format!(
+                    "node {}: {} recorded running as pid {pid}, which is gone",
+                    r.node, r.name
+                ));
+            }
+            ours.insert(pid);
+            vm_uuids.entry(&r.uuid).or_default().push(pid);
+        }
+    }
+    for (uuid, pids) in vm_uuids.iter().filter(|(_, p)| p.len() > 1) {
+        found.push(format!(
+            "real guest {uuid} runs as {} processes: {pids:?}",
+            pids.len()
+        ));
+    }
+    // No process of the run besides ours (and their children).
+    for p in stray_processes(&cluster.dir, &ours) {
         found.push(format!("stray process {p}"));
     }
     for v in &found {
