@@ -1001,6 +1001,14 @@ pub async fn run(cluster: &mut Cluster, config: &Config) -> Report {
         seconds: config.seconds,
         ..Default::default()
     };
+    // The guests' images are built (or found in their caches) first.
+    let all: Vec<Slot> = (0..config.domains)
+        .map(|i| Slot {
+            name: format!("chaos-{i:03}"),
+            guest: None,
+        })
+        .chain(guest_slots(config.guests, &mut report))
+        .collect();
     let until = Instant::now() + Duration::from_secs(config.seconds);
     let observer_task = tokio::spawn(observer(
         api.clone(),
@@ -1014,13 +1022,6 @@ pub async fn run(cluster: &mut Cluster, config: &Config) -> Report {
         let (faults, self_exits) = (faults.clone(), self_exits.clone());
         std::thread::spawn(move || fault_loop(fleet_procs, fault_rng, until, faults, self_exits))
     };
-    let all: Vec<Slot> = (0..config.domains)
-        .map(|i| Slot {
-            name: format!("chaos-{i:03}"),
-            guest: None,
-        })
-        .chain(guest_slots(config.guests, &mut report))
-        .collect();
     let workers = 4.min(all.len().max(1));
     let mut tasks = Vec::new();
     for w in 0..workers {
