@@ -39,7 +39,13 @@ async fn chaos_short_form_converges_with_no_violation() {
         .map(|(_, n)| n)
         .sum();
     assert!(ops > 0, "no operation succeeded: {:?}", report.operations);
-    assert!(!report.faults.is_empty(), "no fault was injected");
+    for kind in chaos::FAULT_KINDS {
+        assert!(
+            report.faults.get(kind).copied().unwrap_or(0) > 0,
+            "seed {seed}: no {kind} fault was injected: {:?}",
+            report.faults
+        );
+    }
     assert!(
         report.violations.is_empty(),
         "seed {seed}: {} violations:\n{}",

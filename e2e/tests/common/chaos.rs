@@ -64,7 +64,9 @@ pub struct Report {
     pub seed: u64,
     pub domains: usize,
     pub seconds: u64,
+    /// Faults by kind ([`FAULT_KINDS`], every kind listed), and by target.
     pub faults: BTreeMap<String, u64>,
+    pub fault_detail: BTreeMap<String, u64>,
     /// Processes that ended on their own and were started again.
     pub self_exits: BTreeMap<String, u64>,
     /// Operations by kind and outcome (`create ok`, `delete failed`).
@@ -93,8 +95,15 @@ impl Report {
         for n in &self.notes {
             println!(" note: {n}");
         }
-        println!(" faults injected:");
+        println!(
+            " faults injected: {} in all",
+            self.faults.values().sum::<u64>()
+        );
         for (k, n) in &self.faults {
+            println!("   {k:<36} {n:>6}");
+        }
+        println!(" faults by target:");
+        for (k, n) in &self.fault_detail {
             println!("   {k:<36} {n:>6}");
         }
         println!(" processes that exited on their own and were restarted:");
@@ -126,6 +135,7 @@ impl Report {
             "domains": self.domains,
             "seconds": self.seconds,
             "faults": self.faults,
+            "fault_detail": self.fault_detail,
             "self_exits": self.self_exits,
             "operations": self.operations,
             "convergence_seconds": self.convergence_seconds,
@@ -350,17 +360,31 @@ fn supervised_sleep(fleet: &mut Fleet, d: Duration, self_exits: &Counts) {
     }
 }
 
+/// The kinds of fault, as the report counts them.
+pub const FAULT_KINDS: [&str; 4] = ["agent", "operator leader", "etcd", "kube-apiserver"];
+
 /// The fault loop: until `until`, every 2–7 s SIGKILL one of agent,
 /// operator leader, etcd, kube-apiserver, and start it again 0.3–3 s
-/// later. Returns the fleet and when the last restart was done.
+/// later. The first four faults are the four kinds in a shuffled order,
+/// so that a run long enough for four faults injects every kind; the
+/// rest are drawn at random. `faults` counts by kind, `detail` by target.
+/// Returns the fleet and when the last restart was done.
 fn fault_loop(
     mut fleet: Fleet,
     mut rng: Rng,
     until: Instant,
     faults: Counts,
+    detail: Counts,
     self_exits: Counts,
 ) -> (Fleet, Instant) {
     let mut last = Instant::now();
+    // Fisher–Yates over the kinds for the first round.
+    let mut round: Vec<usize> = (0..FAULT_KINDS.len()).collect();
+    for i in (1..round.len()).rev() {
+        let j = rng.below(i as u64 + 1) as usize;
+        round.swap(i, j);
+    }
+    round.reverse();
     loop {
         let pause = rng.millis(2000, 7000);
         supervised_sleep(&mut fleet, pause, &self_exits);
@@ -368,10 +392,14 @@ fn fault_loop(
             break;
         }
         let down = rng.millis(300, 3000);
-        match rng.below(4) {
+        let kind = round
+            .pop()
+            .unwrap_or_else(|| rng.below(FAULT_KINDS.len() as u64) as usize);
+        bump(&faults, FAULT_KINDS[kind]);
+        match kind {
             0 => {
                 let i = rng.below(fleet.agents.len() as u64) as usize;
-                bump(&faults, &format!("SIGKILL agent {}", fleet.agents[i].name));
+                bump(&detail, &format!("SIGKILL agent {}", fleet.agents[i].name));
                 fleet.agents[i].kill();
                 supervised_sleep(&mut fleet, Duration::ZERO, &self_exits);
                 std::thread::sleep(down);
@@ -387,19 +415,19 @@ fn fault_loop(
                         "SIGKILL operator (no leader)",
                     ),
                 };
-                bump(&faults, what);
+                bump(&detail, what);
                 fleet.operators[i].kill();
                 std::thread::sleep(down);
                 fleet.operators[i].start();
             }
             2 => {
-                bump(&faults, "SIGKILL etcd");
+                bump(&detail, "SIGKILL etcd");
                 fleet.etcd.kill();
                 std::thread::sleep(down);
                 fleet.etcd.start();
             }
             _ => {
-                bump(&faults, "SIGKILL kube-apiserver");
+                bump(&detail, "SIGKILL kube-apiserver");
                 fleet.apiserver.kill();
                 std::thread::sleep(down);
                 fleet.apiserver.start();
@@ -989,7 +1017,10 @@ pub async fn run(cluster: &mut Cluster, config: &Config) -> Report {
         etcd: ClusterProc::new(cluster, "etcd", "ETCD_PID"),
         apiserver: ClusterProc::new(cluster, "kube-apiserver", "APISERVER_PID"),
     };
-    let faults: Counts = Arc::default();
+    let faults: Counts = Arc::new(Mutex::new(
+        FAULT_KINDS.iter().map(|k| (k.to_string(), 0)).collect(),
+    ));
+    let fault_detail: Counts = Arc::default();
     let self_exits: Counts = Arc::default();
     let ops: Counts = Arc::default();
     let violations: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -1019,8 +1050,11 @@ pub async fn run(cluster: &mut Cluster, config: &Config) -> Report {
     ));
     let fault_rng = Rng::new(rng.next());
     let fault_thread = {
-        let (faults, self_exits) = (faults.clone(), self_exits.clone());
-        std::thread::spawn(move || fault_loop(fleet_procs, fault_rng, until, faults, self_exits))
+        let (faults, detail, self_exits) =
+            (faults.clone(), fault_detail.clone(), self_exits.clone());
+        std::thread::spawn(move || {
+            fault_loop(fleet_procs, fault_rng, until, faults, detail, self_exits)
+        })
     };
     let workers = 4.min(all.len().max(1));
     let mut tasks = Vec::new();
@@ -1151,6 +1185,10 @@ pub async fn run(cluster: &mut Cluster, config: &Config) -> Report {
     all.extend(found);
     report.violations = all;
     report.faults = faults.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    report.fault_detail = fault_detail
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     report.self_exits = self_exits.lock().unwrap_or_else(|p| p.into_inner()).clone();
     report.operations = ops.lock().unwrap_or_else(|p| p.into_inner()).clone();
     // The Vireo processes stop here; etcd and kube-apiserver with the cluster.
