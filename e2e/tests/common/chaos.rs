@@ -4,10 +4,13 @@
 //! On a real kube-apiserver and etcd with three agents and two operator
 //! replicas (leader election), workers create, change (memory,
 //! runStrategy Always/Halted) and delete `type: test` Domains at random
-//! for a bounded time, while a fault thread SIGKILLs an agent, the
-//! operator leader, etcd or kube-apiserver at random and starts it again
-//! after a short random pause (same data directory, same ports). Anything
-//! that exits on its own is started again too, as a kubelet would.
+//! for a bounded time (one in four with a disk: a StorageVol in the dir
+//! pool `chaos`, created before its Domain and deleted after it), while a
+//! fault thread SIGKILLs an agent, the operator leader, etcd or
+//! kube-apiserver and starts it again after a short random pause (same
+//! data directory, same ports): the first four faults are the four kinds
+//! in a shuffled order, the rest drawn at random. Anything that exits on
+//! its own is started again too, as a kubelet would.
 //!
 //! An observer checks all along, from the API and from each agent's own
 //! records (STATE/test-node/domains/*.json, the test driver's state): no
@@ -15,17 +18,22 @@
 //! not bound to, and no binding ever changes. After the faults stop it
 //! waits for convergence (every Domain bound, its status at its spec's
 //! generation and in the state its runStrategy asks, the node's record
-//! the same state and ID, deleted ones gone with their finalizers), then
+//! the same state and ID, its node-cleanup finalizer there; deleted
+//! Domains and StorageVols gone with their finalizers; bound volumes Ready
+//! with their file, in-use ones holding their in-use finalizer), then
 //! checks: nothing the workers were told was written is lost, no node
 //! record is left for a Domain that is gone, IDs are unique per node
-//! among running Domains, and no process of the run is left beside the
-//! ones it holds.
+//! among running Domains, the files in each node's pool directory are
+//! exactly the StorageVols bound there (no partial file left), and no
+//! process of the run is left beside the ones it holds.
 //!
 //! With `guests` > 0, real guests join in (qemu with the busybox guest
 //! image, kvm with the test guest): their records (STATE/{qemu,kvm}/domains)
 //! count like the test driver's, each running one's VM process must be
-//! there, once, and no other process may be left. The agents use the test
-//! network backend: there are no taps, bridges, dnsmasq or leases to leak.
+//! there, once, and no other VM process (whoever its parent) nor any other
+//! process may be left. The agents share this machine's network namespace
+//! and use the test network backend, and the guests have no interfaces:
+//! there are no taps, bridges, dnsmasq or leases to leak in this run.
 
 #![allow(dead_code)]
 
@@ -38,7 +46,7 @@ use std::time::{Duration, Instant};
 
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
-use vireo_crds::{Domain, DomainState, RunStrategy};
+use vireo_crds::{Domain, DomainState, RunStrategy, StoragePool, StorageVol};
 
 use crate::common::{Cluster, Proc, fleet};
 
@@ -76,6 +84,8 @@ pub struct Report {
     /// Domains at the end, and how many of them run.
     pub final_domains: usize,
     pub final_running: usize,
+    /// Volume files in the chaos pool on all nodes at the end.
+    pub volume_files: usize,
     pub observer_samples: u64,
     /// Real guests by type (`qemu`, `kvm`), and what was left out and why.
     pub guests: BTreeMap<String, usize>,
@@ -119,8 +129,8 @@ impl Report {
             None => println!(" convergence after the last fault      never"),
         }
         println!(
-            " at the end: {} Domains, {} running; {} observer samples",
-            self.final_domains, self.final_running, self.observer_samples
+            " at the end: {} Domains, {} running, {} volume files; {} observer samples",
+            self.final_domains, self.final_running, self.volume_files, self.observer_samples
         );
         println!(" violations: {}", self.violations.len());
         for v in &self.violations {
@@ -141,6 +151,7 @@ impl Report {
             "convergence_seconds": self.convergence_seconds,
             "final_domains": self.final_domains,
             "final_running": self.final_running,
+            "volume_files": self.volume_files,
             "observer_samples": self.observer_samples,
             "guests": self.guests,
             "notes": self.notes,
@@ -452,6 +463,34 @@ const MEMORY: [&str; 3] = ["128Mi", "256Mi", "384Mi"];
 pub struct Slot {
     pub name: String,
     pub guest: Option<(String, serde_json::Value)>,
+    /// A test Domain with a disk: the StorageVol of this name in the
+    /// pool [`POOL`], created before the Domain and deleted after it.
+    pub volume: Option<String>,
+}
+
+/// The dir StoragePool of the Domains with a disk, on every node (under
+/// each agent's own `--host-root`).
+pub const POOL: &str = "chaos";
+const POOL_PATH: &str = "/var/lib/vireo/chaos";
+
+fn disk_domain(name: &str, memory: &str, volume: &str) -> Domain {
+    let mut d = fleet::test_domain(name, memory);
+    d.spec.devices.disks = vec![vireo_crds::domain::Disk {
+        name: "vda".into(),
+        volume: volume.into(),
+        ..Default::default()
+    }];
+    d
+}
+
+fn chaos_volume(name: &str) -> Option<StorageVol> {
+    serde_json::from_value(json!({
+        "apiVersion": "vireo.dev/v1alpha1",
+        "kind": "StorageVol",
+        "metadata": {"name": name},
+        "spec": {"pool": POOL, "capacity": "1Mi"},
+    }))
+    .ok()
 }
 
 fn guest_domain(name: &str, ty: &str, os: &serde_json::Value, halted: bool) -> Option<Domain> {
@@ -494,6 +533,7 @@ async fn call<T>(f: impl std::future::Future<Output = kube::Result<T>>) -> Resul
 /// w`, until `until`. Returns what it knows of each name.
 async fn worker(
     api: Api<Domain>,
+    vols: Api<StorageVol>,
     slots: Vec<Slot>,
     mut rng: Rng,
     until: Instant,
@@ -505,6 +545,7 @@ async fn worker(
         let i = rng.below(slots.len() as u64) as usize;
         let name = &slots[i].name;
         let guest = slots[i].guest.as_ref();
+        let volume = slots[i].volume.as_deref();
         let state = match known[i].clone() {
             Some(s) => s,
             None => match tokio::time::timeout(Duration::from_secs(15), api.get_opt(name)).await {
@@ -526,8 +567,8 @@ async fn worker(
         let (kind, result, next) = match state {
             None => {
                 let halted = rng.below(4) == 0;
-                let (d, memory, kind) = match guest {
-                    None => {
+                let (d, memory, kind) = match (guest, volume) {
+                    (None, None) => {
                         let memory = MEMORY[rng.below(3) as usize];
                         let mut d = fleet::test_domain(name, memory);
                         if halted {
@@ -535,7 +576,48 @@ async fn worker(
                         }
                         (Some(d), memory, "create")
                     }
-                    Some((ty, os)) => (
+                    (None, Some(vol)) => {
+                        // The volume first: kept from an earlier life of
+                        // the name, or created (not while it is deleting:
+                        // a Domain on a volume that is going would wait).
+                        let have =
+                            tokio::time::timeout(Duration::from_secs(15), vols.get_opt(vol)).await;
+                        match have {
+                            Ok(Ok(Some(v))) if v.metadata.deletion_timestamp.is_some() => {
+                                bump(&ops, "create with volume: volume still deleting");
+                                continue;
+                            }
+                            Ok(Ok(Some(_))) => {}
+                            Ok(Ok(None)) => {
+                                let Some(v) = chaos_volume(vol) else {
+                                    bump(&ops, "create volume: no manifest");
+                                    continue;
+                                };
+                                match call(vols.create(&PostParams::default(), &v)).await {
+                                    Ok(()) => bump(&ops, "create volume ok"),
+                                    Err(Failed::Refused) => {
+                                        bump(&ops, "create volume refused");
+                                        continue;
+                                    }
+                                    Err(Failed::Unknown) => {
+                                        bump(&ops, "create volume failed (API down)");
+                                        continue;
+                                    }
+                                }
+                            }
+                            _ => {
+                                bump(&ops, "create volume failed (API down)");
+                                continue;
+                            }
+                        }
+                        let memory = MEMORY[rng.below(3) as usize];
+                        let mut d = disk_domain(name, memory, vol);
+                        if halted {
+                            d.spec.run_strategy = RunStrategy::Halted;
+                        }
+                        (Some(d), memory, "create with volume")
+                    }
+                    (Some((ty, os)), _) => (
                         guest_domain(name, ty, os, halted),
                         "256Mi",
                         "create real guest",
@@ -568,7 +650,25 @@ async fn worker(
             Some((memory, halted)) => match rng.below(10) {
                 0..=2 => {
                     let r = call(api.delete(name, &DeleteParams::default())).await;
-                    ("delete", r, None)
+                    match volume {
+                        None => ("delete", r, None),
+                        Some(vol) => {
+                            // The volume goes after its Domain (its
+                            // in-use finalizer holds it until then).
+                            if r.is_ok() {
+                                let v = call(vols.delete(vol, &DeleteParams::default())).await;
+                                bump(
+                                    &ops,
+                                    match v {
+                                        Ok(()) => "delete volume ok",
+                                        Err(Failed::Refused) => "delete volume refused",
+                                        Err(Failed::Unknown) => "delete volume failed (API down)",
+                                    },
+                                );
+                            }
+                            ("delete with volume", r, None)
+                        }
+                    }
                 }
                 3..=6 => {
                     let m = MEMORY[rng.below(3) as usize];
@@ -805,6 +905,7 @@ async fn observer(
 /// Domains and running count when it has.
 async fn convergence_gaps(
     api: &Api<Domain>,
+    vols: &Api<StorageVol>,
     dir: &Path,
     nodes: &[String],
 ) -> (Vec<String>, usize, usize) {
@@ -812,8 +913,60 @@ async fn convergence_gaps(
         Ok(l) => l.items,
         Err(e) => return (vec![format!("cannot list Domains: {e}")], 0, 0),
     };
-    let records = node_records(dir, nodes);
+    let vol_list = match vols.list(&ListParams::default()).await {
+        Ok(l) => l.items,
+        Err(e) => return (vec![format!("cannot list StorageVols: {e}")], 0, 0),
+    };
     let mut gaps = Vec::new();
+    // Volumes: deleted ones gone; bound ones Ready on their node with
+    // their file there; in use ones holding the in-use finalizer.
+    let used: BTreeSet<&str> = list
+        .iter()
+        .filter(|d| d.metadata.deletion_timestamp.is_none())
+        .flat_map(|d| d.spec.devices.disks.iter().map(|k| k.volume.as_str()))
+        .collect();
+    for v in &vol_list {
+        let name = v.metadata.name.clone().unwrap_or_default();
+        if v.metadata.deletion_timestamp.is_some() {
+            gaps.push(format!(
+                "volume {name} still deleting (finalizers {:?})",
+                v.metadata.finalizers
+            ));
+            continue;
+        }
+        let has = |f: &str| {
+            v.metadata
+                .finalizers
+                .as_ref()
+                .is_some_and(|fs| fs.iter().any(|x| x == f))
+        };
+        if used.contains(name.as_str()) && !has(vireo_crds::labels::IN_USE_FINALIZER) {
+            gaps.push(format!(
+                "volume {name} is in use without its in-use finalizer"
+            ));
+        }
+        let node = v
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(vireo_crds::labels::NODE));
+        let phase = v.status.as_ref().and_then(|s| s.phase.as_deref());
+        match node {
+            Some(node) => {
+                if phase != Some("Ready") {
+                    gaps.push(format!("volume {name} on {node}: phase {phase:?}"));
+                }
+                if !volume_file(dir, node, &name).is_file() {
+                    gaps.push(format!("volume {name} on {node}: no file"));
+                }
+            }
+            None if used.contains(name.as_str()) => {
+                gaps.push(format!("volume {name} in use but not bound"));
+            }
+            None => {}
+        }
+    }
+    let records = node_records(dir, nodes);
     let mut running = 0;
     let mut uuids = BTreeSet::new();
     for d in &list {
@@ -829,6 +982,14 @@ async fn convergence_gaps(
             gaps.push(format!("{name} not bound"));
             continue;
         };
+        if !d.metadata.finalizers.as_ref().is_some_and(|f| {
+            f.iter()
+                .any(|x| x == vireo_crds::labels::NODE_CLEANUP_FINALIZER)
+        }) {
+            gaps.push(format!(
+                "{name} bound to {node} without its node-cleanup finalizer"
+            ));
+        }
         let uuid = lower_uuid(d).unwrap_or_default();
         uuids.insert(uuid.clone());
         let st = d.status.clone().unwrap_or_default();
@@ -889,6 +1050,38 @@ async fn convergence_gaps(
     (gaps, list.len(), running)
 }
 
+/// Where a volume of the chaos pool is on `node` (`namespace.name`).
+fn volume_file(dir: &Path, node: &str, vol: &str) -> PathBuf {
+    dir.join(format!("host-{node}"))
+        .join(POOL_PATH.trim_start_matches('/'))
+        .join(format!("default.{vol}"))
+}
+
+/// The files in the chaos pool's directory of every node: (node, file name).
+fn pool_files(dir: &Path, nodes: &[String]) -> BTreeSet<(String, String)> {
+    let mut out = BTreeSet::new();
+    for node in nodes {
+        let d = dir
+            .join(format!("host-{node}"))
+            .join(POOL_PATH.trim_start_matches('/'));
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            out.insert((node.clone(), e.file_name().to_string_lossy().into_owned()));
+        }
+    }
+    out
+}
+
+/// A VM process (QEMU or vireo-vmm) by its executable's name.
+fn is_vm_process(argv: &[String]) -> bool {
+    argv.first()
+        .and_then(|a| Path::new(a).file_name())
+        .and_then(|f| f.to_str())
+        .is_some_and(|f| f.starts_with("qemu-system") || f == "vireo-vmm")
+}
+
 fn parent(pid: u32) -> Option<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()?
@@ -915,8 +1108,9 @@ fn descends(pid: u32, ours: &BTreeSet<u32>) -> bool {
 }
 
 /// Processes whose command line names the run's directory, besides `ours`
-/// and their children.
-fn stray_processes(dir: &Path, ours: &BTreeSet<u32>) -> Vec<String> {
+/// and their children; VM processes besides `vms` (the running guests'),
+/// wherever they descend from.
+fn stray_processes(dir: &Path, ours: &BTreeSet<u32>, vms: &BTreeSet<u32>) -> Vec<String> {
     let marker = dir.display().to_string();
     let me = std::process::id();
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -925,10 +1119,18 @@ fn stray_processes(dir: &Path, ours: &BTreeSet<u32>) -> Vec<String> {
     entries
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| *pid != me && pid_alive(*pid) && !descends(*pid, ours))
+        .filter(|pid| *pid != me && pid_alive(*pid))
         .filter_map(|pid| {
-            let c = read_cmdline(pid).join(" ");
-            c.contains(&marker).then(|| format!("pid {pid}: {c}"))
+            let argv = read_cmdline(pid);
+            let c = argv.join(" ");
+            if !c.contains(&marker) {
+                return None;
+            }
+            if is_vm_process(&argv) {
+                return (!vms.contains(&pid))
+                    .then(|| format!("VM process of no running guest: pid {pid}: {c}"));
+            }
+            (!descends(pid, ours)).then(|| format!("pid {pid}: {c}"))
         })
         .collect()
 }
@@ -988,6 +1190,7 @@ fn guest_slots(n: usize, report: &mut Report) -> Vec<Slot> {
             Slot {
                 name: format!("guest-{i:02}"),
                 guest: Some((ty, os)),
+                volume: None,
             }
         })
         .collect()
@@ -1010,6 +1213,35 @@ pub async fn run(cluster: &mut Cluster, config: &Config) -> Report {
     let client = cluster.client().await;
     crate::common::ready_hosts(&client, 3).await;
     let api: Api<Domain> = Api::namespaced(client.clone(), "default");
+    let vols: Api<StorageVol> = Api::namespaced(client.clone(), "default");
+    let pools: Api<StoragePool> = Api::all(client.clone());
+    let pool: StoragePool = serde_json::from_value(json!({
+        "apiVersion": "vireo.dev/v1alpha1",
+        "kind": "StoragePool",
+        "metadata": {"name": POOL},
+        "spec": {"type": "dir", "path": POOL_PATH},
+    }))
+    .expect("the chaos pool's manifest");
+    pools
+        .create(&PostParams::default(), &pool)
+        .await
+        .expect("create the chaos pool");
+    crate::common::wait_for(
+        Duration::from_secs(120),
+        "the chaos pool running on 3 nodes",
+        || async {
+            let p = pools.get(POOL).await.ok()?;
+            (p.status
+                .as_ref()?
+                .nodes
+                .iter()
+                .filter(|e| e.state == "running")
+                .count()
+                == 3)
+                .then_some(())
+        },
+    )
+    .await;
 
     let fleet_procs = Fleet {
         agents,
@@ -1037,6 +1269,8 @@ pub async fn run(cluster: &mut Cluster, config: &Config) -> Report {
         .map(|i| Slot {
             name: format!("chaos-{i:03}"),
             guest: None,
+            // One test Domain in four has a disk.
+            volume: (i % 4 == 0).then(|| format!("chaos-{i:03}-disk")),
         })
         .chain(guest_slots(config.guests, &mut report))
         .collect();
@@ -1067,6 +1301,7 @@ pub async fn run(cluster: &mut Cluster, config: &Config) -> Report {
             .collect();
         tasks.push(tokio::spawn(worker(
             api.clone(),
+            vols.clone(),
             slots,
             Rng::new(rng.next()),
             until,
@@ -1093,7 +1328,7 @@ pub async fn run(cluster: &mut Cluster, config: &Config) -> Report {
     let deadline = Instant::now() + Duration::from_secs(config.converge_seconds);
     loop {
         fleet_procs.supervise(&self_exits);
-        let (gaps, n, running) = convergence_gaps(&api, &cluster.dir, &nodes).await;
+        let (gaps, n, running) = convergence_gaps(&api, &vols, &cluster.dir, &nodes).await;
         if gaps.is_empty() {
             report.convergence_seconds = Some(last_fault.elapsed().as_secs_f64());
             report.final_domains = n;
@@ -1153,8 +1388,39 @@ pub async fn run(cluster: &mut Cluster, config: &Config) -> Report {
             found.push(format!("node {node}: ID {id} held by {names:?}"));
         }
     }
+    // The volume files are the bound StorageVols, no more, no fewer (hidden
+    // partial files included: none may be left).
+    match vols.list(&ListParams::default()).await {
+        Ok(list) => {
+            let want: BTreeSet<(String, String)> = list
+                .items
+                .iter()
+                .filter_map(|v| {
+                    let node = v.metadata.labels.as_ref()?.get(vireo_crds::labels::NODE)?;
+                    Some((
+                        node.clone(),
+                        format!("default.{}", v.metadata.name.as_deref()?),
+                    ))
+                })
+                .collect();
+            let have = pool_files(&cluster.dir, &nodes);
+            report.volume_files = have.len();
+            for (node, f) in have.difference(&want) {
+                found.push(format!(
+                    "node {node}: volume file {f} left, of no StorageVol"
+                ));
+            }
+            for (node, f) in want.difference(&have) {
+                found.push(format!(
+                    "node {node}: volume file {f} lost, its StorageVol is bound there"
+                ));
+            }
+        }
+        Err(e) => found.push(format!("cannot list StorageVols at the end: {e}")),
+    }
     // Every running real guest's process is there, once per UUID.
     let mut ours = fleet_procs.pids();
+    let mut vms = BTreeSet::new();
     let mut vm_uuids: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
     for r in records.iter().filter(|r| r.active()) {
         if let Some(pid) = r.pid {
@@ -1165,6 +1431,7 @@ pub async fn run(cluster: &mut Cluster, config: &Config) -> Report {
                 ));
             }
             ours.insert(pid);
+            vms.insert(pid);
             vm_uuids.entry(&r.uuid).or_default().push(pid);
         }
     }
@@ -1175,7 +1442,7 @@ pub async fn run(cluster: &mut Cluster, config: &Config) -> Report {
         ));
     }
     // No process of the run besides ours (and their children).
-    for p in stray_processes(&cluster.dir, &ours) {
+    for p in stray_processes(&cluster.dir, &ours, &vms) {
         found.push(format!("stray process {p}"));
     }
     for v in &found {
