@@ -2,15 +2,17 @@
 //! -- [--domains 300] [--seconds 120] [--guests 10] [--seed N]
 //! [--converge-seconds 300]`.
 //!
-//! Creates, changes and deletes `type: test` Domains and real guests (qemu
-//! with the busybox guest image, kvm with the test guest) at random across three
-//! agents and two operator replicas on a real kube-apiserver, while
-//! SIGKILLing agents, the operator leader, etcd and kube-apiserver at random
-//! and starting them again; checks that no Domain is ever active on two
-//! hosts, and after the faults stop that everything converges with nothing
-//! lost or leaked (e2e/tests/common/chaos.rs). Prints the seed, faults by
-//! kind, operations by kind, convergence time after the last fault and every
-//! violation; writes `target/bench/chaos.json`; exits 1 on a violation.
+//! Creates, changes and deletes `type: test` Domains (one in four with a
+//! disk in the dir pool `chaos`) and real guests (qemu with the busybox
+//! guest image, kvm with the test guest) at random across three agents and
+//! two operator replicas on a real kube-apiserver, while SIGKILLing agents,
+//! the operator leader, etcd and kube-apiserver (each kind at least once,
+//! then at random) and starting them again; checks that no Domain is ever
+//! active on two hosts, and after the faults stop that everything converges
+//! with nothing lost or leaked (e2e/tests/common/chaos.rs). Prints the
+//! seed, faults by kind, operations by kind, convergence time after the
+//! last fault and every violation; writes `target/bench/chaos.json`; exits
+//! 1 on a violation.
 
 #[path = "../tests/common/chaos.rs"]
 mod chaos;

@@ -110,23 +110,23 @@ impl Report {
             self.faults.values().sum::<u64>()
         );
         for (k, n) in &self.faults {
-            println!("   {k:<36} {n:>6}");
+            println!("   {k:<44} {n:>6}");
         }
         println!(" faults by target:");
         for (k, n) in &self.fault_detail {
-            println!("   {k:<36} {n:>6}");
+            println!("   {k:<44} {n:>6}");
         }
         println!(" processes that exited on their own and were restarted:");
         for (k, n) in &self.self_exits {
-            println!("   {k:<36} {n:>6}");
+            println!("   {k:<44} {n:>6}");
         }
         println!(" operations:");
         for (k, n) in &self.operations {
-            println!("   {k:<36} {n:>6}");
+            println!("   {k:<44} {n:>6}");
         }
         match self.convergence_seconds {
-            Some(s) => println!(" convergence after the last fault      {s:>9.2}s"),
-            None => println!(" convergence after the last fault      never"),
+            Some(s) => println!(" convergence after the last fault              {s:>9.2}s"),
+            None => println!(" convergence after the last fault              never"),
         }
         println!(
             " at the end: {} Domains, {} running, {} volume files; {} observer samples",
