@@ -13,6 +13,12 @@
 //! seed, faults by kind, operations by kind, convergence time after the
 //! last fault and every violation; writes `target/bench/chaos.json`; exits
 //! 1 on a violation.
+//!
+//! Figures (2026-12-03, 2 shared cores, load average 5-10; e2e/README.md
+//! "Chaos" has the details): seeds 11, 22, 33 with `--domains 300
+//! --seconds 120 --guests 10`: 20, 18 and 19 faults (every kind each time),
+//! 1,498, 1,177 and 1,144 acknowledged writes, convergence 12.0 s, 67.4 s
+//! and 4.9 s after the last fault, 0 violations each.
 
 #[path = "../tests/common/chaos.rs"]
 mod chaos;
