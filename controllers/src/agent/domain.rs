@@ -101,6 +101,23 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
     if let Err(why) = resolve_cloud_init(ctx, &ns, &mut def.spec).await {
         return refuse(ctx, &api, &dom, "CloudInitSourceMissing", why).await;
     }
+    // Not on this node yet: the watch cache may be stale (a list served by an
+    // API server that just came back), and a Domain already deleted and torn
+    // down here must not be defined again from it, with nothing left to
+    // remove it. A consistent read confirms this very object still exists.
+    let k = key.clone();
+    let defined_here = ctx
+        .drive_domain(ty, move |c| {
+            match c.hypervisor().domain_definition(&k, true) {
+                Ok(_) => Ok(true),
+                Err(DriverError::NotFound(_)) => Ok(false),
+                Err(e) => Err(e),
+            }
+        })
+        .await?;
+    if !defined_here && !still_exists(&api, &dom).await? {
+        return Ok(Action::await_change());
+    }
     // One trip to the driver: redefine if the spec changed, then read the state.
     let (k, d) = (key.clone(), def);
     let (defined, (state, reason)) = ctx
@@ -762,6 +779,18 @@ fn status_matches(have: &DomainStatus, want: &DomainStatus) -> bool {
         && same(&ready_have, &want.conditions)
 }
 
+/// `dom` (same UID) exists and is not being deleted, read from etcd rather
+/// than from the watch cache.
+async fn still_exists(api: &Api<Domain>, dom: &Domain) -> Result<bool> {
+    let now = api.get_opt(&dom.name_any()).await?;
+    Ok(live_same_object(now.as_ref(), dom))
+}
+
+/// `now` (a fresh read) is the object `seen` and is not being deleted.
+fn live_same_object(now: Option<&Domain>, seen: &Domain) -> bool {
+    now.is_some_and(|d| d.uid() == seen.uid() && d.meta().deletion_timestamp.is_none())
+}
+
 /// Destroys (if active) and undefines a domain on this node; gone is fine.
 async fn teardown(ctx: &Ctx, ty: DomainType, key: &str) -> Result<()> {
     let k = key.to_string();
@@ -779,4 +808,35 @@ async fn teardown(ctx: &Ctx, ty: DomainType, key: &str) -> Result<()> {
         }
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn domain(uid: &str, deleting: bool) -> Domain {
+        let mut d: Domain = serde_json::from_value(serde_json::json!({
+            "apiVersion": "vireo.dev/v1alpha1",
+            "kind": "Domain",
+            "metadata": {"name": "web", "uid": uid},
+            "spec": {"type": "test", "memory": "1Gi", "vcpus": 1},
+        }))
+        .expect("a Domain");
+        if deleting {
+            d.metadata.deletion_timestamp = Some(
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Default::default()),
+            );
+        }
+        d
+    }
+
+    #[test]
+    fn a_stale_view_of_a_deleted_or_replaced_domain_is_not_defined_again() {
+        let seen = domain("a", false);
+        assert!(live_same_object(Some(&domain("a", false)), &seen));
+        // Gone, being deleted, or another object under the same name.
+        assert!(!live_same_object(None, &seen));
+        assert!(!live_same_object(Some(&domain("a", true)), &seen));
+        assert!(!live_same_object(Some(&domain("b", false)), &seen));
+    }
 }
