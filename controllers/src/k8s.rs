@@ -99,6 +99,36 @@ where
     Ok(())
 }
 
+/// [`event`] sent in the background: the reconcile goes on to the write
+/// that matters (a status a watcher waits for) without a round trip to the
+/// API server first. Used where an Event used to sit on a Domain's way to
+/// Running (the scale bench's tail, issue 19).
+pub fn event_later<K>(
+    recorder: &Recorder,
+    obj: &K,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) where
+    K: Resource<DynamicType = ()>,
+{
+    let recorder = recorder.clone();
+    let reference = obj.object_ref(&());
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: action.into(),
+        secondary: None,
+    };
+    tokio::spawn(async move {
+        if let Err(e) = recorder.publish(&ev, &reference).await {
+            tracing::warn!(reason = %ev.reason, error = %e, "cannot publish event");
+        }
+    });
+}
+
 /// Publishes an Event about an object. A failure to publish is logged, not
 /// returned: an Event is a courtesy, not part of the reconcile.
 pub async fn event<K>(

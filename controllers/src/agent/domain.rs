@@ -121,10 +121,18 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
     let history = History {
         started_once: start_count > 0,
     };
-    // The operator's gates: start only once volumes and networks are ready here.
+    // The operator's gates: start only once volumes and networks are ready
+    // here. A Domain that uses neither has nothing to wait for: it starts
+    // once bound, without waiting for the operator's status to come round
+    // (one write and one watch delivery less on its way to Running, issue
+    // 19); a gate the operator did write is obeyed all the same.
+    let needs_nothing = dom.spec.volume_refs().is_empty() && dom.spec.devices.interfaces.is_empty();
     let gates: Vec<&str> = ["VolumesReady", "NetworksReady"]
         .into_iter()
-        .filter(|g| find(&status.conditions, g).is_none_or(|c| c.status != "True"))
+        .filter(|g| match find(&status.conditions, g) {
+            Some(c) => c.status != "True",
+            None => !needs_nothing,
+        })
         .collect();
     let mut waiting = None;
     let step = decide(
@@ -150,15 +158,15 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
             start_count = ctx.start_count(&count_key, start_count, 1);
             let id = r.id.map_or_else(|| "-".into(), |i| i.to_string());
             tracing::info!(domain = %key, id, "started");
-            k8s::event(
+            // In the background: the status below is what watchers wait for.
+            k8s::event_later(
                 &ctx.recorder,
                 dom.as_ref(),
                 EventType::Normal,
                 "Started",
                 "Start",
                 format!("started on node {} with ID {id}", ctx.config.node_name),
-            )
-            .await;
+            );
         }
         Step::Stop => {
             // Ask the guest first; destroy it once it has had stop_timeout,
