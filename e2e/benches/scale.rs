@@ -139,6 +139,8 @@ fn api_metrics(cluster: &common::Cluster) -> HashMap<String, f64> {
             | "apiserver_flowcontrol_request_wait_duration_seconds_count" => {
                 format!("{name}|{} {}", l("priority_level"), l("execute"))
             }
+            // Watches the API server closed on a watcher that fell behind.
+            "apiserver_terminated_watchers_total" => format!("{name}|{}", l("resource")),
             "etcd_request_duration_seconds_sum" | "etcd_request_duration_seconds_count" => {
                 format!("{name}|{}", l("operation"))
             }
@@ -634,6 +636,23 @@ async fn main() {
                 .join(", ")
         }
     );
+    let terminated = delta(
+        &metrics_before,
+        &metrics_gone,
+        "apiserver_terminated_watchers_total",
+    );
+    println!(
+        " watchers the API server closed for falling behind (apiserver_terminated_watchers_total): {}",
+        if terminated.is_empty() {
+            "none".to_string()
+        } else {
+            terminated
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    );
     let apf_rejected: Vec<(String, f64)> = delta(
         &metrics_before,
         &metrics_gone,
@@ -709,6 +728,7 @@ async fn main() {
         },
         "api_requests_by_kind": kinds_up.iter().map(|(k, c)| serde_json::json!({"kind": k, "count": c})).collect::<Vec<_>>(),
         "api_requests_by_kind_deleting": kinds_down.iter().map(|(k, c)| serde_json::json!({"kind": k, "count": c})).collect::<Vec<_>>(),
+        "watchers_terminated": terminated.iter().map(|(k, c)| (k.clone(), serde_json::json!(c))).collect::<serde_json::Map<_, _>>(),
         "watch_restarts": restarts.iter().map(|(k, c)| (k.clone(), serde_json::json!(c))).collect::<serde_json::Map<_, _>>(),
         "apf_rejected": apf_rejected.iter().map(|(_, n)| n).sum::<f64>(),
         "cpu_seconds": cpu_rows.iter().map(|(k, up, down)| (k.clone(), serde_json::json!({"to_running": up, "deleting": down}))).collect::<serde_json::Map<_, _>>(),
