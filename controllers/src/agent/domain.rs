@@ -356,8 +356,9 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
         .iter()
         .any(|g| find(&status.conditions, g).is_none());
     let quiet = waiting.is_some() && gates_unset && !wanted.state.is_some_and(|s| s.is_active());
-    if !quiet && !status_matches(&status, &wanted) {
+    if !quiet && !status_matches(&status, &wanted) && !recently_applied(ctx, &dom, &wanted) {
         k8s::apply_status(&api, &dom.name_any(), &ctx.manager, &wanted).await?;
+        remember_applied(ctx, &dom, wanted);
     }
     // Gates open with a status change, which wakes this reconcile. A
     // guest whose agent has not answered yet (still booting) is asked
@@ -628,6 +629,27 @@ fn camel(words: &str) -> String {
                 .unwrap_or_default()
         })
         .collect()
+}
+
+/// How long a status this agent applied is trusted over a cache that does
+/// not show it yet: the watch delivers our own write well within this;
+/// past it, a status someone else overwrote is put right again.
+const APPLIED_TRUST: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn recently_applied(ctx: &Ctx, dom: &Domain, wanted: &DomainStatus) -> bool {
+    let uid = dom.uid().unwrap_or_default();
+    let applied = ctx.applied.lock().unwrap_or_else(|p| p.into_inner());
+    applied
+        .get(&uid)
+        .is_some_and(|(s, at)| at.elapsed() < APPLIED_TRUST && status_matches(s, wanted))
+}
+
+fn remember_applied(ctx: &Ctx, dom: &Domain, wanted: DomainStatus) {
+    let uid = dom.uid().unwrap_or_default();
+    let mut applied = ctx.applied.lock().unwrap_or_else(|p| p.into_inner());
+    // Forget what is past trusting here, on a write, not on every look.
+    applied.retain(|_, (_, at)| at.elapsed() < APPLIED_TRUST);
+    applied.insert(uid, (wanted, std::time::Instant::now()));
 }
 
 /// Whether the status already says what we would write (CPU time aside:
