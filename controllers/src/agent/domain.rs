@@ -145,10 +145,18 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
     let history = History {
         started_once: start_count > 0,
     };
-    // The operator's gates: start only once volumes and networks are ready here.
+    // The operator's gates: start only once volumes and networks are ready
+    // here. A Domain that uses neither has nothing to wait for: it starts
+    // once bound, without waiting for the operator's status to come round
+    // (one write and one watch delivery less on its way to Running, issue
+    // 19); a gate the operator did write is obeyed all the same.
+    let needs_nothing = dom.spec.volume_refs().is_empty() && dom.spec.devices.interfaces.is_empty();
     let gates: Vec<&str> = ["VolumesReady", "NetworksReady"]
         .into_iter()
-        .filter(|g| find(&status.conditions, g).is_none_or(|c| c.status != "True"))
+        .filter(|g| match find(&status.conditions, g) {
+            Some(c) => c.status != "True",
+            None => !needs_nothing,
+        })
         .collect();
     let mut waiting = None;
     let step = decide(
@@ -175,15 +183,15 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
             start_count = ctx.start_count(&count_key, start_count, 1);
             let id = r.id.map_or_else(|| "-".into(), |i| i.to_string());
             tracing::info!(domain = %key, id, "started");
-            k8s::event(
+            // In the background: the status below is what watchers wait for.
+            k8s::event_later(
                 &ctx.recorder,
                 dom.as_ref(),
                 EventType::Normal,
                 "Started",
                 "Start",
                 format!("started on node {} with ID {id}", ctx.config.node_name),
-            )
-            .await;
+            );
         }
         Step::Stop => {
             // Ask the guest first; destroy it once it has had stop_timeout,
@@ -450,8 +458,9 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
         .iter()
         .any(|g| find(&status.conditions, g).is_none());
     let quiet = waiting.is_some() && gates_unset && !wanted.state.is_some_and(|s| s.is_active());
-    if !quiet && !status_matches(&status, &wanted) {
+    if !quiet && !status_matches(&status, &wanted) && !recently_applied(ctx, &dom, &wanted) {
         k8s::apply_status(&api, &dom.name_any(), &ctx.manager, &wanted).await?;
+        remember_applied(ctx, &dom, wanted);
     }
     // Gates open with a status change, which wakes this reconcile. A
     // guest whose agent has not answered yet (still booting) is asked
@@ -734,6 +743,27 @@ fn camel(words: &str) -> String {
                 .unwrap_or_default()
         })
         .collect()
+}
+
+/// How long a status this agent applied is trusted over a cache that does
+/// not show it yet: the watch delivers our own write well within this;
+/// past it, a status someone else overwrote is put right again.
+const APPLIED_TRUST: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn recently_applied(ctx: &Ctx, dom: &Domain, wanted: &DomainStatus) -> bool {
+    let uid = dom.uid().unwrap_or_default();
+    let applied = ctx.applied.lock().unwrap_or_else(|p| p.into_inner());
+    applied
+        .get(&uid)
+        .is_some_and(|(s, at)| at.elapsed() < APPLIED_TRUST && status_matches(s, wanted))
+}
+
+fn remember_applied(ctx: &Ctx, dom: &Domain, wanted: DomainStatus) {
+    let uid = dom.uid().unwrap_or_default();
+    let mut applied = ctx.applied.lock().unwrap_or_else(|p| p.into_inner());
+    // Forget what is past trusting here, on a write, not on every look.
+    applied.retain(|_, (_, at)| at.elapsed() < APPLIED_TRUST);
+    applied.insert(uid, (wanted, std::time::Instant::now()));
 }
 
 /// Whether the status already says what we would write (CPU time aside:

@@ -185,6 +185,11 @@ pub(crate) struct Ctx {
     /// Volume fills (copies, URL fetches) running or recently ended, by
     /// volume file name.
     pub fills: Mutex<HashMap<String, Arc<volume::Fill>>>,
+    /// The status this agent last applied to each Domain (by UID), and
+    /// when: a reconcile woken by another writer's change that the watch
+    /// delivered before this agent's own write sees the object without it,
+    /// and need not send the same status again.
+    pub applied: Mutex<HashMap<String, (vireo_crds::DomainStatus, std::time::Instant)>>,
 }
 
 impl Ctx {
@@ -349,6 +354,7 @@ pub async fn run(
         starts: Mutex::new(HashMap::new()),
         stops: Mutex::new(HashMap::new()),
         fills: Mutex::new(HashMap::new()),
+        applied: Mutex::new(HashMap::new()),
     });
     host::register(&ctx).await?;
     tracing::info!(node = %ctx.config.node_name, "registered Host");

@@ -55,10 +55,11 @@ pub struct Ctx {
     pub pools: Store<StoragePool>,
     pub volumes: Store<StorageVol>,
     pub leases: Store<Lease>,
-    /// Placements made but maybe not yet seen in the watch: domain key →
-    /// (host, memory, vCPUs). Placement reads it under this lock, so two
-    /// concurrent reconciles never give the same room twice.
-    pub assumed: Mutex<HashMap<String, (String, u64, u64)>>,
+    /// What placement knows of the room Domains take on each Host: a
+    /// tally of the cache and the placements made since (see
+    /// [`domain::Placements`]), under one lock, so two concurrent
+    /// reconciles never give the same room twice.
+    pub placements: Mutex<domain::Placements>,
     /// The status each Domain (by UID) was last given by this operator, and
     /// when: a reconcile woken by this operator's own earlier write may see
     /// the object from before it, and need not send the same status again.
@@ -105,7 +106,7 @@ pub async fn run(client: Client, config: OperatorConfig, metrics: Arc<Metrics>) 
         config,
         recorder,
         metrics,
-        assumed: Mutex::new(HashMap::new()),
+        placements: Mutex::new(domain::Placements::default()),
         applied: Mutex::new(HashMap::new()),
     });
     for (name, ready) in [

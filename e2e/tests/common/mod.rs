@@ -25,10 +25,15 @@ pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// A Vireo binary from this workspace's target directory, built once per run.
+/// A Vireo binary from this workspace's target directory, built once per run
+/// (or from `VIREO_E2E_VIREO_BIN`, a directory of binaries built before: the
+/// scale bench compares two builds back to back that way).
 pub fn vireo_bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     let dir = BUILT.get_or_init(|| {
+        if let Some(dir) = std::env::var_os("VIREO_E2E_VIREO_BIN") {
+            return PathBuf::from(dir);
+        }
         // Tests run from target/<profile>/deps/; the binaries sit one level up.
         let exe = std::env::current_exe().expect("test executable path");
         let dir = exe
