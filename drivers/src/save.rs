@@ -261,7 +261,7 @@ pub fn read(path: &Path) -> Result<(Header, u64), SaveError> {
 /// Size and CRC-32 of everything from `offset` to the end.
 fn crc_from(file: &mut File, offset: u64) -> io::Result<(u64, u32)> {
     file.seek(SeekFrom::Start(offset))?;
-    let mut crc = Crc32::new();
+    let mut crc = crc32fast::Hasher::new();
     let mut size = 0u64;
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -272,46 +272,7 @@ fn crc_from(file: &mut File, offset: u64) -> io::Result<(u64, u32)> {
         crc.update(&buf[..n]);
         size += n as u64;
     }
-    Ok((size, crc.finish()))
-}
-
-/// CRC-32 (IEEE 802.3, as zlib's `crc32`), slicing by one table.
-struct Crc32 {
-    table: [u32; 256],
-    value: u32,
-}
-
-impl Crc32 {
-    fn new() -> Self {
-        let mut table = [0u32; 256];
-        for (i, slot) in table.iter_mut().enumerate() {
-            let mut c = i as u32;
-            for _ in 0..8 {
-                c = if c & 1 != 0 {
-                    0xEDB8_8320 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
-            }
-            *slot = c;
-        }
-        Self {
-            table,
-            value: 0xFFFF_FFFF,
-        }
-    }
-
-    fn update(&mut self, bytes: &[u8]) {
-        let mut c = self.value;
-        for &b in bytes {
-            c = self.table[((c ^ u32::from(b)) & 0xFF) as usize] ^ (c >> 8);
-        }
-        self.value = c;
-    }
-
-    fn finish(&self) -> u32 {
-        self.value ^ 0xFFFF_FFFF
-    }
+    Ok((size, crc.finalize()))
 }
 
 /// Unix seconds now.
@@ -371,9 +332,9 @@ mod tests {
 
     #[test]
     fn crc32_matches_zlib() {
-        let mut c = Crc32::new();
+        let mut c = crc32fast::Hasher::new();
         c.update(b"123456789");
-        assert_eq!(c.finish(), 0xCBF4_3926);
+        assert_eq!(c.finalize(), 0xCBF4_3926);
     }
 
     #[test]

@@ -1,47 +1,22 @@
-//! CRC-32 (IEEE 802.3, as zlib's `crc32`), one table.
+//! CRC-32 (IEEE 802.3, as zlib's `crc32`) of a snapshot's body, by
+//! `crc32fast` (table-driven, with the CPU's carry-less multiply where it
+//! has one: a 1 GiB guest's memory is checked at memory speed).
 
 /// A running CRC-32.
-pub struct Crc32 {
-    table: [u32; 256],
-    value: u32,
-}
-
-impl Default for Crc32 {
-    fn default() -> Self {
-        Self::new()
-    }
-}
+#[derive(Default, Clone)]
+pub struct Crc32(crc32fast::Hasher);
 
 impl Crc32 {
     pub fn new() -> Self {
-        let mut table = [0u32; 256];
-        for (i, slot) in table.iter_mut().enumerate() {
-            let mut c = i as u32;
-            for _ in 0..8 {
-                c = if c & 1 != 0 {
-                    0xEDB8_8320 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
-            }
-            *slot = c;
-        }
-        Self {
-            table,
-            value: 0xFFFF_FFFF,
-        }
+        Self::default()
     }
 
     pub fn update(&mut self, bytes: &[u8]) {
-        let mut c = self.value;
-        for &b in bytes {
-            c = self.table[((c ^ u32::from(b)) & 0xFF) as usize] ^ (c >> 8);
-        }
-        self.value = c;
+        self.0.update(bytes);
     }
 
     pub fn finish(&self) -> u32 {
-        !self.value
+        self.0.clone().finalize()
     }
 }
 
