@@ -154,13 +154,7 @@ pub fn event_later<K>(
 ) where
     K: Resource<DynamicType = ()>,
 {
-    let ev = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: action.into(),
-        secondary: None,
-    };
+    let ev = new_event(type_, reason, action, note);
     let item = (recorder.clone(), ev, obj.object_ref(&()));
     match event_queue().try_send(item) {
         Ok(()) => {}
@@ -172,6 +166,16 @@ pub fn event_later<K>(
         Err(tokio::sync::mpsc::error::TrySendError::Closed((recorder, ev, reference))) => {
             tokio::spawn(async move { publish(&recorder, &ev, &reference).await });
         }
+    }
+}
+
+fn new_event(type_: EventType, reason: &str, action: &str, note: String) -> Event {
+    Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: action.into(),
+        secondary: None,
     }
 }
 
@@ -187,13 +191,7 @@ pub async fn event<K>(
 ) where
     K: Resource<DynamicType = ()>,
 {
-    let ev = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: action.into(),
-        secondary: None,
-    };
+    let ev = new_event(type_, reason, action, note);
     if let Err(e) = recorder.publish(&ev, &obj.object_ref(&())).await {
         tracing::warn!(reason, error = %e, "cannot publish event");
     }

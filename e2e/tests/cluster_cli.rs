@@ -149,6 +149,19 @@ async fn state_is(api: &Api<Domain>, name: &str, state: DomainState, reason: Opt
     .await
 }
 
+/// Waits for the agent's `Saved=True` (a managed save image on the node).
+async fn saved_condition(api: &Api<Domain>, name: &str) {
+    wait_for(T, &format!("the Saved condition of {name}"), || async {
+        let d = api.get(name).await.ok()?;
+        d.status?
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Saved" && c.status == "True")
+            .then_some(())
+    })
+    .await
+}
+
 /// The words of a table's header line.
 fn header(table: &str) -> Vec<String> {
     table
@@ -356,15 +369,7 @@ async fn users_run_their_domains_through_the_api_and_rbac_refuses_the_rest() {
         team_a.get("web").await.expect("web").spec.run_strategy,
         RunStrategy::Saved
     );
-    wait_for(T, "the Saved condition", || async {
-        let d = team_a.get("web").await.ok()?;
-        d.status?
-            .conditions
-            .iter()
-            .any(|c| c.type_ == "Saved" && c.status == "True")
-            .then_some(())
-    })
-    .await;
+    saved_condition(&team_a, "web").await;
     managed("yes");
     vireo_refused(&alice, &["managedsave", "web"], "is not running");
     vireo_refused(&alice, &["shutdown", "web"], "is not running");
@@ -385,15 +390,7 @@ async fn users_run_their_domains_through_the_api_and_rbac_refuses_the_rest() {
         Some(DomainReason::Saved),
     )
     .await;
-    wait_for(T, "the Saved condition", || async {
-        let d = team_a.get("web").await.ok()?;
-        d.status?
-            .conditions
-            .iter()
-            .any(|c| c.type_ == "Saved" && c.status == "True")
-            .then_some(())
-    })
-    .await;
+    saved_condition(&team_a, "web").await;
     let out = vireo_ok(&alice, &["managedsave-remove", "web"]);
     assert!(out.contains("Removed managedsave image"), "{out}");
     wait_for(T, "managedsave-remove carried out", || async {

@@ -424,15 +424,18 @@ async fn managed_save_through_run_strategy(
     })
     .await;
     let pid = vm_pid(cluster, kind, uuid);
-    cluster.kubectl_ok(&[
-        "patch",
-        "domain",
-        "linux",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"runStrategy":"Saved"}}"#,
-    ]);
+    let set_strategy = |strategy: &str| {
+        cluster.kubectl_ok(&[
+            "patch",
+            "domain",
+            "linux",
+            "--type",
+            "merge",
+            "-p",
+            &format!(r#"{{"spec":{{"runStrategy":"{strategy}"}}}}"#),
+        ]);
+    };
+    set_strategy("Saved");
     let d = wait_for(T, "linux saved (shut off, Saved=True)", || async {
         domains.get_opt("linux").await.ok().flatten().filter(|d| {
             let info = d.status.as_ref().and_then(|s| s.info.as_ref());
@@ -453,15 +456,7 @@ async fn managed_save_through_run_strategy(
         .expect("a counter before the save");
     let boots = markers(kind, &log);
 
-    cluster.kubectl_ok(&[
-        "patch",
-        "domain",
-        "linux",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"runStrategy":"Always"}}"#,
-    ]);
+    set_strategy("Always");
     let d = wait_for(T, "linux restored", || async {
         domains.get_opt("linux").await.ok().flatten().filter(|d| {
             let info = d.status.as_ref().and_then(|s| s.info.as_ref());
