@@ -191,8 +191,10 @@ pub async fn event<K>(
 ) where
     K: Resource<DynamicType = ()>,
 {
-    let ev = new_event(type_, reason, action, note);
-    if let Err(e) = recorder.publish(&ev, &obj.object_ref(&())).await {
-        tracing::warn!(reason, error = %e, "cannot publish event");
-    }
+    publish(
+        recorder,
+        &new_event(type_, reason, action, note),
+        &obj.object_ref(&()),
+    )
+    .await;
 }

@@ -106,32 +106,31 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
     // down here must not be defined again from it, with nothing left to
     // remove it. A consistent read confirms this very object still exists.
     let k = key.clone();
-    let defined_here = ctx
+    let current = ctx
         .drive_domain(ty, move |c| {
             match c.hypervisor().domain_definition(&k, true) {
-                Ok(_) => Ok(true),
-                Err(DriverError::NotFound(_)) => Ok(false),
+                Ok(cur) => Ok(Some(cur)),
+                Err(DriverError::NotFound(_)) => Ok(None),
                 Err(e) => Err(e),
             }
         })
         .await?;
-    if !defined_here && !still_exists(&api, &dom).await? {
+    if current.is_none() && !still_exists(&api, &dom).await? {
         return Ok(Action::await_change());
     }
-    // One trip to the driver: redefine if the spec changed, then read the state.
+    // Redefine if the spec changed (this key is reconciled by one pass at a
+    // time, so the definition just read is still the node's), then read the state.
+    let defined = current.is_none_or(|cur| {
+        cur.spec != def.spec || cur.metadata.annotations != def.metadata.annotations
+    });
     let (k, d) = (key.clone(), def);
-    let (defined, (state, reason)) = ctx
+    let (state, reason) = ctx
         .drive_domain(ty, move |c| {
             let hv = c.hypervisor();
-            let needs_define = match hv.domain_definition(&k, true) {
-                Ok(cur) => cur.spec != d.spec || cur.metadata.annotations != d.metadata.annotations,
-                Err(DriverError::NotFound(_)) => true,
-                Err(e) => return Err(e),
-            };
-            if needs_define {
+            if defined {
                 hv.define_domain(&d)?;
             }
-            Ok((needs_define, hv.domain_state(&k)?))
+            hv.domain_state(&k)
         })
         .await?;
     if defined {
