@@ -509,6 +509,48 @@ pub trait HypervisorDriver: Send + Sync {
         Err(unsupported(self.name(), name, "managed save"))
     }
 
+    /// Migration, target side, step 1 (libvirt's Prepare): defines `domain`
+    /// on this node and starts it waiting for the incoming state (not
+    /// running: paused, reason `migration`), listening on
+    /// `params.target_address`; returns where the source sends it.
+    fn migrate_prepare(
+        &self,
+        domain: &Domain,
+        _params: &crate::migration::MigrationParams,
+    ) -> Result<crate::migration::MigrationIncoming> {
+        let name = domain.metadata.name.clone().unwrap_or_default();
+        Err(unsupported(self.name(), &name, "live migration"))
+    }
+
+    /// Migration, source side (Perform): sends the running domain's state
+    /// (and, with `copy_storage`, its node-local disks' data) to
+    /// `incoming`; returns once the source is paused with everything sent.
+    /// On an error the source is left as it was (running, if it ran).
+    fn migrate_perform(
+        &self,
+        name: &str,
+        _incoming: &crate::migration::MigrationIncoming,
+        _params: &crate::migration::MigrationParams,
+    ) -> Result<crate::migration::MigrationStats> {
+        self.domain_state(name)?;
+        Err(unsupported(self.name(), name, "live migration"))
+    }
+
+    /// Migration, target side, last step (Finish): with `succeeded`, resumes
+    /// the guest here (running, reason `migrated`); otherwise stops and
+    /// removes what prepare made.
+    fn migrate_finish(&self, name: &str, _succeeded: bool) -> Result<Option<DomainRef>> {
+        self.domain_state(name)?;
+        Err(unsupported(self.name(), name, "live migration"))
+    }
+
+    /// Migration, source side, last step (Confirm): with `succeeded`, stops
+    /// and undefines the source's copy; otherwise resumes it.
+    fn migrate_confirm(&self, name: &str, _succeeded: bool) -> Result<()> {
+        self.domain_state(name)?;
+        Err(unsupported(self.name(), name, "live migration"))
+    }
+
     /// Why a running domain's firmware found nothing to boot, when its
     /// console says so (a blank disk, a wrong boot order); `None` while it
     /// boots or for drivers without firmware.

@@ -22,6 +22,7 @@ pub mod hypervisor;
 pub mod ids;
 pub mod kvm;
 pub mod lookup;
+pub mod migration;
 pub mod network;
 pub mod node;
 pub mod qemu;

@@ -262,6 +262,27 @@ impl HypervisorDriver for NodeHypervisor {
         };
         driver.restore_domain(path)
     }
+    fn migrate_prepare(
+        &self,
+        domain: &vireo_crds::Domain,
+        params: &crate::migration::MigrationParams,
+    ) -> Result<crate::migration::MigrationIncoming> {
+        self.for_definition(domain)?.migrate_prepare(domain, params)
+    }
+    fn migrate_perform(
+        &self,
+        name: &str,
+        incoming: &crate::migration::MigrationIncoming,
+        params: &crate::migration::MigrationParams,
+    ) -> Result<crate::migration::MigrationStats> {
+        self.owner(name)?.migrate_perform(name, incoming, params)
+    }
+    fn migrate_finish(&self, name: &str, succeeded: bool) -> Result<Option<DomainRef>> {
+        self.owner(name)?.migrate_finish(name, succeeded)
+    }
+    fn migrate_confirm(&self, name: &str, succeeded: bool) -> Result<()> {
+        self.owner(name)?.migrate_confirm(name, succeeded)
+    }
     fn managed_save(&self, name: &str) -> Result<()> {
         self.owner(name)?.managed_save(name)
     }
