@@ -820,6 +820,13 @@ pub enum DomainReason {
     Saved,
     /// crashed: the guest kernel panicked.
     Panicked,
+    /// running: resumed on this node after a live migration (libvirt's
+    /// `VIR_DOMAIN_RUNNING_MIGRATED`); shutoff: its source copy, stopped
+    /// after the guest moved away.
+    Migrated,
+    /// paused: a live migration holds it (the target waiting for the
+    /// state, or the source once everything is sent).
+    Migration,
 }
 
 impl DomainReason {
@@ -842,6 +849,8 @@ impl DomainReason {
             Self::Failed => "failed",
             Self::Saved => "saved",
             Self::Panicked => "panicked",
+            Self::Migrated => "migrated",
+            Self::Migration => "migration",
         }
     }
 }
