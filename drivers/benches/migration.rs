@@ -399,6 +399,9 @@ fn main() {
             let incoming = format!("exec:cat {}", file.display());
             let sock_b = b.run(|| start_by_hand(&argv, &from, &hand_b, &["-incoming", &incoming]));
             let mut qb = qmp(&sock_b);
+            // Saved stopped, so loaded stopped: `cont`, as the driver does.
+            wait_status(&mut qb, "paused");
+            qb.execute("cont", None).expect("cont");
             wait_status(&mut qb, "running");
             s.hand_restore.push(t.elapsed().as_secs_f64());
             drop(qb);

@@ -181,6 +181,19 @@ impl Node {
     }
 }
 
+impl Drop for Node {
+    /// No QEMU outlives a failed test.
+    fn drop(&mut self) {
+        let hv = self.conn.hypervisor();
+        for d in hv
+            .list_domains(vireo_drivers::ListFilter::Active)
+            .unwrap_or_default()
+        {
+            let _ = hv.destroy_domain(&d.name);
+        }
+    }
+}
+
 fn volume(name: &str, format: &str) -> StorageVol {
     yaml(&format!(
         "apiVersion: vireo.dev/v1alpha1\nkind: StorageVol\nmetadata: {{name: {name}}}\nspec: {{pool: p, capacity: 64Mi, format: {format}}}\n"

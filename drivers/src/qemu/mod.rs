@@ -292,7 +292,7 @@ impl Backend for Qemu {
         address: std::net::IpAddr,
         exports: &[(usize, String)],
     ) -> Result<crate::migration::MigrationIncoming, String> {
-        let mut q = self.qmp(paths).map_err(|e| e.to_string())?;
+        let mut q = migration::Monitor::new(&paths.api, QMP_TIMEOUT);
         migration::listen(&mut q, address, exports)
     }
 
@@ -303,12 +303,12 @@ impl Backend for Qemu {
         params: &crate::migration::MigrationParams,
         copies: &[(usize, String)],
     ) -> Result<crate::migration::MigrationStats, String> {
-        let mut q = self.qmp(paths).map_err(|e| e.to_string())?;
+        let mut q = migration::Monitor::new(&paths.api, QMP_TIMEOUT);
         migration::send(&mut q, incoming, params, copies)
     }
 
     fn migration_resume_target(&self, paths: &RunPaths) -> Result<(), String> {
-        let mut q = self.qmp(paths).map_err(|e| e.to_string())?;
+        let mut q = migration::Monitor::new(&paths.api, QMP_TIMEOUT);
         migration::resume(&mut q)
     }
 
