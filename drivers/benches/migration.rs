@@ -124,7 +124,7 @@ fn domain(name: &str, image: &Path, mib: u64) -> Domain {
                 kernel: Some(image.join("vmlinuz").display().to_string()),
                 initrd: Some(image.join("initrd.img").display().to_string()),
                 cmdline: Some(format!(
-                    "console=ttyS0 quiet vireo.net=0 vireo.run=\"dd if=/dev/urandom of=/tmp/fill bs=1M count={fill} 2>/dev/null; echo FILLED; while :; do sleep 1; done\""
+                    "console=ttyS0 quiet vireo.net=0 vireo.run=\"dd if=/dev/urandom of=/tmp/fill bs=1M count={fill} 2>/dev/null; echo FILL-DONE-$((40+2)); while :; do sleep 1; done\""
                 )),
                 ..Default::default()
             }),
@@ -310,7 +310,7 @@ fn main() {
                 .expect("lookup")
                 .uuid;
             let run_a = base.join("a/run").join(&uuid);
-            wait_for(&run_a.join("console.log"), "FILLED");
+            wait_for(&run_a.join("console.log"), "FILL-DONE-42");
             let pid: u32 = std::fs::read_to_string(run_a.join("pid"))
                 .expect("pid")
                 .trim()
@@ -355,7 +355,7 @@ fn main() {
             let hand_a = base.join("hand-a");
             let hand_b = base.join("hand-b");
             let sock_a = a.run(|| start_by_hand(&argv, &from, &hand_a, &[]));
-            wait_for(&hand_a.join("console.log"), "FILLED");
+            wait_for(&hand_a.join("console.log"), "FILL-DONE-42");
             let port = 49000 + (run as u16);
             let uri = format!("tcp:10.78.0.2:{port}");
             // Timed from the target's start, as the driver's prepare is.
