@@ -8,6 +8,7 @@
 //! Checked: a target that cannot prepare (its volume missing) and a
 //! target that does not answer (closed ports, with and without disk
 //! copies) leave the guest running on the source with a clear error; a
+//! prepared target thrown away by finish(false) leaves nothing there; a
 //! migration with `copy_storage` moves the guest without a second boot
 //! (the counter goes on), the target's disk holds every line the guest
 //! wrote before and after, the source's QEMU is gone and its record
@@ -342,7 +343,24 @@ fn qemu_live_migration_moves_a_writing_guest_and_failures_leave_it_on_the_source
         assert!(qemu_alive(pid_a));
     }
 
-    // 3. The migration, with the disk copied.
+    // 3. A prepared target thrown away (finish told the perform failed):
+    // its QEMU and its record go, the volume that was there stays.
+    b.ns.run(|| hb.migrate_prepare(&def, &params(true)))
+        .expect("prepare on B");
+    let pid_b: u32 = std::fs::read_to_string(b.console(name).with_file_name("pid"))
+        .expect("B's pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+    assert!(qemu_alive(pid_b));
+    let thrown = hb.migrate_finish(name, false).expect("finish(false)");
+    assert!(thrown.is_none());
+    assert!(!qemu_alive(pid_b), "B's QEMU {pid_b} is still there");
+    assert!(hb.domain_info(name).is_err(), "B keeps no record");
+    assert!(b.pool_dir.join("data").exists(), "B's volume stays");
+    assert_eq!(a.info(name).map(|i| i.0), Some(DomainState::Running));
+
+    // 4. The migration, with the disk copied.
     let incoming =
         b.ns.run(|| hb.migrate_prepare(&def, &params(true)))
             .expect("prepare on B");
