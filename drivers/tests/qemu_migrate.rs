@@ -503,4 +503,8 @@ fn qemu_live_migration_moves_a_writing_guest_and_failures_leave_it_on_the_source
         lines.len()
     ));
     hb.undefine_domain(name).expect("undefine on B");
+    // Passed: the state directories (and their 64 MiB volumes) go.
+    for node in [&a, &b] {
+        let _ = std::fs::remove_dir_all(&node.root);
+    }
 }
