@@ -869,6 +869,7 @@ async fn observer(
     api: Api<Domain>,
     dir: PathBuf,
     nodes: Vec<String>,
+    ns_inodes: BTreeMap<u64, String>,
     stop: Arc<AtomicBool>,
     violations: Arc<Mutex<Vec<String>>>,
 ) -> u64 {
@@ -909,6 +910,21 @@ async fn observer(
                     None => {
                         bound.insert(uuid, node);
                     }
+                }
+            }
+        }
+        // Every dnsmasq of the run in its own node's namespace.
+        if !ns_inodes.is_empty() {
+            for (pid, node, net, ino) in run_dnsmasqs(&dir) {
+                let inside = ino.and_then(|i| ns_inodes.get(&i));
+                if inside != Some(&node) {
+                    say(
+                        format!(
+                            "dnsmasq pid {pid} of node {node}'s Network {net} runs in the namespace of {}",
+                            inside.map_or("no node", String::as_str)
+                        ),
+                        format!("dnsmasq ns {pid}"),
+                    );
                 }
             }
         }
@@ -1821,6 +1837,15 @@ pub async fn run(cluster: &mut Cluster, config: &Config) -> Report {
         api.clone(),
         cluster.dir.clone(),
         nodes.clone(),
+        spaces
+            .iter()
+            .filter_map(|s| {
+                Some((
+                    ns_inode(&format!("/run/netns/{}", s.netns.name))?,
+                    s.node.clone(),
+                ))
+            })
+            .collect(),
         stop.clone(),
         violations.clone(),
     ));
