@@ -45,6 +45,16 @@ async fn chaos_short_form_converges_with_no_violation() {
         .map(|(_, n)| n)
         .sum();
     assert!(ops > 0, "no operation succeeded: {:?}", report.operations);
+    if !report.guests.is_empty() {
+        assert!(
+            report
+                .operations
+                .get("create real guest ok")
+                .is_some_and(|n| *n > 0),
+            "seed {seed}: no real guest was created: {:?}",
+            report.operations
+        );
+    }
     for kind in chaos::FAULT_KINDS {
         assert!(
             report.faults.get(kind).copied().unwrap_or(0) > 0,

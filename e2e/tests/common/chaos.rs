@@ -540,8 +540,10 @@ fn guest_domain(
     halted: bool,
     network: Option<&str>,
 ) -> Option<Domain> {
-    let interfaces: Vec<serde_json::Value> =
-        network.map(|n| json!({"network": n})).into_iter().collect();
+    let interfaces: Vec<serde_json::Value> = network
+        .map(|n| json!({"name": "net0", "network": n}))
+        .into_iter()
+        .collect();
     serde_json::from_value(json!({
         "apiVersion": "vireo.dev/v1alpha1",
         "kind": "Domain",
@@ -2066,6 +2068,16 @@ pub async fn run(cluster: &mut Cluster, config: &Config) -> Report {
         .clone();
     report.self_exits = self_exits.lock().unwrap_or_else(|p| p.into_inner()).clone();
     report.operations = ops.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    // A manifest of the run's own that does not parse is a bug of the run.
+    for (k, n) in report
+        .operations
+        .iter()
+        .filter(|(k, _)| k.contains("no manifest"))
+    {
+        report.violations.push(format!(
+            "{n} operations found no manifest ({k}): the run's manifest does not parse"
+        ));
+    }
     // The Vireo processes stop here; etcd and kube-apiserver with the cluster.
     for p in fleet_procs.agents.iter().chain(&fleet_procs.operators) {
         if p.log_text().contains("panicked") {
