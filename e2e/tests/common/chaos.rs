@@ -1697,6 +1697,7 @@ async fn network_worker(
 pub async fn run(cluster: &mut Cluster, config: &Config) -> Report {
     let mut rng = Rng::new(config.seed);
     eprintln!("[chaos] seed {}", config.seed);
+    let t0 = Instant::now();
     let big = ["--cpus", "512", "--memory", "4Ti"];
     let nodes: Vec<String> = (1..=3).map(|i| format!("node-{i}")).collect();
     // Each agent in a namespace of its own, with the real network backend.
@@ -1834,6 +1835,10 @@ pub async fn run(cluster: &mut Cluster, config: &Config) -> Report {
         })
         .chain(guest_slots(config.guests, stable, &mut report))
         .collect();
+    eprintln!(
+        "[chaos] set up in {:.1}s (agents, pool, stable Networks, guest images); operations and faults begin",
+        t0.elapsed().as_secs_f64()
+    );
     let until = Instant::now() + Duration::from_secs(config.seconds);
     let observer_task = tokio::spawn(observer(
         api.clone(),
@@ -1898,7 +1903,10 @@ pub async fn run(cluster: &mut Cluster, config: &Config) -> Report {
     })
     .await
     .expect("fault thread joined");
-    eprintln!("[chaos] faults stopped; waiting for convergence");
+    eprintln!(
+        "[chaos] faults stopped at {:.1}s; waiting for convergence",
+        t0.elapsed().as_secs_f64()
+    );
 
     // Convergence: the state the API asks for, on the nodes too. Processes
     // that exit now (an operator that lost its Lease late) start again.
@@ -1936,6 +1944,10 @@ pub async fn run(cluster: &mut Cluster, config: &Config) -> Report {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    eprintln!(
+        "[chaos] convergence wait over at {:.1}s; final checks",
+        t0.elapsed().as_secs_f64()
+    );
     stop.store(true, Ordering::Relaxed);
     report.observer_samples = observer_task.await.unwrap_or(0);
 
