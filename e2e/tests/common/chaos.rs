@@ -2101,6 +2101,10 @@ pub async fn run(cluster: &mut Cluster, config: &Config) -> Report {
     drop(fleet_procs);
     // Whatever is left in the namespaces (guests, dnsmasq) goes with them.
     drop(spaces);
+    eprintln!(
+        "[chaos] final checks done, agents and namespaces gone at {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
     report
 }
 
