@@ -2101,6 +2101,10 @@ pub async fn run(cluster: &mut Cluster, config: &Config) -> Report {
     drop(fleet_procs);
     // Whatever is left in the namespaces (guests, dnsmasq) goes with them.
     drop(spaces);
+    // The test guest built for the kvm guests (see guest_slots).
+    let _ = std::fs::remove_dir_all(
+        std::env::temp_dir().join(format!("vireo-e2e-guest-{}", std::process::id())),
+    );
     eprintln!(
         "[chaos] final checks done, agents and namespaces gone at {:.1}s",
         t0.elapsed().as_secs_f64()
