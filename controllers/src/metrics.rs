@@ -42,6 +42,9 @@ pub struct Metrics {
     durations: Family<ControllerLabels, Histogram>,
     /// Objects by kind and state (`vireo_objects{kind="Domain",state="running"}`).
     pub objects: Family<StateLabels, Gauge>,
+    /// Node records whose Domain object was gone, destroyed and undefined
+    /// by the agent's orphan sweep.
+    orphans_swept: Counter,
     ready: AtomicBool,
 }
 
@@ -71,12 +74,19 @@ impl Metrics {
             durations.clone(),
         );
         registry.register("objects", "Objects by kind and state", objects.clone());
+        let orphans_swept = Counter::default();
+        registry.register(
+            "orphans_swept",
+            "Node records whose Domain object was gone, destroyed and undefined",
+            orphans_swept.clone(),
+        );
         Arc::new(Self {
             registry,
             reconciles,
             errors,
             durations,
             objects,
+            orphans_swept,
             ready: AtomicBool::new(false),
         })
     }
@@ -98,6 +108,11 @@ impl Metrics {
                 })
                 .inc();
         }
+    }
+
+    /// Counts an orphan record the agent's sweep removed.
+    pub fn orphan_swept(&self) {
+        self.orphans_swept.inc();
     }
 
     /// Marks the process ready (`/readyz` answers 200).

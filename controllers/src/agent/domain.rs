@@ -92,6 +92,9 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
             a
         })
         .filter(|a| !a.is_empty());
+    // The object's UID, so that a record outliving its object is found
+    // (agent/sweep.rs).
+    super::sweep::mark(&mut def, dom.uid());
     def.spec.uuid = Some(uuid.to_ascii_lowercase());
     // Disks name StorageVols of the Domain's namespace; on the node a
     // volume's name is `namespace.name`.

@@ -12,6 +12,7 @@ mod host;
 mod network;
 mod pool;
 pub mod subresources;
+mod sweep;
 mod volume;
 
 use futures::FutureExt;
@@ -365,6 +366,7 @@ pub async fn run(
         .clone()
         .map(|sr| tokio::spawn(subresources::serve(ctx.clone(), sr)));
     let heartbeat = tokio::spawn(host::heartbeat(ctx.clone()));
+    let sweep = tokio::spawn(sweep::run(ctx.clone()));
     tokio::select! {
         _ = domain::run(ctx.clone()) => {}
         _ = volume::run(ctx.clone()) => {}
@@ -373,6 +375,7 @@ pub async fn run(
         _ = shutdown.wait() => tracing::info!("stopping; guests keep running"),
     }
     heartbeat.abort();
+    sweep.abort();
     if let Some(s) = subresources {
         s.abort();
     }

@@ -31,9 +31,27 @@
 //! image, kvm with the test guest): their records (STATE/{qemu,kvm}/domains)
 //! count like the test driver's, each running one's VM process must be
 //! there, once, and no other VM process (whoever its parent) nor any other
-//! process may be left. The agents share this machine's network namespace
-//! and use the test network backend, and the guests have no interfaces:
-//! there are no taps, bridges, dnsmasq or leases to leak in this run.
+//! process may be left.
+//!
+//! Networks: where the host allows it (root, `ip`, `nft`, dnsmasq), each
+//! agent runs in a network namespace of its own (`ip netns exec`, killed
+//! and started again there) with the real network backend: a Network is a
+//! bridge, an nftables table and a dnsmasq in each node's namespace. The
+//! run has [`Config::networks`] Networks `chaosnet-0`.. (nat, isolated,
+//! route in turn, each with DHCP); the first [`STABLE_NETWORKS`] stay for
+//! the run and every real guest has an interface on one of them (a tap on
+//! its bridge: the qemu and kvm drivers make taps, the test driver does
+//! not, so test Domains have no interfaces); the rest are created and
+//! deleted at random (a Network has no in-use protection; no guest uses
+//! these). At the end, in each node's namespace: the bridges are exactly
+//! the active Networks', the taps exactly the running guests' interfaces
+//! (by name), the nftables tables exactly the active Networks', one
+//! dnsmasq per active Network, in that namespace (checked by the inode of
+//! /proc/PID/ns/net against /run/netns/NAME), and none other anywhere;
+//! lease files only for Networks that exist; the agents' network records
+//! the Networks of the API. Without those, the agents share this machine's
+//! namespace with the test network backend and the run has no Networks
+//! (said in the report's notes; with `CI` set that fails instead).
 
 #![allow(dead_code)]
 
@@ -46,9 +64,13 @@ use std::time::{Duration, Instant};
 
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
-use vireo_crds::{Domain, DomainState, RunStrategy, StoragePool, StorageVol};
+use vireo_crds::{Domain, DomainState, Network, RunStrategy, StoragePool, StorageVol};
 
-use crate::common::{Cluster, Proc, fleet};
+use crate::common::{Cluster, Netns, Proc, fleet};
+
+// Links, taps and processes read from a node's namespace.
+#[path = "node.rs"]
+mod node;
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -64,6 +86,10 @@ pub struct Config {
     /// kvm (vireo-vmm) with the test guest, alternating, where the host
     /// has them; created, halted, started and deleted at random too.
     pub guests: usize,
+    /// Networks `chaosnet-0`..: the first [`STABLE_NETWORKS`] carry the
+    /// real guests' interfaces, the rest are created and deleted at random
+    /// (only where the agents can run in namespaces of their own).
+    pub networks: usize,
 }
 
 /// What a run did and found.
@@ -89,6 +115,9 @@ pub struct Report {
     pub observer_samples: u64,
     /// Real guests by type (`qemu`, `kvm`), and what was left out and why.
     pub guests: BTreeMap<String, usize>,
+    /// At the end, over every node: bridges, taps, nftables tables,
+    /// dnsmasq processes and lease files (empty without namespaces).
+    pub network_objects: BTreeMap<String, usize>,
     pub notes: Vec<String>,
     pub violations: Vec<String>,
 }
@@ -132,6 +161,14 @@ impl Report {
             " at the end: {} Domains, {} running, {} volume files; {} observer samples",
             self.final_domains, self.final_running, self.volume_files, self.observer_samples
         );
+        if !self.network_objects.is_empty() {
+            let parts: Vec<String> = self
+                .network_objects
+                .iter()
+                .map(|(k, n)| format!("{n} {k}"))
+                .collect();
+            println!(" in the nodes' namespaces: {}", parts.join(", "));
+        }
         println!(" violations: {}", self.violations.len());
         for v in &self.violations {
             println!("   - {v}");
@@ -154,6 +191,7 @@ impl Report {
             "volume_files": self.volume_files,
             "observer_samples": self.observer_samples,
             "guests": self.guests,
+            "network_objects": self.network_objects,
             "notes": self.notes,
             "violations": self.violations,
         })
@@ -466,6 +504,8 @@ pub struct Slot {
     /// A test Domain with a disk: the StorageVol of this name in the
     /// pool [`POOL`], created before the Domain and deleted after it.
     pub volume: Option<String>,
+    /// A real guest's interface: the Network it is on.
+    pub network: Option<String>,
 }
 
 /// The dir StoragePool of the Domains with a disk, on every node (under
@@ -493,7 +533,17 @@ fn chaos_volume(name: &str) -> Option<StorageVol> {
     .ok()
 }
 
-fn guest_domain(name: &str, ty: &str, os: &serde_json::Value, halted: bool) -> Option<Domain> {
+fn guest_domain(
+    name: &str,
+    ty: &str,
+    os: &serde_json::Value,
+    halted: bool,
+    network: Option<&str>,
+) -> Option<Domain> {
+    let interfaces: Vec<serde_json::Value> = network
+        .map(|n| json!({"name": "net0", "network": n}))
+        .into_iter()
+        .collect();
     serde_json::from_value(json!({
         "apiVersion": "vireo.dev/v1alpha1",
         "kind": "Domain",
@@ -504,6 +554,7 @@ fn guest_domain(name: &str, ty: &str, os: &serde_json::Value, halted: bool) -> O
             "vcpus": 1,
             "runStrategy": if halted { "Halted" } else { "Always" },
             "os": os,
+            "devices": {"interfaces": interfaces},
         },
     }))
     .ok()
@@ -546,6 +597,7 @@ async fn worker(
         let name = &slots[i].name;
         let guest = slots[i].guest.as_ref();
         let volume = slots[i].volume.as_deref();
+        let network = slots[i].network.as_deref();
         let state = match known[i].clone() {
             Some(s) => s,
             None => match tokio::time::timeout(Duration::from_secs(15), api.get_opt(name)).await {
@@ -618,7 +670,7 @@ async fn worker(
                         (Some(d), memory, "create with volume")
                     }
                     (Some((ty, os)), _) => (
-                        guest_domain(name, ty, os, halted),
+                        guest_domain(name, ty, os, halted, network),
                         "256Mi",
                         "create real guest",
                     ),
@@ -819,6 +871,7 @@ async fn observer(
     api: Api<Domain>,
     dir: PathBuf,
     nodes: Vec<String>,
+    ns_inodes: BTreeMap<u64, String>,
     stop: Arc<AtomicBool>,
     violations: Arc<Mutex<Vec<String>>>,
 ) -> u64 {
@@ -859,6 +912,21 @@ async fn observer(
                     None => {
                         bound.insert(uuid, node);
                     }
+                }
+            }
+        }
+        // Every dnsmasq of the run in its own node's namespace.
+        if !ns_inodes.is_empty() {
+            for (pid, node, net, ino) in run_dnsmasqs(&dir) {
+                let inside = ino.and_then(|i| ns_inodes.get(&i));
+                if inside != Some(&node) {
+                    say(
+                        format!(
+                            "dnsmasq pid {pid} of node {node}'s Network {net} runs in the namespace of {}",
+                            inside.map_or("no node", String::as_str)
+                        ),
+                        format!("dnsmasq ns {pid}"),
+                    );
                 }
             }
         }
@@ -1126,6 +1194,15 @@ fn stray_processes(dir: &Path, ours: &BTreeSet<u32>, vms: &BTreeSet<u32>) -> Vec
             if !c.contains(&marker) {
                 return None;
             }
+            // A Network's dnsmasq daemonizes (its parent is init): the
+            // network checks account for each one.
+            if argv
+                .first()
+                .and_then(|a| Path::new(a).file_name())
+                .is_some_and(|f| f == "dnsmasq")
+            {
+                return None;
+            }
             if is_vm_process(&argv) {
                 return (!vms.contains(&pid))
                     .then(|| format!("VM process of no running guest: pid {pid}: {c}"));
@@ -1137,7 +1214,7 @@ fn stray_processes(dir: &Path, ours: &BTreeSet<u32>, vms: &BTreeSet<u32>) -> Vec
 
 /// The real guests' slots: qemu and kvm alternating, of the kinds this
 /// host has (noted in the report when one is missing).
-fn guest_slots(n: usize, report: &mut Report) -> Vec<Slot> {
+fn guest_slots(n: usize, stable_networks: usize, report: &mut Report) -> Vec<Slot> {
     if n == 0 {
         return Vec::new();
     }
@@ -1152,7 +1229,12 @@ fn guest_slots(n: usize, report: &mut Report) -> Vec<Slot> {
             json!({
                 "kernel": image.join("vmlinuz").display().to_string(),
                 "initrd": image.join("initrd.img").display().to_string(),
-                "cmdline": "console=ttyS0 quiet vireo.net=0",
+                // eth0 asks the Network's dnsmasq for an address (a lease).
+                "cmdline": if stable_networks > 0 {
+                    "console=ttyS0 quiet"
+                } else {
+                    "console=ttyS0 quiet vireo.net=0"
+                },
             }),
         ));
     } else {
@@ -1191,9 +1273,422 @@ fn guest_slots(n: usize, report: &mut Report) -> Vec<Slot> {
                 name: format!("guest-{i:02}"),
                 guest: Some((ty, os)),
                 volume: None,
+                network: (stable_networks > 0).then(|| network_name(i % stable_networks)),
             }
         })
         .collect()
+}
+
+/// How many of the run's Networks stay for the whole run (the real
+/// guests' interfaces are on them); the others come and go.
+pub const STABLE_NETWORKS: usize = 2;
+
+/// The name of the run's Network `i`.
+pub fn network_name(i: usize) -> String {
+    format!("chaosnet-{i}")
+}
+
+/// Network `i`: nat, isolated and route in turn, bridge `vchaos{i}`,
+/// 10.89.i.0/24 with DHCP.
+fn network_manifest(i: usize) -> Option<Network> {
+    let mode = ["nat", "isolated", "route"][i % 3];
+    serde_json::from_value(json!({
+        "apiVersion": "vireo.dev/v1alpha1",
+        "kind": "Network",
+        "metadata": {"name": network_name(i)},
+        "spec": {
+            "forwardMode": mode,
+            "bridge": format!("vchaos{i}"),
+            "ip": {
+                "address": format!("10.89.{i}.1"),
+                "prefix": 24,
+                "dhcp": {"ranges": [{"start": format!("10.89.{i}.10"), "end": format!("10.89.{i}.200")}]},
+            },
+        },
+    }))
+    .ok()
+}
+
+/// Whether the agents can run in namespaces of their own with the real
+/// network backend here; why not otherwise.
+fn namespaces_possible() -> Result<(), String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("not root (network namespaces, bridges, nftables)".into());
+    }
+    for p in ["ip", "nft", "dnsmasq"] {
+        if !node::on_path(p) {
+            return Err(format!("{p} not found"));
+        }
+    }
+    Ok(())
+}
+
+/// A node's network namespace, by node.
+pub struct NodeNs {
+    pub node: String,
+    pub netns: Netns,
+}
+
+/// The inode of a network namespace file (/run/netns/NAME, or
+/// /proc/PID/ns/net): the same inode is the same namespace.
+fn ns_inode(path: &str) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| m.ino())
+}
+
+/// A network record of an agent's bridge driver (STATE/network/networks).
+#[derive(Debug, Default)]
+struct NetRecord {
+    active: bool,
+    bridge: Option<String>,
+    table: Option<String>,
+    dnsmasq: bool,
+}
+
+fn net_records(dir: &Path, node: &str) -> BTreeMap<String, NetRecord> {
+    let mut out = BTreeMap::new();
+    let d = dir.join(format!("state-{node}/network/networks"));
+    let Ok(entries) = std::fs::read_dir(&d) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.extension().and_then(|x| x.to_str()) != Some("json") {
+            continue;
+        }
+        let Some(v) = std::fs::read(&p)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        else {
+            continue;
+        };
+        let name = v["name"].as_str().unwrap_or_default().to_string();
+        out.insert(
+            name,
+            NetRecord {
+                active: v["active"] == true,
+                bridge: v["live"]["bridge"].as_str().map(str::to_string),
+                table: v["live"]["table"].as_str().map(str::to_string),
+                dnsmasq: v["live"]["dnsmasq"] == true,
+            },
+        );
+    }
+    out
+}
+
+/// Every dnsmasq of the run on this machine: (pid, node, network, the
+/// inode of its network namespace), from its `--conf-file` path
+/// (DIR/state-NODE/network/run/NETWORK/dnsmasq.conf).
+fn run_dnsmasqs(dir: &Path) -> Vec<(u32, String, String, Option<u64>)> {
+    let prefix = format!("--conf-file={}/state-", dir.display());
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| pid_alive(*pid))
+        .filter_map(|pid| {
+            let argv = read_cmdline(pid);
+            let prog = Path::new(argv.first()?).file_name()?.to_str()?.to_string();
+            if prog != "dnsmasq" {
+                return None;
+            }
+            let rest = argv.iter().find_map(|a| a.strip_prefix(&prefix))?;
+            // NODE/network/run/NETWORK/dnsmasq.conf
+            let parts: Vec<&str> = rest.split('/').collect();
+            let (node, net) = match parts.as_slice() {
+                [node, "network", "run", net, _] => (node.to_string(), net.to_string()),
+                _ => (rest.to_string(), String::new()),
+            };
+            Some((pid, node, net, ns_inode(&format!("/proc/{pid}/ns/net"))))
+        })
+        .collect()
+}
+
+/// The nftables tables of Vireo (`vireo_*`) in a namespace.
+fn nft_tables(netns: &str) -> BTreeSet<String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "nft", "list", "tables"])
+        .output();
+    let Ok(out) = out else {
+        return BTreeSet::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .filter(|t| t.starts_with("vireo_"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The networks with a lease file on `node` (STATE/network/run/NAME/dnsmasq.leases).
+fn lease_files(dir: &Path, node: &str) -> BTreeSet<String> {
+    let d = dir.join(format!("state-{node}/network/run"));
+    let Ok(entries) = std::fs::read_dir(&d) else {
+        return BTreeSet::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.path().join("dnsmasq.leases").is_file())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// The Networks of the API that are not being deleted, by name, with
+/// their bridge (every node is selected).
+async fn api_networks(nets: &Api<Network>) -> Result<BTreeMap<String, Option<String>>, String> {
+    let list = nets
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| format!("cannot list Networks: {e}"))?;
+    Ok(list
+        .items
+        .iter()
+        .filter(|n| n.metadata.deletion_timestamp.is_none())
+        .map(|n| {
+            (
+                n.metadata.name.clone().unwrap_or_default(),
+                n.spec.bridge.clone(),
+            )
+        })
+        .collect())
+}
+
+/// Why the Networks have not converged yet (from the API): one being
+/// deleted, or one not active on every node.
+async fn network_gaps(nets: &Api<Network>, nodes: usize) -> Vec<String> {
+    let list = match nets.list(&ListParams::default()).await {
+        Ok(l) => l.items,
+        Err(e) => return vec![format!("cannot list Networks: {e}")],
+    };
+    let mut gaps = Vec::new();
+    for n in &list {
+        let name = n.metadata.name.clone().unwrap_or_default();
+        if n.metadata.deletion_timestamp.is_some() {
+            gaps.push(format!(
+                "Network {name} still deleting (finalizers {:?})",
+                n.metadata.finalizers
+            ));
+            continue;
+        }
+        let active = n
+            .status
+            .as_ref()
+            .map(|s| s.nodes.iter().filter(|e| e.active).count())
+            .unwrap_or(0);
+        if active != nodes {
+            gaps.push(format!(
+                "Network {name} active on {active} of {nodes} nodes"
+            ));
+        }
+    }
+    gaps
+}
+
+/// What is wrong with the networking of the nodes (empty: nothing), and
+/// the counts of what is there. `running_guests` are (node, guest name,
+/// UUID) of the running real guests, each with one interface.
+fn network_findings(
+    dir: &Path,
+    nodes: &[NodeNs],
+    api: &BTreeMap<String, Option<String>>,
+    running_guests: &[(String, String, String)],
+) -> (Vec<String>, BTreeMap<String, usize>) {
+    use node::{links_of_kind, taps};
+    let mut found = Vec::new();
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    let dnsmasqs = run_dnsmasqs(dir);
+    let inodes: BTreeMap<u64, &str> = nodes
+        .iter()
+        .filter_map(|n| {
+            Some((
+                ns_inode(&format!("/run/netns/{}", n.netns.name))?,
+                n.node.as_str(),
+            ))
+        })
+        .collect();
+    for (pid, node, net, ino) in &dnsmasqs {
+        match ino.and_then(|i| inodes.get(&i)) {
+            Some(in_ns) if *in_ns == node.as_str() => {}
+            Some(in_ns) => found.push(format!(
+                "dnsmasq pid {pid} of node {node}'s Network {net} runs in node {in_ns}'s namespace"
+            )),
+            None => found.push(format!(
+                "dnsmasq pid {pid} of node {node}'s Network {net} runs outside every node's namespace"
+            )),
+        }
+    }
+    for n in nodes {
+        let ns = n.netns.name.as_str();
+        let node = n.node.as_str();
+        let records = net_records(dir, node);
+        // The agent's records are the API's Networks, all active.
+        for (name, r) in &records {
+            if !api.contains_key(name) {
+                found.push(format!(
+                    "node {node}: Network {name} is recorded (active: {}) but gone from the API",
+                    r.active
+                ));
+            } else if !r.active {
+                found.push(format!("node {node}: Network {name} is not active"));
+            }
+        }
+        for name in api.keys().filter(|n| !records.contains_key(*n)) {
+            found.push(format!("node {node}: Network {name} has no record"));
+        }
+        let active: BTreeMap<&String, &NetRecord> =
+            records.iter().filter(|(_, r)| r.active).collect();
+        // Bridges: exactly the active Networks'.
+        let bridges = links_of_kind(ns, "bridge");
+        *counts.entry("bridges".into()).or_default() += bridges.len();
+        let want: BTreeSet<String> = api
+            .iter()
+            .filter_map(|(name, b)| {
+                b.clone()
+                    .or_else(|| active.get(name).and_then(|r| r.bridge.clone()))
+            })
+            .collect();
+        for b in bridges.difference(&want) {
+            found.push(format!(
+                "node {node}: bridge {b} left, of no active Network"
+            ));
+        }
+        for b in want.difference(&bridges) {
+            found.push(format!(
+                "node {node}: bridge {b} of an active Network is missing"
+            ));
+        }
+        // Taps: exactly the running guests' interfaces.
+        let have = taps(ns);
+        *counts.entry("taps".into()).or_default() += have.len();
+        let want: BTreeMap<String, &str> = running_guests
+            .iter()
+            .filter(|(on, _, _)| on == node)
+            .map(|(_, name, uuid)| (vireo_drivers::bridge::tap::tap_name(uuid, 0), name.as_str()))
+            .collect();
+        for t in have.iter().filter(|t| !want.contains_key(*t)) {
+            found.push(format!("node {node}: tap {t} left, of no running guest"));
+        }
+        for (t, g) in want.iter().filter(|(t, _)| !have.contains(*t)) {
+            found.push(format!("node {node}: running guest {g} has no tap {t}"));
+        }
+        // nftables: exactly the active Networks' tables.
+        let tables = nft_tables(ns);
+        *counts.entry("nftables tables".into()).or_default() += tables.len();
+        let want: BTreeSet<String> = active.values().filter_map(|r| r.table.clone()).collect();
+        for t in tables.difference(&want) {
+            found.push(format!(
+                "node {node}: nftables table {t} left, of no active Network"
+            ));
+        }
+        for t in want.difference(&tables) {
+            found.push(format!(
+                "node {node}: nftables table {t} of an active Network is missing"
+            ));
+        }
+        // dnsmasq: one per active Network with DHCP, none other.
+        let mut per: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
+        for (pid, _, net, _) in dnsmasqs.iter().filter(|d| d.1 == node) {
+            per.entry(net.as_str()).or_default().push(*pid);
+        }
+        *counts.entry("dnsmasq processes".into()).or_default() +=
+            per.values().map(Vec::len).sum::<usize>();
+        for (net, pids) in &per {
+            match active.get(&net.to_string()) {
+                Some(r) if r.dnsmasq && pids.len() == 1 => {}
+                Some(r) if r.dnsmasq => found.push(format!(
+                    "node {node}: {} dnsmasq for Network {net}: pids {pids:?}",
+                    pids.len()
+                )),
+                _ => found.push(format!(
+                    "node {node}: dnsmasq {pids:?} left, of Network {net}, which is not active with DHCP here"
+                )),
+            }
+        }
+        for (name, _) in active
+            .iter()
+            .filter(|(n, r)| r.dnsmasq && !per.contains_key(n.as_str()))
+        {
+            found.push(format!("node {node}: Network {name} has no dnsmasq"));
+        }
+        // Lease files: only for Networks that exist.
+        let leases = lease_files(dir, node);
+        *counts.entry("lease files".into()).or_default() += leases.len();
+        for l in leases
+            .iter()
+            .filter(|l| !api.contains_key(*l) || !records.contains_key(*l))
+        {
+            found.push(format!(
+                "node {node}: lease file of Network {l} left, which is gone"
+            ));
+        }
+    }
+    (found, counts)
+}
+
+/// Creates and deletes the non-stable Networks at random until `until`.
+/// Returns what it knows of each (exists or not; `None`: unknown).
+async fn network_worker(
+    nets: Api<Network>,
+    churn: Vec<usize>,
+    mut rng: Rng,
+    until: Instant,
+    ops: Counts,
+) -> Vec<(String, Option<bool>)> {
+    let mut known: Vec<Option<bool>> = vec![Some(false); churn.len()];
+    while Instant::now() < until && !churn.is_empty() {
+        tokio::time::sleep(rng.millis(1000, 4000)).await;
+        let k = rng.below(churn.len() as u64) as usize;
+        let name = network_name(churn[k]);
+        let exists = match known[k] {
+            Some(e) => e,
+            None => {
+                match tokio::time::timeout(Duration::from_secs(15), nets.get_opt(&name)).await {
+                    Ok(Ok(Some(n))) if n.metadata.deletion_timestamp.is_some() => {
+                        bump(&ops, "network still deleting");
+                        continue;
+                    }
+                    Ok(Ok(n)) => {
+                        known[k] = Some(n.is_some());
+                        n.is_some()
+                    }
+                    _ => continue,
+                }
+            }
+        };
+        let (kind, r) = if exists {
+            (
+                "delete network",
+                call(nets.delete(&name, &DeleteParams::default())).await,
+            )
+        } else {
+            let Some(n) = network_manifest(churn[k]) else {
+                bump(&ops, "create network: no manifest");
+                continue;
+            };
+            (
+                "create network",
+                call(nets.create(&PostParams::default(), &n)).await,
+            )
+        };
+        match r {
+            Ok(()) => {
+                bump(&ops, &format!("{kind} ok"));
+                known[k] = Some(!exists);
+            }
+            Err(Failed::Refused) => {
+                bump(&ops, &format!("{kind} refused"));
+                known[k] = None;
+            }
+            Err(Failed::Unknown) => {
+                bump(&ops, &format!("{kind} failed (API down)"));
+                known[k] = None;
+            }
+        }
+    }
+    churn.into_iter().map(network_name).zip(known).collect()
 }
 
 /// Runs the chaos run on `cluster` (started with [`Cluster::start`], no
@@ -1202,9 +1697,47 @@ fn guest_slots(n: usize, report: &mut Report) -> Vec<Slot> {
 pub async fn run(cluster: &mut Cluster, config: &Config) -> Report {
     let mut rng = Rng::new(config.seed);
     eprintln!("[chaos] seed {}", config.seed);
+    let t0 = Instant::now();
     let big = ["--cpus", "512", "--memory", "4Ti"];
     let nodes: Vec<String> = (1..=3).map(|i| format!("node-{i}")).collect();
-    let agents: Vec<Proc> = nodes.iter().map(|n| cluster.agent(n, &big)).collect();
+    // Each agent in a namespace of its own, with the real network backend.
+    let mut ns_note = None;
+    let spaces: Vec<NodeNs> = match namespaces_possible() {
+        Ok(()) => nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| NodeNs {
+                node: n.clone(),
+                netns: Netns::new(&format!("vch{}-{}", i + 1, std::process::id())),
+            })
+            .collect(),
+        Err(why) => {
+            if std::env::var_os("CI").is_some() {
+                panic!(
+                    "chaos run: {why}, and CI is set: the agents cannot run in namespaces of their own"
+                );
+            }
+            eprintln!("[chaos] NOTE: {why}: agents share this namespace, no Networks");
+            ns_note = Some(format!(
+                "{why}: the agents share this machine's network namespace with the test network backend; no Networks, no network checks"
+            ));
+            Vec::new()
+        }
+    };
+    let agents: Vec<Proc> = if spaces.is_empty() {
+        nodes.iter().map(|n| cluster.agent(n, &big)).collect()
+    } else {
+        spaces
+            .iter()
+            .map(|s| cluster.agent_in_netns(&s.node, &s.netns, &big))
+            .collect()
+    };
+    let networks = if spaces.is_empty() {
+        0
+    } else {
+        config.networks
+    };
+    let stable = networks.min(STABLE_NETWORKS);
     let lease = ["--leader-lease-seconds", "4"];
     let operators: Vec<Proc> = ["operator-a", "operator-b"]
         .iter()
@@ -1215,6 +1748,22 @@ pub async fn run(cluster: &mut Cluster, config: &Config) -> Report {
     let api: Api<Domain> = Api::namespaced(client.clone(), "default");
     let vols: Api<StorageVol> = Api::namespaced(client.clone(), "default");
     let pools: Api<StoragePool> = Api::all(client.clone());
+    let nets: Api<Network> = Api::all(client.clone());
+    // The stable Networks, active on every node before anything else.
+    for i in 0..stable {
+        let n = network_manifest(i).expect("a Network manifest");
+        nets.create(&PostParams::default(), &n)
+            .await
+            .expect("create a stable Network");
+    }
+    if stable > 0 {
+        crate::common::wait_for(
+            Duration::from_secs(120),
+            "the stable Networks active on 3 nodes",
+            || async { network_gaps(&nets, 3).await.is_empty().then_some(()) },
+        )
+        .await;
+    }
     let pool: StoragePool = serde_json::from_value(json!({
         "apiVersion": "vireo.dev/v1alpha1",
         "kind": "StoragePool",
@@ -1264,6 +1813,17 @@ pub async fn run(cluster: &mut Cluster, config: &Config) -> Report {
         seconds: config.seconds,
         ..Default::default()
     };
+    report.notes.extend(ns_note);
+    if networks > 0 {
+        report.notes.push(format!(
+            "agents in network namespaces {}; {networks} Networks ({stable} stable, carrying the real guests' interfaces)",
+            spaces
+                .iter()
+                .map(|s| s.netns.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
     // The guests' images are built (or found in their caches) first.
     let all: Vec<Slot> = (0..config.domains)
         .map(|i| Slot {
@@ -1271,14 +1831,28 @@ pub async fn run(cluster: &mut Cluster, config: &Config) -> Report {
             guest: None,
             // One test Domain in four has a disk.
             volume: (i % 4 == 0).then(|| format!("chaos-{i:03}-disk")),
+            network: None,
         })
-        .chain(guest_slots(config.guests, &mut report))
+        .chain(guest_slots(config.guests, stable, &mut report))
         .collect();
+    eprintln!(
+        "[chaos] set up in {:.1}s (agents, pool, stable Networks, guest images); operations and faults begin",
+        t0.elapsed().as_secs_f64()
+    );
     let until = Instant::now() + Duration::from_secs(config.seconds);
     let observer_task = tokio::spawn(observer(
         api.clone(),
         cluster.dir.clone(),
         nodes.clone(),
+        spaces
+            .iter()
+            .filter_map(|s| {
+                Some((
+                    ns_inode(&format!("/run/netns/{}", s.netns.name))?,
+                    s.node.clone(),
+                ))
+            })
+            .collect(),
         stop.clone(),
         violations.clone(),
     ));
@@ -1308,12 +1882,20 @@ pub async fn run(cluster: &mut Cluster, config: &Config) -> Report {
             ops.clone(),
         )));
     }
+    let net_task = tokio::spawn(network_worker(
+        nets.clone(),
+        (stable..networks).collect(),
+        Rng::new(rng.next()),
+        until,
+        ops.clone(),
+    ));
     let mut known: Vec<(String, Known)> = Vec::new();
     for t in tasks {
         if let Ok(k) = t.await {
             known.extend(k);
         }
     }
+    let net_known = net_task.await.unwrap_or_default();
     let (mut fleet_procs, last_fault) = tokio::task::spawn_blocking(move || {
         fault_thread
             .join()
@@ -1321,14 +1903,27 @@ pub async fn run(cluster: &mut Cluster, config: &Config) -> Report {
     })
     .await
     .expect("fault thread joined");
-    eprintln!("[chaos] faults stopped; waiting for convergence");
+    eprintln!(
+        "[chaos] faults stopped at {:.1}s; waiting for convergence",
+        t0.elapsed().as_secs_f64()
+    );
 
     // Convergence: the state the API asks for, on the nodes too. Processes
     // that exit now (an operator that lost its Lease late) start again.
     let deadline = Instant::now() + Duration::from_secs(config.converge_seconds);
     loop {
         fleet_procs.supervise(&self_exits);
-        let (gaps, n, running) = convergence_gaps(&api, &vols, &cluster.dir, &nodes).await;
+        let (mut gaps, n, running) = convergence_gaps(&api, &vols, &cluster.dir, &nodes).await;
+        if !spaces.is_empty() && gaps.is_empty() {
+            gaps.extend(network_gaps(&nets, 3).await);
+            if gaps.is_empty() {
+                gaps.extend(
+                    net_check(&nets, &cluster.dir, &nodes, &spaces, stable)
+                        .await
+                        .0,
+                );
+            }
+        }
         if gaps.is_empty() {
             report.convergence_seconds = Some(last_fault.elapsed().as_secs_f64());
             report.final_domains = n;
@@ -1349,6 +1944,10 @@ pub async fn run(cluster: &mut Cluster, config: &Config) -> Report {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    eprintln!(
+        "[chaos] convergence wait over at {:.1}s; final checks",
+        t0.elapsed().as_secs_f64()
+    );
     stop.store(true, Ordering::Relaxed);
     report.observer_samples = observer_task.await.unwrap_or(0);
 
@@ -1374,6 +1973,29 @@ pub async fn run(cluster: &mut Cluster, config: &Config) -> Report {
                 ));
             }
         }
+    }
+    // Networks: what was acknowledged is there, and the nodes' namespaces
+    // hold exactly what the active Networks and running guests need.
+    if !spaces.is_empty() {
+        match api_networks(&nets).await {
+            Ok(have) => {
+                for (name, want) in &net_known {
+                    if let Some(want) = want
+                        && have.contains_key(name) != *want
+                    {
+                        found.push(format!(
+                            "Network {name}: exists in the API: {}, the last acknowledged write: {}",
+                            have.contains_key(name),
+                            if *want { "create" } else { "delete" }
+                        ));
+                    }
+                }
+            }
+            Err(e) => found.push(e),
+        }
+        let (f, counts) = net_check(&nets, &cluster.dir, &nodes, &spaces, stable).await;
+        found.extend(f);
+        report.network_objects = counts;
     }
     // IDs unique per node among running Domains.
     let records = node_records(&cluster.dir, &nodes);
@@ -1458,6 +2080,16 @@ pub async fn run(cluster: &mut Cluster, config: &Config) -> Report {
         .clone();
     report.self_exits = self_exits.lock().unwrap_or_else(|p| p.into_inner()).clone();
     report.operations = ops.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    // A manifest of the run's own that does not parse is a bug of the run.
+    for (k, n) in report
+        .operations
+        .iter()
+        .filter(|(k, _)| k.contains("no manifest"))
+    {
+        report.violations.push(format!(
+            "{n} operations found no manifest ({k}): the run's manifest does not parse"
+        ));
+    }
     // The Vireo processes stop here; etcd and kube-apiserver with the cluster.
     for p in fleet_procs.agents.iter().chain(&fleet_procs.operators) {
         if p.log_text().contains("panicked") {
@@ -1467,5 +2099,40 @@ pub async fn run(cluster: &mut Cluster, config: &Config) -> Report {
         }
     }
     drop(fleet_procs);
+    // Whatever is left in the namespaces (guests, dnsmasq) goes with them.
+    drop(spaces);
+    // The test guest built for the kvm guests (see guest_slots).
+    let _ = std::fs::remove_dir_all(
+        std::env::temp_dir().join(format!("vireo-e2e-guest-{}", std::process::id())),
+    );
+    eprintln!(
+        "[chaos] final checks done, agents and namespaces gone at {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
     report
+}
+
+/// [`network_findings`] on the API's Networks and the running real guests
+/// of the node records (each with one interface when `stable` > 0).
+async fn net_check(
+    nets: &Api<Network>,
+    dir: &Path,
+    nodes: &[String],
+    spaces: &[NodeNs],
+    stable: usize,
+) -> (Vec<String>, BTreeMap<String, usize>) {
+    let api = match api_networks(nets).await {
+        Ok(a) => a,
+        Err(e) => return (vec![e], BTreeMap::new()),
+    };
+    let running: Vec<(String, String, String)> = if stable == 0 {
+        Vec::new()
+    } else {
+        node_records(dir, nodes)
+            .into_iter()
+            .filter(|r| r.active() && r.pid.is_some())
+            .map(|r| (r.node, r.name, r.uuid))
+            .collect()
+    };
+    network_findings(dir, spaces, &api, &running)
 }
