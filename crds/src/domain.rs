@@ -820,6 +820,8 @@ pub enum DomainReason {
     Saved,
     /// crashed: the guest kernel panicked.
     Panicked,
+    /// running, paused or shutoff: reverted to a snapshot.
+    FromSnapshot,
 }
 
 impl DomainReason {
@@ -842,6 +844,7 @@ impl DomainReason {
             Self::Failed => "failed",
             Self::Saved => "saved",
             Self::Panicked => "panicked",
+            Self::FromSnapshot => "from snapshot",
         }
     }
 }
