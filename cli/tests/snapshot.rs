@@ -86,7 +86,10 @@ fn snapshots_read_like_virsh() {
         .take(4)
         .collect();
     assert!(table[1].chars().all(|c| c == '-'), "{table:?}");
-    for (row, (name, state)) in table[2..].iter().zip([("s1", "running"), ("s2", "shutoff")]) {
+    for (row, (name, state)) in table[2..]
+        .iter()
+        .zip([("s1", "running"), ("s2", "shutoff")])
+    {
         let cells: Vec<&str> = row.split_whitespace().collect();
         assert_eq!(cells.len(), 5, "{row}");
         assert_eq!((cells[0], cells[4]), (name, state), "{row}");

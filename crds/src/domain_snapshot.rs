@@ -37,7 +37,9 @@ use crate::common::Condition;
 pub struct DomainSnapshotSpec {
     /// The Domain, in this namespace.
     #[schemars(length(min = 1, max = 253))]
-    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"))]
+    #[schemars(regex(
+        pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+    ))]
     pub domain_name: String,
     /// Take the guest's memory too, so that a restore brings it back
     /// running where it was. Default: true when the Domain runs (a shut-off
@@ -134,11 +136,15 @@ pub struct DomainSnapshotStatus {
 pub struct DomainRestoreSpec {
     /// The Domain, in this namespace.
     #[schemars(length(min = 1, max = 253))]
-    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"))]
+    #[schemars(regex(
+        pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+    ))]
     pub domain_name: String,
     /// The DomainSnapshot (of that Domain) to return to.
     #[schemars(length(min = 1, max = 253))]
-    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"))]
+    #[schemars(regex(
+        pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+    ))]
     pub snapshot_name: String,
 }
 

@@ -1026,7 +1026,13 @@ pub fn case_domain_snapshots(conn: &Connection, fx: &Fixture) -> Result<(), Fail
             &snap_label("s-run"),
         )?;
         hv.destroy_domain(name).step("destroy")?;
-        expect_state(conn, fx, name, DomainState::Shutoff, DomainReason::Destroyed)?;
+        expect_state(
+            conn,
+            fx,
+            name,
+            DomainState::Shutoff,
+            DomainReason::Destroyed,
+        )?;
         let off = hv
             .snapshot_create(name, &params("s-off", false))
             .step("snapshot of the shut-off domain")?;

@@ -396,7 +396,10 @@ mod tests {
         assert_eq!(t.get("b").expect("b").parent, None);
         assert_eq!(t.current.as_deref(), Some("c"));
         t.remove("c").expect("removed");
-        assert_eq!(t.current, None, "the current one's parent (none) is current");
+        assert_eq!(
+            t.current, None,
+            "the current one's parent (none) is current"
+        );
         let e = t.remove("zz").expect_err("unknown");
         assert_eq!(e.to_string(), "domain snapshot 'zz' not found");
     }
@@ -407,7 +410,10 @@ mod tests {
             name: Some(n.into()),
             ..Default::default()
         };
-        assert_eq!(snapshot_name("d", &p("s1.ok_x-2")).expect("ok"), "s1.ok_x-2");
+        assert_eq!(
+            snapshot_name("d", &p("s1.ok_x-2")).expect("ok"),
+            "s1.ok_x-2"
+        );
         for bad in ["", "a/b", ".x", "-x", "a b", &"x".repeat(65)] {
             let e = snapshot_name("d", &p(bad)).expect_err(bad);
             assert!(e.to_string().contains("name:"), "{e}");
@@ -420,7 +426,11 @@ mod tests {
     fn a_tree_survives_its_file() {
         let dir = std::env::temp_dir().join(format!("vireo-snap-{}", std::process::id()));
         let path = dir.join("x/tree.json");
-        assert!(SnapshotTree::load(&path).expect("missing is empty").is_empty());
+        assert!(
+            SnapshotTree::load(&path)
+                .expect("missing is empty")
+                .is_empty()
+        );
         let mut t = SnapshotTree::default();
         t.add(rec("a"));
         t.store(&path).expect("stored");

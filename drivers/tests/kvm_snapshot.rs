@@ -118,7 +118,10 @@ fn kvm_snapshot_brings_back_memory_and_the_raw_disk() {
             },
         )
         .expect("snapshot");
-    say(&format!("kvm full snapshot (32 MiB guest, 1 MiB disk): {:?}", t.elapsed()));
+    say(&format!(
+        "kvm full snapshot (32 MiB guest, 1 MiB disk): {:?}",
+        t.elapsed()
+    ));
     assert_eq!((s.state, s.memory), (SnapshotState::Running, true));
     assert_eq!(s.disks.len(), 1);
     assert_eq!(s.disks[0].location, "copy");
@@ -138,7 +141,12 @@ fn kvm_snapshot_brings_back_memory_and_the_raw_disk() {
     hv.snapshot_revert(name, "s1", RevertTo::Snapshot)
         .expect("revert");
     say(&format!("kvm revert to a full snapshot: {:?}", t.elapsed()));
-    expect_state(&conn, name, DomainState::Running, DomainReason::FromSnapshot);
+    expect_state(
+        &conn,
+        name,
+        DomainState::Running,
+        DomainReason::FromSnapshot,
+    );
     assert_eq!(
         sector1(&disk),
         b"VIREO-TEST-SECTOR",

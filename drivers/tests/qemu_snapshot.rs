@@ -136,18 +136,27 @@ fn qemu_snapshots_bring_back_memory_and_qcow2_disks() {
 
     // A full snapshot of the running guest: it runs on.
     let t = Instant::now();
-    let s = hv.snapshot_create(name, &params("s-run")).expect("snapshot");
-    say(&format!("qemu full snapshot (256 MiB guest): {:?}", t.elapsed()));
+    let s = hv
+        .snapshot_create(name, &params("s-run"))
+        .expect("snapshot");
+    say(&format!(
+        "qemu full snapshot (256 MiB guest): {:?}",
+        t.elapsed()
+    ));
     assert_eq!((s.state, s.memory), (SnapshotState::Running, true));
     assert_eq!(s.disks.len(), 1);
     assert_eq!(s.disks[0].location, "internal");
     expect_state(&conn, name, DomainState::Running, DomainReason::Booted);
     let last = *numbers_after(&log, 0, "TICK-").last().expect("ticks");
-    wait_numbers(&log, 0, "TICK-", |t| t.last().is_some_and(|l| *l >= last + 3));
+    wait_numbers(&log, 0, "TICK-", |t| {
+        t.last().is_some_and(|l| *l >= last + 3)
+    });
 
     // A snapshot of the shut-off domain, then a boot that changes the disk.
     hv.destroy_domain(name).expect("destroy");
-    let s = hv.snapshot_create(name, &params("s-off")).expect("snapshot");
+    let s = hv
+        .snapshot_create(name, &params("s-off"))
+        .expect("snapshot");
     assert_eq!((s.state, s.memory), (SnapshotState::Shutoff, false));
     assert_eq!(s.parent.as_deref(), Some("s-run"));
     let mark = log_text(&log).len();
@@ -159,11 +168,21 @@ fn qemu_snapshots_bring_back_memory_and_qcow2_disks() {
     // then (one boot counted), so this boot is the second again.
     hv.snapshot_revert(name, "s-off", RevertTo::Snapshot)
         .expect("revert s-off");
-    expect_state(&conn, name, DomainState::Shutoff, DomainReason::FromSnapshot);
+    expect_state(
+        &conn,
+        name,
+        DomainState::Shutoff,
+        DomainReason::FromSnapshot,
+    );
     let mark = log_text(&log).len();
     hv.snapshot_revert(name, "s-off", RevertTo::Running)
         .expect("revert s-off --running");
-    expect_state(&conn, name, DomainState::Running, DomainReason::FromSnapshot);
+    expect_state(
+        &conn,
+        name,
+        DomainState::Running,
+        DomainReason::FromSnapshot,
+    );
     wait_numbers(&log, mark, "BOOTS-", |b| b == [2]);
 
     // Revert to the running snapshot: the guest goes on counting from the
@@ -173,8 +192,16 @@ fn qemu_snapshots_bring_back_memory_and_qcow2_disks() {
     let t = Instant::now();
     hv.snapshot_revert(name, "s-run", RevertTo::Snapshot)
         .expect("revert s-run");
-    say(&format!("qemu revert to a full snapshot: {:?}", t.elapsed()));
-    expect_state(&conn, name, DomainState::Running, DomainReason::FromSnapshot);
+    say(&format!(
+        "qemu revert to a full snapshot: {:?}",
+        t.elapsed()
+    ));
+    expect_state(
+        &conn,
+        name,
+        DomainState::Running,
+        DomainReason::FromSnapshot,
+    );
     let after = wait_numbers(&log, mark, "TICK-", |t| {
         t.windows(2).any(|w| w == [last + 1, last + 2])
     });
@@ -192,9 +219,7 @@ fn qemu_snapshots_bring_back_memory_and_qcow2_disks() {
         "no boot after a revert to a running snapshot"
     );
     assert_eq!(
-        hv.snapshot_current(name)
-            .expect("current")
-            .map(|s| s.name),
+        hv.snapshot_current(name).expect("current").map(|s| s.name),
         Some("s-run".to_string())
     );
 

@@ -107,7 +107,10 @@ pub fn create_as(conn: &Connection, a: &CreateAsArgs) -> Result<Output> {
         disk_only: a.disk_only,
     };
     let s = conn.hypervisor().snapshot_create(&d.name, &params)?;
-    Ok(Output::Message(format!("Domain snapshot {} created", s.name)))
+    Ok(Output::Message(format!(
+        "Domain snapshot {} created",
+        s.name
+    )))
 }
 
 /// `2026-12-04 03:14:29 +0000`, as virsh prints a creation time (in UTC).
@@ -252,7 +255,10 @@ fn snapshot_xml(s: &SnapshotInfo, uuid: &str) -> String {
     }
     x.push_str(&format!("  <state>{}</state>\n", s.state));
     if let Some(p) = &s.parent {
-        x.push_str(&format!("  <parent>\n    <name>{}</name>\n  </parent>\n", esc(p)));
+        x.push_str(&format!(
+            "  <parent>\n    <name>{}</name>\n  </parent>\n",
+            esc(p)
+        ));
     }
     x.push_str(&format!(
         "  <creationTime>{}</creationTime>\n",

@@ -16,6 +16,7 @@ use std::time::Duration;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Config, Controller};
 use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
@@ -39,7 +40,25 @@ pub(crate) async fn run(ctx: Arc<Ctx>) {
     let snaps: Api<DomainSnapshot> = Api::all(ctx.client.clone());
     let restores: Api<DomainRestore> = Api::all(ctx.client.clone());
     let config = Config::default().concurrency(ctx.config.concurrency);
-    let snapshots = Controller::new(snaps, watcher::Config::default())
+    // A Domain of this node that changes (or goes) wakes its snapshots.
+    let domains: Api<Domain> = Api::all(ctx.client.clone());
+    let selector = format!("{NODE}={}", ctx.config.node_name);
+    let controller = Controller::new(snaps, watcher::Config::default());
+    let store = controller.store();
+    let snapshots = controller
+        .watches(
+            domains,
+            watcher::Config::default().labels(&selector),
+            move |d: Domain| {
+                let (ns, name) = (d.namespace(), d.name_any());
+                store
+                    .state()
+                    .into_iter()
+                    .filter(|s| s.namespace() == ns && s.spec.domain_name == name)
+                    .map(|s| ObjectRef::from_obj(s.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
         .with_config(config.clone())
         .run(
             |s, ctx: Arc<Ctx>| async move {
@@ -58,9 +77,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>) {
                 let key = format!("restore/{}", key_of(r.as_ref()));
                 instrumented(&ctx, "agent-restore", key, reconcile_restore(r, &ctx)).await
             },
-            |r, _err, ctx: Arc<Ctx>| {
-                error_policy(&ctx, &format!("restore/{}", key_of(r.as_ref())))
-            },
+            |r, _err, ctx: Arc<Ctx>| error_policy(&ctx, &format!("restore/{}", key_of(r.as_ref()))),
             ctx.clone(),
         );
     tokio::join!(drain(snapshots), drain(restores));
@@ -73,12 +90,21 @@ fn key_of<K: Resource>(obj: &K) -> String {
     )
 }
 
+/// The Domain `name` of `ns`, if it exists, and whether it is bound to
+/// this node.
+async fn find_domain(ctx: &Ctx, ns: &str, name: &str) -> Result<Option<(Domain, bool)>> {
+    let api: Api<Domain> = Api::namespaced(ctx.client.clone(), ns);
+    Ok(api.get_opt(name).await?.map(|d| {
+        let mine = d.labels().get(NODE).map(String::as_str) == Some(ctx.config.node_name.as_str());
+        (d, mine)
+    }))
+}
+
 /// The Domain `name` of `ns`, when it is bound to this node.
 async fn my_domain(ctx: &Ctx, ns: &str, name: &str) -> Result<Option<Domain>> {
-    let api: Api<Domain> = Api::namespaced(ctx.client.clone(), ns);
-    Ok(api.get_opt(name).await?.filter(|d| {
-        d.labels().get(NODE).map(String::as_str) == Some(ctx.config.node_name.as_str())
-    }))
+    Ok(find_domain(ctx, ns, name)
+        .await?
+        .and_then(|(d, mine)| mine.then_some(d)))
 }
 
 /// RFC 3339 in UTC, from Unix seconds.
@@ -142,7 +168,9 @@ async fn reconcile_snapshot(snap: Arc<DomainSnapshot>, ctx: &Ctx) -> Result<Acti
     let status = snap.status.clone().unwrap_or_default();
     let node = ctx.config.node_name.clone();
     let domain_key = node_key(&ns, &snap.spec.domain_name);
-    let domain = my_domain(ctx, &ns, &snap.spec.domain_name).await?;
+    let found = find_domain(ctx, &ns, &snap.spec.domain_name).await?;
+    let gone = found.is_none();
+    let domain = found.and_then(|(d, mine)| mine.then_some(d));
     let mine = status.node.as_deref() == Some(node.as_str())
         || (status.node.is_none() && domain.is_some());
 
@@ -174,20 +202,55 @@ async fn reconcile_snapshot(snap: Arc<DomainSnapshot>, ctx: &Ctx) -> Result<Acti
         return Ok(Action::await_change());
     }
     let Some(domain) = domain else {
+        if gone && mine && status.ready_to_use {
+            // The agent deleted the driver snapshot with its Domain (the
+            // Domain's teardown); the object stays until it is deleted
+            // (with an ownerReference, the garbage collector does it).
+            let message = format!(
+                "Domain {} was deleted, and this snapshot with it on node {node}",
+                snap.spec.domain_name
+            );
+            let wanted = DomainSnapshotStatus {
+                phase: SnapshotPhase::Failed,
+                ready_to_use: false,
+                message: Some(message.clone()),
+                conditions: vec![condition(
+                    &status.conditions,
+                    "Ready",
+                    false,
+                    "DomainDeleted",
+                    message,
+                    snap.meta().generation,
+                )],
+                ..status.clone()
+            };
+            k8s::apply_status(&api, &name, &ctx.manager, &wanted).await?;
+            return Ok(Action::await_change());
+        }
         // Another node's, or its Domain is not there (yet): the agent of
         // the Domain's node takes it; an unbound Domain waits.
         return Ok(Action::requeue(Duration::from_secs(30)));
     };
+    if matches!(status.phase, SnapshotPhase::Ready | SnapshotPhase::Failed)
+        || domain.meta().deletion_timestamp.is_some()
+    {
+        // Done; or its Domain is going (and its snapshots with it).
+        return Ok(Action::await_change());
+    }
+    // The watch cache may lag behind this agent's own status writes: a
+    // consistent read says whether the snapshot was taken already.
+    let Some(snap) = api.get_opt(&name).await? else {
+        return Ok(Action::await_change());
+    };
+    let status = snap.status.clone().unwrap_or_default();
     if matches!(status.phase, SnapshotPhase::Ready | SnapshotPhase::Failed) {
         return Ok(Action::await_change());
     }
+    let snap = Arc::new(snap);
     let generation = snap.meta().generation;
     k8s::add_finalizer(&api, snap.as_ref(), SNAPSHOT_FINALIZER).await?;
     if let Some(uid) = domain.uid() {
-        let owned = snap
-            .owner_references()
-            .iter()
-            .any(|o| o.uid == uid);
+        let owned = snap.owner_references().iter().any(|o| o.uid == uid);
         if !owned {
             k8s::patch_json(
                 &api,
@@ -316,6 +379,16 @@ async fn reconcile_restore(restore: Arc<DomainRestore>, ctx: &Ctx) -> Result<Act
     let Some(domain) = my_domain(ctx, &ns, &restore.spec.domain_name).await? else {
         return Ok(Action::requeue(Duration::from_secs(30)));
     };
+    // A restore is done once: a consistent read, not the watch cache,
+    // says whether it was.
+    let Some(restore) = api.get_opt(&name).await? else {
+        return Ok(Action::await_change());
+    };
+    let status = restore.status.clone().unwrap_or_default();
+    if matches!(status.phase, SnapshotPhase::Ready | SnapshotPhase::Failed) {
+        return Ok(Action::await_change());
+    }
+    let restore = Arc::new(restore);
     let generation = restore.meta().generation;
     let node = ctx.config.node_name.clone();
     let domain_key = node_key(&ns, &restore.spec.domain_name);
@@ -363,10 +436,15 @@ async fn reconcile_restore(restore: Arc<DomainRestore>, ctx: &Ctx) -> Result<Act
         Some(s) => match s.status.as_ref().map(|x| x.phase) {
             Some(SnapshotPhase::Failed) => Some((
                 true,
-                format!("spec.snapshotName: DomainSnapshot {snap_name} failed; it cannot be restored"),
+                format!(
+                    "spec.snapshotName: DomainSnapshot {snap_name} failed; it cannot be restored"
+                ),
             )),
             Some(SnapshotPhase::Ready) => None,
-            _ => Some((false, format!("DomainSnapshot {snap_name} is not ready yet"))),
+            _ => Some((
+                false,
+                format!("DomainSnapshot {snap_name} is not ready yet"),
+            )),
         },
     };
     if let Some((terminal, message)) = refusal {

@@ -378,7 +378,12 @@ impl Backend for Qemu {
         Ok(())
     }
 
-    fn snapshot_delete_live(&self, paths: &RunPaths, index: usize, tag: &str) -> Result<(), String> {
+    fn snapshot_delete_live(
+        &self,
+        paths: &RunPaths,
+        index: usize,
+        tag: &str,
+    ) -> Result<(), String> {
         let mut q = self.qmp(paths).map_err(|e| e.to_string())?;
         q.execute(
             "blockdev-snapshot-delete-internal-sync",

@@ -17,8 +17,8 @@
 
 mod domains;
 mod networks;
-mod snapshots;
 mod node_file;
+mod snapshots;
 mod storage;
 mod store;
 
@@ -122,7 +122,10 @@ struct DomainObj {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     managed_save: Option<domains::SavedImage>,
     /// Its snapshots (`snapshot-create-as`).
-    #[serde(default, skip_serializing_if = "crate::snapshot::SnapshotTree::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "crate::snapshot::SnapshotTree::is_empty"
+    )]
     snapshots: crate::snapshot::SnapshotTree,
 }
 

@@ -125,9 +125,9 @@ impl State {
 
 #[cfg(test)]
 mod tests {
+    use crate::HypervisorDriver;
     use crate::snapshot::{RevertTo, SnapshotParams, SnapshotState};
     use crate::test::TestDriver;
-    use crate::HypervisorDriver;
     use vireo_crds::{DomainReason, DomainState};
 
     fn params(name: &str) -> SnapshotParams {
@@ -142,7 +142,10 @@ mod tests {
     fn revert_brings_back_state_definition_and_sizes() {
         let d = TestDriver::default_node();
         let s1 = d.snapshot_create("test", &params("s1")).expect("s1");
-        assert_eq!((s1.state, s1.memory, s1.current), (SnapshotState::Running, true, true));
+        assert_eq!(
+            (s1.state, s1.memory, s1.current),
+            (SnapshotState::Running, true, true)
+        );
         assert_eq!(s1.disks.len(), 1);
         d.set_domain_memory("test", 1 << 30).expect("setmem");
         d.destroy_domain("test").expect("destroy");
@@ -173,9 +176,7 @@ mod tests {
             d.domain_state("test").expect("state"),
             (DomainState::Paused, DomainReason::FromSnapshot)
         );
-        let e = d
-            .snapshot_create("test", &params("s1"))
-            .expect_err("taken");
+        let e = d.snapshot_create("test", &params("s1")).expect_err("taken");
         assert!(e.to_string().contains("already exists"), "{e}");
         d.destroy_domain("test").expect("destroy");
         let e = d.undefine_domain("test").expect_err("has snapshots");

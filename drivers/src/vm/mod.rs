@@ -1787,7 +1787,9 @@ impl<B: Backend> HypervisorDriver for VmDriver<B> {
     fn snapshot_list(&self, name: &str) -> Result<Vec<crate::snapshot::SnapshotInfo>> {
         let inner = &self.inner;
         inner.snapshot_kind(name)?;
-        inner.with(name, |_, rec| Ok(inner.load_tree(name, &rec.uuid)?.list(name)))
+        inner.with(name, |_, rec| {
+            Ok(inner.load_tree(name, &rec.uuid)?.list(name))
+        })
     }
 
     fn snapshot_get(&self, name: &str, snapshot: &str) -> Result<crate::snapshot::SnapshotInfo> {

@@ -236,10 +236,9 @@ impl<B: Backend> Inner<B> {
         match self.backend.snapshot_disks() {
             Some(DiskSnapshots::Qcow2Internal) => {
                 let r = match live_index {
-                    Some(i) => {
-                        self.backend
-                            .snapshot_delete_live(&self.paths(&rec.uuid), i, snap)
-                    }
+                    Some(i) => self
+                        .backend
+                        .snapshot_delete_live(&self.paths(&rec.uuid), i, snap),
                     None => crate::storage::dir::qemu_img::snapshot(
                         std::path::Path::new(path),
                         "-d",
@@ -335,9 +334,9 @@ impl<B: Backend> Inner<B> {
                         let saved = crate::save::Writer::create(&file, header)
                             .map_err(|e| e.into_error(&name))
                             .and_then(|w| {
-                                self.backend
-                                    .save_state(&paths, &file)
-                                    .map_err(|e| io_failed(&name, "saving the guest's memory", e))?;
+                                self.backend.save_state(&paths, &file).map_err(|e| {
+                                    io_failed(&name, "saving the guest's memory", e)
+                                })?;
                                 w.finish().map_err(|e| e.into_error(&name))
                             });
                         if let Err(e) = saved {
