@@ -271,6 +271,7 @@ impl Standalone {
                 Ok(_) | Err(DriverError::NotFound(_)) => {}
                 Err(e) => return Err(e.into()),
             }
+            vireo_drivers::snapshot::delete_all(hv, &key)?;
             match hv.undefine_domain(&key) {
                 Ok(()) | Err(DriverError::NotFound(_)) => {}
                 Err(e) => return Err(e.into()),

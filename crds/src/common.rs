@@ -13,6 +13,7 @@ pub enum ObjectKind {
     StoragePool,
     StorageVol,
     Host,
+    DomainSnapshot,
 }
 
 impl ObjectKind {
@@ -24,6 +25,7 @@ impl ObjectKind {
             Self::StoragePool => "StoragePool",
             Self::StorageVol => "StorageVol",
             Self::Host => "Host",
+            Self::DomainSnapshot => "DomainSnapshot",
         }
     }
 }
@@ -37,6 +39,7 @@ impl fmt::Display for ObjectKind {
             Self::StoragePool => "storage pool",
             Self::StorageVol => "storage volume",
             Self::Host => "host",
+            Self::DomainSnapshot => "domain snapshot",
         })
     }
 }

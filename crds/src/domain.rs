@@ -827,6 +827,8 @@ pub enum DomainReason {
     /// paused: a live migration holds it (the target waiting for the
     /// state, or the source once everything is sent).
     Migration,
+    /// running, paused or shutoff: reverted to a snapshot.
+    FromSnapshot,
 }
 
 impl DomainReason {
@@ -851,6 +853,7 @@ impl DomainReason {
             Self::Panicked => "panicked",
             Self::Migrated => "migrated",
             Self::Migration => "migration",
+            Self::FromSnapshot => "from snapshot",
         }
     }
 }

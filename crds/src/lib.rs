@@ -10,10 +10,13 @@
 //! | `virStoragePoolPtr`| [`StoragePool`] | cluster    |
 //! | `virStorageVolPtr` | [`StorageVol`]  | namespaced |
 //! | `virNodeGetInfo`   | [`Host`]        | cluster    |
+//! | `virDomainSnapshotPtr` | [`DomainSnapshot`] | namespaced |
+//! | `virDomainRevertToSnapshot` | [`DomainRestore`] | namespaced |
 
 pub mod common;
 pub mod crd;
 pub mod domain;
+pub mod domain_snapshot;
 pub mod host;
 pub mod labels;
 pub mod libvirt_xml;
@@ -30,6 +33,10 @@ pub use domain::{
     DomainInfo, DomainReason, DomainSpec, DomainState, DomainStatus, DomainType, Firmware,
     GuestFilesystem, GuestInfo, GuestInterface, GuestOs, GuestUser, Interface, InterfaceStatus,
     KeyRef, Lifecycle, LifecycleAction, OsSpec, RunStrategy, SerialSpec,
+};
+pub use domain_snapshot::{
+    DomainRestore, DomainRestoreSpec, DomainRestoreStatus, DomainSnapshot, DomainSnapshotSpec,
+    DomainSnapshotStatus, SnapshotDiskStatus, SnapshotPhase,
 };
 pub use host::{Host, HostSpec, HostStatus, NodeInfo};
 pub use manifest::{Manifest, ManifestError};

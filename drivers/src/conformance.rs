@@ -446,6 +446,11 @@ fn purge_domain(conn: &Connection, fx: &Fixture, name: &str) {
                 }
             }
         }
+        if let Ok(snapshots) = hv.snapshot_list(name) {
+            for s in snapshots {
+                let _ = hv.snapshot_delete(name, &s.name);
+            }
+        }
         if hv.domain_is_persistent(name).unwrap_or(false) {
             let _ = hv.undefine_domain(name);
         }
@@ -979,6 +984,167 @@ pub fn case_domain_save_restore(conn: &Connection, fx: &Fixture) -> Result<(), F
     let _ = std::fs::remove_file(&file);
     let _ = std::fs::remove_file(&paused_file);
     result
+}
+
+/// Snapshots, libvirt's `virDomainSnapshot*`, on a driver that takes them
+/// (a driver that does not answers `Unsupported` to the first, and the
+/// case ends there): a snapshot of a running domain holds its memory and
+/// state `running`; one of a shut-off domain holds none, state `shutoff`,
+/// its parent the one before; each new one is current. A revert brings the
+/// domain back as the snapshot was (running or shut off, reason `from
+/// snapshot`) and makes it current; `--running` boots one without memory.
+/// A disk-only snapshot of a running domain is `disk-snapshot`. Names are
+/// unique; an unknown one is not found; an inactive domain with snapshots
+/// cannot be undefined; deleting a snapshot leaves the domain as it is and
+/// hands its children to its parent.
+pub fn case_domain_snapshots(conn: &Connection, fx: &Fixture) -> Result<(), Failure> {
+    use crate::snapshot::{RevertTo, SnapshotParams, SnapshotState};
+    let name = "conf-dom-snap";
+    let params = |snap: &str, disk_only: bool| SnapshotParams {
+        name: Some(snap.to_string()),
+        description: Some(format!("conformance {snap}")),
+        disk_only,
+    };
+    let snap_label = |s: &str| label(ObjectKind::DomainSnapshot, s);
+    guarded(conn, fx, Made::domains(&[name]), || {
+        let hv = conn.hypervisor();
+        define_and_start(conn, fx, name)?;
+        let run = match hv.snapshot_create(name, &params("s-run", false)) {
+            Err(Error::Unsupported { .. }) => return Ok(()),
+            other => other.step("snapshot of the running domain")?,
+        };
+        ensure!(
+            (run.state, run.memory, run.current, run.parent.as_deref())
+                == (SnapshotState::Running, true, true, None),
+            "a first snapshot of a running domain: running, with memory, current, no parent: {run:?}"
+        );
+        expect_state(conn, fx, name, DomainState::Running, DomainReason::Booted)?;
+        refused(
+            "a second snapshot of the same name",
+            hv.snapshot_create(name, &params("s-run", false)),
+            Expected::AlreadyExists,
+            &snap_label("s-run"),
+        )?;
+        hv.destroy_domain(name).step("destroy")?;
+        expect_state(
+            conn,
+            fx,
+            name,
+            DomainState::Shutoff,
+            DomainReason::Destroyed,
+        )?;
+        let off = hv
+            .snapshot_create(name, &params("s-off", false))
+            .step("snapshot of the shut-off domain")?;
+        ensure!(
+            (off.state, off.memory, off.parent.as_deref())
+                == (SnapshotState::Shutoff, false, Some("s-run")),
+            "a snapshot of a shut-off domain: shutoff, no memory, parent s-run: {off:?}"
+        );
+        let names: Vec<String> = hv
+            .snapshot_list(name)
+            .step("snapshot list")?
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        ensure!(
+            names == ["s-run", "s-off"],
+            "the list is oldest first: {names:?}"
+        );
+        refused(
+            "undefine of an inactive domain with snapshots",
+            hv.undefine_domain(name),
+            Expected::InvalidState,
+            &dom_label(name),
+        )?;
+        refused(
+            "an unknown snapshot",
+            hv.snapshot_get(name, "s-none"),
+            Expected::NotFound,
+            &snap_label("s-none"),
+        )?;
+
+        hv.snapshot_revert(name, "s-run", RevertTo::Snapshot)
+            .step("revert to the running snapshot")?;
+        expect_state(
+            conn,
+            fx,
+            name,
+            DomainState::Running,
+            DomainReason::FromSnapshot,
+        )?;
+        ensure!(
+            current_id(conn, name)?.is_some(),
+            "a domain reverted to a running snapshot has an ID"
+        );
+        let current = hv.snapshot_current(name).step("current")?;
+        ensure!(
+            current.as_ref().map(|s| s.name.as_str()) == Some("s-run"),
+            "the snapshot reverted to is current: {current:?}"
+        );
+        let disks = hv
+            .snapshot_create(name, &params("s-disks", true))
+            .step("disk-only snapshot of the running domain")?;
+        ensure!(
+            (disks.state, disks.memory, disks.parent.as_deref())
+                == (SnapshotState::DiskSnapshot, false, Some("s-run")),
+            "a disk-only snapshot of a running domain: disk-snapshot, no memory, parent s-run: {disks:?}"
+        );
+        let run = hv.snapshot_get(name, "s-run").step("info s-run")?;
+        ensure!(
+            (run.children, run.descendants) == (2, 2),
+            "s-run has two children: {run:?}"
+        );
+
+        hv.snapshot_revert(name, "s-off", RevertTo::Snapshot)
+            .step("revert to the shut-off snapshot")?;
+        expect_state(
+            conn,
+            fx,
+            name,
+            DomainState::Shutoff,
+            DomainReason::FromSnapshot,
+        )?;
+        ensure!(
+            current_id(conn, name)?.is_none(),
+            "a domain reverted to a shut-off snapshot has no ID"
+        );
+        hv.snapshot_revert(name, "s-off", RevertTo::Running)
+            .step("revert --running to the shut-off snapshot")?;
+        expect_state(
+            conn,
+            fx,
+            name,
+            DomainState::Running,
+            DomainReason::FromSnapshot,
+        )?;
+
+        hv.snapshot_delete(name, "s-run").step("delete s-run")?;
+        wait_for_state(conn, name, DomainState::Running, fx.timeout)?;
+        let off = hv.snapshot_get(name, "s-off").step("info s-off")?;
+        ensure!(
+            off.parent.is_none() && off.current,
+            "s-off goes to s-run's parent (none) and stays current: {off:?}"
+        );
+        refused(
+            "a deleted snapshot",
+            hv.snapshot_delete(name, "s-run"),
+            Expected::NotFound,
+            &snap_label("s-run"),
+        )?;
+        for s in ["s-off", "s-disks"] {
+            hv.snapshot_delete(name, s).step(&format!("delete {s}"))?;
+        }
+        ensure!(
+            hv.snapshot_list(name).step("snapshot list")?.is_empty(),
+            "no snapshots after deleting them all"
+        );
+        ensure!(
+            hv.snapshot_current(name).step("current")?.is_none(),
+            "no current snapshot after deleting them all"
+        );
+        Ok(())
+    })
 }
 
 /// A paused domain: shutdown ends in shutoff (shutdown); reboot brings it
@@ -3745,6 +3911,7 @@ pub const CASES: &[(&str, CaseFn)] = &[
         case_domain_paused_transitions,
     ),
     ("case_domain_save_restore", case_domain_save_restore),
+    ("case_domain_snapshots", case_domain_snapshots),
     ("case_domain_destroy", case_domain_destroy),
     ("case_domain_destroy_paused", case_domain_destroy_paused),
     ("case_domain_undefine_active", case_domain_undefine_active),
@@ -3848,6 +4015,7 @@ macro_rules! conformance_tests {
             case_domain_reboot_reset
             case_domain_paused_transitions
             case_domain_save_restore
+            case_domain_snapshots
             case_domain_destroy
             case_domain_destroy_paused
             case_domain_undefine_active

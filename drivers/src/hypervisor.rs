@@ -509,6 +509,58 @@ pub trait HypervisorDriver: Send + Sync {
         Err(unsupported(self.name(), name, "managed save"))
     }
 
+    /// Takes a snapshot of the domain (libvirt's
+    /// `virDomainSnapshotCreateXML`, `virsh snapshot-create-as`): its
+    /// definition and disks, and its memory when it is active and
+    /// `disk_only` is not asked. It becomes the current snapshot.
+    fn snapshot_create(
+        &self,
+        name: &str,
+        _params: &crate::snapshot::SnapshotParams,
+    ) -> Result<crate::snapshot::SnapshotInfo> {
+        self.domain_state(name)?;
+        Err(unsupported(self.name(), name, "snapshots"))
+    }
+
+    /// The domain's snapshots, oldest first (`snapshot-list`).
+    fn snapshot_list(&self, name: &str) -> Result<Vec<crate::snapshot::SnapshotInfo>> {
+        self.domain_state(name)?;
+        Err(unsupported(self.name(), name, "snapshots"))
+    }
+
+    /// One snapshot (`snapshot-info`, `snapshot-dumpxml`).
+    fn snapshot_get(&self, name: &str, snapshot: &str) -> Result<crate::snapshot::SnapshotInfo> {
+        self.snapshot_list(name)?
+            .into_iter()
+            .find(|s| s.name == snapshot)
+            .ok_or_else(|| Error::not_found(vireo_crds::ObjectKind::DomainSnapshot, snapshot))
+    }
+
+    /// The current snapshot, if there is one (`snapshot-current`).
+    fn snapshot_current(&self, name: &str) -> Result<Option<crate::snapshot::SnapshotInfo>> {
+        Ok(self.snapshot_list(name)?.into_iter().find(|s| s.current))
+    }
+
+    /// Returns the domain to a snapshot (`snapshot-revert`): its
+    /// definition and disks, and its memory for a full snapshot; it ends
+    /// as `to` says, reason `from snapshot`. The snapshot becomes current.
+    fn snapshot_revert(
+        &self,
+        name: &str,
+        _snapshot: &str,
+        _to: crate::snapshot::RevertTo,
+    ) -> Result<()> {
+        self.domain_state(name)?;
+        Err(unsupported(self.name(), name, "snapshots"))
+    }
+
+    /// Deletes a snapshot and what it holds; the domain is untouched
+    /// (`snapshot-delete`). Its children become its parent's.
+    fn snapshot_delete(&self, name: &str, _snapshot: &str) -> Result<()> {
+        self.domain_state(name)?;
+        Err(unsupported(self.name(), name, "snapshots"))
+    }
+
     /// Migration, target side, step 1 (libvirt's Prepare): defines `domain`
     /// on this node and starts it waiting for the incoming state (not
     /// running: paused, reason `migration`), listening on

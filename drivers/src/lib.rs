@@ -29,6 +29,7 @@ pub mod qemu;
 pub mod records;
 pub mod remote;
 pub mod save;
+pub mod snapshot;
 pub mod storage;
 pub mod test;
 pub mod vm;

@@ -290,6 +290,33 @@ impl HypervisorDriver for NodeHypervisor {
     fn migrate_confirm(&self, name: &str, succeeded: bool) -> Result<()> {
         self.owner(name)?.migrate_confirm(name, succeeded)
     }
+    fn snapshot_create(
+        &self,
+        name: &str,
+        params: &crate::snapshot::SnapshotParams,
+    ) -> Result<crate::snapshot::SnapshotInfo> {
+        self.owner(name)?.snapshot_create(name, params)
+    }
+    fn snapshot_list(&self, name: &str) -> Result<Vec<crate::snapshot::SnapshotInfo>> {
+        self.owner(name)?.snapshot_list(name)
+    }
+    fn snapshot_get(&self, name: &str, snapshot: &str) -> Result<crate::snapshot::SnapshotInfo> {
+        self.owner(name)?.snapshot_get(name, snapshot)
+    }
+    fn snapshot_current(&self, name: &str) -> Result<Option<crate::snapshot::SnapshotInfo>> {
+        self.owner(name)?.snapshot_current(name)
+    }
+    fn snapshot_revert(
+        &self,
+        name: &str,
+        snapshot: &str,
+        to: crate::snapshot::RevertTo,
+    ) -> Result<()> {
+        self.owner(name)?.snapshot_revert(name, snapshot, to)
+    }
+    fn snapshot_delete(&self, name: &str, snapshot: &str) -> Result<()> {
+        self.owner(name)?.snapshot_delete(name, snapshot)
+    }
     fn managed_save(&self, name: &str) -> Result<()> {
         self.owner(name)?.managed_save(name)
     }

@@ -109,6 +109,12 @@ pub enum Call {
     ManagedSave(String),
     HasManagedSave(String),
     ManagedSaveRemove(String),
+    SnapshotCreate(String, crate::snapshot::SnapshotParams),
+    SnapshotList(String),
+    SnapshotGet(String, String),
+    SnapshotCurrent(String),
+    SnapshotRevert(String, String, crate::snapshot::RevertTo),
+    SnapshotDelete(String, String),
     ListNetworks(ListFilter),
     LookupNetwork(Key),
     NetworkDefinition(String, bool),
@@ -198,6 +204,7 @@ fn kind_of(text: &str) -> ObjectKind {
         "StoragePool" => ObjectKind::StoragePool,
         "StorageVol" => ObjectKind::StorageVol,
         "Host" => ObjectKind::Host,
+        "DomainSnapshot" => ObjectKind::DomainSnapshot,
         _ => ObjectKind::Domain,
     }
 }
@@ -567,6 +574,33 @@ impl HypervisorDriver for Remote {
     fn guest_agent_shutdown(&self, name: &str, reboot: bool) -> Result<()> {
         self.call(Call::GuestAgentShutdown(name.into(), reboot))
     }
+    fn snapshot_create(
+        &self,
+        name: &str,
+        params: &crate::snapshot::SnapshotParams,
+    ) -> Result<crate::snapshot::SnapshotInfo> {
+        self.call(Call::SnapshotCreate(name.into(), params.clone()))
+    }
+    fn snapshot_list(&self, name: &str) -> Result<Vec<crate::snapshot::SnapshotInfo>> {
+        self.call(Call::SnapshotList(name.into()))
+    }
+    fn snapshot_get(&self, name: &str, snapshot: &str) -> Result<crate::snapshot::SnapshotInfo> {
+        self.call(Call::SnapshotGet(name.into(), snapshot.into()))
+    }
+    fn snapshot_current(&self, name: &str) -> Result<Option<crate::snapshot::SnapshotInfo>> {
+        self.call(Call::SnapshotCurrent(name.into()))
+    }
+    fn snapshot_revert(
+        &self,
+        name: &str,
+        snapshot: &str,
+        to: crate::snapshot::RevertTo,
+    ) -> Result<()> {
+        self.call(Call::SnapshotRevert(name.into(), snapshot.into(), to))
+    }
+    fn snapshot_delete(&self, name: &str, snapshot: &str) -> Result<()> {
+        self.call(Call::SnapshotDelete(name.into(), snapshot.into()))
+    }
     fn domain_scheduler(&self, name: &str) -> Result<(String, Vec<(String, String)>)> {
         self.call(Call::DomainScheduler(name.into()))
     }
@@ -890,6 +924,12 @@ fn answer(
         Call::ManagedSave(n) => ok(hv.managed_save(&n)),
         Call::HasManagedSave(n) => ok(hv.has_managed_save(&n)),
         Call::ManagedSaveRemove(n) => ok(hv.managed_save_remove(&n)),
+        Call::SnapshotCreate(n, p) => ok(hv.snapshot_create(&n, &p)),
+        Call::SnapshotList(n) => ok(hv.snapshot_list(&n)),
+        Call::SnapshotGet(n, s) => ok(hv.snapshot_get(&n, &s)),
+        Call::SnapshotCurrent(n) => ok(hv.snapshot_current(&n)),
+        Call::SnapshotRevert(n, s, t) => ok(hv.snapshot_revert(&n, &s, t)),
+        Call::SnapshotDelete(n, s) => ok(hv.snapshot_delete(&n, &s)),
         Call::ListNetworks(f) => ok(net.list_networks(f)),
         Call::LookupNetwork(k) => ok(net.lookup_network(k.lookup())),
         Call::NetworkDefinition(n, i) => ok(net.network_definition(&n, i)),

@@ -9,6 +9,7 @@ mod inspect;
 mod network;
 mod pool;
 mod save;
+mod snapshot;
 mod volume;
 
 use std::path::{Path, PathBuf};
@@ -110,6 +111,22 @@ pub enum Command {
     Managedsave(DomainArg),
     /// Remove a domain's managed save image: its next start boots.
     ManagedsaveRemove(DomainArg),
+    /// Take a snapshot of a domain: its disks and, of a running domain, its
+    /// memory (--disk-only: disks only). It becomes the current snapshot.
+    SnapshotCreateAs(snapshot::CreateAsArgs),
+    /// List a domain's snapshots: name, creation time, state.
+    SnapshotList(snapshot::ListArgs),
+    /// Print a snapshot's state, parent, children and what it holds.
+    SnapshotInfo(snapshot::SnapshotArg),
+    /// Print a snapshot as libvirt's domainsnapshot XML.
+    SnapshotDumpxml(snapshot::DumpxmlArgs),
+    /// Print a domain's current snapshot (its name with --name).
+    SnapshotCurrent(snapshot::CurrentArgs),
+    /// Return a domain to a snapshot: its definition, disks and, for a
+    /// snapshot with memory, the running guest where it was.
+    SnapshotRevert(snapshot::RevertArgs),
+    /// Delete a snapshot and what it holds; the domain is untouched.
+    SnapshotDelete(snapshot::SnapshotArg),
     /// Mark a domain to start with its node, or unmark it with --disable.
     Autostart(AutostartArgs),
     /// Set a domain's current memory (a bare number is KiB; units: K, M, G,
@@ -751,6 +768,13 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
         C::Restore(a) => save::restore(conn, a),
         C::Managedsave(a) => save::managedsave(conn, &a.domain),
         C::ManagedsaveRemove(a) => save::managedsave_remove(conn, &a.domain),
+        C::SnapshotCreateAs(a) => snapshot::create_as(conn, a),
+        C::SnapshotList(a) => snapshot::list(conn, a),
+        C::SnapshotInfo(a) => snapshot::info(conn, a),
+        C::SnapshotDumpxml(a) => snapshot::dumpxml(conn, a),
+        C::SnapshotCurrent(a) => snapshot::current(conn, a),
+        C::SnapshotRevert(a) => snapshot::revert(conn, a),
+        C::SnapshotDelete(a) => snapshot::delete(conn, a),
         C::Console(a) => console::run(conn, a),
         C::Shutdown(a) => guest::shutdown(conn, &a.domain, a.mode.as_deref(), false),
         C::Reboot(a) => guest::shutdown(conn, &a.domain, a.mode.as_deref(), true),

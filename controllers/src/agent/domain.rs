@@ -834,6 +834,8 @@ async fn teardown(ctx: &Ctx, ty: DomainType, key: &str) -> Result<()> {
             Err(DriverError::NotFound(_)) => return Ok(()),
             Err(e) => return Err(e),
         }
+        // The Domain is gone for good: so are its snapshots.
+        vireo_drivers::snapshot::delete_all(hv, &k)?;
         match hv.undefine_domain(&k) {
             Ok(()) | Err(DriverError::NotFound(_)) => Ok(()),
             Err(e) => Err(e),

@@ -11,6 +11,7 @@ mod domain;
 mod host;
 mod network;
 mod pool;
+mod snapshot;
 pub mod subresources;
 mod sweep;
 mod volume;
@@ -372,6 +373,7 @@ pub async fn run(
         _ = volume::run(ctx.clone()) => {}
         _ = network::run(ctx.clone()) => {}
         _ = pool::run(ctx.clone()) => {}
+        _ = snapshot::run(ctx.clone()) => {}
         _ = shutdown.wait() => tracing::info!("stopping; guests keep running"),
     }
     heartbeat.abort();

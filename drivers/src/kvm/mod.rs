@@ -353,6 +353,12 @@ impl Backend for Vmm {
         true
     }
 
+    /// Disks are raw: a snapshot keeps a sparse copy of each, taken while
+    /// the guest is paused; the memory is vireo-vmm's snapshot.
+    fn snapshot_disks(&self) -> Option<vm::snapshot::DiskSnapshots> {
+        Some(vm::snapshot::DiskSnapshots::RawCopies)
+    }
+
     /// vireo-vmm reads the snapshot at start (`--restore`, at the offset
     /// past the save file's header) and waits paused (`--paused`), so the
     /// guest runs only once [`Backend::load_state`] says so.

@@ -393,6 +393,52 @@ impl Backend for Qemu {
         }
     }
 
+    /// qcow2 disks get internal snapshots (`savevm`'s kind, kept inside
+    /// the image); the memory goes to a save file beside them.
+    fn snapshot_disks(&self) -> Option<vm::snapshot::DiskSnapshots> {
+        Some(vm::snapshot::DiskSnapshots::Qcow2Internal)
+    }
+
+    fn snapshot_internal_live(
+        &self,
+        paths: &RunPaths,
+        indexes: &[usize],
+        tag: &str,
+    ) -> Result<(), String> {
+        let mut q = self.qmp(paths).map_err(|e| e.to_string())?;
+        for (n, i) in indexes.iter().enumerate() {
+            let taken = q.execute(
+                "blockdev-snapshot-internal-sync",
+                Some(json!({ "device": format!("disk{i}"), "name": tag })),
+            );
+            if let Err(e) = taken {
+                for done in &indexes[..n] {
+                    let _ = q.execute(
+                        "blockdev-snapshot-delete-internal-sync",
+                        Some(json!({ "device": format!("disk{done}"), "name": tag })),
+                    );
+                }
+                return Err(format!("disk{i}: {e}"));
+            }
+        }
+        Ok(())
+    }
+
+    fn snapshot_delete_live(
+        &self,
+        paths: &RunPaths,
+        index: usize,
+        tag: &str,
+    ) -> Result<(), String> {
+        let mut q = self.qmp(paths).map_err(|e| e.to_string())?;
+        q.execute(
+            "blockdev-snapshot-delete-internal-sync",
+            Some(json!({ "device": format!("disk{index}"), "name": tag })),
+        )
+        .map(drop)
+        .map_err(|e| e.to_string())
+    }
+
     fn vcpu_threads(&self, paths: &RunPaths) -> Option<Result<Vec<u32>, String>> {
         Some((|| {
             let mut q = self.qmp(paths).map_err(|e| e.to_string())?;

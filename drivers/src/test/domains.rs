@@ -49,7 +49,7 @@ impl DomainObj {
         }
     }
 
-    fn is_active(&self) -> bool {
+    pub(super) fn is_active(&self) -> bool {
         self.state.is_active()
     }
 
@@ -62,13 +62,13 @@ impl DomainObj {
     }
 
     /// Stops the vCPU clock (pause or stop).
-    fn stop_clock(&mut self) {
+    pub(super) fn stop_clock(&mut self) {
         self.cpu_time_ns = self.cpu_time();
         self.running_since = None;
     }
 
     /// Loads the sizes of the definition into the runtime fields.
-    fn load_sizes(&mut self) {
+    pub(super) fn load_sizes(&mut self) {
         let (max, cur) = sizes(&self.def);
         self.max_memory = max;
         self.memory = cur;
@@ -89,13 +89,13 @@ fn sizes(def: &Domain) -> (u64, u64) {
 }
 
 impl State {
-    fn domain(&self, name: &str) -> Result<&DomainObj> {
+    pub(super) fn domain(&self, name: &str) -> Result<&DomainObj> {
         self.domains
             .get(name)
             .ok_or_else(|| Error::not_found(KIND, name))
     }
 
-    fn domain_mut(&mut self, name: &str) -> Result<&mut DomainObj> {
+    pub(super) fn domain_mut(&mut self, name: &str) -> Result<&mut DomainObj> {
         self.domains
             .get_mut(name)
             .ok_or_else(|| Error::not_found(KIND, name))
@@ -147,7 +147,7 @@ impl State {
         Ok((name, def))
     }
 
-    fn activate(&mut self, name: &str, reason: DomainReason) -> Result<DomainRef> {
+    pub(super) fn activate(&mut self, name: &str, reason: DomainReason) -> Result<DomainRef> {
         self.domain_mut(name)?;
         let id = match &self.ids {
             Some(ids) => ids.next().map_err(|e| Error::OperationFailed {
@@ -169,7 +169,7 @@ impl State {
     }
 
     /// Makes an active domain inactive with a reason; a transient one goes away.
-    fn deactivate(&mut self, name: &str, reason: DomainReason) -> Result<()> {
+    pub(super) fn deactivate(&mut self, name: &str, reason: DomainReason) -> Result<()> {
         let obj = self.domain_mut(name)?;
         obj.stop_clock();
         obj.state = DomainState::Shutoff;
@@ -214,6 +214,7 @@ impl State {
             cpu_time_ns: 0,
             running_since: None,
             managed_save: None,
+            snapshots: Default::default(),
         };
         obj.load_sizes();
         let r = obj.reference();
@@ -556,6 +557,11 @@ impl HypervisorDriver for TestDriver {
                 obj.persistent = false;
                 obj.autostart = false;
                 obj.new_def = None;
+            } else if !obj.snapshots.is_empty() {
+                return Err(crate::snapshot::undefine_refused(
+                    name,
+                    obj.snapshots.snapshots.len(),
+                ));
             } else {
                 st.domains.remove(name);
             }
@@ -642,6 +648,43 @@ impl HypervisorDriver for TestDriver {
             paused: header.paused,
         };
         self.change(Kind::Domain, &header.name, |st| st.resume_image(&image))
+    }
+
+    fn snapshot_create(
+        &self,
+        name: &str,
+        params: &crate::snapshot::SnapshotParams,
+    ) -> Result<crate::snapshot::SnapshotInfo> {
+        self.change(Kind::Domain, name, |st| st.snapshot_create(name, params))
+    }
+
+    fn snapshot_list(&self, name: &str) -> Result<Vec<crate::snapshot::SnapshotInfo>> {
+        Ok(self.lock().domain(name)?.snapshots.list(name))
+    }
+
+    fn snapshot_get(&self, name: &str, snapshot: &str) -> Result<crate::snapshot::SnapshotInfo> {
+        self.lock().domain(name)?.snapshots.info(name, snapshot)
+    }
+
+    fn snapshot_current(&self, name: &str) -> Result<Option<crate::snapshot::SnapshotInfo>> {
+        Ok(self.lock().domain(name)?.snapshots.current_info(name))
+    }
+
+    fn snapshot_revert(
+        &self,
+        name: &str,
+        snapshot: &str,
+        to: crate::snapshot::RevertTo,
+    ) -> Result<()> {
+        self.change(Kind::Domain, name, |st| {
+            st.snapshot_revert(name, snapshot, to)
+        })
+    }
+
+    fn snapshot_delete(&self, name: &str, snapshot: &str) -> Result<()> {
+        self.change(Kind::Domain, name, |st| {
+            st.domain_mut(name)?.snapshots.remove(snapshot).map(|_| ())
+        })
     }
 
     fn managed_save(&self, name: &str) -> Result<()> {

@@ -18,6 +18,7 @@
 mod domains;
 mod networks;
 mod node_file;
+mod snapshots;
 mod storage;
 mod store;
 
@@ -120,6 +121,12 @@ struct DomainObj {
     /// The managed save image (`managedsave`): the next start resumes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     managed_save: Option<domains::SavedImage>,
+    /// Its snapshots (`snapshot-create-as`).
+    #[serde(
+        default,
+        skip_serializing_if = "crate::snapshot::SnapshotTree::is_empty"
+    )]
+    snapshots: crate::snapshot::SnapshotTree,
 }
 
 #[derive(Serialize, Deserialize)]

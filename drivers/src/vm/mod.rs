@@ -18,6 +18,7 @@ pub mod boot;
 pub mod cloud_init;
 pub mod guest_agent;
 pub mod process;
+pub mod snapshot;
 pub mod store;
 
 use std::collections::HashMap;
@@ -287,6 +288,33 @@ pub trait Backend: Send + Sync + 'static {
     /// the disks and runs the guest.
     fn migration_resume_target(&self, _paths: &RunPaths) -> std::result::Result<(), String> {
         Err("this backend does not migrate guests".into())
+    }
+    /// How the backend keeps disks in a snapshot (`snapshot-create-as`);
+    /// `None`: it takes no snapshots. A full snapshot's memory goes
+    /// through [`Backend::save_state`] and comes back through
+    /// [`Backend::launch_incoming`] and [`Backend::load_state`].
+    fn snapshot_disks(&self) -> Option<snapshot::DiskSnapshots> {
+        None
+    }
+    /// With the guest paused, takes the internal snapshot `tag` of the
+    /// disks at `indexes` among the launch's disks: all or none.
+    fn snapshot_internal_live(
+        &self,
+        _paths: &RunPaths,
+        _indexes: &[usize],
+        _tag: &str,
+    ) -> std::result::Result<(), String> {
+        Err("this backend takes no internal disk snapshots".into())
+    }
+    /// Deletes the internal snapshot `tag` of the running guest's disk at
+    /// `index`.
+    fn snapshot_delete_live(
+        &self,
+        _paths: &RunPaths,
+        _index: usize,
+        _tag: &str,
+    ) -> std::result::Result<(), String> {
+        Err("this backend takes no internal disk snapshots".into())
     }
     /// I/O counters of the running guest's disk `disk` (its target name),
     /// virsh's names and values; `None` when the backend keeps none.
@@ -1721,6 +1749,10 @@ impl<B: Backend> HypervisorDriver for VmDriver<B> {
                 rec.autostart = false;
                 inner.save(l, rec)
             } else {
+                let snapshots = inner.load_tree(name, &rec.uuid)?.snapshots.len();
+                if snapshots > 0 {
+                    return Err(crate::snapshot::undefine_refused(name, snapshots));
+                }
                 let paths = inner.paths(&rec.uuid);
                 let _ = std::fs::remove_dir_all(&paths.dir);
                 let _ = std::fs::remove_file(&paths.nvram);
@@ -1811,6 +1843,57 @@ impl<B: Backend> HypervisorDriver for VmDriver<B> {
             }
             inner.save_to(l, rec, &image)
         })
+    }
+
+    fn snapshot_create(
+        &self,
+        name: &str,
+        params: &crate::snapshot::SnapshotParams,
+    ) -> Result<crate::snapshot::SnapshotInfo> {
+        let inner = &self.inner;
+        inner.snapshot_kind(name)?;
+        inner.with(name, |l, rec| inner.snapshot_create(l, rec, params))
+    }
+
+    fn snapshot_list(&self, name: &str) -> Result<Vec<crate::snapshot::SnapshotInfo>> {
+        let inner = &self.inner;
+        inner.snapshot_kind(name)?;
+        inner.with(name, |_, rec| {
+            Ok(inner.load_tree(name, &rec.uuid)?.list(name))
+        })
+    }
+
+    fn snapshot_get(&self, name: &str, snapshot: &str) -> Result<crate::snapshot::SnapshotInfo> {
+        let inner = &self.inner;
+        inner.snapshot_kind(name)?;
+        inner.with(name, |_, rec| {
+            inner.load_tree(name, &rec.uuid)?.info(name, snapshot)
+        })
+    }
+
+    fn snapshot_current(&self, name: &str) -> Result<Option<crate::snapshot::SnapshotInfo>> {
+        let inner = &self.inner;
+        inner.snapshot_kind(name)?;
+        inner.with(name, |_, rec| {
+            Ok(inner.load_tree(name, &rec.uuid)?.current_info(name))
+        })
+    }
+
+    fn snapshot_revert(
+        &self,
+        name: &str,
+        snapshot: &str,
+        to: crate::snapshot::RevertTo,
+    ) -> Result<()> {
+        let inner = &self.inner;
+        inner.snapshot_kind(name)?;
+        inner.with(name, |l, rec| inner.snapshot_revert(l, rec, snapshot, to))
+    }
+
+    fn snapshot_delete(&self, name: &str, snapshot: &str) -> Result<()> {
+        let inner = &self.inner;
+        inner.snapshot_kind(name)?;
+        inner.with(name, |_, rec| inner.snapshot_delete(rec, snapshot))
     }
 
     fn has_managed_save(&self, name: &str) -> Result<bool> {

@@ -106,6 +106,13 @@ pub fn resize_qcow2(path: &Path, capacity: u64, shrink: bool) -> Result<(), Stri
     run(&args)
 }
 
+/// An internal snapshot of a qcow2 image that no process has open
+/// (`qemu-img snapshot`): `-c` creates `tag`, `-a` applies it (the image
+/// returns to it), `-d` deletes it.
+pub fn snapshot(path: &Path, flag: &str, tag: &str) -> Result<(), String> {
+    run(&["snapshot", flag, tag, path_str(path)?])
+}
+
 /// Whether qemu-img can be run here.
 pub fn available() -> bool {
     Command::new(binary())
