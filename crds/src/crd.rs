@@ -6,7 +6,7 @@
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
-use crate::{Domain, Host, Network, StoragePool, StorageVol};
+use crate::{Domain, DomainMigration, Host, Network, StoragePool, StorageVol};
 
 /// Every Vireo CRD, in a stable order.
 pub fn all() -> Vec<CustomResourceDefinition> {
@@ -16,6 +16,7 @@ pub fn all() -> Vec<CustomResourceDefinition> {
         StoragePool::crd(),
         StorageVol::crd(),
         Host::crd(),
+        DomainMigration::crd(),
     ]
 }
 

@@ -6,6 +6,7 @@ mod edit;
 mod guest;
 mod host;
 mod inspect;
+mod migrate;
 mod network;
 mod pool;
 mod save;
@@ -110,6 +111,11 @@ pub enum Command {
     Managedsave(DomainArg),
     /// Remove a domain's managed save image: its next start boots.
     ManagedsaveRemove(DomainArg),
+    /// Move a running domain to another node while it runs (virsh migrate
+    /// --live). On a cluster: `migrate NAME [NODE]` creates a
+    /// DomainMigration and waits for it; between connections: `migrate
+    /// --live NAME DEST_URI`.
+    Migrate(migrate::MigrateArgs),
     /// Mark a domain to start with its node, or unmark it with --disable.
     Autostart(AutostartArgs),
     /// Set a domain's current memory (a bare number is KiB; units: K, M, G,
@@ -747,6 +753,7 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
         | C::Autostart(_)
         | C::Setmem(_)
         | C::Setvcpus(_) => domain::run(conn, command),
+        C::Migrate(a) => migrate::run(conn, a),
         C::Save(a) => save::save(conn, a),
         C::Restore(a) => save::restore(conn, a),
         C::Managedsave(a) => save::managedsave(conn, &a.domain),

@@ -41,7 +41,7 @@ impl DomainObj {
         self.def.metadata.name.as_deref().unwrap_or_default()
     }
 
-    fn reference(&self) -> DomainRef {
+    pub(super) fn reference(&self) -> DomainRef {
         DomainRef {
             name: self.name().to_string(),
             uuid: self.uuid.clone(),
@@ -49,7 +49,7 @@ impl DomainObj {
         }
     }
 
-    fn is_active(&self) -> bool {
+    pub(super) fn is_active(&self) -> bool {
         self.state.is_active()
     }
 
@@ -62,7 +62,7 @@ impl DomainObj {
     }
 
     /// Stops the vCPU clock (pause or stop).
-    fn stop_clock(&mut self) {
+    pub(super) fn stop_clock(&mut self) {
         self.cpu_time_ns = self.cpu_time();
         self.running_since = None;
     }
@@ -89,13 +89,13 @@ fn sizes(def: &Domain) -> (u64, u64) {
 }
 
 impl State {
-    fn domain(&self, name: &str) -> Result<&DomainObj> {
+    pub(super) fn domain(&self, name: &str) -> Result<&DomainObj> {
         self.domains
             .get(name)
             .ok_or_else(|| Error::not_found(KIND, name))
     }
 
-    fn domain_mut(&mut self, name: &str) -> Result<&mut DomainObj> {
+    pub(super) fn domain_mut(&mut self, name: &str) -> Result<&mut DomainObj> {
         self.domains
             .get_mut(name)
             .ok_or_else(|| Error::not_found(KIND, name))
@@ -147,7 +147,7 @@ impl State {
         Ok((name, def))
     }
 
-    fn activate(&mut self, name: &str, reason: DomainReason) -> Result<DomainRef> {
+    pub(super) fn activate(&mut self, name: &str, reason: DomainReason) -> Result<DomainRef> {
         self.domain_mut(name)?;
         let id = match &self.ids {
             Some(ids) => ids.next().map_err(|e| Error::OperationFailed {
@@ -169,7 +169,7 @@ impl State {
     }
 
     /// Makes an active domain inactive with a reason; a transient one goes away.
-    fn deactivate(&mut self, name: &str, reason: DomainReason) -> Result<()> {
+    pub(super) fn deactivate(&mut self, name: &str, reason: DomainReason) -> Result<()> {
         let obj = self.domain_mut(name)?;
         obj.stop_clock();
         obj.state = DomainState::Shutoff;
@@ -707,6 +707,31 @@ impl HypervisorDriver for TestDriver {
             obj.running_since = Some(Instant::now());
             Ok(())
         })
+    }
+
+    fn migrate_prepare(
+        &self,
+        domain: &Domain,
+        params: &crate::migration::MigrationParams,
+    ) -> Result<crate::migration::MigrationIncoming> {
+        self.prepare_incoming(domain, params)
+    }
+
+    fn migrate_perform(
+        &self,
+        name: &str,
+        incoming: &crate::migration::MigrationIncoming,
+        _params: &crate::migration::MigrationParams,
+    ) -> Result<crate::migration::MigrationStats> {
+        self.perform_outgoing(name, incoming)
+    }
+
+    fn migrate_finish(&self, name: &str, succeeded: bool) -> Result<Option<DomainRef>> {
+        self.finish_incoming(name, succeeded)
+    }
+
+    fn migrate_confirm(&self, name: &str, succeeded: bool) -> Result<()> {
+        self.confirm_outgoing(name, succeeded)
     }
 
     fn destroy_domain(&self, name: &str) -> Result<()> {
