@@ -10,6 +10,9 @@
 //! saying why and the guest runs on; a second migration while one is in
 //! progress is refused; the spec cannot change.
 //!
+//! A second test drains a Host (`vireo drain`): each Domain goes as its
+//! `evictionStrategy` says.
+//!
 //! Needs root (network namespaces); without it the test fails when `CI`
 //! is set and otherwise prints a SKIP line and returns.
 
@@ -410,5 +413,88 @@ spec: {type: test, memory: 2Gi, vcpus: 2, runStrategy: Always}
         Some("held")
     );
     assert_eq!(d.labels().get(NODE).map(String::as_str), Some("node-2"));
+    drop(cluster);
+}
+
+/// `vireo drain node-1`: of three Domains there, the LiveMigrate one
+/// migrates (a DomainMigration the operator made), the Shutdown one is shut
+/// down there and starts on another node, the None one stays; the Host
+/// says Drained and `kubectl get hosts` shows DRAIN.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drain_moves_domains_as_their_eviction_strategy_says() {
+    let mut cluster = Cluster::start("drain");
+    cluster.hold(cluster.operator("operator", &["--no-leader-election"]));
+    // node-1 has the most room: placement puts all three there.
+    cluster.hold(cluster.agent("node-1", &["--memory", "64Gi"]));
+    cluster.hold(cluster.agent("node-2", &[]));
+    cluster.hold(cluster.agent("node-3", &[]));
+    let client = cluster.client().await;
+    ready_hosts(&client, 3).await;
+    let mut yaml = String::new();
+    for (name, strategy) in [("live", "LiveMigrate"), ("shut", "Shutdown"), ("stay", "None")] {
+        yaml.push_str(&format!(
+            "---\napiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {{name: {name}, namespace: default}}\nspec: {{type: test, memory: 1Gi, vcpus: 1, runStrategy: Always, evictionStrategy: {strategy}}}\n"
+        ));
+    }
+    let out = cluster.kubectl_stdin(&["apply", "-f", "-"], &yaml);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let domains: Api<Domain> = Api::namespaced(client.clone(), "default");
+    for name in ["live", "shut", "stay"] {
+        running_on(&domains, name, "node-1").await;
+    }
+    let out = vireo_as(
+        &cluster.kubeconfig,
+        &["-c", "kube:///", "drain", "node-1"].map(String::from),
+        b"",
+    );
+    assert!(
+        out.status.success(),
+        "vireo drain: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = cluster.kubectl_ok(&["get", "hosts"]);
+    assert!(table.contains("DRAIN") && table.contains("true"), "{table}");
+    let hosts: Api<Host> = Api::all(client.clone());
+    wait_for(T, "node-1 Drained", || async {
+        let h = hosts.get("node-1").await.ok()?;
+        h.status?
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Drained" && c.status == "True")
+            .then_some(())
+    })
+    .await;
+    let moved = |d: &Domain| {
+        d.labels()
+            .get(NODE)
+            .is_some_and(|n| n == "node-2" || n == "node-3")
+    };
+    for name in ["live", "shut"] {
+        let d = wait_for(T, &format!("{name} running off node-1"), || async {
+            domains.get_opt(name).await.ok().flatten().filter(|d| {
+                moved(d)
+                    && d.status.as_ref().and_then(|s| s.state) == Some(DomainState::Running)
+            })
+        })
+        .await;
+        assert!(moved(&d));
+    }
+    let migrations: Api<DomainMigration> = Api::namespaced(client.clone(), "default");
+    let m = migrations.get("live-drain").await.expect("the drain's migration");
+    assert_eq!(phase(&m), Some(MigrationPhase::Succeeded));
+    assert_eq!(
+        m.labels().get(vireo_crds::labels::DRAIN_LABEL).map(String::as_str),
+        Some("node-1")
+    );
+    assert!(
+        migrations.get_opt("shut-drain").await.expect("get").is_none(),
+        "Shutdown does not migrate"
+    );
+    let stay = domains.get("stay").await.expect("stay");
+    assert_eq!(stay.labels().get(NODE).map(String::as_str), Some("node-1"));
+    assert_eq!(
+        stay.status.as_ref().and_then(|s| s.state),
+        Some(DomainState::Running)
+    );
     drop(cluster);
 }

@@ -220,3 +220,43 @@ fn between(conn: &Connection, a: &MigrateArgs) -> Result<Output> {
         }),
     })
 }
+
+#[derive(Args)]
+pub struct DrainArgs {
+    /// The node (Host) to drain.
+    pub node: String,
+    /// Undo a drain: the Host takes Domains again (those moved off stay
+    /// where they went).
+    #[arg(long)]
+    pub undo: bool,
+}
+
+/// `drain NODE` on a cluster: sets the Host's `spec.drain` (`--undo` clears
+/// it). The operator then moves the Host's Domains as their
+/// `evictionStrategy` says; `kubectl get hosts` shows DRAIN, and the Host's
+/// `Drained` condition how far it got.
+pub fn drain(conn: &Connection, a: &DrainArgs) -> Result<Output> {
+    if !cluster::is_kube_uri(conn.uri()) {
+        bail!(
+            "drain moves a cluster's Domains off a node: use it on kube:/// (this connection is {})",
+            conn.uri()
+        );
+    }
+    let kube = cluster::open_kube(conn.uri())?;
+    let hosts: Api<vireo_crds::Host> = Api::all(kube.client().clone());
+    let patch = serde_json::json!({"spec": {"drain": !a.undo}});
+    kube.block_on(hosts.patch(
+        &a.node,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&patch),
+    ))
+    .map_err(|e| anyhow!(cluster::api_error(vireo_crds::ObjectKind::Host, &a.node, e)))?;
+    Ok(Output::Message(if a.undo {
+        format!("Host '{}' undrained: it takes Domains again", a.node)
+    } else {
+        format!(
+            "Host '{}' draining: Domains with evictionStrategy LiveMigrate migrate, Shutdown move after a shutdown, None stay (kubectl get host {} -o jsonpath='{{.status.conditions}}')",
+            a.node, a.node
+        )
+    }))
+}

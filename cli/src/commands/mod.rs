@@ -116,6 +116,9 @@ pub enum Command {
     /// DomainMigration and waits for it; between connections: `migrate
     /// --live NAME DEST_URI`.
     Migrate(migrate::MigrateArgs),
+    /// On a cluster: drain a node (Host spec.drain): its Domains migrate
+    /// live, move after a shutdown, or stay, as their evictionStrategy says.
+    Drain(migrate::DrainArgs),
     /// Mark a domain to start with its node, or unmark it with --disable.
     Autostart(AutostartArgs),
     /// Set a domain's current memory (a bare number is KiB; units: K, M, G,
@@ -754,6 +757,7 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
         | C::Setmem(_)
         | C::Setvcpus(_) => domain::run(conn, command),
         C::Migrate(a) => migrate::run(conn, a),
+        C::Drain(a) => migrate::drain(conn, a),
         C::Save(a) => save::save(conn, a),
         C::Restore(a) => save::restore(conn, a),
         C::Managedsave(a) => save::managedsave(conn, &a.domain),
