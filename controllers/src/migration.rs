@@ -136,7 +136,7 @@ pub async fn events(
     reason: &str,
     note: String,
 ) {
-    crate::k8s::event(recorder, m, type_.clone(), reason, "Migrate", note.clone()).await;
+    crate::k8s::event(recorder, m, type_, reason, "Migrate", note.clone()).await;
     if let Some(d) = domain {
         crate::k8s::event(
             recorder,

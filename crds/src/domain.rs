@@ -840,11 +840,13 @@ pub enum DomainReason {
     Saved,
     /// crashed: the guest kernel panicked.
     Panicked,
-    /// paused: waiting for, or sending, a live migration's state.
-    Migration,
-    /// running: resumed on this node by a live migration; shutoff: moved
-    /// to another node by one.
+    /// running: resumed on this node after a live migration (libvirt's
+    /// `VIR_DOMAIN_RUNNING_MIGRATED`); shutoff: its source copy, stopped
+    /// after the guest moved away.
     Migrated,
+    /// paused: a live migration holds it (the target waiting for the
+    /// state, or the source once everything is sent).
+    Migration,
 }
 
 impl DomainReason {
@@ -867,8 +869,8 @@ impl DomainReason {
             Self::Failed => "failed",
             Self::Saved => "saved",
             Self::Panicked => "panicked",
-            Self::Migration => "migration",
             Self::Migrated => "migrated",
+            Self::Migration => "migration",
         }
     }
 }

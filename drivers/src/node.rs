@@ -278,7 +278,14 @@ impl HypervisorDriver for NodeHypervisor {
         self.owner(name)?.migrate_perform(name, incoming, params)
     }
     fn migrate_finish(&self, name: &str, succeeded: bool) -> Result<Option<DomainRef>> {
-        self.owner(name)?.migrate_finish(name, succeeded)
+        match self.owner(name) {
+            Ok(driver) => driver.migrate_finish(name, succeeded),
+            // A failed migration's target copy that is gone already (its
+            // process died, and a transient domain went with it): nothing
+            // is left to throw away.
+            Err(Error::NotFound(_)) if !succeeded => Ok(None),
+            Err(e) => Err(e),
+        }
     }
     fn migrate_confirm(&self, name: &str, succeeded: bool) -> Result<()> {
         self.owner(name)?.migrate_confirm(name, succeeded)

@@ -431,13 +431,21 @@ async fn a_drain_moves_domains_as_their_eviction_strategy_says() {
     let client = cluster.client().await;
     ready_hosts(&client, 3).await;
     let mut yaml = String::new();
-    for (name, strategy) in [("live", "LiveMigrate"), ("shut", "Shutdown"), ("stay", "None")] {
+    for (name, strategy) in [
+        ("live", "LiveMigrate"),
+        ("shut", "Shutdown"),
+        ("stay", "None"),
+    ] {
         yaml.push_str(&format!(
             "---\napiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {{name: {name}, namespace: default}}\nspec: {{type: test, memory: 1Gi, vcpus: 1, runStrategy: Always, evictionStrategy: {strategy}}}\n"
         ));
     }
     let out = cluster.kubectl_stdin(&["apply", "-f", "-"], &yaml);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let domains: Api<Domain> = Api::namespaced(client.clone(), "default");
     for name in ["live", "shut", "stay"] {
         running_on(&domains, name, "node-1").await;
@@ -472,22 +480,30 @@ async fn a_drain_moves_domains_as_their_eviction_strategy_says() {
     for name in ["live", "shut"] {
         let d = wait_for(T, &format!("{name} running off node-1"), || async {
             domains.get_opt(name).await.ok().flatten().filter(|d| {
-                moved(d)
-                    && d.status.as_ref().and_then(|s| s.state) == Some(DomainState::Running)
+                moved(d) && d.status.as_ref().and_then(|s| s.state) == Some(DomainState::Running)
             })
         })
         .await;
         assert!(moved(&d));
     }
     let migrations: Api<DomainMigration> = Api::namespaced(client.clone(), "default");
-    let m = migrations.get("live-drain").await.expect("the drain's migration");
+    let m = migrations
+        .get("live-drain")
+        .await
+        .expect("the drain's migration");
     assert_eq!(phase(&m), Some(MigrationPhase::Succeeded));
     assert_eq!(
-        m.labels().get(vireo_crds::labels::DRAIN_LABEL).map(String::as_str),
+        m.labels()
+            .get(vireo_crds::labels::DRAIN_LABEL)
+            .map(String::as_str),
         Some("node-1")
     );
     assert!(
-        migrations.get_opt("shut-drain").await.expect("get").is_none(),
+        migrations
+            .get_opt("shut-drain")
+            .await
+            .expect("get")
+            .is_none(),
         "Shutdown does not migrate"
     );
     let stay = domains.get("stay").await.expect("stay");

@@ -23,6 +23,7 @@
 //!   ROOT/objects/.
 
 pub mod command;
+pub mod migration;
 pub mod qmp;
 
 use std::path::{Path, PathBuf};
@@ -79,13 +80,16 @@ impl Qemu {
     }
 
     /// Starts QEMU for `def`: booting, or with `incoming` waiting for a
-    /// saved state (`-incoming defer`).
+    /// saved state (`-incoming defer`); with `stay_paused` too, the guest
+    /// does not run once the state is in (`-S`: a migration's target runs
+    /// it at finish).
     fn launch_qemu(
         &self,
         def: &Domain,
         paths: &RunPaths,
         disks: &[DiskFile],
         incoming: bool,
+        stay_paused: bool,
     ) -> Result<u32, String> {
         let accel = command::accel_of(def)?;
         for file in [
@@ -105,6 +109,9 @@ impl Qemu {
         let mut args = command::build(def, paths, disks, accel)?;
         if incoming {
             args.extend(["-incoming".to_string(), "defer".to_string()]);
+        }
+        if stay_paused {
+            args.push("-S".to_string());
         }
         let log = std::fs::File::create(&paths.log)
             .map_err(|e| format!("{}: {e}", paths.log.display()))?;
@@ -247,7 +254,7 @@ impl Backend for Qemu {
     }
 
     fn launch(&self, def: &Domain, paths: &RunPaths, disks: &[DiskFile]) -> Result<u32, String> {
-        self.launch_qemu(def, paths, disks, false)
+        self.launch_qemu(def, paths, disks, false, false)
     }
 
     fn saves_state(&self) -> bool {
@@ -263,7 +270,46 @@ impl Backend for Qemu {
         _offset: u64,
         _paused: bool,
     ) -> Result<u32, String> {
-        self.launch_qemu(def, paths, disks, true)
+        self.launch_qemu(def, paths, disks, true, false)
+    }
+
+    fn migrates(&self) -> bool {
+        true
+    }
+
+    fn launch_migration_target(
+        &self,
+        def: &Domain,
+        paths: &RunPaths,
+        disks: &[DiskFile],
+    ) -> Result<u32, String> {
+        self.launch_qemu(def, paths, disks, true, true)
+    }
+
+    fn migration_listen(
+        &self,
+        paths: &RunPaths,
+        address: std::net::IpAddr,
+        exports: &[(usize, String)],
+    ) -> Result<crate::migration::MigrationIncoming, String> {
+        let mut q = migration::Monitor::new(&paths.api, QMP_TIMEOUT);
+        migration::listen(&mut q, address, exports)
+    }
+
+    fn migration_send(
+        &self,
+        paths: &RunPaths,
+        incoming: &crate::migration::MigrationIncoming,
+        params: &crate::migration::MigrationParams,
+        copies: &[(usize, String)],
+    ) -> Result<crate::migration::MigrationStats, String> {
+        let mut q = migration::Monitor::new(&paths.api, QMP_TIMEOUT);
+        migration::send(&mut q, incoming, params, copies)
+    }
+
+    fn migration_resume_target(&self, paths: &RunPaths) -> Result<(), String> {
+        let mut q = migration::Monitor::new(&paths.api, QMP_TIMEOUT);
+        migration::resume(&mut q)
     }
 
     /// Pauses the guest and migrates it into the file (QEMU 7.2 has no

@@ -35,7 +35,7 @@ use vireo_crds::{
 use crate::hypervisor::{DomainRef, HypervisorDriver};
 use crate::storage::StorageDriver;
 use crate::{Error, ListFilter, Lookup, Result};
-use store::{Locked, Record, Run, Store};
+use store::{Locked, MigrationRole, Record, Run, Store};
 
 const KIND: ObjectKind = ObjectKind::Domain;
 /// How long each step of a guest agent conversation may take.
@@ -45,6 +45,17 @@ const AGENT_TIMEOUT: Duration = Duration::from_secs(3);
 /// before a launch nobody saw through adopts it without a pid file (see
 /// `Inner::finish_launch`).
 const ADOPT_AFTER: Duration = Duration::from_secs(2);
+
+/// How an activation begins.
+#[derive(Debug, Clone, Copy)]
+enum Start<'a> {
+    /// The guest boots.
+    Boot,
+    /// From the state saved in a file (path, offset of the state, paused).
+    Saved(&'a Path, u64, bool),
+    /// Waiting for a live migration's incoming state (paused).
+    Migration,
+}
 
 /// The files of one activation.
 #[derive(Debug, Clone)]
@@ -232,6 +243,50 @@ pub trait Backend: Send + Sync + 'static {
         _paused: bool,
     ) -> std::result::Result<(), String> {
         Err("this backend does not restore guest state".into())
+    }
+    /// Whether the backend migrates running guests between nodes (the
+    /// `migrate_*` steps of [`HypervisorDriver`]).
+    fn migrates(&self) -> bool {
+        false
+    }
+    /// Migration target: starts the process as [`Backend::launch`] does,
+    /// but waiting for an incoming migration, and paused once it is in.
+    fn launch_migration_target(
+        &self,
+        _def: &Domain,
+        _paths: &RunPaths,
+        _disks: &[DiskFile],
+    ) -> std::result::Result<u32, String> {
+        Err("this backend does not migrate guests".into())
+    }
+    /// Migration target: listens on `address` for the state and serves
+    /// each disk of `exports` (its index among the launched disks, its
+    /// name) writable for the source's copy.
+    fn migration_listen(
+        &self,
+        _paths: &RunPaths,
+        _address: std::net::IpAddr,
+        _exports: &[(usize, String)],
+    ) -> std::result::Result<crate::migration::MigrationIncoming, String> {
+        Err("this backend does not migrate guests".into())
+    }
+    /// Migration source: copies the disks of `copies` (index, name) to the
+    /// target's exports, sends the state, and returns once the source is
+    /// paused with everything sent. On an error, undoes what it set up
+    /// (the guest may be left paused: the driver resumes it).
+    fn migration_send(
+        &self,
+        _paths: &RunPaths,
+        _incoming: &crate::migration::MigrationIncoming,
+        _params: &crate::migration::MigrationParams,
+        _copies: &[(usize, String)],
+    ) -> std::result::Result<crate::migration::MigrationStats, String> {
+        Err("this backend does not migrate guests".into())
+    }
+    /// Migration target, after a migration that succeeded: stops serving
+    /// the disks and runs the guest.
+    fn migration_resume_target(&self, _paths: &RunPaths) -> std::result::Result<(), String> {
+        Err("this backend does not migrate guests".into())
     }
     /// I/O counters of the running guest's disk `disk` (its target name),
     /// virsh's names and values; `None` when the backend keeps none.
@@ -1048,17 +1103,17 @@ impl<B: Backend> Inner<B> {
 
     /// Starts an activation of `rec` running `live`.
     fn activate(&self, l: &Locked<'_>, rec: &mut Record, live: Domain) -> Result<DomainRef> {
-        self.activate_from(l, rec, live, None)
+        self.activate_from(l, rec, live, Start::Boot)
     }
 
     /// Starts an activation of `rec` running `live`: booted, or with
-    /// `incoming` the state saved in a file (path, offset, paused).
+    /// the state saved in a file, or waiting for a live migration's.
     fn activate_from(
         &self,
         l: &Locked<'_>,
         rec: &mut Record,
         live: Domain,
-        incoming: Option<(&Path, u64, bool)>,
+        start: Start<'_>,
     ) -> Result<DomainRef> {
         let disks = self.resolve_disks(&rec.name, &rec.uuid, &live)?;
         let boot = self.for_launch(&rec.name, &live)?;
@@ -1087,23 +1142,36 @@ impl<B: Backend> Inner<B> {
             pid: 0,
             launching: true,
             live: live.clone(),
-            reason: if incoming.is_some() {
-                DomainReason::Restored
-            } else {
-                DomainReason::Booted
+            reason: match start {
+                Start::Boot => DomainReason::Booted,
+                Start::Saved(..) => DomainReason::Restored,
+                Start::Migration => DomainReason::Migration,
             },
             fake_reboot: false,
             shutdown_since: None,
             started: process::now_secs(),
             pending_vcpus: None,
+            migration: matches!(start, Start::Migration).then_some(MigrationRole::Target),
         });
         let launched = self.save(l, rec).and_then(|()| {
             self.plug_interfaces(&rec.name, &live)?;
-            let Some((file, offset, paused)) = incoming else {
-                return self.backend.launch(&boot, &paths, &disks).map_err(|e| {
-                    unplug_interfaces(&rec.name, &live);
-                    io_failed(&rec.name, "starting the VM process", e)
-                });
+            let (file, offset, paused) = match start {
+                Start::Boot => {
+                    return self.backend.launch(&boot, &paths, &disks).map_err(|e| {
+                        unplug_interfaces(&rec.name, &live);
+                        io_failed(&rec.name, "starting the VM process", e)
+                    });
+                }
+                Start::Migration => {
+                    return self
+                        .backend
+                        .launch_migration_target(&boot, &paths, &disks)
+                        .map_err(|e| {
+                            unplug_interfaces(&rec.name, &live);
+                            io_failed(&rec.name, "starting the VM process for the migration", e)
+                        });
+                }
+                Start::Saved(file, offset, paused) => (file, offset, paused),
             };
             let pid = self
                 .backend
@@ -1256,7 +1324,7 @@ impl<B: Backend> Inner<B> {
         self.backend
             .check(&def)
             .map_err(|e| Error::invalid_argument(KIND, &name, e))?;
-        let r = self.activate_from(l, &mut rec, def, Some((path, offset, header.paused)))?;
+        let r = self.activate_from(l, &mut rec, def, Start::Saved(path, offset, header.paused))?;
         tracing::info!(driver = self.backend.name(), domain = %name, file = %shown, "domain restored");
         Ok(r)
     }
@@ -1502,6 +1570,9 @@ impl<B: Backend> HypervisorDriver for VmDriver<B> {
             let paths = inner.paths(&rec.uuid);
             let live = inner.backend.query(&paths).ok();
             let (state, reason) = match live.map(|l| l.state) {
+                Some(LiveState::Paused) if run.migration.is_some() => {
+                    (DomainState::Paused, DomainReason::Migration)
+                }
                 Some(LiveState::Paused) => (DomainState::Paused, DomainReason::User),
                 Some(LiveState::GuestStopped) => (DomainState::Shutdown, DomainReason::Unknown),
                 Some(LiveState::GuestCrashed) => (DomainState::Crashed, DomainReason::Panicked),
@@ -1850,6 +1921,13 @@ impl<B: Backend> HypervisorDriver for VmDriver<B> {
             if live.state != LiveState::Paused {
                 return Err(Error::invalid_state(KIND, name, "is not paused"));
             }
+            if rec.run.as_ref().is_some_and(|r| r.migration.is_some()) {
+                return Err(Error::invalid_state(
+                    KIND,
+                    name,
+                    "is being migrated: the migration's finish (target) or confirm (source) resumes it",
+                ));
+            }
             inner.control(rec, Control::Resume)?;
             if let Some(run) = rec.run.as_mut() {
                 run.reason = DomainReason::Unpaused;
@@ -2051,6 +2129,315 @@ impl<B: Backend> HypervisorDriver for VmDriver<B> {
             }
             inner.end(l, rec, DomainReason::Destroyed)
         })
+    }
+
+    fn migrate_prepare(
+        &self,
+        domain: &Domain,
+        params: &crate::migration::MigrationParams,
+    ) -> Result<crate::migration::MigrationIncoming> {
+        let inner = &self.inner;
+        let shown = domain.metadata.name.clone().unwrap_or_default();
+        inner.migration_supported(&shown)?;
+        let address = target_address(&shown, params)?;
+        inner.locked(|l| {
+            let (name, def) = inner.prepare(l, domain)?;
+            let mut rec = inner.record_for(l, &name, &def)?;
+            if rec.is_active() {
+                return Err(Error::invalid_state(
+                    KIND,
+                    &name,
+                    "is already active on this node: it cannot be a migration's target",
+                ));
+            }
+            let exports = if params.copy_storage {
+                copied_disks(&def)
+            } else {
+                Vec::new()
+            };
+            inner.activate_from(l, &mut rec, def, Start::Migration)?;
+            let paths = inner.paths(&rec.uuid);
+            match inner.backend.migration_listen(&paths, address, &exports) {
+                Ok(incoming) => {
+                    tracing::info!(driver = inner.backend.name(), domain = %name, uri = %incoming.uri, disks = incoming.disks.len(), "migration prepared: waiting for the source");
+                    Ok(incoming)
+                }
+                Err(e) => {
+                    if let Err(more) = inner.end(l, &mut rec, DomainReason::Failed) {
+                        tracing::warn!(domain = %name, error = %more, "stopping the migration target after a failed prepare");
+                    }
+                    Err(io_failed(&name, "listening for the migration", e))
+                }
+            }
+        })
+    }
+
+    fn migrate_perform(
+        &self,
+        name: &str,
+        incoming: &crate::migration::MigrationIncoming,
+        params: &crate::migration::MigrationParams,
+    ) -> Result<crate::migration::MigrationStats> {
+        let inner = &self.inner;
+        inner.migration_supported(name)?;
+        target_address(name, params)?;
+        // Marked under the lock, sent without it: a migration takes long,
+        // and the domain's state must stay readable meanwhile.
+        let (paths, copies, was_running) = inner.with(name, |l, rec| {
+            let Some(run) = rec.run.as_mut() else {
+                return Err(not_running(name));
+            };
+            if run.pid == 0 {
+                return Err(Error::invalid_state(KIND, name, "is still starting"));
+            }
+            if run.migration.is_some() {
+                return Err(Error::invalid_state(
+                    KIND,
+                    name,
+                    "is already part of a migration",
+                ));
+            }
+            let paths = inner.paths(&rec.uuid);
+            let live = inner
+                .backend
+                .query(&paths)
+                .map_err(|e| io_failed(name, "asking the VM process its state", e))?;
+            let was_running = match live.state {
+                LiveState::Running => true,
+                LiveState::Paused => false,
+                LiveState::GuestStopped | LiveState::GuestCrashed => {
+                    return Err(Error::invalid_state(
+                        KIND,
+                        name,
+                        "has stopped (its guest powered off or crashed): nothing to migrate",
+                    ));
+                }
+            };
+            let copies = if params.copy_storage {
+                copied_disks(&run.live)
+            } else {
+                Vec::new()
+            };
+            run.migration = Some(MigrationRole::Source { was_running });
+            inner.save(l, rec)?;
+            Ok((paths, copies, was_running))
+        })?;
+        tracing::info!(driver = inner.backend.name(), domain = %name, uri = %incoming.uri, disks = copies.len(), "migration: sending");
+        let sent = inner
+            .backend
+            .migration_send(&paths, incoming, params, &copies);
+        match sent {
+            Ok(stats) => {
+                tracing::info!(driver = inner.backend.name(), domain = %name, total_ms = stats.total_ms, downtime_ms = stats.downtime_ms, memory_bytes = stats.memory_bytes, disk_bytes = stats.disk_bytes, "migration: everything sent, source paused");
+                Ok(stats)
+            }
+            Err(e) => {
+                tracing::warn!(driver = inner.backend.name(), domain = %name, error = %e, "migration failed: the guest stays here");
+                // As it was: running if it ran, no longer migrating.
+                let undone = inner.with(name, |l, rec| inner.undo_source(l, rec, was_running));
+                if let Err(more) = undone {
+                    tracing::warn!(domain = %name, error = %more, "resuming the source after a failed migration");
+                }
+                Err(io_failed(name, "migrating", e))
+            }
+        }
+    }
+
+    fn migrate_finish(&self, name: &str, succeeded: bool) -> Result<Option<DomainRef>> {
+        let inner = &self.inner;
+        inner.migration_supported(name)?;
+        inner.locked(|l| {
+            let Some(mut rec) = l
+                .get(name)
+                .map_err(|e| io_failed(name, "reading the domain record", e))?
+            else {
+                // A target whose process died is gone already (transient).
+                if succeeded {
+                    return Err(Error::not_found(KIND, name));
+                }
+                return Ok(None);
+            };
+            inner.refresh(l, &mut rec)?;
+            let Some(mut rec) = l
+                .get(name)
+                .map_err(|e| io_failed(name, "reading the domain record", e))?
+            else {
+                if succeeded {
+                    return Err(io_failed(
+                        name,
+                        "finishing the migration",
+                        "the target's VM process is gone",
+                    ));
+                }
+                return Ok(None);
+            };
+            let incoming = rec
+                .run
+                .as_ref()
+                .is_some_and(|r| r.migration == Some(MigrationRole::Target));
+            if !incoming {
+                if !succeeded && !rec.is_active() {
+                    // Prepare's activation ended already; a definition that
+                    // was here before stays.
+                    return Ok(None);
+                }
+                return Err(Error::invalid_state(
+                    KIND,
+                    name,
+                    "is not waiting for an incoming migration on this node",
+                ));
+            }
+            if !succeeded {
+                tracing::info!(driver = inner.backend.name(), domain = %name, "migration failed: the target's copy is thrown away");
+                inner.end(l, &mut rec, DomainReason::Failed)?;
+                return Ok(None);
+            }
+            let paths = inner.paths(&rec.uuid);
+            if let Err(e) = inner.backend.migration_resume_target(&paths) {
+                // Nothing may run here unless it is whole: the source
+                // keeps the guest (its confirm resumes it).
+                if let Err(more) = inner.end(l, &mut rec, DomainReason::Failed) {
+                    tracing::warn!(domain = %name, error = %more, "stopping the migration target after a failed finish");
+                }
+                return Err(io_failed(name, "resuming the migrated guest", e));
+            }
+            if let Some(run) = rec.run.as_mut() {
+                run.migration = None;
+                run.reason = DomainReason::Migrated;
+                if rec.definition.is_none() {
+                    rec.definition = Some(run.live.clone());
+                }
+            }
+            inner.save(l, &rec)?;
+            tracing::info!(driver = inner.backend.name(), domain = %name, "migration finished: the guest runs on this node");
+            Ok(Some(reference(&rec)))
+        })
+    }
+
+    fn migrate_confirm(&self, name: &str, succeeded: bool) -> Result<()> {
+        let inner = &self.inner;
+        inner.migration_supported(name)?;
+        inner.with(name, |l, rec| {
+            let role = rec.run.as_ref().and_then(|r| r.migration);
+            let was_running = match role {
+                Some(MigrationRole::Source { was_running }) => was_running,
+                Some(MigrationRole::Target) => {
+                    return Err(Error::invalid_state(
+                        KIND,
+                        name,
+                        "is a migration's target on this node, not its source",
+                    ));
+                }
+                None if !succeeded => {
+                    // Perform's failure already put it back as it was.
+                    return Ok(());
+                }
+                None if rec.is_active() => {
+                    return Err(Error::invalid_state(
+                        KIND,
+                        name,
+                        "has sent no migration from this node: it keeps running",
+                    ));
+                }
+                // The source process ended after sending: only the
+                // definition is left to go.
+                None => false,
+            };
+            if !succeeded {
+                return inner.undo_source(l, rec, was_running);
+            }
+            if rec.is_active() {
+                let live = inner
+                    .backend
+                    .query(&inner.paths(&rec.uuid))
+                    .map_err(|e| io_failed(name, "asking the VM process its state", e))?;
+                if live.state == LiveState::Running {
+                    return Err(Error::invalid_state(
+                        KIND,
+                        name,
+                        "runs here: the migration did not end with the source paused",
+                    ));
+                }
+                inner.end(l, rec, DomainReason::Migrated)?;
+            }
+            if rec.definition.is_some() && l.get(name).ok().flatten().is_some() {
+                // The guest lives on the target now. The volumes stay:
+                // they belong to the storage pools, not to the domain.
+                let paths = inner.paths(&rec.uuid);
+                let _ = std::fs::remove_dir_all(&paths.dir);
+                let _ = std::fs::remove_file(&paths.nvram);
+                let _ = std::fs::remove_file(inner.managed_save_path(&rec.uuid));
+                l.remove(name)
+                    .map_err(|e| io_failed(name, "removing the domain record", e))?;
+            }
+            tracing::info!(driver = inner.backend.name(), domain = %name, "migration confirmed: the source's copy is stopped and undefined");
+            Ok(())
+        })
+    }
+}
+
+/// The disks a migration with `copy_storage` copies: the domain's
+/// writable disks (not CD-ROMs), by index among its disks and by name. A
+/// read-only disk must already be on the target with the same content.
+fn copied_disks(def: &Domain) -> Vec<(usize, String)> {
+    def.spec
+        .devices
+        .disks
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| !d.read_only && d.device != vireo_crds::DiskDevice::Cdrom)
+        .map(|(i, d)| (i, d.name.clone()))
+        .collect()
+}
+
+/// `params.targetAddress` as an IP address.
+fn target_address(
+    name: &str,
+    params: &crate::migration::MigrationParams,
+) -> Result<std::net::IpAddr> {
+    params.target_address.parse().map_err(|_| {
+        Error::invalid_argument(
+            KIND,
+            name,
+            format!(
+                "targetAddress: '{}' is not an IP address",
+                params.target_address
+            ),
+        )
+    })
+}
+
+impl<B: Backend> Inner<B> {
+    fn migration_supported(&self, name: &str) -> Result<()> {
+        if self.backend.migrates() {
+            Ok(())
+        } else {
+            Err(Error::Unsupported {
+                object: crate::error::ObjectName::new(KIND, name),
+                driver: self.backend.name(),
+                operation: "live migration",
+            })
+        }
+    }
+
+    /// Puts a migration's source back as it was before perform: resumed if
+    /// it ran (and is paused now), no longer migrating.
+    fn undo_source(&self, l: &Locked<'_>, rec: &mut Record, was_running: bool) -> Result<()> {
+        if rec.run.is_none() {
+            return Ok(());
+        }
+        let paused = self
+            .backend
+            .query(&self.paths(&rec.uuid))
+            .is_ok_and(|live| live.state == LiveState::Paused);
+        if was_running && paused {
+            self.control(rec, Control::Resume)?;
+            tracing::info!(driver = self.backend.name(), domain = %rec.name, "migration failed: the source runs again");
+        }
+        if let Some(run) = rec.run.as_mut() {
+            run.migration = None;
+        }
+        self.save(l, rec)
     }
 }
 

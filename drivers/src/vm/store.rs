@@ -69,6 +69,22 @@ pub struct Run {
     /// ACPI is up); the watcher retries.
     #[serde(default)]
     pub pending_vcpus: Option<u32>,
+    /// The live migration this activation is part of (`crate::migration`):
+    /// set by prepare (target) or perform (source), cleared by finish or
+    /// confirm.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationRole>,
+}
+
+/// Which end of a live migration an activation is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum MigrationRole {
+    /// Sending: perform started; `was_running` says whether the guest ran
+    /// before it (confirm resumes it after a failure only then).
+    Source { was_running: bool },
+    /// Receiving: prepared, waiting for the state or for finish.
+    Target,
 }
 
 impl Record {
