@@ -137,6 +137,11 @@ struct RunArgs {
     /// authenticates it; the other agent checks it may `proxy`.
     #[arg(long, value_name = "NAME", requires = "subresources_ca")]
     subresources_server_name: Option<String>,
+    /// The IP address other nodes' agents send live migrations of this
+    /// node's Domains to (published in the Host's status.migrationAddress);
+    /// default: this node's first non-loopback address.
+    #[arg(long, value_name = "IP")]
+    migration_address: Option<std::net::IpAddr>,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, default_value = "127.0.0.1:9101")]
     metrics_addr: SocketAddr,
@@ -198,6 +203,7 @@ fn main() -> Result<()> {
         resync: Duration::from_secs(a.resync_seconds.max(1)),
         concurrency: a.concurrency.max(1),
         stop_timeout: Duration::from_secs(a.stop_timeout_seconds),
+        migration_address: a.migration_address,
         host_root: a.host_root,
         socket: a.socket,
         drivers: a.drivers,

@@ -8,6 +8,7 @@ pub mod conditions;
 pub mod error;
 pub mod k8s;
 pub mod metrics;
+pub mod migration;
 pub mod operator;
 pub mod placement;
 pub mod run_strategy;

@@ -6,7 +6,9 @@
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
-use crate::{Domain, DomainRestore, DomainSnapshot, Host, Network, StoragePool, StorageVol};
+use crate::{
+    Domain, DomainMigration, DomainRestore, DomainSnapshot, Host, Network, StoragePool, StorageVol,
+};
 
 /// Every Vireo CRD, in a stable order.
 pub fn all() -> Vec<CustomResourceDefinition> {
@@ -18,6 +20,7 @@ pub fn all() -> Vec<CustomResourceDefinition> {
         Host::crd(),
         DomainSnapshot::crd(),
         DomainRestore::crd(),
+        DomainMigration::crd(),
     ]
 }
 

@@ -106,6 +106,26 @@ pub struct DomainSpec {
     /// Labels a Host must carry for this domain to be placed on it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_selector: Option<BTreeMap<String, String>>,
+
+    /// What a drain of its Host does to it (KubeVirt's evictionStrategy):
+    /// `LiveMigrate` moves it to another Host while it runs, `Shutdown`
+    /// stops it there and places it on another Host, `None` (the default)
+    /// leaves it where it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eviction_strategy: Option<EvictionStrategy>,
+}
+
+/// What draining a Host does to a Domain on it.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum EvictionStrategy {
+    /// Migrate it live to another Host (a DomainMigration the operator creates).
+    LiveMigrate,
+    /// Shut it down on the drained Host and place it on another, where its
+    /// runStrategy applies.
+    Shutdown,
+    /// Leave it running where it is.
+    #[default]
+    None,
 }
 
 /// The hypervisor driver of a domain.

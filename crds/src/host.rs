@@ -22,6 +22,7 @@ use crate::common::{Condition, is_false};
     printcolumn = r#"{"name":"Memory","type":"integer","description":"Memory in bytes","jsonPath":".status.nodeInfo.memoryBytes"}"#,
     printcolumn = r#"{"name":"Allocatable","type":"string","jsonPath":".status.allocatableMemory"}"#,
     printcolumn = r#"{"name":"Drivers","type":"string","jsonPath":".status.driverList"}"#,
+    printcolumn = r#"{"name":"Drain","type":"boolean","jsonPath":".spec.drain"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -29,6 +30,11 @@ pub struct HostSpec {
     /// Keep new Domains off this host (like `kubectl cordon`).
     #[serde(default, skip_serializing_if = "is_false")]
     pub unschedulable: bool,
+    /// Move the Domains off this host (`vireo drain NODE`): no new Domain
+    /// is placed here, and each Domain here goes as its
+    /// `spec.evictionStrategy` says (LiveMigrate, Shutdown; None stays).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub drain: bool,
 }
 
 /// libvirt's `virNodeInfo`.
@@ -71,6 +77,11 @@ pub struct HostStatus {
     /// vCPUs left for guests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allocatable_vcpus: Option<u32>,
+    /// The address other nodes' agents send live migrations to (the
+    /// agent's `--migration-address`, by default the node's first
+    /// non-loopback address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_address: Option<String>,
     /// Last time the agent reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heartbeat_time: Option<Time>,

@@ -41,12 +41,39 @@ pub const PAUSED_ANNOTATION: &str = "vireo.dev/paused";
 /// agent carries it out once and removes the annotation.
 pub const REQUEST_ANNOTATION: &str = "vireo.dev/request";
 
+/// Annotation the operator puts on a Domain while a DomainMigration of it
+/// is in progress (its value: that DomainMigration's name): one migration
+/// at a time, and the source's agent leaves the domain to the migration's
+/// steps meanwhile. Removed, with the binding moved on success, when the
+/// migration ends.
+pub const MIGRATION_ANNOTATION: &str = "vireo.dev/migration";
+
+/// Annotation the operator puts on a Domain whose Host is drained and
+/// whose `evictionStrategy` is `Shutdown` (its value: that Host): the agent
+/// there shuts the guest down (destroying it after its stop timeout),
+/// undefines it and says `Evicted=True`; the operator then unbinds it.
+pub const EVICT_ANNOTATION: &str = "vireo.dev/evict";
+
+/// Annotation the operator leaves on a Domain it unbound after an
+/// eviction (its value: the Host it left), so that the binding recorded in
+/// status is not restored and placement picks another Host.
+pub const EVICTED_FROM_ANNOTATION: &str = "vireo.dev/evicted-from";
+
+/// Label on the DomainMigrations the operator creates to drain a Host
+/// (its value: that Host).
+pub const DRAIN_LABEL: &str = "vireo.dev/drain";
+
 /// Whether an annotation is one of the requests above, which the agent
 /// carries out rather than copying into the node's definition.
 pub fn is_request_annotation(key: &str) -> bool {
     matches!(
         key,
-        STOP_ANNOTATION | PAUSED_ANNOTATION | REQUEST_ANNOTATION
+        STOP_ANNOTATION
+            | PAUSED_ANNOTATION
+            | REQUEST_ANNOTATION
+            | MIGRATION_ANNOTATION
+            | EVICT_ANNOTATION
+            | EVICTED_FROM_ANNOTATION
     )
 }
 

@@ -6,6 +6,7 @@
 //! | libvirt            | Vireo         | scope      |
 //! |--------------------|---------------|------------|
 //! | `virDomainPtr`     | [`Domain`]      | namespaced |
+//! | `virDomainMigrate` | [`DomainMigration`] | namespaced |
 //! | `virNetworkPtr`    | [`Network`]     | cluster    |
 //! | `virStoragePoolPtr`| [`StoragePool`] | cluster    |
 //! | `virStorageVolPtr` | [`StorageVol`]  | namespaced |
@@ -17,6 +18,7 @@ pub mod common;
 pub mod crd;
 pub mod domain;
 pub mod domain_snapshot;
+pub mod domain_migration;
 pub mod host;
 pub mod labels;
 pub mod libvirt_xml;
@@ -30,9 +32,12 @@ pub mod validate;
 pub use common::{Condition, ObjectKind};
 pub use domain::{
     BootDevice, CloudInit, DataSource, Disk, DiskBus, DiskDevice, Domain, DomainDevices,
-    DomainInfo, DomainReason, DomainSpec, DomainState, DomainStatus, DomainType, Firmware,
-    GuestFilesystem, GuestInfo, GuestInterface, GuestOs, GuestUser, Interface, InterfaceStatus,
-    KeyRef, Lifecycle, LifecycleAction, OsSpec, RunStrategy, SerialSpec,
+    DomainInfo, DomainReason, DomainSpec, DomainState, DomainStatus, DomainType, EvictionStrategy,
+    Firmware, GuestFilesystem, GuestInfo, GuestInterface, GuestOs, GuestUser, Interface,
+    InterfaceStatus, KeyRef, Lifecycle, LifecycleAction, OsSpec, RunStrategy, SerialSpec,
+};
+pub use domain_migration::{
+    DomainMigration, DomainMigrationSpec, DomainMigrationStatus, MigrationPhase,
 };
 pub use domain_snapshot::{
     DomainRestore, DomainRestoreSpec, DomainRestoreStatus, DomainSnapshot, DomainSnapshotSpec,

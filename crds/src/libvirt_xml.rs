@@ -1052,6 +1052,7 @@ fn domain_from(root: &Element) -> Result<Imported, XmlError> {
         run_strategy: RunStrategy::Manual,
         lifecycle,
         node_selector: None,
+        eviction_strategy: None,
     };
     if spec.max_vcpus == Some(spec.vcpus) {
         spec.max_vcpus = None;

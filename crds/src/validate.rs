@@ -591,6 +591,7 @@ mod tests {
             run_strategy: Default::default(),
             lifecycle: Default::default(),
             node_selector: None,
+            eviction_strategy: None,
         }
     }
 

@@ -133,6 +133,7 @@ fn domain(name: &str, image: &Path, mib: u64) -> Domain {
             run_strategy: RunStrategy::Manual,
             lifecycle: Lifecycle::default(),
             node_selector: None,
+            eviction_strategy: None,
         },
     )
 }

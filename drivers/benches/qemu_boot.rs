@@ -122,6 +122,7 @@ fn main() {
             run_strategy: RunStrategy::Manual,
             lifecycle: Lifecycle::default(),
             node_selector: None,
+            eviction_strategy: None,
         },
     );
     let (mut driver_ms, mut bare_ms, mut overhead_mib) = (Vec::new(), Vec::new(), Vec::new());

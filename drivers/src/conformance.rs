@@ -256,6 +256,7 @@ pub fn test_driver_fixture() -> Fixture {
                     run_strategy: RunStrategy::Manual,
                     lifecycle: Lifecycle::default(),
                     node_selector: None,
+                    eviction_strategy: None,
                 },
             )
         }),

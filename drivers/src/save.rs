@@ -326,6 +326,7 @@ mod tests {
                 run_strategy: RunStrategy::Manual,
                 lifecycle: Lifecycle::default(),
                 node_selector: None,
+                eviction_strategy: None,
             },
         )
     }

@@ -426,6 +426,7 @@ fn an_arch_the_node_cannot_run_is_refused() {
             run_strategy: vireo_crds::RunStrategy::Manual,
             lifecycle: Default::default(),
             node_selector: None,
+            eviction_strategy: None,
         },
     );
     let err = conn

@@ -171,6 +171,18 @@ pub fn api_error(kind: ObjectKind, name: &str, e: kube::Error) -> Error {
 /// Opens a cluster connection: the kubeconfig's context (the current one,
 /// or the URI's), as its user.
 pub fn open(uri: &str) -> Result<Connection> {
+    let kube = open_kube(uri)?;
+    Ok(Connection::new(
+        uri,
+        Arc::new(domains::Domains(kube.clone())),
+        Arc::new(networks::Networks(kube.clone())),
+        Arc::new(storage::Storage(kube)),
+    ))
+}
+
+/// The client of a `kube:` URI, for the commands that only a cluster has
+/// (`migrate NAME NODE`, `drain NODE`).
+pub fn open_kube(uri: &str) -> Result<Arc<Kube>> {
     let fail = |message: String| Error::Connect {
         uri: uri.to_string(),
         message,
@@ -195,17 +207,11 @@ pub fn open(uri: &str) -> Result<Connection> {
     let client = rt
         .block_on(async { kube::Client::try_from(config) })
         .map_err(|e| fail(format!("cannot make a client: {e}")))?;
-    let kube = Arc::new(Kube {
+    Ok(Arc::new(Kube {
         rt,
         client,
         namespace,
-    });
-    Ok(Connection::new(
-        uri,
-        Arc::new(domains::Domains(kube.clone())),
-        Arc::new(networks::Networks(kube.clone())),
-        Arc::new(storage::Storage(kube)),
-    ))
+    }))
 }
 
 /// What the kube connection does not do, named as such.

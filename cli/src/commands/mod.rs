@@ -6,6 +6,7 @@ mod edit;
 mod guest;
 mod host;
 mod inspect;
+mod migrate;
 mod network;
 mod pool;
 mod save;
@@ -127,6 +128,14 @@ pub enum Command {
     SnapshotRevert(snapshot::RevertArgs),
     /// Delete a snapshot and what it holds; the domain is untouched.
     SnapshotDelete(snapshot::SnapshotArg),
+    /// Move a running domain to another node while it runs (virsh migrate
+    /// --live). On a cluster: `migrate NAME [NODE]` creates a
+    /// DomainMigration and waits for it; between connections: `migrate
+    /// --live NAME DEST_URI`.
+    Migrate(migrate::MigrateArgs),
+    /// On a cluster: drain a node (Host spec.drain): its Domains migrate
+    /// live, move after a shutdown, or stay, as their evictionStrategy says.
+    Drain(migrate::DrainArgs),
     /// Mark a domain to start with its node, or unmark it with --disable.
     Autostart(AutostartArgs),
     /// Set a domain's current memory (a bare number is KiB; units: K, M, G,
@@ -764,6 +773,8 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
         | C::Autostart(_)
         | C::Setmem(_)
         | C::Setvcpus(_) => domain::run(conn, command),
+        C::Migrate(a) => migrate::run(conn, a),
+        C::Drain(a) => migrate::drain(conn, a),
         C::Save(a) => save::save(conn, a),
         C::Restore(a) => save::restore(conn, a),
         C::Managedsave(a) => save::managedsave(conn, &a.domain),

@@ -61,6 +61,22 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
         }
         return Ok(Action::await_change());
     }
+    // Moved to another node (a migration): the watch shows it leaving.
+    if dom.labels().get(NODE) != Some(&ctx.config.node_name) {
+        return Ok(Action::await_change());
+    }
+    // A live migration is moving it: its steps (agent::migration) own the
+    // domain on this node until the operator moves or releases it.
+    if dom
+        .annotations()
+        .contains_key(vireo_crds::labels::MIGRATION_ANNOTATION)
+    {
+        return Ok(Action::requeue(ctx.config.resync));
+    }
+    // A drain moves it off this node (evictionStrategy Shutdown).
+    if dom.annotations().get(vireo_crds::labels::EVICT_ANNOTATION) == Some(&ctx.config.node_name) {
+        return evict(ctx, &api, &dom, &key).await;
+    }
     let ty = dom.spec.domain_type;
     // The operator gives every Domain its UUID (and this finalizer) when it binds it.
     let Some(uuid) = dom.spec.uuid.clone() else {
@@ -78,32 +94,10 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
     }
 
     // Define, or redefine when the spec changed.
-    let mut def = Domain::new(&key, dom.spec.clone());
-    // Requests to the agent (vireo.dev/stop, paused, request) are carried
-    // out here, not copied into the node's definition.
-    // (None when nothing else is left, so that a request alone is no
-    // change to the definition.)
-    def.metadata.annotations = dom
-        .metadata
-        .annotations
-        .clone()
-        .map(|mut a| {
-            a.retain(|k, _| !vireo_crds::labels::is_request_annotation(k));
-            a
-        })
-        .filter(|a| !a.is_empty());
-    // The object's UID, so that a record outliving its object is found
-    // (agent/sweep.rs).
-    super::sweep::mark(&mut def, dom.uid());
-    def.spec.uuid = Some(uuid.to_ascii_lowercase());
-    // Disks name StorageVols of the Domain's namespace; on the node a
-    // volume's name is `namespace.name`.
-    def.spec.map_volumes(|v| super::volume::file_name(&ns, v));
-    // cloud-init documents kept in Secrets and ConfigMaps go to the node
-    // inline (the driver writes the seed); never into status or logs.
-    if let Err(why) = resolve_cloud_init(ctx, &ns, &mut def.spec).await {
-        return refuse(ctx, &api, &dom, "CloudInitSourceMissing", why).await;
-    }
+    let def = match node_definition(ctx, &dom, &uuid).await {
+        Ok(def) => def,
+        Err(why) => return refuse(ctx, &api, &dom, "CloudInitSourceMissing", why).await,
+    };
     // Not on this node yet: the watch cache may be stale (a list served by an
     // API server that just came back), and a Domain already deleted and torn
     // down here must not be defined again from it, with nothing left to
@@ -118,7 +112,7 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
             }
         })
         .await?;
-    if current.is_none() && !still_exists(&api, &dom).await? {
+    if current.is_none() && !still_exists(ctx, &api, &dom).await? {
         return Ok(Action::await_change());
     }
     // Redefine if the spec changed (this key is reconciled by one pass at a
@@ -588,6 +582,44 @@ async fn requests(
     .await
 }
 
+/// The definition of a Domain as this node's driver gets it: named
+/// `namespace/name`, without the request annotations, its volumes by their
+/// node file names, cloud-init documents inline. Err: a cloud-init source
+/// that is missing (the message names it).
+pub(super) async fn node_definition(
+    ctx: &Ctx,
+    dom: &Domain,
+    uuid: &str,
+) -> std::result::Result<Domain, String> {
+    let ns = dom.namespace().unwrap_or_default();
+    let key = node_key(&ns, &dom.name_any());
+    let mut def = Domain::new(&key, dom.spec.clone());
+    // Requests to the agent (vireo.dev/stop, paused, request) are carried
+    // out here, not copied into the node's definition.
+    // (None when nothing else is left, so that a request alone is no
+    // change to the definition.)
+    def.metadata.annotations = dom
+        .metadata
+        .annotations
+        .clone()
+        .map(|mut a| {
+            a.retain(|k, _| !vireo_crds::labels::is_request_annotation(k));
+            a
+        })
+        .filter(|a| !a.is_empty());
+    // The object's UID, so that a record outliving its object is found
+    // (agent/sweep.rs).
+    super::sweep::mark(&mut def, dom.uid());
+    def.spec.uuid = Some(uuid.to_ascii_lowercase());
+    // Disks name StorageVols of the Domain's namespace; on the node a
+    // volume's name is `namespace.name`.
+    def.spec.map_volumes(|v| super::volume::file_name(&ns, v));
+    // cloud-init documents kept in Secrets and ConfigMaps go to the node
+    // inline (the driver writes the seed); never into status or logs.
+    resolve_cloud_init(ctx, &ns, &mut def.spec).await?;
+    Ok(def)
+}
+
 /// A running guest's interfaces: MAC, tap, and the address its network's
 /// DHCP server leased to that MAC (none yet, or a network without DHCP).
 async fn interface_status(
@@ -813,14 +845,89 @@ fn status_matches(have: &DomainStatus, want: &DomainStatus) -> bool {
 
 /// `dom` (same UID) exists and is not being deleted, read from etcd rather
 /// than from the watch cache.
-async fn still_exists(api: &Api<Domain>, dom: &Domain) -> Result<bool> {
+async fn still_exists(ctx: &Ctx, api: &Api<Domain>, dom: &Domain) -> Result<bool> {
     let now = api.get_opt(&dom.name_any()).await?;
-    Ok(live_same_object(now.as_ref(), dom))
+    Ok(live_same_object(now.as_ref(), dom)
+        && now.is_some_and(|d| d.labels().get(NODE) == Some(&ctx.config.node_name)))
 }
 
 /// `now` (a fresh read) is the object `seen` and is not being deleted.
 fn live_same_object(now: Option<&Domain>, seen: &Domain) -> bool {
     now.is_some_and(|d| d.uid() == seen.uid() && d.meta().deletion_timestamp.is_none())
+}
+
+/// A drain's eviction (`vireo.dev/evict: <this node>`): the guest is shut
+/// down (destroyed once it has had the stop timeout), undefined here, and
+/// `Evicted=True` says so; the operator then unbinds the Domain and
+/// placement puts it on another Host.
+async fn evict(ctx: &Ctx, api: &Api<Domain>, dom: &Domain, key: &str) -> Result<Action> {
+    let ty = dom.spec.domain_type;
+    let k = key.to_string();
+    let state = ctx
+        .drive_domain(ty, move |c| match c.hypervisor().domain_state(&k) {
+            Ok((s, _)) => Ok(Some(s)),
+            Err(DriverError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        })
+        .await?;
+    if state.is_some_and(|s| s.is_active()) {
+        let asked = ctx.stop_asked(key);
+        let k = key.to_string();
+        if asked.elapsed() < ctx.config.stop_timeout {
+            ctx.drive_domain(ty, move |c| c.hypervisor().shutdown_domain(&k))
+                .await?;
+        } else {
+            tracing::warn!(domain = %key, "did not shut down in time for the drain; destroying");
+            ctx.drive_domain(ty, move |c| c.hypervisor().destroy_domain(&k))
+                .await?;
+        }
+        return Ok(Action::requeue(std::time::Duration::from_secs(2)));
+    }
+    ctx.forget_stop(key);
+    teardown(ctx, ty, key).await?;
+    let status = dom.status.clone().unwrap_or_default();
+    let note = format!(
+        "shut down and undefined on node {} (its host is drained; evictionStrategy Shutdown)",
+        ctx.config.node_name
+    );
+    if find(&status.conditions, "Evicted").is_none_or(|c| c.status != "True" || c.message != note) {
+        let generation = dom.meta().generation;
+        let wanted = DomainStatus {
+            state: Some(DomainState::Shutoff),
+            observed_generation: generation,
+            conditions: vec![
+                condition(
+                    &status.conditions,
+                    "Ready",
+                    false,
+                    "Evicted",
+                    note.clone(),
+                    generation,
+                ),
+                condition(
+                    &status.conditions,
+                    "Evicted",
+                    true,
+                    "Drained",
+                    note.clone(),
+                    generation,
+                ),
+            ],
+            ..DomainStatus::default()
+        };
+        k8s::apply_status(api, &dom.name_any(), &ctx.manager, &wanted).await?;
+        tracing::info!(domain = %key, "{note}");
+        k8s::event(
+            &ctx.recorder,
+            dom,
+            EventType::Normal,
+            "Evicted",
+            "Drain",
+            note,
+        )
+        .await;
+    }
+    Ok(Action::await_change())
 }
 
 /// Destroys (if active) and undefines a domain on this node; gone is fine.

@@ -65,9 +65,58 @@ pub(crate) async fn register(ctx: &Ctx) -> Result<()> {
         drivers,
         node_info: Some(info),
         heartbeat_time: Some(Time(Timestamp::now())),
+        migration_address: migration_address(ctx).map(|a| a.to_string()),
         conditions: Vec::new(),
     };
     crate::k8s::apply_status(&hosts, name, &ctx.manager, &status).await
+}
+
+/// Where other agents send live migrations to this node: the configured
+/// address, or the first non-loopback address of an interface that is up
+/// (IPv4 before IPv6).
+pub(crate) fn migration_address(ctx: &Ctx) -> Option<std::net::IpAddr> {
+    ctx.config.migration_address.or_else(first_address)
+}
+
+fn first_address() -> Option<std::net::IpAddr> {
+    let mut found: Vec<std::net::IpAddr> = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list that freeifaddrs releases
+    // below; each entry is read only while the list is alive.
+    unsafe {
+        if libc::getifaddrs(&mut head) != 0 {
+            return None;
+        }
+        let mut cur = head;
+        while !cur.is_null() {
+            let ifa = &*cur;
+            let up = ifa.ifa_flags & (libc::IFF_UP as u32) != 0;
+            let loopback = ifa.ifa_flags & (libc::IFF_LOOPBACK as u32) != 0;
+            if up && !loopback && !ifa.ifa_addr.is_null() {
+                match i32::from((*ifa.ifa_addr).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                        found.push(std::net::IpAddr::V4(std::net::Ipv4Addr::from(
+                            u32::from_be(sin.sin_addr.s_addr),
+                        )));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                        let a = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+                        // Link-local addresses need a scope: not for peers.
+                        if a.segments()[0] & 0xffc0 != 0xfe80 {
+                            found.push(std::net::IpAddr::V6(a));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            cur = ifa.ifa_next;
+        }
+        libc::freeifaddrs(head);
+    }
+    found.sort_by_key(|a| a.is_ipv6());
+    found.into_iter().next()
 }
 
 /// Renews the node's Lease in `vireo-system` every heartbeat, forever.

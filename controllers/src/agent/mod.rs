@@ -9,6 +9,7 @@
 
 mod domain;
 mod host;
+mod migration;
 mod network;
 mod pool;
 mod snapshot;
@@ -75,6 +76,9 @@ pub struct AgentConfig {
     /// The aggregated API (`subresources.vireo.dev`): consoles and volume
     /// transfers through the API server. Off when unset.
     pub subresources: Option<subresources::SubresourcesConfig>,
+    /// The address other agents send live migrations to; unset: the
+    /// node's first non-loopback address.
+    pub migration_address: Option<std::net::IpAddr>,
 }
 
 /// The agent's network backend.
@@ -374,6 +378,7 @@ pub async fn run(
         _ = network::run(ctx.clone()) => {}
         _ = pool::run(ctx.clone()) => {}
         _ = snapshot::run(ctx.clone()) => {}
+        _ = migration::run(ctx.clone()) => {}
         _ = shutdown.wait() => tracing::info!("stopping; guests keep running"),
     }
     heartbeat.abort();

@@ -28,7 +28,7 @@ struct DomainCtx {
     domains: Store<Domain>,
 }
 
-fn bound_node(d: &Domain) -> Option<&str> {
+pub(super) fn bound_node(d: &Domain) -> Option<&str> {
     d.labels().get(NODE).map(String::as_str)
 }
 
@@ -159,7 +159,7 @@ fn host_lost(h: &Host) -> bool {
         .is_some_and(|c| c.status != "True")
 }
 
-fn request(dom: &Domain, ctx: &Ctx) -> std::result::Result<Request, String> {
+pub(super) fn request(dom: &Domain, ctx: &Ctx) -> std::result::Result<Request, String> {
     let ns = dom.namespace().unwrap_or_default();
     let mut volumes = Vec::new();
     for (field, volume) in dom.spec.volume_refs() {
@@ -250,7 +250,11 @@ impl Placements {
 }
 
 /// Every Host as placement sees it, with what bound and assumed Domains use.
-fn host_views(ctx: &Ctx, domains: &Store<Domain>, placements: &mut Placements) -> Vec<HostView> {
+pub(super) fn host_views(
+    ctx: &Ctx,
+    domains: &Store<Domain>,
+    placements: &mut Placements,
+) -> Vec<HostView> {
     let mut views: BTreeMap<String, HostView> = BTreeMap::new();
     for h in ctx.hosts.state() {
         let status = h.status.clone().unwrap_or_default();
@@ -261,7 +265,8 @@ fn host_views(ctx: &Ctx, domains: &Store<Domain>, placements: &mut Placements) -
                 name,
                 labels: h.labels().clone(),
                 ready: host_ready(&h),
-                unschedulable: h.spec.unschedulable,
+                // A drained Host takes no new Domain.
+                unschedulable: h.spec.unschedulable || h.spec.drain,
                 drivers: status.drivers.iter().cloned().collect(),
                 memory: status
                     .allocatable_memory
@@ -337,8 +342,14 @@ async fn reconcile(dom: Arc<Domain>, dctx: &DomainCtx) -> Result<Action> {
     // Domain whose label was dropped (kubectl replace, edit) gets the same
     // node back, never a second one.
     let mut node = bound_node(&dom).map(str::to_string);
+    // Unbound on purpose by a drain's eviction: placed anew, not restored.
+    let evicted_from = dom
+        .annotations()
+        .get(vireo_crds::labels::EVICTED_FROM_ANNOTATION)
+        .cloned();
     if node.is_none()
         && let Some(recorded) = status.node_name.clone()
+        && evicted_from.as_ref() != Some(&recorded)
     {
         let ops = json!([
             {"op": "test", "path": "/metadata/resourceVersion", "value": dom.resource_version()},

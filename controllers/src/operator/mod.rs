@@ -7,11 +7,15 @@
 //!   `VolumesReady`, `NetworksReady` conditions, state `pending`/`unknown`.
 //! * [`volume`]: binding volumes with `spec.nodeName`, in-use protection.
 //! * [`host_health`]: Host `Ready` from the agents' heartbeat Leases.
+//! * [`drain`]: Hosts with `spec.drain`: their Domains migrate or move.
+//! * [`migration`]: DomainMigrations: acceptance, the target, the binding's move.
 //! * [`aggregate`]: how many nodes run each Network and StoragePool.
 
 pub mod aggregate;
 pub mod domain;
+pub mod drain;
 pub mod host_health;
+pub mod migration;
 pub mod volume;
 
 use std::collections::HashMap;
@@ -64,10 +68,12 @@ pub struct Ctx {
     /// when: a reconcile woken by this operator's own earlier write may see
     /// the object from before it, and need not send the same status again.
     pub applied: Mutex<HashMap<String, (vireo_crds::DomainStatus, std::time::Instant)>>,
+    /// Drain Events already sent (`ns/name#reason`), said once per process.
+    pub drain_notes: Mutex<std::collections::HashSet<String>>,
 }
 
 /// A reflector for a kind, running until the process ends.
-fn reflect<K>(api: Api<K>) -> Store<K>
+pub(crate) fn reflect<K>(api: Api<K>) -> Store<K>
 where
     K: kube::Resource<DynamicType = ()>
         + Clone
@@ -108,6 +114,7 @@ pub async fn run(client: Client, config: OperatorConfig, metrics: Arc<Metrics>) 
         metrics,
         placements: Mutex::new(domain::Placements::default()),
         applied: Mutex::new(HashMap::new()),
+        drain_notes: Mutex::new(std::collections::HashSet::new()),
     });
     for (name, ready) in [
         ("hosts", ctx.hosts.wait_until_ready().await),
@@ -126,6 +133,7 @@ pub async fn run(client: Client, config: OperatorConfig, metrics: Arc<Metrics>) 
         _ = domain::run(ctx.clone()) => {}
         _ = volume::run(ctx.clone()) => {}
         _ = host_health::run(ctx.clone()) => {}
+        _ = migration::run(ctx.clone()) => {}
         _ = aggregate::run_networks(ctx.clone()) => {}
         _ = aggregate::run_pools(ctx.clone()) => {}
     }

@@ -652,6 +652,7 @@ mod firmware_tests {
                 run_strategy: Default::default(),
                 lifecycle: Default::default(),
                 node_selector: None,
+                eviction_strategy: None,
             },
         );
         assert_eq!(

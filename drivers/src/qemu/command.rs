@@ -501,6 +501,7 @@ mod tests {
                 run_strategy: Default::default(),
                 lifecycle: Default::default(),
                 node_selector: None,
+                eviction_strategy: None,
             },
         );
         d.spec.devices.disks = disks;

@@ -41,7 +41,7 @@ impl DomainObj {
         self.def.metadata.name.as_deref().unwrap_or_default()
     }
 
-    fn reference(&self) -> DomainRef {
+    pub(super) fn reference(&self) -> DomainRef {
         DomainRef {
             name: self.name().to_string(),
             uuid: self.uuid.clone(),
@@ -750,6 +750,31 @@ impl HypervisorDriver for TestDriver {
             obj.running_since = Some(Instant::now());
             Ok(())
         })
+    }
+
+    fn migrate_prepare(
+        &self,
+        domain: &Domain,
+        params: &crate::migration::MigrationParams,
+    ) -> Result<crate::migration::MigrationIncoming> {
+        self.prepare_incoming(domain, params)
+    }
+
+    fn migrate_perform(
+        &self,
+        name: &str,
+        incoming: &crate::migration::MigrationIncoming,
+        _params: &crate::migration::MigrationParams,
+    ) -> Result<crate::migration::MigrationStats> {
+        self.perform_outgoing(name, incoming)
+    }
+
+    fn migrate_finish(&self, name: &str, succeeded: bool) -> Result<Option<DomainRef>> {
+        self.finish_incoming(name, succeeded)
+    }
+
+    fn migrate_confirm(&self, name: &str, succeeded: bool) -> Result<()> {
+        self.confirm_outgoing(name, succeeded)
     }
 
     fn destroy_domain(&self, name: &str) -> Result<()> {

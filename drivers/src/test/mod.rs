@@ -16,12 +16,14 @@
 //! every object as it was, running domains with the same IDs (see [`store`]).
 
 mod domains;
+mod migration;
 mod networks;
 mod node_file;
 mod snapshots;
 mod storage;
 mod store;
 
+pub use migration::URI_SCHEME as MIGRATION_URI_SCHEME;
 pub use node_file::STATE_ANNOTATION;
 pub use storage::CAPACITY_ANNOTATION;
 

@@ -111,6 +111,7 @@ pub fn linux_domain(name: &str, machine: Option<&str>, cmdline: &str) -> Domain 
             run_strategy: RunStrategy::Manual,
             lifecycle: Lifecycle::default(),
             node_selector: None,
+            eviction_strategy: None,
         },
     )
 }
@@ -198,6 +199,7 @@ pub fn test_guest_domain(name: &str, cmdline: &str) -> Domain {
             run_strategy: RunStrategy::Manual,
             lifecycle: Lifecycle::default(),
             node_selector: None,
+            eviction_strategy: None,
         },
     )
 }

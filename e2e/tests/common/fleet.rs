@@ -31,6 +31,7 @@ pub fn test_domain(name: &str, memory: &str) -> Domain {
             run_strategy: Default::default(),
             lifecycle: Default::default(),
             node_selector: None,
+            eviction_strategy: None,
         },
     )
 }

@@ -1,0 +1,386 @@
+//! The steps of live migrations that involve this node, as libvirt's v3
+//! protocol orders them, each carried out by the agent of the node it
+//! concerns and recorded in the DomainMigration's status (phase and a
+//! condition per step) with Events on it and on the Domain:
+//!
+//! | phase          | who    | driver call                   | next phase     |
+//! |----------------|--------|-------------------------------|----------------|
+//! | `Preparing`    | target | `migrate_prepare` → incoming  | `Transferring` (or `Failed`) |
+//! | `Transferring` | source | `migrate_perform` → stats     | `Finishing`    |
+//! | `Finishing`    | target | `migrate_finish(transferred)` | `Confirming`   |
+//! | `Confirming`   | source | `migrate_confirm(finished)`   | (operator) `Succeeded`, or `Failed` |
+//!
+//! The source is paused by perform before the target resumes in finish, so
+//! the guest never runs on both; any failure before finish resumed it ends
+//! with the source's copy running again (confirm with `false`). Meanwhile
+//! the Domain's own reconcile on the source leaves it alone (the
+//! operator's `vireo.dev/migration` mark), and the target's does not see it
+//! until the operator moves the binding.
+
+use std::sync::Arc;
+
+use kube::api::Api;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::EventType;
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use vireo_crds::labels::node_key;
+use vireo_crds::{Domain, DomainMigration, Host, MigrationPhase};
+use vireo_drivers::migration::MigrationParams;
+
+use super::{Ctx, drain, error_policy, instrumented};
+use crate::error::{Error, Result};
+use crate::migration::{
+    events, fail, first_failure, incoming_from_api, incoming_to_api, phase, set_condition,
+    stats_to_api, step_ok, update,
+};
+
+pub(crate) async fn run(ctx: Arc<Ctx>) {
+    let api: Api<DomainMigration> = Api::all(ctx.client.clone());
+    let stream = Controller::new(api, watcher::Config::default()).run(
+        |m, ctx: Arc<Ctx>| async move {
+            let key = format!(
+                "migration:{}/{}",
+                m.namespace().unwrap_or_default(),
+                m.name_any()
+            );
+            instrumented(&ctx, "agent-migration", key, reconcile(m, &ctx)).await
+        },
+        |m, _err, ctx: Arc<Ctx>| {
+            error_policy(
+                &ctx,
+                &format!(
+                    "migration:{}/{}",
+                    m.namespace().unwrap_or_default(),
+                    m.name_any()
+                ),
+            )
+        },
+        ctx.clone(),
+    );
+    drain(stream).await;
+}
+
+/// Which side of a migration this node is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Source,
+    Target,
+}
+
+/// The step this node owes a migration in this phase, if any.
+fn my_step(phase: MigrationPhase, side: Side, confirmed: Option<bool>) -> Option<MigrationPhase> {
+    match (phase, side) {
+        (MigrationPhase::Preparing, Side::Target)
+        | (MigrationPhase::Transferring, Side::Source)
+        | (MigrationPhase::Finishing, Side::Target) => Some(phase),
+        (MigrationPhase::Confirming, Side::Source) if confirmed.is_none() => Some(phase),
+        _ => None,
+    }
+}
+
+async fn reconcile(m: Arc<DomainMigration>, ctx: &Ctx) -> Result<Action> {
+    if m.meta().deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let status = m.status.clone().unwrap_or_default();
+    let me = ctx.config.node_name.as_str();
+    let side = if status.target_node.as_deref() == Some(me) {
+        Side::Target
+    } else if status.source_node.as_deref() == Some(me) {
+        Side::Source
+    } else {
+        return Ok(Action::await_change());
+    };
+    let Some(step) = my_step(phase(&m), side, step_ok(&status, "Confirmed")) else {
+        return Ok(Action::await_change());
+    };
+    let ns = m.namespace().unwrap_or_default();
+    let api: Api<DomainMigration> = Api::namespaced(ctx.client.clone(), &ns);
+    let domains: Api<Domain> = Api::namespaced(ctx.client.clone(), &ns);
+    let dom = domains.get_opt(&m.spec.domain_name).await?;
+    let source = status.source_node.clone().unwrap_or_default();
+    let target = status.target_node.clone().unwrap_or_default();
+    let key = node_key(&ns, &m.spec.domain_name);
+    let Some(dom) = dom else {
+        if step == MigrationPhase::Preparing {
+            let why = format!("Domain '{}' was deleted", m.spec.domain_name);
+            update(&api, &m, |s| fail(s, "Prepared", "DomainNotFound", &why)).await?;
+        }
+        return Ok(Action::await_change());
+    };
+    let ty = dom.spec.domain_type;
+    match step {
+        MigrationPhase::Preparing => {
+            let params = params(ctx, &m, &dom, &target).await;
+            let uuid = dom
+                .spec
+                .uuid
+                .clone()
+                .unwrap_or_else(|| dom.uid().unwrap_or_default());
+            let prepared = match (
+                super::domain::node_definition(ctx, &dom, &uuid).await,
+                params,
+            ) {
+                (Err(why), _) => Err(why),
+                (_, Err(e)) => Err(e.to_string()),
+                (Ok(def), Ok(params)) => ctx
+                    .drive_domain(ty, move |c| c.hypervisor().migrate_prepare(&def, &params))
+                    .await
+                    .map_err(|e| e.to_string()),
+            };
+            match prepared {
+                Ok(incoming) => {
+                    let note = format!("host {target} is ready for the state at {}", incoming.uri);
+                    update(&api, &m, |s| {
+                        s.phase = Some(MigrationPhase::Transferring);
+                        s.incoming = Some(incoming_to_api(&incoming));
+                        set_condition(s, "Prepared", true, "Prepared", note.clone());
+                    })
+                    .await?;
+                    tracing::info!(domain = %key, "migration prepared: {note}");
+                    events(
+                        &ctx.recorder,
+                        &m,
+                        Some(&dom),
+                        EventType::Normal,
+                        "MigrationPrepared",
+                        note,
+                    )
+                    .await;
+                }
+                Err(e) => {
+                    let why = format!(
+                        "preparing on host {target} failed: {e}; the guest keeps running on host {source}"
+                    );
+                    update(&api, &m, |s| fail(s, "Prepared", "PrepareFailed", &why)).await?;
+                    tracing::warn!(domain = %key, "{why}");
+                    events(
+                        &ctx.recorder,
+                        &m,
+                        Some(&dom),
+                        EventType::Warning,
+                        "MigrationFailed",
+                        why,
+                    )
+                    .await;
+                }
+            }
+        }
+        MigrationPhase::Transferring => {
+            let params = params(ctx, &m, &dom, &target).await;
+            let incoming = status
+                .incoming
+                .as_ref()
+                .ok_or_else(|| "status.incoming is missing".to_string())
+                .and_then(incoming_from_api)
+                .and_then(|i| params.map(|p| (i, p)).map_err(|e| e.to_string()));
+            let k = key.clone();
+            let performed = match incoming {
+                Err(why) => Err(why),
+                Ok((incoming, params)) => ctx
+                    .drive_domain(ty, move |c| {
+                        c.hypervisor().migrate_perform(&k, &incoming, &params)
+                    })
+                    .await
+                    .map_err(|e| e.to_string()),
+            };
+            let (ok, reason, note) = match &performed {
+                Ok(stats) => (
+                    true,
+                    "Transferred",
+                    format!(
+                        "state sent to host {target} in {} ms ({} MiB of memory, {} MiB of disks); the source is paused",
+                        stats.total_ms,
+                        stats.memory_bytes >> 20,
+                        stats.disk_bytes >> 20
+                    ),
+                ),
+                Err(e) => (
+                    false,
+                    "TransferFailed",
+                    format!("sending the state to host {target} failed: {e}"),
+                ),
+            };
+            update(&api, &m, |s| {
+                s.phase = Some(MigrationPhase::Finishing);
+                if let Ok(stats) = &performed {
+                    s.stats = Some(stats_to_api(stats));
+                }
+                set_condition(s, "Transferred", ok, reason, note.clone());
+            })
+            .await?;
+            let t = if ok {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            };
+            tracing::info!(domain = %key, ok, "migration transfer: {note}");
+            events(
+                &ctx.recorder,
+                &m,
+                Some(&dom),
+                t,
+                &format!("Migration{reason}"),
+                note,
+            )
+            .await;
+        }
+        MigrationPhase::Finishing => {
+            let transferred = step_ok(&status, "Transferred") == Some(true);
+            let k = key.clone();
+            let finished = ctx
+                .drive_domain(ty, move |c| {
+                    let hv = c.hypervisor();
+                    match hv.migrate_finish(&k, transferred) {
+                        Ok(r) => Ok(Ok(r)),
+                        // Resuming here failed: what prepare made goes, and
+                        // the source resumes (confirm with false).
+                        Err(e) if transferred => {
+                            let _ = hv.migrate_finish(&k, false);
+                            Ok(Err(e.to_string()))
+                        }
+                        Err(e) => Ok(Err(e.to_string())),
+                    }
+                })
+                .await?;
+            let (ok, reason, note) = match (&finished, transferred) {
+                (Ok(_), true) => (true, "Resumed", format!("the guest runs on host {target}")),
+                (Ok(_), false) => (
+                    false,
+                    "Cancelled",
+                    format!("the transfer failed; what host {target} prepared is removed"),
+                ),
+                (Err(e), _) => (
+                    false,
+                    "FinishFailed",
+                    format!("resuming on host {target} failed: {e}"),
+                ),
+            };
+            update(&api, &m, |s| {
+                s.phase = Some(MigrationPhase::Confirming);
+                set_condition(s, "Finished", ok, reason, note.clone());
+            })
+            .await?;
+            let t = if ok {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            };
+            tracing::info!(domain = %key, ok, "migration finish: {note}");
+            events(
+                &ctx.recorder,
+                &m,
+                Some(&dom),
+                t,
+                &format!("Migration{reason}"),
+                note,
+            )
+            .await;
+        }
+        MigrationPhase::Confirming => {
+            let finished = step_ok(&status, "Finished") == Some(true);
+            let k = key.clone();
+            let confirmed = ctx
+                .drive_domain(ty, move |c| c.hypervisor().migrate_confirm(&k, finished))
+                .await;
+            if finished {
+                // The guest runs on the target whatever happens here: a
+                // copy left on the source is said, and the binding moves.
+                let note = match &confirmed {
+                    Ok(()) => format!("the source's copy on host {source} is removed"),
+                    Err(e) => format!(
+                        "removing the source's copy on host {source} failed ({e}); the guest runs on host {target}"
+                    ),
+                };
+                update(&api, &m, |s| {
+                    set_condition(s, "Confirmed", true, "SourceRemoved", note.clone());
+                })
+                .await?;
+                let t = if confirmed.is_ok() {
+                    EventType::Normal
+                } else {
+                    EventType::Warning
+                };
+                events(&ctx.recorder, &m, Some(&dom), t, "MigrationConfirmed", note).await;
+            } else {
+                let cause =
+                    first_failure(&status).unwrap_or_else(|| "the migration was cancelled".into());
+                let why = match &confirmed {
+                    Ok(()) => format!("{cause}; the guest keeps running on host {source}"),
+                    Err(e) => {
+                        format!("{cause}; resuming the guest on host {source} failed too: {e}")
+                    }
+                };
+                update(&api, &m, |s| fail(s, "Confirmed", "Cancelled", &why)).await?;
+                tracing::warn!(domain = %key, "migration failed: {why}");
+                events(
+                    &ctx.recorder,
+                    &m,
+                    Some(&dom),
+                    EventType::Warning,
+                    "MigrationFailed",
+                    why,
+                )
+                .await;
+            }
+        }
+        _ => {}
+    }
+    Ok(Action::await_change())
+}
+
+/// The driver's parameters: the target's migration address (from its
+/// Host), whether disks are copied (a Domain's volumes live on its node),
+/// and the spec's limits.
+async fn params(
+    ctx: &Ctx,
+    m: &DomainMigration,
+    dom: &Domain,
+    target: &str,
+) -> Result<MigrationParams> {
+    let address = if target == ctx.config.node_name {
+        super::host::migration_address(ctx).map(|a| a.to_string())
+    } else {
+        let hosts: Api<Host> = Api::all(ctx.client.clone());
+        hosts
+            .get_opt(target)
+            .await?
+            .and_then(|h| h.status.and_then(|s| s.migration_address))
+    };
+    let target_address = address.ok_or_else(|| {
+        Error::Invalid(format!(
+            "host {target} has no migration address (status.migrationAddress; the agent's --migration-address)"
+        ))
+    })?;
+    Ok(MigrationParams {
+        target_address,
+        copy_storage: !dom.spec.volume_refs().is_empty(),
+        max_downtime_ms: m.spec.max_downtime_ms,
+        bandwidth_mib_s: m.spec.bandwidth,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use MigrationPhase::*;
+
+    #[test]
+    fn each_step_is_one_sides() {
+        assert_eq!(my_step(Preparing, Side::Target, None), Some(Preparing));
+        assert_eq!(my_step(Preparing, Side::Source, None), None);
+        assert_eq!(
+            my_step(Transferring, Side::Source, None),
+            Some(Transferring)
+        );
+        assert_eq!(my_step(Transferring, Side::Target, None), None);
+        assert_eq!(my_step(Finishing, Side::Target, None), Some(Finishing));
+        assert_eq!(my_step(Confirming, Side::Source, None), Some(Confirming));
+        assert_eq!(my_step(Confirming, Side::Source, Some(true)), None, "once");
+        for p in [Pending, Scheduling, Succeeded, Failed] {
+            assert_eq!(my_step(p, Side::Source, None), None);
+            assert_eq!(my_step(p, Side::Target, None), None);
+        }
+    }
+}

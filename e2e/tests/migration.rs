@@ -1,0 +1,516 @@
+//! Live migration on the real API server: two agents, each in a network
+//! namespace of its own joined by a veth link whose addresses are their
+//! migration addresses (`--migration-address`), and a third small node.
+//! A test-driver Domain moves from node-1 to node-2 with `vireo migrate`:
+//! the DomainMigration goes through every phase to Succeeded, the Domain is
+//! bound to node-2 and runs there, node-1 has no record of it left, and an
+//! observer reading both agents' own records all along (STATE/test-node/
+//! domains/*.json, as the chaos run does) never sees it running on both.
+//! Then a migration to the host that cannot take it fails with a condition
+//! saying why and the guest runs on; a second migration while one is in
+//! progress is refused; the spec cannot change.
+//!
+//! A second test drains a Host (`vireo drain`): each Domain goes as its
+//! `evictionStrategy` says.
+//!
+//! Needs root (network namespaces); without it the test fails when `CI`
+//! is set and otherwise prints a SKIP line and returns.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::{Cluster, Netns, ready_hosts, vireo_as, wait_for};
+use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::json;
+use vireo_crds::labels::{MIGRATION_ANNOTATION, NODE};
+use vireo_crds::{Domain, DomainMigration, DomainMigrationSpec, DomainState, Host, MigrationPhase};
+
+const T: Duration = Duration::from_secs(60);
+
+fn root_or_skip(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test}: not root (network namespaces), and CI is set"
+    );
+    eprintln!("SKIP {test}: not root (network namespaces)");
+    false
+}
+
+/// Joins two namespaces with a veth pair: `ns1` gets 10.77.0.1/24, `ns2`
+/// 10.77.0.2/24.
+fn link(ns1: &Netns, ns2: &Netns, tag: &str) {
+    let (a, b) = (format!("vm{tag}a"), format!("vm{tag}b"));
+    let run = |args: &[&str]| {
+        let ok = Command::new("ip")
+            .args(args)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "ip {}", args.join(" "));
+    };
+    run(&["link", "add", &a, "type", "veth", "peer", "name", &b]);
+    run(&["link", "set", &a, "netns", &ns1.name]);
+    run(&["link", "set", &b, "netns", &ns2.name]);
+    for (ns, dev, addr) in [(ns1, &a, "10.77.0.1/24"), (ns2, &b, "10.77.0.2/24")] {
+        ns.ip(&["addr", "add", addr, "dev", dev]);
+        ns.ip(&["link", "set", dev, "up"]);
+        assert!(
+            ns.ip(&["-o", "addr", "show", "dev", dev]).contains(addr),
+            "{addr} on {dev} in {}",
+            ns.name
+        );
+    }
+}
+
+/// The test driver's records of running domains on a node: (name, uuid).
+fn running_records(state: &Path) -> Vec<(String, String)> {
+    let Ok(entries) = std::fs::read_dir(state.join("test-node/domains")) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let v: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok()?;
+            (v["state"] == "running").then(|| {
+                (
+                    v["def"]["metadata"]["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                    v["uuid"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+        })
+        .collect()
+}
+
+fn record_exists(state: &Path, key: &str) -> bool {
+    let file = format!("{}.json", key.replace('/', "%2F"));
+    state.join("test-node/domains").join(file).exists()
+}
+
+/// Watches both nodes' records until stopped; returns every moment one
+/// UUID was running on both (empty: never).
+fn observe(
+    states: [PathBuf; 2],
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<(usize, Vec<String>)> {
+    std::thread::spawn(move || {
+        let mut looks = 0;
+        let mut both = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            let a = running_records(&states[0]);
+            let b = running_records(&states[1]);
+            for (name, uuid) in &a {
+                if b.iter().any(|(_, u)| u == uuid) {
+                    both.push(format!(
+                        "{name} ({uuid}) running on both nodes at look {looks}"
+                    ));
+                }
+            }
+            looks += 1;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (looks, both)
+    })
+}
+
+fn phase(m: &DomainMigration) -> Option<MigrationPhase> {
+    m.status.as_ref().and_then(|s| s.phase)
+}
+
+fn condition<'a>(m: &'a DomainMigration, t: &str) -> Option<&'a vireo_crds::Condition> {
+    m.status.as_ref()?.conditions.iter().find(|c| c.type_ == t)
+}
+
+async fn ended(api: &Api<DomainMigration>, name: &str) -> DomainMigration {
+    wait_for(T, &format!("DomainMigration {name} to end"), || async {
+        api.get_opt(name)
+            .await
+            .ok()
+            .flatten()
+            .filter(|m| phase(m).is_some_and(|p| p.is_final()))
+    })
+    .await
+}
+
+async fn running_on(api: &Api<Domain>, name: &str, node: &str) -> Domain {
+    wait_for(T, &format!("{name} running on {node}"), || async {
+        api.get_opt(name).await.ok().flatten().filter(|d| {
+            let s = d.status.as_ref();
+            d.labels().get(NODE).map(String::as_str) == Some(node)
+                && s.and_then(|s| s.node_name.as_deref()) == Some(node)
+                && s.and_then(|s| s.state) == Some(DomainState::Running)
+                && s.and_then(|s| s.info.as_ref())
+                    .is_some_and(|i| i.state == DomainState::Running)
+        })
+    })
+    .await
+}
+
+fn migration(name: &str, domain: &str, target: Option<&str>) -> DomainMigration {
+    DomainMigration::new(
+        name,
+        DomainMigrationSpec {
+            domain_name: domain.into(),
+            target_node: target.map(str::to_string),
+            max_downtime_ms: None,
+            bandwidth: None,
+        },
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_test_domain_migrates_between_two_agents_and_a_refused_one_runs_on() {
+    if !root_or_skip("migration") {
+        return;
+    }
+    let mut cluster = Cluster::start("migration");
+    let ns1 = Netns::new("vireo-mig-1");
+    let ns2 = Netns::new("vireo-mig-2");
+    link(&ns1, &ns2, "k");
+    cluster.hold(cluster.operator("operator", &["--no-leader-election"]));
+    let test_net = ["--network-driver", "test"];
+    let a1 = [&test_net[..], &["--migration-address", "10.77.0.1"]].concat();
+    let a2 = [&test_net[..], &["--migration-address", "10.77.0.2"]].concat();
+    cluster.hold(cluster.agent_in_netns("node-1", &ns1, &a1));
+    cluster.hold(cluster.agent_in_netns("node-2", &ns2, &a2));
+    // node-3 cannot take it: 1 GiB for a 2 GiB guest. Its address is
+    // found, not given.
+    cluster.hold(cluster.agent("node-3", &["--memory", "1Gi"]));
+    let client = cluster.client().await;
+    ready_hosts(&client, 3).await;
+    let hosts: Api<Host> = Api::all(client.clone());
+    for (node, want) in [("node-1", Some("10.77.0.1")), ("node-2", Some("10.77.0.2"))] {
+        let h = hosts.get(node).await.expect("host");
+        assert_eq!(
+            h.status.and_then(|s| s.migration_address).as_deref(),
+            want,
+            "{node}'s migration address"
+        );
+    }
+
+    // Placement: node-1 and node-2 tie on free memory; the name decides.
+    cluster.kubectl_stdin(
+        &["apply", "-f", "-"],
+        r#"
+apiVersion: vireo.dev/v1alpha1
+kind: Domain
+metadata: {name: web, namespace: default}
+spec: {type: test, memory: 2Gi, vcpus: 2, runStrategy: Always}
+"#,
+    );
+    let domains: Api<Domain> = Api::namespaced(client.clone(), "default");
+    let before = running_on(&domains, "web", "node-1").await;
+    let uuid = before.spec.uuid.clone().expect("uuid");
+    let states = [
+        cluster.dir.join("state-node-1"),
+        cluster.dir.join("state-node-2"),
+    ];
+    assert!(record_exists(&states[0], "default/web"));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let observer = observe(states.clone(), stop.clone());
+    let out = vireo_as(
+        &cluster.kubeconfig,
+        &["-c", "kube:///", "migrate", "web", "node-2"].map(String::from),
+        b"",
+    );
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(
+        out.status.success(),
+        "vireo migrate: {stdout}{stderr}\n{}",
+        cluster.logs()
+    );
+    assert!(
+        stdout.contains("Domain 'default/web' migrated to node node-2"),
+        "{stdout}"
+    );
+    // The test driver's steps take milliseconds: the CLI, polling, may see
+    // only the last phase.
+    assert!(stderr.contains(": Succeeded"), "progress: {stderr}");
+    let after = running_on(&domains, "web", "node-2").await;
+    stop.store(true, Ordering::Relaxed);
+    let (looks, both) = observer.join().expect("observer");
+    assert!(both.is_empty(), "{both:?}");
+    assert!(looks > 10, "the observer looked {looks} times");
+    assert_eq!(
+        after.spec.uuid.as_deref(),
+        Some(uuid.as_str()),
+        "the same domain"
+    );
+    assert!(
+        !after.annotations().contains_key(MIGRATION_ANNOTATION),
+        "the mark is gone"
+    );
+    assert!(
+        !record_exists(&states[0], "default/web"),
+        "node-1's copy removed"
+    );
+    assert!(
+        running_records(&states[1]).iter().any(|(_, u)| *u == uuid),
+        "node-2's record runs"
+    );
+    // The migration's record: every step True, the figures, the nodes.
+    let migrations: Api<DomainMigration> = Api::namespaced(client.clone(), "default");
+    let list = migrations.list(&Default::default()).await.expect("list");
+    assert_eq!(list.items.len(), 1);
+    let m = &list.items[0];
+    assert_eq!(phase(m), Some(MigrationPhase::Succeeded));
+    let s = m.status.clone().expect("status");
+    assert_eq!(
+        (s.source_node.as_deref(), s.target_node.as_deref()),
+        (Some("node-1"), Some("node-2"))
+    );
+    assert!(
+        s.incoming
+            .is_some_and(|i| i.uri == "test+migrate://10.77.0.2/default/web")
+    );
+    assert_eq!(s.stats.map(|st| st.memory_bytes), Some(2 << 30));
+    for step in [
+        "Scheduled",
+        "Prepared",
+        "Transferred",
+        "Finished",
+        "Confirmed",
+    ] {
+        assert_eq!(
+            condition(m, step).map(|c| c.status.as_str()),
+            Some("True"),
+            "{step}"
+        );
+    }
+    assert!(s.start_time.is_some() && s.end_time.is_some());
+    let table = cluster.kubectl_ok(&["get", "dmig", "-n", "default"]);
+    assert!(
+        table.contains("DOMAIN") && table.contains("SOURCE") && table.contains("node-2"),
+        "{table}"
+    );
+    let events = cluster.kubectl_ok(&[
+        "get",
+        "events",
+        "-n",
+        "default",
+        "--field-selector",
+        "involvedObject.name=web,involvedObject.kind=Domain",
+        "-o",
+        "jsonpath={.items[*].reason}",
+    ]);
+    for r in ["MigrationPrepared", "MigrationTransferred", "Migrated"] {
+        assert!(events.contains(r), "Domain Events lack {r}: {events}");
+    }
+    // node-2's agent adopted it: a stop through the spec is carried out there.
+    assert_eq!(
+        after.status.as_ref().and_then(|s| s.node_name.as_deref()),
+        Some("node-2")
+    );
+
+    // A host that cannot take it: Failed, with why; the guest runs on.
+    migrations
+        .create(
+            &PostParams::default(),
+            &migration("to-small", "web", Some("node-3")),
+        )
+        .await
+        .expect("created");
+    let m = ended(&migrations, "to-small").await;
+    assert_eq!(phase(&m), Some(MigrationPhase::Failed));
+    let c = condition(&m, "Scheduled").expect("Scheduled");
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "NoTarget")
+    );
+    assert!(
+        c.message.contains("host node-3 cannot take it") && c.message.contains("memory"),
+        "{}",
+        c.message
+    );
+    let still = running_on(&domains, "web", "node-2").await;
+    assert!(!still.annotations().contains_key(MIGRATION_ANNOTATION));
+
+    // To where it runs: refused the same way.
+    migrations
+        .create(
+            &PostParams::default(),
+            &migration("to-self", "web", Some("node-2")),
+        )
+        .await
+        .expect("created");
+    let m = ended(&migrations, "to-self").await;
+    assert!(
+        m.status
+            .and_then(|s| s.message)
+            .is_some_and(|t| t.contains("the host the domain runs on")),
+    );
+
+    // The spec cannot change.
+    let e = migrations
+        .patch(
+            "to-small",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"targetNode": "node-1"}})),
+        )
+        .await
+        .expect_err("immutable");
+    assert!(e.to_string().contains("spec is immutable"), "{e}");
+
+    // One at a time: a Domain marked by a migration in progress refuses another.
+    migrations
+        .create(
+            &PostParams::default(),
+            &migration("held", "other", Some("node-9")),
+        )
+        .await
+        .expect("created");
+    migrations
+        .patch_status(
+            "held",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"phase": "Preparing", "sourceNode": "node-8", "targetNode": "node-9"}})),
+        )
+        .await
+        .expect("held in Preparing");
+    domains
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {MIGRATION_ANNOTATION: "held"}}})),
+        )
+        .await
+        .expect("marked");
+    migrations
+        .create(&PostParams::default(), &migration("second", "web", None))
+        .await
+        .expect("created");
+    let m = ended(&migrations, "second").await;
+    assert_eq!(phase(&m), Some(MigrationPhase::Failed));
+    assert!(
+        condition(&m, "Scheduled").is_some_and(
+            |c| c.reason == "AlreadyMigrating" && c.message.contains("DomainMigration 'held'")
+        ),
+        "{:?}",
+        m.status
+    );
+    // The refused one did not take the mark away from the one in progress.
+    let d = domains.get("web").await.expect("web");
+    assert_eq!(
+        d.annotations()
+            .get(MIGRATION_ANNOTATION)
+            .map(String::as_str),
+        Some("held")
+    );
+    assert_eq!(d.labels().get(NODE).map(String::as_str), Some("node-2"));
+    drop(cluster);
+}
+
+/// `vireo drain node-1`: of three Domains there, the LiveMigrate one
+/// migrates (a DomainMigration the operator made), the Shutdown one is shut
+/// down there and starts on another node, the None one stays; the Host
+/// says Drained and `kubectl get hosts` shows DRAIN.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drain_moves_domains_as_their_eviction_strategy_says() {
+    let mut cluster = Cluster::start("drain");
+    cluster.hold(cluster.operator("operator", &["--no-leader-election"]));
+    // node-1 has the most room: placement puts all three there.
+    cluster.hold(cluster.agent("node-1", &["--memory", "64Gi"]));
+    cluster.hold(cluster.agent("node-2", &[]));
+    cluster.hold(cluster.agent("node-3", &[]));
+    let client = cluster.client().await;
+    ready_hosts(&client, 3).await;
+    let mut yaml = String::new();
+    for (name, strategy) in [
+        ("live", "LiveMigrate"),
+        ("shut", "Shutdown"),
+        ("stay", "None"),
+    ] {
+        yaml.push_str(&format!(
+            "---\napiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {{name: {name}, namespace: default}}\nspec: {{type: test, memory: 1Gi, vcpus: 1, runStrategy: Always, evictionStrategy: {strategy}}}\n"
+        ));
+    }
+    let out = cluster.kubectl_stdin(&["apply", "-f", "-"], &yaml);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let domains: Api<Domain> = Api::namespaced(client.clone(), "default");
+    for name in ["live", "shut", "stay"] {
+        running_on(&domains, name, "node-1").await;
+    }
+    let out = vireo_as(
+        &cluster.kubeconfig,
+        &["-c", "kube:///", "drain", "node-1"].map(String::from),
+        b"",
+    );
+    assert!(
+        out.status.success(),
+        "vireo drain: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = cluster.kubectl_ok(&["get", "hosts"]);
+    assert!(table.contains("DRAIN") && table.contains("true"), "{table}");
+    let hosts: Api<Host> = Api::all(client.clone());
+    wait_for(T, "node-1 Drained", || async {
+        let h = hosts.get("node-1").await.ok()?;
+        h.status?
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Drained" && c.status == "True")
+            .then_some(())
+    })
+    .await;
+    let moved = |d: &Domain| {
+        d.labels()
+            .get(NODE)
+            .is_some_and(|n| n == "node-2" || n == "node-3")
+    };
+    for name in ["live", "shut"] {
+        let d = wait_for(T, &format!("{name} running off node-1"), || async {
+            domains.get_opt(name).await.ok().flatten().filter(|d| {
+                moved(d) && d.status.as_ref().and_then(|s| s.state) == Some(DomainState::Running)
+            })
+        })
+        .await;
+        assert!(moved(&d));
+    }
+    let migrations: Api<DomainMigration> = Api::namespaced(client.clone(), "default");
+    let m = migrations
+        .get("live-drain")
+        .await
+        .expect("the drain's migration");
+    assert_eq!(phase(&m), Some(MigrationPhase::Succeeded));
+    assert_eq!(
+        m.labels()
+            .get(vireo_crds::labels::DRAIN_LABEL)
+            .map(String::as_str),
+        Some("node-1")
+    );
+    assert!(
+        migrations
+            .get_opt("shut-drain")
+            .await
+            .expect("get")
+            .is_none(),
+        "Shutdown does not migrate"
+    );
+    let stay = domains.get("stay").await.expect("stay");
+    assert_eq!(stay.labels().get(NODE).map(String::as_str), Some("node-1"));
+    assert_eq!(
+        stay.status.as_ref().and_then(|s| s.state),
+        Some(DomainState::Running)
+    );
+    drop(cluster);
+}
