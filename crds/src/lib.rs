@@ -17,8 +17,8 @@
 pub mod common;
 pub mod crd;
 pub mod domain;
-pub mod domain_snapshot;
 pub mod domain_migration;
+pub mod domain_snapshot;
 pub mod host;
 pub mod labels;
 pub mod libvirt_xml;

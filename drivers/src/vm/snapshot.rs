@@ -476,9 +476,12 @@ impl<B: Backend> Inner<B> {
         if target.is_active() {
             let paused = target == DomainState::Paused;
             let started = match &memory {
-                Some((file, offset)) => {
-                    self.activate_from(l, rec, def, super::Start::Saved(file.as_path(), *offset, paused))
-                }
+                Some((file, offset)) => self.activate_from(
+                    l,
+                    rec,
+                    def,
+                    super::Start::Saved(file.as_path(), *offset, paused),
+                ),
                 None => self.activate(l, rec, def),
             };
             if let Err(e) = started {
