@@ -59,11 +59,18 @@ alive() {
 # still_starting PID NAME: the process we just started is alive. Right after
 # `nohup BIN &` the PID is still the forked shell, then nohup, until it
 # execs BIN (a busy machine makes that window long), so those count too.
+# While the PID execs, /proc/PID/exe can be unreadable for a moment: that
+# counts as starting too, unless the process is a zombie (it exited).
 still_starting() {
-  local pid=$1 name=$2 exe
+  local pid=$1 name=$2 exe stat
   alive "$pid" "$name" && return 0
   kill -0 "$pid" 2>/dev/null || return 1
-  exe=$(readlink "/proc/$pid/exe" 2>/dev/null) || return 1
+  if ! exe=$(readlink "/proc/$pid/exe" 2>/dev/null); then
+    stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
+    stat=${stat##*) }
+    [[ ${stat%% *} != Z ]]
+    return
+  fi
   [[ ${exe##*/} == bash || ${exe##*/} == nohup ]]
 }
 
