@@ -15,7 +15,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{console_log, expect_state, fresh_root, kvm_available, say, test_guest_domain, yaml};
+use common::{
+    console_log, expect_state, fresh_root, kvm_available, log_text, numbers_after, say,
+    test_guest_domain, yaml,
+};
 use vireo_crds::{DomainReason, DomainState};
 use vireo_drivers::StorageDriver;
 use vireo_drivers::snapshot::{RevertTo, SnapshotParams, SnapshotState};
@@ -24,24 +27,8 @@ const MARKER: &str = "VIREO-TEST-GUEST-READY";
 const WAIT: Duration = Duration::from_secs(60);
 const TICK: &str = "VIREO-TEST counter ";
 
-fn log_text(log: &Path) -> String {
-    std::fs::read_to_string(log).unwrap_or_default()
-}
-
 fn ticks_after(log: &Path, from: usize) -> Vec<u64> {
-    let text = log_text(log);
-    text.get(from..)
-        .unwrap_or_default()
-        .split(TICK)
-        .skip(1)
-        .filter_map(|t| {
-            t.chars()
-                .take_while(char::is_ascii_digit)
-                .collect::<String>()
-                .parse()
-                .ok()
-        })
-        .collect()
+    numbers_after(log, from, TICK)
 }
 
 fn wait_ticks(log: &Path, from: usize, ok: impl Fn(&[u64]) -> bool) -> Vec<u64> {

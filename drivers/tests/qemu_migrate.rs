@@ -29,7 +29,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{QEMU, expect_state, fresh_root, linux_domain, say, started_pool, yaml};
+use common::{
+    QEMU, expect_state, fresh_root, linux_domain, numbers_after, say, started_pool, yaml,
+};
 use vireo_crds::{DomainReason, DomainState, StorageVol};
 use vireo_drivers::migration::{MigrationIncoming, MigrationParams};
 use vireo_drivers::{Connection, Lookup, StorageDriver};
@@ -202,18 +204,7 @@ fn volume(name: &str, format: &str) -> StorageVol {
 }
 
 fn ticks(log: &Path) -> Vec<u64> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .split("TICK-")
-        .skip(1)
-        .filter_map(|t| {
-            t.chars()
-                .take_while(char::is_ascii_digit)
-                .collect::<String>()
-                .parse()
-                .ok()
-        })
-        .collect()
+    numbers_after(log, 0, "TICK-")
 }
 
 /// Waits until the console shows a counter above `above`; returns all.

@@ -12,7 +12,10 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{console_log, expect_state, fresh_root, linux_domain, open_qemu, qemu_available, say};
+use common::{
+    console_log, expect_state, fresh_root, linux_domain, log_text, numbers_after, open_qemu,
+    qemu_available, say,
+};
 use vireo_crds::{DomainReason, DomainState};
 use vireo_drivers::{Connection, Error, Lookup};
 
@@ -21,25 +24,9 @@ const WAIT: Duration = Duration::from_secs(60);
 const COUNTER: &str =
     r#"vireo.net=0 vireo.run="i=0; while :; do i=$((i+1)); echo TICK-$i; sleep 1; done""#;
 
-fn log_text(log: &Path) -> String {
-    std::fs::read_to_string(log).unwrap_or_default()
-}
-
 /// The counter values printed after byte `from` of the console log.
 fn ticks_after(log: &Path, from: usize) -> Vec<u64> {
-    let text = log_text(log);
-    text.get(from..)
-        .unwrap_or_default()
-        .split("TICK-")
-        .skip(1)
-        .filter_map(|t| {
-            t.chars()
-                .take_while(char::is_ascii_digit)
-                .collect::<String>()
-                .parse()
-                .ok()
-        })
-        .collect()
+    numbers_after(log, from, "TICK-")
 }
 
 /// Waits until at least `n` ticks follow byte `from`; returns them.

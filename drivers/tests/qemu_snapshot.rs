@@ -13,7 +13,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{console_log, expect_state, fresh_root, linux_domain, qemu_available, say, yaml};
+use common::{
+    console_log, expect_state, fresh_root, linux_domain, log_text, numbers_after, qemu_available,
+    say, yaml,
+};
 use vireo_crds::{DomainReason, DomainState};
 use vireo_drivers::snapshot::{RevertTo, SnapshotParams, SnapshotState};
 use vireo_drivers::{Error, StorageDriver};
@@ -22,27 +25,6 @@ const MARKER: &str = "VIREO-GUEST-READY";
 const WAIT: Duration = Duration::from_secs(90);
 /// Counts its boots on the disk, then ticks once a second.
 const RUN: &str = r#"vireo.net=0 vireo.mkfs=auto vireo.run="n=$(cat /mnt/vda/boots 2>/dev/null || echo 0); n=$((n+1)); echo $n > /mnt/vda/boots; sync; echo BOOTS-$n; i=0; while :; do i=$((i+1)); echo TICK-$i; sleep 1; done""#;
-
-fn log_text(log: &Path) -> String {
-    std::fs::read_to_string(log).unwrap_or_default()
-}
-
-/// Numbers printed after `prefix` past byte `from` of the log.
-fn numbers_after(log: &Path, from: usize, prefix: &str) -> Vec<u64> {
-    let text = log_text(log);
-    text.get(from..)
-        .unwrap_or_default()
-        .split(prefix)
-        .skip(1)
-        .filter_map(|t| {
-            t.chars()
-                .take_while(char::is_ascii_digit)
-                .collect::<String>()
-                .parse()
-                .ok()
-        })
-        .collect()
-}
 
 /// Waits until `ok` holds for the numbers after `prefix` past byte `from`.
 fn wait_numbers(log: &Path, from: usize, prefix: &str, ok: impl Fn(&[u64]) -> bool) -> Vec<u64> {

@@ -13,6 +13,29 @@ use vireo_crds::{Domain, DomainDevices, DomainSpec, DomainType, Lifecycle, OsSpe
 
 pub const QEMU: &str = "qemu-system-x86_64";
 
+/// A console log as text; empty until the file exists.
+pub fn log_text(log: &Path) -> String {
+    std::fs::read_to_string(log).unwrap_or_default()
+}
+
+/// The numbers printed right after each `prefix` past byte `from` of a
+/// console log (a guest's counter: `TICK-7`, `VIREO-TEST counter 7`).
+pub fn numbers_after(log: &Path, from: usize, prefix: &str) -> Vec<u64> {
+    log_text(log)
+        .get(from..)
+        .unwrap_or_default()
+        .split(prefix)
+        .skip(1)
+        .filter_map(|t| {
+            t.chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
 /// A line on stderr, shown even when the test passes (`--nocapture` or not,
 /// the harness keeps stderr of passing tests hidden, so also in failures).
 pub fn say(line: &str) {
