@@ -33,7 +33,9 @@ pub struct MigrateArgs {
     pub domain: String,
     /// On a cluster: the node (Host) to move it to; absent, the operator
     /// picks one as placement does. Between connections: the destination
-    /// URI (`vireo+unix:///run/node2/vireo.sock`, `test:///DIR/`).
+    /// URI of a driver this process opens (`qemu:///embed?root=DIR`,
+    /// `test:///DIR/`); a standalone agent's socket (`vireo+unix://`) does
+    /// not carry migration yet.
     pub dest: Option<String>,
     /// The longest pause the guest may see at the switch-over, in ms.
     #[arg(long, value_name = "MS")]
