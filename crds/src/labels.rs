@@ -48,6 +48,12 @@ pub const REQUEST_ANNOTATION: &str = "vireo.dev/request";
 /// migration ends.
 pub const MIGRATION_ANNOTATION: &str = "vireo.dev/migration";
 
+/// Finalizer the operator puts on a DomainMigration it accepted and takes
+/// off when the migration ended: deleting one in flight cancels it (the
+/// agents' steps fail it, or abort its send) instead of leaving the guest
+/// paused or marked.
+pub const MIGRATION_FINALIZER: &str = "vireo.dev/migration-cleanup";
+
 /// Annotation the operator puts on a Domain whose Host is drained and
 /// whose `evictionStrategy` is `Shutdown` (its value: that Host): the agent
 /// there shuts the guest down (destroying it after its stop timeout),

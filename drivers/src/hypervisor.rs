@@ -603,6 +603,15 @@ pub trait HypervisorDriver: Send + Sync {
         Err(unsupported(self.name(), name, "live migration"))
     }
 
+    /// Aborts the domain's running job (libvirt's `virDomainAbortJob`,
+    /// `virsh domjobabort`): a migration's send, which then fails and
+    /// leaves the guest running where it was. Asked from any process; the
+    /// one running the job stops at its next poll.
+    fn abort_job(&self, name: &str) -> Result<()> {
+        self.domain_state(name)?;
+        Err(unsupported(self.name(), name, "job abort"))
+    }
+
     /// Why a running domain's firmware found nothing to boot, when its
     /// console says so (a blank disk, a wrong boot order); `None` while it
     /// boots or for drivers without firmware.

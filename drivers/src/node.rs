@@ -290,6 +290,9 @@ impl HypervisorDriver for NodeHypervisor {
     fn migrate_confirm(&self, name: &str, succeeded: bool) -> Result<()> {
         self.owner(name)?.migrate_confirm(name, succeeded)
     }
+    fn abort_job(&self, name: &str) -> Result<()> {
+        self.owner(name)?.abort_job(name)
+    }
     fn snapshot_create(
         &self,
         name: &str,

@@ -8,7 +8,9 @@
 //! Checked: a target that cannot prepare (its volume missing) and a
 //! target that does not answer (closed ports, with and without disk
 //! copies) leave the guest running on the source with a clear error; a
-//! prepared target thrown away by finish(false) leaves nothing there; a
+//! prepared target thrown away by finish(false) leaves nothing there; an
+//! abort (`domjobabort`) while the state is sent fails the perform and
+//! leaves the guest running on the source; a
 //! migration with `copy_storage` moves the guest without a second boot
 //! (the counter goes on), the target's disk holds every line the guest
 //! wrote before and after, the source's QEMU is gone and its record
@@ -350,6 +352,45 @@ fn qemu_live_migration_moves_a_writing_guest_and_failures_leave_it_on_the_source
     assert!(hb.domain_info(name).is_err(), "B keeps no record");
     assert!(b.pool_dir.join("data").exists(), "B's volume stays");
     assert_eq!(a.info(name).map(|i| i.0), Some(DomainState::Running));
+
+    // 3b. An abort (`domjobabort`) while the state goes at 1 MiB/s, which
+    // would take minutes: perform fails saying so, the guest runs on on A,
+    // and B's half is thrown away. With nothing being sent, an abort is
+    // refused.
+    let e = ha.abort_job(name).expect_err("no job yet");
+    assert!(e.to_string().contains("no job running"), "{e}");
+    let incoming =
+        b.ns.run(|| hb.migrate_prepare(&def, &params(true)))
+            .expect("prepare on B");
+    let slow = MigrationParams {
+        bandwidth_mib_s: Some(1),
+        ..params(true)
+    };
+    let before = *ticks(&log_a).last().expect("ticks");
+    let asked = Instant::now();
+    let e = std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_secs(3));
+            ha.abort_job(name).expect("abort while sending");
+        });
+        a.ns.run(|| ha.migrate_perform(name, &incoming, &slow))
+            .expect_err("aborted")
+    });
+    say(&format!("perform aborted after {:?}: {e}", asked.elapsed()));
+    assert!(e.to_string().contains("aborted"), "{e}");
+    ha.migrate_confirm(name, false).expect("confirm the abort");
+    assert!(
+        hb.migrate_finish(name, false)
+            .expect("finish(false)")
+            .is_none()
+    );
+    assert!(hb.domain_info(name).is_err(), "B keeps no record");
+    assert_eq!(
+        a.info(name),
+        Some((DomainState::Running, DomainReason::Booted))
+    );
+    wait_tick_above(&log_a, before + 2);
+    assert!(qemu_alive(pid_a));
 
     // 4. The migration, with the disk copied.
     let incoming =

@@ -514,3 +514,394 @@ async fn a_drain_moves_domains_as_their_eviction_strategy_says() {
     );
     drop(cluster);
 }
+
+fn qemu_or_skip(test: &str) -> bool {
+    let found = std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|d| d.join("qemu-system-x86_64").is_file())
+    });
+    let debugfs = ["/usr/sbin/debugfs", "/sbin/debugfs"]
+        .iter()
+        .any(|p| Path::new(p).is_file());
+    if found && debugfs {
+        return root_or_skip(test);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test}: qemu-system-x86_64 or debugfs is missing and CI is set (scripts/setup installs them)"
+    );
+    eprintln!("SKIP {test}: qemu-system-x86_64 or debugfs not found");
+    false
+}
+
+/// The counters a console log shows (`TICK-n`), in order.
+fn ticks(log: &Path) -> Vec<u64> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .split("TICK-")
+        .skip(1)
+        .filter_map(|rest| {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+        .collect()
+}
+
+fn last_tick(log: &Path) -> u64 {
+    ticks(log).last().copied().unwrap_or(0)
+}
+
+async fn tick_above(log: &Path, above: u64, what: &str) -> u64 {
+    wait_for(T, what, || async {
+        let t = last_tick(log);
+        (t > above).then_some(t)
+    })
+    .await
+}
+
+/// Follows both consoles until stopped; returns every moment node-1's
+/// counter went on after node-2's had started (the guest running twice).
+fn observe_consoles(
+    logs: [PathBuf; 2],
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<(usize, Vec<String>)> {
+    std::thread::spawn(move || {
+        let mut looks = 0;
+        let mut both = Vec::new();
+        let mut first_on_2: Option<(u64, u64)> = None;
+        while !stop.load(Ordering::Relaxed) {
+            let (one, two) = (last_tick(&logs[0]), last_tick(&logs[1]));
+            match first_on_2 {
+                None if two > 0 => first_on_2 = Some((one, two)),
+                Some((one_then, two_then)) if one > one_then => both.push(format!(
+                    "node-1 printed TICK-{one} after node-2 had printed TICK-{two_then} (node-1 was at {one_then})"
+                )),
+                _ => {}
+            }
+            looks += 1;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (looks, both)
+    })
+}
+
+/// The issue's migration: a Linux guest (QEMU, TCG) writing a growing file
+/// on a node-local raw volume moves from node-1 to node-2 with `vireo
+/// migrate`. Before that, a migration held to 1 MiB/s is cancelled with
+/// `vireo domjobabort` while its state is sent: it fails saying it was
+/// aborted, its object goes, and the guest runs on on node-1 with nothing
+/// left on node-2. After the real one: the console's counter goes on from
+/// where it was (no second boot), the Domain and its volume are bound to
+/// node-2, node-1's QEMU and its copy of the volume are gone, the two
+/// consoles never counted at once, and once shut down the file on node-2's
+/// disk has every line. A migration to a host that cannot take it fails
+/// with a condition and the guest runs on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_linux_guest_migrates_with_its_disk_and_an_aborted_one_stays() {
+    let test = "qemu_migration";
+    if !qemu_or_skip(test) {
+        return;
+    }
+    let image = common::script_output("scripts/guest-image.sh", None);
+    let mut cluster = Cluster::start("qemu-migration");
+    let ns1 = Netns::new("vireo-qmig-1");
+    let ns2 = Netns::new("vireo-qmig-2");
+    link(&ns1, &ns2, "q");
+    cluster.hold(cluster.operator("operator", &["--no-leader-election"]));
+    let test_net = ["--network-driver", "test"];
+    let a1 = [&test_net[..], &["--migration-address", "10.77.0.1"]].concat();
+    let a2 = [&test_net[..], &["--migration-address", "10.77.0.2"]].concat();
+    cluster.hold(cluster.agent_in_netns("node-1", &ns1, &a1));
+    cluster.hold(cluster.agent_in_netns("node-2", &ns2, &a2));
+    cluster.hold(cluster.agent("node-3", &["--memory", "64Mi"]));
+    let client = cluster.client().await;
+    ready_hosts(&client, 3).await;
+
+    // Each second the guest appends a line to a file on its disk and syncs,
+    // then prints the counter: every counter printed is on the disk.
+    let manifest = format!(
+        r#"apiVersion: vireo.dev/v1alpha1
+kind: StoragePool
+metadata: {{name: images}}
+spec: {{path: /var/lib/vireo/images}}
+---
+apiVersion: vireo.dev/v1alpha1
+kind: StorageVol
+metadata: {{name: data, namespace: default}}
+spec: {{pool: images, capacity: 64Mi, format: raw, nodeName: node-1}}
+---
+apiVersion: vireo.dev/v1alpha1
+kind: Domain
+metadata: {{name: mover, namespace: default}}
+spec:
+  type: qemu
+  memory: 128Mi
+  vcpus: 1
+  runStrategy: Always
+  os:
+    kernel: {}
+    initrd: {}
+    cmdline: 'console=ttyS0 quiet vireo.net=0 vireo.mkfs=1 vireo.run="i=0; while :; do i=$((i+1)); echo line-$i >> /mnt/vda/log; sync; echo TICK-$i; sleep 1; done"'
+  devices:
+    disks: [{{name: vda, volume: data}}]
+"#,
+        image.join("vmlinuz").display(),
+        image.join("initrd.img").display()
+    );
+    let out = cluster.kubectl_stdin(&["apply", "-f", "-"], &manifest);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let domains: Api<Domain> = Api::namespaced(client.clone(), "default");
+    let vols: Api<vireo_crds::StorageVol> = Api::namespaced(client.clone(), "default");
+    let migrations: Api<DomainMigration> = Api::namespaced(client.clone(), "default");
+    let before = running_on(&domains, "mover", "node-1").await;
+    let uuid = before
+        .spec
+        .uuid
+        .clone()
+        .or_else(|| before.uid())
+        .expect("uuid");
+    let run_dir = |node: &str| cluster.dir.join(format!("state-{node}/qemu/run/{uuid}"));
+    let logs = [
+        run_dir("node-1").join("console.log"),
+        run_dir("node-2").join("console.log"),
+    ];
+    let copy_on = |node: &str| {
+        cluster
+            .dir
+            .join(format!("host-{node}/var/lib/vireo/images/default.data"))
+    };
+    tick_above(&logs[0], 2, "the guest counting on node-1").await;
+    let pid_1: u32 = std::fs::read_to_string(run_dir("node-1").join("pid"))
+        .expect("node-1's pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+    assert!(copy_on("node-1").exists() && !copy_on("node-2").exists());
+
+    // 1. Held to 1 MiB/s (128 MiB of memory: minutes), then aborted while
+    // the state goes.
+    let mut slow = migration("slow", "mover", Some("node-2"));
+    slow.spec.bandwidth = Some(1);
+    migrations
+        .create(&PostParams::default(), &slow)
+        .await
+        .expect("created");
+    wait_for(T, "the slow migration sending", || async {
+        migrations
+            .get_opt("slow")
+            .await
+            .ok()
+            .flatten()
+            .filter(|m| phase(m) == Some(MigrationPhase::Transferring))
+    })
+    .await;
+    // Its copy of the volume exists on node-2 while it is sent.
+    assert!(copy_on("node-2").exists(), "node-2 made the volume's copy");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let out = vireo_as(
+        &cluster.kubeconfig,
+        &["-c", "kube:///", "domjobabort", "mover"].map(String::from),
+        b"",
+    );
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "vireo domjobabort: {said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("Migration slow of domain"), "{said}");
+    // It ends (Failed, the send aborted) and then goes; the last look at
+    // it says why.
+    let mut last = None;
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        match migrations.get_opt("slow").await {
+            Ok(Some(m)) => last = Some(m),
+            Ok(None) => break,
+            Err(_) => {}
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the aborted migration is still there: {:?}\n{}",
+            last.as_ref().and_then(|m| m.status.clone()),
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let last = last.expect("seen while it was cancelled");
+    let transferred = condition(&last, "Transferred").cloned();
+    if let Some(c) = &transferred {
+        assert_eq!(c.status, "False", "{c:?}");
+        assert!(
+            c.message.contains("aborted") || c.message.contains("deleted"),
+            "{c:?}"
+        );
+    }
+    let d = running_on(&domains, "mover", "node-1").await;
+    assert!(
+        !d.annotations().contains_key(MIGRATION_ANNOTATION),
+        "the mark is released"
+    );
+    let t = last_tick(&logs[0]);
+    tick_above(
+        &logs[0],
+        t + 2,
+        "the guest counting on node-1 after the abort",
+    )
+    .await;
+    wait_for(T, "node-2's half removed", || async {
+        (!run_dir("node-2").exists()).then_some(())
+    })
+    .await;
+    wait_for(T, "node-2's copy of the volume removed", || async {
+        (!copy_on("node-2").exists()).then_some(())
+    })
+    .await;
+    assert!(copy_on("node-1").exists(), "node-1's volume stays");
+
+    // 2. The migration.
+    let stop = Arc::new(AtomicBool::new(false));
+    let observer = observe_consoles(logs.clone(), stop.clone());
+    let out = vireo_as(
+        &cluster.kubeconfig,
+        &["-c", "kube:///", "migrate", "mover", "node-2"].map(String::from),
+        b"",
+    );
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(
+        out.status.success(),
+        "vireo migrate: {stdout}{stderr}\n{}",
+        cluster.logs()
+    );
+    assert!(
+        stdout.contains("Domain 'default/mover' migrated to node node-2"),
+        "{stdout}"
+    );
+    eprintln!("{stdout}");
+    let after = running_on(&domains, "mover", "node-2").await;
+    assert!(!after.annotations().contains_key(MIGRATION_ANNOTATION));
+    let on_2 = tick_above(&logs[1], 0, "the guest counting on node-2").await;
+    let more = tick_above(&logs[1], on_2 + 2, "the guest counting on on node-2").await;
+    stop.store(true, Ordering::Relaxed);
+    let (looks, both) = observer.join().expect("observer");
+    assert!(both.is_empty(), "{both:?}");
+    assert!(looks > 10, "the observer looked {looks} times");
+    let text_2 = std::fs::read_to_string(&logs[1]).unwrap_or_default();
+    assert!(
+        !text_2.contains("VIREO-GUEST-READY"),
+        "the guest booted again on node-2:\n{text_2}"
+    );
+    let first_2 = ticks(&logs[1])[0];
+    assert!(
+        first_2 > 3,
+        "node-2's counter starts at {first_2}: a fresh boot"
+    );
+    eprintln!("the counter went on on node-2 from {first_2} (now {more})");
+    // node-1: its QEMU gone, its run directory and its volume copy too.
+    wait_for(T, "node-1's QEMU gone", || async {
+        (!Path::new(&format!("/proc/{pid_1}")).exists()).then_some(())
+    })
+    .await;
+    assert!(!run_dir("node-1").exists());
+    wait_for(T, "node-1's copy of the volume removed", || async {
+        (!copy_on("node-1").exists()).then_some(())
+    })
+    .await;
+    let v = wait_for(T, "volume data Ready on node-2", || async {
+        vols.get_opt("data").await.ok().flatten().filter(|v| {
+            v.labels().get(NODE).map(String::as_str) == Some("node-2")
+                && v.status.as_ref().and_then(|s| s.node_name.as_deref()) == Some("node-2")
+                && v.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Ready")
+        })
+    })
+    .await;
+    assert!(v.status.is_some());
+    let m = migrations
+        .list(&Default::default())
+        .await
+        .expect("list")
+        .items
+        .into_iter()
+        .find(|m| m.name_any().starts_with("mover-"))
+        .expect("the CLI's DomainMigration");
+    let s = m.status.clone().expect("status");
+    let stats = s.stats.expect("stats");
+    assert!(stats.memory_bytes > 0 && stats.disk_bytes > 0, "{stats:?}");
+    assert!(m.finalizers().is_empty(), "{:?}", m.finalizers());
+
+    // 3. A host that cannot take it (64 MiB for a 128 MiB guest).
+    migrations
+        .create(
+            &PostParams::default(),
+            &migration("to-small", "mover", Some("node-3")),
+        )
+        .await
+        .expect("created");
+    let m = ended(&migrations, "to-small").await;
+    assert_eq!(phase(&m), Some(MigrationPhase::Failed));
+    let c = condition(&m, "Scheduled").expect("Scheduled");
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "NoTarget")
+    );
+    let t = last_tick(&logs[1]);
+    tick_above(&logs[1], t + 1, "the guest counting on after the refusal").await;
+    running_on(&domains, "mover", "node-2").await;
+
+    // 4. Shut down (the guest unmounts its disk); the file on node-2's
+    // disk has every line, from before and after the move.
+    let last = last_tick(&logs[1]);
+    domains
+        .patch(
+            "mover",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"runStrategy": "Halted"}})),
+        )
+        .await
+        .expect("halted");
+    wait_for(T, "mover shut off", || async {
+        domains
+            .get_opt("mover")
+            .await
+            .ok()
+            .flatten()
+            .filter(|d| d.status.as_ref().and_then(|s| s.state) == Some(DomainState::Shutoff))
+    })
+    .await;
+    let debugfs = ["/usr/sbin/debugfs", "/sbin/debugfs"]
+        .into_iter()
+        .find(|p| Path::new(p).is_file())
+        .expect("debugfs");
+    let out = Command::new(debugfs)
+        .args(["-R", "cat /log"])
+        .arg(copy_on("node-2"))
+        .stderr(std::process::Stdio::null())
+        .output()
+        .expect("debugfs runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines.len() as u64 >= last,
+        "the file has {} lines; the guest printed counter {last}",
+        lines.len()
+    );
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(
+            *line,
+            format!("line-{}", i + 1),
+            "line {} of the file",
+            i + 1
+        );
+    }
+    eprintln!(
+        "the file on node-2's disk: {} lines, all in order",
+        lines.len()
+    );
+    drop(cluster);
+}

@@ -64,6 +64,41 @@ pub fn run(conn: &Connection, a: &MigrateArgs) -> Result<Output> {
     }
 }
 
+/// `domjobabort`: asks the driver to stop the domain's running job; on a
+/// cluster, deletes the DomainMigration the Domain is marked with.
+pub fn domjobabort(conn: &Connection, domain: &str) -> Result<Output> {
+    if !cluster::is_kube_uri(conn.uri()) {
+        let d = resolve(conn, domain)?;
+        conn.hypervisor().abort_job(&d.name)?;
+        return Ok(Output::Message(format!(
+            "Job of domain '{}' aborted: it stays where it runs",
+            d.name
+        )));
+    }
+    let kube = cluster::open_kube(conn.uri())?;
+    let (ns, name) = kube.split(domain);
+    let (ns, name) = (ns.to_string(), name.to_string());
+    let shown = cluster::full_name(&ns, &name);
+    let domains: Api<vireo_crds::Domain> = Api::namespaced(kube.client().clone(), &ns);
+    let dom = kube
+        .block_on(domains.get_opt(&name))
+        .with_context(|| format!("reading Domain {shown}"))?
+        .ok_or_else(|| anyhow!("Domain '{shown}' not found"))?;
+    let Some(mname) = dom
+        .annotations()
+        .get(vireo_crds::labels::MIGRATION_ANNOTATION)
+        .cloned()
+    else {
+        bail!("Domain '{shown}' has no job running (no migration in flight)");
+    };
+    let api: Api<DomainMigration> = Api::namespaced(kube.client().clone(), &ns);
+    kube.block_on(api.delete(&mname, &Default::default()))
+        .with_context(|| format!("deleting DomainMigration {ns}/{mname}"))?;
+    Ok(Output::Message(format!(
+        "Migration {mname} of domain '{shown}' cancelled: DomainMigration {ns}/{mname} deleted; the guest stays on its node (kubectl get dmig -n {ns} {mname} shows it until it has ended)"
+    )))
+}
+
 fn on_cluster(conn: &Connection, a: &MigrateArgs) -> Result<Output> {
     let kube = cluster::open_kube(conn.uri())?;
     let (ns, name) = kube.split(&a.domain);

@@ -133,6 +133,10 @@ pub enum Command {
     /// DomainMigration and waits for it; between connections: `migrate
     /// --live NAME DEST_URI`.
     Migrate(migrate::MigrateArgs),
+    /// Abort a domain's running job, a migration being sent (virsh
+    /// domjobabort): the guest runs on where it was. On a cluster it
+    /// deletes the Domain's DomainMigration in flight, which cancels it.
+    Domjobabort(DomainArg),
     /// On a cluster: drain a node (Host spec.drain): its Domains migrate
     /// live, move after a shutdown, or stay, as their evictionStrategy says.
     Drain(migrate::DrainArgs),
@@ -775,6 +779,7 @@ pub fn run(conn: &Connection, command: &Command) -> Result<Output> {
         | C::Setvcpus(_) => domain::run(conn, command),
         C::Migrate(a) => migrate::run(conn, a),
         C::Drain(a) => migrate::drain(conn, a),
+        C::Domjobabort(a) => migrate::domjobabort(conn, &a.domain),
         C::Save(a) => save::save(conn, a),
         C::Restore(a) => save::restore(conn, a),
         C::Managedsave(a) => save::managedsave(conn, &a.domain),

@@ -10,6 +10,18 @@
 //! | `Finishing`    | target | `migrate_finish(transferred)` | `Confirming`   |
 //! | `Confirming`   | source | `migrate_confirm(finished)`   | (operator) `Succeeded`, or `Failed` |
 //!
+//! Volumes that live on the source (node-local StorageVols) move with the
+//! guest: before prepare the target makes each one blank in the same pool
+//! (same format, same capacity) for the driver's disk copy to fill; when
+//! the migration fails the target removes those copies, and once it has
+//! succeeded (the operator moved the volumes' binding) the source removes
+//! its own (phase `Succeeded`, the source's last step).
+//!
+//! Deleting a DomainMigration in flight cancels it (the operator's
+//! finalizer holds the object until it ends): before the state is sent the
+//! remaining steps fail it; while it is sent the source aborts the send
+//! (`abort_job`, libvirt's `domjobabort`); after that it completes.
+//!
 //! The source is paused by perform before the target resumes in finish, so
 //! the guest never runs on both; any failure before finish resumed it ends
 //! with the source's copy running again (confirm with `false`). Meanwhile
@@ -19,13 +31,17 @@
 
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
-use vireo_crds::labels::node_key;
-use vireo_crds::{Domain, DomainMigration, Host, MigrationPhase};
+use vireo_crds::labels::{NODE, node_key};
+use vireo_crds::quantity::{parse_quantity, parse_str};
+use vireo_crds::{Domain, DomainMigration, Host, MigrationPhase, StorageVol, StorageVolSpec};
+use vireo_drivers::Error as DriverError;
 use vireo_drivers::migration::MigrationParams;
 
 use super::{Ctx, drain, error_policy, instrumented};
@@ -75,14 +91,15 @@ fn my_step(phase: MigrationPhase, side: Side, confirmed: Option<bool>) -> Option
         | (MigrationPhase::Transferring, Side::Source)
         | (MigrationPhase::Finishing, Side::Target) => Some(phase),
         (MigrationPhase::Confirming, Side::Source) if confirmed.is_none() => Some(phase),
+        // The source's copies of the volumes that moved go.
+        (MigrationPhase::Succeeded, Side::Source) => Some(phase),
         _ => None,
     }
 }
 
-async fn reconcile(m: Arc<DomainMigration>, ctx: &Ctx) -> Result<Action> {
-    if m.meta().deletion_timestamp.is_some() {
-        return Ok(Action::await_change());
-    }
+async fn reconcile(m: Arc<DomainMigration>, ctx: &Arc<Ctx>) -> Result<Action> {
+    // Deleted in flight: cancelled (see the module's notes).
+    let deleting = m.meta().deletion_timestamp.is_some();
     let status = m.status.clone().unwrap_or_default();
     let me = ctx.config.node_name.as_str();
     let side = if status.target_node.as_deref() == Some(me) {
@@ -111,7 +128,24 @@ async fn reconcile(m: Arc<DomainMigration>, ctx: &Ctx) -> Result<Action> {
     };
     let ty = dom.spec.domain_type;
     match step {
+        MigrationPhase::Preparing if deleting => {
+            let why = format!(
+                "the DomainMigration was deleted before host {target} prepared; the guest keeps running on host {source}"
+            );
+            update(&api, &m, |s| fail(s, "Prepared", "Cancelled", &why)).await?;
+            events(
+                &ctx.recorder,
+                &m,
+                Some(&dom),
+                EventType::Warning,
+                "MigrationCancelled",
+                why,
+            )
+            .await;
+        }
         MigrationPhase::Preparing => {
+            let moving = moving_volumes(ctx, &ns, &dom, &source).await?;
+            let made = make_copies(ctx, &ns, &moving).await;
             let params = params(ctx, &m, &dom, &target).await;
             let uuid = dom
                 .spec
@@ -119,12 +153,13 @@ async fn reconcile(m: Arc<DomainMigration>, ctx: &Ctx) -> Result<Action> {
                 .clone()
                 .unwrap_or_else(|| dom.uid().unwrap_or_default());
             let prepared = match (
+                made,
                 super::domain::node_definition(ctx, &dom, &uuid).await,
                 params,
             ) {
-                (Err(why), _) => Err(why),
-                (_, Err(e)) => Err(e.to_string()),
-                (Ok(def), Ok(params)) => ctx
+                (Err(why), _, _) | (_, Err(why), _) => Err(why),
+                (_, _, Err(e)) => Err(e.to_string()),
+                (Ok(_), Ok(def), Ok(params)) => ctx
                     .drive_domain(ty, move |c| c.hypervisor().migrate_prepare(&def, &params))
                     .await
                     .map_err(|e| e.to_string()),
@@ -150,6 +185,7 @@ async fn reconcile(m: Arc<DomainMigration>, ctx: &Ctx) -> Result<Action> {
                     .await;
                 }
                 Err(e) => {
+                    drop_copies(ctx, &ns, &moving).await;
                     let why = format!(
                         "preparing on host {target} failed: {e}; the guest keeps running on host {source}"
                     );
@@ -177,13 +213,26 @@ async fn reconcile(m: Arc<DomainMigration>, ctx: &Ctx) -> Result<Action> {
                 .and_then(|i| params.map(|p| (i, p)).map_err(|e| e.to_string()));
             let k = key.clone();
             let performed = match incoming {
+                _ if deleting => Err(CANCELLED.to_string()),
                 Err(why) => Err(why),
-                Ok((incoming, params)) => ctx
-                    .drive_domain(ty, move |c| {
-                        c.hypervisor().migrate_perform(&k, &incoming, &params)
-                    })
-                    .await
-                    .map_err(|e| e.to_string()),
+                Ok((incoming, params)) => {
+                    // A deletion while it is sent aborts the send.
+                    let watch = tokio::spawn(abort_when_deleted(
+                        ctx.clone(),
+                        api.clone(),
+                        m.name_any(),
+                        ty,
+                        key.clone(),
+                    ));
+                    let sent = ctx
+                        .drive_domain(ty, move |c| {
+                            c.hypervisor().migrate_perform(&k, &incoming, &params)
+                        })
+                        .await
+                        .map_err(|e| e.to_string());
+                    watch.abort();
+                    sent
+                }
             };
             let (ok, reason, note) = match &performed {
                 Ok(stats) => (
@@ -244,6 +293,10 @@ async fn reconcile(m: Arc<DomainMigration>, ctx: &Ctx) -> Result<Action> {
                     }
                 })
                 .await?;
+            if finished.is_err() || !transferred {
+                let moving = moving_volumes(ctx, &ns, &dom, &source).await?;
+                drop_copies(ctx, &ns, &moving).await;
+            }
             let (ok, reason, note) = match (&finished, transferred) {
                 (Ok(_), true) => (true, "Resumed", format!("the guest runs on host {target}")),
                 (Ok(_), false) => (
@@ -325,9 +378,204 @@ async fn reconcile(m: Arc<DomainMigration>, ctx: &Ctx) -> Result<Action> {
                 .await;
             }
         }
+        MigrationPhase::Succeeded => {
+            let moved = moved_volumes(ctx, &ns, &dom).await?;
+            for vol in moved {
+                let file = super::volume::file_name(&ns, &vol.name_any());
+                let pool = vol.spec.pool.clone();
+                let (p, f) = (pool.clone(), file.clone());
+                let removed = ctx
+                    .drive(move |c| {
+                        let storage = c.storage();
+                        match storage.volume_info(&p, &f) {
+                            Ok(_) => storage.delete_volume(&p, &f).map(|()| true),
+                            Err(DriverError::NotFound(_)) => Ok(false),
+                            Err(e) => Err(e),
+                        }
+                    })
+                    .await;
+                match removed {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        let note = format!(
+                            "the copy of volume {} left in pool {pool} on host {source} is removed (it lives on host {target} now)",
+                            vol.name_any()
+                        );
+                        tracing::info!(domain = %key, "{note}");
+                        events(
+                            &ctx.recorder,
+                            &m,
+                            None,
+                            EventType::Normal,
+                            "SourceVolumeRemoved",
+                            note,
+                        )
+                        .await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(domain = %key, volume = %file, error = %e, "removing the source's copy of a migrated volume");
+                        return Err(e);
+                    }
+                }
+            }
+        }
         _ => {}
     }
     Ok(Action::await_change())
+}
+
+/// Why a transfer did not start: the DomainMigration was deleted first.
+const CANCELLED: &str = "the DomainMigration was deleted before the state was sent";
+
+/// While the state is sent: aborts the send (`abort_job`) once the
+/// DomainMigration is being deleted. Ends when the caller drops it.
+async fn abort_when_deleted(
+    ctx: Arc<Ctx>,
+    api: Api<DomainMigration>,
+    name: String,
+    ty: vireo_crds::DomainType,
+    key: String,
+) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let deleting = match api.get_opt(&name).await {
+            Ok(Some(m)) => m.meta().deletion_timestamp.is_some(),
+            Ok(None) => true,
+            Err(_) => false,
+        };
+        if deleting {
+            let k = key.clone();
+            match ctx
+                .drive_domain(ty, move |c| c.hypervisor().abort_job(&k))
+                .await
+            {
+                Ok(()) => {
+                    tracing::info!(domain = %key, "DomainMigration {name} deleted while the state was sent: aborted");
+                    return;
+                }
+                // Not sending yet (or any more): asked again shortly.
+                Err(e) => tracing::debug!(domain = %key, error = %e, "abort not taken"),
+            }
+        }
+    }
+}
+
+/// The Domain's StorageVols bound to `node` (node-local volumes there).
+async fn volumes_on(ctx: &Ctx, ns: &str, dom: &Domain, node: &str) -> Result<Vec<StorageVol>> {
+    let api: Api<StorageVol> = Api::namespaced(ctx.client.clone(), ns);
+    let mut out: Vec<StorageVol> = Vec::new();
+    for (_, name) in dom.spec.volume_refs() {
+        if out.iter().any(|v| v.name_any() == name) {
+            continue;
+        }
+        if let Some(v) = api.get_opt(name).await?
+            && v.labels().get(NODE).map(String::as_str) == Some(node)
+        {
+            out.push(v);
+        }
+    }
+    Ok(out)
+}
+
+/// The volumes that move with the guest: those still bound to the source.
+async fn moving_volumes(
+    ctx: &Ctx,
+    ns: &str,
+    dom: &Domain,
+    source: &str,
+) -> Result<Vec<StorageVol>> {
+    volumes_on(ctx, ns, dom, source).await
+}
+
+/// On the source after success: the Domain's volumes now bound elsewhere
+/// (never one bound here again, as by a migration back).
+async fn moved_volumes(ctx: &Ctx, ns: &str, dom: &Domain) -> Result<Vec<StorageVol>> {
+    let api: Api<StorageVol> = Api::namespaced(ctx.client.clone(), ns);
+    let mut out: Vec<StorageVol> = Vec::new();
+    for (_, name) in dom.spec.volume_refs() {
+        if out.iter().any(|v| v.name_any() == name) {
+            continue;
+        }
+        if let Some(v) = api.get_opt(name).await?
+            && v.labels()
+                .get(NODE)
+                .is_some_and(|n| *n != ctx.config.node_name)
+        {
+            out.push(v);
+        }
+    }
+    Ok(out)
+}
+
+/// A blank volume of the same pool, format and capacity as `vol`, named as
+/// its file on this node: what the driver's disk copy fills.
+fn blank_copy(ns: &str, vol: &StorageVol) -> std::result::Result<StorageVol, String> {
+    let name = vol.name_any();
+    let spec_bytes = parse_quantity(&vol.spec.capacity)
+        .map_err(|e| format!("StorageVol {name}: spec.capacity: {e}"))?;
+    // A volume filled from an image can be larger than its spec says.
+    let status_bytes = vol
+        .status
+        .as_ref()
+        .and_then(|s| s.capacity.as_ref())
+        .and_then(|q| parse_str(&q.0).ok())
+        .unwrap_or(0);
+    let bytes = spec_bytes.max(status_bytes);
+    Ok(StorageVol::new(
+        &super::volume::file_name(ns, &name),
+        StorageVolSpec {
+            pool: vol.spec.pool.clone(),
+            capacity: vireo_crds::quantity::format_bytes(bytes),
+            allocation: None,
+            format: vol.spec.format,
+            source: None,
+            node_name: None,
+        },
+    ))
+}
+
+/// Target, before prepare: makes each moving volume here, blank, unless a
+/// file of that name is there already. Errors say which volume and why.
+async fn make_copies(ctx: &Ctx, ns: &str, vols: &[StorageVol]) -> std::result::Result<(), String> {
+    for vol in vols {
+        let want = blank_copy(ns, vol)?;
+        let (name, pool) = (vol.name_any(), vol.spec.pool.clone());
+        ctx.drive(move |c| {
+            let storage = c.storage();
+            let file = want.name_any();
+            match storage.volume_info(&want.spec.pool, &file) {
+                Ok(_) => Ok(()),
+                Err(DriverError::NotFound(_)) => storage.create_volume(&want).map(|_| ()),
+                Err(e) => Err(e),
+            }
+        })
+        .await
+        .map_err(|e| {
+            format!(
+                "making volume {name} in pool {pool} on host {} for its copy: {e}",
+                ctx.config.node_name
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Target, after a failure: removes the copies of volumes still bound to
+/// the source (their data is there; what is here is half a copy).
+async fn drop_copies(ctx: &Ctx, ns: &str, vols: &[StorageVol]) {
+    for vol in vols {
+        let file = super::volume::file_name(ns, &vol.name_any());
+        let (p, f) = (vol.spec.pool.clone(), file.clone());
+        let removed = ctx
+            .drive(move |c| match c.storage().delete_volume(&p, &f) {
+                Ok(()) | Err(DriverError::NotFound(_)) => Ok(()),
+                Err(e) => Err(e),
+            })
+            .await;
+        if let Err(e) = removed {
+            tracing::warn!(volume = %file, error = %e, "removing a failed migration's volume copy");
+        }
+    }
 }
 
 /// The driver's parameters: the target's migration address (from its

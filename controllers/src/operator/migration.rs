@@ -8,6 +8,11 @@
 //! `Preparing` (target chosen) … `Confirming` with `Confirmed=True` →
 //! `Succeeded`; and `Failed` when the Domain cannot migrate or no Host can
 //! take it (the guest is not touched).
+//!
+//! The finalizer `vireo.dev/migration-cleanup` holds an accepted migration
+//! until it ends: deleted before an agent acted (`Pending`, `Scheduling`)
+//! it goes at once, the mark released; later the agents cancel it (see
+//! `agent/migration.rs`) and it goes once `Failed` or `Succeeded`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +25,7 @@ use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
-use vireo_crds::labels::{MIGRATION_ANNOTATION, NODE};
+use vireo_crds::labels::{MIGRATION_ANNOTATION, MIGRATION_FINALIZER, NODE};
 use vireo_crds::{Domain, DomainMigration, DomainState, MigrationPhase, StorageVol};
 
 use super::Ctx;
@@ -72,11 +77,25 @@ async fn reconcile(m: Arc<DomainMigration>, mctx: &MigrationCtx) -> Result<Actio
     let ns = m.namespace().unwrap_or_default();
     let api: Api<DomainMigration> = Api::namespaced(ctx.client.clone(), &ns);
     let domains: Api<Domain> = Api::namespaced(ctx.client.clone(), &ns);
-    if m.meta().deletion_timestamp.is_some() {
+    let deleting = m.meta().deletion_timestamp.is_some();
+    let dom = domains.get_opt(&m.spec.domain_name).await?;
+    if deleting
+        && matches!(
+            phase(&m),
+            MigrationPhase::Pending | MigrationPhase::Scheduling
+        )
+    {
+        // Nothing has been asked of an agent yet: the mark goes, and so does it.
+        release(&domains, &m, dom.as_ref()).await?;
+        k8s::remove_finalizer(&api, m.as_ref(), MIGRATION_FINALIZER).await?;
         return Ok(Action::await_change());
     }
-    let dom = domains.get_opt(&m.spec.domain_name).await?;
     match phase(&m) {
+        MigrationPhase::Pending if !m.finalizers().iter().any(|f| f == MIGRATION_FINALIZER) => {
+            // First the finalizer (its patch brings the object back here).
+            k8s::add_finalizer(&api, m.as_ref(), MIGRATION_FINALIZER).await?;
+            Ok(Action::await_change())
+        }
         MigrationPhase::Pending => accept(ctx, &api, &domains, &m, dom.as_ref()).await,
         MigrationPhase::Scheduling => schedule(mctx, &api, &m, dom.as_ref()).await,
         MigrationPhase::Confirming => {
@@ -89,6 +108,11 @@ async fn reconcile(m: Arc<DomainMigration>, mctx: &MigrationCtx) -> Result<Actio
         }
         MigrationPhase::Failed => {
             release(&domains, &m, dom.as_ref()).await?;
+            k8s::remove_finalizer(&api, m.as_ref(), MIGRATION_FINALIZER).await?;
+            Ok(Action::await_change())
+        }
+        MigrationPhase::Succeeded => {
+            k8s::remove_finalizer(&api, m.as_ref(), MIGRATION_FINALIZER).await?;
             Ok(Action::await_change())
         }
         // The agents' steps; a step that never comes (an agent gone) is

@@ -595,6 +595,7 @@ pub fn boot_time_us(api: &Path) -> Option<u64> {
         nvram: PathBuf::new(),
         guest_agent: PathBuf::new(),
         vsock: PathBuf::new(),
+        abort_job: PathBuf::new(),
     };
     vmm.call(&paths, json!({ "command": "info" }))
         .ok()?

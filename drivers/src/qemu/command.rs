@@ -480,6 +480,7 @@ mod tests {
             nvram: PathBuf::from("/r/nvram/u1_VARS.fd"),
             guest_agent: dir.join("qga.sock"),
             vsock: dir.join("vsock.sock"),
+            abort_job: dir.join("abort-job"),
             dir,
         }
     }

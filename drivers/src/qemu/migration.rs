@@ -22,6 +22,9 @@ use serde_json::{Value, json};
 use super::qmp::{Qmp, QmpError};
 use crate::migration::{MigrationIncoming, MigrationParams, MigrationStats};
 
+/// Why a send that was asked to stop failed.
+pub const ABORTED: &str = "the migration was aborted (domjobabort); nothing was switched over";
+
 /// How often the migration and the block jobs are polled.
 const POLL: Duration = Duration::from_millis(20);
 /// How long a target may take to load the last state after the source
@@ -200,13 +203,15 @@ impl Copies {
 
 /// Source side: copies the disks of `copies` (index of `disk{i}`, name) to
 /// the target's exports and sends the state; returns once the source is
-/// paused (`postmigrate`) with everything sent. On an error the migration
-/// and the copies are cancelled; the guest may be left paused.
+/// paused (`postmigrate`) with everything sent. On an error, or when
+/// `aborted` says so while it waits, the migration and the copies are
+/// cancelled; the guest may be left paused.
 pub fn send(
     q: &mut Monitor,
     incoming: &MigrationIncoming,
     params: &MigrationParams,
     copies: &[(usize, String)],
+    aborted: &dyn Fn() -> bool,
 ) -> Result<MigrationStats, String> {
     if let Some(driver) = incoming.cookie.get("driver").and_then(Value::as_str)
         && driver != "qemu"
@@ -217,7 +222,7 @@ pub fn send(
     }
     let started = Instant::now();
     let mut set_up = Copies::default();
-    let result = send_inner(q, incoming, params, copies, &mut set_up, started);
+    let result = send_inner(q, incoming, params, copies, &mut set_up, started, aborted);
     match result {
         Ok(stats) => Ok(stats),
         Err(why) => {
@@ -237,7 +242,15 @@ fn send_inner(
     copies: &[(usize, String)],
     set_up: &mut Copies,
     started: Instant,
+    aborted: &dyn Fn() -> bool,
 ) -> Result<MigrationStats, String> {
+    let abort = || -> Result<(), String> {
+        if aborted() {
+            Err(ABORTED.to_string())
+        } else {
+            Ok(())
+        }
+    };
     // 1. The disks: a mirror each, until all are in sync.
     for (index, name) in copies {
         let uri = incoming
@@ -289,6 +302,7 @@ fn send_inner(
         if all_ready {
             break;
         }
+        abort()?;
         std::thread::sleep(POLL);
     }
     // 2. The state. With disks, QEMU stops at pre-switchover so that the
@@ -345,7 +359,10 @@ fn send_inner(
                 )
                 .map_err(e)?;
             }
-            _ => std::thread::sleep(POLL),
+            _ => {
+                abort()?;
+                std::thread::sleep(POLL);
+            }
         }
     }
 }

@@ -302,9 +302,10 @@ impl Backend for Qemu {
         incoming: &crate::migration::MigrationIncoming,
         params: &crate::migration::MigrationParams,
         copies: &[(usize, String)],
+        aborted: &dyn Fn() -> bool,
     ) -> Result<crate::migration::MigrationStats, String> {
         let mut q = migration::Monitor::new(&paths.api, QMP_TIMEOUT);
-        migration::send(&mut q, incoming, params, copies)
+        migration::send(&mut q, incoming, params, copies, aborted)
     }
 
     fn migration_resume_target(&self, paths: &RunPaths) -> Result<(), String> {

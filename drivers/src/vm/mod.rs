@@ -82,6 +82,10 @@ pub struct RunPaths {
     /// vireo-vmm's vsock proxy socket (kvm): `CONNECT port` reaches the
     /// guest's vsock port.
     pub vsock: PathBuf,
+    /// Present while a running job (a migration's send) is asked to stop
+    /// (`domjobabort`): a file, so that any process can ask the one that
+    /// runs the job.
+    pub abort_job: PathBuf,
 }
 
 impl RunPaths {
@@ -98,6 +102,7 @@ impl RunPaths {
             exit_file: dir.join("exit.json"),
             guest_agent: dir.join("qga.sock"),
             vsock: dir.join("vsock.sock"),
+            abort_job: dir.join("abort-job"),
             dir,
         }
     }
@@ -275,12 +280,15 @@ pub trait Backend: Send + Sync + 'static {
     /// target's exports, sends the state, and returns once the source is
     /// paused with everything sent. On an error, undoes what it set up
     /// (the guest may be left paused: the driver resumes it).
+    /// `aborted` says when the job is to stop (`domjobabort`): the backend
+    /// asks it while it waits, and fails saying so.
     fn migration_send(
         &self,
         _paths: &RunPaths,
         _incoming: &crate::migration::MigrationIncoming,
         _params: &crate::migration::MigrationParams,
         _copies: &[(usize, String)],
+        _aborted: &dyn Fn() -> bool,
     ) -> std::result::Result<crate::migration::MigrationStats, String> {
         Err("this backend does not migrate guests".into())
     }
@@ -2306,9 +2314,13 @@ impl<B: Backend> HypervisorDriver for VmDriver<B> {
             Ok((paths, copies, was_running))
         })?;
         tracing::info!(driver = inner.backend.name(), domain = %name, uri = %incoming.uri, disks = copies.len(), "migration: sending");
+        // An abort asked of an earlier job is not this one's.
+        let _ = std::fs::remove_file(&paths.abort_job);
+        let aborted = || paths.abort_job.exists();
         let sent = inner
             .backend
-            .migration_send(&paths, incoming, params, &copies);
+            .migration_send(&paths, incoming, params, &copies, &aborted);
+        let _ = std::fs::remove_file(&paths.abort_job);
         match sent {
             Ok(stats) => {
                 tracing::info!(driver = inner.backend.name(), domain = %name, total_ms = stats.total_ms, downtime_ms = stats.downtime_ms, memory_bytes = stats.memory_bytes, disk_bytes = stats.disk_bytes, "migration: everything sent, source paused");
@@ -2394,6 +2406,31 @@ impl<B: Backend> HypervisorDriver for VmDriver<B> {
             inner.save(l, &rec)?;
             tracing::info!(driver = inner.backend.name(), domain = %name, "migration finished: the guest runs on this node");
             Ok(Some(reference(&rec)))
+        })
+    }
+
+    /// Asks a migration's send in progress to stop (the abort file in the
+    /// run directory, which perform polls): it cancels QEMU's migration
+    /// and disk copies and resumes the guest here.
+    fn abort_job(&self, name: &str) -> Result<()> {
+        let inner = &self.inner;
+        inner.with(name, |_l, rec| {
+            let sending = rec
+                .run
+                .as_ref()
+                .is_some_and(|r| matches!(r.migration, Some(MigrationRole::Source { .. })));
+            if !sending {
+                return Err(Error::invalid_state(
+                    KIND,
+                    name,
+                    "has no job running (only a migration being sent can be aborted)",
+                ));
+            }
+            let paths = inner.paths(&rec.uuid);
+            std::fs::write(&paths.abort_job, b"")
+                .map_err(|e| io_failed(name, "asking the migration to stop", e))?;
+            tracing::info!(domain = %name, "migration abort asked");
+            Ok(())
         })
     }
 
