@@ -122,9 +122,27 @@ pub fn stats_to_api(s: &vireo_drivers::migration::MigrationStats) -> MigrationSt
     MigrationStats {
         total_ms: s.total_ms,
         downtime_ms: s.downtime_ms,
+        // perform returns with the source paused for `downtime_ms` already.
+        paused_at_ms: Some(now_ms().saturating_sub(s.downtime_ms)),
         memory_bytes: s.memory_bytes,
         disk_bytes: s.disk_bytes,
     }
+}
+
+/// Now, in Unix ms.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The guest-visible downtime once the target resumed it: from the
+/// source's pause to now, never less than the driver's own figure.
+pub fn downtime_until_now(stats: &MigrationStats) -> u64 {
+    stats.paused_at_ms.map_or(stats.downtime_ms, |at| {
+        now_ms().saturating_sub(at).max(stats.downtime_ms)
+    })
 }
 
 /// An Event on the migration and the same on its Domain (when it exists).
@@ -167,6 +185,27 @@ mod tests {
         let mut bad = api;
         bad.cookie = Some("{".into());
         assert!(incoming_from_api(&bad).is_err_and(|e| e.contains("cookie")));
+    }
+
+    #[test]
+    fn downtime_runs_from_the_pause_to_the_resume() {
+        let mut s = MigrationStats {
+            downtime_ms: 40,
+            ..Default::default()
+        };
+        assert_eq!(downtime_until_now(&s), 40, "no pause time: the driver's");
+        s.paused_at_ms = Some(now_ms() - 1_000);
+        let d = downtime_until_now(&s);
+        assert!((1_000..1_500).contains(&d), "{d}");
+        // A source clock ahead of this one: never below the driver's figure.
+        s.paused_at_ms = Some(now_ms() + 60_000);
+        assert_eq!(downtime_until_now(&s), 40);
+        let api = stats_to_api(&vireo_drivers::migration::MigrationStats {
+            downtime_ms: 300,
+            ..Default::default()
+        });
+        let at = api.paused_at_ms.expect("set");
+        assert!(now_ms() - at >= 300, "paused 300 ms before now");
     }
 
     #[test]

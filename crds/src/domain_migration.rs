@@ -123,8 +123,14 @@ pub struct MigrationDisk {
 pub struct MigrationStats {
     /// From the start of the transfer to the source paused with all sent.
     pub total_ms: u64,
-    /// How long the guest did not run at the switch-over.
+    /// How long the guest did not run: from the source's pause for the
+    /// switch-over to the target's resume (until the target has resumed
+    /// it, the source driver's own figure).
     pub downtime_ms: u64,
+    /// When the source was paused for the switch-over (Unix ms, the source
+    /// node's clock); the target measures the downtime from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_at_ms: Option<u64>,
     /// Memory bytes sent.
     pub memory_bytes: u64,
     /// Disk bytes copied.

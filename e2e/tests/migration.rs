@@ -752,8 +752,14 @@ spec:
         "the guest counting on node-1 after the abort",
     )
     .await;
+    // node-2 keeps no record and runs no QEMU for it (its console log of
+    // the attempt stays, as a stopped domain's does).
+    let records_2 = cluster.dir.join("state-node-2/qemu/domains");
     wait_for(T, "node-2's half removed", || async {
-        (!run_dir("node-2").exists()).then_some(())
+        let records = std::fs::read_dir(&records_2)
+            .map(|d| d.count())
+            .unwrap_or(0);
+        (records == 0 && !run_dir("node-2").join("pid").exists()).then_some(())
     })
     .await;
     wait_for(T, "node-2's copy of the volume removed", || async {
@@ -833,6 +839,11 @@ spec:
     let s = m.status.clone().expect("status");
     let stats = s.stats.expect("stats");
     assert!(stats.memory_bytes > 0 && stats.disk_bytes > 0, "{stats:?}");
+    // The guest did stop: from the source's pause to the target's resume.
+    assert!(
+        stats.downtime_ms > 0 && stats.paused_at_ms.is_some(),
+        "{stats:?}"
+    );
     assert!(m.finalizers().is_empty(), "{:?}", m.finalizers());
 
     // 3. A host that cannot take it (64 MiB for a 128 MiB guest).

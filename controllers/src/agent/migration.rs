@@ -47,8 +47,8 @@ use vireo_drivers::migration::MigrationParams;
 use super::{Ctx, drain, error_policy, instrumented};
 use crate::error::{Error, Result};
 use crate::migration::{
-    events, fail, first_failure, incoming_from_api, incoming_to_api, phase, set_condition,
-    stats_to_api, step_ok, update,
+    downtime_until_now, events, fail, first_failure, incoming_from_api, incoming_to_api, phase,
+    set_condition, stats_to_api, step_ok, update,
 };
 
 pub(crate) async fn run(ctx: Arc<Ctx>) {
@@ -312,6 +312,9 @@ async fn reconcile(m: Arc<DomainMigration>, ctx: &Arc<Ctx>) -> Result<Action> {
             };
             update(&api, &m, |s| {
                 s.phase = Some(MigrationPhase::Confirming);
+                if ok && let Some(stats) = s.stats.as_mut() {
+                    stats.downtime_ms = downtime_until_now(stats);
+                }
                 set_condition(s, "Finished", ok, reason, note.clone());
             })
             .await?;
@@ -626,9 +629,41 @@ mod tests {
         assert_eq!(my_step(Finishing, Side::Target, None), Some(Finishing));
         assert_eq!(my_step(Confirming, Side::Source, None), Some(Confirming));
         assert_eq!(my_step(Confirming, Side::Source, Some(true)), None, "once");
-        for p in [Pending, Scheduling, Succeeded, Failed] {
+        for p in [Pending, Scheduling, Failed] {
             assert_eq!(my_step(p, Side::Source, None), None);
             assert_eq!(my_step(p, Side::Target, None), None);
         }
+        // After success only the source has something left: its copies.
+        assert_eq!(my_step(Succeeded, Side::Source, None), Some(Succeeded));
+        assert_eq!(my_step(Succeeded, Side::Target, None), None);
+    }
+
+    fn vol(v: serde_json::Value) -> StorageVol {
+        serde_json::from_value(v).expect("a StorageVol")
+    }
+
+    #[test]
+    fn a_copy_is_blank_with_the_same_pool_format_and_the_larger_capacity() {
+        let v = vol(serde_json::json!({
+            "apiVersion": "vireo.dev/v1alpha1", "kind": "StorageVol",
+            "metadata": {"name": "data", "namespace": "ns"},
+            "spec": {"pool": "images", "capacity": "64Mi", "format": "qcow2",
+                     "source": {"url": {"url": "http://x/y.img"}}},
+            "status": {"capacity": "2Gi"}
+        }));
+        let c = blank_copy("ns", &v).expect("a copy");
+        assert_eq!(c.name_any(), "ns.data", "named as its file on the node");
+        assert_eq!(c.spec.pool, "images");
+        assert_eq!(c.spec.format, vireo_crds::VolFormat::Qcow2);
+        assert!(c.spec.source.is_none(), "blank: the copy fills it");
+        assert_eq!(parse_quantity(&c.spec.capacity).ok(), Some(2 << 30));
+        let small = vol(serde_json::json!({
+            "apiVersion": "vireo.dev/v1alpha1", "kind": "StorageVol",
+            "metadata": {"name": "d"},
+            "spec": {"pool": "p", "capacity": "1Gi"}
+        }));
+        let c = blank_copy("ns", &small).expect("a copy");
+        assert_eq!(parse_quantity(&c.spec.capacity).ok(), Some(1 << 30));
+        assert_eq!(c.spec.format, vireo_crds::VolFormat::Raw);
     }
 }

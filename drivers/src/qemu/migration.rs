@@ -329,14 +329,18 @@ fn send_inner(
         .map_err(e)?;
     q.execute("migrate", Some(json!({ "uri": incoming.uri })))
         .map_err(|err| format!("starting the migration to {}: {err}", incoming.uri))?;
+    // With disk copies QEMU stops the guest at pre-switchover, and its own
+    // `downtime` leaves out the copies' ending: the pause counts from there.
+    let mut stopped: Option<Instant> = None;
     loop {
         let info = q.execute("query-migrate", None).map_err(e)?;
         match info.get("status").and_then(Value::as_str) {
             Some("completed") => {
                 let num = |v: Option<&Value>| v.and_then(Value::as_u64).unwrap_or(0);
+                let paused_ms = stopped.map_or(0, |at| at.elapsed().as_millis() as u64);
                 return Ok(MigrationStats {
                     total_ms: started.elapsed().as_millis() as u64,
-                    downtime_ms: num(info.get("downtime")),
+                    downtime_ms: num(info.get("downtime")).max(paused_ms),
                     memory_bytes: num(info.get("ram").and_then(|r| r.get("transferred"))),
                     disk_bytes: set_up.bytes,
                 });
@@ -352,6 +356,7 @@ fn send_inner(
                 ));
             }
             Some("pre-switchover") => {
+                stopped.get_or_insert_with(Instant::now);
                 set_up.cancel(q, false)?;
                 q.execute(
                     "migrate-continue",
