@@ -737,3 +737,24 @@ fn save_restore_and_managedsave_read_like_virsh() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn domjobabort_without_a_job_says_so_and_names_the_domain() {
+    let out = vireo(&["domjobabort", "test"], None);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("'test'") && err.contains("no job running"),
+        "stderr: {err}"
+    );
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    let out = vireo(&["domjobabort", "nosuch"], None);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("nosuch"), "{}", text(&out.stderr));
+    let help = vireo(&["domjobabort", "--help"], None);
+    assert!(
+        text(&help.stdout).contains("migration being sent"),
+        "{}",
+        text(&help.stdout)
+    );
+}
