@@ -750,7 +750,11 @@ fn domjobabort_without_a_job_says_so_and_names_the_domain() {
     assert_eq!(err.lines().count(), 1, "one line: {err}");
     let out = vireo(&["domjobabort", "nosuch"], None);
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("nosuch"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("nosuch"),
+        "{}",
+        text(&out.stderr)
+    );
     let help = vireo(&["domjobabort", "--help"], None);
     assert!(
         text(&help.stdout).contains("migration being sent"),

@@ -30,7 +30,6 @@
 //! until the operator moves the binding.
 
 use std::sync::Arc;
-
 use std::time::Duration;
 
 use kube::api::Api;
@@ -463,8 +462,14 @@ async fn abort_when_deleted(
     }
 }
 
-/// The Domain's StorageVols bound to `node` (node-local volumes there).
-async fn volumes_on(ctx: &Ctx, ns: &str, dom: &Domain, node: &str) -> Result<Vec<StorageVol>> {
+/// The Domain's StorageVols whose node binding (`vireo.dev/node`) `keep`
+/// accepts, each once.
+async fn domain_volumes(
+    ctx: &Ctx,
+    ns: &str,
+    dom: &Domain,
+    keep: impl Fn(Option<&str>) -> bool,
+) -> Result<Vec<StorageVol>> {
     let api: Api<StorageVol> = Api::namespaced(ctx.client.clone(), ns);
     let mut out: Vec<StorageVol> = Vec::new();
     for (_, name) in dom.spec.volume_refs() {
@@ -472,7 +477,7 @@ async fn volumes_on(ctx: &Ctx, ns: &str, dom: &Domain, node: &str) -> Result<Vec
             continue;
         }
         if let Some(v) = api.get_opt(name).await?
-            && v.labels().get(NODE).map(String::as_str) == Some(node)
+            && keep(v.labels().get(NODE).map(String::as_str))
         {
             out.push(v);
         }
@@ -487,27 +492,14 @@ async fn moving_volumes(
     dom: &Domain,
     source: &str,
 ) -> Result<Vec<StorageVol>> {
-    volumes_on(ctx, ns, dom, source).await
+    domain_volumes(ctx, ns, dom, |node| node == Some(source)).await
 }
 
 /// On the source after success: the Domain's volumes now bound elsewhere
 /// (never one bound here again, as by a migration back).
 async fn moved_volumes(ctx: &Ctx, ns: &str, dom: &Domain) -> Result<Vec<StorageVol>> {
-    let api: Api<StorageVol> = Api::namespaced(ctx.client.clone(), ns);
-    let mut out: Vec<StorageVol> = Vec::new();
-    for (_, name) in dom.spec.volume_refs() {
-        if out.iter().any(|v| v.name_any() == name) {
-            continue;
-        }
-        if let Some(v) = api.get_opt(name).await?
-            && v.labels()
-                .get(NODE)
-                .is_some_and(|n| *n != ctx.config.node_name)
-        {
-            out.push(v);
-        }
-    }
-    Ok(out)
+    let me = ctx.config.node_name.as_str();
+    domain_volumes(ctx, ns, dom, |node| node.is_some_and(|n| n != me)).await
 }
 
 /// A blank volume of the same pool, format and capacity as `vol`, named as
