@@ -177,11 +177,18 @@ fn chart_lints_and_renders() {
                     || (g == "subresources.vireo.dev"
                         && (r == "domains" || r == "storagevols")
                         && v == "proxy"));
+            // And the operator reads Nodes, to drain the Host of a
+            // cordoned one (operator.drainOnCordon).
+            let nodes_read = name == "vireo-operator"
+                && g.is_empty()
+                && r == "nodes"
+                && ["get", "list", "watch"].contains(&v.as_str());
             assert!(
                 g == "vireo.dev"
                     || (g == "events.k8s.io" && r == "events")
                     || cloud_init_key
-                    || access_review,
+                    || access_review
+                    || nodes_read,
                 "{name} ClusterRole reaches outside Vireo: {g}/{r} ({v})"
             );
         }
@@ -247,7 +254,24 @@ fn chart_lints_and_renders() {
     assert!(!allows(agent, "", "secrets", "watch"));
     assert!(!allows(operator, "", "secrets", "get"));
 
+    // kubectl drain drains Hosts by default (the cordon); off, no Nodes.
+    assert!(allows(operator, "", "nodes", "watch"));
     let deploy = find(&docs, "Deployment", "vireo-operator");
+    let args = deploy["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    assert!(args.contains("--drain-on-cordon"), "{args}");
+    let no_cordon = render(&["--set", "operator.drainOnCordon=false"]);
+    assert!(!allows(
+        find(&no_cordon, "ClusterRole", "vireo-operator"),
+        "",
+        "nodes",
+        "watch"
+    ));
+    let off_args =
+        find(&no_cordon, "Deployment", "vireo-operator")["spec"]["template"]["spec"]["containers"]
+            [0]["args"]
+            .to_string();
+    assert!(!off_args.contains("--drain-on-cordon"), "{off_args}");
+
     assert_eq!(deploy["spec"]["replicas"], 2);
     let args = deploy["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
     assert!(

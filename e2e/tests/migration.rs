@@ -916,3 +916,87 @@ spec:
     );
     drop(cluster);
 }
+
+/// `kubectl drain node-1 --ignore-daemonsets` (the real command; the
+/// agents are a DaemonSet in the chart) with the operator's
+/// `--drain-on-cordon`: the cordon drains Host node-1, its LiveMigrate
+/// Domain migrates, no new Domain is placed there, and `kubectl uncordon`
+/// ends the drain (the condition goes, placement may use it again).
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_drain_of_a_node_migrates_its_guests() {
+    let mut cluster = Cluster::start("kubectl-drain");
+    cluster.hold(cluster.operator("operator", &["--no-leader-election", "--drain-on-cordon"]));
+    cluster.hold(cluster.agent("node-1", &["--memory", "64Gi"]));
+    cluster.hold(cluster.agent("node-2", &[]));
+    let client = cluster.client().await;
+    ready_hosts(&client, 2).await;
+    // The Kubernetes Nodes of the same names (no kubelet runs here; kubectl
+    // drain cordons them and finds no pods to evict).
+    let nodes = "apiVersion: v1\nkind: Node\nmetadata: {name: node-1}\n---\napiVersion: v1\nkind: Node\nmetadata: {name: node-2}\n";
+    let out = cluster.kubectl_stdin(&["apply", "-f", "-"], nodes);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cluster.kubectl_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {name: live, namespace: default}\nspec: {type: test, memory: 1Gi, vcpus: 1, runStrategy: Always, evictionStrategy: LiveMigrate}\n",
+    );
+    let domains: Api<Domain> = Api::namespaced(client.clone(), "default");
+    running_on(&domains, "live", "node-1").await;
+
+    let out = cluster.kubectl_stdin(
+        &["drain", "node-1", "--ignore-daemonsets", "--timeout=60s"],
+        "",
+    );
+    assert!(
+        out.status.success(),
+        "kubectl drain: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    running_on(&domains, "live", "node-2").await;
+    let hosts: Api<Host> = Api::all(client.clone());
+    let drained = wait_for(T, "node-1 Drained", || async {
+        let h = hosts.get("node-1").await.ok()?;
+        h.status?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Drained" && c.status == "True")
+    })
+    .await;
+    assert!(
+        drained.message.contains("node cordoned"),
+        "{}",
+        drained.message
+    );
+    let out = cluster.kubectl_ok(&[
+        "wait",
+        "host/node-1",
+        "--for=condition=Drained",
+        "--timeout=30s",
+    ]);
+    assert!(out.contains("condition met"), "{out}");
+    // A new Domain goes elsewhere, though node-1 has the most room.
+    cluster.kubectl_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {name: fresh, namespace: default}\nspec: {type: test, memory: 1Gi, vcpus: 1, runStrategy: Always}\n",
+    );
+    running_on(&domains, "fresh", "node-2").await;
+
+    // Uncordoned: the drain ends; the moved Domain stays where it went.
+    cluster.kubectl_ok(&["uncordon", "node-1"]);
+    wait_for(T, "node-1's Drained condition gone", || async {
+        let h = hosts.get("node-1").await.ok()?;
+        (!h.status?.conditions.iter().any(|c| c.type_ == "Drained")).then_some(())
+    })
+    .await;
+    let d = domains.get("live").await.expect("live");
+    assert_eq!(d.labels().get(NODE).map(String::as_str), Some("node-2"));
+    cluster.kubectl_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {name: later, namespace: default}\nspec: {type: test, memory: 1Gi, vcpus: 1, runStrategy: Always}\n",
+    );
+    running_on(&domains, "later", "node-1").await;
+    drop(cluster);
+}

@@ -38,6 +38,12 @@ struct Cli {
     /// Seconds between placement attempts for a Domain that fits nowhere.
     #[arg(long, default_value_t = 5)]
     retry_pending_seconds: u64,
+    /// Drain the Host of a cordoned Kubernetes Node (`kubectl drain NODE
+    /// --ignore-daemonsets`, `kubectl cordon`) as `vireo drain` does: its
+    /// Domains migrate, move or stay as their evictionStrategy says;
+    /// uncordoning ends it. Needs get/list/watch on nodes.
+    #[arg(long)]
+    drain_on_cordon: bool,
     /// Run without leader election (a single replica).
     #[arg(long)]
     no_leader_election: bool,
@@ -107,6 +113,7 @@ fn main() -> Result<()> {
         host_check: Duration::from_secs(cli.host_check_seconds.max(1)),
         host_grace: Duration::from_secs(cli.host_grace_seconds),
         retry_pending: Duration::from_secs(cli.retry_pending_seconds.max(1)),
+        drain_on_cordon: cli.drain_on_cordon,
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {

@@ -266,7 +266,7 @@ pub(super) fn host_views(
                 labels: h.labels().clone(),
                 ready: host_ready(&h),
                 // A drained Host takes no new Domain.
-                unschedulable: h.spec.unschedulable || h.spec.drain,
+                unschedulable: h.spec.unschedulable || ctx.draining(&h),
                 drivers: status.drivers.iter().cloned().collect(),
                 memory: status
                     .allocatable_memory

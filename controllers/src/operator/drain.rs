@@ -15,6 +15,14 @@
 //!   node-local volumes would pin it to the drained Host): an Event says so.
 //! * `None` (the default): left running where it is.
 //!
+//! With the operator's `--drain-on-cordon` (the chart's default), a
+//! cordoned Kubernetes Node of the Host's name drains it the same way, so
+//! `kubectl drain NODE --ignore-daemonsets` moves the guests (the agents
+//! are a DaemonSet, which kubectl drain leaves); `kubectl uncordon` ends
+//! it. Vireo's guests are not pods: kubectl drain returns once the pods
+//! are gone; `kubectl wait host/NODE --for=condition=Drained` waits for
+//! the guests.
+//!
 //! The Host's condition `Drained` says how far it got (`True` once no
 //! Domain that should leave is left).
 
@@ -68,7 +76,7 @@ async fn drain(ctx: &Ctx, domains: &Store<Domain>, host: &Host) -> Result<()> {
         .as_ref()
         .map(|s| s.conditions.clone())
         .unwrap_or_default();
-    if !host.spec.drain {
+    if !ctx.draining(host) {
         // Undrained: the condition goes.
         if find(&prev, "Drained").is_some() {
             let hosts: Api<Host> = Api::all(ctx.client.clone());
@@ -111,6 +119,11 @@ async fn drain(ctx: &Ctx, domains: &Store<Domain>, host: &Host) -> Result<()> {
         format!("drained: nothing left to move ({left} domain(s) stay, evictionStrategy None)")
     } else {
         format!("{moving} domain(s) moving off, {left} staying (evictionStrategy None)")
+    };
+    let message = if host.spec.drain {
+        message
+    } else {
+        format!("node cordoned (kubectl drain or cordon): {message}")
     };
     let drained = moving == 0;
     let reason = if drained { "Drained" } else { "Draining" };

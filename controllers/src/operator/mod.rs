@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Node;
 use kube::Client;
 use kube::api::Api;
 use kube::runtime::events::{Recorder, Reporter};
@@ -46,6 +47,10 @@ pub struct OperatorConfig {
     pub host_grace: Duration,
     /// How often a Pending Domain is tried again without any change.
     pub retry_pending: Duration,
+    /// A cordoned Kubernetes Node (`kubectl drain`, `kubectl cordon`:
+    /// `spec.unschedulable`) drains the Host of the same name, as
+    /// `spec.drain` does; uncordoning ends it.
+    pub drain_on_cordon: bool,
 }
 
 /// What every controller of the operator shares.
@@ -59,6 +64,8 @@ pub struct Ctx {
     pub pools: Store<StoragePool>,
     pub volumes: Store<StorageVol>,
     pub leases: Store<Lease>,
+    /// The Kubernetes Nodes, watched with `drain_on_cordon` only.
+    pub nodes: Option<Store<Node>>,
     /// What placement knows of the room Domains take on each Host: a
     /// tally of the cache and the placements made since (see
     /// [`domain::Placements`]), under one lock, so two concurrent
@@ -70,6 +77,25 @@ pub struct Ctx {
     pub applied: Mutex<HashMap<String, (vireo_crds::DomainStatus, std::time::Instant)>>,
     /// Drain Events already sent (`ns/name#reason`), said once per process.
     pub drain_notes: Mutex<std::collections::HashSet<String>>,
+}
+
+impl Ctx {
+    /// Whether the Kubernetes Node of this Host's name is cordoned (and
+    /// the operator drains on cordon).
+    pub fn cordoned(&self, host: &Host) -> bool {
+        let Some(nodes) = &self.nodes else {
+            return false;
+        };
+        let key = reflector::ObjectRef::<Node>::new(&kube::ResourceExt::name_any(host));
+        nodes
+            .get(&key)
+            .is_some_and(|n| n.spec.as_ref().and_then(|s| s.unschedulable) == Some(true))
+    }
+
+    /// Whether a Host is being drained: `spec.drain`, or its Node cordoned.
+    pub fn draining(&self, host: &Host) -> bool {
+        host.spec.drain || self.cordoned(host)
+    }
 }
 
 /// A reflector for a kind, running until the process ends.
@@ -108,6 +134,9 @@ pub async fn run(client: Client, config: OperatorConfig, metrics: Arc<Metrics>) 
         pools: reflect(Api::<StoragePool>::all(client.clone())),
         volumes: reflect(Api::<StorageVol>::all(client.clone())),
         leases: reflect(Api::<Lease>::namespaced(client.clone(), SYSTEM_NAMESPACE)),
+        nodes: config
+            .drain_on_cordon
+            .then(|| reflect(Api::<Node>::all(client.clone()))),
         client,
         config,
         recorder,
