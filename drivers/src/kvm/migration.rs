@@ -189,7 +189,7 @@ impl Pacer<'_> {
         loop {
             if (self.aborted)() {
                 return Err(format!(
-                    "aborted (domjobabort) while the target {} restored the state: the guest stays on this node",
+                    "aborted (domjobabort) while waiting for the target {} to restore the state: the guest stays on this node",
                     self.to
                 ));
             }
@@ -388,9 +388,50 @@ mod tests {
         assert_eq!(&p[8..12], &1u32.to_le_bytes());
         assert_eq!(&p[16..24], &0x0102u64.to_le_bytes());
         let e = no_disk_copies(&[(0, "vda".into())]);
+        assert!(e.contains("does not copy disks yet") && e.contains("vda"), "{e}");
+    }
+
+    #[test]
+    fn the_send_keeps_to_the_bandwidth_and_stops_when_aborted() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let to = listener.local_addr().expect("addr");
+        let reader = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            let mut sink = vec![0u8; 1 << 16];
+            let mut got = 0u64;
+            while let Ok(n) = s.read(&mut sink) {
+                if n == 0 {
+                    break;
+                }
+                got += n as u64;
+            }
+            got
+        });
+        let mut stream = TcpStream::connect(to).expect("connect");
+        stream.set_write_timeout(Some(POLL)).expect("timeout");
+        let started = Instant::now();
+        let aborted = || started.elapsed() > Duration::from_millis(1500);
+        let mut pacer = Pacer {
+            started,
+            sent: 0,
+            total: 8 << 20,
+            cap: Some(1 << 20),
+            aborted: &aborted,
+            to,
+        };
+        let e = pacer
+            .write_all(&mut stream, &vec![7u8; 8 << 20])
+            .expect_err("aborted");
+        drop(stream);
+        let got = reader.join().expect("reader");
+        assert!(e.starts_with("aborted (domjobabort) after "), "{e}");
+        // About 1.5 s at 1 MiB/s (one chunk ahead at most).
         assert!(
-            e.contains("does not copy disks yet") && e.contains("vda"),
-            "{e}"
+            (1 << 20..=(2 << 20) + CHUNK as u64).contains(&pacer.sent),
+            "{} bytes sent",
+            pacer.sent
         );
+        assert_eq!(got, pacer.sent);
+        assert!(started.elapsed() < Duration::from_secs(3));
     }
 }
