@@ -5,8 +5,8 @@
 //! counter twice a second on its console.
 //!
 //! Checked: a target that does not answer leaves the guest running on the
-//! source with an error naming the address; a disk copy is refused clearly
-//! at prepare and nothing stays on the target; an abort (`domjobabort`)
+//! source with an error naming the address; a guest with a node-local raw
+//! disk moves with it (`copyStorage`: B's volume ends equal to A's); an abort (`domjobabort`)
 //! while the state is sent fails the perform and leaves the guest running
 //! on the source; streams of another version or with a bad checksum are
 //! refused by the target, which waits on; the migration moves the guest
@@ -135,13 +135,14 @@ struct Node {
     root: PathBuf,
     conn: Connection,
     storage: Arc<vireo_drivers::storage::dir::DirStorage>,
+    pool_dir: PathBuf,
 }
 
 impl Node {
     fn new(tag: &str) -> Self {
         let ns = Netns::new(tag);
         let root = common::fresh_root(&format!("kmig-{tag}"));
-        let (storage, _pool_dir) = started_pool(&root);
+        let (storage, pool_dir) = started_pool(&root);
         let networks = Arc::new(vireo_drivers::test::TestDriver::default_node());
         let conn = vireo_drivers::kvm::open_with(
             &format!("kvm:///embed?root={}", root.display()),
@@ -155,6 +156,7 @@ impl Node {
             root,
             conn,
             storage,
+            pool_dir,
         }
     }
 
@@ -324,27 +326,82 @@ fn kvm_live_migration_moves_the_guest_and_failures_leave_it_on_the_source() {
     wait_tick_above(&log_a, before + 1);
     assert!(vmm_alive(pid_a));
 
-    // 2. A disk copy is refused at prepare, and B keeps nothing of it.
+    // 2. A guest with a node-local disk, copied on the same stream
+    // (`copyStorage`) into B's blank volume of the same size: the data
+    // written on A's volume before is on B's after, and the counter goes on.
     let vol: StorageVol = yaml(
         "apiVersion: vireo.dev/v1alpha1\nkind: StorageVol\nmetadata: {name: data}\nspec: {pool: p, capacity: 16Mi, format: raw}\n",
     );
+    a.storage.create_volume(&vol).expect("volume on A");
     b.storage.create_volume(&vol).expect("volume on B");
-    let mut with_disk = test_guest_domain("disked", COUNTER);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(a.pool_dir.join("data"))
+            .expect("A's volume");
+        for (at, text) in [
+            (0u64, &b"VIREO-DISK-HEAD"[..]),
+            (5 << 20, b"in the middle"),
+            ((16 << 20) - 4, b"TAIL"),
+        ] {
+            f.write_all_at(text, at).expect("writes A's volume");
+        }
+    }
+    let disked = "disked";
+    let mut with_disk = test_guest_domain(disked, COUNTER);
     with_disk.spec.devices.disks = vec![vireo_crds::Disk {
         name: "vda".into(),
         volume: "data".into(),
         ..Default::default()
     }];
+    a.ns.run(|| {
+        ha.define_domain(&with_disk).expect("define on A");
+        ha.start_domain(disked).expect("start on A");
+    });
+    let dlog_a = a.run_dir(disked).join("console.log");
+    wait_tick_above(&dlog_a, 1);
     let copy = MigrationParams {
         copy_storage: true,
         ..params()
     };
-    let e =
+    let with_disk = ha.domain_definition(disked, true).expect("definition");
+    let incoming =
         b.ns.run(|| hb.migrate_prepare(&with_disk, &copy))
-            .expect_err("no disk copies");
-    say(&format!("prepare with a disk copy: {e}"));
-    assert!(e.to_string().contains("does not copy disks yet"), "{e}");
-    assert!(hb.domain_info("disked").is_err(), "B keeps no record");
+            .expect("prepare with a disk copy");
+    assert_eq!(incoming.disks.len(), 1, "{incoming:?}");
+    let stats =
+        a.ns.run(|| ha.migrate_perform(disked, &incoming, &copy))
+            .expect("perform with a disk copy");
+    say(&format!("with a disk copy: {stats:?}"));
+    let dlast_a = *ticks(&dlog_a).last().expect("ticks");
+    b.ns.run(|| hb.migrate_finish(disked, true))
+        .expect("finish")
+        .expect("on B");
+    a.ns.run(|| ha.migrate_confirm(disked, true))
+        .expect("confirm");
+    assert!(
+        stats.disk_bytes > 0 && stats.disk_bytes <= 16 << 20,
+        "{stats:?}"
+    );
+    assert!(ha.domain_info(disked).is_err(), "A still has it");
+    assert_eq!(
+        b.info(disked),
+        Some((DomainState::Running, DomainReason::Migrated))
+    );
+    let dlog_b = b.run_dir(disked).join("console.log");
+    let on_b = wait_tick_above(&dlog_b, dlast_a + 1);
+    assert!(
+        on_b[0] >= dlast_a && on_b[0] <= dlast_a + 3,
+        "{dlast_a} then {on_b:?}"
+    );
+    let disk_a = std::fs::read(a.pool_dir.join("data")).expect("A's volume");
+    let disk_b = std::fs::read(b.pool_dir.join("data")).expect("B's volume");
+    assert_eq!(disk_a.len(), disk_b.len());
+    assert!(disk_a == disk_b, "B's volume differs from A's");
+    assert_eq!(&disk_b[..15], b"VIREO-DISK-HEAD");
+    b.ns.run(|| hb.destroy_domain(disked))
+        .expect("destroy on B");
 
     // 3. An abort (`domjobabort`) while the state goes, at 1 MiB/s, to a
     // target that takes it and never answers: perform fails saying so and

@@ -37,6 +37,9 @@ pub enum Request {
     /// has the `port`. A running machine refuses it.
     MigrateIncoming {
         listen: String,
+        /// Indexes among `--disk` whose data follows the snapshot.
+        #[serde(default)]
+        disks: Vec<usize>,
     },
     /// Debug builds only: the event loop opens a host file, a system call
     /// the seccomp filter forbids, so that tests see the filter kill the
@@ -162,7 +165,8 @@ mod tests {
         assert_eq!(
             parse(r#"{"command":"migrate-incoming","listen":"10.0.0.2:0"}"#),
             Ok(Request::MigrateIncoming {
-                listen: "10.0.0.2:0".into()
+                listen: "10.0.0.2:0".into(),
+                disks: Vec::new(),
             })
         );
         for bad in ["", "{}", "[]", r#"{"command":"explode"}"#, "nonsense"] {

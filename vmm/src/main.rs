@@ -216,6 +216,11 @@ fn run(args: RunArgs, start: Instant) -> i32 {
                 let waiting = vireo_vmm::migration::Waiting {
                     memory_bytes: cfg.memory_bytes,
                     vcpus: cfg.vcpus,
+                    disks: cfg
+                        .disks
+                        .iter()
+                        .map(|d| (d.path.clone(), d.readonly))
+                        .collect(),
                 };
                 let stream = vireo_vmm::migration::wait_incoming(&cfg.api_socket, file, waiting)
                     .context("waiting for the incoming migration")?;

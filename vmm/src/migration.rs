@@ -9,6 +9,13 @@
 //! offset 12  4 bytes  0
 //! offset 16  8 bytes  length L of the snapshot that follows
 //! offset 24  L bytes  a vireo-vmm snapshot file, as `snapshot` sends it
+//!            then, for each disk `migrate-incoming` named, in its order:
+//!            8 bytes  magic "VIREODSK"
+//!            4 bytes  the disk's index among --disk, 4 bytes 0
+//!            8 bytes  the disk's size in bytes (the target's must match)
+//!            runs, each: 8 bytes offset, 8 bytes length, the bytes;
+//!            ended by offset 2^64-1, length 0. What no run covers is
+//!            zeros (the target's file is emptied first).
 //! ```
 //!
 //! The receiver bounds L by the largest snapshot the machine on its
@@ -55,6 +62,8 @@ pub enum IncomingError {
     Short { got: u64, len: u64 },
     #[error("{0}")]
     Snapshot(#[from] crate::snapshot::SnapshotError),
+    #[error("disk {index}: {msg}")]
+    Disk { index: usize, msg: String },
     #[error("receiving the migration stream: {0}")]
     Io(#[from] io::Error),
 }
@@ -117,17 +126,96 @@ pub fn receive(
     Ok(len)
 }
 
+/// The magic of a disk's section.
+pub const DISK_MAGIC: &[u8; 8] = b"VIREODSK";
+const END: u64 = u64::MAX;
+/// Bytes copied at a time.
+const DISK_CHUNK: u64 = 1 << 20;
+
+/// Reads one disk's section from `from` into `disk` (index `index`):
+/// checks its header against the file, empties the file and writes each
+/// run where it goes. Returns the bytes written.
+pub fn receive_disk(from: &mut impl Read, index: usize, disk: &File) -> Result<u64, IncomingError> {
+    use std::os::unix::fs::FileExt;
+    let bad = |msg: String| IncomingError::Disk { index, msg };
+    let mut h = [0u8; 24];
+    from.read_exact(&mut h)?;
+    if &h[..8] != DISK_MAGIC {
+        return Err(bad("the stream has no disk section here (bad magic)".into()));
+    }
+    let said = u32::from_le_bytes([h[8], h[9], h[10], h[11]]) as usize;
+    if said != index {
+        return Err(bad(format!("the stream sends disk {said} instead")));
+    }
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&h[16..24]);
+    let size = u64::from_le_bytes(w);
+    let meta = disk.metadata()?;
+    if !meta.is_file() {
+        return Err(bad(
+            "not a regular file: disks are copied into raw files only".into(),
+        ));
+    }
+    if meta.len() != size {
+        return Err(bad(format!(
+            "the source's disk has {size} bytes, this one {}",
+            meta.len()
+        )));
+    }
+    // Zeros wherever no run lands (and a sparse file).
+    disk.set_len(0)?;
+    disk.set_len(size)?;
+    let mut buf = vec![0u8; DISK_CHUNK as usize];
+    let mut written = 0u64;
+    loop {
+        let mut r = [0u8; 16];
+        from.read_exact(&mut r)?;
+        let mut o = [0u8; 8];
+        o.copy_from_slice(&r[..8]);
+        let offset = u64::from_le_bytes(o);
+        o.copy_from_slice(&r[8..]);
+        let len = u64::from_le_bytes(o);
+        if offset == END {
+            if len != 0 {
+                return Err(bad("malformed end of the disk's runs".into()));
+            }
+            return Ok(written);
+        }
+        if len == 0 || offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(bad(format!(
+                "a run of {len} bytes at {offset} does not fit the {size}-byte disk"
+            )));
+        }
+        let mut at = offset;
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(DISK_CHUNK) as usize;
+            from.read_exact(&mut buf[..n])?;
+            disk.write_all_at(&buf[..n], at)?;
+            at += n as u64;
+            left -= n as u64;
+            written += n as u64;
+        }
+    }
+}
+
 /// Where a waiting VMM is, as `info` reports it.
 const WAITING: u8 = 0;
 const RECEIVING: u8 = 1;
 const RESTORING: u8 = 2;
 
 /// A VMM waiting for its state: what `info` says about it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Waiting {
     pub memory_bytes: u64,
     pub vcpus: u32,
+    /// The `--disk`s: path, read-only.
+    pub disks: Vec<(PathBuf, bool)>,
 }
+
+/// What `migrate-incoming` hands to the receiver: where to listen, and the
+/// disks (indexes among `--disk`) whose data follows the snapshot.
+type Listen = (TcpListener, Vec<usize>);
 
 /// Serves the API at `api_socket` while no machine exists, until `stop`.
 struct WaitingApi {
@@ -141,7 +229,7 @@ impl WaitingApi {
         api_socket: &Path,
         info: Waiting,
         phase: Arc<AtomicU8>,
-        listen: mpsc::Sender<TcpListener>,
+        listen: mpsc::Sender<Listen>,
     ) -> io::Result<Self> {
         use std::os::unix::fs::FileTypeExt;
         if let Ok(meta) = std::fs::symlink_metadata(api_socket)
@@ -161,7 +249,7 @@ impl WaitingApi {
                 while !stopping.load(Ordering::SeqCst) {
                     match listener.accept() {
                         Ok((client, _)) => {
-                            serve(client, info, &phase, &mut listen, &mut bound);
+                            serve(client, &info, &phase, &mut listen, &mut bound);
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                             std::thread::sleep(Duration::from_millis(10));
@@ -199,9 +287,9 @@ impl Drop for WaitingApi {
 /// One API client of a waiting VMM: a line each way, until it closes.
 fn serve(
     client: UnixStream,
-    info: Waiting,
+    info: &Waiting,
     phase: &AtomicU8,
-    listen: &mut Option<mpsc::Sender<TcpListener>>,
+    listen: &mut Option<mpsc::Sender<Listen>>,
     bound: &mut Option<SocketAddr>,
 ) {
     let _ = client.set_nonblocking(false);
@@ -224,9 +312,9 @@ fn serve(
 
 fn answer(
     line: &str,
-    info: Waiting,
+    info: &Waiting,
     phase: &AtomicU8,
-    listen: &mut Option<mpsc::Sender<TcpListener>>,
+    listen: &mut Option<mpsc::Sender<Listen>>,
     bound: &mut Option<SocketAddr>,
 ) -> Value {
     let phase_name = match phase.load(Ordering::SeqCst) {
@@ -245,9 +333,29 @@ fn answer(
             "boot_time_us": null,
             "pid": std::process::id(),
         }),
-        Ok(crate::api::Request::MigrateIncoming { listen: addr }) => {
+        Ok(crate::api::Request::MigrateIncoming {
+            listen: addr,
+            disks,
+        }) => {
             if let Some(b) = bound {
                 return crate::api::error(format!("already listening on {b}"));
+            }
+            for (n, &i) in disks.iter().enumerate() {
+                match info.disks.get(i) {
+                    None => {
+                        return crate::api::error(format!(
+                            "disks: no disk {i} (this VMM has {})",
+                            info.disks.len()
+                        ));
+                    }
+                    Some((_, true)) => {
+                        return crate::api::error(format!("disks: disk {i} is read-only"));
+                    }
+                    Some(_) if disks[..n].contains(&i) => {
+                        return crate::api::error(format!("disks: disk {i} named twice"));
+                    }
+                    Some(_) => {}
+                }
             }
             let Some(tx) = listen.take() else {
                 return crate::api::error("the migration listener has gone");
@@ -263,7 +371,7 @@ fn answer(
             };
             match TcpListener::bind(addr).and_then(|l| Ok((l.local_addr()?, l))) {
                 Ok((local, l)) => {
-                    if tx.send(l).is_err() {
+                    if tx.send((l, disks)).is_err() {
                         return crate::api::error("the migration receiver has gone");
                     }
                     *bound = Some(local);
@@ -295,8 +403,8 @@ pub fn wait_incoming(
 ) -> Result<TcpStream, IncomingError> {
     let phase = Arc::new(AtomicU8::new(WAITING));
     let (tx, rx) = mpsc::channel();
-    let api = WaitingApi::start(api_socket, info, phase.clone(), tx)?;
-    let listener = rx
+    let api = WaitingApi::start(api_socket, info.clone(), phase.clone(), tx)?;
+    let (listener, copied) = rx
         .recv()
         .map_err(|_| io::Error::other("the API thread ended before migrate-incoming"))?;
     let mut out = std::fs::OpenOptions::new()
@@ -318,9 +426,26 @@ pub fn wait_incoming(
         tracing::info!(%peer, "migration stream connected");
         stream.set_read_timeout(Some(READ_TIMEOUT))?;
         stream.set_write_timeout(Some(Duration::from_secs(10)))?;
-        match receive(&mut stream, &mut out, info.memory_bytes) {
-            Ok(len) => {
-                tracing::info!(%peer, bytes = len, "migration stream received and checked");
+        let received = receive(&mut stream, &mut out, info.memory_bytes).and_then(|len| {
+            let mut disk_bytes = 0;
+            for &i in &copied {
+                let (path, _) = &info.disks[i];
+                let disk = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(path)
+                    .map_err(|e| IncomingError::Disk {
+                        index: i,
+                        msg: format!("{}: {e}", path.display()),
+                    })?;
+                disk_bytes += receive_disk(&mut stream, i, &disk)?;
+                disk.sync_all()?;
+            }
+            Ok((len, disk_bytes))
+        });
+        match received {
+            Ok((len, disk_bytes)) => {
+                tracing::info!(%peer, bytes = len, disk_bytes, "migration stream received and checked");
                 phase.store(RESTORING, Ordering::SeqCst);
                 api.finish();
                 return Ok(stream);
@@ -428,6 +553,70 @@ mod tests {
         body.extend_from_slice(&snap);
         let e = receive(&mut body.as_slice(), &mut f, mem).expect_err("snapshot version");
         assert!(e.to_string().contains("snapshot format version 7"), "{e}");
+        let _ = std::fs::remove_file(p);
+    }
+
+    #[test]
+    fn disk_sections_land_where_they_say_and_nothing_else_is_believed() {
+        let (p, f) = temp("disk");
+        f.set_len(1 << 20).expect("size");
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&[9u8; 100], 5000).expect("old data");
+        let section = |index: u32, size: u64, runs: &[(u64, &[u8])]| {
+            let mut v = DISK_MAGIC.to_vec();
+            v.extend_from_slice(&index.to_le_bytes());
+            v.extend_from_slice(&0u32.to_le_bytes());
+            v.extend_from_slice(&size.to_le_bytes());
+            for (at, data) in runs {
+                v.extend_from_slice(&at.to_le_bytes());
+                v.extend_from_slice(&(data.len() as u64).to_le_bytes());
+                v.extend_from_slice(data);
+            }
+            v.extend_from_slice(&END.to_le_bytes());
+            v.extend_from_slice(&0u64.to_le_bytes());
+            v
+        };
+        let ok = section(
+            1,
+            1 << 20,
+            &[(4096, &[1u8; 10]), ((1 << 20) - 3, &[2u8; 3])],
+        );
+        assert_eq!(receive_disk(&mut ok.as_slice(), 1, &f).expect("copied"), 13);
+        let got = std::fs::read(&p).expect("read");
+        assert_eq!(got.len(), 1 << 20);
+        assert_eq!(&got[4096..4106], &[1u8; 10]);
+        assert_eq!(&got[(1 << 20) - 3..], &[2u8; 3]);
+        assert_eq!(
+            got.iter().filter(|&&b| b != 0).count(),
+            13,
+            "old data is gone"
+        );
+        for (stream, want) in [
+            (section(0, 1 << 20, &[]), "instead"),
+            (section(1, 4096, &[]), "has 4096 bytes"),
+            (
+                section(1, 1 << 20, &[((1 << 20) - 1, &[1u8; 2])]),
+                "does not fit",
+            ),
+            (
+                section(1, 1 << 20, &[(u64::MAX - 1, &[1u8; 2])]),
+                "does not fit",
+            ),
+            (
+                {
+                    let mut v = section(1, 1 << 20, &[]);
+                    v[7] = b'X';
+                    v
+                },
+                "bad magic",
+            ),
+        ] {
+            let e = receive_disk(&mut stream.as_slice(), 1, &f).expect_err(want);
+            assert!(
+                e.to_string().starts_with("disk 1: ") && e.to_string().contains(want),
+                "{e}"
+            );
+        }
         let _ = std::fs::remove_file(p);
     }
 

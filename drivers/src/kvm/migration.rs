@@ -11,10 +11,14 @@
 //!   length), paced by `bandwidthMiBs` and polling `domjobabort`. The
 //!   target writes it to FILE, checks it whole (snapshot header, version,
 //!   checksum), restores the machine paused and answers one JSON line.
+//! * Disks (`copyStorage`): after the snapshot, still paused, each
+//!   writable disk's data (the runs that are not holes, not zeros) on the
+//!   same stream, into the target's volume of the same size.
 //! * finish (target): `resume`. confirm (source): the generic driver.
 //!
 //! There is no dirty-page pre-copy: the guest is paused from the snapshot
-//! until the target has restored it, and that is the downtime reported.
+//! until the target has restored it (and has the disks), and that is the
+//! downtime reported.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
@@ -39,17 +43,12 @@ const STALL_LIMIT: Duration = Duration::from_secs(120);
 const POLL: Duration = Duration::from_millis(100);
 /// Bytes per write.
 const CHUNK: usize = 256 << 10;
+/// A disk section's magic (vireo-vmm's `migration` module).
+const DISK_MAGIC: &[u8; 8] = b"VIREODSK";
+/// Disk bytes read and sent at a time.
+const DISK_CHUNK: usize = 1 << 20;
 /// Longest answer line accepted from the target.
 const MAX_ANSWER: u64 = 64 << 10;
-
-/// The refusal of node-local disk copies.
-pub(super) fn no_disk_copies(disks: &[(usize, String)]) -> String {
-    let names: Vec<&str> = disks.iter().map(|(_, n)| n.as_str()).collect();
-    format!(
-        "the kvm driver does not copy disks yet (copyStorage with disks {}): put them on storage both nodes share, or migrate with the qemu driver",
-        names.join(", ")
-    )
-}
 
 /// The preamble in front of a snapshot of `len` bytes.
 fn preamble(len: u64) -> [u8; 24] {
@@ -74,13 +73,14 @@ pub(super) fn listen(
     address: IpAddr,
     exports: &[(usize, String)],
 ) -> Result<MigrationIncoming, String> {
-    if !exports.is_empty() {
-        return Err(no_disk_copies(exports));
-    }
+    let indexes = exports
+        .iter()
+        .map(|(_, name)| super::launched_disk(paths, name).map(|(i, _)| i))
+        .collect::<Result<Vec<_>, _>>()?;
     let listen = SocketAddr::new(address, 0);
     let answer = vmm.call(
         paths,
-        json!({ "command": "migrate-incoming", "listen": listen.to_string() }),
+        json!({ "command": "migrate-incoming", "listen": listen.to_string(), "disks": indexes }),
     )?;
     let port = answer
         .get("port")
@@ -88,9 +88,14 @@ pub(super) fn listen(
         .and_then(|p| u16::try_from(p).ok())
         .filter(|&p| p != 0)
         .ok_or_else(|| format!("migrate-incoming answered without a port: {answer}"))?;
+    let uri = format!("tcp:{}", SocketAddr::new(address, port));
     Ok(MigrationIncoming {
-        uri: format!("tcp:{}", SocketAddr::new(address, port)),
-        disks: Vec::new(),
+        // The disks' data follows the state on the same stream.
+        disks: exports
+            .iter()
+            .map(|(_, name)| (name.clone(), uri.clone()))
+            .collect(),
+        uri,
         cookie: json!({ "driver": "kvm", "stream": "vireo-vmm snapshot", "version": STREAM_VERSION }),
     })
 }
@@ -128,8 +133,8 @@ struct Pacer<'a> {
 impl Pacer<'_> {
     fn abort_error(&self) -> String {
         format!(
-            "aborted (domjobabort) after {} of {} bytes to {}: the guest stays on this node",
-            self.sent, self.total, self.to
+            "aborted (domjobabort) after {} bytes to {} (the state has {}): the guest stays on this node",
+            self.sent, self.to, self.total
         )
     }
 
@@ -245,6 +250,65 @@ impl Pacer<'_> {
     }
 }
 
+/// One disk's section: header, the runs of data that are not holes and
+/// not all zeros (1 MiB at a time), the end. Returns the data bytes sent.
+fn send_disk(
+    pacer: &mut Pacer<'_>,
+    stream: &mut TcpStream,
+    index: usize,
+    file: &std::fs::File,
+) -> Result<u64, String> {
+    use std::os::unix::fs::FileExt;
+    let size = file.metadata().map_err(|e| e.to_string())?.len();
+    let mut header = DISK_MAGIC.to_vec();
+    header.extend_from_slice(&(index as u32).to_le_bytes());
+    header.extend_from_slice(&0u32.to_le_bytes());
+    header.extend_from_slice(&size.to_le_bytes());
+    pacer.write_all(stream, &header)?;
+    let mut buf = vec![0u8; DISK_CHUNK];
+    let mut sent = 0u64;
+    let mut at = 0u64;
+    while at < size {
+        at = match next_data(file, at) {
+            Some(d) if d < size => d,
+            _ => break,
+        };
+        let n = (size - at).min(DISK_CHUNK as u64) as usize;
+        file.read_exact_at(&mut buf[..n], at)
+            .map_err(|e| format!("reading at {at}: {e}"))?;
+        if buf[..n].iter().any(|&b| b != 0) {
+            let mut run = at.to_le_bytes().to_vec();
+            run.extend_from_slice(&(n as u64).to_le_bytes());
+            pacer.write_all(stream, &run)?;
+            pacer.write_all(stream, &buf[..n])?;
+            sent += n as u64;
+        }
+        at += n as u64;
+    }
+    let mut end = u64::MAX.to_le_bytes().to_vec();
+    end.extend_from_slice(&0u64.to_le_bytes());
+    pacer.write_all(stream, &end)?;
+    Ok(sent)
+}
+
+/// The first offset at or after `from` that is not in a hole (`from`
+/// itself where the filesystem cannot tell); `None` past the last data.
+fn next_data(file: &std::fs::File, from: u64) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let off = libc::off_t::try_from(from).ok()?;
+    // SAFETY: lseek on a descriptor `file` owns for the call's duration;
+    // SEEK_DATA only moves the file offset, which nothing else here uses
+    // (reads are positioned).
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, libc::SEEK_DATA) };
+    if r >= 0 {
+        return u64::try_from(r).ok();
+    }
+    match std::io::Error::last_os_error().raw_os_error() {
+        Some(libc::ENXIO) => None,
+        _ => Some(from),
+    }
+}
+
 /// Source: connects, snapshots (the guest pauses), sends, and waits for
 /// the target to have restored the state. On an error the guest may be
 /// paused: the generic driver resumes it.
@@ -256,10 +320,30 @@ pub(super) fn send(
     copies: &[(usize, String)],
     aborted: &dyn Fn() -> bool,
 ) -> Result<MigrationStats, String> {
-    if !copies.is_empty() {
-        return Err(no_disk_copies(copies));
-    }
     let to = parse_uri(&incoming.uri)?;
+    let disks = copies
+        .iter()
+        .map(|(_, name)| {
+            let (index, path) = super::launched_disk(paths, name)?;
+            let file = std::fs::File::open(&path)
+                .map_err(|e| format!("disk {name}: {}: {e}", path.display()))?;
+            Ok((index, name.clone(), file))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    for (name, _) in &incoming.disks {
+        if !disks.iter().any(|(_, n, _)| n == name) {
+            return Err(format!(
+                "the target expects the data of disk {name}, which this migration does not copy (copyStorage differs between prepare and perform)"
+            ));
+        }
+    }
+    if disks.len() != incoming.disks.len() {
+        return Err(format!(
+            "the target expects {} disks' data, this migration copies {} (copyStorage differs between prepare and perform)",
+            incoming.disks.len(),
+            disks.len()
+        ));
+    }
     let started = Instant::now();
     if aborted() {
         return Err("aborted (domjobabort) before anything was sent".into());
@@ -301,6 +385,7 @@ pub(super) fn send(
         aborted,
         to,
     };
+    let mut disk_bytes = 0u64;
     let written = (|| {
         pacer.write_all(&mut stream, &preamble(len))?;
         let mut buf = vec![0u8; CHUNK];
@@ -313,7 +398,21 @@ pub(super) fn send(
             }
             pacer.write_all(&mut stream, &buf[..n])?;
         }
-    })();
+    })()
+    .and_then(|()| {
+        if pacer.sent != len + 24 {
+            return Err(format!(
+                "the snapshot changed while it was sent ({} of {} bytes)",
+                pacer.sent,
+                len + 24
+            ));
+        }
+        for (index, name, file) in &disks {
+            disk_bytes += send_disk(&mut pacer, &mut stream, *index, file)
+                .map_err(|e| format!("disk {name}: {e}"))?;
+        }
+        Ok(())
+    });
     if let Err(e) = written {
         // A target that refused the stream early may have said why.
         if !aborted()
@@ -325,12 +424,6 @@ pub(super) fn send(
             ));
         }
         return Err(e);
-    }
-    if pacer.sent != pacer.total {
-        return Err(format!(
-            "the snapshot changed while it was sent ({} of {} bytes)",
-            pacer.sent, pacer.total
-        ));
     }
     let answer = pacer.answer(&mut stream, STALL_LIMIT)?;
     if answer.get("ok").and_then(Value::as_bool) != Some(true) {
@@ -354,6 +447,7 @@ pub(super) fn send(
     tracing::info!(
         to = %to,
         bytes = pacer.sent,
+        disk_bytes,
         snapshot_ms,
         downtime_ms,
         "kvm migration: the target has the state"
@@ -361,8 +455,8 @@ pub(super) fn send(
     Ok(MigrationStats {
         total_ms: started.elapsed().as_millis().max(1) as u64,
         downtime_ms,
-        memory_bytes: pacer.sent,
-        disk_bytes: 0,
+        memory_bytes: len + 24,
+        disk_bytes,
     })
 }
 
@@ -387,8 +481,6 @@ mod tests {
         assert_eq!(&p[..8], b"VIREOMIG");
         assert_eq!(&p[8..12], &1u32.to_le_bytes());
         assert_eq!(&p[16..24], &0x0102u64.to_le_bytes());
-        let e = no_disk_copies(&[(0, "vda".into())]);
-        assert!(e.contains("does not copy disks yet") && e.contains("vda"), "{e}");
     }
 
     #[test]

@@ -158,6 +158,30 @@ enum VmmStart<'a> {
     Incoming,
 }
 
+/// The launch's disks in `--disk` order (name, path, read-only), written
+/// at each launch: a migration finds the files of the disks it copies here.
+fn disks_file(paths: &RunPaths) -> PathBuf {
+    paths.dir.join("disks.json")
+}
+
+/// The `--disk` index and path of the launch's disk `name`.
+fn launched_disk(paths: &RunPaths, name: &str) -> Result<(usize, PathBuf), String> {
+    let file = disks_file(paths);
+    let text = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let list: Vec<Value> =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+    list.iter()
+        .enumerate()
+        .find(|(_, d)| d.get("name").and_then(Value::as_str) == Some(name))
+        .and_then(|(i, d)| Some((i, PathBuf::from(d.get("path")?.as_str()?))))
+        .ok_or_else(|| {
+            format!(
+                "disk {name} is not among the VM's disks ({})",
+                file.display()
+            )
+        })
+}
+
 /// Where a migration target's vireo-vmm receives the snapshot (its run
 /// directory, which the jail keeps).
 fn incoming_file(paths: &RunPaths) -> PathBuf {
@@ -251,6 +275,13 @@ impl Vmm {
             ]);
         }
         args.extend(confinement_args());
+        // Which file is which --disk, for a migration's disk copies.
+        let listed: Vec<Value> = disks
+            .iter()
+            .map(|d| json!({ "name": d.name, "path": d.path, "readOnly": d.read_only }))
+            .collect();
+        std::fs::write(disks_file(paths), Value::Array(listed).to_string())
+            .map_err(|e| format!("{}: {e}", disks_file(paths).display()))?;
         for disk in disks {
             if disk.format != VolFormat::Raw {
                 return Err(format!(
