@@ -21,8 +21,8 @@
 //! * Every domain gets a virtio-vsock device, guest CID [`VSOCK_GUEST_CID`],
 //!   proxied to the Unix socket [`vsock_socket`] in its run directory
 //!   (`CONNECT <port>\n` reaches guest port `<port>`; see docs/vmm.md).
-//! * Live migration is stop-and-copy of vireo-vmm's snapshot over TCP
-//!   ([`migration`]); node-local disks are not copied yet.
+//! * Live migration is stop-and-copy of vireo-vmm's snapshot over TCP,
+//!   node-local raw disks on the same stream ([`migration`]).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
