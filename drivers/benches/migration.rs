@@ -17,8 +17,16 @@
 //!   `restore_domain` beside QMP `stop` + `migrate "exec:cat > FILE"` and a
 //!   QEMU started with `-incoming "exec:cat FILE"` until it runs.
 //!
-//! No disk is copied (memory and device state only). Needs root (network
-//! namespaces) and QEMU. Prints a table and writes
+//! * **kvm** (after the qemu rows): the test guest under vireo-vmm with 256
+//!   MiB, a quarter of it filled (`vireo.fill=64`), migrated RUNS times by
+//!   the kvm driver between the same namespaces (stop-and-copy of its
+//!   snapshot, docs/save-restore.md): prepare to confirm, and the downtime
+//!   and bytes from the stats. There is no "by hand" column: vireo-vmm is
+//!   driven only by the driver.
+//!
+//! `--only qemu` or `--only kvm` runs one part. No disk is copied (memory
+//! and device state only). Needs root (network namespaces), QEMU for the
+//! qemu rows and /dev/kvm for the kvm row. Prints a table and writes
 //! `target/bench/migration.json`.
 
 use std::fs::File;
@@ -243,33 +251,117 @@ struct Samples {
     hand_restore: Vec<f64>,
 }
 
+#[derive(Default)]
+struct KvmSamples {
+    total: Vec<f64>,
+    down: Vec<f64>,
+    mib: Vec<f64>,
+}
+
+/// The kvm row: the test guest (built by vmm/guest/build.sh) under the kvm
+/// driver, vireo-vmm found as the driver finds it (`VIREO_VMM`, or built
+/// here with cargo into this target directory).
+fn kvm_rows(
+    a: &Netns,
+    b: &Netns,
+    base: &Path,
+    params: &MigrationParams,
+    runs: usize,
+) -> KvmSamples {
+    if std::env::var_os("VIREO_VMM").is_none() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "-p", "vireo-vmm", "--bin", "vireo-vmm"])
+            .current_dir(repo())
+            .status()
+            .expect("cargo build -p vireo-vmm");
+        assert!(status.success(), "cargo build -p vireo-vmm failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo().join("target"));
+        // SAFETY (std): set before any driver reads it, on this thread only.
+        unsafe { std::env::set_var("VIREO_VMM", target.join("debug/vireo-vmm")) };
+    }
+    let out = Command::new(repo().join("vmm/guest/build.sh"))
+        .arg(base.join("guest"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("vmm/guest/build.sh");
+    assert!(out.status.success(), "vmm/guest/build.sh failed");
+    let elf = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    let mut def = domain("kbench", Path::new("/"), 256);
+    def.spec.domain_type = DomainType::Kvm;
+    def.spec.os = Some(OsSpec {
+        kernel: Some(elf),
+        cmdline: Some("console=ttyS0 vireo.fill=64 vireo.counter=1".into()),
+        ..Default::default()
+    });
+    let mut k = KvmSamples::default();
+    for run in 0..runs {
+        let open = |node: &str| {
+            let root = base.join(format!("kvm-{node}"));
+            let _ = std::fs::remove_dir_all(&root);
+            std::fs::create_dir_all(&root).expect("root");
+            vireo_drivers::open(&format!("kvm:///embed?root={}", root.display()))
+                .expect("kvm driver")
+        };
+        let (ca, cb) = (open("a"), open("b"));
+        let (ha, hb) = (ca.hypervisor(), cb.hypervisor());
+        let name = "kbench";
+        a.run(|| ha.create_domain(&def)).expect("start on A");
+        let uuid = ha
+            .lookup_domain(vireo_drivers::Lookup::Name(name))
+            .expect("lookup")
+            .uuid;
+        let log = base.join("kvm-a/run").join(&uuid).join("console.log");
+        wait_for(&log, "VIREO-TEST counter 1");
+        let live = ha.domain_definition(name, false).expect("definition");
+        let t = Instant::now();
+        let incoming = b
+            .run(|| hb.migrate_prepare(&live, params))
+            .expect("prepare");
+        let stats = a
+            .run(|| ha.migrate_perform(name, &incoming, params))
+            .expect("perform");
+        b.run(|| hb.migrate_finish(name, true)).expect("finish");
+        a.run(|| ha.migrate_confirm(name, true)).expect("confirm");
+        let total = t.elapsed().as_secs_f64();
+        k.total.push(total);
+        k.down.push(stats.downtime_ms as f64);
+        k.mib.push(stats.memory_bytes as f64 / f64::from(1 << 20));
+        eprintln!(
+            "migration: kvm 256 MiB run {}: {total:.2} s, downtime {} ms, {:.1} MiB sent",
+            run + 1,
+            stats.downtime_ms,
+            stats.memory_bytes as f64 / f64::from(1 << 20)
+        );
+        let _ = hb.destroy_domain(name);
+        let _ = hb.undefine_domain(name);
+    }
+    k
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let mut runs = 3usize;
+    let mut only: Option<String> = None;
     while let Some(a) = args.next() {
         if a == "--runs" {
             runs = args.next().and_then(|n| n.parse().ok()).unwrap_or(runs);
+        } else if a == "--only" {
+            only = args.next();
         }
     }
+    let wants = |part: &str| only.as_deref().is_none_or(|o| o == part);
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("migration: needs root (network namespaces); not run");
         return;
     }
-    let out = Command::new(repo().join("scripts/guest-image.sh"))
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("scripts/guest-image.sh");
-    assert!(out.status.success(), "guest-image.sh failed");
-    let image = PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .unwrap_or("")
-            .trim(),
-    );
-
     let a = Netns::new("a");
     let b = Netns::new("b");
     let (va, vb) = (
@@ -295,7 +387,25 @@ fn main() {
     };
 
     let mut table = Vec::new();
-    for mib in [256u64, 1024] {
+    let sizes: &[u64] = if wants("qemu") { &[256, 1024] } else { &[] };
+    let image = if sizes.is_empty() {
+        PathBuf::new()
+    } else {
+        let out = Command::new(repo().join("scripts/guest-image.sh"))
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("scripts/guest-image.sh");
+        assert!(out.status.success(), "guest-image.sh failed");
+        PathBuf::from(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .last()
+                .unwrap_or("")
+                .trim(),
+        )
+    };
+    for &mib in sizes {
         let mut s = Samples::default();
         for run in 0..runs {
             // --- Vireo ---
@@ -413,14 +523,16 @@ fn main() {
         table.push((mib, s));
     }
 
-    println!(
-        "\nLive migration and save/restore, Linux guest under TCG, a quarter of memory filled with random bytes, no disk; {runs} runs each, median\n"
-    );
-    println!(
-        "{:<8} {:<22} {:>10} {:>10} {:>7}",
-        "memory", "measure", "vireo", "by hand", "ratio"
-    );
     let mut out = serde_json::Map::new();
+    if !table.is_empty() {
+        println!(
+            "\nLive migration and save/restore, Linux guest under TCG, a quarter of memory filled with random bytes, no disk; {runs} runs each, median\n"
+        );
+        println!(
+            "{:<8} {:<22} {:>10} {:>10} {:>7}",
+            "memory", "measure", "vireo", "by hand", "ratio"
+        );
+    }
     for (mib, s) in &table {
         let rows = [
             ("migration total (s)", &s.vireo_total, &s.hand_total),
@@ -446,6 +558,28 @@ fn main() {
             );
         }
         out.insert(format!("{mib}MiB"), serde_json::Value::Object(entry));
+    }
+    if wants("kvm") {
+        let k = kvm_rows(&a, &b, &base, &params, runs);
+        println!(
+            "\nkvm driver (vireo-vmm, stop-and-copy), test guest with 256 MiB, 64 MiB filled; {runs} runs, median\n"
+        );
+        println!("{:<8} {:<22} {:>10}", "memory", "measure", "vireo");
+        for (what, v) in [
+            ("migration total (s)", &k.total),
+            ("downtime (ms)", &k.down),
+            ("state sent (MiB)", &k.mib),
+        ] {
+            println!("{:<8} {what:<22} {:>10.2}", "256 MiB", median(v));
+        }
+        out.insert(
+            "kvm-256MiB".into(),
+            json!({
+                "migration total (s)": {"median": median(&k.total), "samples": k.total},
+                "downtime (ms)": {"median": median(&k.down), "samples": k.down},
+                "state sent (MiB)": {"median": median(&k.mib), "samples": k.mib},
+            }),
+        );
     }
     let dir = repo().join("target").join("bench");
     let _ = std::fs::create_dir_all(&dir);

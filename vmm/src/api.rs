@@ -32,6 +32,15 @@ pub enum Request {
         #[serde(default)]
         after: SnapshotAfter,
     },
+    /// A VMM started with `--incoming`: listen on `listen` (IP:PORT, port
+    /// 0 for any) for the migration stream (crate::migration); the answer
+    /// has the `port`. A running machine refuses it.
+    MigrateIncoming {
+        listen: String,
+        /// Indexes among `--disk` whose data follows the snapshot.
+        #[serde(default)]
+        disks: Vec<usize>,
+    },
     /// Debug builds only: the event loop opens a host file, a system call
     /// the seccomp filter forbids, so that tests see the filter kill the
     /// VMM. Release builds do not know this request.
@@ -153,6 +162,13 @@ mod tests {
             })
         );
         assert!(parse(r#"{"command":"snapshot","after":"later"}"#).is_err());
+        assert_eq!(
+            parse(r#"{"command":"migrate-incoming","listen":"10.0.0.2:0"}"#),
+            Ok(Request::MigrateIncoming {
+                listen: "10.0.0.2:0".into(),
+                disks: Vec::new(),
+            })
+        );
         for bad in ["", "{}", "[]", r#"{"command":"explode"}"#, "nonsense"] {
             assert!(parse(bad).is_err(), "{bad}");
         }

@@ -8,6 +8,7 @@
 //!   serving the control [`api`], the [`console`] socket and machine
 //!   [`events`];
 //! * [`snapshot`]: the snapshot file (save and restore of a running machine);
+//! * [`migration`]: a VMM waiting for an incoming live migration's stream;
 //! * [`exit`]: the exit file.
 //!
 //! Device models live in the `vireo-vmm-devices` crate, which never sees KVM.
@@ -22,6 +23,7 @@ pub mod events;
 pub mod exit;
 pub mod jail;
 pub mod memory;
+pub mod migration;
 pub mod probe;
 pub mod seccomp;
 pub mod snapshot;

@@ -101,6 +101,13 @@ struct RunArgs {
     /// of its own in front, such as the kvm driver's save files).
     #[arg(long, requires = "restore", default_value_t = 0)]
     restore_offset: u64,
+    /// Wait for an incoming live migration instead of booting: answer the
+    /// API as a paused VM, listen where `migrate-incoming` says, receive
+    /// the source's snapshot into this file, and carry on from it, paused
+    /// (see the `migration` module). The rest of the command line must
+    /// describe the same machine as the source's.
+    #[arg(long, conflicts_with = "restore")]
+    incoming: Option<PathBuf>,
     /// Start with the vCPUs paused: the guest runs after `resume`.
     #[arg(long)]
     paused: bool,
@@ -201,12 +208,50 @@ fn run(args: RunArgs, start: Instant) -> i32 {
     // the word.
     let mut machine = None;
     let result = (|| -> Result<ExitReport> {
-        let cfg = args.config()?;
-        let files = cfg
+        let mut cfg = args.config()?;
+        // An incoming migration: the state arrives first, then the machine
+        // is built from it as for --restore, paused.
+        let source = match &args.incoming {
+            Some(file) => {
+                let waiting = vireo_vmm::migration::Waiting {
+                    memory_bytes: cfg.memory_bytes,
+                    vcpus: cfg.vcpus,
+                    disks: cfg
+                        .disks
+                        .iter()
+                        .map(|d| (d.path.clone(), d.readonly))
+                        .collect(),
+                };
+                let stream = vireo_vmm::migration::wait_incoming(&cfg.api_socket, file, waiting)
+                    .context("waiting for the incoming migration")?;
+                cfg.restore = Some((file.clone(), 0));
+                cfg.start_paused = true;
+                Some(stream)
+            }
+            None => None,
+        };
+        let built = cfg
             .open_files()
-            .context("opening the files on the command line")?;
-        let vmm = machine
-            .insert(vireo_vmm::vmm::Vmm::start(&cfg, files, start).context("starting the VM")?);
+            .context("opening the files on the command line")
+            .and_then(|files| {
+                // The received snapshot is read through its open file from
+                // here on: its name can go (nothing is left behind).
+                if let Some(file) = &args.incoming {
+                    let _ = std::fs::remove_file(file);
+                }
+                vireo_vmm::vmm::Vmm::start(&cfg, files, start).context("starting the VM")
+            });
+        if let Some(stream) = source {
+            let outcome = built.as_ref().map(drop).map_err(|e| format!("{e:#}"));
+            vireo_vmm::migration::reply(
+                stream,
+                outcome.as_ref().map(|_| ()).map_err(|e| e.as_str()),
+            );
+            if outcome.is_ok() {
+                tracing::info!("incoming migration restored: paused until resume");
+            }
+        }
+        let vmm = machine.insert(built?);
         tracing::info!(
             pid = std::process::id(),
             vcpus = cfg.vcpus,

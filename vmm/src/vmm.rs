@@ -414,6 +414,12 @@ impl Vmm {
                 };
                 (api::error(answer), None)
             }
+            Request::MigrateIncoming { .. } => (
+                api::error(
+                    "this VMM runs a machine: migrate-incoming needs one started with --incoming",
+                ),
+                None,
+            ),
             // Served by on_api_readable, which owns the connection.
             Request::Snapshot { .. } => (api::error("snapshot: internal routing error"), None),
             Request::Destroy => (

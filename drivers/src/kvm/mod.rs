@@ -21,6 +21,8 @@
 //! * Every domain gets a virtio-vsock device, guest CID [`VSOCK_GUEST_CID`],
 //!   proxied to the Unix socket [`vsock_socket`] in its run directory
 //!   (`CONNECT <port>\n` reaches guest port `<port>`; see docs/vmm.md).
+//! * Live migration is stop-and-copy of vireo-vmm's snapshot over TCP,
+//!   node-local raw disks on the same stream ([`migration`]).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -33,6 +35,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use vireo_crds::quantity::parse_quantity;
 use vireo_crds::{Domain, DomainReason, DomainType, LifecycleAction, VolFormat};
+
+mod migration;
 
 use crate::bridge::tap::tap_name;
 use crate::vm::{self, Backend, Control, ControlError, DiskFile, Live, LiveState, RunPaths};
@@ -144,16 +148,60 @@ impl Vmm {
     }
 }
 
+/// How vireo-vmm starts.
+#[derive(Debug, Clone, Copy)]
+enum VmmStart<'a> {
+    Boot,
+    /// From the snapshot at this offset in the file, paused.
+    Restore(&'a Path, u64),
+    /// Waiting for a live migration's stream (`--incoming`).
+    Incoming,
+}
+
+/// The launch's disks in `--disk` order (name, path, read-only), written
+/// at each launch: a migration finds the files of the disks it copies here.
+fn disks_file(paths: &RunPaths) -> PathBuf {
+    paths.dir.join("disks.json")
+}
+
+/// The `--disk` index and path of the launch's disk `name`.
+fn launched_disk(paths: &RunPaths, name: &str) -> Result<(usize, PathBuf), String> {
+    let file = disks_file(paths);
+    let text = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let list: Vec<Value> =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+    list.iter()
+        .enumerate()
+        .find(|(_, d)| d.get("name").and_then(Value::as_str) == Some(name))
+        .and_then(|(i, d)| Some((i, PathBuf::from(d.get("path")?.as_str()?))))
+        .ok_or_else(|| {
+            format!(
+                "disk {name} is not among the VM's disks ({})",
+                file.display()
+            )
+        })
+}
+
+/// Where a migration target's vireo-vmm receives the snapshot (its run
+/// directory, which the jail keeps).
+fn incoming_file(paths: &RunPaths) -> PathBuf {
+    paths.dir.join("incoming.snap")
+}
+
 impl Vmm {
-    /// Starts vireo-vmm for `def`; with `restore`, from that snapshot
-    /// (file, offset) and paused.
+    /// Starts vireo-vmm for `def`: booting, from a snapshot (file, offset)
+    /// and paused, or waiting for an incoming migration.
     fn launch_vmm(
         &self,
         def: &Domain,
         paths: &RunPaths,
         disks: &[DiskFile],
-        restore: Option<(&Path, u64)>,
+        start: VmmStart<'_>,
     ) -> Result<u32, String> {
+        let restore = match start {
+            VmmStart::Restore(file, offset) => Some((file, offset)),
+            _ => None,
+        };
         let spec = &def.spec;
         let os = spec.os.as_ref().ok_or("spec.os.kernel is required")?;
         let kernel = os.kernel.as_deref().ok_or("spec.os.kernel is required")?;
@@ -220,7 +268,20 @@ impl Vmm {
                 "--paused".into(),
             ]);
         }
+        if let VmmStart::Incoming = start {
+            args.extend([
+                "--incoming".into(),
+                incoming_file(paths).display().to_string(),
+            ]);
+        }
         args.extend(confinement_args());
+        // Which file is which --disk, for a migration's disk copies.
+        let listed: Vec<Value> = disks
+            .iter()
+            .map(|d| json!({ "name": d.name, "path": d.path, "readOnly": d.read_only }))
+            .collect();
+        std::fs::write(disks_file(paths), Value::Array(listed).to_string())
+            .map_err(|e| format!("{}: {e}", disks_file(paths).display()))?;
         for disk in disks {
             if disk.format != VolFormat::Raw {
                 return Err(format!(
@@ -346,7 +407,50 @@ impl Backend for Vmm {
     }
 
     fn launch(&self, def: &Domain, paths: &RunPaths, disks: &[DiskFile]) -> Result<u32, String> {
-        self.launch_vmm(def, paths, disks, None)
+        self.launch_vmm(def, paths, disks, VmmStart::Boot)
+    }
+
+    fn migrates(&self) -> bool {
+        true
+    }
+
+    /// vireo-vmm with `--incoming`: no machine until the state is in; its
+    /// API answers `info` as paused meanwhile.
+    fn launch_migration_target(
+        &self,
+        def: &Domain,
+        paths: &RunPaths,
+        disks: &[DiskFile],
+    ) -> Result<u32, String> {
+        let _ = std::fs::remove_file(incoming_file(paths));
+        self.launch_vmm(def, paths, disks, VmmStart::Incoming)
+    }
+
+    fn migration_listen(
+        &self,
+        paths: &RunPaths,
+        address: std::net::IpAddr,
+        exports: &[(usize, String)],
+    ) -> Result<crate::migration::MigrationIncoming, String> {
+        migration::listen(self, paths, address, exports)
+    }
+
+    fn migration_send(
+        &self,
+        paths: &RunPaths,
+        incoming: &crate::migration::MigrationIncoming,
+        params: &crate::migration::MigrationParams,
+        copies: &[(usize, String)],
+        aborted: &dyn Fn() -> bool,
+    ) -> Result<crate::migration::MigrationStats, String> {
+        migration::send(self, paths, incoming, params, copies, aborted)
+    }
+
+    fn migration_resume_target(&self, paths: &RunPaths) -> Result<(), String> {
+        migration::resume_target(self, paths)?;
+        // The received copy is in the VMM's memory now.
+        let _ = std::fs::remove_file(incoming_file(paths));
+        Ok(())
     }
 
     fn saves_state(&self) -> bool {
@@ -371,7 +475,7 @@ impl Backend for Vmm {
         offset: u64,
         _paused: bool,
     ) -> Result<u32, String> {
-        self.launch_vmm(def, paths, disks, Some((file, offset)))
+        self.launch_vmm(def, paths, disks, VmmStart::Restore(file, offset))
     }
 
     fn load_state(
