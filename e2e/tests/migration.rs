@@ -533,11 +533,16 @@ fn qemu_or_skip(test: &str) -> bool {
     false
 }
 
-/// The counters a console log shows (`TICK-n`), in order.
-fn ticks(log: &Path) -> Vec<u64> {
+/// The Linux guest's counter on its console (`TICK-n`).
+const TICK: &str = "TICK-";
+/// The test guest's under vireo-vmm (`vireo.counter=1`).
+const KVM_TICK: &str = "VIREO-TEST counter ";
+
+/// The counters a console log shows after `marker`, in order.
+fn counters(log: &Path, marker: &str) -> Vec<u64> {
     std::fs::read_to_string(log)
         .unwrap_or_default()
-        .split("TICK-")
+        .split(marker)
         .skip(1)
         .filter_map(|rest| {
             let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
@@ -546,22 +551,35 @@ fn ticks(log: &Path) -> Vec<u64> {
         .collect()
 }
 
-fn last_tick(log: &Path) -> u64 {
-    ticks(log).last().copied().unwrap_or(0)
+fn ticks(log: &Path) -> Vec<u64> {
+    counters(log, TICK)
 }
 
-async fn tick_above(log: &Path, above: u64, what: &str) -> u64 {
+fn last_of(log: &Path, marker: &str) -> u64 {
+    counters(log, marker).last().copied().unwrap_or(0)
+}
+
+fn last_tick(log: &Path) -> u64 {
+    last_of(log, TICK)
+}
+
+async fn counter_above(log: &Path, marker: &str, above: u64, what: &str) -> u64 {
     wait_for(T, what, || async {
-        let t = last_tick(log);
+        let t = last_of(log, marker);
         (t > above).then_some(t)
     })
     .await
+}
+
+async fn tick_above(log: &Path, above: u64, what: &str) -> u64 {
+    counter_above(log, TICK, above, what).await
 }
 
 /// Follows both consoles until stopped; returns every moment node-1's
 /// counter went on after node-2's had started (the guest running twice).
 fn observe_consoles(
     logs: [PathBuf; 2],
+    marker: &'static str,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<(usize, Vec<String>)> {
     std::thread::spawn(move || {
@@ -569,11 +587,11 @@ fn observe_consoles(
         let mut both = Vec::new();
         let mut first_on_2: Option<(u64, u64)> = None;
         while !stop.load(Ordering::Relaxed) {
-            let (one, two) = (last_tick(&logs[0]), last_tick(&logs[1]));
+            let (one, two) = (last_of(&logs[0], marker), last_of(&logs[1], marker));
             match first_on_2 {
                 None if two > 0 => first_on_2 = Some((one, two)),
                 Some((one_then, two_then)) if one > one_then => both.push(format!(
-                    "node-1 printed TICK-{one} after node-2 had printed TICK-{two_then} (node-1 was at {one_then})"
+                    "node-1 printed counter {one} after node-2 had printed {two_then} (node-1 was at {one_then})"
                 )),
                 _ => {}
             }
@@ -770,7 +788,7 @@ spec:
 
     // 2. The migration.
     let stop = Arc::new(AtomicBool::new(false));
-    let observer = observe_consoles(logs.clone(), stop.clone());
+    let observer = observe_consoles(logs.clone(), TICK, stop.clone());
     let out = vireo_as(
         &cluster.kubeconfig,
         &["-c", "kube:///", "migrate", "mover", "node-2"].map(String::from),
@@ -998,5 +1016,139 @@ async fn kubectl_drain_of_a_node_migrates_its_guests() {
         "apiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {name: later, namespace: default}\nspec: {type: test, memory: 1Gi, vcpus: 1, runStrategy: Always}\n",
     );
     running_on(&domains, "later", "node-1").await;
+    drop(cluster);
+}
+
+fn kvm_or_skip(test: &str) -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if ok {
+        return root_or_skip(test);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test}: /dev/kvm cannot be opened and CI is set"
+    );
+    eprintln!("SKIP {test}: /dev/kvm cannot be opened");
+    false
+}
+
+/// A `type: kvm` Domain (the test guest under vireo-vmm, counting on its
+/// console) moves from node-1 to node-2 through the same DomainMigration
+/// steps: vireo-vmm's snapshot goes over TCP between the two agents'
+/// network namespaces (stop-and-copy). The counter goes on on node-2 with
+/// no second boot, the consoles never count at once, node-1's VMM is gone,
+/// and the figures say what was sent and how long the guest stood still.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kvm_guest_migrates_between_two_agents() {
+    let test = "kvm_migration";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let out_dir = std::env::temp_dir().join(format!("vireo-e2e-mig-guest-{}", std::process::id()));
+    let guest = common::script_output("vmm/guest/build.sh", Some(&out_dir));
+    let mut cluster = Cluster::start("kvm-migration");
+    let ns1 = Netns::new("vireo-kmig-1");
+    let ns2 = Netns::new("vireo-kmig-2");
+    link(&ns1, &ns2, "v");
+    cluster.hold(cluster.operator("operator", &["--no-leader-election"]));
+    let test_net = ["--network-driver", "test"];
+    let a1 = [&test_net[..], &["--migration-address", "10.77.0.1"]].concat();
+    let a2 = [&test_net[..], &["--migration-address", "10.77.0.2"]].concat();
+    cluster.hold(cluster.agent_in_netns("node-1", &ns1, &a1));
+    cluster.hold(cluster.agent_in_netns("node-2", &ns2, &a2));
+    let client = cluster.client().await;
+    ready_hosts(&client, 2).await;
+    // Placement: the two tie; the name decides (node-1).
+    let manifest = format!(
+        "apiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {{name: counter, namespace: default}}\nspec:\n  type: kvm\n  memory: 64Mi\n  vcpus: 1\n  runStrategy: Always\n  os:\n    kernel: {}\n    cmdline: console=ttyS0 vireo.counter=1\n",
+        guest.display()
+    );
+    let out = cluster.kubectl_stdin(&["apply", "-f", "-"], &manifest);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let domains: Api<Domain> = Api::namespaced(client.clone(), "default");
+    let before = running_on(&domains, "counter", "node-1").await;
+    let uuid = before
+        .spec
+        .uuid
+        .clone()
+        .or_else(|| before.uid())
+        .expect("uuid");
+    let run_dir = |node: &str| cluster.dir.join(format!("state-{node}/kvm/run/{uuid}"));
+    let logs = [
+        run_dir("node-1").join("console.log"),
+        run_dir("node-2").join("console.log"),
+    ];
+    counter_above(&logs[0], KVM_TICK, 2, "the guest counting on node-1").await;
+    let pid_1: u32 = std::fs::read_to_string(run_dir("node-1").join("pid"))
+        .expect("node-1's pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let observer = observe_consoles(logs.clone(), KVM_TICK, stop.clone());
+    let out = vireo_as(
+        &cluster.kubeconfig,
+        &["-c", "kube:///", "migrate", "counter", "node-2"].map(String::from),
+        b"",
+    );
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(
+        out.status.success(),
+        "vireo migrate: {stdout}{stderr}\n{}",
+        cluster.logs()
+    );
+    eprintln!("{stdout}");
+    running_on(&domains, "counter", "node-2").await;
+    let first = counter_above(&logs[1], KVM_TICK, 0, "the guest counting on node-2").await;
+    counter_above(
+        &logs[1],
+        KVM_TICK,
+        first + 2,
+        "the guest counting on on node-2",
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let (looks, both) = observer.join().expect("observer");
+    assert!(both.is_empty(), "{both:?}");
+    assert!(looks > 10, "the observer looked {looks} times");
+    let on_2 = counters(&logs[1], KVM_TICK);
+    assert!(
+        on_2[0] > 2,
+        "node-2's counter starts at {}: a fresh boot",
+        on_2[0]
+    );
+    let text_2 = std::fs::read_to_string(&logs[1]).unwrap_or_default();
+    assert!(
+        !text_2.contains("VIREO-TEST-GUEST-READY"),
+        "the guest booted again on node-2:\n{text_2}"
+    );
+    wait_for(T, "node-1's VMM gone", || async {
+        (!Path::new(&format!("/proc/{pid_1}")).exists()).then_some(())
+    })
+    .await;
+    let migrations: Api<DomainMigration> = Api::namespaced(client.clone(), "default");
+    let m = migrations
+        .list(&Default::default())
+        .await
+        .expect("list")
+        .items
+        .into_iter()
+        .next()
+        .expect("the CLI's DomainMigration");
+    assert_eq!(phase(&m), Some(MigrationPhase::Succeeded));
+    let stats = m.status.and_then(|s| s.stats).expect("stats");
+    assert!(stats.memory_bytes > 0 && stats.downtime_ms > 0, "{stats:?}");
     drop(cluster);
 }
