@@ -19,16 +19,14 @@
 
 mod common;
 
-use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use common::netns::{Netns, find};
 use common::{log_text, numbers_after, say, started_pool, test_guest_domain, yaml};
 use vireo_crds::{DomainReason, DomainState, StorageVol};
 use vireo_drivers::migration::{MigrationIncoming, MigrationParams};
@@ -38,14 +36,6 @@ const WAIT: Duration = Duration::from_secs(60);
 const COUNTER: &str = "vireo.counter=1";
 const TICK: &str = "VIREO-TEST counter ";
 const MARKER: &str = "VIREO-TEST-GUEST-READY";
-
-fn find(prog: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
-        .map(|d| d.join(prog))
-        .find(|p| p.is_file())
-}
 
 /// Whether the test can run here; fails under CI when it cannot.
 fn available(test: &str) -> bool {
@@ -71,64 +61,6 @@ fn available(test: &str) -> bool {
     false
 }
 
-fn run(program: &str, args: &[&str]) {
-    let bin = find(program).unwrap_or_else(|| PathBuf::from(program));
-    let out = Command::new(&bin)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("{program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A network namespace of the test's own, deleted when dropped.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new(tag: &str) -> Self {
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        let name = format!("vireo-kmig-{tag}-{}", &id[..8]);
-        run("ip", &["netns", "add", &name]);
-        let ns = Self { name };
-        run("ip", &["-n", &ns.name, "link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// Runs `f` on a thread inside the namespace (setns(2) is per thread;
-    /// the vireo-vmm a driver starts there, and the sockets made there,
-    /// belong to it).
-    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let file =
-                    File::open(format!("/run/netns/{}", self.name)).expect("opens the namespace");
-                // SAFETY: setns on a descriptor we own; it moves only this
-                // thread.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-                f()
-            })
-            .join()
-            .expect("the thread in the namespace panicked")
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new(find("ip").unwrap_or_else(|| "ip".into()))
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
 /// One node: its namespace, its kvm driver and its pool `p`.
 struct Node {
     ns: Netns,
@@ -140,7 +72,7 @@ struct Node {
 
 impl Node {
     fn new(tag: &str) -> Self {
-        let ns = Netns::new(tag);
+        let ns = Netns::new(&format!("kmig-{tag}"));
         let root = common::fresh_root(&format!("kmig-{tag}"));
         let (storage, pool_dir) = started_pool(&root);
         let networks = Arc::new(vireo_drivers::test::TestDriver::default_node());
@@ -270,22 +202,7 @@ fn kvm_live_migration_moves_the_guest_and_failures_leave_it_on_the_source() {
     let a = Node::new("a");
     let b = Node::new("b");
     // The wire between the two nodes.
-    let veth_a = format!("vka{}", &a.ns.name[a.ns.name.len() - 6..]);
-    let veth_b = format!("vkb{}", &b.ns.name[b.ns.name.len() - 6..]);
-    run(
-        "ip",
-        &[
-            "-n", &a.ns.name, "link", "add", &veth_a, "type", "veth", "peer", "name", &veth_b,
-            "netns", &b.ns.name,
-        ],
-    );
-    for (ns, dev, addr) in [
-        (&a.ns, &veth_a, "10.78.0.1/24"),
-        (&b.ns, &veth_b, "10.78.0.2/24"),
-    ] {
-        run("ip", &["-n", &ns.name, "addr", "add", addr, "dev", dev]);
-        run("ip", &["-n", &ns.name, "link", "set", dev, "up"]);
-    }
+    a.ns.link(&b.ns, "vk", ["10.78.0.1/24", "10.78.0.2/24"]);
 
     // The guest on A, without disks.
     let name = "mover";

@@ -71,6 +71,22 @@ fn link(ns1: &Netns, ns2: &Netns, tag: &str) {
     }
 }
 
+/// The operator, and agents node-1 and node-2 each in a network namespace
+/// of its own (`vireo-TAG-1`, `vireo-TAG-2`) joined by a veth pair whose
+/// addresses are their migration addresses (10.77.0.1, 10.77.0.2). The
+/// namespaces live as long as what this returns.
+fn two_linked_nodes(cluster: &mut Cluster, tag: &str, veth: &str) -> (Netns, Netns) {
+    let ns1 = Netns::new(&format!("vireo-{tag}-1"));
+    let ns2 = Netns::new(&format!("vireo-{tag}-2"));
+    link(&ns1, &ns2, veth);
+    cluster.hold(cluster.operator("operator", &["--no-leader-election"]));
+    for (node, ns, address) in [("node-1", &ns1, "10.77.0.1"), ("node-2", &ns2, "10.77.0.2")] {
+        let args = ["--network-driver", "test", "--migration-address", address];
+        cluster.hold(cluster.agent_in_netns(node, ns, &args));
+    }
+    (ns1, ns2)
+}
+
 /// The test driver's records of running domains on a node: (name, uuid).
 fn running_records(state: &Path) -> Vec<(String, String)> {
     let Ok(entries) = std::fs::read_dir(state.join("test-node/domains")) else {
@@ -176,15 +192,7 @@ async fn a_test_domain_migrates_between_two_agents_and_a_refused_one_runs_on() {
         return;
     }
     let mut cluster = Cluster::start("migration");
-    let ns1 = Netns::new("vireo-mig-1");
-    let ns2 = Netns::new("vireo-mig-2");
-    link(&ns1, &ns2, "k");
-    cluster.hold(cluster.operator("operator", &["--no-leader-election"]));
-    let test_net = ["--network-driver", "test"];
-    let a1 = [&test_net[..], &["--migration-address", "10.77.0.1"]].concat();
-    let a2 = [&test_net[..], &["--migration-address", "10.77.0.2"]].concat();
-    cluster.hold(cluster.agent_in_netns("node-1", &ns1, &a1));
-    cluster.hold(cluster.agent_in_netns("node-2", &ns2, &a2));
+    let _nets = two_linked_nodes(&mut cluster, "mig", "k");
     // node-3 cannot take it: 1 GiB for a 2 GiB guest. Its address is
     // found, not given.
     cluster.hold(cluster.agent("node-3", &["--memory", "1Gi"]));
@@ -621,15 +629,7 @@ async fn a_linux_guest_migrates_with_its_disk_and_an_aborted_one_stays() {
     }
     let image = common::script_output("scripts/guest-image.sh", None);
     let mut cluster = Cluster::start("qemu-migration");
-    let ns1 = Netns::new("vireo-qmig-1");
-    let ns2 = Netns::new("vireo-qmig-2");
-    link(&ns1, &ns2, "q");
-    cluster.hold(cluster.operator("operator", &["--no-leader-election"]));
-    let test_net = ["--network-driver", "test"];
-    let a1 = [&test_net[..], &["--migration-address", "10.77.0.1"]].concat();
-    let a2 = [&test_net[..], &["--migration-address", "10.77.0.2"]].concat();
-    cluster.hold(cluster.agent_in_netns("node-1", &ns1, &a1));
-    cluster.hold(cluster.agent_in_netns("node-2", &ns2, &a2));
+    let _nets = two_linked_nodes(&mut cluster, "qmig", "q");
     cluster.hold(cluster.agent("node-3", &["--memory", "64Mi"]));
     let client = cluster.client().await;
     ready_hosts(&client, 3).await;
@@ -1051,15 +1051,7 @@ async fn a_kvm_guest_migrates_between_two_agents() {
     let out_dir = std::env::temp_dir().join(format!("vireo-e2e-mig-guest-{}", std::process::id()));
     let guest = common::script_output("vmm/guest/build.sh", Some(&out_dir));
     let mut cluster = Cluster::start("kvm-migration");
-    let ns1 = Netns::new("vireo-kmig-1");
-    let ns2 = Netns::new("vireo-kmig-2");
-    link(&ns1, &ns2, "v");
-    cluster.hold(cluster.operator("operator", &["--no-leader-election"]));
-    let test_net = ["--network-driver", "test"];
-    let a1 = [&test_net[..], &["--migration-address", "10.77.0.1"]].concat();
-    let a2 = [&test_net[..], &["--migration-address", "10.77.0.2"]].concat();
-    cluster.hold(cluster.agent_in_netns("node-1", &ns1, &a1));
-    cluster.hold(cluster.agent_in_netns("node-2", &ns2, &a2));
+    let _nets = two_linked_nodes(&mut cluster, "kmig", "v");
     let client = cluster.client().await;
     ready_hosts(&client, 2).await;
     // Placement: the two tie; the name decides (node-1).
