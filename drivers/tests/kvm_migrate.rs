@@ -21,16 +21,15 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::netns::{Netns, find};
-use common::{log_text, numbers_after, say, started_pool, test_guest_domain, yaml};
+use common::netns::{Node, find};
+use common::{log_text, numbers_after, say, test_guest_domain, yaml};
 use vireo_crds::{DomainReason, DomainState, StorageVol};
+use vireo_drivers::StorageDriver;
 use vireo_drivers::migration::{MigrationIncoming, MigrationParams};
-use vireo_drivers::{Connection, Lookup, StorageDriver};
 
 const WAIT: Duration = Duration::from_secs(60);
 const COUNTER: &str = "vireo.counter=1";
@@ -62,66 +61,8 @@ fn available(test: &str) -> bool {
 }
 
 /// One node: its namespace, its kvm driver and its pool `p`.
-struct Node {
-    ns: Netns,
-    root: PathBuf,
-    conn: Connection,
-    storage: Arc<vireo_drivers::storage::dir::DirStorage>,
-    pool_dir: PathBuf,
-}
-
-impl Node {
-    fn new(tag: &str) -> Self {
-        let ns = Netns::new(&format!("kmig-{tag}"));
-        let root = common::fresh_root(&format!("kmig-{tag}"));
-        let (storage, pool_dir) = started_pool(&root);
-        let networks = Arc::new(vireo_drivers::test::TestDriver::default_node());
-        let conn = vireo_drivers::kvm::open_with(
-            &format!("kvm:///embed?root={}", root.display()),
-            &format!("/embed?root={}", root.display()),
-            networks,
-            storage.clone(),
-        )
-        .expect("opens the kvm driver");
-        Self {
-            ns,
-            root,
-            conn,
-            storage,
-            pool_dir,
-        }
-    }
-
-    fn info(&self, name: &str) -> Option<(DomainState, DomainReason)> {
-        self.conn
-            .hypervisor()
-            .domain_info(name)
-            .ok()
-            .map(|i| (i.state, i.reason))
-    }
-
-    fn run_dir(&self, name: &str) -> PathBuf {
-        let uuid = self
-            .conn
-            .hypervisor()
-            .lookup_domain(Lookup::Name(name))
-            .expect("lookup")
-            .uuid;
-        self.root.join("run").join(uuid)
-    }
-}
-
-impl Drop for Node {
-    /// No vireo-vmm outlives a failed test.
-    fn drop(&mut self) {
-        let hv = self.conn.hypervisor();
-        for d in hv
-            .list_domains(vireo_drivers::ListFilter::Active)
-            .unwrap_or_default()
-        {
-            let _ = hv.destroy_domain(&d.name);
-        }
-    }
+fn node(tag: &str) -> Node {
+    Node::new("kvm", &format!("kmig-{tag}"), vireo_drivers::kvm::open_with)
 }
 
 fn ticks(log: &Path) -> Vec<u64> {
@@ -199,8 +140,8 @@ fn kvm_live_migration_moves_the_guest_and_failures_leave_it_on_the_source() {
         return;
     }
     common::vmm_binary();
-    let a = Node::new("a");
-    let b = Node::new("b");
+    let a = node("a");
+    let b = node("b");
     // The wire between the two nodes.
     a.ns.link(&b.ns, "vk", ["10.78.0.1/24", "10.78.0.2/24"]);
 
@@ -348,8 +289,17 @@ fn kvm_live_migration_moves_the_guest_and_failures_leave_it_on_the_source() {
     let asked = Instant::now();
     let e = std::thread::scope(|s| {
         s.spawn(|| {
+            // Once perform has begun (abort_job refuses before): retried.
             std::thread::sleep(Duration::from_millis(700));
-            ha.abort_job(name).expect("abort while sending");
+            let since = Instant::now();
+            while let Err(e) = ha.abort_job(name) {
+                if since.elapsed() > WAIT {
+                    // Unblocks perform, then fails the test.
+                    let _ = ha.destroy_domain(name);
+                    panic!("abort_job never took: {e}");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
         });
         a.ns.run(|| ha.migrate_perform(name, &to_silent, &slow))
             .expect_err("aborted")

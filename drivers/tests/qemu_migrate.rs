@@ -25,17 +25,14 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::netns::{Netns, find};
-use common::{
-    QEMU, expect_state, fresh_root, linux_domain, numbers_after, say, started_pool, yaml,
-};
+use common::netns::{Node, find};
+use common::{QEMU, expect_state, linux_domain, numbers_after, say, yaml};
 use vireo_crds::{DomainReason, DomainState, StorageVol};
+use vireo_drivers::StorageDriver;
 use vireo_drivers::migration::{MigrationIncoming, MigrationParams};
-use vireo_drivers::{Connection, Lookup, StorageDriver};
 
 const WAIT: Duration = Duration::from_secs(90);
 /// Each second: a line appended to the disk's file and flushed, then the
@@ -70,66 +67,17 @@ fn available(test: &str) -> bool {
 }
 
 /// One node: its namespace, its qemu driver and its pool `p`.
-struct Node {
-    ns: Netns,
-    root: PathBuf,
-    conn: Connection,
-    storage: Arc<vireo_drivers::storage::dir::DirStorage>,
-    pool_dir: PathBuf,
+fn node(tag: &str) -> Node {
+    Node::new(
+        "qemu",
+        &format!("mig-{tag}"),
+        vireo_drivers::qemu::open_with,
+    )
 }
 
-impl Node {
-    fn new(tag: &str) -> Self {
-        let ns = Netns::new(&format!("mig-{tag}"));
-        let root = fresh_root(&format!("mig-{tag}"));
-        let (storage, pool_dir) = started_pool(&root);
-        let networks = Arc::new(vireo_drivers::test::TestDriver::default_node());
-        let conn = vireo_drivers::qemu::open_with(
-            &format!("qemu:///embed?root={}", root.display()),
-            &format!("/embed?root={}", root.display()),
-            networks,
-            storage.clone(),
-        )
-        .expect("opens the qemu driver");
-        Self {
-            ns,
-            root,
-            conn,
-            storage,
-            pool_dir,
-        }
-    }
-
-    fn info(&self, name: &str) -> Option<(DomainState, DomainReason)> {
-        self.conn
-            .hypervisor()
-            .domain_info(name)
-            .ok()
-            .map(|i| (i.state, i.reason))
-    }
-
-    fn console(&self, name: &str) -> PathBuf {
-        let uuid = self
-            .conn
-            .hypervisor()
-            .lookup_domain(Lookup::Name(name))
-            .expect("lookup")
-            .uuid;
-        self.root.join("run").join(uuid).join("console.log")
-    }
-}
-
-impl Drop for Node {
-    /// No QEMU outlives a failed test.
-    fn drop(&mut self) {
-        let hv = self.conn.hypervisor();
-        for d in hv
-            .list_domains(vireo_drivers::ListFilter::Active)
-            .unwrap_or_default()
-        {
-            let _ = hv.destroy_domain(&d.name);
-        }
-    }
+/// A domain's console log on a node.
+fn console(node: &Node, name: &str) -> PathBuf {
+    node.run_dir(name).join("console.log")
 }
 
 fn volume(name: &str, format: &str) -> StorageVol {
@@ -180,8 +128,8 @@ fn qemu_live_migration_moves_a_writing_guest_and_failures_leave_it_on_the_source
     if !available(test) {
         return;
     }
-    let a = Node::new("a");
-    let b = Node::new("b");
+    let a = node("a");
+    let b = node("b");
     // The wire between the two nodes.
     a.ns.link(&b.ns, "vm", ["10.77.0.1/24", "10.77.0.2/24"]);
 
@@ -202,7 +150,7 @@ fn qemu_live_migration_moves_a_writing_guest_and_failures_leave_it_on_the_source
         ha.define_domain(&def).expect("define on A");
         ha.start_domain(name).expect("start on A");
     });
-    let log_a = a.console(name);
+    let log_a = console(&a, name);
     wait_tick_above(&log_a, 2);
     let pid_a: u32 = std::fs::read_to_string(log_a.with_file_name("pid"))
         .expect("pid file")
@@ -258,7 +206,7 @@ fn qemu_live_migration_moves_a_writing_guest_and_failures_leave_it_on_the_source
     // its QEMU and its record go, the volume that was there stays.
     b.ns.run(|| hb.migrate_prepare(&def, &params(true)))
         .expect("prepare on B");
-    let pid_b: u32 = std::fs::read_to_string(b.console(name).with_file_name("pid"))
+    let pid_b: u32 = std::fs::read_to_string(console(&b, name).with_file_name("pid"))
         .expect("B's pid file")
         .trim()
         .parse()
@@ -288,8 +236,17 @@ fn qemu_live_migration_moves_a_writing_guest_and_failures_leave_it_on_the_source
     let asked = Instant::now();
     let e = std::thread::scope(|s| {
         s.spawn(|| {
+            // Once perform has begun (abort_job refuses before): retried.
             std::thread::sleep(Duration::from_secs(3));
-            ha.abort_job(name).expect("abort while sending");
+            let since = Instant::now();
+            while let Err(e) = ha.abort_job(name) {
+                if since.elapsed() > WAIT {
+                    // Unblocks perform, then fails the test.
+                    let _ = ha.destroy_domain(name);
+                    panic!("abort_job never took: {e}");
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
         });
         a.ns.run(|| ha.migrate_perform(name, &incoming, &slow))
             .expect_err("aborted")
@@ -403,7 +360,7 @@ fn qemu_live_migration_moves_a_writing_guest_and_failures_leave_it_on_the_source
     );
     assert!(hb.domain_is_persistent(name).expect("persistent"));
     assert!(!log_a.exists(), "A's run directory is removed");
-    let log_b = b.console(name);
+    let log_b = console(&b, name);
     let on_b = wait_tick_above(&log_b, last_a + 2);
     say(&format!(
         "counter: A ended at {last_a}, B went on with {:?}",

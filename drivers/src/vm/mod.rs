@@ -2309,13 +2309,14 @@ impl<B: Backend> HypervisorDriver for VmDriver<B> {
             } else {
                 Vec::new()
             };
+            // An abort asked of an earlier job is not this one's; one asked
+            // from the moment the role is saved is (abort_job needs it).
+            let _ = std::fs::remove_file(&paths.abort_job);
             run.migration = Some(MigrationRole::Source { was_running });
             inner.save(l, rec)?;
             Ok((paths, copies, was_running))
         })?;
         tracing::info!(driver = inner.backend.name(), domain = %name, uri = %incoming.uri, disks = copies.len(), "migration: sending");
-        // An abort asked of an earlier job is not this one's.
-        let _ = std::fs::remove_file(&paths.abort_job);
         let aborted = || paths.abort_job.exists();
         let sent = inner
             .backend

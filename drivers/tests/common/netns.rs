@@ -104,3 +104,78 @@ impl Drop for Netns {
             .status();
     }
 }
+
+/// One "node" of a migration test: its namespace, a driver opened on a
+/// state directory of its own, and that directory's started dir pool `p`.
+/// Dropped, it destroys whatever still runs there (no VM process outlives
+/// a failed test).
+pub struct Node {
+    pub ns: Netns,
+    pub root: std::path::PathBuf,
+    pub conn: vireo_drivers::Connection,
+    pub storage: std::sync::Arc<vireo_drivers::storage::dir::DirStorage>,
+    pub pool_dir: std::path::PathBuf,
+}
+
+/// A driver's `open_with` (`vireo_drivers::qemu::open_with`, `kvm::`).
+pub type OpenWith = fn(
+    &str,
+    &str,
+    std::sync::Arc<dyn vireo_drivers::NetworkDriver>,
+    std::sync::Arc<dyn vireo_drivers::StorageDriver>,
+) -> Result<vireo_drivers::Connection, String>;
+
+impl Node {
+    /// `scheme`: `qemu` or `kvm`; `tag` names the namespace and the root.
+    pub fn new(scheme: &str, tag: &str, open_with: OpenWith) -> Self {
+        let ns = Netns::new(tag);
+        let root = super::fresh_root(tag);
+        let (storage, pool_dir) = super::started_pool(&root);
+        let networks = std::sync::Arc::new(vireo_drivers::test::TestDriver::default_node());
+        let conn = open_with(
+            &format!("{scheme}:///embed?root={}", root.display()),
+            &format!("/embed?root={}", root.display()),
+            networks,
+            storage.clone(),
+        )
+        .unwrap_or_else(|e| panic!("opens the {scheme} driver: {e}"));
+        Self {
+            ns,
+            root,
+            conn,
+            storage,
+            pool_dir,
+        }
+    }
+
+    pub fn info(&self, name: &str) -> Option<(vireo_crds::DomainState, vireo_crds::DomainReason)> {
+        self.conn
+            .hypervisor()
+            .domain_info(name)
+            .ok()
+            .map(|i| (i.state, i.reason))
+    }
+
+    /// The domain's run directory (its console log, pid file).
+    pub fn run_dir(&self, name: &str) -> std::path::PathBuf {
+        let uuid = self
+            .conn
+            .hypervisor()
+            .lookup_domain(vireo_drivers::Lookup::Name(name))
+            .expect("lookup")
+            .uuid;
+        self.root.join("run").join(uuid)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let hv = self.conn.hypervisor();
+        for d in hv
+            .list_domains(vireo_drivers::ListFilter::Active)
+            .unwrap_or_default()
+        {
+            let _ = hv.destroy_domain(&d.name);
+        }
+    }
+}
