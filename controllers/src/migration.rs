@@ -41,6 +41,29 @@ pub async fn update(
     Ok(status)
 }
 
+/// As [`update`], but when the object changed meanwhile without leaving
+/// the phase it was read in (a deletion started, a label was set), the
+/// write is made again on the current version: a step that took long
+/// (perform) is never lost to an unrelated change.
+pub async fn update_in_phase(
+    api: &Api<DomainMigration>,
+    m: &DomainMigration,
+    f: impl Fn(&mut DomainMigrationStatus),
+) -> Result<DomainMigrationStatus> {
+    match update(api, m, &f).await {
+        Err(crate::error::Error::Kube(kube::Error::Api(e))) if e.code == 409 => {
+            let Some(now) = api.get_opt(&m.name_any()).await? else {
+                return Err(crate::error::Error::Kube(kube::Error::Api(e)));
+            };
+            if phase(&now) != phase(m) {
+                return Err(crate::error::Error::Kube(kube::Error::Api(e)));
+            }
+            update(api, &now, &f).await
+        }
+        other => other,
+    }
+}
+
 /// Sets (or replaces) one step's condition.
 pub fn set_condition(
     status: &mut DomainMigrationStatus,

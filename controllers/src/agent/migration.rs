@@ -47,7 +47,7 @@ use super::{Ctx, drain, error_policy, instrumented};
 use crate::error::{Error, Result};
 use crate::migration::{
     downtime_until_now, events, fail, first_failure, incoming_from_api, incoming_to_api, phase,
-    set_condition, stats_to_api, step_ok, update,
+    set_condition, stats_to_api, step_ok, update_in_phase,
 };
 
 pub(crate) async fn run(ctx: Arc<Ctx>) {
@@ -121,7 +121,7 @@ async fn reconcile(m: Arc<DomainMigration>, ctx: &Arc<Ctx>) -> Result<Action> {
     let Some(dom) = dom else {
         if step == MigrationPhase::Preparing {
             let why = format!("Domain '{}' was deleted", m.spec.domain_name);
-            update(&api, &m, |s| fail(s, "Prepared", "DomainNotFound", &why)).await?;
+            update_in_phase(&api, &m, |s| fail(s, "Prepared", "DomainNotFound", &why)).await?;
         }
         return Ok(Action::await_change());
     };
@@ -131,7 +131,7 @@ async fn reconcile(m: Arc<DomainMigration>, ctx: &Arc<Ctx>) -> Result<Action> {
             let why = format!(
                 "the DomainMigration was deleted before host {target} prepared; the guest keeps running on host {source}"
             );
-            update(&api, &m, |s| fail(s, "Prepared", "Cancelled", &why)).await?;
+            update_in_phase(&api, &m, |s| fail(s, "Prepared", "Cancelled", &why)).await?;
             events(
                 &ctx.recorder,
                 &m,
@@ -166,7 +166,7 @@ async fn reconcile(m: Arc<DomainMigration>, ctx: &Arc<Ctx>) -> Result<Action> {
             match prepared {
                 Ok(incoming) => {
                     let note = format!("host {target} is ready for the state at {}", incoming.uri);
-                    update(&api, &m, |s| {
+                    update_in_phase(&api, &m, |s| {
                         s.phase = Some(MigrationPhase::Transferring);
                         s.incoming = Some(incoming_to_api(&incoming));
                         set_condition(s, "Prepared", true, "Prepared", note.clone());
@@ -188,7 +188,8 @@ async fn reconcile(m: Arc<DomainMigration>, ctx: &Arc<Ctx>) -> Result<Action> {
                     let why = format!(
                         "preparing on host {target} failed: {e}; the guest keeps running on host {source}"
                     );
-                    update(&api, &m, |s| fail(s, "Prepared", "PrepareFailed", &why)).await?;
+                    update_in_phase(&api, &m, |s| fail(s, "Prepared", "PrepareFailed", &why))
+                        .await?;
                     tracing::warn!(domain = %key, "{why}");
                     events(
                         &ctx.recorder,
@@ -250,7 +251,7 @@ async fn reconcile(m: Arc<DomainMigration>, ctx: &Arc<Ctx>) -> Result<Action> {
                     format!("sending the state to host {target} failed: {e}"),
                 ),
             };
-            update(&api, &m, |s| {
+            update_in_phase(&api, &m, |s| {
                 s.phase = Some(MigrationPhase::Finishing);
                 if let Ok(stats) = &performed {
                     s.stats = Some(stats_to_api(stats));
@@ -309,7 +310,7 @@ async fn reconcile(m: Arc<DomainMigration>, ctx: &Arc<Ctx>) -> Result<Action> {
                     format!("resuming on host {target} failed: {e}"),
                 ),
             };
-            update(&api, &m, |s| {
+            update_in_phase(&api, &m, |s| {
                 s.phase = Some(MigrationPhase::Confirming);
                 if ok && let Some(stats) = s.stats.as_mut() {
                     stats.downtime_ms = downtime_until_now(stats);
@@ -348,7 +349,7 @@ async fn reconcile(m: Arc<DomainMigration>, ctx: &Arc<Ctx>) -> Result<Action> {
                         "removing the source's copy on host {source} failed ({e}); the guest runs on host {target}"
                     ),
                 };
-                update(&api, &m, |s| {
+                update_in_phase(&api, &m, |s| {
                     set_condition(s, "Confirmed", true, "SourceRemoved", note.clone());
                 })
                 .await?;
@@ -367,7 +368,7 @@ async fn reconcile(m: Arc<DomainMigration>, ctx: &Arc<Ctx>) -> Result<Action> {
                         format!("{cause}; resuming the guest on host {source} failed too: {e}")
                     }
                 };
-                update(&api, &m, |s| fail(s, "Confirmed", "Cancelled", &why)).await?;
+                update_in_phase(&api, &m, |s| fail(s, "Confirmed", "Cancelled", &why)).await?;
                 tracing::warn!(domain = %key, "migration failed: {why}");
                 events(
                     &ctx.recorder,

@@ -266,6 +266,9 @@ fn send_inner(
         let (host, port, export) =
             parse_nbd(uri).ok_or_else(|| format!("disk {name}: '{uri}' is not an nbd:// URI"))?;
         let node = format!("migrate-{name}");
+        // A client node an earlier, failed migration could not remove
+        // (QEMU refuses a second of the same name): gone first, if unused.
+        let _ = q.execute("blockdev-del", Some(json!({ "node-name": node })));
         q.execute(
             "blockdev-add",
             Some(json!({

@@ -40,6 +40,10 @@ pub struct Qmp {
     pub events: Vec<Value>,
 }
 
+/// Events a connection may see before QEMU's greeting (left over from the
+/// previous client); more than this and the peer is not speaking QMP.
+const MAX_EVENTS_BEFORE_GREETING: usize = 64;
+
 impl Qmp {
     /// Connects, reads the greeting and leaves capabilities-negotiation mode.
     pub fn connect(path: &Path, timeout: Duration) -> Result<Self, QmpError> {
@@ -58,7 +62,15 @@ impl Qmp {
             writer,
             events: Vec::new(),
         };
-        let greeting = qmp.read_message()?;
+        // An event QEMU queued while no client was connected (a block
+        // job's end, say) can come before the greeting: skipped, a few.
+        let mut greeting = qmp.read_message()?;
+        for _ in 0..MAX_EVENTS_BEFORE_GREETING {
+            if greeting.get("event").is_none() {
+                break;
+            }
+            greeting = qmp.read_message()?;
+        }
         if greeting.get("QMP").is_none() {
             return Err(QmpError::Protocol(format!(
                 "{shown}: expected the QMP greeting, got {greeting}"
@@ -129,5 +141,60 @@ impl Qmp {
                 self.path
             )));
         }
+    }
+}
+
+#[cfg(test)]
+mod greeting_tests {
+    use super::*;
+    use std::io::{BufRead, Write};
+    use std::os::unix::net::UnixListener;
+
+    /// A QMP peer on a socket of its own: writes `first` lines, then the
+    /// greeting, then answers each command with an empty return.
+    fn peer(first: Vec<String>) -> (std::path::PathBuf, std::thread::JoinHandle<()>) {
+        let dir =
+            std::env::temp_dir().join(format!("vireo-qmp-{}-{}", std::process::id(), first.len()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("qmp.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let handle = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().expect("accept");
+            let mut out = stream.try_clone().expect("clone");
+            for line in first {
+                let _ = writeln!(out, "{line}");
+            }
+            let _ = writeln!(out, r#"{{"QMP": {{"version": {{}}, "capabilities": []}}}}"#);
+            for line in std::io::BufReader::new(stream).lines() {
+                if line.is_err() {
+                    break;
+                }
+                let _ = writeln!(out, r#"{{"return": {{}}}}"#);
+            }
+        });
+        (path, handle)
+    }
+
+    #[test]
+    fn events_left_before_the_greeting_are_skipped() {
+        let event =
+            r#"{"event": "JOB_STATUS_CHANGE", "data": {"id": "migrate-vda", "status": "null"}}"#;
+        let (path, peer) = peer(vec![event.to_string(); 2]);
+        let mut q = Qmp::connect(&path, Duration::from_secs(5)).expect("connects");
+        assert!(q.execute("query-status", None).is_ok());
+        drop(q);
+        peer.join().expect("peer");
+    }
+
+    #[test]
+    fn a_peer_that_never_greets_is_refused() {
+        let event = r#"{"event": "X"}"#;
+        let (path, peer) = peer(vec![event.to_string(); MAX_EVENTS_BEFORE_GREETING + 2]);
+        let e = Qmp::connect(&path, Duration::from_secs(5))
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("expected the QMP greeting"), "{e}");
+        peer.join().expect("peer");
     }
 }
