@@ -87,6 +87,26 @@ fn two_linked_nodes(cluster: &mut Cluster, tag: &str, veth: &str) -> (Netns, Net
     (ns1, ns2)
 }
 
+/// `vireo -c kube:/// migrate DOMAIN NODE`, which must succeed: its
+/// (stdout, stderr).
+fn migrate_with_cli(cluster: &Cluster, domain: &str, node: &str) -> (String, String) {
+    let out = vireo_as(
+        &cluster.kubeconfig,
+        &["-c", "kube:///", "migrate", domain, node].map(String::from),
+        b"",
+    );
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(
+        out.status.success(),
+        "vireo migrate: {stdout}{stderr}\n{}",
+        cluster.logs()
+    );
+    (stdout, stderr)
+}
+
 /// The test driver's records of running domains on a node: (name, uuid).
 fn running_records(state: &Path) -> Vec<(String, String)> {
     let Ok(entries) = std::fs::read_dir(state.join("test-node/domains")) else {
@@ -229,20 +249,7 @@ spec: {type: test, memory: 2Gi, vcpus: 2, runStrategy: Always}
 
     let stop = Arc::new(AtomicBool::new(false));
     let observer = observe(states.clone(), stop.clone());
-    let out = vireo_as(
-        &cluster.kubeconfig,
-        &["-c", "kube:///", "migrate", "web", "node-2"].map(String::from),
-        b"",
-    );
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    assert!(
-        out.status.success(),
-        "vireo migrate: {stdout}{stderr}\n{}",
-        cluster.logs()
-    );
+    let (stdout, stderr) = migrate_with_cli(&cluster, "web", "node-2");
     assert!(
         stdout.contains("Domain 'default/web' migrated to node node-2"),
         "{stdout}"
@@ -789,20 +796,7 @@ spec:
     // 2. The migration.
     let stop = Arc::new(AtomicBool::new(false));
     let observer = observe_consoles(logs.clone(), TICK, stop.clone());
-    let out = vireo_as(
-        &cluster.kubeconfig,
-        &["-c", "kube:///", "migrate", "mover", "node-2"].map(String::from),
-        b"",
-    );
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    assert!(
-        out.status.success(),
-        "vireo migrate: {stdout}{stderr}\n{}",
-        cluster.logs()
-    );
+    let (stdout, _) = migrate_with_cli(&cluster, "mover", "node-2");
     assert!(
         stdout.contains("Domain 'default/mover' migrated to node node-2"),
         "{stdout}"
@@ -1087,20 +1081,7 @@ async fn a_kvm_guest_migrates_between_two_agents() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let observer = observe_consoles(logs.clone(), KVM_TICK, stop.clone());
-    let out = vireo_as(
-        &cluster.kubeconfig,
-        &["-c", "kube:///", "migrate", "counter", "node-2"].map(String::from),
-        b"",
-    );
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    assert!(
-        out.status.success(),
-        "vireo migrate: {stdout}{stderr}\n{}",
-        cluster.logs()
-    );
+    let (stdout, _) = migrate_with_cli(&cluster, "counter", "node-2");
     eprintln!("{stdout}");
     running_on(&domains, "counter", "node-2").await;
     let first = counter_above(&logs[1], KVM_TICK, 0, "the guest counting on node-2").await;
