@@ -27,6 +27,9 @@
 #                      default: the output of e2e/build-tools.sh (cached build)
 #   VIREO_E2E_TIMEOUT  seconds to wait for etcd and for /readyz (default 120)
 #   VIREO_E2E_FSYNC    set to 1 to keep etcd fsync on (default off: test data)
+#   VIREO_E2E_PROFILING
+#                      true serves kube-apiserver's /debug/pprof (default
+#                      false); the scale bench's --pprof sets it
 #   VIREO_E2E_BIND_ADDRESS
 #                      kube-apiserver's --bind-address (default 127.0.0.1);
 #                      0.0.0.0 for e2e/nodes.sh. DIR/kubeconfig still uses
@@ -305,7 +308,7 @@ do_start() {
     --kubelet-preferred-address-types=InternalIP,Hostname \
     --kubelet-client-certificate="$pki/admin.crt" \
     --kubelet-client-key="$pki/admin.key" \
-    --profiling=false \
+    --profiling="${VIREO_E2E_PROFILING:-false}" \
     --requestheader-client-ca-file="$pki/front-proxy-ca.crt" \
     --requestheader-allowed-names=front-proxy-client \
     --requestheader-username-headers=X-Remote-User \

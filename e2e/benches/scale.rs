@@ -76,6 +76,43 @@ fn cpu_seconds(pid: u32) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Takes a CPU profile of kube-apiserver for `secs` from now (its
+/// /debug/pprof, served when the cluster was started with profiling on)
+/// in a thread, writes it to `target/bench/scale-apiserver.pprof` and
+/// hands back `go tool pprof -top`'s lines: where the API server's CPU
+/// went while the Domains were created and started.
+fn apiserver_profile(
+    cluster: &common::Cluster,
+    secs: usize,
+) -> std::thread::JoinHandle<Result<String, String>> {
+    let mut cmd = std::process::Command::new(common::tools_bin().join("kubectl"));
+    cmd.arg("--kubeconfig")
+        .arg(&cluster.kubeconfig)
+        .args(["get", "--raw"])
+        .arg(format!("/debug/pprof/profile?seconds={secs}"))
+        .arg(format!("--request-timeout={}s", secs + 60));
+    let dir = common::repo().join("target/bench");
+    std::thread::spawn(move || {
+        let out = cmd.output().map_err(|e| format!("kubectl: {e}"))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        }
+        let path = dir.join("scale-apiserver.pprof");
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::write(&path, &out.stdout))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let top = std::process::Command::new("go")
+            .args(["tool", "pprof", "-top", "-nodecount=25"])
+            .arg(&path)
+            .output()
+            .map_err(|e| format!("go tool pprof (the profile is in {}): {e}", path.display()))?;
+        if !top.status.success() {
+            return Err(String::from_utf8_lossy(&top.stderr).trim().to_string());
+        }
+        Ok(String::from_utf8_lossy(&top.stdout).into_owned())
+    })
+}
+
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
@@ -350,8 +387,13 @@ fn spans(
 async fn main() {
     let n = arg_or("--domains", "VIREO_SCALE_N", 1000);
     let n_agents = arg_or("--agents", "VIREO_SCALE_AGENTS", 3).max(1);
+    let pprof_secs = arg_or("--pprof", "VIREO_SCALE_PPROF", 0);
     let load_before = load_average();
-    let mut cluster = common::Cluster::start("scale");
+    let mut cluster = if pprof_secs > 0 {
+        common::Cluster::start_with("scale", &[("VIREO_E2E_PROFILING", "true")])
+    } else {
+        common::Cluster::start("scale")
+    };
     // Bigger simulated nodes than the tests use, so every guest fits.
     let big = ["--cpus", "512", "--memory", "4Ti", "--resync-seconds", "60"];
     let operator = cluster.operator("operator", &["--no-leader-election"]);
@@ -384,6 +426,7 @@ async fn main() {
     let cpu_before = cpu_now();
     let started = Instant::now();
     let t0 = now_secs();
+    let profile = (pprof_secs > 0).then(|| apiserver_profile(&cluster, pprof_secs));
     let created_map = fleet::create(&domains, "scale", n, "256Mi", 16).await;
     let created = started.elapsed();
     {
@@ -446,6 +489,13 @@ async fn main() {
     watch.abort();
     agent_steps(&agents, &steps);
 
+    let profile_top = profile.and_then(|p| p.join().ok()).and_then(|r| match r {
+        Ok(top) => Some(top),
+        Err(e) => {
+            eprintln!("the API server's CPU profile: {e}");
+            None
+        }
+    });
     let t = lock(&steps).clone();
     let running = t.values().filter(|s| s.running.is_some()).count();
     let gone = t.values().filter(|s| s.gone.is_some()).count();
@@ -740,7 +790,17 @@ async fn main() {
         "cpu_seconds": cpu_rows.iter().map(|(k, up, down)| (k.clone(), serde_json::json!({"to_running": up, "deleting": down}))).collect::<serde_json::Map<_, _>>(),
         "operator_peak_mib": op_mib,
         "agent_peak_mib": agent_mib,
+        "apiserver_cpu_profile_top": profile_top.clone(),
     });
+    if let Some(top) = &profile_top {
+        println!();
+        println!(
+            " kube-apiserver CPU profile, the first {pprof_secs} s (target/bench/scale-apiserver.pprof):"
+        );
+        for line in top.lines() {
+            println!("   {line}");
+        }
+    }
     let dir = common::repo().join("target/bench");
     let body = serde_json::to_vec_pretty(&json).unwrap_or_default();
     for path in [dir.join("scale.json"), dir.join(format!("scale-{n}.json"))] {

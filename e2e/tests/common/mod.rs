@@ -211,6 +211,12 @@ impl Cluster {
     /// Starts etcd and kube-apiserver in a fresh directory, creates the
     /// `vireo-system` namespace and installs the CRDs from charts/vireo/crds.
     pub fn start(name: &str) -> Cluster {
+        Self::start_with(name, &[])
+    }
+
+    /// [`Cluster::start`] with environment for `e2e/cluster.sh` (e.g.
+    /// `VIREO_E2E_PROFILING=true` for the API server's /debug/pprof).
+    pub fn start_with(name: &str, env_vars: &[(&str, &str)]) -> Cluster {
         let bin = tools_bin();
         let dir = std::env::temp_dir().join(format!("vireo-e2e-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -220,6 +226,7 @@ impl Cluster {
             .arg(repo().join("e2e/cluster.sh"))
             .args(["start", &dir.display().to_string()])
             .env("VIREO_E2E_BIN", &bin)
+            .envs(env_vars.iter().copied())
             .status()
             .expect("e2e/cluster.sh runs");
         assert!(
