@@ -16,7 +16,11 @@
 //!    for raw `cp --sparse=always` (then fsync of the copy)
 //!    and `dd bs=1M conv=sparse,fsync`. Every copy is synced before its
 //!    clock stops (qemu-img's default for convert, `-t unsafe`, never
-//!    syncs). The sources are in the page cache for everyone. The first
+//!    syncs). The image an upload reads is in the page cache for everyone;
+//!    the volume a download or clone reads is synced and dropped from the
+//!    page cache first, for everyone (a peer writing through the cache
+//!    would otherwise read its own volume from memory and Vireo, which
+//!    writes past it, from the disk). The first
 //!    run checks Vireo's copies (`cmp` against the source; `qemu-img
 //!    check` for qcow2) and reports every tool's allocated size: sparse
 //!    files stay sparse. Also a raw resize, beside `qemu-img resize`.
@@ -152,6 +156,25 @@ fn write_image(path: &Path, len: u64) -> Res<()> {
     f.sync_all().map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// Writes a file's dirty pages and drops its pages from the page cache,
+/// so that the copy timed next reads it from the disk, whoever wrote it.
+/// Without this a peer that wrote its upload through the page cache
+/// (`cp`, `dd`, `qemu-img -t writeback`) would download and clone from
+/// memory, while Vireo and `-t none` (which write past the cache) read
+/// the disk: the same file, not in the same state.
+fn evict(path: &Path) -> Res<()> {
+    use std::os::fd::AsRawFd;
+    let f = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    f.sync_all()
+        .map_err(|e| format!("sync {}: {e}", path.display()))?;
+    // SAFETY: fadvise on a descriptor we own; it passes no memory.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if rc != 0 {
+        return Err(format!("fadvise {}: error {rc}", path.display()));
+    }
+    Ok(())
+}
+
 /// Bytes a file occupies on disk.
 fn allocated(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
@@ -278,6 +301,7 @@ fn vireo_ops(
         check_copy(image, &up_path, fmt, "vireo streamed upload")?;
     }
     let down = out_dir.join("vireo-down");
+    evict(&up_path)?;
     let secs = timed(|| {
         let f = File::create(&down).map_err(|e| format!("{}: {e}", down.display()))?;
         st.download_volume_to_file(POOL, up, &f, &no_progress)
@@ -296,6 +320,7 @@ fn vireo_ops(
         fmt,
         &format!(", source: {{clone: {{volume: {up}}}}}"),
     )?;
+    evict(&up_path)?;
     let secs = timed(|| st.create_volume(&vol).map(drop).map_err(e))?;
     let cl_path = vol_path(cl)?;
     t.add((fmt, "clone", "vireo"), secs, &cl_path);
@@ -361,9 +386,11 @@ fn tool_ops(
     );
     let secs = timed(|| tool_copy(tool, fmt, image, &up))?;
     t.add((fmt, "upload", tool), secs, &up);
+    evict(&up)?;
     let secs = timed(|| tool_copy(tool, fmt, &up, &down))?;
     t.add((fmt, "download", tool), secs, &down);
     remove(&down);
+    evict(&up)?;
     let secs = timed(|| tool_copy(tool, fmt, &up, &cl))?;
     t.add((fmt, "clone", tool), secs, &cl);
     if fmt == Fmt::Raw && tool == "qemu-img" {

@@ -240,122 +240,90 @@ impl AlignedBuf {
     }
 }
 
-/// Pieces a copy keeps in flight at once (its writer threads).
-///
-/// One piece at a time leaves the disk idle while the next is read:
-/// `qemu-img convert` keeps 8 requests in flight for the same reason.
-/// Measured with `cargo bench -p vireo-drivers --bench storage`
-/// (docs/storage.md): the raw download went from 0.87x to (see there) of
-/// `qemu-img convert -t none`.
-const IN_FLIGHT: usize = 4;
-
-/// Writes a new volume's content past the page cache where it can, from
-/// several threads at once.
+/// Writes a new volume's content past the page cache where it can.
 ///
 /// A copy into the page cache makes the kernel find and fill a fresh page
 /// for every 4 KiB it writes, which then sit dirty until the final fsync:
 /// measured on our build machines, a 1 GiB clone took 2-3 s that way and
 /// under 1 s with O_DIRECT (`cargo bench -p vireo-drivers --bench
-/// storage`), and it leaves the host's cache to the guests. The direct
-/// writes go through a second descriptor of the same file opened with
-/// O_DIRECT (through /proc/self/fd), so the caller's descriptor is never
-/// changed and threads need not agree on its flags. Pieces that are not
-/// block-aligned (the tail of a file), and filesystems that refuse
-/// O_DIRECT, go through the caller's descriptor and the page cache; the
-/// caller's fsync makes both durable.
+/// storage`), and it leaves the host's cache to the guests. Pieces that
+/// are not block-aligned (the tail of a file), and filesystems that refuse
+/// O_DIRECT, go through the page cache as before; the caller's fsync makes
+/// both durable.
 struct VolumeWriter<'a> {
-    buffered: &'a File,
-    direct: Option<File>,
-    /// Cleared when the filesystem took the flag but refused a write.
-    direct_ok: std::sync::atomic::AtomicBool,
+    file: &'a File,
+    /// O_DIRECT may be used on this file (it was accepted once).
+    direct_ok: bool,
+    /// O_DIRECT is set on the descriptor now.
+    direct_on: bool,
 }
 
 impl<'a> VolumeWriter<'a> {
     fn new(file: &'a File) -> Self {
-        let direct = OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
-            .ok();
-        Self {
-            buffered: file,
-            direct_ok: std::sync::atomic::AtomicBool::new(direct.is_some()),
-            direct,
-        }
+        let mut w = Self {
+            file,
+            direct_ok: true,
+            direct_on: false,
+        };
+        w.direct_ok = w.set_direct(true).is_ok();
+        w
     }
 
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+    fn set_direct(&mut self, on: bool) -> io::Result<()> {
+        if self.direct_on == on {
+            return Ok(());
+        }
+        let fd = self.file.as_raw_fd();
+        // SAFETY: F_GETFL/F_SETFL on a descriptor we borrow; only its
+        // status flags change, no memory is passed.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        if flags < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let flags = if on {
+            flags | libc::O_DIRECT
+        } else {
+            flags & !libc::O_DIRECT
+        };
+        // SAFETY: as above.
+        if unsafe { libc::fcntl(fd, libc::F_SETFL, flags) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.direct_on = on;
+        Ok(())
+    }
+
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
-        use std::sync::atomic::Ordering::Relaxed;
         let align = DIRECT_ALIGN as u64;
-        let aligned = offset.is_multiple_of(align)
+        let aligned = self.direct_ok
+            && offset.is_multiple_of(align)
             && (buf.len() as u64).is_multiple_of(align)
             && buf.as_ptr().align_offset(DIRECT_ALIGN) == 0;
-        if let (true, true, Some(direct)) = (aligned, self.direct_ok.load(Relaxed), &self.direct) {
-            match direct.write_all_at(buf, offset) {
-                // A filesystem that takes the flag but not the write.
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    self.direct_ok.store(false, Relaxed);
-                }
-                r => return r,
+        self.set_direct(aligned)?;
+        match self.file.write_all_at(buf, offset) {
+            // A filesystem that takes the flag but not the write.
+            Err(e) if aligned && e.raw_os_error() == Some(libc::EINVAL) => {
+                self.direct_ok = false;
+                self.set_direct(false)?;
+                self.file.write_all_at(buf, offset)
             }
+            r => r,
         }
-        self.buffered.write_all_at(buf, offset)
+    }
+
+    /// Leaves the descriptor as it was given (buffered).
+    fn finish(mut self) -> io::Result<()> {
+        self.set_direct(false)
     }
 }
 
-/// What the threads of one copy share: how far it got, its first error,
-/// and the progress ticker.
-struct Shared<'a> {
-    done: std::sync::atomic::AtomicU64,
-    failed: std::sync::atomic::AtomicBool,
-    error: std::sync::Mutex<Option<io::Error>>,
-    ticker: std::sync::Mutex<Ticker<'a>>,
-}
-
-impl<'a> Shared<'a> {
-    fn new(progress: Progress<'a>, total: Option<u64>) -> Self {
-        Self {
-            done: Default::default(),
-            failed: Default::default(),
-            error: std::sync::Mutex::new(None),
-            ticker: std::sync::Mutex::new(Ticker::new(progress, total)),
-        }
+impl Drop for VolumeWriter<'_> {
+    /// A copy that ended in an error leaves the caller's descriptor
+    /// buffered too (best effort; `finish` reports the error otherwise).
+    fn drop(&mut self) {
+        let _ = self.set_direct(false);
     }
-    fn failed(&self) -> bool {
-        self.failed.load(std::sync::atomic::Ordering::Relaxed)
-    }
-    /// Keeps the first error; every thread stops at its next piece.
-    fn fail(&self, e: io::Error) {
-        self.failed
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Ok(mut first) = self.error.lock() {
-            first.get_or_insert(e);
-        }
-    }
-    fn add(&self, n: u64) {
-        let done = self.done.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
-        // Whoever finds the ticker free reports; nobody waits for it.
-        if let Ok(mut t) = self.ticker.try_lock() {
-            t.tick(done);
-        }
-    }
-    /// The first error, or the ticker for the caller's last report.
-    fn finish(self) -> io::Result<Ticker<'a>> {
-        let poisoned = || io::Error::other("a copy thread panicked");
-        if let Some(e) = self.error.into_inner().map_err(|_| poisoned())? {
-            return Err(e);
-        }
-        self.ticker.into_inner().map_err(|_| poisoned())
-    }
-}
-
-/// Writes one piece unless it is all zeros (a hole in the copy).
-fn put_piece(out: &VolumeWriter<'_>, piece: &[u8], at: u64) -> io::Result<()> {
-    if is_zero(piece) {
-        return Ok(());
-    }
-    out.write_at(piece, at)
 }
 
 /// Whether a piece of a copy is all zeros (a hole in the copy).
@@ -407,76 +375,44 @@ pub fn copy_sparse(src: &Path, dst: &File, progress: Progress<'_>) -> io::Result
 /// as holes; `dst` ends with the source's length.
 ///
 /// A reflink where the filesystem has them; otherwise the data regions
-/// only (SEEK_DATA/SEEK_HOLE), in 1 MiB pieces read into aligned buffers
-/// and written past the page cache (see [`VolumeWriter`]) by
-/// [`IN_FLIGHT`] threads, with all-zero pieces left as holes. Measured
-/// against the alternatives in docs/storage.md: copy_file_range
-/// (in-kernel, but through the page cache: 4 to 20 times slower here),
-/// buffered writes (the same), larger buffers (no faster, and fewer holes
-/// found), one piece at a time (slower where the source comes from disk).
+/// only (SEEK_DATA/SEEK_HOLE), in 1 MiB pieces read into an aligned
+/// buffer and written past the page cache (see [`VolumeWriter`]), with
+/// all-zero pieces left as holes. Measured against the alternatives in
+/// docs/storage.md: copy_file_range (in-kernel, but through the page
+/// cache: 4 to 20 times slower here), buffered writes (the same), larger
+/// buffers (no faster, and fewer holes found).
 pub fn copy_file(input: &File, dst: &File, progress: Progress<'_>) -> io::Result<u64> {
+    use std::os::unix::fs::FileExt;
     let len = input.metadata()?.len();
+    let mut ticker = Ticker::new(progress, Some(len));
     if dst.metadata()?.len() == 0 && reflink(input, dst)? {
-        Ticker::new(progress, Some(len)).finish(len);
+        ticker.finish(len);
         return Ok(len);
     }
-    let output = VolumeWriter::new(dst);
-    let shared = Shared::new(progress, Some(len));
-    // The next piece to copy: (where the current data region goes on,
-    // where it ends); hands out pieces in order, one region at a time.
-    let cursor = std::sync::Mutex::new((0u64, 0u64));
-    let next_piece = || -> io::Result<Option<(u64, usize)>> {
-        let mut c = cursor
-            .lock()
-            .map_err(|_| io::Error::other("a copy thread panicked"))?;
-        if c.0 >= c.1 {
-            match next_data(input, c.1, len)? {
-                Some(region) => *c = region,
-                None => return Ok(None),
+    let mut output = VolumeWriter::new(dst);
+    let mut aligned = AlignedBuf::new();
+    let buf = aligned.get();
+    let mut pos = 0;
+    while let Some((start, end)) = next_data(input, pos, len)? {
+        let mut at = start;
+        while at < end {
+            let want = usize::try_from((end - at).min(CHUNK as u64)).unwrap_or(CHUNK);
+            let n = match input.read_at(&mut buf[..want], at) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            // Zero pieces inside a data region stay holes in the copy.
+            if !is_zero(&buf[..n]) {
+                output.write_at(&buf[..n], at)?;
             }
+            at += n as u64;
+            ticker.tick(at);
         }
-        let at = c.0;
-        let want = usize::try_from((c.1 - at).min(CHUNK as u64)).unwrap_or(CHUNK);
-        c.0 += want as u64;
-        Ok(Some((at, want)))
-    };
-    let worker = || {
-        use std::os::unix::fs::FileExt;
-        let mut aligned = AlignedBuf::new();
-        let buf = aligned.get();
-        while !shared.failed() {
-            let step = next_piece().and_then(|piece| {
-                let Some((at, want)) = piece else {
-                    return Ok(false);
-                };
-                let mut got = 0;
-                while got < want {
-                    match input.read_at(&mut buf[got..want], at + got as u64) {
-                        // The file shrank under us: the rest is a hole.
-                        Ok(0) => break,
-                        Ok(n) => got += n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e) => return Err(e),
-                    }
-                }
-                put_piece(&output, &buf[..got], at)?;
-                shared.add(want as u64);
-                Ok(true)
-            });
-            match step {
-                Ok(true) => {}
-                Ok(false) => break,
-                Err(e) => shared.fail(e),
-            }
-        }
-    };
-    std::thread::scope(|s| {
-        for _ in 1..IN_FLIGHT {
-            s.spawn(worker);
-        }
-        worker();
-    });
-    let mut ticker = shared.finish()?;
+        pos = end;
+    }
+    output.finish()?;
     dst.set_len(len)?;
     ticker.finish(len);
     Ok(len)
@@ -498,87 +434,37 @@ fn read_full(source: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
 
 /// Copies a stream into `dst` (already created, empty) and returns the
 /// number of bytes; all-zero chunks become holes.
-///
-/// The calling thread reads whole 1 MiB pieces (so that every write but
-/// the last is aligned and zero detection sees whole pieces); up to
-/// [`IN_FLIGHT`] threads look for zeros and write them past the page
-/// cache meanwhile, so reading the stream and writing the disk overlap.
 pub fn copy_stream(
     source: &mut dyn Read,
     dst: &File,
     total: Option<u64>,
     progress: Progress<'_>,
 ) -> io::Result<u64> {
-    use std::sync::mpsc;
-    let output = VolumeWriter::new(dst);
-    let shared = Shared::new(progress, total);
-    // Buffers go round: free -> read into -> written -> free.
-    let (free_tx, free_rx) = mpsc::channel::<AlignedBuf>();
-    let (work_tx, work_rx) = mpsc::sync_channel::<(AlignedBuf, usize, u64)>(IN_FLIGHT);
-    let work_rx = std::sync::Mutex::new(work_rx);
-    for _ in 0..IN_FLIGHT + 1 {
-        // The receiver is alive: this send cannot fail.
-        let _ = free_tx.send(AlignedBuf::new());
+    let mut output = VolumeWriter::new(dst);
+    let mut ticker = Ticker::new(progress, total);
+    let mut aligned = AlignedBuf::new();
+    let buf = aligned.get();
+    let mut done = 0u64;
+    loop {
+        // Whole chunks, so that zero detection sees whole chunks and every
+        // write but the last is aligned.
+        let got = read_full(source, buf)?;
+        if got == 0 {
+            break;
+        }
+        if !is_zero(&buf[..got]) {
+            output.write_at(&buf[..got], done)?;
+        }
+        done += got as u64;
+        ticker.tick(done);
+        if got < buf.len() {
+            break;
+        }
     }
-    let mut read = 0u64;
-    std::thread::scope(|s| {
-        for _ in 0..IN_FLIGHT {
-            let free_tx = free_tx.clone();
-            let (work_rx, output, shared) = (&work_rx, &output, &shared);
-            s.spawn(move || {
-                loop {
-                    let item = match work_rx.lock() {
-                        Ok(rx) => rx.recv(),
-                        Err(_) => break,
-                    };
-                    let Ok((mut buf, got, at)) = item else {
-                        break;
-                    };
-                    // After a failure the pieces still come back, unwritten,
-                    // so that the reader never waits for a buffer forever.
-                    if !shared.failed() {
-                        match put_piece(output, &buf.get()[..got], at) {
-                            Ok(()) => shared.add(got as u64),
-                            Err(e) => shared.fail(e),
-                        }
-                    }
-                    if free_tx.send(buf).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-        while !shared.failed() {
-            let Ok(mut buf) = free_rx.recv() else {
-                break;
-            };
-            let got = match read_full(source, buf.get()) {
-                Ok(got) => got,
-                Err(e) => {
-                    shared.fail(e);
-                    break;
-                }
-            };
-            if got == 0 {
-                break;
-            }
-            let at = read;
-            read += got as u64;
-            let last = got < CHUNK;
-            if work_tx.send((buf, got, at)).is_err() {
-                break;
-            }
-            if last {
-                break;
-            }
-        }
-        // The writers finish what was sent, then stop.
-        drop(work_tx);
-    });
-    let mut ticker = shared.finish()?;
-    dst.set_len(read)?;
-    ticker.finish(read);
-    Ok(read)
+    output.finish()?;
+    dst.set_len(done)?;
+    ticker.finish(done);
+    Ok(done)
 }
 
 /// Writes the whole file to `sink`. Holes are not read: the sink gets
@@ -766,10 +652,11 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// Many pieces in flight land where they belong: data, zero pieces
-    /// (holes) and holes in the source in a pattern no two neighbours share.
+    /// Every piece lands where it belongs: data, zero pieces (holes) and
+    /// holes in the source, from a source read from the disk (out of the
+    /// page cache) and from a stream.
     #[test]
-    fn parallel_copies_put_every_piece_in_its_place() {
+    fn copies_put_every_piece_in_its_place() {
         let dir = tmp("parallel");
         let pieces = 23;
         let len = pieces * CHUNK + 4096 + 17;
@@ -790,6 +677,11 @@ mod tests {
                     f.write_all_at(piece, (i * CHUNK) as u64).expect("write");
                 }
             }
+            // Out of the page cache: the copy reads the disk.
+            f.sync_all().expect("sync");
+            // SAFETY: fadvise on our descriptor; it passes no memory.
+            let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            assert_eq!(rc, 0, "fadvise");
         }
         let last = std::sync::atomic::AtomicU64::new(0);
         let seen = |done: u64, total: Option<u64>| {
@@ -813,7 +705,7 @@ mod tests {
     }
 
     /// A stream that fails, or a file that cannot be written, ends the copy
-    /// with that error: no thread is left waiting.
+    /// with that error.
     #[test]
     fn a_failed_copy_reports_its_error_and_returns() {
         struct Breaks(usize);
