@@ -7,6 +7,11 @@
 //! cargo bench -p vireo-e2e --bench scale -- --domains 10000 --agents 10
 //! ```
 //!
+//! `--pprof SECONDS` (or `VIREO_SCALE_PPROF`) starts kube-apiserver with
+//! profiling on and takes a CPU profile of it for that long from the first
+//! create: `target/bench/scale-apiserver.pprof`, and `go tool pprof -top`
+//! of it in the output and the JSON.
+//!
 //! (`VIREO_SCALE_N` and `VIREO_SCALE_AGENTS` work too.) Prints, and writes
 //! to `target/bench/scale.json` (`scale-N.json` too): the time from the
 //! first create to all Running and from the delete to all gone; p50, p95
