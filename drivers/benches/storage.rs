@@ -14,7 +14,9 @@
 //!    same copies: `qemu-img convert -t writeback -f F -O F` (for both
 //!    formats; and with `-t none`, its O_DIRECT writes, as Vireo's), and
 //!    for raw `cp --sparse=always` (then fsync of the copy)
-//!    and `dd bs=1M conv=sparse,fsync`. Every copy is synced before its
+//!    and `dd bs=1M conv=sparse,fsync` (which, for the streamed upload,
+//!    reads the image through a pipe from `cat`, as Vireo reads the
+//!    stream; the other peers read the file for that row). Every copy is synced before its
 //!    clock stops (qemu-img's default for convert, `-t unsafe`, never
 //!    syncs). The image an upload reads is in the page cache for everyone;
 //!    the volume a download or clone reads is synced and dropped from the
@@ -386,6 +388,23 @@ fn tool_ops(
     );
     let secs = timed(|| tool_copy(tool, fmt, image, &up))?;
     t.add((fmt, "upload", tool), secs, &up);
+    if tool == "dd" {
+        // dd also takes a stream: the same bytes through a pipe, as
+        // Vireo's streamed upload gets them.
+        let streamed = pool_dir.join("dd-upstream");
+        let secs = timed(|| {
+            run_cmd(
+                Command::new("sh")
+                    .arg("-c")
+                    .arg("cat \"$1\" | dd of=\"$2\" bs=1M iflag=fullblock conv=sparse,fsync status=none")
+                    .arg("sh")
+                    .arg(image)
+                    .arg(&streamed),
+            )
+        })?;
+        t.add((fmt, "upload_stream", tool), secs, &streamed);
+        remove(&streamed);
+    }
     evict(&up)?;
     let secs = timed(|| tool_copy(tool, fmt, &up, &down))?;
     t.add((fmt, "download", tool), secs, &down);
@@ -800,8 +819,12 @@ fn run() -> Res<()> {
             );
             let mut peers = serde_json::Map::new();
             for tool in &TOOLS[1..] {
-                // A streamed upload is the same copy for a peer.
-                let peer_op = if op == "upload_stream" { "upload" } else { op };
+                // A streamed upload is the same copy for a peer that
+                // reads only files (dd reads the pipe too).
+                let peer_op = match op {
+                    "upload_stream" if t.get((*fmt, op, tool)).is_empty() => "upload",
+                    _ => op,
+                };
                 let theirs = t.get((*fmt, peer_op, tool));
                 let width = if tool.starts_with("qemu-img") { 8 } else { 7 };
                 if theirs.is_empty() {

@@ -9,8 +9,8 @@
 //!
 //! `--pprof SECONDS` (or `VIREO_SCALE_PPROF`) starts kube-apiserver with
 //! profiling on and takes a CPU profile of it for that long from the first
-//! create: `target/bench/scale-apiserver.pprof`, and `go tool pprof -top`
-//! of it in the output and the JSON.
+//! create: `target/bench/scale-apiserver.pprof`, and `go tool pprof -top
+//! -cum` of it in the output and the JSON.
 //!
 //! (`VIREO_SCALE_N` and `VIREO_SCALE_AGENTS` work too.) Prints, and writes
 //! to `target/bench/scale.json` (`scale-N.json` too): the time from the
@@ -84,7 +84,7 @@ fn cpu_seconds(pid: u32) -> f64 {
 /// Takes a CPU profile of kube-apiserver for `secs` from now (its
 /// /debug/pprof, served when the cluster was started with profiling on)
 /// in a thread, writes it to `target/bench/scale-apiserver.pprof` and
-/// hands back `go tool pprof -top`'s lines: where the API server's CPU
+/// hands back `go tool pprof -top -cum`'s lines: where the API server's CPU
 /// went while the Domains were created and started.
 fn apiserver_profile(
     cluster: &common::Cluster,
@@ -107,7 +107,9 @@ fn apiserver_profile(
             .and_then(|()| std::fs::write(&path, &out.stdout))
             .map_err(|e| format!("{}: {e}", path.display()))?;
         let top = std::process::Command::new("go")
-            .args(["tool", "pprof", "-top", "-nodecount=25"])
+            // Cumulative: which request paths the time went to (the flat
+            // top is the Go runtime's allocator and collector).
+            .args(["tool", "pprof", "-top", "-cum", "-nodecount=40"])
             .arg(&path)
             .output()
             .map_err(|e| format!("go tool pprof (the profile is in {}): {e}", path.display()))?;
