@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Config, Controller};
 use kube::runtime::events::EventType;
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use vireo_crds::labels::{NODE, NODE_CLEANUP_FINALIZER, OPERATOR_MANAGER};
@@ -38,12 +38,20 @@ fn key(d: &Domain) -> String {
 
 pub async fn run(ctx: Arc<Ctx>) {
     let client = ctx.client.clone();
-    let controller = Controller::new(
+    // The cache holds every Domain of the cluster without its managed
+    // fields: nothing here reads them (the operator's writes are applies
+    // and patches the API server merges), and they were a third of its
+    // memory at 10,000 Domains (issue 19: 438 MiB before, 293 MiB after).
+    let (domains, writer) = reflector::store();
+    let stream = watcher(
         Api::<Domain>::all(client.clone()),
         watcher::Config::default(),
     )
-    .with_config(Config::default().concurrency(ctx.config.concurrency));
-    let domains = controller.store();
+    .modify(|d| d.managed_fields_mut().clear())
+    .reflect(writer)
+    .applied_objects();
+    let controller = Controller::for_stream(stream, domains.clone())
+        .with_config(Config::default().concurrency(ctx.config.concurrency));
     // A Host that changes (registers, goes NotReady or Ready) concerns the
     // Domains bound to it and every Domain still waiting for a Host.
     let by_host = domains.clone();
