@@ -657,7 +657,7 @@ mod tests {
     /// page cache) and from a stream.
     #[test]
     fn copies_put_every_piece_in_its_place() {
-        let dir = tmp("parallel");
+        let dir = tmp("pieces");
         let pieces = 23;
         let len = pieces * CHUNK + 4096 + 17;
         let mut data = vec![0u8; len];
