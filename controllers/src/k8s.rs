@@ -102,6 +102,55 @@ where
     Ok(())
 }
 
+/// Server-side applies a status without forcing: where another manager
+/// owns a field with another value the API server refuses the whole apply
+/// (409), and this answers `false` having written nothing. Fields that
+/// another manager owns with the same value become shared.
+pub async fn apply_status_unforced<K, S>(
+    api: &Api<K>,
+    name: &str,
+    manager: &str,
+    status: &S,
+) -> Result<bool>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+    S: Serialize,
+{
+    let body = json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    match api
+        .patch_status(name, &PatchParams::apply(manager), &Patch::Apply(&body))
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether `manager` owns, through the status subresource, any of the
+/// conditions of `types` (a list keyed by type), as the object's managed
+/// fields say.
+pub fn owns_status_conditions<K: Resource>(obj: &K, manager: &str, types: &[&str]) -> bool {
+    let keys: Vec<String> = types
+        .iter()
+        .map(|t| format!("k:{}", json!({ "type": t })))
+        .collect();
+    obj.meta()
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|m| {
+            m.manager.as_deref() == Some(manager) && m.subresource.as_deref() == Some("status")
+        })
+        .filter_map(|m| m.fields_v1.as_ref())
+        .filter_map(|f| f.0.get("f:status")?.get("f:conditions")?.as_object())
+        .any(|c| c.keys().any(|k| keys.contains(k)))
+}
+
 /// Events waiting to be sent, at most: past it an Event is dropped (and
 /// logged), as client-go's broadcaster drops them when its queue is full.
 const EVENT_QUEUE: usize = 10_000;
@@ -197,4 +246,74 @@ pub async fn event<K>(
         &obj.object_ref(&()),
     )
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
+    use vireo_crds::Domain;
+
+    fn entry(
+        manager: &str,
+        subresource: Option<&str>,
+        fields: serde_json::Value,
+    ) -> ManagedFieldsEntry {
+        ManagedFieldsEntry {
+            manager: Some(manager.into()),
+            operation: Some("Apply".into()),
+            subresource: subresource.map(str::to_string),
+            fields_v1: Some(FieldsV1(fields)),
+            ..ManagedFieldsEntry::default()
+        }
+    }
+
+    #[test]
+    fn status_conditions_belong_to_whoever_the_managed_fields_name() {
+        let mut dom: Domain = serde_json::from_value(json!({
+            "apiVersion": "vireo.dev/v1alpha1", "kind": "Domain",
+            "metadata": {"name": "d"},
+            "spec": {"type": "test", "memory": "64Mi", "vcpus": 1}
+        }))
+        .expect("a Domain");
+        let types = ["Scheduled", "HostReachable"];
+        assert!(
+            !owns_status_conditions(&dom, "vireo-operator", &types),
+            "no managed fields"
+        );
+        dom.metadata.managed_fields = Some(vec![
+            // The agent's apply, holding the operator's conditions for it.
+            entry(
+                "vireo-agent/node-1",
+                Some("status"),
+                json!({"f:status": {"f:state": {}, "f:conditions": {
+                    "k:{\"type\":\"Ready\"}": {".": {}},
+                    "k:{\"type\":\"Scheduled\"}": {".": {}}
+                }}}),
+            ),
+            // The operator's binding, on the main resource.
+            entry(
+                "vireo-operator",
+                None,
+                json!({"f:metadata": {"f:labels": {}}}),
+            ),
+        ]);
+        assert!(!owns_status_conditions(&dom, "vireo-operator", &types));
+        assert!(owns_status_conditions(&dom, "vireo-agent/node-1", &types));
+        assert!(!owns_status_conditions(
+            &dom,
+            "vireo-agent/node-1",
+            &["VolumesReady"]
+        ));
+        if let Some(m) = dom.metadata.managed_fields.as_mut() {
+            m.push(entry(
+                "vireo-operator",
+                Some("status"),
+                json!({"f:status": {"f:nodeName": {}, "f:conditions": {
+                    "k:{\"type\":\"HostReachable\"}": {".": {}}
+                }}}),
+            ));
+        }
+        assert!(owns_status_conditions(&dom, "vireo-operator", &types));
+    }
 }

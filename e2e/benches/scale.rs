@@ -12,6 +12,16 @@
 //! create: `target/bench/scale-apiserver.pprof`, and `go tool pprof -top
 //! -cum` of it in the output and the JSON.
 //!
+//! `--floor` runs no operator and no agent: it measures what this machine's
+//! API server and etcd alone allow, so that the control plane's own share
+//! of the time shows. First the bench's creates alone (16 at a time), then
+//! the least any control plane could write to bring a Domain to Running:
+//! for each Domain its create, one PATCH binding it (label, UUID) and one
+//! status apply saying it runs, written back to back by the bench itself
+//! with no watch and no processing between them, 48 Domains at a time
+//! (the bench's 16 creates beside the operator's 32 reconciles). Written
+//! to `target/bench/scale-floor-N.json`.
+//!
 //! (`VIREO_SCALE_N` and `VIREO_SCALE_AGENTS` work too.) Prints, and writes
 //! to `target/bench/scale.json` (`scale-N.json` too): the time from the
 //! first create to all Running and from the delete to all gone; p50, p95
@@ -392,6 +402,10 @@ fn spans(
 
 #[tokio::main]
 async fn main() {
+    if std::env::args().any(|a| a == "--floor") {
+        floor(arg_or("--domains", "VIREO_SCALE_N", 1000)).await;
+        return;
+    }
     let n = arg_or("--domains", "VIREO_SCALE_N", 1000);
     let n_agents = arg_or("--agents", "VIREO_SCALE_AGENTS", 3).max(1);
     let pprof_secs = arg_or("--pprof", "VIREO_SCALE_PPROF", 0);
@@ -403,7 +417,17 @@ async fn main() {
     };
     // Bigger simulated nodes than the tests use, so every guest fits.
     let big = ["--cpus", "512", "--memory", "4Ti", "--resync-seconds", "60"];
-    let operator = cluster.operator("operator", &["--no-leader-election"]);
+    let op_concurrency = arg_or(
+        "--operator-concurrency",
+        "VIREO_SCALE_OPERATOR_CONCURRENCY",
+        0,
+    );
+    let mut op_args = vec!["--no-leader-election".to_string()];
+    if op_concurrency > 0 {
+        op_args.extend(["--concurrency".to_string(), op_concurrency.to_string()]);
+    }
+    let op_args: Vec<&str> = op_args.iter().map(String::as_str).collect();
+    let operator = cluster.operator("operator", &op_args);
     let agents: Vec<common::Proc> = (1..=n_agents)
         .map(|i| cluster.agent(&format!("node-{i}"), &big))
         .collect();
@@ -821,6 +845,164 @@ async fn main() {
     drop(operator);
     cluster.procs_clear();
     if running < n || gone < n {
+        std::process::exit(1);
+    }
+}
+
+/// Waits until no Domain is left in `api` (they carry no finalizer here).
+async fn wait_empty(api: &Api<Domain>) {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while Instant::now() < deadline {
+        match api.list_metadata(&ListParams::default().limit(1)).await {
+            Ok(l) if l.items.is_empty() => return,
+            Ok(_) => {}
+            Err(e) => eprintln!("list the Domains: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `--floor`: the API server and etcd alone, no operator, no agent.
+async fn floor(n: usize) {
+    use kube::api::{Patch, PatchParams, PostParams};
+    let load_before = load_average();
+    let mut cluster = common::Cluster::start("scale-floor");
+    let client = cluster.client().await;
+    let domains: Api<Domain> = Api::namespaced(client.clone(), "default");
+    let pid_of = |key: &str| {
+        cluster
+            .env
+            .get(key)
+            .and_then(|p| p.parse::<u32>().ok())
+            .unwrap_or(0)
+    };
+    let (api_pid, etcd_pid) = (pid_of("APISERVER_PID"), pid_of("ETCD_PID"));
+    let cpu = || (cpu_seconds(api_pid), cpu_seconds(etcd_pid));
+
+    // 1. The bench's creates alone.
+    let c0 = cpu();
+    let started = Instant::now();
+    let _ = fleet::create(&domains, "alone", n, "256Mi", 16).await;
+    let creates_alone = started.elapsed().as_secs_f64();
+    let c1 = cpu();
+    if let Err(e) = domains
+        .delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await
+    {
+        eprintln!("delete the Domains: {e}");
+    }
+    wait_empty(&domains).await;
+
+    // 2. Create, bind, status Running: three writes per Domain, nothing else.
+    let latencies: Arc<Mutex<Vec<f64>>> = Arc::default();
+    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    let c2 = cpu();
+    let started = Instant::now();
+    futures::StreamExt::for_each_concurrent(futures::stream::iter(0..n), 48, |i| {
+        let api = domains.clone();
+        let (latencies, errors) = (latencies.clone(), errors.clone());
+        async move {
+            let name = format!("floor-{i:05}");
+            let node = format!("node-{}", i % 3 + 1);
+            let t = Instant::now();
+            let result = async {
+                let made = api
+                    .create(&PostParams::default(), &fleet::test_domain(&name, "256Mi"))
+                    .await?;
+                let uid = made.metadata.uid.clone().unwrap_or_default();
+                api.patch(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(serde_json::json!({
+                        "metadata": {"labels": {"vireo.dev/node": node}},
+                        "spec": {"uuid": uid},
+                    })),
+                )
+                .await?;
+                let status = serde_json::json!({
+                    "apiVersion": "vireo.dev/v1alpha1",
+                    "kind": "Domain",
+                    "status": {"state": "running", "nodeName": node, "id": i + 1},
+                });
+                api.patch_status(
+                    &name,
+                    &PatchParams::apply("scale-floor").force(),
+                    &Patch::Apply(&status),
+                )
+                .await?;
+                Ok::<(), kube::Error>(())
+            }
+            .await;
+            match result {
+                Ok(()) => latencies
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(t.elapsed().as_secs_f64()),
+                Err(e) => errors
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(format!("{name}: {e}")),
+            }
+        }
+    })
+    .await;
+    let three_writes = started.elapsed().as_secs_f64();
+    let c3 = cpu();
+    let mut lat = latencies.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    lat.sort_by(f64::total_cmp);
+    let errs = errors.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let pct = fleet::percentile;
+
+    println!(
+        "{n} Domains on this machine's kube-apiserver and etcd alone, no operator, no agent (load before: {load_before})"
+    );
+    println!();
+    println!(" {:<58} {:>9} {:>14}", "measure", "time", "CPU api / etcd");
+    println!(
+        " {:<58} {:>8.2}s {:>6.1}s / {:.1}s",
+        "creates alone, 16 at a time",
+        creates_alone,
+        c1.0 - c0.0,
+        c1.1 - c0.1
+    );
+    println!(
+        " {:<58} {:>8.2}s {:>6.1}s / {:.1}s",
+        "create + bind PATCH + status apply, 48 Domains at a time",
+        three_writes,
+        c3.0 - c2.0,
+        c3.1 - c2.1
+    );
+    println!(
+        "   each Domain's three writes: p50 {:.3}s, p95 {:.3}s, p99 {:.3}s ({} done, {} failed)",
+        pct(&lat, 0.5),
+        pct(&lat, 0.95),
+        pct(&lat, 0.99),
+        lat.len(),
+        errs.len()
+    );
+    for e in errs.iter().take(5) {
+        eprintln!("   {e}");
+    }
+    let json = serde_json::json!({
+        "benchmark": "scale-floor",
+        "domains": n,
+        "load_before": load_before,
+        "creates_alone_seconds": creates_alone,
+        "creates_alone_cpu_seconds": {"kube-apiserver": c1.0 - c0.0, "etcd": c1.1 - c0.1},
+        "three_writes_seconds": three_writes,
+        "three_writes_cpu_seconds": {"kube-apiserver": c3.0 - c2.0, "etcd": c3.1 - c2.1},
+        "three_writes_per_domain": {"p50": pct(&lat, 0.5), "p95": pct(&lat, 0.95), "p99": pct(&lat, 0.99), "count": lat.len()},
+        "failed": errs.len(),
+    });
+    let dir = common::repo().join("target/bench");
+    let path = dir.join(format!("scale-floor-{n}.json"));
+    let body = serde_json::to_vec_pretty(&json).unwrap_or_default();
+    match std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, &body)) {
+        Ok(()) => println!(" written: {}", path.display()),
+        Err(e) => eprintln!("cannot write {}: {e}", path.display()),
+    }
+    cluster.procs_clear();
+    if !errs.is_empty() {
         std::process::exit(1);
     }
 }

@@ -140,6 +140,39 @@ async fn examples_run_and_reapply_changes_nothing() {
     for c in &st.conditions {
         assert_eq!(c.observed_generation, Some(generation), "{c:?}");
     }
+    // demo needs no gate (no volume, no network): its agent wrote the
+    // operator's conditions in the status apply that said it runs, and the
+    // operator wrote no status of its own (one status write, issue 19).
+    let demo = domains.get("demo").await.expect("demo");
+    for c in [
+        "Scheduled",
+        "VolumesReady",
+        "NetworksReady",
+        "HostReachable",
+        "Ready",
+    ] {
+        assert!(
+            has_condition(&demo, c, "True"),
+            "{c} on demo: {:?}",
+            demo.status
+        );
+    }
+    let status_writers: BTreeSet<String> = demo
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|m| m.subresource.as_deref() == Some("status"))
+        .filter_map(|m| m.manager.clone())
+        .collect();
+    assert_eq!(
+        status_writers
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        [format!("vireo-agent/{}", demo.labels()[vireo_crds::labels::NODE]).as_str()],
+        "demo's status has one writer"
+    );
     let vols: Api<StorageVol> = Api::namespaced(client.clone(), "default");
     let scratch = vols.get("scratch").await.expect("scratch");
     assert_eq!(

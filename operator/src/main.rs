@@ -26,8 +26,11 @@ mod uninstall;
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
-    /// Objects reconciled at once, per controller.
-    #[arg(long, default_value_t = 32)]
+    /// Objects reconciled at once, per controller. A reconcile mostly waits
+    /// on the API server, so many run at once: at 32 the Domains of a fleet
+    /// queued for their binding (1,000 at once: p99 8.9 s to Running, 1.3 s
+    /// at 128; issue 19).
+    #[arg(long, default_value_t = 128)]
     concurrency: u16,
     /// Seconds between checks of the Hosts' heartbeat Leases.
     #[arg(long, default_value_t = 2)]

@@ -8,12 +8,14 @@ use kube::runtime::controller::{Action, Config, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
-use vireo_crds::labels::{NODE, NODE_CLEANUP_FINALIZER, node_key};
+use vireo_crds::labels::{NODE, NODE_CLEANUP_FINALIZER, OPERATOR_MANAGER, node_key};
 use vireo_crds::{Domain, DomainInfo, DomainState, DomainStatus, DomainType};
 use vireo_drivers::{Error as DriverError, Lookup};
 
 use super::{Ctx, drain, error_policy, instrumented};
-use crate::conditions::{condition, find, same};
+use crate::conditions::{
+    OPERATOR_DOMAIN_CONDITIONS, condition, find, same, ungated_domain_conditions,
+};
 use crate::error::Result;
 use crate::k8s;
 use crate::run_strategy::{Action as Step, History, decide};
@@ -434,11 +436,28 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
             }
         }
     }
+    // The operator's conditions of a Domain that needs no gate come with
+    // this apply while the operator has not written its own (one status
+    // write per Domain instead of two, issue 19). Applied unforced: if the
+    // operator meanwhile says something else, its word stands.
+    let for_operator = needs_nothing
+        && !k8s::owns_status_conditions(
+            dom.as_ref(),
+            OPERATOR_MANAGER,
+            &OPERATOR_DOMAIN_CONDITIONS,
+        );
+    if for_operator {
+        conditions.extend(ungated_domain_conditions(
+            &status.conditions,
+            &ctx.config.node_name,
+            dom.meta().generation,
+        ));
+    }
     let wanted = DomainStatus {
         state: Some(info.state),
         start_count: Some(start_count),
         id: reference.id,
-        node_name: None,
+        node_name: for_operator.then(|| ctx.config.node_name.clone()),
         uuid: Some(reference.uuid),
         info: Some(info),
         observed_generation: dom.meta().generation,
@@ -455,7 +474,20 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
         .any(|g| find(&status.conditions, g).is_none());
     let quiet = waiting.is_some() && gates_unset && !wanted.state.is_some_and(|s| s.is_active());
     if !quiet && !status_matches(&status, &wanted) && !recently_applied(ctx, &dom, &wanted) {
-        k8s::apply_status(&api, &dom.name_any(), &ctx.manager, &wanted).await?;
+        let mut wanted = wanted;
+        let shared = for_operator
+            && k8s::apply_status_unforced(&api, &dom.name_any(), &ctx.manager, &wanted).await?;
+        if !shared {
+            if for_operator {
+                // Refused: the operator (or another node's agent, before a
+                // move) owns one of those fields with another value.
+                wanted.node_name = None;
+                wanted
+                    .conditions
+                    .retain(|c| !OPERATOR_DOMAIN_CONDITIONS.contains(&c.type_.as_str()));
+            }
+            k8s::apply_status(&api, &dom.name_any(), &ctx.manager, &wanted).await?;
+        }
         remember_applied(ctx, &dom, wanted);
     }
     // Gates open with a status change, which wakes this reconcile. A
@@ -814,8 +846,13 @@ fn status_matches(have: &DomainStatus, want: &DomainStatus) -> bool {
         (None, None) => true,
         _ => false,
     };
-    // The conditions this agent owns (the operator owns the others).
-    let ready_have: Vec<_> = ["Ready", "Bootable", "AgentConnected", "Saved"]
+    // The conditions this agent owns (the operator owns the others, but
+    // for those this agent writes for it: `node_name` set).
+    let mut types = vec!["Ready", "Bootable", "AgentConnected", "Saved"];
+    if want.node_name.is_some() {
+        types.extend(OPERATOR_DOMAIN_CONDITIONS);
+    }
+    let ready_have: Vec<_> = types
         .iter()
         .filter_map(|t| find(&have.conditions, t).cloned())
         .collect();
@@ -833,6 +870,7 @@ fn status_matches(have: &DomainStatus, want: &DomainStatus) -> bool {
         strip(a) == strip(b)
     };
     have.state == want.state
+        && (want.node_name.is_none() || have.node_name == want.node_name)
         && have.start_count == want.start_count
         && have.id == want.id
         && have.uuid == want.uuid

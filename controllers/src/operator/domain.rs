@@ -17,7 +17,10 @@ use vireo_crds::quantity::parse_quantity;
 use vireo_crds::{Domain, DomainState, DomainStatus, Host, Network, StorageVol};
 
 use super::Ctx;
-use crate::conditions::{condition, find, same};
+use crate::conditions::{
+    OPERATOR_DOMAIN_CONDITIONS, bound_message, condition, find, host_reporting_message,
+    networks_ready_message, same, volumes_ready_message,
+};
 use crate::error::Result;
 use crate::k8s;
 use crate::metrics::StateLabels;
@@ -383,7 +386,7 @@ async fn reconcile(dom: Arc<Domain>, dctx: &DomainCtx) -> Result<Action> {
             "Scheduled",
             true,
             "Bound",
-            format!("bound to host {n}"),
+            bound_message(n),
             generation,
         ),
         None => {
@@ -403,7 +406,10 @@ async fn reconcile(dom: Arc<Domain>, dctx: &DomainCtx) -> Result<Action> {
                         // Giving the Domain its UUID changed its spec: the
                         // conditions below speak of the bound generation, so
                         // that the next look finds them current.
-                        Ok(bound) => generation = bound,
+                        Ok(bound) => {
+                            generation = bound;
+                            ctx.note_bound(&dom);
+                        }
                         Err(e) => {
                             ctx.placements
                                 .lock()
@@ -428,7 +434,7 @@ async fn reconcile(dom: Arc<Domain>, dctx: &DomainCtx) -> Result<Action> {
                         "Scheduled",
                         true,
                         "Bound",
-                        format!("bound to host {host}"),
+                        bound_message(&host),
                         generation,
                     )
                 }
@@ -462,6 +468,7 @@ async fn reconcile(dom: Arc<Domain>, dctx: &DomainCtx) -> Result<Action> {
 
     let mut conditions = vec![scheduled];
     let mut state = None;
+    let mut host_lost_now = false;
     match &node {
         None => {
             state = Some(DomainState::Pending);
@@ -506,13 +513,14 @@ async fn reconcile(dom: Arc<Domain>, dctx: &DomainCtx) -> Result<Action> {
             // overwrite it, and nobody re-asserts it, so the two never fight.
             let host = ctx.hosts.get(&ObjectRef::new(n));
             let lost = host.as_deref().is_none_or(host_lost);
+            host_lost_now = lost;
             let was_lost = find(prev, "HostReachable").is_some_and(|c| c.status != "True");
             let msg = if lost {
                 format!(
                     "host {n} is not reporting; the domain may still run there and is not started elsewhere"
                 )
             } else {
-                format!("host {n} is reporting")
+                host_reporting_message(n)
             };
             if lost && !was_lost {
                 api.patch_status(
@@ -557,6 +565,24 @@ async fn reconcile(dom: Arc<Domain>, dctx: &DomainCtx) -> Result<Action> {
     let state_ok = wanted.state.is_none() || status.state == wanted.state;
     let current =
         state_ok && status.node_name == wanted.node_name && same(&mine, &wanted.conditions);
+    // A Domain that needs no gate, bound here a moment ago to a Host that
+    // reports, gets these conditions from its agent, in the status apply
+    // that says it runs (`conditions::ungated_domain_conditions`): one
+    // status write per Domain instead of two. If the agent has not written
+    // them within the grace, the operator does.
+    let ungated = dom.spec.volume_refs().is_empty() && dom.spec.devices.interfaces.is_empty();
+    let none_yet = OPERATOR_DOMAIN_CONDITIONS
+        .iter()
+        .all(|t| find(prev, t).is_none());
+    if !current
+        && ungated
+        && none_yet
+        && node.is_some()
+        && !host_lost_now
+        && let Some(left) = ctx.binding_grace_left(&dom)
+    {
+        return Ok(Action::requeue(left));
+    }
     if !current && !dctx.ctx.recently_applied(&dom, &wanted) {
         k8s::apply_status(&api, &name, OPERATOR_MANAGER, &wanted).await?;
         dctx.ctx.remember_applied(&dom, wanted);
@@ -573,7 +599,28 @@ async fn reconcile(dom: Arc<Domain>, dctx: &DomainCtx) -> Result<Action> {
 /// status someone else overwrote is put right again.
 const APPLIED_TRUST: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How long after binding a Domain that needs no gate the operator leaves
+/// its conditions to the agent (see `conditions::ungated_domain_conditions`).
+const AGENT_WRITES_WITHIN: Duration = Duration::from_secs(10);
+
 impl Ctx {
+    /// Notes that this operator bound the Domain just now.
+    fn note_bound(&self, dom: &Domain) {
+        let mut bound = self.bound_at.lock().unwrap_or_else(|p| p.into_inner());
+        bound.retain(|_, at| at.elapsed() < AGENT_WRITES_WITHIN);
+        bound.insert(dom.uid().unwrap_or_default(), Instant::now());
+    }
+
+    /// What is left of the agent's grace for a Domain this operator bound,
+    /// if any.
+    fn binding_grace_left(&self, dom: &Domain) -> Option<Duration> {
+        let bound = self.bound_at.lock().unwrap_or_else(|p| p.into_inner());
+        let at = bound.get(&dom.uid().unwrap_or_default())?;
+        AGENT_WRITES_WITHIN
+            .checked_sub(at.elapsed())
+            .filter(|left| !left.is_zero())
+    }
+
     fn recently_applied(&self, dom: &Domain, wanted: &DomainStatus) -> bool {
         let uid = dom.uid().unwrap_or_default();
         let applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
@@ -674,7 +721,7 @@ fn volumes_ready(ctx: &Ctx, dom: &Domain, node: &str) -> (bool, String) {
         }
     }
     if waiting.is_empty() {
-        (true, format!("{} volume(s) ready on {node}", refs.len()))
+        (true, volumes_ready_message(refs.len(), node))
     } else {
         (
             false,
@@ -701,10 +748,7 @@ fn networks_ready(ctx: &Ctx, dom: &Domain, node: &str) -> (bool, String) {
     if waiting.is_empty() {
         (
             true,
-            format!(
-                "{} network(s) active on {node}",
-                dom.spec.devices.interfaces.len()
-            ),
+            networks_ready_message(dom.spec.devices.interfaces.len(), node),
         )
     } else {
         (

@@ -75,6 +75,9 @@ pub struct Ctx {
     /// when: a reconcile woken by this operator's own earlier write may see
     /// the object from before it, and need not send the same status again.
     pub applied: Mutex<HashMap<String, (vireo_crds::DomainStatus, std::time::Instant)>>,
+    /// When this operator bound each Domain (by UID), for the few seconds
+    /// in which the agent writes the conditions of one that needs no gate.
+    pub bound_at: Mutex<HashMap<String, std::time::Instant>>,
     /// Drain Events already sent (`ns/name#reason`), said once per process.
     pub drain_notes: Mutex<std::collections::HashSet<String>>,
 }
@@ -143,6 +146,7 @@ pub async fn run(client: Client, config: OperatorConfig, metrics: Arc<Metrics>) 
         metrics,
         placements: Mutex::new(domain::Placements::default()),
         applied: Mutex::new(HashMap::new()),
+        bound_at: Mutex::new(HashMap::new()),
         drain_notes: Mutex::new(std::collections::HashSet::new()),
     });
     for (name, ready) in [
