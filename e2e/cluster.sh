@@ -30,6 +30,9 @@
 #   VIREO_E2E_PROFILING
 #                      true serves kube-apiserver's /debug/pprof (default
 #                      false); the scale bench's --pprof sets it
+#   VIREO_E2E_APISERVER_V
+#                      kube-apiserver's log verbosity (default 0); the scale
+#                      bench sets 1, where the watchers it closes are logged
 #   VIREO_E2E_BIND_ADDRESS
 #                      kube-apiserver's --bind-address (default 127.0.0.1);
 #                      0.0.0.0 for e2e/nodes.sh. DIR/kubeconfig still uses
@@ -309,6 +312,7 @@ do_start() {
     --kubelet-client-certificate="$pki/admin.crt" \
     --kubelet-client-key="$pki/admin.key" \
     --profiling="${VIREO_E2E_PROFILING:-false}" \
+    --v="${VIREO_E2E_APISERVER_V:-0}" \
     --requestheader-client-ca-file="$pki/front-proxy-ca.crt" \
     --requestheader-allowed-names=front-proxy-client \
     --requestheader-username-headers=X-Remote-User \

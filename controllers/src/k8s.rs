@@ -81,6 +81,15 @@ where
         .await?)
 }
 
+/// The body of a server-side apply of `status` to a `K`.
+fn status_apply_body<K: Resource<DynamicType = ()>, S: Serialize>(status: &S) -> serde_json::Value {
+    json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    })
+}
+
 /// Server-side applies `status` on the status subresource under `manager`.
 /// The fields `manager` applied before and leaves out now are removed.
 pub async fn apply_status<K, S>(api: &Api<K>, name: &str, manager: &str, status: &S) -> Result<()>
@@ -88,11 +97,7 @@ where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
     S: Serialize,
 {
-    let body = json!({
-        "apiVersion": K::api_version(&()),
-        "kind": K::kind(&()),
-        "status": status,
-    });
+    let body = status_apply_body::<K, S>(status);
     api.patch_status(
         name,
         &PatchParams::apply(manager).force(),
@@ -116,11 +121,7 @@ where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
     S: Serialize,
 {
-    let body = json!({
-        "apiVersion": K::api_version(&()),
-        "kind": K::kind(&()),
-        "status": status,
-    });
+    let body = status_apply_body::<K, S>(status);
     match api
         .patch_status(name, &PatchParams::apply(manager), &Patch::Apply(&body))
         .await

@@ -22,6 +22,9 @@
 //! (the bench's 16 creates beside the operator's 32 reconciles). Written
 //! to `target/bench/scale-floor-N.json`.
 //!
+//! `--operator-concurrency N` starts the operator with `--concurrency N`
+//! (its default otherwise), to compare.
+//!
 //! (`VIREO_SCALE_N` and `VIREO_SCALE_AGENTS` work too.) Prints, and writes
 //! to `target/bench/scale.json` (`scale-N.json` too): the time from the
 //! first create to all Running and from the delete to all gone; p50, p95
@@ -71,6 +74,16 @@ fn vm_hwm_kib(pid: u32) -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse().ok())
         })
+        .unwrap_or(0)
+}
+
+/// The PID `e2e/cluster.sh` recorded under `key` (`APISERVER_PID`,
+/// `ETCD_PID`), 0 when absent.
+fn cluster_pid(cluster: &common::Cluster, key: &str) -> u32 {
+    cluster
+        .env
+        .get(key)
+        .and_then(|p| p.parse::<u32>().ok())
         .unwrap_or(0)
 }
 
@@ -410,11 +423,13 @@ async fn main() {
     let n_agents = arg_or("--agents", "VIREO_SCALE_AGENTS", 3).max(1);
     let pprof_secs = arg_or("--pprof", "VIREO_SCALE_PPROF", 0);
     let load_before = load_average();
-    let mut cluster = if pprof_secs > 0 {
-        common::Cluster::start_with("scale", &[("VIREO_E2E_PROFILING", "true")])
-    } else {
-        common::Cluster::start("scale")
-    };
+    // Verbosity 1: the API server logs each watcher it closes for falling
+    // behind, with its label selector (which process it was).
+    let mut env = vec![("VIREO_E2E_APISERVER_V", "1")];
+    if pprof_secs > 0 {
+        env.push(("VIREO_E2E_PROFILING", "true"));
+    }
+    let mut cluster = common::Cluster::start_with("scale", &env);
     // Bigger simulated nodes than the tests use, so every guest fits.
     let big = ["--cpus", "512", "--memory", "4Ti", "--resync-seconds", "60"];
     let op_concurrency = arg_or(
@@ -438,13 +453,7 @@ async fn main() {
     let steps: Timeline = Arc::default();
     let watch = watch_steps(&domains, steps.clone()).await;
     let metrics_before = api_metrics(&cluster);
-    let pid_of = |key: &str| {
-        cluster
-            .env
-            .get(key)
-            .and_then(|p| p.parse::<u32>().ok())
-            .unwrap_or(0)
-    };
+    let pid_of = |key: &str| cluster_pid(&cluster, key);
     let mut cpu_pids: Vec<(String, u32)> = vec![
         ("kube-apiserver".into(), pid_of("APISERVER_PID")),
         ("etcd".into(), pid_of("ETCD_PID")),
@@ -740,6 +749,20 @@ async fn main() {
                 .join(", ")
         }
     );
+    // Which watchers those were: the API server logs each one it closes,
+    // naming its label selector (an agent's is its node; the operator's and
+    // this bench's watch every Domain, no selector).
+    let closed = closed_watchers(&cluster.dir.join("kube-apiserver.log"));
+    if !closed.is_empty() {
+        println!(
+            "   closed, by watcher (kube-apiserver.log): {}",
+            closed
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let apf_rejected: Vec<(String, f64)> = delta(
         &metrics_before,
         &metrics_gone,
@@ -816,6 +839,7 @@ async fn main() {
         "api_requests_by_kind": kinds_up.iter().map(|(k, c)| serde_json::json!({"kind": k, "count": c})).collect::<Vec<_>>(),
         "api_requests_by_kind_deleting": kinds_down.iter().map(|(k, c)| serde_json::json!({"kind": k, "count": c})).collect::<Vec<_>>(),
         "watchers_terminated": terminated.iter().map(|(k, c)| (k.clone(), serde_json::json!(c))).collect::<serde_json::Map<_, _>>(),
+        "watchers_closed_by_selector": closed.iter().map(|(k, c)| (k.clone(), serde_json::json!(c))).collect::<serde_json::Map<_, _>>(),
         "watch_restarts": restarts.iter().map(|(k, c)| (k.clone(), serde_json::json!(c))).collect::<serde_json::Map<_, _>>(),
         "apf_rejected": apf_rejected.iter().map(|(_, n)| n).sum::<f64>(),
         "cpu_seconds": cpu_rows.iter().map(|(k, up, down)| (k.clone(), serde_json::json!({"to_running": up, "deleting": down}))).collect::<serde_json::Map<_, _>>(),
@@ -849,6 +873,30 @@ async fn main() {
     }
 }
 
+/// The watchers kube-apiserver closed for not keeping up, counted by the
+/// label selector its log line names ("every Domain" for none).
+fn closed_watchers(log: &std::path::Path) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    for line in text
+        .lines()
+        .filter(|l| l.contains("watcher close due to unresponsiveness"))
+    {
+        let labels = line
+            .split_once("labels: \"")
+            .and_then(|(_, rest)| rest.split_once('"'))
+            .map(|(l, _)| l.to_string())
+            .unwrap_or_default();
+        let key = if labels.is_empty() {
+            "every Domain".to_string()
+        } else {
+            labels
+        };
+        *out.entry(key).or_insert(0) += 1;
+    }
+    out
+}
+
 /// Waits until no Domain is left in `api` (they carry no finalizer here).
 async fn wait_empty(api: &Api<Domain>) {
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -869,13 +917,7 @@ async fn floor(n: usize) {
     let mut cluster = common::Cluster::start("scale-floor");
     let client = cluster.client().await;
     let domains: Api<Domain> = Api::namespaced(client.clone(), "default");
-    let pid_of = |key: &str| {
-        cluster
-            .env
-            .get(key)
-            .and_then(|p| p.parse::<u32>().ok())
-            .unwrap_or(0)
-    };
+    let pid_of = |key: &str| cluster_pid(&cluster, key);
     let (api_pid, etcd_pid) = (pid_of("APISERVER_PID"), pid_of("ETCD_PID"));
     let cpu = || (cpu_seconds(api_pid), cpu_seconds(etcd_pid));
 
