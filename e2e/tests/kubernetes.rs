@@ -731,21 +731,40 @@ async fn killed_operator_during_creation_converges_without_duplicates() {
     for i in 0..50 {
         manifests.push_str(&format!("---\napiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {{name: d{i:02}}}\nspec: {{type: test, memory: 256Mi, vcpus: 1}}\n"));
     }
+    // All 50 are there before the operator looks (a binding takes one
+    // round trip: it would keep up with kubectl's creates), then it starts
+    // and is killed at the first binding seen, with the rest unbound.
+    cluster.proc("operator").kill();
     let out = cluster.kubectl_stdin(&["apply", "-f", "-"], &manifests);
     assert!(out.status.success());
-    // Kill it once some are bound and some are not.
     let domains: Api<Domain> = Api::namespaced(client.clone(), "default");
-    let bound_at_kill = wait_for(T, "some but not all domains bound", || async {
-        let l = domains.list(&Default::default()).await.ok()?;
-        let bound = l
-            .items
-            .iter()
-            .filter(|d| d.labels().contains_key(vireo_crds::labels::NODE))
-            .count();
-        (bound > 0 && bound < 50).then_some(bound)
-    })
-    .await;
+    cluster.proc("operator").start();
+    let deadline = std::time::Instant::now() + T;
+    let bound_at_kill = loop {
+        let bound = domains
+            .list(&Default::default())
+            .await
+            .map(|l| {
+                l.items
+                    .iter()
+                    .filter(|d| d.labels().contains_key(vireo_crds::labels::NODE))
+                    .count()
+            })
+            .unwrap_or(0);
+        if bound > 0 {
+            break bound;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no Domain bound within {T:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
     cluster.proc("operator").kill();
+    assert!(
+        bound_at_kill < 50,
+        "the operator bound all 50 before the kill; nothing left to converge"
+    );
     eprintln!("[e2e] operator killed with {bound_at_kill}/50 domains bound");
     tokio::time::sleep(Duration::from_secs(1)).await;
     cluster.proc("operator").start();
