@@ -167,6 +167,13 @@ impl DomainSpec {
         self.arch.as_deref().unwrap_or(DEFAULT_ARCH)
     }
 
+    /// Whether the Domain uses no volume and no network, so that nothing
+    /// has to be ready on its node before it starts (the operator's
+    /// `VolumesReady` and `NetworksReady` gates have nothing to wait for).
+    pub fn needs_no_gate(&self) -> bool {
+        self.volume_refs().is_empty() && self.devices.interfaces.is_empty()
+    }
+
     /// Every StorageVol the Domain uses, with the field that names it: its
     /// disks' volumes, then the kernel's and the initrd's.
     pub fn volume_refs(&self) -> Vec<(String, &str)> {

@@ -962,8 +962,8 @@ async fn floor(n: usize) {
                 )
                 .await?;
                 let status = serde_json::json!({
-                    "apiVersion": "vireo.dev/v1alpha1",
-                    "kind": "Domain",
+                    "apiVersion": <Domain as kube::Resource>::api_version(&()),
+                    "kind": <Domain as kube::Resource>::kind(&()),
                     "status": {"state": "running", "nodeName": node, "id": i + 1},
                 });
                 api.patch_status(

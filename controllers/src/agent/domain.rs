@@ -148,7 +148,7 @@ async fn reconcile(dom: Arc<Domain>, ctx: &Ctx) -> Result<Action> {
     // once bound, without waiting for the operator's status to come round
     // (one write and one watch delivery less on its way to Running, issue
     // 19); a gate the operator did write is obeyed all the same.
-    let needs_nothing = dom.spec.volume_refs().is_empty() && dom.spec.devices.interfaces.is_empty();
+    let needs_nothing = dom.spec.needs_no_gate();
     let gates: Vec<&str> = ["VolumesReady", "NetworksReady"]
         .into_iter()
         .filter(|g| match find(&status.conditions, g) {

@@ -570,7 +570,7 @@ async fn reconcile(dom: Arc<Domain>, dctx: &DomainCtx) -> Result<Action> {
     // that says it runs (`conditions::ungated_domain_conditions`): one
     // status write per Domain instead of two. If the agent has not written
     // them within the grace, the operator does.
-    let ungated = dom.spec.volume_refs().is_empty() && dom.spec.devices.interfaces.is_empty();
+    let ungated = dom.spec.needs_no_gate();
     let none_yet = OPERATOR_DOMAIN_CONDITIONS
         .iter()
         .all(|t| find(prev, t).is_none());
