@@ -40,10 +40,10 @@ struct MigrationCtx {
     domains: Store<Domain>,
 }
 
-/// Runs the controller until the process ends.
-pub async fn run(ctx: Arc<Ctx>) {
+/// Runs the controller until the process ends; `domains` is the cache of
+/// the operator's one Domain watch ([`super::domain::watch`]).
+pub async fn run(ctx: Arc<Ctx>, domains: Store<Domain>) {
     let client = ctx.client.clone();
-    let domains = super::reflect(Api::<Domain>::all(client.clone()));
     if let Err(e) = domains.wait_until_ready().await {
         tracing::warn!(error = %e, "the migration controller's Domain cache did not fill");
     }

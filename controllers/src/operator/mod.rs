@@ -162,11 +162,12 @@ pub async fn run(client: Client, config: OperatorConfig, metrics: Arc<Metrics>) 
     }
     ctx.metrics.set_ready(true);
     tracing::info!("caches filled; controllers start");
+    let (domains, domain_events) = domain::watch(ctx.client.clone());
     tokio::select! {
-        _ = domain::run(ctx.clone()) => {}
+        _ = domain::run(ctx.clone(), domains.clone(), domain_events) => {}
         _ = volume::run(ctx.clone()) => {}
         _ = host_health::run(ctx.clone()) => {}
-        _ = migration::run(ctx.clone()) => {}
+        _ = migration::run(ctx.clone(), domains) => {}
         _ = aggregate::run_networks(ctx.clone()) => {}
         _ = aggregate::run_pools(ctx.clone()) => {}
     }
