@@ -208,6 +208,9 @@ fn api_metrics(cluster: &common::Cluster) -> HashMap<String, f64> {
             }
             // Watches the API server closed on a watcher that fell behind.
             "apiserver_terminated_watchers_total" => format!("{name}|{}", l("resource")),
+            // The watch cache's event history; a watch opened while it
+            // holds C events gets a buffer of max(10, C / 75) events.
+            "watch_cache_capacity" => format!("{name}|{}", l("resource")),
             "etcd_request_duration_seconds_sum" | "etcd_request_duration_seconds_count" => {
                 format!("{name}|{}", l("operation"))
             }
@@ -763,6 +766,31 @@ async fn main() {
                 .join(", ")
         );
     }
+    // Why they fell behind: the API server sizes each watch's buffer when
+    // the watch opens, from its watch cache's history then (capacity / 75 s
+    // of history, at least 10 events, at most 100). Watches opened on a
+    // quiet cluster get 10; the cache grows during the burst, and a watch
+    // reopened then gets more.
+    let capacity = |m: &HashMap<String, f64>| {
+        m.get("watch_cache_capacity|domains")
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let buffer = |c: f64| (c / 75.0).ceil().clamp(10.0, 100.0);
+    let capacities = [
+        capacity(&metrics_before),
+        capacity(&metrics_running),
+        capacity(&metrics_gone),
+    ];
+    println!(
+        "   the Domain watch cache's capacity (watch_cache_capacity) before / at all Running / at all gone: {:.0} / {:.0} / {:.0} events, so a watch opened then gets a buffer of {:.0} / {:.0} / {:.0}",
+        capacities[0],
+        capacities[1],
+        capacities[2],
+        buffer(capacities[0]),
+        buffer(capacities[1]),
+        buffer(capacities[2]),
+    );
     let apf_rejected: Vec<(String, f64)> = delta(
         &metrics_before,
         &metrics_gone,
@@ -840,6 +868,7 @@ async fn main() {
         "api_requests_by_kind_deleting": kinds_down.iter().map(|(k, c)| serde_json::json!({"kind": k, "count": c})).collect::<Vec<_>>(),
         "watchers_terminated": terminated.iter().map(|(k, c)| (k.clone(), serde_json::json!(c))).collect::<serde_json::Map<_, _>>(),
         "watchers_closed_by_selector": closed.iter().map(|(k, c)| (k.clone(), serde_json::json!(c))).collect::<serde_json::Map<_, _>>(),
+        "domain_watch_cache_capacity": {"before": capacities[0], "at_all_running": capacities[1], "at_all_gone": capacities[2]},
         "watch_restarts": restarts.iter().map(|(k, c)| (k.clone(), serde_json::json!(c))).collect::<serde_json::Map<_, _>>(),
         "apf_rejected": apf_rejected.iter().map(|(_, n)| n).sum::<f64>(),
         "cpu_seconds": cpu_rows.iter().map(|(k, up, down)| (k.clone(), serde_json::json!({"to_running": up, "deleting": down}))).collect::<serde_json::Map<_, _>>(),
