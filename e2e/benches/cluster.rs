@@ -1,15 +1,21 @@
 //! Apply-to-Running on a real cluster: N `test` Domains (default 100,
-//! `VIREO_CLUSTER_N`) created on two kubelet nodes whose agents run as the
-//! chart's pods (image from `scripts/image`, release build), beside the same
-//! N Domains on today's process-based set-up (the operator and two agents
-//! as local processes against a bare kube-apiserver), in the same run.
-//! Each set-up runs `VIREO_CLUSTER_ROUNDS` rounds (default 3: create N,
-//! wait for all Running, delete them all); the figures are the medians of
-//! the rounds' p50, p95 and all-Running times.
+//! `VIREO_CLUSTER_N`) created on kubelet nodes (default two,
+//! `VIREO_CLUSTER_NODES`) whose agents run as the chart's pods (image from
+//! `scripts/image`, release build), beside the same N Domains on today's
+//! process-based set-up (the operator and as many agents as local
+//! processes against a bare kube-apiserver), in the same run. Each set-up
+//! runs `VIREO_CLUSTER_ROUNDS` rounds (default 3: create N,
+//! `VIREO_CLUSTER_AT_ONCE` at a time (default 8), wait for all Running,
+//! delete them all and wait until they are gone); the figures are the
+//! medians of the rounds' p50, p95, all-Running and all-gone times, and
+//! the peak memory (VmHWM) of the operator and of the largest agent.
 //!
 //! `cargo bench -p vireo-e2e --bench cluster` (root, /dev/kvm, the packages
 //! of scripts/setup) prints a table and writes `target/bench/cluster.json`;
 //! `--profile dev` measures debug builds (the image then holds them too).
+//! Issue 19's fleet on kubelet nodes: `VIREO_CLUSTER_N=10000
+//! VIREO_CLUSTER_NODES=10 VIREO_CLUSTER_ROUNDS=1 VIREO_CLUSTER_AT_ONCE=16
+//! cargo bench -p vireo-e2e --bench cluster`.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -17,6 +23,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::fleet;
+use futures::StreamExt;
 use kube::api::{Api, DeleteParams};
 use vireo_crds::Domain;
 
@@ -37,19 +44,55 @@ struct Round {
     p50: f64,
     p95: f64,
     all: f64,
+    gone: f64,
     running: usize,
 }
 
-/// Creates `n` test Domains (8 at a time), waits until all are Running,
-/// deletes them and waits until they are gone.
-async fn round(client: &kube::Client, n: usize, tag: &str) -> Round {
+/// How long a round may wait for all Running, and again for all gone:
+/// 300 s, or 50 ms per Domain for a larger fleet.
+fn patience(n: usize) -> Duration {
+    Duration::from_secs(300).max(Duration::from_millis(50) * u32::try_from(n).unwrap_or(u32::MAX))
+}
+
+/// The peak resident memory (VmHWM, MiB) of every process whose command's
+/// first word ends in `name`: the chart's pods are processes of this host
+/// too (their own PID namespace, the host's procfs).
+fn peak_mib(name: &str) -> Vec<f64> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let path = entry.path();
+        let Ok(cmd) = std::fs::read(path.join("cmdline")) else {
+            continue;
+        };
+        let first = cmd.split(|b| *b == 0).next().unwrap_or_default();
+        if !first.ends_with(name.as_bytes()) {
+            continue;
+        }
+        let status = std::fs::read_to_string(path.join("status")).unwrap_or_default();
+        if let Some(kib) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        {
+            out.push(kib / 1024.0);
+        }
+    }
+    out
+}
+
+/// Creates `n` test Domains (`at_once` at a time), waits until all are
+/// Running, deletes them and waits until they are gone.
+async fn round(client: &kube::Client, n: usize, at_once: usize, tag: &str) -> Round {
     let domains: Api<Domain> = Api::namespaced(client.clone(), "default");
     let (watch, running_at) = fleet::watch_running(&domains);
     // Let the watch list before the first create.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let started = Instant::now();
-    let created = fleet::create(&domains, tag, n, "64Mi", 8).await;
-    let deadline = Instant::now() + Duration::from_secs(300);
+    let created = fleet::create(&domains, tag, n, "64Mi", at_once).await;
+    let deadline = Instant::now() + patience(n);
     while running_at.lock().unwrap_or_else(|p| p.into_inner()).len() < n
         && Instant::now() < deadline
     {
@@ -59,13 +102,20 @@ async fn round(client: &kube::Client, n: usize, tag: &str) -> Round {
     watch.abort();
     let running = running_at.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let lat = fleet::latencies(&created, &running);
-    // Clean up for the next round.
-    for name in created.keys() {
-        let _ = domains.delete(name, &DeleteParams::default()).await;
-    }
-    let deadline = Instant::now() + Duration::from_secs(300);
+    // Clean up for the next round, as many deletes in flight as creates.
+    let deleting = Instant::now();
+    futures::stream::iter(created.keys())
+        .for_each_concurrent(at_once, |name| {
+            let domains = domains.clone();
+            async move {
+                let _ = domains.delete(name, &DeleteParams::default()).await;
+            }
+        })
+        .await;
+    let deadline = Instant::now() + patience(n);
+    let lp = kube::api::ListParams::default().limit(1);
     while Instant::now() < deadline {
-        match domains.list(&Default::default()).await {
+        match domains.list_metadata(&lp).await {
             Ok(l) if l.items.is_empty() => break,
             _ => tokio::time::sleep(Duration::from_millis(200)).await,
         }
@@ -74,21 +124,29 @@ async fn round(client: &kube::Client, n: usize, tag: &str) -> Round {
         p50: fleet::percentile(&lat, 0.50),
         p95: fleet::percentile(&lat, 0.95),
         all,
+        gone: deleting.elapsed().as_secs_f64(),
         running: running.len(),
     }
 }
 
-async fn rounds(client: &kube::Client, n: usize, count: usize, tag: &str) -> Vec<Round> {
+async fn rounds(
+    client: &kube::Client,
+    n: usize,
+    at_once: usize,
+    count: usize,
+    tag: &str,
+) -> Vec<Round> {
     let mut out = Vec::new();
     for r in 0..count {
-        let x = round(client, n, &format!("{tag}{r}")).await;
+        let x = round(client, n, at_once, &format!("{tag}{r}")).await;
         eprintln!(
-            "[bench] {tag} round {}: {}/{n} Running, p50 {:.3}s p95 {:.3}s all {:.2}s",
+            "[bench] {tag} round {}: {}/{n} Running, p50 {:.3}s p95 {:.3}s all {:.2}s, gone {:.2}s",
             r + 1,
             x.running,
             x.p50,
             x.p95,
-            x.all
+            x.all,
+            x.gone
         );
         out.push(x);
     }
@@ -99,21 +157,27 @@ async fn rounds(client: &kube::Client, n: usize, count: usize, tag: &str) -> Vec
 async fn main() {
     let n = env_or("VIREO_CLUSTER_N", 100);
     let count = env_or("VIREO_CLUSTER_ROUNDS", 3);
+    let n_nodes = env_or("VIREO_CLUSTER_NODES", 2).max(1);
+    let at_once = env_or("VIREO_CLUSTER_AT_ONCE", 8).max(1);
+    // Simulated nodes big enough for any fleet (the scale bench's sizes),
+    // the same for the processes and the pods.
+    let (cpus, memory) = ("512", "4Ti");
 
-    // Today's set-up: operator and two agents as processes.
-    let procs = {
+    // Today's set-up: operator and the agents as processes.
+    let (procs, procs_mib) = {
         let mut cluster = common::Cluster::start("bench-procs");
         let operator = cluster.operator("operator", &["--no-leader-election"]);
-        let agents: Vec<common::Proc> = (1..=2)
-            .map(|i| cluster.agent(&format!("node-{i}"), &[]))
+        let agents: Vec<common::Proc> = (1..=n_nodes)
+            .map(|i| cluster.agent(&format!("node-{i}"), &["--cpus", cpus, "--memory", memory]))
             .collect();
         let client = cluster.client().await;
-        common::ready_hosts(&client, 2).await;
-        let r = rounds(&client, n, count, "procs").await;
+        common::ready_hosts(&client, n_nodes).await;
+        let r = rounds(&client, n, at_once, count, "procs").await;
+        let mib = (peak_mib("vireo-operator"), peak_mib("vireo-agent"));
         drop(agents);
         drop(operator);
         cluster.procs_clear();
-        r
+        (r, mib)
     };
 
     // The real cluster: the chart's pods on two kubelet nodes.
@@ -127,7 +191,7 @@ async fn main() {
     let image = common::nodes::script(&["scripts/image", "--profile", profile]);
     let cluster =
         common::Cluster::start_bare_with("bench-nodes", &[("VIREO_E2E_BIND_ADDRESS", "0.0.0.0")]);
-    let nodes = common::nodes::Nodes::start(&cluster, 2);
+    let nodes = common::nodes::Nodes::start(&cluster, n_nodes);
     nodes.import(&image);
     let chart = common::repo().join("charts/vireo");
     cluster.helm_ok(&[
@@ -139,37 +203,48 @@ async fn main() {
         "--create-namespace",
         "--set",
         "uninstall.cleanup=false",
-        // The same simulated node size the process harness gives its
-        // agents (8 CPUs, 32 GiB), so that 100 Domains fit either way.
+        // The same simulated node size the processes above were given.
         "--set",
-        "agent.cpus=8",
+        &format!("agent.cpus={cpus}"),
         "--set",
-        "agent.memory=32Gi",
+        &format!("agent.memory={memory}"),
         "--wait",
         "--timeout",
         "5m",
     ]);
     let client = cluster.client().await;
-    common::ready_hosts(&client, 2).await;
-    let pods = rounds(&client, n, count, "pods").await;
+    common::ready_hosts(&client, n_nodes).await;
+    let pods = rounds(&client, n, at_once, count, "pods").await;
+    let pods_mib = (peak_mib("vireo-operator"), peak_mib("vireo-agent"));
     drop(nodes);
 
-    let row = |name: &str, rs: &[Round]| {
+    let largest = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    let row = |name: &str, rs: &[Round], mib: &(Vec<f64>, Vec<f64>)| {
         let p50 = median(rs.iter().map(|r| r.p50).collect());
         let p95 = median(rs.iter().map(|r| r.p95).collect());
         let all = median(rs.iter().map(|r| r.all).collect());
+        let gone = median(rs.iter().map(|r| r.gone).collect());
         let ok = rs.iter().all(|r| r.running == n);
-        println!(" {name:<44} {p50:>8.3}s {p95:>8.3}s {all:>9.2}s  {ok}");
-        serde_json::json!({"p50_seconds": p50, "p95_seconds": p95, "all_running_seconds": all, "all_ran": ok})
+        let (op, agent) = (largest(&mib.0), largest(&mib.1));
+        println!(
+            " {name:<44} {p50:>8.3}s {p95:>8.3}s {all:>9.2}s {gone:>9.2}s {op:>6.0} / {agent:<4.0} {ok}"
+        );
+        serde_json::json!({"p50_seconds": p50, "p95_seconds": p95, "all_running_seconds": all, "all_gone_seconds": gone, "operator_peak_mib": op, "agent_peak_mib": mib.1, "all_ran": ok})
     };
-    println!("{n} test Domains, apply to Running, two nodes; medians of {count} rounds");
+    println!(
+        "{n} test Domains, apply to Running, {n_nodes} nodes, {at_once} creates at a time; medians of {count} rounds"
+    );
     println!();
     println!(
-        " {:<44} {:>9} {:>9} {:>10}  all Running",
-        "set-up", "p50", "p95", "all"
+        " {:<44} {:>9} {:>9} {:>10} {:>10} {:>13}  all Running",
+        "set-up", "p50", "p95", "all", "all gone", "MiB op / agent"
     );
-    let a = row("agents as processes (today's bench)", &procs);
-    let b = row("agents as the chart's pods on kubelet nodes", &pods);
+    let a = row("agents as processes (today's bench)", &procs, &procs_mib);
+    let b = row(
+        "agents as the chart's pods on kubelet nodes",
+        &pods,
+        &pods_mib,
+    );
     let ratio = |k: &str| b[k].as_f64().unwrap_or(f64::NAN) / a[k].as_f64().unwrap_or(f64::NAN);
     println!(
         " ratio pods / processes: p50 {:.2}x, p95 {:.2}x",
@@ -179,6 +254,8 @@ async fn main() {
     let json = serde_json::json!({
         "benchmark": "cluster",
         "domains": n,
+        "nodes": n_nodes,
+        "creates_at_once": at_once,
         "rounds": count,
         "processes": a,
         "pods": b,
