@@ -168,7 +168,12 @@ async fn main() {
         let mut cluster = common::Cluster::start("bench-procs");
         let operator = cluster.operator("operator", &["--no-leader-election"]);
         let agents: Vec<common::Proc> = (1..=n_nodes)
-            .map(|i| cluster.agent(&format!("node-{i}"), &["--cpus", cpus, "--memory", memory]))
+            .map(|i| {
+                // The chart's resync (`agent.resyncSeconds`), not the
+                // tests' 5 s.
+                let args = ["--cpus", cpus, "--memory", memory, "--resync-seconds", "30"];
+                cluster.agent(&format!("node-{i}"), &args)
+            })
             .collect();
         let client = cluster.client().await;
         common::ready_hosts(&client, n_nodes).await;
