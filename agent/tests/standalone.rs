@@ -228,9 +228,22 @@ fn standalone_runs_edits_readopts_and_removes_a_qemu_guest() {
     let _ = std::fs::remove_dir_all(&base);
 }
 
-/// The `vireo` CLI of this build (cargo builds it once per test binary).
+/// The `vireo` CLI of this build (cargo builds it once per test binary),
+/// without the variables cargo set for this test: ring's build script
+/// reruns when `CARGO_MANIFEST_DIR` or `CARGO_PKG_*` change, and with them
+/// ring, rustls and kube would rebuild here and again after.
 fn vireo_cli() -> PathBuf {
-    let status = Command::new(env!("CARGO"))
+    let mut cargo = Command::new(env!("CARGO"));
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_MANIFEST_")
+            || k == "CARGO_CRATE_NAME"
+        {
+            cargo.env_remove(&key);
+        }
+    }
+    let status = cargo
         .args(["build", "--quiet", "-p", "vireo-cli", "--bin", "vireo"])
         .current_dir(repo())
         .status()

@@ -25,6 +25,32 @@ pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// `cargo` for a build started from inside a test or bench, without the
+/// variables cargo sets for the running test (`CARGO_MANIFEST_DIR`,
+/// `CARGO_PKG_*`, ...). ring's build script asks to rerun when they change,
+/// so with them every such build rebuilt ring, rustls and kube, and the
+/// next `cargo test` or `cargo bench` rebuilt them back.
+pub fn cargo() -> Command {
+    let mut cmd = Command::new(env!("CARGO"));
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_MANIFEST_")
+            || matches!(
+                k.as_ref(),
+                "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "OUT_DIR"
+            )
+        {
+            cmd.env_remove(&key);
+        }
+    }
+    cmd
+}
+
 /// A Vireo binary from this workspace's target directory, built once per run
 /// (or from `VIREO_E2E_VIREO_BIN`, a directory of binaries built before: the
 /// scale bench compares two builds back to back that way).
@@ -54,7 +80,7 @@ pub fn vireo_bin(name: &str) -> PathBuf {
         if dir.ends_with("release") {
             args.push("--release");
         }
-        let status = Command::new(env!("CARGO"))
+        let status = cargo()
             .args(&args)
             .current_dir(repo())
             .status()

@@ -22,7 +22,7 @@ pub fn vireo() -> PathBuf {
         if dir.ends_with("release") {
             args.push("--release");
         }
-        let status = Command::new(env!("CARGO"))
+        let status = super::cargo()
             .args(&args)
             .current_dir(super::repo())
             .status()
