@@ -43,6 +43,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 struct Round {
     p50: f64,
     p95: f64,
+    p99: f64,
+    /// The creates alone.
+    creates: f64,
+    /// Create → bound (the operator) and bound → Running (the agent,
+    /// then the watch): p50, p95, p99.
+    to_bound: [f64; 3],
+    bound_to_running: [f64; 3],
     all: f64,
     gone: f64,
     running: usize,
@@ -87,21 +94,30 @@ fn peak_mib(name: &str) -> Vec<f64> {
 /// Running, deletes them and waits until they are gone.
 async fn round(client: &kube::Client, n: usize, at_once: usize, tag: &str) -> Round {
     let domains: Api<Domain> = Api::namespaced(client.clone(), "default");
-    let (watch, running_at) = fleet::watch_running(&domains);
+    let (watch, seen) = fleet::watch_running(&domains);
     // Let the watch list before the first create.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let started = Instant::now();
     let created = fleet::create(&domains, tag, n, "64Mi", at_once).await;
+    let creates = started.elapsed().as_secs_f64();
     let deadline = Instant::now() + patience(n);
-    while running_at.lock().unwrap_or_else(|p| p.into_inner()).len() < n
+    while seen.running.lock().unwrap_or_else(|p| p.into_inner()).len() < n
         && Instant::now() < deadline
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let all = started.elapsed().as_secs_f64();
     watch.abort();
-    let running = running_at.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let running = seen
+        .running
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let bound = seen.bound.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let lat = fleet::latencies(&created, &running);
+    let quantiles = |v: &[f64]| [0.50, 0.95, 0.99].map(|q| fleet::percentile(v, q));
+    let to_bound = quantiles(&fleet::latencies(&created, &bound));
+    let bound_to_running = quantiles(&fleet::latencies(&bound, &running));
     // Clean up for the next round, as many deletes in flight as creates.
     let deleting = Instant::now();
     futures::stream::iter(created.keys())
@@ -123,6 +139,10 @@ async fn round(client: &kube::Client, n: usize, at_once: usize, tag: &str) -> Ro
     Round {
         p50: fleet::percentile(&lat, 0.50),
         p95: fleet::percentile(&lat, 0.95),
+        p99: fleet::percentile(&lat, 0.99),
+        creates,
+        to_bound,
+        bound_to_running,
         all,
         gone: deleting.elapsed().as_secs_f64(),
         running: running.len(),
@@ -140,13 +160,21 @@ async fn rounds(
     for r in 0..count {
         let x = round(client, n, at_once, &format!("{tag}{r}")).await;
         eprintln!(
-            "[bench] {tag} round {}: {}/{n} Running, p50 {:.3}s p95 {:.3}s all {:.2}s, gone {:.2}s",
+            "[bench] {tag} round {}: {}/{n} Running, p50 {:.3}s p95 {:.3}s p99 {:.3}s all {:.2}s (creates {:.2}s), gone {:.2}s; create → bound p50/p95/p99 {:.3}/{:.3}/{:.3}s, bound → Running {:.3}/{:.3}/{:.3}s",
             r + 1,
             x.running,
             x.p50,
             x.p95,
+            x.p99,
             x.all,
-            x.gone
+            x.creates,
+            x.gone,
+            x.to_bound[0],
+            x.to_bound[1],
+            x.to_bound[2],
+            x.bound_to_running[0],
+            x.bound_to_running[1],
+            x.bound_to_running[2],
         );
         out.push(x);
     }
@@ -231,10 +259,25 @@ async fn main() {
         let gone = median(rs.iter().map(|r| r.gone).collect());
         let ok = rs.iter().all(|r| r.running == n);
         let (op, agent) = (largest(&mib.0), largest(&mib.1));
+        let p99 = median(rs.iter().map(|r| r.p99).collect());
+        let creates = median(rs.iter().map(|r| r.creates).collect());
+        let step = |f: &dyn Fn(&Round) -> f64| median(rs.iter().map(f).collect());
+        let to_bound = [0, 1, 2].map(|i| step(&|r: &Round| r.to_bound[i]));
+        let bound_to_running = [0, 1, 2].map(|i| step(&|r: &Round| r.bound_to_running[i]));
         println!(
             " {name:<44} {p50:>8.3}s {p95:>8.3}s {all:>9.2}s {gone:>9.2}s {op:>6.0} / {agent:<4.0} {ok}"
         );
-        serde_json::json!({"p50_seconds": p50, "p95_seconds": p95, "all_running_seconds": all, "all_gone_seconds": gone, "operator_peak_mib": op, "agent_peak_mib": mib.1, "all_ran": ok})
+        println!(
+            " {:<44} creates {creates:.2}s, p99 {p99:.3}s; create → bound p50/p95/p99 {:.3}/{:.3}/{:.3}s, bound → Running {:.3}/{:.3}/{:.3}s",
+            "",
+            to_bound[0],
+            to_bound[1],
+            to_bound[2],
+            bound_to_running[0],
+            bound_to_running[1],
+            bound_to_running[2],
+        );
+        serde_json::json!({"p50_seconds": p50, "p95_seconds": p95, "p99_seconds": p99, "creates_seconds": creates, "create_to_bound_seconds": to_bound, "bound_to_running_seconds": bound_to_running, "all_running_seconds": all, "all_gone_seconds": gone, "operator_peak_mib": op, "agent_peak_mib": mib.1, "all_ran": ok})
     };
     println!(
         "{n} test Domains, apply to Running, {n_nodes} nodes, {at_once} creates at a time; medians of {count} rounds"

@@ -36,29 +36,52 @@ pub fn test_domain(name: &str, memory: &str) -> Domain {
     )
 }
 
-/// Watches `api` and records when each Domain is first seen Running.
-pub fn watch_running(api: &Api<Domain>) -> (tokio::task::JoinHandle<()>, Times) {
-    let running: Times = Arc::default();
-    let seen = running.clone();
+/// When a watch first saw each Domain bound to a node (the operator's
+/// `vireo.dev/node` label) and Running.
+#[derive(Clone, Default)]
+pub struct Seen {
+    pub bound: Times,
+    pub running: Times,
+}
+
+/// Watches `api` and records when each Domain is first seen bound and
+/// Running.
+pub fn watch_running(api: &Api<Domain>) -> (tokio::task::JoinHandle<()>, Seen) {
+    let seen = Seen::default();
+    let stamps = seen.clone();
     let api = api.clone();
     let task = tokio::spawn(async move {
         let _ = watcher(api, watcher::Config::default())
             .applied_objects()
             .try_for_each(move |d| {
-                let seen = seen.clone();
-                async move {
-                    if d.status.as_ref().and_then(|s| s.state) == Some(DomainState::Running) {
-                        seen.lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .entry(d.metadata.name.clone().unwrap_or_default())
-                            .or_insert_with(Instant::now);
-                    }
-                    Ok(())
+                let name = d.metadata.name.clone().unwrap_or_default();
+                let now = Instant::now();
+                let bound = d
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .is_some_and(|l| l.contains_key(vireo_crds::labels::NODE));
+                if bound {
+                    stamps
+                        .bound
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .entry(name.clone())
+                        .or_insert(now);
                 }
+                if d.status.as_ref().and_then(|s| s.state) == Some(DomainState::Running) {
+                    stamps
+                        .running
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .entry(name)
+                        .or_insert(now);
+                }
+                futures::future::ready(Ok(()))
             })
             .await;
     });
-    (task, running)
+    (task, seen)
 }
 
 /// Creates `{prefix}-{i:04}` for i in 0..n, `at_once` at a time; returns
