@@ -32,7 +32,8 @@ pub(crate) type DomainTouched = futures::channel::mpsc::UnboundedReceiver<Object
 /// also sent on the returned channel, which wakes the DomainSnapshots of
 /// that Domain. One watch, not one per controller: the API server hands
 /// every Domain event to every Domain watch, and one opened on a quiet
-/// cluster gets a 10-event buffer it closes when full (issue 19).
+/// cluster gets a 10-event buffer; a watch that falls behind is closed
+/// (issue 19, docs/architecture.md).
 pub(crate) fn watch(
     ctx: &Ctx,
 ) -> (
