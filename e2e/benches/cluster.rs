@@ -192,7 +192,12 @@ async fn main() {
     let (cpus, memory) = ("512", "4Ti");
 
     // Today's set-up: operator and the agents as processes.
-    let (procs, procs_mib) = {
+    // `VIREO_CLUSTER_ONLY=pods` skips the processes (an experiment on the
+    // pods alone).
+    let pods_only = std::env::var("VIREO_CLUSTER_ONLY").is_ok_and(|v| v == "pods");
+    let (procs, procs_mib) = if pods_only {
+        (Vec::new(), (Vec::new(), Vec::new()))
+    } else {
         let mut cluster = common::Cluster::start("bench-procs");
         let operator = cluster.operator("operator", &["--no-leader-election"]);
         let agents: Vec<common::Proc> = (1..=n_nodes)
@@ -227,7 +232,10 @@ async fn main() {
     let nodes = common::nodes::Nodes::start(&cluster, n_nodes);
     nodes.import(&image);
     let chart = common::repo().join("charts/vireo");
-    cluster.helm_ok(&[
+    // Further chart values for an experiment (`VIREO_CLUSTER_SET`, helm's
+    // `--set` syntax, e.g. `operator.resources.requests.cpu=500m`).
+    let extra_set = std::env::var("VIREO_CLUSTER_SET").unwrap_or_default();
+    let mut install = vec![
         "install",
         "vireo",
         chart.to_str().unwrap_or("charts/vireo"),
@@ -236,15 +244,19 @@ async fn main() {
         "--create-namespace",
         "--set",
         "uninstall.cleanup=false",
-        // The same simulated node size the processes above were given.
-        "--set",
-        &format!("agent.cpus={cpus}"),
-        "--set",
-        &format!("agent.memory={memory}"),
+        // The same simulated node size the processes above were given
+        // (below).
         "--wait",
         "--timeout",
         "5m",
-    ]);
+    ];
+    let memory_set = format!("agent.memory={memory}");
+    let cpus_set = format!("agent.cpus={cpus}");
+    install.extend(["--set", &cpus_set, "--set", &memory_set]);
+    if !extra_set.is_empty() {
+        install.extend(["--set", &extra_set]);
+    }
+    cluster.helm_ok(&install);
     let client = cluster.client().await;
     common::ready_hosts(&client, n_nodes).await;
     let pods = rounds(&client, n, at_once, count, "pods").await;
