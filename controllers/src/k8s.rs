@@ -189,6 +189,66 @@ async fn publish(recorder: &Recorder, ev: &Event, reference: &ObjectReference) {
     }
 }
 
+/// What a controller reconciles from a watch that fills `cache` (the
+/// events must have passed through the cache's writer first): each object
+/// changed, and every object of the cache once a list is complete.
+///
+/// kube's `applied_objects` hands on each object of a (re)list as it
+/// arrives, before the cache holds it: the list is swapped in only at its
+/// end. A controller that looks the object up in the cache (kube's does)
+/// finds a new one missing and drops the reconcile, and nothing wakes it
+/// again: a Domain bound while an agent's watch relisted (after a 410, or
+/// kube-apiserver restarting) stayed undefined for good (found by the
+/// chaos test). Here the listed objects are handed on at the end of the
+/// list instead, when the cache holds them all.
+pub fn reconcile_triggers<K, S>(
+    events: S,
+    cache: kube::runtime::reflector::Store<K>,
+) -> impl futures::Stream<Item = std::result::Result<K, kube::runtime::watcher::Error>>
+where
+    K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+    S: futures::Stream<
+            Item = std::result::Result<
+                kube::runtime::watcher::Event<K>,
+                kube::runtime::watcher::Error,
+            >,
+        >,
+{
+    use futures::StreamExt;
+    use kube::runtime::watcher::Event as Ev;
+    events.flat_map(move |event| {
+        let items: Vec<std::result::Result<K, kube::runtime::watcher::Error>> = match event {
+            Ok(Ev::Apply(obj)) => vec![Ok(obj)],
+            Ok(Ev::InitDone) => cache.state().iter().map(|o| Ok(K::clone(o))).collect(),
+            Ok(Ev::Init | Ev::InitApply(_) | Ev::Delete(_)) => Vec::new(),
+            Err(e) => vec![Err(e)],
+        };
+        futures::stream::iter(items)
+    })
+}
+
+/// A controller of `K` on its own watch, like kube's `Controller::new`,
+/// but woken as [`reconcile_triggers`] says: after a relist, once the
+/// cache holds the listed objects.
+pub fn controller<K>(
+    api: Api<K>,
+    config: kube::runtime::watcher::Config,
+) -> kube::runtime::Controller<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    use kube::runtime::WatchStreamExt;
+    let (cache, writer) = kube::runtime::reflector::store();
+    let events = kube::runtime::watcher(api, config).reflect(writer);
+    kube::runtime::Controller::for_stream(reconcile_triggers(events, cache.clone()), cache)
+}
+
 /// [`event`] sent in the background, through a queue that sends a few at
 /// a time: the reconcile goes on to the write that matters (a status a
 /// watcher waits for) without a round trip first, and a fleet's Events do
@@ -316,5 +376,52 @@ mod tests {
             ));
         }
         assert!(owns_status_conditions(&dom, "vireo-operator", &types));
+    }
+
+    #[tokio::test]
+    async fn a_relist_hands_on_its_objects_once_the_cache_holds_them() {
+        use futures::StreamExt;
+        use k8s_openapi::api::core::v1::ConfigMap;
+        use kube::runtime::WatchStreamExt;
+        use kube::runtime::reflector;
+        use kube::runtime::watcher::Event as Ev;
+        let cm = |name: &str| {
+            let mut c = ConfigMap::default();
+            c.metadata.name = Some(name.into());
+            c.metadata.namespace = Some("ns".into());
+            c
+        };
+        let (cache, writer) = reflector::store::<ConfigMap>();
+        let events = futures::stream::iter(vec![
+            Ok(Ev::Init),
+            Ok(Ev::InitApply(cm("old"))),
+            Ok(Ev::InitDone),
+            Ok(Ev::Apply(cm("changed"))),
+            // A relist (after a 410): "old" is gone, "new" appears.
+            Ok(Ev::Init),
+            Ok(Ev::InitApply(cm("new"))),
+            Ok(Ev::InitDone),
+            Ok(Ev::Delete(cm("new"))),
+        ])
+        .reflect(writer);
+        let reader = cache.clone();
+        let seen: Vec<(String, bool)> = reconcile_triggers(events, cache)
+            .map(|r| {
+                let obj = r.expect("no error");
+                // What the controller's lookup would find at that moment.
+                let cached = reader.get(&reflector::ObjectRef::from_obj(&obj)).is_some();
+                (obj.name_any(), cached)
+            })
+            .collect()
+            .await;
+        assert_eq!(
+            seen,
+            vec![
+                ("old".to_string(), true),
+                ("changed".to_string(), true),
+                ("new".to_string(), true),
+            ],
+            "each listed object once the list is in the cache, each change as it comes, no delete"
+        );
     }
 }

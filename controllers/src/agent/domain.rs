@@ -45,7 +45,7 @@ pub(crate) fn watch(
     let selector = format!("{NODE}={}", ctx.config.node_name);
     let (store, writer) = reflector::store();
     let (tx, rx) = futures::channel::mpsc::unbounded();
-    let stream = watcher(api, watcher::Config::default().labels(&selector))
+    let events = watcher(api, watcher::Config::default().labels(&selector))
         .reflect(writer)
         .inspect(move |event| {
             if let Ok(
@@ -55,8 +55,8 @@ pub(crate) fn watch(
                 // The receiver lives as long as the agent's controllers.
                 let _ = tx.unbounded_send(ObjectRef::from_obj(d));
             }
-        })
-        .applied_objects();
+        });
+    let stream = k8s::reconcile_triggers(events, store.clone());
     (store, stream, rx)
 }
 

@@ -57,10 +57,10 @@ pub fn watch(
     impl futures::Stream<Item = std::result::Result<Domain, watcher::Error>> + Send + 'static,
 ) {
     let (domains, writer) = reflector::store();
-    let stream = watcher(Api::<Domain>::all(client), watcher::Config::default())
+    let events = watcher(Api::<Domain>::all(client), watcher::Config::default())
         .modify(|d| d.managed_fields_mut().clear())
-        .reflect(writer)
-        .applied_objects();
+        .reflect(writer);
+    let stream = k8s::reconcile_triggers(events, domains.clone());
     (domains, stream)
 }
 

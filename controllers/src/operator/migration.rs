@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use kube::api::Api;
-use kube::runtime::controller::{Action, Config, Controller};
+use kube::runtime::controller::{Action, Config};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
@@ -49,7 +49,7 @@ pub async fn run(ctx: Arc<Ctx>, domains: Store<Domain>) {
     }
     tokio::spawn(super::drain::run(ctx.clone(), domains.clone()));
     let mctx = Arc::new(MigrationCtx { ctx, domains });
-    Controller::new(
+    k8s::controller(
         Api::<DomainMigration>::all(client),
         watcher::Config::default(),
     )

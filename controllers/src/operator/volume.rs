@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::controller::{Action, Config, Controller};
+use kube::runtime::controller::{Action, Config};
 use kube::runtime::events::EventType;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
@@ -21,7 +21,7 @@ use crate::k8s;
 
 pub async fn run(ctx: Arc<Ctx>) {
     let client = ctx.client.clone();
-    Controller::new(Api::<StorageVol>::all(client), watcher::Config::default())
+    k8s::controller(Api::<StorageVol>::all(client), watcher::Config::default())
         .with_config(Config::default().concurrency(ctx.config.concurrency))
         .run(
             |vol, ctx: Arc<Ctx>| async move {
