@@ -3,12 +3,10 @@
 
 use std::sync::Arc;
 
-use futures::StreamExt;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Config, Controller};
 use kube::runtime::events::EventType;
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use vireo_crds::labels::{NODE, NODE_CLEANUP_FINALIZER, OPERATOR_MANAGER, node_key};
 use vireo_crds::{Domain, DomainInfo, DomainState, DomainStatus, DomainType};
@@ -22,51 +20,10 @@ use crate::error::Result;
 use crate::k8s;
 use crate::run_strategy::{Action as Step, History, decide};
 
-/// A Domain of this node that changed or went, as the snapshot controller
-/// hears of it.
-pub(crate) type DomainTouched = futures::channel::mpsc::UnboundedReceiver<ObjectRef<Domain>>;
-
-/// The agent's one watch on the Domains bound to this node (its label
-/// selector), with the cache it fills. The Domain controller reconciles
-/// from the returned stream; every Domain it reports (changed, or gone) is
-/// also sent on the returned channel, which wakes the DomainSnapshots of
-/// that Domain. One watch, not one per controller: the API server hands
-/// every Domain event to every Domain watch, and one opened on a quiet
-/// cluster gets a 10-event buffer; a watch that falls behind is closed
-/// (issue 19, docs/architecture.md).
-pub(crate) fn watch(
-    ctx: &Ctx,
-) -> (
-    Store<Domain>,
-    impl futures::Stream<Item = std::result::Result<Domain, watcher::Error>> + Send + 'static,
-    DomainTouched,
-) {
+pub(crate) async fn run(ctx: Arc<Ctx>) {
     let api: Api<Domain> = Api::all(ctx.client.clone());
     let selector = format!("{NODE}={}", ctx.config.node_name);
-    let (store, writer) = reflector::store();
-    let (tx, rx) = futures::channel::mpsc::unbounded();
-    let events = watcher(api, watcher::Config::default().labels(&selector))
-        .reflect(writer)
-        .inspect(move |event| {
-            if let Ok(
-                watcher::Event::Apply(d) | watcher::Event::InitApply(d) | watcher::Event::Delete(d),
-            ) = event
-            {
-                // The receiver lives as long as the agent's controllers.
-                let _ = tx.unbounded_send(ObjectRef::from_obj(d));
-            }
-        });
-    let stream = k8s::reconcile_triggers(events, store.clone());
-    (store, stream, rx)
-}
-
-/// Runs the Domain controller on the stream and cache of [`watch`].
-pub(crate) async fn run(
-    ctx: Arc<Ctx>,
-    store: Store<Domain>,
-    stream: impl futures::Stream<Item = std::result::Result<Domain, watcher::Error>> + Send + 'static,
-) {
-    let stream = Controller::for_stream(stream, store)
+    let stream = Controller::new(api, watcher::Config::default().labels(&selector))
         .with_config(Config::default().concurrency(ctx.config.concurrency))
         .run(
             |dom, ctx: Arc<Ctx>| async move {

@@ -32,9 +32,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::k8s;
 use kube::api::Api;
-use kube::runtime::controller::Action;
+use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
@@ -53,7 +52,7 @@ use crate::migration::{
 
 pub(crate) async fn run(ctx: Arc<Ctx>) {
     let api: Api<DomainMigration> = Api::all(ctx.client.clone());
-    let stream = k8s::controller(api, watcher::Config::default()).run(
+    let stream = Controller::new(api, watcher::Config::default()).run(
         |m, ctx: Arc<Ctx>| async move {
             let key = format!(
                 "migration:{}/{}",

@@ -372,13 +372,12 @@ pub async fn run(
         .map(|sr| tokio::spawn(subresources::serve(ctx.clone(), sr)));
     let heartbeat = tokio::spawn(host::heartbeat(ctx.clone()));
     let sweep = tokio::spawn(sweep::run(ctx.clone()));
-    let (domains, domain_events, domains_touched) = domain::watch(&ctx);
     tokio::select! {
-        _ = domain::run(ctx.clone(), domains, domain_events) => {}
+        _ = domain::run(ctx.clone()) => {}
         _ = volume::run(ctx.clone()) => {}
         _ = network::run(ctx.clone()) => {}
         _ = pool::run(ctx.clone()) => {}
-        _ = snapshot::run(ctx.clone(), domains_touched) => {}
+        _ = snapshot::run(ctx.clone()) => {}
         _ = migration::run(ctx.clone()) => {}
         _ = shutdown.wait() => tracing::info!("stopping; guests keep running"),
     }

@@ -13,9 +13,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use kube::api::Api;
-use kube::runtime::controller::{Action, Config};
+use kube::runtime::controller::{Action, Config, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
@@ -37,26 +36,29 @@ use crate::k8s;
 /// Held on a DomainSnapshot while its driver snapshot may exist.
 pub const SNAPSHOT_FINALIZER: &str = "vireo.dev/snapshot";
 
-/// Runs the snapshot and restore controllers; `domains` names each Domain
-/// of this node that changes or goes ([`super::domain::watch`]).
-pub(crate) async fn run(ctx: Arc<Ctx>, domains: super::domain::DomainTouched) {
+pub(crate) async fn run(ctx: Arc<Ctx>) {
     let snaps: Api<DomainSnapshot> = Api::all(ctx.client.clone());
     let restores: Api<DomainRestore> = Api::all(ctx.client.clone());
     let config = Config::default().concurrency(ctx.config.concurrency);
-    let controller = k8s::controller(snaps, watcher::Config::default());
-    let store = controller.store();
     // A Domain of this node that changes (or goes) wakes its snapshots.
-    let woken = domains.flat_map(move |d: ObjectRef<Domain>| {
-        let refs = store
-            .state()
-            .into_iter()
-            .filter(|s| s.namespace() == d.namespace && s.spec.domain_name == d.name)
-            .map(|s| ObjectRef::from_obj(s.as_ref()))
-            .collect::<Vec<_>>();
-        futures::stream::iter(refs)
-    });
+    let domains: Api<Domain> = Api::all(ctx.client.clone());
+    let selector = format!("{NODE}={}", ctx.config.node_name);
+    let controller = Controller::new(snaps, watcher::Config::default());
+    let store = controller.store();
     let snapshots = controller
-        .reconcile_on(woken)
+        .watches(
+            domains,
+            watcher::Config::default().labels(&selector),
+            move |d: Domain| {
+                let (ns, name) = (d.namespace(), d.name_any());
+                store
+                    .state()
+                    .into_iter()
+                    .filter(|s| s.namespace() == ns && s.spec.domain_name == name)
+                    .map(|s| ObjectRef::from_obj(s.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
         .with_config(config.clone())
         .run(
             |s, ctx: Arc<Ctx>| async move {
@@ -68,7 +70,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, domains: super::domain::DomainTouched) {
             },
             ctx.clone(),
         );
-    let restores = k8s::controller(restores, watcher::Config::default())
+    let restores = Controller::new(restores, watcher::Config::default())
         .with_config(config)
         .run(
             |r, ctx: Arc<Ctx>| async move {
