@@ -197,9 +197,8 @@ async fn publish(recorder: &Recorder, ev: &Event, reference: &ObjectReference) {
 /// arrives, before the cache holds it: the list is swapped in only at its
 /// end. A controller that looks the object up in the cache (kube's does)
 /// finds a new one missing and drops the reconcile, and nothing wakes it
-/// again: a Domain bound while an agent's watch relisted (after a 410, or
-/// kube-apiserver restarting) stayed undefined for good (found by the
-/// chaos test). Here the listed objects are handed on at the end of the
+/// until the object changes again (after a 410, or kube-apiserver
+/// restarting). Here the listed objects are handed on at the end of the
 /// list instead, when the cache holds them all.
 pub fn reconcile_triggers<K, S>(
     events: S,

@@ -78,13 +78,14 @@ fn peak_mib(name: &str) -> Vec<f64> {
         if !first.ends_with(name.as_bytes()) {
             continue;
         }
-        let status = std::fs::read_to_string(path.join("status")).unwrap_or_default();
-        if let Some(kib) = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        {
-            out.push(kib / 1024.0);
+        let pid = entry
+            .file_name()
+            .to_string_lossy()
+            .parse::<u32>()
+            .unwrap_or(0);
+        let kib = common::vm_hwm_kib(pid);
+        if kib > 0 {
+            out.push(kib as f64 / 1024.0);
         }
     }
     out

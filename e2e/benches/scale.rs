@@ -65,18 +65,6 @@ fn arg_or(flag: &str, env: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn vm_hwm_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// The PID `e2e/cluster.sh` recorded under `key` (`APISERVER_PID`,
 /// `ETCD_PID`), 0 when absent.
 fn cluster_pid(cluster: &common::Cluster, key: &str) -> u32 {
@@ -566,10 +554,10 @@ async fn main() {
         ),
         ("create → Running", total.clone()),
     ];
-    let op_mib = vm_hwm_kib(operator.pid().unwrap_or(0)) as f64 / 1024.0;
+    let op_mib = common::vm_hwm_kib(operator.pid().unwrap_or(0)) as f64 / 1024.0;
     let agent_mib: Vec<f64> = agents
         .iter()
-        .map(|a| vm_hwm_kib(a.pid().unwrap_or(0)) as f64 / 1024.0)
+        .map(|a| common::vm_hwm_kib(a.pid().unwrap_or(0)) as f64 / 1024.0)
         .collect();
     let agent_max = agent_mib.iter().copied().fold(0.0, f64::max);
     let pct = fleet::percentile;

@@ -51,6 +51,19 @@ pub fn cargo() -> Command {
     cmd
 }
 
+/// A process's peak resident memory (VmHWM) in KiB, 0 if unknown.
+pub fn vm_hwm_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// A Vireo binary from this workspace's target directory, built once per run
 /// (or from `VIREO_E2E_VIREO_BIN`, a directory of binaries built before: the
 /// scale bench compares two builds back to back that way).
