@@ -401,7 +401,12 @@ pub fn copy_file(input: &File, dst: &File, progress: Progress<'_>) -> io::Result
                 };
                 let want = usize::try_from((end - at).min(CHUNK as u64)).unwrap_or(CHUNK);
                 let n = match input.read_at(&mut buf.get()[..want], at) {
-                    Ok(0) => break,
+                    // The file shrank under us. Every buffer taken goes
+                    // back, or a later `buffer()` could wait forever.
+                    Ok(0) => {
+                        pieces.keep(buf);
+                        break;
+                    }
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {
                         pieces.keep(buf);
