@@ -6,6 +6,7 @@ use std::sync::Arc;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Config, Controller};
 use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use vireo_crds::labels::{NODE, NODE_CLEANUP_FINALIZER, OPERATOR_MANAGER, node_key};
@@ -20,15 +21,33 @@ use crate::error::Result;
 use crate::k8s;
 use crate::run_strategy::{Action as Step, History, decide};
 
-pub(crate) async fn run(ctx: Arc<Ctx>) {
+/// Names each Domain of this node just reconciled, for the snapshot
+/// controller ([`super::snapshot::run`]).
+pub(crate) type Reconciled = futures::channel::mpsc::UnboundedSender<ObjectRef<Domain>>;
+
+/// Runs the Domain controller. After each reconcile (whatever its
+/// outcome) the Domain is named on `reconciled`, which wakes its
+/// DomainSnapshots: the snapshot controller needs no Domain watch of its
+/// own, one watch fewer that the API server hands every Domain event to
+/// (issue 19). A Domain deleted here is named after its teardown has
+/// removed the finalizer, so its snapshots then find it gone.
+pub(crate) async fn run(ctx: Arc<Ctx>, reconciled: Reconciled) {
     let api: Api<Domain> = Api::all(ctx.client.clone());
     let selector = format!("{NODE}={}", ctx.config.node_name);
     let stream = Controller::new(api, watcher::Config::default().labels(&selector))
         .with_config(Config::default().concurrency(ctx.config.concurrency))
         .run(
-            |dom, ctx: Arc<Ctx>| async move {
-                let key = node_key(&dom.namespace().unwrap_or_default(), &dom.name_any());
-                instrumented(&ctx, "agent-domain", key, reconcile(dom, &ctx)).await
+            move |dom, ctx: Arc<Ctx>| {
+                let reconciled = reconciled.clone();
+                async move {
+                    let key = node_key(&dom.namespace().unwrap_or_default(), &dom.name_any());
+                    let r = ObjectRef::from_obj(dom.as_ref());
+                    let action =
+                        instrumented(&ctx, "agent-domain", key, reconcile(dom, &ctx)).await;
+                    // The receiver lives as long as the agent's controllers.
+                    let _ = reconciled.unbounded_send(r);
+                    action
+                }
             },
             |dom, _err, ctx: Arc<Ctx>| {
                 error_policy(

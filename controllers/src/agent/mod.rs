@@ -372,12 +372,13 @@ pub async fn run(
         .map(|sr| tokio::spawn(subresources::serve(ctx.clone(), sr)));
     let heartbeat = tokio::spawn(host::heartbeat(ctx.clone()));
     let sweep = tokio::spawn(sweep::run(ctx.clone()));
+    let (reconciled, domains_reconciled) = futures::channel::mpsc::unbounded();
     tokio::select! {
-        _ = domain::run(ctx.clone()) => {}
+        _ = domain::run(ctx.clone(), reconciled) => {}
         _ = volume::run(ctx.clone()) => {}
         _ = network::run(ctx.clone()) => {}
         _ = pool::run(ctx.clone()) => {}
-        _ = snapshot::run(ctx.clone()) => {}
+        _ = snapshot::run(ctx.clone(), domains_reconciled) => {}
         _ = migration::run(ctx.clone()) => {}
         _ = shutdown.wait() => tracing::info!("stopping; guests keep running"),
     }

@@ -13,6 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Config, Controller};
 use kube::runtime::events::EventType;
@@ -36,29 +37,29 @@ use crate::k8s;
 /// Held on a DomainSnapshot while its driver snapshot may exist.
 pub const SNAPSHOT_FINALIZER: &str = "vireo.dev/snapshot";
 
-pub(crate) async fn run(ctx: Arc<Ctx>) {
+/// Runs the snapshot and restore controllers; `domains` names each Domain
+/// of this node the Domain controller has just reconciled
+/// ([`super::domain::run`]), which wakes that Domain's snapshots.
+pub(crate) async fn run(
+    ctx: Arc<Ctx>,
+    domains: futures::channel::mpsc::UnboundedReceiver<ObjectRef<Domain>>,
+) {
     let snaps: Api<DomainSnapshot> = Api::all(ctx.client.clone());
     let restores: Api<DomainRestore> = Api::all(ctx.client.clone());
     let config = Config::default().concurrency(ctx.config.concurrency);
-    // A Domain of this node that changes (or goes) wakes its snapshots.
-    let domains: Api<Domain> = Api::all(ctx.client.clone());
-    let selector = format!("{NODE}={}", ctx.config.node_name);
     let controller = Controller::new(snaps, watcher::Config::default());
     let store = controller.store();
+    let woken = domains.flat_map(move |d: ObjectRef<Domain>| {
+        let refs = store
+            .state()
+            .into_iter()
+            .filter(|s| s.namespace() == d.namespace && s.spec.domain_name == d.name)
+            .map(|s| ObjectRef::from_obj(s.as_ref()))
+            .collect::<Vec<_>>();
+        futures::stream::iter(refs)
+    });
     let snapshots = controller
-        .watches(
-            domains,
-            watcher::Config::default().labels(&selector),
-            move |d: Domain| {
-                let (ns, name) = (d.namespace(), d.name_any());
-                store
-                    .state()
-                    .into_iter()
-                    .filter(|s| s.namespace() == ns && s.spec.domain_name == name)
-                    .map(|s| ObjectRef::from_obj(s.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .reconcile_on(woken)
         .with_config(config.clone())
         .run(
             |s, ctx: Arc<Ctx>| async move {
