@@ -310,9 +310,10 @@ fn vireo_ops(
     // The streamed upload goes into a volume of its own, made empty, as
     // every other copy here (Vireo's and the peers') writes a new file.
     let streamed = "up-stream";
+    let pool_dir = up_path.parent().unwrap_or(Path::new("/")).to_path_buf();
     st.create_volume(&volume_as(streamed, mib, fmt, "")?)
         .map_err(e)?;
-    settle(up_path.parent().unwrap_or(Path::new("/")));
+    settle(&pool_dir);
     let secs = timed(|| {
         let mut src = File::open(image).map_err(|e| format!("{}: {e}", image.display()))?;
         let len = src.metadata().map_err(|e| e.to_string())?.len();
@@ -325,7 +326,7 @@ fn vireo_ops(
         check_copy(image, &streamed_path, fmt, "vireo streamed upload")?;
     }
     st.delete_volume(POOL, streamed).map_err(e)?;
-    settle(up_path.parent().unwrap_or(Path::new("/")));
+    settle(&pool_dir);
     let down = out_dir.join("vireo-down");
     evict(&up_path)?;
     let secs = timed(|| {
@@ -361,7 +362,7 @@ fn vireo_ops(
     }
     st.delete_volume(POOL, cl).map_err(e)?;
     st.delete_volume(POOL, up).map_err(e)?;
-    settle(cl_path.parent().unwrap_or(Path::new("/")));
+    settle(&pool_dir);
     Ok(())
 }
 

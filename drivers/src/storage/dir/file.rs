@@ -415,9 +415,7 @@ pub fn copy_file(input: &File, dst: &File, progress: Progress<'_>) -> io::Result
                     Err(e) => return Err(e),
                 };
                 // Zero pieces inside a data region stay holes in the copy.
-                if is_zero(&buf.get()[..n]) {
-                    pieces.keep(buf);
-                } else if !pieces.write(buf, at, n) {
+                if !pieces.put(buf, at, n) {
                     return Ok(());
                 }
                 at += n as u64;
@@ -461,8 +459,14 @@ impl Pieces {
     fn keep(&mut self, buf: AlignedBuf) {
         self.spare = Some(buf);
     }
-    /// Hands `len` bytes of `buf` to the writer; false once it has stopped.
-    fn write(&mut self, buf: AlignedBuf, at: u64, len: usize) -> bool {
+    /// Hands on a piece of `len` bytes of `buf`, to be written at `at`: one
+    /// of all zeros stays a hole (its buffer is kept for the next piece),
+    /// any other goes to the writer. False once the writer has stopped.
+    fn put(&mut self, mut buf: AlignedBuf, at: u64, len: usize) -> bool {
+        if is_zero(&buf.get()[..len]) {
+            self.keep(buf);
+            return true;
+        }
         self.full.send(Piece { buf, at, len }).is_ok()
     }
 }
@@ -546,9 +550,7 @@ pub fn copy_stream(
             }
             let at = done;
             done += got as u64;
-            if is_zero(&buf.get()[..got]) {
-                pieces.keep(buf);
-            } else if !pieces.write(buf, at, got) {
+            if !pieces.put(buf, at, got) {
                 return Ok(());
             }
             ticker.tick(done);
