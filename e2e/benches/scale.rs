@@ -34,7 +34,10 @@
 //! reconcile durations the operator and agents report; the API requests
 //! per Domain by verb and by kind (from the API server's own counters),
 //! its priority-and-fairness queueing and rejections, the watch restarts
-//! (LISTs and WATCHes of Domains past the first); the CPU seconds of every
+//! (LISTs and WATCHes of Domains past the first: a WATCH resumes a watch
+//! from its resourceVersion, a LIST is a relist), the watchers the
+//! API server closed and, from its log, which ones and whether the client
+//! had read all it was sent; the CPU seconds of every
 //! process; the peak memory (VmHWM) of the operator and of each agent; the
 //! machine's load average.
 //! Goals (issue 19): 1,000 over 3 agents all Running ≤ 8 s, p99 ≤ 3 s, p50
@@ -705,11 +708,14 @@ async fn main() {
     }
     // Watch restarts: every LIST or WATCH of Domains in the run is one
     // (each watcher made its first before the clock started).
-    let restarts: Vec<(String, f64)> = kinds_up
-        .iter()
-        .chain(kinds_down.iter())
-        .filter(|(k, _)| k == "LIST domains" || k == "WATCH domains")
-        .cloned()
+    let restarts: Vec<(String, f64)> = [("to Running", &kinds_up), ("deleting", &kinds_down)]
+        .into_iter()
+        .flat_map(|(phase, kinds)| {
+            kinds
+                .iter()
+                .filter(|(k, _)| k == "LIST domains" || k == "WATCH domains")
+                .map(move |(k, n)| (format!("{phase}: {k}"), *n))
+        })
         .collect();
     println!(
         " watch restarts of Domains (LIST, WATCH requests after the start): {}",
@@ -743,7 +749,7 @@ async fn main() {
     // Which watchers those were: the API server logs each one it closes,
     // naming its label selector (an agent's is its node; the operator's and
     // this bench's watch every Domain, no selector).
-    let closed = closed_watchers(&cluster.dir.join("kube-apiserver.log"));
+    let (closed, client_kept_up) = closed_watchers(&cluster.dir.join("kube-apiserver.log"));
     if !closed.is_empty() {
         println!(
             "   closed, by watcher (kube-apiserver.log): {}",
@@ -752,6 +758,15 @@ async fn main() {
                 .map(|(k, n)| format!("{k} {n}"))
                 .collect::<Vec<_>>()
                 .join(", ")
+        );
+        // Each watch has two queues in the API server: events waiting for
+        // the watch's own goroutine (which filters and encodes them), and
+        // encoded events waiting for the client to read them. The second
+        // empty when the watch is closed means the client was keeping up.
+        println!(
+            "   of those, {client_kept_up} of {} with the client's queue empty (len(c.result) = 0): \
+             the API server's own goroutine for that watch fell behind, not the client",
+            closed.values().sum::<usize>()
         );
     }
     // Why they fell behind: the API server sizes each watch's buffer when
@@ -856,6 +871,7 @@ async fn main() {
         "api_requests_by_kind_deleting": kinds_down.iter().map(|(k, c)| serde_json::json!({"kind": k, "count": c})).collect::<Vec<_>>(),
         "watchers_terminated": terminated.iter().map(|(k, c)| (k.clone(), serde_json::json!(c))).collect::<serde_json::Map<_, _>>(),
         "watchers_closed_by_selector": closed.iter().map(|(k, c)| (k.clone(), serde_json::json!(c))).collect::<serde_json::Map<_, _>>(),
+        "watchers_closed_with_client_queue_empty": client_kept_up,
         "domain_watch_cache_capacity": {"before": capacities[0], "at_all_running": capacities[1], "at_all_gone": capacities[2]},
         "watch_restarts": restarts.iter().map(|(k, c)| (k.clone(), serde_json::json!(c))).collect::<serde_json::Map<_, _>>(),
         "apf_rejected": apf_rejected.iter().map(|(_, n)| n).sum::<f64>(),
@@ -891,9 +907,11 @@ async fn main() {
 }
 
 /// The watchers kube-apiserver closed for not keeping up, counted by the
-/// label selector its log line names ("every Domain" for none).
-fn closed_watchers(log: &std::path::Path) -> BTreeMap<String, usize> {
+/// label selector its log line names ("every Domain" for none), and how
+/// many of them had nothing waiting for the client (`len(c.result) = 0`).
+fn closed_watchers(log: &std::path::Path) -> (BTreeMap<String, usize>, usize) {
     let mut out = BTreeMap::new();
+    let mut client_kept_up = 0;
     let text = std::fs::read_to_string(log).unwrap_or_default();
     for line in text
         .lines()
@@ -910,8 +928,11 @@ fn closed_watchers(log: &std::path::Path) -> BTreeMap<String, usize> {
             labels
         };
         *out.entry(key).or_insert(0) += 1;
+        if line.contains("len(c.result) = 0,") {
+            client_kept_up += 1;
+        }
     }
-    out
+    (out, client_kept_up)
 }
 
 /// Waits until no Domain is left in `api` (they carry no finalizer here).
