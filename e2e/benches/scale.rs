@@ -765,7 +765,7 @@ async fn main() {
         // empty when the watch is closed means the client was keeping up.
         println!(
             "   of those, {client_kept_up} of {} with the client's queue empty (len(c.result) = 0): \
-             the API server's own goroutine for that watch fell behind, not the client",
+             for those, the API server's own goroutine for the watch fell behind, not the client",
             closed.values().sum::<usize>()
         );
     }
