@@ -20,6 +20,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::fleet;
@@ -53,6 +54,164 @@ struct Round {
     all: f64,
     gone: f64,
     running: usize,
+    /// CPU seconds each component used from the first create to all
+    /// Running ([`COMPONENTS`], then everything else on the machine).
+    cpu: Vec<(String, f64)>,
+    /// Priority and fairness from the first create to all Running, per
+    /// priority level and flow schema: requests and their mean queue wait.
+    apf: Vec<(String, f64, f64)>,
+}
+
+/// The API server's priority and fairness so far, keyed "priority level
+/// (flow schema)": requests dispatched and the seconds they waited in its
+/// queues in all (`apiserver_flowcontrol_request_wait_duration_seconds`).
+fn apf_waits(cluster: &common::Cluster) -> BTreeMap<String, (f64, f64)> {
+    let text = cluster.kubectl_ok(&["get", "--raw", "/metrics"]);
+    let mut out: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("apiserver_flowcontrol_request_wait_duration_seconds_")
+        else {
+            continue;
+        };
+        let (is_sum, rest) = match (rest.strip_prefix("sum{"), rest.strip_prefix("count{")) {
+            (Some(r), _) => (true, r),
+            (_, Some(r)) => (false, r),
+            _ => continue,
+        };
+        let Some((labels, value)) = rest.rsplit_once("} ") else {
+            continue;
+        };
+        let Ok(value) = value.trim().parse::<f64>() else {
+            continue;
+        };
+        let label = |k: &str| {
+            labels
+                .split(',')
+                .filter_map(|kv| kv.split_once('='))
+                .find(|(name, _)| *name == k)
+                .map(|(_, v)| v.trim_matches('"').to_string())
+                .unwrap_or_default()
+        };
+        if label("execute") != "true" {
+            continue;
+        }
+        let key = format!("{} ({})", label("priority_level"), label("flow_schema"));
+        let e = out.entry(key).or_default();
+        if is_sum {
+            e.1 += value;
+        } else {
+            e.0 += value;
+        }
+    }
+    out
+}
+
+/// Requests and mean wait per key between two [`apf_waits`] readings,
+/// busiest first.
+fn apf_between(
+    before: &BTreeMap<String, (f64, f64)>,
+    after: &BTreeMap<String, (f64, f64)>,
+) -> Vec<(String, f64, f64)> {
+    let mut out: Vec<(String, f64, f64)> = after
+        .iter()
+        .filter_map(|(k, (n, w))| {
+            let (n0, w0) = before.get(k).copied().unwrap_or_default();
+            let n = n - n0;
+            (n > 0.0).then(|| (k.clone(), n, (w - w0) / n))
+        })
+        .collect();
+    out.sort_by(|a, b| b.1.total_cmp(&a.1));
+    out
+}
+
+/// The processes whose CPU a round accounts for, by the last path element
+/// of their command's first word; the chart's pods are processes of this
+/// host too.
+const COMPONENTS: [&str; 10] = [
+    "kube-apiserver",
+    "etcd",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubelet",
+    "containerd",
+    "containerd-shim-runc-v2",
+    "vireo-operator",
+    "vireo-agent",
+    "cluster",
+];
+
+/// CPU seconds (user + system) used so far: by every live process of each
+/// of [`COMPONENTS`] (summed), and by the whole machine (`/proc/stat`'s
+/// first line, idle and iowait left out) as the last entry.
+fn cpu_by_component() -> Vec<f64> {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let mut out = vec![0.0; COMPONENTS.len() + 1];
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let path = entry.path();
+            let Ok(cmd) = std::fs::read(path.join("cmdline")) else {
+                continue;
+            };
+            let first = cmd.split(|b| *b == 0).next().unwrap_or_default();
+            let base = first.rsplit(|b| *b == b'/').next().unwrap_or_default();
+            // The bench's own binary is `cluster-<hash>`.
+            let base = match base.split(|b| *b == b'-').next() {
+                Some(b"cluster") => &b"cluster"[..],
+                _ => base,
+            };
+            let Some(i) = COMPONENTS.iter().position(|c| c.as_bytes() == base) else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(path.join("stat")) else {
+                continue;
+            };
+            let ticks = stat.rsplit_once(')').and_then(|(_, rest)| {
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                let ut: f64 = f.get(11)?.parse().ok()?;
+                let st: f64 = f.get(12)?.parse().ok()?;
+                Some(ut + st)
+            });
+            out[i] += ticks.unwrap_or(0.0) / hz;
+        }
+    }
+    // cpu  user nice system idle iowait irq softirq steal ...
+    let busy = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().next()?.to_string();
+            let f: Vec<f64> = line
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            let all: f64 = f.iter().take(8).sum();
+            Some(all - f.get(3).copied().unwrap_or(0.0) - f.get(4).copied().unwrap_or(0.0))
+        })
+        .unwrap_or(0.0);
+    out[COMPONENTS.len()] = busy / hz;
+    out
+}
+
+/// What each component used between two [`cpu_by_component`] snapshots;
+/// the machine's total becomes "other" (what no component accounts for)
+/// and "machine" (the total).
+fn cpu_between(before: &[f64], after: &[f64]) -> Vec<(String, f64)> {
+    let d: Vec<f64> = before
+        .iter()
+        .zip(after)
+        .map(|(b, a)| (a - b).max(0.0))
+        .collect();
+    let named: f64 = d.iter().take(COMPONENTS.len()).sum();
+    let machine = d.get(COMPONENTS.len()).copied().unwrap_or(0.0);
+    let mut out: Vec<(String, f64)> = COMPONENTS
+        .iter()
+        .zip(&d)
+        .map(|(c, v)| (c.to_string(), *v))
+        .collect();
+    out.push(("other".to_string(), (machine - named).max(0.0)));
+    out.push(("machine".to_string(), machine));
+    out
 }
 
 /// How long a round may wait for all Running, and again for all gone:
@@ -93,11 +252,19 @@ fn peak_mib(name: &str) -> Vec<f64> {
 
 /// Creates `n` test Domains (`at_once` at a time), waits until all are
 /// Running, deletes them and waits until they are gone.
-async fn round(client: &kube::Client, n: usize, at_once: usize, tag: &str) -> Round {
+async fn round(
+    cluster: &common::Cluster,
+    client: &kube::Client,
+    n: usize,
+    at_once: usize,
+    tag: &str,
+) -> Round {
     let domains: Api<Domain> = Api::namespaced(client.clone(), "default");
     let (watch, seen) = fleet::watch_running(&domains);
     // Let the watch list before the first create.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let apf_before = apf_waits(cluster);
+    let cpu_before = cpu_by_component();
     let started = Instant::now();
     let created = fleet::create(&domains, tag, n, "64Mi", at_once).await;
     let creates = started.elapsed().as_secs_f64();
@@ -108,6 +275,8 @@ async fn round(client: &kube::Client, n: usize, at_once: usize, tag: &str) -> Ro
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let all = started.elapsed().as_secs_f64();
+    let cpu = cpu_between(&cpu_before, &cpu_by_component());
+    let apf = apf_between(&apf_before, &apf_waits(cluster));
     watch.abort();
     let running = seen
         .running
@@ -147,10 +316,13 @@ async fn round(client: &kube::Client, n: usize, at_once: usize, tag: &str) -> Ro
         all,
         gone: deleting.elapsed().as_secs_f64(),
         running: running.len(),
+        cpu,
+        apf,
     }
 }
 
 async fn rounds(
+    cluster: &common::Cluster,
     client: &kube::Client,
     n: usize,
     at_once: usize,
@@ -159,7 +331,7 @@ async fn rounds(
 ) -> Vec<Round> {
     let mut out = Vec::new();
     for r in 0..count {
-        let x = round(client, n, at_once, &format!("{tag}{r}")).await;
+        let x = round(cluster, client, n, at_once, &format!("{tag}{r}")).await;
         eprintln!(
             "[bench] {tag} round {}: {}/{n} Running, p50 {:.3}s p95 {:.3}s p99 {:.3}s all {:.2}s (creates {:.2}s), gone {:.2}s; create → bound p50/p95/p99 {:.3}/{:.3}/{:.3}s, bound → Running {:.3}/{:.3}/{:.3}s",
             r + 1,
@@ -177,6 +349,25 @@ async fn rounds(
             x.bound_to_running[1],
             x.bound_to_running[2],
         );
+        let cpu: Vec<String> = x
+            .cpu
+            .iter()
+            .filter(|(_, v)| *v >= 0.05)
+            .map(|(c, v)| format!("{c} {v:.1}"))
+            .collect();
+        eprintln!(
+            "[bench] {tag} round {}: CPU seconds to all Running ({:.2} of {} cores busy): {}",
+            r + 1,
+            x.cpu.last().map_or(0.0, |(_, v)| *v) / x.all.max(f64::EPSILON),
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+            cpu.join(", ")
+        );
+        for (key, count, wait) in &x.apf {
+            eprintln!(
+                "[bench] {tag} round {}: priority and fairness {key}: {count:.0} requests, mean queue wait {wait:.4}s",
+                r + 1
+            );
+        }
         out.push(x);
     }
     out
@@ -211,7 +402,7 @@ async fn main() {
             .collect();
         let client = cluster.client().await;
         common::ready_hosts(&client, n_nodes).await;
-        let r = rounds(&client, n, at_once, count, "procs").await;
+        let r = rounds(&cluster, &client, n, at_once, count, "procs").await;
         let mib = (peak_mib("vireo-operator"), peak_mib("vireo-agent"));
         drop(agents);
         drop(operator);
@@ -260,7 +451,7 @@ async fn main() {
     cluster.helm_ok(&install);
     let client = cluster.client().await;
     common::ready_hosts(&client, n_nodes).await;
-    let pods = rounds(&client, n, at_once, count, "pods").await;
+    let pods = rounds(&cluster, &client, n, at_once, count, "pods").await;
     let pods_mib = (peak_mib("vireo-operator"), peak_mib("vireo-agent"));
     drop(nodes);
 
@@ -290,7 +481,40 @@ async fn main() {
             bound_to_running[1],
             bound_to_running[2],
         );
-        serde_json::json!({"p50_seconds": p50, "p95_seconds": p95, "p99_seconds": p99, "creates_seconds": creates, "create_to_bound_seconds": to_bound, "bound_to_running_seconds": bound_to_running, "all_running_seconds": all, "all_gone_seconds": gone, "operator_peak_mib": op, "agent_peak_mib": mib.1, "all_ran": ok})
+        // Each component's CPU seconds to all Running, median of the rounds.
+        let names: Vec<String> = rs
+            .first()
+            .map(|r| r.cpu.iter().map(|(c, _)| c.clone()).collect())
+            .unwrap_or_default();
+        let cpu: serde_json::Map<String, serde_json::Value> = names
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let v = step(&|r: &Round| r.cpu.get(i).map_or(0.0, |(_, v)| *v));
+                (c.clone(), serde_json::json!((v * 10.0).round() / 10.0))
+            })
+            .collect();
+        let shown: Vec<String> = cpu
+            .iter()
+            .filter(|(_, v)| v.as_f64().unwrap_or(0.0) >= 0.05)
+            .map(|(c, v)| format!("{c} {v}"))
+            .collect();
+        println!(
+            " {:<44} CPU seconds to all Running: {}",
+            "",
+            shown.join(", ")
+        );
+        // Each round's priority and fairness to all Running.
+        let apf: Vec<Vec<serde_json::Value>> = rs
+            .iter()
+            .map(|r| {
+                r.apf
+                    .iter()
+                    .map(|(k, n, w)| serde_json::json!({"level_and_flow_schema": k, "requests": n, "mean_wait_seconds": w}))
+                    .collect()
+            })
+            .collect();
+        serde_json::json!({"priority_and_fairness_per_round": apf, "cpu_seconds_to_all_running": cpu, "p50_seconds": p50, "p95_seconds": p95, "p99_seconds": p99, "creates_seconds": creates, "create_to_bound_seconds": to_bound, "bound_to_running_seconds": bound_to_running, "all_running_seconds": all, "all_gone_seconds": gone, "operator_peak_mib": op, "agent_peak_mib": mib.1, "all_ran": ok})
     };
     println!(
         "{n} test Domains, apply to Running, {n_nodes} nodes, {at_once} creates at a time; medians of {count} rounds"

@@ -140,6 +140,8 @@ fn chart_lints_and_renders() {
         ("Service", "vireo-agent-metrics"),
         ("ValidatingAdmissionPolicy", POLICY),
         ("ValidatingAdmissionPolicyBinding", POLICY),
+        ("FlowSchema", "vireo-leases"),
+        ("FlowSchema", "vireo-controllers"),
     ] {
         find(&docs, kind, name);
     }
@@ -224,6 +226,36 @@ fn chart_lints_and_renders() {
     assert!(
         !off.iter().any(|d| d["kind"] == "Job"),
         "cleanup=false renders no Job"
+    );
+
+    // Priority and fairness: both ServiceAccounts, their Leases at
+    // leader-election and the rest at workload-high, before the built-in
+    // `service-accounts` schema (9000) and after the system's (up to 900).
+    let subjects = serde_json::json!([
+        {"kind": "ServiceAccount", "serviceAccount": {"name": OPERATOR_SA, "namespace": NS}},
+        {"kind": "ServiceAccount", "serviceAccount": {"name": AGENT_SA, "namespace": NS}},
+    ]);
+    for (name, level, precedence) in [
+        ("vireo-leases", "leader-election", 1000),
+        ("vireo-controllers", "workload-high", 1001),
+    ] {
+        let fs = find(&docs, "FlowSchema", name);
+        assert_eq!(fs["spec"]["priorityLevelConfiguration"]["name"], level);
+        assert_eq!(fs["spec"]["matchingPrecedence"], precedence);
+        assert_eq!(
+            fs["spec"]["rules"][0]["subjects"], subjects,
+            "{name}'s subjects"
+        );
+    }
+    let leases = find(&docs, "FlowSchema", "vireo-leases");
+    assert_eq!(
+        leases["spec"]["rules"][0]["resourceRules"][0]["resources"][0],
+        "leases"
+    );
+    let off = render(&["--set", "flowControl.enabled=false"]);
+    assert!(
+        !off.iter().any(|d| d["kind"] == "FlowSchema"),
+        "flowControl.enabled=false renders no FlowSchema"
     );
 
     let operator = find(&docs, "ClusterRole", "vireo-operator");
@@ -423,6 +455,34 @@ fn token(cluster: &Cluster, sa: &str, bound_pod: Option<&str>) -> String {
     cluster.kubectl_ok(&args).trim().to_string()
 }
 
+/// The UID of the FlowSchema the API server put a request under: its
+/// `X-Kubernetes-PF-FlowSchema-UID` response header, from kubectl's log of
+/// the response at `-v=8`.
+fn flow_schema_of(cluster: &Cluster, kubeconfig: &Path, args: &[&str]) -> String {
+    const HEADER: &str = "x-kubernetes-pf-flowschema-uid";
+    let mut all = args.to_vec();
+    all.push("-v=8");
+    let said = text(&cluster.kubectl_as(kubeconfig, &all));
+    // The last response is the request's own (discovery may come first).
+    said.lines()
+        .filter_map(|l| {
+            let at = l.to_ascii_lowercase().find(HEADER)?;
+            let value = l[at + HEADER.len()..].trim_start_matches([':', ' ', '\t', '"']);
+            let uid: String = value
+                .chars()
+                .take_while(|c| c.is_ascii_hexdigit() || *c == '-')
+                .collect();
+            (!uid.is_empty()).then_some(uid)
+        })
+        .last()
+        .unwrap_or_else(|| {
+            panic!(
+                "kubectl {}: no FlowSchema header in: {said}",
+                args.join(" ")
+            )
+        })
+}
+
 /// Runs kubectl as another identity and expects a refusal mentioning all of `words`.
 fn refused(cluster: &Cluster, kubeconfig: &Path, args: &[&str], words: &[&str]) {
     let out = cluster.kubectl_as(kubeconfig, args);
@@ -547,6 +607,31 @@ async fn chart_installs_runs_vireo_with_its_own_rbac_and_uninstalls() {
         agent_kc.push(kc);
     }
     let unbound_kc = cluster.token_kubeconfig("agent-unbound", &token(&cluster, AGENT_SA, None));
+
+    // Priority and fairness: the API server queues both identities under the
+    // chart's FlowSchemas (Leases apart), not `service-accounts`.
+    let schema_uid = |name: &str| {
+        cluster
+            .kubectl_ok(&["get", "flowschema", name, "-o", "jsonpath={.metadata.uid}"])
+            .trim()
+            .to_string()
+    };
+    let (leases_fs, controllers_fs) = (schema_uid("vireo-leases"), schema_uid("vireo-controllers"));
+    assert!(!leases_fs.is_empty() && leases_fs != controllers_fs);
+    for kc in [&operator_kc, &agent_kc[0]] {
+        assert_eq!(
+            flow_schema_of(&cluster, kc, &["get", "domains", "-A"]),
+            controllers_fs,
+            "{}: a Domain list is not under vireo-controllers",
+            kc.display()
+        );
+        assert_eq!(
+            flow_schema_of(&cluster, kc, &["get", "lease", "vireo-operator", "-n", NS]),
+            leases_fs,
+            "{}: a Lease request is not under vireo-leases",
+            kc.display()
+        );
+    }
 
     // Vireo as the chart deploys it: two operators electing a leader, one agent per node.
     for name in ["operator-a", "operator-b"] {

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use kube::api::Api;
-use kube::runtime::controller::{Action, Config, Controller};
+use kube::runtime::controller::{Action, Config};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
@@ -34,7 +34,7 @@ pub(crate) type Reconciled = futures::channel::mpsc::UnboundedSender<ObjectRef<D
 pub(crate) async fn run(ctx: Arc<Ctx>, reconciled: Reconciled) {
     let api: Api<Domain> = Api::all(ctx.client.clone());
     let selector = format!("{NODE}={}", ctx.config.node_name);
-    let stream = Controller::new(api, watcher::Config::default().labels(&selector))
+    let stream = k8s::controller(api, watcher::Config::default().labels(&selector))
         .with_config(Config::default().concurrency(ctx.config.concurrency))
         .run(
             move |dom, ctx: Arc<Ctx>| {

@@ -33,7 +33,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kube::api::Api;
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
@@ -45,6 +45,7 @@ use vireo_drivers::migration::MigrationParams;
 
 use super::{Ctx, drain, error_policy, instrumented};
 use crate::error::{Error, Result};
+use crate::k8s;
 use crate::migration::{
     downtime_until_now, events, fail, first_failure, incoming_from_api, incoming_to_api, phase,
     set_condition, stats_to_api, step_ok, update_in_phase,
@@ -52,7 +53,7 @@ use crate::migration::{
 
 pub(crate) async fn run(ctx: Arc<Ctx>) {
     let api: Api<DomainMigration> = Api::all(ctx.client.clone());
-    let stream = Controller::new(api, watcher::Config::default()).run(
+    let stream = k8s::controller(api, watcher::Config::default()).run(
         |m, ctx: Arc<Ctx>| async move {
             let key = format!(
                 "migration:{}/{}",

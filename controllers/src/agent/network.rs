@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use kube::api::Api;
-use kube::runtime::controller::{Action, Config, Controller};
+use kube::runtime::controller::{Action, Config};
 use kube::runtime::events::EventType;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
@@ -19,7 +19,7 @@ use crate::k8s;
 
 pub(crate) async fn run(ctx: Arc<Ctx>) {
     let api: Api<Network> = Api::all(ctx.client.clone());
-    let stream = Controller::new(api, watcher::Config::default())
+    let stream = k8s::controller(api, watcher::Config::default())
         .with_config(Config::default().concurrency(ctx.config.concurrency))
         .run(
             |net, ctx: Arc<Ctx>| async move {

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use kube::api::Api;
-use kube::runtime::controller::{Action, Config, Controller};
+use kube::runtime::controller::{Action, Config};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
@@ -25,7 +25,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>) {
     // A volume created or deleted here changes its pool's allocation here.
     let vols: Api<StorageVol> = Api::all(ctx.client.clone());
     let selector = format!("{NODE}={}", ctx.config.node_name);
-    let stream = Controller::new(api, watcher::Config::default())
+    let stream = k8s::controller(api, watcher::Config::default())
         .watches(vols, watcher::Config::default().labels(&selector), |vol| {
             Some(ObjectRef::new(&vol.spec.pool))
         })

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use kube::api::Api;
-use kube::runtime::controller::{Action, Config, Controller};
+use kube::runtime::controller::{Action, Config};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
@@ -47,7 +47,7 @@ pub(crate) async fn run(
     let snaps: Api<DomainSnapshot> = Api::all(ctx.client.clone());
     let restores: Api<DomainRestore> = Api::all(ctx.client.clone());
     let config = Config::default().concurrency(ctx.config.concurrency);
-    let controller = Controller::new(snaps, watcher::Config::default());
+    let controller = k8s::controller(snaps, watcher::Config::default());
     let store = controller.store();
     let woken = domains.flat_map(move |d: ObjectRef<Domain>| {
         let refs = store
@@ -71,7 +71,7 @@ pub(crate) async fn run(
             },
             ctx.clone(),
         );
-    let restores = Controller::new(restores, watcher::Config::default())
+    let restores = k8s::controller(restores, watcher::Config::default())
         .with_config(config)
         .run(
             |r, ctx: Arc<Ctx>| async move {

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kube::api::Api;
-use kube::runtime::controller::{Action, Config, Controller};
+use kube::runtime::controller::{Action, Config};
 use kube::runtime::events::EventType;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
@@ -107,7 +107,7 @@ async fn start_fill(ctx: &Ctx, file: &str, want: StorageVol) -> (Arc<Fill>, bool
 pub(crate) async fn run(ctx: Arc<Ctx>) {
     let api: Api<StorageVol> = Api::all(ctx.client.clone());
     let selector = format!("{NODE}={}", ctx.config.node_name);
-    let stream = Controller::new(api, watcher::Config::default().labels(&selector))
+    let stream = k8s::controller(api, watcher::Config::default().labels(&selector))
         .with_config(Config::default().concurrency(ctx.config.concurrency))
         .run(
             |vol, ctx: Arc<Ctx>| async move {
