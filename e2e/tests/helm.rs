@@ -142,6 +142,7 @@ fn chart_lints_and_renders() {
         ("ValidatingAdmissionPolicyBinding", POLICY),
         ("FlowSchema", "vireo-leases"),
         ("FlowSchema", "vireo-controllers"),
+        ("PriorityLevelConfiguration", "vireo"),
     ] {
         find(&docs, kind, name);
     }
@@ -229,7 +230,7 @@ fn chart_lints_and_renders() {
     );
 
     // Priority and fairness: both ServiceAccounts, their Leases at
-    // leader-election and the rest at workload-high, before the built-in
+    // leader-election and the rest at Vireo's own level, before the built-in
     // `service-accounts` schema (9000) and after the system's (up to 900).
     let subjects = serde_json::json!([
         {"kind": "ServiceAccount", "serviceAccount": {"name": OPERATOR_SA, "namespace": NS}},
@@ -237,7 +238,7 @@ fn chart_lints_and_renders() {
     ]);
     for (name, level, precedence) in [
         ("vireo-leases", "leader-election", 1000),
-        ("vireo-controllers", "workload-high", 1001),
+        ("vireo-controllers", "vireo", 1001),
     ] {
         let fs = find(&docs, "FlowSchema", name);
         assert_eq!(fs["spec"]["priorityLevelConfiguration"]["name"], level);
@@ -257,6 +258,14 @@ fn chart_lints_and_renders() {
         !off.iter().any(|d| d["kind"] == "FlowSchema"),
         "flowControl.enabled=false renders no FlowSchema"
     );
+    assert!(
+        !off.iter()
+            .any(|d| d["kind"] == "PriorityLevelConfiguration"),
+        "flowControl.enabled=false renders no priority level"
+    );
+    let level = find(&docs, "PriorityLevelConfiguration", "vireo");
+    assert_eq!(level["spec"]["type"], "Limited");
+    assert_eq!(level["spec"]["limited"]["nominalConcurrencyShares"], 40);
 
     let operator = find(&docs, "ClusterRole", "vireo-operator");
     assert!(allows(operator, "vireo.dev", "domains", "patch"));
@@ -455,17 +464,19 @@ fn token(cluster: &Cluster, sa: &str, bound_pod: Option<&str>) -> String {
     cluster.kubectl_ok(&args).trim().to_string()
 }
 
-/// The UID of the FlowSchema the API server put a request under: its
-/// `X-Kubernetes-PF-FlowSchema-UID` response header, from kubectl's log of
-/// the response at `-v=8`.
-fn flow_schema_of(cluster: &Cluster, kubeconfig: &Path, args: &[&str]) -> String {
+/// The UID of the FlowSchema the API server put a request under: the
+/// `X-Kubernetes-PF-FlowSchema-UID` header of the response to the first
+/// request whose URL path ends in `path`, from kubectl's log at `-v=8` (kubectl
+/// may send others, e.g. discovery, or a look at the namespace after a 404).
+fn flow_schema_of(cluster: &Cluster, kubeconfig: &Path, args: &[&str], path: &str) -> String {
     const HEADER: &str = "x-kubernetes-pf-flowschema-uid";
     let mut all = args.to_vec();
     all.push("-v=8");
     let said = text(&cluster.kubectl_as(kubeconfig, &all));
-    // The last response is the request's own (discovery may come first).
+    let (exact, query) = (format!("{path}\""), format!("{path}?"));
     said.lines()
-        .filter_map(|l| {
+        .skip_while(|l| !(l.contains("\"Request\"") && (l.contains(&exact) || l.contains(&query))))
+        .find_map(|l| {
             let at = l.to_ascii_lowercase().find(HEADER)?;
             let value = l[at + HEADER.len()..].trim_start_matches([':', ' ', '\t', '"']);
             let uid: String = value
@@ -474,7 +485,6 @@ fn flow_schema_of(cluster: &Cluster, kubeconfig: &Path, args: &[&str]) -> String
                 .collect();
             (!uid.is_empty()).then_some(uid)
         })
-        .last()
         .unwrap_or_else(|| {
             panic!(
                 "kubectl {}: no FlowSchema header in: {said}",
@@ -618,15 +628,36 @@ async fn chart_installs_runs_vireo_with_its_own_rbac_and_uninstalls() {
     };
     let (leases_fs, controllers_fs) = (schema_uid("vireo-leases"), schema_uid("vireo-controllers"));
     assert!(!leases_fs.is_empty() && leases_fs != controllers_fs);
+    // The API server found the priority level each schema names.
+    for name in ["vireo-leases", "vireo-controllers"] {
+        let what = format!("FlowSchema {name} to find its priority level");
+        let dangling = wait_for(Duration::from_secs(30), &what, || async {
+            let s = cluster.kubectl_ok(&[
+                "get",
+                "flowschema",
+                name,
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"Dangling\")].status}",
+            ]);
+            (!s.trim().is_empty()).then(|| s.trim().to_string())
+        })
+        .await;
+        assert_eq!(dangling, "False", "FlowSchema {name} dangles");
+    }
     for kc in [&operator_kc, &agent_kc[0]] {
         assert_eq!(
-            flow_schema_of(&cluster, kc, &["get", "domains", "-A"]),
+            flow_schema_of(&cluster, kc, &["get", "domains", "-A"], "/domains"),
             controllers_fs,
             "{}: a Domain list is not under vireo-controllers",
             kc.display()
         );
         assert_eq!(
-            flow_schema_of(&cluster, kc, &["get", "lease", "vireo-operator", "-n", NS]),
+            flow_schema_of(
+                &cluster,
+                kc,
+                &["get", "lease", "vireo-operator", "-n", NS],
+                "/leases/vireo-operator"
+            ),
             leases_fs,
             "{}: a Lease request is not under vireo-leases",
             kc.display()
