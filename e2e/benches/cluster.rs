@@ -524,18 +524,25 @@ async fn main() {
         " {:<44} {:>9} {:>9} {:>10} {:>10} {:>13}  all Running",
         "set-up", "p50", "p95", "all", "all gone", "MiB op / agent"
     );
-    let a = row("agents as processes (today's bench)", &procs, &procs_mib);
+    // `VIREO_CLUSTER_ONLY=pods` ran no processes: no row and no ratio.
+    let a = if procs.is_empty() {
+        serde_json::Value::Null
+    } else {
+        row("agents as processes (today's bench)", &procs, &procs_mib)
+    };
     let b = row(
         "agents as the chart's pods on kubelet nodes",
         &pods,
         &pods_mib,
     );
-    let ratio = |k: &str| b[k].as_f64().unwrap_or(f64::NAN) / a[k].as_f64().unwrap_or(f64::NAN);
-    println!(
-        " ratio pods / processes: p50 {:.2}x, p95 {:.2}x",
-        ratio("p50_seconds"),
-        ratio("p95_seconds")
-    );
+    if !procs.is_empty() {
+        let ratio = |k: &str| b[k].as_f64().unwrap_or(f64::NAN) / a[k].as_f64().unwrap_or(f64::NAN);
+        println!(
+            " ratio pods / processes: p50 {:.2}x, p95 {:.2}x",
+            ratio("p50_seconds"),
+            ratio("p95_seconds")
+        );
+    }
     let json = serde_json::json!({
         "benchmark": "cluster",
         "domains": n,
