@@ -26,12 +26,20 @@ pub fn repo() -> PathBuf {
 }
 
 /// `cargo` for a build started from inside a test or bench, without the
-/// variables cargo sets for the running test (`CARGO_MANIFEST_DIR`,
-/// `CARGO_PKG_*`, ...). ring's build script asks to rerun when they change,
-/// so with them every such build rebuilt ring, rustls and kube, and the
-/// next `cargo test` or `cargo bench` rebuilt them back.
+/// variables cargo sets for the running test ([`without_cargo_env`]).
 pub fn cargo() -> Command {
     let mut cmd = Command::new(env!("CARGO"));
+    without_cargo_env(&mut cmd);
+    cmd
+}
+
+/// Leaves out of `cmd`'s environment the variables cargo sets for the
+/// running test or bench (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, ...), for a
+/// command that builds with cargo (`cargo()`, `scripts/image`). ring's
+/// build script asks to rerun when they change, so with them every such
+/// build rebuilt ring, rustls and kube, and the next `cargo test` or `cargo
+/// bench` rebuilt them back.
+pub fn without_cargo_env(cmd: &mut Command) {
     for (key, _) in std::env::vars_os() {
         let k = key.to_string_lossy();
         if k.starts_with("CARGO_PKG_")
@@ -48,7 +56,6 @@ pub fn cargo() -> Command {
             cmd.env_remove(&key);
         }
     }
-    cmd
 }
 
 /// A process's peak resident memory (VmHWM) in KiB, 0 if unknown.
@@ -767,6 +774,8 @@ impl Cluster {
 /// output (both print what they built there).
 pub fn script_output(script: &str, arg: Option<&Path>) -> PathBuf {
     let mut cmd = Command::new(repo().join(script));
+    // Some of them build with cargo (the guest agent).
+    without_cargo_env(&mut cmd);
     if let Some(a) = arg {
         cmd.arg(a);
     }

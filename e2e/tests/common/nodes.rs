@@ -16,7 +16,10 @@ fn text(b: &[u8]) -> String {
 /// Runs a repository script; returns the last line of its stdout.
 pub fn script(args: &[&str]) -> String {
     let started = Instant::now();
-    let out = Command::new(repo().join(args[0]))
+    let mut cmd = Command::new(repo().join(args[0]));
+    // scripts/image runs cargo.
+    super::without_cargo_env(&mut cmd);
+    let out = cmd
         .args(&args[1..])
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
