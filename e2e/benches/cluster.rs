@@ -69,29 +69,15 @@ fn apf_waits(cluster: &common::Cluster) -> BTreeMap<String, (f64, f64)> {
     let text = cluster.kubectl_ok(&["get", "--raw", "/metrics"]);
     let mut out: BTreeMap<String, (f64, f64)> = BTreeMap::new();
     for line in text.lines() {
-        let Some(rest) = line.strip_prefix("apiserver_flowcontrol_request_wait_duration_seconds_")
-        else {
+        let Some((name, labels, value)) = common::prom_sample(line) else {
             continue;
         };
-        let (is_sum, rest) = match (rest.strip_prefix("sum{"), rest.strip_prefix("count{")) {
-            (Some(r), _) => (true, r),
-            (_, Some(r)) => (false, r),
+        let is_sum = match name {
+            "apiserver_flowcontrol_request_wait_duration_seconds_sum" => true,
+            "apiserver_flowcontrol_request_wait_duration_seconds_count" => false,
             _ => continue,
         };
-        let Some((labels, value)) = rest.rsplit_once("} ") else {
-            continue;
-        };
-        let Ok(value) = value.trim().parse::<f64>() else {
-            continue;
-        };
-        let label = |k: &str| {
-            labels
-                .split(',')
-                .filter_map(|kv| kv.split_once('='))
-                .find(|(name, _)| *name == k)
-                .map(|(_, v)| v.trim_matches('"').to_string())
-                .unwrap_or_default()
-        };
+        let label = |k: &str| labels.get(k).cloned().unwrap_or_default();
         if label("execute") != "true" {
             continue;
         }
@@ -144,37 +130,20 @@ const COMPONENTS: [&str; 10] = [
 /// of [`COMPONENTS`] (summed), and by the whole machine (`/proc/stat`'s
 /// first line, idle and iowait left out) as the last entry.
 fn cpu_by_component() -> Vec<f64> {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let mut out = vec![0.0; COMPONENTS.len() + 1];
-    if let Ok(dir) = std::fs::read_dir("/proc") {
-        for entry in dir.flatten() {
-            let path = entry.path();
-            let Ok(cmd) = std::fs::read(path.join("cmdline")) else {
-                continue;
-            };
-            let first = cmd.split(|b| *b == 0).next().unwrap_or_default();
-            let base = first.rsplit(|b| *b == b'/').next().unwrap_or_default();
-            // The bench's own binary is `cluster-<hash>`.
-            let base = match base.split(|b| *b == b'-').next() {
-                Some(b"cluster") => &b"cluster"[..],
-                _ => base,
-            };
-            let Some(i) = COMPONENTS.iter().position(|c| c.as_bytes() == base) else {
-                continue;
-            };
-            let Ok(stat) = std::fs::read_to_string(path.join("stat")) else {
-                continue;
-            };
-            let ticks = stat.rsplit_once(')').and_then(|(_, rest)| {
-                let f: Vec<&str> = rest.split_whitespace().collect();
-                let ut: f64 = f.get(11)?.parse().ok()?;
-                let st: f64 = f.get(12)?.parse().ok()?;
-                Some(ut + st)
-            });
-            out[i] += ticks.unwrap_or(0.0) / hz;
+    for (pid, base) in common::processes() {
+        // The bench's own binary is `cluster-<hash>`.
+        let base = if base.starts_with("cluster-") {
+            "cluster"
+        } else {
+            base.as_str()
+        };
+        if let Some(i) = COMPONENTS.iter().position(|c| *c == base) {
+            out[i] += common::cpu_seconds(pid);
         }
     }
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     // cpu  user nice system idle iowait irq softirq steal ...
     let busy = std::fs::read_to_string("/proc/stat")
         .ok()
@@ -220,34 +189,17 @@ fn patience(n: usize) -> Duration {
     Duration::from_secs(300).max(Duration::from_millis(50) * u32::try_from(n).unwrap_or(u32::MAX))
 }
 
-/// The peak resident memory (VmHWM, MiB) of every process whose command's
-/// first word ends in `name`: the chart's pods are processes of this host
+/// The peak resident memory (VmHWM, MiB) of every process named `name`
+/// ([`common::processes`]): the chart's pods are processes of this host
 /// too (their own PID namespace, the host's procfs).
 fn peak_mib(name: &str) -> Vec<f64> {
-    let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for entry in dir.flatten() {
-        let path = entry.path();
-        let Ok(cmd) = std::fs::read(path.join("cmdline")) else {
-            continue;
-        };
-        let first = cmd.split(|b| *b == 0).next().unwrap_or_default();
-        if !first.ends_with(name.as_bytes()) {
-            continue;
-        }
-        let pid = entry
-            .file_name()
-            .to_string_lossy()
-            .parse::<u32>()
-            .unwrap_or(0);
-        let kib = common::vm_hwm_kib(pid);
-        if kib > 0 {
-            out.push(kib as f64 / 1024.0);
-        }
-    }
-    out
+    common::processes()
+        .into_iter()
+        .filter(|(_, base)| base == name)
+        .map(|(pid, _)| common::vm_hwm_kib(pid))
+        .filter(|kib| *kib > 0)
+        .map(|kib| kib as f64 / 1024.0)
+        .collect()
 }
 
 /// Creates `n` test Domains (`at_once` at a time), waits until all are

@@ -78,23 +78,6 @@ fn cluster_pid(cluster: &common::Cluster, key: &str) -> u32 {
         .unwrap_or(0)
 }
 
-/// CPU seconds (user + system) a process has used so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            // Fields after the command name, which is in parentheses.
-            let rest = s.rsplit_once(')')?.1;
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            let ut: f64 = f.get(11)?.parse().ok()?;
-            let st: f64 = f.get(12)?.parse().ok()?;
-            Some((ut + st) / hz)
-        })
-        .unwrap_or(0.0)
-}
-
 /// Takes a CPU profile of kube-apiserver for `secs` from now (its
 /// /debug/pprof, served when the cluster was started with profiling on)
 /// in a thread, writes it to `target/bench/scale-apiserver.pprof` and
@@ -148,31 +131,12 @@ fn now_secs() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// One sample line of Prometheus text: name, labels, value.
-fn sample(line: &str) -> Option<(&str, BTreeMap<String, String>, f64)> {
-    if line.starts_with('#') {
-        return None;
-    }
-    let (head, value) = line.rsplit_once(' ')?;
-    let value: f64 = value.trim().parse().ok()?;
-    let (name, labels) = match head.split_once('{') {
-        Some((n, rest)) => (n, rest.trim_end_matches('}')),
-        None => (head, ""),
-    };
-    let labels = labels
-        .split(',')
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
-        .collect();
-    Some((name, labels, value))
-}
-
 /// The API server's counters this bench reads, keyed `metric|labels`.
 fn api_metrics(cluster: &common::Cluster) -> HashMap<String, f64> {
     let text = cluster.kubectl_ok(&["get", "--raw", "/metrics"]);
     let mut out: HashMap<String, f64> = HashMap::new();
     for line in text.lines() {
-        let Some((name, labels, value)) = sample(line) else {
+        let Some((name, labels, value)) = common::prom_sample(line) else {
             continue;
         };
         let l = |k: &str| labels.get(k).cloned().unwrap_or_default();
@@ -249,7 +213,7 @@ fn histogram(text: &str, metric: &str, controller: &str) -> Option<(f64, f64, f6
     let mut buckets: Vec<(f64, f64)> = Vec::new();
     let (mut sum, mut count) = (0.0, 0.0);
     for line in text.lines() {
-        let Some((name, labels, value)) = sample(line) else {
+        let Some((name, labels, value)) = common::prom_sample(line) else {
             continue;
         };
         if labels.get("controller").map(String::as_str) != Some(controller) {
@@ -456,7 +420,12 @@ async fn main() {
     for (i, a) in agents.iter().enumerate() {
         cpu_pids.push((format!("agent node-{}", i + 1), a.pid().unwrap_or(0)));
     }
-    let cpu_now = || -> Vec<f64> { cpu_pids.iter().map(|(_, p)| cpu_seconds(*p)).collect() };
+    let cpu_now = || -> Vec<f64> {
+        cpu_pids
+            .iter()
+            .map(|(_, p)| common::cpu_seconds(*p))
+            .collect()
+    };
     let cpu_before = cpu_now();
     let started = Instant::now();
     let t0 = now_secs();
@@ -957,7 +926,7 @@ async fn floor(n: usize) {
     let domains: Api<Domain> = Api::namespaced(client.clone(), "default");
     let pid_of = |key: &str| cluster_pid(&cluster, key);
     let (api_pid, etcd_pid) = (pid_of("APISERVER_PID"), pid_of("ETCD_PID"));
-    let cpu = || (cpu_seconds(api_pid), cpu_seconds(etcd_pid));
+    let cpu = || (common::cpu_seconds(api_pid), common::cpu_seconds(etcd_pid));
 
     // 1. The bench's creates alone.
     let c0 = cpu();

@@ -58,6 +58,59 @@ pub fn without_cargo_env(cmd: &mut Command) {
     }
 }
 
+/// CPU seconds (user + system) a process has used so far, 0 if unknown.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name, which is in parentheses.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ut: f64 = f.get(11)?.parse().ok()?;
+            let st: f64 = f.get(12)?.parse().ok()?;
+            Some((ut + st) / hz)
+        })
+        .unwrap_or(0.0)
+}
+
+/// Every process on the host with the last path element of its command's
+/// first word (`/usr/bin/kubelet` → `kubelet`); pods' processes included.
+pub fn processes() -> Vec<(u32, String)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmd = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let first = cmd.split(|b| *b == 0).next()?;
+            let base = first.rsplit(|b| *b == b'/').next()?;
+            Some((pid, String::from_utf8_lossy(base).into_owned()))
+        })
+        .collect()
+}
+
+/// One sample line of Prometheus text: name, labels, value.
+pub fn prom_sample(line: &str) -> Option<(&str, std::collections::BTreeMap<String, String>, f64)> {
+    if line.starts_with('#') {
+        return None;
+    }
+    let (head, value) = line.rsplit_once(' ')?;
+    let value: f64 = value.trim().parse().ok()?;
+    let (name, labels) = match head.split_once('{') {
+        Some((n, rest)) => (n, rest.trim_end_matches('}')),
+        None => (head, ""),
+    };
+    let labels = labels
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+        .collect();
+    Some((name, labels, value))
+}
+
 /// A process's peak resident memory (VmHWM) in KiB, 0 if unknown.
 pub fn vm_hwm_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
