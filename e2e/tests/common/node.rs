@@ -25,10 +25,9 @@ pub struct ProcId {
 
 /// The process `pid` as it is now (`None` when gone or a zombie).
 pub fn proc_id(pid: u32) -> Option<ProcId> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // After the parenthesised command name: state (field 3) .. starttime (22).
-    let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    if matches!(rest.first(), Some(&"Z") | Some(&"X")) {
+    // State (field 3) .. starttime (22).
+    let rest = crate::common::stat_fields(pid)?;
+    if matches!(rest.first().map(String::as_str), Some("Z") | Some("X")) {
         return None;
     }
     let start = rest.get(22 - 3)?.parse().ok()?;
