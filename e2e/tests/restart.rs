@@ -28,14 +28,12 @@
 //! line and returns.
 
 mod common;
-#[path = "common/node.rs"]
-mod node;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{Cluster, Netns, Proc, ready_hosts, repo, wait_for};
+use common::{Cluster, Netns, Proc, node, ready_hosts, repo, wait_for};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use node::ProcId;

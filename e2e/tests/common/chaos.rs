@@ -69,8 +69,7 @@ use vireo_crds::{Domain, DomainState, Network, RunStrategy, StoragePool, Storage
 use crate::common::{Cluster, Netns, Proc, fleet};
 
 // Links, taps and processes read from a node's namespace.
-#[path = "node.rs"]
-mod node;
+use crate::common::node;
 
 /// What to run.
 #[derive(Clone, Debug)]

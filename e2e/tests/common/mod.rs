@@ -8,6 +8,8 @@
 mod netns;
 pub use netns::Netns;
 pub mod fleet;
+// Also used by agent/tests/restart.rs (through #[path]).
+pub mod node;
 pub mod nodes;
 pub mod run;
 
@@ -58,21 +60,12 @@ pub fn without_cargo_env(cmd: &mut Command) {
     }
 }
 
-/// The fields of `/proc/PID/stat` after the command name (which is in
-/// parentheses and may hold spaces): element 0 is field 3 (state), element
-/// N is field N + 3.
-pub fn stat_fields(pid: u32) -> Option<Vec<String>> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = stat.rsplit_once(')')?.1;
-    Some(rest.split_whitespace().map(str::to_string).collect())
-}
-
 /// CPU seconds (user + system, fields 14 and 15) a process has used so
 /// far, 0 if unknown.
 pub fn cpu_seconds(pid: u32) -> f64 {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    stat_fields(pid)
+    node::stat_fields(pid)
         .and_then(|f| {
             let ut: f64 = f.get(14 - 3)?.parse().ok()?;
             let st: f64 = f.get(15 - 3)?.parse().ok()?;

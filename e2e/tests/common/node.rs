@@ -2,8 +2,9 @@
 //! from the agent: processes (PID and start time from /proc), the links and
 //! nftables tables of a network namespace, files, a guest's console. Shared
 //! by the restart tests of standalone mode (agent/tests/restart.rs, which
-//! includes this file with `#[path]`) and of the cluster agent
-//! (e2e/tests/restart.rs).
+//! includes this file with `#[path]`, so it stands alone) and of the
+//! cluster agent (e2e/tests/restart.rs, through `common::node`), and by the
+//! chaos test and the benches' CPU counters.
 
 #![allow(dead_code)]
 
@@ -26,12 +27,21 @@ pub struct ProcId {
 /// The process `pid` as it is now (`None` when gone or a zombie).
 pub fn proc_id(pid: u32) -> Option<ProcId> {
     // State (field 3) .. starttime (22).
-    let rest = crate::common::stat_fields(pid)?;
+    let rest = stat_fields(pid)?;
     if matches!(rest.first().map(String::as_str), Some("Z") | Some("X")) {
         return None;
     }
     let start = rest.get(22 - 3)?.parse().ok()?;
     Some(ProcId { pid, start })
+}
+
+/// The fields of `/proc/PID/stat` after the command name (which is in
+/// parentheses and may hold spaces): element 0 is field 3 (state), element
+/// N is field N + 3.
+pub fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    Some(rest.split_whitespace().map(str::to_string).collect())
 }
 
 /// The command line of `pid`, its arguments joined by spaces.

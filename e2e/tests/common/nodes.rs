@@ -171,7 +171,7 @@ impl Drop for Nodes {
 
 /// Field 22 of /proc/PID/stat: when the process started (clock ticks).
 pub fn start_time(pid: u32) -> Option<u64> {
-    super::stat_fields(pid)?.get(22 - 3)?.parse().ok()
+    super::node::stat_fields(pid)?.get(22 - 3)?.parse().ok()
 }
 
 pub fn read_pid(path: &Path) -> Option<(u32, u64)> {
