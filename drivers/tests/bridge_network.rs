@@ -426,8 +426,8 @@ fn taps_join_the_bridge_and_go() {
         .create_network(&network("taps", ForwardMode::Isolated, 63, None))
         .expect("creates");
     let bridge = driver.active_bridge("taps").expect("active");
-    tap::create("vttest0", &bridge).expect("creates the tap");
-    tap::create("vttest0", &bridge).expect("again: idempotent");
+    tap::create("vttest0", &bridge, "taps").expect("creates the tap");
+    tap::create("vttest0", &bridge, "taps").expect("again: idempotent");
     let br = netlink::link(&bridge).expect("netlink").expect("bridge");
     let t = netlink::link("vttest0").expect("netlink").expect("tap");
     assert_eq!(t.kind.as_deref(), Some("tun"));
@@ -438,9 +438,79 @@ fn taps_join_the_bridge_and_go() {
     tap::remove("vttest0").expect("removes");
     tap::remove("vttest0").expect("removing again is fine");
     assert!(netlink::link("vttest0").expect("netlink").is_none());
-    let err = tap::create("vttest1", "nosuchbr").expect_err("no bridge");
+    let err = tap::create("vttest1", "nosuchbr", "taps").expect_err("no bridge");
     assert!(err.to_string().contains("does not exist"), "{err}");
     driver.destroy_network("taps").expect("destroys");
+    assert_clean(&ns, &["lo"]);
+}
+
+/// Destroying a network deletes its bridge and leaves its guests' taps on
+/// no bridge; starting it again puts back the taps marked as its own, and
+/// only those. Opening the driver again (an agent restart) puts back a tap
+/// of an active network that lost its bridge.
+#[test]
+fn taps_come_back_when_their_network_starts_again() {
+    let test = "taps_come_back_when_their_network_starts_again";
+    if !available(test) {
+        return;
+    }
+    let ns = Netns::new("back");
+    ns.enter();
+    let dir = state_dir("bridge-back");
+    let driver = BridgeDriver::open(&dir).expect("opens");
+    for (name, third) in [("back", 64), ("side", 65)] {
+        driver
+            .define_network(&network(name, ForwardMode::Isolated, third, None))
+            .expect("defines");
+        driver.start_network(name).expect("starts");
+    }
+    let bridge = driver.active_bridge("back").expect("active");
+    let side = driver.active_bridge("side").expect("active");
+    tap::create("vtback0", &bridge, "back").expect("a tap of back");
+    tap::create("vtback1", &bridge, "back").expect("another tap of back");
+    // On back's bridge but marked as another network's.
+    tap::create("vtother0", &bridge, "other").expect("a tap of other");
+    // Marked as back's but on another bridge: it stays there.
+    tap::create("vtside0", &side, "back").expect("a tap on side");
+    let link = |n: &str| netlink::link(n).expect("netlink").expect(n);
+    let index = |n: &str| link(n).index;
+
+    driver.destroy_network("back").expect("destroys");
+    for t in ["vtback0", "vtback1", "vtother0"] {
+        assert_eq!(link(t).controller, None, "{t} lost its bridge");
+    }
+    driver.start_network("back").expect("starts again");
+    let br = index(&bridge);
+    for t in ["vtback0", "vtback1"] {
+        let l = link(t);
+        assert_eq!(l.controller, Some(br), "{t} is back on {bridge}");
+        assert!(l.up, "{t} is up");
+    }
+    assert_eq!(
+        link("vtother0").controller,
+        None,
+        "another network's tap stays off"
+    );
+    assert_eq!(
+        link("vtside0").controller,
+        Some(index(&side)),
+        "vtside0 stays on {side}"
+    );
+
+    // A tap that lost its bridge while the network stayed active is put
+    // back when the driver is opened again.
+    ns.ip(&["link", "set", "vtback1", "nomaster"]);
+    assert_eq!(link("vtback1").controller, None);
+    let again = BridgeDriver::open(&dir).expect("opens again");
+    assert_eq!(link("vtback1").controller, Some(br), "vtback1 is back");
+
+    for t in ["vtback0", "vtback1", "vtother0", "vtside0"] {
+        tap::remove(t).expect("removes");
+    }
+    for name in ["back", "side"] {
+        again.destroy_network(name).expect("destroys");
+        again.undefine_network(name).expect("undefines");
+    }
     assert_clean(&ns, &["lo"]);
 }
 

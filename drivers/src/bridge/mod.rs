@@ -152,6 +152,7 @@ impl BridgeDriver {
                     self.deactivate(l, &mut rec)?;
                     continue;
                 }
+                reattach_taps(&rec.name, &live.bridge);
                 let plan = match plan::plan(&rec.def) {
                     Ok(p) => p,
                     Err(e) => {
@@ -328,6 +329,7 @@ impl BridgeDriver {
             .realize(&rec.name, &rec.uuid, &plan)
             .map_err(|e| failed(&rec.name, e))?;
         tracing::info!(network = %rec.name, bridge = %live.bridge, mode = %plan.mode, "network started");
+        reattach_taps(&rec.name, &live.bridge);
         rec.active = true;
         rec.live = Some(live);
         Self::save(l, rec)
@@ -561,6 +563,21 @@ impl BridgeDriver {
 }
 
 /// `vireoN`, the first N no network uses and no link on this node has.
+/// Puts the running guests' taps of network `name` that lost their bridge
+/// back on `bridge` ([`tap::reattach`]). A failure is logged: the network
+/// is up, and only those guests stay cut off, as they were.
+fn reattach_taps(name: &str, bridge: &str) {
+    match tap::reattach(name, bridge) {
+        Ok(back) if back.is_empty() => {}
+        Ok(back) => {
+            tracing::info!(network = %name, %bridge, taps = ?back, "guests' taps put back on the bridge")
+        }
+        Err(e) => {
+            tracing::warn!(network = %name, %bridge, error = %e, "putting guests' taps back on the bridge failed")
+        }
+    }
+}
+
 fn free_bridge_name(all: &[Record]) -> Result<String> {
     let used: Vec<String> = all
         .iter()

@@ -217,18 +217,29 @@ pub fn create_bridge(name: &str, alias: &str) -> NlResult<u32> {
     })
 }
 
-/// Makes link `index` a port of `bridge_index` and brings it up.
-pub fn attach_and_up(index: u32, bridge_index: u32) -> NlResult<()> {
+/// Every link of this namespace.
+pub fn links() -> NlResult<Vec<Link>> {
     run(|h| async move {
-        h.link()
-            .set(
-                LinkUnspec::new_with_index(index)
-                    .controller(bridge_index)
-                    .up()
-                    .build(),
-            )
-            .execute()
-            .await?;
+        let mut out = Vec::new();
+        let mut links = h.link().get().execute();
+        while let Some(msg) = links.try_next().await? {
+            out.push(link_of(&msg));
+        }
+        Ok(out)
+    })
+}
+
+/// Makes link `index` a port of `bridge_index` and brings it up, marking
+/// it with `alias` when given.
+pub fn attach_and_up(index: u32, bridge_index: u32, alias: Option<&str>) -> NlResult<()> {
+    run(|h| async move {
+        let mut change = LinkUnspec::new_with_index(index)
+            .controller(bridge_index)
+            .up();
+        if let Some(alias) = alias {
+            change = change.alias(alias);
+        }
+        h.link().set(change.build()).execute().await?;
         Ok(())
     })
 }

@@ -8,6 +8,11 @@
 //! existing device (multi-queue must match: off on both sides), so the
 //! guest's first DHCP request already reaches the bridge. The driver
 //! deletes the tap when the activation ends.
+//!
+//! Each tap carries an alias naming its network. Destroying a network
+//! deletes its bridge and leaves the running guests' taps on no bridge;
+//! the network's next start puts them back ([`reattach`]), so the guests'
+//! links come back without a restart of the guest.
 
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
@@ -88,9 +93,53 @@ pub fn valid_ifname(name: &str) -> bool {
             .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
 }
 
+/// The alias that marks a tap as a port of network `network`, so that the
+/// network's next start finds it (see [`reattach`]). The kernel keeps up
+/// to 255 bytes; a longer name is cut and given a hash of the whole.
+pub fn port_alias(network: &str) -> String {
+    const PREFIX: &str = "vireo-port:";
+    const MAX: usize = 255;
+    if PREFIX.len() + network.len() <= MAX {
+        return format!("{PREFIX}{network}");
+    }
+    let hash = format!("~{:08x}", super::short_hash(network));
+    let mut cut = MAX - PREFIX.len() - hash.len();
+    while !network.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{PREFIX}{}{hash}", &network[..cut])
+}
+
+/// Puts back on `bridge` every tap marked as a port of `network` that is on
+/// no bridge: a network destroyed and started again (or whose bridge was
+/// deleted under it) gets the taps of the guests that kept running, as
+/// they were. A tap on another bridge is left where it is. Returns the
+/// taps put back.
+pub fn reattach(network: &str, bridge: &str) -> Result<Vec<String>, TapError> {
+    let bridge_link = netlink::link(bridge)
+        .map_err(|e| fail(&format!("looking up bridge {bridge}"), e))?
+        .filter(netlink::is_bridge)
+        .ok_or_else(|| TapError(format!("bridge '{bridge}' does not exist on this node")))?;
+    let alias = port_alias(network);
+    let mut back = Vec::new();
+    for link in netlink::links().map_err(|e| fail("listing links", e))? {
+        if link.kind.as_deref() != Some("tun")
+            || link.controller.is_some()
+            || link.alias.as_deref() != Some(alias.as_str())
+        {
+            continue;
+        }
+        netlink::attach_and_up(link.index, bridge_link.index, None)
+            .map_err(|e| fail(&format!("attaching {} to {bridge}", link.name), e))?;
+        back.push(link.name);
+    }
+    Ok(back)
+}
+
 /// Creates the persistent tap `name` (or takes the existing one), puts it
-/// on `bridge` and brings it up. Idempotent.
-pub fn create(name: &str, bridge: &str) -> Result<(), TapError> {
+/// on `bridge`, marks it as a port of `network` ([`port_alias`]) and brings
+/// it up. Idempotent.
+pub fn create(name: &str, bridge: &str, network: &str) -> Result<(), TapError> {
     if !valid_ifname(name) {
         return Err(TapError(format!("'{name}' is not a valid interface name")));
     }
@@ -111,7 +160,7 @@ pub fn create(name: &str, bridge: &str) -> Result<(), TapError> {
     let link = netlink::link(name)
         .map_err(|e| fail(&format!("looking up {name}"), e))?
         .ok_or_else(|| TapError(format!("tap '{name}' vanished right after it was created")))?;
-    netlink::attach_and_up(link.index, bridge_link.index)
+    netlink::attach_and_up(link.index, bridge_link.index, Some(&port_alias(network)))
         .map_err(|e| fail(&format!("attaching {name} to {bridge}"), e))
 }
 
@@ -191,6 +240,18 @@ mod tests {
         assert_eq!(derived_mac(uuid, 0), "52:54:00:28:95:0e");
         assert_eq!(derived_mac(uuid, 1), "52:54:00:28:95:0f");
         assert!(super::super::plan::valid_mac(&derived_mac(uuid, 3)));
+    }
+
+    #[test]
+    fn port_aliases_fit_the_kernel() {
+        assert_eq!(port_alias("default"), "vireo-port:default");
+        let long = "n".repeat(253);
+        let a = port_alias(&long);
+        assert_eq!(a.len(), 255);
+        assert!(a.starts_with("vireo-port:nnn"));
+        assert_ne!(a, port_alias(&format!("{}m", "n".repeat(252))));
+        let wide = "é".repeat(200);
+        assert!(port_alias(&wide).len() <= 255);
     }
 
     #[test]

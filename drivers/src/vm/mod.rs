@@ -1122,7 +1122,7 @@ impl<B: Backend> Inner<B> {
                 ));
             };
             let tap = crate::bridge::tap::tap_name(&uuid, i);
-            if let Err(e) = crate::bridge::tap::create(&tap, &bridge) {
+            if let Err(e) = crate::bridge::tap::create(&tap, &bridge, &iface.network) {
                 unplug_interfaces(name, def);
                 return Err(io_failed(
                     name,
