@@ -626,8 +626,9 @@ fn console_log(root: &Path, conn: &Connection, name: &str) -> PathBuf {
 /// Two Linux guests on a NAT network: addresses by DHCP (one from the
 /// range, one a static host), they ping each other, reach an HTTP server
 /// on the host side and one outside (through masquerade), and the leases
-/// name them; destroying the guests and the network leaves the namespace
-/// as it was.
+/// name them; the network destroyed and started again under them, b
+/// reaches the gateway again; destroying the guests and the network
+/// leaves the namespace as it was.
 #[test]
 fn linux_guests_on_a_nat_network() {
     let test = "linux_guests_on_a_nat_network";
@@ -696,11 +697,16 @@ fn linux_guests_on_a_nat_network() {
     .expect("opens the qemu driver");
     let hv = conn.hypervisor();
     let started = Instant::now();
+    // b stays on the network: it says when the gateway goes (the network
+    // destroyed) and when it answers again (started again, b's tap put
+    // back). Computed markers, so the echoed command line cannot match.
     hv.create_domain(&guest(
         "b",
         "natnet",
         Some(b_mac),
-        "ping -c 2 -W 2 10.71.0.1 && echo PING-GW-OK",
+        "ping -c 2 -W 2 10.71.0.1 && echo PING-GW-OK; \
+         while ping -c 1 -W 1 10.71.0.1 >/dev/null; do sleep 1; done; echo GW-GONE-$((6*7)); \
+         for i in $(seq 600); do ping -c 1 -W 1 10.71.0.1 >/dev/null && echo GW-BACK-$((6*7)) && break; done",
     ))
     .expect("starts b");
     let a_run = "for i in $(seq 60); do ping -c 1 -W 1 10.71.0.11 >/dev/null && break; done; \
@@ -727,12 +733,9 @@ fn linux_guests_on_a_nat_network() {
     let b_log = console_log(&root, &conn, "b");
     let text = vireo_drivers::qemu::wait_for_console(&a_log, "VIREO-GUEST-RUN-END", GUEST_TIMEOUT)
         .unwrap_or_else(|t| panic!("guest a did not finish; console:\n{t}"));
-    let b_text = vireo_drivers::qemu::wait_for_console(
-        &b_log,
-        "VIREO-GUEST-RUN-END",
-        Duration::from_secs(30),
-    )
-    .unwrap_or_else(|t| panic!("guest b did not finish; console:\n{t}"));
+    let b_text =
+        vireo_drivers::qemu::wait_for_console(&b_log, "PING-GW-OK", Duration::from_secs(30))
+            .unwrap_or_else(|t| panic!("guest b did not ping the gateway; console:\n{t}"));
     say(&format!(
         "two guests booted and talked in {:?}",
         started.elapsed()
@@ -846,6 +849,44 @@ fn linux_guests_on_a_nat_network() {
     );
     assert_eq!(b_shown[0].mac, b_mac, "a MAC given in the spec is kept");
     assert_eq!(b_shown[0].ip.as_deref(), Some("10.71.0.11/24"));
+
+    // The network destroyed and started again while a and b run: b sees
+    // the gateway go and come back, both taps are on the new bridge.
+    networks.destroy_network("natnet").expect("destroys natnet");
+    vireo_drivers::qemu::wait_for_console(&b_log, "GW-GONE-42", Duration::from_secs(60))
+        .unwrap_or_else(|t| panic!("guest b did not lose the gateway; console:\n{t}"));
+    networks
+        .start_network("natnet")
+        .expect("starts natnet again");
+    let br = netlink::link(&bridge)
+        .expect("netlink")
+        .expect("the new bridge");
+    let mut ports: Vec<String> = netlink::ports_of(br.index)
+        .expect("ports")
+        .into_iter()
+        .map(|l| l.name)
+        .collect();
+    ports.sort();
+    let mut taps = vec![tap::tap_name(&a.uuid, 0), tap::tap_name(&b_uuid, 0)];
+    taps.sort();
+    assert_eq!(ports, taps, "both guests' taps are back on {bridge}");
+    let kept: Vec<String> = networks
+        .dhcp_leases("natnet")
+        .expect("leases")
+        .into_iter()
+        .map(|l| l.mac)
+        .collect();
+    assert!(
+        kept.contains(&a_mac) && kept.iter().any(|m| m == b_mac),
+        "the leases outlive the restart: {kept:?}"
+    );
+    let back = Instant::now();
+    vireo_drivers::qemu::wait_for_console(&b_log, "GW-BACK-42", Duration::from_secs(60))
+        .unwrap_or_else(|t| panic!("guest b did not reach the gateway again; console:\n{t}"));
+    say(&format!(
+        "b reached the restarted network's gateway {:?} after its start",
+        back.elapsed()
+    ));
 
     // Guests go: their taps go with them.
     hv.destroy_domain("a").expect("destroys a");
