@@ -166,6 +166,35 @@ fn kvm_domain_lifecycle_with_test_guest_and_disk() {
     );
     expect_state(&conn, name, DomainState::Running, DomainReason::Booted);
 
+    // domblkstat: the guest's one write, read and flush of vda, by the
+    // disk's target or its volume.
+    for key in ["vda", "disk0"] {
+        let stats: std::collections::BTreeMap<String, i64> = hv
+            .domain_block_stats(name, key)
+            .expect("block statistics")
+            .into_iter()
+            .collect();
+        let at = |k: &str| stats.get(&format!("vda {k}")).copied();
+        assert_eq!(
+            [
+                "rd_req",
+                "rd_bytes",
+                "wr_req",
+                "wr_bytes",
+                "flush_operations",
+                "errs"
+            ]
+            .map(at),
+            [Some(1), Some(512), Some(1), Some(512), Some(1), Some(0)],
+            "{stats:?}"
+        );
+        assert!(at("wr_total_times").is_some_and(|t| t > 0), "{stats:?}");
+    }
+    let err = hv
+        .domain_block_stats(name, "vdz")
+        .expect_err("no such disk");
+    assert!(err.to_string().contains("vdz"), "{err}");
+
     hv.suspend_domain(name).expect("suspend");
     expect_state(&conn, name, DomainState::Paused, DomainReason::User);
     hv.resume_domain(name).expect("resume");

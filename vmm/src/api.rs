@@ -25,6 +25,8 @@ pub enum Request {
     Vcpus {
         count: u32,
     },
+    /// Each disk's I/O counters, in `--disk` order ([`block_stats`]).
+    BlockStats,
     /// Pauses the machine and sends its snapshot on this connection: an
     /// answer line with `bytes`, then that many bytes of the snapshot file
     /// (crate::snapshot); then resumes, stays paused or exits, per `after`.
@@ -115,6 +117,31 @@ pub fn info(i: &Info) -> Value {
     })
 }
 
+/// What `block-stats` answers: one object per `--disk`, in order, with
+/// its index and the counters under virsh's `domblkstat` names (times in
+/// nanoseconds).
+pub fn block_stats(disks: &[vireo_vmm_devices::virtio::block::BlockCounters]) -> Value {
+    let disks: Vec<Value> = disks
+        .iter()
+        .enumerate()
+        .map(|(index, c)| {
+            json!({
+                "index": index,
+                "rd_req": c.rd_req,
+                "rd_bytes": c.rd_bytes,
+                "wr_req": c.wr_req,
+                "wr_bytes": c.wr_bytes,
+                "flush_operations": c.flush_req,
+                "rd_total_times": c.rd_total_ns,
+                "wr_total_times": c.wr_total_ns,
+                "flush_total_times": c.flush_total_ns,
+                "errs": c.errs,
+            })
+        })
+        .collect();
+    json!({"ok": true, "disks": disks})
+}
+
 /// The answer line before a snapshot's bytes.
 pub fn snapshot_answer(bytes: u64, memory_stored: u64) -> Value {
     json!({"ok": true, "bytes": bytes, "memory_stored": memory_stored})
@@ -130,6 +157,10 @@ mod tests {
     #[test]
     fn parses_the_contract_requests() {
         assert_eq!(parse(r#"{"command": "info"}"#), Ok(Request::Info));
+        assert_eq!(
+            parse(r#"{"command": "block-stats"}"#),
+            Ok(Request::BlockStats)
+        );
         assert_eq!(parse(r#"{"command":"pause"}"#), Ok(Request::Pause));
         assert_eq!(parse(r#"{"command":"resume"}"#), Ok(Request::Resume));
         assert_eq!(

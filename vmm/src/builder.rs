@@ -26,6 +26,7 @@ use vireo_vmm_devices::legacy::i8042::I8042;
 use vireo_vmm_devices::legacy::power::PowerDevice;
 use vireo_vmm_devices::legacy::pvpanic::PvPanic;
 use vireo_vmm_devices::legacy::serial::{SERIAL_REGISTERS, SerialDevice};
+use vireo_vmm_devices::virtio::block::BlockStats;
 use vireo_vmm_devices::virtio::{
     Balloon, BalloonControl, Block, MmioTransport, Net, Rng, VirtioDevice, Vsock,
 };
@@ -124,6 +125,8 @@ pub struct Machine {
     pub device_fds: Vec<(RawFd, SharedDevice)>,
     /// The virtio-balloon (`--balloon`).
     pub balloon: Option<BalloonHandle>,
+    /// Each `--disk`'s I/O counters, in `--disk` order (`block-stats`).
+    pub disk_stats: Vec<Arc<BlockStats>>,
     virtio: Vec<acpi::VirtioSlot>,
     /// Each slot's transport and device name, in slot order.
     transports: Vec<(&'static str, VirtioSlotDevice)>,
@@ -249,11 +252,13 @@ pub fn build(cfg: &VmConfig, files: OpenFiles, start: Instant) -> Result<Machine
         return Err(BuildError::TooManyDevices(wanted));
     }
     let mut virtio_devs: Vec<(&'static str, Box<dyn VirtioDevice>)> = Vec::new();
+    let mut disk_stats = Vec::new();
     for (i, (file, spec)) in disks.into_iter().zip(&cfg.disks).enumerate() {
         let slot = virtio_devs.len() as u32;
         let blk = Block::new(file, spec.readonly)
             .map_err(|source| BuildError::Virtio { slot, source })?
             .with_id(&format!("disk{i}"));
+        disk_stats.push(blk.stats());
         virtio_devs.push(("virtio-blk", Box::new(blk)));
     }
     for (i, (tap, spec)) in taps.into_iter().zip(&cfg.nets).enumerate() {
@@ -380,6 +385,7 @@ pub fn build(cfg: &VmConfig, files: OpenFiles, start: Instant) -> Result<Machine
         vcpus,
         device_fds,
         balloon,
+        disk_stats,
         virtio,
         transports,
         boot_source,

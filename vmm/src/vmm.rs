@@ -404,6 +404,10 @@ impl Vmm {
                 Ok(()) => (api::ok(), None),
                 Err(e) => (api::error(e), None),
             },
+            Request::BlockStats => {
+                let counters: Vec<_> = self.machine.disk_stats.iter().map(|s| s.read()).collect();
+                (api::block_stats(&counters), None)
+            }
             #[cfg(debug_assertions)]
             Request::DebugForbiddenSyscall => {
                 tracing::warn!("debug-forbidden-syscall: opening /etc/hostname under the filter");

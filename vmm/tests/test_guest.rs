@@ -214,6 +214,68 @@ fn test_guest_drives_virtio_disks_net_and_rng() {
     assert_eq!(std::fs::read(&ro).unwrap(), ro_content);
 }
 
+/// `block-stats` counts what the guest asked of each disk: on the
+/// read-write one a 512-byte write, a 512-byte read and a flush; on the
+/// read-only one a refused write (an error) and a read.
+#[test]
+fn test_guest_disk_io_shows_in_block_stats() {
+    if !kvm_available("test_guest_disk_io_shows_in_block_stats") {
+        return;
+    }
+    let out = TempDir::new("guest-build-blkstats");
+    let Some(guest) = build_guest(&out.0) else {
+        return;
+    };
+    let rw = out.0.join("rw.raw");
+    let ro = out.0.join("ro.raw");
+    std::fs::write(&rw, vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(&ro, vec![0u8; 64 * 1024]).unwrap();
+    let rw_arg = rw.display().to_string();
+    let ro_arg = format!("{},readonly", ro.display());
+    let opts = Opts {
+        kernel: &guest,
+        cmdline: Some("console=ttyS0"),
+        extra: vec!["--disk", &rw_arg, "--disk", &ro_arg],
+        ..Opts::default()
+    };
+    let mut vmm = Vmm::start("test-guest-blkstats", opts);
+    let mut api = vmm.connect_api();
+    vmm.wait_console("VIREO-TEST-GUEST-DONE devices=2", 1, T);
+    let console = vmm.console();
+    assert!(!console.contains("FAIL"), "{console}");
+    let r = api.call(r#"{"command": "block-stats"}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    let disks = r["disks"].as_array().expect("disks");
+    assert_eq!(disks.len(), 2, "{r}");
+    let got = |d: &serde_json::Value, k: &str| d[k].as_u64().unwrap_or_else(|| panic!("{k}: {d}"));
+    let fields = [
+        "index",
+        "rd_req",
+        "rd_bytes",
+        "wr_req",
+        "wr_bytes",
+        "flush_operations",
+        "errs",
+    ];
+    let counts: Vec<Vec<u64>> = disks
+        .iter()
+        .map(|d| fields.iter().map(|k| got(d, k)).collect())
+        .collect();
+    assert_eq!(
+        counts[0],
+        [0, 1, 512, 1, 512, 1, 0],
+        "the read-write disk: {r}"
+    );
+    assert_eq!(
+        counts[1],
+        [1, 1, 512, 0, 0, 0, 1],
+        "the read-only disk: {r}"
+    );
+    assert!(got(&disks[0], "wr_total_times") > 0, "{r}");
+    let r = api.call(r#"{"command": "destroy"}"#);
+    assert_eq!(r["ok"], true, "{r}");
+}
+
 /// The throughput mode the storage bench uses: many requests in flight,
 /// each 64 KiB chain landing where it says, read back and checked.
 #[test]

@@ -580,6 +580,47 @@ impl Backend for Vmm {
         }
     }
 
+    /// vireo-vmm's `block-stats` for the `--disk` that is `disk`, under
+    /// virsh's names (as the qemu driver gives QEMU's), plus `errs`.
+    fn block_stats(
+        &self,
+        paths: &RunPaths,
+        disk: &str,
+    ) -> Option<Result<Vec<(String, i64)>, String>> {
+        Some((|| {
+            let (index, _) = launched_disk(paths, disk)?;
+            let answer = self.call(paths, json!({ "command": "block-stats" }))?;
+            let stats = answer
+                .get("disks")
+                .and_then(Value::as_array)
+                .and_then(|all| all.get(index))
+                .ok_or_else(|| {
+                    format!("vireo-vmm reports no statistics for disk {index}: {answer}")
+                })?;
+            let get = |k: &str| {
+                stats
+                    .get(k)
+                    .and_then(Value::as_u64)
+                    .map(|v| i64::try_from(v).unwrap_or(i64::MAX))
+                    .ok_or_else(|| format!("block-stats has no {k}: {stats}"))
+            };
+            [
+                "rd_req",
+                "rd_bytes",
+                "wr_req",
+                "wr_bytes",
+                "flush_operations",
+                "rd_total_times",
+                "wr_total_times",
+                "flush_total_times",
+                "errs",
+            ]
+            .into_iter()
+            .map(|k| Ok((format!("{disk} {k}"), get(k)?)))
+            .collect()
+        })())
+    }
+
     /// The guest agent over vsock: vireo-vmm's proxy socket, `CONNECT`
     /// to the port vireo-guest-agent listens on.
     fn guest_agent(&self, paths: &RunPaths) -> Option<crate::vm::guest_agent::Channel> {

@@ -7,6 +7,9 @@
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::Address as _;
@@ -137,6 +140,91 @@ impl WriteVolatile for FileAt<'_> {
     }
 }
 
+/// A disk's I/O counters, as `virsh domblkstat` shows them: completed
+/// requests and bytes by kind, the time spent serving them, and the
+/// requests that ended in an I/O error. The device counts; the VMM reads
+/// them through the shared handle ([`Block::stats`]) without taking the
+/// device's lock. They start at zero with the process (a restored or
+/// migrated machine counts again from zero, as QEMU does).
+#[derive(Debug, Default)]
+pub struct BlockStats {
+    rd_req: AtomicU64,
+    rd_bytes: AtomicU64,
+    rd_ns: AtomicU64,
+    wr_req: AtomicU64,
+    wr_bytes: AtomicU64,
+    wr_ns: AtomicU64,
+    flush_req: AtomicU64,
+    flush_ns: AtomicU64,
+    errs: AtomicU64,
+}
+
+/// The counters of [`BlockStats`] at one moment.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BlockCounters {
+    pub rd_req: u64,
+    pub rd_bytes: u64,
+    pub rd_total_ns: u64,
+    pub wr_req: u64,
+    pub wr_bytes: u64,
+    pub wr_total_ns: u64,
+    pub flush_req: u64,
+    pub flush_total_ns: u64,
+    /// Requests answered with an I/O error (a write to a read-only disk, a
+    /// range outside the disk, a failed read or write of the image).
+    pub errs: u64,
+}
+
+impl BlockStats {
+    /// The counters now.
+    pub fn read(&self) -> BlockCounters {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        BlockCounters {
+            rd_req: get(&self.rd_req),
+            rd_bytes: get(&self.rd_bytes),
+            rd_total_ns: get(&self.rd_ns),
+            wr_req: get(&self.wr_req),
+            wr_bytes: get(&self.wr_bytes),
+            wr_total_ns: get(&self.wr_ns),
+            flush_req: get(&self.flush_req),
+            flush_total_ns: get(&self.flush_ns),
+            errs: get(&self.errs),
+        }
+    }
+
+    /// Counts one request of type `req_type` that ended with `status`
+    /// after `ns`, moving `bytes` of data.
+    fn count(&self, req_type: u32, status: u8, bytes: u64, ns: u64) {
+        let add = |c: &AtomicU64, n: u64| {
+            c.fetch_add(n, Ordering::Relaxed);
+        };
+        if status == VIRTIO_BLK_S_IOERR {
+            add(&self.errs, 1);
+            return;
+        }
+        if status != VIRTIO_BLK_S_OK {
+            return;
+        }
+        match req_type {
+            VIRTIO_BLK_T_IN => {
+                add(&self.rd_req, 1);
+                add(&self.rd_bytes, bytes);
+                add(&self.rd_ns, ns);
+            }
+            VIRTIO_BLK_T_OUT => {
+                add(&self.wr_req, 1);
+                add(&self.wr_bytes, bytes);
+                add(&self.wr_ns, ns);
+            }
+            VIRTIO_BLK_T_FLUSH => {
+                add(&self.flush_req, 1);
+                add(&self.flush_ns, ns);
+            }
+            _ => {}
+        }
+    }
+}
+
 struct Active {
     mem: GuestMemory,
     queue: Queue,
@@ -154,6 +242,7 @@ pub struct Block {
     active: Option<Active>,
     log: LogLimiter,
     queue_sizes: [u16; 1],
+    stats: Arc<BlockStats>,
 }
 
 /// What one request did.
@@ -161,6 +250,9 @@ struct Outcome {
     status: u8,
     /// Bytes written to the guest before the status byte.
     written: u32,
+    /// The request's type and the data bytes it moved, for the counters.
+    req_type: u32,
+    moved: u64,
 }
 
 impl Block {
@@ -192,7 +284,13 @@ impl Block {
             active: None,
             log: LogLimiter::default(),
             queue_sizes: [QUEUE_SIZE],
+            stats: Arc::default(),
         })
+    }
+
+    /// The disk's I/O counters, shared with the device.
+    pub fn stats(&self) -> Arc<BlockStats> {
+        self.stats.clone()
     }
 
     /// Sets the serial the guest reads with GET_ID (at most 20 bytes are
@@ -225,6 +323,7 @@ impl Block {
             &mut self.log,
             "virtio-blk",
         ) {
+            let started = Instant::now();
             let used_len = match walked.and_then(|c| {
                 handle_request(
                     &self.file,
@@ -237,6 +336,8 @@ impl Block {
                 .map(|o| (c, o))
             }) {
                 Ok((c, o)) => {
+                    let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                    self.stats.count(o.req_type, o.status, o.moved, ns);
                     // The status byte is the last byte of the chain, written
                     // after the data.
                     let status_at = c
@@ -307,10 +408,14 @@ fn handle_request(
     let ioerr = Outcome {
         status: VIRTIO_BLK_S_IOERR,
         written: 0,
+        req_type,
+        moved: 0,
     };
-    let ok = |written: u32| Outcome {
+    let ok = |written: u32, moved: u64| Outcome {
         status: VIRTIO_BLK_S_OK,
         written,
+        req_type,
+        moved,
     };
     let check_range = |len: u64| -> Option<u64> {
         if !len.is_multiple_of(SECTOR_SIZE) {
@@ -337,12 +442,14 @@ fn handle_request(
                     return Ok(Outcome {
                         status: VIRTIO_BLK_S_IOERR,
                         written,
+                        req_type,
+                        moved: 0,
                     });
                 }
                 offset += u64::from(b.len);
                 written = written.saturating_add(b.len);
             }
-            Ok(ok(written))
+            Ok(ok(written, len))
         }
         VIRTIO_BLK_T_OUT => {
             if read_only {
@@ -361,24 +468,26 @@ fn handle_request(
                 }
                 offset += u64::from(b.len);
             }
-            Ok(ok(0))
+            Ok(ok(0, len))
         }
         VIRTIO_BLK_T_FLUSH => {
             if !read_only && let Err(e) = file.sync_data() {
                 tracing::warn!(error = %e, "virtio-blk: flush failed");
                 return Ok(ioerr);
             }
-            Ok(ok(0))
+            Ok(ok(0, 0))
         }
         VIRTIO_BLK_T_GET_ID => {
             let n = chain::write_bytes(mem, &in_data, id);
-            Ok(ok(n as u32))
+            Ok(ok(n as u32, 0))
         }
         other => {
             tracing::debug!(req_type = other, "virtio-blk: unsupported request type");
             Ok(Outcome {
                 status: VIRTIO_BLK_S_UNSUPP,
                 written: 0,
+                req_type,
+                moved: 0,
             })
         }
     }
