@@ -122,6 +122,8 @@ fn kvm_domain_lifecycle_with_test_guest_and_disk() {
     let hv = conn.hypervisor();
     let name = "life";
     let mut d = test_guest_domain(name, "");
+    // Two vCPUs, so that vcpuinfo below has threads to tell apart.
+    d.spec.vcpus = 2;
     d.spec.devices.disks.push(Disk {
         name: "vda".into(),
         volume: "disk0".into(),
@@ -194,6 +196,16 @@ fn kvm_domain_lifecycle_with_test_guest_and_disk() {
         .domain_block_stats(name, "vdz")
         .expect_err("no such disk");
     assert!(err.to_string().contains("vdz"), "{err}");
+
+    // vcpuinfo: each vCPU's thread in vireo-vmm, with its CPU and CPU time.
+    let vcpus = hv.domain_vcpu_info(name).expect("vcpuinfo");
+    assert_eq!(vcpus.len(), d.spec.vcpus as usize, "{vcpus:?}");
+    assert_eq!(vcpus.len(), 2, "{vcpus:?}");
+    for (i, v) in vcpus.iter().enumerate() {
+        assert_eq!(v.number as usize, i, "{vcpus:?}");
+        assert!(v.cpu.is_some() && v.cpu_time_ns.is_some(), "{vcpus:?}");
+        assert_eq!(v.state.as_deref(), Some("running"), "{vcpus:?}");
+    }
 
     hv.suspend_domain(name).expect("suspend");
     expect_state(&conn, name, DomainState::Paused, DomainReason::User);

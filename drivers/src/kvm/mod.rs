@@ -580,6 +580,44 @@ impl Backend for Vmm {
         }
     }
 
+    /// vireo-vmm names each vCPU's thread `vcpuN`: the threads of the
+    /// enabled vCPUs (`info.vcpus`, always vCPUs 0..N), from
+    /// `/proc/PID/task`. The VMM's jail keeps the host's PID namespace.
+    fn vcpu_threads(&self, paths: &RunPaths) -> Option<Result<Vec<u32>, String>> {
+        Some((|| {
+            let pid: u32 = std::fs::read_to_string(&paths.pidfile)
+                .map_err(|e| format!("{}: {e}", paths.pidfile.display()))?
+                .trim()
+                .parse()
+                .map_err(|e| format!("{}: {e}", paths.pidfile.display()))?;
+            let enabled = self
+                .call(paths, json!({ "command": "info" }))?
+                .get("vcpus")
+                .and_then(Value::as_u64)
+                .ok_or("info answered no vcpus")?;
+            let tasks = PathBuf::from(format!("/proc/{pid}/task"));
+            let mut threads: Vec<(u64, u32)> = std::fs::read_dir(&tasks)
+                .map_err(|e| format!("{}: {e}", tasks.display()))?
+                .filter_map(|entry| {
+                    let tid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+                    let comm =
+                        std::fs::read_to_string(tasks.join(tid.to_string()).join("comm")).ok()?;
+                    let index: u64 = comm.trim().strip_prefix("vcpu")?.parse().ok()?;
+                    (index < enabled).then_some((index, tid))
+                })
+                .collect();
+            threads.sort_unstable();
+            if threads.len() as u64 != enabled {
+                return Err(format!(
+                    "{} has {} vCPU threads of the {enabled} enabled",
+                    tasks.display(),
+                    threads.len()
+                ));
+            }
+            Ok(threads.into_iter().map(|(_, tid)| tid).collect())
+        })())
+    }
+
     /// vireo-vmm's `block-stats` for the `--disk` that is `disk`, under
     /// virsh's names (as the qemu driver gives QEMU's), plus `errs`.
     fn block_stats(
