@@ -8,9 +8,11 @@
 
 mod common;
 
+use std::path::Path;
+use std::process::Output;
 use std::time::Duration;
 
-use common::{Cluster, ready_hosts, repo, wait_for, wait_gone};
+use common::{Cluster, ready_hosts, repo, vireo_bin, wait_for, wait_gone};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, PostParams};
 use vireo_crds::{Domain, DomainRestore, DomainSnapshot, DomainState, SnapshotPhase};
@@ -225,6 +227,10 @@ async fn snapshots_and_restores_on_the_domains_node() {
         "snap1 is gone from the node"
     );
 
+    // The same through the CLI: `vireo -c kube:/// snapshot-*` makes the
+    // DomainSnapshots and DomainRestores and waits for the agent.
+    cli_snapshots(&cluster, &snaps, &state_file).await;
+
     // A Domain with a snapshot is still deleted (the snapshot with it).
     snaps
         .create(&PostParams::default(), &snapshot("snap2", "demo"))
@@ -265,4 +271,140 @@ async fn snapshots_and_restores_on_the_domains_node() {
         .await
         .expect("delete");
     wait_gone(&snaps, "snap2", T, "snap2 gone").await;
+}
+
+/// `vireo -c kube:/// ARGS` as the cluster's admin.
+fn vireo(cluster: &Cluster, args: &[&str]) -> Output {
+    std::process::Command::new(vireo_bin("vireo"))
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .env_remove("VIREO_DEFAULT_URI")
+        .args(["-c", "kube:///"])
+        .args(args)
+        .output()
+        .expect("vireo runs")
+}
+
+/// Same, insisting on success; returns stdout.
+fn vireo_ok(cluster: &Cluster, args: &[&str]) -> String {
+    let out = vireo(cluster, args);
+    assert!(
+        out.status.success(),
+        "vireo {} failed: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Same, insisting on a failure whose stderr holds `words`.
+fn vireo_refused(cluster: &Cluster, args: &[&str], words: &str) {
+    let out = vireo(cluster, args);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains(words),
+        "vireo {}: expected a refusal saying {words:?}; got {:?}: {said}",
+        args.join(" "),
+        out.status
+    );
+}
+
+/// virsh's snapshot commands on a cluster, on the running Domain `demo`.
+async fn cli_snapshots(cluster: &Cluster, snaps: &Api<DomainSnapshot>, state_file: &Path) {
+    let made = vireo_ok(
+        cluster,
+        &[
+            "snapshot-create-as",
+            "demo",
+            "cli1",
+            "--description",
+            "by the CLI",
+        ],
+    );
+    assert!(made.contains("Domain snapshot cli1 created"), "{made}");
+    let cli1 = snaps.get("cli1").await.expect("a DomainSnapshot cli1");
+    assert_eq!(cli1.spec.domain_name, "demo");
+    assert_eq!(cli1.spec.description.as_deref(), Some("by the CLI"));
+    assert!(
+        cli1.status.is_some_and(|s| s.ready_to_use),
+        "ready when the command returns"
+    );
+    let made = vireo_ok(
+        cluster,
+        &[
+            "snapshot-create-as",
+            "demo",
+            "--name",
+            "cli2",
+            "--disk-only",
+        ],
+    );
+    assert!(made.contains("Domain snapshot cli2 created"), "{made}");
+    let on_node = std::fs::read_to_string(state_file).expect("the node's record");
+    assert!(on_node.contains("\"cli2\""), "the node holds cli2");
+
+    let listed = vireo_ok(cluster, &["snapshot-list", "demo", "--parent"]);
+    let row = |name: &str| {
+        listed
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("no {name} in:\n{listed}"))
+            .to_string()
+    };
+    assert!(row("cli1").contains("running"), "{listed}");
+    assert!(
+        row("cli2").contains("disk-snapshot") && row("cli2").trim_end().ends_with("cli1"),
+        "cli2 is disks only, a child of cli1:\n{listed}"
+    );
+    assert_eq!(
+        vireo_ok(cluster, &["snapshot-current", "demo", "--name"]).trim(),
+        "cli2"
+    );
+    let info = vireo_ok(cluster, &["snapshot-info", "demo", "cli1"]);
+    for words in ["cli1", "default/demo", "Children:", "Memory:"] {
+        assert!(info.contains(words), "{words} in:\n{info}");
+    }
+    assert!(
+        info.lines()
+            .any(|l| l.starts_with("Children:") && l.trim_end().ends_with('1')),
+        "{info}"
+    );
+
+    // Back to cli1: a DomainRestore, done when the command returns; cli1
+    // is current again.
+    vireo_ok(cluster, &["snapshot-revert", "demo", "cli1"]);
+    let restored = cluster.kubectl_ok(&[
+        "get",
+        "domainrestores",
+        "-o",
+        "jsonpath={range .items[*]}{.spec.snapshotName}={.status.phase} {end}",
+    ]);
+    assert!(restored.contains("cli1=Ready"), "{restored}");
+    assert_eq!(
+        vireo_ok(cluster, &["snapshot-current", "demo", "--name"]).trim(),
+        "cli1"
+    );
+    vireo_refused(
+        cluster,
+        &["snapshot-revert", "demo", "cli1", "--running"],
+        "--running",
+    );
+    vireo_refused(cluster, &["snapshot-info", "demo", "nope"], "nope");
+    vireo_refused(
+        cluster,
+        &["snapshot-create-as", "demo", "Not_A_Name"],
+        "Not_A_Name",
+    );
+
+    // Deleted: gone on the node, then its object.
+    let said = vireo_ok(cluster, &["snapshot-delete", "demo", "cli2"]);
+    assert!(said.contains("Domain snapshot cli2 deleted"), "{said}");
+    assert!(
+        snaps.get_opt("cli2").await.expect("get").is_none(),
+        "cli2 is gone"
+    );
+    let on_node = std::fs::read_to_string(state_file).expect("the node's record");
+    assert!(!on_node.contains("\"cli2\""), "cli2 is gone from the node");
+    let listed = vireo_ok(cluster, &["snapshot-list", "demo", "--name"]);
+    assert_eq!(listed.trim(), "cli1", "{listed}");
 }

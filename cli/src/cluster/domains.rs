@@ -459,6 +459,39 @@ impl HypervisorDriver for Domains {
 
     /// `runStrategy: Saved`: the agent saves the guest's memory and
     /// device state on its node and shuts it off; `start` resumes it.
+    fn snapshot_create(
+        &self,
+        name: &str,
+        params: &vireo_drivers::snapshot::SnapshotParams,
+    ) -> Result<vireo_drivers::snapshot::SnapshotInfo> {
+        let (d, _) = self.get(name)?;
+        let (ns, _) = self.0.split(name);
+        super::snapshots::create(&self.0, &d, ns, params)
+    }
+
+    fn snapshot_list(&self, name: &str) -> Result<Vec<vireo_drivers::snapshot::SnapshotInfo>> {
+        let (d, _) = self.get(name)?;
+        let (ns, _) = self.0.split(name);
+        super::snapshots::list(&self.0, &d, ns)
+    }
+
+    fn snapshot_revert(
+        &self,
+        name: &str,
+        snapshot: &str,
+        to: vireo_drivers::snapshot::RevertTo,
+    ) -> Result<()> {
+        let (d, _) = self.get(name)?;
+        let (ns, _) = self.0.split(name);
+        super::snapshots::revert(&self.0, &d, ns, snapshot, to)
+    }
+
+    fn snapshot_delete(&self, name: &str, snapshot: &str) -> Result<()> {
+        let (d, _) = self.get(name)?;
+        let (ns, _) = self.0.split(name);
+        super::snapshots::delete(&self.0, &d, ns, snapshot)
+    }
+
     fn managed_save(&self, name: &str) -> Result<()> {
         let (d, full) = self.get(name)?;
         if !state_of(&d).0.is_active() {

@@ -16,6 +16,7 @@
 
 mod domains;
 mod networks;
+mod snapshots;
 mod storage;
 pub mod subresources;
 
