@@ -733,7 +733,8 @@ async fn chart_installs_runs_vireo_with_its_own_rbac_and_uninstalls() {
                 };
                 (count(&net, &|e| e["active"] == true) == 2
                     && count(&pool, &|e| e["state"] == "running") == 2
-                    && net["metadata"]["finalizers"].as_array().map(Vec::len) == Some(2)
+                    // Each node's, and the operator's in-use protection.
+                    && net["metadata"]["finalizers"].as_array().map(Vec::len) == Some(3)
                     && vol["status"]["phase"] == "Ready"
                     && vol["metadata"]["labels"]["vireo.dev/node"] == "node-2")
                     .then_some(())

@@ -840,8 +840,12 @@ async fn cluster_objects_torn_down_on_every_node_and_volume_node_name() {
     let finalizers: BTreeSet<String> = net.finalizers().iter().cloned().collect();
     let expected: BTreeSet<String> = (1..=3)
         .map(|n| vireo_crds::labels::node_finalizer(&format!("node-{n}")))
+        .chain([vireo_crds::labels::IN_USE_FINALIZER.to_string()])
         .collect();
-    assert_eq!(finalizers, expected, "each node holds its own finalizer");
+    assert_eq!(
+        finalizers, expected,
+        "each node holds its own finalizer, the operator the in-use one"
+    );
     let net_files: Vec<_> = (1..=3)
         .map(|n| {
             cluster
@@ -1039,6 +1043,42 @@ async fn node_selectors_of_networks_and_pools_decide_placement() {
         node_of(&domains.get("on-edge").await.expect("on-edge")).as_deref(),
         Some("node-1"),
         "a bound Domain is never moved"
+    );
+
+    // In use: deleting edge waits while Domains have an interface on it,
+    // saying which; it stays active on its nodes meanwhile.
+    nets.delete("edge", &DeleteParams::default())
+        .await
+        .expect("delete edge");
+    let messages = || {
+        cluster.kubectl_ok(&[
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.name=edge,reason=InUse",
+            "-o",
+            "jsonpath={.items[*].message}",
+        ])
+    };
+    wait_for(T, "edge says who holds it", || async {
+        let m = messages();
+        (m.contains("default/both") && m.contains("default/on-edge")).then_some(())
+    })
+    .await;
+    let held = nets.get("edge").await.expect("edge is still there");
+    assert!(held.metadata.deletion_timestamp.is_some());
+    assert_eq!(active_on(&held), nodes(&["node-2", "node-3"]), "still up");
+    assert!(defined("node-2", "networks/edge") && defined("node-3", "networks/edge"));
+    for name in ["on-edge", "both"] {
+        domains
+            .delete(name, &DeleteParams::default())
+            .await
+            .expect("delete a Domain on edge");
+    }
+    wait_gone(&nets, "edge", T, "edge gone once its Domains are").await;
+    assert!(
+        !defined("node-2", "networks/edge") && !defined("node-3", "networks/edge"),
+        "edge torn down on its nodes"
     );
 }
 

@@ -10,7 +10,7 @@ use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use vireo_crds::Network;
-use vireo_crds::labels::node_finalizer;
+use vireo_crds::labels::{IN_USE_FINALIZER, node_finalizer};
 use vireo_drivers::Error as DriverError;
 
 use super::{Ctx, drain, error_policy, instrumented, released_here, wanted_here};
@@ -37,6 +37,13 @@ async fn reconcile(net: Arc<Network>, ctx: &Ctx) -> Result<Action> {
     let name = net.name_any();
     let finalizer = node_finalizer(&ctx.config.node_name);
     let mine = net.finalizers().contains(&finalizer);
+    // Deleted, but Domains still use it (the operator's finalizer): it
+    // stays as it is until they are gone.
+    if net.meta().deletion_timestamp.is_some()
+        && net.finalizers().iter().any(|f| f == IN_USE_FINALIZER)
+    {
+        return Ok(Action::await_change());
+    }
     if !wanted_here(
         ctx,
         net.meta(),

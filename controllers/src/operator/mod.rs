@@ -6,6 +6,7 @@
 //! * [`domain`]: UUID defaulting, placement on a Host, `Scheduled`,
 //!   `VolumesReady`, `NetworksReady` conditions, state `pending`/`unknown`.
 //! * [`volume`]: binding volumes with `spec.nodeName`, in-use protection.
+//! * [`network`]: in-use protection of Networks.
 //! * [`host_health`]: Host `Ready` from the agents' heartbeat Leases.
 //! * [`drain`]: Hosts with `spec.drain`: their Domains migrate or move.
 //! * [`migration`]: DomainMigrations: acceptance, the target, the binding's move.
@@ -16,6 +17,7 @@ pub mod domain;
 pub mod drain;
 pub mod host_health;
 pub mod migration;
+pub mod network;
 pub mod volume;
 
 use std::collections::HashMap;
@@ -166,6 +168,7 @@ pub async fn run(client: Client, config: OperatorConfig, metrics: Arc<Metrics>) 
     tokio::select! {
         _ = domain::run(ctx.clone(), domains.clone(), domain_events) => {}
         _ = volume::run(ctx.clone()) => {}
+        _ = network::run(ctx.clone()) => {}
         _ = host_health::run(ctx.clone()) => {}
         _ = migration::run(ctx.clone(), domains) => {}
         _ = aggregate::run_networks(ctx.clone()) => {}
