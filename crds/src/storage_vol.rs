@@ -30,13 +30,16 @@ use crate::common::Condition;
 #[x_kube(validation = Rule::new("!has(self.allocation) || (isQuantity(string(self.allocation)) && isQuantity(string(self.capacity)) && quantity(string(self.allocation)).compareTo(quantity(string(self.capacity))) <= 0)").message("spec.allocation must be a size not greater than spec.capacity").field_path(".allocation"))]
 #[x_kube(validation = Rule::new("!has(self.source) || [has(self.source.blank), has(self.source.clone), has(self.source.upload), has(self.source.url)].filter(x, x).size() == 1").message("spec.source must set exactly one of blank, clone, upload, url").field_path(".source"))]
 #[x_kube(validation = Rule::new("!has(oldSelf.nodeName) || (has(self.nodeName) && self.nodeName == oldSelf.nodeName)").message("spec.nodeName cannot change once set").field_path(".nodeName"))]
+#[x_kube(validation = Rule::new("!isQuantity(string(self.capacity)) || !isQuantity(string(oldSelf.capacity)) || quantity(string(self.capacity)).compareTo(quantity(string(oldSelf.capacity))) >= 0").message("spec.capacity cannot shrink: a volume only grows (the guest's data would be cut off)").field_path(".capacity"))]
 #[serde(rename_all = "camelCase")]
 pub struct StorageVolSpec {
     /// Name of the StoragePool that holds the volume.
     #[schemars(length(min = 1, max = 253))]
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.pool cannot change"))]
     pub pool: String,
-    /// Size the guest sees.
+    /// Size the guest sees. It may grow (the node's agent resizes the
+    /// volume; a running guest sees the new size at its next start), never
+    /// shrink.
     pub capacity: Quantity,
     /// Space to allocate up front (default: the whole capacity for raw
     /// volumes created by the test driver, sparse on real pools).

@@ -880,6 +880,65 @@ async fn cluster_objects_torn_down_on_every_node_and_volume_node_name() {
         Some("node-2")
     );
 
+    // Grown as a PVC is expanded: spec.capacity up, the node's agent
+    // resizes the file and says so; a shrink is refused naming the field;
+    // `vireo vol-resize` on the cluster raises spec.capacity and waits.
+    let file = cluster
+        .dir
+        .join("host-node-2/var/lib/vireo/images/default.pinned");
+    let size = || std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+    assert_eq!(size(), 1 << 30);
+    vols.patch(
+        "pinned",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"capacity": "2Gi"}})),
+    )
+    .await
+    .expect("grow pinned");
+    wait_for(T, "pinned grown to 2Gi", || async {
+        let v = vols.get("pinned").await.ok()?;
+        (v.status?.capacity?.0 == "2Gi").then_some(())
+    })
+    .await;
+    assert_eq!(size(), 2 << 30, "the file on node-2 grew");
+    assert!(event_reasons(&cluster, "pinned").contains("Resized"));
+    let shrink = cluster.kubectl(&[
+        "patch",
+        "storagevol",
+        "pinned",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"capacity":"1Gi"}}"#,
+    ]);
+    let said = String::from_utf8_lossy(&shrink.stderr);
+    assert!(
+        !shrink.status.success() && said.contains("spec.capacity cannot shrink"),
+        "{said}"
+    );
+    let out = std::process::Command::new(common::vireo_bin("vireo"))
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .env_remove("VIREO_DEFAULT_URI")
+        .args([
+            "-c",
+            "kube:///",
+            "vol-resize",
+            "--pool",
+            "images",
+            "pinned",
+            "--delta",
+            "1G",
+        ])
+        .output()
+        .expect("vireo runs");
+    assert!(
+        out.status.success(),
+        "vol-resize: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(size(), 3 << 30, "vol-resize returned once the file grew");
+
     nets.delete("lab", &DeleteParams::default())
         .await
         .expect("delete lab");

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use serde_json::json;
-use vireo_crds::quantity::parse_quantity;
+use vireo_crds::quantity::{format_bytes, parse_quantity};
 use vireo_crds::{ObjectKind, StoragePool, StorageVol};
 use vireo_drivers::storage::Progress;
 use vireo_drivers::{
@@ -302,19 +302,87 @@ impl StorageDriver for Storage {
             .map_err(|e| api_error(VOL, &full, e))
     }
 
+    /// `vol-resize`: raises `spec.capacity` and waits until the volume's
+    /// agent has grown it (`status.capacity`), or says why it has not.
+    /// Volumes on a cluster only grow.
     fn resize_volume(
         &self,
         pool: &str,
         name: &str,
-        _capacity: u64,
-        _flags: ResizeFlags,
+        capacity: u64,
+        flags: ResizeFlags,
     ) -> Result<()> {
         let v = self.vol(pool, name)?;
-        Err(unsupported(
-            VOL,
-            &vol_ref(&v).name,
-            "vol-resize (change spec.capacity with kubectl)",
-        ))
+        let full = vol_ref(&v).name;
+        let current = parse_quantity(&v.spec.capacity)
+            .map_err(|e| Error::invalid_argument(VOL, &full, format!("spec.capacity: {e}")))?;
+        let want = if flags.delta {
+            current
+                .checked_add(capacity)
+                .ok_or_else(|| Error::invalid_argument(VOL, &full, "the new capacity overflows"))?
+        } else {
+            capacity
+        };
+        if want < current {
+            return Err(Error::invalid_argument(
+                VOL,
+                &full,
+                format!(
+                    "a volume on a cluster only grows: {} is below its capacity {}",
+                    format_bytes(want).0,
+                    v.spec.capacity.0
+                ),
+            ));
+        }
+        if flags.allocate {
+            return Err(unsupported(VOL, &full, "vol-resize --allocate"));
+        }
+        let (ns, n) = self.0.split(name);
+        let api = self.vols(ns);
+        let patch = json!({"spec": {"capacity": format_bytes(want)}});
+        self.0
+            .block_on(api.patch(n, &PatchParams::default(), &Patch::Merge(&patch)))
+            .map_err(|e| api_error(VOL, &full, e))?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+        loop {
+            let now = self
+                .0
+                .block_on(api.get(n))
+                .map_err(|e| api_error(VOL, &full, e))?;
+            let status = now.status.unwrap_or_default();
+            let has = status
+                .capacity
+                .as_ref()
+                .and_then(|c| parse_quantity(c).ok())
+                .unwrap_or(0);
+            if has >= want {
+                return Ok(());
+            }
+            let said = status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Ready")
+                .map(|c| c.message.clone())
+                .unwrap_or_default();
+            // The agent's word on this very resize (controllers' agent::volume::grow).
+            let failed = said.contains(&format!("growing it to {} failed", format_bytes(want).0));
+            if failed || std::time::Instant::now() > deadline {
+                return Err(Error::OperationFailed {
+                    object: vireo_drivers::error::ObjectName::new(VOL, &full),
+                    message: format!(
+                        "spec.capacity is {}, the volume is still {}: {}",
+                        format_bytes(want).0,
+                        format_bytes(has).0,
+                        if said.is_empty() {
+                            "no word from its node"
+                        } else {
+                            &said
+                        }
+                    ),
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
     }
 
     fn wipe_volume(&self, pool: &str, name: &str) -> Result<()> {

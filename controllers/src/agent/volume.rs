@@ -266,6 +266,8 @@ async fn reconcile(vol: Arc<StorageVol>, ctx: &Ctx) -> Result<Action> {
         Err(Error::Driver(e)) => ("Pending", None, e.to_string()),
         Err(e) => return Err(e),
     };
+    // spec.capacity grown (the API server refuses a shrink): resize it.
+    let (info, message, resize_failed) = grow(ctx, &vol, &pool, &file, phase, info, message).await;
     // A volume made for an upload holds a blank placeholder until an
     // upload completes: never Ready before, so no guest gets it empty.
     let mut waiting = false;
@@ -369,9 +371,97 @@ async fn reconcile(vol: Arc<StorageVol>, ctx: &Ctx) -> Result<Action> {
         k8s::apply_status(&api, &vol.name_any(), &ctx.manager, &wanted).await?;
     }
     Ok(match phase {
+        "Ready" if resize_failed => Action::requeue(RESIZE_RETRY),
         "Ready" => Action::requeue(ctx.config.resync),
         "Creating" => Action::requeue(Duration::from_secs(1)),
         "Failed" => Action::requeue(FILL_RETRY),
         _ => Action::requeue(Duration::from_secs(2)),
     })
+}
+
+/// How soon a failed resize is tried again (a qcow2 image a running QEMU
+/// holds locked is resized once the guest stops).
+const RESIZE_RETRY: Duration = Duration::from_secs(15);
+
+/// Grows a Ready volume to `spec.capacity` when that is larger than the
+/// volume (`virsh vol-resize`; as a PVC's expansion). Says so in an Event
+/// (`Resized`, or `ResizeFailed` once per new reason) and returns the
+/// volume as it is now, the Ready message (with why a resize failed), and
+/// whether it failed.
+async fn grow(
+    ctx: &Ctx,
+    vol: &StorageVol,
+    pool: &str,
+    file: &str,
+    phase: &str,
+    info: Option<vireo_drivers::storage::VolInfo>,
+    message: String,
+) -> (Option<vireo_drivers::storage::VolInfo>, String, bool) {
+    let Some(have) = info
+        .as_ref()
+        .filter(|i| phase == "Ready" && !i.awaiting_upload)
+    else {
+        return (info, message, false);
+    };
+    let Ok(want) = vireo_crds::quantity::parse_quantity(&vol.spec.capacity) else {
+        return (info, message, false);
+    };
+    if want <= have.capacity {
+        return (info, message, false);
+    }
+    let from = have.capacity;
+    let (p, f) = (pool.to_string(), file.to_string());
+    let resized = ctx
+        .drive(move |c| {
+            c.storage().resize_volume(
+                &p,
+                &f,
+                want,
+                vireo_drivers::storage::ResizeFlags::default(),
+            )?;
+            c.storage().volume_info(&p, &f)
+        })
+        .await;
+    match resized {
+        Ok(now) => {
+            k8s::event(
+                &ctx.recorder,
+                vol,
+                EventType::Normal,
+                "Resized",
+                "Resize",
+                format!(
+                    "grown from {} to {} on node {} (a running guest sees it at its next start)",
+                    format_bytes(from).0,
+                    format_bytes(now.capacity).0,
+                    ctx.config.node_name
+                ),
+            )
+            .await;
+            (Some(now), message, false)
+        }
+        Err(e) => {
+            let why = format!(
+                "{message}; growing it to {} failed: {e}",
+                format_bytes(want).0
+            );
+            let said_before = vol.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.message == why)
+            });
+            if !said_before {
+                k8s::event(
+                    &ctx.recorder,
+                    vol,
+                    EventType::Warning,
+                    "ResizeFailed",
+                    "Resize",
+                    why.clone(),
+                )
+                .await;
+            }
+            (info, why, true)
+        }
+    }
 }
