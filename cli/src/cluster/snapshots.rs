@@ -179,6 +179,40 @@ where
     }
 }
 
+/// Waits until the object's agent has settled it (`Ready` or `Failed`):
+/// `None` when it is ready, the agent's reason when it failed. An object
+/// deleted meanwhile is an error saying `gone`.
+fn settled<T, F, Fut>(
+    kube: &Kube,
+    what: &str,
+    get: F,
+    gone: &str,
+    phase_of: impl Fn(&T) -> Option<(SnapshotPhase, Option<String>)>,
+) -> Result<Option<String>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<Option<T>, kube::Error>>,
+{
+    let mut failed = None;
+    wait(kube, what, get, |o: Option<&T>| {
+        let Some(o) = o else {
+            return Some(Err(Error::OperationFailed {
+                object: ObjectName::new(SNAPSHOT, what),
+                message: gone.to_string(),
+            }));
+        };
+        match phase_of(o)? {
+            (SnapshotPhase::Ready, _) => Some(Ok(())),
+            (SnapshotPhase::Failed, why) => {
+                failed = Some(why.unwrap_or_else(|| "no reason given".into()));
+                Some(Ok(()))
+            }
+            _ => None,
+        }
+    })?;
+    Ok(failed)
+}
+
 /// The snapshots of a Domain that are ready, and its done restores as
 /// (snapshot, done at).
 type OfDomain = (Vec<DomainSnapshot>, Vec<(String, u64)>);
@@ -266,32 +300,12 @@ pub fn create(
     );
     kube.block_on(api.create(&PostParams::default(), &object))
         .map_err(|e| api_error(SNAPSHOT, &shown, e))?;
-    let mut failed = None;
-    wait(
+    let failed = settled(
         kube,
         &format!("domainsnapshot -n {ns} {snap_name}"),
         || api.get_opt(&snap_name),
-        |s| {
-            let Some(s) = s else {
-                return Some(Err(Error::OperationFailed {
-                    object: ObjectName::new(SNAPSHOT, &shown),
-                    message: "the DomainSnapshot was deleted while it was being taken".into(),
-                }));
-            };
-            let st = s.status.as_ref()?;
-            match st.phase {
-                SnapshotPhase::Ready => Some(Ok(())),
-                SnapshotPhase::Failed => {
-                    failed = Some(
-                        st.message
-                            .clone()
-                            .unwrap_or_else(|| "no reason given".into()),
-                    );
-                    Some(Ok(()))
-                }
-                _ => None,
-            }
-        },
+        "the DomainSnapshot was deleted while it was being taken",
+        |s: &DomainSnapshot| s.status.as_ref().map(|st| (st.phase, st.message.clone())),
     )?;
     if let Some(why) = failed {
         // virsh leaves nothing behind a snapshot that failed: neither do
@@ -357,32 +371,12 @@ pub fn revert(kube: &Kube, domain: &Domain, ns: &str, snapshot: &str, to: Revert
         .block_on(api.create(&PostParams::default(), &object))
         .map_err(|e| api_error(SNAPSHOT, &full_name(ns, &name), e))?;
     let rname = created.name_any();
-    let mut failed = None;
-    wait(
+    let failed = settled(
         kube,
         &format!("domainrestore -n {ns} {rname}"),
         || api.get_opt(&rname),
-        |r| {
-            let Some(r) = r else {
-                return Some(Err(Error::OperationFailed {
-                    object: ObjectName::new(SNAPSHOT, full_name(ns, &rname)),
-                    message: "the DomainRestore was deleted before it was done".into(),
-                }));
-            };
-            let st = r.status.as_ref()?;
-            match st.phase {
-                SnapshotPhase::Ready => Some(Ok(())),
-                SnapshotPhase::Failed => {
-                    failed = Some(
-                        st.message
-                            .clone()
-                            .unwrap_or_else(|| "no reason given".into()),
-                    );
-                    Some(Ok(()))
-                }
-                _ => None,
-            }
-        },
+        "the DomainRestore was deleted before it was done",
+        |r: &DomainRestore| r.status.as_ref().map(|st| (st.phase, st.message.clone())),
     )?;
     match failed {
         None => Ok(()),
