@@ -390,6 +390,17 @@ async fn cli_snapshots(cluster: &Cluster, snaps: &Api<DomainSnapshot>, state_fil
         "--running",
     );
     vireo_refused(cluster, &["snapshot-info", "demo", "nope"], "nope");
+    // A Domain on no node: refused at once rather than left waiting.
+    cluster.kubectl_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {name: nowhere}\nspec: {type: test, memory: 64Mi, vcpus: 1, nodeSelector: {e2e.vireo.dev/none: x}}\n",
+    );
+    vireo_refused(
+        cluster,
+        &["snapshot-create-as", "nowhere", "n1"],
+        "on no node yet",
+    );
+    cluster.kubectl_ok(&["delete", "domain", "nowhere", "--wait=false"]);
     vireo_refused(
         cluster,
         &["snapshot-create-as", "demo", "Not_A_Name"],

@@ -276,6 +276,24 @@ pub fn list(kube: &Kube, domain: &Domain, ns: &str) -> Result<Vec<SnapshotInfo>>
     ))
 }
 
+/// A Domain no agent holds yet (no node) would leave a snapshot or a
+/// restore waiting: refused at once instead.
+fn on_a_node(domain: &Domain, ns: &str) -> Result<()> {
+    if domain
+        .status
+        .as_ref()
+        .and_then(|s| s.node_name.as_ref())
+        .is_some()
+    {
+        return Ok(());
+    }
+    Err(Error::invalid_state(
+        ObjectKind::Domain,
+        full_name(ns, &domain.name_any()),
+        "is on no node yet: its node's agent takes and restores its snapshots",
+    ))
+}
+
 /// `snapshot-create-as`: a DomainSnapshot, once its agent has taken it.
 pub fn create(
     kube: &Kube,
@@ -283,6 +301,7 @@ pub fn create(
     ns: &str,
     params: &SnapshotParams,
 ) -> Result<SnapshotInfo> {
+    on_a_node(domain, ns)?;
     let name = domain.name_any();
     let snap_name = params
         .name
@@ -349,6 +368,7 @@ pub fn revert(kube: &Kube, domain: &Domain, ns: &str, snapshot: &str, to: Revert
             "--running and --paused are not for a cluster: a DomainRestore returns the Domain to the snapshot's own state (start or suspend it afterwards)",
         ));
     }
+    on_a_node(domain, ns)?;
     let s = ready_snapshot(kube, ns, &name, snapshot)?;
     if !s.status.as_ref().is_some_and(|st| st.ready_to_use) {
         return Err(Error::invalid_state(
