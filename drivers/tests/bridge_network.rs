@@ -472,6 +472,11 @@ fn taps_come_back_when_their_network_starts_again() {
     tap::create("vtother0", &bridge, "other").expect("a tap of other");
     // Marked as back's but on another bridge: it stays there.
     tap::create("vtside0", &side, "back").expect("a tap on side");
+    // The longest network name there is (253) still marks a tap.
+    let longest = "n".repeat(253);
+    tap::create("vtlong0", &side, &longest).expect("a tap of a long-named network");
+    let marked = netlink::link("vtlong0").expect("netlink").expect("vtlong0");
+    assert_eq!(marked.alias, Some(tap::port_alias(&longest)));
     let link = |n: &str| netlink::link(n).expect("netlink").expect(n);
     let index = |n: &str| link(n).index;
 
@@ -504,7 +509,7 @@ fn taps_come_back_when_their_network_starts_again() {
     let again = BridgeDriver::open(&dir).expect("opens again");
     assert_eq!(link("vtback1").controller, Some(br), "vtback1 is back");
 
-    for t in ["vtback0", "vtback1", "vtother0", "vtside0"] {
+    for t in ["vtback0", "vtback1", "vtother0", "vtside0", "vtlong0"] {
         tap::remove(t).expect("removes");
     }
     for name in ["back", "side"] {

@@ -938,6 +938,39 @@ async fn cluster_objects_torn_down_on_every_node_and_volume_node_name() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(size(), 3 << 30, "vol-resize returned once the file grew");
+    // qcow2 grows in whole sectors: a size that is not one is rounded up,
+    // not refused by qemu-img again and again.
+    cluster.kubectl_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: vireo.dev/v1alpha1\nkind: StorageVol\nmetadata: {name: odd}\nspec: {pool: images, capacity: 64Mi, format: qcow2, nodeName: node-2}\n",
+    );
+    wait_for(T, "odd Ready", || async {
+        let v = vols.get("odd").await.ok()?;
+        (v.status?.phase.as_deref() == Some("Ready")).then_some(())
+    })
+    .await;
+    vols.patch(
+        "odd",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"capacity": "100000000"}})),
+    )
+    .await
+    .expect("grow odd");
+    let grown = wait_for(T, "odd grown", || async {
+        let v = vols.get("odd").await.ok()?;
+        let c = vireo_crds::quantity::parse_quantity(&v.status?.capacity?).ok()?;
+        (c >= 100_000_000).then_some(c)
+    })
+    .await;
+    assert_eq!(grown, 100_000_000u64.div_ceil(512) * 512);
+    let reasons = event_reasons(&cluster, "odd");
+    assert!(
+        reasons.contains("Resized") && !reasons.contains("ResizeFailed"),
+        "{reasons}"
+    );
+    vols.delete("odd", &DeleteParams::default())
+        .await
+        .expect("delete odd");
 
     nets.delete("lab", &DeleteParams::default())
         .await

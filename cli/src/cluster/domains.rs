@@ -457,8 +457,8 @@ impl HypervisorDriver for Domains {
         self.get(name).map(|_| "hvm".to_string())
     }
 
-    /// `runStrategy: Saved`: the agent saves the guest's memory and
-    /// device state on its node and shuts it off; `start` resumes it.
+    /// A DomainSnapshot, once the Domain's agent has taken it
+    /// (`super::snapshots`).
     fn snapshot_create(
         &self,
         name: &str,
@@ -492,6 +492,8 @@ impl HypervisorDriver for Domains {
         super::snapshots::delete(&self.0, &d, ns, snapshot)
     }
 
+    /// `runStrategy: Saved`: the agent saves the guest's memory and
+    /// device state on its node and shuts it off; `start` resumes it.
     fn managed_save(&self, name: &str) -> Result<()> {
         let (d, full) = self.get(name)?;
         if !state_of(&d).0.is_active() {

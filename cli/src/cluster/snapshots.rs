@@ -118,6 +118,14 @@ fn infos(
             .cmp(&b.creation_time)
             .then_with(|| a.name.cmp(&b.name))
     });
+    // A parent deleted since is no parent: its children are roots now (as a
+    // node's driver re-parents them), so `--tree` still shows them.
+    let names: Vec<String> = out.iter().map(|s| s.name.clone()).collect();
+    for s in &mut out {
+        if s.parent.as_ref().is_some_and(|p| !names.contains(p)) {
+            s.parent = None;
+        }
+    }
     let parents: BTreeMap<String, Option<String>> = out
         .iter()
         .map(|s| (s.name.clone(), s.parent.clone()))
@@ -370,6 +378,13 @@ pub fn revert(kube: &Kube, domain: &Domain, ns: &str, snapshot: &str, to: Revert
     }
     on_a_node(domain, ns)?;
     let s = ready_snapshot(kube, ns, &name, snapshot)?;
+    if s.metadata.deletion_timestamp.is_some() {
+        return Err(Error::invalid_state(
+            SNAPSHOT,
+            full_name(ns, snapshot),
+            "is being deleted",
+        ));
+    }
     if !s.status.as_ref().is_some_and(|st| st.ready_to_use) {
         return Err(Error::invalid_state(
             SNAPSHOT,
@@ -463,6 +478,55 @@ mod tests {
             current_of(&ready, &named(&[("gone", 99)])).as_deref(),
             Some("b"),
             "a restore of a snapshot since deleted does not count"
+        );
+    }
+
+    #[test]
+    fn a_deleted_parent_leaves_its_children_as_roots() {
+        let domain: Domain = serde_json::from_value(serde_json::json!({
+            "apiVersion": "vireo.dev/v1alpha1", "kind": "Domain",
+            "metadata": {"name": "d", "namespace": "ns"},
+            "spec": {"type": "test", "memory": "1Gi", "vcpus": 1},
+        }))
+        .expect("a Domain");
+        let snap = |name: &str, parent: Option<&str>, at: &str| -> DomainSnapshot {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "vireo.dev/v1alpha1", "kind": "DomainSnapshot",
+                "metadata": {"name": name, "namespace": "ns"},
+                "spec": {"domainName": "d"},
+                "status": {"phase": "Ready", "readyToUse": true, "creationTime": at,
+                           "domainState": "running", "memory": true, "parent": parent},
+            }))
+            .expect("a DomainSnapshot")
+        };
+        // a <- b <- c, and d whose parent was deleted.
+        let all = [
+            snap("c", Some("b"), "2026-12-05T10:00:03Z"),
+            snap("a", None, "2026-12-05T10:00:01Z"),
+            snap("b", Some("a"), "2026-12-05T10:00:02Z"),
+            snap("d", Some("gone"), "2026-12-05T10:00:04Z"),
+        ];
+        let got = infos(&domain, "ns/d", &all, Some("c"));
+        let view: Vec<(&str, Option<&str>, usize, usize, bool)> = got
+            .iter()
+            .map(|s| {
+                (
+                    s.name.as_str(),
+                    s.parent.as_deref(),
+                    s.children,
+                    s.descendants,
+                    s.current,
+                )
+            })
+            .collect();
+        assert_eq!(
+            view,
+            [
+                ("a", None, 1, 2, false),
+                ("b", Some("a"), 1, 1, false),
+                ("c", Some("b"), 0, 0, true),
+                ("d", None, 0, 0, false),
+            ]
         );
     }
 

@@ -314,8 +314,16 @@ impl StorageDriver for Storage {
     ) -> Result<()> {
         let v = self.vol(pool, name)?;
         let full = vol_ref(&v).name;
+        // What it holds may exceed its spec (an image larger than it).
         let current = parse_quantity(&v.spec.capacity)
-            .map_err(|e| Error::invalid_argument(VOL, &full, format!("spec.capacity: {e}")))?;
+            .map_err(|e| Error::invalid_argument(VOL, &full, format!("spec.capacity: {e}")))?
+            .max(
+                v.status
+                    .as_ref()
+                    .and_then(|s| s.capacity.as_ref())
+                    .and_then(|c| parse_quantity(c).ok())
+                    .unwrap_or(0),
+            );
         let want = if flags.delta {
             current
                 .checked_add(capacity)
@@ -330,7 +338,7 @@ impl StorageDriver for Storage {
                 format!(
                     "a volume on a cluster only grows: {} is below its capacity {}",
                     format_bytes(want).0,
-                    v.spec.capacity.0
+                    format_bytes(current).0
                 ),
             ));
         }
@@ -340,9 +348,11 @@ impl StorageDriver for Storage {
         let (ns, n) = self.0.split(name);
         let api = self.vols(ns);
         let patch = json!({"spec": {"capacity": format_bytes(want)}});
-        self.0
+        let patched = self
+            .0
             .block_on(api.patch(n, &PatchParams::default(), &Patch::Merge(&patch)))
             .map_err(|e| api_error(VOL, &full, e))?;
+        let generation = patched.metadata.generation.unwrap_or(0);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
         loop {
             let now = self
@@ -364,8 +374,10 @@ impl StorageDriver for Storage {
                 .find(|c| c.type_ == "Ready")
                 .map(|c| c.message.clone())
                 .unwrap_or_default();
-            // The agent's word on this very resize (controllers' agent::volume::grow).
-            let failed = said.contains(&format!("growing it to {} failed", format_bytes(want).0));
+            // The agent's word on this spec (controllers' agent::volume::grow),
+            // not an older one.
+            let seen = status.observed_generation.unwrap_or(0) >= generation;
+            let failed = seen && said.contains("growing it to") && said.contains("failed");
             if failed || std::time::Instant::now() > deadline {
                 return Err(Error::OperationFailed {
                     object: vireo_drivers::error::ObjectName::new(VOL, &full),

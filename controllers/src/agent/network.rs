@@ -37,19 +37,25 @@ async fn reconcile(net: Arc<Network>, ctx: &Ctx) -> Result<Action> {
     let name = net.name_any();
     let finalizer = node_finalizer(&ctx.config.node_name);
     let mine = net.finalizers().contains(&finalizer);
-    // Deleted, but Domains still use it (the operator's finalizer): it
-    // stays as it is until they are gone.
-    if net.meta().deletion_timestamp.is_some()
-        && net.finalizers().iter().any(|f| f == IN_USE_FINALIZER)
-    {
+    // Deleted, but Domains still use it (the operator's finalizer): a node
+    // that has it keeps it up (started again after a reboot, say) until
+    // they are gone; a node that has not does not take it up now.
+    let held = net.meta().deletion_timestamp.is_some()
+        && net.finalizers().iter().any(|f| f == IN_USE_FINALIZER);
+    if held && !mine {
         return Ok(Action::await_change());
     }
-    if !wanted_here(
-        ctx,
-        net.meta(),
-        net.spec.node_selector.as_ref(),
-        net.spec.active,
-    ) {
+    let wanted = if held {
+        ctx.selects_me(net.spec.node_selector.as_ref()) && net.spec.active.unwrap_or(true)
+    } else {
+        wanted_here(
+            ctx,
+            net.meta(),
+            net.spec.node_selector.as_ref(),
+            net.spec.active,
+        )
+    };
+    if !wanted {
         if mine {
             let n = name.clone();
             ctx.drive(move |c| {
@@ -71,7 +77,9 @@ async fn reconcile(net: Arc<Network>, ctx: &Ctx) -> Result<Action> {
         }
         return Ok(Action::await_change());
     }
-    k8s::add_finalizer(&api, net.as_ref(), &finalizer).await?;
+    if !held {
+        k8s::add_finalizer(&api, net.as_ref(), &finalizer).await?;
+    }
     let def = Network::new(&name, net.spec.clone());
     let n = name.clone();
     let info = ctx

@@ -181,7 +181,12 @@ async fn reconcile_snapshot(snap: Arc<DomainSnapshot>, ctx: &Ctx) -> Result<Acti
                 .as_ref()
                 .map(|d| d.spec.domain_type)
                 .or_else(|| status_domain_type(&status));
-            if let Some(ty) = ty {
+            // A snapshot that failed before it was taken holds nothing on
+            // the node: a snapshot there of the same name is not this
+            // object's, and stays.
+            let never_taken =
+                status.phase == SnapshotPhase::Failed && status.creation_time.is_none();
+            if let Some(ty) = ty.filter(|_| !never_taken) {
                 let (k, n) = (domain_key.clone(), name.clone());
                 ctx.drive_domain(ty, move |c| match c.hypervisor().snapshot_delete(&k, &n) {
                     Ok(()) | Err(DriverError::NotFound(_)) => Ok(()),

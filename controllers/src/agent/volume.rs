@@ -406,6 +406,13 @@ async fn grow(
     let Ok(want) = vireo_crds::quantity::parse_quantity(&vol.spec.capacity) else {
         return (info, message, false);
     };
+    // qemu-img sizes qcow2 images in whole 512-byte sectors (and creates
+    // them rounded up): ask for that, or a size like 2.5G never matches.
+    let want = if have.format == vireo_crds::VolFormat::Qcow2 {
+        want.div_ceil(512).saturating_mul(512)
+    } else {
+        want
+    };
     if want <= have.capacity {
         return (info, message, false);
     }

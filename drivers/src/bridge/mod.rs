@@ -562,7 +562,6 @@ impl BridgeDriver {
     }
 }
 
-/// `vireoN`, the first N no network uses and no link on this node has.
 /// Puts the running guests' taps of network `name` that lost their bridge
 /// back on `bridge` ([`tap::reattach`]). A failure is logged: the network
 /// is up, and only those guests stay cut off, as they were.
@@ -578,6 +577,7 @@ fn reattach_taps(name: &str, bridge: &str) {
     }
 }
 
+/// `vireoN`, the first N no network uses and no link on this node has.
 fn free_bridge_name(all: &[Record]) -> Result<String> {
     let used: Vec<String> = all
         .iter()

@@ -94,11 +94,12 @@ pub fn valid_ifname(name: &str) -> bool {
 }
 
 /// The alias that marks a tap as a port of network `network`, so that the
-/// network's next start finds it (see [`reattach`]). The kernel keeps up
-/// to 255 bytes; a longer name is cut and given a hash of the whole.
+/// network's next start finds it (see [`reattach`]). The kernel takes an
+/// alias shorter than 256 bytes counting the NUL netlink sends after it,
+/// so 254; a longer name is cut and given a hash of the whole.
 pub fn port_alias(network: &str) -> String {
     const PREFIX: &str = "vireo-port:";
-    const MAX: usize = 255;
+    const MAX: usize = 254;
     if PREFIX.len() + network.len() <= MAX {
         return format!("{PREFIX}{network}");
     }
@@ -122,6 +123,7 @@ pub fn reattach(network: &str, bridge: &str) -> Result<Vec<String>, TapError> {
         .ok_or_else(|| TapError(format!("bridge '{bridge}' does not exist on this node")))?;
     let alias = port_alias(network);
     let mut back = Vec::new();
+    let mut failed = Vec::new();
     for link in netlink::links().map_err(|e| fail("listing links", e))? {
         if link.kind.as_deref() != Some("tun")
             || link.controller.is_some()
@@ -129,11 +131,21 @@ pub fn reattach(network: &str, bridge: &str) -> Result<Vec<String>, TapError> {
         {
             continue;
         }
-        netlink::attach_and_up(link.index, bridge_link.index, None)
-            .map_err(|e| fail(&format!("attaching {} to {bridge}", link.name), e))?;
-        back.push(link.name);
+        // One tap that cannot be attached (deleted by its guest's stop
+        // meanwhile, say) does not keep the others off the bridge.
+        match netlink::attach_and_up(link.index, bridge_link.index, None) {
+            Ok(()) => back.push(link.name),
+            Err(e) => failed.push(format!("{}: {e}", link.name)),
+        }
     }
-    Ok(back)
+    if failed.is_empty() {
+        Ok(back)
+    } else {
+        Err(TapError(format!(
+            "attaching to {bridge} failed for {} (put back: {back:?})",
+            failed.join(", ")
+        )))
+    }
 }
 
 /// Creates the persistent tap `name` (or takes the existing one), puts it
@@ -247,7 +259,7 @@ mod tests {
         assert_eq!(port_alias("default"), "vireo-port:default");
         let long = "n".repeat(253);
         let a = port_alias(&long);
-        assert_eq!(a.len(), 255);
+        assert_eq!(a.len(), 254);
         assert!(a.starts_with("vireo-port:nnn"));
         assert_ne!(a, port_alias(&format!("{}m", "n".repeat(252))));
         let wide = "é".repeat(200);

@@ -42,8 +42,8 @@
 //! the run and every real guest has an interface on one of them (a tap on
 //! its bridge: the qemu and kvm drivers make taps, the test driver does
 //! not, so test Domains have no interfaces); the rest are created and
-//! deleted at random (a Network has no in-use protection; no guest uses
-//! these). At the end, in each node's namespace: the bridges are exactly
+//! deleted at random (no guest uses these: a Network in use waits for
+//! its Domains before it goes). At the end, in each node's namespace: the bridges are exactly
 //! the active Networks', the taps exactly the running guests' interfaces
 //! (by name), the nftables tables exactly the active Networks', one
 //! dnsmasq per active Network, in that namespace (checked by the inode of
