@@ -132,6 +132,17 @@ pub fn split_name<'a>(namespace: &'a str, text: &'a str) -> (&'a str, &'a str) {
     }
 }
 
+/// A `metadata.generateName` for an object made for `name` (a
+/// DomainMigration, a DomainRestore): at most 52 bytes of it and `-`, so
+/// that the API server's suffix keeps the whole within 63.
+pub fn generate_name(name: &str) -> String {
+    let mut end = name.len().min(52);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}-", name[..end].trim_end_matches(['-', '.']))
+}
+
 /// The name the CLI prints for a namespaced object: `NS/NAME`.
 pub fn full_name(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")

@@ -401,7 +401,7 @@ pub fn revert(kube: &Kube, domain: &Domain, ns: &str, snapshot: &str, to: Revert
         },
     );
     object.metadata.name = None;
-    object.metadata.generate_name = Some(format!("{}-", prefix(&name)));
+    object.metadata.generate_name = Some(super::generate_name(&name));
     let created = kube
         .block_on(api.create(&PostParams::default(), &object))
         .map_err(|e| api_error(SNAPSHOT, &full_name(ns, &name), e))?;
@@ -439,16 +439,6 @@ pub fn delete(kube: &Kube, domain: &Domain, ns: &str, snapshot: &str) -> Result<
         || api.get_opt(snapshot),
         |s: Option<&DomainSnapshot>| s.is_none().then_some(Ok(())),
     )
-}
-
-/// A generateName prefix short enough for the API server's 253 (and
-/// readable): at most 52 bytes of the Domain's name.
-fn prefix(name: &str) -> &str {
-    let mut end = name.len().min(52);
-    while !name.is_char_boundary(end) {
-        end -= 1;
-    }
-    &name[..end]
 }
 
 #[cfg(test)]

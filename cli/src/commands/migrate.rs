@@ -114,7 +114,7 @@ fn on_cluster(conn: &Connection, a: &MigrateArgs) -> Result<Output> {
         },
     );
     m.metadata.name = None;
-    m.metadata.generate_name = Some(format!("{}-", truncated(&name)));
+    m.metadata.generate_name = Some(cluster::generate_name(&name));
     let created = kube
         .block_on(api.create(&PostParams::default(), &m))
         .map_err(|e| {
@@ -191,15 +191,6 @@ fn on_cluster(conn: &Connection, a: &MigrateArgs) -> Result<Output> {
         }
         std::thread::sleep(Duration::from_millis(300));
     }
-}
-
-/// A generateName prefix short enough for the API server's 63.
-fn truncated(name: &str) -> &str {
-    let mut end = name.len().min(52);
-    while !name.is_char_boundary(end) {
-        end -= 1;
-    }
-    name[..end].trim_end_matches(['-', '.'])
 }
 
 fn between(conn: &Connection, a: &MigrateArgs) -> Result<Output> {
