@@ -5,11 +5,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::Duration;
 
-use common::{Cluster, ready_hosts, tools_bin, vireo_bin, wait_for};
+use common::{
+    Cluster, ready_hosts, text_of, tools_bin, vireo, vireo_bin, vireo_ok, vireo_refused, wait_for,
+};
 use kube::ResourceExt;
 use kube::api::Api;
 use vireo_crds::{Domain, DomainReason, DomainState, RunStrategy};
@@ -88,56 +90,6 @@ fn user_kubeconfig(cluster: &Cluster, sa: &str) -> PathBuf {
     )
     .expect("write kubeconfig");
     path
-}
-
-fn text_of(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// `vireo -c URI ARGS` as the user of `kubeconfig`.
-fn vireo(kubeconfig: &Path, uri: &str, args: &[&str]) -> Output {
-    Command::new(vireo_bin("vireo"))
-        .env("KUBECONFIG", kubeconfig)
-        .env_remove("VIREO_DEFAULT_URI")
-        .arg("-c")
-        .arg(uri)
-        .args(args)
-        .output()
-        .expect("vireo runs")
-}
-
-/// Same, insisting on success; returns stdout.
-fn vireo_ok(kubeconfig: &Path, args: &[&str]) -> String {
-    let out = vireo(kubeconfig, "kube:///", args);
-    assert!(
-        out.status.success(),
-        "vireo {} failed: {}",
-        args.join(" "),
-        text_of(&out)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Same, insisting on a failure (exit 1) whose stderr holds `words`.
-fn vireo_refused(kubeconfig: &Path, args: &[&str], words: &str) {
-    let out = vireo(kubeconfig, "kube:///", args);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "vireo {} did not fail: {}",
-        args.join(" "),
-        text_of(&out)
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains(words),
-        "vireo {}: {words:?} not in {err:?}",
-        args.join(" ")
-    );
 }
 
 async fn state_is(api: &Api<Domain>, name: &str, state: DomainState, reason: Option<DomainReason>) {

@@ -916,26 +916,9 @@ async fn cluster_objects_torn_down_on_every_node_and_volume_node_name() {
         !shrink.status.success() && said.contains("spec.capacity cannot shrink"),
         "{said}"
     );
-    let out = std::process::Command::new(common::vireo_bin("vireo"))
-        .env("KUBECONFIG", &cluster.kubeconfig)
-        .env_remove("VIREO_DEFAULT_URI")
-        .args([
-            "-c",
-            "kube:///",
-            "vol-resize",
-            "--pool",
-            "images",
-            "pinned",
-            "--delta",
-            "1G",
-        ])
-        .output()
-        .expect("vireo runs");
-    assert!(
-        out.status.success(),
-        "vol-resize: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    common::vireo_ok(
+        &cluster.kubeconfig,
+        &["vol-resize", "--pool", "images", "pinned", "--delta", "1G"],
     );
     assert_eq!(size(), 3 << 30, "vol-resize returned once the file grew");
     // qcow2 grows in whole sectors: a size that is not one is rounded up,

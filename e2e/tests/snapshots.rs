@@ -9,10 +9,9 @@
 mod common;
 
 use std::path::Path;
-use std::process::Output;
 use std::time::Duration;
 
-use common::{Cluster, ready_hosts, repo, vireo_bin, wait_for, wait_gone};
+use common::{Cluster, ready_hosts, repo, wait_for, wait_gone};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, PostParams};
 use vireo_crds::{Domain, DomainRestore, DomainSnapshot, DomainState, SnapshotPhase};
@@ -273,46 +272,10 @@ async fn snapshots_and_restores_on_the_domains_node() {
     wait_gone(&snaps, "snap2", T, "snap2 gone").await;
 }
 
-/// `vireo -c kube:/// ARGS` as the cluster's admin.
-fn vireo(cluster: &Cluster, args: &[&str]) -> Output {
-    std::process::Command::new(vireo_bin("vireo"))
-        .env("KUBECONFIG", &cluster.kubeconfig)
-        .env_remove("VIREO_DEFAULT_URI")
-        .args(["-c", "kube:///"])
-        .args(args)
-        .output()
-        .expect("vireo runs")
-}
-
-/// Same, insisting on success; returns stdout.
-fn vireo_ok(cluster: &Cluster, args: &[&str]) -> String {
-    let out = vireo(cluster, args);
-    assert!(
-        out.status.success(),
-        "vireo {} failed: {}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Same, insisting on a failure whose stderr holds `words`.
-fn vireo_refused(cluster: &Cluster, args: &[&str], words: &str) {
-    let out = vireo(cluster, args);
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && said.contains(words),
-        "vireo {}: expected a refusal saying {words:?}; got {:?}: {said}",
-        args.join(" "),
-        out.status
-    );
-}
-
 /// virsh's snapshot commands on a cluster, on the running Domain `demo`.
 async fn cli_snapshots(cluster: &Cluster, snaps: &Api<DomainSnapshot>, state_file: &Path) {
-    let made = vireo_ok(
-        cluster,
+    let made = common::vireo_ok(
+        &cluster.kubeconfig,
         &[
             "snapshot-create-as",
             "demo",
@@ -329,8 +292,8 @@ async fn cli_snapshots(cluster: &Cluster, snaps: &Api<DomainSnapshot>, state_fil
         cli1.status.is_some_and(|s| s.ready_to_use),
         "ready when the command returns"
     );
-    let made = vireo_ok(
-        cluster,
+    let made = common::vireo_ok(
+        &cluster.kubeconfig,
         &[
             "snapshot-create-as",
             "demo",
@@ -343,7 +306,7 @@ async fn cli_snapshots(cluster: &Cluster, snaps: &Api<DomainSnapshot>, state_fil
     let on_node = std::fs::read_to_string(state_file).expect("the node's record");
     assert!(on_node.contains("\"cli2\""), "the node holds cli2");
 
-    let listed = vireo_ok(cluster, &["snapshot-list", "demo", "--parent"]);
+    let listed = common::vireo_ok(&cluster.kubeconfig, &["snapshot-list", "demo", "--parent"]);
     let row = |name: &str| {
         listed
             .lines()
@@ -357,10 +320,10 @@ async fn cli_snapshots(cluster: &Cluster, snaps: &Api<DomainSnapshot>, state_fil
         "cli2 is disks only, a child of cli1:\n{listed}"
     );
     assert_eq!(
-        vireo_ok(cluster, &["snapshot-current", "demo", "--name"]).trim(),
+        common::vireo_ok(&cluster.kubeconfig, &["snapshot-current", "demo", "--name"]).trim(),
         "cli2"
     );
-    let info = vireo_ok(cluster, &["snapshot-info", "demo", "cli1"]);
+    let info = common::vireo_ok(&cluster.kubeconfig, &["snapshot-info", "demo", "cli1"]);
     for words in ["cli1", "default/demo", "Children:", "Memory:"] {
         assert!(info.contains(words), "{words} in:\n{info}");
     }
@@ -372,7 +335,7 @@ async fn cli_snapshots(cluster: &Cluster, snaps: &Api<DomainSnapshot>, state_fil
 
     // Back to cli1: a DomainRestore, done when the command returns; cli1
     // is current again.
-    vireo_ok(cluster, &["snapshot-revert", "demo", "cli1"]);
+    common::vireo_ok(&cluster.kubeconfig, &["snapshot-revert", "demo", "cli1"]);
     let restored = cluster.kubectl_ok(&[
         "get",
         "domainrestores",
@@ -381,34 +344,38 @@ async fn cli_snapshots(cluster: &Cluster, snaps: &Api<DomainSnapshot>, state_fil
     ]);
     assert!(restored.contains("cli1=Ready"), "{restored}");
     assert_eq!(
-        vireo_ok(cluster, &["snapshot-current", "demo", "--name"]).trim(),
+        common::vireo_ok(&cluster.kubeconfig, &["snapshot-current", "demo", "--name"]).trim(),
         "cli1"
     );
-    vireo_refused(
-        cluster,
+    common::vireo_refused(
+        &cluster.kubeconfig,
         &["snapshot-revert", "demo", "cli1", "--running"],
         "--running",
     );
-    vireo_refused(cluster, &["snapshot-info", "demo", "nope"], "nope");
+    common::vireo_refused(
+        &cluster.kubeconfig,
+        &["snapshot-info", "demo", "nope"],
+        "nope",
+    );
     // A Domain on no node: refused at once rather than left waiting.
     cluster.kubectl_stdin(
         &["apply", "-f", "-"],
         "apiVersion: vireo.dev/v1alpha1\nkind: Domain\nmetadata: {name: nowhere}\nspec: {type: test, memory: 64Mi, vcpus: 1, nodeSelector: {e2e.vireo.dev/none: x}}\n",
     );
-    vireo_refused(
-        cluster,
+    common::vireo_refused(
+        &cluster.kubeconfig,
         &["snapshot-create-as", "nowhere", "n1"],
         "on no node yet",
     );
     cluster.kubectl_ok(&["delete", "domain", "nowhere", "--wait=false"]);
-    vireo_refused(
-        cluster,
+    common::vireo_refused(
+        &cluster.kubeconfig,
         &["snapshot-create-as", "demo", "Not_A_Name"],
         "Not_A_Name",
     );
 
     // Deleted: gone on the node, then its object.
-    let said = vireo_ok(cluster, &["snapshot-delete", "demo", "cli2"]);
+    let said = common::vireo_ok(&cluster.kubeconfig, &["snapshot-delete", "demo", "cli2"]);
     assert!(said.contains("Domain snapshot cli2 deleted"), "{said}");
     assert!(
         snaps.get_opt("cli2").await.expect("get").is_none(),
@@ -416,6 +383,6 @@ async fn cli_snapshots(cluster: &Cluster, snaps: &Api<DomainSnapshot>, state_fil
     );
     let on_node = std::fs::read_to_string(state_file).expect("the node's record");
     assert!(!on_node.contains("\"cli2\""), "cli2 is gone from the node");
-    let listed = vireo_ok(cluster, &["snapshot-list", "demo", "--name"]);
+    let listed = common::vireo_ok(&cluster.kubeconfig, &["snapshot-list", "demo", "--name"]);
     assert_eq!(listed.trim(), "cli1", "{listed}");
 }

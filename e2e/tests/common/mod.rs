@@ -845,3 +845,55 @@ pub fn script_output(script: &str, arg: Option<&Path>) -> PathBuf {
             .trim(),
     )
 }
+
+/// stdout and stderr of a command, for a failed assertion's message.
+pub fn text_of(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `vireo -c URI ARGS` (the CLI built from this workspace) as the user of
+/// `kubeconfig`.
+pub fn vireo(kubeconfig: &Path, uri: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(vireo_bin("vireo"))
+        .env("KUBECONFIG", kubeconfig)
+        .env_remove("VIREO_DEFAULT_URI")
+        .arg("-c")
+        .arg(uri)
+        .args(args)
+        .output()
+        .expect("vireo runs")
+}
+
+/// Same, insisting on success; returns stdout.
+pub fn vireo_ok(kubeconfig: &Path, args: &[&str]) -> String {
+    let out = vireo(kubeconfig, "kube:///", args);
+    assert!(
+        out.status.success(),
+        "vireo {} failed: {}",
+        args.join(" "),
+        text_of(&out)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Same, insisting on a failure (exit 1) whose stderr holds `words`.
+pub fn vireo_refused(kubeconfig: &Path, args: &[&str], words: &str) {
+    let out = vireo(kubeconfig, "kube:///", args);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "vireo {} did not fail: {}",
+        args.join(" "),
+        text_of(&out)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(words),
+        "vireo {}: {words:?} not in {err:?}",
+        args.join(" ")
+    );
+}
